@@ -1,0 +1,18 @@
+//! Sans-IO SCSI logical unit (SPC-4, SBC-3) for ironlun.
+//!
+//! [`LogicalUnit::execute`] takes a CDB and its Data-Out and returns a [`Step`]: either the
+//! finished [`Completion`] or one backstore operation ([`IoOp`]) to perform, after which the
+//! caller hands the [`IoResult`] to [`LogicalUnit::resume`]. No I/O and no clock live here, so
+//! the whole command set is tested in memory. The caller holds the LU lock only around
+//! `execute`/`resume`, never across the I/O.
+
+pub mod cdb;
+pub mod lu;
+pub mod mode;
+pub mod sense;
+pub mod status;
+pub mod ua;
+pub mod vpd;
+
+pub use lu::{Completion, Continuation, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, Step, TmfEffect};
+pub use sense::SenseReason;

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install what the test tiers and the benchmark need, when missing (idempotent).
+#   libiscsi-bin      iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16, iscsi-perf
+#   qemu-block-extra  qemu-img's iscsi:// driver; must be exactly the qemu-utils version. When
+#                     qemu-utils comes from a backports suite, that suite is added, with the mirror
+#                     taken from the machine's own apt sources (DESIGN.md §5).
+#   tgt, iperf3       the peer target and the loopback ceiling for scripts/bench.sh
+set -euo pipefail
+[ "$(id -u)" = 0 ] || SUDO=sudo
+SUDO=${SUDO:-}
+
+need=()
+command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)
+command -v tgtd >/dev/null || need+=(tgt)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+
+updated=0
+apt_update() { if [ $updated = 0 ]; then $SUDO apt-get update -qq; updated=1; fi; }
+
+if [ ${#need[@]} -gt 0 ]; then
+  apt_update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# qemu-block-extra, pinned to the installed qemu-utils version.
+qver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+bver=$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)
+if [ -n "$qver" ] && [ "$qver" != "$bver" ]; then
+  case "$qver" in
+    *bpo*)
+      codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+      if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        mirror=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -1)
+        [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | grep -v security | head -1)
+        echo "deb $mirror ${codename}-backports main" | $SUDO tee /etc/apt/sources.list.d/ironlun-backports.list >/dev/null
+        updated=0
+      fi ;;
+  esac
+  apt_update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "qemu-block-extra=$qver" >/dev/null
+fi
+
+# Every tool the tests call must now exist: a missing one is a failure, never a skip.
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img tgtd tgtadm iperf3; do
+  command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
+done
+qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
+echo "install-deps: ok (qemu $qver)"
