@@ -39,6 +39,49 @@ pub struct LuConfig {
     pub max_unmap_descriptors: u32,
 }
 
+impl LuConfig {
+    /// A configuration with the usual defaults: vendor "IRONLUN", product "ironlun disk",
+    /// revision "0001", serial derived from `naa`, thin provisioning and write-back cache on,
+    /// read-write, 16 MiB maximum transfer, UNMAP limits of 1 Mi blocks / 256 descriptors.
+    /// `naa` defaults to zero; set it (and `serial` with [`LuConfig::with_naa`]) for stable ids.
+    pub fn new(lun: u64, block_size: u32, num_blocks: u64, target_name: &str) -> Self {
+        let max_transfer_blocks = (16 * 1024 * 1024u32).checked_div(block_size).unwrap_or(0);
+        let mut config = LuConfig {
+            lun,
+            block_size,
+            num_blocks,
+            vendor: "IRONLUN".to_string(),
+            product: "ironlun disk".to_string(),
+            revision: "0001".to_string(),
+            serial: String::new(),
+            naa: [0; 16],
+            target_name: target_name.to_string(),
+            relative_port: 1,
+            target_port_group: 0,
+            thin: true,
+            read_only: false,
+            write_cache: true,
+            max_transfer_blocks,
+            max_unmap_blocks: 0x10_0000,
+            max_unmap_descriptors: 256,
+        };
+        config.serial = serial_from_naa(&config.naa);
+        config
+    }
+
+    /// Set the NAA identifier and derive the unit serial number (VPD 80h) from it.
+    pub fn with_naa(mut self, naa: [u8; 16]) -> Self {
+        self.naa = naa;
+        self.serial = serial_from_naa(&naa);
+        self
+    }
+}
+
+/// Hex of the NAA identifier's vendor-specific part: stable, printable ASCII (SPC-4 §7.8.15).
+fn serial_from_naa(naa: &[u8; 16]) -> String {
+    naa.iter().skip(4).map(|b| format!("{b:02x}")).collect()
+}
+
 /// A finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
