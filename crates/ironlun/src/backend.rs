@@ -1,0 +1,76 @@
+//! Glue between the SCSI layer's [`IoOp`]s and the backstores: opening LUN backends from the
+//! config, and performing one operation (on the blocking pool; see [`crate::target`]).
+
+use crate::config::{BackstoreKind, Lun};
+use ironlun_backstore::{file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend};
+use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult};
+use std::sync::Arc;
+
+/// Open (creating when needed) the backend a LUN describes.
+pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
+    match &lun.backstore {
+        BackstoreKind::Ram => {
+            let size = lun.size.ok_or("a ram backstore needs a size")?;
+            let b = RamBackend::new(size).map_err(|e| format!("ram backstore: {e}"))?;
+            Ok(Arc::new(b))
+        }
+        BackstoreKind::File { path } => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            let opts = FileOptions { size: lun.size, create: true, read_only: lun.read_only };
+            let b = FileBackend::open(path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
+            if b.size() % u64::from(lun.block_size) != 0 {
+                return Err(format!(
+                    "{}: size {} is not a multiple of block size {}",
+                    path.display(),
+                    b.size(),
+                    lun.block_size
+                ));
+            }
+            Ok(Arc::new(b))
+        }
+    }
+}
+
+/// The one mapping of backstore failures into what the SCSI layer reports (DESIGN.md §3 rule 4).
+fn kind(op: &IoOp, e: &BackstoreError) -> IoErrorKind {
+    match e {
+        BackstoreError::NoSpace { .. } => IoErrorKind::NoSpace,
+        BackstoreError::Unsupported(_) => IoErrorKind::Unsupported,
+        BackstoreError::OutOfRange { .. } => IoErrorKind::Other,
+        BackstoreError::Io { .. } => match op {
+            IoOp::Read { .. } | IoOp::MapStatus { .. } => IoErrorKind::ReadError,
+            _ => IoErrorKind::WriteError,
+        },
+    }
+}
+
+/// Perform one operation synchronously. Runs on a blocking thread.
+pub fn perform(backend: &dyn BlockBackend, op: &IoOp) -> IoResult {
+    let r = match op {
+        IoOp::Read { offset, len } => match usize::try_from(*len) {
+            Ok(len) => backend.read(*offset, len).map(IoResult::Data),
+            Err(_) => return IoResult::Error(IoErrorKind::Other),
+        },
+        IoOp::Write { offset, data, fua } => backend.write(*offset, data, *fua).map(|()| IoResult::Done),
+        IoOp::Flush => backend.flush().map(|()| IoResult::Done),
+        IoOp::WriteZeroes { offset, len, unmap } => {
+            backend.write_zeroes(*offset, *len, *unmap).map(|()| IoResult::Done)
+        }
+        IoOp::Unmap { ranges } => ranges
+            .iter()
+            .try_for_each(|(o, l)| backend.unmap(*o, *l))
+            .map(|()| IoResult::Done),
+        IoOp::MapStatus { offset, len } => backend
+            .extents(*offset, *len)
+            .map(|v| IoResult::Extents(v.into_iter().map(|e| (e.offset, e.len, e.mapped)).collect())),
+    };
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "backstore operation failed");
+            IoResult::Error(kind(op, &e))
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The daemon's TOML configuration: portals, negotiation offers, targets and their LUNs.
+//!
+//! Every error names the file, the line and the key (`conf/ironlun.toml:12: target[0].lun[1].block_size: …`).
+//! Without a file the daemon serves [`Config::embedded_default`]. `conf/reference.toml` documents
+//! every key; a test parses every file in `conf/`.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The embedded default target name.
+pub const DEFAULT_TARGET: &str = "iqn.2026-11.io.ironlun:lab";
+/// The iSCSI well-known port (RFC 7143 §13.4? — IANA 3260).
+pub const DEFAULT_PORT: u16 = 3260;
+
+/// A configuration error with its location.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}: {}", self.file, l, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Raw file shape (serde). Unknown keys are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    portal: Vec<RawPortal>,
+    #[serde(default)]
+    negotiation: Option<RawNegotiation>,
+    data_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPortal {
+    listen: Spanned<String>,
+    #[serde(default)]
+    tpgt: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNegotiation {
+    header_digest: Option<Spanned<Vec<String>>>,
+    data_digest: Option<Spanned<Vec<String>>>,
+    initial_r2t: Option<bool>,
+    immediate_data: Option<bool>,
+    max_recv_data_segment_length: Option<Spanned<u32>>,
+    max_burst_length: Option<Spanned<u32>>,
+    first_burst_length: Option<Spanned<u32>>,
+    default_time2wait: Option<Spanned<u16>>,
+    default_time2retain: Option<Spanned<u16>>,
+    max_outstanding_r2t: Option<Spanned<u16>>,
+    cmd_window: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    alias: Option<String>,
+    #[serde(default)]
+    lun: Vec<RawLun>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLun {
+    id: Spanned<u64>,
+    backstore: Spanned<String>,
+    path: Option<Spanned<String>>,
+    size: Option<Spanned<SizeValue>>,
+    block_size: Option<Spanned<u32>>,
+    serial: Option<Spanned<String>>,
+    naa: Option<Spanned<String>>,
+    #[serde(default)]
+    read_only: bool,
+    thin: Option<bool>,
+    write_cache: Option<bool>,
+}
+
+/// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub portals: Vec<Portal>,
+    pub negotiation: Negotiation,
+    /// Where relative LUN paths live (and where the default LUN is created).
+    pub data_dir: PathBuf,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Portal {
+    pub listen: SocketAddr,
+    pub tpgt: u16,
+}
+
+/// The `[negotiation]` table: what we offer (RFC 7143 §13). Defaults do not throttle.
+#[derive(Debug, Clone)]
+pub struct Negotiation {
+    pub offers: ironlun_iscsi::negotiation::Offers,
+    /// CmdSN window granted to each session (MaxCmdSN − ExpCmdSN + 1).
+    pub cmd_window: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub alias: Option<String>,
+    pub luns: Vec<Lun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackstoreKind {
+    Ram,
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct Lun {
+    pub id: u64,
+    pub backstore: BackstoreKind,
+    /// Size in bytes; `None` for a file: use the existing file's size.
+    pub size: Option<u64>,
+    pub block_size: u32,
+    pub serial: String,
+    pub naa: [u8; 16],
+    pub read_only: bool,
+    pub thin: bool,
+    pub write_cache: bool,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
+    }
+    fn err<T>(&self, span: std::ops::Range<usize>, key: impl Into<String>, msg: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.to_string(),
+            line: Some(self.line_of(span.start)),
+            key: key.into(),
+            message: msg.into(),
+        })
+    }
+}
+
+impl Config {
+    /// The embedded default: one portal on 127.0.0.1:3260, target `iqn.2026-11.io.ironlun:lab`,
+    /// LUN 0 a 1 GiB sparse file `lun0.img` under `data_dir`, 512-byte blocks.
+    pub fn embedded_default(data_dir: PathBuf) -> Config {
+        let name = DEFAULT_TARGET.to_string();
+        let lun = Lun {
+            id: 0,
+            backstore: BackstoreKind::File { path: data_dir.join("lun0.img") },
+            size: Some(1 << 30),
+            block_size: 512,
+            serial: derive_serial(&name, 0),
+            naa: derive_naa(&name, 0),
+            read_only: false,
+            thin: true,
+            write_cache: true,
+        };
+        Config {
+            portals: vec![Portal { listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), tpgt: 1 }],
+            negotiation: Negotiation { offers: Default::default(), cmd_window: 128 },
+            data_dir,
+            targets: vec![Target { name, alias: Some("ironlun lab".into()), luns: vec![lun] }],
+        }
+    }
+
+    /// Read and validate a config file. Relative `data_dir` and LUN paths resolve against
+    /// `data_dir_override`, else the file's `data_dir`, else the file's directory.
+    pub fn load(path: &Path, data_dir_override: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            key: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&path.display().to_string(), &text, path.parent(), data_dir_override)
+    }
+
+    /// Parse config text; `file` names it in errors.
+    pub fn parse(
+        file: &str,
+        text: &str,
+        base: Option<&Path>,
+        data_dir_override: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| cx.line_of(s.start));
+            let msg = e.message().to_string();
+            // serde names the offending key in the message ("unknown field `x`"), or in the path.
+            let key = msg
+                .split('`')
+                .nth(1)
+                .map(str::to_string)
+                .unwrap_or_else(|| "-".to_string());
+            ConfigError { file: file.to_string(), line, key, message: msg }
+        })?;
+
+        let base = base.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let data_dir = match (data_dir_override, &raw.data_dir) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(d)) => base.join(d.get_ref()),
+            (None, None) => base.clone(),
+        };
+
+        let mut portals = Vec::new();
+        for (i, p) in raw.portal.iter().enumerate() {
+            let listen: SocketAddr = match p.listen.get_ref().parse() {
+                Ok(a) => a,
+                Err(_) => match format!("{}:{}", p.listen.get_ref(), DEFAULT_PORT).parse() {
+                    Ok(a) => a,
+                    Err(_) => return cx.err(p.listen.span(), format!("portal[{i}].listen"), "expected IP:PORT, e.g. 127.0.0.1:3260"),
+                },
+            };
+            let tpgt = match &p.tpgt {
+                Some(t) if *t.get_ref() == 0 => return cx.err(t.span(), format!("portal[{i}].tpgt"), "must be 1..=65535"),
+                Some(t) => *t.get_ref(),
+                None => 1,
+            };
+            portals.push(Portal { listen, tpgt });
+        }
+        if portals.is_empty() {
+            portals.push(Portal { listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), tpgt: 1 });
+        }
+
+        let negotiation = parse_negotiation(&cx, raw.negotiation.unwrap_or_default())?;
+
+        let mut targets = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (ti, t) in raw.target.iter().enumerate() {
+            let name = t.name.get_ref().clone();
+            if let Err(m) = validate_iscsi_name(&name) {
+                return cx.err(t.name.span(), format!("target[{ti}].name"), m);
+            }
+            if !names.insert(name.to_ascii_lowercase()) {
+                return cx.err(t.name.span(), format!("target[{ti}].name"), "duplicate target name");
+            }
+            let mut luns: Vec<Lun> = Vec::new();
+            for (li, l) in t.lun.iter().enumerate() {
+                let key = |k: &str| format!("target[{ti}].lun[{li}].{k}");
+                let id = *l.id.get_ref();
+                if id >= 16384 {
+                    return cx.err(l.id.span(), key("id"), "LUN must be < 16384 (flat addressing, SAM-5 §4.7)");
+                }
+                if luns.iter().any(|o| o.id == id) {
+                    return cx.err(l.id.span(), key("id"), format!("duplicate LUN {id}"));
+                }
+                let block_size = match &l.block_size {
+                    Some(b) if *b.get_ref() == 512 || *b.get_ref() == 4096 => *b.get_ref(),
+                    Some(b) => return cx.err(b.span(), key("block_size"), "must be 512 or 4096"),
+                    None => 512,
+                };
+                let size = match &l.size {
+                    Some(s) => match parse_size(s.get_ref()) {
+                        Ok(0) => return cx.err(s.span(), key("size"), "must be > 0"),
+                        Ok(v) if v % u64::from(block_size) != 0 => {
+                            return cx.err(s.span(), key("size"), format!("{v} is not a multiple of block_size {block_size}"))
+                        }
+                        Ok(v) => Some(v),
+                        Err(m) => return cx.err(s.span(), key("size"), m),
+                    },
+                    None => None,
+                };
+                let backstore = match l.backstore.get_ref().as_str() {
+                    "ram" => {
+                        if size.is_none() {
+                            return cx.err(l.backstore.span(), key("size"), "a ram backstore needs a size");
+                        }
+                        BackstoreKind::Ram
+                    }
+                    "file" => match &l.path {
+                        Some(p) => BackstoreKind::File { path: data_dir.join(p.get_ref()) },
+                        None => return cx.err(l.backstore.span(), key("path"), "a file backstore needs a path"),
+                    },
+                    other => {
+                        return cx.err(l.backstore.span(), key("backstore"), format!("unknown backstore {other:?}; expected \"file\" or \"ram\""))
+                    }
+                };
+                let serial = match &l.serial {
+                    Some(s) if s.get_ref().is_empty() || s.get_ref().len() > 32 || !s.get_ref().is_ascii() => {
+                        return cx.err(s.span(), key("serial"), "must be 1 to 32 ASCII characters")
+                    }
+                    Some(s) => s.get_ref().clone(),
+                    None => derive_serial(&name, id),
+                };
+                let naa = match &l.naa {
+                    Some(s) => match parse_naa(s.get_ref()) {
+                        Ok(n) => n,
+                        Err(m) => return cx.err(s.span(), key("naa"), m),
+                    },
+                    None => derive_naa(&name, id),
+                };
+                luns.push(Lun {
+                    id,
+                    backstore,
+                    size,
+                    block_size,
+                    serial,
+                    naa,
+                    read_only: l.read_only,
+                    thin: l.thin.unwrap_or(true),
+                    write_cache: l.write_cache.unwrap_or(true),
+                });
+            }
+            targets.push(Target { name, alias: t.alias.clone(), luns });
+        }
+        if targets.is_empty() {
+            return Err(ConfigError {
+                file: file.to_string(),
+                line: None,
+                key: "target".into(),
+                message: "at least one [[target]] is required".into(),
+            });
+        }
+        Ok(Config { portals, negotiation, data_dir, targets })
+    }
+}
+
+fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, ConfigError> {
+    use ironlun_iscsi::negotiation::{DigestKind, Offers};
+    let mut o = Offers::default();
+    let digests = |v: &Spanned<Vec<String>>, key: &str| -> Result<Vec<DigestKind>, ConfigError> {
+        let mut out = Vec::new();
+        for d in v.get_ref() {
+            match d.to_ascii_lowercase().as_str() {
+                "none" => out.push(DigestKind::None),
+                "crc32c" => out.push(DigestKind::Crc32c),
+                _ => return cx.err(v.span(), key, format!("unknown digest {d:?}; expected \"None\" or \"CRC32C\"")),
+            }
+        }
+        if out.is_empty() {
+            return cx.err(v.span(), key, "must list at least one digest");
+        }
+        Ok(out)
+    };
+    if let Some(v) = &n.header_digest {
+        o.header_digest = digests(v, "negotiation.header_digest")?;
+    }
+    if let Some(v) = &n.data_digest {
+        o.data_digest = digests(v, "negotiation.data_digest")?;
+    }
+    if let Some(v) = n.initial_r2t {
+        o.initial_r2t = v;
+    }
+    if let Some(v) = n.immediate_data {
+        o.immediate_data = v;
+    }
+    // Ranges per RFC 7143 §13.12-§13.14: 512 to 2^24-1.
+    let range = |v: &Spanned<u32>, key: &str| -> Result<u32, ConfigError> {
+        let x = *v.get_ref();
+        if (512..=16_777_215).contains(&x) {
+            Ok(x)
+        } else {
+            cx.err(v.span(), key, "must be 512..=16777215 (RFC 7143 §13)")
+        }
+    };
+    if let Some(v) = &n.max_recv_data_segment_length {
+        o.max_recv_data_segment_length = range(v, "negotiation.max_recv_data_segment_length")?;
+    }
+    if let Some(v) = &n.max_burst_length {
+        o.max_burst_length = range(v, "negotiation.max_burst_length")?;
+    }
+    if let Some(v) = &n.first_burst_length {
+        o.first_burst_length = range(v, "negotiation.first_burst_length")?;
+        if o.first_burst_length > o.max_burst_length {
+            return cx.err(v.span(), "negotiation.first_burst_length", "must not exceed max_burst_length (RFC 7143 §13.14)");
+        }
+    }
+    if let Some(v) = &n.default_time2wait {
+        if *v.get_ref() > 3600 {
+            return cx.err(v.span(), "negotiation.default_time2wait", "must be 0..=3600");
+        }
+        o.default_time2wait = *v.get_ref();
+    }
+    if let Some(v) = &n.default_time2retain {
+        if *v.get_ref() > 3600 {
+            return cx.err(v.span(), "negotiation.default_time2retain", "must be 0..=3600");
+        }
+        o.default_time2retain = *v.get_ref();
+    }
+    if let Some(v) = &n.max_outstanding_r2t {
+        if *v.get_ref() == 0 {
+            return cx.err(v.span(), "negotiation.max_outstanding_r2t", "must be 1..=65535");
+        }
+        o.max_outstanding_r2t = *v.get_ref();
+    }
+    let mut cmd_window = 128;
+    if let Some(v) = &n.cmd_window {
+        if !(1..=4096).contains(v.get_ref()) {
+            return cx.err(v.span(), "negotiation.cmd_window", "must be 1..=4096");
+        }
+        cmd_window = *v.get_ref();
+    }
+    Ok(Negotiation { offers: o, cmd_window })
+}
+
+/// iqn./eui./naa. names (RFC 7143 §4.2.7, RFC 3722 stringprep is approximated by lowercase ASCII).
+pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 223 {
+        return Err("an iSCSI name is 1 to 223 bytes (RFC 7143 §4.2.7.1)".into());
+    }
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | ':'));
+    if !ok_chars {
+        return Err("use lowercase letters, digits, '.', '-' and ':' only (RFC 3722)".into());
+    }
+    if name.starts_with("iqn.") || name.starts_with("eui.") || name.starts_with("naa.") {
+        Ok(())
+    } else {
+        Err("must start with iqn., eui. or naa. (RFC 7143 §4.2.7.2)".into())
+    }
+}
+
+fn parse_size(v: &SizeValue) -> Result<u64, String> {
+    match v {
+        SizeValue::Bytes(b) => Ok(*b),
+        SizeValue::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num.parse().map_err(|_| format!("cannot read size {t:?}"))?;
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" | "K" => 1 << 10,
+                "MiB" | "M" => 1 << 20,
+                "GiB" | "G" => 1 << 30,
+                "TiB" | "T" => 1 << 40,
+                u => return Err(format!("unknown unit {u:?}; use B, KiB, MiB, GiB or TiB")),
+            };
+            n.checked_mul(mult).ok_or_else(|| format!("size {t:?} overflows"))
+        }
+    }
+}
+
+fn parse_naa(s: &str) -> Result<[u8; 16], String> {
+    let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
+    if hex.len() != 32 || !hex.starts_with('6') {
+        return Err("expected 32 hex digits of an NAA type 6 identifier (starts with 6)".into());
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        let pair = hex.get(i * 2..i * 2 + 2).ok_or("bad hex")?;
+        *b = u8::from_str_radix(pair, 16).map_err(|_| format!("bad hex digits {pair:?}"))?;
+    }
+    Ok(out)
+}
+
+/// FNV-1a, used only to derive stable identifiers from names (not for security).
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Stable serial from target name and LUN: survives restarts with the same config.
+pub fn derive_serial(target: &str, lun: u64) -> String {
+    format!("{:016x}", fnv1a(format!("{target}/{lun}").as_bytes()))
+}
+
+/// Stable NAA IEEE Registered Extended identifier (SPC-4 §7.8.6.6.5): NAA 6, a fixed company
+/// id, and 96 bits derived from the target name and LUN.
+pub fn derive_naa(target: &str, lun: u64) -> [u8; 16] {
+    let a = fnv1a(format!("{target}/{lun}/a").as_bytes()).to_be_bytes();
+    let b = fnv1a(format!("{target}/{lun}/b").as_bytes()).to_be_bytes();
+    let mut out = [0u8; 16];
+    // NAA 6, IEEE company id 00-00-00 (ironlun has no registered OUI; configure `naa` to use
+    // your own), then vendor-specific and extension bits from the hashes.
+    out[0] = 0x60;
+    out[1] = 0x00;
+    out[2] = 0x00;
+    out[3] = 0x0f & a[0];
+    out[4..8].copy_from_slice(&a[1..5]);
+    out[8..16].copy_from_slice(&b);
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("t.toml", text, Some(Path::new("/tmp")), None)
+    }
+
+    #[test]
+    fn accepts_minimal_file_lun() {
+        let c = parse(
+            r#"
+[[target]]
+name = "iqn.2026-11.io.ironlun:a"
+[[target.lun]]
+id = 0
+backstore = "file"
+path = "a.img"
+size = "64MiB"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
+        assert_eq!(c.targets[0].luns[0].backstore, BackstoreKind::File { path: PathBuf::from("/tmp/a.img") });
+        assert_eq!(c.portals[0].listen.port(), 3260);
+    }
+
+    #[test]
+    fn rejects_bad_block_size_with_line_and_key() {
+        let e = parse(
+            "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\nblock_size = 1000\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(7));
+        assert_eq!(e.key, "target[0].lun[0].block_size");
+        assert!(e.to_string().starts_with("t.toml:7: target[0].lun[0].block_size: "), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_key_naming_it() {
+        let e = parse("[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.key, "bogus");
+        assert_eq!(e.line, Some(3));
+    }
+
+    #[test]
+    fn rejects_bad_target_name() {
+        let e = parse("[[target]]\nname = \"Lab\"\n").unwrap_err();
+        assert_eq!(e.key, "target[0].name");
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn rejects_size_not_multiple_of_block() {
+        let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = 1000\n").unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].size");
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derive_naa("iqn.x:a", 0), derive_naa("iqn.x:a", 0));
+        assert_ne!(derive_naa("iqn.x:a", 0), derive_naa("iqn.x:a", 1));
+        assert_eq!(derive_naa("iqn.x:a", 0)[0] >> 4, 6);
+        assert_eq!(derive_serial("iqn.x:a", 3), derive_serial("iqn.x:a", 3));
+    }
+
+    #[test]
+    fn every_conf_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conf");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|s| s.to_str()) == Some("toml") {
+                Config::load(&p, Some(Path::new("/tmp"))).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no example configs in conf/");
+    }
+}

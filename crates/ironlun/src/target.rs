@@ -1,0 +1,221 @@
+//! Targets and their logical units at run time: nexus registration, command execution
+//! (the SCSI step loop with I/O on the blocking pool), task management effects.
+//!
+//! Locking: each LU sits behind a `std::sync::Mutex` held only for `execute` / `resume` — the
+//! pure decision — and never across an `.await` (DESIGN.md §3 rule 7).
+
+use crate::backend;
+use crate::config::{self, Config};
+use bytes::Bytes;
+use ironlun_backstore::BlockBackend;
+use ironlun_iscsi::connection::ScsiCompletion;
+use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
+use ironlun_scsi::lu::{self, IoErrorKind, IoResult, LogicalUnit, LuConfig, NexusId, ResetKind, Step};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One logical unit with its backend.
+pub struct LunHandle {
+    lu: Mutex<LogicalUnit>,
+    pub backend: Arc<dyn BlockBackend>,
+}
+
+impl LunHandle {
+    fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
+        // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
+        // (each mutation is a single call), so keep serving.
+        self.lu.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One target: its name and LUNs.
+pub struct TargetState {
+    pub name: String,
+    pub alias: Option<String>,
+    pub luns: BTreeMap<u64, Arc<LunHandle>>,
+}
+
+/// Everything the daemon serves.
+pub struct Registry {
+    pub targets: Vec<Arc<TargetState>>,
+    next_nexus: AtomicU64,
+    next_tsih: AtomicU16,
+}
+
+impl Registry {
+    /// Open every LUN's backend and build its logical unit.
+    pub fn build(cfg: &Config) -> Result<Registry, String> {
+        let mut targets = Vec::new();
+        for t in &cfg.targets {
+            let mut luns = BTreeMap::new();
+            for l in &t.luns {
+                let backend = backend::open(l)?;
+                let num_blocks = backend.size() / u64::from(l.block_size);
+                let lc = lu_config(&t.name, l, num_blocks);
+                tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
+                luns.insert(l.id, Arc::new(LunHandle { lu: Mutex::new(LogicalUnit::new(lc)), backend }));
+            }
+            targets.push(Arc::new(TargetState { name: t.name.clone(), alias: t.alias.clone(), luns }));
+        }
+        Ok(Registry { targets, next_nexus: AtomicU64::new(1), next_tsih: AtomicU16::new(1) })
+    }
+
+    pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
+        self.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name)).cloned()
+    }
+
+    /// A fresh I_T nexus id.
+    pub fn new_nexus(&self) -> NexusId {
+        self.next_nexus.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A non-zero TSIH (RFC 7143 §11.12.6), unique among live sessions in practice (wraps at 65535).
+    pub fn new_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// Flush every backend (graceful shutdown).
+    pub fn flush_all(&self) {
+        for t in &self.targets {
+            for (id, l) in &t.luns {
+                if let Err(e) = l.backend.flush() {
+                    tracing::error!(target = %t.name, lun = id, error = %e, "flush at shutdown failed");
+                }
+            }
+        }
+    }
+}
+
+fn lu_config(target: &str, l: &config::Lun, num_blocks: u64) -> LuConfig {
+    let mut c = LuConfig::new(l.id, l.block_size, num_blocks, target.to_string());
+    c.serial = l.serial.clone();
+    c.naa = l.naa;
+    c.thin = l.thin;
+    c.read_only = l.read_only;
+    c.write_cache = l.write_cache;
+    c
+}
+
+/// Decode the 8-byte LUN field (SAM-5 §4.7): peripheral (00b) and flat (01b) single-level
+/// addressing. Anything else maps to `None` (no such LUN).
+pub fn decode_lun(raw: u64) -> Option<u64> {
+    let top = (raw >> 48) as u16;
+    if raw & 0x0000_ffff_ffff_ffff != 0 {
+        return None;
+    }
+    match top >> 14 {
+        0 if top >> 8 == 0 => Some(u64::from(top & 0xff)),
+        1 => Some(u64::from(top & 0x3fff)),
+        _ => None,
+    }
+}
+
+/// A session's view of its target (one I_T nexus).
+pub struct Nexus {
+    pub id: NexusId,
+    pub target: Arc<TargetState>,
+}
+
+impl Nexus {
+    pub fn attach(target: Arc<TargetState>, id: NexusId) -> Nexus {
+        for l in target.luns.values() {
+            l.lu().add_nexus(id);
+        }
+        Nexus { id, target }
+    }
+
+    /// Run one SCSI command to completion.
+    pub async fn execute(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> ScsiCompletion {
+        const REPORT_LUNS: u8 = 0xa0;
+        if cdb.first() == Some(&REPORT_LUNS) {
+            let luns: Vec<u64> = self.target.luns.keys().copied().collect();
+            return to_wire(lu::report_luns(&cdb, &luns));
+        }
+        let Some(handle) = decode_lun(lun_raw).and_then(|l| self.target.luns.get(&l)).cloned() else {
+            return to_wire(lu::no_such_lun(&cdb));
+        };
+        let nexus = self.id;
+        let mut step = handle.lu().execute(nexus, &cdb, data_out);
+        loop {
+            match step {
+                Step::Done(c) => return to_wire(c),
+                Step::Io(op, cont) => {
+                    let backend = handle.backend.clone();
+                    let result = tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
+                        .await
+                        .unwrap_or(IoResult::Error(IoErrorKind::Other));
+                    step = handle.lu().resume(nexus, cont, result);
+                }
+            }
+        }
+    }
+
+    /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
+    /// already dropped the affected tasks' responses.
+    pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
+        let lun = decode_lun(lun_raw).and_then(|l| self.target.luns.get(&l));
+        match function {
+            TmfFunction::AbortTask | TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
+                if lun.is_some() {
+                    TmfResponse::FunctionComplete
+                } else {
+                    TmfResponse::LunDoesNotExist
+                }
+            }
+            TmfFunction::LogicalUnitReset => match lun {
+                Some(l) => {
+                    l.lu().reset(self.id, ResetKind::LogicalUnit);
+                    TmfResponse::FunctionComplete
+                }
+                None => TmfResponse::LunDoesNotExist,
+            },
+            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                let kind = if function == TmfFunction::TargetWarmReset {
+                    ResetKind::TargetWarm
+                } else {
+                    ResetKind::TargetCold
+                };
+                for l in self.target.luns.values() {
+                    l.lu().reset(self.id, kind);
+                }
+                TmfResponse::FunctionComplete
+            }
+            TmfFunction::TaskReassign => TmfResponse::ReassignmentNotSupported,
+            TmfFunction::ClearAca | TmfFunction::Other(_) => TmfResponse::FunctionNotSupported,
+        }
+    }
+}
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        for l in self.target.luns.values() {
+            l.lu().remove_nexus(self.id);
+        }
+    }
+}
+
+fn to_wire(c: lu::Completion) -> ScsiCompletion {
+    ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_lun;
+
+    #[test]
+    fn decodes_peripheral_and_flat_luns() {
+        assert_eq!(decode_lun(0), Some(0));
+        assert_eq!(decode_lun(0x0005_0000_0000_0000), Some(5));
+        assert_eq!(decode_lun(0x4105_0000_0000_0000), Some(0x105));
+        // Bus id ≠ 0, extended/logical-unit addressing, and second-level LUNs: not ours.
+        assert_eq!(decode_lun(0x0105_0000_0000_0000), None);
+        assert_eq!(decode_lun(0x8005_0000_0000_0000), None);
+        assert_eq!(decode_lun(0x0005_0001_0000_0000), None);
+    }
+}

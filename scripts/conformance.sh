@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Run libiscsi's iscsi-test-cu against URL, one process per suite (DESIGN.md §4: a libiscsi quirk
+# corrupts later 16-byte CDBs in the same process when COMPARE AND WRITE is missing), with two
+# initiator names, the URL given twice (the second path) and --dataloss.
+#
+# Usage: scripts/conformance.sh [--suites "SCSI.Read10 iSCSI.iSCSIcmdsn ..."] [--require "Read10 ..."]
+#                               [--out DIR] [--timeout SECS] URL
+#   --suites   suites to run (default: every SCSI.* and iSCSI.* suite iscsi-test-cu lists)
+#   --require  suites (short names) that must show 0 failures and no crash/timeout; exit 1 otherwise
+#   --out      keep each suite's full log here (default: a temp dir, printed at the end)
+# Prints a table: suite, tests, passed, failed, skipped, and the skip reasons.
+set -uo pipefail
+suites=""; require=""; out=""; per_timeout=300
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --suites) suites=$2; shift 2 ;;
+    --require) require=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --timeout) per_timeout=$2; shift 2 ;;
+    *) echo "conformance.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ $# -eq 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+url=$1
+command -v iscsi-test-cu >/dev/null || { echo "conformance.sh: iscsi-test-cu missing (apt-get install libiscsi-bin)" >&2; exit 1; }
+[ -n "$out" ] || out=$(mktemp -d /tmp/ironlun-conformance.XXXXXX)
+mkdir -p "$out"
+if [ -z "$suites" ]; then
+  suites=$(iscsi-test-cu --list | awk -F. 'NF==2 && ($1=="SCSI" || $1=="iSCSI")')
+fi
+I1=iqn.2026-11.io.ironlun:conformance-1
+I2=iqn.2026-11.io.ironlun:conformance-2
+
+summary="$out/summary.txt"   # fields separated by US (0x1f)
+: > "$summary"
+for s in $suites; do
+  log="$out/$s.log"
+  timeout "$per_timeout" iscsi-test-cu --dataloss -i "$I1" -I "$I2" --test="$s" "$url" "$url" > "$log" 2>&1
+  rc=$?
+  python3 - "$s" "$rc" "$log" >> "$summary" <<'PY'
+import re, sys
+suite, rc, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+text = open(log, errors="replace").read()
+tests = {}
+cur = None; skipped = False; reasons = []
+for line in text.splitlines():
+    m = re.match(r"\s+Test: (\S+) \.\.\.(.*)$", line)
+    if m:
+        cur, rest = m.group(1), m.group(2)
+        skipped = False
+        line = rest
+    if cur is None:
+        continue
+    if "[SKIPPED]" in line:
+        skipped = True
+        reasons.append(cur + ": " + line.split("[SKIPPED]", 1)[1].strip())
+    if re.search(r"\bpassed\s*$", line):
+        tests[cur] = "skip" if skipped else "pass"; cur = None
+    elif "FAILED" in line:
+        tests[cur] = "fail"; cur = None
+# A test that started but never finished (crash, hang, timeout) counts as failed.
+if cur is not None:
+    tests[cur] = "fail"
+status = "ok"
+if rc == 124: status = "TIMEOUT"
+elif rc >= 128 or (rc != 0 and not tests): status = f"CRASH(rc={rc})"
+n = len(tests); p = sum(v == "pass" for v in tests.values())
+f = sum(v == "fail" for v in tests.values()); k = sum(v == "skip" for v in tests.values())
+failed = ",".join(t for t, v in tests.items() if v == "fail")
+print("\x1f".join([suite, str(n), str(p), str(f), str(k), status, failed, " | ".join(reasons)]))
+PY
+done
+
+printf '%-34s %5s %6s %6s %7s  %s\n' suite tests passed failed skipped status
+total_fail=0; required_bad=""
+while IFS=$'\x1f' read -r s n p f k st failed reasons; do
+  printf '%-34s %5s %6s %6s %7s  %s%s\n' "$s" "$n" "$p" "$f" "$k" "$st" "${failed:+  failed: $failed}"
+  short=${s#*.}
+  for r in $require; do
+    if [ "$r" = "$short" ] && { [ "$f" != 0 ] || [ "$st" != ok ] || [ "$n" = 0 ]; }; then required_bad="$required_bad $short"; fi
+  done
+done < "$summary"
+echo
+echo "skip reasons:"
+awk -F'\x1f' '$8 != "" {print "  " $1 ": " $8}' "$summary"
+echo "logs: $out"
+if [ -n "$required_bad" ]; then
+  echo "conformance: FAILED in required suites:$required_bad"
+  exit 1
+fi
+echo "conformance: required suites clean"
