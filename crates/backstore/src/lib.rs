@@ -5,6 +5,9 @@
 
 pub mod file;
 pub mod ram;
+
+pub use file::{FileBackend, FileOptions};
+pub use ram::RamBackend;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
@@ -16,14 +19,35 @@ pub enum BackstoreError {
     #[error("range {offset}+{len} is outside the {size}-byte backstore")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("{op} at {offset}: {source}")]
-    Io { op: &'static str, offset: u64, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no space left for {op} at {offset}")]
     NoSpace { op: &'static str, offset: u64 },
     #[error("{0} is not supported by this backstore")]
     Unsupported(&'static str),
+    /// A modifying operation on a read-only backstore (SBC-3 §4.13: DATA PROTECT, WRITE PROTECTED).
+    #[error("{op} refused: the backstore is read-only")]
+    ReadOnly { op: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, BackstoreError>;
+
+/// Largest backstore size accepted by the constructors: byte offsets must fit an `off_t`.
+pub const MAX_SIZE: u64 = u64::MAX >> 1;
+
+/// Check that `offset..offset + len` lies within `size` bytes; returns the exclusive end.
+///
+/// A zero-length range is valid anywhere up to and including `size`.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<u64> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(end),
+        _ => Err(BackstoreError::OutOfRange { offset, len, size }),
+    }
+}
 
 /// A run of the backstore that is either mapped (holds data) or deallocated (reads as zeroes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
