@@ -1,1 +1,151 @@
-//! End-to-end tests live in tests/.
+//! Harness for the end-to-end tests in `tests/`: start the release daemon on a free loopback
+//! port with a given config, find the real initiator tools, and stop the daemon cleanly.
+//!
+//! The daemon binary is `$IRONLUN_BIN`, else `target/release/ironlun` of this workspace
+//! (`scripts/test.sh` builds it first). A missing binary or tool is a test failure, never a skip.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Path of the daemon binary under test.
+pub fn daemon_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("IRONLUN_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("release/ironlun");
+    assert!(p.exists(), "{} missing: run `cargo build --release -p ironlun` (scripts/test.sh does)", p.display());
+    p
+}
+
+/// The workspace root (for scripts/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Fail (not skip) when a tool is missing.
+pub fn require_tool(name: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "{name} is not installed: run scripts/install-deps.sh (scripts/test.sh does)");
+}
+
+/// A running daemon; SIGTERM and wait on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: String,
+    pub urls: Vec<String>,
+    pub dir: tempfile::TempDir,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Start with `config` (TOML text, LUN paths relative to a fresh temp dir), or the embedded
+    /// default when `None`.
+    pub fn start(config: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(dir.path());
+        if let Some(text) = config {
+            let p = dir.path().join("ironlun.toml");
+            std::fs::write(&p, text).unwrap();
+            cmd.arg("-c").arg(&p);
+        }
+        cmd.env("IRONLUN_LOG", std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into()));
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            let _ = etx.send(s);
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut urls = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.starts_with("listening ") => addr = Some(l["listening ".len()..].to_string()),
+                Ok(l) if l.starts_with("url ") => {
+                    urls.push(l["url ".len()..].to_string());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            if addr.is_some() && !urls.is_empty() {
+                // Collect the remaining url lines printed in the same burst.
+                while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                    if let Some(u) = l.strip_prefix("url ") {
+                        urls.push(u.to_string());
+                    }
+                }
+                break;
+            }
+        }
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            panic!("daemon did not report its address; stderr:\n{err}");
+        };
+        Daemon { child: Some(child), addr, urls, dir, stderr: erx }
+    }
+
+    pub fn portal(&self) -> String {
+        format!("iscsi://{}", self.addr)
+    }
+
+    /// Stop with SIGTERM; assert a clean exit (status 0, no panic in the log). Returns stderr.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited during the test");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        let err = self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        assert!(!err.contains("panicked"), "daemon panicked:\n{err}");
+        assert_eq!(status, Some(0), "daemon exit status; stderr:\n{err}");
+        err
+    }
+}
+
+fn wait_timeout(child: &mut Child, t: Duration) -> Option<i32> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < t {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Run a command, return (success, stdout+stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
