@@ -50,7 +50,11 @@ pub enum Ahs {
     /// AHSType 2: Expected Bidirectional Read Data Length (§11.2.2.4).
     BidiReadLength(u32),
     /// Any other type: kept verbatim (type, specific byte, payload without padding).
-    Other { ahs_type: u8, specific: u8, payload: Bytes },
+    Other {
+        ahs_type: u8,
+        specific: u8,
+        payload: Bytes,
+    },
 }
 
 /// The typed Basic Header Segment of each opcode.
@@ -404,4 +408,262 @@ pub struct Reject {
     pub exp_cmd_sn: u32,
     pub max_cmd_sn: u32,
     pub data_sn_or_r2t_sn: u32,
+}
+
+impl Opcode {
+    /// The opcode named by the low six bits of BHS byte 0 (§11.2.1.2), if this codec knows it.
+    pub fn from_u8(code: u8) -> Option<Self> {
+        Some(match code {
+            0x00 => Opcode::NopOut,
+            0x01 => Opcode::ScsiCommand,
+            0x02 => Opcode::TaskMgmtRequest,
+            0x03 => Opcode::LoginRequest,
+            0x04 => Opcode::TextRequest,
+            0x05 => Opcode::DataOut,
+            0x06 => Opcode::LogoutRequest,
+            0x10 => Opcode::SnackRequest,
+            0x20 => Opcode::NopIn,
+            0x21 => Opcode::ScsiResponse,
+            0x22 => Opcode::TaskMgmtResponse,
+            0x23 => Opcode::LoginResponse,
+            0x24 => Opcode::TextResponse,
+            0x25 => Opcode::DataIn,
+            0x26 => Opcode::LogoutResponse,
+            0x31 => Opcode::R2t,
+            0x32 => Opcode::AsyncMessage,
+            0x3f => Opcode::Reject,
+            _ => return None,
+        })
+    }
+
+    /// The wire value (§11.2.1.2).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// Initiator opcodes are 0x00–0x1f (§11.2.1.2).
+    pub fn is_initiator(self) -> bool {
+        self.code() < 0x20
+    }
+}
+
+impl TaskAttr {
+    /// From the three ATTR bits of a SCSI Command (§11.3.1); every value maps.
+    pub fn from_bits(bits: u8) -> Self {
+        match bits & 0x07 {
+            0 => TaskAttr::Untagged,
+            1 => TaskAttr::Simple,
+            2 => TaskAttr::Ordered,
+            3 => TaskAttr::HeadOfQueue,
+            4 => TaskAttr::Aca,
+            5 => TaskAttr::Reserved5,
+            6 => TaskAttr::Reserved6,
+            _ => TaskAttr::Reserved7,
+        }
+    }
+
+    /// The three ATTR bits.
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+}
+
+impl TmfFunction {
+    /// From the 7-bit Function field (§11.5.1); unassigned values become `Other`.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => TmfFunction::AbortTask,
+            2 => TmfFunction::AbortTaskSet,
+            3 => TmfFunction::ClearAca,
+            4 => TmfFunction::ClearTaskSet,
+            5 => TmfFunction::LogicalUnitReset,
+            6 => TmfFunction::TargetWarmReset,
+            7 => TmfFunction::TargetColdReset,
+            8 => TmfFunction::TaskReassign,
+            other => TmfFunction::Other(other),
+        }
+    }
+
+    /// The Function field value. `Other(v)` must hold an unassigned 7-bit value to round-trip.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            TmfFunction::AbortTask => 1,
+            TmfFunction::AbortTaskSet => 2,
+            TmfFunction::ClearAca => 3,
+            TmfFunction::ClearTaskSet => 4,
+            TmfFunction::LogicalUnitReset => 5,
+            TmfFunction::TargetWarmReset => 6,
+            TmfFunction::TargetColdReset => 7,
+            TmfFunction::TaskReassign => 8,
+            TmfFunction::Other(v) => v,
+        }
+    }
+}
+
+impl Stage {
+    /// From a 2-bit CSG/NSG field (§11.12.3); every value maps.
+    pub fn from_bits(bits: u8) -> Self {
+        match bits & 0x03 {
+            0 => Stage::Security,
+            1 => Stage::Operational,
+            2 => Stage::Reserved,
+            _ => Stage::FullFeature,
+        }
+    }
+
+    /// The 2-bit field value.
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+}
+
+impl LogoutReason {
+    /// From the 7-bit Reason Code (§11.14.1); unassigned values become `Other`.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            0 => LogoutReason::CloseSession,
+            1 => LogoutReason::CloseConnection,
+            2 => LogoutReason::RemoveConnectionForRecovery,
+            other => LogoutReason::Other(other),
+        }
+    }
+
+    /// The Reason Code. `Other(v)` must hold an unassigned 7-bit value to round-trip.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            LogoutReason::CloseSession => 0,
+            LogoutReason::CloseConnection => 1,
+            LogoutReason::RemoveConnectionForRecovery => 2,
+            LogoutReason::Other(v) => v,
+        }
+    }
+}
+
+impl TmfResponse {
+    /// From the Response field (§11.6.1); `None` for unassigned values.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => TmfResponse::FunctionComplete,
+            1 => TmfResponse::TaskDoesNotExist,
+            2 => TmfResponse::LunDoesNotExist,
+            3 => TmfResponse::TaskStillAllegiant,
+            4 => TmfResponse::ReassignmentNotSupported,
+            5 => TmfResponse::FunctionNotSupported,
+            6 => TmfResponse::AuthorizationFailed,
+            255 => TmfResponse::FunctionRejected,
+            _ => return None,
+        })
+    }
+
+    /// The Response field value.
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+impl RejectReason {
+    /// From the Reason field (§11.17.1); `None` for reserved values.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x02 => RejectReason::DataDigestError,
+            0x03 => RejectReason::SnackReject,
+            0x04 => RejectReason::ProtocolError,
+            0x05 => RejectReason::CommandNotSupported,
+            0x06 => RejectReason::ImmediateCommandReject,
+            0x07 => RejectReason::TaskInProgress,
+            0x08 => RejectReason::InvalidDataAck,
+            0x09 => RejectReason::InvalidPduField,
+            0x0a => RejectReason::LongOperationReject,
+            0x0b => RejectReason::DeprecatedNegotiationReset,
+            0x0c => RejectReason::WaitingForLogout,
+            _ => return None,
+        })
+    }
+
+    /// The Reason field value.
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+impl Header {
+    /// The opcode of this header.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Header::NopOut(_) => Opcode::NopOut,
+            Header::ScsiCommand(_) => Opcode::ScsiCommand,
+            Header::TaskMgmtRequest(_) => Opcode::TaskMgmtRequest,
+            Header::LoginRequest(_) => Opcode::LoginRequest,
+            Header::TextRequest(_) => Opcode::TextRequest,
+            Header::DataOut(_) => Opcode::DataOut,
+            Header::LogoutRequest(_) => Opcode::LogoutRequest,
+            Header::SnackRequest(_) => Opcode::SnackRequest,
+            Header::NopIn(_) => Opcode::NopIn,
+            Header::ScsiResponse(_) => Opcode::ScsiResponse,
+            Header::TaskMgmtResponse(_) => Opcode::TaskMgmtResponse,
+            Header::LoginResponse(_) => Opcode::LoginResponse,
+            Header::TextResponse(_) => Opcode::TextResponse,
+            Header::DataIn(_) => Opcode::DataIn,
+            Header::LogoutResponse(_) => Opcode::LogoutResponse,
+            Header::R2t(_) => Opcode::R2t,
+            Header::AsyncMessage(_) => Opcode::AsyncMessage,
+            Header::Reject(_) => Opcode::Reject,
+        }
+    }
+
+    /// The Initiator Task Tag (§11.2.1.8); [`RESERVED_TAG`] for Async Message and Reject.
+    pub fn itt(&self) -> u32 {
+        match self {
+            Header::NopOut(h) => h.itt,
+            Header::ScsiCommand(h) => h.itt,
+            Header::TaskMgmtRequest(h) => h.itt,
+            Header::LoginRequest(h) => h.itt,
+            Header::TextRequest(h) => h.itt,
+            Header::DataOut(h) => h.itt,
+            Header::LogoutRequest(h) => h.itt,
+            Header::SnackRequest(h) => h.itt,
+            Header::NopIn(h) => h.itt,
+            Header::ScsiResponse(h) => h.itt,
+            Header::TaskMgmtResponse(h) => h.itt,
+            Header::LoginResponse(h) => h.itt,
+            Header::TextResponse(h) => h.itt,
+            Header::DataIn(h) => h.itt,
+            Header::LogoutResponse(h) => h.itt,
+            Header::R2t(h) => h.itt,
+            Header::AsyncMessage(_) | Header::Reject(_) => RESERVED_TAG,
+        }
+    }
+
+    /// The I bit (§11.2.1.1): set only on immediate initiator PDUs (always on a Login Request).
+    pub fn immediate(&self) -> bool {
+        match self {
+            Header::NopOut(h) => h.immediate,
+            Header::ScsiCommand(h) => h.immediate,
+            Header::TaskMgmtRequest(h) => h.immediate,
+            Header::LoginRequest(_) => true,
+            Header::TextRequest(h) => h.immediate,
+            Header::LogoutRequest(h) => h.immediate,
+            _ => false,
+        }
+    }
+}
+
+impl Pdu {
+    /// A PDU with no AHS and no data segment.
+    pub fn new(header: Header) -> Self {
+        Pdu {
+            header,
+            ahs: Vec::new(),
+            data: Bytes::new(),
+        }
+    }
+
+    /// A PDU with no AHS and the given data segment.
+    pub fn with_data(header: Header, data: Bytes) -> Self {
+        Pdu {
+            header,
+            ahs: Vec::new(),
+            data,
+        }
+    }
 }
