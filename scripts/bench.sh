@@ -40,8 +40,9 @@ TGT_URL="iscsi://127.0.0.1:$TGT_PORT/iqn.2026-11.test:tgt/1"
 
 # One measurement: prints a number (IOPS or MB/s).
 perf() { # perf URL QD BLOCKS(512-byte) random(0|1) metric(iops|mbs)
-  local url=$1 qd=$2 blocks=$3 rnd=$4 metric=$5 line
-  line=$(timeout $((SECS + 30)) iscsi-perf -m "$qd" -b "$blocks" -t "$SECS" ${rnd:+$( [ "$rnd" = 1 ] && echo -r)} "$url" 2>&1 | tr '\r' '\n' | grep 'iops average' | tail -1)
+  local url=$1 qd=$2 blocks=$3 rnd=$4 metric=$5 line rflag=""
+  [ "$rnd" = 1 ] && rflag=-r
+  line=$(timeout $((SECS + 30)) iscsi-perf -m "$qd" -b "$blocks" -t "$SECS" $rflag "$url" 2>&1 | tr '\r' '\n' | grep 'iops average' | tail -1)
   if [ "$metric" = iops ]; then echo "$line" | sed -E 's/.*iops average ([0-9]+).*/\1/'; else echo "$line" | sed -E 's/.*iops average [0-9]+ \(([0-9]+) MB\/s\).*/\1/'; fi
 }
 qbench() { # qbench URL QD SIZE COUNT mode(w|r) metric

@@ -93,7 +93,7 @@ impl Registry {
 }
 
 fn lu_config(target: &str, l: &config::Lun, num_blocks: u64) -> LuConfig {
-    let mut c = LuConfig::new(l.id, l.block_size, num_blocks, target.to_string());
+    let mut c = LuConfig::new(l.id, l.block_size, num_blocks, target);
     c.serial = l.serial.clone();
     c.naa = l.naa;
     c.thin = l.thin;
