@@ -494,4 +494,67 @@ mod tests {
         assert!(got[1..(2 << 20) + 6].iter().all(|&b| b == 0));
         assert!(got[(2 << 20) + 6..].iter().all(|&b| b == 5));
     }
+
+    const DURABILITY_ENV: &str = "IRONLUN_BACKSTORE_DURABILITY_FILE";
+    const READY: &str = "IRONLUN-DURABILITY-READY";
+
+    /// Child half of `fua_and_flush_survive_sigkill`: writes, reports, then waits to be killed.
+    #[test]
+    #[ignore = "run only as the child of fua_and_flush_survive_sigkill"]
+    fn durability_child() {
+        let Some(path) = std::env::var_os(DURABILITY_ENV) else {
+            return;
+        };
+        let f = FileBackend::open(path, FileOptions::default()).unwrap();
+        f.write(4096, &crate::conformance::pattern(61, 65_536), true)
+            .unwrap();
+        f.write(1 << 20, &crate::conformance::pattern(62, 10_000), false)
+            .unwrap();
+        f.flush().unwrap();
+        println!("{READY}");
+        std::io::Write::flush(&mut std::io::stdout()).unwrap();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    }
+
+    /// DESIGN.md §3 rule 10: a FUA write, or a write followed by flush, survives `kill -9`.
+    /// (The page cache outlives the process, so this proves no userspace buffering only.)
+    #[test]
+    fn fua_and_flush_survive_sigkill() {
+        use std::io::BufRead;
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lu.img");
+        drop(FileBackend::open(&path, opts(2 << 20)).unwrap());
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "file::tests::durability_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(DURABILITY_ENV, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+            .any(|line| line.contains(READY));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(ready, "child exited before writing: {status:?}");
+        assert_eq!(status.signal(), Some(9), "child was not killed: {status:?}");
+        let f = FileBackend::open(&path, FileOptions::default()).unwrap();
+        assert_eq!(
+            f.read(4096, 65_536).unwrap(),
+            crate::conformance::pattern(61, 65_536)
+        );
+        assert_eq!(
+            f.read(1 << 20, 10_000).unwrap(),
+            crate::conformance::pattern(62, 10_000)
+        );
+    }
 }
