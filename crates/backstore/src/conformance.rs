@@ -425,6 +425,8 @@ mod tests {
 
     crate::backstore_conformance!(ram, super::make_ram);
     crate::backstore_conformance!(file, super::make_file);
+    crate::backstore_conformance!(file_fallback, |size| super::make_file(size)
+        .without_fast_paths());
 
     #[test]
     fn run_all_passes_for_ram() {

@@ -134,6 +134,16 @@ impl FileBackend {
         })
     }
 
+    /// Behave as on a kernel/filesystem without `RWF_DSYNC` and `fallocate` modes, so tests
+    /// exercise the fallback paths.
+    #[cfg(test)]
+    pub(crate) fn without_fast_paths(self) -> Self {
+        self.dsync.store(false, Ordering::Relaxed);
+        self.punch_hole.store(false, Ordering::Relaxed);
+        self.zero_range.store(false, Ordering::Relaxed);
+        self
+    }
+
     /// Whether the backstore was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
