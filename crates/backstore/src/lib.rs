@@ -4,9 +4,11 @@
 //! pool. Offsets and lengths are checked here too (`checked_add`), whatever the caller checked.
 
 pub mod file;
+pub mod pool;
 pub mod ram;
 
 pub use file::{FileBackend, FileOptions};
+pub use pool::IoPool;
 pub use ram::RamBackend;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
