@@ -94,7 +94,8 @@ impl RamBackend {
     }
 
     /// Like [`RamBackend::new`], but writes that would make more than `max_resident` bytes
-    /// resident fail with [`BackstoreError::NoSpace`] (a thin-provisioning soft limit).
+    /// resident fail with [`BackstoreError::NoSpace`] (a thin-provisioning soft limit). Such a
+    /// write may have landed in part: the chunks before the first refused one are written.
     pub fn with_limit(size: u64, max_resident: u64) -> Result<Self> {
         Self::build(size, Some(max_resident / CHUNK))
     }
