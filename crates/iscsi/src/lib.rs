@@ -5,13 +5,17 @@
 
 pub mod bhs;
 pub mod connection;
+pub mod data_in;
 pub mod digest;
+pub mod discovery;
 pub mod error;
 pub mod framer;
 pub mod limits;
 pub mod login;
 pub mod negotiation;
 pub mod pdu;
+pub mod r2t;
+pub mod session;
 pub mod text;
 
 pub use error::PduError;
