@@ -465,3 +465,148 @@ impl Negotiation {
         self.session.first_burst_length = self.session.first_burst_length.min(self.session.max_burst_length);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    /// (key, their value, expected answer) against the default [`Offers`] in a normal session.
+    const TABLE: &[(&str, &str, Option<&str>)] = &[
+        ("HeaderDigest", "CRC32C,None", Some("CRC32C")),
+        ("HeaderDigest", "None", Some("None")),
+        ("DataDigest", "MD5,CRC32C", Some("CRC32C")),
+        ("DataDigest", "MD5", Some(REJECT)),
+        ("MaxConnections", "4", Some("1")),
+        ("MaxConnections", "0", Some(REJECT)),
+        ("InitialR2T", "No", Some("No")),
+        ("InitialR2T", "Yes", Some("Yes")),
+        ("InitialR2T", "Maybe", Some(REJECT)),
+        ("ImmediateData", "Yes", Some("Yes")),
+        ("ImmediateData", "No", Some("No")),
+        ("MaxRecvDataSegmentLength", "65536", None),
+        ("MaxRecvDataSegmentLength", "511", Some(REJECT)),
+        ("MaxRecvDataSegmentLength", "16777216", Some(REJECT)),
+        ("MaxBurstLength", "262144", Some("262144")),
+        ("MaxBurstLength", "0x1000000", Some(REJECT)),
+        ("MaxBurstLength", "0x400", Some("1024")),
+        ("FirstBurstLength", "1048576", Some("262144")),
+        ("FirstBurstLength", "65536", Some("65536")),
+        ("DefaultTime2Wait", "0", Some("2")),
+        ("DefaultTime2Wait", "3601", Some(REJECT)),
+        ("DefaultTime2Retain", "0", Some("0")),
+        ("DefaultTime2Retain", "3600", Some("20")),
+        ("MaxOutstandingR2T", "1", Some("1")),
+        ("MaxOutstandingR2T", "100", Some("16")),
+        ("DataPDUInOrder", "No", Some("Yes")),
+        ("DataSequenceInOrder", "No", Some("Yes")),
+        ("ErrorRecoveryLevel", "2", Some("0")),
+        ("ErrorRecoveryLevel", "3", Some(REJECT)),
+        ("IFMarker", "Yes", Some("No")),
+        ("OFMarker", "No", Some("No")),
+        ("IFMarkInt", "2048~8192", Some(IRRELEVANT)),
+        ("OFMarkInt", "2048", Some(IRRELEVANT)),
+        ("TaskReporting", "FastAbort", Some("RFC3720")),
+        ("iSCSIProtocolLevel", "2", Some("1")),
+        ("RDMAExtensions", "Yes", Some("No")),
+        ("InitiatorAlias", "host1", None),
+        ("TargetAlias", "x", Some(REJECT)),
+        ("TargetAddress", "1.2.3.4:3260,1", Some(REJECT)),
+        ("TargetPortalGroupTag", "1", Some(REJECT)),
+        ("X-com.example.Foo", "1", Some(NOT_UNDERSTOOD)),
+        ("X#org.example.Bar", "1", Some(NOT_UNDERSTOOD)),
+        ("NoSuchKey", "1", Some(NOT_UNDERSTOOD)),
+    ];
+
+    #[test]
+    fn negotiation_table() {
+        for (key, theirs, expected) in TABLE {
+            let mut n = Negotiation::new(Offers::default(), 16 * 1024 * 1024);
+            let got = n.respond(key, theirs, false);
+            assert_eq!(got.as_deref(), *expected, "{key}={theirs}");
+        }
+    }
+
+    #[test]
+    fn results_are_recorded() {
+        let mut n = Negotiation::new(Offers::default(), 16 * 1024 * 1024);
+        for (k, v) in [
+            ("HeaderDigest", "CRC32C"),
+            ("InitialR2T", "No"),
+            ("ImmediateData", "No"),
+            ("MaxRecvDataSegmentLength", "4096"),
+            ("MaxBurstLength", "131072"),
+            ("FirstBurstLength", "262144"),
+            ("MaxOutstandingR2T", "4"),
+        ] {
+            n.respond(k, v, false);
+        }
+        n.target_offers(false);
+        n.finish();
+        assert_eq!(n.connection.header_digest, DigestKind::Crc32c);
+        assert_eq!(n.connection.max_xmit_data_segment_length, 4096);
+        assert_eq!(n.connection.max_recv_data_segment_length, 256 * 1024);
+        assert!(!n.session.initial_r2t);
+        assert!(!n.session.immediate_data);
+        assert_eq!(n.session.max_burst_length, 131_072);
+        assert_eq!(n.session.first_burst_length, 131_072, "FirstBurstLength <= MaxBurstLength");
+        assert_eq!(n.session.max_outstanding_r2t, 4);
+    }
+
+    #[test]
+    fn discovery_answers_irrelevant_for_session_keys() {
+        let mut n = Negotiation::new(Offers::default(), 8192);
+        assert_eq!(n.respond("InitialR2T", "No", true).as_deref(), Some(IRRELEVANT));
+        assert_eq!(n.respond("MaxBurstLength", "512", true).as_deref(), Some(IRRELEVANT));
+        assert_eq!(n.respond("HeaderDigest", "None", true).as_deref(), Some("None"));
+    }
+
+    #[test]
+    fn declares_our_mrdsl_once_bounded_by_limits() {
+        let mut n = Negotiation::new(Offers::default(), 65536);
+        assert_eq!(n.target_offers(false), vec![("MaxRecvDataSegmentLength".to_string(), "65536".to_string())]);
+        assert!(n.target_offers(false).is_empty());
+        assert!(!n.awaiting_answers());
+    }
+
+    #[test]
+    fn restrictive_offers_are_sent_and_answers_not_answered() {
+        let offers = Offers { immediate_data: false, max_burst_length: 4096, first_burst_length: 4096, ..Offers::default() };
+        let mut n = Negotiation::new(offers, 65536);
+        let sent = n.target_offers(false);
+        let keys: Vec<&str> = sent.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["MaxRecvDataSegmentLength", "ImmediateData", "MaxBurstLength", "FirstBurstLength"]);
+        assert!(n.awaiting_answers());
+        assert_eq!(n.respond("ImmediateData", "No", false), None);
+        assert_eq!(n.respond("MaxBurstLength", "4096", false), None);
+        assert_eq!(n.respond("FirstBurstLength", "4096", false), None);
+        assert!(!n.awaiting_answers());
+        assert!(!n.session.immediate_data);
+        assert_eq!(n.session.max_burst_length, 4096);
+    }
+
+    #[test]
+    fn rejects_renegotiation_of_a_key() {
+        let mut n = Negotiation::new(Offers::default(), 65536);
+        assert_eq!(n.respond("MaxBurstLength", "4096", false).as_deref(), Some("4096"));
+        assert_eq!(n.respond("MaxBurstLength", "8192", false).as_deref(), Some(REJECT));
+        assert_eq!(n.session.max_burst_length, 4096);
+    }
+
+    #[test]
+    fn skipped_operational_stage_keeps_default_mrdsl() {
+        let mut n = Negotiation::new(Offers::default(), 65536);
+        n.finish();
+        assert_eq!(n.connection.max_recv_data_segment_length, 8192);
+    }
+
+    #[test]
+    fn parses_numbers() {
+        assert_eq!(parse_number("0x10"), Some(16));
+        assert_eq!(parse_number("4294967295"), Some(u32::MAX));
+        assert_eq!(parse_number("4294967296"), None);
+        assert_eq!(parse_number("-1"), None);
+        assert_eq!(parse_number(""), None);
+        assert_eq!(parse_number("0x"), None);
+    }
+}
