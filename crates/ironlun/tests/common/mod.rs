@@ -1,0 +1,292 @@
+//! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 in a temp dir,
+//! read the bound port from its stdout, and stop it with SIGTERM on drop, asserting it never
+//! died on its own and never printed "panicked".
+
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+
+use bytes::Bytes;
+use ironlun_initiator::{LoginOptions, Session};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The embedded default target.
+pub const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
+/// Its LUN 0: 1 GiB of 512-byte blocks.
+pub const BLOCK_SIZE: u32 = 512;
+pub const BLOCKS: u64 = (1 << 30) / 512;
+/// Upper bound for anything the daemon should do "promptly" (generous: 2 loaded cores).
+pub const PROMPT: Duration = Duration::from_secs(10);
+
+/// A running daemon. Dropping it stops it.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    stderr: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ironlun");
+        // Drain both pipes on threads so that the daemon never blocks on a full pipe.
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut err = child.stderr.take().expect("stderr");
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = err.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        {
+            let out = child.stdout.take().expect("stdout");
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut lines = Vec::new();
+        while lines.len() < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => lines.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "daemon did not print its two lines; got {lines:?}; stderr:\n{}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+        let addr: SocketAddr = lines[0]
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("first line {:?}", lines[0]))
+            .parse()
+            .expect("listen address");
+        assert_eq!(addr.ip().to_string(), "127.0.0.1");
+        assert_ne!(addr.port(), 0);
+        let url = lines[1]
+            .strip_prefix("url ")
+            .unwrap_or_else(|| panic!("second line {:?}", lines[1]))
+            .to_owned();
+        assert_eq!(url, format!("iscsi://{addr}/{TARGET}/0"));
+        Daemon {
+            child,
+            addr,
+            url,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Panics unless the daemon is still running and has not reported a panic.
+    pub fn assert_healthy(&mut self) {
+        let status = self.child.try_wait().expect("try_wait");
+        assert!(
+            status.is_none(),
+            "daemon exited on its own: {status:?}; stderr:\n{}",
+            self.stderr()
+        );
+        assert!(
+            !self.stderr().contains("panicked"),
+            "daemon panicked; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if !panicking {
+            self.assert_healthy();
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + PROMPT;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => break None,
+            }
+        };
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if !panicking {
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "no clean exit on SIGTERM: {status:?}; stderr:\n{}",
+                self.stderr()
+            );
+            assert!(
+                !self.stderr().contains("panicked"),
+                "daemon panicked; stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Login options for a normal session to the lab target as `initiator`.
+pub fn opts(initiator: &str) -> LoginOptions {
+    LoginOptions::new(initiator, Some(TARGET.to_owned()))
+}
+
+/// Log in and clear the power-on unit attention (the first command's CHECK CONDITION).
+pub async fn session(addr: SocketAddr, initiator: &str) -> Session {
+    let s = Session::connect(addr, opts(initiator))
+        .await
+        .expect("login");
+    for _ in 0..3 {
+        let r = s.test_unit_ready(0).await.expect("TUR");
+        if r.status == 0 {
+            return s;
+        }
+    }
+    panic!("TEST UNIT READY never GOOD");
+}
+
+/// A deterministic block pattern: every byte depends on `seed` and its offset.
+pub fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for _ in 0..len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push((x >> 24) as u8);
+    }
+    Bytes::from(v)
+}
+
+/// Another session doing write + read-back rounds for as long as a test runs.
+pub struct BackgroundIo {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Result<u64, String>>,
+}
+
+impl BackgroundIo {
+    /// Log in as `initiator` and loop over 64 KiB writes (alternating FUA) and reads at `lba`.
+    pub async fn start(addr: SocketAddr, initiator: &str, lba: u64) -> BackgroundIo {
+        let s = session(addr, initiator).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let (stop2, rounds2) = (stop.clone(), rounds.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                let data = pattern(n ^ lba, 64 * 1024);
+                let blocks = 128u32;
+                let w = tokio::time::timeout(
+                    PROMPT,
+                    s.write16(0, lba, BLOCK_SIZE, data.clone(), n & 1 == 0),
+                )
+                .await
+                .map_err(|_| format!("round {n}: write timed out"))?
+                .map_err(|e| format!("round {n}: write: {e}"))?;
+                if w.status != 0 || w.response != 0 {
+                    return Err(format!(
+                        "round {n}: write status {:#x} response {}",
+                        w.status, w.response
+                    ));
+                }
+                let r = tokio::time::timeout(PROMPT, s.read16(0, lba, blocks, BLOCK_SIZE))
+                    .await
+                    .map_err(|_| format!("round {n}: read timed out"))?
+                    .map_err(|e| format!("round {n}: read: {e}"))?;
+                if r.status != 0 || r.data != data {
+                    return Err(format!(
+                        "round {n}: read status {:#x}, data equal: {}",
+                        r.status,
+                        r.data == data
+                    ));
+                }
+                n += 1;
+                rounds2.store(n, Ordering::SeqCst);
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            s.logout().await.map_err(|e| format!("logout: {e}"))?;
+            Ok(n)
+        });
+        BackgroundIo { stop, rounds, task }
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::SeqCst)
+    }
+
+    /// Wait until at least `more` further rounds complete (proof that I/O goes on now).
+    pub async fn progress(&self, more: u64) {
+        let target = self.rounds() + more;
+        let deadline = Instant::now() + PROMPT;
+        while self.rounds() < target {
+            assert!(
+                Instant::now() < deadline,
+                "background I/O stalled at {} rounds",
+                self.rounds()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stop after the current round and assert every round succeeded.
+    pub async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let n = tokio::time::timeout(PROMPT * 2, self.task)
+            .await
+            .expect("background I/O did not stop")
+            .expect("background task panicked")
+            .unwrap_or_else(|e| panic!("background I/O failed: {e}"));
+        assert!(n >= 1, "no background round completed");
+        n
+    }
+}
