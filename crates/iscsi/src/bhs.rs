@@ -747,3 +747,6 @@ pub fn encode_pdu_plain(pdu: &Pdu) -> Bytes {
     out.extend_from_slice(pad_bytes(pdu.data.len()));
     out.freeze()
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -301,3 +301,6 @@ pub fn encode_pdu(pdu: &Pdu, digests: Digests) -> Vec<Bytes> {
     }
     pieces
 }
+
+#[cfg(test)]
+mod tests;
