@@ -74,53 +74,149 @@ impl CommandInfo {
 }
 
 const fn row(opcode: u8, usage: &'static [u8], name: &'static str) -> CommandInfo {
-    CommandInfo { opcode, service_action: None, usage, name, timeout_secs: 30 }
+    CommandInfo {
+        opcode,
+        service_action: None,
+        usage,
+        name,
+        timeout_secs: 30,
+    }
 }
 
 const fn row_sa(opcode: u8, sa: u16, usage: &'static [u8], name: &'static str) -> CommandInfo {
-    CommandInfo { opcode, service_action: Some(sa), usage, name, timeout_secs: 30 }
+    CommandInfo {
+        opcode,
+        service_action: Some(sa),
+        usage,
+        name,
+        timeout_secs: 30,
+    }
 }
 
 const F: u8 = 0xFF;
 
 /// The command table (sorted by opcode, then service action).
 pub const COMMANDS: &[CommandInfo] = &[
-    row(op::TEST_UNIT_READY, &[0x00, 0, 0, 0, 0, 0], "TEST UNIT READY"),
-    row(op::REQUEST_SENSE, &[0x03, 0x01, 0, 0, F, 0], "REQUEST SENSE"),
+    row(
+        op::TEST_UNIT_READY,
+        &[0x00, 0, 0, 0, 0, 0],
+        "TEST UNIT READY",
+    ),
+    row(
+        op::REQUEST_SENSE,
+        &[0x03, 0x01, 0, 0, F, 0],
+        "REQUEST SENSE",
+    ),
     row(op::READ_6, &[0x08, 0x1F, F, F, F, 0], "READ(6)"),
     row(op::WRITE_6, &[0x0A, 0x1F, F, F, F, 0], "WRITE(6)"),
     row(op::INQUIRY, &[0x12, 0x01, F, F, F, 0], "INQUIRY"),
-    row(op::MODE_SELECT_6, &[0x15, 0x11, 0, 0, F, 0], "MODE SELECT(6)"),
+    row(
+        op::MODE_SELECT_6,
+        &[0x15, 0x11, 0, 0, F, 0],
+        "MODE SELECT(6)",
+    ),
     row(op::MODE_SENSE_6, &[0x1A, 0x08, F, F, F, 0], "MODE SENSE(6)"),
-    row(op::START_STOP_UNIT, &[0x1B, 0x01, 0, 0x0F, 0xF7, 0], "START STOP UNIT"),
-    row(op::PREVENT_ALLOW_MEDIUM_REMOVAL, &[0x1E, 0, 0, 0, 0x03, 0], "PREVENT ALLOW MEDIUM REMOVAL"),
-    row(op::READ_CAPACITY_10, &[0x25, 0, F, F, F, F, 0, 0, 0x01, 0], "READ CAPACITY(10)"),
-    row(op::READ_10, &[0x28, 0x18, F, F, F, F, 0x3F, F, F, 0], "READ(10)"),
-    row(op::WRITE_10, &[0x2A, 0x18, F, F, F, F, 0x3F, F, F, 0], "WRITE(10)"),
-    row(op::WRITE_AND_VERIFY_10, &[0x2E, 0x16, F, F, F, F, 0x3F, F, F, 0], "WRITE AND VERIFY(10)"),
-    row(op::VERIFY_10, &[0x2F, 0x16, F, F, F, F, 0x3F, F, F, 0], "VERIFY(10)"),
-    row(op::PRE_FETCH_10, &[0x34, 0x02, F, F, F, F, 0x3F, F, F, 0], "PRE-FETCH(10)"),
-    row(op::SYNCHRONIZE_CACHE_10, &[0x35, 0x06, F, F, F, F, 0x3F, F, F, 0], "SYNCHRONIZE CACHE(10)"),
-    row(op::WRITE_SAME_10, &[0x41, 0x08, F, F, F, F, 0x3F, F, F, 0], "WRITE SAME(10)"),
+    row(
+        op::START_STOP_UNIT,
+        &[0x1B, 0x01, 0, 0x0F, 0xF7, 0],
+        "START STOP UNIT",
+    ),
+    row(
+        op::PREVENT_ALLOW_MEDIUM_REMOVAL,
+        &[0x1E, 0, 0, 0, 0x03, 0],
+        "PREVENT ALLOW MEDIUM REMOVAL",
+    ),
+    row(
+        op::READ_CAPACITY_10,
+        &[0x25, 0, F, F, F, F, 0, 0, 0x01, 0],
+        "READ CAPACITY(10)",
+    ),
+    row(
+        op::READ_10,
+        &[0x28, 0x18, F, F, F, F, 0x3F, F, F, 0],
+        "READ(10)",
+    ),
+    row(
+        op::WRITE_10,
+        &[0x2A, 0x18, F, F, F, F, 0x3F, F, F, 0],
+        "WRITE(10)",
+    ),
+    row(
+        op::WRITE_AND_VERIFY_10,
+        &[0x2E, 0x16, F, F, F, F, 0x3F, F, F, 0],
+        "WRITE AND VERIFY(10)",
+    ),
+    row(
+        op::VERIFY_10,
+        &[0x2F, 0x16, F, F, F, F, 0x3F, F, F, 0],
+        "VERIFY(10)",
+    ),
+    row(
+        op::PRE_FETCH_10,
+        &[0x34, 0x02, F, F, F, F, 0x3F, F, F, 0],
+        "PRE-FETCH(10)",
+    ),
+    row(
+        op::SYNCHRONIZE_CACHE_10,
+        &[0x35, 0x06, F, F, F, F, 0x3F, F, F, 0],
+        "SYNCHRONIZE CACHE(10)",
+    ),
+    row(
+        op::WRITE_SAME_10,
+        &[0x41, 0x08, F, F, F, F, 0x3F, F, F, 0],
+        "WRITE SAME(10)",
+    ),
     row(op::UNMAP, &[0x42, 0, 0, 0, 0, 0, 0x3F, F, F, 0], "UNMAP"),
-    row(op::MODE_SELECT_10, &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0], "MODE SELECT(10)"),
-    row(op::MODE_SENSE_10, &[0x5A, 0x18, F, F, 0, 0, 0, F, F, 0], "MODE SENSE(10)"),
-    row(op::READ_16, &[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "READ(16)"),
-    row(op::WRITE_16, &[0x8A, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "WRITE(16)"),
-    row(op::ORWRITE_16, &[0x8B, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "ORWRITE(16)"),
+    row(
+        op::MODE_SELECT_10,
+        &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0],
+        "MODE SELECT(10)",
+    ),
+    row(
+        op::MODE_SENSE_10,
+        &[0x5A, 0x18, F, F, 0, 0, 0, F, F, 0],
+        "MODE SENSE(10)",
+    ),
+    row(
+        op::READ_16,
+        &[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "READ(16)",
+    ),
+    row(
+        op::WRITE_16,
+        &[0x8A, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "WRITE(16)",
+    ),
+    row(
+        op::ORWRITE_16,
+        &[0x8B, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "ORWRITE(16)",
+    ),
     row(
         op::WRITE_AND_VERIFY_16,
         &[0x8E, 0x16, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
         "WRITE AND VERIFY(16)",
     ),
-    row(op::VERIFY_16, &[0x8F, 0x16, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "VERIFY(16)"),
-    row(op::PRE_FETCH_16, &[0x90, 0x02, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "PRE-FETCH(16)"),
+    row(
+        op::VERIFY_16,
+        &[0x8F, 0x16, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "VERIFY(16)",
+    ),
+    row(
+        op::PRE_FETCH_16,
+        &[0x90, 0x02, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "PRE-FETCH(16)",
+    ),
     row(
         op::SYNCHRONIZE_CACHE_16,
         &[0x91, 0x06, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
         "SYNCHRONIZE CACHE(16)",
     ),
-    row(op::WRITE_SAME_16, &[0x93, 0x09, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0], "WRITE SAME(16)"),
+    row(
+        op::WRITE_SAME_16,
+        &[0x93, 0x09, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "WRITE SAME(16)",
+    ),
     row_sa(
         op::SERVICE_ACTION_IN_16,
         op::SA_READ_CAPACITY_16,
@@ -133,22 +229,44 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0x9E, 0x12, F, F, F, F, F, F, F, F, F, F, F, F, 0, 0],
         "GET LBA STATUS",
     ),
-    row(op::REPORT_LUNS, &[0xA0, 0, F, 0, 0, 0, F, F, F, F, 0, 0], "REPORT LUNS"),
+    row(
+        op::REPORT_LUNS,
+        &[0xA0, 0, F, 0, 0, 0, F, F, F, F, 0, 0],
+        "REPORT LUNS",
+    ),
     row_sa(
         op::MAINTENANCE_IN,
         op::SA_REPORT_SUPPORTED_OPCODES,
         &[0xA3, 0x0C, 0x87, F, F, F, F, F, F, F, 0, 0],
         "REPORT SUPPORTED OPERATION CODES",
     ),
-    row(op::READ_12, &[0xA8, 0x18, F, F, F, F, F, F, F, F, 0x3F, 0], "READ(12)"),
-    row(op::WRITE_12, &[0xAA, 0x18, F, F, F, F, F, F, F, F, 0x3F, 0], "WRITE(12)"),
-    row(op::WRITE_AND_VERIFY_12, &[0xAE, 0x16, F, F, F, F, F, F, F, F, 0x3F, 0], "WRITE AND VERIFY(12)"),
-    row(op::VERIFY_12, &[0xAF, 0x16, F, F, F, F, F, F, F, F, 0x3F, 0], "VERIFY(12)"),
+    row(
+        op::READ_12,
+        &[0xA8, 0x18, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "READ(12)",
+    ),
+    row(
+        op::WRITE_12,
+        &[0xAA, 0x18, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "WRITE(12)",
+    ),
+    row(
+        op::WRITE_AND_VERIFY_12,
+        &[0xAE, 0x16, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "WRITE AND VERIFY(12)",
+    ),
+    row(
+        op::VERIFY_12,
+        &[0xAF, 0x16, F, F, F, F, F, F, F, F, 0x3F, 0],
+        "VERIFY(12)",
+    ),
 ];
 
 /// Whether `opcode` carries a service action in byte 1.
 pub fn has_service_actions(opcode: u8) -> bool {
-    COMMANDS.iter().any(|c| c.opcode == opcode && c.service_action.is_some())
+    COMMANDS
+        .iter()
+        .any(|c| c.opcode == opcode && c.service_action.is_some())
 }
 
 /// Whether `opcode` is in the table at all.
@@ -159,7 +277,7 @@ pub fn opcode_known(opcode: u8) -> bool {
 /// The table row for `opcode` / `service_action` (ignored for opcodes without them).
 pub fn lookup(opcode: u8, service_action: u16) -> Option<&'static CommandInfo> {
     COMMANDS.iter().find(|c| {
-        c.opcode == opcode && c.service_action.map_or(true, |sa| sa == service_action)
+        c.opcode == opcode && !matches!(c.service_action, Some(sa) if sa != service_action)
     })
 }
 
@@ -175,34 +293,105 @@ pub struct Extent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     TestUnitReady,
-    RequestSense { desc: bool, alloc_len: u32 },
-    Inquiry { evpd: bool, page: u8, alloc_len: u32 },
-    ModeSelect { ten: bool, pf: bool, sp: bool, param_len: u32 },
-    ModeSense { ten: bool, dbd: bool, llbaa: bool, pc: u8, page: u8, subpage: u8, alloc_len: u32 },
-    StartStopUnit { immed: bool, power_condition: u8, loej: bool, start: bool },
-    PreventAllow { prevent: u8 },
+    RequestSense {
+        desc: bool,
+        alloc_len: u32,
+    },
+    Inquiry {
+        evpd: bool,
+        page: u8,
+        alloc_len: u32,
+    },
+    ModeSelect {
+        ten: bool,
+        pf: bool,
+        sp: bool,
+        param_len: u32,
+    },
+    ModeSense {
+        ten: bool,
+        dbd: bool,
+        llbaa: bool,
+        pc: u8,
+        page: u8,
+        subpage: u8,
+        alloc_len: u32,
+    },
+    StartStopUnit {
+        immed: bool,
+        power_condition: u8,
+        loej: bool,
+        start: bool,
+    },
+    PreventAllow {
+        prevent: u8,
+    },
     ReadCapacity10,
-    ReadCapacity16 { alloc_len: u32 },
-    Read { ext: Extent, fua: bool },
-    Write { ext: Extent, fua: bool },
+    ReadCapacity16 {
+        alloc_len: u32,
+    },
+    Read {
+        ext: Extent,
+        fua: bool,
+    },
+    Write {
+        ext: Extent,
+        fua: bool,
+    },
     /// VERIFY: `bytchk` 0 = medium check only, 1 = compare Data-Out with the medium.
-    Verify { ext: Extent, bytchk: u8 },
-    WriteAndVerify { ext: Extent, bytchk: u8 },
-    OrWrite { ext: Extent, fua: bool },
-    SynchronizeCache { ext: Extent },
-    PreFetch { ext: Extent, immed: bool },
+    Verify {
+        ext: Extent,
+        bytchk: u8,
+    },
+    WriteAndVerify {
+        ext: Extent,
+        bytchk: u8,
+    },
+    OrWrite {
+        ext: Extent,
+        fua: bool,
+    },
+    SynchronizeCache {
+        ext: Extent,
+    },
+    PreFetch {
+        ext: Extent,
+        immed: bool,
+    },
     /// WRITE SAME (10/16); `blocks == 0` means "to the end of the medium" (rejected, WSNZ=1).
-    WriteSame { ext: Extent, unmap: bool, ndob: bool },
-    Unmap { param_len: u32 },
-    GetLbaStatus { lba: u64, alloc_len: u32 },
-    ReportSupportedOpcodes { rctd: bool, options: u8, opcode: u8, service_action: u16, alloc_len: u32 },
-    ReportLuns { select: u8, alloc_len: u32 },
+    WriteSame {
+        ext: Extent,
+        unmap: bool,
+        ndob: bool,
+    },
+    Unmap {
+        param_len: u32,
+    },
+    GetLbaStatus {
+        lba: u64,
+        alloc_len: u32,
+    },
+    ReportSupportedOpcodes {
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        service_action: u16,
+        alloc_len: u32,
+    },
+    ReportLuns {
+        select: u8,
+        alloc_len: u32,
+    },
 }
 
 /// Big-endian field of `n` bytes at `start` (caller has checked the CDB length).
 fn be(cdb: &[u8], start: usize, n: usize) -> u64 {
     (0..n).fold(0u64, |acc, i| {
-        let b = start.checked_add(i).and_then(|j| cdb.get(j)).copied().unwrap_or(0);
+        let b = start
+            .checked_add(i)
+            .and_then(|j| cdb.get(j))
+            .copied()
+            .unwrap_or(0);
         (acc << 8) | u64::from(b)
     })
 }
@@ -228,7 +417,11 @@ fn invalid(byte: u16, bit: u8) -> SenseReason {
 /// so it is not treated as a mask.
 pub fn check_reserved(cdb: &[u8], info: &CommandInfo) -> Result<(), SenseReason> {
     for (i, (c, u)) in cdb.iter().zip(info.usage.iter()).enumerate().skip(1) {
-        let u = if i == 1 && info.service_action.is_some() { u | 0x1F } else { *u };
+        let u = if i == 1 && info.service_action.is_some() {
+            u | 0x1F
+        } else {
+            *u
+        };
         let bad = c & !u;
         if bad != 0 {
             let top = u8::try_from(7u32.saturating_sub(bad.leading_zeros())).unwrap_or(7);
@@ -252,17 +445,31 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
     if cdb.len() < info.cdb_len() {
         return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)));
     }
-    let cdb = cdb.get(..info.cdb_len()).ok_or(SenseReason::InvalidOpcode)?;
+    let cdb = cdb
+        .get(..info.cdb_len())
+        .ok_or(SenseReason::InvalidOpcode)?;
     check_reserved(cdb, info)?;
-    let ext10 = || Extent { lba: be(cdb, 2, 4), blocks: be32(cdb, 7, 2) };
-    let ext12 = || Extent { lba: be(cdb, 2, 4), blocks: be32(cdb, 6, 4) };
-    let ext16 = || Extent { lba: be(cdb, 2, 8), blocks: be32(cdb, 10, 4) };
+    let ext10 = || Extent {
+        lba: be(cdb, 2, 4),
+        blocks: be32(cdb, 7, 2),
+    };
+    let ext12 = || Extent {
+        lba: be(cdb, 2, 4),
+        blocks: be32(cdb, 6, 4),
+    };
+    let ext16 = || Extent {
+        lba: be(cdb, 2, 8),
+        blocks: be32(cdb, 10, 4),
+    };
     let ext6 = || {
         let blocks = match byte(cdb, 4) {
             0 => 256,
             n => u32::from(n),
         };
-        Extent { lba: be(cdb, 1, 3) & 0x1F_FFFF, blocks }
+        Extent {
+            lba: be(cdb, 1, 3) & 0x1F_FFFF,
+            blocks,
+        }
     };
     let fua = bit(cdb, 1, 3);
     let bytchk = || -> Result<u8, SenseReason> {
@@ -274,21 +481,43 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
     use op::*;
     let cmd = match opcode {
         TEST_UNIT_READY => Command::TestUnitReady,
-        REQUEST_SENSE => Command::RequestSense { desc: bit(cdb, 1, 0), alloc_len: be32(cdb, 4, 1) },
-        READ_6 => Command::Read { ext: ext6(), fua: false },
-        WRITE_6 => Command::Write { ext: ext6(), fua: false },
+        REQUEST_SENSE => Command::RequestSense {
+            desc: bit(cdb, 1, 0),
+            alloc_len: be32(cdb, 4, 1),
+        },
+        READ_6 => Command::Read {
+            ext: ext6(),
+            fua: false,
+        },
+        WRITE_6 => Command::Write {
+            ext: ext6(),
+            fua: false,
+        },
         INQUIRY => {
             let evpd = bit(cdb, 1, 0);
             let page = byte(cdb, 2);
             if !evpd && page != 0 {
                 return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2)));
             }
-            Command::Inquiry { evpd, page, alloc_len: be32(cdb, 3, 2) }
+            Command::Inquiry {
+                evpd,
+                page,
+                alloc_len: be32(cdb, 3, 2),
+            }
         }
         MODE_SELECT_6 | MODE_SELECT_10 => {
             let ten = opcode == MODE_SELECT_10;
-            let param_len = if ten { be32(cdb, 7, 2) } else { be32(cdb, 4, 1) };
-            Command::ModeSelect { ten, pf: bit(cdb, 1, 4), sp: bit(cdb, 1, 0), param_len }
+            let param_len = if ten {
+                be32(cdb, 7, 2)
+            } else {
+                be32(cdb, 4, 1)
+            };
+            Command::ModeSelect {
+                ten,
+                pf: bit(cdb, 1, 4),
+                sp: bit(cdb, 1, 0),
+                param_len,
+            }
         }
         MODE_SENSE_6 | MODE_SENSE_10 => {
             let ten = opcode == MODE_SENSE_10;
@@ -299,7 +528,11 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
                 pc: byte(cdb, 2) >> 6,
                 page: byte(cdb, 2) & 0x3F,
                 subpage: byte(cdb, 3),
-                alloc_len: if ten { be32(cdb, 7, 2) } else { be32(cdb, 4, 1) },
+                alloc_len: if ten {
+                    be32(cdb, 7, 2)
+                } else {
+                    be32(cdb, 4, 1)
+                },
             }
         }
         START_STOP_UNIT => Command::StartStopUnit {
@@ -308,7 +541,9 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
             loej: bit(cdb, 4, 1),
             start: bit(cdb, 4, 0),
         },
-        PREVENT_ALLOW_MEDIUM_REMOVAL => Command::PreventAllow { prevent: byte(cdb, 4) & 0x03 },
+        PREVENT_ALLOW_MEDIUM_REMOVAL => Command::PreventAllow {
+            prevent: byte(cdb, 4) & 0x03,
+        },
         READ_CAPACITY_10 => {
             // SBC-3 §5.15: with PMI=0 the LOGICAL BLOCK ADDRESS field shall be zero.
             if !bit(cdb, 8, 0) && be(cdb, 2, 4) != 0 {
@@ -322,30 +557,70 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
         WRITE_12 => Command::Write { ext: ext12(), fua },
         READ_16 => Command::Read { ext: ext16(), fua },
         WRITE_16 => Command::Write { ext: ext16(), fua },
-        VERIFY_10 => Command::Verify { ext: ext10(), bytchk: bytchk()? },
-        VERIFY_12 => Command::Verify { ext: ext12(), bytchk: bytchk()? },
-        VERIFY_16 => Command::Verify { ext: ext16(), bytchk: bytchk()? },
-        WRITE_AND_VERIFY_10 => Command::WriteAndVerify { ext: ext10(), bytchk: bytchk()? },
-        WRITE_AND_VERIFY_12 => Command::WriteAndVerify { ext: ext12(), bytchk: bytchk()? },
-        WRITE_AND_VERIFY_16 => Command::WriteAndVerify { ext: ext16(), bytchk: bytchk()? },
+        VERIFY_10 => Command::Verify {
+            ext: ext10(),
+            bytchk: bytchk()?,
+        },
+        VERIFY_12 => Command::Verify {
+            ext: ext12(),
+            bytchk: bytchk()?,
+        },
+        VERIFY_16 => Command::Verify {
+            ext: ext16(),
+            bytchk: bytchk()?,
+        },
+        WRITE_AND_VERIFY_10 => Command::WriteAndVerify {
+            ext: ext10(),
+            bytchk: bytchk()?,
+        },
+        WRITE_AND_VERIFY_12 => Command::WriteAndVerify {
+            ext: ext12(),
+            bytchk: bytchk()?,
+        },
+        WRITE_AND_VERIFY_16 => Command::WriteAndVerify {
+            ext: ext16(),
+            bytchk: bytchk()?,
+        },
         ORWRITE_16 => Command::OrWrite { ext: ext16(), fua },
         SYNCHRONIZE_CACHE_10 => Command::SynchronizeCache { ext: ext10() },
         SYNCHRONIZE_CACHE_16 => Command::SynchronizeCache { ext: ext16() },
-        PRE_FETCH_10 => Command::PreFetch { ext: ext10(), immed: bit(cdb, 1, 1) },
-        PRE_FETCH_16 => Command::PreFetch { ext: ext16(), immed: bit(cdb, 1, 1) },
-        WRITE_SAME_10 => Command::WriteSame { ext: ext10(), unmap: bit(cdb, 1, 3), ndob: false },
-        WRITE_SAME_16 => {
-            Command::WriteSame { ext: ext16(), unmap: bit(cdb, 1, 3), ndob: bit(cdb, 1, 0) }
-        }
-        UNMAP => Command::Unmap { param_len: be32(cdb, 7, 2) },
+        PRE_FETCH_10 => Command::PreFetch {
+            ext: ext10(),
+            immed: bit(cdb, 1, 1),
+        },
+        PRE_FETCH_16 => Command::PreFetch {
+            ext: ext16(),
+            immed: bit(cdb, 1, 1),
+        },
+        WRITE_SAME_10 => Command::WriteSame {
+            ext: ext10(),
+            unmap: bit(cdb, 1, 3),
+            ndob: false,
+        },
+        WRITE_SAME_16 => Command::WriteSame {
+            ext: ext16(),
+            unmap: bit(cdb, 1, 3),
+            ndob: bit(cdb, 1, 0),
+        },
+        UNMAP => Command::Unmap {
+            param_len: be32(cdb, 7, 2),
+        },
         SERVICE_ACTION_IN_16 if sa == SA_READ_CAPACITY_16 => {
             if !bit(cdb, 14, 0) && be(cdb, 2, 8) != 0 {
                 return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2)));
             }
-            Command::ReadCapacity16 { alloc_len: be32(cdb, 10, 4) }
+            Command::ReadCapacity16 {
+                alloc_len: be32(cdb, 10, 4),
+            }
         }
-        SERVICE_ACTION_IN_16 => Command::GetLbaStatus { lba: be(cdb, 2, 8), alloc_len: be32(cdb, 10, 4) },
-        REPORT_LUNS => Command::ReportLuns { select: byte(cdb, 2), alloc_len: be32(cdb, 6, 4) },
+        SERVICE_ACTION_IN_16 => Command::GetLbaStatus {
+            lba: be(cdb, 2, 8),
+            alloc_len: be32(cdb, 10, 4),
+        },
+        REPORT_LUNS => Command::ReportLuns {
+            select: byte(cdb, 2),
+            alloc_len: be32(cdb, 6, 4),
+        },
         MAINTENANCE_IN => {
             let options = byte(cdb, 2) & 0x07;
             if options > 2 {
@@ -456,8 +731,14 @@ mod tests {
 
     #[test]
     fn rejects_unknown_service_action() {
-        assert_eq!(parse(&[0x9E, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(fp(1, 4)));
-        assert_eq!(parse(&[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(fp(1, 4)));
+        assert_eq!(
+            parse(&[0x9E, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(fp(1, 4))
+        );
+        assert_eq!(
+            parse(&[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(fp(1, 4))
+        );
     }
 
     /// Table of byte-literal CDBs and what they parse to.
@@ -465,31 +746,66 @@ mod tests {
     fn accepts_cdb_table() {
         let e = |lba, blocks| Extent { lba, blocks };
         let cases: &[(&[u8], Command)] = &[
-            (&[0x08, 0x1F, 0xFF, 0xFF, 0x00, 0], Command::Read { ext: e(0x1F_FFFF, 256), fua: false }),
-            (&[0x0A, 0x00, 0x01, 0x02, 0x03, 0], Command::Write { ext: e(0x102, 3), fua: false }),
+            (
+                &[0x08, 0x1F, 0xFF, 0xFF, 0x00, 0],
+                Command::Read {
+                    ext: e(0x1F_FFFF, 256),
+                    fua: false,
+                },
+            ),
+            (
+                &[0x0A, 0x00, 0x01, 0x02, 0x03, 0],
+                Command::Write {
+                    ext: e(0x102, 3),
+                    fua: false,
+                },
+            ),
             (
                 &[0x28, 0x08, 0x12, 0x34, 0x56, 0x78, 0x03, 0x01, 0x00, 0],
-                Command::Read { ext: e(0x1234_5678, 256), fua: true },
+                Command::Read {
+                    ext: e(0x1234_5678, 256),
+                    fua: true,
+                },
             ),
             (
                 &[0xAA, 0x10, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0],
-                Command::Write { ext: e(1, 0x1_0000), fua: false },
+                Command::Write {
+                    ext: e(1, 0x1_0000),
+                    fua: false,
+                },
             ),
             (
-                &[0x8A, 0x18, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0],
-                Command::Write { ext: e(u64::MAX, u32::MAX), fua: true },
+                &[
+                    0x8A, 0x18, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                    0xFF, 0, 0,
+                ],
+                Command::Write {
+                    ext: e(u64::MAX, u32::MAX),
+                    fua: true,
+                },
             ),
             (
                 &[0x2F, 0x02, 0, 0, 0, 9, 0, 0, 2, 0],
-                Command::Verify { ext: e(9, 2), bytchk: 1 },
+                Command::Verify {
+                    ext: e(9, 2),
+                    bytchk: 1,
+                },
             ),
             (
                 &[0x93, 0x09, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0],
-                Command::WriteSame { ext: e(5, 1), unmap: true, ndob: true },
+                Command::WriteSame {
+                    ext: e(5, 1),
+                    unmap: true,
+                    ndob: true,
+                },
             ),
             (
                 &[0x12, 0x01, 0x83, 0x01, 0x00, 0],
-                Command::Inquiry { evpd: true, page: 0x83, alloc_len: 256 },
+                Command::Inquiry {
+                    evpd: true,
+                    page: 0x83,
+                    alloc_len: 256,
+                },
             ),
             (
                 &[0x1A, 0x08, 0x7F, 0xFF, 0xC0, 0],
@@ -513,10 +829,19 @@ mod tests {
                     alloc_len: 256,
                 },
             ),
-            (&[0xA0, 0, 2, 0, 0, 0, 0, 0, 0, 16, 0, 0], Command::ReportLuns { select: 2, alloc_len: 16 }),
+            (
+                &[0xA0, 0, 2, 0, 0, 0, 0, 0, 0, 16, 0, 0],
+                Command::ReportLuns {
+                    select: 2,
+                    alloc_len: 16,
+                },
+            ),
             (
                 &[0x9E, 0x12, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 24, 0, 0],
-                Command::GetLbaStatus { lba: 7, alloc_len: 24 },
+                Command::GetLbaStatus {
+                    lba: 7,
+                    alloc_len: 24,
+                },
             ),
         ];
         for (cdb, want) in cases {
@@ -547,7 +872,10 @@ mod tests {
             Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2)))
         );
         // RSOC reporting options 3..7.
-        assert_eq!(parse(&[0xA3, 0x0C, 0x03, 0, 0, 0, 0, 0, 1, 0, 0, 0]), Err(fp(2, 2)));
+        assert_eq!(
+            parse(&[0xA3, 0x0C, 0x03, 0, 0, 0, 0, 0, 1, 0, 0, 0]),
+            Err(fp(2, 2))
+        );
         // NACA in the control byte.
         assert_eq!(parse(&[0x00, 0, 0, 0, 0, 0x04]), Err(fp(5, 2)));
     }

@@ -14,5 +14,8 @@ pub mod status;
 pub mod ua;
 pub mod vpd;
 
-pub use lu::{Completion, Continuation, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, Step, TmfEffect};
+pub use lu::{
+    Completion, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig, NexusId,
+    ResetKind, Step, TmfEffect,
+};
 pub use sense::SenseReason;

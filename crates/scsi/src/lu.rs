@@ -1,6 +1,20 @@
-//! The logical unit: unit attention → reservation check → CDB dispatch (SPC-4 §5, SBC-3 §5).
+//! The logical unit: unit attention → CDB dispatch (SPC-4 §5, SBC-3 §5).
+//!
+//! Driving contract: call [`LogicalUnit::execute`] with the CDB and the complete Data-Out. It
+//! returns [`Step::Done`] or [`Step::Io`]; perform the [`IoOp`] outside the LU lock and hand
+//! its [`IoResult`] with the [`Continuation`] to [`LogicalUnit::resume`], repeating until
+//! `Done`. Data-In in a [`Completion`] is already cut to the CDB's allocation length.
 
-use bytes::Bytes;
+use std::collections::HashMap;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::cdb::{self, Command, Extent};
+use crate::mode::{MediumInfo, ModePages, SenseRequest};
+use crate::sense::{FieldPointer, SenseReason};
+use crate::status;
+use crate::ua::UnitAttentions;
+use crate::vpd;
 
 /// Identifies an I_T nexus (initiator port × target port) for unit attentions and reservations.
 /// The daemon allocates one per session; the LU learns of it via [`LogicalUnit::add_nexus`].
@@ -88,21 +102,38 @@ pub struct Completion {
     pub status: u8,
     /// Sense data (fixed or descriptor format per D_SENSE); empty unless CHECK CONDITION.
     pub sense: Bytes,
-    /// Data-In (may exceed the allocation; the transport cuts and reports residuals).
+    /// Data-In, already cut to the CDB allocation length (SPC-4 §4.2.5.6); the transport
+    /// cuts further to its Expected Data Transfer Length and reports residuals.
     pub data: Bytes,
 }
 
 /// One backstore operation, in bytes (the LU has already checked the range against capacity).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IoOp {
-    Read { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     /// `fua`: durable before completion (FUA bit, or write-through cache).
-    Write { offset: u64, data: Bytes, fua: bool },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
-    Unmap { ranges: Vec<(u64, u64)> },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Unmap {
+        ranges: Vec<(u64, u64)>,
+    },
     /// Mapped/deallocated status of extents starting at `offset` (GET LBA STATUS).
-    MapStatus { offset: u64, len: u64 },
+    MapStatus {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Outcome of an [`IoOp`].
@@ -129,8 +160,41 @@ pub enum IoErrorKind {
 /// What the LU needs to finish a command after its I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Continuation {
-    _private: (),
+    state: Pending,
 }
+
+/// Per-command state carried across an [`IoOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pending {
+    /// READ: the data is the Data-In.
+    Read,
+    /// WRITE / WRITE AND VERIFY / UNMAP / WRITE SAME (last chunk) / SYNCHRONIZE CACHE: GOOD.
+    Good,
+    /// VERIFY with BYTCHK=1: compare the medium with the Data-Out.
+    Compare { expected: Bytes },
+    /// ORWRITE: OR the Data-Out into what was read, then write it back.
+    OrWrite { offset: u64, data: Bytes, fua: bool },
+    /// WRITE SAME with a non-zero pattern: `remaining` more bytes to write from `offset`.
+    WriteSame {
+        offset: u64,
+        remaining: u64,
+        block: Bytes,
+        fua: bool,
+    },
+    /// GET LBA STATUS: build descriptors from the extents.
+    LbaStatus { lba: u64, alloc_len: u32 },
+}
+
+/// Upper bound on one Data-In / Data-Out buffer the LU asks the backstore for (bytes), so a
+/// CDB cannot make the daemon allocate without bound. Above the advertised maximum transfer
+/// length, which initiators may exceed (SBC-3 §6.5.3 makes rejection optional).
+pub const MAX_IO_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Chunk size for WRITE SAME with a non-zero pattern.
+pub const WRITE_SAME_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// Upper bound on GET LBA STATUS descriptors returned (beyond any allocation length).
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 4096;
 
 /// The result of `execute` / `resume`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,53 +216,734 @@ pub enum TmfEffect {
 
 /// One logical unit's state: mode pages, unit attentions per nexus, medium state.
 pub struct LogicalUnit {
-    _private: (),
+    config: LuConfig,
+    mode: ModePages,
+    ua: UnitAttentions,
+    /// PREVENT ALLOW MEDIUM REMOVAL state per nexus (recorded; the medium is not removable).
+    prevent: HashMap<NexusId, u8>,
+}
+
+impl Completion {
+    /// GOOD with Data-In `data`.
+    pub fn good(data: Bytes) -> Self {
+        Completion {
+            status: status::GOOD,
+            sense: Bytes::new(),
+            data,
+        }
+    }
+
+    /// CHECK CONDITION with `reason` in fixed (`descriptor == false`) or descriptor format.
+    pub fn check_condition(reason: SenseReason, descriptor: bool) -> Self {
+        Completion {
+            status: status::CHECK_CONDITION,
+            sense: reason.to_bytes(descriptor),
+            data: Bytes::new(),
+        }
+    }
+}
+
+/// Data-In cut to the allocation length (SPC-4 §4.2.5.6).
+fn cut(mut data: Vec<u8>, alloc_len: u32) -> Bytes {
+    data.truncate(usize::try_from(alloc_len).unwrap_or(usize::MAX));
+    Bytes::from(data)
 }
 
 impl LogicalUnit {
     pub fn new(config: LuConfig) -> Self {
-        let _ = config;
-        todo!()
+        let mode = ModePages::new(config.write_cache);
+        LogicalUnit {
+            config,
+            mode,
+            ua: UnitAttentions::new(),
+            prevent: HashMap::new(),
+        }
     }
 
     pub fn config(&self) -> &LuConfig {
-        todo!()
+        &self.config
+    }
+
+    /// Current mode values (WCE, D_SENSE).
+    pub fn mode_values(&self) -> crate::mode::ModeValues {
+        self.mode.current
+    }
+
+    /// The oldest unit attention pending for `nexus`, if any (not cleared).
+    pub fn pending_unit_attention(&self, nexus: NexusId) -> Option<SenseReason> {
+        self.ua.peek(nexus)
+    }
+
+    /// Whether sense data is currently reported in descriptor format (control page D_SENSE).
+    pub fn d_sense(&self) -> bool {
+        self.mode.current.d_sense
     }
 
     /// A new I_T nexus: it receives POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h).
     pub fn add_nexus(&mut self, nexus: NexusId) {
-        let _ = nexus;
-        todo!()
+        self.ua.add_nexus(nexus, SenseReason::PowerOnOrReset);
     }
 
     pub fn remove_nexus(&mut self, nexus: NexusId) {
-        let _ = nexus;
-        todo!()
+        self.ua.remove_nexus(nexus);
+        self.prevent.remove(&nexus);
     }
 
-    /// Start a command. `alloc_len` is the transport's expected Data-In length.
+    /// Start a command. Data-In in the completion is cut to the CDB's allocation length.
     pub fn execute(&mut self, nexus: NexusId, cdb: &[u8], data_out: Bytes) -> Step {
-        let _ = (nexus, cdb, data_out);
-        todo!()
+        match self.dispatch(nexus, cdb, data_out) {
+            Ok(step) => step,
+            Err(reason) => self.fail(reason),
+        }
     }
 
     /// Continue a command after its [`IoOp`].
     pub fn resume(&mut self, nexus: NexusId, cont: Continuation, result: IoResult) -> Step {
-        let _ = (nexus, cont, result);
-        todo!()
+        let _ = nexus;
+        match self.finish(cont.state, result) {
+            Ok(step) => step,
+            Err(reason) => self.fail(reason),
+        }
     }
 
     /// LUN RESET / TARGET WARM/COLD RESET: unit attention 29h/xx to every other nexus, mode
-    /// pages back to saved values where the standard says so.
+    /// pages back to their defaults (no saved pages), PREVENT state cleared (SAM-5 §6.3,
+    /// SPC-4 §6.15).
     pub fn reset(&mut self, from: NexusId, kind: ResetKind) {
-        let _ = (from, kind);
-        todo!()
+        let reason = match kind {
+            ResetKind::LogicalUnit => SenseReason::BusDeviceResetOccurred,
+            ResetKind::TargetWarm => SenseReason::BusResetOccurred,
+            ResetKind::TargetCold => SenseReason::PowerOnOccurred,
+        };
+        self.ua.raise_others(Some(from), reason);
+        self.mode.reset();
+        self.prevent.clear();
+    }
+
+    /// The effect of a task management function on this LU's task set (SAM-5 §7).
+    pub fn tmf_effect(kind: ResetKind) -> TmfEffect {
+        let _ = kind;
+        TmfEffect::AbortAllTasks
     }
 
     /// The backing size changed: CAPACITY DATA HAS CHANGED (2Ah/09h) to every nexus.
     pub fn set_num_blocks(&mut self, num_blocks: u64) {
-        let _ = num_blocks;
-        todo!()
+        if num_blocks != self.config.num_blocks {
+            self.config.num_blocks = num_blocks;
+            self.ua.raise_others(None, SenseReason::CapacityDataChanged);
+        }
+    }
+
+    fn fail(&self, reason: SenseReason) -> Step {
+        Step::Done(Completion::check_condition(
+            reason,
+            self.mode.current.d_sense,
+        ))
+    }
+
+    fn good(data: Bytes) -> Result<Step, SenseReason> {
+        Ok(Step::Done(Completion::good(data)))
+    }
+
+    fn io(op: IoOp, state: Pending) -> Result<Step, SenseReason> {
+        Ok(Step::Io(op, Continuation { state }))
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.config.block_size)
+    }
+
+    /// Check `ext` against capacity (SBC-3 §4.5: LBA + blocks ≤ capacity) and convert it to a
+    /// byte range.
+    fn range(&self, ext: Extent) -> Result<(u64, u64), SenseReason> {
+        let end = ext
+            .lba
+            .checked_add(u64::from(ext.blocks))
+            .ok_or(SenseReason::LbaOutOfRange)?;
+        if end > self.config.num_blocks {
+            return Err(SenseReason::LbaOutOfRange);
+        }
+        let offset = ext
+            .lba
+            .checked_mul(self.block_size())
+            .ok_or(SenseReason::LbaOutOfRange)?;
+        let len = u64::from(ext.blocks)
+            .checked_mul(self.block_size())
+            .ok_or(SenseReason::LbaOutOfRange)?;
+        Ok((offset, len))
+    }
+
+    fn check_writable(&self) -> Result<(), SenseReason> {
+        if self.config.read_only {
+            Err(SenseReason::WriteProtected)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The Data-Out a block command uses: `len` bytes, or, when the initiator sent less
+    /// (Expected Data Transfer Length below the CDB's transfer length, RFC 7143 §11.4.5),
+    /// the whole blocks that arrived — libiscsi's *_residuals tests expect GOOD here. A
+    /// trailing partial block is INVALID FIELD IN COMMAND INFORMATION UNIT.
+    fn data_for(&self, data_out: &Bytes, len: u64) -> Result<Bytes, SenseReason> {
+        let have = u64::try_from(data_out.len()).unwrap_or(u64::MAX);
+        let used = if have >= len {
+            len
+        } else if have % self.block_size().max(1) == 0 {
+            have
+        } else {
+            return Err(SenseReason::InvalidFieldInCommandIu);
+        };
+        let used = usize::try_from(used).map_err(|_| SenseReason::InvalidFieldInCommandIu)?;
+        Ok(data_out.slice(..used))
+    }
+
+    fn dispatch(
+        &mut self,
+        nexus: NexusId,
+        raw: &[u8],
+        data_out: Bytes,
+    ) -> Result<Step, SenseReason> {
+        let opcode = raw.first().copied().unwrap_or(0);
+        // SPC-4 §5.14 / SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report
+        // (or clear) a pending unit attention; every other command reports one and ends.
+        let bypass = matches!(
+            opcode,
+            cdb::op::INQUIRY | cdb::op::REPORT_LUNS | cdb::op::REQUEST_SENSE
+        );
+        if !bypass {
+            if let Some(ua) = self.ua.take(nexus) {
+                return Err(ua);
+            }
+        }
+        let cmd = cdb::parse(raw)?;
+        let medium = MediumInfo {
+            num_blocks: self.config.num_blocks,
+            block_size: self.config.block_size,
+            read_only: self.config.read_only,
+        };
+        match cmd {
+            Command::TestUnitReady => Self::good(Bytes::new()),
+            Command::RequestSense { desc, alloc_len } => {
+                let reason = self.ua.take(nexus).unwrap_or(SenseReason::NoSense);
+                Self::good(cut(reason.to_bytes(desc).to_vec(), alloc_len))
+            }
+            Command::Inquiry {
+                evpd,
+                page,
+                alloc_len,
+            } => {
+                let data = if evpd {
+                    vpd::page(&self.config, page)?
+                } else {
+                    vpd::standard(&self.config)
+                };
+                Self::good(cut(data, alloc_len))
+            }
+            Command::ModeSense {
+                ten,
+                dbd,
+                llbaa,
+                pc,
+                page,
+                subpage,
+                alloc_len,
+            } => {
+                let req = SenseRequest {
+                    ten,
+                    dbd,
+                    llbaa,
+                    pc,
+                    page,
+                    subpage,
+                };
+                Self::good(cut(self.mode.sense(req, medium)?, alloc_len))
+            }
+            Command::ModeSelect {
+                ten,
+                pf: _,
+                sp,
+                param_len,
+            } => {
+                let n = usize::try_from(param_len)
+                    .unwrap_or(usize::MAX)
+                    .min(data_out.len());
+                let data = data_out
+                    .get(..n)
+                    .ok_or(SenseReason::ParameterListLengthError)?;
+                if self.mode.select(ten, sp, data, self.config.block_size)? {
+                    self.ua
+                        .raise_others(Some(nexus), SenseReason::ModeParametersChanged);
+                }
+                Self::good(Bytes::new())
+            }
+            Command::StartStopUnit { .. } => {
+                // The medium is always present and the LU always ready (RMB=0): accept.
+                Self::good(Bytes::new())
+            }
+            Command::PreventAllow { prevent } => {
+                self.prevent.insert(nexus, prevent);
+                Self::good(Bytes::new())
+            }
+            Command::ReadCapacity10 => {
+                let last = self.config.num_blocks.saturating_sub(1);
+                let last32 = u32::try_from(last).unwrap_or(u32::MAX);
+                let mut d = last32.to_be_bytes().to_vec();
+                d.extend_from_slice(&self.config.block_size.to_be_bytes());
+                Self::good(Bytes::from(d))
+            }
+            Command::ReadCapacity16 { alloc_len } => {
+                let mut d = vec![0u8; 32];
+                vpd::put(
+                    &mut d,
+                    0,
+                    &self.config.num_blocks.saturating_sub(1).to_be_bytes(),
+                );
+                vpd::put(&mut d, 8, &self.config.block_size.to_be_bytes());
+                // [13] LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0; [14] LBPME, LBPRZ.
+                if self.config.thin {
+                    vpd::put(&mut d, 14, &[0xC0]);
+                }
+                Self::good(cut(d, alloc_len))
+            }
+            Command::Read { ext, fua: _ } => {
+                let (offset, len) = self.range(ext)?;
+                if len == 0 {
+                    return Self::good(Bytes::new());
+                }
+                if len > MAX_IO_BYTES {
+                    return Err(transfer_length_field(raw));
+                }
+                Self::io(IoOp::Read { offset, len }, Pending::Read)
+            }
+            Command::Write { ext, fua } | Command::OrWrite { ext, fua } => {
+                self.check_writable()?;
+                let (offset, len) = self.range(ext)?;
+                let data = self.data_for(&data_out, len)?;
+                if data.is_empty() {
+                    return Self::good(Bytes::new());
+                }
+                let fua = fua || !self.mode.current.wce;
+                if matches!(cmd, Command::OrWrite { .. }) {
+                    let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                    return Self::io(
+                        IoOp::Read { offset, len },
+                        Pending::OrWrite { offset, data, fua },
+                    );
+                }
+                Self::io(IoOp::Write { offset, data, fua }, Pending::Good)
+            }
+            Command::WriteAndVerify { ext, bytchk: _ } => {
+                // The write is made durable before GOOD; the medium holds what was sent.
+                self.check_writable()?;
+                let (offset, len) = self.range(ext)?;
+                let data = self.data_for(&data_out, len)?;
+                if data.is_empty() {
+                    return Self::good(Bytes::new());
+                }
+                Self::io(
+                    IoOp::Write {
+                        offset,
+                        data,
+                        fua: true,
+                    },
+                    Pending::Good,
+                )
+            }
+            Command::Verify { ext, bytchk } => {
+                let (offset, len) = self.range(ext)?;
+                if bytchk == 0 || len == 0 {
+                    // BYTCHK=0: medium verification; a RAM/file medium has no latent errors.
+                    return Self::good(Bytes::new());
+                }
+                let expected = self.data_for(&data_out, len)?;
+                if expected.is_empty() {
+                    return Self::good(Bytes::new());
+                }
+                if len > MAX_IO_BYTES {
+                    return Err(transfer_length_field(raw));
+                }
+                let len = u64::try_from(expected.len()).unwrap_or(u64::MAX);
+                Self::io(IoOp::Read { offset, len }, Pending::Compare { expected })
+            }
+            Command::SynchronizeCache { ext } => {
+                // NUMBER OF LOGICAL BLOCKS 0 means "to the end of the medium" (SBC-3 §5.22).
+                self.range(ext)?;
+                Self::io(IoOp::Flush, Pending::Good)
+            }
+            Command::PreFetch { ext, immed: _ } => {
+                // No cache to populate: GOOD ("not all blocks fit the cache"), SBC-3 §5.11.
+                self.range(ext)?;
+                Self::good(Bytes::new())
+            }
+            Command::WriteSame { ext, unmap, ndob } => {
+                self.write_same(raw, ext, unmap, ndob, &data_out)
+            }
+            Command::Unmap { param_len } => self.unmap(param_len, &data_out),
+            Command::GetLbaStatus { lba, alloc_len } => {
+                if lba >= self.config.num_blocks {
+                    return Err(SenseReason::LbaOutOfRange);
+                }
+                let offset = lba
+                    .checked_mul(self.block_size())
+                    .ok_or(SenseReason::LbaOutOfRange)?;
+                let len = self
+                    .config
+                    .num_blocks
+                    .saturating_sub(lba)
+                    .checked_mul(self.block_size())
+                    .ok_or(SenseReason::LbaOutOfRange)?;
+                Self::io(
+                    IoOp::MapStatus { offset, len },
+                    Pending::LbaStatus { lba, alloc_len },
+                )
+            }
+            Command::ReportSupportedOpcodes {
+                rctd,
+                options,
+                opcode,
+                service_action,
+                alloc_len,
+            } => {
+                let data = self.report_supported_opcodes(rctd, options, opcode, service_action)?;
+                Self::good(cut(data, alloc_len))
+            }
+            Command::ReportLuns { .. } => {
+                self.ua.clear(nexus, SenseReason::ReportedLunsDataChanged);
+                Ok(Step::Done(report_luns(raw, &[self.config.lun])))
+            }
+        }
+    }
+
+    /// WRITE SAME (10/16), SBC-3 §5.41/§5.42.
+    fn write_same(
+        &self,
+        raw: &[u8],
+        ext: Extent,
+        unmap: bool,
+        ndob: bool,
+        data_out: &Bytes,
+    ) -> Result<Step, SenseReason> {
+        self.check_writable()?;
+        let blocks_field = transfer_length_field(raw);
+        // WSNZ=1 (VPD B0h): zero blocks is rejected, as are requests above the maximum.
+        if ext.blocks == 0 || ext.blocks > vpd::max_write_same_blocks(&self.config) {
+            return Err(blocks_field);
+        }
+        if unmap && !self.config.thin {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 3)));
+        }
+        let (offset, len) = self.range(ext)?;
+        let bs = usize::try_from(self.config.block_size).unwrap_or(0);
+        let block = if ndob {
+            if !data_out.is_empty() {
+                return Err(SenseReason::InvalidFieldInCommandIu);
+            }
+            Bytes::from(vec![0u8; bs])
+        } else {
+            if data_out.len() != bs {
+                return Err(SenseReason::InvalidFieldInCommandIu);
+            }
+            data_out.clone()
+        };
+        let zero = block.iter().all(|b| *b == 0);
+        if zero {
+            // UNMAP=1 on a thin LU deallocates (LBPRZ: reads return zeros); otherwise zeros
+            // are written (the backstore may still punch holes).
+            return Self::io(
+                IoOp::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: unmap && self.config.thin,
+                },
+                Pending::Good,
+            );
+        }
+        let fua = !self.mode.current.wce;
+        self.write_same_chunk(offset, len, block, fua)
+    }
+
+    fn write_same_chunk(
+        &self,
+        offset: u64,
+        remaining: u64,
+        block: Bytes,
+        fua: bool,
+    ) -> Result<Step, SenseReason> {
+        let bs = u64::try_from(block.len()).unwrap_or(0).max(1);
+        let chunk_blocks = (WRITE_SAME_CHUNK_BYTES / bs).max(1);
+        let n = remaining.min(chunk_blocks.saturating_mul(bs));
+        let count = usize::try_from(n / bs).map_err(|_| SenseReason::InternalTargetFailure)?;
+        let mut buf = BytesMut::with_capacity(usize::try_from(n).unwrap_or(0));
+        for _ in 0..count {
+            buf.extend_from_slice(&block);
+        }
+        let next = offset.checked_add(n).ok_or(SenseReason::LbaOutOfRange)?;
+        let rest = remaining.saturating_sub(n);
+        let state = if rest == 0 {
+            Pending::Good
+        } else {
+            Pending::WriteSame {
+                offset: next,
+                remaining: rest,
+                block,
+                fua,
+            }
+        };
+        Self::io(
+            IoOp::Write {
+                offset,
+                data: buf.freeze(),
+                fua,
+            },
+            state,
+        )
+    }
+
+    /// UNMAP parameter list (SBC-3 §5.28): 8-byte header, 16-byte block descriptors.
+    fn unmap(&self, param_len: u32, data_out: &Bytes) -> Result<Step, SenseReason> {
+        if !self.config.thin {
+            return Err(SenseReason::InvalidOpcode);
+        }
+        self.check_writable()?;
+        if param_len == 0 {
+            return Self::good(Bytes::new());
+        }
+        let n = usize::try_from(param_len)
+            .unwrap_or(usize::MAX)
+            .min(data_out.len());
+        let list = data_out
+            .get(..n)
+            .ok_or(SenseReason::ParameterListLengthError)?;
+        let header = list.get(..8).ok_or(SenseReason::ParameterListLengthError)?;
+        let bd_len = usize::from(u16::from_be_bytes([
+            header.get(2).copied().unwrap_or(0),
+            header.get(3).copied().unwrap_or(0),
+        ]));
+        let descs = list.get(8..).unwrap_or_default();
+        if bd_len > descs.len() {
+            return Err(SenseReason::ParameterListLengthError);
+        }
+        let count = bd_len / 16;
+        if count > usize::try_from(self.config.max_unmap_descriptors).unwrap_or(usize::MAX) {
+            return Err(SenseReason::InvalidFieldInParameterList(
+                FieldPointer::byte(2),
+            ));
+        }
+        let mut ranges = Vec::with_capacity(count);
+        let mut total: u64 = 0;
+        for (i, d) in descs.chunks_exact(16).take(count).enumerate() {
+            let at = u16::try_from(8usize.saturating_add(i.saturating_mul(16))).unwrap_or(u16::MAX);
+            let lba = d
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            let blocks = d
+                .get(8..12)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            let (offset, len) = self.range(Extent { lba, blocks })?;
+            total = total.saturating_add(u64::from(blocks));
+            if total > u64::from(self.config.max_unmap_blocks) {
+                return Err(SenseReason::InvalidFieldInParameterList(
+                    FieldPointer::byte(at.saturating_add(8)),
+                ));
+            }
+            if len > 0 {
+                ranges.push((offset, len));
+            }
+        }
+        if ranges.is_empty() {
+            return Self::good(Bytes::new());
+        }
+        Self::io(IoOp::Unmap { ranges }, Pending::Good)
+    }
+
+    /// REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35), from the command table.
+    fn report_supported_opcodes(
+        &self,
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        service_action: u16,
+    ) -> Result<Vec<u8>, SenseReason> {
+        let supported = |c: &cdb::CommandInfo| {
+            self.config.thin
+                || !(c.opcode == cdb::op::UNMAP
+                    || c.service_action == Some(cdb::op::SA_GET_LBA_STATUS))
+        };
+        let timeouts = |c: &cdb::CommandInfo, out: &mut Vec<u8>| {
+            out.extend_from_slice(&[0x00, 0x0A, 0x00, 0x00]);
+            out.extend_from_slice(&c.timeout_secs.to_be_bytes());
+            out.extend_from_slice(&c.timeout_secs.to_be_bytes());
+        };
+        if options == 0 {
+            let mut out = vec![0u8; 4];
+            for c in cdb::COMMANDS.iter().filter(|c| supported(c)) {
+                let sa = c.service_action.unwrap_or(0);
+                let flags = u8::from(rctd) << 1 | u8::from(c.service_action.is_some());
+                let len = u16::try_from(c.cdb_len()).unwrap_or(0);
+                out.push(c.opcode);
+                out.push(0);
+                out.extend_from_slice(&sa.to_be_bytes());
+                out.extend_from_slice(&[0, flags]);
+                out.extend_from_slice(&len.to_be_bytes());
+                if rctd {
+                    timeouts(c, &mut out);
+                }
+            }
+            let n = u32::try_from(out.len().saturating_sub(4)).unwrap_or(u32::MAX);
+            vpd::put(&mut out, 0, &n.to_be_bytes());
+            return Ok(out);
+        }
+        // One command: option 1 for opcodes without service actions, 2 for those with.
+        let has_sa = cdb::has_service_actions(opcode);
+        if (options == 1 && has_sa) || (options == 2 && !has_sa && cdb::opcode_known(opcode)) {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(2, 2)));
+        }
+        let found = cdb::lookup(opcode, service_action)
+            .filter(|c| supported(c))
+            .filter(|c| options == 1 || c.service_action == Some(service_action));
+        let mut out = vec![0u8; 4];
+        match found {
+            Some(c) => {
+                let len = u16::try_from(c.cdb_len()).unwrap_or(0);
+                vpd::put(&mut out, 1, &[u8::from(rctd) << 7 | 0x03]);
+                vpd::put(&mut out, 2, &len.to_be_bytes());
+                out.extend_from_slice(c.usage);
+                if rctd {
+                    timeouts(c, &mut out);
+                }
+            }
+            // SUPPORT 001b: not supported; no usage data.
+            None => vpd::put(&mut out, 1, &[0x01]),
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self, state: Pending, result: IoResult) -> Result<Step, SenseReason> {
+        let result = match result {
+            IoResult::Error(kind) => return Err(io_error_reason(kind, &state)),
+            other => other,
+        };
+        match (state, result) {
+            (Pending::Read, IoResult::Data(data)) => Self::good(data),
+            (Pending::Good, _) => Self::good(Bytes::new()),
+            (Pending::Compare { expected }, IoResult::Data(actual)) => {
+                let first = expected.iter().zip(actual.iter()).position(|(a, b)| a != b);
+                match first {
+                    Some(i) => Err(SenseReason::Miscompare {
+                        offset: u64::try_from(i).unwrap_or(u64::MAX),
+                    }),
+                    None if actual.len() < expected.len() => Err(SenseReason::UnrecoveredReadError),
+                    None => Self::good(Bytes::new()),
+                }
+            }
+            (Pending::OrWrite { offset, data, fua }, IoResult::Data(old)) => {
+                if old.len() < data.len() {
+                    return Err(SenseReason::UnrecoveredReadError);
+                }
+                let merged: Vec<u8> = data.iter().zip(old.iter()).map(|(a, b)| a | b).collect();
+                Self::io(
+                    IoOp::Write {
+                        offset,
+                        data: Bytes::from(merged),
+                        fua,
+                    },
+                    Pending::Good,
+                )
+            }
+            (
+                Pending::WriteSame {
+                    offset,
+                    remaining,
+                    block,
+                    fua,
+                },
+                _,
+            ) => self.write_same_chunk(offset, remaining, block, fua),
+            (Pending::LbaStatus { lba, alloc_len }, IoResult::Extents(extents)) => {
+                Self::good(self.lba_status(lba, alloc_len, &extents))
+            }
+            _ => Err(SenseReason::InternalTargetFailure),
+        }
+    }
+
+    /// GET LBA STATUS parameter data (SBC-3 §5.6): descriptors from `lba` onward, adjacent
+    /// extents of the same state merged, mapped = 0 / deallocated = 1.
+    fn lba_status(&self, lba: u64, alloc_len: u32, extents: &[(u64, u64, bool)]) -> Bytes {
+        let bs = self.block_size().max(1);
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut next = lba;
+        for &(off, len, mapped) in extents {
+            let end = off
+                .saturating_add(len)
+                .div_ceil(bs)
+                .min(self.config.num_blocks);
+            if end <= next {
+                continue;
+            }
+            let start = (off / bs).max(next);
+            if start > next {
+                // A gap the backstore did not describe: report it as mapped.
+                push_run(&mut runs, next, start, true);
+            }
+            push_run(&mut runs, start, end, mapped);
+            next = end;
+        }
+        if runs.is_empty() {
+            runs.push((lba, self.config.num_blocks.saturating_sub(lba), true));
+        }
+        let max = usize::try_from(alloc_len.saturating_sub(8) / 16)
+            .unwrap_or(0)
+            .clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+        let mut out = vec![0u8; 8];
+        for (start, count, mapped) in runs.into_iter().take(max) {
+            out.extend_from_slice(&start.to_be_bytes());
+            out.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
+            out.extend_from_slice(&[u8::from(!mapped), 0, 0, 0]);
+        }
+        let n = u32::try_from(out.len().saturating_sub(4)).unwrap_or(u32::MAX);
+        vpd::put(&mut out, 0, &n.to_be_bytes());
+        cut(out, alloc_len)
+    }
+}
+
+/// Append blocks `start..end` with state `mapped`, merging with an adjacent equal run.
+fn push_run(runs: &mut Vec<(u64, u64, bool)>, start: u64, end: u64, mapped: bool) {
+    let count = end.saturating_sub(start);
+    match runs.last_mut() {
+        Some(last) if last.2 == mapped && last.0.saturating_add(last.1) == start => {
+            last.1 = last.1.saturating_add(count);
+        }
+        _ => runs.push((start, count, mapped)),
+    }
+}
+
+/// INVALID FIELD IN CDB pointing at the TRANSFER LENGTH / NUMBER OF LOGICAL BLOCKS field.
+fn transfer_length_field(raw: &[u8]) -> SenseReason {
+    let byte = match raw.first().copied().unwrap_or(0) >> 5 {
+        0 => 4,
+        1 | 2 => 7,
+        4 => 10,
+        _ => 6,
+    };
+    SenseReason::InvalidFieldInCdb(FieldPointer::byte(byte))
+}
+
+/// The one mapping from backstore failures to sense (DESIGN §3 rule 4).
+fn io_error_reason(kind: IoErrorKind, state: &Pending) -> SenseReason {
+    match kind {
+        IoErrorKind::ReadError => SenseReason::UnrecoveredReadError,
+        IoErrorKind::WriteError => SenseReason::WriteError,
+        IoErrorKind::NoSpace => SenseReason::SpaceAllocationFailed,
+        IoErrorKind::Unsupported => SenseReason::InvalidOpcode,
+        IoErrorKind::Other => match state {
+            Pending::Read | Pending::Compare { .. } => SenseReason::UnrecoveredReadError,
+            _ => SenseReason::InternalTargetFailure,
+        },
     }
 }
 
@@ -211,15 +956,65 @@ pub enum ResetKind {
 }
 
 /// REPORT LUNS (SPC-4 §6.33), answered at the target level for the LUNs the nexus may see.
+/// SELECT REPORT 00h/02h list every LUN, 01h only well-known LUNs (none); others and an
+/// allocation length below 16 are INVALID FIELD IN CDB. LUNs below 256 use peripheral
+/// addressing, below 16384 flat addressing (SAM-5 §4.7); larger ones are not reported.
 pub fn report_luns(cdb: &[u8], luns: &[u64]) -> Completion {
-    let _ = (cdb, luns);
-    todo!()
+    match report_luns_data(cdb, luns) {
+        Ok(data) => Completion::good(data),
+        Err(reason) => Completion::check_condition(reason, false),
+    }
+}
+
+fn report_luns_data(raw: &[u8], luns: &[u64]) -> Result<Bytes, SenseReason> {
+    let (select, alloc_len) = match cdb::parse(raw)? {
+        Command::ReportLuns { select, alloc_len } => (select, alloc_len),
+        _ => return Err(SenseReason::InvalidOpcode),
+    };
+    if alloc_len < 16 {
+        return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(6)));
+    }
+    let listed: Vec<u64> = match select {
+        0x00 | 0x02 => {
+            let mut v: Vec<u64> = luns.iter().copied().filter(|l| *l < 16384).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+        0x01 => Vec::new(),
+        _ => return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2))),
+    };
+    let mut out = Vec::with_capacity(listed.len().saturating_mul(8).saturating_add(8));
+    let n = u32::try_from(listed.len().saturating_mul(8)).unwrap_or(u32::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for lun in listed {
+        let [.., hi, lo] = lun.to_be_bytes();
+        let first = if lun < 256 { 0x00 } else { 0x40 | (hi & 0x3F) };
+        out.extend_from_slice(&[first, lo, 0, 0, 0, 0, 0, 0]);
+    }
+    Ok(cut(out, alloc_len))
 }
 
 /// A command addressed to a LUN that does not exist (SPC-4 §6.6.2: INQUIRY answers with
 /// peripheral qualifier 011b; REQUEST SENSE answers LOGICAL UNIT NOT SUPPORTED as data; others
 /// get CHECK CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED 25h/00h).
 pub fn no_such_lun(cdb: &[u8]) -> Completion {
-    let _ = cdb;
-    todo!()
+    match cdb::parse(cdb) {
+        Ok(Command::Inquiry {
+            evpd: false,
+            alloc_len,
+            ..
+        }) => Completion::good(cut(vpd::standard_no_lun(), alloc_len)),
+        Ok(Command::RequestSense { desc, alloc_len }) => Completion::good(cut(
+            SenseReason::LogicalUnitNotSupported.to_bytes(desc).to_vec(),
+            alloc_len,
+        )),
+        Ok(Command::ReportLuns { .. }) => report_luns(cdb, &[]),
+        _ => Completion::check_condition(SenseReason::LogicalUnitNotSupported, false),
+    }
 }
+
+#[cfg(test)]
+#[path = "lu_tests.rs"]
+mod tests;

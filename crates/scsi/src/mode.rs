@@ -60,8 +60,14 @@ pub struct ModePages {
 
 impl ModePages {
     pub fn new(write_cache: bool) -> Self {
-        let v = ModeValues { wce: write_cache, d_sense: false };
-        ModePages { current: v, default: v }
+        let v = ModeValues {
+            wce: write_cache,
+            d_sense: false,
+        };
+        ModePages {
+            current: v,
+            default: v,
+        }
     }
 
     /// Back to defaults (LOGICAL UNIT RESET / power on: saved = default here).
@@ -169,7 +175,13 @@ impl ModePages {
     /// MODE SELECT(6/10) with parameter list `data`: validates everything first, then applies.
     /// Returns whether any current value changed (the caller raises MODE PARAMETERS CHANGED
     /// to the other nexuses).
-    pub fn select(&mut self, ten: bool, sp: bool, data: &[u8], block_size: u32) -> Result<bool, SenseReason> {
+    pub fn select(
+        &mut self,
+        ten: bool,
+        sp: bool,
+        data: &[u8],
+        block_size: u32,
+    ) -> Result<bool, SenseReason> {
         if sp {
             return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 0)));
         }
@@ -177,23 +189,37 @@ impl ModePages {
             return Ok(false);
         }
         let hdr_len = if ten { 8 } else { 4 };
-        let hdr = data.get(..hdr_len).ok_or(SenseReason::ParameterListLengthError)?;
+        let hdr = data
+            .get(..hdr_len)
+            .ok_or(SenseReason::ParameterListLengthError)?;
         let at = |i: usize| hdr.get(i).copied().unwrap_or(0);
         let (medium_type, bd_len, long) = if ten {
-            (at(2), usize::from(u16::from_be_bytes([at(6), at(7)])), at(4) & 1 != 0)
+            (
+                at(2),
+                usize::from(u16::from_be_bytes([at(6), at(7)])),
+                at(4) & 1 != 0,
+            )
         } else {
             (at(1), usize::from(at(3)), false)
         };
         if medium_type != 0 {
-            return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(if ten { 2 } else { 1 })));
+            return Err(SenseReason::InvalidFieldInParameterList(
+                FieldPointer::byte(if ten { 2 } else { 1 }),
+            ));
         }
         let bd_ok = bd_len == 0 || (bd_len == 8 && !long) || (bd_len == 16 && long);
         if !bd_ok {
             let b = if ten { 6 } else { 3 };
-            return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(b)));
+            return Err(SenseReason::InvalidFieldInParameterList(
+                FieldPointer::byte(b),
+            ));
         }
-        let pages_at = hdr_len.checked_add(bd_len).ok_or(SenseReason::ParameterListLengthError)?;
-        let bd = data.get(hdr_len..pages_at).ok_or(SenseReason::ParameterListLengthError)?;
+        let pages_at = hdr_len
+            .checked_add(bd_len)
+            .ok_or(SenseReason::ParameterListLengthError)?;
+        let bd = data
+            .get(hdr_len..pages_at)
+            .ok_or(SenseReason::ParameterListLengthError)?;
         if !bd.is_empty() {
             // Only the current block length may be "selected".
             let (bl_at, bl) = if long {
@@ -203,7 +229,9 @@ impl ModePages {
             };
             if bl.is_some_and(|bl| bl != block_size) {
                 let ptr = u16::try_from(hdr_len + bl_at).unwrap_or(0);
-                return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(ptr)));
+                return Err(SenseReason::InvalidFieldInParameterList(
+                    FieldPointer::byte(ptr),
+                ));
             }
         }
         let mut next = self.current;
@@ -212,26 +240,50 @@ impl ModePages {
             let ptr = |o: usize| u16::try_from(o).unwrap_or(u16::MAX);
             let b0 = *data.get(off).ok_or(SenseReason::ParameterListLengthError)?;
             if b0 & 0x40 != 0 {
-                return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(ptr(off), 6)));
+                return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                    ptr(off),
+                    6,
+                )));
             }
             let code = b0 & 0x3F;
-            let len_at = off.checked_add(1).ok_or(SenseReason::ParameterListLengthError)?;
-            let plen = usize::from(*data.get(len_at).ok_or(SenseReason::ParameterListLengthError)?);
-            let end = off.checked_add(2).and_then(|x| x.checked_add(plen)).ok_or(SenseReason::ParameterListLengthError)?;
-            let page = data.get(off..end).ok_or(SenseReason::ParameterListLengthError)?;
-            let cur = self.page_bytes(code, PC_CURRENT).ok_or(SenseReason::InvalidFieldInParameterList(
-                FieldPointer::bit(ptr(off), 5),
-            ))?;
+            let len_at = off
+                .checked_add(1)
+                .ok_or(SenseReason::ParameterListLengthError)?;
+            let plen = usize::from(
+                *data
+                    .get(len_at)
+                    .ok_or(SenseReason::ParameterListLengthError)?,
+            );
+            let end = off
+                .checked_add(2)
+                .and_then(|x| x.checked_add(plen))
+                .ok_or(SenseReason::ParameterListLengthError)?;
+            let page = data
+                .get(off..end)
+                .ok_or(SenseReason::ParameterListLengthError)?;
+            let cur = self.page_bytes(code, PC_CURRENT).ok_or(
+                SenseReason::InvalidFieldInParameterList(FieldPointer::bit(ptr(off), 5)),
+            )?;
             let mask = self.page_bytes(code, PC_CHANGEABLE).unwrap_or_default();
             if cur.len() != page.len() {
-                return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(ptr(len_at))));
+                return Err(SenseReason::InvalidFieldInParameterList(
+                    FieldPointer::byte(ptr(len_at)),
+                ));
             }
-            for (j, ((new, old), m)) in page.iter().zip(cur.iter()).zip(mask.iter()).enumerate().skip(2) {
+            for (j, ((new, old), m)) in page
+                .iter()
+                .zip(cur.iter())
+                .zip(mask.iter())
+                .enumerate()
+                .skip(2)
+            {
                 let bad = (new ^ old) & !m;
                 if bad != 0 {
                     let bit = u8::try_from(7u32.saturating_sub(bad.leading_zeros())).unwrap_or(7);
                     let p = off.checked_add(j).map(ptr).unwrap_or(u16::MAX);
-                    return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(p, bit)));
+                    return Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                        p, bit,
+                    )));
                 }
             }
             let b2 = page.get(2).copied().unwrap_or(0);
@@ -257,10 +309,21 @@ fn be_u32(b: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
-    const MEDIUM: MediumInfo = MediumInfo { num_blocks: 1000, block_size: 512, read_only: false };
+    const MEDIUM: MediumInfo = MediumInfo {
+        num_blocks: 1000,
+        block_size: 512,
+        read_only: false,
+    };
 
     fn req(ten: bool, pc: u8, page: u8) -> SenseRequest {
-        SenseRequest { ten, dbd: false, llbaa: false, pc, page, subpage: 0 }
+        SenseRequest {
+            ten,
+            dbd: false,
+            llbaa: false,
+            pc,
+            page,
+            subpage: 0,
+        }
     }
 
     #[test]
@@ -281,8 +344,24 @@ mod tests {
     #[test]
     fn sense10_long_lba_and_dbd() {
         let m = ModePages::new(false);
-        let r = SenseRequest { ten: true, dbd: false, llbaa: true, pc: PC_CURRENT, page: CONTROL, subpage: 0 };
-        let d = m.sense(r, MediumInfo { num_blocks: 1 << 33, block_size: 4096, read_only: true }).unwrap();
+        let r = SenseRequest {
+            ten: true,
+            dbd: false,
+            llbaa: true,
+            pc: PC_CURRENT,
+            page: CONTROL,
+            subpage: 0,
+        };
+        let d = m
+            .sense(
+                r,
+                MediumInfo {
+                    num_blocks: 1 << 33,
+                    block_size: 4096,
+                    read_only: true,
+                },
+            )
+            .unwrap();
         assert_eq!(usize::from(u16::from_be_bytes([d[0], d[1]])) + 2, d.len());
         assert_eq!(&d[2..8], &[0, 0x90, 1, 0, 0, 16]);
         assert_eq!(&d[8..16], &(1u64 << 33).to_be_bytes());
@@ -297,21 +376,41 @@ mod tests {
     #[test]
     fn rejects_saved_unknown_page_and_subpage() {
         let m = ModePages::new(true);
-        assert_eq!(m.sense(req(false, PC_SAVED, CACHING), MEDIUM), Err(SenseReason::SavingParametersNotSupported));
+        assert_eq!(
+            m.sense(req(false, PC_SAVED, CACHING), MEDIUM),
+            Err(SenseReason::SavingParametersNotSupported)
+        );
         assert_eq!(
             m.sense(req(false, PC_CURRENT, 0x19), MEDIUM),
             Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(2, 5)))
         );
-        let r = SenseRequest { subpage: 1, ..req(false, PC_CURRENT, CACHING) };
-        assert_eq!(m.sense(r, MEDIUM), Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(3))));
-        let r = SenseRequest { subpage: 0xFF, ..req(false, PC_CURRENT, ALL_PAGES) };
+        let r = SenseRequest {
+            subpage: 1,
+            ..req(false, PC_CURRENT, CACHING)
+        };
+        assert_eq!(
+            m.sense(r, MEDIUM),
+            Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(3)))
+        );
+        let r = SenseRequest {
+            subpage: 0xFF,
+            ..req(false, PC_CURRENT, ALL_PAGES)
+        };
         assert!(m.sense(r, MEDIUM).is_ok());
     }
 
     #[test]
     fn changeable_masks() {
         let m = ModePages::new(true);
-        let d = m.sense(SenseRequest { dbd: true, ..req(false, PC_CHANGEABLE, ALL_PAGES) }, MEDIUM).unwrap();
+        let d = m
+            .sense(
+                SenseRequest {
+                    dbd: true,
+                    ..req(false, PC_CHANGEABLE, ALL_PAGES)
+                },
+                MEDIUM,
+            )
+            .unwrap();
         assert_eq!(d[4 + 2], 0x04); // WCE
         assert_eq!(d[4 + 20 + 2], 0x04); // D_SENSE
         assert_eq!(d[4 + 20 + 3], 0x00);
@@ -322,17 +421,39 @@ mod tests {
     #[test]
     fn select_sense_round_trip() {
         let mut m = ModePages::new(true);
-        let mut d = m.sense(SenseRequest { dbd: true, ..req(false, PC_CURRENT, ALL_PAGES) }, MEDIUM).unwrap();
+        let mut d = m
+            .sense(
+                SenseRequest {
+                    dbd: true,
+                    ..req(false, PC_CURRENT, ALL_PAGES)
+                },
+                MEDIUM,
+            )
+            .unwrap();
         d[0] = 0; // MODE DATA LENGTH is reserved in MODE SELECT
         d[2] = 0;
         d[4 + 2] &= !0x04; // WCE off
         d[4 + 20 + 2] |= 0x04; // D_SENSE on
         assert_eq!(m.select(false, false, &d, 512), Ok(true));
-        assert_eq!(m.current, ModeValues { wce: false, d_sense: true });
+        assert_eq!(
+            m.current,
+            ModeValues {
+                wce: false,
+                d_sense: true
+            }
+        );
         assert_eq!(m.select(false, false, &d, 512), Ok(false));
-        let again = m.sense(SenseRequest { dbd: true, ..req(false, PC_CURRENT, ALL_PAGES) }, MEDIUM).unwrap();
+        let again = m
+            .sense(
+                SenseRequest {
+                    dbd: true,
+                    ..req(false, PC_CURRENT, ALL_PAGES)
+                },
+                MEDIUM,
+            )
+            .unwrap();
         assert_eq!(&again[4..], &d[4..]);
-        assert_eq!(m.default.wce, true);
+        assert!(m.default.wce);
         m.reset();
         assert_eq!(m.current, m.default);
     }
@@ -346,36 +467,55 @@ mod tests {
         p[4 + 3] ^= 0x10;
         assert_eq!(
             m.select(false, false, &p, 512),
-            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(7, 4)))
+            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                7, 4
+            )))
         );
         // Truncated page.
         let mut t = vec![0, 0, 0, 0];
         t.extend(&m.page_bytes(CACHING, PC_CURRENT).unwrap()[..10]);
-        assert_eq!(m.select(false, false, &t, 512), Err(SenseReason::ParameterListLengthError));
+        assert_eq!(
+            m.select(false, false, &t, 512),
+            Err(SenseReason::ParameterListLengthError)
+        );
         // Wrong page length.
         let mut w = vec![0, 0, 0, 0, CACHING, 0x02, 0, 0];
         assert_eq!(
             m.select(false, false, &w, 512),
-            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(5)))
+            Err(SenseReason::InvalidFieldInParameterList(
+                FieldPointer::byte(5)
+            ))
         );
         // Unknown page, subpage format.
         w[4] = 0x19;
         assert_eq!(
             m.select(false, false, &w, 512),
-            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(4, 5)))
+            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                4, 5
+            )))
         );
         w[4] = 0x48;
         assert_eq!(
             m.select(false, false, &w, 512),
-            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(4, 6)))
+            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                4, 6
+            )))
         );
         // SP=1, short header, block descriptor with another block length.
-        assert_eq!(m.select(false, true, &[], 512), Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 0))));
-        assert_eq!(m.select(true, false, &[0, 0, 0], 512), Err(SenseReason::ParameterListLengthError));
+        assert_eq!(
+            m.select(false, true, &[], 512),
+            Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 0)))
+        );
+        assert_eq!(
+            m.select(true, false, &[0, 0, 0], 512),
+            Err(SenseReason::ParameterListLengthError)
+        );
         let bd = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0x10, 0];
         assert_eq!(
             m.select(false, false, &bd, 512),
-            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::byte(9)))
+            Err(SenseReason::InvalidFieldInParameterList(
+                FieldPointer::byte(9)
+            ))
         );
         let bd = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0x02, 0];
         assert_eq!(m.select(false, false, &bd, 512), Ok(false));

@@ -34,7 +34,10 @@ impl FieldPointer {
 
     /// Bit `bit` (0..=7) of byte `byte` is at fault.
     pub const fn bit(byte: u16, bit: u8) -> Self {
-        FieldPointer { byte, bit: Some(bit) }
+        FieldPointer {
+            byte,
+            bit: Some(bit),
+        }
     }
 }
 

@@ -42,7 +42,13 @@ pub fn standard_no_lun() -> Vec<u8> {
 pub fn page(config: &LuConfig, page: u8) -> Result<Vec<u8>, SenseReason> {
     let body = match page {
         0x00 => SUPPORTED_PAGES.to_vec(),
-        0x80 => config.serial.as_bytes().iter().copied().filter(|b| (0x20..0x7F).contains(b)).collect(),
+        0x80 => config
+            .serial
+            .as_bytes()
+            .iter()
+            .copied()
+            .filter(|b| (0x20..0x7F).contains(b))
+            .collect(),
         0x83 => device_identification(config),
         0xB0 => block_limits(config),
         0xB1 => block_device_characteristics(),
@@ -59,7 +65,10 @@ pub fn page(config: &LuConfig, page: u8) -> Result<Vec<u8>, SenseReason> {
 
 /// Maximum WRITE SAME length advertised (VPD B0h) and enforced, in blocks.
 pub fn max_write_same_blocks(config: &LuConfig) -> u32 {
-    config.max_unmap_blocks.max(config.max_transfer_blocks).max(1)
+    config
+        .max_unmap_blocks
+        .max(config.max_transfer_blocks)
+        .max(1)
 }
 
 /// Device Identification (SPC-4 §7.8.6): NAA, T10 vendor ID, relative target port, target
@@ -70,7 +79,13 @@ fn device_identification(config: &LuConfig) -> Vec<u8> {
     designator(&mut d, 0x01, 0x03, &config.naa);
     // T10 vendor ID (type 1), ASCII: vendor (8) + serial.
     let mut t10 = ascii_field(&config.vendor, 8);
-    t10.extend(config.serial.bytes().filter(|b| (0x20..0x7F).contains(b)).take(64));
+    t10.extend(
+        config
+            .serial
+            .bytes()
+            .filter(|b| (0x20..0x7F).contains(b))
+            .take(64),
+    );
     designator(&mut d, 0x02, 0x01, &t10);
     // Relative target port (type 4), PIV=1, association 01b (target port), protocol iSCSI (5).
     let mut rel = [0u8; 4];
@@ -82,9 +97,14 @@ fn device_identification(config: &LuConfig) -> Vec<u8> {
     designator(&mut d, 0x51, 0x80 | 0x10 | 0x05, &tpg);
     // SCSI name string (type 8), UTF-8, association 10b (target device): NUL-terminated,
     // NUL-padded to a multiple of 4, at most 252 bytes.
-    let mut name: Vec<u8> = config.target_name.bytes().filter(|b| *b != 0).take(251).collect();
+    let mut name: Vec<u8> = config
+        .target_name
+        .bytes()
+        .filter(|b| *b != 0)
+        .take(251)
+        .collect();
     name.push(0);
-    while name.len() % 4 != 0 {
+    while name.len() & 3 != 0 {
         name.push(0);
     }
     designator(&mut d, 0x53, 0x80 | 0x20 | 0x08, &name);
@@ -112,7 +132,11 @@ fn block_limits(config: &LuConfig) -> Vec<u8> {
         // OPTIMAL UNMAP GRANULARITY = 1; UNMAP GRANULARITY ALIGNMENT not valid.
         put(&mut d, 24, &1u32.to_be_bytes());
     }
-    put(&mut d, 32, &u64::from(max_write_same_blocks(config)).to_be_bytes());
+    put(
+        &mut d,
+        32,
+        &u64::from(max_write_same_blocks(config)).to_be_bytes(),
+    );
     d
 }
 
@@ -159,9 +183,8 @@ mod tests {
     use super::*;
 
     fn cfg() -> LuConfig {
-        LuConfig::new(0, 512, 1000, "iqn.2026-01.test:t1").with_naa([
-            0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-        ])
+        LuConfig::new(0, 512, 1000, "iqn.2026-01.test:t1")
+            .with_naa([0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
     }
 
     #[test]
@@ -171,7 +194,10 @@ mod tests {
         assert_eq!(&d[8..16], b"IRONLUN ");
         assert_eq!(&d[16..32], b"ironlun disk    ");
         assert_eq!(&d[32..36], b"0001");
-        assert_eq!(&d[58..66], &[0x00, 0xA0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xC0]);
+        assert_eq!(
+            &d[58..66],
+            &[0x00, 0xA0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xC0]
+        );
         assert_eq!(usize::from(d[4]) + 5, d.len());
     }
 
@@ -185,7 +211,10 @@ mod tests {
             assert_eq!(d[1], *code);
             assert_eq!(usize::from(u16::from_be_bytes([d[2], d[3]])) + 4, d.len());
         }
-        assert_eq!(page(&cfg(), 0x81), Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2))));
+        assert_eq!(
+            page(&cfg(), 0x81),
+            Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2)))
+        );
     }
 
     #[test]
@@ -208,7 +237,16 @@ mod tests {
             at += 4 + len;
         }
         assert_eq!(at, d.len());
-        assert_eq!(types, vec![(0x01, 0x03), (0x02, 0x01), (0x51, 0x94), (0x51, 0x95), (0x53, 0xA8)]);
+        assert_eq!(
+            types,
+            vec![
+                (0x01, 0x03),
+                (0x02, 0x01),
+                (0x51, 0x94),
+                (0x51, 0x95),
+                (0x53, 0xA8)
+            ]
+        );
     }
 
     #[test]
@@ -218,7 +256,10 @@ mod tests {
         assert_eq!(b0.len(), 0x40);
         assert_eq!(b0[4] & 1, 1);
         assert_eq!(u32::from_be_bytes(b0[8..12].try_into().unwrap()), 32768);
-        assert_eq!(u32::from_be_bytes(b0[20..24].try_into().unwrap()), 0x10_0000);
+        assert_eq!(
+            u32::from_be_bytes(b0[20..24].try_into().unwrap()),
+            0x10_0000
+        );
         assert_eq!(u32::from_be_bytes(b0[24..28].try_into().unwrap()), 256);
         let b2 = page(&c, 0xB2).unwrap();
         assert_eq!(b2[5], 0xE4);
