@@ -1,1 +1,818 @@
-//! In-memory command flows.
+//! In-memory command flows: a RAM medium performs the LU's [`IoOp`]s.
+#![allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+
+use super::*;
+use crate::sense::key;
+
+const BS: u32 = 512;
+const BLOCKS: u64 = 2048;
+const N: NexusId = 1;
+const OTHER: NexusId = 2;
+
+/// A RAM medium with a per-block mapped flag, performing [`IoOp`]s.
+struct Ram {
+    bytes: Vec<u8>,
+    mapped: Vec<bool>,
+    ops: Vec<IoOp>,
+}
+
+impl Ram {
+    fn new(blocks: u64) -> Self {
+        Ram {
+            bytes: vec![0; (blocks * u64::from(BS)) as usize],
+            mapped: vec![false; blocks as usize],
+            ops: Vec::new(),
+        }
+    }
+
+    fn set_mapped(&mut self, offset: u64, len: u64, mapped: bool) {
+        let bs = u64::from(BS);
+        for b in offset / bs..(offset + len).div_ceil(bs) {
+            self.mapped[b as usize] = mapped;
+        }
+    }
+
+    fn perform(&mut self, op: &IoOp) -> IoResult {
+        self.ops.push(op.clone());
+        match op {
+            IoOp::Read { offset, len } => IoResult::Data(Bytes::copy_from_slice(
+                &self.bytes[*offset as usize..(*offset + *len) as usize],
+            )),
+            IoOp::Write { offset, data, .. } => {
+                self.bytes[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                self.set_mapped(*offset, data.len() as u64, true);
+                IoResult::Done
+            }
+            IoOp::Flush => IoResult::Done,
+            IoOp::WriteZeroes { offset, len, unmap } => {
+                self.bytes[*offset as usize..(*offset + *len) as usize].fill(0);
+                self.set_mapped(*offset, *len, !*unmap);
+                IoResult::Done
+            }
+            IoOp::Unmap { ranges } => {
+                for (o, l) in ranges {
+                    self.bytes[*o as usize..(*o + *l) as usize].fill(0);
+                    self.set_mapped(*o, *l, false);
+                }
+                IoResult::Done
+            }
+            IoOp::MapStatus { offset, len } => {
+                let bs = u64::from(BS);
+                let mut out: Vec<(u64, u64, bool)> = Vec::new();
+                for b in offset / bs..(offset + len) / bs {
+                    let m = self.mapped[b as usize];
+                    match out.last_mut() {
+                        Some(last) if last.2 == m => last.1 += bs,
+                        _ => out.push((b * bs, bs, m)),
+                    }
+                }
+                IoResult::Extents(out)
+            }
+        }
+    }
+}
+
+struct Fixture {
+    lu: LogicalUnit,
+    ram: Ram,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with(LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:disk"))
+    }
+
+    fn with(config: LuConfig) -> Self {
+        let ram = Ram::new(config.num_blocks);
+        let mut lu = LogicalUnit::new(config);
+        lu.add_nexus(N);
+        lu.add_nexus(OTHER);
+        let mut f = Fixture { lu, ram };
+        // Consume the power-on unit attentions.
+        f.run_on(N, &[0, 0, 0, 0, 0, 0], &[]);
+        f.run_on(OTHER, &[0, 0, 0, 0, 0, 0], &[]);
+        f
+    }
+
+    fn run_on(&mut self, nexus: NexusId, cdb: &[u8], data: &[u8]) -> Completion {
+        let mut step = self.lu.execute(nexus, cdb, Bytes::copy_from_slice(data));
+        for _ in 0..100_000 {
+            match step {
+                Step::Done(c) => return c,
+                Step::Io(op, cont) => {
+                    let r = self.ram.perform(&op);
+                    step = self.lu.resume(nexus, cont, r);
+                }
+            }
+        }
+        panic!("command did not finish");
+    }
+
+    fn run(&mut self, cdb: &[u8], data: &[u8]) -> Completion {
+        self.run_on(N, cdb, data)
+    }
+}
+
+fn good(c: &Completion) {
+    assert_eq!(c.status, status::GOOD, "sense {:02x?}", &c.sense[..]);
+}
+
+/// (key, asc, ascq) of fixed-format sense.
+fn sense(c: &Completion) -> (u8, u8, u8) {
+    assert_eq!(c.status, status::CHECK_CONDITION);
+    assert_eq!(c.sense[0] & 0x7F, 0x70);
+    (c.sense[2] & 0x0F, c.sense[12], c.sense[13])
+}
+
+fn expect(c: &Completion, reason: SenseReason) {
+    assert_eq!(sense(c), reason.code(), "sense {:02x?}", &c.sense[..]);
+}
+
+fn read10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = vec![0x28, 0];
+    c.extend(lba.to_be_bytes());
+    c.push(0);
+    c.extend(blocks.to_be_bytes());
+    c.push(0);
+    c
+}
+
+fn with_op(mut cdb: Vec<u8>, op: u8) -> Vec<u8> {
+    cdb[0] = op;
+    cdb
+}
+
+fn cdb16(op: u8, flags: u8, lba: u64, blocks: u32) -> Vec<u8> {
+    let mut c = vec![op, flags];
+    c.extend(lba.to_be_bytes());
+    c.extend(blocks.to_be_bytes());
+    c.extend([0, 0]);
+    c
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+const TUR: [u8; 6] = [0, 0, 0, 0, 0, 0];
+
+#[test]
+fn new_nexus_gets_power_on_unit_attention_once() {
+    let mut f = Fixture::new();
+    f.lu.add_nexus(7);
+    // INQUIRY and REPORT LUNS pass without clearing it.
+    good(&f.run_on(7, &[0x12, 0, 0, 0, 36, 0], &[]));
+    good(&f.run_on(7, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]));
+    expect(&f.run_on(7, &TUR, &[]), SenseReason::PowerOnOrReset);
+    good(&f.run_on(7, &TUR, &[]));
+}
+
+#[test]
+fn request_sense_reports_and_clears_unit_attention() {
+    let mut f = Fixture::new();
+    f.lu.add_nexus(7);
+    let c = f.run_on(7, &[0x03, 0, 0, 0, 252, 0], &[]);
+    good(&c);
+    assert_eq!(
+        (c.data[2], c.data[12], c.data[13]),
+        (key::UNIT_ATTENTION, 0x29, 0x00)
+    );
+    let c = f.run_on(7, &[0x03, 0x01, 0, 0, 252, 0], &[]);
+    good(&c);
+    assert_eq!(&c.data[..4], &[0x72, 0, 0, 0]);
+    good(&f.run_on(7, &TUR, &[]));
+}
+
+#[test]
+fn lun_reset_raises_unit_attention_on_other_nexuses() {
+    let mut f = Fixture::new();
+    f.lu.reset(N, ResetKind::LogicalUnit);
+    good(&f.run_on(N, &TUR, &[]));
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::BusDeviceResetOccurred,
+    );
+    f.lu.reset(N, ResetKind::TargetWarm);
+    expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::BusResetOccurred);
+    f.lu.reset(N, ResetKind::TargetCold);
+    expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::PowerOnOccurred);
+    good(&f.run_on(OTHER, &TUR, &[]));
+}
+
+#[test]
+fn capacity_change_raises_unit_attention_everywhere() {
+    let mut f = Fixture::new();
+    f.lu.set_num_blocks(BLOCKS * 2);
+    expect(
+        &f.run_on(N, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]),
+        SenseReason::CapacityDataChanged,
+    );
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::CapacityDataChanged,
+    );
+    let c = f.run_on(N, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(&c.data[..4], &(BLOCKS as u32 * 2 - 1).to_be_bytes());
+}
+
+#[test]
+fn mode_select_changes_d_sense_and_notifies_others() {
+    let mut f = Fixture::new();
+    // MODE SENSE(6) control page, DBD.
+    let c = f.run(&[0x1A, 0x08, 0x0A, 0, 255, 0], &[]);
+    good(&c);
+    let mut params = c.data.to_vec();
+    params[0] = 0;
+    params[4 + 2] |= 0x04; // D_SENSE
+    let len = params.len() as u8;
+    good(&f.run(&[0x15, 0x10, 0, 0, len, 0], &params));
+    assert!(f.lu.d_sense());
+    // The other nexus sees MODE PARAMETERS CHANGED, in descriptor format now.
+    let c = f.run_on(OTHER, &TUR, &[]);
+    assert_eq!(&c.sense[..4], &[0x72, key::UNIT_ATTENTION, 0x2A, 0x01]);
+    good(&f.run_on(N, &TUR, &[]));
+    // Invalid field in CDB carries its field pointer in descriptor format.
+    let c = f.run(&[0x12, 0, 0x80, 0, 255, 0], &[]);
+    assert_eq!(&c.sense[..4], &[0x72, key::ILLEGAL_REQUEST, 0x24, 0]);
+    assert_eq!(&c.sense[8..15], &[0x02, 0x06, 0, 0, 0xC0, 0, 2]);
+    // A LUN reset restores the default (fixed format).
+    f.lu.reset(OTHER, ResetKind::LogicalUnit);
+    assert!(!f.lu.d_sense());
+    // Changing an unchangeable bit is INVALID FIELD IN PARAMETER LIST.
+    params[4 + 3] ^= 0x10;
+    let c = f.run_on(OTHER, &[0x15, 0x10, 0, 0, len, 0], &params);
+    expect(
+        &c,
+        SenseReason::InvalidFieldInParameterList(FieldPointer::byte(0)),
+    );
+    assert_eq!(&c.sense[15..18], &[0x80 | 0x08 | 4, 0, 7]);
+}
+
+#[test]
+fn mode_sense6_is_cut_to_allocation_length() {
+    let mut f = Fixture::new();
+    let c = f.run(&[0x1A, 0, 0x3F, 0, 4, 0], &[]);
+    good(&c);
+    assert_eq!(c.data.len(), 4);
+    let full = f.run(&[0x1A, 0, 0x3F, 0, 255, 0], &[]);
+    assert_eq!(usize::from(full.data[0]) + 1, full.data.len());
+    assert_eq!(&c.data[..], &full.data[..4]);
+    expect(
+        &f.run(&[0x1A, 0, 0xFF, 0, 255, 0], &[]),
+        SenseReason::SavingParametersNotSupported,
+    );
+}
+
+#[test]
+fn write_then_read_back_all_sizes() {
+    let mut f = Fixture::new();
+    let data = pattern(4 * BS as usize, 1);
+    good(&f.run(&with_op(read10(10, 4), 0x2A), &data));
+    let c = f.run(&read10(10, 4), &[]);
+    good(&c);
+    assert_eq!(&c.data[..], &data[..]);
+    let c = f.run(&cdb16(0x88, 0, 10, 4), &[]);
+    assert_eq!(&c.data[..], &data[..]);
+    let c = f.run(&[0xA8, 0, 0, 0, 0, 10, 0, 0, 0, 4, 0, 0], &[]);
+    assert_eq!(&c.data[..], &data[..]);
+    // READ(6)/WRITE(6): transfer length 0 means 256 blocks.
+    let big = pattern(256 * BS as usize, 9);
+    good(&f.run(&[0x0A, 0, 0, 0, 0, 0], &big));
+    let c = f.run(&[0x08, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(c.data.len(), big.len());
+    assert_eq!(&c.data[..], &big[..]);
+    // FUA reaches the backstore; with WCE on, a plain write is not FUA.
+    good(&f.run(&cdb16(0x8A, 0x08, 0, 1), &data[..BS as usize]));
+    assert!(matches!(
+        f.ram.ops.last(),
+        Some(IoOp::Write { fua: true, .. })
+    ));
+    good(&f.run(&cdb16(0x8A, 0x10, 0, 1), &data[..BS as usize]));
+    assert!(matches!(
+        f.ram.ops.last(),
+        Some(IoOp::Write { fua: false, .. })
+    ));
+}
+
+#[test]
+fn zero_length_and_out_of_range() {
+    let mut f = Fixture::new();
+    let end = BLOCKS as u32;
+    good(&f.run(&read10(0, 0), &[]));
+    good(&f.run(&read10(end, 0), &[]));
+    expect(&f.run(&read10(end + 1, 0), &[]), SenseReason::LbaOutOfRange);
+    expect(&f.run(&read10(end - 1, 2), &[]), SenseReason::LbaOutOfRange);
+    expect(
+        &f.run(&read10(u32::MAX, 1), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    expect(
+        &f.run(&cdb16(0x88, 0, u64::MAX, 1), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    expect(
+        &f.run(&cdb16(0x8A, 0, u64::MAX - 1, 2), &[0; 1024]),
+        SenseReason::LbaOutOfRange,
+    );
+    good(&f.run(&read10(end - 1, 1), &[]));
+    assert!(f.ram.ops.iter().all(|op| matches!(op, IoOp::Read { .. })));
+}
+
+#[test]
+fn short_data_out_writes_whole_blocks_that_arrived() {
+    let mut f = Fixture::new();
+    good(&f.run(&with_op(read10(0, 2), 0x2A), &[b'a'; 1024]));
+    // WRITE AND VERIFY(10) BYTCHK=1, 2 blocks, one block of Data-Out.
+    good(&f.run(&[0x2E, 0x02, 0, 0, 0, 0, 0, 0, 2, 0], &[b'b'; 512]));
+    let c = f.run(&read10(0, 2), &[]);
+    assert!(c.data[..512].iter().all(|b| *b == b'b'));
+    assert!(c.data[512..].iter().all(|b| *b == b'a'));
+    // No Data-Out at all: nothing written, GOOD.
+    let before = f.ram.ops.len();
+    good(&f.run(&[0x2E, 0x02, 0, 0, 0, 0, 0, 0, 1, 0], &[]));
+    assert_eq!(f.ram.ops.len(), before);
+    // A partial block is rejected.
+    expect(
+        &f.run(&with_op(read10(0, 1), 0x2A), &[0; 200]),
+        SenseReason::InvalidFieldInCommandIu,
+    );
+    // Extra Data-Out is ignored.
+    good(&f.run(&with_op(read10(0, 1), 0x2A), &[b'c'; 1000]));
+    assert!(matches!(f.ram.ops.last(), Some(IoOp::Write { data, .. }) if data.len() == 512));
+}
+
+#[test]
+fn read_only_lu_rejects_writes() {
+    let mut cfg = LuConfig::new(0, BS, BLOCKS, "t");
+    cfg.read_only = true;
+    let mut f = Fixture::with(cfg);
+    let c = f.run(&with_op(read10(0, 1), 0x2A), &[0; 512]);
+    assert_eq!(sense(&c), (key::DATA_PROTECT, 0x27, 0));
+    expect(
+        &f.run(&cdb16(0x93, 0x08, 0, 1), &[0; 512]),
+        SenseReason::WriteProtected,
+    );
+    expect(
+        &f.run(&cdb16(0x8B, 0, 0, 1), &[0; 512]),
+        SenseReason::WriteProtected,
+    );
+    good(&f.run(&read10(0, 1), &[]));
+    let c = f.run(&[0x1A, 0x08, 0x3F, 0, 255, 0], &[]);
+    assert_eq!(c.data[2] & 0x80, 0x80);
+}
+
+#[test]
+fn orwrite_reads_ors_and_writes() {
+    let mut f = Fixture::new();
+    good(&f.run(&with_op(read10(5, 1), 0x2A), &[0x0F; 512]));
+    good(&f.run(&cdb16(0x8B, 0, 5, 1), &[0xF0; 512]));
+    let c = f.run(&read10(5, 1), &[]);
+    assert!(c.data.iter().all(|b| *b == 0xFF));
+    let n = f.ram.ops.len();
+    assert!(matches!(
+        f.ram.ops[n - 3],
+        IoOp::Read {
+            offset: 2560,
+            len: 512
+        }
+    ));
+    assert!(matches!(f.ram.ops[n - 2], IoOp::Write { offset: 2560, .. }));
+    good(&f.run(&cdb16(0x8B, 0, 5, 0), &[]));
+    expect(
+        &f.run(&cdb16(0x8B, 0, BLOCKS, 1), &[0; 512]),
+        SenseReason::LbaOutOfRange,
+    );
+}
+
+#[test]
+fn verify_compares_and_reports_first_miscompare() {
+    let mut f = Fixture::new();
+    let data = pattern(3 * 512, 3);
+    good(&f.run(&with_op(read10(100, 3), 0x2A), &data));
+    good(&f.run(&[0x2F, 0x02, 0, 0, 0, 100, 0, 0, 3, 0], &data));
+    let mut bad = data.clone();
+    bad[700] ^= b'X';
+    let c = f.run(&[0x2F, 0x02, 0, 0, 0, 100, 0, 0, 3, 0], &bad);
+    assert_eq!(sense(&c), (key::MISCOMPARE, 0x1D, 0));
+    assert_eq!(c.sense[0], 0xF0);
+    assert_eq!(&c.sense[3..7], &700u32.to_be_bytes());
+    // BYTCHK=0: only the range check.
+    good(&f.run(&[0x2F, 0, 0, 0, 0, 100, 0, 0, 3, 0], &bad));
+    good(&f.run(&cdb16(0x8F, 0x10, 100, 3), &[]));
+    expect(
+        &f.run(&cdb16(0x8F, 0, BLOCKS, 1), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    // VRPROTECT without protection information.
+    let c = f.run(&[0x2F, 0x22, 0, 0, 0, 100, 0, 0, 1, 0], &data[..512]);
+    expect(&c, SenseReason::InvalidFieldInCdb(FieldPointer::byte(1)));
+}
+
+#[test]
+fn write_same_pattern_zero_and_unmap() {
+    let mut f = Fixture::with(LuConfig::new(0, BS, 4 * BLOCKS, "t"));
+    let blocks_lu = 4 * BLOCKS;
+    // Non-zero pattern across several chunks.
+    let blocks = (WRITE_SAME_CHUNK_BYTES / 512) as u32 + 3;
+    let block = pattern(512, 7);
+    let mut c = vec![0x41, 0, 0, 0, 0, 0, 0];
+    c.extend((blocks as u16).to_be_bytes());
+    c.push(0);
+    good(&f.run(&c, &block));
+    let writes = f
+        .ram
+        .ops
+        .iter()
+        .filter(|o| matches!(o, IoOp::Write { .. }))
+        .count();
+    assert_eq!(writes, 2);
+    let r = f.run(&read10(blocks - 1, 1), &[]);
+    assert_eq!(&r.data[..], &block[..]);
+    // All-zero block → WriteZeroes; UNMAP → WriteZeroes{unmap}.
+    good(&f.run(&cdb16(0x93, 0, 0, 4), &[0; 512]));
+    assert!(matches!(
+        f.ram.ops.last(),
+        Some(IoOp::WriteZeroes {
+            offset: 0,
+            len: 2048,
+            unmap: false
+        })
+    ));
+    good(&f.run(&cdb16(0x93, 0x08, 0, 4), &[0; 512]));
+    assert!(matches!(
+        f.ram.ops.last(),
+        Some(IoOp::WriteZeroes { unmap: true, .. })
+    ));
+    // NDOB: no Data-Out, zeros.
+    good(&f.run(&cdb16(0x93, 0x09, 8, 4), &[]));
+    expect(
+        &f.run(&cdb16(0x93, 0x09, 8, 4), &[0; 512]),
+        SenseReason::InvalidFieldInCommandIu,
+    );
+    // WSNZ: zero blocks rejected; ANCHOR rejected; wrong Data-Out size rejected.
+    expect(
+        &f.run(&cdb16(0x93, 0x08, 0, 0), &[0; 512]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+    expect(
+        &f.run(&cdb16(0x93, 0x10, 0, 1), &[0; 512]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+    expect(
+        &f.run(&cdb16(0x93, 0x08, 0, 1), &[0; 256]),
+        SenseReason::InvalidFieldInCommandIu,
+    );
+    expect(
+        &f.run(&cdb16(0x93, 0x08, 0, 1), &[0; 1024]),
+        SenseReason::InvalidFieldInCommandIu,
+    );
+    expect(
+        &f.run(&cdb16(0x93, 0, blocks_lu, 1), &[1; 512]),
+        SenseReason::LbaOutOfRange,
+    );
+    let mut thick = LuConfig::new(0, BS, BLOCKS, "t");
+    thick.thin = false;
+    let mut g = Fixture::with(thick);
+    expect(
+        &g.run(&cdb16(0x93, 0x08, 0, 1), &[0; 512]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+    expect(
+        &g.run(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &[0; 24]),
+        SenseReason::InvalidOpcode,
+    );
+}
+
+fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend(((6 + 16 * descs.len()) as u16).to_be_bytes());
+    v.extend(((16 * descs.len()) as u16).to_be_bytes());
+    v.extend([0; 4]);
+    for (lba, n) in descs {
+        v.extend(lba.to_be_bytes());
+        v.extend(n.to_be_bytes());
+        v.extend([0; 4]);
+    }
+    v
+}
+
+fn unmap_cdb(len: usize) -> Vec<u8> {
+    let mut c = vec![0x42, 0, 0, 0, 0, 0, 0];
+    c.extend((len as u16).to_be_bytes());
+    c.push(0);
+    c
+}
+
+fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
+    let mut c = vec![0x9E, 0x12];
+    c.extend(lba.to_be_bytes());
+    c.extend(alloc.to_be_bytes());
+    c.extend([0, 0]);
+    c
+}
+
+#[test]
+fn unmap_then_get_lba_status() {
+    let mut f = Fixture::new();
+    good(&f.run(&with_op(read10(0, 300), 0x2A), &vec![b'A'; 300 * 512]));
+    let list = unmap_list(&[(0, 10)]);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    // Deallocated run at 0..10, then mapped 10..300.
+    let c = f.run(&get_lba_status(0, 1024), &[]);
+    good(&c);
+    assert_eq!(&c.data[8..16], &0u64.to_be_bytes());
+    assert_eq!(&c.data[16..20], &10u32.to_be_bytes());
+    assert_eq!(c.data[20], 1);
+    assert_eq!(&c.data[24..32], &10u64.to_be_bytes());
+    assert_eq!(&c.data[32..36], &290u32.to_be_bytes());
+    assert_eq!(c.data[36], 0);
+    // The first descriptor starts at the requested LBA; 24 bytes = one descriptor.
+    let c = f.run(&get_lba_status(11, 24), &[]);
+    assert_eq!(c.data.len(), 24);
+    assert_eq!(&c.data[8..16], &11u64.to_be_bytes());
+    assert_eq!(c.data[20], 0);
+    assert_eq!(u32::from_be_bytes(c.data[0..4].try_into().unwrap()), 20);
+    expect(
+        &f.run(&get_lba_status(BLOCKS, 24), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    // Reads of deallocated blocks return zeros (LBPRZ).
+    let c = f.run(&read10(0, 1), &[]);
+    assert!(c.data.iter().all(|b| *b == 0));
+}
+
+#[test]
+fn unmap_parameter_list_checks() {
+    let mut f = Fixture::new();
+    // Zero blocks at end of LU, empty list, zero parameter length: GOOD, no I/O.
+    let list = unmap_list(&[(BLOCKS, 0)]);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    let list = unmap_list(&[]);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    good(&f.run(&unmap_cdb(0), &[]));
+    assert!(f.ram.ops.is_empty());
+    // 256 overlapping zero-block descriptors are fine; 257 exceed the VPD limit.
+    let descs: Vec<(u64, u32)> = (0..256).map(|i| (i / 2, 0)).collect();
+    let list = unmap_list(&descs);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    let descs: Vec<(u64, u32)> = (0..257).map(|i| (i, 0)).collect();
+    let list = unmap_list(&descs);
+    expect(
+        &f.run(&unmap_cdb(list.len()), &list),
+        SenseReason::InvalidFieldInParameterList(FieldPointer::byte(0)),
+    );
+    // Range beyond the end; header shorter than 8; descriptor length beyond the list.
+    let list = unmap_list(&[(BLOCKS - 1, 2)]);
+    expect(
+        &f.run(&unmap_cdb(list.len()), &list),
+        SenseReason::LbaOutOfRange,
+    );
+    expect(
+        &f.run(&unmap_cdb(4), &[0, 2, 0, 0]),
+        SenseReason::ParameterListLengthError,
+    );
+    let mut list = unmap_list(&[(0, 1)]);
+    list[3] = 32;
+    expect(
+        &f.run(&unmap_cdb(list.len()), &list),
+        SenseReason::ParameterListLengthError,
+    );
+    // More blocks than MAXIMUM UNMAP LBA COUNT.
+    let mut cfg = LuConfig::new(0, BS, BLOCKS, "t");
+    cfg.max_unmap_blocks = 8;
+    let mut g = Fixture::with(cfg);
+    let list = unmap_list(&[(0, 4), (100, 5)]);
+    expect(
+        &g.run(&unmap_cdb(list.len()), &list),
+        SenseReason::InvalidFieldInParameterList(FieldPointer::byte(0)),
+    );
+}
+
+#[test]
+fn read_capacity_10_and_16() {
+    let mut f = Fixture::new();
+    let c = f.run(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(&c.data[..], &[0, 0, 0x07, 0xFF, 0, 0, 0x02, 0x00]);
+    let c = f.run(&cdb16(0x9E, 0x10, 0, 32), &[]);
+    good(&c);
+    assert_eq!(c.data.len(), 32);
+    assert_eq!(&c.data[..8], &(BLOCKS - 1).to_be_bytes());
+    assert_eq!(&c.data[8..12], &BS.to_be_bytes());
+    assert_eq!(c.data[13] & 0x0F, 0);
+    assert_eq!(c.data[14] & 0xC0, 0xC0);
+    let mut big = LuConfig::new(0, 4096, 1 << 33, "t");
+    big.thin = false;
+    let mut g = LogicalUnit::new(big);
+    let Step::Done(c) = g.execute(N, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], Bytes::new()) else {
+        panic!()
+    };
+    assert_eq!(&c.data[..], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x10, 0]);
+    let Step::Done(c) = g.execute(N, &cdb16(0x9E, 0x10, 0, 32), Bytes::new()) else {
+        panic!()
+    };
+    assert_eq!(&c.data[..8], &((1u64 << 33) - 1).to_be_bytes());
+    assert_eq!(c.data[14], 0);
+}
+
+#[test]
+fn inquiry_standard_vpd_and_allocation_length() {
+    let mut f = Fixture::new();
+    for alloc in [5u8, 36, 95, 255] {
+        let c = f.run(&[0x12, 0, 0, 0, alloc, 0], &[]);
+        good(&c);
+        assert_eq!(c.data.len(), usize::from(alloc).min(vpd::STANDARD_LEN));
+    }
+    let a = f.run(&[0x12, 0, 0, 0x01, 0xFF, 0], &[]);
+    let b = f.run(&[0x12, 0, 0, 0x02, 0x00, 0], &[]);
+    assert_eq!(a.data, b.data);
+    expect(
+        &f.run(&[0x12, 0, 0x83, 0, 255, 0], &[]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+    expect(
+        &f.run(&[0x12, 1, 0x42, 0, 255, 0], &[]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+    let c = f.run(&[0x12, 1, 0x00, 0, 255, 0], &[]);
+    assert_eq!(&c.data[4..], vpd::SUPPORTED_PAGES);
+    let c = f.run(&[0x12, 1, 0xB0, 0, 255, 0], &[]);
+    assert_eq!(usize::from(c.data[3]) + 4, c.data.len());
+}
+
+fn rsoc(rctd: bool, options: u8, opcode: u8, sa: u16) -> Vec<u8> {
+    let mut c = vec![0xA3, 0x0C, u8::from(rctd) << 7 | options, opcode];
+    c.extend(sa.to_be_bytes());
+    c.extend(65535u32.to_be_bytes());
+    c.extend([0, 0]);
+    c
+}
+
+#[test]
+fn report_supported_opcodes_all_and_one() {
+    let mut f = Fixture::new();
+    let c = f.run(&rsoc(false, 0, 0, 0), &[]);
+    good(&c);
+    let len = u32::from_be_bytes(c.data[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, c.data.len() - 4);
+    assert_eq!(len, 8 * cdb::COMMANDS.len());
+    let descs: Vec<&[u8]> = c.data[4..].chunks(8).collect();
+    for (d, info) in descs.iter().zip(cdb::COMMANDS) {
+        assert_eq!(d[0], info.opcode);
+        let servactv = d[5] & 1 == 1;
+        assert_eq!(servactv, info.service_action.is_some());
+        if !servactv {
+            assert_eq!(&d[2..4], &[0, 0]);
+        }
+        assert_eq!(d[5] & 2, 0);
+        // Reporting options 1 for plain opcodes, 2 for those with service actions.
+        let sa = u16::from_be_bytes([d[2], d[3]]);
+        let (ok, bad) = if servactv { (2, 1) } else { (1, 2) };
+        let one = f.run(&rsoc(false, ok, d[0], sa), &[]);
+        good(&one);
+        assert_eq!(one.data[1] & 0x07, 3);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([one.data[2], one.data[3]])),
+            info.cdb_len()
+        );
+        assert_eq!(&one.data[4..], info.usage);
+        expect(
+            &f.run(&rsoc(false, bad, d[0], sa), &[]),
+            SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+        );
+    }
+    // RCTD: every descriptor has CTDP and a 0Ah-long timeouts descriptor.
+    let c = f.run(&rsoc(true, 0, 0, 0), &[]);
+    for d in c.data[4..].chunks(20) {
+        assert_eq!(d[5] & 2, 2);
+        assert_eq!(&d[8..10], &[0, 0x0A]);
+    }
+    let one = f.run(&rsoc(true, 1, 0x28, 0), &[]);
+    assert_eq!(one.data[1], 0x83);
+    assert_eq!(one.data.len(), 4 + 10 + 12);
+    // Unsupported opcode: SUPPORT 001b.
+    let one = f.run(&rsoc(false, 1, 0xC0, 0), &[]);
+    assert_eq!(&one.data[..], &[0, 1, 0, 0]);
+}
+
+#[test]
+fn report_luns_formats_and_checks() {
+    let cdb = |select: u8, alloc: u32| {
+        let mut c = vec![0xA0, 0, select, 0, 0, 0];
+        c.extend(alloc.to_be_bytes());
+        c.extend([0, 0]);
+        c
+    };
+    let c = report_luns(&cdb(0, 256), &[300, 0, 5, 20000]);
+    good(&c);
+    assert_eq!(&c.data[..8], &[0, 0, 0, 24, 0, 0, 0, 0]);
+    assert_eq!(&c.data[8..16], &[0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&c.data[16..24], &[0, 5, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&c.data[24..32], &[0x41, 0x2C, 0, 0, 0, 0, 0, 0]);
+    let c = report_luns(&cdb(0, 16), &[0, 1, 2]);
+    assert_eq!(c.data.len(), 16);
+    assert_eq!(&c.data[..4], &[0, 0, 0, 24]);
+    let c = report_luns(&cdb(1, 16), &[0, 1]);
+    assert_eq!(&c.data[..], &[0; 8]);
+    let c = report_luns(&cdb(0, 15), &[0]);
+    assert_eq!(
+        sense(&c),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)).code()
+    );
+    assert_eq!(&c.sense[15..18], &[0xC0, 0, 6]);
+    let c = report_luns(&cdb(3, 256), &[0]);
+    assert_eq!(&c.sense[15..18], &[0xC0, 0, 2]);
+}
+
+#[test]
+fn no_such_lun_answers() {
+    let c = no_such_lun(&[0x12, 0, 0, 0, 36, 0]);
+    good(&c);
+    assert_eq!(c.data[0], 0x7F);
+    let c = no_such_lun(&[0x03, 0, 0, 0, 18, 0]);
+    good(&c);
+    assert_eq!((c.data[2], c.data[12]), (key::ILLEGAL_REQUEST, 0x25));
+    expect(&no_such_lun(&TUR), SenseReason::LogicalUnitNotSupported);
+    expect(
+        &no_such_lun(&[0xFF; 16]),
+        SenseReason::LogicalUnitNotSupported,
+    );
+}
+
+#[test]
+fn misc_commands() {
+    let mut f = Fixture::new();
+    // SYNCHRONIZE CACHE → Flush; PRE-FETCH GOOD; range checks.
+    good(&f.run(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    assert!(matches!(f.ram.ops.last(), Some(IoOp::Flush)));
+    expect(
+        &f.run(&cdb16(0x91, 0, BLOCKS, 1), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    good(&f.run(&[0x34, 0x02, 0, 0, 0x07, 0xFF, 0x03, 0, 1, 0], &[]));
+    good(&f.run(&cdb16(0x90, 0, BLOCKS - 256, 256), &[]));
+    expect(
+        &f.run(&cdb16(0x90, 0, BLOCKS, 1), &[]),
+        SenseReason::LbaOutOfRange,
+    );
+    // START STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL are accepted; medium stays ready.
+    good(&f.run(&[0x1B, 1, 0, 0, 0x02, 0], &[]));
+    good(&f.run(&[0x1E, 0, 0, 0, 1, 0], &[]));
+    good(&f.run(&TUR, &[]));
+    good(&f.run(&[0x1E, 0, 0, 0, 0, 0], &[]));
+    // Unknown opcode; unknown service action.
+    expect(
+        &f.run(&[0xC0, 0, 0, 0, 0, 0], &[]),
+        SenseReason::InvalidOpcode,
+    );
+    expect(
+        &f.run(&cdb16(0x9E, 0x1F, 0, 0), &[]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::byte(0)),
+    );
+}
+
+#[test]
+fn backstore_errors_map_to_sense() {
+    let mut f = Fixture::new();
+    let Step::Io(_, cont) = f.lu.execute(N, &read10(0, 1), Bytes::new()) else {
+        panic!()
+    };
+    let Step::Done(c) =
+        f.lu.resume(N, cont, IoResult::Error(IoErrorKind::ReadError))
+    else {
+        panic!()
+    };
+    expect(&c, SenseReason::UnrecoveredReadError);
+    let Step::Io(_, cont) =
+        f.lu.execute(N, &with_op(read10(0, 1), 0x2A), Bytes::from(vec![0; 512]))
+    else {
+        panic!()
+    };
+    let Step::Done(c) = f.lu.resume(N, cont, IoResult::Error(IoErrorKind::NoSpace)) else {
+        panic!()
+    };
+    expect(&c, SenseReason::SpaceAllocationFailed);
+    // A result of the wrong shape is an internal failure, not a panic.
+    let Step::Io(_, cont) = f.lu.execute(N, &read10(0, 1), Bytes::new()) else {
+        panic!()
+    };
+    let Step::Done(c) = f.lu.resume(N, cont, IoResult::Done) else {
+        panic!()
+    };
+    expect(&c, SenseReason::InternalTargetFailure);
+}
+
+#[test]
+fn four_k_blocks() {
+    let mut f = Fixture::with(LuConfig::new(3, 4096, 256, "t"));
+    let data = pattern(8192, 5);
+    good(&f.run(&with_op(read10(2, 2), 0x2A), &data));
+    let c = f.run(&read10(2, 2), &[]);
+    assert_eq!(&c.data[..], &data[..]);
+    assert!(matches!(f.ram.ops[0], IoOp::Write { offset: 8192, .. }));
+}
