@@ -20,10 +20,13 @@ use crate::error::ErrorAction;
 use crate::framer::{self, Digests, Framed, Framer};
 use crate::limits::Limits;
 use crate::login::{Login, LoginReply, LoginStatus, SessionType, LOGIN_MAX_SEGMENT};
-use crate::negotiation::{ConnectionParams, DigestKind, Offers, SessionParams, NOT_UNDERSTOOD, REJECT};
+use crate::negotiation::{
+    ConnectionParams, DigestKind, Offers, SessionParams, NOT_UNDERSTOOD, REJECT,
+};
 use crate::pdu::{
-    Ahs, Header, LoginRequest, LoginResponse, LogoutReason, LogoutResponse, NopIn, Pdu, R2t, Reject, RejectReason,
-    ScsiCommand, TaskAttr, TaskMgmtResponse, TextResponse, TmfFunction, TmfResponse, RESERVED_TAG,
+    Ahs, Header, LoginRequest, LoginResponse, LogoutReason, LogoutResponse, NopIn, Pdu, R2t,
+    Reject, RejectReason, ScsiCommand, TaskAttr, TaskMgmtResponse, TextResponse, TmfFunction,
+    TmfResponse, RESERVED_TAG,
 };
 use crate::r2t::{WriteBuffer, WriteParams};
 use crate::session::{sn_lt, Admission, CmdWindow};
@@ -136,7 +139,9 @@ pub enum CloseReason {
 
 /// Fixed-format sense for a command whose ExpectedDataTransferLength exceeds
 /// [`Limits::max_transfer`]: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 §4.5.3, Table 28).
-const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0];
+const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
+    0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0,
+];
 /// SCSI status CHECK CONDITION (SAM-5 §5.3).
 const STATUS_CHECK_CONDITION: u8 = 0x02;
 
@@ -193,7 +198,10 @@ struct Task {
 
 enum TaskState {
     /// Waiting for Data-Out.
-    Receiving { cmd: ScsiCommandEvent, buffer: WriteBuffer },
+    Receiving {
+        cmd: ScsiCommandEvent,
+        buffer: WriteBuffer,
+    },
     /// Handed to the owner as [`Event::Command`].
     Running { r2t_count: u32 },
 }
@@ -219,11 +227,21 @@ impl Connection {
     pub fn new_with_tsih(config: Arc<PortalConfig>, tsih: u16, now: Instant) -> Self {
         let _ = now;
         let mut limits = config.limits.clone();
-        limits.max_data_segment = limits.max_data_segment.min(u32::try_from(LOGIN_MAX_SEGMENT).unwrap_or(8192));
-        let login = Login::new(config.offers.clone(), config.limits.max_data_segment, config.limits.max_text);
+        limits.max_data_segment = limits
+            .max_data_segment
+            .min(u32::try_from(LOGIN_MAX_SEGMENT).unwrap_or(8192));
+        let login = Login::new(
+            config.offers.clone(),
+            config.limits.max_data_segment,
+            config.limits.max_text,
+        );
         Connection {
             framer: Framer::new(limits),
-            phase: Phase::Login(Box::new(LoginPhase { login, exp_cmd_sn: None, cid: 0 })),
+            phase: Phase::Login(Box::new(LoginPhase {
+                login,
+                exp_cmd_sn: None,
+                cid: 0,
+            })),
             events: VecDeque::new(),
             out: VecDeque::new(),
             closed: None,
@@ -282,7 +300,12 @@ impl Connection {
     /// the CDB asked the initiator to send (SPDTL). When it differs from the initiator's
     /// ExpectedDataTransferLength the response carries the write residual (§11.4.5: overflow
     /// when the CDB wanted more, underflow when less).
-    pub fn complete_command_with_spdtl(&mut self, itt: u32, completion: ScsiCompletion, spdtl_out: u32) {
+    pub fn complete_command_with_spdtl(
+        &mut self,
+        itt: u32,
+        completion: ScsiCompletion,
+        spdtl_out: u32,
+    ) {
         self.finish_command(itt, completion, Some(spdtl_out));
     }
 
@@ -291,8 +314,12 @@ impl Connection {
         if self.closed.is_some() {
             return;
         }
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
-        let Some(function) = ffp.tmfs.remove(&itt) else { return };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
+        let Some(function) = ffp.tmfs.remove(&itt) else {
+            return;
+        };
         self.send_tmf_response(itt, response);
         if function == TmfFunction::TargetColdReset && response == TmfResponse::FunctionComplete {
             // §11.5.1: after a cold reset the target drops all its connections.
@@ -360,13 +387,24 @@ impl Connection {
             Phase::FullFeature(ffp) => (ffp.window.exp_cmd_sn(), ffp.window.max_cmd_sn()),
             Phase::Login(lp) => {
                 let exp = lp.exp_cmd_sn.unwrap_or(0);
-                (exp, exp.wrapping_add(self.config.cmd_window.max(1)).wrapping_sub(1))
+                (
+                    exp,
+                    exp.wrapping_add(self.config.cmd_window.max(1))
+                        .wrapping_sub(1),
+                )
             }
         }
     }
 
     fn push(&mut self, header: Header, data: Bytes) {
-        self.out.push_back((Pdu { header, ahs: Vec::new(), data }, self.tx_digests));
+        self.out.push_back((
+            Pdu {
+                header,
+                ahs: Vec::new(),
+                data,
+            },
+            self.tx_digests,
+        ));
     }
 
     /// Close (idempotent): commands already handed to the owner are reported aborted.
@@ -394,7 +432,13 @@ impl Connection {
         let stat_sn = self.next_stat_sn();
         let header_data = header.slice(..header.len().min(bhs::BHS_LEN));
         self.push(
-            Header::Reject(Reject { reason, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn_or_r2t_sn: 0 }),
+            Header::Reject(Reject {
+                reason,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                data_sn_or_r2t_sn: 0,
+            }),
             header_data,
         );
     }
@@ -418,7 +462,9 @@ impl Connection {
                     self.on_login(&req, &pdu.data);
                 }
                 // §6: nothing but Login Requests before full feature phase.
-                _ => self.close(CloseReason::ProtocolError("non-login PDU during login".to_string())),
+                _ => self.close(CloseReason::ProtocolError(
+                    "non-login PDU during login".to_string(),
+                )),
             }
             return;
         }
@@ -442,7 +488,9 @@ impl Connection {
             self.execute(pdu);
             return;
         }
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
         match ffp.window.admit(cmd_sn, Some(pdu)) {
             (Admission::Deliver, Some(Some(p))) => self.execute(p),
             (Admission::Drop, _) => {
@@ -460,7 +508,9 @@ impl Connection {
             if self.closed.is_some() {
                 return;
             }
-            let Phase::FullFeature(ffp) = &mut self.phase else { return };
+            let Phase::FullFeature(ffp) = &mut self.phase else {
+                return;
+            };
             match ffp.window.next_ready() {
                 Some(Some(p)) => self.execute(p),
                 Some(None) => {}
@@ -486,15 +536,21 @@ impl Connection {
     // ----- login ----------------------------------------------------------------------------
 
     fn on_login(&mut self, req: &LoginRequest, data: &Bytes) {
-        let Phase::Login(lp) = &mut self.phase else { return };
+        let Phase::Login(lp) = &mut self.phase else {
+            return;
+        };
         if lp.exp_cmd_sn.is_none() {
             // §11.13.4: the first response's StatSN starts the connection's StatSN.
             lp.exp_cmd_sn = Some(req.cmd_sn);
             lp.cid = req.cid;
             self.stat_sn = req.exp_stat_sn;
         }
-        let reply: LoginReply =
-            lp.login.on_request(req, data, &self.config.targets, self.config.portal_group_tag);
+        let reply: LoginReply = lp.login.on_request(
+            req,
+            data,
+            &self.config.targets,
+            self.config.portal_group_tag,
+        );
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
         let failed = reply.status != LoginStatus::SUCCESS;
@@ -516,7 +572,11 @@ impl Connection {
         };
         // Login responses never carry digests (§13.1: digests start after login).
         self.out.push_back((
-            Pdu { header: Header::LoginResponse(header), ahs: Vec::new(), data: reply.data },
+            Pdu {
+                header: Header::LoginResponse(header),
+                ahs: Vec::new(),
+                data: reply.data,
+            },
             Digests::default(),
         ));
         if failed {
@@ -530,9 +590,13 @@ impl Connection {
     }
 
     fn enter_full_feature(&mut self, exp_cmd_sn: u32) {
-        let Phase::Login(lp) = &mut self.phase else { return };
+        let Phase::Login(lp) = &mut self.phase else {
+            return;
+        };
         let Some(identity) = lp.login.identity() else {
-            self.close(CloseReason::ProtocolError("login completed without identity".to_string()));
+            self.close(CloseReason::ProtocolError(
+                "login completed without identity".to_string(),
+            ));
             return;
         };
         let cid = lp.cid;
@@ -540,7 +604,10 @@ impl Connection {
         let conn_params = neg.connection.clone();
         let params = neg.session.clone();
         let discovery = identity.session_type == SessionType::Discovery;
-        let portal_group_tag = identity.target.as_ref().map_or(self.config.portal_group_tag, |t| t.portal_group_tag);
+        let portal_group_tag = identity
+            .target
+            .as_ref()
+            .map_or(self.config.portal_group_tag, |t| t.portal_group_tag);
         let session = SessionInfo {
             initiator_name: identity.initiator_name,
             initiator_alias: identity.initiator_alias,
@@ -555,8 +622,11 @@ impl Connection {
         };
         self.framer.digests = self.tx_digests;
         // PDUs larger than what we declared now end the connection in the framer (§13.12).
-        self.framer.limits.max_data_segment =
-            self.config.limits.max_data_segment.min(conn_params.max_recv_data_segment_length);
+        self.framer.limits.max_data_segment = self
+            .config
+            .limits
+            .max_data_segment
+            .min(conn_params.max_recv_data_segment_length);
         self.events.push_back(Event::LoggedIn(session.clone()));
         self.phase = Phase::FullFeature(Box::new(Ffp {
             session,
@@ -574,9 +644,13 @@ impl Connection {
     // ----- SCSI commands and data -----------------------------------------------------------
 
     fn on_command(&mut self, pdu: Pdu) {
-        let Header::ScsiCommand(h) = &pdu.header else { return };
+        let Header::ScsiCommand(h) = &pdu.header else {
+            return;
+        };
         let h: ScsiCommand = h.clone();
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
         if ffp.discovery {
             // §4.3: a discovery session carries only Text, NOP and Logout.
             self.reject_pdu(RejectReason::ProtocolError, &pdu);
@@ -609,7 +683,11 @@ impl Connection {
         };
         let imm_len = u32::try_from(pdu.data.len()).unwrap_or(u32::MAX);
         let params = ffp.params.clone();
-        if imm_len > 0 && (!h.write || !params.immediate_data || imm_len > expected_out || imm_len > params.first_burst_length)
+        if imm_len > 0
+            && (!h.write
+                || !params.immediate_data
+                || imm_len > expected_out
+                || imm_len > params.first_burst_length)
         {
             // §11.3.4 / §13.11: immediate data only with W, when negotiated, within bounds.
             self.reject_pdu(RejectReason::ProtocolError, &pdu);
@@ -624,16 +702,38 @@ impl Connection {
             expected_in_len: expected_in,
             expected_out_len: expected_out,
         };
-        if expected_in > self.config.limits.max_transfer || expected_out > self.config.limits.max_transfer {
+        if expected_in > self.config.limits.max_transfer
+            || expected_out > self.config.limits.max_transfer
+        {
             // Too large to buffer: fail the command before allocating (DESIGN.md §3 rule 2).
             let sense = Bytes::from_static(&SENSE_TRANSFER_TOO_LONG);
-            ffp.tasks.insert(h.itt, Task { lun: h.lun, expected_in, expected_out, state: TaskState::Running { r2t_count: 0 } });
-            let completion = ScsiCompletion { status: STATUS_CHECK_CONDITION, sense, data_in: Bytes::new() };
+            ffp.tasks.insert(
+                h.itt,
+                Task {
+                    lun: h.lun,
+                    expected_in,
+                    expected_out,
+                    state: TaskState::Running { r2t_count: 0 },
+                },
+            );
+            let completion = ScsiCompletion {
+                status: STATUS_CHECK_CONDITION,
+                sense,
+                data_in: Bytes::new(),
+            };
             self.finish_command(h.itt, completion, None);
             return;
         }
         if expected_out == 0 {
-            ffp.tasks.insert(h.itt, Task { lun: h.lun, expected_in, expected_out, state: TaskState::Running { r2t_count: 0 } });
+            ffp.tasks.insert(
+                h.itt,
+                Task {
+                    lun: h.lun,
+                    expected_in,
+                    expected_out,
+                    state: TaskState::Running { r2t_count: 0 },
+                },
+            );
             self.events.push_back(Event::Command(cmd));
             return;
         }
@@ -651,7 +751,12 @@ impl Connection {
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
         ffp.tasks.insert(
             h.itt,
-            Task { lun: h.lun, expected_in, expected_out, state: TaskState::Receiving { cmd, buffer } },
+            Task {
+                lun: h.lun,
+                expected_in,
+                expected_out,
+                state: TaskState::Receiving { cmd, buffer },
+            },
         );
         self.advance_write(h.itt);
     }
@@ -660,9 +765,15 @@ impl Connection {
     fn advance_write(&mut self, itt: u32) {
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.stat_sn;
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
-        let Some(task) = ffp.tasks.get_mut(&itt) else { return };
-        let TaskState::Receiving { buffer, .. } = &mut task.state else { return };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
+        let Some(task) = ffp.tasks.get_mut(&itt) else {
+            return;
+        };
+        let TaskState::Receiving { buffer, .. } = &mut task.state else {
+            return;
+        };
         let next_ttt = &mut self.next_ttt;
         let r2ts = buffer.solicit(|| Self::alloc_ttt(next_ttt));
         let complete = buffer.is_complete();
@@ -679,23 +790,38 @@ impl Connection {
                 buffer_offset: r.buffer_offset,
                 desired_data_transfer_length: r.desired_length,
             };
-            self.out.push_back((Pdu { header: Header::R2t(header), ahs: Vec::new(), data: Bytes::new() }, self.tx_digests));
+            self.out.push_back((
+                Pdu {
+                    header: Header::R2t(header),
+                    ahs: Vec::new(),
+                    data: Bytes::new(),
+                },
+                self.tx_digests,
+            ));
         }
         if !complete {
             return;
         }
-        let Some(task) = ffp.tasks.get_mut(&itt) else { return };
+        let Some(task) = ffp.tasks.get_mut(&itt) else {
+            return;
+        };
         let state = std::mem::replace(&mut task.state, TaskState::Running { r2t_count: 0 });
         if let TaskState::Receiving { mut cmd, buffer } = state {
-            task.state = TaskState::Running { r2t_count: buffer.r2t_count() };
+            task.state = TaskState::Running {
+                r2t_count: buffer.r2t_count(),
+            };
             cmd.data_out = buffer.into_data();
             self.events.push_back(Event::Command(cmd));
         }
     }
 
     fn on_data_out(&mut self, pdu: Pdu) {
-        let Header::DataOut(h) = &pdu.header else { return };
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
+        let Header::DataOut(h) = &pdu.header else {
+            return;
+        };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
         let Some(task) = ffp.tasks.get_mut(&h.itt) else {
             // Data for a task that is gone (aborted or failed): dropped (§11.5.1).
             tracing::debug!(itt = h.itt, "Data-Out for unknown task dropped");
@@ -719,11 +845,21 @@ impl Connection {
             return;
         }
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
-        let Some(task) = ffp.tasks.get(&itt) else { return };
-        let TaskState::Running { r2t_count } = task.state else { return };
-        let Some(task) = ffp.tasks.remove(&itt) else { return };
-        let out_residual = spdtl_out.map_or(Residual::default(), |s| Residual::of(task.expected_out, u64::from(s)));
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
+        let Some(task) = ffp.tasks.get(&itt) else {
+            return;
+        };
+        let TaskState::Running { r2t_count } = task.state else {
+            return;
+        };
+        let Some(task) = ffp.tasks.remove(&itt) else {
+            return;
+        };
+        let out_residual = spdtl_out.map_or(Residual::default(), |s| {
+            Residual::of(task.expected_out, u64::from(s))
+        });
         let c = data_in::Completion {
             itt,
             lun: task.lun,
@@ -738,7 +874,14 @@ impl Connection {
         let stat_sn = self.stat_sn;
         self.stat_sn = self.stat_sn.wrapping_add(1);
         let digests = self.tx_digests;
-        for pdu in data_in::complete(&c, Stamps { stat_sn, exp_cmd_sn, max_cmd_sn }) {
+        for pdu in data_in::complete(
+            &c,
+            Stamps {
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            },
+        ) {
             self.out.push_back((pdu, digests));
         }
     }
@@ -746,8 +889,12 @@ impl Connection {
     // ----- task management ------------------------------------------------------------------
 
     fn on_tmf(&mut self, pdu: Pdu) {
-        let Header::TaskMgmtRequest(h) = &pdu.header else { return };
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
+        let Header::TaskMgmtRequest(h) = &pdu.header else {
+            return;
+        };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
         if ffp.discovery {
             self.reject_pdu(RejectReason::ProtocolError, &pdu);
             return;
@@ -758,22 +905,30 @@ impl Connection {
                 if !ffp.tasks.contains_key(&h.referenced_task_tag) {
                     // §11.5.1 b/c: an unknown task is complete if its RefCmdSN is in the window
                     // and before this request (then it counts as received), else does not exist.
-                    let response = if ffp.window.in_window(h.ref_cmd_sn) && sn_lt(h.ref_cmd_sn, h.cmd_sn) {
-                        ffp.window.skip(h.ref_cmd_sn);
-                        TmfResponse::FunctionComplete
-                    } else {
-                        TmfResponse::TaskDoesNotExist
-                    };
+                    let response =
+                        if ffp.window.in_window(h.ref_cmd_sn) && sn_lt(h.ref_cmd_sn, h.cmd_sn) {
+                            ffp.window.skip(h.ref_cmd_sn);
+                            TmfResponse::FunctionComplete
+                        } else {
+                            TmfResponse::TaskDoesNotExist
+                        };
                     self.send_tmf_response(h.itt, response);
                     self.drain_window();
                     return;
                 }
                 vec![h.referenced_task_tag]
             }
-            TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet | TmfFunction::LogicalUnitReset => {
-                ffp.tasks.iter().filter(|(_, t)| t.lun == lun).map(|(itt, _)| *itt).collect()
+            TmfFunction::AbortTaskSet
+            | TmfFunction::ClearTaskSet
+            | TmfFunction::LogicalUnitReset => ffp
+                .tasks
+                .iter()
+                .filter(|(_, t)| t.lun == lun)
+                .map(|(itt, _)| *itt)
+                .collect(),
+            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                ffp.tasks.keys().copied().collect()
             }
-            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => ffp.tasks.keys().copied().collect(),
             TmfFunction::ClearAca => Vec::new(),
             TmfFunction::TaskReassign => {
                 // Needs ErrorRecoveryLevel 2 (§11.5.1).
@@ -809,21 +964,43 @@ impl Connection {
     fn send_tmf_response(&mut self, itt: u32, response: TmfResponse) {
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
-        self.push(Header::TaskMgmtResponse(TaskMgmtResponse { response, itt, stat_sn, exp_cmd_sn, max_cmd_sn }), Bytes::new());
+        self.push(
+            Header::TaskMgmtResponse(TaskMgmtResponse {
+                response,
+                itt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            }),
+            Bytes::new(),
+        );
     }
 
     // ----- text, NOP, logout ----------------------------------------------------------------
 
     fn on_text(&mut self, pdu: Pdu) {
-        let Header::TextRequest(h) = &pdu.header else { return };
-        let Phase::FullFeature(ffp) = &mut self.phase else { return };
+        let Header::TextRequest(h) = &pdu.header else {
+            return;
+        };
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
         let max_text = usize::try_from(self.config.limits.max_text).unwrap_or(usize::MAX);
-        let seg = usize::try_from(ffp.conn_params.max_xmit_data_segment_length.max(1)).unwrap_or(8192);
+        let seg =
+            usize::try_from(ffp.conn_params.max_xmit_data_segment_length.max(1)).unwrap_or(8192);
         // A reserved TTT starts a new exchange (§11.10.4); otherwise it continues ours.
         let continuing = h.ttt != RESERVED_TAG
-            && ffp.text.as_ref().is_some_and(|t| t.itt == h.itt && t.ttt == h.ttt);
+            && ffp
+                .text
+                .as_ref()
+                .is_some_and(|t| t.itt == h.itt && t.ttt == h.ttt);
         if !continuing {
-            ffp.text = Some(TextExchange { itt: h.itt, ttt: RESERVED_TAG, rx: Vec::new(), tx_rest: Bytes::new() });
+            ffp.text = Some(TextExchange {
+                itt: h.itt,
+                ttt: RESERVED_TAG,
+                rx: Vec::new(),
+                tx_rest: Bytes::new(),
+            });
         }
         let Some(ex) = ffp.text.as_mut() else { return };
         if continuing && !ex.tx_rest.is_empty() {
@@ -847,7 +1024,11 @@ impl Connection {
                 self.reject_pdu(RejectReason::ProtocolError, &pdu);
                 return;
             };
-            let own = if ffp.discovery { None } else { ffp.session.target_name.as_deref() };
+            let own = if ffp.discovery {
+                None
+            } else {
+                ffp.session.target_name.as_deref()
+            };
             let mut reply = Vec::new();
             for (key, value) in &pairs {
                 if key == "SendTargets" {
@@ -875,35 +1056,67 @@ impl Connection {
         self.send_text_response(h.itt, h.lun, ttt, final_, !final_, piece);
     }
 
-    fn send_text_response(&mut self, itt: u32, lun: u64, ttt: u32, final_: bool, continue_: bool, data: Bytes) {
+    fn send_text_response(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        ttt: u32,
+        final_: bool,
+        continue_: bool,
+        data: Bytes,
+    ) {
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
         self.push(
-            Header::TextResponse(TextResponse { final_, continue_, lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn }),
+            Header::TextResponse(TextResponse {
+                final_,
+                continue_,
+                lun,
+                itt,
+                ttt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            }),
             data,
         );
     }
 
     fn on_nop(&mut self, pdu: Pdu) {
-        let Header::NopOut(h) = &pdu.header else { return };
+        let Header::NopOut(h) = &pdu.header else {
+            return;
+        };
         if h.ttt != RESERVED_TAG || h.itt == RESERVED_TAG {
             // An answer to our NOP-In, or a ping that wants no answer (§11.18).
             return;
         }
-        let Phase::FullFeature(ffp) = &self.phase else { return };
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return;
+        };
         let max = usize::try_from(ffp.conn_params.max_xmit_data_segment_length).unwrap_or(8192);
         let data = pdu.data.slice(..pdu.data.len().min(max));
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
         self.push(
-            Header::NopIn(NopIn { lun: h.lun, itt: h.itt, ttt: RESERVED_TAG, stat_sn, exp_cmd_sn, max_cmd_sn }),
+            Header::NopIn(NopIn {
+                lun: h.lun,
+                itt: h.itt,
+                ttt: RESERVED_TAG,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            }),
             data,
         );
     }
 
     fn on_logout(&mut self, pdu: Pdu) {
-        let Header::LogoutRequest(h) = &pdu.header else { return };
-        let Phase::FullFeature(ffp) = &self.phase else { return };
+        let Header::LogoutRequest(h) = &pdu.header else {
+            return;
+        };
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return;
+        };
         // §11.15.1 Response: 0 closed, 1 CID not found, 2 recovery not supported.
         let response = match h.reason {
             LogoutReason::CloseSession => 0,
@@ -915,7 +1128,11 @@ impl Connection {
                 return;
             }
         };
-        let time2wait = if response == 0 { 0 } else { ffp.params.default_time2wait };
+        let time2wait = if response == 0 {
+            0
+        } else {
+            ffp.params.default_time2wait
+        };
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
         self.push(
@@ -933,5 +1150,1131 @@ impl Connection {
         if response == 0 {
             self.close(CloseReason::Logout);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::too_many_arguments,
+    clippy::type_complexity
+)]
+mod tests {
+    use super::*;
+    use crate::pdu::{DataOut, LogoutRequest, NopOut, Stage, TaskMgmtRequest, TextRequest};
+
+    const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
+    const INITIATOR: &str = "iqn.2026-11.io.test:host";
+
+    fn config() -> PortalConfig {
+        PortalConfig {
+            targets: vec![TargetInfo {
+                name: TARGET.to_string(),
+                alias: Some("lab".to_string()),
+                addresses: vec!["127.0.0.1:3260".to_string()],
+                portal_group_tag: 1,
+            }],
+            offers: Offers::default(),
+            limits: Limits {
+                max_transfer: 1024 * 1024,
+                ..Limits::default()
+            },
+            portal_group_tag: 1,
+            cmd_window: 8,
+        }
+    }
+
+    /// In-memory driver: encodes what the "initiator" sends, feeds it in, decodes what comes out.
+    struct Pair {
+        conn: Connection,
+        now: Instant,
+        /// Digests in force from the initiator's side.
+        digests: Digests,
+        cmd_sn: u32,
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> Bytes {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Bytes::from(text::encode(&owned))
+    }
+
+    fn keys(data: &[u8]) -> Vec<(String, String)> {
+        text::parse(data).unwrap()
+    }
+
+    fn key<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn pdu(header: Header, data: Bytes) -> Pdu {
+        Pdu {
+            header,
+            ahs: Vec::new(),
+            data,
+        }
+    }
+
+    fn login_req(csg: Stage, nsg: Stage, transit: bool) -> LoginRequest {
+        LoginRequest {
+            transit,
+            csg,
+            nsg,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            itt: 0x1000,
+            cmd_sn: 1,
+            exp_stat_sn: 100,
+            ..Default::default()
+        }
+    }
+
+    impl Pair {
+        fn new(config: PortalConfig) -> Self {
+            let now = Instant::now();
+            Pair {
+                conn: Connection::new_with_tsih(Arc::new(config), 7, now),
+                now,
+                digests: Digests::default(),
+                cmd_sn: 1,
+            }
+        }
+
+        fn send(&mut self, p: Pdu) {
+            let mut buf = BytesMut::new();
+            for piece in framer::encode_pdu(&p, self.digests) {
+                buf.extend_from_slice(&piece);
+            }
+            self.conn.receive(&mut buf, self.now);
+        }
+
+        fn send_raw(&mut self, bytes: &[u8]) {
+            let mut buf = BytesMut::from(bytes);
+            self.conn.receive(&mut buf, self.now);
+        }
+
+        /// Everything the target sent since the last call, decoded.
+        fn recv(&mut self) -> Vec<Pdu> {
+            let mut wire = BytesMut::new();
+            while let Some(t) = self.conn.poll_transmit() {
+                for p in t.pieces {
+                    wire.extend_from_slice(&p);
+                }
+            }
+            let mut out = Vec::new();
+            // Login responses are digest-free; later PDUs carry the negotiated digests.
+            let mut f = Framer::new(Limits::default());
+            loop {
+                f.digests = if wire.first().map(|b| b & 0x3f) == Some(0x23) {
+                    Digests::default()
+                } else {
+                    self.digests
+                };
+                match f.next_pdu(&mut wire).unwrap() {
+                    Some(Framed::Pdu(p)) => out.push(p),
+                    Some(Framed::Bad { error, .. }) => panic!("target sent a bad PDU: {error}"),
+                    None => break,
+                }
+            }
+            assert!(wire.is_empty(), "trailing bytes from target");
+            out
+        }
+
+        fn events(&mut self) -> Vec<Event> {
+            std::iter::from_fn(|| self.conn.poll_event()).collect()
+        }
+
+        fn login_with(&mut self, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+            self.send(pdu(
+                Header::LoginRequest(login_req(Stage::Operational, Stage::FullFeature, true)),
+                kv(pairs),
+            ));
+            let out = self.recv();
+            assert_eq!(out.len(), 1);
+            let Header::LoginResponse(r) = &out[0].header else {
+                panic!("not a login response")
+            };
+            assert_eq!((r.status_class, r.status_detail), (0, 0));
+            assert!(r.transit);
+            assert_eq!(r.nsg, Stage::FullFeature);
+            keys(&out[0].data)
+        }
+
+        fn login_normal(&mut self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+            let mut pairs = vec![
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+                ("SessionType", "Normal"),
+            ];
+            pairs.extend_from_slice(extra);
+            let reply = self.login_with(&pairs);
+            assert!(matches!(self.events().as_slice(), [Event::LoggedIn(_)]));
+            reply
+        }
+
+        fn next_cmd_sn(&mut self) -> u32 {
+            let sn = self.cmd_sn;
+            self.cmd_sn = self.cmd_sn.wrapping_add(1);
+            sn
+        }
+
+        fn command(
+            &mut self,
+            itt: u32,
+            cdb0: u8,
+            read: bool,
+            write: bool,
+            edtl: u32,
+            final_: bool,
+            imm: Bytes,
+        ) {
+            let cmd_sn = self.next_cmd_sn();
+            let mut cdb = [0u8; 16];
+            cdb[0] = cdb0;
+            let h = ScsiCommand {
+                final_,
+                read,
+                write,
+                itt,
+                expected_data_transfer_length: edtl,
+                cmd_sn,
+                cdb,
+                ..Default::default()
+            };
+            self.send(pdu(Header::ScsiCommand(h), imm));
+        }
+
+        fn data_out(
+            &mut self,
+            itt: u32,
+            ttt: u32,
+            data_sn: u32,
+            offset: u32,
+            final_: bool,
+            data: &'static [u8],
+        ) {
+            let h = DataOut {
+                final_,
+                itt,
+                ttt,
+                data_sn,
+                buffer_offset: offset,
+                ..Default::default()
+            };
+            self.send(pdu(Header::DataOut(h), Bytes::from_static(data)));
+        }
+
+        fn command_event(&mut self) -> ScsiCommandEvent {
+            match self.events().as_slice() {
+                [Event::Command(c)] => c.clone(),
+                other => panic!("expected one command event, got {other:?}"),
+            }
+        }
+    }
+
+    fn login_status(p: &Pdu) -> LoginStatus {
+        let Header::LoginResponse(r) = &p.header else {
+            panic!("not a login response: {p:?}")
+        };
+        LoginStatus {
+            class: r.status_class,
+            detail: r.status_detail,
+        }
+    }
+
+    fn good(data: &'static [u8]) -> ScsiCompletion {
+        ScsiCompletion {
+            status: 0,
+            sense: Bytes::new(),
+            data_in: Bytes::from_static(data),
+        }
+    }
+
+    // ----- login ------------------------------------------------------------------------------
+
+    #[test]
+    fn accepts_normal_login_through_security_and_operational_stages() {
+        let mut p = Pair::new(config());
+        let sec = kv(&[
+            ("InitiatorName", INITIATOR),
+            ("TargetName", TARGET),
+            ("AuthMethod", "None"),
+        ]);
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Security, Stage::Operational, true)),
+            sec,
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(login_status(&out[0]), LoginStatus::SUCCESS);
+        assert!(r.transit);
+        assert_eq!((r.csg, r.nsg), (Stage::Security, Stage::Operational));
+        assert_eq!(
+            r.stat_sn, 100,
+            "first StatSN follows the initiator's ExpStatSN"
+        );
+        assert_eq!(r.tsih, 0);
+        let k = keys(&out[0].data);
+        assert_eq!(key(&k, "AuthMethod"), Some("None"));
+        assert_eq!(key(&k, "TargetPortalGroupTag"), Some("1"));
+        assert_eq!(key(&k, "TargetAlias"), Some("lab"));
+
+        let op = kv(&[
+            ("HeaderDigest", "None"),
+            ("MaxRecvDataSegmentLength", "4096"),
+            ("ImmediateData", "Yes"),
+        ]);
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Operational, Stage::FullFeature, true)),
+            op,
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(r.transit);
+        assert_eq!(r.nsg, Stage::FullFeature);
+        assert_eq!(r.tsih, 7);
+        assert_eq!(r.stat_sn, 101);
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (1, 8));
+        let k = keys(&out[0].data);
+        assert_eq!(key(&k, "HeaderDigest"), Some("None"));
+        assert_eq!(key(&k, "ImmediateData"), Some("Yes"));
+        assert_eq!(
+            key(&k, "MaxRecvDataSegmentLength"),
+            Some("262144"),
+            "we always declare ours"
+        );
+        let events = p.events();
+        let [Event::LoggedIn(s)] = events.as_slice() else {
+            panic!("{events:?}")
+        };
+        assert_eq!(s.initiator_name, INITIATOR);
+        assert_eq!(s.target_name.as_deref(), Some(TARGET));
+        assert_eq!(s.tsih, 7);
+        assert_eq!(
+            p.conn
+                .connection_params()
+                .unwrap()
+                .max_xmit_data_segment_length,
+            4096
+        );
+    }
+
+    #[test]
+    fn accepts_discovery_login_and_send_targets() {
+        let mut p = Pair::new(config());
+        let k = p.login_with(&[
+            ("InitiatorName", INITIATOR),
+            ("SessionType", "Discovery"),
+            ("InitialR2T", "No"),
+        ]);
+        assert_eq!(key(&k, "InitialR2T"), Some("Irrelevant"));
+        assert_eq!(key(&k, "TargetPortalGroupTag"), None);
+        let s = match p.events().as_slice() {
+            [Event::LoggedIn(s)] => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.target_name, None);
+        let h = TextRequest {
+            final_: true,
+            itt: 5,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        p.send(pdu(Header::TextRequest(h), kv(&[("SendTargets", "All")])));
+        let out = p.recv();
+        let Header::TextResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(r.final_ && !r.continue_);
+        assert_eq!(r.ttt, RESERVED_TAG);
+        assert_eq!(r.exp_cmd_sn, 2);
+        let k = keys(&out[0].data);
+        assert_eq!(key(&k, "TargetName"), Some(TARGET));
+        assert_eq!(key(&k, "TargetAddress"), Some("127.0.0.1:3260,1"));
+    }
+
+    #[test]
+    fn rejects_login_failures_with_their_status() {
+        let cases: Vec<(LoginRequest, Vec<(&str, &str)>, LoginStatus)> = vec![
+            (
+                LoginRequest {
+                    version_min: 1,
+                    version_max: 2,
+                    ..login_req(Stage::Operational, Stage::FullFeature, true)
+                },
+                vec![("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+                LoginStatus::UNSUPPORTED_VERSION,
+            ),
+            (
+                login_req(Stage::Security, Stage::Operational, true),
+                vec![("TargetName", TARGET)],
+                LoginStatus::MISSING_PARAMETER,
+            ),
+            (
+                login_req(Stage::Security, Stage::Operational, true),
+                vec![("InitiatorName", INITIATOR)],
+                LoginStatus::MISSING_PARAMETER,
+            ),
+            (
+                login_req(Stage::Security, Stage::Operational, true),
+                vec![
+                    ("InitiatorName", INITIATOR),
+                    ("TargetName", "iqn.2026-11.io.ironlun:nope"),
+                ],
+                LoginStatus::NOT_FOUND,
+            ),
+            (
+                login_req(Stage::Security, Stage::Operational, true),
+                vec![
+                    ("InitiatorName", INITIATOR),
+                    ("TargetName", TARGET),
+                    ("AuthMethod", "CHAP"),
+                ],
+                LoginStatus::AUTHENTICATION_FAILURE,
+            ),
+            (
+                login_req(Stage::Operational, Stage::Security, true),
+                vec![("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+                LoginStatus::INITIATOR_ERROR,
+            ),
+            (
+                login_req(Stage::FullFeature, Stage::FullFeature, true),
+                vec![("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+                LoginStatus::INITIATOR_ERROR,
+            ),
+            (
+                login_req(Stage::Security, Stage::Operational, true),
+                vec![("InitiatorName", INITIATOR), ("SessionType", "Bogus")],
+                LoginStatus::SESSION_TYPE_NOT_SUPPORTED,
+            ),
+            (
+                LoginRequest {
+                    tsih: 9,
+                    ..login_req(Stage::Security, Stage::Operational, true)
+                },
+                vec![("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+                LoginStatus::SESSION_DOES_NOT_EXIST,
+            ),
+        ];
+        for (req, pairs, status) in cases {
+            let mut p = Pair::new(config());
+            p.send(pdu(Header::LoginRequest(req.clone()), kv(&pairs)));
+            let out = p.recv();
+            assert_eq!(out.len(), 1, "{req:?}");
+            assert_eq!(login_status(&out[0]), status, "{pairs:?}");
+            assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+            assert!(p.events().is_empty());
+        }
+    }
+
+    #[test]
+    fn rejects_non_login_pdu_before_login() {
+        let mut p = Pair::new(config());
+        p.send(pdu(
+            Header::NopOut(NopOut {
+                itt: 1,
+                ttt: RESERVED_TAG,
+                immediate: true,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        ));
+        assert!(matches!(
+            p.conn.is_closed(),
+            Some(CloseReason::ProtocolError(_))
+        ));
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn accepts_login_text_in_continuations_and_answers_in_pieces() {
+        let mut p = Pair::new(config());
+        // Enough unknown keys that both the request and our answer exceed 8192 bytes.
+        let names: Vec<String> = (0..260)
+            .map(|i| format!("X-com.example.key-{i:04}-padding-padding"))
+            .collect();
+        let mut pairs: Vec<(&str, &str)> =
+            vec![("InitiatorName", INITIATOR), ("TargetName", TARGET)];
+        pairs.extend(names.iter().map(|n| (n.as_str(), "1")));
+        let all = kv(&pairs);
+        assert!(all.len() > 8192);
+        let (a, b) = (all.slice(..8000), all.slice(8000..));
+        let req = login_req(Stage::Operational, Stage::FullFeature, false);
+        p.send(pdu(
+            Header::LoginRequest(LoginRequest {
+                continue_: true,
+                ..req.clone()
+            }),
+            a,
+        ));
+        let out = p.recv();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].data.is_empty());
+        assert_eq!(login_status(&out[0]), LoginStatus::SUCCESS);
+        p.send(pdu(
+            Header::LoginRequest(LoginRequest {
+                transit: true,
+                ..req.clone()
+            }),
+            b,
+        ));
+        let mut text = Vec::new();
+        let mut rounds = 0;
+        loop {
+            let out = p.recv();
+            assert_eq!(out.len(), 1);
+            let Header::LoginResponse(r) = &out[0].header else {
+                panic!()
+            };
+            assert!(out[0].data.len() <= 8192);
+            text.extend_from_slice(&out[0].data);
+            rounds += 1;
+            if !r.continue_ {
+                assert!(r.transit);
+                break;
+            }
+            assert!(!r.transit, "no transition while pieces remain");
+            p.send(pdu(
+                Header::LoginRequest(LoginRequest {
+                    transit: true,
+                    ..req.clone()
+                }),
+                Bytes::new(),
+            ));
+        }
+        assert!(rounds >= 2);
+        let k = keys(&text);
+        assert_eq!(key(&k, names[259].as_str()), Some("NotUnderstood"));
+        let ev = p.events();
+        assert!(
+            matches!(ev.as_slice(), [Event::LoggedIn(_)]),
+            "{ev:?} {:?}",
+            p.conn.is_closed()
+        );
+    }
+
+    #[test]
+    fn holds_transition_until_target_offers_are_answered() {
+        let mut cfg = config();
+        cfg.offers.immediate_data = false;
+        let mut p = Pair::new(cfg);
+        let req = login_req(Stage::Operational, Stage::FullFeature, true);
+        p.send(pdu(
+            Header::LoginRequest(req.clone()),
+            kv(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]),
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(!r.transit);
+        assert_eq!(key(&keys(&out[0].data), "ImmediateData"), Some("No"));
+        p.send(pdu(
+            Header::LoginRequest(req),
+            kv(&[("ImmediateData", "No")]),
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(r.transit);
+        assert!(out[0].data.is_empty() || key(&keys(&out[0].data), "ImmediateData").is_none());
+        assert!(!p.conn.session_params().unwrap().immediate_data);
+    }
+
+    // ----- reads and writes ---------------------------------------------------------------
+
+    #[test]
+    fn read_puts_status_in_final_data_in() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("MaxRecvDataSegmentLength", "512")]);
+        p.command(0x10, 0x28, true, false, 1024, true, Bytes::new());
+        let c = p.command_event();
+        assert_eq!(
+            (c.itt, c.expected_in_len, c.expected_out_len),
+            (0x10, 1024, 0)
+        );
+        assert_eq!(c.cdb.len(), 16);
+        p.conn.complete_command(0x10, good(&[0x5a; 1024]));
+        let out = p.recv();
+        assert_eq!(out.len(), 2);
+        let Header::DataIn(d0) = &out[0].header else {
+            panic!()
+        };
+        let Header::DataIn(d1) = &out[1].header else {
+            panic!()
+        };
+        assert!(!d0.final_ && !d0.status_present);
+        assert!(d1.final_ && d1.status_present);
+        assert_eq!((d0.data_sn, d1.data_sn, d1.buffer_offset), (0, 1, 512));
+        assert_eq!(d1.stat_sn, 101);
+        assert_eq!(d1.exp_cmd_sn, 2);
+        assert_eq!(d1.max_cmd_sn, 9);
+        // Aborted/unknown completions are ignored.
+        p.conn.complete_command(0x10, good(b"x"));
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn read_residuals_overflow_and_underflow() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(1, 0x28, true, false, 200, true, Bytes::new());
+        p.command_event();
+        p.conn.complete_command(1, good(&[1; 512]));
+        let out = p.recv();
+        let Header::DataIn(d) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(out[0].data.len(), 200);
+        assert!(d.overflow && !d.underflow);
+        assert_eq!(d.residual_count, 312);
+
+        p.command(2, 0x28, true, false, 10000, true, Bytes::new());
+        p.command_event();
+        p.conn.complete_command(2, good(&[1; 512]));
+        let out = p.recv();
+        let Header::DataIn(d) = &out[0].header else {
+            panic!()
+        };
+        assert!(d.underflow && !d.overflow);
+        assert_eq!(d.residual_count, 10000 - 512);
+    }
+
+    #[test]
+    fn write_with_immediate_unsolicited_and_solicited_data() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("FirstBurstLength", "4096"),
+            ("MaxBurstLength", "4096"),
+            ("MaxOutstandingR2T", "1"),
+        ]);
+        static IMM: [u8; 1024] = [1; 1024];
+        static UNSOL: [u8; 3072] = [2; 3072];
+        static SOL: [u8; 4096] = [3; 4096];
+        // EDTL 12288: 1024 immediate + 3072 unsolicited (FirstBurst 4096) + 2 R2Ts of 4096.
+        p.command(
+            0x20,
+            0x2a,
+            false,
+            true,
+            12288,
+            false,
+            Bytes::from_static(&IMM),
+        );
+        let r2ts = p.recv();
+        assert_eq!(r2ts.len(), 1, "MaxOutstandingR2T=1");
+        let Header::R2t(r) = &r2ts[0].header else {
+            panic!()
+        };
+        assert_eq!(
+            (r.r2t_sn, r.buffer_offset, r.desired_data_transfer_length),
+            (0, 4096, 4096)
+        );
+        let ttt0 = r.ttt;
+        assert_ne!(ttt0, RESERVED_TAG);
+        p.data_out(0x20, RESERVED_TAG, 0, 1024, true, &UNSOL);
+        assert!(p.events().is_empty());
+        p.data_out(0x20, ttt0, 0, 4096, true, &SOL);
+        let r2ts = p.recv();
+        let Header::R2t(r) = &r2ts[0].header else {
+            panic!()
+        };
+        assert_eq!((r.r2t_sn, r.buffer_offset), (1, 8192));
+        assert_ne!(r.ttt, ttt0);
+        let ttt1 = r.ttt;
+        p.data_out(0x20, ttt1, 0, 8192, true, &SOL);
+        let c = p.command_event();
+        assert_eq!(c.expected_out_len, 12288);
+        assert_eq!(c.data_out.len(), 12288);
+        assert_eq!(c.data_out[0], 1);
+        assert_eq!(c.data_out[1024], 2);
+        assert_eq!(c.data_out[4096], 3);
+        assert_eq!(c.data_out[12287], 3);
+        p.conn.complete_command(0x20, good(b""));
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.status, 0);
+        assert_eq!(r.exp_data_sn, 2, "two R2Ts");
+        assert!(!r.overflow && !r.underflow);
+    }
+
+    #[test]
+    fn write_residual_from_spdtl() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("ImmediateData", "Yes")]);
+        p.command(
+            3,
+            0x2a,
+            false,
+            true,
+            512,
+            true,
+            Bytes::from_static(&[9; 512]),
+        );
+        let c = p.command_event();
+        assert_eq!(c.data_out.len(), 512);
+        p.conn.complete_command_with_spdtl(3, good(b""), 1024);
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(r.overflow);
+        assert_eq!(r.residual_count, 512);
+    }
+
+    #[test]
+    fn rejects_bad_data_sn_by_closing() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+        p.command(4, 0x2a, false, true, 1024, true, Bytes::new());
+        let out = p.recv();
+        let Header::R2t(r) = &out[0].header else {
+            panic!()
+        };
+        p.data_out(4, r.ttt, 0, 0, false, &[0; 512]);
+        p.data_out(4, r.ttt, 0, 512, true, &[0; 512]);
+        assert!(matches!(
+            p.conn.is_closed(),
+            Some(CloseReason::ProtocolError(_))
+        ));
+        assert!(p.events().is_empty(), "nothing was handed to the owner");
+    }
+
+    #[test]
+    fn rejects_transfer_beyond_limit_with_check_condition() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(5, 0x28, true, false, 2 * 1024 * 1024, true, Bytes::new());
+        assert!(p.events().is_empty());
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.status, STATUS_CHECK_CONDITION);
+        assert_eq!(&out[0].data[..2], &[0, 18]);
+        assert_eq!(out[0].data[4], 0x05);
+    }
+
+    #[test]
+    fn rejects_immediate_data_when_not_negotiated() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("ImmediateData", "No")]);
+        p.command(
+            6,
+            0x2a,
+            false,
+            true,
+            512,
+            true,
+            Bytes::from_static(&[0; 512]),
+        );
+        let out = p.recv();
+        let Header::Reject(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.reason, RejectReason::ProtocolError);
+        assert_eq!(out[0].data.len(), 48);
+        assert_eq!(out[0].data[0] & 0x3f, 0x01);
+    }
+
+    // ----- CmdSN window ----------------------------------------------------------------------
+
+    #[test]
+    fn drops_commands_outside_the_cmd_sn_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // MaxCmdSN = 8: CmdSN 9 is too high, CmdSN 0 too low.
+        for sn in [9u32, 0, 0xffff_ffff] {
+            p.cmd_sn = sn;
+            p.command(7, 0x00, false, false, 0, true, Bytes::new());
+            assert!(p.events().is_empty(), "CmdSN {sn}");
+            assert!(p.recv().is_empty());
+        }
+        p.cmd_sn = 1;
+        p.command(7, 0x00, false, false, 0, true, Bytes::new());
+        assert_eq!(p.command_event().itt, 7);
+    }
+
+    #[test]
+    fn reorders_commands_within_the_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.cmd_sn = 3;
+        p.command(30, 0x00, false, false, 0, true, Bytes::new());
+        p.cmd_sn = 2;
+        p.command(20, 0x00, false, false, 0, true, Bytes::new());
+        assert!(p.events().is_empty());
+        p.cmd_sn = 1;
+        p.command(10, 0x00, false, false, 0, true, Bytes::new());
+        let itts: Vec<u32> = p
+            .events()
+            .into_iter()
+            .map(|e| match e {
+                Event::Command(c) => c.itt,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(itts, [10, 20, 30]);
+        p.conn.complete_command(30, good(b""));
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (4, 11));
+    }
+
+    // ----- NOP, text, logout, TMF, errors ------------------------------------------------
+
+    #[test]
+    fn echoes_nop_out_ping() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        let h = NopOut {
+            immediate: true,
+            itt: 0x77,
+            ttt: RESERVED_TAG,
+            lun: 0,
+            cmd_sn: 1,
+            exp_stat_sn: 102,
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::from_static(b"ping")));
+        let out = p.recv();
+        let Header::NopIn(n) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!((n.itt, n.ttt, n.stat_sn), (0x77, RESERVED_TAG, 101));
+        assert_eq!(&out[0].data[..], b"ping");
+        // ITT 0xffffffff: no answer wanted.
+        let h = NopOut {
+            immediate: true,
+            itt: RESERVED_TAG,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::new()));
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn logout_answers_then_closes_and_aborts_in_flight() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(0x40, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        let cmd_sn = p.next_cmd_sn();
+        let h = LogoutRequest {
+            immediate: true,
+            reason: LogoutReason::CloseSession,
+            itt: 0x41,
+            cid: 0,
+            cmd_sn,
+            exp_stat_sn: 0,
+        };
+        p.send(pdu(Header::LogoutRequest(h), Bytes::new()));
+        let out = p.recv();
+        let Header::LogoutResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!((r.response, r.itt), (0, 0x41));
+        assert_eq!(p.conn.is_closed(), Some(&CloseReason::Logout));
+        assert_eq!(p.events(), vec![Event::Aborted(vec![0x40])]);
+        p.conn.complete_command(0x40, good(&[0; 512]));
+        assert!(p.recv().is_empty());
+    }
+
+    fn tmf(p: &mut Pair, itt: u32, function: TmfFunction, rtt: u32, ref_cmd_sn: u32) {
+        let cmd_sn = p.cmd_sn;
+        let h = TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun: 0,
+            itt,
+            referenced_task_tag: rtt,
+            cmd_sn,
+            exp_stat_sn: 0,
+            ref_cmd_sn,
+            exp_data_sn: 0,
+        };
+        p.send(pdu(Header::TaskMgmtRequest(h), Bytes::new()));
+    }
+
+    #[test]
+    fn abort_task_drops_the_task_and_answers_on_completion() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(0x50, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        tmf(&mut p, 0x51, TmfFunction::AbortTask, 0x50, 1);
+        let ev = p.events();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0], Event::Aborted(vec![0x50]));
+        let Event::TaskMgmt(t) = &ev[1] else { panic!() };
+        assert_eq!(
+            (t.itt, t.function, t.referenced_task_tag),
+            (0x51, TmfFunction::AbortTask, 0x50)
+        );
+        // The owner's late completion is dropped; the TMF response follows the owner's answer.
+        p.conn.complete_command(0x50, good(&[0; 512]));
+        assert!(p.recv().is_empty());
+        p.conn.complete_tmf(0x51, TmfResponse::FunctionComplete);
+        let out = p.recv();
+        let Header::TaskMgmtResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!((r.itt, r.response), (0x51, TmfResponse::FunctionComplete));
+    }
+
+    #[test]
+    fn abort_task_of_unknown_task_answers_directly() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // RefCmdSN already past (outside the window): task does not exist.
+        p.cmd_sn = 1;
+        tmf(&mut p, 0x60, TmfFunction::AbortTask, 0x99, 0);
+        let out = p.recv();
+        let Header::TaskMgmtResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.response, TmfResponse::TaskDoesNotExist);
+        // RefCmdSN in the window and before the TMF's CmdSN: considered received, complete.
+        p.cmd_sn = 3;
+        tmf(&mut p, 0x61, TmfFunction::AbortTask, 0x98, 1);
+        let out = p.recv();
+        let Header::TaskMgmtResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.response, TmfResponse::FunctionComplete);
+        assert_eq!(r.exp_cmd_sn, 2, "CmdSN 1 now counts as received");
+        // The skipped command, arriving late, is not executed.
+        p.cmd_sn = 1;
+        p.command(0x98, 0x00, false, false, 0, true, Bytes::new());
+        assert!(p.events().is_empty());
+        assert!(p.events().is_empty());
+    }
+
+    #[test]
+    fn answers_unsupported_tmf_functions() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        tmf(&mut p, 0x70, TmfFunction::Other(0x0e), 0, 1);
+        tmf(&mut p, 0x71, TmfFunction::TaskReassign, 0, 1);
+        let out = p.recv();
+        let responses: Vec<TmfResponse> = out
+            .iter()
+            .map(|o| match &o.header {
+                Header::TaskMgmtResponse(r) => r.response,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            responses,
+            [
+                TmfResponse::FunctionNotSupported,
+                TmfResponse::ReassignmentNotSupported
+            ]
+        );
+        assert!(p.events().is_empty());
+    }
+
+    #[test]
+    fn lun_reset_aborts_tasks_of_that_lun() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(1, 0x28, true, false, 512, true, Bytes::new());
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        let _ = p.recv();
+        let _ = p.events();
+        tmf(&mut p, 3, TmfFunction::LogicalUnitReset, 0, 0);
+        let ev = p.events();
+        assert_eq!(
+            ev[0],
+            Event::Aborted(vec![1]),
+            "only tasks already handed over are reported"
+        );
+        assert!(matches!(ev[1], Event::TaskMgmt(_)));
+        // Data-Out for the dropped write is ignored.
+        p.data_out(2, 1, 0, 0, true, &[0; 16]);
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn rejects_unexpected_opcodes_in_full_feature_phase() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Operational, Stage::FullFeature, true)),
+            Bytes::new(),
+        ));
+        p.send(pdu(
+            Header::NopIn(NopIn {
+                itt: 1,
+                ttt: RESERVED_TAG,
+                ..Default::default()
+            }),
+            Bytes::new(),
+        ));
+        let mut raw = [0u8; 48];
+        raw[0] = 0x1c; // an initiator opcode nobody defines
+        raw[16..20].copy_from_slice(&[0, 0, 0, 9]);
+        p.send_raw(&raw);
+        let out = p.recv();
+        assert_eq!(out.len(), 3);
+        let reasons: Vec<RejectReason> = out
+            .iter()
+            .map(|o| match &o.header {
+                Header::Reject(r) => r.reason,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                RejectReason::ProtocolError,
+                RejectReason::ProtocolError,
+                RejectReason::CommandNotSupported
+            ]
+        );
+        assert_eq!(out[0].data[0] & 0x3f, 0x03);
+        assert_eq!(out[2].data[..], raw[..]);
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn rejects_bad_data_digest_and_goes_on() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+        p.digests = Digests {
+            header: true,
+            data: true,
+        };
+        let h = NopOut {
+            immediate: true,
+            itt: 0x80,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        let mut wire = BytesMut::new();
+        for piece in framer::encode_pdu(
+            &pdu(Header::NopOut(h.clone()), Bytes::from_static(b"abcd")),
+            p.digests,
+        ) {
+            wire.extend_from_slice(&piece);
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 0xff;
+        p.conn.receive(&mut wire, p.now);
+        let out = p.recv();
+        let Header::Reject(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.reason, RejectReason::DataDigestError);
+        // The connection still works, with digests.
+        p.send(pdu(Header::NopOut(h), Bytes::from_static(b"abcd")));
+        let out = p.recv();
+        assert!(matches!(out[0].header, Header::NopIn(_)));
+    }
+
+    #[test]
+    fn drops_connection_on_segment_larger_than_declared() {
+        let mut cfg = config();
+        cfg.offers.max_recv_data_segment_length = 4096;
+        let mut p = Pair::new(cfg);
+        p.login_normal(&[]);
+        static BIG: [u8; 8192] = [0; 8192];
+        let h = NopOut {
+            immediate: true,
+            itt: 1,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::from_static(&BIG)));
+        assert!(matches!(
+            p.conn.is_closed(),
+            Some(CloseReason::ProtocolError(_))
+        ));
+    }
+
+    #[test]
+    fn discovery_session_rejects_scsi_commands() {
+        let mut p = Pair::new(config());
+        p.login_with(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        let _ = p.events();
+        p.command(1, 0x00, false, false, 0, true, Bytes::new());
+        let out = p.recv();
+        assert!(
+            matches!(&out[0].header, Header::Reject(r) if r.reason == RejectReason::ProtocolError)
+        );
+        assert!(p.events().is_empty());
+    }
+
+    #[test]
+    fn long_text_response_comes_in_pieces() {
+        let mut cfg = config();
+        for i in 0..40 {
+            cfg.targets.push(TargetInfo {
+                name: format!("iqn.2026-11.io.ironlun:disk-{i:03}"),
+                alias: None,
+                addresses: vec![
+                    "192.0.2.1:3260".to_string(),
+                    "[2001:db8::1]:3260".to_string(),
+                ],
+                portal_group_tag: 1,
+            });
+        }
+        let mut p = Pair::new(cfg);
+        p.login_with(&[
+            ("InitiatorName", INITIATOR),
+            ("SessionType", "Discovery"),
+            ("MaxRecvDataSegmentLength", "512"),
+        ]);
+        let mut h = TextRequest {
+            final_: true,
+            itt: 9,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        p.send(pdu(
+            Header::TextRequest(h.clone()),
+            kv(&[("SendTargets", "All")]),
+        ));
+        let mut text = Vec::new();
+        loop {
+            let out = p.recv();
+            assert_eq!(out.len(), 1);
+            let Header::TextResponse(r) = &out[0].header else {
+                panic!()
+            };
+            assert!(out[0].data.len() <= 512);
+            text.extend_from_slice(&out[0].data);
+            if r.final_ {
+                assert_eq!(r.ttt, RESERVED_TAG);
+                break;
+            }
+            assert!(r.continue_);
+            h.ttt = r.ttt;
+            h.cmd_sn = h.cmd_sn.wrapping_add(1);
+            p.send(pdu(Header::TextRequest(h.clone()), Bytes::new()));
+        }
+        let k = keys(&text);
+        assert_eq!(k.iter().filter(|(key, _)| key == "TargetName").count(), 41);
     }
 }

@@ -22,10 +22,18 @@ impl Residual {
         let expected64 = u64::from(expected);
         if wanted > expected64 {
             let count = u32::try_from(wanted.saturating_sub(expected64)).unwrap_or(u32::MAX);
-            Residual { overflow: true, underflow: false, count }
+            Residual {
+                overflow: true,
+                underflow: false,
+                count,
+            }
         } else if wanted < expected64 {
             let count = u32::try_from(expected64.saturating_sub(wanted)).unwrap_or(u32::MAX);
-            Residual { overflow: false, underflow: true, count }
+            Residual {
+                overflow: false,
+                underflow: true,
+                count,
+            }
         } else {
             Residual::default()
         }
@@ -70,7 +78,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
     let send_len = usize::try_from(u64::from(c.expected_in).min(wanted)).unwrap_or(0);
     let payload = c.data_in.slice(..send_len.min(c.data_in.len()));
     let seg = usize::try_from(c.max_segment.max(1)).unwrap_or(8192);
-    let status_in_data = c.status == STATUS_GOOD && c.sense.is_empty() && !payload.is_empty() && !c.out_residual.overflow && !c.out_residual.underflow;
+    let status_in_data = c.status == STATUS_GOOD
+        && c.sense.is_empty()
+        && !payload.is_empty()
+        && !c.out_residual.overflow
+        && !c.out_residual.underflow;
 
     let mut pdus = Vec::new();
     let mut offset = 0usize;
@@ -96,7 +108,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
             buffer_offset: u32::try_from(offset).unwrap_or(u32::MAX),
             residual_count: if with_status { in_residual.count } else { 0 },
         };
-        pdus.push(Pdu { header: Header::DataIn(header), ahs: Vec::new(), data: payload.slice(offset..end) });
+        pdus.push(Pdu {
+            header: Header::DataIn(header),
+            ahs: Vec::new(),
+            data: payload.slice(offset..end),
+        });
         data_sn = data_sn.wrapping_add(1);
         offset = end;
     }
@@ -104,7 +120,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
         return pdus;
     }
     // Reads report the read residual; pure writes report the write residual.
-    let residual = if c.expected_in > 0 || wanted > 0 { in_residual } else { c.out_residual };
+    let residual = if c.expected_in > 0 || wanted > 0 {
+        in_residual
+    } else {
+        c.out_residual
+    };
     let data = if c.sense.is_empty() {
         Bytes::new()
     } else {
@@ -130,7 +150,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
         bidi_residual_count: 0,
         residual_count: residual.count,
     };
-    pdus.push(Pdu { header: Header::ScsiResponse(header), ahs: Vec::new(), data });
+    pdus.push(Pdu {
+        header: Header::ScsiResponse(header),
+        ahs: Vec::new(),
+        data,
+    });
     pdus
 }
 
@@ -139,7 +163,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
 mod tests {
     use super::*;
 
-    const STAMPS: Stamps = Stamps { stat_sn: 7, exp_cmd_sn: 3, max_cmd_sn: 34 };
+    const STAMPS: Stamps = Stamps {
+        stat_sn: 7,
+        exp_cmd_sn: 3,
+        max_cmd_sn: 34,
+    };
 
     fn run(data: &[u8], expected_in: u32, status: u8, sense: &[u8], seg: u32) -> Vec<Pdu> {
         let data = Bytes::copy_from_slice(data);
@@ -169,9 +197,33 @@ mod tests {
     fn residual_table() {
         let table = [
             (512u32, 512u64, Residual::default()),
-            (0, 512, Residual { overflow: true, underflow: false, count: 512 }),
-            (10000, 512, Residual { overflow: false, underflow: true, count: 9488 }),
-            (200, 512, Residual { overflow: true, underflow: false, count: 312 }),
+            (
+                0,
+                512,
+                Residual {
+                    overflow: true,
+                    underflow: false,
+                    count: 512,
+                },
+            ),
+            (
+                10000,
+                512,
+                Residual {
+                    overflow: false,
+                    underflow: true,
+                    count: 9488,
+                },
+            ),
+            (
+                200,
+                512,
+                Residual {
+                    overflow: true,
+                    underflow: false,
+                    count: 312,
+                },
+            ),
         ];
         for (expected, wanted, r) in table {
             assert_eq!(Residual::of(expected, wanted), r, "{expected} vs {wanted}");
@@ -207,7 +259,9 @@ mod tests {
     fn zero_allocation_gives_scsi_response_with_overflow() {
         let pdus = run(&[1; 512], 0, 0, &[], 8192);
         assert_eq!(pdus.len(), 1);
-        let Header::ScsiResponse(r) = &pdus[0].header else { panic!("no response") };
+        let Header::ScsiResponse(r) = &pdus[0].header else {
+            panic!("no response")
+        };
         assert!(r.overflow);
         assert_eq!(r.residual_count, 512);
     }
@@ -216,7 +270,9 @@ mod tests {
     fn check_condition_sends_sense_with_length_prefix() {
         let pdus = run(&[], 0, 0x02, &[0x70, 0, 5], 8192);
         assert_eq!(pdus.len(), 1);
-        let Header::ScsiResponse(r) = &pdus[0].header else { panic!("no response") };
+        let Header::ScsiResponse(r) = &pdus[0].header else {
+            panic!("no response")
+        };
         assert_eq!(r.status, 0x02);
         assert_eq!(r.stat_sn, 7);
         assert_eq!(&pdus[0].data[..], &[0, 3, 0x70, 0, 5]);

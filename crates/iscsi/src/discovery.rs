@@ -7,7 +7,11 @@ use crate::connection::TargetInfo;
 /// an iSCSI name lists that target if it exists. Each target is `TargetName=` followed by its
 /// `TargetAddress=addr:port,tpgt` entries (the tag is appended when the configured address
 /// lacks one).
-pub fn send_targets(value: &str, targets: &[TargetInfo], session_target: Option<&str>) -> Vec<(String, String)> {
+pub fn send_targets(
+    value: &str,
+    targets: &[TargetInfo],
+    session_target: Option<&str>,
+) -> Vec<(String, String)> {
     let selected: Vec<&TargetInfo> = match (value, session_target) {
         ("All", None) => targets.iter().collect(),
         ("All", Some(own)) | ("", Some(own)) => targets.iter().filter(|t| t.name == own).collect(),
@@ -18,7 +22,11 @@ pub fn send_targets(value: &str, targets: &[TargetInfo], session_target: Option<
     for t in selected {
         out.push(("TargetName".to_string(), t.name.clone()));
         for addr in &t.addresses {
-            let value = if addr.contains(',') { addr.clone() } else { format!("{addr},{}", t.portal_group_tag) };
+            let value = if addr.contains(',') {
+                addr.clone()
+            } else {
+                format!("{addr},{}", t.portal_group_tag)
+            };
             out.push(("TargetAddress".to_string(), value));
         }
     }
@@ -67,12 +75,18 @@ mod tests {
     fn normal_session_sees_only_its_target() {
         let own = Some("iqn.2026-11.io.ironlun:b");
         assert_eq!(send_targets("All", &targets(), own).len(), 2);
-        assert_eq!(send_targets("", &targets(), own).first(), Some(&kv("TargetName", "iqn.2026-11.io.ironlun:b")));
+        assert_eq!(
+            send_targets("", &targets(), own).first(),
+            Some(&kv("TargetName", "iqn.2026-11.io.ironlun:b"))
+        );
     }
 
     #[test]
     fn named_target_and_unknown_name() {
-        assert_eq!(send_targets("iqn.2026-11.io.ironlun:a", &targets(), None).len(), 2);
+        assert_eq!(
+            send_targets("iqn.2026-11.io.ironlun:a", &targets(), None).len(),
+            2
+        );
         assert!(send_targets("iqn.nope", &targets(), None).is_empty());
     }
 }

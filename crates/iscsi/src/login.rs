@@ -8,23 +8,74 @@ pub struct LoginStatus {
 }
 
 impl LoginStatus {
-    pub const SUCCESS: Self = Self { class: 0, detail: 0 };
-    pub const TARGET_MOVED_TEMPORARILY: Self = Self { class: 1, detail: 1 };
-    pub const INITIATOR_ERROR: Self = Self { class: 2, detail: 0 };
-    pub const AUTHENTICATION_FAILURE: Self = Self { class: 2, detail: 1 };
-    pub const AUTHORIZATION_FAILURE: Self = Self { class: 2, detail: 2 };
-    pub const NOT_FOUND: Self = Self { class: 2, detail: 3 };
-    pub const TARGET_REMOVED: Self = Self { class: 2, detail: 4 };
-    pub const UNSUPPORTED_VERSION: Self = Self { class: 2, detail: 5 };
-    pub const TOO_MANY_CONNECTIONS: Self = Self { class: 2, detail: 6 };
-    pub const MISSING_PARAMETER: Self = Self { class: 2, detail: 7 };
-    pub const CANT_INCLUDE_IN_SESSION: Self = Self { class: 2, detail: 8 };
-    pub const SESSION_TYPE_NOT_SUPPORTED: Self = Self { class: 2, detail: 9 };
-    pub const SESSION_DOES_NOT_EXIST: Self = Self { class: 2, detail: 0x0a };
-    pub const INVALID_DURING_LOGIN: Self = Self { class: 2, detail: 0x0b };
-    pub const TARGET_ERROR: Self = Self { class: 3, detail: 0 };
-    pub const SERVICE_UNAVAILABLE: Self = Self { class: 3, detail: 1 };
-    pub const OUT_OF_RESOURCES: Self = Self { class: 3, detail: 2 };
+    pub const SUCCESS: Self = Self {
+        class: 0,
+        detail: 0,
+    };
+    pub const TARGET_MOVED_TEMPORARILY: Self = Self {
+        class: 1,
+        detail: 1,
+    };
+    pub const INITIATOR_ERROR: Self = Self {
+        class: 2,
+        detail: 0,
+    };
+    pub const AUTHENTICATION_FAILURE: Self = Self {
+        class: 2,
+        detail: 1,
+    };
+    pub const AUTHORIZATION_FAILURE: Self = Self {
+        class: 2,
+        detail: 2,
+    };
+    pub const NOT_FOUND: Self = Self {
+        class: 2,
+        detail: 3,
+    };
+    pub const TARGET_REMOVED: Self = Self {
+        class: 2,
+        detail: 4,
+    };
+    pub const UNSUPPORTED_VERSION: Self = Self {
+        class: 2,
+        detail: 5,
+    };
+    pub const TOO_MANY_CONNECTIONS: Self = Self {
+        class: 2,
+        detail: 6,
+    };
+    pub const MISSING_PARAMETER: Self = Self {
+        class: 2,
+        detail: 7,
+    };
+    pub const CANT_INCLUDE_IN_SESSION: Self = Self {
+        class: 2,
+        detail: 8,
+    };
+    pub const SESSION_TYPE_NOT_SUPPORTED: Self = Self {
+        class: 2,
+        detail: 9,
+    };
+    pub const SESSION_DOES_NOT_EXIST: Self = Self {
+        class: 2,
+        detail: 0x0a,
+    };
+    pub const INVALID_DURING_LOGIN: Self = Self {
+        class: 2,
+        detail: 0x0b,
+    };
+    pub const TARGET_ERROR: Self = Self {
+        class: 3,
+        detail: 0,
+    };
+    pub const SERVICE_UNAVAILABLE: Self = Self {
+        class: 3,
+        detail: 1,
+    };
+    pub const OUT_OF_RESOURCES: Self = Self {
+        class: 3,
+        detail: 2,
+    };
 }
 
 use crate::connection::TargetInfo;
@@ -119,7 +170,15 @@ impl Login {
     }
 
     fn fail(&self, csg: Stage, status: LoginStatus) -> LoginReply {
-        LoginReply { transit: false, continue_: false, csg, nsg: csg, status, data: Bytes::new(), complete: false }
+        LoginReply {
+            transit: false,
+            continue_: false,
+            csg,
+            nsg: csg,
+            status,
+            data: Bytes::new(),
+            complete: false,
+        }
     }
 
     /// Answer one Login Request (§6.1–§6.3, §11.12, §11.13). `targets` are the portal's targets,
@@ -180,7 +239,9 @@ impl Login {
         let Ok(pairs) = text::parse(&whole) else {
             return self.fail(req.csg, LoginStatus::INITIATOR_ERROR);
         };
-        match self.process_keys(req, &pairs, first, targets, portal_group_tag) {
+        // The identity keys come with the first complete text (which may have spanned PDUs).
+        let first_text = self.initiator_name.is_none();
+        match self.process_keys(req, &pairs, first_text, targets, portal_group_tag) {
             Ok(reply_pairs) => self.respond(req, reply_pairs),
             Err(status) => self.fail(req.csg, status),
         }
@@ -194,7 +255,12 @@ impl Login {
         targets: &[TargetInfo],
         portal_group_tag: u16,
     ) -> Result<Vec<(String, String)>, LoginStatus> {
-        let find = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let find = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         if first {
             let name = find("InitiatorName").ok_or(LoginStatus::MISSING_PARAMETER)?;
             if name.is_empty() {
@@ -209,7 +275,10 @@ impl Login {
             self.session_type = Some(session_type);
             if session_type == SessionType::Normal {
                 let name = find("TargetName").ok_or(LoginStatus::MISSING_PARAMETER)?;
-                let target = targets.iter().find(|t| t.name == name).ok_or(LoginStatus::NOT_FOUND)?;
+                let target = targets
+                    .iter()
+                    .find(|t| t.name == name)
+                    .ok_or(LoginStatus::NOT_FOUND)?;
                 self.target = Some(target.clone());
             }
         }
@@ -239,7 +308,10 @@ impl Login {
         }
         if !self.first_response_sent && !discovery {
             // §13.9: TargetPortalGroupTag in the first Login Response of a normal session.
-            out.push(("TargetPortalGroupTag".to_string(), portal_group_tag.to_string()));
+            out.push((
+                "TargetPortalGroupTag".to_string(),
+                portal_group_tag.to_string(),
+            ));
             if let Some(alias) = self.target.as_ref().and_then(|t| t.alias.clone()) {
                 out.push(("TargetAlias".to_string(), alias));
             }
@@ -286,6 +358,8 @@ impl Login {
 fn stage_after(csg: Stage, nsg: Stage) -> bool {
     matches!(
         (csg, nsg),
-        (Stage::Security, Stage::Operational) | (Stage::Security, Stage::FullFeature) | (Stage::Operational, Stage::FullFeature)
+        (Stage::Security, Stage::Operational)
+            | (Stage::Security, Stage::FullFeature)
+            | (Stage::Operational, Stage::FullFeature)
     )
 }

@@ -162,11 +162,27 @@ pub const KEYS: &[(&str, Rule, bool)] = &[
     ("TargetPortalGroupTag", Rule::TargetOnly, false),
     ("InitialR2T", Rule::Or, true),
     ("ImmediateData", Rule::And, true),
-    ("MaxRecvDataSegmentLength", Rule::Declare(LEN_RANGE.0, LEN_RANGE.1), false),
+    (
+        "MaxRecvDataSegmentLength",
+        Rule::Declare(LEN_RANGE.0, LEN_RANGE.1),
+        false,
+    ),
     ("MaxBurstLength", Rule::Min(LEN_RANGE.0, LEN_RANGE.1), true),
-    ("FirstBurstLength", Rule::Min(LEN_RANGE.0, LEN_RANGE.1), true),
-    ("DefaultTime2Wait", Rule::Max(TIME_RANGE.0, TIME_RANGE.1), false),
-    ("DefaultTime2Retain", Rule::Min(TIME_RANGE.0, TIME_RANGE.1), false),
+    (
+        "FirstBurstLength",
+        Rule::Min(LEN_RANGE.0, LEN_RANGE.1),
+        true,
+    ),
+    (
+        "DefaultTime2Wait",
+        Rule::Max(TIME_RANGE.0, TIME_RANGE.1),
+        false,
+    ),
+    (
+        "DefaultTime2Retain",
+        Rule::Min(TIME_RANGE.0, TIME_RANGE.1),
+        false,
+    ),
     ("MaxOutstandingR2T", Rule::Min(1, 65535), true),
     ("DataPDUInOrder", Rule::Or, true),
     ("DataSequenceInOrder", Rule::Or, true),
@@ -185,12 +201,17 @@ pub const KEYS: &[(&str, Rule, bool)] = &[
 /// The rule of `key`, and whether it is irrelevant for discovery; `None` for unknown keys
 /// (including every `X-` and `X#` extension key, which we do not implement).
 pub fn rule_of(key: &str) -> Option<(Rule, bool)> {
-    KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, r, d)| (*r, *d))
+    KEYS.iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, r, d)| (*r, *d))
 }
 
 /// Parse a numerical value (§6.1: decimal, or hexadecimal with `0x`), bounded to `u32`.
 pub fn parse_number(value: &str) -> Option<u32> {
-    if let Some(hex) = value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
         if hex.is_empty() || hex.len() > 8 {
             return None;
         }
@@ -262,7 +283,10 @@ impl Negotiation {
             .max_recv_data_segment_length
             .clamp(LEN_RANGE.0, LEN_RANGE.1)
             .min(max_data_segment.max(LEN_RANGE.0));
-        let connection = ConnectionParams { max_recv_data_segment_length: ours, ..Default::default() };
+        let connection = ConnectionParams {
+            max_recv_data_segment_length: ours,
+            ..Default::default()
+        };
         Negotiation {
             offers,
             session: SessionParams::default(),
@@ -313,7 +337,11 @@ impl Negotiation {
     fn apply(&mut self, key: &'static str, rule: Rule, value: &str) -> Option<String> {
         match rule {
             Rule::Digest => {
-                let ours = if key == "HeaderDigest" { &self.offers.header_digest } else { &self.offers.data_digest };
+                let ours = if key == "HeaderDigest" {
+                    &self.offers.header_digest
+                } else {
+                    &self.offers.data_digest
+                };
                 let mut chosen = None;
                 for v in value.split(',') {
                     if let Some(kind) = DigestKind::parse(v) {
@@ -339,11 +367,23 @@ impl Negotiation {
                 };
                 let (ours, slot) = match key {
                     "InitialR2T" => (self.offers.initial_r2t, &mut self.session.initial_r2t),
-                    "ImmediateData" => (self.offers.immediate_data, &mut self.session.immediate_data),
-                    "DataPDUInOrder" => (self.offers.data_pdu_in_order, &mut self.session.data_pdu_in_order),
-                    _ => (self.offers.data_sequence_in_order, &mut self.session.data_sequence_in_order),
+                    "ImmediateData" => {
+                        (self.offers.immediate_data, &mut self.session.immediate_data)
+                    }
+                    "DataPDUInOrder" => (
+                        self.offers.data_pdu_in_order,
+                        &mut self.session.data_pdu_in_order,
+                    ),
+                    _ => (
+                        self.offers.data_sequence_in_order,
+                        &mut self.session.data_sequence_in_order,
+                    ),
                 };
-                let result = if rule == Rule::Or { ours || theirs } else { ours && theirs };
+                let result = if rule == Rule::Or {
+                    ours || theirs
+                } else {
+                    ours && theirs
+                };
                 *slot = result;
                 Some(yes_no(result))
             }
@@ -352,7 +392,11 @@ impl Negotiation {
                     return Some(REJECT.to_string());
                 };
                 let ours = self.our_number(key);
-                let result = if matches!(rule, Rule::Min(..)) { theirs.min(ours) } else { theirs.max(ours) };
+                let result = if matches!(rule, Rule::Min(..)) {
+                    theirs.min(ours)
+                } else {
+                    theirs.max(ours)
+                };
                 self.store_number(key, result);
                 Some(result.to_string())
             }
@@ -428,15 +472,31 @@ impl Negotiation {
         let o = &self.offers;
         let candidates: [(&'static str, bool, String); 6] = [
             ("InitialR2T", o.initial_r2t && !d.initial_r2t, yes_no(true)),
-            ("ImmediateData", !o.immediate_data && d.immediate_data, yes_no(false)),
-            ("MaxBurstLength", o.max_burst_length < d.max_burst_length, self.our_number("MaxBurstLength").to_string()),
+            (
+                "ImmediateData",
+                !o.immediate_data && d.immediate_data,
+                yes_no(false),
+            ),
+            (
+                "MaxBurstLength",
+                o.max_burst_length < d.max_burst_length,
+                self.our_number("MaxBurstLength").to_string(),
+            ),
             (
                 "FirstBurstLength",
                 self.our_number("FirstBurstLength") < d.first_burst_length,
                 self.our_number("FirstBurstLength").to_string(),
             ),
-            ("DefaultTime2Wait", o.default_time2wait > d.default_time2wait, o.default_time2wait.to_string()),
-            ("DefaultTime2Retain", o.default_time2retain < d.default_time2retain, o.default_time2retain.to_string()),
+            (
+                "DefaultTime2Wait",
+                o.default_time2wait > d.default_time2wait,
+                o.default_time2wait.to_string(),
+            ),
+            (
+                "DefaultTime2Retain",
+                o.default_time2retain < d.default_time2retain,
+                o.default_time2retain.to_string(),
+            ),
         ];
         for (key, needed, value) in candidates {
             if needed && !self.done.contains(&key) && !self.awaiting.contains(&key) {
@@ -460,9 +520,13 @@ impl Negotiation {
     pub fn finish(&mut self) {
         if !self.declared_mrdsl {
             // Never declared (login skipped the operational stage): the default applies (§13.12).
-            self.connection.max_recv_data_segment_length = ConnectionParams::default().max_recv_data_segment_length;
+            self.connection.max_recv_data_segment_length =
+                ConnectionParams::default().max_recv_data_segment_length;
         }
-        self.session.first_burst_length = self.session.first_burst_length.min(self.session.max_burst_length);
+        self.session.first_burst_length = self
+            .session
+            .first_burst_length
+            .min(self.session.max_burst_length);
     }
 }
 
@@ -549,33 +613,61 @@ mod tests {
         assert!(!n.session.initial_r2t);
         assert!(!n.session.immediate_data);
         assert_eq!(n.session.max_burst_length, 131_072);
-        assert_eq!(n.session.first_burst_length, 131_072, "FirstBurstLength <= MaxBurstLength");
+        assert_eq!(
+            n.session.first_burst_length, 131_072,
+            "FirstBurstLength <= MaxBurstLength"
+        );
         assert_eq!(n.session.max_outstanding_r2t, 4);
     }
 
     #[test]
     fn discovery_answers_irrelevant_for_session_keys() {
         let mut n = Negotiation::new(Offers::default(), 8192);
-        assert_eq!(n.respond("InitialR2T", "No", true).as_deref(), Some(IRRELEVANT));
-        assert_eq!(n.respond("MaxBurstLength", "512", true).as_deref(), Some(IRRELEVANT));
-        assert_eq!(n.respond("HeaderDigest", "None", true).as_deref(), Some("None"));
+        assert_eq!(
+            n.respond("InitialR2T", "No", true).as_deref(),
+            Some(IRRELEVANT)
+        );
+        assert_eq!(
+            n.respond("MaxBurstLength", "512", true).as_deref(),
+            Some(IRRELEVANT)
+        );
+        assert_eq!(
+            n.respond("HeaderDigest", "None", true).as_deref(),
+            Some("None")
+        );
     }
 
     #[test]
     fn declares_our_mrdsl_once_bounded_by_limits() {
         let mut n = Negotiation::new(Offers::default(), 65536);
-        assert_eq!(n.target_offers(false), vec![("MaxRecvDataSegmentLength".to_string(), "65536".to_string())]);
+        assert_eq!(
+            n.target_offers(false),
+            vec![("MaxRecvDataSegmentLength".to_string(), "65536".to_string())]
+        );
         assert!(n.target_offers(false).is_empty());
         assert!(!n.awaiting_answers());
     }
 
     #[test]
     fn restrictive_offers_are_sent_and_answers_not_answered() {
-        let offers = Offers { immediate_data: false, max_burst_length: 4096, first_burst_length: 4096, ..Offers::default() };
+        let offers = Offers {
+            immediate_data: false,
+            max_burst_length: 4096,
+            first_burst_length: 4096,
+            ..Offers::default()
+        };
         let mut n = Negotiation::new(offers, 65536);
         let sent = n.target_offers(false);
         let keys: Vec<&str> = sent.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["MaxRecvDataSegmentLength", "ImmediateData", "MaxBurstLength", "FirstBurstLength"]);
+        assert_eq!(
+            keys,
+            [
+                "MaxRecvDataSegmentLength",
+                "ImmediateData",
+                "MaxBurstLength",
+                "FirstBurstLength"
+            ]
+        );
         assert!(n.awaiting_answers());
         assert_eq!(n.respond("ImmediateData", "No", false), None);
         assert_eq!(n.respond("MaxBurstLength", "4096", false), None);
@@ -588,8 +680,14 @@ mod tests {
     #[test]
     fn rejects_renegotiation_of_a_key() {
         let mut n = Negotiation::new(Offers::default(), 65536);
-        assert_eq!(n.respond("MaxBurstLength", "4096", false).as_deref(), Some("4096"));
-        assert_eq!(n.respond("MaxBurstLength", "8192", false).as_deref(), Some(REJECT));
+        assert_eq!(
+            n.respond("MaxBurstLength", "4096", false).as_deref(),
+            Some("4096")
+        );
+        assert_eq!(
+            n.respond("MaxBurstLength", "8192", false).as_deref(),
+            Some(REJECT)
+        );
         assert_eq!(n.session.max_burst_length, 4096);
     }
 

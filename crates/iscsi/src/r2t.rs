@@ -114,14 +114,31 @@ impl WriteBuffer {
         let mut out = Vec::new();
         let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
         while self.next_solicit < self.edtl
-            && self.sequences.iter().filter(|s| s.ttt != RESERVED_TAG).count() < max_out
+            && self
+                .sequences
+                .iter()
+                .filter(|s| s.ttt != RESERVED_TAG)
+                .count()
+                < max_out
         {
             let len = (self.edtl - self.next_solicit).min(self.params.max_burst.max(1));
             let ttt = next_ttt();
             let start = self.next_solicit;
             let end = start.saturating_add(len);
-            self.sequences.push(Sequence { ttt, start, end, next: start, received: 0, next_data_sn: 0 });
-            out.push(R2tRequest { ttt, r2t_sn: self.r2t_sn, buffer_offset: start, desired_length: len });
+            self.sequences.push(Sequence {
+                ttt,
+                start,
+                end,
+                next: start,
+                received: 0,
+                next_data_sn: 0,
+            });
+            out.push(R2tRequest {
+                ttt,
+                r2t_sn: self.r2t_sn,
+                buffer_offset: start,
+                desired_length: len,
+            });
             self.r2t_sn = self.r2t_sn.wrapping_add(1);
             self.next_solicit = end;
         }
@@ -130,20 +147,33 @@ impl WriteBuffer {
 
     /// Take one Data-Out: check its sequence (TTT), DataSN, offset and length, then copy it.
     pub fn data_out(&mut self, h: &DataOut, data: &Bytes) -> Result<(), DataOutError> {
-        let idx = self.sequences.iter().position(|s| s.ttt == h.ttt).ok_or(DataOutError::UnknownTtt)?;
-        let seq = self.sequences.get_mut(idx).ok_or(DataOutError::UnknownTtt)?;
+        let idx = self
+            .sequences
+            .iter()
+            .position(|s| s.ttt == h.ttt)
+            .ok_or(DataOutError::UnknownTtt)?;
+        let seq = self
+            .sequences
+            .get_mut(idx)
+            .ok_or(DataOutError::UnknownTtt)?;
         if h.data_sn != seq.next_data_sn {
             return Err(DataOutError::DataSn);
         }
         let len = u32::try_from(data.len()).map_err(|_| DataOutError::OutOfBounds)?;
-        let end = h.buffer_offset.checked_add(len).ok_or(DataOutError::OutOfBounds)?;
+        let end = h
+            .buffer_offset
+            .checked_add(len)
+            .ok_or(DataOutError::OutOfBounds)?;
         if h.buffer_offset < seq.start || end > seq.end {
             return Err(DataOutError::OutOfBounds);
         }
         if self.params.data_pdu_in_order && h.buffer_offset != seq.next {
             return Err(DataOutError::Order);
         }
-        let received = seq.received.checked_add(len).ok_or(DataOutError::OutOfBounds)?;
+        let received = seq
+            .received
+            .checked_add(len)
+            .ok_or(DataOutError::OutOfBounds)?;
         let seq_len = seq.end - seq.start;
         if received > seq_len {
             return Err(DataOutError::OutOfBounds);
@@ -153,7 +183,10 @@ impl WriteBuffer {
         }
         let from = usize::try_from(h.buffer_offset).map_err(|_| DataOutError::OutOfBounds)?;
         let to = usize::try_from(end).map_err(|_| DataOutError::OutOfBounds)?;
-        let dst = self.buf.get_mut(from..to).ok_or(DataOutError::OutOfBounds)?;
+        let dst = self
+            .buf
+            .get_mut(from..to)
+            .ok_or(DataOutError::OutOfBounds)?;
         dst.copy_from_slice(data);
         seq.received = received;
         seq.next = end;
@@ -176,10 +209,20 @@ impl WriteBuffer {
 mod tests {
     use super::*;
 
-    const PARAMS: WriteParams = WriteParams { max_burst: 4, max_outstanding_r2t: 1, data_pdu_in_order: true };
+    const PARAMS: WriteParams = WriteParams {
+        max_burst: 4,
+        max_outstanding_r2t: 1,
+        data_pdu_in_order: true,
+    };
 
     fn dout(ttt: u32, data_sn: u32, offset: u32, final_: bool) -> DataOut {
-        DataOut { final_, ttt, data_sn, buffer_offset: offset, ..Default::default() }
+        DataOut {
+            final_,
+            ttt,
+            data_sn,
+            buffer_offset: offset,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -190,14 +233,34 @@ mod tests {
             ttt += 1;
             ttt
         });
-        assert_eq!(r2ts, vec![R2tRequest { ttt: 101, r2t_sn: 0, buffer_offset: 4, desired_length: 4 }]);
-        w.data_out(&dout(RESERVED_TAG, 0, 2, true), &Bytes::from_static(b"cd")).unwrap();
-        w.data_out(&dout(101, 0, 4, false), &Bytes::from_static(b"ef")).unwrap();
-        w.data_out(&dout(101, 1, 6, true), &Bytes::from_static(b"gh")).unwrap();
+        assert_eq!(
+            r2ts,
+            vec![R2tRequest {
+                ttt: 101,
+                r2t_sn: 0,
+                buffer_offset: 4,
+                desired_length: 4
+            }]
+        );
+        w.data_out(&dout(RESERVED_TAG, 0, 2, true), &Bytes::from_static(b"cd"))
+            .unwrap();
+        w.data_out(&dout(101, 0, 4, false), &Bytes::from_static(b"ef"))
+            .unwrap();
+        w.data_out(&dout(101, 1, 6, true), &Bytes::from_static(b"gh"))
+            .unwrap();
         assert!(!w.is_complete());
         let r2ts = w.solicit(|| 7);
-        assert_eq!(r2ts, vec![R2tRequest { ttt: 7, r2t_sn: 1, buffer_offset: 8, desired_length: 4 }]);
-        w.data_out(&dout(7, 0, 8, true), &Bytes::from_static(b"ijkl")).unwrap();
+        assert_eq!(
+            r2ts,
+            vec![R2tRequest {
+                ttt: 7,
+                r2t_sn: 1,
+                buffer_offset: 8,
+                desired_length: 4
+            }]
+        );
+        w.data_out(&dout(7, 0, 8, true), &Bytes::from_static(b"ijkl"))
+            .unwrap();
         assert!(w.is_complete());
         assert_eq!(w.r2t_count(), 2);
         assert_eq!(&w.into_data()[..], b"abcdefghijkl");
@@ -208,20 +271,45 @@ mod tests {
         let mut w = WriteBuffer::new(8, &Bytes::new(), 0, PARAMS);
         let r = w.solicit(|| 1);
         assert_eq!(r.len(), 1);
-        w.data_out(&dout(1, 0, 0, false), &Bytes::from_static(b"ab")).unwrap();
-        assert_eq!(w.data_out(&dout(1, 0, 2, true), &Bytes::from_static(b"cd")), Err(DataOutError::DataSn));
-        assert_eq!(w.data_out(&dout(1, 27, 2, true), &Bytes::from_static(b"cd")), Err(DataOutError::DataSn));
+        w.data_out(&dout(1, 0, 0, false), &Bytes::from_static(b"ab"))
+            .unwrap();
+        assert_eq!(
+            w.data_out(&dout(1, 0, 2, true), &Bytes::from_static(b"cd")),
+            Err(DataOutError::DataSn)
+        );
+        assert_eq!(
+            w.data_out(&dout(1, 27, 2, true), &Bytes::from_static(b"cd")),
+            Err(DataOutError::DataSn)
+        );
     }
 
     #[test]
     fn rejects_out_of_bounds_unknown_ttt_and_early_final() {
         let mut w = WriteBuffer::new(8, &Bytes::new(), 4, PARAMS);
-        assert_eq!(w.data_out(&dout(RESERVED_TAG, 0, 2, false), &Bytes::from_static(b"abcd")), Err(DataOutError::OutOfBounds));
-        assert_eq!(w.data_out(&dout(RESERVED_TAG, 0, 2, false), &Bytes::from_static(b"a")), Err(DataOutError::Order));
-        assert_eq!(w.data_out(&dout(5, 0, 4, false), &Bytes::from_static(b"a")), Err(DataOutError::UnknownTtt));
-        assert_eq!(w.data_out(&dout(RESERVED_TAG, 0, 0, true), &Bytes::from_static(b"a")), Err(DataOutError::EarlyFinal));
         assert_eq!(
-            w.data_out(&dout(RESERVED_TAG, 0, u32::MAX, false), &Bytes::from_static(b"a")),
+            w.data_out(
+                &dout(RESERVED_TAG, 0, 2, false),
+                &Bytes::from_static(b"abcd")
+            ),
+            Err(DataOutError::OutOfBounds)
+        );
+        assert_eq!(
+            w.data_out(&dout(RESERVED_TAG, 0, 2, false), &Bytes::from_static(b"a")),
+            Err(DataOutError::Order)
+        );
+        assert_eq!(
+            w.data_out(&dout(5, 0, 4, false), &Bytes::from_static(b"a")),
+            Err(DataOutError::UnknownTtt)
+        );
+        assert_eq!(
+            w.data_out(&dout(RESERVED_TAG, 0, 0, true), &Bytes::from_static(b"a")),
+            Err(DataOutError::EarlyFinal)
+        );
+        assert_eq!(
+            w.data_out(
+                &dout(RESERVED_TAG, 0, u32::MAX, false),
+                &Bytes::from_static(b"a")
+            ),
             Err(DataOutError::OutOfBounds)
         );
     }

@@ -39,7 +39,11 @@ impl<T> CmdWindow<T> {
     /// Start at `exp_cmd_sn` (the CmdSN of the leading Login Request) with a window of
     /// `window` commands (at least 1).
     pub fn new(exp_cmd_sn: u32, window: u32) -> Self {
-        CmdWindow { exp_cmd_sn, window: window.max(1), held: HashMap::new() }
+        CmdWindow {
+            exp_cmd_sn,
+            window: window.max(1),
+            held: HashMap::new(),
+        }
     }
 
     pub fn exp_cmd_sn(&self) -> u32 {
