@@ -593,6 +593,10 @@ impl LogicalUnit {
                     .saturating_sub(lba)
                     .checked_mul(self.block_size())
                     .ok_or(SenseReason::LbaOutOfRange)?;
+                if !self.config.thin {
+                    // Fully provisioned: every block is mapped, no need to ask the backstore.
+                    return Self::good(self.lba_status(lba, alloc_len, &[(offset, len, true)]));
+                }
                 Self::io(
                     IoOp::MapStatus { offset, len },
                     Pending::LbaStatus { lba, alloc_len },
@@ -769,11 +773,8 @@ impl LogicalUnit {
         opcode: u8,
         service_action: u16,
     ) -> Result<Vec<u8>, SenseReason> {
-        let supported = |c: &cdb::CommandInfo| {
-            self.config.thin
-                || !(c.opcode == cdb::op::UNMAP
-                    || c.service_action == Some(cdb::op::SA_GET_LBA_STATUS))
-        };
+        // UNMAP exists only on thin-provisioned LUs (LBPU, VPD B2h).
+        let supported = |c: &cdb::CommandInfo| self.config.thin || c.opcode != cdb::op::UNMAP;
         let timeouts = |c: &cdb::CommandInfo, out: &mut Vec<u8>| {
             out.extend_from_slice(&[0x00, 0x0A, 0x00, 0x00]);
             out.extend_from_slice(&c.timeout_secs.to_be_bytes());

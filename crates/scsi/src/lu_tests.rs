@@ -487,6 +487,17 @@ fn write_same_pattern_zero_and_unmap() {
         &g.run(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &[0; 24]),
         SenseReason::InvalidOpcode,
     );
+    // GET LBA STATUS on a fully provisioned LU: all mapped, without backstore I/O.
+    let before = g.ram.ops.len();
+    let c = g.run(&get_lba_status(5, 24), &[]);
+    good(&c);
+    assert_eq!(&c.data[8..16], &5u64.to_be_bytes());
+    assert_eq!(&c.data[16..20], &(BLOCKS as u32 - 5).to_be_bytes());
+    assert_eq!(c.data[20], 0);
+    assert_eq!(g.ram.ops.len(), before);
+    // RSOC does not list UNMAP there.
+    let c = g.run(&rsoc(false, 0, 0, 0), &[]);
+    assert!(c.data[4..].chunks(8).all(|d| d[0] != 0x42));
 }
 
 fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
@@ -815,4 +826,44 @@ fn four_k_blocks() {
     let c = f.run(&read10(2, 2), &[]);
     assert_eq!(&c.data[..], &data[..]);
     assert!(matches!(f.ram.ops[0], IoOp::Write { offset: 8192, .. }));
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cdb_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let opcodes: Vec<u8> = cdb::COMMANDS.iter().map(|c| c.opcode).collect();
+        (
+            proptest::sample::select(opcodes),
+            proptest::collection::vec(any::<u8>(), 0..20),
+        )
+            .prop_map(|(op, mut rest)| {
+                rest.insert(0, op);
+                rest
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any byte string: parse never panics.
+        #[test]
+        fn parse_never_panics(cdb in proptest::collection::vec(any::<u8>(), 0..32)) {
+            let _ = cdb::parse(&cdb);
+            let _ = no_such_lun(&cdb);
+            let _ = report_luns(&cdb, &[0, 1, 300]);
+        }
+
+        /// Any CDB of a known opcode with any Data-Out: the LU finishes with GOOD or CHECK
+        /// CONDITION (with sense), and every I/O it issues lies within the medium (the RAM
+        /// model would panic otherwise).
+        #[test]
+        fn execute_is_total(cdb in cdb_strategy(), data in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let mut f = Fixture::with(LuConfig::new(0, BS, 64, "t"));
+            let c = f.run(&cdb, &data);
+            prop_assert!(c.status == status::GOOD || c.status == status::CHECK_CONDITION);
+            prop_assert_eq!(c.status == status::CHECK_CONDITION, !c.sense.is_empty());
+        }
+    }
 }
