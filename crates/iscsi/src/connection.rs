@@ -382,9 +382,13 @@ impl Connection {
         *next
     }
 
-    fn window_sns(&self) -> (u32, u32) {
-        match &self.phase {
-            Phase::FullFeature(ffp) => (ffp.window.exp_cmd_sn(), ffp.window.max_cmd_sn()),
+    /// ExpCmdSN and MaxCmdSN to stamp on a response, granting new credit as commands finish.
+    fn window_sns(&mut self) -> (u32, u32) {
+        match &mut self.phase {
+            Phase::FullFeature(ffp) => {
+                let max = ffp.window.grant(ffp.tasks.len());
+                (ffp.window.exp_cmd_sn(), max)
+            }
             Phase::Login(lp) => {
                 let exp = lp.exp_cmd_sn.unwrap_or(0);
                 (
@@ -844,7 +848,6 @@ impl Connection {
         if self.closed.is_some() {
             return;
         }
-        let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let Phase::FullFeature(ffp) = &mut self.phase else {
             return;
         };
@@ -857,6 +860,8 @@ impl Connection {
         let Some(task) = ffp.tasks.remove(&itt) else {
             return;
         };
+        let max_segment = ffp.conn_params.max_xmit_data_segment_length;
+        let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let out_residual = spdtl_out.map_or(Residual::default(), |s| {
             Residual::of(task.expected_out, u64::from(s))
         });
@@ -868,7 +873,7 @@ impl Connection {
             data_in: &completion.data_in,
             expected_in: task.expected_in,
             out_residual,
-            max_segment: ffp.conn_params.max_xmit_data_segment_length,
+            max_segment,
             r2t_count,
         };
         let stat_sn = self.stat_sn;
@@ -1935,7 +1940,8 @@ mod tests {
         let Header::ScsiResponse(r) = &out[0].header else {
             panic!()
         };
-        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (4, 11));
+        // Two commands still run: the window grants 8 - 2 slots past ExpCmdSN.
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (4, 9));
     }
 
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------

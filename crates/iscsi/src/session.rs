@@ -31,6 +31,9 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct CmdWindow<T> {
     exp_cmd_sn: u32,
+    /// The largest MaxCmdSN advertised so far: never lowered, so commands sent under an
+    /// earlier advertisement stay admissible.
+    max_cmd_sn: u32,
     window: u32,
     held: HashMap<u32, T>,
 }
@@ -39,9 +42,11 @@ impl<T> CmdWindow<T> {
     /// Start at `exp_cmd_sn` (the CmdSN of the leading Login Request) with a window of
     /// `window` commands (at least 1).
     pub fn new(exp_cmd_sn: u32, window: u32) -> Self {
+        let window = window.max(1);
         CmdWindow {
             exp_cmd_sn,
-            window: window.max(1),
+            max_cmd_sn: exp_cmd_sn.wrapping_add(window).wrapping_sub(1),
+            window,
             held: HashMap::new(),
         }
     }
@@ -50,9 +55,26 @@ impl<T> CmdWindow<T> {
         self.exp_cmd_sn
     }
 
-    /// MaxCmdSN = ExpCmdSN + window - 1 (§4.2.2.1).
+    /// MaxCmdSN as last granted (§4.2.2.1).
     pub fn max_cmd_sn(&self) -> u32 {
-        self.exp_cmd_sn.wrapping_add(self.window).wrapping_sub(1)
+        self.max_cmd_sn
+    }
+
+    /// Recompute MaxCmdSN = ExpCmdSN + window - 1 - `outstanding` (commands still running,
+    /// so that at most about `window` commands are in flight), never below what was already
+    /// granted. Returns the new MaxCmdSN.
+    pub fn grant(&mut self, outstanding: usize) -> u32 {
+        let busy = u32::try_from(outstanding)
+            .unwrap_or(u32::MAX)
+            .min(self.window.saturating_sub(1));
+        let candidate = self
+            .exp_cmd_sn
+            .wrapping_add(self.window - busy)
+            .wrapping_sub(1);
+        if sn_lt(self.max_cmd_sn, candidate) {
+            self.max_cmd_sn = candidate;
+        }
+        self.max_cmd_sn
     }
 
     /// True when `sn` is within [ExpCmdSN, MaxCmdSN].
@@ -138,6 +160,16 @@ mod tests {
         assert_eq!(w.admit(0xffff_fffd, 0).0, Admission::Drop, "ExpCmdSN - 1");
         assert_eq!(w.admit(1, 0).0, Admission::Hold);
         assert_eq!(w.admit(1, 0).0, Admission::Drop, "duplicate");
+    }
+
+    #[test]
+    fn grant_shrinks_with_outstanding_but_never_lowers() {
+        let mut w: CmdWindow<u32> = CmdWindow::new(1, 4);
+        assert_eq!(w.max_cmd_sn(), 4);
+        assert_eq!(w.admit(1, 1).0, Admission::Deliver);
+        assert_eq!(w.grant(3), 4, "3 running: no new credit, old grant kept");
+        assert_eq!(w.grant(0), 5);
+        assert_eq!(w.grant(10), 5);
     }
 
     #[test]
