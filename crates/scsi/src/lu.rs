@@ -935,16 +935,25 @@ fn transfer_length_field(raw: &[u8]) -> SenseReason {
 }
 
 /// The one mapping from backstore failures to sense (DESIGN §3 rule 4).
+impl From<IoErrorKind> for SenseReason {
+    fn from(kind: IoErrorKind) -> Self {
+        match kind {
+            IoErrorKind::ReadError => SenseReason::UnrecoveredReadError,
+            IoErrorKind::WriteError => SenseReason::WriteError,
+            IoErrorKind::NoSpace => SenseReason::SpaceAllocationFailed,
+            IoErrorKind::Unsupported => SenseReason::InvalidOpcode,
+            IoErrorKind::Other => SenseReason::InternalTargetFailure,
+        }
+    }
+}
+
+/// [`From<IoErrorKind>`], except that an unspecified failure while reading is a read error.
 fn io_error_reason(kind: IoErrorKind, state: &Pending) -> SenseReason {
-    match kind {
-        IoErrorKind::ReadError => SenseReason::UnrecoveredReadError,
-        IoErrorKind::WriteError => SenseReason::WriteError,
-        IoErrorKind::NoSpace => SenseReason::SpaceAllocationFailed,
-        IoErrorKind::Unsupported => SenseReason::InvalidOpcode,
-        IoErrorKind::Other => match state {
-            Pending::Read | Pending::Compare { .. } => SenseReason::UnrecoveredReadError,
-            _ => SenseReason::InternalTargetFailure,
-        },
+    match (kind, state) {
+        (IoErrorKind::Other, Pending::Read | Pending::Compare { .. }) => {
+            SenseReason::UnrecoveredReadError
+        }
+        _ => kind.into(),
     }
 }
 

@@ -174,6 +174,27 @@ fn new_nexus_gets_power_on_unit_attention_once() {
 }
 
 #[test]
+fn unit_attention_precedes_cdb_checks() {
+    let mut f = Fixture::new();
+    f.lu.add_nexus(7);
+    expect(
+        &f.run_on(7, &[0xC0, 0, 0, 0, 0, 0], &[]),
+        SenseReason::PowerOnOrReset,
+    );
+    expect(
+        &f.run_on(7, &[0xC0, 0, 0, 0, 0, 0], &[]),
+        SenseReason::InvalidOpcode,
+    );
+    // REPORT LUNS through the LU lists its own LUN.
+    let c = f.run_on(7, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    good(&c);
+    assert_eq!(
+        &c.data[..16],
+        &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+}
+
+#[test]
 fn request_sense_reports_and_clears_unit_attention() {
     let mut f = Fixture::new();
     f.lu.add_nexus(7);
