@@ -1583,6 +1583,40 @@ mod tests {
     }
 
     #[test]
+    fn accepts_security_stage_straight_to_full_feature() {
+        let mut p = Pair::new(config());
+        let sec = kv(&[
+            ("InitiatorName", INITIATOR),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP,None"),
+        ]);
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Security, Stage::FullFeature, true)),
+            sec,
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert!(r.transit);
+        assert_eq!(
+            (r.csg, r.nsg, r.tsih),
+            (Stage::Security, Stage::FullFeature, 7)
+        );
+        assert_eq!(key(&keys(&out[0].data), "AuthMethod"), Some("None"));
+        assert!(matches!(p.events().as_slice(), [Event::LoggedIn(_)]));
+        // No operational stage: both directions keep the 8192-byte default (§13.12).
+        let cp = p.conn.connection_params().unwrap();
+        assert_eq!(
+            (
+                cp.max_recv_data_segment_length,
+                cp.max_xmit_data_segment_length
+            ),
+            (8192, 8192)
+        );
+    }
+
+    #[test]
     fn rejects_non_login_pdu_before_login() {
         let mut p = Pair::new(config());
         p.send(pdu(
