@@ -157,6 +157,13 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<B
     Ok(())
 }
 
+fn complete(conn: &mut Connection, (itt, c, spdtl): (u32, ScsiCompletion, Option<u32>)) {
+    match spdtl {
+        Some(n) if n > 0 => conn.complete_command_with_spdtl(itt, c, n),
+        _ => conn.complete_command(itt, c),
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     portal: Arc<PortalConfig>,
@@ -167,7 +174,7 @@ async fn serve_connection(
     let (mut rd, mut wr) = stream.into_split();
     let mut conn = Connection::new_with_tsih(portal, registry.new_tsih(), Instant::now());
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
     let mut nexus: Option<Arc<Nexus>> = None;
     let mut inflight: usize = 0;
     let mut draining = *shutdown.borrow();
@@ -189,13 +196,13 @@ async fn serve_connection(
                     match nexus.clone() {
                         Some(n) => {
                             tokio::spawn(async move {
-                                let c = n.execute(cmd.lun, cmd.cdb, cmd.data_out).await;
-                                let _ = tx.send((cmd.itt, c));
+                                let (c, spdtl) = n.execute(cmd.lun, cmd.cdb, cmd.data_out).await;
+                                let _ = tx.send((cmd.itt, c, spdtl));
                             });
                         }
                         None => {
                             let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
-                            let _ = tx.send((cmd.itt, ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data }));
+                            let _ = tx.send((cmd.itt, ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data }, None));
                         }
                     }
                 }
@@ -235,12 +242,13 @@ async fn serve_connection(
                 }
                 conn.receive(&mut buf, Instant::now());
             }
-            Some((itt, c)) = done_rx.recv() => {
+            Some(done) = done_rx.recv() => {
                 inflight = inflight.saturating_sub(1);
-                conn.complete_command(itt, c);
-                while let Ok((itt, c)) = done_rx.try_recv() {
+                complete(&mut conn, done);
+                // Coalesce: every completion already waiting goes out in the same write.
+                while let Ok(done) = done_rx.try_recv() {
                     inflight = inflight.saturating_sub(1);
-                    conn.complete_command(itt, c);
+                    complete(&mut conn, done);
                 }
             }
             _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {

@@ -130,21 +130,26 @@ impl Nexus {
         Nexus { id, target }
     }
 
-    /// Run one SCSI command to completion.
-    pub async fn execute(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> ScsiCompletion {
+    /// Run one SCSI command to completion. Returns the completion and, for commands with
+    /// Data-Out, the byte count the CDB asked for (for write residuals).
+    pub async fn execute(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> (ScsiCompletion, Option<u32>) {
         const REPORT_LUNS: u8 = 0xa0;
         if cdb.first() == Some(&REPORT_LUNS) {
             let luns: Vec<u64> = self.target.luns.keys().copied().collect();
-            return to_wire(lu::report_luns(&cdb, &luns));
+            return (to_wire(lu::report_luns(&cdb, &luns)), None);
         }
         let Some(handle) = decode_lun(lun_raw).and_then(|l| self.target.luns.get(&l)).cloned() else {
-            return to_wire(lu::no_such_lun(&cdb));
+            return (to_wire(lu::no_such_lun(&cdb)), None);
         };
         let nexus = self.id;
-        let mut step = handle.lu().execute(nexus, &cdb, data_out);
+        let (mut step, spdtl) = {
+            let mut lu = handle.lu();
+            let spdtl = lu.data_out_len(&cdb).and_then(|n| u32::try_from(n).ok());
+            (lu.execute(nexus, &cdb, data_out), spdtl)
+        };
         loop {
             match step {
-                Step::Done(c) => return to_wire(c),
+                Step::Done(c) => return (to_wire(c), spdtl),
                 Step::Io(op, cont) => {
                     let backend = handle.backend.clone();
                     let result = tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))

@@ -274,6 +274,27 @@ impl LogicalUnit {
         self.ua.peek(nexus)
     }
 
+    /// How many Data-Out bytes `cdb` asks the initiator to send (the SPDTL of RFC 7143
+    /// §11.4.5.1), for write residuals; `None` when the CDB cannot be parsed.
+    pub fn data_out_len(&self, cdb: &[u8]) -> Option<u64> {
+        use crate::cdb::Command as C;
+        let bs = self.block_size();
+        let blocks = |e: crate::cdb::Extent| u64::from(e.blocks).checked_mul(bs);
+        match crate::cdb::parse(cdb).ok()? {
+            C::Write { ext, .. } | C::OrWrite { ext, .. } => blocks(ext),
+            C::WriteAndVerify { ext, .. } => blocks(ext),
+            C::Verify { ext, bytchk } => match bytchk {
+                0 => Some(0),
+                // BYTCHK 11b: one block compared against every block of the range (SBC-3 §5.30).
+                3 => Some(bs),
+                _ => blocks(ext),
+            },
+            C::WriteSame { ndob, .. } => Some(if ndob { 0 } else { bs }),
+            C::ModeSelect { param_len, .. } | C::Unmap { param_len } => Some(u64::from(param_len)),
+            _ => Some(0),
+        }
+    }
+
     /// Whether sense data is currently reported in descriptor format (control page D_SENSE).
     pub fn d_sense(&self) -> bool {
         self.mode.current.d_sense
