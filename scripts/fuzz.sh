@@ -12,7 +12,8 @@ set -euo pipefail
 secs="${1:-60}"
 shift || true
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root/crates/fuzz"
+fuzz_dir="$root/crates/fuzz"
+cd "$fuzz_dir"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: installing cargo-fuzz" >&2
@@ -23,7 +24,7 @@ export RUSTC_BOOTSTRAP=1
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    mapfile -t targets < <(cargo fuzz list)
+    mapfile -t targets < <(cargo fuzz list --fuzz-dir "$fuzz_dir")
 fi
 
 failed=()
@@ -31,7 +32,7 @@ for t in "${targets[@]}"; do
     echo "=== fuzz $t for ${secs}s"
     mkdir -p "corpus/$t"
     start=$(date +%s)
-    if cargo fuzz run "$t" "corpus/$t" -- \
+    if cargo fuzz run --fuzz-dir "$fuzz_dir" "$t" "corpus/$t" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
         echo "=== $t: ok ($(( $(date +%s) - start ))s including build)"
     else
