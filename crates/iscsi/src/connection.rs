@@ -137,6 +137,12 @@ pub enum CloseReason {
     ProtocolError(String),
 }
 
+/// Fixed-format sense for a write whose Data-Out carried a wrong DataSN: ABORTED COMMAND,
+/// DATA PHASE ERROR (4Bh/00h, SPC-4 Table 28).
+const SENSE_DATA_PHASE_ERROR: [u8; 18] = [
+    0x70, 0, 0x0b, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x4b, 0, 0, 0, 0, 0,
+];
+
 /// Fixed-format sense for a command whose ExpectedDataTransferLength exceeds
 /// [`Limits::max_transfer`]: ILLEGAL REQUEST, INVALID FIELD IN CDB (SPC-4 §4.5.3, Table 28).
 const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
@@ -259,7 +265,10 @@ impl Connection {
         while self.closed.is_none() {
             match self.framer.next_pdu(buf) {
                 Ok(None) => break,
-                Ok(Some(Framed::Pdu(pdu))) => self.handle_pdu(pdu),
+                Ok(Some(Framed::Pdu(pdu))) => {
+                    tracing::trace!(header = ?pdu.header, data = pdu.data.len(), "rx");
+                    self.handle_pdu(pdu);
+                }
                 Ok(Some(Framed::Bad { error, header })) => match (error.action(), &self.phase) {
                     (ErrorAction::Reject(reason), Phase::FullFeature(_)) => {
                         tracing::debug!(%error, "rejecting PDU");
@@ -814,6 +823,16 @@ impl Connection {
             task.state = TaskState::Running {
                 r2t_count: buffer.r2t_count(),
             };
+            if buffer.data_sn_error() {
+                // ERL 0: no recovery R2T; fail the command, keep the session (RFC 7143 §7.1.5).
+                let completion = ScsiCompletion {
+                    status: STATUS_CHECK_CONDITION,
+                    sense: Bytes::from_static(&SENSE_DATA_PHASE_ERROR),
+                    data_in: Bytes::new(),
+                };
+                self.finish_command(itt, completion, None);
+                return;
+            }
             cmd.data_out = buffer.into_data();
             self.events.push_back(Event::Command(cmd));
         }
@@ -1877,7 +1896,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_data_sn_by_closing() {
+    fn fails_command_with_bad_data_sn_and_keeps_session() {
         let mut p = Pair::new(config());
         p.login_normal(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
         p.command(4, 0x2a, false, true, 1024, true, Bytes::new());
@@ -1887,11 +1906,15 @@ mod tests {
         };
         p.data_out(4, r.ttt, 0, 0, false, &[0; 512]);
         p.data_out(4, r.ttt, 0, 512, true, &[0; 512]);
-        assert!(matches!(
-            p.conn.is_closed(),
-            Some(CloseReason::ProtocolError(_))
-        ));
+        assert!(p.conn.is_closed().is_none(), "the session survives");
         assert!(p.events().is_empty(), "nothing was handed to the owner");
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.status, STATUS_CHECK_CONDITION);
+        // SenseLength, then fixed sense: ABORTED COMMAND, DATA PHASE ERROR.
+        assert_eq!((out[0].data[4], out[0].data[14]), (0x0b, 0x4b));
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct WriteBuffer {
     next_solicit: u32,
     r2t_sn: u32,
     params: WriteParams,
+    /// A Data-Out arrived with an unexpected DataSN. At ErrorRecoveryLevel 0 there is no
+    /// recovery R2T (RFC 7143 §7.1.5), so the data is still placed by its buffer offset but
+    /// the command is failed once its transfer ends, and the connection stays up.
+    data_sn_error: bool,
 }
 
 impl WriteBuffer {
@@ -95,12 +99,19 @@ impl WriteBuffer {
             next_solicit: unsolicited_end,
             r2t_sn: 0,
             params,
+            data_sn_error: false,
         }
     }
 
     /// True once every byte of the transfer has arrived.
     pub fn is_complete(&self) -> bool {
         self.received >= self.edtl && self.sequences.is_empty() && self.next_solicit >= self.edtl
+    }
+
+    /// True when some Data-Out of this command carried an unexpected DataSN: the command must
+    /// be failed instead of executed.
+    pub fn data_sn_error(&self) -> bool {
+        self.data_sn_error
     }
 
     /// Number of R2Ts sent so far.
@@ -156,9 +167,9 @@ impl WriteBuffer {
             .sequences
             .get_mut(idx)
             .ok_or(DataOutError::UnknownTtt)?;
-        if h.data_sn != seq.next_data_sn {
-            return Err(DataOutError::DataSn);
-        }
+        // DataSN is checked after the bounds: a PDU that cannot be placed is fatal, one that
+        // only carries a wrong DataSN fails its command (see `data_sn_error`).
+        let data_sn_ok = h.data_sn == seq.next_data_sn;
         let len = u32::try_from(data.len()).map_err(|_| DataOutError::OutOfBounds)?;
         let end = h
             .buffer_offset
@@ -190,7 +201,8 @@ impl WriteBuffer {
         dst.copy_from_slice(data);
         seq.received = received;
         seq.next = end;
-        seq.next_data_sn = seq.next_data_sn.wrapping_add(1);
+        seq.next_data_sn = h.data_sn.wrapping_add(1);
+        self.data_sn_error |= !data_sn_ok;
         self.received = self.received.saturating_add(len);
         if received == seq_len {
             self.sequences.remove(idx);
@@ -267,20 +279,22 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_data_sn() {
-        let mut w = WriteBuffer::new(8, &Bytes::new(), 0, PARAMS);
+    fn flags_bad_data_sn_but_places_data() {
+        let mut w = WriteBuffer::new(4, &Bytes::new(), 0, PARAMS);
         let r = w.solicit(|| 1);
         assert_eq!(r.len(), 1);
         w.data_out(&dout(1, 0, 0, false), &Bytes::from_static(b"ab"))
             .unwrap();
-        assert_eq!(
-            w.data_out(&dout(1, 0, 2, true), &Bytes::from_static(b"cd")),
-            Err(DataOutError::DataSn)
-        );
-        assert_eq!(
-            w.data_out(&dout(1, 27, 2, true), &Bytes::from_static(b"cd")),
-            Err(DataOutError::DataSn)
-        );
+        assert!(!w.data_sn_error());
+        w.data_out(&dout(1, 0, 2, true), &Bytes::from_static(b"cd"))
+            .unwrap();
+        assert!(w.data_sn_error());
+        assert!(w.is_complete());
+
+        let mut w = WriteBuffer::new(2, &Bytes::new(), 2, PARAMS);
+        w.data_out(&dout(RESERVED_TAG, 27, 0, true), &Bytes::from_static(b"ab"))
+            .unwrap();
+        assert!(w.data_sn_error() && w.is_complete());
     }
 
     #[test]
