@@ -41,27 +41,28 @@ for s in $suites; do
 import re, sys
 suite, rc, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 text = open(log, errors="replace").read()
-tests = {}
-cur = None; skipped = False; reasons = []
-for line in text.splitlines():
-    m = re.match(r"\s+Test: (\S+) \.\.\.(.*)$", line)
-    if m:
-        cur, rest = m.group(1), m.group(2)
-        skipped = False
-        line = rest
-    if cur is None:
-        continue
-    if "[SKIPPED]" in line:
-        skipped = True
-        reasons.append(cur + ": " + line.split("[SKIPPED]", 1)[1].strip())
-    if re.search(r"\bpassed\s*$", line):
-        tests[cur] = "skip" if skipped else "pass"; cur = None
-    elif "FAILED" in line:
-        tests[cur] = "fail"; cur = None
-# A test that started but never finished (crash, hang, timeout) counts as failed.
-if cur is not None:
-    tests[cur] = "fail"
+tests = {}; reasons = []
+# CUnit prints "  Test: NAME ...passed" or "...FAILED"; libiscsi prints "[SKIPPED] why" inside a
+# test before its result. Text after the result (suite teardown) belongs to no test.
+parts = re.split(r"^\s+Test: (\S+) \.\.\.", text, flags=re.M)
+for name, body in zip(parts[1::2], parts[2::2]):
+    body = body.split("Run Summary:")[0]
+    # CUnit's verdict; libiscsi's own "[FAILED] ..." log lines (expected failures) are not it.
+    m = re.search(r"(?<!\[)(passed|FAILED)(?!\])", body)
+    head = body[: m.start()] if m else body
+    skips = re.findall(r"\[SKIPPED\]\s*(.*)", head)
+    for r in dict.fromkeys(x.strip() for x in skips):
+        reasons.append(name + ": " + r)
+    if m is None:
+        tests[name] = "fail"   # started but never finished: crash, hang or timeout
+    elif m.group(0) == "FAILED":
+        tests[name] = "fail"
+    else:
+        tests[name] = "skip" if skips else "pass"
 status = "ok"
+cu = re.search(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text, flags=re.M)
+if cu and int(cu.group(4)) != sum(v == "fail" for v in tests.values()):
+    status = "PARSE-MISMATCH"   # CUnit's own failure count disagrees with the per-test parse
 if rc == 124: status = "TIMEOUT"
 elif rc >= 128 or (rc != 0 and not tests): status = f"CRASH(rc={rc})"
 n = len(tests); p = sum(v == "pass" for v in tests.values())

@@ -327,7 +327,7 @@ impl LogicalUnit {
         }
     }
 
-    /// LUN RESET / TARGET WARM/COLD RESET: unit attention 29h/xx to every other nexus, mode
+    /// LUN RESET / TARGET WARM/COLD RESET: unit attention 29h/xx to every nexus, mode
     /// pages back to their defaults (no saved pages), PREVENT state cleared (SAM-5 §6.3,
     /// SPC-4 §6.15).
     pub fn reset(&mut self, from: NexusId, kind: ResetKind) {
@@ -336,7 +336,10 @@ impl LogicalUnit {
             ResetKind::TargetWarm => SenseReason::BusResetOccurred,
             ResetKind::TargetCold => SenseReason::PowerOnOccurred,
         };
-        self.ua.raise_others(Some(from), reason);
+        // SAM-5 §6.3.3 / §6.3.4: the unit attention goes to every I_T nexus, the one that
+        // requested the reset included (libiscsi MultipathIO.Reset checks each path).
+        let _ = from;
+        self.ua.raise_others(None, reason);
         self.mode.reset();
         self.prevent.clear();
     }

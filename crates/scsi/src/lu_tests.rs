@@ -211,9 +211,11 @@ fn request_sense_reports_and_clears_unit_attention() {
 }
 
 #[test]
-fn lun_reset_raises_unit_attention_on_other_nexuses() {
+fn lun_reset_raises_unit_attention_on_every_nexus() {
     let mut f = Fixture::new();
     f.lu.reset(N, ResetKind::LogicalUnit);
+    // SAM-5 §6.3.3: the requesting nexus gets the unit attention too.
+    expect(&f.run_on(N, &TUR, &[]), SenseReason::BusDeviceResetOccurred);
     good(&f.run_on(N, &TUR, &[]));
     expect(
         &f.run_on(OTHER, &TUR, &[]),
@@ -265,6 +267,7 @@ fn mode_select_changes_d_sense_and_notifies_others() {
     // A LUN reset restores the default (fixed format).
     f.lu.reset(OTHER, ResetKind::LogicalUnit);
     assert!(!f.lu.d_sense());
+    expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::BusDeviceResetOccurred);
     // Changing an unchangeable bit is INVALID FIELD IN PARAMETER LIST.
     params[4 + 3] ^= 0x10;
     let c = f.run_on(OTHER, &[0x15, 0x10, 0, 0, len, 0], &params);
