@@ -51,6 +51,10 @@ pub struct LuConfig {
     pub max_transfer_blocks: u32,
     pub max_unmap_blocks: u32,
     pub max_unmap_descriptors: u32,
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2, READ CAPACITY 16 byte 13):
+    /// 3 for 512-byte LUNs (4 KiB physical, as the page cache and most host filesystems are),
+    /// 0 for 4096-byte LUNs.
+    pub physical_block_exponent: u8,
 }
 
 impl LuConfig {
@@ -78,6 +82,7 @@ impl LuConfig {
             max_transfer_blocks,
             max_unmap_blocks: 0x10_0000,
             max_unmap_descriptors: 256,
+            physical_block_exponent: if block_size < 4096 { 3 } else { 0 },
         };
         config.serial = serial_from_naa(&config.naa);
         config
@@ -524,7 +529,8 @@ impl LogicalUnit {
                     &self.config.num_blocks.saturating_sub(1).to_be_bytes(),
                 );
                 vpd::put(&mut d, 8, &self.config.block_size.to_be_bytes());
-                // [13] LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0; [14] LBPME, LBPRZ.
+                // [13] LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT; [14] LBPME, LBPRZ.
+                vpd::put(&mut d, 13, &[self.config.physical_block_exponent & 0x0f]);
                 if self.config.thin {
                     vpd::put(&mut d, 14, &[0xC0]);
                 }

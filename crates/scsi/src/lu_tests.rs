@@ -639,7 +639,7 @@ fn read_capacity_10_and_16() {
     assert_eq!(c.data.len(), 32);
     assert_eq!(&c.data[..8], &(BLOCKS - 1).to_be_bytes());
     assert_eq!(&c.data[8..12], &BS.to_be_bytes());
-    assert_eq!(c.data[13] & 0x0F, 0);
+    assert_eq!(c.data[13] & 0x0F, 3, "512-byte blocks on 4 KiB physical blocks");
     assert_eq!(c.data[14] & 0xC0, 0xC0);
     let mut big = LuConfig::new(0, 4096, 1 << 33, "t");
     big.thin = false;

@@ -122,15 +122,17 @@ fn block_limits(config: &LuConfig) -> Vec<u8> {
     let mut d = vec![0u8; 0x3C];
     // [0] WSNZ=1: WRITE SAME with NUMBER OF LOGICAL BLOCKS zero is rejected.
     put(&mut d, 0, &[0x01]);
-    // [2..4] OPTIMAL TRANSFER LENGTH GRANULARITY = 1 block.
-    put(&mut d, 2, &1u16.to_be_bytes());
+    // [2..4] OPTIMAL TRANSFER LENGTH GRANULARITY = one physical block.
+    let physical_blocks = 1u16 << (config.physical_block_exponent & 0x0f).min(15);
+    put(&mut d, 2, &physical_blocks.to_be_bytes());
     put(&mut d, 4, &config.max_transfer_blocks.to_be_bytes());
     put(&mut d, 8, &config.max_transfer_blocks.to_be_bytes());
     if config.thin {
         put(&mut d, 16, &config.max_unmap_blocks.to_be_bytes());
         put(&mut d, 20, &config.max_unmap_descriptors.to_be_bytes());
-        // OPTIMAL UNMAP GRANULARITY = 1; UNMAP GRANULARITY ALIGNMENT not valid.
-        put(&mut d, 24, &1u32.to_be_bytes());
+        // OPTIMAL UNMAP GRANULARITY = one physical block; UNMAP GRANULARITY ALIGNMENT not
+        // valid (any range is accepted; partial physical blocks are zeroed).
+        put(&mut d, 24, &u32::from(physical_blocks).to_be_bytes());
     }
     put(
         &mut d,
