@@ -26,7 +26,7 @@ fn default_lun_is_reported_by_libiscsi_tools() {
     assert!(out.contains("Vendor:IRONLUN"), "{out}");
     assert!(out.contains("CmdQue:1"), "{out}");
 
-    let (ok, out) = run(Command::new("iscsi-inq").args(["-e", "1", "-c", "0x83"]).arg(&url));
+    let (ok, out) = run(Command::new("iscsi-inq").args(["-e", "1", "-c", "131"]).arg(&url));
     assert!(ok, "{out}");
     assert!(out.contains("NAA"), "VPD 83h lacks an NAA designator:\n{out}");
 

@@ -51,9 +51,10 @@ pub struct LuConfig {
     pub max_transfer_blocks: u32,
     pub max_unmap_blocks: u32,
     pub max_unmap_descriptors: u32,
-    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2, READ CAPACITY 16 byte 13):
-    /// 3 for 512-byte LUNs (4 KiB physical, as the page cache and most host filesystems are),
-    /// 0 for 4096-byte LUNs.
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2, READ CAPACITY 16 byte 13).
+    /// Default 0. An exponent > 0 is valid SCSI, but libiscsi's GetLBAStatus.UnmapSingle
+    /// (1.19) then queries LBA i+1 and expects the first descriptor at i+lbppb, which no
+    /// target can satisfy, so the default keeps one logical block per physical block.
     pub physical_block_exponent: u8,
 }
 
@@ -82,7 +83,7 @@ impl LuConfig {
             max_transfer_blocks,
             max_unmap_blocks: 0x10_0000,
             max_unmap_descriptors: 256,
-            physical_block_exponent: if block_size < 4096 { 3 } else { 0 },
+            physical_block_exponent: 0,
         };
         config.serial = serial_from_naa(&config.naa);
         config

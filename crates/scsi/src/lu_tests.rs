@@ -639,7 +639,14 @@ fn read_capacity_10_and_16() {
     assert_eq!(c.data.len(), 32);
     assert_eq!(&c.data[..8], &(BLOCKS - 1).to_be_bytes());
     assert_eq!(&c.data[8..12], &BS.to_be_bytes());
-    assert_eq!(c.data[13] & 0x0F, 3, "512-byte blocks on 4 KiB physical blocks");
+    assert_eq!(c.data[13] & 0x0F, 0);
+    let mut phys = LuConfig::new(0, 512, BLOCKS, "t");
+    phys.physical_block_exponent = 3;
+    let mut g = LogicalUnit::new(phys);
+    let Step::Done(c) = g.execute(N, &cdb16(0x9E, 0x10, 0, 32), Bytes::new()) else {
+        panic!()
+    };
+    assert_eq!(c.data[13] & 0x0F, 3, "4 KiB physical blocks");
     assert_eq!(c.data[14] & 0xC0, 0xC0);
     let mut big = LuConfig::new(0, 4096, 1 << 33, "t");
     big.thin = false;
