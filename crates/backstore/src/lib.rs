@@ -1,17 +1,26 @@
 //! The `BlockBackend` contract and the RAM and file backstores.
 //!
-//! Backends are byte-addressed and synchronous; the daemon runs them on a bounded blocking
-//! pool. Offsets and lengths are checked here too (`checked_add`), whatever the caller checked.
+//! Backends are byte-addressed. Synchronous backends run on the daemon's bounded blocking pool;
+//! asynchronous ones ([`BlockBackend::is_async`], e.g. [`UringBackend`]) complete an
+//! [`IoFuture`] from their own thread. Offsets and lengths are checked here too
+//! (`checked_add`), whatever the caller checked.
 
 pub mod file;
 pub mod pool;
 pub mod ram;
+pub mod uring;
 
 pub use file::{FileBackend, FileOptions};
 pub use pool::IoPool;
 pub use ram::RamBackend;
+pub use uring::{io_uring_available, UringBackend, UringOptions};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 
@@ -79,4 +88,277 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn unmap(&self, offset: u64, len: u64) -> Result<()>;
     /// Mapped/deallocated runs from `offset` covering at least the first byte, at most `len`.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Whether the `*_async` methods complete from the backend's own thread without blocking
+    /// the caller. When `true` the daemon `.await`s them on its async workers; when `false` it
+    /// calls the synchronous methods on its blocking pool (the defaults below would block).
+    fn is_async(&self) -> bool {
+        false
+    }
+    /// [`read`](Self::read), as a future. The request is under way once this returns: dropping
+    /// the future discards the result, never the I/O's buffer (DESIGN.md §3 rule 6). The
+    /// default runs `read` inline and returns a ready future.
+    fn read_async(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
+        IoFuture::ready(self.read(offset, len))
+    }
+    /// [`write`](Self::write), as a future; `data` is owned by the request until it completes,
+    /// so a dropped future's write may still land. Durability as for `write` once it resolves.
+    fn write_async(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
+        IoFuture::ready(self.write(offset, &data, fua))
+    }
+    /// [`flush`](Self::flush), as a future: on `Ok`, every write completed before this call was
+    /// made is durable.
+    fn flush_async(&self) -> IoFuture<()> {
+        IoFuture::ready(self.flush())
+    }
+}
+
+/// The state shared by an [`IoFuture`] and its [`IoCompleter`].
+struct Pending<T> {
+    result: Option<Result<T>>,
+    waker: Option<Waker>,
+}
+
+type SharedPending<T> = Arc<Mutex<Pending<T>>>;
+
+fn lock<T>(shared: &Mutex<Pending<T>>) -> std::sync::MutexGuard<'_, Pending<T>> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lost(op: &'static str, what: &str) -> BackstoreError {
+    BackstoreError::Io {
+        op,
+        offset: 0,
+        source: std::io::Error::other(what.to_owned()),
+    }
+}
+
+/// The result of one backstore operation, delivered once, possibly from another thread.
+///
+/// A std-only future (no runtime): `.await` it from any executor, or block on it with
+/// [`wait`](Self::wait). Dropping it before completion is safe and discards the result; the
+/// operation itself keeps its buffers until it completes. If the completing side goes away
+/// without a result, the future resolves to a [`BackstoreError::Io`].
+pub struct IoFuture<T>(Slot<T>);
+
+enum Slot<T> {
+    Ready(Option<Result<T>>),
+    Pending(SharedPending<T>),
+}
+
+/// The completing half of a pending [`IoFuture`]; dropping it uncompleted fails the future.
+pub struct IoCompleter<T>(Option<SharedPending<T>>);
+
+// The future never pins its contents: the result is moved out by value.
+impl<T> Unpin for IoFuture<T> {}
+
+impl<T> IoFuture<T> {
+    /// A future that is already resolved.
+    pub fn ready(result: Result<T>) -> Self {
+        Self(Slot::Ready(Some(result)))
+    }
+
+    /// A pending future and the completer that resolves it.
+    pub fn pending() -> (Self, IoCompleter<T>) {
+        let shared = Arc::new(Mutex::new(Pending {
+            result: None,
+            waker: None,
+        }));
+        (
+            Self(Slot::Pending(Arc::clone(&shared))),
+            IoCompleter(Some(shared)),
+        )
+    }
+
+    /// Whether the result is available (polling would return `Ready`).
+    pub fn is_ready(&self) -> bool {
+        match &self.0 {
+            Slot::Ready(r) => r.is_some(),
+            Slot::Pending(shared) => lock(shared).result.is_some(),
+        }
+    }
+
+    /// Block the calling thread until the result is available.
+    pub fn wait(mut self) -> Result<T> {
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut self).poll(&mut cx) {
+                return r;
+            }
+            std::thread::park();
+        }
+    }
+}
+
+impl<T> Future for IoFuture<T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.get_mut();
+        let taken = match &mut this.0 {
+            Slot::Ready(r) => r.take(),
+            Slot::Pending(shared) => {
+                let mut state = lock(shared);
+                match state.result.take() {
+                    Some(r) => Some(r),
+                    None => {
+                        match &mut state.waker {
+                            Some(w) if w.will_wake(cx.waker()) => {}
+                            w => *w = Some(cx.waker().clone()),
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        };
+        // Resolved once: a later poll reports misuse instead of waiting forever.
+        this.0 = Slot::Ready(None);
+        Poll::Ready(taken.unwrap_or_else(|| Err(lost("poll", "IoFuture polled after completion"))))
+    }
+}
+
+impl<T> IoCompleter<T> {
+    /// Resolve the future (a no-op if it was dropped) and wake its task.
+    pub fn complete(mut self, result: Result<T>) {
+        self.resolve(result);
+    }
+
+    fn resolve(&mut self, result: Result<T>) {
+        let Some(shared) = self.0.take() else { return };
+        let waker = {
+            let mut state = lock(&shared);
+            state.result = Some(result);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl<T> Drop for IoCompleter<T> {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            self.resolve(Err(lost("complete", "the backstore dropped the request")));
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for IoFuture<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoFuture")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl<T> std::fmt::Debug for IoCompleter<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoCompleter")
+            .field("pending", &self.0.is_some())
+            .finish()
+    }
+}
+
+/// Wakes a thread blocked in [`IoFuture::wait`].
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod io_future_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn ready_future_resolves_at_once() {
+        let fut = IoFuture::ready(Ok(7u8));
+        assert!(fut.is_ready());
+        assert_eq!(fut.wait().unwrap(), 7);
+    }
+
+    #[test]
+    fn completes_from_another_thread() {
+        let (fut, done) = IoFuture::<Bytes>::pending();
+        assert!(!fut.is_ready());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            done.complete(Ok(Bytes::from_static(b"abc")));
+        });
+        assert_eq!(&fut.wait().unwrap()[..], b"abc");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn poll_registers_waker_and_completion_wakes_it() {
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&counter));
+        let mut cx = Context::from_waker(&waker);
+        let (mut fut, done) = IoFuture::<u32>::pending();
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        done.complete(Ok(5));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(Ok(5))
+        ));
+        // A second poll is a caller bug; it is reported, not a panic.
+        assert!(matches!(
+            Pin::new(&mut fut).poll(&mut cx),
+            Poll::Ready(Err(BackstoreError::Io { op: "poll", .. }))
+        ));
+    }
+
+    #[test]
+    fn dropped_completer_fails_the_future() {
+        let (fut, done) = IoFuture::<()>::pending();
+        drop(done);
+        assert!(matches!(
+            fut.wait(),
+            Err(BackstoreError::Io { op: "complete", .. })
+        ));
+    }
+
+    #[test]
+    fn completing_a_dropped_future_is_harmless() {
+        let (fut, done) = IoFuture::<Vec<u8>>::pending();
+        drop(fut);
+        done.complete(Ok(vec![1; 1024]));
+    }
+
+    #[test]
+    fn default_async_methods_run_inline() {
+        let ram = RamBackend::new(1 << 16).unwrap();
+        assert!(!ram.is_async());
+        let w = ram.write_async(10, Bytes::from_static(b"xyz"), true);
+        assert!(w.is_ready());
+        w.wait().unwrap();
+        assert_eq!(&ram.read_async(10, 3).wait().unwrap()[..], b"xyz");
+        ram.flush_async().wait().unwrap();
+        assert!(matches!(
+            ram.read_async(1 << 16, 1).wait(),
+            Err(BackstoreError::OutOfRange { .. })
+        ));
+    }
 }
