@@ -38,7 +38,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -231,7 +231,7 @@ struct Shared {
     buffered: File,
     direct: Option<File>,
     /// Offset and length alignment required by `direct`.
-    direct_align: u64,
+    direct_align: AtomicU64,
     /// Memory alignment required by `direct` (divides [`DIRECT_ALIGN`]).
     direct_mem_align: usize,
     /// The filesystem has not refused a direct transfer yet.
@@ -248,10 +248,11 @@ impl Shared {
 
     /// Whether a transfer of `len` bytes at `pos` is aligned for the direct descriptor.
     fn direct_range(&self, pos: u64, len: usize) -> bool {
+        let align = self.direct_align.load(Ordering::Relaxed);
         self.direct.is_some()
             && self.direct_ok.load(Ordering::Relaxed)
-            && pos.checked_rem(self.direct_align) == Some(0)
-            && len64(len).checked_rem(self.direct_align) == Some(0)
+            && pos.checked_rem(align) == Some(0)
+            && len64(len).checked_rem(align) == Some(0)
     }
 
     /// Whether a transfer of `len` bytes at `pos` from `ptr` may use the direct descriptor.
@@ -355,7 +356,7 @@ impl UringBackend {
         let shared = Arc::new(Shared {
             buffered,
             direct,
-            direct_align: direct_align.0,
+            direct_align: AtomicU64::new(direct_align.0),
             direct_mem_align: direct_align.1,
             direct_ok: AtomicBool::new(true),
             wake,
@@ -385,6 +386,14 @@ impl UringBackend {
     /// Whether the backstore was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.file.is_read_only()
+    }
+
+    /// Send every request to the `O_DIRECT` descriptor, aligned or not, so that the kernel
+    /// refuses one with `EINVAL` and the buffered fallback is exercised.
+    #[cfg(test)]
+    fn misalign_direct(self) -> Self {
+        self.shared.direct_align.store(1, Ordering::Relaxed);
+        self
     }
 
     /// Whether aligned requests currently use `O_DIRECT`.
@@ -956,6 +965,26 @@ mod tests {
         b.write_async(4096, data.clone(), true).wait().unwrap();
         assert_eq!(b.read(4096, 4096).unwrap(), data);
     }
+
+    #[test]
+    fn refused_direct_transfer_falls_back_to_buffered() {
+        let b = make_direct(1 << 20);
+        if !b.is_direct() {
+            return; // Already buffered: the fallback is what every other test runs.
+        }
+        let b = b.misalign_direct();
+        b.write(3, &pattern(6, 1000), false).unwrap();
+        assert!(
+            !b.is_direct(),
+            "an unaligned O_DIRECT write was not refused"
+        );
+        assert_eq!(b.read(3, 1000).unwrap(), pattern(6, 1000));
+        b.write(8192, &pattern(7, 4096), true).unwrap();
+        assert_eq!(b.read(8192, 4096).unwrap(), pattern(7, 4096));
+    }
+
+    crate::backstore_conformance!(direct_refused, |size| super::make_direct(size)
+        .misalign_direct());
 
     #[test]
     fn read_buffers_are_aligned() {
