@@ -45,7 +45,16 @@ struct RawConfig {
     negotiation: Option<RawNegotiation>,
     data_dir: Option<Spanned<String>>,
     #[serde(default)]
+    runtime: Option<RawRuntime>,
+    #[serde(default)]
     target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: Option<Spanned<usize>>,
+    blocking_threads: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +122,16 @@ pub struct Config {
     /// Where relative LUN paths live (and where the default LUN is created).
     pub data_dir: PathBuf,
     pub targets: Vec<Target>,
+    pub runtime: Runtime,
+}
+
+/// The `[runtime]` table: threads of the async runtime and of the blocking I/O pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// Async worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
+    /// Upper bound of the blocking pool that runs file-backstore I/O; `None`: 64.
+    pub blocking_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +215,7 @@ impl Config {
             negotiation: Negotiation { offers: Default::default(), cmd_window: 128 },
             data_dir,
             targets: vec![Target { name, alias: Some("ironlun lab".into()), luns: vec![lun] }],
+            runtime: Runtime::default(),
         }
     }
 
@@ -259,6 +279,21 @@ impl Config {
         }
 
         let negotiation = parse_negotiation(&cx, raw.negotiation.unwrap_or_default())?;
+        let mut runtime = Runtime::default();
+        if let Some(r) = &raw.runtime {
+            if let Some(w) = &r.worker_threads {
+                if !(1..=256).contains(w.get_ref()) {
+                    return cx.err(w.span(), "runtime.worker_threads", "must be 1..=256");
+                }
+                runtime.worker_threads = Some(*w.get_ref());
+            }
+            if let Some(b) = &r.blocking_threads {
+                if !(1..=1024).contains(b.get_ref()) {
+                    return cx.err(b.span(), "runtime.blocking_threads", "must be 1..=1024");
+                }
+                runtime.blocking_threads = Some(*b.get_ref());
+            }
+        }
 
         let mut targets = Vec::new();
         let mut names = std::collections::HashSet::new();
@@ -347,7 +382,7 @@ impl Config {
                 message: "at least one [[target]] is required".into(),
             });
         }
-        Ok(Config { portals, negotiation, data_dir, targets })
+        Ok(Config { portals, negotiation, data_dir, targets, runtime })
     }
 }
 
@@ -568,6 +603,15 @@ size = "64MiB"
     fn rejects_size_not_multiple_of_block() {
         let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = 1000\n").unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].size");
+    }
+
+    #[test]
+    fn runtime_table_is_validated() {
+        let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+        let c = parse(&format!("[runtime]\nworker_threads = 2\nblocking_threads = 8\n{base}")).unwrap();
+        assert_eq!(c.runtime, Runtime { worker_threads: Some(2), blocking_threads: Some(8) });
+        let e = parse(&format!("[runtime]\nworker_threads = 0\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "runtime.worker_threads"));
     }
 
     #[test]

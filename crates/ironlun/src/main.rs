@@ -33,7 +33,7 @@ enum Command {
         /// Directory for LUN files with relative paths (default: ./ironlun-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Worker threads of the runtime (default: one per core).
+        /// Worker threads of the runtime (overrides `[runtime] worker_threads`; default: one per core).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -91,9 +91,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data_dir: Option<P
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
-    if let Some(w) = workers {
+    if let Some(w) = workers.or(cfg.runtime.worker_threads) {
         rt.worker_threads(w.max(1));
     }
+    rt.max_blocking_threads(cfg.runtime.blocking_threads.unwrap_or(64));
     let rt = match rt.build() {
         Ok(r) => r,
         Err(e) => {
