@@ -905,7 +905,11 @@ impl Driver {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
 mod tests {
     use super::*;
     use crate::conformance::pattern;
@@ -1059,6 +1063,60 @@ mod tests {
             pattern(4, 65_536 - 12_345)
         );
         assert_eq!(f.read(65_536, 65_536).unwrap(), pattern(5, 65_536));
+    }
+
+    #[test]
+    fn accepts_sqpoll_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = UringBackend::open(
+            dir.path().join("lu.img"),
+            UringOptions {
+                sqpoll: true,
+                ..options(1 << 20, false)
+            },
+        )
+        .unwrap();
+        let writes: Vec<_> = (0..64u64)
+            .map(|i| b.write_async(i * 512, Bytes::from(pattern(i as u8, 512)), false))
+            .collect();
+        for w in writes {
+            w.wait().unwrap();
+        }
+        for i in 0..64u64 {
+            assert_eq!(b.read(i * 512, 512).unwrap(), pattern(i as u8, 512));
+        }
+        b.flush().unwrap();
+    }
+
+    #[test]
+    fn refused_setup_maps_to_unsupported() {
+        // ENOSYS: no io_uring in the kernel; EPERM: seccomp or kernel.io_uring_disabled = 2.
+        for errno in [libc::ENOSYS, libc::EPERM, libc::EACCES, libc::EINVAL] {
+            assert!(matches!(
+                setup_error(io::Error::from_raw_os_error(errno)),
+                BackstoreError::Unsupported("io_uring")
+            ));
+        }
+        assert!(matches!(
+            setup_error(io::Error::from_raw_os_error(libc::ENOMEM)),
+            BackstoreError::Io {
+                op: "io_uring_setup",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_empty_and_out_of_range_without_the_ring() {
+        let b = make_buffered(4096);
+        assert!(b.write_async(4096, Bytes::new(), false).is_ready());
+        assert!(b.read_async(0, 0).is_ready());
+        let past = b.read_async(4000, 97);
+        assert!(past.is_ready());
+        assert!(matches!(
+            past.wait(),
+            Err(BackstoreError::OutOfRange { .. })
+        ));
     }
 
     #[test]
