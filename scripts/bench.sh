@@ -1,88 +1,240 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: ironlun and Linux tgt, same client tools, same run, alternating A B.
-# Both serve a 1 GiB sparse backing file on loopback. Prints a markdown table with medians,
-# min–max and the ironlun/tgt ratio. These machines are noisy: compare ratios, not absolutes.
+# The project's benchmark: ironlun and Linux tgt side by side on 127.0.0.1, the same client
+# commands alternating ironlun, tgt (and ironlun's RAM LUN) for REPS repetitions. Both targets
+# serve a 1 GiB file holding the same random data, read once beforehand so it is page-cached.
+# Reports medians and min–max, the ironlun/tgt ratio against the goals of issue #3, target CPU
+# µs per operation (utime+stime of the target process, /proc/PID/stat), the iperf3 loopback
+# ceiling, a RAM-LUN run (ironlun's protocol-only ceiling) and ironlun's RSS with 64 idle
+# sessions. These machines are noisy: compare ratios from one run, not absolutes across runs.
 #
-# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE]
-#   -r  repetitions per workload and target (default 3)
-#   -t  seconds per iscsi-perf run (default 5)
-#   -o  also write the table to FILE (markdown)
+# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE] [-q] [--soak MINUTES]
+#   -r REPS         repetitions per workload and target (default 3)
+#   -t SECONDS      seconds per iscsi-perf and iperf3 run (default 5)
+#   -o FILE         also write the markdown report to FILE (default bench-results/latest.md)
+#   -q              quick smoke test: 1 repetition, 2 s runs, smaller qemu-img counts
+#   --soak MINUTES  also run 4 KiB random read QD32 against ironlun for MINUTES, sampling its
+#                   RSS every 10 s, and report the growth (default: off)
+# Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT, TGT_PORT, IPERF_PORT,
+#      IRONLUN_LOG (default warn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=3; SECS=5; OUT=""
-while getopts "r:t:o:" o; do
-  case $o in r) REPS=$OPTARG ;; t) SECS=$OPTARG ;; o) OUT=$OPTARG ;; *) sed -n '2,10p' "$0"; exit 2 ;; esac
+REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -r) REPS=${2:?}; shift 2 ;;
+    -t) SECS=${2:?}; shift 2 ;;
+    -o) OUT=${2:?}; shift 2 ;;
+    -q) QUICK=1; shift ;;
+    --soak) SOAK=${2:?}; shift 2 ;;
+    *) usage ;;
+  esac
 done
-bash scripts/install-deps.sh >/dev/null
-cargo build --release -p ironlun >/dev/null 2>&1 || cargo build --release -p ironlun
+Q4K=40000; Q1M=1024   # qemu-img bench request counts (4 KiB: 156 MiB; 1 MiB: the whole LUN)
+if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; Q4K=10000; Q1M=256; fi
+T0=$(date +%s)
 
+bash scripts/install-deps.sh >/dev/null
+if [ -n "${IRONLUN_BIN:-}" ]; then
+  BIN=$IRONLUN_BIN
+else
+  cargo build --release -p ironlun >/dev/null 2>&1 || cargo build --release -p ironlun
+  BIN=${CARGO_TARGET_DIR:-target}/release/ironlun
+fi
+[ -x "$BIN" ] || { echo "bench.sh: no ironlun binary at $BIN" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/ironlun-bench.XXXXXX)
-IL_PORT=${IL_PORT:-3270}; TGT_PORT=${TGT_PORT:-3271}
+IL_PORT=${IL_PORT:-3270}; TGT_PORT=${TGT_PORT:-3271}; IPERF_PORT=${IPERF_PORT:-3272}
+TGT_CTL=${TGT_CTL:-$TGT_PORT}   # tgtd management channel /var/run/tgtd/socket.$TGT_CTL
 TGT_DIR="$WORK/tgt"
+BG=()   # helper processes we started (iperf3 servers, idle-session holders, soak clients)
 cleanup() {
-  [ -n "${IL_PID:-}" ] && kill -TERM "$IL_PID" 2>/dev/null && wait "$IL_PID" 2>/dev/null || true
-  WORKDIR="$TGT_DIR" bash ../shared/tools/tgt-down.sh >/dev/null 2>&1 || true
+  for p in "${BG[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  if [ -n "${IL_PID:-}" ]; then kill -TERM "$IL_PID" 2>/dev/null || true; wait "$IL_PID" 2>/dev/null || true; fi
+  bash scripts/bench/tgt.sh down "$TGT_DIR" "$TGT_CTL" || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+log() { echo "[bench $(($(date +%s) - T0))s] $*" >&2; }
 
-SHARED=$(cd .. && pwd)/shared
-[ -d "$SHARED/tools" ] || { echo "bench.sh: ../shared/tools (tgt-up.sh) missing" >&2; exit 1; }
+# --- targets: the same 1 GiB of random data in a file for each ---
+log "writing 1 GiB of random data for both backing files"
+mkdir -p "$WORK/il" "$TGT_DIR"
+dd if=/dev/urandom of="$TGT_DIR/lun1.img" bs=1M count=1024 status=none
+cp "$TGT_DIR/lun1.img" "$WORK/il/lun0.img"
+log "starting tgt $(dpkg-query -W -f='${Version}' tgt 2>/dev/null || true)"
+bash scripts/bench/tgt.sh up "$TGT_DIR" "$TGT_PORT" "$TGT_CTL" "$TGT_DIR/lun1.img" >/dev/null
+TGT_PID=$(cat "$TGT_DIR/tgtd.pid")
+IL_IQN=iqn.2026-11.io.ironlun:bench
+cat > "$WORK/ironlun.toml" <<EOF
+data_dir = "$WORK/il"
 
-./target/release/ironlun serve --listen 127.0.0.1:$IL_PORT --data-dir "$WORK/il" > "$WORK/il.out" 2> "$WORK/il.log" &
+[[portal]]
+listen = "127.0.0.1:$IL_PORT"
+
+[[target]]
+name = "$IL_IQN"
+
+[[target.lun]]
+id = 0
+backstore = "file"
+path = "lun0.img"
+size = "1GiB"
+block_size = 512
+
+[[target.lun]]
+id = 1
+backstore = "ram"
+size = "1GiB"
+block_size = 512
+EOF
+log "starting ironlun ($BIN)"
+IRONLUN_LOG=${IRONLUN_LOG:-warn} "$BIN" serve -c "$WORK/ironlun.toml" > "$WORK/il.out" 2> "$WORK/il.log" &
 IL_PID=$!
 for _ in $(seq 1 100); do grep -q '^listening' "$WORK/il.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^listening' "$WORK/il.out" || { echo "ironlun did not start:"; cat "$WORK/il.log"; exit 1; }
-WORKDIR="$TGT_DIR" PORT=$TGT_PORT bash "$SHARED/tools/tgt-up.sh" >/dev/null
+grep -q '^listening' "$WORK/il.out" || { echo "ironlun did not start:" >&2; cat "$WORK/il.log" >&2; exit 1; }
+cat "$WORK/il/lun0.img" "$TGT_DIR/lun1.img" > /dev/null   # both backing files into the page cache
 
-IL_URL="iscsi://127.0.0.1:$IL_PORT/iqn.2026-11.io.ironlun:lab/0"
+IL_URL="iscsi://127.0.0.1:$IL_PORT/$IL_IQN/0"
+RAM_URL="iscsi://127.0.0.1:$IL_PORT/$IL_IQN/1"
 TGT_URL="iscsi://127.0.0.1:$TGT_PORT/iqn.2026-11.test:tgt/1"
+RES="$WORK/results.tsv"; : > "$RES"
+CLK_TCK=$(getconf CLK_TCK)
 
-# One measurement: prints a number (IOPS or MB/s).
-perf() { # perf URL QD BLOCKS(512-byte) random(0|1) metric(iops|mbs)
-  local url=$1 qd=$2 blocks=$3 rnd=$4 metric=$5 line rflag=""
-  [ "$rnd" = 1 ] && rflag=-r
-  line=$(timeout $((SECS + 30)) iscsi-perf -m "$qd" -b "$blocks" -t "$SECS" $rflag "$url" 2>&1 | tr '\r' '\n' | grep 'iops average' | tail -1)
-  if [ "$metric" = iops ]; then echo "$line" | sed -E 's/.*iops average ([0-9]+).*/\1/'; else echo "$line" | sed -E 's/.*iops average [0-9]+ \(([0-9]+) MB\/s\).*/\1/'; fi
+# utime+stime (clock ticks) of a process, all threads (proc(5): fields 14 and 15)
+cpu_ticks() { local s; s=$(cat "/proc/$1/stat") || { echo 0; return; }; s=${s##*) }; set -- $s; echo $(( ${12} + ${13} )); }
+rss_mib() { awk '/^VmRSS:/ {printf "%.1f\n", $2 / 1024}' "/proc/$1/status"; }
+
+# --- client commands; each prints "VALUE OPS" (VALUE: IOPS, MB/s or µs; OPS: operations done) ---
+perf_iops() { # URL QD BLOCKS(512 B) [-r]: average IOPS of one iscsi-perf run
+  timeout $((SECS + 30)) iscsi-perf -m "$2" -b "$3" -t "$SECS" ${4:-} "$1" 2>&1 | tr '\r' '\n' \
+    | sed -nE 's/^iops average ([0-9]+).*/\1/p' | tail -1
 }
-qbench() { # qbench URL QD SIZE COUNT mode(w|r) metric
-  local url=$1 qd=$2 size=$3 count=$4 mode=$5 metric=$6 t
-  local wflag=""; [ "$mode" = w ] && wflag="-w"
-  t=$(timeout 300 qemu-img bench -f raw -n -c "$count" -d "$qd" -s "$size" $wflag "$url" 2>&1 | sed -nE 's/Run completed in ([0-9.]+) seconds./\1/p')
-  if [ "$metric" = iops ]; then python3 -c "print(round($count/$t))"; else python3 -c "print(round($count*$size/$t/1e6))"; fi
+w_rr4k_qd1() { local i; i=$(perf_iops "$1" 1 8 -r); [ -n "$i" ] || return 1; python3 -c "i=$i; print(1e6/i, i*$SECS)"; }
+w_rr4k_qd32() { local i; i=$(perf_iops "$1" 32 8 -r); [ -n "$i" ] || return 1; echo "$i $((i * SECS))"; }
+w_sr1m_qd8() { local i; i=$(perf_iops "$1" 8 2048); [ -n "$i" ] || return 1; python3 -c "i=$i; print(i*1048576/1e6, i*$SECS)"; }
+qbench() { # URL QD SIZE COUNT [-w] METRIC(iops|mbs)
+  local t
+  t=$(timeout 300 qemu-img bench -f raw -n -c "$4" -d "$2" -s "$3" ${5:+-w} "$1" 2>&1 \
+    | sed -nE 's/^Run completed in ([0-9.]+) seconds\./\1/p')
+  [ -n "$t" ] || return 1
+  if [ "$6" = iops ]; then python3 -c "print($4/$t, $4)"; else python3 -c "print($4*$3/$t/1e6, $4)"; fi
 }
-
-WORKLOADS=(
-  "4 KiB random read QD32 (iscsi-perf)|iops|perf URL 32 8 1 iops"
-  "1 MiB sequential read QD8 (iscsi-perf)|MB/s|perf URL 8 2048 0 mbs"
-  "4 KiB write QD32 (qemu-img bench)|iops|qbench URL 32 4096 40000 w iops"
-  "1 MiB write QD8 (qemu-img bench)|MB/s|qbench URL 8 1048576 1000 w mbs"
-)
-
-median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x]; print(round(statistics.median(v)) if v else 'n/a')" "$@"; }
-minmax() { python3 -c "import sys; v=[float(x) for x in sys.argv[1:] if x]; print(f'{min(v):.0f}–{max(v):.0f}' if v else 'n/a')" "$@"; }
-
-rows=()
-for w in "${WORKLOADS[@]}"; do
-  name=${w%%|*}; rest=${w#*|}; unit=${rest%%|*}; cmd=${rest#*|}
-  il=(); tg=()
-  for r in $(seq 1 "$REPS"); do
-    il+=("$(${cmd/URL/$IL_URL} || true)")
-    tg+=("$(${cmd/URL/$TGT_URL} || true)")
+w_qw4k_qd32() { qbench "$1" 32 4096 "$Q4K" w iops; }
+w_qr1m_qd8() { qbench "$1" 8 1048576 "$Q1M" "" mbs; }
+w_qw1m_qd8() { qbench "$1" 8 1048576 "$Q1M" w mbs; }
+sessions() { # URL N: N concurrent iscsi-perf sessions sharing a total queue depth of 32
+  local n=$2 qd=$((32 / $2)) pids=() k sum=0 v
+  for k in $(seq 1 "$n"); do
+    timeout $((SECS + 30)) iscsi-perf -i "iqn.2026-11.io.ironlun:bench-s$k" -m "$qd" -b 8 -t "$SECS" -r "$1" \
+      > "$WORK/sess.$k" 2>&1 & pids+=($!)
   done
-  mi=$(median "${il[@]}"); mt=$(median "${tg[@]}")
-  ratio=$(python3 -c "print(f'{float(\"$mi\")/float(\"$mt\"):.2f}')" 2>/dev/null || echo n/a)
-  rows+=("| $name | $unit | $mi ($(minmax "${il[@]}")) | $mt ($(minmax "${tg[@]}")) | $ratio |")
-  echo "$name: ironlun ${il[*]} | tgt ${tg[*]}" >&2
+  wait "${pids[@]}" || true
+  for k in $(seq 1 "$n"); do
+    v=$(tr '\r' '\n' < "$WORK/sess.$k" | sed -nE 's/^iops average ([0-9]+).*/\1/p' | tail -1)
+    sum=$((sum + ${v:-0}))
+  done
+  [ "$sum" -gt 0 ] || return 1
+  echo "$sum $((sum * SECS))"
+}
+w_sess1() { sessions "$1" 1; }
+w_sess4() { sessions "$1" 4; }
+w_sess16() { sessions "$1" 16; }
+
+# One measured run: KEY TARGET(il|tgt|ram) URL PID -> a results line with CPU µs per op.
+run() {
+  local key=$1 tgt=$2 url=$3 pid=$4 c0 c1 out val ops
+  c0=$(cpu_ticks "$pid")
+  out=$("w_$key" "$url" 2>/dev/null || true)
+  c1=$(cpu_ticks "$pid")
+  read -r val ops <<< "${out:-nan 0}" || true
+  python3 - "$key" "$tgt" "${val:-nan}" "${ops:-0}" "$((c1 - c0))" "$CLK_TCK" >> "$RES" <<'PY'
+import sys
+key, tgt, val, ops, ticks, hz = sys.argv[1:7]
+ops = float(ops)
+cpu = float(ticks) / float(hz) * 1e6 / ops if ops > 0 else float("nan")
+print(f"{key}\t{tgt}\t{val}\t{cpu:.2f}")
+PY
+  log "$key $tgt: $(tail -1 "$RES" | cut -f3,4 --output-delimiter=' , cpu µs/op ')"
+}
+
+# --- RSS: fresh ironlun (and tgt), then with 64 idle logged-in sessions ---
+idle_rss() { # TARGET(il|tgt) PORT IQN PID
+  local ready="$WORK/idle.$1" hp
+  echo -e "rss0\t$1\t$(rss_mib "$4")" >> "$RES"
+  python3 scripts/bench/idle_sessions.py 127.0.0.1 "$2" "$3" 64 "$ready" 2> "$WORK/idle.$1.log" & hp=$!; BG+=("$hp")
+  for _ in $(seq 1 300); do [ -s "$ready" ] || ! kill -0 "$hp" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  if [ -s "$ready" ]; then echo -e "rss64\t$1\t$(rss_mib "$4")" >> "$RES"; else
+    echo -e "rss64\t$1\tnan" >> "$RES"; log "idle sessions on $1 failed: $(cat "$WORK/idle.$1.log")"; fi
+  kill -TERM "$hp" 2>/dev/null || true; wait "$hp" 2>/dev/null || true
+  log "RSS $1: $(grep -P "^rss\d+\t$1\t" "$RES" | cut -f1,3 | tr '\t\n' '= ')"
+}
+idle_rss il "$IL_PORT" "$IL_IQN" "$IL_PID"
+idle_rss tgt "$TGT_PORT" iqn.2026-11.test:tgt "$TGT_PID"
+sleep 1
+
+# --- iperf3 loopback ceiling ---
+for r in $(seq 1 "$REPS"); do
+  iperf3 -s -1 -B 127.0.0.1 -p "$IPERF_PORT" > /dev/null 2>&1 & hp=$!; BG+=("$hp")
+  sleep 0.5
+  v=$(iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t "$SECS" -J 2>/dev/null \
+    | python3 -c "import json,sys; print(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/8e6)" 2>/dev/null || echo nan)
+  wait "$hp" 2>/dev/null || true
+  echo -e "iperf\t-\t$v" >> "$RES"; log "iperf3: $v MB/s"
 done
 
-table=$(
-  echo "ironlun vs tgt, $(date -u +%Y-%m-%d), $(nproc) cores, $REPS reps alternating, medians (min–max)"
-  echo
-  echo "| workload | unit | ironlun | tgt | ironlun/tgt |"
-  echo "| --- | --- | --- | --- | --- |"
-  printf '%s\n' "${rows[@]}"
-)
-echo "$table"
-[ -n "$OUT" ] && echo "$table" > "$OUT"
+# --- populate the RAM LUN, so that its reads return data rather than unallocated zeroes ---
+qemu-img bench -f raw -n -c 1024 -d 8 -s 1048576 -w "$RAM_URL" > /dev/null 2>&1 || log "RAM LUN prefill failed"
+
+# --- workloads, alternating ironlun, tgt, ironlun RAM LUN within each repetition ---
+KEYS=(rr4k_qd1 rr4k_qd32 sr1m_qd8 qw4k_qd32 qr1m_qd8 qw1m_qd8 sess1 sess4 sess16)
+for r in $(seq 1 "$REPS"); do
+  log "repetition $r/$REPS"
+  for key in "${KEYS[@]}"; do
+    run "$key" il "$IL_URL" "$IL_PID"
+    run "$key" tgt "$TGT_URL" "$TGT_PID"
+    case $key in sess*) ;; *) run "$key" ram "$RAM_URL" "$IL_PID" ;; esac
+  done
+done
+
+# --- optional soak: RSS under a long QD32 run ---
+if [ "$SOAK" != 0 ]; then
+  log "soak: $SOAK min of 4 KiB random read QD32 against ironlun"
+  iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r "$IL_URL" > "$WORK/soak.out" 2>&1 & hp=$!; BG+=("$hp")
+  samples=()
+  while kill -0 "$hp" 2>/dev/null; do sleep 10; kill -0 "$hp" 2>/dev/null && samples+=("$(rss_mib "$IL_PID")"); done
+  wait "$hp" 2>/dev/null || true
+  log "soak RSS samples (MiB): ${samples[*]}"
+  if [ ${#samples[@]} -ge 2 ]; then
+    echo -e "soak\til\t$(python3 -c "import sys; print(float(sys.argv[-1]) - float(sys.argv[1]))" "${samples[@]}")" >> "$RES"
+  else echo -e "soak\til\tnan" >> "$RES"; fi
+  echo -e "soak_minutes\t-\t$SOAK" >> "$RES"
+fi
+echo -e "rss_end\til\t$(rss_mib "$IL_PID")" >> "$RES"
+
+# --- report ---
+ELAPSED=$(($(date +%s) - T0))
+cat > "$WORK/header.txt" <<EOF
+**ironlun vs tgt**, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo '+dirty')${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
+EOF
+cat > "$WORK/commands.txt" <<EOF
+Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for ironlun's RAM LUN):
+
+- targets: \`ironlun serve -c ironlun.toml\` (LUN 0 file 1 GiB, LUN 1 ram 1 GiB, block size 512, IRONLUN_LOG=${IRONLUN_LOG:-warn}); \`scripts/bench/tgt.sh up\` = \`tgtd -f -C $TGT_CTL --iscsi portal=127.0.0.1:$TGT_PORT\` (tgt $(dpkg-query -W -f='${Version}' tgt 2>/dev/null || echo "?"), LUN 1 on the file, default rdwr backing store); both files are copies of one \`dd if=/dev/urandom bs=1M count=1024\`, read once with \`cat > /dev/null\`
+- 4 KiB random read QD1: \`iscsi-perf -m 1 -b 8 -t $SECS -r URL\` (latency = 1 / average IOPS)
+- 4 KiB random read QD32: \`iscsi-perf -m 32 -b 8 -t $SECS -r URL\`
+- 1 MiB sequential read QD8: \`iscsi-perf -m 8 -b 2048 -t $SECS URL\` (MB/s = IOPS × 1 MiB / 10^6)
+- 4 KiB write QD32: \`qemu-img bench -f raw -n -c $Q4K -d 32 -s 4096 -w URL\`
+- 1 MiB read QD8: \`qemu-img bench -f raw -n -c $Q1M -d 8 -s 1048576 URL\`
+- 1 MiB write QD8: \`qemu-img bench -f raw -n -c $Q1M -d 8 -s 1048576 -w URL\`
+- N sessions (1, 4, 16): N concurrent \`iscsi-perf -i iqn.…:bench-sK -m \$((32/N)) -b 8 -t $SECS -r URL\` (total queue depth 32), IOPS summed
+- target CPU per op: Δ(utime+stime) of the target process (/proc/PID/stat, all threads) over the run ÷ operations (iscsi-perf: average IOPS × $SECS s; qemu-img: request count)
+- iperf3 ceiling: \`iperf3 -s -1 -B 127.0.0.1\` and \`iperf3 -c 127.0.0.1 -t $SECS -J\` (end.sum_received, MB/s = bit/s ÷ 8 ÷ 10^6)
+- RAM LUN: filled first with \`qemu-img bench -f raw -n -c 1024 -d 8 -s 1048576 -w URL\`; same commands as above
+- RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB$( [ "$SOAK" != 0 ] && echo "; soak: \`iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r URL\` with VmRSS sampled every 10 s")
+EOF
+mkdir -p "$(dirname "$OUT")"
+python3 scripts/bench/table.py "$RES" "$WORK/header.txt" "$WORK/commands.txt" | tee "$OUT"
+log "report written to $OUT"
 exit 0
