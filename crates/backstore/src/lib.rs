@@ -290,6 +290,14 @@ mod io_future_tests {
     }
 
     #[test]
+    fn futures_and_completers_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<IoFuture<Bytes>>();
+        send_sync::<IoCompleter<Bytes>>();
+        send_sync::<IoFuture<()>>();
+    }
+
+    #[test]
     fn ready_future_resolves_at_once() {
         let fut = IoFuture::ready(Ok(7u8));
         assert!(fut.is_ready());

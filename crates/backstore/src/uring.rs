@@ -877,6 +877,15 @@ fn advance(shared: &Shared, request: &mut InFlight, result: i32) -> Next {
     }
 }
 
+impl Drop for Driver {
+    /// Normally the slab is empty here; if the thread is unwinding, leak what is in flight.
+    fn drop(&mut self) {
+        if !self.slab.is_empty() {
+            self.fail(io::Error::other("the io_uring thread stopped"));
+        }
+    }
+}
+
 impl Driver {
     /// The ring is unusable: fail every request, and leak in-flight buffers, which the kernel
     /// may still be using.
