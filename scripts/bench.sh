@@ -14,12 +14,14 @@
 #   -q              quick smoke test: 1 repetition, 2 s runs, smaller qemu-img counts
 #   --soak MINUTES  also run 4 KiB random read QD32 against ironlun for MINUTES, sampling its
 #                   RSS every 10 s, and report the growth (default: off)
-# Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT, TGT_PORT, IPERF_PORT,
-#      IRONLUN_LOG (default warn).
+#   (-q overrides -r and -t.) Default runtime: about 6-8 minutes on 2 cores.
+# Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT (3270), TGT_PORT (3271),
+#      IPERF_PORT (3272), TGT_CTL (tgtd control port, default TGT_PORT), IRONLUN_LOG (warn).
+# Needs root for tgtd (scripts/install-deps.sh installs tgt, iperf3, libiscsi-bin, qemu-utils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -r) REPS=${2:?}; shift 2 ;;

@@ -118,7 +118,8 @@ def main():
         rows.append((label, "MiB", si, st, "—", "ironlun ≤ 64 MiB" if key == "rss64" else "—", met))
     if vals[("soak", "il")]:
         g, _ = summary(vals[("soak", "il")])
-        _, info = summary(vals[("soak_minutes", "-")])
+        minutes = vals[("soak_minutes", "-")][0] if vals[("soak_minutes", "-")] else None
+        info = "?" if minutes is None else f"{minutes:g}"
         met = "" if g is None else ("yes" if g <= 2 else "**no**")
         rows.append((f"RSS growth over a {info}-minute QD32 run (last − first sample)", "MiB", fmt(g), "—", "—",
                      "no growth (≤ 2 MiB)", met))
