@@ -2,8 +2,10 @@
 //! config, and performing one operation (on the blocking pool; see [`crate::target`]).
 
 use crate::config::{BackstoreKind, Lun};
+use ironlun_backstore::uring::{UringBackend, UringOptions};
 use ironlun_backstore::{file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend};
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Open (creating when needed) the backend a LUN describes.
@@ -14,21 +16,67 @@ pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
             let b = RamBackend::new(size).map_err(|e| format!("ram backstore: {e}"))?;
             Ok(Arc::new(b))
         }
-        BackstoreKind::File { path } => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        BackstoreKind::File { path } => open_file(lun, path),
+        BackstoreKind::Uring { path, direct, ring_depth } => {
+            create_parent(path)?;
+            let opts = UringOptions {
+                size: lun.size,
+                create: true,
+                read_only: lun.read_only,
+                direct: *direct,
+                ring_depth: *ring_depth,
+                ..UringOptions::default()
+            };
+            match UringBackend::open(path, opts) {
+                Ok(b) => check_block_multiple(lun, path, Arc::new(b)),
+                Err(BackstoreError::Unsupported(what)) => {
+                    tracing::warn!(path = %path.display(), %what, "io_uring unavailable; serving the LUN with the file backstore");
+                    open_file(lun, path)
+                }
+                Err(e) => Err(format!("{}: {e}", path.display())),
             }
-            let opts = FileOptions { size: lun.size, create: true, read_only: lun.read_only };
-            let b = FileBackend::open(path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
-            if b.size() % u64::from(lun.block_size) != 0 {
-                return Err(format!(
-                    "{}: size {} is not a multiple of block size {}",
-                    path.display(),
-                    b.size(),
-                    lun.block_size
-                ));
-            }
-            Ok(Arc::new(b))
+        }
+    }
+}
+
+fn create_parent(path: &Path) -> Result<(), String> {
+    match path.parent() {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display())),
+        None => Ok(()),
+    }
+}
+
+fn open_file(lun: &Lun, path: &Path) -> Result<Arc<dyn BlockBackend>, String> {
+    create_parent(path)?;
+    let opts = FileOptions { size: lun.size, create: true, read_only: lun.read_only };
+    let b = FileBackend::open(path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_block_multiple(lun, path, Arc::new(b))
+}
+
+fn check_block_multiple(lun: &Lun, path: &Path, b: Arc<dyn BlockBackend>) -> Result<Arc<dyn BlockBackend>, String> {
+    if b.size() % u64::from(lun.block_size) != 0 {
+        return Err(format!("{}: size {} is not a multiple of block size {}", path.display(), b.size(), lun.block_size));
+    }
+    Ok(b)
+}
+
+/// Perform one operation on an async backend (io_uring): reads, writes and flushes are
+/// awaited without occupying a thread; the rest run synchronously (they are rare and short).
+pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResult {
+    let r = match &op {
+        IoOp::Read { offset, len } => match usize::try_from(*len) {
+            Ok(len) => backend.read_async(*offset, len).await.map(IoResult::Data),
+            Err(_) => return IoResult::Error(IoErrorKind::Other),
+        },
+        IoOp::Write { offset, data, fua } => backend.write_async(*offset, data.clone(), *fua).await.map(|()| IoResult::Done),
+        IoOp::Flush => backend.flush_async().await.map(|()| IoResult::Done),
+        _ => return perform(&**backend, &op),
+    };
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "backstore operation failed");
+            IoResult::Error(kind(&op, &e))
         }
     }
 }

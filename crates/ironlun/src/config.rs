@@ -104,6 +104,8 @@ struct RawLun {
     read_only: bool,
     thin: Option<bool>,
     write_cache: Option<bool>,
+    direct: Option<Spanned<bool>>,
+    ring_depth: Option<Spanned<u32>>,
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -159,6 +161,8 @@ pub struct Target {
 pub enum BackstoreKind {
     Ram,
     File { path: PathBuf },
+    /// A file driven through io_uring; falls back to `File` when the kernel refuses io_uring.
+    Uring { path: PathBuf, direct: bool, ring_depth: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -338,14 +342,39 @@ impl Config {
                         }
                         BackstoreKind::Ram
                     }
-                    "file" => match &l.path {
-                        Some(p) => BackstoreKind::File { path: data_dir.join(p.get_ref()) },
-                        None => return cx.err(l.backstore.span(), key("path"), "a file backstore needs a path"),
-                    },
+                    "file" | "uring" => {
+                        let Some(p) = &l.path else {
+                            return cx.err(l.backstore.span(), key("path"), "a file or uring backstore needs a path");
+                        };
+                        let path = data_dir.join(p.get_ref());
+                        if l.backstore.get_ref() == "file" {
+                            BackstoreKind::File { path }
+                        } else {
+                            let ring_depth = match &l.ring_depth {
+                                Some(d) if !(1..=4096).contains(d.get_ref()) => {
+                                    return cx.err(d.span(), key("ring_depth"), "must be 1..=4096")
+                                }
+                                Some(d) => *d.get_ref(),
+                                None => 128,
+                            };
+                            BackstoreKind::Uring { path, direct: l.direct.as_ref().is_some_and(|d| *d.get_ref()), ring_depth }
+                        }
+                    }
                     other => {
-                        return cx.err(l.backstore.span(), key("backstore"), format!("unknown backstore {other:?}; expected \"file\" or \"ram\""))
+                        return cx.err(
+                            l.backstore.span(),
+                            key("backstore"),
+                            format!("unknown backstore {other:?}; expected \"file\", \"uring\" or \"ram\""),
+                        )
                     }
                 };
+                if !matches!(backstore, BackstoreKind::Uring { .. }) {
+                    for (name, span) in [("direct", l.direct.as_ref().map(Spanned::span)), ("ring_depth", l.ring_depth.as_ref().map(Spanned::span))] {
+                        if let Some(span) = span {
+                            return cx.err(span, key(name), "applies only to backstore = \"uring\"");
+                        }
+                    }
+                }
                 let serial = match &l.serial {
                     Some(s) if s.get_ref().is_empty() || s.get_ref().len() > 32 || !s.get_ref().is_ascii() => {
                         return cx.err(s.span(), key("serial"), "must be 1 to 32 ASCII characters")
@@ -603,6 +632,22 @@ size = "64MiB"
     fn rejects_size_not_multiple_of_block() {
         let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = 1000\n").unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].size");
+    }
+
+    #[test]
+    fn uring_keys_are_validated() {
+        let lun = |extra: &str| {
+            format!("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\nbackstore = \"uring\"\npath = \"a.img\"\n{extra}")
+        };
+        let c = parse(&lun("direct = true\nring_depth = 64\n")).unwrap();
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreKind::Uring { path: PathBuf::from("/tmp/a.img"), direct: true, ring_depth: 64 }
+        );
+        let e = parse(&lun("ring_depth = 0\n")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(7), "target[0].lun[0].ring_depth"));
+        let e = parse(&lun("").replace("uring", "file").replace("a.img\"\n", "a.img\"\ndirect = true\n")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].direct");
     }
 
     #[test]
