@@ -35,6 +35,7 @@ done
 Q4K=40000; Q1M=1024   # qemu-img bench request counts (4 KiB: 156 MiB; 1 MiB: the whole LUN)
 if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; Q4K=10000; Q1M=256; fi
 T0=$(date +%s)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo '+dirty')   # at start: main moves
 
 bash scripts/install-deps.sh >/dev/null
 if [ -n "${IRONLUN_BIN:-}" ]; then
@@ -218,7 +219,7 @@ echo -e "rss_end\til\t$(rss_mib "$IL_PID")" >> "$RES"
 # --- report ---
 ELAPSED=$(($(date +%s) - T0))
 cat > "$WORK/header.txt" <<EOF
-**ironlun vs tgt**, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo '+dirty')${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
+**ironlun vs tgt**, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
 EOF
 cat > "$WORK/commands.txt" <<EOF
 Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for ironlun's RAM LUN):
