@@ -165,6 +165,8 @@ pub struct Connection {
     /// Digests in force for what we send.
     tx_digests: Digests,
     next_ttt: u32,
+    /// Scratch space the BHSs of outgoing PDUs are encoded into and split off (reused).
+    arena: BytesMut,
 }
 
 enum Phase {
@@ -255,6 +257,7 @@ impl Connection {
             tsih: tsih.max(1),
             tx_digests: Digests::default(),
             next_ttt: 0,
+            arena: BytesMut::new(),
             config,
         }
     }
@@ -294,10 +297,20 @@ impl Connection {
             return None;
         }
         let mut pieces = Vec::new();
-        while let Some((pdu, digests)) = self.out.pop_front() {
-            pieces.extend(framer::encode_pdu(&pdu, digests));
-        }
+        self.poll_transmit_into(&mut pieces);
         Some(Transmit { pieces })
+    }
+
+    /// As [`Connection::poll_transmit`], appending the pieces to `pieces` (a vector the owner
+    /// reuses). Headers share one reused arena, payload `Bytes` are passed through: once the
+    /// previous batch's pieces are dropped this allocates nothing. Returns whether anything
+    /// was added.
+    pub fn poll_transmit_into(&mut self, pieces: &mut Vec<Bytes>) -> bool {
+        let any = !self.out.is_empty();
+        while let Some((pdu, digests)) = self.out.pop_front() {
+            framer::encode_pdu_into(&pdu, digests, &mut self.arena, pieces);
+        }
+        any
     }
 
     /// Answer a [`Event::Command`]. Unknown or aborted ITTs are ignored.
@@ -898,16 +911,16 @@ impl Connection {
         let stat_sn = self.stat_sn;
         self.stat_sn = self.stat_sn.wrapping_add(1);
         let digests = self.tx_digests;
-        for pdu in data_in::complete(
+        let out = &mut self.out;
+        data_in::complete_each(
             &c,
             Stamps {
                 stat_sn,
                 exp_cmd_sn,
                 max_cmd_sn,
             },
-        ) {
-            self.out.push_back((pdu, digests));
-        }
+            |pdu| out.push_back((pdu, digests)),
+        );
     }
 
     // ----- task management ------------------------------------------------------------------

@@ -73,6 +73,14 @@ pub struct Completion<'a> {
 /// sense prefixed by its 2-byte SenseLength (§11.4.7). The read residual is computed from the
 /// length of `data_in` against `expected_in`; data beyond `expected_in` is never sent.
 pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
+    let mut pdus = Vec::new();
+    complete_each(c, stamps, |p| pdus.push(p));
+    pdus
+}
+
+/// As [`complete`], handing each PDU to `emit` in send order instead of collecting them
+/// (no allocation per command on the hot path).
+pub fn complete_each(c: &Completion<'_>, stamps: Stamps, mut emit: impl FnMut(Pdu)) {
     let wanted = u64::try_from(c.data_in.len()).unwrap_or(u64::MAX);
     let in_residual = Residual::of(c.expected_in, wanted);
     let send_len = usize::try_from(u64::from(c.expected_in).min(wanted)).unwrap_or(0);
@@ -84,7 +92,6 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
         && !c.out_residual.overflow
         && !c.out_residual.underflow;
 
-    let mut pdus = Vec::new();
     let mut offset = 0usize;
     let mut data_sn: u32 = 0;
     while offset < payload.len() {
@@ -108,7 +115,7 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
             buffer_offset: u32::try_from(offset).unwrap_or(u32::MAX),
             residual_count: if with_status { in_residual.count } else { 0 },
         };
-        pdus.push(Pdu {
+        emit(Pdu {
             header: Header::DataIn(header),
             ahs: Vec::new(),
             data: payload.slice(offset..end),
@@ -117,7 +124,7 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
         offset = end;
     }
     if status_in_data {
-        return pdus;
+        return;
     }
     // Reads report the read residual; pure writes report the write residual.
     let residual = if c.expected_in > 0 || wanted > 0 {
@@ -150,12 +157,11 @@ pub fn complete(c: &Completion<'_>, stamps: Stamps) -> Vec<Pdu> {
         bidi_residual_count: 0,
         residual_count: residual.count,
     };
-    pdus.push(Pdu {
+    emit(Pdu {
         header: Header::ScsiResponse(header),
         ahs: Vec::new(),
         data,
     });
-    pdus
 }
 
 #[cfg(test)]

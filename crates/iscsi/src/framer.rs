@@ -271,35 +271,55 @@ pub fn decode_pdu(
 ///
 /// Contract: as [`bhs::encode_pdu_plain`] (AHSs and data fit their length fields).
 pub fn encode_pdu(pdu: &Pdu, digests: Digests) -> Vec<Bytes> {
+    let mut pieces = Vec::with_capacity(3);
+    let len = BHS_LEN
+        .saturating_add(bhs::ahs_encoded_len(&pdu.ahs))
+        .saturating_add(2 * DIGEST_LEN + 3);
+    encode_pdu_into(pdu, digests, &mut BytesMut::with_capacity(len), &mut pieces);
+    pieces
+}
+
+/// Bytes reserved in a header arena at a time: room for many BHSs, so that a batch of
+/// responses shares one allocation (which `reserve` reclaims once the batch is written).
+const ARENA_CHUNK: usize = 16 * 1024;
+
+/// As [`encode_pdu`], appending the pieces to `out`. Headers and padding are written into
+/// `arena` and split off it, so a reused arena costs no allocation per PDU once the pieces of
+/// the previous batch are dropped (DESIGN.md §3 rule 7). `arena` is scratch space: bytes in it
+/// that were not split off are discarded.
+pub fn encode_pdu_into(pdu: &Pdu, digests: Digests, arena: &mut BytesMut, out: &mut Vec<Bytes>) {
     let ahs_len = bhs::ahs_encoded_len(&pdu.ahs);
-    let mut head =
-        BytesMut::with_capacity(BHS_LEN.saturating_add(ahs_len).saturating_add(DIGEST_LEN));
+    let head_len = BHS_LEN.saturating_add(ahs_len).saturating_add(DIGEST_LEN);
+    // Room for the header and for padding plus data digest.
+    let need = head_len.saturating_add(3 + DIGEST_LEN);
+    if arena.capacity().saturating_sub(arena.len()) < need {
+        arena.reserve(need.max(ARENA_CHUNK));
+    }
+    arena.clear();
     bhs::encode_header(
         &pdu.header,
         u32::try_from(ahs_len).unwrap_or(u32::MAX),
         u32::try_from(pdu.data.len()).unwrap_or(u32::MAX),
-        &mut head,
+        arena,
     );
-    bhs::encode_ahs(&pdu.ahs, &mut head);
+    bhs::encode_ahs(&pdu.ahs, arena);
     if digests.header {
-        let crc = digest::crc32c(&head);
-        head.extend_from_slice(&digest::to_wire(crc));
+        let crc = digest::crc32c(arena);
+        arena.extend_from_slice(&digest::to_wire(crc));
     }
-    let mut pieces = vec![head.freeze()];
+    out.push(arena.split().freeze());
     if !pdu.data.is_empty() {
-        pieces.push(pdu.data.clone());
+        out.push(pdu.data.clone());
         let pad = bhs::pad_bytes(pdu.data.len());
-        let mut tail = BytesMut::with_capacity(pad.len().saturating_add(DIGEST_LEN));
-        tail.extend_from_slice(pad);
+        arena.extend_from_slice(pad);
         if digests.data {
             let crc = digest::crc32c_append(digest::crc32c(&pdu.data), pad);
-            tail.extend_from_slice(&digest::to_wire(crc));
+            arena.extend_from_slice(&digest::to_wire(crc));
         }
-        if !tail.is_empty() {
-            pieces.push(tail.freeze());
+        if !arena.is_empty() {
+            out.push(arena.split().freeze());
         }
     }
-    pieces
 }
 
 #[cfg(test)]

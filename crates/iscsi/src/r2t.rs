@@ -50,11 +50,26 @@ pub struct WriteParams {
     pub data_pdu_in_order: bool,
 }
 
-/// The write buffer of one command, sized to its ExpectedDataTransferLength (which the caller
+/// Where the data received so far lives (DESIGN.md §3 rule 7: no payload copy where the layout
+/// allows it).
+#[derive(Debug)]
+enum Assembly {
+    /// Nothing received yet.
+    Empty,
+    /// One piece starting at offset 0, kept as the received frame's slice (not copied).
+    Single(Bytes),
+    /// Several pieces: copied once into a buffer of at most ExpectedDataTransferLength bytes.
+    Assembled(BytesMut),
+}
+
+/// The write buffer of one command, bounded by its ExpectedDataTransferLength (which the caller
 /// has checked against [`crate::Limits::max_transfer`] before creating it).
+///
+/// A transfer whose data arrives as one piece at offset 0 (all immediate, or one Data-Out) is
+/// handed on as that piece's `Bytes`; only multi-PDU transfers are assembled, by one copy each.
 #[derive(Debug)]
 pub struct WriteBuffer {
-    buf: BytesMut,
+    data: Assembly,
     edtl: u32,
     received: u32,
     sequences: Vec<Sequence>,
@@ -73,11 +88,12 @@ impl WriteBuffer {
     /// `immediate.len() <= unsolicited_end <= edtl` is the caller's check.
     pub fn new(edtl: u32, immediate: &Bytes, unsolicited_end: u32, params: WriteParams) -> Self {
         let len = usize::try_from(edtl).unwrap_or(0);
-        let mut buf = BytesMut::zeroed(len);
         let imm = immediate.len().min(len);
-        if let (Some(dst), Some(src)) = (buf.get_mut(..imm), immediate.get(..imm)) {
-            dst.copy_from_slice(src);
-        }
+        let data = if imm == 0 {
+            Assembly::Empty
+        } else {
+            Assembly::Single(immediate.slice(..imm))
+        };
         let imm32 = u32::try_from(imm).unwrap_or(0);
         let mut sequences = Vec::new();
         let unsolicited_end = unsolicited_end.clamp(imm32, edtl);
@@ -92,7 +108,7 @@ impl WriteBuffer {
             });
         }
         WriteBuffer {
-            buf,
+            data,
             edtl,
             received: imm32,
             sequences,
@@ -193,12 +209,8 @@ impl WriteBuffer {
             return Err(DataOutError::EarlyFinal);
         }
         let from = usize::try_from(h.buffer_offset).map_err(|_| DataOutError::OutOfBounds)?;
-        let to = usize::try_from(end).map_err(|_| DataOutError::OutOfBounds)?;
-        let dst = self
-            .buf
-            .get_mut(from..to)
-            .ok_or(DataOutError::OutOfBounds)?;
-        dst.copy_from_slice(data);
+        let edtl = usize::try_from(self.edtl).map_err(|_| DataOutError::OutOfBounds)?;
+        place(&mut self.data, edtl, from, data)?;
         seq.received = received;
         seq.next = end;
         seq.next_data_sn = h.data_sn.wrapping_add(1);
@@ -210,10 +222,64 @@ impl WriteBuffer {
         Ok(())
     }
 
-    /// The assembled data (call once [`WriteBuffer::is_complete`]).
+    /// The assembled data (call once [`WriteBuffer::is_complete`]): exactly
+    /// ExpectedDataTransferLength bytes, zero-filled where nothing arrived.
     pub fn into_data(self) -> Bytes {
-        self.buf.freeze()
+        let len = usize::try_from(self.edtl).unwrap_or(0);
+        match self.data {
+            Assembly::Single(b) if b.len() == len => b,
+            Assembly::Empty if len == 0 => Bytes::new(),
+            Assembly::Empty => BytesMut::zeroed(len).freeze(),
+            Assembly::Single(b) => {
+                let mut buf = BytesMut::with_capacity(len);
+                buf.extend_from_slice(&b);
+                buf.resize(len, 0);
+                buf.freeze()
+            }
+            Assembly::Assembled(mut buf) => {
+                buf.resize(len, 0);
+                buf.freeze()
+            }
+        }
     }
+}
+
+/// Put `data` at byte `from` of a transfer of `edtl` bytes. The caller has checked
+/// `from + data.len() <= edtl`. The first piece at offset 0 is kept without copying; a second
+/// piece switches to one buffer of capacity `edtl`, filled by appending when the pieces come
+/// in order (no zero-fill) and zero-extended for the gap when they do not.
+fn place(asm: &mut Assembly, edtl: usize, from: usize, data: &Bytes) -> Result<(), DataOutError> {
+    let to = from
+        .checked_add(data.len())
+        .filter(|&t| t <= edtl)
+        .ok_or(DataOutError::OutOfBounds)?;
+    if from == 0 && matches!(asm, Assembly::Empty) {
+        *asm = Assembly::Single(data.clone());
+        return Ok(());
+    }
+    let mut buf = match std::mem::replace(asm, Assembly::Empty) {
+        Assembly::Assembled(buf) => buf,
+        Assembly::Empty => BytesMut::with_capacity(edtl),
+        Assembly::Single(first) => {
+            let mut buf = BytesMut::with_capacity(edtl);
+            buf.extend_from_slice(&first);
+            buf
+        }
+    };
+    if from >= buf.len() {
+        buf.resize(from, 0);
+        buf.extend_from_slice(data);
+    } else {
+        if to > buf.len() {
+            buf.resize(to, 0);
+        }
+        // In bounds: `buf.len() >= to` after the resize.
+        if let Some(dst) = buf.get_mut(from..to) {
+            dst.copy_from_slice(data);
+        }
+    }
+    *asm = Assembly::Assembled(buf);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -326,5 +392,44 @@ mod tests {
             ),
             Err(DataOutError::OutOfBounds)
         );
+    }
+
+    #[test]
+    fn accepts_whole_immediate_data_without_copy() {
+        let imm = Bytes::from_static(b"abcd");
+        let w = WriteBuffer::new(4, &imm, 4, PARAMS);
+        assert!(w.is_complete());
+        let out = w.into_data();
+        assert_eq!(out.as_ptr(), imm.as_ptr());
+    }
+
+    #[test]
+    fn accepts_one_data_out_without_copy() {
+        let mut w = WriteBuffer::new(4, &Bytes::new(), 0, PARAMS);
+        assert_eq!(w.solicit(|| 9).len(), 1);
+        let d = Bytes::from_static(b"wxyz");
+        w.data_out(&dout(9, 0, 0, true), &d).unwrap();
+        assert!(w.is_complete());
+        let out = w.into_data();
+        assert_eq!(out.as_ptr(), d.as_ptr());
+    }
+
+    #[test]
+    fn accepts_out_of_order_pieces_when_not_in_order() {
+        let params = WriteParams {
+            max_burst: 8,
+            max_outstanding_r2t: 1,
+            data_pdu_in_order: false,
+        };
+        let mut w = WriteBuffer::new(8, &Bytes::new(), 0, params);
+        assert_eq!(w.solicit(|| 3).len(), 1);
+        w.data_out(&dout(3, 0, 4, false), &Bytes::from_static(b"efgh"))
+            .unwrap();
+        w.data_out(&dout(3, 1, 2, false), &Bytes::from_static(b"cd"))
+            .unwrap();
+        w.data_out(&dout(3, 2, 0, true), &Bytes::from_static(b"ab"))
+            .unwrap();
+        assert!(w.is_complete());
+        assert_eq!(&w.into_data()[..], b"abcdefgh");
     }
 }
