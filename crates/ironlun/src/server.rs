@@ -1,11 +1,14 @@
 //! Portals, connections and graceful shutdown: the only place that knows sockets.
 //!
 //! Each accepted connection gets one task that owns the sans-IO [`Connection`], reads into a
-//! `BytesMut`, writes transmits with vectored writes, and spawns one task per SCSI command so that
-//! commands of a connection run concurrently and complete in any order.
+//! `BytesMut`, and writes transmits with vectored writes. A SCSI command whose I/O is cheap
+//! (see [`crate::target`]: RAM, small page-cached transfers) runs to completion on the
+//! connection's task as soon as it is framed; the others get one task each, so commands of a
+//! connection run concurrently and complete in any order. Everything that completed while a
+//! batch of received PDUs was handled goes out in one vectored write.
 
 use crate::config::Config;
-use crate::target::{Nexus, Registry};
+use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
 use std::io::IoSlice;
@@ -22,6 +25,8 @@ use tracing::Instrument;
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Receive buffer growth step.
 const READ_CHUNK: usize = 256 * 1024;
+/// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
+const MAX_IOV: usize = 512;
 
 /// A bound, not yet serving, daemon.
 pub struct Server {
@@ -133,7 +138,8 @@ fn fmt_addr(a: SocketAddr) -> String {
 async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
     let mut start = 0;
     while start < pieces.len() {
-        let slices: Vec<IoSlice<'_>> = pieces.get(start..).unwrap_or(&[]).iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let slices: Vec<IoSlice<'_>> =
+            pieces.get(start..).unwrap_or(&[]).iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
         let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -190,22 +196,24 @@ async fn serve_connection(
                         nexus = Some(Arc::new(Nexus::attach(t, registry.new_nexus())));
                     }
                 }
-                Event::Command(cmd) => {
-                    let tx = done_tx.clone();
-                    inflight += 1;
-                    match nexus.clone() {
-                        Some(n) => {
+                Event::Command(cmd) => match &nexus {
+                    Some(n) => match n.start(cmd.lun, cmd.cdb, cmd.data_out) {
+                        Started::Done(c, spdtl) => complete(&mut conn, (cmd.itt, c, spdtl)),
+                        Started::Pending(p) => {
+                            let tx = done_tx.clone();
+                            inflight += 1;
                             tokio::spawn(async move {
-                                let (c, spdtl) = n.execute(cmd.lun, cmd.cdb, cmd.data_out).await;
+                                let (c, spdtl) = p.finish().await;
                                 let _ = tx.send((cmd.itt, c, spdtl));
                             });
                         }
-                        None => {
-                            let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
-                            let _ = tx.send((cmd.itt, ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data }, None));
-                        }
+                    },
+                    None => {
+                        let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
+                        let c = ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data };
+                        complete(&mut conn, (cmd.itt, c, None));
                     }
-                }
+                },
                 Event::TaskMgmt(t) => {
                     let resp = match &nexus {
                         Some(n) => n.task_mgmt(t.function, t.lun),
@@ -219,9 +227,7 @@ async fn serve_connection(
             }
         }
         // Coalesce everything ready into one vectored write.
-        while let Some(t) = conn.poll_transmit() {
-            out.extend(t.pieces);
-        }
+        conn.poll_transmit_into(&mut out);
         if !out.is_empty() {
             write_all_vectored(&mut wr, &mut out).await?;
         }
