@@ -31,6 +31,9 @@ pub struct LunHandle {
     pub backend: Arc<dyn BlockBackend>,
     /// The backend is memory (every read and write is a memcpy): see [`runs_inline`].
     ram: bool,
+    /// The backend completes reads, writes and flushes asynchronously (io_uring): those are
+    /// awaited, never run inline or on the blocking pool.
+    async_io: bool,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -81,7 +84,8 @@ impl Registry {
                 let lc = lu_config(&t.name, l, num_blocks);
                 tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
                 let ram = matches!(l.backstore, config::BackstoreKind::Ram);
-                luns.insert(l.id, Arc::new(LunHandle { lu: Mutex::new(LogicalUnit::new(lc)), backend, ram }));
+                let async_io = backend.is_async();
+                luns.insert(l.id, Arc::new(LunHandle { lu: Mutex::new(LogicalUnit::new(lc)), backend, ram, async_io }));
             }
             targets.push(Arc::new(TargetState { name: t.name.clone(), alias: t.alias.clone(), luns }));
         }
@@ -255,9 +259,13 @@ impl PendingCommand {
         let PendingCommand { handle, nexus, mut op, mut cont, spdtl } = self;
         loop {
             let backend = handle.backend.clone();
-            let result = tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
-                .await
-                .unwrap_or(IoResult::Error(IoErrorKind::Other));
+            let result = if handle.async_io {
+                backend::perform_async(&backend, op).await
+            } else {
+                tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
+                    .await
+                    .unwrap_or(IoResult::Error(IoErrorKind::Other))
+            };
             let step = handle.lu().resume(nexus, cont, result);
             match drive_inline(&handle, nexus, step, spdtl) {
                 Started::Done(c, spdtl) => return (c, spdtl),
@@ -275,7 +283,7 @@ fn drive_inline(handle: &Arc<LunHandle>, nexus: NexusId, mut step: Step, spdtl: 
     loop {
         match step {
             Step::Done(c) => return Started::Done(to_wire(c), spdtl),
-            Step::Io(op, cont) if runs_inline(&op, handle.ram) => {
+            Step::Io(op, cont) if !handle.async_io && runs_inline(&op, handle.ram) => {
                 let result = backend::perform(&*handle.backend, &op);
                 step = handle.lu().resume(nexus, cont, result);
             }
