@@ -15,16 +15,18 @@
 //! refuses either, zeroes are written in bounded buffers instead. `extents` asks the filesystem
 //! with `SEEK_DATA`/`SEEK_HOLE`; where that is unsupported (block devices), all is mapped.
 
+use std::sync::Arc;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
+use crate::buffers::BufferPool;
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result, MAX_SIZE};
 
 /// Largest buffer used to write zeroes where the filesystem cannot zero a range itself.
@@ -56,6 +58,8 @@ pub struct FileBackend {
     punch_hole: AtomicBool,
     /// `fallocate(ZERO_RANGE)` still believed supported.
     zero_range: AtomicBool,
+    /// Recycled buffers for large reads (see [`crate::buffers`]).
+    buffers: Arc<BufferPool>,
 }
 
 fn io_error(op: &'static str, offset: u64, source: io::Error) -> BackstoreError {
@@ -125,6 +129,7 @@ impl FileBackend {
             }
         }
         Ok(Self {
+            buffers: BufferPool::new(),
             file,
             size,
             read_only: options.read_only,
@@ -255,11 +260,11 @@ impl BlockBackend for FileBackend {
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_range(offset, len64(len), self.size)?;
-        let mut buf = BytesMut::zeroed(len);
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|e| io_error("read", offset, e))?;
-        Ok(buf.freeze())
+        self.buffers.read_with(len, |buf| {
+            self.file
+                .read_exact_at(buf, offset)
+                .map_err(|e| io_error("read", offset, e))
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

@@ -5,6 +5,7 @@
 //! [`IoFuture`] from their own thread. Offsets and lengths are checked here too
 //! (`checked_add`), whatever the caller checked.
 
+pub mod buffers;
 pub mod file;
 pub mod pool;
 pub mod ram;

@@ -12,10 +12,11 @@
 
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use crate::buffers::BufferPool;
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result, MAX_SIZE};
 
 /// Allocation unit of the RAM backstore, in bytes (also the granularity of `extents`).
@@ -38,6 +39,8 @@ pub struct RamBackend {
     max_chunks: Option<u64>,
     resident: AtomicU64,
     shards: [RwLock<Shard>; SHARDS],
+    /// Recycled buffers for large reads (see [`crate::buffers`]).
+    buffers: Arc<BufferPool>,
 }
 
 /// One chunk-local piece of a byte range.
@@ -114,6 +117,7 @@ impl RamBackend {
             max_chunks,
             resident: AtomicU64::new(0),
             shards,
+            buffers: BufferPool::new(),
         })
     }
 
@@ -188,20 +192,23 @@ impl BlockBackend for RamBackend {
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_range(offset, len64(len), self.size)?;
-        let mut out = BytesMut::zeroed(len);
-        let mut rest: &mut [u8] = &mut out;
-        for piece in pieces(offset, len64(len)) {
-            let (dst, tail) = rest.split_at_mut(piece.len.min(rest.len()));
-            let shard = self.read_shard(piece.index);
-            if let Some(src) = shard
-                .get(&piece.index)
-                .and_then(|c| c.get(piece.start..piece.start + piece.len))
-            {
-                dst.copy_from_slice(src);
+        self.buffers.read_with(len, |out| {
+            let mut rest: &mut [u8] = out;
+            for piece in pieces(offset, len64(len)) {
+                let (dst, tail) = rest.split_at_mut(piece.len.min(rest.len()));
+                let shard = self.read_shard(piece.index);
+                match shard
+                    .get(&piece.index)
+                    .and_then(|c| c.get(piece.start..piece.start + piece.len))
+                {
+                    Some(src) => dst.copy_from_slice(src),
+                    // Deallocated: reads as zeroes (the buffer may be a recycled one).
+                    None => dst.fill(0),
+                }
+                rest = tail;
             }
-            rest = tail;
-        }
-        Ok(out.freeze())
+            Ok(())
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
