@@ -4,6 +4,7 @@
 //! PDUs to send and events to act on. See [`connection::Connection`] for the driving contract.
 
 pub mod bhs;
+pub mod chap;
 pub mod connection;
 pub mod data_in;
 pub mod digest;
