@@ -231,7 +231,10 @@ pub fn decode_binary(value: &str) -> Option<Vec<u8>> {
 
 /// Decode a number value (RFC 7143 §6.1 decimal-constant or hex-constant) within `u32`.
 pub fn decode_number(value: &str) -> Option<u32> {
-    if let Some(hex) = value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
         if hex.is_empty() || hex.len() > 8 {
             return None;
         }
@@ -558,7 +561,10 @@ impl AuthLimiter {
         }
         entry.count = entry.count.saturating_add(1);
         entry.last = now;
-        if let Some(extra) = entry.count.checked_sub(policy.free_failures.saturating_add(1)) {
+        if let Some(extra) = entry
+            .count
+            .checked_sub(policy.free_failures.saturating_add(1))
+        {
             let factor = 1u32.checked_shl(extra.min(16)).unwrap_or(u32::MAX);
             let backoff = policy
                 .base_backoff
@@ -628,8 +634,7 @@ mod tests {
 
     const VECTOR_MD5: &str = "54d49338a27b0c1dd5e935c21ab005a3";
     const VECTOR_SHA1: &str = "b060c80c0e004a388193dd4b911b5a400ca2b931";
-    const VECTOR_SHA256: &str =
-        "2076dab09b25dfe7f89cdb79aa854cf8af88246b80126a0856a426662b39d903";
+    const VECTOR_SHA256: &str = "2076dab09b25dfe7f89cdb79aa854cf8af88246b80126a0856a426662b39d903";
     const VECTOR_SHA3_256: &str =
         "1e1bc4b940a438823a7ab5862e223043f6f65ee8148abe3310f5b7de30b8aa95";
 
@@ -899,7 +904,10 @@ mod tests {
         for _ in 0..20 {
             l.record_failure("iqn.bad", t0);
         }
-        assert!(!l.admit("iqn.bad", t0 + policy.max_backoff - Duration::from_millis(1)));
+        assert!(!l.admit(
+            "iqn.bad",
+            t0 + policy.max_backoff - Duration::from_millis(1)
+        ));
         assert!(l.admit("iqn.bad", t0 + policy.max_backoff));
         assert!(policy.max_backoff < Duration::from_secs(1));
         l.record_success("iqn.bad");
