@@ -3,6 +3,7 @@
 //! No sockets and no clocks live here: callers feed received bytes and `now`, and take back
 //! PDUs to send and events to act on. See [`connection::Connection`] for the driving contract.
 
+pub mod acl;
 pub mod bhs;
 pub mod chap;
 pub mod connection;
