@@ -35,6 +35,10 @@ pub enum Error {
     Closed,
     #[error("timed out")]
     Timeout,
+    /// Mutual CHAP: the target's CHAP_N/CHAP_R did not prove it knows its secret, or the
+    /// target left the security stage without authenticating itself (RFC 7143 §12.1.3).
+    #[error("target failed mutual CHAP authentication")]
+    TargetAuthentication,
     /// The caller asked for something we cannot express (e.g. data not a whole number of blocks).
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),

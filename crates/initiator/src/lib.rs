@@ -1,7 +1,7 @@
 //! Async iSCSI initiator (RFC 7143, initiator side) for ironlun's tests, benchmarks and
 //! negative tests.
 //!
-//! - [`Session::connect`]: TCP connect, login (AuthMethod=None, operational negotiation), then
+//! - [`Session::connect`]: TCP connect, login (AuthMethod=None or CHAP, operational negotiation), then
 //!   SCSI commands with several in flight, NOP, task management, logout.
 //! - [`discover`]: SendTargets=All over a discovery session.
 //! - [`RawConnection`]: bytes and PDUs exactly as the test writes them, for what real
@@ -21,8 +21,9 @@ mod transport;
 
 pub use discovery::discover;
 pub use error::{Error, Result};
+pub use ironlun_iscsi::chap::ChapAlgorithm;
 pub use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
-pub use options::{LoginOptions, Negotiated};
+pub use options::{ChapCredentials, LoginOptions, Negotiated};
 pub use raw::RawConnection;
 pub use scsi::{Capacity, CommandResult, Residual, SenseKey};
 pub use session::{PendingCommand, Session};

@@ -1,10 +1,11 @@
-//! Initiator side of login (RFC 7143 §6): security stage with AuthMethod=None, operational
-//! negotiation (§13), continuation of long answers (§11.13.2 C bit).
+//! Initiator side of login (RFC 7143 §6): security stage with AuthMethod=None or CHAP (one-way
+//! or mutual, §12.1.3), operational negotiation (§13), continuation of long answers (§11.13.2).
 
 use crate::error::{Error, Result};
-use crate::options::{LoginOptions, Negotiated};
+use crate::options::{ChapCredentials, LoginOptions, Negotiated};
 use crate::transport::{write_pdu, PduReader};
 use bytes::Bytes;
+use ironlun_iscsi::chap::{self, ChapAlgorithm};
 use ironlun_iscsi::framer::Digests;
 use ironlun_iscsi::pdu::{Header, LoginRequest, LoginResponse, Stage};
 use ironlun_iscsi::{text, Pdu};
@@ -77,8 +78,105 @@ fn security_keys(opts: &LoginOptions) -> Vec<(String, String)> {
         }
         None => keys.push(kv("SessionType", "Discovery")),
     }
-    keys.push(kv("AuthMethod", "None"));
+    let method = if opts.chap.is_some() { "CHAP" } else { "None" };
+    keys.push(kv("AuthMethod", method));
     keys
+}
+
+/// Where our side of CHAP stands (§12.1.3).
+enum ChapClient<'a> {
+    /// AuthMethod=CHAP offered, waiting for the target to agree.
+    Offered(&'a ChapCredentials),
+    /// CHAP_A sent, waiting for CHAP_A/CHAP_I/CHAP_C.
+    SentAlgorithms(&'a ChapCredentials),
+    /// CHAP_N/CHAP_R sent; for mutual CHAP, the challenge the target must answer.
+    SentResponse(Option<(&'a ChapCredentials, ChapAlgorithm, u8, Vec<u8>)>),
+    Done,
+}
+
+impl<'a> ChapClient<'a> {
+    /// Take the target's security-stage keys; returns the CHAP keys to send next.
+    fn on_target_keys(&mut self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>> {
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        let bad = |what: &str| Error::Protocol(format!("CHAP: {what}"));
+        match self {
+            ChapClient::Offered(creds) => match get("AuthMethod") {
+                Some("CHAP") => {
+                    let list: Vec<String> = creds
+                        .algorithms
+                        .iter()
+                        .map(|a| a.code().to_string())
+                        .collect();
+                    let creds = *creds;
+                    *self = ChapClient::SentAlgorithms(creds);
+                    Ok(vec![kv("CHAP_A", list.join(","))])
+                }
+                Some(other) => Err(bad(&format!("target answered AuthMethod={other}"))),
+                None => Ok(Vec::new()),
+            },
+            ChapClient::SentAlgorithms(creds) => {
+                let algorithm = get("CHAP_A")
+                    .and_then(chap::decode_number)
+                    .and_then(ChapAlgorithm::from_code)
+                    .filter(|a| creds.algorithms.contains(a))
+                    .ok_or_else(|| bad("no acceptable CHAP_A"))?;
+                let id = get("CHAP_I")
+                    .and_then(chap::decode_number)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .ok_or_else(|| bad("bad CHAP_I"))?;
+                let challenge = get("CHAP_C")
+                    .and_then(chap::decode_binary)
+                    .ok_or_else(|| bad("bad CHAP_C"))?;
+                let response = algorithm.response(id, &creds.secret, &challenge);
+                let mut keys = vec![
+                    kv("CHAP_N", creds.user.clone()),
+                    kv("CHAP_R", chap::encode_binary(&response)),
+                ];
+                let creds = *creds;
+                let mutual = if creds.mutual.is_some() {
+                    let mut id = [0u8; 1];
+                    let mut ours = vec![0u8; chap::CHALLENGE_LEN];
+                    chap::random(&mut id).map_err(|_| bad("no randomness"))?;
+                    chap::random(&mut ours).map_err(|_| bad("no randomness"))?;
+                    let [id] = id;
+                    keys.push(kv("CHAP_I", id.to_string()));
+                    keys.push(kv("CHAP_C", chap::encode_binary(&ours)));
+                    Some((creds, algorithm, id, ours))
+                } else {
+                    None
+                };
+                *self = ChapClient::SentResponse(mutual);
+                Ok(keys)
+            }
+            ChapClient::SentResponse(mutual) => {
+                if let Some((creds, algorithm, id, ours)) = mutual {
+                    let (user, secret) =
+                        creds.mutual.as_ref().ok_or(Error::TargetAuthentication)?;
+                    let name_ok = get("CHAP_N") == Some(user.as_str());
+                    let response = get("CHAP_R").and_then(chap::decode_binary);
+                    let ok =
+                        response.is_some_and(|r| chap::verify(*algorithm, *id, secret, ours, &r));
+                    if !(name_ok && ok) {
+                        return Err(Error::TargetAuthentication);
+                    }
+                }
+                *self = ChapClient::Done;
+                Ok(Vec::new())
+            }
+            ChapClient::Done => Ok(Vec::new()),
+        }
+    }
+
+    /// The target may end the security stage now (our side has nothing left to check).
+    fn finished(&self) -> bool {
+        matches!(self, ChapClient::Done)
+    }
 }
 
 /// Operational-stage offers (§13), then `extra_keys` replacing or appending.
@@ -216,6 +314,7 @@ pub(crate) async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut csg = Stage::Security;
     let mut keys = security_keys(opts);
     let mut sent_operational = false;
+    let mut chap_client = opts.chap.as_ref().map(ChapClient::Offered);
     for _ in 0..MAX_ROUNDS {
         let nsg = match csg {
             Stage::Security => Stage::Operational,
@@ -225,8 +324,20 @@ pub(crate) async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let offered: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
         // Keys the target proposed on its own need an answer in our next request (§6.2).
         let mut answers = Vec::new();
+        if csg == Stage::Security {
+            if let Some(c) = chap_client.as_mut() {
+                answers.extend(c.on_target_keys(&pairs)?);
+                if resp.transit && !c.finished() {
+                    // Leaving the security stage before CHAP completed.
+                    return Err(Error::TargetAuthentication);
+                }
+            }
+        }
         for (k, v) in &pairs {
-            if !offered.contains(k) && !NO_ANSWER_KEYS.contains(&k.as_str()) {
+            if !offered.contains(k)
+                && !NO_ANSWER_KEYS.contains(&k.as_str())
+                && !chap::is_chap_key(k)
+            {
                 answers.push((k.clone(), "NotUnderstood".to_owned()));
             }
             let _ = v;

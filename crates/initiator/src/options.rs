@@ -1,6 +1,37 @@
 //! What we ask for at login, and what was agreed (RFC 7143 §6, §13).
 
+use ironlun_iscsi::chap::{ChapAlgorithm, Secret};
 use std::time::Duration;
+
+/// CHAP credentials for login (RFC 7143 §12.1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChapCredentials {
+    /// Our CHAP_N.
+    pub user: String,
+    pub secret: Secret,
+    /// CHAP_A offer, in order of preference (the target picks the first it supports).
+    pub algorithms: Vec<ChapAlgorithm>,
+    /// Mutual CHAP: the name and secret the target must answer our challenge with.
+    pub mutual: Option<(String, Secret)>,
+}
+
+impl ChapCredentials {
+    /// One-way CHAP offering only `algorithm`.
+    pub fn new(user: impl Into<String>, secret: &str, algorithm: ChapAlgorithm) -> Self {
+        ChapCredentials {
+            user: user.into(),
+            secret: Secret::new(secret),
+            algorithms: vec![algorithm],
+            mutual: None,
+        }
+    }
+
+    /// The same, also asking the target to prove it knows `secret` as `user`.
+    pub fn with_mutual(mut self, user: impl Into<String>, secret: &str) -> Self {
+        self.mutual = Some((user.into(), Secret::new(secret)));
+        self
+    }
+}
 
 /// Login wishes. `target_name: None` makes a discovery session (SessionType=Discovery, §13.21).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +60,8 @@ pub struct LoginOptions {
     pub extra_keys: Vec<(String, String)>,
     /// Upper bound on each login round trip and on the TCP connect.
     pub timeout: Duration,
+    /// Authenticate with CHAP (AuthMethod=CHAP); `None` offers AuthMethod=None.
+    pub chap: Option<ChapCredentials>,
 }
 
 impl LoginOptions {
@@ -58,6 +91,7 @@ impl Default for LoginOptions {
             max_burst_length: 16 * 1024 * 1024,
             extra_keys: Vec::new(),
             timeout: Duration::from_secs(10),
+            chap: None,
         }
     }
 }
