@@ -38,10 +38,26 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Self::start_with(None)
+    }
+
+    /// The daemon with `config` (TOML text) as its config file; `--listen 127.0.0.1:0` still
+    /// replaces the configured portals.
+    pub fn start_with_config(config: &str) -> Daemon {
+        Self::start_with(Some(config))
+    }
+
+    fn start_with(config: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironlun"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
+        if let Some(text) = config {
+            let path = dir.path().join("ironlun.toml");
+            std::fs::write(&path, text).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -102,7 +118,9 @@ impl Daemon {
             .strip_prefix("url ")
             .unwrap_or_else(|| panic!("second line {:?}", lines[1]))
             .to_owned();
-        assert_eq!(url, format!("iscsi://{addr}/{TARGET}/0"));
+        if config.is_none() {
+            assert_eq!(url, format!("iscsi://{addr}/{TARGET}/0"));
+        }
         Daemon {
             child,
             addr,
