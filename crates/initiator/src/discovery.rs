@@ -11,7 +11,15 @@ pub type Targets = Vec<(String, Vec<String>)>;
 
 /// Log in a discovery session, ask `SendTargets=All`, log out.
 pub async fn discover(addr: impl ToSocketAddrs, initiator_name: &str) -> Result<Targets> {
-    let opts = LoginOptions::new(initiator_name, None);
+    discover_with(addr, LoginOptions::new(initiator_name, None)).await
+}
+
+/// [`discover`] with full login options (e.g. CHAP); `opts.target_name` is ignored.
+pub async fn discover_with(addr: impl ToSocketAddrs, opts: LoginOptions) -> Result<Targets> {
+    let opts = LoginOptions {
+        target_name: None,
+        ..opts
+    };
     let session = Session::connect(addr, opts).await?;
     let pairs = session
         .text(&[("SendTargets".to_owned(), "All".to_owned())])

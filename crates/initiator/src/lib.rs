@@ -19,7 +19,7 @@ pub mod seq;
 pub mod session;
 mod transport;
 
-pub use discovery::discover;
+pub use discovery::{discover, discover_with};
 pub use error::{Error, Result};
 pub use ironlun_iscsi::chap::ChapAlgorithm;
 pub use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
