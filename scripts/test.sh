@@ -18,6 +18,13 @@ cargo test --workspace --exclude ironlun-initiator-tests
 echo "== tier 6: real initiators (libiscsi, qemu-img) against the release daemon"
 cargo test --release -p ironlun-initiator-tests -- --test-threads=1 --nocapture
 
+echo "== tier 5: io_uring cancellation under AddressSanitizer (backstore tests and the daemon)"
+asan=(env RUSTFLAGS=-Zsanitizer=address RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/asan)
+"${asan[@]}" cargo test --release -p ironlun-backstore --target x86_64-unknown-linux-gnu --test uring
+"${asan[@]}" cargo build --release -p ironlun --target x86_64-unknown-linux-gnu
+IRONLUN_BIN=target/asan/x86_64-unknown-linux-gnu/release/ironlun \
+  cargo test --release -p ironlun-initiator-tests --test uring_cancel -- --nocapture
+
 if [ "$FUZZ_SECONDS" != 0 ]; then
   echo "== tier 5: fuzz targets, ${FUZZ_SECONDS}s each"
   bash scripts/fuzz.sh "$FUZZ_SECONDS"
