@@ -104,6 +104,11 @@ impl Daemon {
         Daemon { child: Some(child), addr, urls, dir, stderr: erx }
     }
 
+    /// The daemon's process id (for /proc/PID/status and /proc/PID/fd).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn portal(&self) -> String {
         format!("iscsi://{}", self.addr)
     }
@@ -140,6 +145,30 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// The libiscsi suites issue #2 covers; each must show 0 failures. Skips are listed in the README.
+pub const REQUIRED_SUITES: &str = "Inquiry Mandatory ModeSense6 NoMedia OrWrite Prefetch10 Prefetch16 PreventAllow \
+Read6 Read10 Read12 Read16 ReadCapacity10 ReadCapacity16 ReportSupportedOpcodes StartStopUnit \
+TestUnitReady Unmap GetLBAStatus Verify10 Verify12 Verify16 Write10 Write12 Write16 WriteSame10 \
+WriteSame16 WriteVerify10 WriteVerify12 WriteVerify16 iSCSIcmdsn iSCSIdatasn iSCSIResiduals iSCSITMF";
+
+/// Run scripts/conformance.sh on [`REQUIRED_SUITES`] against `url` (which may carry libiscsi
+/// URL options such as `?header_digest=crc32c`); (success, output).
+pub fn conformance(url: &str, out_dir: &Path) -> (bool, String) {
+    let suites: Vec<String> = REQUIRED_SUITES
+        .split_whitespace()
+        .map(|s| if s.starts_with("iSCSI") { format!("iSCSI.{s}") } else { format!("SCSI.{s}") })
+        .collect();
+    run(Command::new("bash")
+        .arg(repo_root().join("scripts/conformance.sh"))
+        .arg("--suites")
+        .arg(suites.join(" "))
+        .arg("--require")
+        .arg(REQUIRED_SUITES)
+        .arg("--out")
+        .arg(out_dir)
+        .arg(url))
 }
 
 /// Run a command, return (success, stdout+stderr).

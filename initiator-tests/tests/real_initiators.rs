@@ -1,7 +1,7 @@
 //! Tier 6 (DESIGN.md §4): the release daemon driven by libiscsi's tools and qemu-img.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{repo_root, require_tool, run, Daemon};
+use ironlun_initiator_tests::{conformance, repo_root, require_tool, run, Daemon};
 use std::process::Command;
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
@@ -88,31 +88,12 @@ fn qemu_img_convert_roundtrip_4096() {
     qemu_roundtrip(4096);
 }
 
-/// The suites issue #2 covers; each must show 0 failures. Skips are listed in the README.
-const REQUIRED: &str = "Inquiry Mandatory ModeSense6 NoMedia OrWrite Prefetch10 Prefetch16 PreventAllow \
-Read6 Read10 Read12 Read16 ReadCapacity10 ReadCapacity16 ReportSupportedOpcodes StartStopUnit \
-TestUnitReady Unmap GetLBAStatus Verify10 Verify12 Verify16 Write10 Write12 Write16 WriteSame10 \
-WriteSame16 WriteVerify10 WriteVerify12 WriteVerify16 iSCSIcmdsn iSCSIdatasn iSCSIResiduals iSCSITMF";
-
 #[test]
 fn libiscsi_conformance_required_suites() {
     require_tool("iscsi-test-cu");
     let d = Daemon::start(None);
     let url = format!("{}/{TARGET}/0", d.portal());
-    let suites: Vec<String> = REQUIRED
-        .split_whitespace()
-        .map(|s| if s.starts_with("iSCSI") { format!("iSCSI.{s}") } else { format!("SCSI.{s}") })
-        .collect();
-    let out_dir = repo_root().join("target/conformance");
-    let (ok, out) = run(Command::new("bash")
-        .arg(repo_root().join("scripts/conformance.sh"))
-        .arg("--suites")
-        .arg(suites.join(" "))
-        .arg("--require")
-        .arg(REQUIRED)
-        .arg("--out")
-        .arg(&out_dir)
-        .arg(&url));
+    let (ok, out) = conformance(&url, &repo_root().join("target/conformance"));
     println!("{out}");
     assert!(ok, "required conformance suites failed:\n{out}");
     assert!(out.contains("conformance: required suites clean"), "{out}");
