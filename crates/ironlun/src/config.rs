@@ -47,7 +47,16 @@ struct RawConfig {
     #[serde(default)]
     runtime: Option<RawRuntime>,
     #[serde(default)]
+    limits: Option<RawLimits>,
+    #[serde(default)]
     target: Vec<RawTarget>,
+}
+
+/// `[limits]`: daemon-wide bounds.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -88,6 +97,20 @@ struct RawTarget {
     alias: Option<String>,
     #[serde(default)]
     lun: Vec<RawLun>,
+    /// Initiator names and `*`/`?` patterns that may log in; absent: everyone, empty: nobody.
+    allowed_initiators: Option<Vec<Spanned<String>>>,
+    max_sessions: Option<Spanned<usize>>,
+    /// Per-initiator LUN masking.
+    #[serde(default)]
+    initiator: Vec<RawInitiator>,
+}
+
+/// `[[target.initiator]]`: the LUNs one initiator (name or pattern) sees.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInitiator {
+    name: Spanned<String>,
+    luns: Spanned<Vec<Spanned<u64>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,7 +148,26 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub targets: Vec<Target>,
     pub runtime: Runtime,
+    /// The `[limits]` table.
+    pub limits: Limits,
 }
+
+/// The `[limits]` table: daemon-wide bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Live sessions (normal and discovery) the daemon admits; logins beyond it fail with
+    /// OUT OF RESOURCES (RFC 7143 §11.13.5).
+    pub max_sessions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS }
+    }
+}
+
+/// Largest `max_sessions` (a session needs a TSIH, a 16-bit non-zero number: RFC 7143 §11.12.6).
+pub const MAX_SESSIONS_BOUND: usize = 65535;
 
 /// The `[runtime]` table: threads of the async runtime and of the blocking I/O pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -155,6 +197,12 @@ pub struct Target {
     pub name: String,
     pub alias: Option<String>,
     pub luns: Vec<Lun>,
+    /// Who may log in (and see the target in SendTargets).
+    pub acl: ironlun_iscsi::acl::Acl,
+    /// Which LUNs each initiator sees.
+    pub masking: ironlun_iscsi::acl::LunMasking,
+    /// Live sessions this target admits.
+    pub max_sessions: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,8 +266,16 @@ impl Config {
             portals: vec![Portal { listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), tpgt: 1 }],
             negotiation: Negotiation { offers: Default::default(), cmd_window: 128 },
             data_dir,
-            targets: vec![Target { name, alias: Some("ironlun lab".into()), luns: vec![lun] }],
+            targets: vec![Target {
+                name,
+                alias: Some("ironlun lab".into()),
+                luns: vec![lun],
+                acl: Default::default(),
+                masking: Default::default(),
+                max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
+            }],
             runtime: Runtime::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -401,7 +457,8 @@ impl Config {
                     write_cache: l.write_cache.unwrap_or(true),
                 });
             }
-            targets.push(Target { name, alias: t.alias.clone(), luns });
+            let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;
+            targets.push(Target { name, alias: t.alias.clone(), luns, acl, masking, max_sessions });
         }
         if targets.is_empty() {
             return Err(ConfigError {
@@ -411,8 +468,69 @@ impl Config {
                 message: "at least one [[target]] is required".into(),
             });
         }
-        Ok(Config { portals, negotiation, data_dir, targets, runtime })
+        let mut limits = Limits::default();
+        if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_sessions.as_ref()) {
+            if !(1..=MAX_SESSIONS_BOUND).contains(m.get_ref()) {
+                return cx.err(m.span(), "limits.max_sessions", format!("must be 1..={MAX_SESSIONS_BOUND}"));
+            }
+            limits.max_sessions = *m.get_ref();
+        }
+        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits })
     }
+}
+
+/// A target's `allowed_initiators`, `[[target.initiator]]` LUN masking and `max_sessions`.
+fn parse_access(
+    cx: &Ctx<'_>,
+    ti: usize,
+    t: &RawTarget,
+    luns: &[Lun],
+) -> Result<(ironlun_iscsi::acl::Acl, ironlun_iscsi::acl::LunMasking, usize), ConfigError> {
+    use ironlun_iscsi::acl::{Acl, LunMasking, NamePattern};
+    let acl = match &t.allowed_initiators {
+        None => Acl::allow_all(),
+        Some(list) => {
+            let mut patterns = Vec::new();
+            for (i, p) in list.iter().enumerate() {
+                match NamePattern::parse(p.get_ref()) {
+                    Ok(pat) => patterns.push(pat),
+                    Err(e) => return cx.err(p.span(), format!("target[{ti}].allowed_initiators[{i}]"), e.to_string()),
+                }
+            }
+            Acl::allow_only(patterns)
+        }
+    };
+    let mut rules: Vec<(NamePattern, Vec<u64>)> = Vec::new();
+    for (ii, ini) in t.initiator.iter().enumerate() {
+        let key = |k: &str| format!("target[{ti}].initiator[{ii}].{k}");
+        let pattern = match NamePattern::parse(ini.name.get_ref()) {
+            Ok(p) => p,
+            Err(e) => return cx.err(ini.name.span(), key("name"), e.to_string()),
+        };
+        if rules.iter().any(|(p, _)| p.as_str().eq_ignore_ascii_case(pattern.as_str())) {
+            return cx.err(ini.name.span(), key("name"), "duplicate initiator name or pattern in this target");
+        }
+        let mut visible = Vec::new();
+        for l in ini.luns.get_ref() {
+            let id = *l.get_ref();
+            if !luns.iter().any(|x| x.id == id) {
+                return cx.err(l.span(), key("luns"), format!("LUN {id} is not defined in this target"));
+            }
+            if visible.contains(&id) {
+                return cx.err(l.span(), key("luns"), format!("LUN {id} listed twice"));
+            }
+            visible.push(id);
+        }
+        rules.push((pattern, visible));
+    }
+    let max_sessions = match &t.max_sessions {
+        Some(m) if !(1..=MAX_SESSIONS_BOUND).contains(m.get_ref()) => {
+            return cx.err(m.span(), format!("target[{ti}].max_sessions"), format!("must be 1..={MAX_SESSIONS_BOUND}"))
+        }
+        Some(m) => *m.get_ref(),
+        None => ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
+    };
+    Ok((acl, LunMasking::new(rules), max_sessions))
 }
 
 fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, ConfigError> {
@@ -657,6 +775,72 @@ size = "64MiB"
         assert_eq!(c.runtime, Runtime { worker_threads: Some(2), blocking_threads: Some(8) });
         let e = parse(&format!("[runtime]\nworker_threads = 0\n{base}")).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "runtime.worker_threads"));
+    }
+
+    const ACL_BASE: &str = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+    const ACL_LUNS: &str = "[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n[[target.lun]]\nid = 2\nbackstore = \"ram\"\nsize = 4096\n";
+
+    #[test]
+    fn access_defaults_allow_everyone_everything() {
+        let c = parse(ACL_BASE).unwrap();
+        let t = &c.targets[0];
+        assert!(t.acl.allows("iqn.any:one"));
+        assert_eq!(t.masking.visible("iqn.any:one"), None);
+        assert_eq!(t.max_sessions, ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET);
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn accepts_acl_masking_and_session_limits() {
+        let text = format!(
+            "[limits]\nmax_sessions = 10\n{ACL_BASE}allowed_initiators = [\"iqn.1994-05.com.redhat:*\", \"iqn.2026-11.io.example:host1\"]\nmax_sessions = 3\n{ACL_LUNS}[[target.initiator]]\nname = \"iqn.2026-11.io.example:host1\"\nluns = [0, 2]\n[[target.initiator]]\nname = \"iqn.1994-05.com.redhat:*\"\nluns = [2]\n"
+        );
+        let c = parse(&text).unwrap();
+        let t = &c.targets[0];
+        assert_eq!((c.limits.max_sessions, t.max_sessions), (10, 3));
+        assert!(t.acl.allows("IQN.1994-05.com.redhat:abc"));
+        assert!(t.acl.allows("iqn.2026-11.io.example:host1"));
+        assert!(!t.acl.allows("iqn.2026-11.io.example:host2"));
+        assert_eq!(t.masking.visible("iqn.2026-11.io.example:host1"), Some(&[0, 2][..]));
+        assert_eq!(t.masking.visible("iqn.1994-05.com.redhat:abc"), Some(&[2][..]));
+        let c = parse(&format!("{ACL_BASE}allowed_initiators = []\n")).unwrap();
+        assert!(!c.targets[0].acl.allows("iqn.any:one"));
+    }
+
+    #[test]
+    fn rejects_bad_access_settings_with_line_and_key() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("allowed_initiators = [\"iqn.x:a\",\n  \"\"]\n", 4, "target[0].allowed_initiators[1]"),
+            ("allowed_initiators = [\"iqn.x: a\"]\n", 3, "target[0].allowed_initiators[0]"),
+            ("max_sessions = 0\n", 3, "target[0].max_sessions"),
+            ("max_sessions = 65536\n", 3, "target[0].max_sessions"),
+            (
+                "[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n[[target.initiator]]\nname = \"iqn.x:h\"\nluns = [0, 1]\n",
+                9,
+                "target[0].initiator[0].luns",
+            ),
+            (
+                "[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n[[target.initiator]]\nname = \"iqn.x:h\"\nluns = [0, 0]\n",
+                9,
+                "target[0].initiator[0].luns",
+            ),
+            ("[[target.initiator]]\nname = \"\"\nluns = []\n", 4, "target[0].initiator[0].name"),
+            (
+                "[[target.initiator]]\nname = \"iqn.x:h\"\nluns = []\n[[target.initiator]]\nname = \"IQN.X:H\"\nluns = []\n",
+                7,
+                "target[0].initiator[1].name",
+            ),
+        ];
+        for (extra, line, key) in cases {
+            let e = parse(&format!("{ACL_BASE}{extra}")).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(*line), *key), "{extra}: {e}");
+        }
+        let e = parse(&format!("[limits]\nmax_sessions = 0\n{ACL_BASE}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "limits.max_sessions"));
+        let e = parse(&format!("[limits]\nmax_session = 3\n{ACL_BASE}")).unwrap_err();
+        assert_eq!(e.key, "max_session");
+        let e = parse(&format!("{ACL_BASE}[[target.initiator]]\nname = \"iqn.x:h\"\n")).unwrap_err();
+        assert_eq!(e.key, "luns");
     }
 
     #[test]

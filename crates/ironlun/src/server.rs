@@ -16,6 +16,7 @@
 use crate::config::Config;
 use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
+use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -50,6 +51,11 @@ impl Server {
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             bound.push((l, addr, p.tpgt));
         }
+        // One set of session counters for every portal: limits are per target and daemon-wide.
+        let sessions = Arc::new(cfg.targets.iter().fold(
+            SessionLimits::new(cfg.limits.max_sessions),
+            |limits, t| limits.with_target(&t.name, t.max_sessions),
+        ));
         let mut listeners = Vec::new();
         for (l, addr, tpgt) in bound {
             let targets = cfg
@@ -60,6 +66,7 @@ impl Server {
                     alias: t.alias.clone(),
                     addresses: vec![format!("{},{}", fmt_addr(addr), tpgt)],
                     portal_group_tag: tpgt,
+                    acl: t.acl.clone(),
                 })
                 .collect();
             let pc = PortalConfig {
@@ -68,6 +75,7 @@ impl Server {
                 limits: Default::default(),
                 portal_group_tag: tpgt,
                 cmd_window: cfg.negotiation.cmd_window,
+                sessions: sessions.clone(),
             };
             listeners.push((l, Arc::new(pc)));
         }
@@ -277,7 +285,7 @@ async fn serve_connection(
                 Event::LoggedIn(info) => {
                     tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, "login");
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
-                        nexus = Some(Arc::new(Nexus::attach(t, registry.new_nexus())));
+                        nexus = Some(Arc::new(Nexus::attach_for(t, registry.new_nexus(), &info.initiator_name)));
                     }
                 }
                 Event::Command(cmd) => match &nexus {

@@ -16,6 +16,7 @@ use crate::backend;
 use crate::config::{self, Config};
 use bytes::Bytes;
 use ironlun_backstore::BlockBackend;
+use ironlun_iscsi::acl::LunMasking;
 use ironlun_iscsi::connection::ScsiCompletion;
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use ironlun_scsi::lu::{
@@ -63,6 +64,8 @@ pub struct TargetState {
     pub name: String,
     pub alias: Option<String>,
     pub luns: BTreeMap<u64, Arc<LunHandle>>,
+    /// Which of `luns` each initiator sees.
+    pub masking: LunMasking,
 }
 
 /// Everything the daemon serves.
@@ -87,7 +90,12 @@ impl Registry {
                 let async_io = backend.is_async();
                 luns.insert(l.id, Arc::new(LunHandle { lu: Mutex::new(LogicalUnit::new(lc)), backend, ram, async_io }));
             }
-            targets.push(Arc::new(TargetState { name: t.name.clone(), alias: t.alias.clone(), luns }));
+            targets.push(Arc::new(TargetState {
+                name: t.name.clone(),
+                alias: t.alias.clone(),
+                luns,
+                masking: t.masking.clone(),
+            }));
         }
         Ok(Registry { targets, next_nexus: AtomicU64::new(1), next_tsih: AtomicU16::new(1) })
     }
@@ -151,14 +159,43 @@ pub fn decode_lun(raw: u64) -> Option<u64> {
 pub struct Nexus {
     pub id: NexusId,
     pub target: Arc<TargetState>,
+    /// The LUNs this nexus sees (LUN masking): the others behave as nonexistent (SPC-4
+    /// §4.6.1: REPORT LUNS omits them, INQUIRY reports peripheral qualifier 011b, other
+    /// commands fail with LOGICAL UNIT NOT SUPPORTED, TMFs with LUN DOES NOT EXIST).
+    luns: BTreeMap<u64, Arc<LunHandle>>,
 }
 
 impl Nexus {
+    /// A nexus that sees every LUN of `target`.
     pub fn attach(target: Arc<TargetState>, id: NexusId) -> Nexus {
-        for l in target.luns.values() {
+        let luns = target.luns.clone();
+        Self::attach_luns(target, id, luns)
+    }
+
+    /// A nexus for `initiator`, seeing the LUNs its target's masking grants it.
+    pub fn attach_for(target: Arc<TargetState>, id: NexusId, initiator: &str) -> Nexus {
+        let luns = match target.masking.visible(initiator) {
+            None => target.luns.clone(),
+            Some(ids) => {
+                let luns: BTreeMap<u64, Arc<LunHandle>> =
+                    ids.iter().filter_map(|id| Some((*id, target.luns.get(id)?.clone()))).collect();
+                tracing::debug!(initiator, target = %target.name, luns = ?luns.keys().collect::<Vec<_>>(), "LUN masking applies");
+                luns
+            }
+        };
+        Self::attach_luns(target, id, luns)
+    }
+
+    fn attach_luns(target: Arc<TargetState>, id: NexusId, luns: BTreeMap<u64, Arc<LunHandle>>) -> Nexus {
+        for l in luns.values() {
             l.lu().add_nexus(id);
         }
-        Nexus { id, target }
+        Nexus { id, target, luns }
+    }
+
+    /// The LUNs this nexus sees, in order.
+    pub fn visible_luns(&self) -> impl Iterator<Item = u64> + '_ {
+        self.luns.keys().copied()
     }
 
     /// Run one SCSI command to completion. Returns the completion and, for commands with
@@ -176,10 +213,10 @@ impl Nexus {
     pub fn start(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> Started {
         const REPORT_LUNS: u8 = 0xa0;
         if cdb.first() == Some(&REPORT_LUNS) {
-            let luns: Vec<u64> = self.target.luns.keys().copied().collect();
+            let luns: Vec<u64> = self.luns.keys().copied().collect();
             return Started::Done(to_wire(lu::report_luns(&cdb, &luns)), None);
         }
-        let Some(handle) = decode_lun(lun_raw).and_then(|l| self.target.luns.get(&l)) else {
+        let Some(handle) = decode_lun(lun_raw).and_then(|l| self.luns.get(&l)) else {
             return Started::Done(to_wire(lu::no_such_lun(&cdb)), None);
         };
         let nexus = self.id;
@@ -194,7 +231,7 @@ impl Nexus {
     /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
     /// already dropped the affected tasks' responses.
     pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
-        let lun = decode_lun(lun_raw).and_then(|l| self.target.luns.get(&l));
+        let lun = decode_lun(lun_raw).and_then(|l| self.luns.get(&l));
         match function {
             TmfFunction::AbortTask | TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
                 if lun.is_some() {
@@ -216,7 +253,8 @@ impl Nexus {
                 } else {
                     ResetKind::TargetCold
                 };
-                for l in self.target.luns.values() {
+                // Only the LUs this nexus sees: it is not registered on the masked ones.
+                for l in self.luns.values() {
                     l.lu().reset(self.id, kind);
                 }
                 TmfResponse::FunctionComplete
@@ -229,7 +267,7 @@ impl Nexus {
 
 impl Drop for Nexus {
     fn drop(&mut self) {
-        for l in self.target.luns.values() {
+        for l in self.luns.values() {
             l.lu().remove_nexus(self.id);
         }
     }

@@ -15,6 +15,7 @@
 //! Data-Out assembly via R2T, Data-In splitting with status in the final Data-In, residuals,
 //! NOP-Out/NOP-In, Logout, Reject, and task management bookkeeping (RFC 7143).
 
+use crate::acl::{Acl, SessionLimits, SessionSlot};
 use crate::data_in::{self, Residual, Stamps};
 use crate::error::ErrorAction;
 use crate::framer::{self, Digests, Framed, Framer};
@@ -46,6 +47,8 @@ pub struct TargetInfo {
     pub addresses: Vec<String>,
     /// Target portal group tag (§13.9, reported as TargetPortalGroupTag in login).
     pub portal_group_tag: u16,
+    /// Initiators that may log in to it and see it in SendTargets ([`Acl::allow_all`] by default).
+    pub acl: Acl,
 }
 
 /// Everything a connection needs to know about the portal it was accepted on.
@@ -58,6 +61,9 @@ pub struct PortalConfig {
     pub portal_group_tag: u16,
     /// Depth of the CmdSN window we grant (MaxCmdSN - ExpCmdSN + 1).
     pub cmd_window: u32,
+    /// Live-session counters shared by all the daemon's portals; a login that would exceed
+    /// a limit fails with OUT OF RESOURCES (§11.13.5).
+    pub sessions: Arc<SessionLimits>,
 }
 
 /// What the session is once login completes.
@@ -195,6 +201,8 @@ struct Ffp {
     /// TMFs handed to the owner, by ITT.
     tmfs: HashMap<u32, TmfFunction>,
     text: Option<TextExchange>,
+    /// This session's place in [`PortalConfig::sessions`], given back on close or drop.
+    slot: Option<SessionSlot>,
 }
 
 struct Task {
@@ -440,6 +448,7 @@ impl Connection {
         }
         tracing::debug!(?reason, "closing connection");
         if let Phase::FullFeature(ffp) = &mut self.phase {
+            ffp.slot = None;
             let running: Vec<u32> = ffp
                 .tasks
                 .drain()
@@ -571,12 +580,32 @@ impl Connection {
             lp.cid = req.cid;
             self.stat_sn = req.exp_stat_sn;
         }
-        let reply: LoginReply = lp.login.on_request(
+        let mut reply: LoginReply = lp.login.on_request(
             req,
             data,
             &self.config.targets,
             self.config.portal_group_tag,
         );
+        let mut slot = None;
+        if reply.complete && reply.status == LoginStatus::SUCCESS {
+            // Admission happens before the final response, so a refused session never exists.
+            let target = lp.login.identity().and_then(|i| i.target).map(|t| t.name);
+            match self.config.sessions.acquire(target.as_deref()) {
+                Ok(s) => slot = Some(s),
+                Err(limit) => {
+                    tracing::debug!(?limit, target, "login refused: session limit reached");
+                    reply = LoginReply {
+                        transit: false,
+                        continue_: false,
+                        nsg: reply.csg,
+                        status: LoginStatus::OUT_OF_RESOURCES,
+                        data: Bytes::new(),
+                        complete: false,
+                        ..reply
+                    };
+                }
+            }
+        }
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.next_stat_sn();
         let failed = reply.status != LoginStatus::SUCCESS;
@@ -611,11 +640,11 @@ impl Connection {
             return;
         }
         if reply.complete {
-            self.enter_full_feature(exp_cmd_sn);
+            self.enter_full_feature(exp_cmd_sn, slot);
         }
     }
 
-    fn enter_full_feature(&mut self, exp_cmd_sn: u32) {
+    fn enter_full_feature(&mut self, exp_cmd_sn: u32, slot: Option<SessionSlot>) {
         let Phase::Login(lp) = &mut self.phase else {
             return;
         };
@@ -664,6 +693,7 @@ impl Connection {
             tasks: HashMap::new(),
             tmfs: HashMap::new(),
             text: None,
+            slot,
         }));
     }
 
@@ -1069,7 +1099,12 @@ impl Connection {
             let mut reply = Vec::new();
             for (key, value) in &pairs {
                 if key == "SendTargets" {
-                    reply.extend(discovery::send_targets(value, &self.config.targets, own));
+                    reply.extend(discovery::send_targets_for(
+                        &ffp.session.initiator_name,
+                        value,
+                        &self.config.targets,
+                        own,
+                    ));
                 } else if negotiation::rule_of(key).is_some() {
                     // We do not renegotiate in full feature phase.
                     reply.push((key.clone(), REJECT.to_string()));
@@ -1211,6 +1246,7 @@ mod tests {
                 alias: Some("lab".to_string()),
                 addresses: vec!["127.0.0.1:3260".to_string()],
                 portal_group_tag: 1,
+                acl: Acl::allow_all(),
             }],
             offers: Offers::default(),
             limits: Limits {
@@ -1219,6 +1255,7 @@ mod tests {
             },
             portal_group_tag: 1,
             cmd_window: 8,
+            sessions: Arc::default(),
         }
     }
 
@@ -2074,6 +2111,155 @@ mod tests {
         assert!(p.recv().is_empty());
     }
 
+    /// Send one login request straight to full feature phase; the response's status.
+    fn acl_login_status(p: &mut Pair, pairs: &[(&str, &str)]) -> (u8, u8) {
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Operational, Stage::FullFeature, true)),
+            kv(pairs),
+        ));
+        let out = p.recv();
+        let Header::LoginResponse(r) = &out[0].header else {
+            panic!("not a login response")
+        };
+        (r.status_class, r.status_detail)
+    }
+
+    const ACL_OUTSIDER: &str = "iqn.2026-11.io.other:host";
+    const ACL_PROTECTED: &str = "iqn.2026-11.io.ironlun:protected";
+
+    /// `config()` plus a target only `iqn.2026-11.io.test:*` may use.
+    fn acl_config() -> PortalConfig {
+        let mut cfg = config();
+        cfg.targets.push(TargetInfo {
+            name: ACL_PROTECTED.to_string(),
+            alias: None,
+            addresses: vec!["127.0.0.1:3260".to_string()],
+            portal_group_tag: 1,
+            acl: Acl::allow_only(vec![crate::acl::NamePattern::parse(
+                "iqn.2026-11.io.test:*",
+            )
+            .unwrap()]),
+        });
+        cfg
+    }
+
+    #[test]
+    fn rejects_login_outside_acl_with_authorization_failure() {
+        let mut p = Pair::new(acl_config());
+        let status = acl_login_status(
+            &mut p,
+            &[
+                ("InitiatorName", ACL_OUTSIDER),
+                ("TargetName", ACL_PROTECTED),
+            ],
+        );
+        assert_eq!(status, (2, 2));
+        assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert!(p.events().is_empty());
+        assert_eq!(p.conn.config.sessions.live(), 0);
+    }
+
+    #[test]
+    fn accepts_login_inside_acl_case_insensitively() {
+        let mut p = Pair::new(acl_config());
+        p.login_with(&[
+            ("InitiatorName", "IQN.2026-11.IO.TEST:Host"),
+            ("TargetName", ACL_PROTECTED),
+        ]);
+        assert!(matches!(p.events().as_slice(), [Event::LoggedIn(_)]));
+        // The outsider may still use the open target.
+        let mut q = Pair::new(acl_config());
+        q.login_with(&[("InitiatorName", ACL_OUTSIDER), ("TargetName", TARGET)]);
+    }
+
+    fn acl_send_targets(p: &mut Pair, value: &str) -> Vec<String> {
+        let h = TextRequest {
+            final_: true,
+            itt: 5,
+            ttt: RESERVED_TAG,
+            cmd_sn: p.next_cmd_sn(),
+            ..Default::default()
+        };
+        p.send(pdu(Header::TextRequest(h), kv(&[("SendTargets", value)])));
+        let out = p.recv();
+        keys(&out[0].data)
+            .into_iter()
+            .filter(|(k, _)| k == "TargetName")
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    #[test]
+    fn send_targets_hides_targets_outside_the_acl() {
+        let mut p = Pair::new(acl_config());
+        p.login_with(&[
+            ("InitiatorName", ACL_OUTSIDER),
+            ("SessionType", "Discovery"),
+        ]);
+        assert_eq!(acl_send_targets(&mut p, "All"), vec![TARGET.to_string()]);
+        assert!(acl_send_targets(&mut p, ACL_PROTECTED).is_empty());
+
+        let mut q = Pair::new(acl_config());
+        q.login_with(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        assert_eq!(
+            acl_send_targets(&mut q, "All"),
+            vec![TARGET.to_string(), ACL_PROTECTED.to_string()]
+        );
+        assert_eq!(
+            acl_send_targets(&mut q, ACL_PROTECTED),
+            vec![ACL_PROTECTED.to_string()]
+        );
+    }
+
+    fn acl_logout(p: &mut Pair) {
+        let cmd_sn = p.next_cmd_sn();
+        let h = LogoutRequest {
+            immediate: true,
+            reason: LogoutReason::CloseSession,
+            itt: 0x99,
+            cid: 0,
+            cmd_sn,
+            exp_stat_sn: 0,
+        };
+        p.send(pdu(Header::LogoutRequest(h), Bytes::new()));
+        assert!(matches!(&p.recv()[0].header, Header::LogoutResponse(_)));
+    }
+
+    #[test]
+    fn session_limits_refuse_with_out_of_resources_and_release() {
+        let limits = Arc::new(crate::acl::SessionLimits::new(2).with_target(TARGET, 1));
+        let cfg = || PortalConfig {
+            sessions: limits.clone(),
+            ..acl_config()
+        };
+        let normal = [("InitiatorName", INITIATOR), ("TargetName", TARGET)];
+        let mut a = Pair::new(cfg());
+        a.login_with(&normal);
+        // The target's limit (1) is reached.
+        let mut b = Pair::new(cfg());
+        assert_eq!(acl_login_status(&mut b, &normal), (3, 2));
+        assert_eq!(b.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert!(b.events().iter().all(|e| !matches!(e, Event::LoggedIn(_))));
+        // Another target still fits the total (2), then the total is reached.
+        let mut c = Pair::new(cfg());
+        c.login_with(&[("InitiatorName", INITIATOR), ("TargetName", ACL_PROTECTED)]);
+        let mut d = Pair::new(cfg());
+        let status = acl_login_status(
+            &mut d,
+            &[("InitiatorName", INITIATOR), ("SessionType", "Discovery")],
+        );
+        assert_eq!(status, (3, 2));
+        assert_eq!(limits.live(), 2);
+        // Logout gives the slot back at once; a dropped connection gives it back too.
+        acl_logout(&mut a);
+        assert_eq!(limits.live_for(TARGET), Some(0));
+        let mut e = Pair::new(cfg());
+        e.login_with(&normal);
+        drop(c);
+        drop(e);
+        assert_eq!(limits.live(), 0);
+    }
+
     fn tmf(p: &mut Pair, itt: u32, function: TmfFunction, rtt: u32, ref_cmd_sn: u32) {
         let cmd_sn = p.cmd_sn;
         let h = TaskMgmtRequest {
@@ -2313,6 +2499,7 @@ mod tests {
                     "[2001:db8::1]:3260".to_string(),
                 ],
                 portal_group_tag: 1,
+                acl: Acl::allow_all(),
             });
         }
         let mut p = Pair::new(cfg);

@@ -2,11 +2,39 @@
 
 use crate::connection::TargetInfo;
 
+/// As [`send_targets`], listing only the targets whose [`Acl`](crate::acl::Acl) lets
+/// `initiator` log in: a target the initiator may not use is not revealed, even when asked
+/// for by name.
+pub fn send_targets_for(
+    initiator: &str,
+    value: &str,
+    targets: &[TargetInfo],
+    session_target: Option<&str>,
+) -> Vec<(String, String)> {
+    if targets.iter().all(|t| t.acl.allows(initiator)) {
+        return send_targets(value, targets, session_target);
+    }
+    let visible: Vec<TargetInfo> = targets
+        .iter()
+        .filter(|t| {
+            let ok = t.acl.allows(initiator);
+            if !ok {
+                tracing::debug!(initiator, target = %t.name, "SendTargets: target hidden by its ACL");
+            }
+            ok
+        })
+        .cloned()
+        .collect();
+    send_targets(value, &visible, session_target)
+}
+
 /// Answer `SendTargets=<value>`. `All` lists every target in a discovery session; in a normal
 /// session (`session_target` set) it lists only the session's target, as does an empty value;
 /// an iSCSI name lists that target if it exists. Each target is `TargetName=` followed by its
 /// `TargetAddress=addr:port,tpgt` entries (the tag is appended when the configured address
 /// lacks one).
+///
+/// Lists every target regardless of its [`Acl`](crate::acl::Acl): see [`send_targets_for`].
 pub fn send_targets(
     value: &str,
     targets: &[TargetInfo],
@@ -34,8 +62,10 @@ pub fn send_targets(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::acl::Acl;
 
     fn targets() -> Vec<TargetInfo> {
         vec![
@@ -44,12 +74,17 @@ mod tests {
                 alias: None,
                 addresses: vec!["127.0.0.1:3260".into()],
                 portal_group_tag: 1,
+                acl: Acl::allow_all(),
             },
             TargetInfo {
                 name: "iqn.2026-11.io.ironlun:b".into(),
                 alias: Some("bee".into()),
                 addresses: vec!["[::1]:3260,7".into()],
                 portal_group_tag: 7,
+                acl: Acl::allow_only(vec![crate::acl::NamePattern::parse(
+                    "iqn.2026-11.io.example:*",
+                )
+                .unwrap()]),
             },
         ]
     }
@@ -88,5 +123,33 @@ mod tests {
             2
         );
         assert!(send_targets("iqn.nope", &targets(), None).is_empty());
+    }
+
+    const INSIDER: &str = "iqn.2026-11.io.example:host1";
+    const OUTSIDER: &str = "iqn.2026-11.io.other:host1";
+
+    #[test]
+    fn acl_hides_targets_from_outsiders() {
+        let names = |v: Vec<(String, String)>| -> Vec<String> {
+            v.into_iter()
+                .filter(|(k, _)| k == "TargetName")
+                .map(|(_, v)| v)
+                .collect()
+        };
+        assert_eq!(
+            names(send_targets_for(INSIDER, "All", &targets(), None)),
+            vec!["iqn.2026-11.io.ironlun:a", "iqn.2026-11.io.ironlun:b"]
+        );
+        assert_eq!(
+            names(send_targets_for(OUTSIDER, "All", &targets(), None)),
+            vec!["iqn.2026-11.io.ironlun:a"]
+        );
+    }
+
+    #[test]
+    fn acl_hides_a_target_asked_for_by_name() {
+        let b = "iqn.2026-11.io.ironlun:b";
+        assert!(send_targets_for(OUTSIDER, b, &targets(), None).is_empty());
+        assert_eq!(send_targets_for(INSIDER, b, &targets(), None).len(), 2);
     }
 }

@@ -279,6 +279,12 @@ impl Login {
                     .iter()
                     .find(|t| t.name == name)
                     .ok_or(LoginStatus::NOT_FOUND)?;
+                let initiator = self.initiator_name.as_deref().unwrap_or_default();
+                if !target.acl.allows(initiator) {
+                    // §11.13.5 status 0202: this initiator may not use this target.
+                    tracing::debug!(initiator, target = %target.name, "login refused by the target's ACL");
+                    return Err(LoginStatus::AUTHORIZATION_FAILURE);
+                }
                 self.target = Some(target.clone());
             }
         }
