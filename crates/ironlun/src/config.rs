@@ -47,6 +47,8 @@ struct RawConfig {
     #[serde(default)]
     runtime: Option<RawRuntime>,
     #[serde(default)]
+    timeouts: Option<RawTimeouts>,
+    #[serde(default)]
     limits: Option<RawLimits>,
     #[serde(default)]
     target: Vec<RawTarget>,
@@ -64,6 +66,16 @@ struct RawLimits {
 struct RawRuntime {
     worker_threads: Option<Spanned<usize>>,
     blocking_threads: Option<Spanned<usize>>,
+}
+
+/// `[timeouts]`, in whole seconds.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    nop_interval: Option<Spanned<u64>>,
+    nop_timeout: Option<Spanned<u64>>,
+    login_timeout: Option<Spanned<u64>>,
+    discovery_idle: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +162,8 @@ pub struct Config {
     pub runtime: Runtime,
     /// The `[limits]` table.
     pub limits: Limits,
+    /// The `[timeouts]` table: NOP-In pings, login and discovery-idle bounds per connection.
+    pub timeouts: ironlun_iscsi::connection::Timeouts,
 }
 
 /// The `[limits]` table: daemon-wide bounds.
@@ -276,6 +290,7 @@ impl Config {
             }],
             runtime: Runtime::default(),
             limits: Limits::default(),
+            timeouts: Default::default(),
         }
     }
 
@@ -354,6 +369,8 @@ impl Config {
                 runtime.blocking_threads = Some(*b.get_ref());
             }
         }
+
+        let timeouts = parse_timeouts(&cx, raw.timeouts.unwrap_or_default())?;
 
         let mut targets = Vec::new();
         let mut names = std::collections::HashSet::new();
@@ -475,7 +492,7 @@ impl Config {
             }
             limits.max_sessions = *m.get_ref();
         }
-        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits })
+        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits, timeouts })
     }
 }
 
@@ -531,6 +548,29 @@ fn parse_access(
         None => ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
     };
     Ok((acl, LunMasking::new(rules), max_sessions))
+}
+
+/// `[timeouts]`: each 0..=3600 s, 0 disables that timer; pings need a non-zero `nop_timeout`.
+fn parse_timeouts(cx: &Ctx<'_>, t: RawTimeouts) -> Result<ironlun_iscsi::connection::Timeouts, ConfigError> {
+    use std::time::Duration;
+    let mut out = ironlun_iscsi::connection::Timeouts::default();
+    let secs = |v: &Option<Spanned<u64>>, key: &str, default: Duration| -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) if *s.get_ref() > 3600 => cx.err(s.span(), key, "must be 0..=3600 seconds (0 disables)"),
+            Some(s) => Ok(Duration::from_secs(*s.get_ref())),
+            None => Ok(default),
+        }
+    };
+    out.nop_interval = secs(&t.nop_interval, "timeouts.nop_interval", out.nop_interval)?;
+    out.nop_timeout = secs(&t.nop_timeout, "timeouts.nop_timeout", out.nop_timeout)?;
+    out.login = secs(&t.login_timeout, "timeouts.login_timeout", out.login)?;
+    out.discovery_idle = secs(&t.discovery_idle, "timeouts.discovery_idle", out.discovery_idle)?;
+    if !out.nop_interval.is_zero() && out.nop_timeout.is_zero() {
+        if let Some(s) = &t.nop_timeout {
+            return cx.err(s.span(), "timeouts.nop_timeout", "must be > 0 while nop_interval is > 0 (set nop_interval = 0 to disable pings)");
+        }
+    }
+    Ok(out)
 }
 
 fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, ConfigError> {
@@ -841,6 +881,34 @@ size = "64MiB"
         assert_eq!(e.key, "max_session");
         let e = parse(&format!("{ACL_BASE}[[target.initiator]]\nname = \"iqn.x:h\"\n")).unwrap_err();
         assert_eq!(e.key, "luns");
+    }
+
+    #[test]
+    fn timeouts_table_is_validated() {
+        use std::time::Duration;
+        let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.timeouts, ironlun_iscsi::connection::Timeouts::default());
+        let c = parse(&format!("[timeouts]\nnop_interval = 1\nnop_timeout = 2\nlogin_timeout = 3\ndiscovery_idle = 0\n{base}")).unwrap();
+        assert_eq!(
+            c.timeouts,
+            ironlun_iscsi::connection::Timeouts {
+                nop_interval: Duration::from_secs(1),
+                nop_timeout: Duration::from_secs(2),
+                login: Duration::from_secs(3),
+                discovery_idle: Duration::ZERO,
+            }
+        );
+        let c = parse(&format!("[timeouts]\nnop_interval = 0\nnop_timeout = 0\n{base}")).unwrap();
+        assert!(c.timeouts.nop_interval.is_zero());
+        let e = parse(&format!("[timeouts]\nlogin_timeout = 3601\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "timeouts.login_timeout"));
+        let e = parse(&format!("[timeouts]\nnop_interval = 5\nnop_timeout = 0\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(3), "timeouts.nop_timeout"));
+        let e = parse(&format!("[timeouts]\nnop_intervall = 5\n{base}")).unwrap_err();
+        assert_eq!(e.key, "nop_intervall");
+        let e = parse(&format!("[timeouts]\ndiscovery_idle = -1\n{base}")).unwrap_err();
+        assert_eq!(e.line, Some(2));
     }
 
     #[test]

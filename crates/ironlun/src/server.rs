@@ -20,11 +20,14 @@ use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -34,11 +37,64 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const READ_CHUNK: usize = 256 * 1024;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const MAX_IOV: usize = 512;
+/// Seconds a logged-in initiator is given to log out at shutdown (Async Message Parameter3).
+const LOGOUT_GRACE_SECS: u16 = 2;
+/// Longest a write may make no progress when NOP-In pings are off (with pings: `nop_timeout`).
+const WRITE_STALL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// A bound, not yet serving, daemon.
 pub struct Server {
     listeners: Vec<(TcpListener, Arc<PortalConfig>)>,
     registry: Arc<Registry>,
+    live: Arc<SessionTable>,
+}
+
+/// Key of a live normal session: initiator name (lowercase), ISID, target name (lowercase)
+/// (RFC 7143 §4.4.1: the session identifier is the initiator port name + ISID, per target).
+type SessionKey = (String, [u8; 6], String);
+
+/// Live normal sessions, for session reinstatement (RFC 7143 §6.3.5): a login with the key of
+/// a live session (TSIH 0) closes the old one, whose tasks are aborted and whose nexus is
+/// dropped (an I_T nexus loss for its LUs). Touched once per login and once per session end,
+/// never per command.
+#[derive(Default)]
+struct SessionTable {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
+}
+
+/// A session's entry in the [`SessionTable`]; removed on drop unless a newer login replaced it.
+struct LiveSession {
+    table: Arc<SessionTable>,
+    key: SessionKey,
+    id: u64,
+}
+
+impl SessionTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, (u64, oneshot::Sender<()>)>> {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register a session that just logged in, telling the session with the same key (if any)
+    /// to close. The receiver fires when a later login reinstates this one.
+    fn register(self: &Arc<Self>, key: SessionKey) -> (LiveSession, oneshot::Receiver<()>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Some((_, old)) = self.lock().insert(key.clone(), (id, tx)) {
+            tracing::info!(initiator = %key.0, target = %key.2, "session reinstatement: closing the previous session");
+            let _ = old.send(());
+        }
+        (LiveSession { table: self.clone(), key, id }, rx)
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let mut live = self.table.lock();
+        if live.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            live.remove(&self.key);
+        }
+    }
 }
 
 impl Server {
@@ -76,10 +132,11 @@ impl Server {
                 portal_group_tag: tpgt,
                 cmd_window: cfg.negotiation.cmd_window,
                 sessions: sessions.clone(),
+                timeouts: cfg.timeouts,
             };
             listeners.push((l, Arc::new(pc)));
         }
-        Ok(Server { listeners, registry })
+        Ok(Server { listeners, registry, live: Arc::default() })
     }
 
     /// The addresses actually bound (port 0 resolved).
@@ -118,10 +175,11 @@ impl Server {
             tokio::select! {
                 Some((s, peer, pc)) = conn_rx.recv() => {
                     let reg = self.registry.clone();
+                    let live = self.live.clone();
                     let sd = shutdown.clone();
                     let span = tracing::info_span!("conn", %peer);
                     let serve = move |s: TcpStream| async move {
-                        if let Err(e) = serve_connection(s, pc, reg, sd).await {
+                        if let Err(e) = serve_connection(s, pc, reg, live, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
                     };
@@ -226,13 +284,29 @@ fn fmt_addr(a: SocketAddr) -> String {
     }
 }
 
-/// Write every piece, using vectored writes (header and payload `Bytes` are not copied).
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
+/// `fut`'s output, or `None` if it is still pending `bound` after its first poll. A timer is
+/// armed only when the first poll is pending, so a write that goes straight into the socket
+/// buffer costs no timer.
+async fn within<F: std::future::Future>(bound: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(v);
+    }
+    tokio::time::timeout(bound, fut).await.ok()
+}
+
+/// Write every piece, using vectored writes (header and payload `Bytes` are not copied). A
+/// peer that stops reading fails the write once no byte was taken for `stall` (a full send
+/// buffer must not keep the connection, and its buffers, forever).
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>, stall: Duration) -> std::io::Result<()> {
     let mut start = 0;
     while start < pieces.len() {
         let slices: Vec<IoSlice<'_>> =
             pieces.get(start..).unwrap_or(&[]).iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
+        let Some(written) = within(stall, w.write_vectored(&slices)).await else {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"));
+        };
+        let mut n = written?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -266,11 +340,26 @@ async fn serve_connection(
     stream: TcpStream,
     portal: Arc<PortalConfig>,
     registry: Arc<Registry>,
+    live: Arc<SessionTable>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
+    let stall = match portal.timeouts.nop_timeout {
+        d if d.is_zero() => WRITE_STALL_DEFAULT,
+        d => d,
+    };
     let mut conn = Connection::new_with_tsih(portal, registry.new_tsih(), Instant::now());
+    // Session reinstatement: our entry in the live-session table, and its close signal.
+    let mut registered: Option<LiveSession> = None;
+    let mut reinstated: Option<oneshot::Receiver<()>> = None;
+    // The connection's timer: re-armed only when the wanted deadline moves earlier; a later
+    // deadline costs one early wake-up (handle_timeout re-checks), not a timer reset per read.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    // Graceful shutdown: the initiator was asked to log out; read until it does or time is up.
+    let mut logout_deadline: Option<tokio::time::Instant> = None;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
     let mut nexus: Option<Arc<Nexus>> = None;
@@ -283,7 +372,14 @@ async fn serve_connection(
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::LoggedIn(info) => {
-                    tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, "login");
+                    let digests = conn.connection_params().map(|p| (p.header_digest, p.data_digest));
+                    tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
+                    if let Some(target) = &info.target_name {
+                        let key = (info.initiator_name.to_ascii_lowercase(), info.isid, target.to_ascii_lowercase());
+                        let (entry, rx) = live.register(key);
+                        registered = Some(entry);
+                        reinstated = Some(rx);
+                    }
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
                         nexus = Some(Arc::new(Nexus::attach_for(t, registry.new_nexus(), &info.initiator_name)));
                     }
@@ -321,20 +417,27 @@ async fn serve_connection(
         // Coalesce everything ready into one vectored write.
         conn.poll_transmit_into(&mut out);
         if !out.is_empty() {
-            write_all_vectored(&mut wr, &mut out).await?;
+            write_all_vectored(&mut wr, &mut out, stall).await?;
         }
         if conn.is_closed().is_some() {
             break;
         }
-        if draining && inflight == 0 {
+        if draining && inflight == 0 && logout_deadline.is_none() {
             break;
         }
-        let timeout = conn.poll_timeout().map(tokio::time::Instant::from_std);
+        match (conn.poll_timeout(), armed) {
+            (Some(want), Some(at)) if at <= want => {}
+            (Some(want), _) => {
+                timer.as_mut().reset(tokio::time::Instant::from_std(want));
+                armed = Some(want);
+            }
+            (None, _) => armed = None,
+        }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            r = rd.read_buf(&mut buf), if !draining => {
+            r = rd.read_buf(&mut buf), if !draining || logout_deadline.is_some() => {
                 if r? == 0 {
                     break;
                 }
@@ -349,12 +452,28 @@ async fn serve_connection(
                     complete(&mut conn, done);
                 }
             }
-            _ = async { match timeout { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
                 conn.handle_timeout(Instant::now());
+            }
+            r = async { match reinstated.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
+                reinstated = None;
+                if r.is_ok() {
+                    conn.close_by_owner("session reinstated by a new login");
+                }
             }
             _ = shutdown.changed(), if !draining => {
                 draining = true;
-                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                let now = tokio::time::Instant::now();
+                drain_deadline = Some(now + DRAIN_TIMEOUT);
+                // RFC 7143 §11.9.1: ask a logged-in initiator to log out, and give it the time.
+                if conn.request_logout(LOGOUT_GRACE_SECS) {
+                    logout_deadline = Some(now + Duration::from_secs(LOGOUT_GRACE_SECS.into()));
+                }
+            }
+            _ = async { match logout_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                tracing::debug!("no logout within the grace time; closing");
+                logout_deadline = None;
             }
             _ = async { match drain_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 tracing::warn!(inflight, "drain timeout; closing connection with commands in flight");
@@ -363,7 +482,8 @@ async fn serve_connection(
         }
     }
     // Commands still running finish on their own; their results are dropped with `done_rx`.
-    let _ = wr.shutdown().await;
+    let _ = within(stall, wr.shutdown()).await;
     drop(nexus);
+    drop(registered);
     Ok(())
 }

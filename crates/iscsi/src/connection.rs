@@ -25,9 +25,9 @@ use crate::negotiation::{
     ConnectionParams, DigestKind, Offers, SessionParams, NOT_UNDERSTOOD, REJECT,
 };
 use crate::pdu::{
-    Ahs, Header, LoginRequest, LoginResponse, LogoutReason, LogoutResponse, NopIn, Pdu, R2t,
-    Reject, RejectReason, ScsiCommand, TaskAttr, TaskMgmtResponse, TextResponse, TmfFunction,
-    TmfResponse, RESERVED_TAG,
+    Ahs, AsyncMessage, Header, LoginRequest, LoginResponse, LogoutReason, LogoutResponse, NopIn,
+    Opcode, Pdu, R2t, Reject, RejectReason, ScsiCommand, TaskAttr, TaskMgmtResponse, TextResponse,
+    TmfFunction, TmfResponse, RESERVED_TAG,
 };
 use crate::r2t::{WriteBuffer, WriteParams};
 use crate::session::{sn_lt, Admission, CmdWindow};
@@ -35,7 +35,7 @@ use crate::{bhs, discovery, negotiation, text};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One target the portal serves, as seen by login and SendTargets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,55 @@ pub struct PortalConfig {
     /// Live-session counters shared by all the daemon's portals; a login that would exceed
     /// a limit fails with OUT OF RESOURCES (§11.13.5).
     pub sessions: Arc<SessionLimits>,
+    /// Liveness timers of each connection.
+    pub timeouts: Timeouts,
+}
+
+/// Per-connection timers, driven through [`Connection::poll_timeout`] /
+/// [`Connection::handle_timeout`]. A zero duration disables that timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Idle time (no PDU received) in full feature phase after which the target pings with a
+    /// NOP-In (ITT 0xffffffff, a fresh TTT: RFC 7143 §11.19.2).
+    pub nop_interval: Duration,
+    /// Time the initiator has to answer a ping with a NOP-Out carrying its TTT (§11.18)
+    /// before the connection is closed.
+    pub nop_timeout: Duration,
+    /// The whole login phase, from the connection's creation to full feature phase.
+    pub login: Duration,
+    /// Idle time after which a discovery session is closed.
+    pub discovery_idle: Duration,
+}
+
+impl Default for Timeouts {
+    /// 5 s pings, 10 s to answer, 15 s to log in, 60 s idle discovery sessions.
+    fn default() -> Self {
+        Timeouts {
+            nop_interval: Duration::from_secs(5),
+            nop_timeout: Duration::from_secs(10),
+            login: Duration::from_secs(15),
+            discovery_idle: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Every timer off.
+    pub const DISABLED: Timeouts = Timeouts {
+        nop_interval: Duration::ZERO,
+        nop_timeout: Duration::ZERO,
+        login: Duration::ZERO,
+        discovery_idle: Duration::ZERO,
+    };
+}
+
+/// `at + d`, or `None` when `d` is zero (timer disabled) or the sum overflows.
+fn deadline(at: Instant, d: Duration) -> Option<Instant> {
+    if d.is_zero() {
+        None
+    } else {
+        at.checked_add(d)
+    }
 }
 
 /// What the session is once login completes.
@@ -141,6 +190,10 @@ pub enum CloseReason {
     Logout,
     LoginFailed,
     ProtocolError(String),
+    /// A [`Timeouts`] timer expired (login, unanswered NOP-In, idle discovery session).
+    Timeout(&'static str),
+    /// The owner closed it, e.g. because a new login reinstated the session (RFC 7143 §6.3.5).
+    Closed(&'static str),
 }
 
 /// Fixed-format sense for a write whose Data-Out carried a wrong DataSN: ABORTED COMMAND,
@@ -156,6 +209,8 @@ const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
 ];
 /// SCSI status CHECK CONDITION (SAM-5 §5.3).
 const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// AsyncEvent 1: the target requests Logout (RFC 7143 §11.9.1).
+const ASYNC_EVENT_LOGOUT_REQUEST: u8 = 1;
 
 /// Target-side connection state machine.
 pub struct Connection {
@@ -173,6 +228,12 @@ pub struct Connection {
     next_ttt: u32,
     /// Scratch space the BHSs of outgoing PDUs are encoded into and split off (reused).
     arena: BytesMut,
+    /// When the connection was created: the login timer runs from here.
+    started: Instant,
+    /// The `now` of the last [`Connection::receive`] (idle timers run from here).
+    last_rx: Instant,
+    /// Our outstanding NOP-In ping: its TTT and when it was sent.
+    ping: Option<(u32, Instant)>,
 }
 
 enum Phase {
@@ -241,7 +302,6 @@ impl Connection {
     /// A fresh connection whose session, if login succeeds, gets `tsih` (non-zero, unique
     /// among the portal's live sessions — the caller allocates it; 0 is replaced by 1).
     pub fn new_with_tsih(config: Arc<PortalConfig>, tsih: u16, now: Instant) -> Self {
-        let _ = now;
         let mut limits = config.limits.clone();
         limits.max_data_segment = limits
             .max_data_segment
@@ -267,12 +327,17 @@ impl Connection {
             next_ttt: 0,
             arena: BytesMut::new(),
             config,
+            started: now,
+            last_rx: now,
+            ping: None,
         }
     }
 
     /// Consume whole PDUs from the front of `buf`. Partial PDUs stay in `buf` for the next call.
+    /// `now` is the time the bytes were read (one clock read per batch suffices): it restarts
+    /// the idle timers.
     pub fn receive(&mut self, buf: &mut BytesMut, now: Instant) {
-        let _ = now;
+        self.last_rx = now;
         while self.closed.is_none() {
             match self.framer.next_pdu(buf) {
                 Ok(None) => break,
@@ -283,7 +348,16 @@ impl Connection {
                 Ok(Some(Framed::Bad { error, header })) => match (error.action(), &self.phase) {
                     (ErrorAction::Reject(reason), Phase::FullFeature(_)) => {
                         tracing::debug!(%error, "rejecting PDU");
+                        let data_out =
+                            header.first().map(|b| b & 0x3f) == Some(Opcode::DataOut as u8);
                         self.send_reject(reason, header);
+                        if reason == RejectReason::DataDigestError && data_out {
+                            // §7.8 / §7.1.5: at ErrorRecoveryLevel 0 a lost Data-Out cannot be
+                            // re-requested (no recovery R2T): the task is lost, so is the session.
+                            self.close(CloseReason::ProtocolError(
+                                "data digest error on Data-Out at ErrorRecoveryLevel 0".to_string(),
+                            ));
+                        }
                     }
                     _ => self.close(CloseReason::ProtocolError(error.to_string())),
                 },
@@ -357,14 +431,108 @@ impl Connection {
         }
     }
 
-    /// When [`Connection::handle_timeout`] wants to be called next (NOP-In keepalive, login
-    /// timeout). No timers are armed yet: always `None`.
+    /// When [`Connection::handle_timeout`] wants to be called next: the login deadline during
+    /// login; in full feature phase the next NOP-In ping (idle for `nop_interval`) or the
+    /// deadline of the outstanding one, and for discovery sessions the idle deadline. `None`
+    /// once closed or with every timer disabled. Calling `handle_timeout` earlier is harmless.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        None
+        if self.closed.is_some() {
+            return None;
+        }
+        let t = &self.config.timeouts;
+        match &self.phase {
+            Phase::Login(_) => deadline(self.started, t.login),
+            Phase::FullFeature(ffp) => {
+                let ping = match self.ping {
+                    Some((_, sent)) => deadline(sent, t.nop_timeout),
+                    None => deadline(self.last_rx, t.nop_interval),
+                };
+                let idle = if ffp.discovery {
+                    deadline(self.last_rx, t.discovery_idle)
+                } else {
+                    None
+                };
+                match (ping, idle) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
     }
 
+    /// Run the timers that are due at `now`: close on an expired login, an unanswered NOP-In or
+    /// an idle discovery session ([`CloseReason::Timeout`]); send a NOP-In ping after
+    /// `nop_interval` without a received PDU.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let _ = now;
+        if self.closed.is_some() {
+            return;
+        }
+        let t = self.config.timeouts;
+        let due = |at: Instant, d: Duration| deadline(at, d).is_some_and(|when| now >= when);
+        let discovery = match &self.phase {
+            Phase::Login(_) => {
+                if due(self.started, t.login) {
+                    tracing::debug!("login timeout");
+                    self.close(CloseReason::Timeout("login"));
+                }
+                return;
+            }
+            Phase::FullFeature(ffp) => ffp.discovery,
+        };
+        if discovery && due(self.last_rx, t.discovery_idle) {
+            self.close(CloseReason::Timeout("idle discovery session"));
+            return;
+        }
+        match self.ping {
+            Some((_, sent)) => {
+                if due(sent, t.nop_timeout) {
+                    tracing::debug!("NOP-In ping unanswered");
+                    self.close(CloseReason::Timeout("NOP-In unanswered"));
+                }
+            }
+            None => {
+                if due(self.last_rx, t.nop_interval) {
+                    self.send_ping(now);
+                }
+            }
+        }
+    }
+
+    /// Ask the initiator to log out within `within_secs` seconds (graceful shutdown): an Async
+    /// Message with AsyncEvent 1, Parameter3 = the time to logout (RFC 7143 §11.9.1). Only in
+    /// full feature phase of a normal session; returns whether the message was queued. The
+    /// owner closes the connection itself if no Logout arrives in time.
+    pub fn request_logout(&mut self, within_secs: u16) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        match &self.phase {
+            Phase::FullFeature(ffp) if !ffp.discovery => {}
+            _ => return false,
+        }
+        let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
+        let stat_sn = self.next_stat_sn();
+        self.push(
+            Header::AsyncMessage(AsyncMessage {
+                lun: 0,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                async_event: ASYNC_EVENT_LOGOUT_REQUEST,
+                async_vcode: 0,
+                parameter1: 0,
+                parameter2: 0,
+                parameter3: within_secs,
+            }),
+            Bytes::new(),
+        );
+        true
+    }
+
+    /// Close at the owner's request (e.g. session reinstatement, RFC 7143 §6.3.5): running
+    /// commands are reported [`Event::Aborted`], nothing more is sent.
+    pub fn close_by_owner(&mut self, why: &'static str) {
+        self.close(CloseReason::Closed(why));
     }
 
     /// True once the connection must be closed (after its last transmit is written).
@@ -428,6 +596,26 @@ impl Connection {
                 )
             }
         }
+    }
+
+    /// A target ping: NOP-In with ITT 0xffffffff and a fresh TTT the initiator must echo; its
+    /// StatSN is the next one, not advanced (RFC 7143 §11.19.2).
+    fn send_ping(&mut self, now: Instant) {
+        let ttt = Self::alloc_ttt(&mut self.next_ttt);
+        let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
+        let stat_sn = self.stat_sn;
+        self.push(
+            Header::NopIn(NopIn {
+                lun: 0,
+                itt: RESERVED_TAG,
+                ttt,
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+            }),
+            Bytes::new(),
+        );
+        self.ping = Some((ttt, now));
     }
 
     fn push(&mut self, header: Header, data: Bytes) {
@@ -506,6 +694,14 @@ impl Connection {
         let (immediate, cmd_sn) = match &pdu.header {
             Header::DataOut(_) => {
                 self.on_data_out(pdu);
+                return;
+            }
+            Header::NopOut(h) if h.ttt != RESERVED_TAG => {
+                // The answer to our ping (§11.18: TTT echoed, CmdSN not advanced); one that
+                // matches no outstanding ping is ignored.
+                if self.ping.is_some_and(|(ttt, _)| ttt == h.ttt) {
+                    self.ping = None;
+                }
                 return;
             }
             Header::ScsiCommand(h) => (h.immediate, h.cmd_sn),
@@ -1255,6 +1451,7 @@ mod tests {
             },
             portal_group_tag: 1,
             cmd_window: 8,
+            timeouts: Timeouts::default(),
             sessions: Arc::default(),
         }
     }
@@ -2082,6 +2279,242 @@ mod tests {
         };
         p.send(pdu(Header::NopOut(h), Bytes::new()));
         assert!(p.recv().is_empty());
+    }
+
+    // ----- liveness: timers with simulated time ----------------------------------------------
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// The NOP-In ping the target sent, if that is all it sent.
+    fn ping_of(out: &[Pdu]) -> NopIn {
+        match out {
+            [Pdu {
+                header: Header::NopIn(n),
+                data,
+                ..
+            }] if data.is_empty() => n.clone(),
+            other => panic!("expected one NOP-In ping, got {other:?}"),
+        }
+    }
+
+    fn answer_ping(p: &mut Pair, ttt: u32) {
+        let h = NopOut {
+            immediate: true,
+            itt: RESERVED_TAG,
+            ttt,
+            cmd_sn: p.cmd_sn,
+            ..Default::default()
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::new()));
+    }
+
+    #[test]
+    fn pings_after_idle_and_an_answer_keeps_the_session() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        let t0 = p.now;
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(5)));
+        p.conn.handle_timeout(t0 + secs(4));
+        assert!(p.recv().is_empty(), "not idle long enough");
+        p.conn.handle_timeout(t0 + secs(5));
+        let ping = ping_of(&p.recv());
+        assert_eq!(ping.itt, RESERVED_TAG);
+        assert_ne!(ping.ttt, RESERVED_TAG);
+        assert_eq!(
+            p.conn.poll_timeout(),
+            Some(t0 + secs(15)),
+            "answer deadline"
+        );
+        // A NOP-Out with some other TTT does not count as the answer.
+        p.now = t0 + secs(6);
+        answer_ping(&mut p, ping.ttt.wrapping_add(1));
+        assert!(p.recv().is_empty());
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(15)));
+        answer_ping(&mut p, ping.ttt);
+        assert!(p.recv().is_empty(), "the answer is not answered");
+        assert_eq!(
+            p.conn.poll_timeout(),
+            Some(t0 + secs(11)),
+            "next ping after idle"
+        );
+        p.conn.handle_timeout(t0 + secs(15));
+        assert!(p.conn.is_closed().is_none());
+        // The ping did not advance StatSN (§11.19.2): the next response carries the same one.
+        let next = ping_of(&p.recv());
+        assert_eq!(next.stat_sn, ping.stat_sn);
+        assert_ne!(next.ttt, ping.ttt);
+        p.command(1, 0x00, false, false, 0, true, Bytes::new());
+        p.command_event();
+        p.conn.complete_command(1, good(b""));
+        let Header::ScsiResponse(r) = &p.recv()[0].header else {
+            panic!()
+        };
+        assert_eq!(r.stat_sn, ping.stat_sn);
+    }
+
+    #[test]
+    fn closes_when_a_ping_goes_unanswered() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(1, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        let t0 = p.now;
+        p.conn.handle_timeout(t0 + secs(5));
+        ping_of(&p.recv());
+        p.conn.handle_timeout(t0 + secs(14));
+        assert!(p.conn.is_closed().is_none());
+        p.conn.handle_timeout(t0 + secs(15));
+        assert_eq!(
+            p.conn.is_closed(),
+            Some(&CloseReason::Timeout("NOP-In unanswered"))
+        );
+        assert_eq!(p.events(), vec![Event::Aborted(vec![1])]);
+        assert_eq!(p.conn.poll_timeout(), None);
+    }
+
+    #[test]
+    fn received_pdus_postpone_the_ping() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        let t0 = p.now;
+        p.now = t0 + secs(3);
+        p.command(1, 0x00, false, false, 0, true, Bytes::new());
+        p.command_event();
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(8)));
+        // An early wake-up (the owner's timer still at the old deadline) does nothing.
+        p.conn.handle_timeout(t0 + secs(5));
+        assert!(p.recv().is_empty());
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn login_must_finish_within_the_login_timeout() {
+        let mut p = Pair::new(config());
+        let t0 = p.now;
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(15)));
+        // Half a login request: bytes arrive, the deadline stays.
+        p.now = t0 + secs(10);
+        let mut half = BytesMut::from(&[0x43u8, 0x81, 0, 0, 0, 0, 0, 0][..]);
+        p.conn.receive(&mut half, p.now);
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(15)));
+        p.conn.handle_timeout(t0 + secs(14));
+        assert!(p.conn.is_closed().is_none());
+        p.conn.handle_timeout(t0 + secs(15));
+        assert_eq!(p.conn.is_closed(), Some(&CloseReason::Timeout("login")));
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn idle_discovery_session_closes() {
+        let mut cfg = config();
+        cfg.timeouts.nop_interval = Duration::ZERO;
+        let mut p = Pair::new(cfg);
+        p.login_with(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        let t0 = p.now;
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + secs(60)));
+        p.conn.handle_timeout(t0 + secs(59));
+        assert!(p.conn.is_closed().is_none());
+        p.conn.handle_timeout(t0 + secs(60));
+        assert_eq!(
+            p.conn.is_closed(),
+            Some(&CloseReason::Timeout("idle discovery session"))
+        );
+    }
+
+    #[test]
+    fn disabled_timers_arm_nothing() {
+        let mut cfg = config();
+        cfg.timeouts = Timeouts::DISABLED;
+        let mut p = Pair::new(cfg);
+        assert_eq!(p.conn.poll_timeout(), None);
+        p.login_normal(&[]);
+        assert_eq!(p.conn.poll_timeout(), None);
+        p.conn.handle_timeout(p.now + secs(100_000));
+        assert!(p.conn.is_closed().is_none());
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn request_logout_sends_async_event_1() {
+        let mut p = Pair::new(config());
+        assert!(!p.conn.request_logout(2), "not before login");
+        p.login_normal(&[]);
+        assert!(p.conn.request_logout(2));
+        let out = p.recv();
+        let Header::AsyncMessage(m) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!((m.async_event, m.parameter3), (1, 2));
+        assert!(
+            p.conn.is_closed().is_none(),
+            "the initiator logs out itself"
+        );
+        let mut d = Pair::new(config());
+        d.login_with(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        assert!(
+            !d.conn.request_logout(2),
+            "discovery sessions are just closed"
+        );
+    }
+
+    #[test]
+    fn close_by_owner_aborts_running_tasks() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(9, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        p.conn.close_by_owner("session reinstated");
+        assert_eq!(
+            p.conn.is_closed(),
+            Some(&CloseReason::Closed("session reinstated"))
+        );
+        assert_eq!(p.events(), vec![Event::Aborted(vec![9])]);
+        p.conn.complete_command(9, good(&[0; 512]));
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn rejects_data_digest_error_on_data_out_and_closes() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+        p.digests = Digests {
+            header: true,
+            data: true,
+        };
+        p.command(3, 0x2a, false, true, 512, true, Bytes::new());
+        let out = p.recv();
+        let Header::R2t(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        let h = DataOut {
+            final_: true,
+            itt: 3,
+            ttt: r.ttt,
+            ..Default::default()
+        };
+        let mut wire = BytesMut::new();
+        for piece in framer::encode_pdu(
+            &pdu(Header::DataOut(h), Bytes::from_static(&[7; 512])),
+            p.digests,
+        ) {
+            wire.extend_from_slice(&piece);
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 0xff;
+        p.conn.receive(&mut wire, p.now);
+        let out = p.recv();
+        let Header::Reject(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.reason, RejectReason::DataDigestError);
+        assert_eq!(out[0].data[0] & 0x3f, 0x05, "the Data-Out's BHS comes back");
+        assert!(matches!(
+            p.conn.is_closed(),
+            Some(CloseReason::ProtocolError(_))
+        ));
+        assert!(p.events().is_empty(), "the write never reaches the owner");
     }
 
     #[test]

@@ -1,0 +1,446 @@
+//! Tier 4 liveness and fault tests: session reinstatement (RFC 7143 §6.3.5), target NOP-In
+//! pings and their timeout (§11.19), the login timeout, slow and vanishing clients, and the
+//! Async Message asking for logout on SIGTERM (§11.9.1). The daemon runs with short timers
+//! (`[timeouts]` in its config); every test checks it stays healthy.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+
+use bytes::Bytes;
+use ironlun_initiator::{LoginOptions, Negotiated, RawConnection, Session};
+use ironlun_iscsi::pdu::{DataOut, Header, ScsiCommand, TaskAttr, RESERVED_TAG};
+use ironlun_iscsi::Pdu;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// Pings after 1 s idle, 2 s to answer, 2 s to log in, discovery idle 2 s.
+const SHORT: &str = r#"
+[timeouts]
+nop_interval = 1
+nop_timeout = 2
+login_timeout = 2
+discovery_idle = 2
+
+[[target]]
+name = "iqn.2026-11.io.ironlun:lab"
+[[target.lun]]
+id = 0
+backstore = "ram"
+size = "64MiB"
+"#;
+
+/// [`SHORT`] without pings, so that only reinstatement can close a connection.
+fn no_pings() -> String {
+    SHORT.replace("nop_interval = 1", "nop_interval = 0")
+        .replace("login_timeout = 2", "login_timeout = 15")
+}
+
+/// A daemon with its own config; SIGKILLed on drop unless it was stopped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = dir.path().join("ironlun.toml");
+        std::fs::File::create(&cfg)
+            .and_then(|mut f| f.write_all(config.as_bytes()))
+            .expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
+            .args(["serve", "--listen", "127.0.0.1:0", "-c"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ironlun");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = err.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
+        let addr = line
+            .strip_prefix("listening ")
+            .expect("listening line")
+            .parse()
+            .expect("address");
+        Daemon {
+            child,
+            addr,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("/proc/PID/fd")
+            .count()
+    }
+
+    /// Wait until the daemon's open fds drop back to `n` (connections are closed).
+    async fn settle_fds(&self, n: usize) {
+        let deadline = Instant::now() + PROMPT;
+        while self.open_fds() > n {
+            assert!(
+                Instant::now() < deadline,
+                "fds stay at {} (baseline {n}); stderr:\n{}",
+                self.open_fds(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn assert_healthy(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "daemon exited; stderr:\n{}",
+            self.stderr()
+        );
+        assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Wait for the daemon to exit (after [`Daemon::sigterm`]); its exit status.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn opts(initiator: &str) -> LoginOptions {
+    LoginOptions::new(initiator, Some(TARGET.to_owned()))
+}
+
+fn scsi(itt: u32, cmd_sn: u32, n: &Negotiated, cdb: [u8; 16], read: u32, write: u32) -> Pdu {
+    let h = ScsiCommand {
+        immediate: false,
+        final_: true,
+        read: read > 0,
+        write: write > 0,
+        attr: TaskAttr::Simple,
+        lun: 0,
+        itt,
+        expected_data_transfer_length: read.max(write),
+        cmd_sn,
+        exp_stat_sn: n.exp_stat_sn,
+        cdb,
+    };
+    Pdu {
+        header: Header::ScsiCommand(h),
+        ahs: Vec::new(),
+        data: Bytes::new(),
+    }
+}
+
+/// READ(16) / WRITE(16) CDB for `blocks` 512-byte blocks at LBA 0.
+fn rw16(op: u8, blocks: u32) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = op;
+    cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+#[tokio::test]
+async fn a_new_login_with_the_same_isid_reinstates_the_session() {
+    let mut d = Daemon::start(&no_pings());
+    let name = "iqn.2026-11.io.test:reinstate";
+    let (mut first, _) = RawConnection::login(d.addr, &opts(name))
+        .await
+        .expect("first login");
+    // Another ISID of the same initiator is a separate session and must survive.
+    let mut other_isid = opts(name);
+    other_isid.isid[5] = 2;
+    let other = Session::connect(d.addr, other_isid).await.expect("login");
+    let second = Session::connect(d.addr, opts(name))
+        .await
+        .expect("reinstating login");
+    let t0 = Instant::now();
+    assert!(first.is_closed(PROMPT).await, "the old connection stays open");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(!other.is_closed());
+    assert_eq!(second.test_unit_ready(0).await.unwrap().response, 0);
+    assert_eq!(other.test_unit_ready(0).await.unwrap().response, 0);
+    // The same ISID to another target name would be another session: not tested here (one
+    // target). A discovery session never reinstates a normal one.
+    let disc = Session::connect(d.addr, LoginOptions::new(name, None))
+        .await
+        .expect("discovery login");
+    assert_eq!(second.test_unit_ready(0).await.unwrap().response, 0);
+    disc.logout().await.unwrap();
+    second.logout().await.unwrap();
+    other.logout().await.unwrap();
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn target_pings_and_our_initiator_keeps_the_session() {
+    let mut d = Daemon::start(SHORT);
+    let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:pinged"))
+        .await
+        .expect("login");
+    // Idle far longer than nop_interval + nop_timeout: the answered pings keep it open.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!s.is_closed());
+    assert_eq!(s.test_unit_ready(0).await.unwrap().response, 0);
+    s.logout().await.unwrap();
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn a_silent_client_gets_pinged_then_closed() {
+    let mut d = Daemon::start(SHORT);
+    let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:silent"))
+        .await
+        .expect("login");
+    let t0 = Instant::now();
+    let pdu = raw
+        .recv_pdu(PROMPT)
+        .await
+        .expect("a ping")
+        .expect("EOF instead of a ping");
+    let Header::NopIn(h) = &pdu.header else {
+        panic!("{pdu:?}")
+    };
+    assert_eq!(h.itt, RESERVED_TAG);
+    assert_ne!(h.ttt, RESERVED_TAG);
+    assert!(raw.is_closed(PROMPT).await, "unanswered ping must close");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed before nop_timeout: {took:?}"
+    );
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn half_a_login_is_closed_by_the_login_timeout() {
+    let mut d = Daemon::start(SHORT);
+    let mut raw = RawConnection::connect(d.addr).await.unwrap();
+    raw.send_bytes(&[0x43, 0x87, 0, 0, 0, 0, 0, 0x40])
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    assert!(raw.is_closed(PROMPT).await);
+    assert!(t0.elapsed() >= Duration::from_millis(1500));
+    // A connection that sends nothing at all goes the same way.
+    let mut mute = RawConnection::connect(d.addr).await.unwrap();
+    assert!(mute.is_closed(PROMPT).await);
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn a_one_byte_per_second_client_times_out() {
+    let mut d = Daemon::start(SHORT);
+    let login = ironlun_iscsi::bhs::encode_pdu_plain(&ironlun_initiator::login::login_request_pdu(
+        ironlun_iscsi::pdu::LoginRequest {
+            transit: true,
+            csg: ironlun_iscsi::pdu::Stage::Operational,
+            nsg: ironlun_iscsi::pdu::Stage::FullFeature,
+            isid: [0x80, 0, 0, 0, 0, 9],
+            itt: 1,
+            cmd_sn: 1,
+            ..Default::default()
+        },
+        &[
+            ("InitiatorName".to_owned(), "iqn.2026-11.io.test:slow".to_owned()),
+            ("TargetName".to_owned(), TARGET.to_owned()),
+        ],
+    ));
+    let mut raw = RawConnection::connect(d.addr).await.unwrap();
+    let t0 = Instant::now();
+    let mut closed = false;
+    for b in login.iter().take(10) {
+        if raw.send_bytes(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(closed || raw.is_closed(PROMPT).await);
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
+    let mut d = Daemon::start(SHORT);
+    // Warm up (runtime threads, first session) before taking the baseline.
+    let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:warm"))
+        .await
+        .unwrap();
+    s.logout().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = d.open_fds();
+    for i in 0..10u32 {
+        let name = format!("iqn.2026-11.io.test:vanish-{i}");
+        // Mid login: half a Login Request, then gone.
+        let mut raw = RawConnection::connect(d.addr).await.unwrap();
+        raw.send_bytes(&[0x43, 0x87, 0, 0, 0, 0, 0, 0x40, 0, 0])
+            .await
+            .unwrap();
+        drop(raw);
+        // Mid Data-Out: a 1 MiB write, its R2T answered with half a Data-Out PDU.
+        let (mut raw, n) = RawConnection::login(d.addr, &opts(&name)).await.unwrap();
+        let blocks = 2048u32;
+        raw.send_pdu(&scsi(
+            n.next_itt,
+            n.cmd_sn,
+            &n,
+            rw16(0x8a, blocks),
+            0,
+            blocks * 512,
+        ))
+        .await
+        .unwrap();
+        let mut ttt = None;
+        while ttt.is_none() {
+            let pdu = raw.recv_pdu(PROMPT).await.unwrap().expect("R2T");
+            if let Header::R2t(r) = pdu.header {
+                ttt = Some(r.ttt);
+            }
+        }
+        let data_out = Pdu {
+            header: Header::DataOut(DataOut {
+                final_: false,
+                itt: n.next_itt,
+                ttt: ttt.unwrap(),
+                data_sn: 0,
+                buffer_offset: 0,
+                exp_stat_sn: n.exp_stat_sn,
+                ..Default::default()
+            }),
+            ahs: Vec::new(),
+            data: Bytes::from(vec![0x5a; 64 * 1024]),
+        };
+        let wire = raw.encode(&data_out);
+        raw.send_bytes(&wire[..wire.len() / 2]).await.unwrap();
+        drop(raw);
+        // Mid Data-In: a 32 MiB read nobody reads.
+        let (mut raw, n) = RawConnection::login(d.addr, &opts(&format!("{name}-r")))
+            .await
+            .unwrap();
+        let blocks = 65536u32;
+        raw.send_pdu(&scsi(
+            n.next_itt,
+            n.cmd_sn,
+            &n,
+            rw16(0x88, blocks),
+            blocks * 512,
+            0,
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(raw);
+    }
+    d.settle_fds(baseline).await;
+    // Everything still works, and sessions were counted down: log in again with every name.
+    let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:after"))
+        .await
+        .unwrap();
+    assert_eq!(s.test_unit_ready(0).await.unwrap().response, 0);
+    s.logout().await.unwrap();
+    d.assert_healthy();
+}
+
+#[tokio::test]
+async fn sigterm_asks_logged_in_initiators_to_log_out() {
+    let mut d = Daemon::start(SHORT);
+    let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:shutdown"))
+        .await
+        .expect("login");
+    // Keep the pings away from the assertion: answer whatever comes first only by reading.
+    d.sigterm();
+    let deadline = Instant::now() + PROMPT;
+    let msg = loop {
+        let pdu = raw
+            .recv_pdu(PROMPT)
+            .await
+            .expect("a PDU")
+            .expect("EOF before the Async Message");
+        match pdu.header {
+            Header::AsyncMessage(m) => break m,
+            Header::NopIn(_) => assert!(Instant::now() < deadline),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(msg.async_event, 1, "AsyncEvent 1: target requests Logout");
+    assert!(msg.parameter3 >= 1, "time to logout");
+    // We do not log out: the daemon closes after Parameter3 seconds and exits cleanly.
+    assert!(raw.is_closed(PROMPT).await);
+    let status = d.wait_exit(PROMPT);
+    assert!(status.success(), "{status:?}; stderr:\n{}", d.stderr());
+    assert!(!d.stderr().contains("panicked"));
+}
