@@ -38,23 +38,36 @@ fn outsider_neither_sees_nor_logs_in_to_a_protected_target() {
     }
     let d = Daemon::start(Some(&config()));
 
-    let (ok, out) = run(Command::new("iscsi-ls").args(["-s", "-i", OUTSIDER]).arg(d.portal()));
+    let (ok, out) = run(Command::new("iscsi-ls")
+        .args(["-s", "-i", OUTSIDER])
+        .arg(d.portal()));
     assert!(ok, "{out}");
     assert!(out.contains(&format!("Target:{OPEN} ")), "{out}");
     assert!(out.contains("Lun:0"), "{out}");
-    assert!(!out.contains(PROTECTED), "outsider sees the protected target:\n{out}");
+    assert!(
+        !out.contains(PROTECTED),
+        "outsider sees the protected target:\n{out}"
+    );
 
-    let (ok, out) = run(Command::new("iscsi-ls").args(["-s", "-i", INSIDER]).arg(d.portal()));
+    let (ok, out) = run(Command::new("iscsi-ls")
+        .args(["-s", "-i", INSIDER])
+        .arg(d.portal()));
     assert!(ok, "{out}");
     assert!(out.contains(&format!("Target:{PROTECTED} ")), "{out}");
 
     let url = format!("{}/{PROTECTED}/0", d.portal());
     let (ok, out) = run(Command::new("iscsi-inq").args(["-i", OUTSIDER]).arg(&url));
     assert!(!ok, "outsider logged in:\n{out}");
-    assert!(out.to_lowercase().contains("authorization"), "not refused for authorization:\n{out}");
+    assert!(
+        out.to_lowercase().contains("authorization"),
+        "not refused for authorization:\n{out}"
+    );
 
     let (ok, out) = run(Command::new("iscsi-inq").args(["-i", INSIDER]).arg(&url));
     assert!(ok, "{out}");
-    assert!(out.contains("Peripheral Device Type:DIRECT_ACCESS"), "{out}");
+    assert!(
+        out.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{out}"
+    );
     d.stop();
 }
