@@ -2,7 +2,12 @@
 //! at random points (after the TCP connect, inside a login PDU, after login without logout,
 //! inside a command's data), leave the release daemon's open fds and RSS where they were after
 //! a warm-up of 100 cycles.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
 
 use bytes::Bytes;
 use ironlun_initiator::login::login_request_pdu;
@@ -18,7 +23,9 @@ const CONFIG: &str = "[[target]]\nname = \"iqn.2026-11.io.ironlun:lab\"\n[[targe
 const WORKERS: u32 = 8;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -88,11 +95,15 @@ async fn cycle(addr: SocketAddr, worker: u32, kind: u64, cut: usize) {
             let _ = raw.send_bytes(&wire[..cut % wire.len()]).await;
         }
         7 => {
-            let (raw, _) = RawConnection::login(addr, &opts(worker)).await.expect("raw login");
+            let (raw, _) = RawConnection::login(addr, &opts(worker))
+                .await
+                .expect("raw login");
             drop(raw);
         }
         _ => {
-            let (mut raw, n) = RawConnection::login(addr, &opts(worker)).await.expect("raw login");
+            let (mut raw, n) = RawConnection::login(addr, &opts(worker))
+                .await
+                .expect("raw login");
             let wire = raw.encode(&write_cmd(n.next_itt, n.cmd_sn, n.exp_stat_sn));
             let _ = raw.send_bytes(&wire[..48 + cut % (wire.len() - 48)]).await;
         }
@@ -142,7 +153,9 @@ async fn ten_thousand_cycles_half_aborted_leak_nothing() {
     assert!(fds1.abs_diff(fds0) <= 2, "open fds {fds0} -> {fds1}");
     assert!(rss1 <= rss0 + 8 * 1024, "RSS grew {rss0} KiB -> {rss1} KiB");
     // Still serving.
-    let s = Session::connect(addr, opts(99)).await.expect("login after churn");
+    let s = Session::connect(addr, opts(99))
+        .await
+        .expect("login after churn");
     assert_eq!(s.test_unit_ready(0).await.unwrap().response, 0);
     s.logout().await.unwrap();
     d.stop();

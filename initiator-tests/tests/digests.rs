@@ -20,12 +20,21 @@ fn libiscsi_conformance_with_header_digests() {
     let url = format!("{}/{TARGET}/0?header_digest=crc32c", d.portal());
     let (ok, out) = conformance(&url, &repo_root().join("target/conformance-hd"));
     println!("{out}");
-    assert!(ok, "required conformance suites failed with header digests:\n{out}");
+    assert!(
+        ok,
+        "required conformance suites failed with header digests:\n{out}"
+    );
     assert!(out.contains("conformance: required suites clean"), "{out}");
     let log = strip_ansi(&d.stop());
     // Every login line names the digests in force: (header, data).
-    let logins: Vec<&str> = log.lines().filter(|l| l.contains(" login") && l.contains("digests=")).collect();
-    assert!(!logins.is_empty(), "no login lines in the daemon log:\n{log}");
+    let logins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" login") && l.contains("digests="))
+        .collect();
+    assert!(
+        !logins.is_empty(),
+        "no login lines in the daemon log:\n{log}"
+    );
     assert!(
         logins.iter().all(|l| l.contains("digests=Some((Crc32c,")),
         "a session ran without the header digest:\n{}",

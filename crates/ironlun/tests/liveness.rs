@@ -41,7 +41,8 @@ size = "64MiB"
 
 /// [`SHORT`] without pings, so that only reinstatement can close a connection.
 fn no_pings() -> String {
-    SHORT.replace("nop_interval = 1", "nop_interval = 0")
+    SHORT
+        .replace("nop_interval = 1", "nop_interval = 0")
         .replace("login_timeout = 2", "login_timeout = 15")
 }
 
@@ -227,7 +228,10 @@ async fn a_new_login_with_the_same_isid_reinstates_the_session() {
         .await
         .expect("reinstating login");
     let t0 = Instant::now();
-    assert!(first.is_closed(PROMPT).await, "the old connection stays open");
+    assert!(
+        first.is_closed(PROMPT).await,
+        "the old connection stays open"
+    );
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(!other.is_closed());
     assert_eq!(second.test_unit_ready(0).await.unwrap().response, 0);
@@ -314,7 +318,10 @@ async fn a_one_byte_per_second_client_times_out() {
             ..Default::default()
         },
         &[
-            ("InitiatorName".to_owned(), "iqn.2026-11.io.test:slow".to_owned()),
+            (
+                "InitiatorName".to_owned(),
+                "iqn.2026-11.io.test:slow".to_owned(),
+            ),
             ("TargetName".to_owned(), TARGET.to_owned()),
         ],
     ));
@@ -443,4 +450,48 @@ async fn sigterm_asks_logged_in_initiators_to_log_out() {
     let status = d.wait_exit(PROMPT);
     assert!(status.success(), "{status:?}; stderr:\n{}", d.stderr());
     assert!(!d.stderr().contains("panicked"));
+}
+
+#[tokio::test]
+async fn a_data_out_with_a_bad_data_digest_is_rejected_and_the_connection_dropped() {
+    let mut d = Daemon::start(&no_pings());
+    let o = LoginOptions {
+        header_digest: true,
+        data_digest: true,
+        ..opts("iqn.2026-11.io.test:data-digest")
+    };
+    let (mut raw, n) = RawConnection::login(d.addr, &o).await.expect("login");
+    assert!(n.header_digest && n.data_digest, "{:?}", n.target_keys);
+    raw.send_pdu(&scsi(n.next_itt, n.cmd_sn, &n, rw16(0x8a, 1), 0, 512))
+        .await
+        .unwrap();
+    let r2t = loop {
+        let pdu = raw.recv_pdu(PROMPT).await.unwrap().expect("R2T");
+        if let Header::R2t(r) = pdu.header {
+            break r;
+        }
+    };
+    let data_out = Pdu {
+        header: Header::DataOut(DataOut {
+            final_: true,
+            itt: n.next_itt,
+            ttt: r2t.ttt,
+            exp_stat_sn: n.exp_stat_sn,
+            ..Default::default()
+        }),
+        ahs: Vec::new(),
+        data: Bytes::from(vec![0x11; 512]),
+    };
+    let mut wire = raw.encode(&data_out);
+    let last = wire.len() - 1;
+    wire[last] ^= 0xff; // the data digest
+    raw.send_bytes(&wire).await.unwrap();
+    let pdu = raw.recv_pdu(PROMPT).await.unwrap().expect("Reject");
+    let Header::Reject(r) = &pdu.header else {
+        panic!("{pdu:?}")
+    };
+    assert_eq!(r.reason as u8, 0x02, "Data Digest Error");
+    assert_eq!(pdu.data[0] & 0x3f, 0x05, "the rejected Data-Out's BHS");
+    assert!(raw.is_closed(PROMPT).await, "ERL 0: the connection goes");
+    d.assert_healthy();
 }
