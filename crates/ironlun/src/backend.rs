@@ -54,7 +54,7 @@ fn open_file(lun: &Lun, path: &Path) -> Result<Arc<dyn BlockBackend>, String> {
 }
 
 fn check_block_multiple(lun: &Lun, path: &Path, b: Arc<dyn BlockBackend>) -> Result<Arc<dyn BlockBackend>, String> {
-    if b.size() % u64::from(lun.block_size) != 0 {
+    if !b.size().is_multiple_of(u64::from(lun.block_size)) {
         return Err(format!("{}: size {} is not a multiple of block size {}", path.display(), b.size(), lun.block_size));
     }
     Ok(b)
