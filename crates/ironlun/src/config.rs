@@ -52,6 +52,32 @@ struct RawConfig {
     limits: Option<RawLimits>,
     #[serde(default)]
     target: Vec<RawTarget>,
+    #[serde(default)]
+    discovery: Option<RawDiscovery>,
+}
+
+/// `[discovery]`: discovery sessions (SendTargets).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    chap: Option<RawChap>,
+}
+
+/// `chap = { user, secret, mutual_user, mutual_secret }` of a target or of `[discovery]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChap {
+    user: Spanned<String>,
+    secret: Spanned<String>,
+    mutual_user: Option<Spanned<String>>,
+    mutual_secret: Option<Spanned<String>>,
+}
+
+/// Never prints the secrets.
+impl fmt::Debug for RawChap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawChap").field("user", self.user.get_ref()).finish_non_exhaustive()
+    }
 }
 
 /// `[limits]`: daemon-wide bounds.
@@ -115,6 +141,8 @@ struct RawTarget {
     /// Per-initiator LUN masking.
     #[serde(default)]
     initiator: Vec<RawInitiator>,
+    /// CHAP required to log in to this target.
+    chap: Option<RawChap>,
 }
 
 /// `[[target.initiator]]`: the LUNs one initiator (name or pattern) sees.
@@ -164,6 +192,8 @@ pub struct Config {
     pub limits: Limits,
     /// The `[timeouts]` table: NOP-In pings, login and discovery-idle bounds per connection.
     pub timeouts: ironlun_iscsi::connection::Timeouts,
+    /// `[discovery] chap`: CHAP required for discovery sessions.
+    pub discovery_chap: Option<ironlun_iscsi::chap::ChapConfig>,
 }
 
 /// The `[limits]` table: daemon-wide bounds.
@@ -217,6 +247,8 @@ pub struct Target {
     pub masking: ironlun_iscsi::acl::LunMasking,
     /// Live sessions this target admits.
     pub max_sessions: usize,
+    /// CHAP required to log in (`None`: AuthMethod=None).
+    pub chap: Option<ironlun_iscsi::chap::ChapConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,10 +319,12 @@ impl Config {
                 acl: Default::default(),
                 masking: Default::default(),
                 max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
+                chap: None,
             }],
             runtime: Runtime::default(),
             limits: Limits::default(),
             timeouts: Default::default(),
+            discovery_chap: None,
         }
     }
 
@@ -475,7 +509,11 @@ impl Config {
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;
-            targets.push(Target { name, alias: t.alias.clone(), luns, acl, masking, max_sessions });
+            let chap = match &t.chap {
+                Some(c) => Some(parse_chap(&cx, &format!("target[{ti}].chap"), c)?),
+                None => None,
+            };
+            targets.push(Target { name, alias: t.alias.clone(), luns, acl, masking, max_sessions, chap });
         }
         if targets.is_empty() {
             return Err(ConfigError {
@@ -492,8 +530,51 @@ impl Config {
             }
             limits.max_sessions = *m.get_ref();
         }
-        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits, timeouts })
+        let discovery_chap = match raw.discovery.as_ref().and_then(|d| d.chap.as_ref()) {
+            Some(c) => Some(parse_chap(&cx, "discovery.chap", c)?),
+            None => None,
+        };
+        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits, timeouts, discovery_chap })
     }
+}
+
+/// Longest CHAP name or secret accepted (RFC 7143 §6.1 bounds text values at 255 bytes).
+const MAX_CHAP_TEXT: usize = 255;
+
+/// A `chap` table: names non-empty, secrets at least 12 bytes (RFC 7143 §12.1.3: 96 bits),
+/// mutual name and secret together, the mutual secret different from the initiator's.
+fn parse_chap(cx: &Ctx<'_>, prefix: &str, c: &RawChap) -> Result<ironlun_iscsi::chap::ChapConfig, ConfigError> {
+    use ironlun_iscsi::chap::{ChapConfig, Credentials, Secret, MIN_SECRET_LEN};
+    let name = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
+        let n = v.get_ref();
+        if n.is_empty() || n.len() > MAX_CHAP_TEXT || n.contains('\0') {
+            return cx.err(v.span(), format!("{prefix}.{key}"), format!("must be 1 to {MAX_CHAP_TEXT} bytes without NUL"));
+        }
+        Ok(n.clone())
+    };
+    let secret = |v: &Spanned<String>, key: &str| -> Result<Secret, ConfigError> {
+        let len = v.get_ref().len();
+        if len < MIN_SECRET_LEN {
+            return cx.err(v.span(), format!("{prefix}.{key}"), format!("too short: at least {MIN_SECRET_LEN} bytes (RFC 7143 §12.1.3 wants 96 bits)"));
+        }
+        if len > MAX_CHAP_TEXT {
+            return cx.err(v.span(), format!("{prefix}.{key}"), format!("at most {MAX_CHAP_TEXT} bytes"));
+        }
+        Ok(Secret::new(v.get_ref().as_bytes()))
+    };
+    let initiator = Credentials { user: name(&c.user, "user")?, secret: secret(&c.secret, "secret")? };
+    let target = match (&c.mutual_user, &c.mutual_secret) {
+        (None, None) => None,
+        (Some(u), Some(s)) => {
+            if s.get_ref() == c.secret.get_ref() {
+                return cx.err(s.span(), format!("{prefix}.mutual_secret"), "must differ from secret (RFC 7143 §12.1.3)");
+            }
+            Some(Credentials { user: name(u, "mutual_user")?, secret: secret(s, "mutual_secret")? })
+        }
+        (Some(u), None) => return cx.err(u.span(), format!("{prefix}.mutual_secret"), "mutual_user needs mutual_secret"),
+        (None, Some(s)) => return cx.err(s.span(), format!("{prefix}.mutual_user"), "mutual_secret needs mutual_user"),
+    };
+    Ok(ChapConfig { initiator, target })
 }
 
 /// A target's `allowed_initiators`, `[[target.initiator]]` LUN masking and `max_sessions`.
@@ -817,6 +898,34 @@ size = "64MiB"
         assert_eq!((e.line, e.key.as_str()), (Some(2), "runtime.worker_threads"));
     }
 
+    #[test]
+    fn timeouts_table_is_validated() {
+        use std::time::Duration;
+        let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.timeouts, ironlun_iscsi::connection::Timeouts::default());
+        let c = parse(&format!("[timeouts]\nnop_interval = 1\nnop_timeout = 2\nlogin_timeout = 3\ndiscovery_idle = 0\n{base}")).unwrap();
+        assert_eq!(
+            c.timeouts,
+            ironlun_iscsi::connection::Timeouts {
+                nop_interval: Duration::from_secs(1),
+                nop_timeout: Duration::from_secs(2),
+                login: Duration::from_secs(3),
+                discovery_idle: Duration::ZERO,
+            }
+        );
+        let c = parse(&format!("[timeouts]\nnop_interval = 0\nnop_timeout = 0\n{base}")).unwrap();
+        assert!(c.timeouts.nop_interval.is_zero());
+        let e = parse(&format!("[timeouts]\nlogin_timeout = 3601\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "timeouts.login_timeout"));
+        let e = parse(&format!("[timeouts]\nnop_interval = 5\nnop_timeout = 0\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(3), "timeouts.nop_timeout"));
+        let e = parse(&format!("[timeouts]\nnop_intervall = 5\n{base}")).unwrap_err();
+        assert_eq!(e.key, "nop_intervall");
+        let e = parse(&format!("[timeouts]\ndiscovery_idle = -1\n{base}")).unwrap_err();
+        assert_eq!(e.line, Some(2));
+    }
+
     const ACL_BASE: &str = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
     const ACL_LUNS: &str = "[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n[[target.lun]]\nid = 2\nbackstore = \"ram\"\nsize = 4096\n";
 
@@ -884,34 +993,6 @@ size = "64MiB"
     }
 
     #[test]
-    fn timeouts_table_is_validated() {
-        use std::time::Duration;
-        let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
-        let c = parse(base).unwrap();
-        assert_eq!(c.timeouts, ironlun_iscsi::connection::Timeouts::default());
-        let c = parse(&format!("[timeouts]\nnop_interval = 1\nnop_timeout = 2\nlogin_timeout = 3\ndiscovery_idle = 0\n{base}")).unwrap();
-        assert_eq!(
-            c.timeouts,
-            ironlun_iscsi::connection::Timeouts {
-                nop_interval: Duration::from_secs(1),
-                nop_timeout: Duration::from_secs(2),
-                login: Duration::from_secs(3),
-                discovery_idle: Duration::ZERO,
-            }
-        );
-        let c = parse(&format!("[timeouts]\nnop_interval = 0\nnop_timeout = 0\n{base}")).unwrap();
-        assert!(c.timeouts.nop_interval.is_zero());
-        let e = parse(&format!("[timeouts]\nlogin_timeout = 3601\n{base}")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(2), "timeouts.login_timeout"));
-        let e = parse(&format!("[timeouts]\nnop_interval = 5\nnop_timeout = 0\n{base}")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(3), "timeouts.nop_timeout"));
-        let e = parse(&format!("[timeouts]\nnop_intervall = 5\n{base}")).unwrap_err();
-        assert_eq!(e.key, "nop_intervall");
-        let e = parse(&format!("[timeouts]\ndiscovery_idle = -1\n{base}")).unwrap_err();
-        assert_eq!(e.line, Some(2));
-    }
-
-    #[test]
     fn derived_ids_are_stable_and_distinct() {
         assert_eq!(derive_naa("iqn.x:a", 0), derive_naa("iqn.x:a", 0));
         assert_ne!(derive_naa("iqn.x:a", 0), derive_naa("iqn.x:a", 1));
@@ -931,5 +1012,47 @@ size = "64MiB"
             }
         }
         assert!(n >= 1, "no example configs in conf/");
+    }
+
+    const CHAP_BASE: &str = "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n";
+
+    #[test]
+    fn accepts_target_and_discovery_chap() {
+        let c = parse(&format!(
+            "[discovery]\nchap = {{ user = \"d\", secret = \"discovery-secret\" }}\n{CHAP_BASE}\
+             chap = {{ user = \"u\", secret = \"0123456789ab\", mutual_user = \"t\", mutual_secret = \"target-secret-1\" }}\n"
+        ))
+        .unwrap();
+        let chap = c.targets[0].chap.as_ref().unwrap();
+        assert_eq!(chap.initiator.user, "u");
+        assert_eq!(chap.initiator.secret.expose(), b"0123456789ab");
+        assert_eq!(chap.target.as_ref().unwrap().user, "t");
+        assert_eq!(c.discovery_chap.as_ref().unwrap().initiator.user, "d");
+        assert!(!format!("{c:?}").contains("0123456789ab"), "secrets never print");
+        // The [target.chap] table form too.
+        let c = parse(&format!("{CHAP_BASE}[target.chap]\nuser = \"u\"\nsecret = \"0123456789ab\"\n")).unwrap();
+        assert!(c.targets[0].chap.as_ref().unwrap().target.is_none());
+        assert!(c.discovery_chap.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_chap_with_line_and_key() {
+        let cases = [
+            ("chap = { user = \"u\", secret = \"short\" }", "target[0].chap.secret"),
+            ("chap = { user = \"\", secret = \"0123456789ab\" }", "target[0].chap.user"),
+            ("chap = { user = \"u\", secret = \"0123456789ab\", mutual_user = \"t\" }", "target[0].chap.mutual_secret"),
+            ("chap = { user = \"u\", secret = \"0123456789ab\", mutual_secret = \"0123456789abc\" }", "target[0].chap.mutual_user"),
+            ("chap = { user = \"u\", secret = \"0123456789ab\", mutual_user = \"t\", mutual_secret = \"0123456789ab\" }", "target[0].chap.mutual_secret"),
+            ("chap = { user = \"u\", secret = \"0123456789ab\", mutual_user = \"t\", mutual_secret = \"tiny\" }", "target[0].chap.mutual_secret"),
+        ];
+        for (line, key) in cases {
+            let e = parse(&format!("{CHAP_BASE}{line}\n")).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(3), key), "{line}: {e}");
+            assert!(!e.to_string().contains("0123456789ab"), "{e}");
+        }
+        let e = parse(&format!("[discovery]\nchap = {{ user = \"d\", secret = \"x\" }}\n{CHAP_BASE}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "discovery.chap.secret"));
+        let e = parse(&format!("{CHAP_BASE}chap = {{ user = \"u\", secret = \"0123456789ab\", pass = 1 }}\n")).unwrap_err();
+        assert_eq!(e.key, "pass");
     }
 }

@@ -112,6 +112,8 @@ impl Server {
             SessionLimits::new(cfg.limits.max_sessions),
             |limits, t| limits.with_target(&t.name, t.max_sessions),
         ));
+        // CHAP failures are counted per initiator name across every portal.
+        let auth_limiter = Arc::new(std::sync::Mutex::new(ironlun_iscsi::chap::AuthLimiter::default()));
         let mut listeners = Vec::new();
         for (l, addr, tpgt) in bound {
             let targets = cfg
@@ -123,6 +125,7 @@ impl Server {
                     addresses: vec![format!("{},{}", fmt_addr(addr), tpgt)],
                     portal_group_tag: tpgt,
                     acl: t.acl.clone(),
+                    chap: t.chap.clone(),
                 })
                 .collect();
             let pc = PortalConfig {
@@ -133,6 +136,8 @@ impl Server {
                 cmd_window: cfg.negotiation.cmd_window,
                 sessions: sessions.clone(),
                 timeouts: cfg.timeouts,
+                discovery_chap: cfg.discovery_chap.clone(),
+                auth_limiter: auth_limiter.clone(),
             };
             listeners.push((l, Arc::new(pc)));
         }

@@ -16,6 +16,7 @@
 //! NOP-Out/NOP-In, Logout, Reject, and task management bookkeeping (RFC 7143).
 
 use crate::acl::{Acl, SessionLimits, SessionSlot};
+use crate::chap::{AuthLimiter, ChapConfig};
 use crate::data_in::{self, Residual, Stamps};
 use crate::error::ErrorAction;
 use crate::framer::{self, Digests, Framed, Framer};
@@ -34,7 +35,7 @@ use crate::session::{sn_lt, Admission, CmdWindow};
 use crate::{bhs, discovery, negotiation, text};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One target the portal serves, as seen by login and SendTargets.
@@ -49,6 +50,8 @@ pub struct TargetInfo {
     pub portal_group_tag: u16,
     /// Initiators that may log in to it and see it in SendTargets ([`Acl::allow_all`] by default).
     pub acl: Acl,
+    /// CHAP an initiator must pass to log in to this target (§12.1); `None`: AuthMethod=None.
+    pub chap: Option<ChapConfig>,
 }
 
 /// Everything a connection needs to know about the portal it was accepted on.
@@ -66,6 +69,10 @@ pub struct PortalConfig {
     pub sessions: Arc<SessionLimits>,
     /// Liveness timers of each connection.
     pub timeouts: Timeouts,
+    /// CHAP a discovery session must pass (§12.1); `None`: AuthMethod=None.
+    pub discovery_chap: Option<ChapConfig>,
+    /// CHAP failures per initiator name, shared by all connections of the portal.
+    pub auth_limiter: Arc<Mutex<AuthLimiter>>,
 }
 
 /// Per-connection timers, driven through [`Connection::poll_timeout`] /
@@ -310,6 +317,10 @@ impl Connection {
             config.offers.clone(),
             config.limits.max_data_segment,
             config.limits.max_text,
+        )
+        .with_auth(
+            config.discovery_chap.clone(),
+            Some(Arc::clone(&config.auth_limiter)),
         );
         Connection {
             framer: Framer::new(limits),
@@ -776,6 +787,7 @@ impl Connection {
             lp.cid = req.cid;
             self.stat_sn = req.exp_stat_sn;
         }
+        lp.login.set_now(self.last_rx);
         let mut reply: LoginReply = lp.login.on_request(
             req,
             data,
@@ -1443,6 +1455,7 @@ mod tests {
                 addresses: vec!["127.0.0.1:3260".to_string()],
                 portal_group_tag: 1,
                 acl: Acl::allow_all(),
+                chap: None,
             }],
             offers: Offers::default(),
             limits: Limits {
@@ -1453,6 +1466,8 @@ mod tests {
             cmd_window: 8,
             timeouts: Timeouts::default(),
             sessions: Arc::default(),
+            discovery_chap: None,
+            auth_limiter: Arc::default(),
         }
     }
 
@@ -2572,6 +2587,7 @@ mod tests {
                 "iqn.2026-11.io.test:*",
             )
             .unwrap()]),
+            chap: None,
         });
         cfg
     }
@@ -2933,6 +2949,7 @@ mod tests {
                 ],
                 portal_group_tag: 1,
                 acl: Acl::allow_all(),
+                chap: None,
             });
         }
         let mut p = Pair::new(cfg);

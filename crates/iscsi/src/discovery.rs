@@ -75,6 +75,7 @@ mod tests {
                 addresses: vec!["127.0.0.1:3260".into()],
                 portal_group_tag: 1,
                 acl: Acl::allow_all(),
+                chap: None,
             },
             TargetInfo {
                 name: "iqn.2026-11.io.ironlun:b".into(),
@@ -85,6 +86,7 @@ mod tests {
                     "iqn.2026-11.io.example:*",
                 )
                 .unwrap()]),
+                chap: None,
             },
         ]
     }

@@ -78,11 +78,14 @@ impl LoginStatus {
     };
 }
 
+use crate::chap::{self, AuthLimiter, ChapConfig, ChapTarget};
 use crate::connection::TargetInfo;
 use crate::negotiation::{Negotiation, Offers, IRRELEVANT};
 use crate::pdu::{LoginRequest, Stage};
 use crate::text;
 use bytes::Bytes;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// Largest data segment either side may send during login (§13.12: the default 8192 applies
 /// until login completes).
@@ -138,6 +141,25 @@ pub struct Login {
     first_response_sent: bool,
     /// Operational negotiation of this login.
     pub negotiation: Negotiation,
+    /// Security-stage authentication (§6.2, §12.1).
+    auth: Auth,
+    /// CHAP a discovery session must pass, if any.
+    discovery_chap: Option<ChapConfig>,
+    /// Per-initiator CHAP failure limiter shared by the portal's connections.
+    limiter: Option<Arc<Mutex<AuthLimiter>>>,
+    /// Time of the request being handled (for the limiter), set by the owner.
+    now: Option<Instant>,
+}
+
+/// Where authentication stands.
+#[derive(Debug)]
+enum Auth {
+    /// No AuthMethod agreed yet.
+    Open,
+    /// AuthMethod=None agreed (only when no CHAP is configured).
+    None,
+    /// AuthMethod=CHAP agreed; the exchange runs (or has succeeded).
+    Chap(Box<ChapTarget>),
 }
 
 impl Login {
@@ -155,6 +177,43 @@ impl Login {
             tx_transit: None,
             first_response_sent: false,
             negotiation: Negotiation::new(offers, max_data_segment),
+            auth: Auth::Open,
+            discovery_chap: None,
+            limiter: None,
+            now: None,
+        }
+    }
+
+    /// Require CHAP for discovery sessions (`discovery`) and rate-limit CHAP failures through
+    /// `limiter`. Normal sessions use their target's [`TargetInfo::chap`].
+    pub fn with_auth(
+        mut self,
+        discovery: Option<ChapConfig>,
+        limiter: Option<Arc<Mutex<AuthLimiter>>>,
+    ) -> Self {
+        self.discovery_chap = discovery;
+        self.limiter = limiter;
+        self
+    }
+
+    /// The time the next request arrives at (the owner's `now`; used by the CHAP limiter).
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// The CHAP configuration this login must pass, once the session type and target are known.
+    fn chap_config(&self) -> Option<&ChapConfig> {
+        match self.session_type? {
+            SessionType::Discovery => self.discovery_chap.as_ref(),
+            SessionType::Normal => self.target.as_ref()?.chap.as_ref(),
+        }
+    }
+
+    /// Authentication is complete, or none is required.
+    fn authenticated(&self) -> bool {
+        match &self.auth {
+            Auth::Chap(t) => t.is_done(),
+            Auth::Open | Auth::None => self.chap_config().is_none(),
         }
     }
 
@@ -289,6 +348,11 @@ impl Login {
             }
         }
         let discovery = self.session_type == Some(SessionType::Discovery);
+        if req.csg != Stage::Security && !self.authenticated() {
+            // §6.2: with CHAP configured, the operational stage is reached only through it.
+            tracing::debug!(initiator = ?self.initiator_name, "login skipped required CHAP");
+            return Err(LoginStatus::AUTHENTICATION_FAILURE);
+        }
         let mut out = Vec::new();
         for (key, value) in pairs {
             match key.as_str() {
@@ -297,10 +361,13 @@ impl Login {
                 "AuthMethod" => {
                     if req.csg != Stage::Security {
                         out.push((key.clone(), IRRELEVANT.to_string()));
-                    } else if value.split(',').any(|m| m == "None") {
-                        out.push((key.clone(), "None".to_string()));
                     } else {
-                        // Only methods we do not implement (e.g. CHAP) were offered.
+                        out.push((key.clone(), self.select_auth_method(value)?.to_string()));
+                    }
+                }
+                k if chap::is_chap_key(k) => {
+                    // Handled together below, once AuthMethod (possibly in this text) is settled.
+                    if req.csg != Stage::Security || !matches!(self.auth, Auth::Chap(_)) {
                         return Err(LoginStatus::AUTHENTICATION_FAILURE);
                     }
                 }
@@ -310,6 +377,14 @@ impl Login {
                         out.push((key.clone(), reply));
                     }
                 }
+            }
+        }
+        if req.csg == Stage::Security {
+            out.extend(self.run_chap(pairs)?);
+            if req.transit && matches!(self.auth, Auth::Open) && self.chap_config().is_some() {
+                // Leaving the security stage without even choosing CHAP.
+                tracing::debug!(initiator = ?self.initiator_name, "login without AuthMethod=CHAP");
+                return Err(LoginStatus::AUTHENTICATION_FAILURE);
             }
         }
         if !self.first_response_sent && !discovery {
@@ -330,7 +405,9 @@ impl Login {
 
     fn respond(&mut self, req: &LoginRequest, pairs: Vec<(String, String)>) -> LoginReply {
         self.first_response_sent = true;
-        let transit = (req.transit && !self.negotiation.awaiting_answers()).then_some(req.nsg);
+        // §12.1.3: the security stage ends only once CHAP (if required) has succeeded.
+        let transit = (req.transit && !self.negotiation.awaiting_answers() && self.authenticated())
+            .then_some(req.nsg);
         self.tx_rest = Bytes::from(text::encode(&pairs));
         self.tx_transit = transit;
         self.next_piece(req.csg)
@@ -360,6 +437,104 @@ impl Login {
     }
 }
 
+impl Login {
+    /// Answer an AuthMethod offer (§12.1): CHAP when it is configured for this session, else
+    /// None; a list without the method we need fails with 0201.
+    fn select_auth_method(&mut self, offered: &str) -> Result<&'static str, LoginStatus> {
+        if !matches!(self.auth, Auth::Open) {
+            // AuthMethod is negotiated once (§6.2).
+            return Err(LoginStatus::INITIATOR_ERROR);
+        }
+        let offers = |m: &str| offered.split(',').any(|o| o == m);
+        if self.chap_config().is_some() && self.locked_out() {
+            // Its answer would be refused unchecked anyway: refuse before issuing a challenge,
+            // which keeps a guessing storm cheap for the target.
+            tracing::debug!(initiator = ?self.initiator_name, "CHAP refused during backoff");
+            return Err(LoginStatus::AUTHENTICATION_FAILURE);
+        }
+        match self.chap_config() {
+            Some(config) if offers("CHAP") => {
+                self.auth = Auth::Chap(Box::new(ChapTarget::new(config.clone())));
+                Ok("CHAP")
+            }
+            None if offers("None") => {
+                self.auth = Auth::None;
+                Ok("None")
+            }
+            required => {
+                tracing::debug!(
+                    initiator = ?self.initiator_name,
+                    chap_required = required.is_some(),
+                    "no acceptable AuthMethod offered"
+                );
+                Err(LoginStatus::AUTHENTICATION_FAILURE)
+            }
+        }
+    }
+
+    /// The initiator is in its CHAP failure backoff ([`AuthLimiter`]).
+    fn locked_out(&self) -> bool {
+        let (Some(limiter), Some(now), Some(name)) =
+            (&self.limiter, self.now, &self.initiator_name)
+        else {
+            return false;
+        };
+        !limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(name, now)
+    }
+
+    /// Feed this text's CHAP keys to the CHAP exchange, under the failure limiter.
+    fn run_chap(
+        &mut self,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, LoginStatus> {
+        let Auth::Chap(target) = &mut self.auth else {
+            return Ok(Vec::new());
+        };
+        let chap_pairs: Vec<(String, String)> = pairs
+            .iter()
+            .filter(|(k, _)| chap::is_chap_key(k))
+            .cloned()
+            .collect();
+        let initiator = self.initiator_name.as_deref().unwrap_or_default();
+        // One lock across admission, check and bookkeeping: parallel connections of one name
+        // cannot slip extra guesses in between.
+        let mut guard = match (&self.limiter, self.now) {
+            (Some(l), Some(now)) => Some((l.lock().unwrap_or_else(|e| e.into_inner()), now)),
+            _ => None,
+        };
+        let mut checked = false;
+        let result = target.on_keys(&chap_pairs, &mut || {
+            checked = true;
+            match &guard {
+                Some((g, now)) => g.admit(initiator, *now),
+                None => true,
+            }
+        });
+        match result {
+            Ok(reply) => {
+                if reply.done && checked {
+                    if let Some((g, _)) = guard.as_mut() {
+                        g.record_success(initiator);
+                    }
+                }
+                Ok(reply.keys)
+            }
+            Err(e) => {
+                if let Some((g, now)) = guard.as_mut() {
+                    if checked && e != chap::ChapError::RateLimited {
+                        g.record_failure(initiator, *now);
+                    }
+                }
+                tracing::debug!(initiator, error = ?e, "CHAP authentication failed");
+                Err(LoginStatus::AUTHENTICATION_FAILURE)
+            }
+        }
+    }
+}
+
 /// A valid NSG for a transition out of `csg` (§6.3): strictly later, not the reserved stage.
 fn stage_after(csg: Stage, nsg: Stage) -> bool {
     matches!(
@@ -368,4 +543,358 @@ fn stage_after(csg: Stage, nsg: Stage) -> bool {
             | (Stage::Security, Stage::FullFeature)
             | (Stage::Operational, Stage::FullFeature)
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::acl::Acl;
+    use crate::chap::{decode_binary, encode_binary, ChapAlgorithm, Credentials, Secret};
+
+    const TARGET: &str = "iqn.2026-11.io.ironlun:chap";
+    const OPEN: &str = "iqn.2026-11.io.ironlun:open";
+    const INITIATOR: &str = "iqn.2026-11.io.test:host";
+    const SECRET: &str = "initiator-secret";
+    const TARGET_SECRET: &str = "target-secret-x";
+
+    fn chap_config() -> ChapConfig {
+        ChapConfig {
+            initiator: Credentials {
+                user: "alice".into(),
+                secret: Secret::new(SECRET),
+            },
+            target: Some(Credentials {
+                user: "tgt".into(),
+                secret: Secret::new(TARGET_SECRET),
+            }),
+        }
+    }
+
+    fn targets() -> Vec<TargetInfo> {
+        let t = |name: &str, chap| TargetInfo {
+            name: name.into(),
+            alias: None,
+            addresses: Vec::new(),
+            portal_group_tag: 1,
+            acl: Acl::allow_all(),
+            chap,
+        };
+        vec![t(TARGET, Some(chap_config())), t(OPEN, None)]
+    }
+
+    struct Driver {
+        login: Login,
+        targets: Vec<TargetInfo>,
+        now: Instant,
+    }
+
+    impl Driver {
+        fn new(limiter: &Arc<Mutex<AuthLimiter>>, discovery: Option<ChapConfig>) -> Self {
+            Driver {
+                login: Login::new(Offers::default(), 8192, 65536)
+                    .with_auth(discovery, Some(Arc::clone(limiter))),
+                targets: targets(),
+                now: Instant::now(),
+            }
+        }
+
+        fn send(&mut self, csg: Stage, transit: bool, pairs: &[(&str, &str)]) -> LoginReply {
+            let nsg = if csg == Stage::Security {
+                Stage::Operational
+            } else {
+                Stage::FullFeature
+            };
+            let req = LoginRequest {
+                transit,
+                csg,
+                nsg,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                ..Default::default()
+            };
+            let owned: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let data = Bytes::from(text::encode(&owned));
+            self.login.set_now(self.now);
+            self.login.on_request(&req, &data, &self.targets, 1)
+        }
+    }
+
+    fn keys(r: &LoginReply) -> Vec<(String, String)> {
+        text::parse(&r.data).unwrap()
+    }
+
+    fn key(r: &LoginReply, k: &str) -> Option<String> {
+        keys(r)
+            .into_iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v)
+    }
+
+    fn first(target: &str) -> Vec<(&str, &str)> {
+        vec![
+            ("InitiatorName", INITIATOR),
+            ("TargetName", target),
+            ("AuthMethod", "CHAP,None"),
+        ]
+    }
+
+    /// AuthMethod + CHAP_A; returns (algorithm, id, challenge).
+    fn start(d: &mut Driver, list: &str) -> (ChapAlgorithm, u8, Vec<u8>) {
+        let r = d.send(Stage::Security, false, &first(TARGET));
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        assert_eq!(key(&r, "AuthMethod").as_deref(), Some("CHAP"));
+        let r = d.send(Stage::Security, false, &[("CHAP_A", list)]);
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        let alg = ChapAlgorithm::from_code(key(&r, "CHAP_A").unwrap().parse().unwrap()).unwrap();
+        let id = key(&r, "CHAP_I").unwrap().parse().unwrap();
+        let c = decode_binary(&key(&r, "CHAP_C").unwrap()).unwrap();
+        (alg, id, c)
+    }
+
+    fn answer(alg: ChapAlgorithm, id: u8, c: &[u8], secret: &str) -> String {
+        encode_binary(&alg.response(id, &Secret::new(secret), c))
+    }
+
+    #[test]
+    fn accepts_chap_login_and_transits_only_after_success() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let r = d.send(Stage::Security, true, &first(TARGET));
+        assert!(!r.transit, "no transit before CHAP");
+        let r = d.send(Stage::Security, true, &[("CHAP_A", "7,5")]);
+        assert!(!r.transit);
+        assert_eq!(key(&r, "CHAP_A").as_deref(), Some("7"));
+        let id: u8 = key(&r, "CHAP_I").unwrap().parse().unwrap();
+        let c = decode_binary(&key(&r, "CHAP_C").unwrap()).unwrap();
+        let resp = answer(ChapAlgorithm::Sha256, id, &c, SECRET);
+        let r = d.send(
+            Stage::Security,
+            true,
+            &[("CHAP_N", "alice"), ("CHAP_R", &resp)],
+        );
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        assert!(r.transit && r.nsg == Stage::Operational);
+        let r = d.send(Stage::Operational, true, &[]);
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        assert!(r.complete);
+    }
+
+    #[test]
+    fn accepts_mutual_chap() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let (alg, id, c) = start(&mut d, "5");
+        let their_c = [0x55u8; 16];
+        let r = d.send(
+            Stage::Security,
+            true,
+            &[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &answer(alg, id, &c, SECRET)),
+                ("CHAP_I", "3"),
+                ("CHAP_C", &encode_binary(&their_c)),
+            ],
+        );
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        assert!(r.transit);
+        assert_eq!(key(&r, "CHAP_N").as_deref(), Some("tgt"));
+        assert_eq!(
+            key(&r, "CHAP_R").unwrap(),
+            answer(alg, 3, &their_c, TARGET_SECRET)
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_secret_with_authentication_failure() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let (alg, id, c) = start(&mut d, "5");
+        let r = d.send(
+            Stage::Security,
+            true,
+            &[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &answer(alg, id, &c, "not-the-secret")),
+            ],
+        );
+        assert_eq!(r.status, LoginStatus::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn rejects_login_without_chap_when_configured() {
+        let limiter = Arc::default();
+        let cases: &[(Stage, &[(&str, &str)])] = &[
+            // Only None offered.
+            (
+                Stage::Security,
+                &[
+                    ("InitiatorName", INITIATOR),
+                    ("TargetName", TARGET),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            // No AuthMethod, straight out of the security stage.
+            (
+                Stage::Security,
+                &[("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+            ),
+            // Starting in the operational stage.
+            (
+                Stage::Operational,
+                &[("InitiatorName", INITIATOR), ("TargetName", TARGET)],
+            ),
+        ];
+        for (csg, pairs) in cases {
+            let mut d = Driver::new(&limiter, None);
+            let r = d.send(*csg, true, pairs);
+            assert_eq!(r.status, LoginStatus::AUTHENTICATION_FAILURE, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_chap_keys_without_chap_and_unknown_algorithms() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let r = d.send(
+            Stage::Security,
+            false,
+            &[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", OPEN),
+                ("AuthMethod", "None"),
+                ("CHAP_A", "5"),
+            ],
+        );
+        assert_eq!(r.status, LoginStatus::AUTHENTICATION_FAILURE);
+
+        let mut d = Driver::new(&limiter, None);
+        d.send(Stage::Security, false, &first(TARGET));
+        let r = d.send(Stage::Security, false, &[("CHAP_A", "4,99")]);
+        assert_eq!(r.status, LoginStatus::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn open_target_still_negotiates_none() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let r = d.send(Stage::Security, true, &first(OPEN));
+        assert_eq!(key(&r, "AuthMethod").as_deref(), Some("None"));
+        assert!(r.transit);
+    }
+
+    #[test]
+    fn discovery_chap_is_required_when_configured() {
+        let limiter = Arc::default();
+        let disc = [
+            ("InitiatorName", INITIATOR),
+            ("SessionType", "Discovery"),
+            ("AuthMethod", "None"),
+        ];
+        let mut d = Driver::new(&limiter, Some(chap_config()));
+        assert_eq!(
+            d.send(Stage::Security, true, &disc).status,
+            LoginStatus::AUTHENTICATION_FAILURE
+        );
+        let mut d = Driver::new(&limiter, None);
+        assert_eq!(
+            d.send(Stage::Security, true, &disc).status,
+            LoginStatus::SUCCESS
+        );
+
+        let mut d = Driver::new(&limiter, Some(chap_config()));
+        let r = d.send(
+            Stage::Security,
+            false,
+            &[
+                ("InitiatorName", INITIATOR),
+                ("SessionType", "Discovery"),
+                ("AuthMethod", "CHAP"),
+                ("CHAP_A", "5"),
+            ],
+        );
+        assert_eq!(key(&r, "AuthMethod").as_deref(), Some("CHAP"));
+        let id: u8 = key(&r, "CHAP_I").unwrap().parse().unwrap();
+        let c = decode_binary(&key(&r, "CHAP_C").unwrap()).unwrap();
+        let r = d.send(
+            Stage::Security,
+            true,
+            &[
+                ("CHAP_N", "alice"),
+                ("CHAP_R", &answer(ChapAlgorithm::Md5, id, &c, SECRET)),
+            ],
+        );
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        assert!(r.transit);
+    }
+
+    #[test]
+    fn limiter_refuses_guesses_during_backoff_but_not_other_initiators() {
+        let limiter: Arc<Mutex<AuthLimiter>> = Arc::default();
+        let t0 = Instant::now();
+        // Login up to the challenge; the driver and the challenge, or the refusal.
+        let begin = |name: &str, now: Instant| {
+            let mut d = Driver::new(&limiter, None);
+            d.now = now;
+            let r = d.send(
+                Stage::Security,
+                false,
+                &[
+                    ("InitiatorName", name),
+                    ("TargetName", TARGET),
+                    ("AuthMethod", "CHAP"),
+                    ("CHAP_A", "5"),
+                ],
+            );
+            if r.status != LoginStatus::SUCCESS {
+                return Err(r.status);
+            }
+            let id: u8 = key(&r, "CHAP_I").unwrap().parse().unwrap();
+            let c = decode_binary(&key(&r, "CHAP_C").unwrap()).unwrap();
+            Ok((d, id, c))
+        };
+        let finish = |(mut d, id, c): (Driver, u8, Vec<u8>), secret: &str| {
+            let resp = answer(ChapAlgorithm::Md5, id, &c, secret);
+            d.send(
+                Stage::Security,
+                true,
+                &[("CHAP_N", "alice"), ("CHAP_R", &resp)],
+            )
+            .status
+        };
+        let attempt = |secret: &str, name: &str, now: Instant| match begin(name, now) {
+            Ok(started) => finish(started, secret),
+            Err(status) => status,
+        };
+        // An exchange that got its challenge before the backoff began.
+        let early = begin(INITIATOR, t0).unwrap();
+        for _ in 0..4 {
+            assert_eq!(
+                attempt("bad-secret-xx", INITIATOR, t0),
+                LoginStatus::AUTHENTICATION_FAILURE
+            );
+        }
+        // In backoff: even the right secret is refused unchecked, at its answer…
+        assert_eq!(finish(early, SECRET), LoginStatus::AUTHENTICATION_FAILURE);
+        // …or before a challenge is even issued…
+        assert_eq!(
+            begin(INITIATOR, t0).err(),
+            Some(LoginStatus::AUTHENTICATION_FAILURE)
+        );
+        assert_eq!(
+            attempt(SECRET, INITIATOR, t0),
+            LoginStatus::AUTHENTICATION_FAILURE
+        );
+        // …another initiator is not affected…
+        assert_eq!(
+            attempt(SECRET, "iqn.2026-11.io.test:other", t0),
+            LoginStatus::SUCCESS
+        );
+        // …and after the backoff (under a second) the right secret works again.
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(attempt(SECRET, INITIATOR, later), LoginStatus::SUCCESS);
+        assert!(limiter.lock().unwrap().is_empty());
+    }
 }
