@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use sha3::Sha3_256;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
@@ -509,31 +510,40 @@ struct Failures {
 /// refused without being checked, so a guesser gets at most one checked guess per backoff
 /// whatever its number of connections; a success clears the name. Other names are unaffected.
 /// Sans-IO: every call takes `now`.
+///
+/// Names are kept as keyed 64-bit hashes of their lowercase form (RFC 3722 names compare
+/// case-insensitively), so a tracked name costs a few dozen bytes however long the peer made it.
 #[derive(Debug, Default)]
 pub struct AuthLimiter {
     policy: LimiterPolicy,
-    names: HashMap<String, Failures>,
+    hasher: RandomState,
+    names: HashMap<u64, Failures>,
 }
 
 impl AuthLimiter {
     pub fn new(policy: LimiterPolicy) -> Self {
         AuthLimiter {
             policy,
+            hasher: RandomState::new(),
             names: HashMap::new(),
         }
+    }
+
+    fn key(&self, initiator: &str) -> u64 {
+        self.hasher.hash_one(initiator.to_ascii_lowercase())
     }
 
     /// May a CHAP response from `initiator` be checked now?
     pub fn admit(&self, initiator: &str, now: Instant) -> bool {
         !matches!(
-            self.names.get(&initiator.to_ascii_lowercase()),
+            self.names.get(&self.key(initiator)),
             Some(f) if now < f.locked_until
         )
     }
 
     /// A checked response from `initiator` was wrong.
     pub fn record_failure(&mut self, initiator: &str, now: Instant) {
-        let key = initiator.to_ascii_lowercase();
+        let key = self.key(initiator);
         let policy = self.policy;
         if !self.names.contains_key(&key) && self.names.len() >= policy.max_entries {
             self.names.retain(|_, f| {
@@ -545,7 +555,7 @@ impl AuthLimiter {
                     .names
                     .iter()
                     .min_by_key(|(_, f)| f.last)
-                    .map(|(k, _)| k.clone());
+                    .map(|(k, _)| *k);
                 if let Some(k) = oldest {
                     self.names.remove(&k);
                 }
@@ -576,7 +586,8 @@ impl AuthLimiter {
 
     /// `initiator` authenticated: forget its failures.
     pub fn record_success(&mut self, initiator: &str) {
-        self.names.remove(&initiator.to_ascii_lowercase());
+        let key = self.key(initiator);
+        self.names.remove(&key);
     }
 
     /// Names currently tracked.
