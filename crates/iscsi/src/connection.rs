@@ -2990,4 +2990,100 @@ mod tests {
         let k = keys(&text);
         assert_eq!(k.iter().filter(|(key, _)| key == "TargetName").count(), 41);
     }
+
+    /// `config()` with CHAP on the lab target (user `alice`, secret `alice-secret-1`).
+    fn chap_config() -> PortalConfig {
+        use crate::chap::{Credentials, Secret};
+        let mut cfg = config();
+        cfg.targets[0].chap = Some(ChapConfig {
+            initiator: Credentials {
+                user: "alice".into(),
+                secret: Secret::new("alice-secret-1"),
+            },
+            target: None,
+        });
+        cfg
+    }
+
+    /// Through the security stage with CHAP MD5 answering with `secret`; the final response.
+    fn chap_login(p: &mut Pair, secret: &str) -> Pdu {
+        use crate::chap::{decode_binary, encode_binary, ChapAlgorithm, Secret};
+        let sec =
+            |transit| Header::LoginRequest(login_req(Stage::Security, Stage::Operational, transit));
+        p.send(pdu(
+            sec(true),
+            kv(&[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+                ("AuthMethod", "CHAP,None"),
+            ]),
+        ));
+        let out = p.recv();
+        assert_eq!(key(&keys(&out[0].data), "AuthMethod"), Some("CHAP"));
+        p.send(pdu(sec(true), kv(&[("CHAP_A", "5")])));
+        let out = p.recv();
+        let k = keys(&out[0].data);
+        let id: u8 = key(&k, "CHAP_I").unwrap().parse().unwrap();
+        let c = decode_binary(key(&k, "CHAP_C").unwrap()).unwrap();
+        let r = encode_binary(&ChapAlgorithm::Md5.response(id, &Secret::new(secret), &c));
+        p.send(pdu(sec(true), kv(&[("CHAP_N", "alice"), ("CHAP_R", &r)])));
+        let mut out = p.recv();
+        assert_eq!(out.len(), 1);
+        out.remove(0)
+    }
+
+    #[test]
+    fn accepts_chap_then_operational_stage() {
+        let mut p = Pair::new(chap_config());
+        let r = chap_login(&mut p, "alice-secret-1");
+        assert_eq!(login_status(&r), LoginStatus::SUCCESS);
+        let Header::LoginResponse(h) = &r.header else {
+            unreachable!()
+        };
+        assert!(h.transit && h.nsg == Stage::Operational);
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Operational, Stage::FullFeature, true)),
+            kv(&[]),
+        ));
+        let out = p.recv();
+        assert_eq!(login_status(&out[0]), LoginStatus::SUCCESS);
+        assert!(matches!(p.events().as_slice(), [Event::LoggedIn(_)]));
+    }
+
+    #[test]
+    fn rejects_wrong_chap_secret_and_closes() {
+        let mut p = Pair::new(chap_config());
+        let r = chap_login(&mut p, "wrong-secret-1");
+        assert_eq!(login_status(&r), LoginStatus::AUTHENTICATION_FAILURE);
+        assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert!(p.events().is_empty());
+    }
+
+    #[test]
+    fn chap_failures_back_off_per_initiator_across_connections() {
+        let cfg = Arc::new(chap_config());
+        for _ in 0..4 {
+            // Each Pair is a new connection; the clone shares the limiter.
+            let mut p = Pair::new((*cfg).clone());
+            let r = chap_login(&mut p, "wrong-secret-1");
+            assert_eq!(login_status(&r), LoginStatus::AUTHENTICATION_FAILURE);
+        }
+        // The shared limiter now refuses this initiator before any challenge.
+        let mut p = Pair::new((*cfg).clone());
+        p.send(pdu(
+            Header::LoginRequest(login_req(Stage::Security, Stage::Operational, true)),
+            kv(&[
+                ("InitiatorName", INITIATOR),
+                ("TargetName", TARGET),
+                ("AuthMethod", "CHAP"),
+            ]),
+        ));
+        let out = p.recv();
+        assert_eq!(login_status(&out[0]), LoginStatus::AUTHENTICATION_FAILURE);
+        // After the backoff (under a second of simulated time) the right secret gets in.
+        let mut p = Pair::new((*cfg).clone());
+        p.now += std::time::Duration::from_secs(1);
+        let r = chap_login(&mut p, "alice-secret-1");
+        assert_eq!(login_status(&r), LoginStatus::SUCCESS);
+    }
 }
