@@ -191,15 +191,16 @@ fn cpu_ticks(pid: u32) -> i64 {
 }
 
 /// Issue #4 acceptance 3: 500 bad-secret logins from one process while another session runs
-/// I/O leave its IOPS within 20 % and its logins under 1 s. Runs alternate quiet / storm twice
-/// (A B A B) so that drift on a shared machine hits both sides alike.
+/// I/O leave its IOPS within 20 % and its logins under 1 s. Runs alternate quiet / storm three
+/// times (A B A B A B) and the best of each side is compared: load from other processes on a
+/// shared machine only ever lowers a run, so the best run is the least disturbed one.
 #[test]
 fn bad_secret_storm_leaves_other_sessions_alone() {
     require_tool("iscsi-perf");
     let d = Daemon::start(Some(CONFIG));
     let worker = "iqn.2026-11.io.test:worker";
     let (mut quiet, mut stormy) = (0u64, 0u64);
-    for storm in [false, true, false, true] {
+    for storm in [false, true, false, true, false, true] {
         let cpu = cpu_ticks(d.pid());
         let (iops, slowest) = measured_run(&d, worker, 5, storm);
         let cpu = cpu_ticks(d.pid()) - cpu;
@@ -211,12 +212,12 @@ fn bad_secret_storm_leaves_other_sessions_alone() {
             "a good login took {slowest:?}"
         );
         if storm {
-            stormy += iops;
+            stormy = stormy.max(iops);
         } else {
-            quiet += iops;
+            quiet = quiet.max(iops);
         }
     }
-    eprintln!("quiet {quiet} vs storm {stormy} IOPS (sums of two runs)");
+    eprintln!("quiet {quiet} vs storm {stormy} IOPS (best of three runs each)");
     assert!(
         stormy * 10 >= quiet * 8,
         "IOPS under the storm {stormy} < 80% of {quiet}"
