@@ -22,7 +22,7 @@ echo "== tier 5: io_uring cancellation under AddressSanitizer (backstore tests a
 asan=(env RUSTFLAGS=-Zsanitizer=address RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/asan)
 "${asan[@]}" cargo test --release -p ironlun-backstore --target x86_64-unknown-linux-gnu --test uring
 "${asan[@]}" cargo build --release -p ironlun --target x86_64-unknown-linux-gnu
-IRONLUN_BIN=target/asan/x86_64-unknown-linux-gnu/release/ironlun \
+IRONLUN_BIN="$PWD/target/asan/x86_64-unknown-linux-gnu/release/ironlun" \
   cargo test --release -p ironlun-initiator-tests --test uring_cancel -- --nocapture
 
 if [ "$FUZZ_SECONDS" != 0 ]; then
