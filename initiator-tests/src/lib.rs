@@ -20,7 +20,11 @@ pub fn daemon_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let p = target.join("release/ironlun");
-    assert!(p.exists(), "{} missing: run `cargo build --release -p ironlun` (scripts/test.sh does)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --release -p ironlun` (scripts/test.sh does)",
+        p.display()
+    );
     p
 }
 
@@ -31,8 +35,16 @@ pub fn repo_root() -> PathBuf {
 
 /// Fail (not skip) when a tool is missing.
 pub fn require_tool(name: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{name} is not installed: run scripts/install-deps.sh (scripts/test.sh does)");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{name} is not installed: run scripts/install-deps.sh (scripts/test.sh does)"
+    );
 }
 
 /// A running daemon; SIGTERM and wait on drop.
@@ -50,14 +62,25 @@ impl Daemon {
     pub fn start(config: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(dir.path());
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.path());
         if let Some(text) = config {
             let p = dir.path().join("ironlun.toml");
             std::fs::write(&p, text).unwrap();
             cmd.arg("-c").arg(&p);
         }
-        cmd.env("IRONLUN_LOG", std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into()));
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        cmd.env(
+            "IRONLUN_LOG",
+            std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
         let (etx, erx) = mpsc::channel();
@@ -79,7 +102,9 @@ impl Daemon {
         let mut urls = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) if l.starts_with("listening ") => addr = Some(l["listening ".len()..].to_string()),
+                Ok(l) if l.starts_with("listening ") => {
+                    addr = Some(l["listening ".len()..].to_string())
+                }
                 Ok(l) if l.starts_with("url ") => {
                     urls.push(l["url ".len()..].to_string());
                 }
@@ -101,7 +126,13 @@ impl Daemon {
             let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
             panic!("daemon did not report its address; stderr:\n{err}");
         };
-        Daemon { child: Some(child), addr, urls, dir, stderr: erx }
+        Daemon {
+            child: Some(child),
+            addr,
+            urls,
+            dir,
+            stderr: erx,
+        }
     }
 
     /// The daemon's process id (for /proc/PID/status and /proc/PID/fd).
@@ -116,10 +147,20 @@ impl Daemon {
     /// Stop with SIGTERM; assert a clean exit (status 0, no panic in the log). Returns stderr.
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().unwrap();
-        assert!(child.try_wait().unwrap().is_none(), "daemon exited during the test");
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "daemon exited during the test"
+        );
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         let status = wait_timeout(&mut child, Duration::from_secs(30));
-        let err = self.stderr.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        let err = self
+            .stderr
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default();
         assert!(!err.contains("panicked"), "daemon panicked:\n{err}");
         assert_eq!(status, Some(0), "daemon exit status; stderr:\n{err}");
         err
@@ -158,7 +199,13 @@ WriteSame16 WriteVerify10 WriteVerify12 WriteVerify16 iSCSIcmdsn iSCSIdatasn iSC
 pub fn conformance(url: &str, out_dir: &Path) -> (bool, String) {
     let suites: Vec<String> = REQUIRED_SUITES
         .split_whitespace()
-        .map(|s| if s.starts_with("iSCSI") { format!("iSCSI.{s}") } else { format!("SCSI.{s}") })
+        .map(|s| {
+            if s.starts_with("iSCSI") {
+                format!("iSCSI.{s}")
+            } else {
+                format!("SCSI.{s}")
+            }
+        })
         .collect();
     run(Command::new("bash")
         .arg(repo_root().join("scripts/conformance.sh"))
@@ -173,7 +220,9 @@ pub fn conformance(url: &str, out_dir: &Path) -> (bool, String) {
 
 /// Run a command, return (success, stdout+stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)

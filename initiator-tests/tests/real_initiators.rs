@@ -17,18 +17,32 @@ fn default_lun_is_reported_by_libiscsi_tools() {
 
     let (ok, out) = run(Command::new("iscsi-ls").arg("-s").arg(d.portal()));
     assert!(ok, "{out}");
-    assert!(out.contains(&format!("Target:{TARGET} Portal:{},1", d.addr)), "{out}");
-    assert!(out.contains("Lun:0") && out.contains("Type:DIRECT_ACCESS") && out.contains("Size:1"), "{out}");
+    assert!(
+        out.contains(&format!("Target:{TARGET} Portal:{},1", d.addr)),
+        "{out}"
+    );
+    assert!(
+        out.contains("Lun:0") && out.contains("Type:DIRECT_ACCESS") && out.contains("Size:1"),
+        "{out}"
+    );
 
     let (ok, out) = run(Command::new("iscsi-inq").arg(&url));
     assert!(ok, "{out}");
-    assert!(out.contains("Peripheral Device Type:DIRECT_ACCESS"), "{out}");
+    assert!(
+        out.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{out}"
+    );
     assert!(out.contains("Vendor:IRONLUN"), "{out}");
     assert!(out.contains("CmdQue:1"), "{out}");
 
-    let (ok, out) = run(Command::new("iscsi-inq").args(["-e", "1", "-c", "131"]).arg(&url));
+    let (ok, out) = run(Command::new("iscsi-inq")
+        .args(["-e", "1", "-c", "131"])
+        .arg(&url));
     assert!(ok, "{out}");
-    assert!(out.contains("NAA"), "VPD 83h lacks an NAA designator:\n{out}");
+    assert!(
+        out.contains("NAA"),
+        "VPD 83h lacks an NAA designator:\n{out}"
+    );
 
     let (ok, out) = run(Command::new("iscsi-readcapacity16").arg(&url));
     assert!(ok, "{out}");
@@ -65,15 +79,27 @@ fn qemu_roundtrip(block_size: u32) {
     let (ok, out) = run(Command::new("qemu-img").args(["info"]).arg(&url));
     assert!(ok, "{out}");
     assert!(out.contains("virtual size: 64 MiB"), "{out}");
-    let (ok, out) = run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&url));
+    let (ok, out) = run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&url));
     assert!(ok, "convert into the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&url).arg(&back));
+    let (ok, out) = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&url)
+        .arg(&back));
     assert!(ok, "convert out of the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&back));
+    let (ok, out) = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&back));
     assert!(ok, "compare: {out}");
     assert!(out.contains("Images are identical"), "{out}");
     // And straight against the LUN.
-    let (ok, out) = run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&url));
+    let (ok, out) = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&url));
     assert!(ok && out.contains("Images are identical"), "{out}");
     d.stop();
 }

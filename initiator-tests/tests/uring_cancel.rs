@@ -2,7 +2,12 @@
 //! may still be reading into or writing from a request's buffer when its command is abandoned;
 //! the buffer must stay owned by the ring until its completion (DESIGN.md §3 rule 6).
 //! `scripts/test.sh` also runs this test against a daemon built with AddressSanitizer.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
 
 use bytes::Bytes;
 use ironlun_initiator::{LoginOptions, Session};
@@ -30,7 +35,9 @@ fn pattern(seed: u64, len: usize) -> Bytes {
 }
 
 async fn session(addr: SocketAddr, name: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(name, Some(TARGET.to_owned()))).await.unwrap();
+    let s = Session::connect(addr, LoginOptions::new(name, Some(TARGET.to_owned())))
+        .await
+        .unwrap();
     // Clear the power-on unit attention of each LUN.
     for n in [0, 1] {
         let mut ready = false;
@@ -54,7 +61,10 @@ fn dropping_connections_with_uring_io_in_flight_is_safe() {
     );
     let d = Daemon::start(Some(&cfg));
     let addr: SocketAddr = d.addr.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for round in 0..40u64 {
             let s = session(addr, &format!("iqn.2026-11.io.ironlun:cancel-{round}")).await;
@@ -64,7 +74,11 @@ fn dropping_connections_with_uring_io_in_flight_is_safe() {
                 let lba = (round * 24 + i) % 256 * 512;
                 if i % 3 == 0 {
                     let cdb = read16(lba, 512);
-                    pending.push(s.start_command(l, &cdb, Bytes::new(), 512 * 512).await.unwrap());
+                    pending.push(
+                        s.start_command(l, &cdb, Bytes::new(), 512 * 512)
+                            .await
+                            .unwrap(),
+                    );
                 } else {
                     let data = pattern(round * 100 + i, 256 * 1024);
                     let cdb = write16(lba, 512, i % 4 == 1);
@@ -79,7 +93,10 @@ fn dropping_connections_with_uring_io_in_flight_is_safe() {
         let s = session(addr, "iqn.2026-11.io.ironlun:cancel-check").await;
         for n in [0, 1] {
             let data = pattern(7 + n, 1 << 20);
-            let w = s.write16(lun(n), 4096, 512, data.clone(), true).await.unwrap();
+            let w = s
+                .write16(lun(n), 4096, 512, data.clone(), true)
+                .await
+                .unwrap();
             assert_eq!(w.status, 0, "write on LUN {n}: sense {:02x?}", &w.sense[..]);
             let r = s.read16(lun(n), 4096, 2048, 512).await.unwrap();
             assert_eq!(r.status, 0, "read on LUN {n}");

@@ -90,7 +90,11 @@ impl BufferPool {
                 return Ok(Bytes::from(v));
             }
         }
-        Ok(Bytes::from_owner(Pooled { buf, len, pool: self.clone() }))
+        Ok(Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self.clone(),
+        }))
     }
 
     /// Buffers currently parked in the pool (for tests and metrics).

@@ -15,12 +15,12 @@
 //! refuses either, zeroes are written in bounded buffers instead. `extents` asks the filesystem
 //! with `SEEK_DATA`/`SEEK_HOLE`; where that is unsupported (block devices), all is mapped.
 
-use std::sync::Arc;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rustix::fs::{FallocateFlags, SeekFrom};

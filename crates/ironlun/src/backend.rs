@@ -3,7 +3,9 @@
 
 use crate::config::{BackstoreKind, Lun};
 use ironlun_backstore::uring::{UringBackend, UringOptions};
-use ironlun_backstore::{file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend};
+use ironlun_backstore::{
+    file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend,
+};
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +19,11 @@ pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
             Ok(Arc::new(b))
         }
         BackstoreKind::File { path } => open_file(lun, path),
-        BackstoreKind::Uring { path, direct, ring_depth } => {
+        BackstoreKind::Uring {
+            path,
+            direct,
+            ring_depth,
+        } => {
             create_parent(path)?;
             let opts = UringOptions {
                 size: lun.size,
@@ -48,14 +54,27 @@ fn create_parent(path: &Path) -> Result<(), String> {
 
 fn open_file(lun: &Lun, path: &Path) -> Result<Arc<dyn BlockBackend>, String> {
     create_parent(path)?;
-    let opts = FileOptions { size: lun.size, create: true, read_only: lun.read_only };
+    let opts = FileOptions {
+        size: lun.size,
+        create: true,
+        read_only: lun.read_only,
+    };
     let b = FileBackend::open(path, opts).map_err(|e| format!("{}: {e}", path.display()))?;
     check_block_multiple(lun, path, Arc::new(b))
 }
 
-fn check_block_multiple(lun: &Lun, path: &Path, b: Arc<dyn BlockBackend>) -> Result<Arc<dyn BlockBackend>, String> {
+fn check_block_multiple(
+    lun: &Lun,
+    path: &Path,
+    b: Arc<dyn BlockBackend>,
+) -> Result<Arc<dyn BlockBackend>, String> {
     if !b.size().is_multiple_of(u64::from(lun.block_size)) {
-        return Err(format!("{}: size {} is not a multiple of block size {}", path.display(), b.size(), lun.block_size));
+        return Err(format!(
+            "{}: size {} is not a multiple of block size {}",
+            path.display(),
+            b.size(),
+            lun.block_size
+        ));
     }
     Ok(b)
 }
@@ -68,7 +87,10 @@ pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResul
             Ok(len) => backend.read_async(*offset, len).await.map(IoResult::Data),
             Err(_) => return IoResult::Error(IoErrorKind::Other),
         },
-        IoOp::Write { offset, data, fua } => backend.write_async(*offset, data.clone(), *fua).await.map(|()| IoResult::Done),
+        IoOp::Write { offset, data, fua } => backend
+            .write_async(*offset, data.clone(), *fua)
+            .await
+            .map(|()| IoResult::Done),
         IoOp::Flush => backend.flush_async().await.map(|()| IoResult::Done),
         _ => return perform(&**backend, &op),
     };
@@ -101,18 +123,20 @@ pub fn perform(backend: &dyn BlockBackend, op: &IoOp) -> IoResult {
             Ok(len) => backend.read(*offset, len).map(IoResult::Data),
             Err(_) => return IoResult::Error(IoErrorKind::Other),
         },
-        IoOp::Write { offset, data, fua } => backend.write(*offset, data, *fua).map(|()| IoResult::Done),
-        IoOp::Flush => backend.flush().map(|()| IoResult::Done),
-        IoOp::WriteZeroes { offset, len, unmap } => {
-            backend.write_zeroes(*offset, *len, *unmap).map(|()| IoResult::Done)
+        IoOp::Write { offset, data, fua } => {
+            backend.write(*offset, data, *fua).map(|()| IoResult::Done)
         }
+        IoOp::Flush => backend.flush().map(|()| IoResult::Done),
+        IoOp::WriteZeroes { offset, len, unmap } => backend
+            .write_zeroes(*offset, *len, *unmap)
+            .map(|()| IoResult::Done),
         IoOp::Unmap { ranges } => ranges
             .iter()
             .try_for_each(|(o, l)| backend.unmap(*o, *l))
             .map(|()| IoResult::Done),
-        IoOp::MapStatus { offset, len } => backend
-            .extents(*offset, *len)
-            .map(|v| IoResult::Extents(v.into_iter().map(|e| (e.offset, e.len, e.mapped)).collect())),
+        IoOp::MapStatus { offset, len } => backend.extents(*offset, *len).map(|v| {
+            IoResult::Extents(v.into_iter().map(|e| (e.offset, e.len, e.mapped)).collect())
+        }),
     };
     match r {
         Ok(v) => v,

@@ -76,7 +76,9 @@ struct RawChap {
 /// Never prints the secrets.
 impl fmt::Debug for RawChap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawChap").field("user", self.user.get_ref()).finish_non_exhaustive()
+        f.debug_struct("RawChap")
+            .field("user", self.user.get_ref())
+            .finish_non_exhaustive()
     }
 }
 
@@ -206,7 +208,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS }
+        Limits {
+            max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS,
+        }
     }
 }
 
@@ -254,9 +258,15 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackstoreKind {
     Ram,
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
     /// A file driven through io_uring; falls back to `File` when the kernel refuses io_uring.
-    Uring { path: PathBuf, direct: bool, ring_depth: u32 },
+    Uring {
+        path: PathBuf,
+        direct: bool,
+        ring_depth: u32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -280,9 +290,17 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text.get(..offset).map_or(0, |s| s.matches('\n').count()) + 1
+        self.text
+            .get(..offset)
+            .map_or(0, |s| s.matches('\n').count())
+            + 1
     }
-    fn err<T>(&self, span: std::ops::Range<usize>, key: impl Into<String>, msg: impl Into<String>) -> Result<T, ConfigError> {
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Result<T, ConfigError> {
         Err(ConfigError {
             file: self.file.to_string(),
             line: Some(self.line_of(span.start)),
@@ -299,7 +317,9 @@ impl Config {
         let name = DEFAULT_TARGET.to_string();
         let lun = Lun {
             id: 0,
-            backstore: BackstoreKind::File { path: data_dir.join("lun0.img") },
+            backstore: BackstoreKind::File {
+                path: data_dir.join("lun0.img"),
+            },
             size: Some(1 << 30),
             block_size: 512,
             serial: derive_serial(&name, 0),
@@ -309,8 +329,14 @@ impl Config {
             write_cache: true,
         };
         Config {
-            portals: vec![Portal { listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), tpgt: 1 }],
-            negotiation: Negotiation { offers: Default::default(), cmd_window: 128 },
+            portals: vec![Portal {
+                listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+                tpgt: 1,
+            }],
+            negotiation: Negotiation {
+                offers: Default::default(),
+                cmd_window: 128,
+            },
             data_dir,
             targets: vec![Target {
                 name,
@@ -337,7 +363,12 @@ impl Config {
             key: "-".into(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(&path.display().to_string(), &text, path.parent(), data_dir_override)
+        Self::parse(
+            &path.display().to_string(),
+            &text,
+            path.parent(),
+            data_dir_override,
+        )
     }
 
     /// Parse config text; `file` names it in errors.
@@ -357,10 +388,17 @@ impl Config {
                 .nth(1)
                 .map(str::to_string)
                 .unwrap_or_else(|| "-".to_string());
-            ConfigError { file: file.to_string(), line, key, message: msg }
+            ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message: msg,
+            }
         })?;
 
-        let base = base.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let base = base
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         let data_dir = match (data_dir_override, &raw.data_dir) {
             (Some(d), _) => d.to_path_buf(),
             (None, Some(d)) => base.join(d.get_ref()),
@@ -373,18 +411,29 @@ impl Config {
                 Ok(a) => a,
                 Err(_) => match format!("{}:{}", p.listen.get_ref(), DEFAULT_PORT).parse() {
                     Ok(a) => a,
-                    Err(_) => return cx.err(p.listen.span(), format!("portal[{i}].listen"), "expected IP:PORT, e.g. 127.0.0.1:3260"),
+                    Err(_) => {
+                        return cx.err(
+                            p.listen.span(),
+                            format!("portal[{i}].listen"),
+                            "expected IP:PORT, e.g. 127.0.0.1:3260",
+                        )
+                    }
                 },
             };
             let tpgt = match &p.tpgt {
-                Some(t) if *t.get_ref() == 0 => return cx.err(t.span(), format!("portal[{i}].tpgt"), "must be 1..=65535"),
+                Some(t) if *t.get_ref() == 0 => {
+                    return cx.err(t.span(), format!("portal[{i}].tpgt"), "must be 1..=65535")
+                }
                 Some(t) => *t.get_ref(),
                 None => 1,
             };
             portals.push(Portal { listen, tpgt });
         }
         if portals.is_empty() {
-            portals.push(Portal { listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)), tpgt: 1 });
+            portals.push(Portal {
+                listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+                tpgt: 1,
+            });
         }
 
         let negotiation = parse_negotiation(&cx, raw.negotiation.unwrap_or_default())?;
@@ -414,14 +463,22 @@ impl Config {
                 return cx.err(t.name.span(), format!("target[{ti}].name"), m);
             }
             if !names.insert(name.to_ascii_lowercase()) {
-                return cx.err(t.name.span(), format!("target[{ti}].name"), "duplicate target name");
+                return cx.err(
+                    t.name.span(),
+                    format!("target[{ti}].name"),
+                    "duplicate target name",
+                );
             }
             let mut luns: Vec<Lun> = Vec::new();
             for (li, l) in t.lun.iter().enumerate() {
                 let key = |k: &str| format!("target[{ti}].lun[{li}].{k}");
                 let id = *l.id.get_ref();
                 if id >= 16384 {
-                    return cx.err(l.id.span(), key("id"), "LUN must be < 16384 (flat addressing, SAM-5 §4.7)");
+                    return cx.err(
+                        l.id.span(),
+                        key("id"),
+                        "LUN must be < 16384 (flat addressing, SAM-5 §4.7)",
+                    );
                 }
                 if luns.iter().any(|o| o.id == id) {
                     return cx.err(l.id.span(), key("id"), format!("duplicate LUN {id}"));
@@ -435,7 +492,11 @@ impl Config {
                     Some(s) => match parse_size(s.get_ref()) {
                         Ok(0) => return cx.err(s.span(), key("size"), "must be > 0"),
                         Ok(v) if v % u64::from(block_size) != 0 => {
-                            return cx.err(s.span(), key("size"), format!("{v} is not a multiple of block_size {block_size}"))
+                            return cx.err(
+                                s.span(),
+                                key("size"),
+                                format!("{v} is not a multiple of block_size {block_size}"),
+                            )
                         }
                         Ok(v) => Some(v),
                         Err(m) => return cx.err(s.span(), key("size"), m),
@@ -445,13 +506,21 @@ impl Config {
                 let backstore = match l.backstore.get_ref().as_str() {
                     "ram" => {
                         if size.is_none() {
-                            return cx.err(l.backstore.span(), key("size"), "a ram backstore needs a size");
+                            return cx.err(
+                                l.backstore.span(),
+                                key("size"),
+                                "a ram backstore needs a size",
+                            );
                         }
                         BackstoreKind::Ram
                     }
                     "file" | "uring" => {
                         let Some(p) = &l.path else {
-                            return cx.err(l.backstore.span(), key("path"), "a file or uring backstore needs a path");
+                            return cx.err(
+                                l.backstore.span(),
+                                key("path"),
+                                "a file or uring backstore needs a path",
+                            );
                         };
                         let path = data_dir.join(p.get_ref());
                         if l.backstore.get_ref() == "file" {
@@ -464,26 +533,43 @@ impl Config {
                                 Some(d) => *d.get_ref(),
                                 None => 128,
                             };
-                            BackstoreKind::Uring { path, direct: l.direct.as_ref().is_some_and(|d| *d.get_ref()), ring_depth }
+                            BackstoreKind::Uring {
+                                path,
+                                direct: l.direct.as_ref().is_some_and(|d| *d.get_ref()),
+                                ring_depth,
+                            }
                         }
                     }
                     other => {
                         return cx.err(
                             l.backstore.span(),
                             key("backstore"),
-                            format!("unknown backstore {other:?}; expected \"file\", \"uring\" or \"ram\""),
+                            format!(
+                            "unknown backstore {other:?}; expected \"file\", \"uring\" or \"ram\""
+                        ),
                         )
                     }
                 };
                 if !matches!(backstore, BackstoreKind::Uring { .. }) {
-                    for (name, span) in [("direct", l.direct.as_ref().map(Spanned::span)), ("ring_depth", l.ring_depth.as_ref().map(Spanned::span))] {
+                    for (name, span) in [
+                        ("direct", l.direct.as_ref().map(Spanned::span)),
+                        ("ring_depth", l.ring_depth.as_ref().map(Spanned::span)),
+                    ] {
                         if let Some(span) = span {
-                            return cx.err(span, key(name), "applies only to backstore = \"uring\"");
+                            return cx.err(
+                                span,
+                                key(name),
+                                "applies only to backstore = \"uring\"",
+                            );
                         }
                     }
                 }
                 let serial = match &l.serial {
-                    Some(s) if s.get_ref().is_empty() || s.get_ref().len() > 32 || !s.get_ref().is_ascii() => {
+                    Some(s)
+                        if s.get_ref().is_empty()
+                            || s.get_ref().len() > 32
+                            || !s.get_ref().is_ascii() =>
+                    {
                         return cx.err(s.span(), key("serial"), "must be 1 to 32 ASCII characters")
                     }
                     Some(s) => s.get_ref().clone(),
@@ -513,7 +599,15 @@ impl Config {
                 Some(c) => Some(parse_chap(&cx, &format!("target[{ti}].chap"), c)?),
                 None => None,
             };
-            targets.push(Target { name, alias: t.alias.clone(), luns, acl, masking, max_sessions, chap });
+            targets.push(Target {
+                name,
+                alias: t.alias.clone(),
+                luns,
+                acl,
+                masking,
+                max_sessions,
+                chap,
+            });
         }
         if targets.is_empty() {
             return Err(ConfigError {
@@ -526,7 +620,11 @@ impl Config {
         let mut limits = Limits::default();
         if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_sessions.as_ref()) {
             if !(1..=MAX_SESSIONS_BOUND).contains(m.get_ref()) {
-                return cx.err(m.span(), "limits.max_sessions", format!("must be 1..={MAX_SESSIONS_BOUND}"));
+                return cx.err(
+                    m.span(),
+                    "limits.max_sessions",
+                    format!("must be 1..={MAX_SESSIONS_BOUND}"),
+                );
             }
             limits.max_sessions = *m.get_ref();
         }
@@ -534,7 +632,16 @@ impl Config {
             Some(c) => Some(parse_chap(&cx, "discovery.chap", c)?),
             None => None,
         };
-        Ok(Config { portals, negotiation, data_dir, targets, runtime, limits, timeouts, discovery_chap })
+        Ok(Config {
+            portals,
+            negotiation,
+            data_dir,
+            targets,
+            runtime,
+            limits,
+            timeouts,
+            discovery_chap,
+        })
     }
 }
 
@@ -543,36 +650,76 @@ const MAX_CHAP_TEXT: usize = 255;
 
 /// A `chap` table: names non-empty, secrets at least 12 bytes (RFC 7143 §12.1.3: 96 bits),
 /// mutual name and secret together, the mutual secret different from the initiator's.
-fn parse_chap(cx: &Ctx<'_>, prefix: &str, c: &RawChap) -> Result<ironlun_iscsi::chap::ChapConfig, ConfigError> {
+fn parse_chap(
+    cx: &Ctx<'_>,
+    prefix: &str,
+    c: &RawChap,
+) -> Result<ironlun_iscsi::chap::ChapConfig, ConfigError> {
     use ironlun_iscsi::chap::{ChapConfig, Credentials, Secret, MIN_SECRET_LEN};
     let name = |v: &Spanned<String>, key: &str| -> Result<String, ConfigError> {
         let n = v.get_ref();
         if n.is_empty() || n.len() > MAX_CHAP_TEXT || n.contains('\0') {
-            return cx.err(v.span(), format!("{prefix}.{key}"), format!("must be 1 to {MAX_CHAP_TEXT} bytes without NUL"));
+            return cx.err(
+                v.span(),
+                format!("{prefix}.{key}"),
+                format!("must be 1 to {MAX_CHAP_TEXT} bytes without NUL"),
+            );
         }
         Ok(n.clone())
     };
     let secret = |v: &Spanned<String>, key: &str| -> Result<Secret, ConfigError> {
         let len = v.get_ref().len();
         if len < MIN_SECRET_LEN {
-            return cx.err(v.span(), format!("{prefix}.{key}"), format!("too short: at least {MIN_SECRET_LEN} bytes (RFC 7143 §12.1.3 wants 96 bits)"));
+            return cx.err(
+                v.span(),
+                format!("{prefix}.{key}"),
+                format!(
+                    "too short: at least {MIN_SECRET_LEN} bytes (RFC 7143 §12.1.3 wants 96 bits)"
+                ),
+            );
         }
         if len > MAX_CHAP_TEXT {
-            return cx.err(v.span(), format!("{prefix}.{key}"), format!("at most {MAX_CHAP_TEXT} bytes"));
+            return cx.err(
+                v.span(),
+                format!("{prefix}.{key}"),
+                format!("at most {MAX_CHAP_TEXT} bytes"),
+            );
         }
         Ok(Secret::new(v.get_ref().as_bytes()))
     };
-    let initiator = Credentials { user: name(&c.user, "user")?, secret: secret(&c.secret, "secret")? };
+    let initiator = Credentials {
+        user: name(&c.user, "user")?,
+        secret: secret(&c.secret, "secret")?,
+    };
     let target = match (&c.mutual_user, &c.mutual_secret) {
         (None, None) => None,
         (Some(u), Some(s)) => {
             if s.get_ref() == c.secret.get_ref() {
-                return cx.err(s.span(), format!("{prefix}.mutual_secret"), "must differ from secret (RFC 7143 §12.1.3)");
+                return cx.err(
+                    s.span(),
+                    format!("{prefix}.mutual_secret"),
+                    "must differ from secret (RFC 7143 §12.1.3)",
+                );
             }
-            Some(Credentials { user: name(u, "mutual_user")?, secret: secret(s, "mutual_secret")? })
+            Some(Credentials {
+                user: name(u, "mutual_user")?,
+                secret: secret(s, "mutual_secret")?,
+            })
         }
-        (Some(u), None) => return cx.err(u.span(), format!("{prefix}.mutual_secret"), "mutual_user needs mutual_secret"),
-        (None, Some(s)) => return cx.err(s.span(), format!("{prefix}.mutual_user"), "mutual_secret needs mutual_user"),
+        (Some(u), None) => {
+            return cx.err(
+                u.span(),
+                format!("{prefix}.mutual_secret"),
+                "mutual_user needs mutual_secret",
+            )
+        }
+        (None, Some(s)) => {
+            return cx.err(
+                s.span(),
+                format!("{prefix}.mutual_user"),
+                "mutual_secret needs mutual_user",
+            )
+        }
     };
     Ok(ChapConfig { initiator, target })
 }
@@ -583,7 +730,14 @@ fn parse_access(
     ti: usize,
     t: &RawTarget,
     luns: &[Lun],
-) -> Result<(ironlun_iscsi::acl::Acl, ironlun_iscsi::acl::LunMasking, usize), ConfigError> {
+) -> Result<
+    (
+        ironlun_iscsi::acl::Acl,
+        ironlun_iscsi::acl::LunMasking,
+        usize,
+    ),
+    ConfigError,
+> {
     use ironlun_iscsi::acl::{Acl, LunMasking, NamePattern};
     let acl = match &t.allowed_initiators {
         None => Acl::allow_all(),
@@ -592,7 +746,13 @@ fn parse_access(
             for (i, p) in list.iter().enumerate() {
                 match NamePattern::parse(p.get_ref()) {
                     Ok(pat) => patterns.push(pat),
-                    Err(e) => return cx.err(p.span(), format!("target[{ti}].allowed_initiators[{i}]"), e.to_string()),
+                    Err(e) => {
+                        return cx.err(
+                            p.span(),
+                            format!("target[{ti}].allowed_initiators[{i}]"),
+                            e.to_string(),
+                        )
+                    }
                 }
             }
             Acl::allow_only(patterns)
@@ -605,14 +765,25 @@ fn parse_access(
             Ok(p) => p,
             Err(e) => return cx.err(ini.name.span(), key("name"), e.to_string()),
         };
-        if rules.iter().any(|(p, _)| p.as_str().eq_ignore_ascii_case(pattern.as_str())) {
-            return cx.err(ini.name.span(), key("name"), "duplicate initiator name or pattern in this target");
+        if rules
+            .iter()
+            .any(|(p, _)| p.as_str().eq_ignore_ascii_case(pattern.as_str()))
+        {
+            return cx.err(
+                ini.name.span(),
+                key("name"),
+                "duplicate initiator name or pattern in this target",
+            );
         }
         let mut visible = Vec::new();
         for l in ini.luns.get_ref() {
             let id = *l.get_ref();
             if !luns.iter().any(|x| x.id == id) {
-                return cx.err(l.span(), key("luns"), format!("LUN {id} is not defined in this target"));
+                return cx.err(
+                    l.span(),
+                    key("luns"),
+                    format!("LUN {id} is not defined in this target"),
+                );
             }
             if visible.contains(&id) {
                 return cx.err(l.span(), key("luns"), format!("LUN {id} listed twice"));
@@ -623,7 +794,11 @@ fn parse_access(
     }
     let max_sessions = match &t.max_sessions {
         Some(m) if !(1..=MAX_SESSIONS_BOUND).contains(m.get_ref()) => {
-            return cx.err(m.span(), format!("target[{ti}].max_sessions"), format!("must be 1..={MAX_SESSIONS_BOUND}"))
+            return cx.err(
+                m.span(),
+                format!("target[{ti}].max_sessions"),
+                format!("must be 1..={MAX_SESSIONS_BOUND}"),
+            )
         }
         Some(m) => *m.get_ref(),
         None => ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
@@ -632,23 +807,37 @@ fn parse_access(
 }
 
 /// `[timeouts]`: each 0..=3600 s, 0 disables that timer; pings need a non-zero `nop_timeout`.
-fn parse_timeouts(cx: &Ctx<'_>, t: RawTimeouts) -> Result<ironlun_iscsi::connection::Timeouts, ConfigError> {
+fn parse_timeouts(
+    cx: &Ctx<'_>,
+    t: RawTimeouts,
+) -> Result<ironlun_iscsi::connection::Timeouts, ConfigError> {
     use std::time::Duration;
     let mut out = ironlun_iscsi::connection::Timeouts::default();
-    let secs = |v: &Option<Spanned<u64>>, key: &str, default: Duration| -> Result<Duration, ConfigError> {
-        match v {
-            Some(s) if *s.get_ref() > 3600 => cx.err(s.span(), key, "must be 0..=3600 seconds (0 disables)"),
-            Some(s) => Ok(Duration::from_secs(*s.get_ref())),
-            None => Ok(default),
-        }
-    };
+    let secs =
+        |v: &Option<Spanned<u64>>, key: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                Some(s) if *s.get_ref() > 3600 => {
+                    cx.err(s.span(), key, "must be 0..=3600 seconds (0 disables)")
+                }
+                Some(s) => Ok(Duration::from_secs(*s.get_ref())),
+                None => Ok(default),
+            }
+        };
     out.nop_interval = secs(&t.nop_interval, "timeouts.nop_interval", out.nop_interval)?;
     out.nop_timeout = secs(&t.nop_timeout, "timeouts.nop_timeout", out.nop_timeout)?;
     out.login = secs(&t.login_timeout, "timeouts.login_timeout", out.login)?;
-    out.discovery_idle = secs(&t.discovery_idle, "timeouts.discovery_idle", out.discovery_idle)?;
+    out.discovery_idle = secs(
+        &t.discovery_idle,
+        "timeouts.discovery_idle",
+        out.discovery_idle,
+    )?;
     if !out.nop_interval.is_zero() && out.nop_timeout.is_zero() {
         if let Some(s) = &t.nop_timeout {
-            return cx.err(s.span(), "timeouts.nop_timeout", "must be > 0 while nop_interval is > 0 (set nop_interval = 0 to disable pings)");
+            return cx.err(
+                s.span(),
+                "timeouts.nop_timeout",
+                "must be > 0 while nop_interval is > 0 (set nop_interval = 0 to disable pings)",
+            );
         }
     }
     Ok(out)
@@ -663,7 +852,13 @@ fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, Con
             match d.to_ascii_lowercase().as_str() {
                 "none" => out.push(DigestKind::None),
                 "crc32c" => out.push(DigestKind::Crc32c),
-                _ => return cx.err(v.span(), key, format!("unknown digest {d:?}; expected \"None\" or \"CRC32C\"")),
+                _ => {
+                    return cx.err(
+                        v.span(),
+                        key,
+                        format!("unknown digest {d:?}; expected \"None\" or \"CRC32C\""),
+                    )
+                }
             }
         }
         if out.is_empty() {
@@ -701,24 +896,40 @@ fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, Con
     if let Some(v) = &n.first_burst_length {
         o.first_burst_length = range(v, "negotiation.first_burst_length")?;
         if o.first_burst_length > o.max_burst_length {
-            return cx.err(v.span(), "negotiation.first_burst_length", "must not exceed max_burst_length (RFC 7143 §13.14)");
+            return cx.err(
+                v.span(),
+                "negotiation.first_burst_length",
+                "must not exceed max_burst_length (RFC 7143 §13.14)",
+            );
         }
     }
     if let Some(v) = &n.default_time2wait {
         if *v.get_ref() > 3600 {
-            return cx.err(v.span(), "negotiation.default_time2wait", "must be 0..=3600");
+            return cx.err(
+                v.span(),
+                "negotiation.default_time2wait",
+                "must be 0..=3600",
+            );
         }
         o.default_time2wait = *v.get_ref();
     }
     if let Some(v) = &n.default_time2retain {
         if *v.get_ref() > 3600 {
-            return cx.err(v.span(), "negotiation.default_time2retain", "must be 0..=3600");
+            return cx.err(
+                v.span(),
+                "negotiation.default_time2retain",
+                "must be 0..=3600",
+            );
         }
         o.default_time2retain = *v.get_ref();
     }
     if let Some(v) = &n.max_outstanding_r2t {
         if *v.get_ref() == 0 {
-            return cx.err(v.span(), "negotiation.max_outstanding_r2t", "must be 1..=65535");
+            return cx.err(
+                v.span(),
+                "negotiation.max_outstanding_r2t",
+                "must be 1..=65535",
+            );
         }
         o.max_outstanding_r2t = *v.get_ref();
     }
@@ -729,7 +940,10 @@ fn parse_negotiation(cx: &Ctx<'_>, n: RawNegotiation) -> Result<Negotiation, Con
         }
         cmd_window = *v.get_ref();
     }
-    Ok(Negotiation { offers: o, cmd_window })
+    Ok(Negotiation {
+        offers: o,
+        cmd_window,
+    })
 }
 
 /// iqn./eui./naa. names (RFC 7143 §4.2.7, RFC 3722 stringprep is approximated by lowercase ASCII).
@@ -737,7 +951,9 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 223 {
         return Err("an iSCSI name is 1 to 223 bytes (RFC 7143 §4.2.7.1)".into());
     }
-    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | ':'));
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | ':'));
     if !ok_chars {
         return Err("use lowercase letters, digits, '.', '-' and ':' only (RFC 3722)".into());
     }
@@ -764,7 +980,8 @@ fn parse_size(v: &SizeValue) -> Result<u64, String> {
                 "TiB" | "T" => 1 << 40,
                 u => return Err(format!("unknown unit {u:?}; use B, KiB, MiB, GiB or TiB")),
             };
-            n.checked_mul(mult).ok_or_else(|| format!("size {t:?} overflows"))
+            n.checked_mul(mult)
+                .ok_or_else(|| format!("size {t:?} overflows"))
         }
     }
 }
@@ -838,7 +1055,12 @@ size = "64MiB"
         )
         .unwrap();
         assert_eq!(c.targets[0].luns[0].size, Some(64 << 20));
-        assert_eq!(c.targets[0].luns[0].backstore, BackstoreKind::File { path: PathBuf::from("/tmp/a.img") });
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreKind::File {
+                path: PathBuf::from("/tmp/a.img")
+            }
+        );
         assert_eq!(c.portals[0].listen.port(), 3260);
     }
 
@@ -850,7 +1072,11 @@ size = "64MiB"
         .unwrap_err();
         assert_eq!(e.line, Some(7));
         assert_eq!(e.key, "target[0].lun[0].block_size");
-        assert!(e.to_string().starts_with("t.toml:7: target[0].lun[0].block_size: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:7: target[0].lun[0].block_size: "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -881,21 +1107,45 @@ size = "64MiB"
         let c = parse(&lun("direct = true\nring_depth = 64\n")).unwrap();
         assert_eq!(
             c.targets[0].luns[0].backstore,
-            BackstoreKind::Uring { path: PathBuf::from("/tmp/a.img"), direct: true, ring_depth: 64 }
+            BackstoreKind::Uring {
+                path: PathBuf::from("/tmp/a.img"),
+                direct: true,
+                ring_depth: 64
+            }
         );
         let e = parse(&lun("ring_depth = 0\n")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(7), "target[0].lun[0].ring_depth"));
-        let e = parse(&lun("").replace("uring", "file").replace("a.img\"\n", "a.img\"\ndirect = true\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(7), "target[0].lun[0].ring_depth")
+        );
+        let e = parse(
+            &lun("")
+                .replace("uring", "file")
+                .replace("a.img\"\n", "a.img\"\ndirect = true\n"),
+        )
+        .unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].direct");
     }
 
     #[test]
     fn runtime_table_is_validated() {
         let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
-        let c = parse(&format!("[runtime]\nworker_threads = 2\nblocking_threads = 8\n{base}")).unwrap();
-        assert_eq!(c.runtime, Runtime { worker_threads: Some(2), blocking_threads: Some(8) });
+        let c = parse(&format!(
+            "[runtime]\nworker_threads = 2\nblocking_threads = 8\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.runtime,
+            Runtime {
+                worker_threads: Some(2),
+                blocking_threads: Some(8)
+            }
+        );
         let e = parse(&format!("[runtime]\nworker_threads = 0\n{base}")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(2), "runtime.worker_threads"));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(2), "runtime.worker_threads")
+        );
     }
 
     #[test]
@@ -914,11 +1164,20 @@ size = "64MiB"
                 discovery_idle: Duration::ZERO,
             }
         );
-        let c = parse(&format!("[timeouts]\nnop_interval = 0\nnop_timeout = 0\n{base}")).unwrap();
+        let c = parse(&format!(
+            "[timeouts]\nnop_interval = 0\nnop_timeout = 0\n{base}"
+        ))
+        .unwrap();
         assert!(c.timeouts.nop_interval.is_zero());
         let e = parse(&format!("[timeouts]\nlogin_timeout = 3601\n{base}")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (Some(2), "timeouts.login_timeout"));
-        let e = parse(&format!("[timeouts]\nnop_interval = 5\nnop_timeout = 0\n{base}")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(2), "timeouts.login_timeout")
+        );
+        let e = parse(&format!(
+            "[timeouts]\nnop_interval = 5\nnop_timeout = 0\n{base}"
+        ))
+        .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(3), "timeouts.nop_timeout"));
         let e = parse(&format!("[timeouts]\nnop_intervall = 5\n{base}")).unwrap_err();
         assert_eq!(e.key, "nop_intervall");
@@ -935,7 +1194,10 @@ size = "64MiB"
         let t = &c.targets[0];
         assert!(t.acl.allows("iqn.any:one"));
         assert_eq!(t.masking.visible("iqn.any:one"), None);
-        assert_eq!(t.max_sessions, ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET);
+        assert_eq!(
+            t.max_sessions,
+            ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET
+        );
         assert_eq!(c.limits, Limits::default());
     }
 
@@ -950,8 +1212,14 @@ size = "64MiB"
         assert!(t.acl.allows("IQN.1994-05.com.redhat:abc"));
         assert!(t.acl.allows("iqn.2026-11.io.example:host1"));
         assert!(!t.acl.allows("iqn.2026-11.io.example:host2"));
-        assert_eq!(t.masking.visible("iqn.2026-11.io.example:host1"), Some(&[0, 2][..]));
-        assert_eq!(t.masking.visible("iqn.1994-05.com.redhat:abc"), Some(&[2][..]));
+        assert_eq!(
+            t.masking.visible("iqn.2026-11.io.example:host1"),
+            Some(&[0, 2][..])
+        );
+        assert_eq!(
+            t.masking.visible("iqn.1994-05.com.redhat:abc"),
+            Some(&[2][..])
+        );
         let c = parse(&format!("{ACL_BASE}allowed_initiators = []\n")).unwrap();
         assert!(!c.targets[0].acl.allows("iqn.any:one"));
     }
@@ -982,13 +1250,20 @@ size = "64MiB"
         ];
         for (extra, line, key) in cases {
             let e = parse(&format!("{ACL_BASE}{extra}")).unwrap_err();
-            assert_eq!((e.line, e.key.as_str()), (Some(*line), *key), "{extra}: {e}");
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (Some(*line), *key),
+                "{extra}: {e}"
+            );
         }
         let e = parse(&format!("[limits]\nmax_sessions = 0\n{ACL_BASE}")).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "limits.max_sessions"));
         let e = parse(&format!("[limits]\nmax_session = 3\n{ACL_BASE}")).unwrap_err();
         assert_eq!(e.key, "max_session");
-        let e = parse(&format!("{ACL_BASE}[[target.initiator]]\nname = \"iqn.x:h\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{ACL_BASE}[[target.initiator]]\nname = \"iqn.x:h\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "luns");
     }
 
@@ -1028,9 +1303,15 @@ size = "64MiB"
         assert_eq!(chap.initiator.secret.expose(), b"0123456789ab");
         assert_eq!(chap.target.as_ref().unwrap().user, "t");
         assert_eq!(c.discovery_chap.as_ref().unwrap().initiator.user, "d");
-        assert!(!format!("{c:?}").contains("0123456789ab"), "secrets never print");
+        assert!(
+            !format!("{c:?}").contains("0123456789ab"),
+            "secrets never print"
+        );
         // The [target.chap] table form too.
-        let c = parse(&format!("{CHAP_BASE}[target.chap]\nuser = \"u\"\nsecret = \"0123456789ab\"\n")).unwrap();
+        let c = parse(&format!(
+            "{CHAP_BASE}[target.chap]\nuser = \"u\"\nsecret = \"0123456789ab\"\n"
+        ))
+        .unwrap();
         assert!(c.targets[0].chap.as_ref().unwrap().target.is_none());
         assert!(c.discovery_chap.is_none());
     }
@@ -1050,9 +1331,15 @@ size = "64MiB"
             assert_eq!((e.line, e.key.as_str()), (Some(3), key), "{line}: {e}");
             assert!(!e.to_string().contains("0123456789ab"), "{e}");
         }
-        let e = parse(&format!("[discovery]\nchap = {{ user = \"d\", secret = \"x\" }}\n{CHAP_BASE}")).unwrap_err();
+        let e = parse(&format!(
+            "[discovery]\nchap = {{ user = \"d\", secret = \"x\" }}\n{CHAP_BASE}"
+        ))
+        .unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (Some(2), "discovery.chap.secret"));
-        let e = parse(&format!("{CHAP_BASE}chap = {{ user = \"u\", secret = \"0123456789ab\", pass = 1 }}\n")).unwrap_err();
+        let e = parse(&format!(
+            "{CHAP_BASE}chap = {{ user = \"u\", secret = \"0123456789ab\", pass = 1 }}\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "pass");
     }
 }

@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ironlun", version, about = "Userspace iSCSI target with SCSI-3 persistent reservations")]
+#[command(
+    name = "ironlun",
+    version,
+    about = "Userspace iSCSI target with SCSI-3 persistent reservations"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,10 @@ fn main() -> ExitCode {
                 for t in &c.targets {
                     println!("target {}", t.name);
                     for l in &t.luns {
-                        println!("  lun {} {:?} size={:?} block_size={}", l.id, l.backstore, l.size, l.block_size);
+                        println!(
+                            "  lun {} {:?} size={:?} block_size={}",
+                            l.id, l.backstore, l.size, l.block_size
+                        );
                     }
                 }
                 ExitCode::SUCCESS
@@ -70,11 +77,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config, listen, data_dir, workers } => serve(config, listen, data_dir, workers),
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            workers,
+        } => serve(config, listen, data_dir, workers),
     }
 }
 
-fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data_dir: Option<PathBuf>, workers: Option<usize>) -> ExitCode {
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    workers: Option<usize>,
+) -> ExitCode {
     let mut cfg = match &config {
         Some(path) => match Config::load(path, data_dir.as_deref()) {
             Ok(c) => c,
@@ -136,7 +153,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data_dir: Option<P
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

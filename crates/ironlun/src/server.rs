@@ -18,9 +18,9 @@ use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
+use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -72,7 +72,9 @@ struct LiveSession {
 
 impl SessionTable {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, (u64, oneshot::Sender<()>)>> {
-        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Register a session that just logged in, telling the session with the same key (if any)
@@ -84,7 +86,14 @@ impl SessionTable {
             tracing::info!(initiator = %key.0, target = %key.2, "session reinstatement: closing the previous session");
             let _ = old.send(());
         }
-        (LiveSession { table: self.clone(), key, id }, rx)
+        (
+            LiveSession {
+                table: self.clone(),
+                key,
+                id,
+            },
+            rx,
+        )
     }
 }
 
@@ -103,17 +112,24 @@ impl Server {
         let registry = Arc::new(Registry::build(cfg)?);
         let mut bound = Vec::new();
         for p in &cfg.portals {
-            let l = TcpListener::bind(p.listen).await.map_err(|e| format!("bind {}: {e}", p.listen))?;
+            let l = TcpListener::bind(p.listen)
+                .await
+                .map_err(|e| format!("bind {}: {e}", p.listen))?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             bound.push((l, addr, p.tpgt));
         }
         // One set of session counters for every portal: limits are per target and daemon-wide.
-        let sessions = Arc::new(cfg.targets.iter().fold(
-            SessionLimits::new(cfg.limits.max_sessions),
-            |limits, t| limits.with_target(&t.name, t.max_sessions),
-        ));
+        let sessions = Arc::new(
+            cfg.targets
+                .iter()
+                .fold(SessionLimits::new(cfg.limits.max_sessions), |limits, t| {
+                    limits.with_target(&t.name, t.max_sessions)
+                }),
+        );
         // CHAP failures are counted per initiator name across every portal.
-        let auth_limiter = Arc::new(std::sync::Mutex::new(ironlun_iscsi::chap::AuthLimiter::default()));
+        let auth_limiter = Arc::new(std::sync::Mutex::new(
+            ironlun_iscsi::chap::AuthLimiter::default(),
+        ));
         let mut listeners = Vec::new();
         for (l, addr, tpgt) in bound {
             let targets = cfg
@@ -141,12 +157,19 @@ impl Server {
             };
             listeners.push((l, Arc::new(pc)));
         }
-        Ok(Server { listeners, registry, live: Arc::default() })
+        Ok(Server {
+            listeners,
+            registry,
+            live: Arc::default(),
+        })
     }
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect()
     }
 
     /// Serve until `shutdown` flips to true; then stop accepting, let in-flight commands finish,
@@ -154,7 +177,8 @@ impl Server {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
+        let (conn_tx, mut conn_rx) =
+            mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
         for (l, pc) in self.listeners {
             let tx = conn_tx.clone();
             let mut sd = shutdown.clone();
@@ -218,7 +242,10 @@ impl Server {
         tracing::info!("shutting down: draining {} connection(s)", conns.len());
         accepts.shutdown().await;
         let drain = async { while conns.join_next().await.is_some() {} };
-        if tokio::time::timeout(DRAIN_TIMEOUT + std::time::Duration::from_secs(2), drain).await.is_err() {
+        if tokio::time::timeout(DRAIN_TIMEOUT + std::time::Duration::from_secs(2), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("connections did not close in time; aborting them");
             conns.shutdown().await;
         }
@@ -257,22 +284,29 @@ impl Shard {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         // The runtime is built and dropped on its own thread (dropping one inside async code panics).
-        std::thread::Builder::new().name(format!("ironlun-io-{index}")).spawn(move || {
-            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => {
-                    let _ = ready_tx.send(Ok(rt.handle().clone()));
-                    // Runs until stopped; dropping the runtime then cancels what is left on it.
-                    rt.block_on(async {
-                        let _ = stopped.await;
-                    });
+        std::thread::Builder::new()
+            .name(format!("ironlun-io-{index}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = ready_tx.send(Ok(rt.handle().clone()));
+                        // Runs until stopped; dropping the runtime then cancels what is left on it.
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })?;
+            })?;
         // Waits only for the runtime to be built (microseconds, once per shard at start).
-        let handle = ready_rx.recv().map_err(|_| std::io::Error::other("I/O thread exited"))??;
+        let handle = ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("I/O thread exited"))??;
         Ok(Shard { handle, stop })
     }
 
@@ -303,13 +337,25 @@ async fn within<F: std::future::Future>(bound: Duration, fut: F) -> Option<F::Ou
 /// Write every piece, using vectored writes (header and payload `Bytes` are not copied). A
 /// peer that stops reading fails the write once no byte was taken for `stall` (a full send
 /// buffer must not keep the connection, and its buffers, forever).
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>, stall: Duration) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pieces: &mut Vec<Bytes>,
+    stall: Duration,
+) -> std::io::Result<()> {
     let mut start = 0;
     while start < pieces.len() {
-        let slices: Vec<IoSlice<'_>> =
-            pieces.get(start..).unwrap_or(&[]).iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
+        let slices: Vec<IoSlice<'_>> = pieces
+            .get(start..)
+            .unwrap_or(&[])
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| IoSlice::new(b))
+            .collect();
         let Some(written) = within(stall, w.write_vectored(&slices)).await else {
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "peer stopped reading",
+            ));
         };
         let mut n = written?;
         if n == 0 {
@@ -317,7 +363,9 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<B
         }
         drop(slices);
         while n > 0 {
-            let Some(p) = pieces.get_mut(start) else { break };
+            let Some(p) = pieces.get_mut(start) else {
+                break;
+            };
             if n >= p.len() {
                 n -= p.len();
                 start += 1;
@@ -377,16 +425,26 @@ async fn serve_connection(
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::LoggedIn(info) => {
-                    let digests = conn.connection_params().map(|p| (p.header_digest, p.data_digest));
+                    let digests = conn
+                        .connection_params()
+                        .map(|p| (p.header_digest, p.data_digest));
                     tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
                     if let Some(target) = &info.target_name {
-                        let key = (info.initiator_name.to_ascii_lowercase(), info.isid, target.to_ascii_lowercase());
+                        let key = (
+                            info.initiator_name.to_ascii_lowercase(),
+                            info.isid,
+                            target.to_ascii_lowercase(),
+                        );
                         let (entry, rx) = live.register(key);
                         registered = Some(entry);
                         reinstated = Some(rx);
                     }
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
-                        nexus = Some(Arc::new(Nexus::attach_for(t, registry.new_nexus(), &info.initiator_name)));
+                        nexus = Some(Arc::new(Nexus::attach_for(
+                            t,
+                            registry.new_nexus(),
+                            &info.initiator_name,
+                        )));
                     }
                 }
                 Event::Command(cmd) => match &nexus {
@@ -403,7 +461,11 @@ async fn serve_connection(
                     },
                     None => {
                         let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
-                        let c = ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data };
+                        let c = ScsiCompletion {
+                            status: c.status,
+                            sense: c.sense,
+                            data_in: c.data,
+                        };
                         complete(&mut conn, (cmd.itt, c, None));
                     }
                 },

@@ -20,7 +20,8 @@ use ironlun_iscsi::acl::LunMasking;
 use ironlun_iscsi::connection::ScsiCompletion;
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use ironlun_scsi::lu::{
-    self, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, ResetKind, Step,
+    self, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, ResetKind,
+    Step,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -45,7 +46,9 @@ pub const INLINE_MAX: u64 = 64 * 1024;
 pub fn runs_inline(op: &IoOp, ram: bool) -> bool {
     match op {
         IoOp::Read { len, .. } => ram || *len <= INLINE_MAX,
-        IoOp::Write { data, fua, .. } => ram || (!*fua && u64::try_from(data.len()).is_ok_and(|l| l <= INLINE_MAX)),
+        IoOp::Write { data, fua, .. } => {
+            ram || (!*fua && u64::try_from(data.len()).is_ok_and(|l| l <= INLINE_MAX))
+        }
         IoOp::Flush => ram,
         IoOp::WriteZeroes { .. } | IoOp::Unmap { .. } | IoOp::MapStatus { .. } => false,
     }
@@ -55,7 +58,9 @@ impl LunHandle {
     fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
         // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
         // (each mutation is a single call), so keep serving.
-        self.lu.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.lu
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -88,7 +93,15 @@ impl Registry {
                 tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
                 let ram = matches!(l.backstore, config::BackstoreKind::Ram);
                 let async_io = backend.is_async();
-                luns.insert(l.id, Arc::new(LunHandle { lu: Mutex::new(LogicalUnit::new(lc)), backend, ram, async_io }));
+                luns.insert(
+                    l.id,
+                    Arc::new(LunHandle {
+                        lu: Mutex::new(LogicalUnit::new(lc)),
+                        backend,
+                        ram,
+                        async_io,
+                    }),
+                );
             }
             targets.push(Arc::new(TargetState {
                 name: t.name.clone(),
@@ -97,11 +110,18 @@ impl Registry {
                 masking: t.masking.clone(),
             }));
         }
-        Ok(Registry { targets, next_nexus: AtomicU64::new(1), next_tsih: AtomicU16::new(1) })
+        Ok(Registry {
+            targets,
+            next_nexus: AtomicU64::new(1),
+            next_tsih: AtomicU16::new(1),
+        })
     }
 
     pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
-        self.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name)).cloned()
+        self.targets
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
+            .cloned()
     }
 
     /// A fresh I_T nexus id.
@@ -177,8 +197,10 @@ impl Nexus {
         let luns = match target.masking.visible(initiator) {
             None => target.luns.clone(),
             Some(ids) => {
-                let luns: BTreeMap<u64, Arc<LunHandle>> =
-                    ids.iter().filter_map(|id| Some((*id, target.luns.get(id)?.clone()))).collect();
+                let luns: BTreeMap<u64, Arc<LunHandle>> = ids
+                    .iter()
+                    .filter_map(|id| Some((*id, target.luns.get(id)?.clone())))
+                    .collect();
                 tracing::debug!(initiator, target = %target.name, luns = ?luns.keys().collect::<Vec<_>>(), "LUN masking applies");
                 luns
             }
@@ -186,7 +208,11 @@ impl Nexus {
         Self::attach_luns(target, id, luns)
     }
 
-    fn attach_luns(target: Arc<TargetState>, id: NexusId, luns: BTreeMap<u64, Arc<LunHandle>>) -> Nexus {
+    fn attach_luns(
+        target: Arc<TargetState>,
+        id: NexusId,
+        luns: BTreeMap<u64, Arc<LunHandle>>,
+    ) -> Nexus {
         for l in luns.values() {
             l.lu().add_nexus(id);
         }
@@ -200,7 +226,12 @@ impl Nexus {
 
     /// Run one SCSI command to completion. Returns the completion and, for commands with
     /// Data-Out, the byte count the CDB asked for (for write residuals).
-    pub async fn execute(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> (ScsiCompletion, Option<u32>) {
+    pub async fn execute(
+        &self,
+        lun_raw: u64,
+        cdb: Bytes,
+        data_out: Bytes,
+    ) -> (ScsiCompletion, Option<u32>) {
         match self.start(lun_raw, cdb, data_out) {
             Started::Done(c, spdtl) => (c, spdtl),
             Started::Pending(p) => p.finish().await,
@@ -294,7 +325,13 @@ impl PendingCommand {
     /// Run the pending operation on the blocking pool, then the rest of the command (further
     /// cheap I/O inline, the rest on the pool again).
     pub async fn finish(self) -> (ScsiCompletion, Option<u32>) {
-        let PendingCommand { handle, nexus, mut op, mut cont, spdtl } = self;
+        let PendingCommand {
+            handle,
+            nexus,
+            mut op,
+            mut cont,
+            spdtl,
+        } = self;
         loop {
             let backend = handle.backend.clone();
             let result = if handle.async_io {
@@ -317,7 +354,12 @@ impl PendingCommand {
 }
 
 /// Step a command through its inline I/O until it is done or needs the blocking pool.
-fn drive_inline(handle: &Arc<LunHandle>, nexus: NexusId, mut step: Step, spdtl: Option<u32>) -> Started {
+fn drive_inline(
+    handle: &Arc<LunHandle>,
+    nexus: NexusId,
+    mut step: Step,
+    spdtl: Option<u32>,
+) -> Started {
     loop {
         match step {
             Step::Done(c) => return Started::Done(to_wire(c), spdtl),
@@ -326,14 +368,24 @@ fn drive_inline(handle: &Arc<LunHandle>, nexus: NexusId, mut step: Step, spdtl: 
                 step = handle.lu().resume(nexus, cont, result);
             }
             Step::Io(op, cont) => {
-                return Started::Pending(PendingCommand { handle: handle.clone(), nexus, op, cont, spdtl })
+                return Started::Pending(PendingCommand {
+                    handle: handle.clone(),
+                    nexus,
+                    op,
+                    cont,
+                    spdtl,
+                })
             }
         }
     }
 }
 
 fn to_wire(c: lu::Completion) -> ScsiCompletion {
-    ScsiCompletion { status: c.status, sense: c.sense, data_in: c.data }
+    ScsiCompletion {
+        status: c.status,
+        sense: c.sense,
+        data_in: c.data,
+    }
 }
 
 #[cfg(test)]

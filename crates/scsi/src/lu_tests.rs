@@ -267,7 +267,10 @@ fn mode_select_changes_d_sense_and_notifies_others() {
     // A LUN reset restores the default (fixed format).
     f.lu.reset(OTHER, ResetKind::LogicalUnit);
     assert!(!f.lu.d_sense());
-    expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::BusDeviceResetOccurred);
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::BusDeviceResetOccurred,
+    );
     // Changing an unchangeable bit is INVALID FIELD IN PARAMETER LIST.
     params[4 + 3] ^= 0x10;
     let c = f.run_on(OTHER, &[0x15, 0x10, 0, 0, len, 0], &params);
