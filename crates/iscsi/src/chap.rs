@@ -230,22 +230,9 @@ pub fn decode_binary(value: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// Decode a number value (RFC 7143 §6.1 decimal-constant or hex-constant) within `u32`.
-pub fn decode_number(value: &str) -> Option<u32> {
-    if let Some(hex) = value
-        .strip_prefix("0x")
-        .or_else(|| value.strip_prefix("0X"))
-    {
-        if hex.is_empty() || hex.len() > 8 {
-            return None;
-        }
-        return u32::from_str_radix(hex, 16).ok();
-    }
-    if value.is_empty() || value.len() > 10 || !value.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    value.parse().ok()
-}
+/// Decode a number value (RFC 7143 §6.1 decimal-constant or hex-constant) within `u32`: the
+/// one number parser of the text layer, shared with operational negotiation.
+pub use crate::negotiation::parse_number as decode_number;
 
 /// Constant-time check that `response` is the right answer for (`id`, `challenge`) under
 /// `secret`.
