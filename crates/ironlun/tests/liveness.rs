@@ -14,14 +14,10 @@ use bytes::Bytes;
 use ironlun_initiator::{LoginOptions, Negotiated, RawConnection, Session};
 use ironlun_iscsi::pdu::{DataOut, Header, ScsiCommand, TaskAttr, RESERVED_TAG};
 use ironlun_iscsi::Pdu;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
-const PROMPT: Duration = Duration::from_secs(10);
+mod common;
+use common::{Daemon, PROMPT, TARGET};
 
 /// Pings after 1 s idle, 2 s to answer, 2 s to log in, discovery idle 2 s.
 const SHORT: &str = r#"
@@ -44,140 +40,6 @@ fn no_pings() -> String {
     SHORT
         .replace("nop_interval = 1", "nop_interval = 0")
         .replace("login_timeout = 2", "login_timeout = 15")
-}
-
-/// A daemon with its own config; SIGKILLed on drop unless it was stopped.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let cfg = dir.path().join("ironlun.toml");
-        std::fs::File::create(&cfg)
-            .and_then(|mut f| f.write_all(config.as_bytes()))
-            .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
-            .args(["serve", "--listen", "127.0.0.1:0", "-c"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ironlun");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = err.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
-        let addr = line
-            .strip_prefix("listening ")
-            .expect("listening line")
-            .parse()
-            .expect("address");
-        Daemon {
-            child,
-            addr,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("/proc/PID/fd")
-            .count()
-    }
-
-    /// Wait until the daemon's open fds drop back to `n` (connections are closed).
-    async fn settle_fds(&self, n: usize) {
-        let deadline = Instant::now() + PROMPT;
-        while self.open_fds() > n {
-            assert!(
-                Instant::now() < deadline,
-                "fds stay at {} (baseline {n}); stderr:\n{}",
-                self.open_fds(),
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn assert_healthy(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "daemon exited; stderr:\n{}",
-            self.stderr()
-        );
-        assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(ok.success());
-    }
-
-    /// Wait for the daemon to exit (after [`Daemon::sigterm`]); its exit status.
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn opts(initiator: &str) -> LoginOptions {
@@ -215,7 +77,7 @@ fn rw16(op: u8, blocks: u32) -> [u8; 16] {
 
 #[tokio::test]
 async fn a_new_login_with_the_same_isid_reinstates_the_session() {
-    let mut d = Daemon::start(&no_pings());
+    let mut d = Daemon::start_with_config(&no_pings());
     let name = "iqn.2026-11.io.test:reinstate";
     let (mut first, _) = RawConnection::login(d.addr, &opts(name))
         .await
@@ -250,7 +112,7 @@ async fn a_new_login_with_the_same_isid_reinstates_the_session() {
 
 #[tokio::test]
 async fn target_pings_and_our_initiator_keeps_the_session() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:pinged"))
         .await
         .expect("login");
@@ -264,7 +126,7 @@ async fn target_pings_and_our_initiator_keeps_the_session() {
 
 #[tokio::test]
 async fn a_silent_client_gets_pinged_then_closed() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:silent"))
         .await
         .expect("login");
@@ -290,7 +152,7 @@ async fn a_silent_client_gets_pinged_then_closed() {
 
 #[tokio::test]
 async fn half_a_login_is_closed_by_the_login_timeout() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     let mut raw = RawConnection::connect(d.addr).await.unwrap();
     raw.send_bytes(&[0x43, 0x87, 0, 0, 0, 0, 0, 0x40])
         .await
@@ -306,7 +168,7 @@ async fn half_a_login_is_closed_by_the_login_timeout() {
 
 #[tokio::test]
 async fn a_one_byte_per_second_client_times_out() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     let login = ironlun_iscsi::bhs::encode_pdu_plain(&ironlun_initiator::login::login_request_pdu(
         ironlun_iscsi::pdu::LoginRequest {
             transit: true,
@@ -342,7 +204,7 @@ async fn a_one_byte_per_second_client_times_out() {
 
 #[tokio::test]
 async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     // Warm up (runtime threads, first session) before taking the baseline.
     let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:warm"))
         .await
@@ -424,7 +286,7 @@ async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
 
 #[tokio::test]
 async fn sigterm_asks_logged_in_initiators_to_log_out() {
-    let mut d = Daemon::start(SHORT);
+    let mut d = Daemon::start_with_config(SHORT);
     let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:shutdown"))
         .await
         .expect("login");
@@ -454,7 +316,7 @@ async fn sigterm_asks_logged_in_initiators_to_log_out() {
 
 #[tokio::test]
 async fn a_data_out_with_a_bad_data_digest_is_rejected_and_the_connection_dropped() {
-    let mut d = Daemon::start(&no_pings());
+    let mut d = Daemon::start_with_config(&no_pings());
     let o = LoginOptions {
         header_digest: true,
         data_digest: true,

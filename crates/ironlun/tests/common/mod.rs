@@ -33,6 +33,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     pub url: String,
     stderr: Arc<Mutex<String>>,
+    /// Set by [`Daemon::wait_exit`]: the daemon is gone, `Drop` has nothing to stop.
+    exited: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -126,7 +128,59 @@ impl Daemon {
             addr,
             url,
             stderr,
+            exited: false,
             _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the daemon process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("/proc/PID/fd")
+            .count()
+    }
+
+    /// Wait until the daemon's open fds drop back to `n` (connections are closed).
+    pub async fn settle_fds(&self, n: usize) {
+        let deadline = Instant::now() + PROMPT;
+        while self.open_fds() > n {
+            assert!(
+                Instant::now() < deadline,
+                "fds stay at {} (baseline {n}); stderr:\n{}",
+                self.open_fds(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Wait for the daemon to exit (after [`Daemon::sigterm`]); its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.exited = true;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -153,6 +207,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
         let panicking = std::thread::panicking();
         if !panicking {
             self.assert_healthy();
