@@ -55,6 +55,11 @@ pub fn runs_inline(op: &IoOp, ram: bool) -> bool {
 }
 
 impl LunHandle {
+    /// The LU's reservation state (for the admin API and `ironlun ctl reservations`).
+    pub fn pr_snapshot(&self) -> ironlun_scsi::pr::PrSnapshot {
+        self.lu().pr_snapshot()
+    }
+
     fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
         // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
         // (each mutation is a single call), so keep serving.
