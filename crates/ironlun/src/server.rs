@@ -164,6 +164,11 @@ impl Server {
         })
     }
 
+    /// The targets and LUs being served (read by the admin API).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
