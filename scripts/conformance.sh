@@ -4,23 +4,25 @@
 # initiator names, the URL given twice (the second path) and --dataloss.
 #
 # Usage: scripts/conformance.sh [--suites "SCSI.Read10 iSCSI.iSCSIcmdsn ..."] [--require "Read10 ..."]
-#                               [--out DIR] [--timeout SECS] URL
+#                               [--no-skip "ProutRegister ..."] [--out DIR] [--timeout SECS] URL
 #   --suites   suites to run (default: every SCSI.* and iSCSI.* suite iscsi-test-cu lists)
 #   --require  suites (short names) that must show 0 failures and no crash/timeout; exit 1 otherwise
+#   --no-skip  suites (short names) that must in addition show 0 skips
 #   --out      keep each suite's full log here (default: a temp dir, printed at the end)
 # Prints a table: suite, tests, passed, failed, skipped, and the skip reasons.
 set -uo pipefail
-suites=""; require=""; out=""; per_timeout=300
+suites=""; require=""; noskip=""; out=""; per_timeout=300
 while [ $# -gt 1 ]; do
   case "$1" in
     --suites) suites=$2; shift 2 ;;
     --require) require=$2; shift 2 ;;
+    --no-skip) noskip=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --timeout) per_timeout=$2; shift 2 ;;
     *) echo "conformance.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-[ $# -eq 1 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -eq 1 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
 url=$1
 command -v iscsi-test-cu >/dev/null || { echo "conformance.sh: iscsi-test-cu missing (apt-get install libiscsi-bin)" >&2; exit 1; }
 [ -n "$out" ] || out=$(mktemp -d /tmp/ironlun-conformance.XXXXXX)
@@ -77,8 +79,11 @@ total_fail=0; required_bad=""
 while IFS=$'\x1f' read -r s n p f k st failed reasons; do
   printf '%-34s %5s %6s %6s %7s  %s%s\n' "$s" "$n" "$p" "$f" "$k" "$st" "${failed:+  failed: $failed}"
   short=${s#*.}
-  for r in $require; do
+  for r in $require $noskip; do
     if [ "$r" = "$short" ] && { [ "$f" != 0 ] || [ "$st" != ok ] || [ "$n" = 0 ]; }; then required_bad="$required_bad $short"; fi
+  done
+  for r in $noskip; do
+    if [ "$r" = "$short" ] && [ "$k" != 0 ]; then required_bad="$required_bad $short(skipped)"; fi
   done
 done < "$summary"
 echo

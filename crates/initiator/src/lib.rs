@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod error;
 pub mod login;
 pub mod options;
+pub mod pr;
 pub mod raw;
 pub mod scsi;
 pub mod seq;
