@@ -49,9 +49,11 @@ pub struct Server {
     live: Arc<SessionTable>,
 }
 
-/// Key of a live normal session: initiator name (lowercase), ISID, target name (lowercase)
-/// (RFC 7143 §4.4.1: the session identifier is the initiator port name + ISID, per target).
-type SessionKey = (String, [u8; 6], String);
+/// Key of a live normal session: initiator name (lowercase), ISID, target name (lowercase),
+/// target portal group tag (RFC 7143 §4.4.1: a session is identified by the initiator port
+/// (name + ISID) and the target port (name + TPGT); the same ISID through another portal group
+/// is another session, e.g. one path of a multipath setup, not a reinstatement).
+type SessionKey = (String, [u8; 6], String, u16);
 
 /// Live normal sessions, for session reinstatement (RFC 7143 §6.3.5): a login with the key of
 /// a live session (TSIH 0) closes the old one, whose tasks are aborted and whose nexus is
@@ -439,16 +441,21 @@ async fn serve_connection(
                             info.initiator_name.to_ascii_lowercase(),
                             info.isid,
                             target.to_ascii_lowercase(),
+                            info.portal_group_tag,
                         );
                         let (entry, rx) = live.register(key);
                         registered = Some(entry);
                         reinstated = Some(rx);
                     }
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
+                        // The PR identity of this I_T nexus: initiator port (name + ISID) and
+                        // the portal group it came in through (SPC-4 §7.6.4.6, RFC 7143 §4.4.1).
                         nexus = Some(Arc::new(Nexus::attach_for(
                             t,
                             registry.new_nexus(),
                             &info.initiator_name,
+                            info.isid,
+                            info.portal_group_tag,
                         )));
                     }
                 }

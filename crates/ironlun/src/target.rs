@@ -11,6 +11,13 @@
 //! unmap/zeroing go to the blocking pool. Worst case of the inline choice: a page-cache miss
 //! (or dirty-page throttling on a write) blocks one runtime worker for one disk I/O of at most
 //! `INLINE_MAX` bytes.
+//!
+//! Persistent reservations: a PERSISTENT RESERVE OUT that changed the state comes back from the
+//! LU as [`Step::PrCommit`] and is finished on a task of its own ([`PendingCommand`]): it waits
+//! until the tasks a PREEMPT AND ABORT aborted have drained (SPC-4 §5.13.11.2.6), then writes
+//! the APTPL state file durably (SPC-4 §5.13.5.1; DESIGN.md §3 rule 10) before the completion
+//! goes out. Every continuation the LU handed out is either resumed or abandoned, also when
+//! its task is dropped (runtime shutdown), so such a wait always ends.
 
 use crate::backend;
 use crate::config::{self, Config};
@@ -20,11 +27,13 @@ use ironlun_iscsi::acl::LunMasking;
 use ironlun_iscsi::connection::ScsiCompletion;
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use ironlun_scsi::lu::{
-    self, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, ResetKind,
-    Step,
+    self, Continuation, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, PrCommit, ResetKind, Step,
 };
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use ironlun_scsi::pr::{InitiatorPort, ItNexus, Persist};
+use ironlun_scsi::sense::SenseReason;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// One logical unit with its backend.
@@ -36,6 +45,19 @@ pub struct LunHandle {
     /// The backend completes reads, writes and flushes asynchronously (io_uring): those are
     /// awaited, never run inline or on the blocking pool.
     async_io: bool,
+    /// Woken after a task's continuation is resumed or abandoned while a PREEMPT AND ABORT
+    /// waits for its aborted tasks to drain (see [`LunHandle::wait_drained`]).
+    drained: tokio::sync::Notify,
+    /// How many PR OUT tasks are waiting on `drained`: the resume path touches the `Notify`
+    /// (which takes a lock) only when this is non-zero, so READ/WRITE pay one atomic load.
+    drain_waiters: AtomicUsize,
+    /// The APTPL state file, `<data_dir>/pr/aptpl_<serial>`.
+    state_file: PathBuf,
+    /// Order of the state changes that asked for a [`Persist`], taken under the LU lock.
+    persist_seq: AtomicU64,
+    /// Serialises state-file writes; holds the sequence number of the last durable one, so an
+    /// older state never overwrites a newer one when two PR OUTs persist concurrently.
+    persisted: Mutex<u64>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -58,6 +80,116 @@ impl LunHandle {
     /// The LU's reservation state (for the admin API and `ironlun ctl reservations`).
     pub fn pr_snapshot(&self) -> ironlun_scsi::pr::PrSnapshot {
         self.lu().pr_snapshot()
+    }
+
+    fn new(
+        lu: LogicalUnit,
+        backend: Arc<dyn BlockBackend>,
+        ram: bool,
+        state_file: PathBuf,
+    ) -> Self {
+        let async_io = backend.is_async();
+        LunHandle {
+            lu: Mutex::new(lu),
+            backend,
+            ram,
+            async_io,
+            drained: tokio::sync::Notify::new(),
+            drain_waiters: AtomicUsize::new(0),
+            state_file,
+            persist_seq: AtomicU64::new(0),
+            persisted: Mutex::new(0),
+        }
+    }
+
+    /// Resume `cont` under the LU lock, then wake a waiting PREEMPT AND ABORT.
+    fn resume(&self, nexus: NexusId, cont: Continuation, result: IoResult) -> Sequenced {
+        let step = {
+            let mut lu = self.lu();
+            let step = lu.resume(nexus, cont, result);
+            self.sequenced(step)
+        };
+        self.wake_drain_waiters();
+        step
+    }
+
+    /// Number `step` if it is a [`Step::PrCommit`] with a [`Persist`], in the order the LU
+    /// made its state changes. Call with the LU lock held, right after `execute`/`resume`.
+    fn sequenced(&self, step: Step) -> Sequenced {
+        let seq = match &step {
+            Step::PrCommit(PrCommit {
+                persist: Some(_), ..
+            }) => self
+                .persist_seq
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1),
+            _ => 0,
+        };
+        Sequenced { step, seq }
+    }
+
+    /// Forget `cont` (its task will not resume it), then wake a waiting PREEMPT AND ABORT.
+    fn abandon(&self, cont: Continuation) {
+        self.lu().abandon(cont);
+        self.wake_drain_waiters();
+    }
+
+    fn wake_drain_waiters(&self) {
+        // Pairs with the increment in `wait_drained`: that happens before the waiter checks
+        // `abort_drained` under the LU lock, and our resume/abandon took the same lock, so
+        // either the waiter saw our change or we see its count here.
+        if self.drain_waiters.load(Ordering::SeqCst) > 0 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Wait until every task aborted under `ticket` has drained (SPC-4 §5.13.11.2.6: no write
+    /// of a preempted nexus may land after the PREEMPT AND ABORT completes). The wake-up is
+    /// registered before the check, so one that comes between the two is not lost.
+    async fn wait_drained(&self, ticket: lu::AbortTicket) {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.drain_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.drain_waiters);
+        loop {
+            let notified = self.drained.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.lu().abort_drained(ticket) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Carry out a PR OUT's [`Persist`] on the blocking pool: the state file is written
+    /// durably (temp file, fsync, rename, fsync of the directory) or removed durably.
+    async fn persist(self: &Arc<Self>, seq: u64, what: Persist) -> Result<(), String> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut last = me
+                .persisted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *last > seq {
+                // A later state change is already durable; it includes this one's effects.
+                return Ok(());
+            }
+            let r = match &what {
+                Persist::Write(bytes) => write_durably(&me.state_file, bytes),
+                Persist::Remove => remove_durably(&me.state_file),
+            };
+            if r.is_ok() {
+                *last = seq;
+            }
+            r.map_err(|e| format!("{}: {e}", me.state_file.display()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("state file writer failed: {e}")))
     }
 
     fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
@@ -86,27 +218,39 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Open every LUN's backend and build its logical unit.
+    /// Open every LUN's backend and build its logical unit, restoring the APTPL state of those
+    /// that have a state file (SPC-4 §5.13.5.1). A state file that cannot be read, is corrupt
+    /// or belongs to another LU refuses the start with a message naming the file.
     pub fn build(cfg: &Config) -> Result<Registry, String> {
+        let pr_dir = cfg.data_dir.join(PR_DIR);
+        let ports = relative_ports(cfg);
+        let mut state_files: BTreeMap<PathBuf, (String, u64)> = BTreeMap::new();
         let mut targets = Vec::new();
         for t in &cfg.targets {
             let mut luns = BTreeMap::new();
             for l in &t.luns {
+                let state_file = pr_dir.join(state_file_name(&l.serial));
+                if let Some((other, id)) =
+                    state_files.insert(state_file.clone(), (t.name.clone(), l.id))
+                {
+                    return Err(format!(
+                        "{} LUN {} and {other} LUN {id} have the same serial {:?}: their persistent reservation state would share {}",
+                        t.name,
+                        l.id,
+                        l.serial,
+                        state_file.display()
+                    ));
+                }
                 let backend = backend::open(l)?;
                 let num_blocks = backend.size() / u64::from(l.block_size);
-                let lc = lu_config(&t.name, l, num_blocks);
+                let lc = lu_config(&t.name, l, num_blocks, &ports);
+                let mut lu = LogicalUnit::new(lc);
+                if restore_state(&mut lu, &state_file)? {
+                    tracing::info!(target = %t.name, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
+                }
                 tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
                 let ram = matches!(l.backstore, config::BackstoreKind::Ram);
-                let async_io = backend.is_async();
-                luns.insert(
-                    l.id,
-                    Arc::new(LunHandle {
-                        lu: Mutex::new(LogicalUnit::new(lc)),
-                        backend,
-                        ram,
-                        async_io,
-                    }),
-                );
+                luns.insert(l.id, Arc::new(LunHandle::new(lu, backend, ram, state_file)));
             }
             targets.push(Arc::new(TargetState {
                 name: t.name.clone(),
@@ -156,14 +300,116 @@ impl Registry {
     }
 }
 
-fn lu_config(target: &str, l: &config::Lun, num_blocks: u64) -> LuConfig {
+/// Subdirectory of the data directory that holds the APTPL state files.
+const PR_DIR: &str = "pr";
+
+/// The relative target port identifiers of every target: the sorted, distinct portal group
+/// tags of the portals (each target is served on every portal; RFC 7143 §4.4.1, SPC-4 §3.1.124).
+fn relative_ports(cfg: &Config) -> Vec<u16> {
+    cfg.portals
+        .iter()
+        .map(|p| p.tpgt)
+        .collect::<BTreeSet<u16>>()
+        .into_iter()
+        .collect()
+}
+
+fn lu_config(target: &str, l: &config::Lun, num_blocks: u64, ports: &[u16]) -> LuConfig {
     let mut c = LuConfig::new(l.id, l.block_size, num_blocks, target);
     c.serial = l.serial.clone();
     c.naa = l.naa;
     c.thin = l.thin;
     c.read_only = l.read_only;
     c.write_cache = l.write_cache;
+    if let Some(first) = ports.first() {
+        c.relative_port = *first;
+        c.relative_ports = ports.to_vec();
+    }
+    // The daemon always has a data directory to keep the state in.
+    c.ptpl_capable = true;
     c
+}
+
+/// `aptpl_<serial>`, with every byte outside `[A-Za-z0-9._-]` as `%XX`, so that a configured
+/// serial (any ASCII) cannot name another path.
+fn state_file_name(serial: &str) -> String {
+    use std::fmt::Write;
+    let mut name = String::from("aptpl_");
+    for b in serial.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            name.push(char::from(b));
+        } else {
+            let _ = write!(name, "%{b:02X}");
+        }
+    }
+    name
+}
+
+/// `path` with `.tmp` appended (the temp file of a durable write).
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".tmp");
+    PathBuf::from(p)
+}
+
+/// Load `path` into `lu` if it exists; a leftover temp file (a write interrupted before its
+/// rename, so never the durable state) is removed. `Ok(true)` when state was restored.
+fn restore_state(lu: &mut LogicalUnit, path: &Path) -> Result<bool, String> {
+    let tmp = tmp_path(path);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => tracing::warn!(file = %tmp.display(), "removed an unfinished PR state file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", tmp.display())),
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(format!(
+                "persistent reservation state {}: {e}",
+                path.display()
+            ))
+        }
+    };
+    lu.restore_pr(&bytes)
+        .map_err(|e| format!("persistent reservation state {}: {e}", path.display()))?;
+    Ok(true)
+}
+
+/// Write `bytes` as `path` so that after a crash the file holds either the old or the new
+/// content: temp file, fsync, rename, fsync of the directory (DESIGN.md §3 rule 10).
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = tmp_path(path);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Remove `path` (absent is fine) and make the removal durable.
+fn remove_durably(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match path.parent() {
+        Some(dir) => match sync_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        },
+        None => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Decode the 8-byte LUN field (SAM-5 §4.7): peripheral (00b) and flat (01b) single-level
@@ -191,14 +437,23 @@ pub struct Nexus {
 }
 
 impl Nexus {
-    /// A nexus that sees every LUN of `target`.
-    pub fn attach(target: Arc<TargetState>, id: NexusId) -> Nexus {
+    /// A nexus `it` that sees every LUN of `target`.
+    pub fn attach(target: Arc<TargetState>, id: NexusId, it: ItNexus) -> Nexus {
         let luns = target.luns.clone();
-        Self::attach_luns(target, id, luns)
+        Self::attach_luns(target, id, luns, it)
     }
 
-    /// A nexus for `initiator`, seeing the LUNs its target's masking grants it.
-    pub fn attach_for(target: Arc<TargetState>, id: NexusId, initiator: &str) -> Nexus {
+    /// The nexus of a session that logged in as `initiator` with `isid` through a portal of
+    /// portal group `tpgt`, seeing the LUNs its target's masking grants it. Its persistent
+    /// reservation identity is the initiator port `initiator,i,0x<isid>` and the relative
+    /// target port `tpgt` (SPC-4 §7.6.4.6, RFC 7143 §4.4.1).
+    pub fn attach_for(
+        target: Arc<TargetState>,
+        id: NexusId,
+        initiator: &str,
+        isid: [u8; 6],
+        tpgt: u16,
+    ) -> Nexus {
         let luns = match target.masking.visible(initiator) {
             None => target.luns.clone(),
             Some(ids) => {
@@ -210,23 +465,21 @@ impl Nexus {
                 luns
             }
         };
-        Self::attach_luns(target, id, luns)
+        let it = ItNexus {
+            initiator: InitiatorPort::new(initiator, isid),
+            rtpi: tpgt,
+        };
+        Self::attach_luns(target, id, luns, it)
     }
 
     fn attach_luns(
         target: Arc<TargetState>,
         id: NexusId,
         luns: BTreeMap<u64, Arc<LunHandle>>,
+        it: ItNexus,
     ) -> Nexus {
         for l in luns.values() {
-            l.lu().add_nexus(
-                id,
-                // SKELETON: the real initiator port and target port come with the daemon work item.
-                ironlun_scsi::pr::ItNexus {
-                    initiator: ironlun_scsi::pr::InitiatorPort::new("unknown", [0; 6]),
-                    rtpi: 1,
-                },
-            );
+            l.lu().add_nexus(id, it.clone());
         }
         Nexus { id, target, luns }
     }
@@ -266,7 +519,7 @@ impl Nexus {
         let (step, spdtl) = {
             let mut lu = handle.lu();
             let spdtl = lu.data_out_len(&cdb).and_then(|n| u32::try_from(n).ok());
-            (lu.execute(nexus, &cdb, data_out), spdtl)
+            (handle.sequenced(lu.execute(nexus, &cdb, data_out)), spdtl)
         };
         drive_inline(handle, nexus, step, spdtl)
     }
@@ -324,76 +577,188 @@ pub enum Started {
     Pending(PendingCommand),
 }
 
-/// A command whose next I/O goes to the blocking pool.
+/// A command that waits for something off the connection's task: an I/O on the blocking pool
+/// (or an async backend), or a PR OUT's abort drain and state-file write.
 pub struct PendingCommand {
-    handle: Arc<LunHandle>,
-    nexus: NexusId,
-    op: IoOp,
-    cont: Continuation,
     spdtl: Option<u32>,
+    next: Next,
+}
+
+/// What a [`PendingCommand`] waits for.
+enum Next {
+    Io(IoOp, Task<Arc<LunHandle>>),
+    Commit {
+        handle: Arc<LunHandle>,
+        commit: PrCommit,
+        /// Order of the state change (see [`LunHandle::persist`]).
+        seq: u64,
+    },
+}
+
+/// A continuation the LU handed out, with what it takes to resume it. Dropped unresumed
+/// (its task was cancelled, or a backend call panicked) it is abandoned, so a PREEMPT AND
+/// ABORT waiting for it does not wait forever (see [`LogicalUnit::abandon`]).
+struct Task<H: std::ops::Deref<Target = LunHandle>> {
+    handle: H,
+    nexus: NexusId,
+    cont: Option<Continuation>,
+}
+
+impl<H: std::ops::Deref<Target = LunHandle>> Task<H> {
+    fn new(handle: H, nexus: NexusId, cont: Continuation) -> Self {
+        Task {
+            handle,
+            nexus,
+            cont: Some(cont),
+        }
+    }
+
+    /// Resume with `result`; `None` only if already resumed (never: `resume` consumes).
+    fn resume(mut self, result: IoResult) -> Option<Sequenced> {
+        let cont = self.cont.take()?;
+        Some(self.handle.resume(self.nexus, cont, result))
+    }
+}
+
+impl<H: std::ops::Deref<Target = LunHandle>> Drop for Task<H> {
+    fn drop(&mut self) {
+        if let Some(cont) = self.cont.take() {
+            self.handle.abandon(cont);
+        }
+    }
 }
 
 impl PendingCommand {
-    /// Run the pending operation on the blocking pool, then the rest of the command (further
-    /// cheap I/O inline, the rest on the pool again).
+    /// Finish the command: run the pending operation on the blocking pool (or await the async
+    /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
+    /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
     pub async fn finish(self) -> (ScsiCompletion, Option<u32>) {
-        let PendingCommand {
-            handle,
-            nexus,
-            mut op,
-            mut cont,
-            spdtl,
-        } = self;
+        let spdtl = self.spdtl;
+        let mut next = self.next;
         loop {
-            let backend = handle.backend.clone();
-            let result = if handle.async_io {
-                backend::perform_async(&backend, op).await
-            } else {
-                tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
-                    .await
-                    .unwrap_or(IoResult::Error(IoErrorKind::Other))
+            let (handle, nexus, step) = match next {
+                Next::Io(op, task) => {
+                    let handle = task.handle.clone();
+                    let nexus = task.nexus;
+                    let backend = handle.backend.clone();
+                    let resumed = if handle.async_io {
+                        let result = backend::perform_async(&backend, op).await;
+                        task.resume(result)
+                    } else {
+                        // The task travels with the I/O: if this future is dropped, it is
+                        // abandoned only once the I/O has run (or was never started).
+                        tokio::task::spawn_blocking(move || {
+                            let result = backend::perform(&*backend, &op);
+                            task.resume(result)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                    };
+                    let step = match resumed {
+                        Some(step) => step,
+                        None => {
+                            // The backend call panicked; its task was abandoned on unwind.
+                            tracing::error!("backstore operation panicked");
+                            let d_sense = handle.lu().d_sense();
+                            Sequenced {
+                                step: Step::Done(lu::Completion::check_condition(
+                                    SenseReason::InternalTargetFailure,
+                                    d_sense,
+                                )),
+                                seq: 0,
+                            }
+                        }
+                    };
+                    (handle, nexus, step)
+                }
+                Next::Commit {
+                    handle,
+                    commit,
+                    seq,
+                } => return (to_wire(commit_pr(&handle, commit, seq).await), spdtl),
             };
-            let step = handle.lu().resume(nexus, cont, result);
             match drive_inline(&handle, nexus, step, spdtl) {
                 Started::Done(c, spdtl) => return (c, spdtl),
-                Started::Pending(p) => {
-                    op = p.op;
-                    cont = p.cont;
-                }
+                Started::Pending(p) => next = p.next,
             }
         }
     }
 }
 
-/// Step a command through its inline I/O until it is done or needs the blocking pool.
+/// Carry out a PR OUT's effects before its completion goes out (SPC-4 §5.13.11.2.6,
+/// §5.13.5.1): wait for the aborted tasks to drain, then write or remove the state file.
+async fn commit_pr(handle: &Arc<LunHandle>, commit: PrCommit, seq: u64) -> lu::Completion {
+    let PrCommit {
+        abort,
+        persist,
+        completion,
+    } = commit;
+    if let Some(ticket) = abort {
+        handle.wait_drained(ticket).await;
+    }
+    if let Some(what) = persist {
+        if let Err(e) = handle.persist(seq, what).await {
+            tracing::error!(error = %e, "cannot write the persistent reservation state; the PR OUT fails");
+            return lu::Completion::persist_failed(handle.lu().d_sense());
+        }
+    }
+    completion
+}
+
+/// A step and, for a [`Step::PrCommit`] with a [`Persist`], the order number of its state
+/// change (see [`LunHandle::sequenced`]); 0 otherwise.
+struct Sequenced {
+    step: Step,
+    seq: u64,
+}
+
+/// Step a command through its inline I/O until it is done or must wait off the connection's
+/// task (blocking-pool or async I/O, or a PR OUT commit).
 fn drive_inline(
     handle: &Arc<LunHandle>,
     nexus: NexusId,
-    mut step: Step,
+    mut step: Sequenced,
     spdtl: Option<u32>,
 ) -> Started {
     loop {
-        match step {
+        match step.step {
             Step::Done(c) => return Started::Done(to_wire(c), spdtl),
             Step::Io(op, cont) if !handle.async_io && runs_inline(&op, handle.ram) => {
+                // Borrowed: no reference count touched on the inline path.
+                let task = Task::new(&**handle, nexus, cont);
                 let result = backend::perform(&*handle.backend, &op);
-                step = handle.lu().resume(nexus, cont, result);
+                match task.resume(result) {
+                    Some(s) => step = s,
+                    None => {
+                        let d_sense = handle.lu().d_sense();
+                        let c = lu::Completion::check_condition(
+                            SenseReason::InternalTargetFailure,
+                            d_sense,
+                        );
+                        return Started::Done(to_wire(c), spdtl);
+                    }
+                }
             }
-            // SKELETON: PR OUT effects (abort drain, APTPL write) are the daemon work item's.
-            Step::PrCommit(p) => return Started::Done(to_wire(p.completion), spdtl),
             Step::Io(op, cont) => {
                 return Started::Pending(PendingCommand {
-                    handle: handle.clone(),
-                    nexus,
-                    op,
-                    cont,
                     spdtl,
+                    next: Next::Io(op, Task::new(handle.clone(), nexus, cont)),
+                })
+            }
+            Step::PrCommit(commit) => {
+                return Started::Pending(PendingCommand {
+                    spdtl,
+                    next: Next::Commit {
+                        handle: handle.clone(),
+                        commit,
+                        seq: step.seq,
+                    },
                 })
             }
         }
     }
 }
-
 fn to_wire(c: lu::Completion) -> ScsiCompletion {
     ScsiCompletion {
         status: c.status,
@@ -403,8 +768,130 @@ fn to_wire(c: lu::Completion) -> ScsiCompletion {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
-    use super::decode_lun;
+    use super::*;
+
+    #[test]
+    fn state_file_names_keep_safe_bytes_and_escape_the_rest() {
+        assert_eq!(state_file_name("0123abcdef"), "aptpl_0123abcdef");
+        assert_eq!(state_file_name("A.b_c-9"), "aptpl_A.b_c-9");
+        assert_eq!(state_file_name("../x"), "aptpl_..%2Fx");
+        assert_eq!(state_file_name("a b/%"), "aptpl_a%20b%2F%25");
+    }
+
+    #[test]
+    fn relative_ports_are_the_sorted_distinct_tpgts() {
+        let mut cfg = Config::embedded_default(PathBuf::from("/nonexistent"));
+        let portal = |port, tpgt| config::Portal {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            tpgt,
+        };
+        cfg.portals = vec![portal(1, 7), portal(2, 2), portal(3, 7), portal(4, 3)];
+        assert_eq!(relative_ports(&cfg), vec![2, 3, 7]);
+        let lc = lu_config("iqn.x:t", &cfg.targets[0].luns[0], 8, &relative_ports(&cfg));
+        assert_eq!(lc.relative_ports, vec![2, 3, 7]);
+        assert_eq!(lc.relative_port, 2);
+        assert!(lc.ptpl_capable);
+    }
+
+    #[test]
+    fn durable_write_replaces_and_removal_tolerates_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pr").join("aptpl_x");
+        write_durably(&path, b"one").unwrap();
+        write_durably(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert!(!tmp_path(&path).exists());
+        remove_durably(&path).unwrap();
+        assert!(!path.exists());
+        remove_durably(&path).unwrap();
+        // Neither the file nor its directory exists: still fine.
+        remove_durably(&dir.path().join("none").join("aptpl_y")).unwrap();
+    }
+
+    #[test]
+    fn restore_ignores_absent_state_and_removes_a_leftover_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aptpl_x");
+        std::fs::write(tmp_path(&path), b"half written").unwrap();
+        let mut lu = LogicalUnit::new(LuConfig::new(0, 512, 8, "iqn.x:t"));
+        assert_eq!(restore_state(&mut lu, &path), Ok(false));
+        assert!(!tmp_path(&path).exists());
+    }
+
+    #[test]
+    fn rejects_a_corrupt_state_file_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aptpl_x");
+        std::fs::write(&path, b"\x00garbage").unwrap();
+        let mut lu = LogicalUnit::new(LuConfig::new(0, 512, 8, "iqn.x:t"));
+        let e = restore_state(&mut lu, &path).unwrap_err();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        // Refused, never dropped.
+        assert!(path.exists());
+    }
+
+    fn ram_handle(dir: &Path) -> Arc<LunHandle> {
+        let backend: Arc<dyn BlockBackend> =
+            Arc::new(ironlun_backstore::ram::RamBackend::new(4096).unwrap());
+        let lu = LogicalUnit::new(LuConfig::new(0, 512, 8, "iqn.x:t"));
+        Arc::new(LunHandle::new(
+            lu,
+            backend,
+            true,
+            dir.join("pr").join("aptpl_t"),
+        ))
+    }
+
+    #[tokio::test]
+    async fn an_older_state_never_overwrites_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = ram_handle(dir.path());
+        h.persist(2, Persist::Write(b"new".to_vec())).await.unwrap();
+        h.persist(1, Persist::Write(b"old".to_vec())).await.unwrap();
+        assert_eq!(std::fs::read(&h.state_file).unwrap(), b"new");
+        h.persist(3, Persist::Remove).await.unwrap();
+        assert!(!h.state_file.exists());
+        h.persist(2, Persist::Write(b"stale".to_vec()))
+            .await
+            .unwrap();
+        assert!(!h.state_file.exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_state_write_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        // `pr` is a file, so the state directory cannot be created.
+        std::fs::write(dir.path().join("pr"), b"").unwrap();
+        let h = ram_handle(dir.path());
+        let e = h
+            .persist(1, Persist::Write(b"x".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(e.contains("aptpl_t"), "{e}");
+        let commit = PrCommit {
+            abort: None,
+            persist: Some(Persist::Write(b"x".to_vec())),
+            completion: lu::Completion::good(Bytes::new()),
+        };
+        let c = commit_pr(&h, commit, 2).await;
+        assert_eq!(c, lu::Completion::persist_failed(false));
+    }
+
+    #[tokio::test]
+    async fn a_commit_without_effects_reports_its_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = ram_handle(dir.path());
+        let good = lu::Completion::good(Bytes::new());
+        let commit = PrCommit {
+            abort: None,
+            persist: None,
+            completion: good.clone(),
+        };
+        assert_eq!(commit_pr(&h, commit, 0).await, good);
+        assert!(!h.state_file.exists());
+    }
 
     #[test]
     fn decodes_peripheral_and_flat_luns() {
