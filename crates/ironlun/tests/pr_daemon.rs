@@ -1,0 +1,810 @@
+//! Daemon tests of persistent reservations end to end (issue 5 acceptance 3): APTPL state across
+//! `kill -9` and restart, refusal of corrupt and foreign state files, PREEMPT AND ABORT against a
+//! nexus with writes in flight (no write of the preempted nexus lands after GOOD), and ALL_TG_PT
+//! across two portal groups. CDBs and parameter lists are built by hand (SPC-4 §6.15, §6.16).
+//!
+//! The harness here differs from `common::Daemon`: it keeps the data directory across restarts,
+//! kills with SIGKILL, serves the configured portals (no `--listen`), and can watch a start fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
+
+mod common;
+
+use bytes::Bytes;
+use common::PROMPT;
+use ironlun_initiator::{CommandResult, LoginOptions, SenseKey, Session};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TARGET: &str = "iqn.2026-11.io.ironlun:pr";
+const LUN0: u64 = 0;
+const BS: u32 = 512;
+
+const INIT_A: &str = "iqn.2026-11.io.ironlun:pr-a";
+const INIT_B: &str = "iqn.2026-11.io.ironlun:pr-b";
+const ISID_A: [u8; 6] = [0x80, 0x49, 0x4c, 0x4e, 0x00, 0x0a];
+const ISID_B: [u8; 6] = [0x80, 0x49, 0x4c, 0x4e, 0x00, 0x0b];
+
+// Status bytes (SAM-5 §5.3.1).
+const GOOD: u8 = 0x00;
+const CHECK_CONDITION: u8 = 0x02;
+const RESERVATION_CONFLICT: u8 = 0x18;
+const TASK_ABORTED: u8 = 0x40;
+
+// PERSISTENT RESERVE OUT service actions (SPC-4 §6.16.2 Table 211).
+const REGISTER: u8 = 0x00;
+const RESERVE: u8 = 0x01;
+const CLEAR: u8 = 0x03;
+const PREEMPT_AND_ABORT: u8 = 0x05;
+// PERSISTENT RESERVE IN service actions (SPC-4 §6.15.1 Table 203).
+const READ_KEYS: u8 = 0x00;
+const READ_RESERVATION: u8 = 0x01;
+const READ_FULL_STATUS: u8 = 0x03;
+// Parameter list byte 20 (SPC-4 §6.16.3 Table 214).
+const ALL_TG_PT: u8 = 0x04;
+const APTPL: u8 = 0x01;
+/// Write Exclusive – Registrants Only (SPC-4 Table 213).
+const WERO: u8 = 5;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+/// A daemon on a data directory the test owns. Dropping it stops it with SIGTERM.
+struct Pd {
+    child: Child,
+    addrs: Vec<SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+    gone: bool,
+}
+
+/// Config: one target with LUN 0 (`lun`: the backstore lines), one portal per tpgt, each on
+/// 127.0.0.1 with a free port.
+fn config(tpgts: &[u16], lun: &str) -> String {
+    let mut c = String::new();
+    for t in tpgts {
+        c.push_str(&format!(
+            "[[portal]]\nlisten = \"127.0.0.1:0\"\ntpgt = {t}\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\n{lun}\n"
+    ));
+    c
+}
+
+fn ram_lun(serial: &str) -> String {
+    format!("backstore = \"ram\"\nsize = \"16MiB\"\nserial = \"{serial}\"")
+}
+
+fn file_lun(serial: &str) -> String {
+    format!("backstore = \"file\"\npath = \"lun0.img\"\nsize = \"64MiB\"\nserial = \"{serial}\"")
+}
+
+fn state_file(dir: &Path, serial: &str) -> PathBuf {
+    dir.join("pr").join(format!("aptpl_{serial}"))
+}
+
+impl Pd {
+    /// Start on `dir` with `config`, waiting for one `listening` line per portal; `Err` with the
+    /// exit status and stderr if the daemon exits instead.
+    fn try_start(dir: &Path, config: &str, portals: usize) -> Result<Pd, (ExitStatus, String)> {
+        let path = dir.join("ironlun.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ironlun");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut err = child.stderr.take().unwrap();
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = err.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        {
+            let out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        // Keep draining so the daemon never blocks on a full pipe.
+                        continue;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut addrs = Vec::new();
+        while addrs.len() < portals {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    if let Some(a) = l.strip_prefix("listening ") {
+                        addrs.push(a.parse().expect("listen address"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // stdout closed: the daemon is exiting.
+                    let status = child.wait().unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                    let e = stderr.lock().unwrap().clone();
+                    return Err((status, e));
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                let e = stderr.lock().unwrap().clone();
+                return Err((status, e));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not bind its portals; stderr:\n{}",
+                stderr.lock().unwrap()
+            );
+        }
+        Ok(Pd {
+            child,
+            addrs,
+            stderr,
+            gone: false,
+        })
+    }
+
+    fn start(dir: &Path, config: &str, portals: usize) -> Pd {
+        match Self::try_start(dir, config, portals) {
+            Ok(d) => d,
+            Err((status, e)) => panic!("daemon exited at start ({status}); stderr:\n{e}"),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no shutdown code runs (what survives is what was durable).
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.gone = true;
+        assert!(
+            !self.stderr().contains("panicked"),
+            "daemon panicked; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Pd {
+    fn drop(&mut self) {
+        if self.gone {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + PROMPT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        if !std::thread::panicking() {
+            assert!(
+                !self.stderr().contains("panicked"),
+                "daemon panicked; stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// Log in as `name` with `isid` through `addr` and clear the unit attentions of a new nexus.
+async fn login(addr: SocketAddr, name: &str, isid: [u8; 6]) -> Session {
+    let mut o = LoginOptions::new(name, Some(TARGET.to_owned()));
+    o.isid = isid;
+    let s = Session::connect(addr, o).await.expect("login");
+    for _ in 0..8 {
+        let r = s.test_unit_ready(LUN0).await.expect("TUR");
+        if r.status == GOOD {
+            return s;
+        }
+    }
+    panic!("TEST UNIT READY never GOOD");
+}
+
+fn is_ua(r: &CommandResult) -> bool {
+    r.status == CHECK_CONDITION && r.sense_key().is_some_and(|k| k.key == 0x06)
+}
+
+/// Run a command, retrying while it reports a unit attention (those are queued by the PR
+/// events of the other nexuses and are checked elsewhere).
+async fn past_ua(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandResult {
+    for _ in 0..8 {
+        let r = tokio::time::timeout(PROMPT, s.command(LUN0, cdb, data.clone(), alloc))
+            .await
+            .expect("command hung")
+            .expect("command");
+        if !is_ua(&r) {
+            return r;
+        }
+    }
+    panic!("unit attentions never end");
+}
+
+/// PERSISTENT RESERVE OUT with a basic 24-byte parameter list (SPC-4 §6.16.1, §6.16.3).
+async fn prout(s: &Session, sa: u8, ty: u8, rk: u64, sark: u64, flags: u8) -> CommandResult {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&rk.to_be_bytes());
+    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    p[20] = flags;
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[1] = sa;
+    cdb[2] = ty & 0x0f; // SCOPE 0h: LU_SCOPE
+    cdb[5..9].copy_from_slice(&24u32.to_be_bytes());
+    past_ua(s, &cdb, Bytes::from(p), 0).await
+}
+
+async fn prout_good(s: &Session, sa: u8, ty: u8, rk: u64, sark: u64, flags: u8) {
+    let r = prout(s, sa, ty, rk, sark, flags).await;
+    assert_eq!(
+        (r.response, r.status),
+        (0, GOOD),
+        "PR OUT sa {sa:#x} type {ty} rk {rk:#x} sark {sark:#x} flags {flags:#x}: sense {:?}",
+        r.sense_key()
+    );
+}
+
+/// PERSISTENT RESERVE IN (SPC-4 §6.15.1).
+async fn prin(s: &Session, sa: u8) -> Bytes {
+    let alloc: u16 = 8192;
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5e;
+    cdb[1] = sa;
+    cdb[7..9].copy_from_slice(&alloc.to_be_bytes());
+    let r = past_ua(s, &cdb, Bytes::new(), u32::from(alloc)).await;
+    assert_eq!(
+        r.status,
+        GOOD,
+        "PR IN sa {sa:#x}: sense {:?}",
+        r.sense_key()
+    );
+    r.data
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// READ KEYS (SPC-4 §6.15.2): generation and keys, sorted.
+async fn read_keys(s: &Session) -> (u32, Vec<u64>) {
+    let d = prin(s, READ_KEYS).await;
+    assert!(d.len() >= 8, "READ KEYS {} bytes", d.len());
+    let len = be32(&d[4..]) as usize;
+    assert_eq!(d.len(), 8 + len, "READ KEYS ADDITIONAL LENGTH");
+    let mut keys: Vec<u64> = d[8..].chunks(8).map(be64).collect();
+    keys.sort_unstable();
+    (be32(&d), keys)
+}
+
+/// READ RESERVATION (SPC-4 §6.15.3): generation and (key, scope|type) if reserved.
+async fn read_reservation(s: &Session) -> (u32, Option<(u64, u8)>) {
+    let d = prin(s, READ_RESERVATION).await;
+    assert!(d.len() >= 8, "READ RESERVATION {} bytes", d.len());
+    let res = match be32(&d[4..]) {
+        0 => None,
+        16 => {
+            assert_eq!(d.len(), 24, "READ RESERVATION length");
+            Some((be64(&d[8..]), d[21]))
+        }
+        n => panic!("READ RESERVATION ADDITIONAL LENGTH {n}"),
+    };
+    (be32(&d), res)
+}
+
+/// One READ FULL STATUS descriptor (SPC-4 §6.15.5 Table 210).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FullStatus {
+    key: u64,
+    all_tg_pt: bool,
+    holder: bool,
+    scope_type: u8,
+    rtpi: u16,
+    transport_id: Vec<u8>,
+}
+
+/// READ FULL STATUS: generation and descriptors, sorted.
+async fn read_full_status(s: &Session) -> (u32, Vec<FullStatus>) {
+    let d = prin(s, READ_FULL_STATUS).await;
+    assert!(d.len() >= 8, "READ FULL STATUS {} bytes", d.len());
+    let len = be32(&d[4..]) as usize;
+    assert_eq!(d.len(), 8 + len, "READ FULL STATUS ADDITIONAL LENGTH");
+    let mut rest = &d[8..];
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        assert!(rest.len() >= 24, "short descriptor");
+        let tid_len = be32(&rest[20..]) as usize;
+        assert!(rest.len() >= 24 + tid_len, "TransportID overruns");
+        let holder = rest[12] & 0x01 != 0;
+        out.push(FullStatus {
+            key: be64(rest),
+            all_tg_pt: rest[12] & 0x02 != 0,
+            holder,
+            scope_type: if holder { rest[13] } else { 0 },
+            // Undefined with ALL_TG_PT=1 (SPC-4 §6.15.5).
+            rtpi: if rest[12] & 0x02 != 0 {
+                0
+            } else {
+                u16::from_be_bytes([rest[18], rest[19]])
+            },
+            transport_id: rest[24..24 + tid_len].to_vec(),
+        });
+        rest = &rest[24 + tid_len..];
+    }
+    out.sort();
+    (be32(&d), out)
+}
+
+/// `name,i,0x<isid>` as it appears in a format-01b iSCSI TransportID (SPC-4 §7.6.4.6).
+fn port_name(name: &str, isid: [u8; 6]) -> String {
+    let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{name},i,0x{hex}")
+}
+
+fn names_port(tid: &[u8], name: &str, isid: [u8; 6]) -> bool {
+    let text = String::from_utf8_lossy(tid.get(4..).unwrap_or_default()).to_ascii_lowercase();
+    text.trim_end_matches('\0') == port_name(name, isid).to_ascii_lowercase()
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) APTPL across kill -9
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
+    const KA: u64 = 0xaaaa_0000_0000_0001;
+    const KB: u64 = 0xbbbb_0000_0000_0002;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&[1], &ram_lun("praptpl"));
+    let file = state_file(dir.path(), "praptpl");
+
+    let d = Pd::start(dir.path(), &cfg, 1);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    let b = login(d.addrs[0], INIT_B, ISID_B).await;
+    prout_good(&a, REGISTER, 0, 0, KA, APTPL).await;
+    prout_good(&b, REGISTER, 0, 0, KB, APTPL).await;
+    prout_good(&a, RESERVE, WERO, KA, 0, 0).await;
+    let keys = read_keys(&a).await;
+    let res = read_reservation(&b).await;
+    let full = read_full_status(&a).await;
+    assert_eq!(keys.1, vec![KA, KB]);
+    assert_eq!(res.1, Some((KA, WERO)));
+    assert_eq!(keys.0, res.0, "one generation");
+    assert!(
+        keys.0 >= 2,
+        "two registrations bump the generation: {}",
+        keys.0
+    );
+    let holders: Vec<&FullStatus> = full.1.iter().filter(|f| f.holder).collect();
+    assert_eq!(holders.len(), 1, "{:?}", full.1);
+    assert!(
+        names_port(&holders[0].transport_id, INIT_A, ISID_A),
+        "{:?}",
+        holders[0]
+    );
+    assert!(
+        file.exists(),
+        "APTPL state file {} written before GOOD",
+        file.display()
+    );
+    d.kill9();
+
+    let d = Pd::start(dir.path(), &cfg, 1);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    let b = login(d.addrs[0], INIT_B, ISID_B).await;
+    assert_eq!(read_keys(&b).await, keys, "READ KEYS after restart");
+    assert_eq!(
+        read_reservation(&b).await,
+        res,
+        "READ RESERVATION after restart"
+    );
+    assert_eq!(
+        read_full_status(&a).await,
+        full,
+        "READ FULL STATUS after restart"
+    );
+    // The restored holder is A's nexus: under WERO a stranger may not write, B (registered) may.
+    let c = login(d.addrs[0], "iqn.2026-11.io.ironlun:pr-c", ISID_A).await;
+    let w = common::pattern(1, BS as usize);
+    let cdb = ironlun_initiator::scsi::write16_cdb(0, 1, false);
+    assert_eq!(
+        past_ua(&c, &cdb, w.clone(), 0).await.status,
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(past_ua(&b, &cdb, w, 0).await.status, GOOD);
+
+    // APTPL=0 in the last REGISTER: the state must not survive a power loss.
+    prout_good(&a, REGISTER, 0, KA, KA, 0).await;
+    assert!(!file.exists(), "state file removed before GOOD");
+    d.kill9();
+
+    let d = Pd::start(dir.path(), &cfg, 1);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(
+        read_keys(&a).await,
+        (0, vec![]),
+        "no registrations after restart"
+    );
+    assert_eq!(
+        read_reservation(&a).await,
+        (0, None),
+        "no reservation after restart"
+    );
+    drop(d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) corrupt and foreign state files
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_foreign_state_file_refuses_the_start() {
+    // Corrupt.
+    let dir = tempfile::tempdir().unwrap();
+    let file = state_file(dir.path(), "prbad");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"IRONLUN? this is not a state file\n").unwrap();
+    let (status, err) = Pd::try_start(dir.path(), &config(&[1], &ram_lun("prbad")), 1)
+        .err()
+        .expect("daemon started with a corrupt state file");
+    assert!(!status.success(), "{status}");
+    assert!(
+        err.contains(&file.display().to_string()),
+        "message names the file; stderr:\n{err}"
+    );
+    assert!(file.exists(), "refused, never dropped");
+
+    // A real state file of LU "prowner".
+    let owner = tempfile::tempdir().unwrap();
+    let d = Pd::start(owner.path(), &config(&[1], &ram_lun("prowner")), 1);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    prout_good(&a, REGISTER, 0, 0, 0x1234, APTPL).await;
+    d.kill9();
+    let good = std::fs::read(state_file(owner.path(), "prowner")).unwrap();
+
+    // ... under another LU's name.
+    let other = tempfile::tempdir().unwrap();
+    let file = state_file(other.path(), "prother");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, &good).unwrap();
+    let (status, err) = Pd::try_start(other.path(), &config(&[1], &ram_lun("prother")), 1)
+        .err()
+        .expect("daemon started with another LU's state file");
+    assert!(!status.success(), "{status}");
+    assert!(
+        err.contains(&file.display().to_string()),
+        "message names the file; stderr:\n{err}"
+    );
+    assert!(file.exists(), "refused, never dropped");
+
+    // ... truncated by one byte.
+    let cut = tempfile::tempdir().unwrap();
+    let file = state_file(cut.path(), "prowner");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, &good[..good.len() - 1]).unwrap();
+    let (status, err) = Pd::try_start(cut.path(), &config(&[1], &ram_lun("prowner")), 1)
+        .err()
+        .expect("daemon started with a truncated state file");
+    assert!(!status.success(), "{status}");
+    assert!(
+        err.contains(&file.display().to_string()),
+        "message names the file; stderr:\n{err}"
+    );
+
+    // The intact file restores.
+    let d = Pd::start(owner.path(), &config(&[1], &ram_lun("prowner")), 1);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(read_keys(&a).await.1, vec![0x1234]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) PREEMPT AND ABORT with writes in flight
+
+/// Victim writers (commands in flight at once) and the blocks each overwrites again and again.
+const WRITERS: u16 = 32;
+const CHUNK_BLOCKS: u32 = 256; // 128 KiB: above the inline limit, so on the blocking pool
+const PREEMPTOR: u16 = 0xffff;
+const MAGIC: &[u8; 8] = b"PRTAG\0\0\x01";
+
+fn chunk_lba(writer: u16) -> u64 {
+    u64::from(writer) * u64::from(CHUNK_BLOCKS)
+}
+
+/// `CHUNK_BLOCKS` blocks, each starting with MAGIC, the writer id, the sequence number and
+/// its LBA.
+fn tagged(writer: u16, seq: u32) -> Bytes {
+    let mut v = Vec::with_capacity((CHUNK_BLOCKS * BS) as usize);
+    for i in 0..u64::from(CHUNK_BLOCKS) {
+        let mut block = vec![writer as u8; BS as usize];
+        block[..8].copy_from_slice(MAGIC);
+        block[8..10].copy_from_slice(&writer.to_be_bytes());
+        block[10..14].copy_from_slice(&seq.to_be_bytes());
+        block[14..22].copy_from_slice(&(chunk_lba(writer) + i).to_be_bytes());
+        v.extend_from_slice(&block);
+    }
+    Bytes::from(v)
+}
+
+/// One victim command as the victim saw it.
+#[derive(Debug)]
+struct Rec {
+    writer: u16,
+    seq: u32,
+    /// Sent after the PREEMPT AND ABORT had returned GOOD.
+    after_good: bool,
+    sent: Instant,
+    done: Instant,
+    status: u8,
+    sense: Option<SenseKey>,
+}
+
+/// Unit attentions a preempted nexus may see first (SPC-4 §5.13.11.2.4-6): REGISTRATIONS
+/// PREEMPTED, RESERVATIONS PREEMPTED, COMMANDS CLEARED BY ANOTHER INITIATOR.
+fn preempt_ua(r: &Rec) -> bool {
+    r.status == CHECK_CONDITION
+        && r.sense.is_some_and(|k| {
+            k.key == 0x06 && matches!((k.asc, k.ascq), (0x2a, 0x03) | (0x2a, 0x05) | (0x2f, 0x00))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
+    const KV: u64 = 0x7600_0000_0000_0001;
+    const KP: u64 = 0x5000_0000_0000_0002;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Pd::start(dir.path(), &config(&[1], &file_lun("prpaa")), 1);
+    let victim = login(d.addrs[0], INIT_A, ISID_A).await;
+    let preemptor = login(d.addrs[0], INIT_B, ISID_B).await;
+    prout_good(&victim, REGISTER, 0, 0, KV, 0).await;
+    prout_good(&preemptor, REGISTER, 0, 0, KP, 0).await;
+    prout_good(&victim, RESERVE, WERO, KV, 0, 0).await;
+
+    let preempted = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let s = victim.clone();
+        let preempted = preempted.clone();
+        writers.push(tokio::spawn(async move {
+            let mut recs = Vec::new();
+            let mut seq = 0u32;
+            let mut tries_after = 0;
+            loop {
+                let after_good = preempted.load(Ordering::SeqCst);
+                let sent = Instant::now();
+                let cdb = ironlun_initiator::scsi::write16_cdb(
+                    chunk_lba(w),
+                    CHUNK_BLOCKS,
+                    seq.is_multiple_of(2),
+                );
+                let r = tokio::time::timeout(PROMPT, s.command(LUN0, &cdb, tagged(w, seq), 0))
+                    .await
+                    .unwrap_or_else(|_| panic!("writer {w} seq {seq} hung"))
+                    .unwrap_or_else(|e| panic!("writer {w} seq {seq}: {e}"));
+                let rec = Rec {
+                    writer: w,
+                    seq,
+                    after_good,
+                    sent,
+                    done: Instant::now(),
+                    status: r.status,
+                    sense: r.sense_key(),
+                };
+                let conflict = rec.status == RESERVATION_CONFLICT;
+                recs.push(rec);
+                seq += 1;
+                if after_good {
+                    tries_after += 1;
+                    if conflict || tries_after >= 4 {
+                        return recs;
+                    }
+                }
+            }
+        }));
+    }
+    // Let every writer get going, so that writes are in flight (most on the blocking pool).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let sent = Instant::now();
+    let r = tokio::time::timeout(
+        PROMPT,
+        prout(&preemptor, PREEMPT_AND_ABORT, WERO, KP, KV, 0),
+    )
+    .await
+    .expect("PREEMPT AND ABORT hung");
+    let good_at = Instant::now();
+    preempted.store(true, Ordering::SeqCst);
+    assert_eq!(
+        r.status,
+        GOOD,
+        "PREEMPT AND ABORT: sense {:?}",
+        r.sense_key()
+    );
+
+    // Straight away: the preemptor (now holder) overwrites every block the victim writes.
+    for w in 0..WRITERS {
+        let cdb = ironlun_initiator::scsi::write16_cdb(chunk_lba(w), CHUNK_BLOCKS, false);
+        let r = past_ua(&preemptor, &cdb, tagged(PREEMPTOR, u32::from(w)), 0).await;
+        assert_eq!(r.status, GOOD, "preemptor write {w}: {:?}", r.sense_key());
+    }
+
+    let mut recs = Vec::new();
+    for t in writers {
+        recs.extend(
+            tokio::time::timeout(PROMPT * 2, t)
+                .await
+                .expect("victim writer hung")
+                .expect("victim writer panicked"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Completions: in-flight ones GOOD, TASK ABORTED or RESERVATION CONFLICT (or the preempt
+    // unit attention); after GOOD never GOOD, and each writer ends in RESERVATION CONFLICT.
+    let mut outstanding = 0;
+    let mut aborted = 0;
+    for r in &recs {
+        if r.sent < sent && r.done > sent {
+            outstanding += 1;
+        }
+        if r.status == TASK_ABORTED {
+            aborted += 1;
+        }
+        if r.after_good {
+            assert!(
+                r.status == RESERVATION_CONFLICT || preempt_ua(r),
+                "victim command after GOOD: {r:?}"
+            );
+        } else {
+            assert!(
+                matches!(r.status, GOOD | TASK_ABORTED | RESERVATION_CONFLICT) || preempt_ua(r),
+                "victim command in flight: {r:?}"
+            );
+        }
+    }
+    for w in 0..WRITERS {
+        let last = recs.iter().rfind(|r| r.writer == w).unwrap();
+        assert!(
+            last.after_good && last.status == RESERVATION_CONFLICT,
+            "writer {w} did not end in RESERVATION CONFLICT: {last:?}"
+        );
+    }
+    eprintln!(
+        "victim: {} commands, {outstanding} outstanding at the PREEMPT AND ABORT, {aborted} TASK ABORTED; PREEMPT took {:?}",
+        recs.len(),
+        good_at - sent
+    );
+    assert!(
+        outstanding > 0,
+        "no victim write was in flight: the test proves nothing"
+    );
+
+    // No victim write landed after the preemptor's overwrite.
+    for w in 0..WRITERS {
+        let r = past_ua(
+            &preemptor,
+            &ironlun_initiator::scsi::read16_cdb(chunk_lba(w), CHUNK_BLOCKS),
+            Bytes::new(),
+            CHUNK_BLOCKS * BS,
+        )
+        .await;
+        assert_eq!(r.status, GOOD);
+        for (i, block) in r.data.chunks(BS as usize).enumerate() {
+            let writer = u16::from_be_bytes([block[8], block[9]]);
+            let seq = be32(&block[10..]);
+            assert!(
+                &block[..8] == MAGIC && writer == PREEMPTOR,
+                "LBA {}: a write of victim writer {writer} seq {seq} landed after the PREEMPT AND ABORT ({:?})",
+                chunk_lba(w) + i as u64,
+                recs.iter().find(|r| r.writer == writer && r.seq == seq)
+            );
+        }
+    }
+    drop(d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) ALL_TG_PT across two portal groups
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_tg_pt_registers_the_initiator_port_on_every_portal_group() {
+    const K: u64 = 0x0a11_0000_0000_0001;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Pd::start(dir.path(), &config(&[1, 2], &ram_lun("pratp")), 2);
+    assert_eq!(d.addrs.len(), 2);
+    // The same initiator port (name and ISID) through each portal group: two I_T nexuses.
+    let p1 = login(d.addrs[0], INIT_A, ISID_A).await;
+    let p2 = login(d.addrs[1], INIT_A, ISID_A).await;
+    let stranger = login(d.addrs[1], INIT_B, ISID_B).await;
+    let write = ironlun_initiator::scsi::write16_cdb(8, 1, false);
+    let data = common::pattern(8, BS as usize);
+
+    // ALL_TG_PT=1 through portal group 1: the nexus through portal group 2 is registered too.
+    prout_good(&p1, REGISTER, 0, 0, K, ALL_TG_PT).await;
+    prout_good(&p1, RESERVE, WERO, K, 0, 0).await;
+    assert!(read_keys(&p2).await.1.contains(&K));
+    let (_, full) = read_full_status(&p2).await;
+    assert!(
+        full.iter()
+            .any(|f| f.key == K && f.all_tg_pt && names_port(&f.transport_id, INIT_A, ISID_A)),
+        "READ FULL STATUS: {full:?}"
+    );
+    let r = past_ua(&p2, &write, data.clone(), 0).await;
+    assert_eq!(
+        r.status,
+        GOOD,
+        "write through portal group 2: {:?}",
+        r.sense_key()
+    );
+    let r = past_ua(&stranger, &write, data.clone(), 0).await;
+    assert_eq!(r.status, RESERVATION_CONFLICT, "unregistered stranger");
+    prout_good(&p1, CLEAR, 0, K, 0, 0).await;
+
+    // ALL_TG_PT=0: only the nexus through portal group 1 is registered.
+    prout_good(&p1, REGISTER, 0, 0, K, 0).await;
+    prout_good(&p1, RESERVE, WERO, K, 0, 0).await;
+    let (_, full) = read_full_status(&p2).await;
+    assert_eq!(full.len(), 1, "{full:?}");
+    assert!(!full[0].all_tg_pt && full[0].rtpi == 1, "{full:?}");
+    let r = past_ua(&p2, &write, data.clone(), 0).await;
+    assert_eq!(
+        r.status,
+        RESERVATION_CONFLICT,
+        "write through portal group 2 without ALL_TG_PT: {:?}",
+        r.sense_key()
+    );
+    // Unregistered there: a REGISTER with a non-zero RK conflicts (SPC-4 §6.16.3 Table 67).
+    let r = prout(&p2, REGISTER, 0, K, K, 0).await;
+    assert_eq!(r.status, RESERVATION_CONFLICT);
+    let r = past_ua(&p1, &write, data, 0).await;
+    assert_eq!(r.status, GOOD, "the holder writes");
+    drop(d);
+}
