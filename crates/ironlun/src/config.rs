@@ -54,6 +54,17 @@ struct RawConfig {
     target: Vec<RawTarget>,
     #[serde(default)]
     discovery: Option<RawDiscovery>,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+}
+
+/// `[admin]`: the HTTP/JSON admin API.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    enabled: Option<bool>,
+    listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
 }
 
 /// `[discovery]`: discovery sessions (SendTargets).
@@ -196,6 +207,61 @@ pub struct Config {
     pub timeouts: ironlun_iscsi::connection::Timeouts,
     /// `[discovery] chap`: CHAP required for discovery sessions.
     pub discovery_chap: Option<ironlun_iscsi::chap::ChapConfig>,
+    /// The `[admin]` table: the admin API.
+    pub admin: Admin,
+}
+
+/// The admin API's default address: loopback only, port 3262 (next to iSCSI's 3260).
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3262);
+
+/// The `[admin]` table: where the HTTP/JSON admin API listens and who may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// `false`: no admin API (`ironlun ctl` cannot reach the daemon).
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// `listen` was configured (in the file or with `--admin`): failing to bind it is fatal.
+    /// The default address is best effort: when taken, the daemon serves iSCSI without it.
+    pub listen_explicit: bool,
+    /// A file holding the bearer token every request must carry; `None`: no token.
+    pub token_file: Option<PathBuf>,
+    /// Where `token_file` was configured (`file:line: admin.token_file`), for later errors.
+    pub token_origin: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            enabled: true,
+            listen: DEFAULT_ADMIN_LISTEN,
+            listen_explicit: false,
+            token_file: None,
+            token_origin: "admin.token_file".into(),
+        }
+    }
+}
+
+impl Admin {
+    /// Apply `--admin ADDR|off`. A non-loopback address needs a token file (as in the file).
+    pub fn override_listen(&mut self, arg: &str) -> Result<(), String> {
+        if arg.eq_ignore_ascii_case("off") {
+            self.enabled = false;
+            return Ok(());
+        }
+        let addr: SocketAddr = arg
+            .parse()
+            .map_err(|_| format!("--admin {arg:?}: expected IP:PORT or \"off\""))?;
+        if !addr.ip().is_loopback() && self.token_file.is_none() {
+            return Err(format!(
+                "--admin {addr}: a non-loopback admin address needs [admin] token_file"
+            ));
+        }
+        self.enabled = true;
+        self.listen = addr;
+        self.listen_explicit = true;
+        Ok(())
+    }
 }
 
 /// The `[limits]` table: daemon-wide bounds.
@@ -351,6 +417,7 @@ impl Config {
             limits: Limits::default(),
             timeouts: Default::default(),
             discovery_chap: None,
+            admin: Admin::default(),
         }
     }
 
@@ -632,6 +699,7 @@ impl Config {
             Some(c) => Some(parse_chap(&cx, "discovery.chap", c)?),
             None => None,
         };
+        let admin = parse_admin(&cx, raw.admin.as_ref(), &base)?;
         Ok(Config {
             portals,
             negotiation,
@@ -641,8 +709,50 @@ impl Config {
             limits,
             timeouts,
             discovery_chap,
+            admin,
         })
     }
+}
+
+/// The `[admin]` table. `token_file` resolves against the config file's directory (not
+/// `data_dir`); its contents are read when the daemon starts. A non-loopback `listen` without a
+/// token is refused: the API shows who owns which disk and will change it (issue 6).
+fn parse_admin(cx: &Ctx<'_>, raw: Option<&RawAdmin>, base: &Path) -> Result<Admin, ConfigError> {
+    let mut admin = Admin::default();
+    let Some(raw) = raw else {
+        return Ok(admin);
+    };
+    admin.enabled = raw.enabled.unwrap_or(true);
+    if let Some(t) = &raw.token_file {
+        if t.get_ref().trim().is_empty() {
+            return cx.err(t.span(), "admin.token_file", "must be a file path");
+        }
+        admin.token_file = Some(base.join(t.get_ref()));
+        admin.token_origin = format!(
+            "{}:{}: admin.token_file",
+            cx.file,
+            cx.line_of(t.span().start)
+        );
+    }
+    if let Some(l) = &raw.listen {
+        let Ok(addr) = l.get_ref().parse::<SocketAddr>() else {
+            return cx.err(
+                l.span(),
+                "admin.listen",
+                "expected IP:PORT, e.g. 127.0.0.1:3262",
+            );
+        };
+        if !addr.ip().is_loopback() && admin.token_file.is_none() {
+            return cx.err(
+                l.span(),
+                "admin.listen",
+                format!("{addr} is not a loopback address: set admin.token_file to expose the admin API beyond this host"),
+            );
+        }
+        admin.listen = addr;
+        admin.listen_explicit = true;
+    }
+    Ok(admin)
 }
 
 /// Longest CHAP name or secret accepted (RFC 7143 §6.1 bounds text values at 255 bytes).
@@ -1287,6 +1397,90 @@ size = "64MiB"
             }
         }
         assert!(n >= 1, "no example configs in conf/");
+    }
+
+    const ADMIN_BASE: &str = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+
+    #[test]
+    fn admin_defaults_to_loopback_3262() {
+        let c = parse(ADMIN_BASE).unwrap();
+        assert_eq!(c.admin, Admin::default());
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:3262");
+        assert!(!c.admin.listen_explicit);
+        assert_eq!(
+            Config::embedded_default(PathBuf::from("/tmp")).admin,
+            Admin::default()
+        );
+    }
+
+    #[test]
+    fn accepts_admin_table() {
+        let c = parse(&format!(
+            "[admin]\nlisten = \"0.0.0.0:9000\"\ntoken_file = \"admin.token\"\n{ADMIN_BASE}"
+        ))
+        .unwrap();
+        assert_eq!(c.admin.listen.to_string(), "0.0.0.0:9000");
+        assert!(c.admin.listen_explicit);
+        assert_eq!(
+            c.admin.token_file.as_deref(),
+            Some(Path::new("/tmp/admin.token"))
+        );
+        assert_eq!(c.admin.token_origin, "t.toml:3: admin.token_file");
+        let c = parse(&format!("[admin]\nenabled = false\n{ADMIN_BASE}")).unwrap();
+        assert!(!c.admin.enabled);
+        let c = parse(&format!("[admin]\nlisten = \"[::1]:0\"\n{ADMIN_BASE}")).unwrap();
+        assert_eq!(c.admin.listen.to_string(), "[::1]:0");
+    }
+
+    #[test]
+    fn rejects_bad_admin_table_with_line_and_key() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("listen = \"localhost\"\n", 2, "admin.listen"),
+            ("listen = \"127.0.0.1\"\n", 2, "admin.listen"),
+            (
+                "enabled = true\nlisten = \"0.0.0.0:3262\"\n",
+                3,
+                "admin.listen",
+            ),
+            ("listen = \"[::]:3262\"\n", 2, "admin.listen"),
+            ("token_file = \"\"\n", 2, "admin.token_file"),
+            ("tokenfile = \"x\"\n", 2, "tokenfile"),
+            ("enabled = \"yes\"\n", 2, "-"),
+        ];
+        for (extra, line, key) in cases {
+            let e = parse(&format!("[admin]\n{extra}{ADMIN_BASE}")).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (Some(*line), *key),
+                "{extra}: {e}"
+            );
+        }
+        let e = parse(&format!(
+            "[admin]\nlisten = \"10.1.2.3:3262\"\n{ADMIN_BASE}"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("token_file"), "{e}");
+    }
+
+    #[test]
+    fn admin_cli_override() {
+        let mut a = Admin::default();
+        a.override_listen("127.0.0.1:0").unwrap();
+        assert_eq!(
+            (a.listen.port(), a.listen_explicit, a.enabled),
+            (0, true, true)
+        );
+        a.override_listen("off").unwrap();
+        assert!(!a.enabled);
+        assert!(a
+            .override_listen("0.0.0.0:3262")
+            .unwrap_err()
+            .contains("token_file"));
+        assert!(a.override_listen("nonsense").is_err());
+        a.token_file = Some(PathBuf::from("/tmp/t"));
+        a.override_listen("0.0.0.0:3262").unwrap();
+        assert!(a.enabled);
     }
 
     const CHAP_BASE: &str = "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n";

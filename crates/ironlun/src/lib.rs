@@ -1,7 +1,9 @@
 //! ironlun daemon: configuration, targets and LUNs at run time, and the tokio server that
-//! drives the sans-IO iSCSI and SCSI cores.
+//! drives the sans-IO iSCSI and SCSI cores, the HTTP/JSON admin API and its client.
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod ctl;
 pub mod server;
 pub mod target;

@@ -1,12 +1,20 @@
 //! `ironlun`: userspace iSCSI target.
 //!
-//! `ironlun serve [-c FILE] [--listen ADDR] [--data-dir DIR]`. Without a config file it serves
-//! the embedded default: target `iqn.2026-11.io.ironlun:lab` with a 1 GiB sparse-file LUN 0 under
-//! the data directory, on 127.0.0.1:3260. It prints `listening ADDR` and `url iscsi://…` lines on
-//! stdout once the portals are bound. SIGINT / SIGTERM shut down gracefully.
+//! `ironlun serve [-c FILE] [--listen ADDR] [--data-dir DIR] [--admin ADDR|off]`. Without a
+//! config file it serves the embedded default: target `iqn.2026-11.io.ironlun:lab` with a 1 GiB
+//! sparse-file LUN 0 under the data directory, on 127.0.0.1:3260, and the admin API on
+//! 127.0.0.1:3262. Once bound it prints `listening ADDR` lines, `url iscsi://…` lines and (when
+//! the admin API runs) one `admin http://ADDR` line on stdout. SIGINT / SIGTERM shut down
+//! gracefully.
+//!
+//! `ironlun ctl [--admin URL] [--token-file FILE] reservations [TARGET/LUN] [--json]` asks a
+//! running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
+//! 2 usage.
 
 use clap::{Parser, Subcommand};
+use ironlun::admin::AdminServer;
 use ironlun::config::Config;
+use ironlun::ctl;
 use ironlun::server::Server;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -25,6 +33,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum CtlCommand {
+    /// Persistent reservations per LU: generation, APTPL, reservation, registrations.
+    Reservations {
+        /// Only this LU, as TARGET/LUN (e.g. iqn.2026-11.io.ironlun:lab/0).
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: Option<(String, u64)>,
+        /// Print the admin API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve the configured targets (or the embedded default).
     Serve {
@@ -40,6 +61,21 @@ enum Command {
         /// Worker threads of the runtime (overrides `[runtime] worker_threads`; default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Admin API address (overrides `[admin] listen`; port 0: any free port), or `off`.
+        #[arg(long, value_name = "ADDR|off")]
+        admin: Option<String>,
+    },
+    /// Ask a running daemon through its admin API.
+    Ctl {
+        /// Admin API URL [env: IRONLUN_ADMIN] [default: http://127.0.0.1:3262].
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// File holding the bearer token (`[admin] token_file` of the daemon)
+        /// [env: IRONLUN_ADMIN_TOKEN_FILE].
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CtlCommand,
     },
     /// Check a configuration file and print what it describes.
     Check {
@@ -50,6 +86,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Ctl {
+        admin,
+        token_file,
+        command,
+    } = cli.command
+    {
+        return run_ctl(admin, token_file, command);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IRONLUN_LOG")
@@ -82,7 +126,37 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             workers,
-        } => serve(config, listen, data_dir, workers),
+            admin,
+        } => serve(config, listen, data_dir, workers, admin),
+        Command::Ctl { .. } => ExitCode::from(2),
+    }
+}
+
+fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlCommand) -> ExitCode {
+    let url = admin
+        .or_else(|| {
+            std::env::var("IRONLUN_ADMIN")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| ctl::DEFAULT_URL.to_string());
+    let token_file = token_file.or_else(|| {
+        std::env::var_os("IRONLUN_ADMIN_TOKEN_FILE")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    let result = ctl::Client::new(&url, token_file.as_deref()).and_then(|client| match command {
+        CtlCommand::Reservations { lun, json } => {
+            let mut out = std::io::stdout().lock();
+            ctl::reservations(&client, lun.as_ref(), json, &mut out)
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ironlun ctl: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -91,6 +165,7 @@ fn serve(
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     workers: Option<usize>,
+    admin: Option<String>,
 ) -> ExitCode {
     let mut cfg = match &config {
         Some(path) => match Config::load(path, data_dir.as_deref()) {
@@ -105,6 +180,12 @@ fn serve(
     if let Some(addr) = listen {
         let tpgt = cfg.portals.first().map_or(1, |p| p.tpgt);
         cfg.portals = vec![ironlun::config::Portal { listen: addr, tpgt }];
+    }
+    if let Some(a) = &admin {
+        if let Err(e) = cfg.admin.override_listen(a) {
+            eprintln!("ironlun: {e}");
+            return ExitCode::from(2);
+        }
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
@@ -127,6 +208,13 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        let admin = match AdminServer::bind(&cfg.admin, server.registry()).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("ironlun: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let addrs = server.local_addrs();
         {
             let mut out = std::io::stdout().lock();
@@ -138,15 +226,23 @@ fn serve(
                     let _ = writeln!(out, "url iscsi://{a}/{}/{}", t.name, l.id);
                 }
             }
+            // After the url lines: tools that read `listening` then `url` keep working.
+            if let Some(a) = admin.as_ref().and_then(AdminServer::local_addr) {
+                let _ = writeln!(out, "admin http://{a}");
+            }
             let _ = out.flush();
         }
         let (tx, rx) = tokio::sync::watch::channel(false);
+        let admin_task = admin.map(|a| tokio::spawn(a.run(rx.clone())));
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("signal received");
             let _ = tx.send(true);
         });
         server.run(rx).await;
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
         ExitCode::SUCCESS
     })
 }

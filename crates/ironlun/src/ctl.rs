@@ -1,0 +1,540 @@
+//! `ironlun ctl`: the admin API's command-line client ([`crate::admin`]).
+//!
+//! A small blocking HTTP/1.1 client over `std::net::TcpStream`: one `GET` per connection, a
+//! connect and a read timeout, a bounded response. Output is a table for people or, with
+//! `--json`, the API's JSON unchanged.
+
+use crate::admin::{self, ErrorJson, LuReservations, ReservationsList, Token};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The admin API address `ironlun ctl` uses without `--admin` / `IRONLUN_ADMIN`.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:3262";
+/// Connect timeout per address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The whole response must arrive within this.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest response read (the JSON of many LUs with many registrations).
+const MAX_RESPONSE: usize = 64 << 20;
+
+/// Why a `ctl` command failed (exit status 1, the message on stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlError(pub String);
+
+impl std::fmt::Display for CtlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CtlError {}
+
+fn err<T>(m: impl Into<String>) -> Result<T, CtlError> {
+    Err(CtlError(m.into()))
+}
+
+/// An `http://host:port[/prefix]` admin URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// As written (for messages and the `Host` field), e.g. `127.0.0.1:3262` or `[::1]:3262`.
+    pub authority: String,
+    host: String,
+    port: u16,
+    /// Path prefix without a trailing slash (usually empty).
+    prefix: String,
+}
+
+impl Endpoint {
+    /// Parse an admin URL. Only `http` (the API is plain HTTP on loopback or behind a token);
+    /// the port defaults to 3262.
+    pub fn parse(url: &str) -> Result<Endpoint, CtlError> {
+        let Some(rest) = url.strip_prefix("http://") else {
+            return err(format!("admin URL {url:?}: expected http://HOST:PORT"));
+        };
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let Some((h, tail)) = v6.split_once(']') else {
+                return err(format!("admin URL {url:?}: unterminated [IPv6] host"));
+            };
+            (h, tail.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return err(format!("admin URL {url:?}: no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| CtlError(format!("admin URL {url:?}: bad port {p:?}")))?,
+            None => 3262,
+        };
+        Ok(Endpoint {
+            authority: authority.to_string(),
+            host: host.to_string(),
+            port,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The URL again, for messages.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.authority, self.prefix)
+    }
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// A client of one daemon's admin API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub endpoint: Endpoint,
+    token: Option<Token>,
+}
+
+impl Client {
+    pub fn new(url: &str, token_file: Option<&Path>) -> Result<Client, CtlError> {
+        let endpoint = Endpoint::parse(url)?;
+        let token = match token_file {
+            Some(p) => Some(Token::load(p).map_err(CtlError)?),
+            None => None,
+        };
+        Ok(Client { endpoint, token })
+    }
+
+    /// `GET path` (an absolute path below the endpoint's prefix).
+    pub fn get(&self, path: &str) -> Result<Reply, CtlError> {
+        let e = &self.endpoint;
+        let addrs: Vec<SocketAddr> = (e.host.as_str(), e.port)
+            .to_socket_addrs()
+            .map_err(|x| CtlError(format!("admin API {}: cannot resolve: {x}", e.url())))?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(x) => last = Some(x),
+            }
+        }
+        let Some(mut s) = stream else {
+            let why = last.map_or_else(|| "no address".to_string(), |x| x.to_string());
+            return err(format!(
+                "cannot reach the ironlun admin API at {} ({why}); is `ironlun serve` running with the admin API there? (set it with --admin URL or IRONLUN_ADMIN)",
+                e.url()
+            ));
+        };
+        let mut req = format!(
+            "GET {}{} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ironlun-ctl/{}\r\nConnection: close\r\n",
+            e.prefix,
+            path,
+            e.authority,
+            env!("CARGO_PKG_VERSION")
+        )
+        .into_bytes();
+        if let Some(t) = &self.token {
+            req.extend_from_slice(b"Authorization: Bearer ");
+            req.extend_from_slice(t.expose());
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        let io = |x: std::io::Error| CtlError(format!("admin API {}: {x}", e.url()));
+        s.set_write_timeout(Some(RESPONSE_TIMEOUT)).map_err(io)?;
+        s.write_all(&req).map_err(io)?;
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return err(format!(
+                    "admin API {}: no complete response in time",
+                    e.url()
+                ));
+            }
+            s.set_read_timeout(Some(left)).map_err(io)?;
+            let n = match s.read(&mut chunk) {
+                Ok(n) => n,
+                Err(x) if x.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(x)
+                    if matches!(
+                        x.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return err(format!(
+                        "admin API {}: no complete response in time",
+                        e.url()
+                    ))
+                }
+                Err(x) => return Err(io(x)),
+            };
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            if buf.len() > MAX_RESPONSE {
+                return err(format!(
+                    "admin API {}: response larger than {MAX_RESPONSE} bytes",
+                    e.url()
+                ));
+            }
+            if let Some(r) = parse_response(&buf, false)
+                .map_err(|m| CtlError(format!("admin API {}: {m}", e.url())))?
+            {
+                return Ok(r);
+            }
+        }
+        parse_response(&buf, true)
+            .map_err(|m| CtlError(format!("admin API {}: {m}", e.url())))?
+            .ok_or_else(|| CtlError(format!("admin API {}: truncated response", e.url())))
+    }
+
+    /// `GET path` expecting 200 and JSON of type `T`; other statuses become the API's
+    /// `{"error"}` message.
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, CtlError> {
+        let r = self.get(path)?;
+        if r.status != 200 {
+            let msg = serde_json::from_slice::<ErrorJson>(&r.body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).trim().to_string());
+            let hint = if r.status == 401 {
+                if self.token.is_some() {
+                    " (the token in --token-file is not the daemon's)"
+                } else {
+                    " (the daemon wants a token: --token-file FILE)"
+                }
+            } else {
+                ""
+            };
+            return err(format!("{msg} (HTTP {}){hint}", r.status));
+        }
+        serde_json::from_slice(&r.body).map_err(|x| {
+            CtlError(format!(
+                "admin API {}: unexpected JSON: {x}",
+                self.endpoint.url()
+            ))
+        })
+    }
+}
+
+/// Parse an HTTP/1.x response in `buf`: `Ok(None)` while incomplete. With `Content-Length`
+/// the body is exactly that long; without it the body runs to end of stream (`at_eof`).
+pub fn parse_response(buf: &[u8], at_eof: bool) -> Result<Option<Reply>, String> {
+    let Some(end) = admin::head_end(buf) else {
+        if at_eof {
+            return Err(if buf.is_empty() {
+                "empty response (connection closed)".into()
+            } else {
+                "truncated response head".into()
+            });
+        }
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(format!("malformed status line {status_line:?}"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1 response: {status_line:?}"));
+    }
+    let status = code
+        .parse::<u16>()
+        .ok()
+        .filter(|c| (100..=599).contains(c))
+        .ok_or_else(|| format!("malformed status line {status_line:?}"))?;
+    let mut length: Option<usize> = None;
+    for l in lines {
+        if let Some((name, value)) = l.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                let n = value
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
+                if n > MAX_RESPONSE {
+                    return Err(format!("response larger than {MAX_RESPONSE} bytes"));
+                }
+                length = Some(n);
+            }
+        }
+    }
+    let body = buf.get(end..).unwrap_or_default();
+    match length {
+        Some(n) if body.len() >= n => Ok(Some(Reply {
+            status,
+            body: body.get(..n).unwrap_or_default().to_vec(),
+        })),
+        Some(_) if at_eof => Err("truncated response body".into()),
+        Some(_) => Ok(None),
+        None if at_eof => Ok(Some(Reply {
+            status,
+            body: body.to_vec(),
+        })),
+        None => Ok(None),
+    }
+}
+
+/// A `TARGET/LUN` argument: the LUN after the last `/`.
+pub fn parse_selector(s: &str) -> Result<(String, u64), String> {
+    let Some((t, l)) = s.rsplit_once('/') else {
+        return Err(format!(
+            "{s:?}: expected TARGET/LUN, e.g. iqn.2026-11.io.ironlun:lab/0"
+        ));
+    };
+    if t.is_empty() {
+        return Err(format!("{s:?}: no target name before the /"));
+    }
+    let lun = l
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?}: LUN {l:?} is not a number"))?;
+    Ok((t.to_string(), lun))
+}
+
+/// `ironlun ctl reservations [TARGET/LUN] [--json]`: write the output to `out`.
+pub fn reservations(
+    client: &Client,
+    selector: Option<&(String, u64)>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let luns = match selector {
+        Some((t, l)) => {
+            let path = format!("/v1/reservations/{}/{l}", admin::percent_encode(t));
+            if json {
+                let one: serde_json::Value = client.get_json(&path)?;
+                return write_json(out, &one);
+            }
+            vec![client.get_json::<LuReservations>(&path)?]
+        }
+        None => {
+            if json {
+                let all: serde_json::Value = client.get_json("/v1/reservations")?;
+                return write_json(out, &all);
+            }
+            client
+                .get_json::<ReservationsList>("/v1/reservations")?
+                .luns
+        }
+    };
+    out.write_all(render_reservations(&luns).as_bytes())
+        .map_err(|e| CtlError(format!("cannot write output: {e}")))
+}
+
+fn write_json(out: &mut dyn Write, v: &serde_json::Value) -> Result<(), CtlError> {
+    let text =
+        serde_json::to_string_pretty(v).map_err(|e| CtlError(format!("cannot print JSON: {e}")))?;
+    writeln!(out, "{text}").map_err(|e| CtlError(format!("cannot write output: {e}")))
+}
+
+/// The human view: per LU a header line, the reservation, and a table of registrations.
+pub fn render_reservations(luns: &[LuReservations]) -> String {
+    let mut s = String::new();
+    if luns.is_empty() {
+        s.push_str("no logical units\n");
+    }
+    for (i, lu) in luns.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "{} LUN {}  generation {}  APTPL {}\n",
+            lu.target,
+            lu.lun,
+            lu.generation,
+            if lu.aptpl { "on" } else { "off" }
+        ));
+        match &lu.reservation {
+            Some(r) => s.push_str(&format!(
+                "  reservation: {} (type {}), holder {}, key {}\n",
+                r.type_name,
+                r.type_code,
+                r.holder.as_deref().unwrap_or("every registrant"),
+                r.key
+            )),
+            None => s.push_str("  no reservation\n"),
+        }
+        if let Some(h) = &lu.spc2_holder {
+            s.push_str(&format!("  SPC-2 reservation held by {h}\n"));
+        }
+        if lu.registrations.is_empty() {
+            s.push_str("  no registrations\n");
+            continue;
+        }
+        let header = ["INITIATOR PORT", "KEY", "TARGET PORT", "HOLDER"];
+        let rows: Vec<[String; 4]> = lu
+            .registrations
+            .iter()
+            .map(|g| {
+                [
+                    g.initiator_port.clone(),
+                    g.key.clone(),
+                    g.target_port.clone(),
+                    if g.holder { "yes" } else { "no" }.to_string(),
+                ]
+            })
+            .collect();
+        let mut width = header.map(str::len);
+        for r in &rows {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |cells: [&str; 4]| {
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(width)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            let mut l = format!("  {}", padded.join("  "));
+            l.truncate(l.trim_end().len());
+            l.push('\n');
+            l
+        };
+        s.push_str(&line(header));
+        for r in &rows {
+            s.push_str(&line([&r[0], &r[1], &r[2], &r[3]]));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::admin::{RegistrationJson, ReservationJson};
+
+    #[test]
+    fn accepts_admin_urls() {
+        let e = Endpoint::parse("http://127.0.0.1:3262").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.prefix.as_str()),
+            ("127.0.0.1", 3262, "")
+        );
+        let e = Endpoint::parse("http://[::1]:9/api/").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.prefix.as_str()),
+            ("::1", 9, "/api")
+        );
+        assert_eq!(e.url(), "http://[::1]:9/api");
+        let e = Endpoint::parse("http://localhost").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("localhost", 3262));
+    }
+
+    #[test]
+    fn rejects_bad_admin_urls() {
+        for u in [
+            "https://127.0.0.1:3262",
+            "127.0.0.1:3262",
+            "http://:3262",
+            "http://h:99999",
+            "http://[::1",
+            "http://h:x",
+        ] {
+            assert!(Endpoint::parse(u).is_err(), "{u}");
+        }
+    }
+
+    #[test]
+    fn parses_responses() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", false),
+            Ok(None)
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", true).is_err());
+        let r = parse_response(b"HTTP/1.0 404 Not Found\r\n\r\nabc", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"abc"[..]));
+        assert_eq!(parse_response(b"HTTP/1.1 200", false), Ok(None));
+        for bad in [
+            &b""[..],
+            b"HTTP/1.1 200",
+            b"SSH-2.0-x\r\n\r\n",
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 999 X\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, true).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        assert_eq!(
+            parse_selector("iqn.2026-11.io.ironlun:lab/3"),
+            Ok(("iqn.2026-11.io.ironlun:lab".to_string(), 3))
+        );
+        for bad in ["iqn.x", "/0", "iqn.x/", "iqn.x/-1", "iqn.x/a"] {
+            assert!(parse_selector(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_table() {
+        let lu = LuReservations {
+            target: "iqn.x:t".into(),
+            lun: 0,
+            generation: 4,
+            aptpl: false,
+            reservation: Some(ReservationJson {
+                type_code: 5,
+                type_name: "Write Exclusive, Registrants Only".into(),
+                scope: "LU_SCOPE".into(),
+                key: "0x0000000000000001".into(),
+                holder: Some("iqn.a:h1,i,0x000000000001".into()),
+            }),
+            registrations: vec![RegistrationJson {
+                initiator_port: "iqn.a:h1,i,0x000000000001".into(),
+                key: "0x0000000000000001".into(),
+                target_port: "iqn.x:t,t,0x0001".into(),
+                rtpi: Some(1),
+                holder: true,
+            }],
+            spc2_holder: None,
+        };
+        let empty = LuReservations {
+            lun: 1,
+            generation: 0,
+            reservation: None,
+            registrations: vec![],
+            ..lu.clone()
+        };
+        let text = render_reservations(&[lu, empty]);
+        assert_eq!(
+            text,
+            "iqn.x:t LUN 0  generation 4  APTPL off\n\
+             \x20 reservation: Write Exclusive, Registrants Only (type 5), holder iqn.a:h1,i,0x000000000001, key 0x0000000000000001\n\
+             \x20 INITIATOR PORT             KEY                 TARGET PORT       HOLDER\n\
+             \x20 iqn.a:h1,i,0x000000000001  0x0000000000000001  iqn.x:t,t,0x0001  yes\n\
+             \n\
+             iqn.x:t LUN 1  generation 0  APTPL off\n\
+             \x20 no reservation\n\
+             \x20 no registrations\n"
+        );
+        assert_eq!(render_reservations(&[]), "no logical units\n");
+    }
+}
