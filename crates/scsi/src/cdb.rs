@@ -17,6 +17,8 @@ pub mod op {
     pub const WRITE_6: u8 = 0x0A;
     pub const INQUIRY: u8 = 0x12;
     pub const MODE_SELECT_6: u8 = 0x15;
+    pub const RESERVE_6: u8 = 0x16;
+    pub const RELEASE_6: u8 = 0x17;
     pub const MODE_SENSE_6: u8 = 0x1A;
     pub const START_STOP_UNIT: u8 = 0x1B;
     pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1E;
@@ -30,7 +32,11 @@ pub mod op {
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
+    pub const RESERVE_10: u8 = 0x56;
+    pub const RELEASE_10: u8 = 0x57;
     pub const MODE_SENSE_10: u8 = 0x5A;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8A;
     pub const ORWRITE_16: u8 = 0x8B;
@@ -115,6 +121,9 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0x15, 0x11, 0, 0, F, 0],
         "MODE SELECT(6)",
     ),
+    // SPC-2 §7.21 / §7.24: no third-party reservations, no extents (bits reserved here).
+    row(op::RESERVE_6, &[0x16, 0, 0, 0, 0, 0], "RESERVE(6)"),
+    row(op::RELEASE_6, &[0x17, 0, 0, 0, 0, 0], "RELEASE(6)"),
     row(op::MODE_SENSE_6, &[0x1A, 0x08, F, F, F, 0], "MODE SENSE(6)"),
     row(
         op::START_STOP_UNIT,
@@ -172,10 +181,94 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0],
         "MODE SELECT(10)",
     ),
+    // SPC-2 §7.22 / §7.25: 3RDPTY and LONGID reserved here (INVALID FIELD IN CDB).
+    row(
+        op::RESERVE_10,
+        &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "RESERVE(10)",
+    ),
+    row(
+        op::RELEASE_10,
+        &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "RELEASE(10)",
+    ),
     row(
         op::MODE_SENSE_10,
         &[0x5A, 0x18, F, F, 0, 0, 0, F, F, 0],
         "MODE SENSE(10)",
+    ),
+    // SPC-4 §6.15 / §6.16. REPLACE LOST RESERVATION (08h) is not implemented (RLR_C=0).
+    row_sa(
+        op::PERSISTENT_RESERVE_IN,
+        0,
+        &[0x5E, 0, 0, 0, 0, 0, 0, F, F, 0],
+        "PERSISTENT RESERVE IN / READ KEYS",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_IN,
+        1,
+        &[0x5E, 1, 0, 0, 0, 0, 0, F, F, 0],
+        "PERSISTENT RESERVE IN / READ RESERVATION",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_IN,
+        2,
+        &[0x5E, 2, 0, 0, 0, 0, 0, F, F, 0],
+        "PERSISTENT RESERVE IN / REPORT CAPABILITIES",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_IN,
+        3,
+        &[0x5E, 3, 0, 0, 0, 0, 0, F, F, 0],
+        "PERSISTENT RESERVE IN / READ FULL STATUS",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        0,
+        &[0x5F, 0, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / REGISTER",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        1,
+        &[0x5F, 1, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / RESERVE",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        2,
+        &[0x5F, 2, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / RELEASE",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        3,
+        &[0x5F, 3, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / CLEAR",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        4,
+        &[0x5F, 4, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / PREEMPT",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        5,
+        &[0x5F, 5, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / PREEMPT AND ABORT",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        6,
+        &[0x5F, 6, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / REGISTER AND IGNORE EXISTING KEY",
+    ),
+    row_sa(
+        op::PERSISTENT_RESERVE_OUT,
+        7,
+        &[0x5F, 7, F, 0, 0, F, F, F, F, 0],
+        "PERSISTENT RESERVE OUT / REGISTER AND MOVE",
     ),
     row(
         op::READ_16,
@@ -381,6 +474,23 @@ pub enum Command {
     ReportLuns {
         select: u8,
         alloc_len: u32,
+    },
+    /// RESERVE(6/10), SPC-2 §7.21/§7.22 (logical unit, no third party).
+    Reserve,
+    /// RELEASE(6/10), SPC-2 §7.24/§7.25.
+    Release,
+    /// PERSISTENT RESERVE IN (SPC-4 §6.15).
+    PersistentReserveIn {
+        service_action: u8,
+        alloc_len: u32,
+    },
+    /// PERSISTENT RESERVE OUT (SPC-4 §6.16.1): SCOPE and TYPE as sent, checked per service
+    /// action.
+    PersistentReserveOut {
+        service_action: u8,
+        scope: u8,
+        ty: u8,
+        param_len: u32,
     },
 }
 
@@ -634,6 +744,18 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
                 alloc_len: be32(cdb, 6, 4),
             }
         }
+        RESERVE_6 | RESERVE_10 => Command::Reserve,
+        RELEASE_6 | RELEASE_10 => Command::Release,
+        PERSISTENT_RESERVE_IN => Command::PersistentReserveIn {
+            service_action: byte(cdb, 1) & 0x1F,
+            alloc_len: be32(cdb, 7, 2),
+        },
+        PERSISTENT_RESERVE_OUT => Command::PersistentReserveOut {
+            service_action: byte(cdb, 1) & 0x1F,
+            scope: byte(cdb, 2) >> 4,
+            ty: byte(cdb, 2) & 0x0F,
+            param_len: be32(cdb, 5, 4),
+        },
         _ => return Err(SenseReason::InvalidOpcode),
     };
     Ok(cmd)
@@ -851,6 +973,40 @@ mod tests {
             padded.resize(16, 0);
             assert_eq!(parse(&padded), Ok(*want), "{cdb:02x?} padded");
         }
+    }
+
+    #[test]
+    fn accepts_and_rejects_reservation_cdbs() {
+        assert_eq!(
+            parse(&[0x5F, 0x01, 0x05, 0, 0, 0, 0, 0, 24, 0]),
+            Ok(Command::PersistentReserveOut {
+                service_action: 1,
+                scope: 0,
+                ty: 5,
+                param_len: 24
+            })
+        );
+        assert_eq!(
+            parse(&[0x5E, 0x03, 0, 0, 0, 0, 0, 0x10, 0x00, 0]),
+            Ok(Command::PersistentReserveIn {
+                service_action: 3,
+                alloc_len: 0x1000
+            })
+        );
+        // PR IN 04h-1Fh and PR OUT REPLACE LOST RESERVATION (08h): INVALID FIELD IN CDB.
+        for sa in 4..0x20u8 {
+            assert_eq!(parse(&[0x5E, sa, 0, 0, 0, 0, 0, 0, 8, 0]), Err(fp(1, 4)));
+        }
+        assert_eq!(parse(&[0x5F, 0x08, 0, 0, 0, 0, 0, 0, 24, 0]), Err(fp(1, 4)));
+        assert_eq!(parse(&[0x16, 0, 0, 0, 0, 0]), Ok(Command::Reserve));
+        assert_eq!(
+            parse(&[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Ok(Command::Release)
+        );
+        // Third-party RESERVE(6), 3RDPTY / LONGID in RESERVE(10).
+        assert_eq!(parse(&[0x16, 0x10, 0, 0, 0, 0]), Err(fp(1, 4)));
+        assert_eq!(parse(&[0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0]), Err(fp(1, 4)));
+        assert_eq!(parse(&[0x56, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]), Err(fp(1, 1)));
     }
 
     #[test]

@@ -11,14 +11,22 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cdb::{self, Command, Extent};
 use crate::mode::{MediumInfo, ModePages, SenseRequest};
+use crate::pr::{access, ItNexus, Persist, PrError, PrState, Registration};
 use crate::sense::{FieldPointer, SenseReason};
 use crate::status;
 use crate::ua::UnitAttentions;
 use crate::vpd;
 
-/// Identifies an I_T nexus (initiator port × target port) for unit attentions and reservations.
-/// The daemon allocates one per session; the LU learns of it via [`LogicalUnit::add_nexus`].
+/// Identifies a session's I_T nexus. The daemon allocates one per session; the LU learns its
+/// [`ItNexus`] identity via [`LogicalUnit::add_nexus`] (several sessions may briefly share
+/// one identity, during session reinstatement).
 pub type NexusId = u64;
+
+/// Upper bound on I_T nexus identities the LU remembers without a session. Identities with no
+/// session, no registration and no pending unit attention are forgotten beyond it (the next
+/// login of such a port counts as first: 29h/00h); beyond twice it, session-less unregistered
+/// identities are forgotten even with conditions pending.
+pub const MAX_IDENTITIES: usize = 4096;
 
 /// Static description of a logical unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,10 +179,32 @@ pub enum IoErrorKind {
     Other,
 }
 
-/// What the LU needs to finish a command after its I/O.
+/// What the LU needs to finish a command after its I/O. It names the command's entry in
+/// the LU's task set: hand it back to [`LogicalUnit::resume`] or [`LogicalUnit::abandon`]
+/// exactly once; a task aborted by PREEMPT AND ABORT resumes to TASK ABORTED without
+/// starting another I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Continuation {
     state: Pending,
+    task: u64,
+}
+
+/// One task of the task set (a command between [`Step::Io`] and its final resume).
+#[derive(Debug, Clone)]
+struct Task {
+    identity: Option<u64>,
+    /// Tickets of the PREEMPT AND ABORTs that aborted it.
+    aborted: Vec<u64>,
+}
+
+/// An I_T nexus identity the LU knows (SAM-5 §3.1.47): an initiator port on a target port.
+#[derive(Debug, Clone)]
+struct Identity {
+    it: ItNexus,
+    /// Sessions currently mapped to it.
+    sessions: u32,
+    /// [`Registration`] id covering it, refreshed on every PR state change.
+    reg: Option<u64>,
 }
 
 /// Per-command state carried across an [`IoOp`].
@@ -247,13 +277,25 @@ pub enum TmfEffect {
     AbortAllTasks,
 }
 
-/// One logical unit's state: mode pages, unit attentions per nexus, medium state.
+/// One logical unit's state: mode pages, unit attentions per I_T nexus identity, reservations,
+/// the task set of commands with I/O outstanding, medium state.
 pub struct LogicalUnit {
     config: LuConfig,
     mode: ModePages,
+    /// Keyed by identity id (see [`Identity`]).
     ua: UnitAttentions,
     /// PREVENT ALLOW MEDIUM REMOVAL state per nexus (recorded; the medium is not removable).
     prevent: HashMap<NexusId, u8>,
+    pr: PrState,
+    /// Identity id holding an SPC-2 RESERVE(6/10) reservation.
+    spc2: Option<u64>,
+    identities: HashMap<u64, Identity>,
+    by_it: HashMap<ItNexus, u64>,
+    sessions: HashMap<NexusId, u64>,
+    next_identity: u64,
+    tasks: HashMap<u64, Task>,
+    next_task: u64,
+    next_ticket: u64,
 }
 
 impl Completion {
@@ -271,6 +313,24 @@ impl Completion {
     /// assume it survives power loss).
     pub fn persist_failed(descriptor: bool) -> Self {
         Self::check_condition(SenseReason::InternalTargetFailure, descriptor)
+    }
+
+    /// RESERVATION CONFLICT (18h): no sense data (SAM-5 §5.3.1).
+    pub fn reservation_conflict() -> Self {
+        Completion {
+            status: status::RESERVATION_CONFLICT,
+            sense: Bytes::new(),
+            data: Bytes::new(),
+        }
+    }
+
+    /// TASK ABORTED (40h): a task aborted by another I_T nexus with TAS=1 (SAM-5 §5.3.1).
+    pub fn task_aborted() -> Self {
+        Completion {
+            status: status::TASK_ABORTED,
+            sense: Bytes::new(),
+            data: Bytes::new(),
+        }
     }
 
     /// CHECK CONDITION with `reason` in fixed (`descriptor == false`) or descriptor format.
@@ -297,6 +357,15 @@ impl LogicalUnit {
             mode,
             ua: UnitAttentions::new(),
             prevent: HashMap::new(),
+            pr: PrState::new(),
+            spc2: None,
+            identities: HashMap::new(),
+            by_it: HashMap::new(),
+            sessions: HashMap::new(),
+            next_identity: 0,
+            tasks: HashMap::new(),
+            next_task: 0,
+            next_ticket: 0,
         }
     }
 
@@ -311,7 +380,7 @@ impl LogicalUnit {
 
     /// The oldest unit attention pending for `nexus`, if any (not cleared).
     pub fn pending_unit_attention(&self, nexus: NexusId) -> Option<SenseReason> {
-        self.ua.peek(nexus)
+        self.ua.peek(*self.sessions.get(&nexus)?)
     }
 
     /// How many Data-Out bytes `cdb` asks the initiator to send (the SPDTL of RFC 7143
@@ -330,7 +399,9 @@ impl LogicalUnit {
                 _ => blocks(ext),
             },
             C::WriteSame { ndob, .. } => Some(if ndob { 0 } else { bs }),
-            C::ModeSelect { param_len, .. } | C::Unmap { param_len } => Some(u64::from(param_len)),
+            C::ModeSelect { param_len, .. }
+            | C::Unmap { param_len }
+            | C::PersistentReserveOut { param_len, .. } => Some(u64::from(param_len)),
             _ => Some(0),
         }
     }
@@ -340,59 +411,378 @@ impl LogicalUnit {
         self.mode.current.d_sense
     }
 
-    /// A new session's I_T nexus `it`, known from now on as `nexus`. A first-seen nexus
+    /// A new session's I_T nexus `it`, known from now on as `nexus`. A first-seen identity
     /// receives POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h); one that returns
     /// after an I_T nexus loss receives I_T NEXUS LOSS OCCURRED (29h/07h) followed by any
-    /// reservation unit attentions queued for it meanwhile.
-    pub fn add_nexus(&mut self, nexus: NexusId, it: crate::pr::ItNexus) {
-        let _ = it;
-        self.ua.add_nexus(nexus, SenseReason::PowerOnOrReset);
+    /// reservation unit attentions queued for it meanwhile. The identity is looked up here
+    /// once; every later command maps `nexus` to a small id.
+    pub fn add_nexus(&mut self, nexus: NexusId, it: ItNexus) {
+        if self.sessions.contains_key(&nexus) {
+            self.remove_nexus(nexus);
+        }
+        let id = match self.by_it.get(&it).copied() {
+            Some(id) => {
+                if let Some(x) = self.identities.get_mut(&id) {
+                    x.sessions = x.sessions.saturating_add(1);
+                }
+                self.ua.returned(id);
+                id
+            }
+            None => {
+                let id = self.new_identity(it, 1);
+                self.ua.add_nexus(id, SenseReason::PowerOnOrReset);
+                id
+            }
+        };
+        self.sessions.insert(nexus, id);
+        self.prune();
+    }
+
+    fn new_identity(&mut self, it: ItNexus, sessions: u32) -> u64 {
+        let id = self.next_identity;
+        self.next_identity = self.next_identity.wrapping_add(1);
+        let reg = self.pr.registration_id(&it);
+        self.by_it.insert(it.clone(), id);
+        self.identities.insert(id, Identity { it, sessions, reg });
+        id
+    }
+
+    /// Forget idle identities beyond [`MAX_IDENTITIES`] (see there).
+    fn prune(&mut self) {
+        if self.identities.len() <= MAX_IDENTITIES {
+            return;
+        }
+        let hard = self.identities.len() > MAX_IDENTITIES.saturating_mul(2);
+        let idle: Vec<u64> = self
+            .identities
+            .iter()
+            .filter(|(id, x)| {
+                x.sessions == 0 && x.reg.is_none() && (hard || self.ua.is_empty(**id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(x) = self.identities.remove(&id) {
+                self.by_it.remove(&x.it);
+            }
+            self.ua.remove_nexus(id);
+        }
     }
 
     /// The LU's reservation state, for `ironlun ctl reservations`.
     pub fn pr_snapshot(&self) -> crate::pr::PrSnapshot {
-        crate::pr::PrSnapshot::default()
+        let mut snap = self.pr.snapshot();
+        snap.spc2_holder = self
+            .spc2
+            .and_then(|id| self.identities.get(&id))
+            .map(|x| x.it.initiator.to_string());
+        snap
     }
 
     /// Load APTPL state written earlier from a [`crate::pr::Persist::Write`] (at start, before
-    /// any nexus is added). A file of another LU or a corrupt one is refused, never dropped.
+    /// any nexus is added). A file of another LU or a corrupt one is refused, never dropped;
+    /// on error the state is unchanged.
     pub fn restore_pr(&mut self, bytes: &[u8]) -> Result<(), crate::pr::PersistError> {
-        let _ = bytes;
-        Err(crate::pr::PersistError::NotPrState)
+        self.pr = crate::pr::persist::decode(bytes, &self.config.serial)?;
+        self.refresh_registrations();
+        Ok(())
     }
 
     /// Whether every task aborted under `ticket` has finished (resumed for the last time or
     /// been abandoned). Tasks of a preempted nexus never start another I/O once aborted.
     pub fn abort_drained(&self, ticket: AbortTicket) -> bool {
-        let _ = ticket;
-        true
+        !self.tasks.values().any(|t| t.aborted.contains(&ticket.0))
     }
 
     /// A task that got [`Step::Io`] is dropped without being resumed (its I/O did not run or
     /// has finished): forget it, so PREEMPT AND ABORT does not wait for it.
     pub fn abandon(&mut self, cont: Continuation) {
-        let _ = cont;
+        self.tasks.remove(&cont.task);
     }
 
+    /// A session ended (I_T nexus loss for its identity once its last session goes): an
+    /// SPC-2 reservation of that identity is released (SPC-2 §5.5.1); persistent
+    /// reservations and registrations stay (SPC-4 §5.13.1). Its tasks stay in the task set
+    /// until resumed or abandoned.
     pub fn remove_nexus(&mut self, nexus: NexusId) {
-        self.ua.remove_nexus(nexus);
         self.prevent.remove(&nexus);
+        let Some(id) = self.sessions.remove(&nexus) else {
+            return;
+        };
+        let last = match self.identities.get_mut(&id) {
+            Some(x) => {
+                x.sessions = x.sessions.saturating_sub(1);
+                x.sessions == 0
+            }
+            None => false,
+        };
+        if last && self.spc2 == Some(id) {
+            self.spc2 = None;
+        }
+        self.prune();
+    }
+
+    fn refresh_registrations(&mut self) {
+        for x in self.identities.values_mut() {
+            x.reg = self.pr.registration_id(&x.it);
+        }
+    }
+
+    /// The reservation check at command start (SPC-4 §5.13.1; semantics §1.6, §1.8).
+    /// Without any reservation it is two branches.
+    fn conflicts(&self, ident: Option<u64>, raw: &[u8]) -> bool {
+        if let Some(holder) = self.spc2 {
+            return !access::spc2_allowed(raw, ident == Some(holder));
+        }
+        let Some(res) = self.pr.reservation() else {
+            return false;
+        };
+        let reg = ident
+            .and_then(|id| self.identities.get(&id))
+            .and_then(|x| x.reg);
+        let standing = access::Standing {
+            reservation: Some(res.ty),
+            registered: reg.is_some(),
+            holder: reg.is_some_and(|r| self.pr.is_holder(r)),
+        };
+        !access::allowed(access::classify(raw), standing)
+    }
+
+    /// Under registrations (CRH=1, SPC-4 §5.13.3): RESERVE/RELEASE(6/10) do nothing and
+    /// complete with GOOD from a holder, or from a registrant under a registrants-only /
+    /// all-registrants reservation; otherwise they conflict.
+    fn crh_no_op(&self, ident: Option<u64>) -> bool {
+        let reg = ident
+            .and_then(|id| self.identities.get(&id))
+            .and_then(|x| x.reg);
+        match (reg, self.pr.reservation()) {
+            (Some(r), Some(res)) => self.pr.is_holder(r) || res.ty.registrants_have_access(),
+            _ => false,
+        }
+    }
+
+    /// RESERVE(6/10) (SPC-2 §7.21): the requesting I_T nexus holds the logical unit.
+    fn spc2_reserve(&mut self, ident: Option<u64>) -> Step {
+        if let Some(holder) = self.spc2 {
+            return if ident == Some(holder) {
+                Step::Done(Completion::good(Bytes::new()))
+            } else {
+                Step::Done(Completion::reservation_conflict())
+            };
+        }
+        if !self.pr.registrations().is_empty() {
+            return if self.crh_no_op(ident) {
+                Step::Done(Completion::good(Bytes::new()))
+            } else {
+                Step::Done(Completion::reservation_conflict())
+            };
+        }
+        match ident {
+            Some(id) => {
+                self.spc2 = Some(id);
+                Step::Done(Completion::good(Bytes::new()))
+            }
+            None => Step::Done(Completion::reservation_conflict()),
+        }
+    }
+
+    /// RELEASE(6/10) (SPC-2 §7.24): the holder releases; anyone else gets GOOD, no effect.
+    fn spc2_release(&mut self, ident: Option<u64>) -> Step {
+        if let Some(holder) = self.spc2 {
+            if ident == Some(holder) {
+                self.spc2 = None;
+            }
+            return Step::Done(Completion::good(Bytes::new()));
+        }
+        if !self.pr.registrations().is_empty() && !self.crh_no_op(ident) {
+            return Step::Done(Completion::reservation_conflict());
+        }
+        Step::Done(Completion::good(Bytes::new()))
+    }
+
+    /// PERSISTENT RESERVE OUT (SPC-4 §6.16): run the decision tables, then deliver unit
+    /// attentions, mark aborted tasks and build the APTPL write.
+    fn prout(
+        &mut self,
+        ident: Option<u64>,
+        service_action: u8,
+        scope: u8,
+        ty: u8,
+        param_len: u32,
+        data_out: &Bytes,
+    ) -> Result<Step, SenseReason> {
+        if param_len > crate::pr::MAX_PROUT_PARAM_LEN {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(5)));
+        }
+        let n = usize::try_from(param_len).map_err(|_| SenseReason::ParameterListLengthError)?;
+        let param = data_out
+            .get(..n)
+            .ok_or(SenseReason::ParameterListLengthError)?;
+        let Some((id, it)) = ident.and_then(|id| Some((id, self.identities.get(&id)?.it.clone())))
+        else {
+            // A session the daemon never announced has no I_T nexus identity.
+            return Ok(Step::Done(Completion::reservation_conflict()));
+        };
+        let aptpl_before = self.pr.aptpl();
+        let req = crate::pr::OutRequest {
+            service_action,
+            scope,
+            ty,
+            param,
+        };
+        let ctx = crate::pr::PrContext {
+            relative_ports: &self.config.relative_ports,
+            ptpl_capable: self.config.ptpl_capable,
+        };
+        let fx = match self.pr.prout(&it, req, ctx) {
+            Ok(fx) => fx,
+            Err(PrError::Conflict) => return Ok(Step::Done(Completion::reservation_conflict())),
+            Err(PrError::Sense(reason)) => return Err(reason),
+        };
+        self.refresh_registrations();
+        for (reg, reason) in &fx.ua {
+            self.notify(reg, *reason, id);
+        }
+        let abort = if fx.aborted.is_empty() {
+            None
+        } else {
+            Some(self.abort_tasks(&fx.aborted))
+        };
+        let aptpl = self.pr.aptpl();
+        let persist = if aptpl && (fx.changed || !aptpl_before) {
+            Some(Persist::Write(crate::pr::persist::encode(
+                &self.pr,
+                &self.config.serial,
+            )))
+        } else if aptpl_before && !aptpl {
+            Some(Persist::Remove)
+        } else {
+            None
+        };
+        let completion = Completion::good(Bytes::new());
+        if !fx.changed && abort.is_none() && persist.is_none() {
+            return Ok(Step::Done(completion));
+        }
+        Ok(Step::PrCommit(PrCommit {
+            abort,
+            persist,
+            completion,
+        }))
+    }
+
+    /// Queue `reason` for every I_T nexus `reg` covers except the identity `except`: the
+    /// known identities, and, for a registration of one initiator port, that port's
+    /// identities on its target port(s) even when it is not logged in (created here, so the
+    /// condition waits for its return).
+    fn notify(&mut self, reg: &Registration, reason: SenseReason, except: u64) {
+        if let Some(isid) = reg.isid {
+            let ports: Vec<u16> = match reg.rtpi {
+                Some(p) => vec![p],
+                None => self.config.relative_ports.clone(),
+            };
+            for rtpi in ports {
+                let it = ItNexus {
+                    initiator: crate::pr::InitiatorPort::new(&reg.name, isid),
+                    rtpi,
+                };
+                if !self.by_it.contains_key(&it) {
+                    let id = self.new_identity(it, 0);
+                    self.ua.ensure(id);
+                }
+            }
+        }
+        let ids: Vec<u64> = self
+            .identities
+            .iter()
+            .filter(|(id, x)| **id != except && reg.matches(&x.it))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.ua.ensure(id);
+            self.ua.raise(id, reason);
+        }
+        self.prune();
+    }
+
+    /// Mark every task of every I_T nexus covered by `regs` aborted under a new ticket.
+    fn abort_tasks(&mut self, regs: &[Registration]) -> AbortTicket {
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        for task in self.tasks.values_mut() {
+            let hit = task
+                .identity
+                .and_then(|id| self.identities.get(&id))
+                .is_some_and(|x| regs.iter().any(|r| r.matches(&x.it)));
+            if hit {
+                task.aborted.push(ticket);
+            }
+        }
+        AbortTicket(ticket)
     }
 
     /// Start a command. Data-In in the completion is cut to the CDB's allocation length.
+    /// Order (SAM-5 §5.14, SPC-4 §5.13.1): unit attention, reservation check, CDB.
     pub fn execute(&mut self, nexus: NexusId, cdb: &[u8], data_out: Bytes) -> Step {
-        match self.dispatch(nexus, cdb, data_out) {
+        let ident = self.sessions.get(&nexus).copied();
+        let opcode = cdb.first().copied().unwrap_or(0);
+        // SPC-4 §5.14 / SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report
+        // (or clear) a pending unit attention; every other command reports one and ends.
+        let bypass = matches!(
+            opcode,
+            cdb::op::INQUIRY | cdb::op::REPORT_LUNS | cdb::op::REQUEST_SENSE
+        );
+        if let (false, Some(id)) = (bypass, ident) {
+            if let Some(ua) = self.ua.take(id) {
+                return self.fail(ua);
+            }
+        }
+        if self.conflicts(ident, cdb) {
+            return Step::Done(Completion::reservation_conflict());
+        }
+        let step = match self.dispatch(nexus, ident, cdb, data_out) {
             Ok(step) => step,
             Err(reason) => self.fail(reason),
+        };
+        match step {
+            Step::Io(op, mut cont) => {
+                let task = self.next_task;
+                self.next_task = self.next_task.wrapping_add(1);
+                cont.task = task;
+                self.tasks.insert(
+                    task,
+                    Task {
+                        identity: ident,
+                        aborted: Vec::new(),
+                    },
+                );
+                Step::Io(op, cont)
+            }
+            other => other,
         }
     }
 
     /// Continue a command after its [`IoOp`].
     pub fn resume(&mut self, nexus: NexusId, cont: Continuation, result: IoResult) -> Step {
         let _ = nexus;
-        match self.finish(cont.state, result) {
+        let task = cont.task;
+        if self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty()) {
+            // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6), TAS=1: no further I/O.
+            self.tasks.remove(&task);
+            return Step::Done(Completion::task_aborted());
+        }
+        let step = match self.finish(cont.state, result) {
             Ok(step) => step,
             Err(reason) => self.fail(reason),
+        };
+        match step {
+            Step::Io(op, mut next) => {
+                next.task = task;
+                Step::Io(op, next)
+            }
+            other => {
+                self.tasks.remove(&task);
+                other
+            }
         }
     }
 
@@ -411,6 +801,8 @@ impl LogicalUnit {
         self.ua.raise_others(None, reason);
         self.mode.reset();
         self.prevent.clear();
+        // SPC-2 reservations end with every reset; persistent ones survive (SPC-4 §5.13.1).
+        self.spc2 = None;
     }
 
     /// The effect of a task management function on this LU's task set (SAM-5 §7).
@@ -439,7 +831,7 @@ impl LogicalUnit {
     }
 
     fn io(op: IoOp, state: Pending) -> Result<Step, SenseReason> {
-        Ok(Step::Io(op, Continuation { state }))
+        Ok(Step::Io(op, Continuation { state, task: 0 }))
     }
 
     fn block_size(&self) -> u64 {
@@ -494,21 +886,10 @@ impl LogicalUnit {
     fn dispatch(
         &mut self,
         nexus: NexusId,
+        ident: Option<u64>,
         raw: &[u8],
         data_out: Bytes,
     ) -> Result<Step, SenseReason> {
-        let opcode = raw.first().copied().unwrap_or(0);
-        // SPC-4 §5.14 / SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report
-        // (or clear) a pending unit attention; every other command reports one and ends.
-        let bypass = matches!(
-            opcode,
-            cdb::op::INQUIRY | cdb::op::REPORT_LUNS | cdb::op::REQUEST_SENSE
-        );
-        if !bypass {
-            if let Some(ua) = self.ua.take(nexus) {
-                return Err(ua);
-            }
-        }
         let cmd = cdb::parse(raw)?;
         let medium = MediumInfo {
             num_blocks: self.config.num_blocks,
@@ -518,7 +899,9 @@ impl LogicalUnit {
         match cmd {
             Command::TestUnitReady => Self::good(Bytes::new()),
             Command::RequestSense { desc, alloc_len } => {
-                let reason = self.ua.take(nexus).unwrap_or(SenseReason::NoSense);
+                let reason = ident
+                    .and_then(|id| self.ua.take(id))
+                    .unwrap_or(SenseReason::NoSense);
                 Self::good(cut(reason.to_bytes(desc).to_vec(), alloc_len))
             }
             Command::Inquiry {
@@ -527,7 +910,10 @@ impl LogicalUnit {
                 alloc_len,
             } => {
                 let data = if evpd {
-                    vpd::page(&self.config, page)?
+                    let rtpi = ident
+                        .and_then(|id| self.identities.get(&id))
+                        .map_or(self.config.relative_port, |x| x.it.rtpi);
+                    vpd::page_at(&self.config, page, rtpi)?
                 } else {
                     vpd::standard(&self.config)
                 };
@@ -566,7 +952,7 @@ impl LogicalUnit {
                     .ok_or(SenseReason::ParameterListLengthError)?;
                 if self.mode.select(ten, sp, data, self.config.block_size)? {
                     self.ua
-                        .raise_others(Some(nexus), SenseReason::ModeParametersChanged);
+                        .raise_others(ident, SenseReason::ModeParametersChanged);
                 }
                 Self::good(Bytes::new())
             }
@@ -707,9 +1093,26 @@ impl LogicalUnit {
                 Self::good(cut(data, alloc_len))
             }
             Command::ReportLuns { .. } => {
-                self.ua.clear(nexus, SenseReason::ReportedLunsDataChanged);
+                if let Some(id) = ident {
+                    self.ua.clear(id, SenseReason::ReportedLunsDataChanged);
+                }
                 Ok(Step::Done(report_luns(raw, &[self.config.lun])))
             }
+            Command::Reserve => Ok(self.spc2_reserve(ident)),
+            Command::Release => Ok(self.spc2_release(ident)),
+            Command::PersistentReserveIn {
+                service_action,
+                alloc_len,
+            } => {
+                let data = self.pr.prin(service_action, self.config.ptpl_capable)?;
+                Self::good(cut(data, alloc_len))
+            }
+            Command::PersistentReserveOut {
+                service_action,
+                scope,
+                ty,
+                param_len,
+            } => self.prout(ident, service_action, scope, ty, param_len, &data_out),
         }
     }
 

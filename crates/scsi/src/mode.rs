@@ -96,8 +96,9 @@ impl ModePages {
                 if changeable {
                     put(&mut p, 2, &[0x04]);
                 } else {
-                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); BUSY TIMEOUT FFFFh.
-                    put(&mut p, 2, &[flag(v.d_sense, 2), 0x10]);
+                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); TAS=1 (tasks aborted
+                    // by another I_T nexus end with TASK ABORTED, SPC-4 §7.5.8); BUSY TIMEOUT.
+                    put(&mut p, 2, &[flag(v.d_sense, 2), 0x10, 0, 0x40]);
                     put(&mut p, 8, &[0xFF, 0xFF]);
                 }
                 p

@@ -91,6 +91,20 @@ pub enum SenseReason {
     ItNexusLossOccurred,
     /// UNIT ATTENTION, MODE PARAMETERS CHANGED (2Ah/01h).
     ModeParametersChanged,
+    /// UNIT ATTENTION, RESERVATIONS PREEMPTED (2Ah/03h): CLEAR (SPC-4 §5.13.11.2.7).
+    ReservationsPreempted,
+    /// UNIT ATTENTION, RESERVATIONS RELEASED (2Ah/04h): a registrants-only or all-registrants
+    /// reservation released, or its type changed by PREEMPT (SPC-4 §5.13.11.2.2).
+    ReservationsReleased,
+    /// UNIT ATTENTION, REGISTRATIONS PREEMPTED (2Ah/05h): PREEMPT (SPC-4 §5.13.11.2.4).
+    RegistrationsPreempted,
+    /// UNIT ATTENTION, COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h): PREEMPT AND ABORT
+    /// with TAS=0 (not raised: this LU reports TAS=1, SPC-4 §7.5.8).
+    CommandsClearedByAnotherInitiator,
+    /// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h).
+    InvalidReleaseOfPersistentReservation,
+    /// ILLEGAL REQUEST, INSUFFICIENT REGISTRATION RESOURCES (55h/04h).
+    InsufficientRegistrationResources,
     /// UNIT ATTENTION, CAPACITY DATA HAS CHANGED (2Ah/09h).
     CapacityDataChanged,
     /// UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh).
@@ -121,6 +135,12 @@ pub const ALL_REASONS: &[SenseReason] = &[
     SenseReason::BusDeviceResetOccurred,
     SenseReason::ItNexusLossOccurred,
     SenseReason::ModeParametersChanged,
+    SenseReason::ReservationsPreempted,
+    SenseReason::ReservationsReleased,
+    SenseReason::RegistrationsPreempted,
+    SenseReason::CommandsClearedByAnotherInitiator,
+    SenseReason::InvalidReleaseOfPersistentReservation,
+    SenseReason::InsufficientRegistrationResources,
     SenseReason::CapacityDataChanged,
     SenseReason::ReportedLunsDataChanged,
 ];
@@ -152,6 +172,12 @@ impl SenseReason {
             BusDeviceResetOccurred => (key::UNIT_ATTENTION, 0x29, 0x03),
             ItNexusLossOccurred => (key::UNIT_ATTENTION, 0x29, 0x07),
             ModeParametersChanged => (key::UNIT_ATTENTION, 0x2A, 0x01),
+            ReservationsPreempted => (key::UNIT_ATTENTION, 0x2A, 0x03),
+            ReservationsReleased => (key::UNIT_ATTENTION, 0x2A, 0x04),
+            RegistrationsPreempted => (key::UNIT_ATTENTION, 0x2A, 0x05),
+            CommandsClearedByAnotherInitiator => (key::UNIT_ATTENTION, 0x2F, 0x00),
+            InvalidReleaseOfPersistentReservation => (key::ILLEGAL_REQUEST, 0x26, 0x04),
+            InsufficientRegistrationResources => (key::ILLEGAL_REQUEST, 0x55, 0x04),
             CapacityDataChanged => (key::UNIT_ATTENTION, 0x2A, 0x09),
             ReportedLunsDataChanged => (key::UNIT_ATTENTION, 0x3F, 0x0E),
         }

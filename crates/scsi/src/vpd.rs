@@ -38,8 +38,16 @@ pub fn standard_no_lun() -> Vec<u8> {
     d
 }
 
-/// The VPD page `page` (SPC-4 §7.8), or INVALID FIELD IN CDB (byte 2) if unsupported.
+/// The VPD page `page` (SPC-4 §7.8), or INVALID FIELD IN CDB (byte 2) if unsupported, as
+/// seen through the configured relative target port.
 pub fn page(config: &LuConfig, page: u8) -> Result<Vec<u8>, SenseReason> {
+    page_at(config, page, config.relative_port)
+}
+
+/// [`page`] as seen through the target port `rtpi` (the requesting I_T nexus's): VPD 83h
+/// names that port (SPC-4 §7.8.6.1: target port designators describe the port the command
+/// came through).
+pub fn page_at(config: &LuConfig, page: u8, rtpi: u16) -> Result<Vec<u8>, SenseReason> {
     let body = match page {
         0x00 => SUPPORTED_PAGES.to_vec(),
         0x80 => config
@@ -49,7 +57,7 @@ pub fn page(config: &LuConfig, page: u8) -> Result<Vec<u8>, SenseReason> {
             .copied()
             .filter(|b| (0x20..0x7F).contains(b))
             .collect(),
-        0x83 => device_identification(config),
+        0x83 => device_identification(config, rtpi),
         0xB0 => block_limits(config),
         0xB1 => block_device_characteristics(),
         0xB2 => logical_block_provisioning(config),
@@ -73,7 +81,7 @@ pub fn max_write_same_blocks(config: &LuConfig) -> u32 {
 
 /// Device Identification (SPC-4 §7.8.6): NAA, T10 vendor ID, relative target port, target
 /// port group, SCSI name string of the target device.
-fn device_identification(config: &LuConfig) -> Vec<u8> {
+fn device_identification(config: &LuConfig, rtpi: u16) -> Vec<u8> {
     let mut d = Vec::new();
     // NAA (type 3), binary, associated with the logical unit.
     designator(&mut d, 0x01, 0x03, &config.naa);
@@ -89,26 +97,35 @@ fn device_identification(config: &LuConfig) -> Vec<u8> {
     designator(&mut d, 0x02, 0x01, &t10);
     // Relative target port (type 4), PIV=1, association 01b (target port), protocol iSCSI (5).
     let mut rel = [0u8; 4];
-    put(&mut rel, 2, &config.relative_port.to_be_bytes());
+    put(&mut rel, 2, &rtpi.to_be_bytes());
     designator(&mut d, 0x51, 0x80 | 0x10 | 0x04, &rel);
+    // SCSI name string (type 8) of the target port, `<name>,t,0x<TPGT>` (RFC 7143 §4.2.7.1).
+    let port = format!("{},t,0x{rtpi:04x}", config.target_name);
+    designator(&mut d, 0x53, 0x80 | 0x10 | 0x08, &name_string(&port));
     // Target port group (type 5), association 01b.
     let mut tpg = [0u8; 4];
     put(&mut tpg, 2, &config.target_port_group.to_be_bytes());
     designator(&mut d, 0x51, 0x80 | 0x10 | 0x05, &tpg);
     // SCSI name string (type 8), UTF-8, association 10b (target device): NUL-terminated,
     // NUL-padded to a multiple of 4, at most 252 bytes.
-    let mut name: Vec<u8> = config
-        .target_name
-        .bytes()
-        .filter(|b| *b != 0)
-        .take(251)
-        .collect();
+    designator(
+        &mut d,
+        0x53,
+        0x80 | 0x20 | 0x08,
+        &name_string(&config.target_name),
+    );
+    d
+}
+
+/// A SCSI name string designator value: UTF-8, NUL-terminated, NUL-padded to a multiple of 4,
+/// at most 252 bytes (SPC-4 §7.8.6.11).
+fn name_string(s: &str) -> Vec<u8> {
+    let mut name: Vec<u8> = s.bytes().filter(|b| *b != 0).take(251).collect();
     name.push(0);
     while name.len() & 3 != 0 {
         name.push(0);
     }
-    designator(&mut d, 0x53, 0x80 | 0x20 | 0x08, &name);
-    d
+    name
 }
 
 fn designator(out: &mut Vec<u8>, proto_codeset: u8, piv_assoc_type: u8, id: &[u8]) {
@@ -231,6 +248,9 @@ mod tests {
                 assert_eq!(len % 4, 0);
                 assert_eq!(&d[at + 4..at + 4 + 19], b"iqn.2026-01.test:t1");
                 assert_eq!(d[at + 4 + len - 1], 0);
+                if t & 0x30 == 0x10 {
+                    assert_eq!(&d[at + 4..at + 4 + 29], b"iqn.2026-01.test:t1,t,0x0001\0");
+                }
             }
             if t & 0x0F == 3 {
                 assert_eq!(len, 16);
@@ -245,6 +265,7 @@ mod tests {
                 (0x01, 0x03),
                 (0x02, 0x01),
                 (0x51, 0x94),
+                (0x53, 0x98),
                 (0x51, 0x95),
                 (0x53, 0xA8)
             ]

@@ -1,0 +1,212 @@
+//! The APTPL state file (SPC-4 §5.13.5.1: what must survive power loss): a versioned,
+//! line-oriented UTF-8 text file, readable with `cat`, with a CRC32C over everything before
+//! its last line.
+//!
+//! ```text
+//! ironlun-pr-state 1
+//! serial <unit serial number, hex of its bytes>
+//! generation <PRgeneration, decimal>
+//! aptpl 1
+//! registration <key, 16 hex> <rtpi decimal | all> <ISID, 12 hex | any> <initiator name>
+//! reservation <index of the holder's registration line, from 0> <type code>
+//! crc32c <8 hex>
+//! ```
+//!
+//! Registration and reservation lines are optional and repeatable/at most once respectively;
+//! all others appear exactly once, in this order. The file names the LU's serial so that a
+//! file copied to another LU is refused ([`PersistError::Foreign`]), never silently used.
+
+use super::{
+    PersistError, PrState, Registration, Reservation, ReservationType, MAX_NAME_LEN,
+    MAX_REGISTRATIONS,
+};
+
+/// First line of every state file; the number is the format version.
+pub const MAGIC: &str = "ironlun-pr-state 1";
+
+/// Upper bound on a state file we parse (bytes): MAX_REGISTRATIONS lines of at most ~280.
+pub const MAX_FILE_LEN: usize = 512 * 1024;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i.checked_add(2)?)?, 16).ok())
+        .collect()
+}
+
+/// Serialize `state` for the LU with unit serial number `serial`.
+pub fn encode(state: &PrState, serial: &str) -> Vec<u8> {
+    let mut s = String::new();
+    s.push_str(MAGIC);
+    s.push('\n');
+    s.push_str(&format!("serial {}\n", hex(serial.as_bytes())));
+    s.push_str(&format!("generation {}\n", state.generation));
+    s.push_str(&format!("aptpl {}\n", u8::from(state.aptpl)));
+    for r in &state.regs {
+        let rtpi = r.rtpi.map_or("all".to_string(), |p| p.to_string());
+        let isid = r.isid.map_or("any".to_string(), |i| hex(&i));
+        s.push_str(&format!(
+            "registration {:016x} {rtpi} {isid} {}\n",
+            r.key, r.name
+        ));
+    }
+    if let Some(res) = state.res {
+        if let Some(i) = state.regs.iter().position(|r| r.id == res.holder) {
+            s.push_str(&format!("reservation {i} {}\n", res.ty.code()));
+        }
+    }
+    let crc = crc32c::crc32c(s.as_bytes());
+    s.push_str(&format!("crc32c {crc:08x}\n"));
+    s.into_bytes()
+}
+
+fn corrupt(line: usize, what: &str) -> PersistError {
+    PersistError::Corrupt(format!("line {}: {what}", line.saturating_add(1)))
+}
+
+/// Parse a state file written by [`encode`] for the LU with unit serial `serial`.
+pub fn decode(bytes: &[u8], serial: &str) -> Result<PrState, PersistError> {
+    if bytes.len() > MAX_FILE_LEN {
+        return Err(PersistError::Corrupt(format!(
+            "{} bytes, more than the {MAX_FILE_LEN} a state file can have",
+            bytes.len()
+        )));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| PersistError::NotPrState)?;
+    if !text.starts_with(MAGIC) || text.as_bytes().get(MAGIC.len()) != Some(&b'\n') {
+        return Err(PersistError::NotPrState);
+    }
+    let body = text
+        .strip_suffix('\n')
+        .ok_or_else(|| PersistError::Corrupt("truncated: no final newline".into()))?;
+    let (signed, last) = match body.rfind('\n') {
+        Some(i) => (
+            text.get(..i.saturating_add(1)).unwrap_or_default(),
+            body.get(i.saturating_add(1)..).unwrap_or_default(),
+        ),
+        None => return Err(PersistError::Corrupt("truncated: no checksum line".into())),
+    };
+    let want = last
+        .strip_prefix("crc32c ")
+        .filter(|h| h.len() == 8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| PersistError::Corrupt("truncated or missing crc32c line".into()))?;
+    if crc32c::crc32c(signed.as_bytes()) != want {
+        return Err(PersistError::Corrupt("checksum mismatch".into()));
+    }
+    let lines: Vec<&str> = signed.lines().collect();
+    let field = |i: usize, key: &str| -> Result<&str, PersistError> {
+        lines
+            .get(i)
+            .and_then(|l| l.strip_prefix(key))
+            .and_then(|l| l.strip_prefix(' '))
+            .ok_or_else(|| corrupt(i, &format!("expected `{key} …`")))
+    };
+    let found = unhex(field(1, "serial")?)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| corrupt(1, "serial is not hex of UTF-8"))?;
+    if found != serial {
+        return Err(PersistError::Foreign {
+            found,
+            expected: serial.to_string(),
+        });
+    }
+    let mut state = PrState {
+        generation: field(2, "generation")?
+            .parse()
+            .map_err(|_| corrupt(2, "generation is not a 32-bit number"))?,
+        aptpl: match field(3, "aptpl")? {
+            "0" => false,
+            "1" => true,
+            _ => return Err(corrupt(3, "aptpl is not 0 or 1")),
+        },
+        ..PrState::default()
+    };
+    let mut i = 4;
+    while let Some(rest) = lines.get(i).and_then(|l| l.strip_prefix("registration ")) {
+        if state.regs.len() >= MAX_REGISTRATIONS {
+            return Err(corrupt(i, "too many registrations"));
+        }
+        state.regs.push(registration(rest, i, state.next_id)?);
+        state.next_id = state.next_id.saturating_add(1);
+        i = i.saturating_add(1);
+    }
+    if let Some(rest) = lines.get(i).and_then(|l| l.strip_prefix("reservation ")) {
+        let mut parts = rest.split(' ');
+        let idx: usize = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| corrupt(i, "reservation holder is not a number"))?;
+        let holder = state
+            .regs
+            .get(idx)
+            .map(|r| r.id)
+            .ok_or_else(|| corrupt(i, "reservation holder names no registration"))?;
+        let ty = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .and_then(ReservationType::from_code)
+            .ok_or_else(|| corrupt(i, "reservation type is not 1, 3, 5, 6, 7 or 8"))?;
+        if parts.next().is_some() {
+            return Err(corrupt(i, "trailing fields"));
+        }
+        state.res = Some(Reservation { holder, ty });
+        i = i.saturating_add(1);
+    }
+    if i != lines.len() {
+        return Err(corrupt(i, "unexpected line"));
+    }
+    Ok(state)
+}
+
+fn registration(rest: &str, line: usize, id: u64) -> Result<Registration, PersistError> {
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [key, rtpi, isid, name] = parts.as_slice() else {
+        return Err(corrupt(line, "registration needs key, rtpi, isid, name"));
+    };
+    let key = Some(key)
+        .filter(|k| k.len() == 16)
+        .and_then(|k| u64::from_str_radix(k, 16).ok())
+        .filter(|k| *k != 0)
+        .ok_or_else(|| corrupt(line, "registration key is not 16 hex digits, non-zero"))?;
+    let rtpi = match *rtpi {
+        "all" => None,
+        p => Some(
+            p.parse::<u16>()
+                .map_err(|_| corrupt(line, "rtpi is not `all` or a 16-bit number"))?,
+        ),
+    };
+    let isid = match *isid {
+        "any" => None,
+        h => Some(
+            unhex(h)
+                .and_then(|b| <[u8; 6]>::try_from(b).ok())
+                .ok_or_else(|| corrupt(line, "isid is not `any` or 12 hex digits"))?,
+        ),
+    };
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && !b.is_ascii_uppercase())
+    {
+        return Err(corrupt(
+            line,
+            "initiator name is not a lower-case iSCSI name",
+        ));
+    }
+    Ok(Registration {
+        id,
+        name: (*name).to_string(),
+        isid,
+        rtpi,
+        key,
+    })
+}
