@@ -92,7 +92,7 @@ size = "1GiB"
 block_size = 512
 EOF
 log "starting ironlun ($BIN)"
-IRONLUN_LOG=${IRONLUN_LOG:-warn} "$BIN" serve -c "$WORK/ironlun.toml" > "$WORK/il.out" 2> "$WORK/il.log" &
+IRONLUN_LOG=${IRONLUN_LOG:-warn} "$BIN" serve -c "$WORK/ironlun.toml" --admin off > "$WORK/il.out" 2> "$WORK/il.log" &
 IL_PID=$!
 for _ in $(seq 1 100); do grep -q '^listening' "$WORK/il.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^listening' "$WORK/il.out" || { echo "ironlun did not start:" >&2; cat "$WORK/il.log" >&2; exit 1; }

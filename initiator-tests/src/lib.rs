@@ -52,6 +52,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub addr: String,
     pub urls: Vec<String>,
+    /// The admin API's base URL (`http://127.0.0.1:PORT`), once printed.
+    pub admin: Option<String>,
     pub dir: tempfile::TempDir,
     stderr: mpsc::Receiver<String>,
 }
@@ -64,6 +66,9 @@ impl Daemon {
         let mut cmd = Command::new(daemon_bin());
         cmd.arg("serve")
             .arg("--listen")
+            .arg("127.0.0.1:0")
+            // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
+            .arg("--admin")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(dir.path());
@@ -100,6 +105,7 @@ impl Daemon {
         });
         let mut addr = None;
         let mut urls = Vec::new();
+        let mut admin = None;
         loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) if l.starts_with("listening ") => {
@@ -112,10 +118,13 @@ impl Daemon {
                 Err(_) => break,
             }
             if addr.is_some() && !urls.is_empty() {
-                // Collect the remaining url lines printed in the same burst.
+                // Collect the remaining url lines and the admin line printed in the same burst.
                 while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
                     if let Some(u) = l.strip_prefix("url ") {
                         urls.push(u.to_string());
+                    } else if let Some(a) = l.strip_prefix("admin ") {
+                        admin = Some(a.to_string());
+                        break;
                     }
                 }
                 break;
@@ -130,6 +139,7 @@ impl Daemon {
             child: Some(child),
             addr,
             urls,
+            admin,
             dir,
             stderr: erx,
         }

@@ -1,6 +1,7 @@
-//! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 in a temp dir,
-//! read the bound port from its stdout, and stop it with SIGTERM on drop, asserting it never
-//! died on its own and never printed "panicked".
+//! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 (iSCSI and the
+//! admin API, so parallel daemons never collide) in a temp dir, read the bound addresses from
+//! its stdout, and stop it with SIGTERM on drop, asserting it never died on its own and never
+//! printed "panicked".
 
 #![allow(
     dead_code,
@@ -32,6 +33,8 @@ pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
     pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin API.
+    pub admin: String,
     stderr: Arc<Mutex<String>>,
     /// Set by [`Daemon::wait_exit`]: the daemon is gone, `Drop` has nothing to stop.
     exited: bool,
@@ -49,11 +52,31 @@ impl Daemon {
         Self::start_with(Some(config))
     }
 
+    /// Like [`Daemon::start_with_config`], with more files (name, contents) written beside the
+    /// config first (token files, LUN images).
+    pub fn start_with_config_files(config: &str, files: &[(&str, &str)]) -> Daemon {
+        Self::start_in(Some(config), files)
+    }
+
     fn start_with(config: Option<&str>) -> Daemon {
+        Self::start_in(config, &[])
+    }
+
+    fn start_in(config: Option<&str>, files: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write file");
+        }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironlun"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path());
         if let Some(text) = config {
             let path = dir.path().join("ironlun.toml");
             std::fs::write(&path, text).expect("write config");
@@ -93,9 +116,10 @@ impl Daemon {
                 }
             });
         }
+        // `listening ADDR`, `url …` lines, and last `admin http://ADDR`.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut lines = Vec::new();
-        while lines.len() < 2 {
+        let mut lines: Vec<String> = Vec::new();
+        while !lines.last().is_some_and(|l| l.starts_with("admin ")) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(l) => lines.push(l),
@@ -103,7 +127,7 @@ impl Daemon {
                     let _ = child.kill();
                     let _ = child.wait();
                     panic!(
-                        "daemon did not print its two lines; got {lines:?}; stderr:\n{}",
+                        "daemon did not print its listening, url and admin lines; got {lines:?}; stderr:\n{}",
                         stderr.lock().unwrap()
                     );
                 }
@@ -123,14 +147,27 @@ impl Daemon {
         if config.is_none() {
             assert_eq!(url, format!("iscsi://{addr}/{TARGET}/0"));
         }
+        let admin = lines
+            .last()
+            .and_then(|l| l.strip_prefix("admin "))
+            .expect("admin line")
+            .to_owned();
+        assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
+        assert!(!admin.ends_with(":0"), "{admin}");
         Daemon {
             child,
             addr,
             url,
+            admin,
             stderr,
             exited: false,
             _dir: dir,
         }
+    }
+
+    /// The admin API's base URL (`http://127.0.0.1:PORT`).
+    pub fn admin_url(&self) -> &str {
+        &self.admin
     }
 
     pub fn pid(&self) -> u32 {
