@@ -490,3 +490,74 @@ fn admin_config_errors_name_line_and_key() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("admin API: bind"), "{err}");
 }
+
+/// Run `ironlun serve` with `args` until it has printed its `url` line, then SIGTERM it;
+/// (stdout, stderr, exit code).
+fn serve_briefly(args: &[&str], env: &[(&str, &str)]) -> (String, String, Option<i32>) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = String::new();
+    while !stdout.contains("\nurl ") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        stdout.push_str(&line);
+    }
+    let ok = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    stdout.push_str(&rest);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let code = child.wait().unwrap().code();
+    (stdout, stderr, code)
+}
+
+#[test]
+fn admin_off_and_a_taken_default_address() {
+    // --admin off: no admin line, no admin listener.
+    let (out, err, code) = serve_briefly(&["--admin", "off"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("listening 127.0.0.1:"), "{out}");
+    assert!(out.contains("\nurl iscsi://"), "{out}");
+    assert!(!out.contains("admin "), "{out}");
+    // The default address (not configured) taken by someone else: the daemon serves iSCSI
+    // without the admin API and says why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let holder = loop {
+        match std::net::TcpListener::bind("127.0.0.1:3262") {
+            Ok(l) => break Some(l),
+            // Someone else holds it already: the same situation for the daemon.
+            Err(_) if std::time::Instant::now() > deadline => break None,
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let (out, err, code) = serve_briefly(&[], &[("RUST_LOG", "warn")]);
+    drop(holder);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\nurl iscsi://"), "{out}");
+    assert!(!out.contains("admin "), "{out}");
+    assert!(err.contains("admin API disabled"), "{err}");
+}
