@@ -623,10 +623,18 @@ async fn read_and_respond(
 ) -> Option<Response> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // Where the blank line may start: bytes before it were searched already (a client sending
+    // one byte per packet costs linear, not quadratic, work).
+    let mut searched = 0usize;
     let head_len = loop {
-        if let Some(end) = head_end(&buf) {
+        if let Some(end) = buf
+            .get(searched..)
+            .and_then(head_end)
+            .and_then(|e| e.checked_add(searched))
+        {
             break end;
         }
+        searched = buf.len().saturating_sub(3);
         if buf.len() >= MAX_HEAD {
             return Some(Response::error(431, "request head too large"));
         }

@@ -561,3 +561,26 @@ fn admin_off_and_a_taken_default_address() {
     assert!(!out.contains("admin "), "{out}");
     assert!(err.contains("admin API disabled"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_a_request_sent_byte_by_byte() {
+    let d = Daemon::start();
+    let addr = d.admin_url().strip_prefix("http://").unwrap().to_owned();
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        for b in b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n" {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        parse_response(&buf, true).unwrap().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200);
+    let h: Health = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(h.status, "ok");
+}
