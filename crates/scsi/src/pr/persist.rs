@@ -210,3 +210,117 @@ fn registration(rest: &str, line: usize, id: u64) -> Result<Registration, Persis
         key,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PrState {
+        let mut s = PrState {
+            generation: 42,
+            aptpl: true,
+            ..PrState::default()
+        };
+        for (i, (name, isid, rtpi, key)) in [
+            ("iqn.test:a", Some([0x80, 0, 0, 0, 0, 1]), Some(1), 0x11),
+            ("iqn.test:b", None, None, 0x22),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.regs.push(Registration {
+                id: i as u64,
+                name: name.to_string(),
+                isid,
+                rtpi,
+                key,
+            });
+        }
+        s.next_id = 2;
+        s.res = Some(Reservation {
+            holder: 1,
+            ty: ReservationType::ExclusiveAccessRegistrantsOnly,
+        });
+        s
+    }
+
+    /// Re-sign `text` after editing it, so only the edited field is at fault.
+    fn resign(text: &str) -> Vec<u8> {
+        let body = text.rsplit_once("crc32c ").unwrap().0;
+        let crc = crc32c::crc32c(body.as_bytes());
+        format!("{body}crc32c {crc:08x}\n").into_bytes()
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode(&sample(), "serial-1");
+        assert_eq!(decode(&bytes, "serial-1").unwrap(), sample());
+        let empty = PrState::default();
+        assert_eq!(decode(&encode(&empty, "s"), "s").unwrap(), empty);
+    }
+
+    #[test]
+    fn rejects_foreign_magic_checksum_truncation() {
+        let bytes = encode(&sample(), "serial-1");
+        assert!(matches!(
+            decode(&bytes, "serial-2"),
+            Err(PersistError::Foreign { .. })
+        ));
+        assert_eq!(decode(b"hello\n", "s"), Err(PersistError::NotPrState));
+        assert_eq!(
+            decode(b"ironlun-pr-state 2\n", "s"),
+            Err(PersistError::NotPrState)
+        );
+        let mut flipped = bytes.clone();
+        flipped[30] ^= 1;
+        assert!(
+            matches!(decode(&flipped, "serial-1"), Err(PersistError::Corrupt(m)) if m.contains("checksum"))
+        );
+        for cut in [bytes.len() - 1, bytes.len() - 5, 25] {
+            assert!(
+                matches!(
+                    decode(&bytes[..cut], "serial-1"),
+                    Err(PersistError::Corrupt(_))
+                ),
+                "cut at {cut}"
+            );
+        }
+        assert!(decode(&vec![b'x'; MAX_FILE_LEN + 1], "s").is_err());
+    }
+
+    #[test]
+    fn rejects_each_bad_field() {
+        let good = String::from_utf8(encode(&sample(), "serial-1")).unwrap();
+        let cases = [
+            ("generation 42", "generation x", "generation"),
+            ("aptpl 1", "aptpl 2", "aptpl"),
+            (
+                "registration 0000000000000011",
+                "registration 00000000000000zz",
+                "key",
+            ),
+            (
+                "registration 0000000000000011",
+                "registration 0000000000000000",
+                "key",
+            ),
+            (" 1 800000000001 ", " 70000 800000000001 ", "rtpi"),
+            ("800000000001", "8000000001", "isid"),
+            ("iqn.test:a", "IQN.test:a", "name"),
+            ("reservation 1 6", "reservation 5 6", "holder"),
+            ("reservation 1 6", "reservation 1 2", "type"),
+            ("reservation 1 6", "reservation 1 6 9", "trailing"),
+            ("aptpl 1\n", "aptpl 1\nbogus\n", "unexpected"),
+        ];
+        for (from, to, what) in cases {
+            let text = good.replacen(from, to, 1);
+            assert_ne!(text, good, "{what}");
+            let err = decode(&resign(&text), "serial-1").unwrap_err();
+            let PersistError::Corrupt(msg) = err else {
+                panic!("{what}: {err:?}")
+            };
+            assert!(msg.contains(what), "{what}: {msg}");
+        }
+    }
+}
