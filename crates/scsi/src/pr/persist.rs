@@ -212,7 +212,7 @@ fn registration(rest: &str, line: usize, id: u64) -> Result<Registration, Persis
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
