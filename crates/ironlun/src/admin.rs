@@ -707,6 +707,17 @@ async fn write_and_close(mut s: TcpStream, response: &Response) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
+/// Warn when the token file is readable by group or others (the token is a password).
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), mode = format!("{:o}", mode & 0o777), "admin token file is accessible to group or others; chmod 600 it");
+        }
+    }
+}
+
 /// The admin API, bound and ready to serve.
 pub struct AdminServer {
     listener: TcpListener,
@@ -733,9 +744,11 @@ impl AdminServer {
             ));
         }
         let token = match &cfg.token_file {
-            Some(p) => Some(Arc::new(
-                Token::load(p).map_err(|e| format!("{}: {e}", cfg.token_origin))?,
-            )),
+            Some(p) => {
+                let t = Token::load(p).map_err(|e| format!("{}: {e}", cfg.token_origin))?;
+                warn_if_shared(p);
+                Some(Arc::new(t))
+            }
             None => None,
         };
         let listener = match TcpListener::bind(cfg.listen).await {

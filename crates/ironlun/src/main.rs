@@ -215,6 +215,9 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        // Handlers first: a SIGTERM right after the lines below must shut down gracefully,
+        // not kill the process with the default action.
+        let signals = install_signals();
         let addrs = server.local_addrs();
         {
             let mut out = std::io::stdout().lock();
@@ -235,7 +238,7 @@ fn serve(
         let (tx, rx) = tokio::sync::watch::channel(false);
         let admin_task = admin.map(|a| tokio::spawn(a.run(rx.clone())));
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(signals).await;
             tracing::info!("signal received");
             let _ = tx.send(true);
         });
@@ -247,12 +250,22 @@ fn serve(
     })
 }
 
-async fn wait_for_signal() {
+type Signals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+/// SIGTERM and SIGINT handlers (installed when called).
+fn install_signals() -> Signals {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
+    )
+}
+
+async fn wait_for_signal(signals: Signals) {
+    match signals {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
