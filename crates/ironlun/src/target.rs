@@ -771,6 +771,7 @@ fn to_wire(c: lu::Completion) -> ScsiCompletion {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn state_file_names_keep_safe_bytes_and_escape_the_rest() {
@@ -877,6 +878,209 @@ mod tests {
         };
         let c = commit_pr(&h, commit, 2).await;
         assert_eq!(c, lu::Completion::persist_failed(false));
+    }
+
+    /// A RAM backend whose writes block while the gate is closed (an I/O still in flight).
+    struct Gated {
+        ram: ironlun_backstore::ram::RamBackend,
+        open: Mutex<bool>,
+        cv: std::sync::Condvar,
+    }
+
+    impl Gated {
+        fn set(&self, open: bool) {
+            *self.open.lock().unwrap() = open;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Opens the gate when dropped, so a failing test does not leave a blocking-pool thread
+    /// waiting (the runtime's shutdown would wait for it forever).
+    struct GateGuard(Arc<Gated>);
+
+    impl Drop for GateGuard {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+
+    impl std::ops::Deref for GateGuard {
+        type Target = Gated;
+        fn deref(&self) -> &Gated {
+            &self.0
+        }
+    }
+
+    impl BlockBackend for Gated {
+        fn size(&self) -> u64 {
+            self.ram.size()
+        }
+        fn read(&self, offset: u64, len: usize) -> ironlun_backstore::Result<Bytes> {
+            self.ram.read(offset, len)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> ironlun_backstore::Result<()> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+            drop(open);
+            self.ram.write(offset, data, fua)
+        }
+        fn flush(&self) -> ironlun_backstore::Result<()> {
+            self.ram.flush()
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            unmap: bool,
+        ) -> ironlun_backstore::Result<()> {
+            self.ram.write_zeroes(offset, len, unmap)
+        }
+        fn unmap(&self, offset: u64, len: u64) -> ironlun_backstore::Result<()> {
+            self.ram.unmap(offset, len)
+        }
+        fn extents(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> ironlun_backstore::Result<Vec<ironlun_backstore::Extent>> {
+            self.ram.extents(offset, len)
+        }
+    }
+
+    const KV: u64 = 0x76;
+    const KP: u64 = 0x50;
+
+    /// A victim nexus V holding a WERO reservation and a registered preemptor P on one LU
+    /// whose writes pass through `gate` (treated as a file LUN: 128 KiB writes go to the pool).
+    async fn preempt_setup() -> (GateGuard, Nexus, Nexus) {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gated {
+            ram: ironlun_backstore::ram::RamBackend::new(1 << 20).unwrap(),
+            open: Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+        });
+        let mut lc = LuConfig::new(0, 512, 2048, "iqn.x:t");
+        lc.ptpl_capable = true;
+        let handle = Arc::new(LunHandle::new(
+            LogicalUnit::new(lc),
+            gate.clone(),
+            false,
+            dir.path().join("aptpl_t"),
+        ));
+        let target = Arc::new(TargetState {
+            name: "iqn.x:t".into(),
+            alias: None,
+            luns: BTreeMap::from([(0, handle)]),
+            masking: LunMasking::default(),
+        });
+        let it = |name: &str| ItNexus {
+            initiator: InitiatorPort::new(name, [0, 0, 0, 0, 0, 1]),
+            rtpi: 1,
+        };
+        let v = Nexus::attach(target.clone(), 1, it("iqn.x:v"));
+        let p = Nexus::attach(target, 2, it("iqn.x:p"));
+        for n in [&v, &p] {
+            // The power-on unit attention first.
+            n.execute(0, Bytes::from_static(&[0; 6]), Bytes::new())
+                .await;
+        }
+        assert_eq!(prout(&v, 0, 0, 0, KV).await.status, 0);
+        assert_eq!(prout(&p, 0, 0, 0, KP).await.status, 0);
+        assert_eq!(prout(&v, 1, 5, KV, 0).await.status, 0);
+        (GateGuard(gate), v, p)
+    }
+
+    async fn prout(n: &Nexus, sa: u8, ty: u8, rk: u64, sark: u64) -> ScsiCompletion {
+        let mut cdb = vec![0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+        cdb.truncate(10);
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&rk.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        n.execute(0, Bytes::from(cdb), Bytes::from(p)).await.0
+    }
+
+    fn write_128k(n: &Nexus) -> PendingCommand {
+        // WRITE (16), LBA 0, 256 blocks.
+        let mut cdb = vec![0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        cdb[10..14].copy_from_slice(&256u32.to_be_bytes());
+        match n.start(0, Bytes::from(cdb), Bytes::from(vec![0xab; 128 * 1024])) {
+            Started::Pending(p) => p,
+            Started::Done(c, _) => panic!("write finished inline: {c:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn preempt_and_abort_waits_for_the_aborted_write_in_flight() {
+        let (gate, v, p) = preempt_setup().await;
+        gate.set(false);
+        let write = tokio::spawn(write_128k(&v).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let p = Arc::new(p);
+        let p2 = p.clone();
+        let mut preempt = tokio::spawn(async move { prout(&p2, 5, 5, KP, KV).await });
+        // The victim's write is still on the blocking pool: no GOOD yet.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut preempt)
+                .await
+                .is_err(),
+            "PREEMPT AND ABORT completed while a write of the preempted nexus was in flight"
+        );
+        gate.set(true);
+        let c = tokio::time::timeout(Duration::from_secs(5), preempt)
+            .await
+            .expect("PREEMPT AND ABORT never completed")
+            .unwrap();
+        assert_eq!(c.status, 0, "{c:?}");
+        let (w, _) = write.await.unwrap();
+        assert!(matches!(w.status, 0x00 | 0x40), "{w:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_task_is_abandoned_only_after_its_io() {
+        let (gate, v, p) = preempt_setup().await;
+        gate.set(false);
+        let write = tokio::spawn(write_128k(&v).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The connection's task goes away (runtime shutdown); the I/O itself still runs.
+        write.abort();
+        let p = Arc::new(p);
+        let p2 = p.clone();
+        let mut preempt = tokio::spawn(async move { prout(&p2, 5, 5, KP, KV).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut preempt)
+                .await
+                .is_err(),
+            "PREEMPT AND ABORT did not wait for the cancelled task's I/O"
+        );
+        gate.set(true);
+        let c = tokio::time::timeout(Duration::from_secs(5), preempt)
+            .await
+            .expect("PREEMPT AND ABORT never completed")
+            .unwrap();
+        assert_eq!(c.status, 0, "{c:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pending_command_dropped_before_its_io_is_abandoned() {
+        let (_gate, v, p) = preempt_setup().await;
+        let pending = write_128k(&v);
+        let p = Arc::new(p);
+        let p2 = p.clone();
+        let mut preempt = tokio::spawn(async move { prout(&p2, 5, 5, KP, KV).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut preempt)
+                .await
+                .is_err(),
+            "PREEMPT AND ABORT did not wait for the task that had its I/O handed out"
+        );
+        drop(pending);
+        let c = tokio::time::timeout(Duration::from_secs(5), preempt)
+            .await
+            .expect("PREEMPT AND ABORT waits for a dropped task")
+            .unwrap();
+        assert_eq!(c.status, 0, "{c:?}");
     }
 
     #[tokio::test]
