@@ -1,8 +1,7 @@
 //! libiscsi's persistent-reservation and SPC-2 reservation suites against the release daemon
 //! (issue 5, acceptance 1): two initiator names, `--dataloss`, 0 failures and 0 skips.
 
-use ironlun_initiator_tests::{repo_root, require_tool, run, Daemon};
-use std::process::Command;
+use ironlun_initiator_tests::{conformance_of, repo_root, require_tool, Daemon};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 
@@ -16,19 +15,8 @@ fn libiscsi_pr_suites_pass_without_skips() {
     require_tool("iscsi-test-cu");
     let d = Daemon::start(None);
     let url = format!("{}/{TARGET}/0", d.portal());
-    let suites: Vec<String> = PR_SUITES
-        .split_whitespace()
-        .map(|s| format!("SCSI.{s}"))
-        .collect();
-    let (ok, out) = run(Command::new("bash")
-        .arg(repo_root().join("scripts/conformance.sh"))
-        .arg("--suites")
-        .arg(suites.join(" "))
-        .arg("--no-skip")
-        .arg(PR_SUITES)
-        .arg("--out")
-        .arg(repo_root().join("target/conformance-pr"))
-        .arg(&url));
+    let out_dir = repo_root().join("target/conformance-pr");
+    let (ok, out) = conformance_of(PR_SUITES, true, &url, &out_dir);
     println!("{out}");
     assert!(ok, "PR conformance suites failed or skipped:\n{out}");
     assert!(out.contains("conformance: required suites clean"), "{out}");

@@ -153,6 +153,14 @@ async fn reservation(s: &Session) -> Option<(u64, u8)> {
         .map(|(key, _, ty)| (key, ty))
 }
 
+/// READ FULL STATUS shows exactly one registration: `h`'s initiator port, holding.
+async fn assert_sole_holder(s: &Session, h: &Host) {
+    let st = s.read_full_status(LUN).await.expect("READ FULL STATUS");
+    assert_eq!(st.descriptors.len(), 1, "{st:?}");
+    assert!(st.descriptors[0].holder, "{st:?}");
+    assert_eq!(st.descriptors[0].initiator(), h.port());
+}
+
 #[tokio::test]
 async fn register_and_move_hands_the_reservation_to_the_named_port() {
     let d = Daemon::start();
@@ -652,10 +660,7 @@ async fn fence_scsi_unfence_fence_and_self_preempt() {
         vec![k1],
         "the stale registration is gone"
     );
-    let st = n1b.read_full_status(LUN).await.unwrap();
-    assert_eq!(st.descriptors.len(), 1);
-    assert!(st.descriptors[0].holder);
-    assert_eq!(st.descriptors[0].initiator(), A.with_isid(0x1b).port());
+    assert_sole_holder(&n1b, &A.with_isid(0x1b)).await;
     ok(&write(&n1b, 32, 5).await, "the re-logged-in node writes");
 }
 
@@ -770,10 +775,7 @@ async fn qemu_migrate_pr_register_then_preempt_with_equal_keys() {
         vec![key],
         "only the destination stays registered"
     );
-    let st = dst.read_full_status(LUN).await.unwrap();
-    assert_eq!(st.descriptors.len(), 1);
-    assert!(st.descriptors[0].holder);
-    assert_eq!(st.descriptors[0].initiator(), B.port());
+    assert_sole_holder(&dst, &B).await;
     ok(&write(&dst, 50, 9).await, "destination writes");
     assert_eq!(drain_uas(&src).await, vec![REGISTRATIONS_PREEMPTED]);
     conflict(&write(&src, 50, 10).await, "source fenced");
