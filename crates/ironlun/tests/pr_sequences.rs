@@ -228,6 +228,17 @@ async fn register_and_move_hands_the_reservation_to_the_named_port() {
         Some((0xB, kind::WRITE_EXCLUSIVE)),
         "same type, new holder"
     );
+    let scope = b
+        .read_reservation(LUN)
+        .await
+        .unwrap()
+        .reservation
+        .map(|r| r.1);
+    assert_eq!(
+        scope,
+        Some(0),
+        "LU_SCOPE kept (the type is not copied into the scope)"
+    );
     ok(&write(&b, 10, 0xBB).await, "the new holder writes");
     conflict(
         &write(&a, 10, 0xAA).await,
