@@ -3,8 +3,8 @@
 //! nexus with writes in flight (no write of the preempted nexus lands after GOOD), and ALL_TG_PT
 //! across two portal groups. CDBs and parameter lists are built by hand (SPC-4 §6.15, §6.16).
 //!
-//! The harness here differs from `common::Daemon`: it keeps the data directory across restarts,
-//! kills with SIGKILL, serves the configured portals (no `--listen`), and can watch a start fail.
+//! Each daemon runs on a data directory the test owns (`common::Daemon::spawn`), so that a restart
+//! sees what the last run left there, and serves the configured portals (no `--listen`).
 
 #![allow(
     clippy::unwrap_used,
@@ -16,14 +16,12 @@
 mod common;
 
 use bytes::Bytes;
-use common::PROMPT;
+use common::{Daemon, Refused, PROMPT};
 use ironlun_initiator::{CommandResult, LoginOptions, SenseKey, Session};
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:pr";
@@ -59,14 +57,6 @@ const WERO: u8 = 5;
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-/// A daemon on a data directory the test owns. Dropping it stops it with SIGTERM.
-struct Pd {
-    child: Child,
-    addrs: Vec<SocketAddr>,
-    stderr: Arc<Mutex<String>>,
-    gone: bool,
-}
-
 /// Config: one target with LUN 0 (`lun`: the backstore lines), one portal per tpgt, each on
 /// 127.0.0.1 with a free port.
 fn config(tpgts: &[u16], lun: &str) -> String {
@@ -94,145 +84,14 @@ fn state_file(dir: &Path, serial: &str) -> PathBuf {
     dir.join("pr").join(format!("aptpl_{serial}"))
 }
 
-impl Pd {
-    /// Start on `dir` with `config`, waiting for one `listening` line per portal; `Err` with the
-    /// exit status and stderr if the daemon exits instead.
-    fn try_start(dir: &Path, config: &str, portals: usize) -> Result<Pd, (ExitStatus, String)> {
-        let path = dir.join("ironlun.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ironlun"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ironlun");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let mut err = child.stderr.take().unwrap();
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = err.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        {
-            let out = child.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        // Keep draining so the daemon never blocks on a full pipe.
-                        continue;
-                    }
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut addrs = Vec::new();
-        while addrs.len() < portals {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) => {
-                    if let Some(a) = l.strip_prefix("listening ") {
-                        addrs.push(a.parse().expect("listen address"));
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // stdout closed: the daemon is exiting.
-                    let status = child.wait().unwrap();
-                    std::thread::sleep(Duration::from_millis(100));
-                    let e = stderr.lock().unwrap().clone();
-                    return Err((status, e));
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                let e = stderr.lock().unwrap().clone();
-                return Err((status, e));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not bind its portals; stderr:\n{}",
-                stderr.lock().unwrap()
-            );
-        }
-        Ok(Pd {
-            child,
-            addrs,
-            stderr,
-            gone: false,
-        })
-    }
-
-    fn start(dir: &Path, config: &str, portals: usize) -> Pd {
-        match Self::try_start(dir, config, portals) {
-            Ok(d) => d,
-            Err((status, e)) => panic!("daemon exited at start ({status}); stderr:\n{e}"),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// SIGKILL: no shutdown code runs (what survives is what was durable).
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.gone = true;
-        assert!(
-            !self.stderr().contains("panicked"),
-            "daemon panicked; stderr:\n{}",
-            self.stderr()
-        );
-    }
+/// Start on `dir` with `config`, serving its portals; the exit status and stderr if the daemon
+/// refuses to start.
+fn try_start(dir: &Path, config: &str) -> Result<Daemon, Refused> {
+    Daemon::spawn(dir, Some(config), &[])
 }
 
-impl Drop for Pd {
-    fn drop(&mut self) {
-        if self.gone {
-            return;
-        }
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + PROMPT;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-            }
-        }
-        if !std::thread::panicking() {
-            assert!(
-                !self.stderr().contains("panicked"),
-                "daemon panicked; stderr:\n{}",
-                self.stderr()
-            );
-        }
-    }
+fn start(dir: &Path, config: &str) -> Daemon {
+    Daemon::spawn_ok(dir, Some(config), &[])
 }
 
 /// Log in as `name` with `isid` through `addr` and clear the unit attentions of a new nexus.
@@ -408,7 +267,7 @@ async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
     let cfg = config(&[1], &ram_lun("praptpl"));
     let file = state_file(dir.path(), "praptpl");
 
-    let d = Pd::start(dir.path(), &cfg, 1);
+    let d = start(dir.path(), &cfg);
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     let b = login(d.addrs[0], INIT_B, ISID_B).await;
     prout_good(&a, REGISTER, 0, 0, KA, APTPL).await;
@@ -439,7 +298,7 @@ async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
     );
     d.kill9();
 
-    let d = Pd::start(dir.path(), &cfg, 1);
+    let d = start(dir.path(), &cfg);
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     let b = login(d.addrs[0], INIT_B, ISID_B).await;
     assert_eq!(read_keys(&b).await, keys, "READ KEYS after restart");
@@ -468,7 +327,7 @@ async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
     assert!(!file.exists(), "state file removed before GOOD");
     d.kill9();
 
-    let d = Pd::start(dir.path(), &cfg, 1);
+    let d = start(dir.path(), &cfg);
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     assert_eq!(
         read_keys(&a).await,
@@ -486,62 +345,55 @@ async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
 // ---------------------------------------------------------------------------------------------
 // (b) corrupt and foreign state files
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_or_foreign_state_file_refuses_the_start() {
-    // Corrupt.
+/// Start on a fresh data directory holding `state` as the state file of LU `serial`: the daemon
+/// must refuse, with a failure exit status and a message naming the file. The directory (keep
+/// it while the file is looked at) and the file.
+fn assert_refused(serial: &str, state: &[u8], what: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let file = state_file(dir.path(), "prbad");
+    let file = state_file(dir.path(), serial);
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    std::fs::write(&file, b"IRONLUN? this is not a state file\n").unwrap();
-    let (status, err) = Pd::try_start(dir.path(), &config(&[1], &ram_lun("prbad")), 1)
+    std::fs::write(&file, state).unwrap();
+    let Refused {
+        status,
+        stderr: err,
+    } = try_start(dir.path(), &config(&[1], &ram_lun(serial)))
         .err()
-        .expect("daemon started with a corrupt state file");
+        .unwrap_or_else(|| panic!("daemon started with {what}"));
     assert!(!status.success(), "{status}");
     assert!(
         err.contains(&file.display().to_string()),
         "message names the file; stderr:\n{err}"
     );
+    (dir, file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_foreign_state_file_refuses_the_start() {
+    // Corrupt.
+    let (_dir, file) = assert_refused(
+        "prbad",
+        b"IRONLUN? this is not a state file\n",
+        "a corrupt state file",
+    );
     assert!(file.exists(), "refused, never dropped");
 
     // A real state file of LU "prowner".
     let owner = tempfile::tempdir().unwrap();
-    let d = Pd::start(owner.path(), &config(&[1], &ram_lun("prowner")), 1);
+    let d = start(owner.path(), &config(&[1], &ram_lun("prowner")));
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     prout_good(&a, REGISTER, 0, 0, 0x1234, APTPL).await;
     d.kill9();
     let good = std::fs::read(state_file(owner.path(), "prowner")).unwrap();
 
     // ... under another LU's name.
-    let other = tempfile::tempdir().unwrap();
-    let file = state_file(other.path(), "prother");
-    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    std::fs::write(&file, &good).unwrap();
-    let (status, err) = Pd::try_start(other.path(), &config(&[1], &ram_lun("prother")), 1)
-        .err()
-        .expect("daemon started with another LU's state file");
-    assert!(!status.success(), "{status}");
-    assert!(
-        err.contains(&file.display().to_string()),
-        "message names the file; stderr:\n{err}"
-    );
+    let (_other, file) = assert_refused("prother", &good, "another LU's state file");
     assert!(file.exists(), "refused, never dropped");
 
     // ... truncated by one byte.
-    let cut = tempfile::tempdir().unwrap();
-    let file = state_file(cut.path(), "prowner");
-    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    std::fs::write(&file, &good[..good.len() - 1]).unwrap();
-    let (status, err) = Pd::try_start(cut.path(), &config(&[1], &ram_lun("prowner")), 1)
-        .err()
-        .expect("daemon started with a truncated state file");
-    assert!(!status.success(), "{status}");
-    assert!(
-        err.contains(&file.display().to_string()),
-        "message names the file; stderr:\n{err}"
-    );
+    assert_refused("prowner", &good[..good.len() - 1], "a truncated state file");
 
     // The intact file restores.
-    let d = Pd::start(owner.path(), &config(&[1], &ram_lun("prowner")), 1);
+    let d = start(owner.path(), &config(&[1], &ram_lun("prowner")));
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     assert_eq!(read_keys(&a).await.1, vec![0x1234]);
 }
@@ -601,7 +453,7 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
     const KV: u64 = 0x7600_0000_0000_0001;
     const KP: u64 = 0x5000_0000_0000_0002;
     let dir = tempfile::tempdir().unwrap();
-    let d = Pd::start(dir.path(), &config(&[1], &file_lun("prpaa")), 1);
+    let d = start(dir.path(), &config(&[1], &file_lun("prpaa")));
     let victim = login(d.addrs[0], INIT_A, ISID_A).await;
     let preemptor = login(d.addrs[0], INIT_B, ISID_B).await;
     prout_good(&victim, REGISTER, 0, 0, KV, 0).await;
@@ -758,7 +610,7 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
 async fn all_tg_pt_registers_the_initiator_port_on_every_portal_group() {
     const K: u64 = 0x0a11_0000_0000_0001;
     let dir = tempfile::tempdir().unwrap();
-    let d = Pd::start(dir.path(), &config(&[1, 2], &ram_lun("pratp")), 2);
+    let d = start(dir.path(), &config(&[1, 2], &ram_lun("pratp")));
     assert_eq!(d.addrs.len(), 2);
     // The same initiator port (name and ISID) through each portal group: two I_T nexuses.
     let p1 = login(d.addrs[0], INIT_A, ISID_A).await;

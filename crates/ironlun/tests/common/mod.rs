@@ -1,7 +1,8 @@
 //! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 (iSCSI and the
-//! admin API, so parallel daemons never collide) in a temp dir, read the bound addresses from
-//! its stdout, and stop it with SIGTERM on drop, asserting it never died on its own and never
-//! printed "panicked".
+//! admin API, so parallel daemons never collide) in a temp dir (`Daemon::start*`) or on a data
+//! directory the test owns (`Daemon::spawn`: restarts, refused starts, configured portals), read
+//! the bound addresses from its stdout, and stop it with SIGTERM on drop (or `kill9`), asserting
+//! it never died on its own and never printed "panicked".
 
 #![allow(
     dead_code,
@@ -15,7 +16,8 @@ use bytes::Bytes;
 use ironlun_initiator::{LoginOptions, Session};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,18 +30,40 @@ pub const BLOCKS: u64 = (1 << 30) / 512;
 /// Upper bound for anything the daemon should do "promptly" (generous: 2 loaded cores).
 pub const PROMPT: Duration = Duration::from_secs(10);
 
-/// A running daemon. Dropping it stops it.
+/// A running daemon. Dropping it stops it with SIGTERM and asserts a clean exit.
 pub struct Daemon {
     child: Child,
+    /// The first `listening` address.
     pub addr: SocketAddr,
+    /// Every `listening` address, one per portal, in the order printed.
+    pub addrs: Vec<SocketAddr>,
+    /// The first `url` line.
     pub url: String,
+    /// Every `url` line.
+    pub urls: Vec<String>,
     /// `http://127.0.0.1:PORT` of the admin API.
     pub admin: String,
     stderr: Arc<Mutex<String>>,
-    /// Set by [`Daemon::wait_exit`]: the daemon is gone, `Drop` has nothing to stop.
+    /// The thread draining stderr; joined once the process is gone so that `stderr` is complete.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+    /// Set by [`Daemon::wait_exit`] and [`Daemon::kill9`]: the daemon is gone, `Drop` has
+    /// nothing to stop.
     exited: bool,
-    _dir: tempfile::TempDir,
+    /// The data directory when the harness made it (the `start*` functions); `None` when the
+    /// caller owns it ([`Daemon::spawn`]).
+    _dir: Option<tempfile::TempDir>,
 }
+
+/// A daemon that exited before printing its `admin` line (it refused to start).
+#[derive(Debug)]
+pub struct Refused {
+    pub status: ExitStatus,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// `--listen 127.0.0.1:0`: one portal on a free port instead of the configured ones.
+pub const LISTEN_ANY: &[&str] = &["--listen", "127.0.0.1:0"];
 
 impl Daemon {
     pub fn start() -> Daemon {
@@ -67,22 +91,44 @@ impl Daemon {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).expect("write file");
         }
+        let mut d = Self::spawn_ok(dir.path(), config, LISTEN_ANY);
+        d._dir = Some(dir);
+        assert_eq!(d.addrs.len(), 1, "one portal with --listen: {:?}", d.addrs);
+        if config.is_none() {
+            assert_eq!(d.url, format!("iscsi://{}/{TARGET}/0", d.addr));
+        }
+        d
+    }
+
+    /// [`Daemon::spawn`], panicking with the exit status and stderr if the daemon refuses to
+    /// start.
+    pub fn spawn_ok(dir: &Path, config: Option<&str>, args: &[&str]) -> Daemon {
+        Self::spawn(dir, config, args).unwrap_or_else(|r| {
+            panic!(
+                "daemon exited at start ({}); stderr:\n{}",
+                r.status, r.stderr
+            )
+        })
+    }
+
+    /// Run `ironlun serve --admin 127.0.0.1:0 --data-dir DIR [--config DIR/ironlun.toml] ARGS`
+    /// on `dir`, which the caller owns (a restart on the same `dir` sees what the last run left
+    /// there). `config` (TOML text) is written to `DIR/ironlun.toml` first. Without
+    /// [`LISTEN_ANY`] in `args` the daemon serves the configured portals.
+    ///
+    /// Waits for the `listening`, `url` and `admin` lines; `Err` with the exit status and the
+    /// whole stderr if the daemon exits first. Panics if it does neither within 30 s.
+    pub fn spawn(dir: &Path, config: Option<&str>, args: &[&str]) -> Result<Daemon, Refused> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironlun"));
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path());
+        cmd.args(["serve", "--admin", "127.0.0.1:0", "--data-dir"])
+            .arg(dir);
         if let Some(text) = config {
-            let path = dir.path().join("ironlun.toml");
+            let path = dir.join("ironlun.toml");
             std::fs::write(&path, text).expect("write config");
             cmd.arg("--config").arg(path);
         }
         let mut child = cmd
+            .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -91,7 +137,7 @@ impl Daemon {
             .expect("spawn ironlun");
         // Drain both pipes on threads so that the daemon never blocks on a full pipe.
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_reader = {
             let mut err = child.stderr.take().expect("stderr");
             let sink = stderr.clone();
             std::thread::spawn(move || {
@@ -104,49 +150,68 @@ impl Daemon {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&chunk[..n]));
                 }
-            });
-        }
+            })
+        };
         let (tx, rx) = mpsc::channel();
         {
             let out = child.stdout.take().expect("stdout");
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
+                    // Once nobody listens, go on reading anyway.
                     let _ = tx.send(line);
                 }
             });
         }
-        // `listening ADDR`, `url …` lines, and last `admin http://ADDR`.
+        // `listening ADDR` lines, `url …` lines, and last `admin http://ADDR`.
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut lines: Vec<String> = Vec::new();
         while !lines.last().is_some_and(|l| l.starts_with("admin ")) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) => lines.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "daemon did not print its listening, url and admin lines; got {lines:?}; stderr:\n{}",
-                        stderr.lock().unwrap()
-                    );
+            let exited = match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    lines.push(l);
+                    continue;
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => child.try_wait().expect("try_wait"),
+                // stdout closed: the daemon is on its way out.
+                Err(mpsc::RecvTimeoutError::Disconnected) => wait_until(&mut child, deadline),
+            };
+            if let Some(status) = exited {
+                let _ = stderr_reader.join();
+                let stderr = stderr.lock().unwrap().clone();
+                return Err(Refused { status, stderr });
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "daemon did not print its listening, url and admin lines; got {lines:?}; stderr:\n{}",
+                    stderr.lock().unwrap()
+                );
             }
         }
-        let addr: SocketAddr = lines[0]
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("first line {:?}", lines[0]))
-            .parse()
-            .expect("listen address");
-        assert_eq!(addr.ip().to_string(), "127.0.0.1");
-        assert_ne!(addr.port(), 0);
-        let url = lines[1]
-            .strip_prefix("url ")
-            .unwrap_or_else(|| panic!("second line {:?}", lines[1]))
-            .to_owned();
-        if config.is_none() {
-            assert_eq!(url, format!("iscsi://{addr}/{TARGET}/0"));
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        let mut urls: Vec<String> = Vec::new();
+        for l in &lines[..lines.len() - 1] {
+            if let Some(a) = l.strip_prefix("listening ") {
+                assert!(urls.is_empty(), "listening after url: {lines:?}");
+                let a: SocketAddr = a.parse().expect("listen address");
+                assert_eq!(a.ip().to_string(), "127.0.0.1");
+                assert_ne!(a.port(), 0);
+                addrs.push(a);
+            } else if let Some(u) = l.strip_prefix("url ") {
+                urls.push(u.to_owned());
+            } else {
+                panic!("unexpected line {l:?}; got {lines:?}");
+            }
         }
+        let addr = *addrs
+            .first()
+            .unwrap_or_else(|| panic!("no listening line: {lines:?}"));
+        let url = urls
+            .first()
+            .unwrap_or_else(|| panic!("no url line: {lines:?}"))
+            .clone();
         let admin = lines
             .last()
             .and_then(|l| l.strip_prefix("admin "))
@@ -154,15 +219,33 @@ impl Daemon {
             .to_owned();
         assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
         assert!(!admin.ends_with(":0"), "{admin}");
-        Daemon {
+        Ok(Daemon {
             child,
             addr,
+            addrs,
             url,
+            urls,
             admin,
             stderr,
+            stderr_reader: Some(stderr_reader),
             exited: false,
-            _dir: dir,
-        }
+            _dir: None,
+        })
+    }
+
+    /// SIGKILL: no shutdown code runs (what survives is what was durable). Asserts the daemon
+    /// had not exited on its own and never printed "panicked".
+    pub fn kill9(mut self) {
+        self.assert_healthy();
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("wait");
+        self.exited = true;
+        self.join_stderr();
+        assert!(
+            !self.stderr().contains("panicked"),
+            "daemon panicked; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     /// The admin API's base URL (`http://127.0.0.1:PORT`).
@@ -206,18 +289,18 @@ impl Daemon {
 
     /// Wait for the daemon to exit (after [`Daemon::sigterm`]); its exit status.
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                self.exited = true;
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(s) = wait_until(&mut self.child, Instant::now() + within) else {
+            panic!("daemon did not exit; stderr:\n{}", self.stderr());
+        };
+        self.exited = true;
+        self.join_stderr();
+        s
+    }
+
+    /// Once the process is gone: wait until its stderr is read to the end.
+    fn join_stderr(&mut self) {
+        if let Some(t) = self.stderr_reader.take() {
+            let _ = t.join();
         }
     }
 
@@ -255,20 +338,12 @@ impl Drop for Daemon {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + PROMPT;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                _ => break None,
-            }
-        };
+        let status = wait_until(&mut self.child, Instant::now() + PROMPT);
         if status.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        self.join_stderr();
         if !panicking {
             assert!(
                 status.is_some_and(|s| s.success()),
@@ -280,6 +355,18 @@ impl Drop for Daemon {
                 "daemon panicked; stderr:\n{}",
                 self.stderr()
             );
+        }
+    }
+}
+
+/// Wait for `child` to exit, at the latest by `deadline`; `None` if it is still running then
+/// (or cannot be asked).
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => return None,
         }
     }
 }
