@@ -1020,6 +1020,7 @@ mod tests {
                 key: 0xabc,
             }),
             spc2_holder: None,
+            ..PrSnapshot::default()
         };
         let j = serde_json::to_value(lu_reservations("iqn.x:t", 2, &s)).unwrap();
         assert_eq!(

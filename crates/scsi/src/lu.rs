@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cdb::{self, Command, Extent};
 use crate::mode::{MediumInfo, ModePages, SenseRequest};
+use crate::pr::ownership::{self, Decision, DrainTicket, Handover, OwnershipError};
 use crate::pr::{access, ItNexus, Persist, PrError, PrState, Registration};
 use crate::sense::{FieldPointer, SenseReason};
 use crate::status;
@@ -296,6 +297,8 @@ pub struct LogicalUnit {
     tasks: HashMap<u64, Task>,
     next_task: u64,
     next_ticket: u64,
+    /// Target-side handover of the ownership ([`crate::pr::ownership`]).
+    handover: Handover,
 }
 
 impl Completion {
@@ -366,6 +369,7 @@ impl LogicalUnit {
             tasks: HashMap::new(),
             next_task: 0,
             next_ticket: 0,
+            handover: Handover::Idle,
         }
     }
 
@@ -472,6 +476,7 @@ impl LogicalUnit {
     /// The LU's reservation state, for `ironlun ctl reservations`.
     pub fn pr_snapshot(&self) -> crate::pr::PrSnapshot {
         let mut snap = self.pr.snapshot();
+        snap.handover = self.handover.clone();
         snap.spc2_holder = self
             .spc2
             .and_then(|id| self.identities.get(&id))
@@ -655,7 +660,7 @@ impl LogicalUnit {
                 &self.config.serial,
             )))
         } else if aptpl_before && !aptpl {
-            Some(Persist::Remove)
+            Some(self.image_without_aptpl())
         } else {
             None
         };
@@ -736,7 +741,7 @@ impl LogicalUnit {
                 return self.fail(ua);
             }
         }
-        if self.conflicts(ident, cdb) {
+        if self.conflicts(ident, cdb) || self.ownership_conflicts(ident, cdb) {
             return Step::Done(Completion::reservation_conflict());
         }
         let step = match self.dispatch(nexus, ident, cdb, data_out) {
@@ -1519,6 +1524,335 @@ pub fn no_such_lun(cdb: &[u8]) -> Completion {
         )),
         Ok(Command::ReportLuns { .. }) => report_luns(cdb, &[]),
         _ => Completion::check_condition(SenseReason::LogicalUnitNotSupported, false),
+    }
+}
+
+/// No identity has this id: unit attentions raised with it as the exception reach everyone.
+const NO_IDENTITY: u64 = u64::MAX;
+
+/// Target-managed ownership and the target-side handover ([`crate::pr::ownership`];
+/// semantics.md §3.2-§3.5). Each call is one pure step under the LU lock. Steps that change
+/// the PR state return a [`PrCommit`] that the daemon carries out exactly as for a PERSISTENT
+/// RESERVE OUT: wait for `abort` to drain ([`LogicalUnit::abort_drained`]), then perform
+/// `persist`; `completion` is GOOD (or [`Completion::persist_failed`] if the write failed).
+/// The state is in effect for every command that starts after the call returns.
+impl LogicalUnit {
+    /// Make `host` (an initiator name: all its ISIDs and target ports) the owner at `epoch`:
+    /// one host-wide registration with [`ownership::owner_key`] holding Write Exclusive –
+    /// Registrants Only, so only `host` writes and every other host reads; nexuses of `host`
+    /// that log in later are covered at once. A previous owner's registration goes (2Ah/05h
+    /// to its nexuses, its tasks aborted as by PREEMPT AND ABORT). Refused while a handover
+    /// is in progress, while hosts that manage PR themselves are registered, or under an
+    /// SPC-2 reservation. A retry of the same decision succeeds without change (and asks to
+    /// persist the state again, in case the first write failed).
+    pub fn set_owner(&mut self, host: &str, epoch: u64) -> Result<PrCommit, OwnershipError> {
+        let host = ownership::host_name(host)?;
+        if self.handover != Handover::Idle {
+            return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
+        }
+        if self.pr.decide(epoch, Some(&host))? == Decision::Retry {
+            return Ok(self.ownership_commit(None));
+        }
+        let foreign = self.pr.foreign_hosts(&host);
+        if !foreign.is_empty() {
+            return Err(OwnershipError::ForeignRegistrations(foreign));
+        }
+        if self.spc2.is_some() {
+            return Err(OwnershipError::Spc2Reserved);
+        }
+        let previous = self.pr.owner().map(str::to_string);
+        let removed = self.pr.install_owner(&host, epoch);
+        let abort = match previous {
+            Some(p) if p != host => self.abort_host_tasks(&p),
+            _ => None,
+        };
+        Ok(self.after_ownership_change(&removed, abort))
+    }
+
+    /// End target-managed ownership of `host` at `epoch`: its registration and reservation
+    /// go (2Ah/05h to its nexuses), PR OUT is accepted again, and with no reservation every
+    /// host may write. A retry succeeds without change.
+    pub fn clear_owner(&mut self, host: &str, epoch: u64) -> Result<PrCommit, OwnershipError> {
+        let host = ownership::host_name(host)?;
+        if self.handover != Handover::Idle {
+            return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
+        }
+        if self.pr.owner().is_some_and(|o| o != host) {
+            return Err(self.not_owner(&host));
+        }
+        match self.pr.decide(epoch, None)? {
+            Decision::Retry => return Ok(self.ownership_commit(None)),
+            Decision::Apply if self.pr.owner().is_none() => return Err(self.not_owner(&host)),
+            Decision::Apply => {}
+        }
+        let removed = self.pr.drop_owner(epoch);
+        Ok(self.after_ownership_change(&removed, None))
+    }
+
+    /// Handover step 1: check that `from` owns the LU, that `to` has a session on it and that
+    /// `epoch` is newer than the LU's; nothing else changes (`to` reads, `from` writes).
+    /// Repeating the prepared (or fenced) handover succeeds without change.
+    pub fn handover_prepare(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<(), OwnershipError> {
+        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
+        if from == to {
+            return Err(OwnershipError::SameHost);
+        }
+        if let Some(parts) = self.handover.parts() {
+            return if parts == (from.as_str(), to.as_str(), epoch) {
+                Ok(())
+            } else {
+                Err(OwnershipError::HandoverInProgress(self.handover.clone()))
+            };
+        }
+        if self.pr.decide(epoch, Some(&to))? == Decision::Retry {
+            return Err(OwnershipError::AlreadyCommitted(epoch));
+        }
+        if self.pr.owner() != Some(from.as_str()) {
+            return Err(self.not_owner(&from));
+        }
+        let logged_in = self
+            .identities
+            .values()
+            .any(|x| x.sessions > 0 && x.it.initiator.name() == to);
+        if !logged_in {
+            return Err(OwnershipError::DestinationNotLoggedIn(to));
+        }
+        self.handover = Handover::Prepared { from, to, epoch };
+        Ok(())
+    }
+
+    /// Handover step 2: from now on every command of `from` except classes A and R gets
+    /// RESERVATION CONFLICT at its start; its tasks already in the task set continue. The
+    /// ticket names them: wait until [`LogicalUnit::drained`], or abort them with
+    /// [`LogicalUnit::handover_abort_inflight`]. Repeating the fence returns a ticket for
+    /// the tasks still running.
+    pub fn handover_fence(
+        &mut self,
+        from: &str,
+        epoch: u64,
+    ) -> Result<DrainTicket, OwnershipError> {
+        let from = ownership::host_name(from)?;
+        match self.handover.clone() {
+            Handover::Prepared {
+                from: f,
+                to,
+                epoch: e,
+            } if f == from && e == epoch => {
+                self.handover = Handover::Fenced {
+                    from: f,
+                    to,
+                    epoch: e,
+                };
+            }
+            Handover::Fenced {
+                from: f, epoch: e, ..
+            } if f == from && e == epoch => {}
+            Handover::Idle if epoch <= self.pr.epoch() => {
+                return Err(OwnershipError::StaleEpoch {
+                    epoch,
+                    current: self.pr.epoch(),
+                })
+            }
+            _ => return Err(OwnershipError::NotPrepared(from)),
+        }
+        Ok(DrainTicket {
+            tasks: self.host_tasks(&from),
+        })
+    }
+
+    /// Whether every task named by `ticket` has finished (resumed for the last time or been
+    /// abandoned).
+    pub fn drained(&self, ticket: &DrainTicket) -> bool {
+        !ticket.tasks.iter().any(|t| self.tasks.contains_key(t))
+    }
+
+    /// After the drain deadline: abort every task of the fenced host `from` (TASK ABORTED, no
+    /// further I/O, as PREEMPT AND ABORT does); wait for the ticket with
+    /// [`LogicalUnit::abort_drained`] before committing.
+    pub fn handover_abort_inflight(&mut self, from: &str) -> Result<AbortTicket, OwnershipError> {
+        let from = ownership::host_name(from)?;
+        if self.handover.fenced() != Some(from.as_str()) {
+            return Err(OwnershipError::NotFenced(from));
+        }
+        let host = Self::host_registration(&from);
+        Ok(self.abort_tasks(std::slice::from_ref(&host)))
+    }
+
+    /// Handover step 3, one PR transition: `from`'s registration goes, `to`'s host-wide
+    /// registration holds WERO, `to` owns the LU at `epoch`, PRgeneration + 1, 2Ah/05h
+    /// REGISTRATIONS PREEMPTED to `from`'s nexuses (to no one else). Tasks of `from` still
+    /// running are aborted under the returned `abort` ticket, which the daemon drains before
+    /// it reports the commit (SPC-4 §5.13.11.2.6). Requires the fenced handover; a retry of
+    /// a committed epoch succeeds without change, an older epoch is refused.
+    pub fn handover_commit(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<PrCommit, OwnershipError> {
+        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
+        let fenced = matches!(&self.handover,
+            Handover::Fenced { from: f, to: t, epoch: e } if *f == from && *t == to && *e == epoch);
+        if !fenced {
+            if self.pr.decide(epoch, Some(&to))? == Decision::Retry {
+                return Ok(self.ownership_commit(None));
+            }
+            return Err(match self.handover.parts() {
+                Some((f, t, e)) if (f, t, e) != (from.as_str(), to.as_str(), epoch) => {
+                    OwnershipError::HandoverInProgress(self.handover.clone())
+                }
+                _ => OwnershipError::NotFenced(from),
+            });
+        }
+        if self.pr.owner() != Some(from.as_str()) {
+            // Only a restore or a forced set_owner can get here; refuse rather than guess.
+            return Err(self.not_owner(&from));
+        }
+        let abort = self.abort_host_tasks(&from);
+        let removed = self.pr.install_owner(&to, epoch);
+        self.handover = Handover::Idle;
+        Ok(self.after_ownership_change(&removed, abort))
+    }
+
+    /// Handover step 4, before commit: the fence goes and `from` stays the only writer.
+    /// Without a handover in progress it succeeds while `from` owns the LU (a repeated
+    /// abort) and is refused once `to` owns it at `epoch`.
+    pub fn handover_abort(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<(), OwnershipError> {
+        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
+        match self.handover.parts() {
+            Some(parts) if parts == (from.as_str(), to.as_str(), epoch) => {
+                self.handover = Handover::Idle;
+                Ok(())
+            }
+            Some(_) => Err(OwnershipError::HandoverInProgress(self.handover.clone())),
+            None if self.pr.owner() == Some(to.as_str()) && self.pr.epoch() == epoch => {
+                Err(OwnershipError::AlreadyCommitted(epoch))
+            }
+            None if self.pr.owner() == Some(from.as_str()) => Ok(()),
+            None => Err(self.not_owner(&from)),
+        }
+    }
+
+    /// The handover in progress.
+    pub fn handover_state(&self) -> &Handover {
+        &self.handover
+    }
+
+    /// Ownership's part of the reservation check at command start: on an owned LU every PR
+    /// OUT conflicts; a fenced host's commands other than classes A and R conflict.
+    fn ownership_conflicts(&self, ident: Option<u64>, raw: &[u8]) -> bool {
+        let fenced = self.handover.fenced();
+        if self.pr.owner().is_none() && fenced.is_none() {
+            return false;
+        }
+        let class = access::classify(raw);
+        if self.pr.owner().is_some() && class == access::Class::PrOut {
+            return true;
+        }
+        let Some(from) = fenced else {
+            return false;
+        };
+        let is_from = ident
+            .and_then(|id| self.identities.get(&id))
+            .is_some_and(|x| x.it.initiator.name() == from);
+        is_from && !matches!(class, access::Class::Always | access::Class::ReadLike)
+    }
+
+    /// The state file when APTPL is off: removed, unless ownership must survive a restart.
+    fn image_without_aptpl(&self) -> Persist {
+        if self.config.ptpl_capable && self.pr.has_ownership() {
+            Persist::Write(crate::pr::persist::encode(
+                &self.pr.owned_image(),
+                &self.config.serial,
+            ))
+        } else {
+            Persist::Remove
+        }
+    }
+
+    /// A [`PrCommit`] for an ownership step: the state file is rewritten whenever the daemon
+    /// can persist (ownership always persists when `ptpl_capable`).
+    fn ownership_commit(&self, abort: Option<AbortTicket>) -> PrCommit {
+        let persist = if !self.config.ptpl_capable {
+            None
+        } else if self.pr.aptpl() {
+            Some(Persist::Write(crate::pr::persist::encode(
+                &self.pr,
+                &self.config.serial,
+            )))
+        } else {
+            Some(self.image_without_aptpl())
+        };
+        PrCommit {
+            abort,
+            persist,
+            completion: Completion::good(Bytes::new()),
+        }
+    }
+
+    fn after_ownership_change(
+        &mut self,
+        removed: &[Registration],
+        abort: Option<AbortTicket>,
+    ) -> PrCommit {
+        self.refresh_registrations();
+        for r in removed {
+            self.notify(r, SenseReason::RegistrationsPreempted, NO_IDENTITY);
+        }
+        self.ownership_commit(abort)
+    }
+
+    fn not_owner(&self, host: &str) -> OwnershipError {
+        OwnershipError::NotOwner {
+            host: host.to_string(),
+            owner: self.pr.owner().map(str::to_string),
+        }
+    }
+
+    /// A registration covering every nexus of `host` (for matching only).
+    fn host_registration(host: &str) -> Registration {
+        Registration {
+            id: u64::MAX,
+            name: host.to_string(),
+            isid: None,
+            rtpi: None,
+            key: 0,
+        }
+    }
+
+    /// Task ids of `host`'s nexuses in the task set.
+    fn host_tasks(&self, host: &str) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.identity
+                    .and_then(|id| self.identities.get(&id))
+                    .is_some_and(|x| x.it.initiator.name() == host)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Abort `host`'s tasks under a new ticket, if it has any.
+    fn abort_host_tasks(&mut self, host: &str) -> Option<AbortTicket> {
+        if self.host_tasks(host).is_empty() {
+            return None;
+        }
+        let reg = Self::host_registration(host);
+        Some(self.abort_tasks(std::slice::from_ref(&reg)))
     }
 }
 

@@ -19,11 +19,14 @@ use std::fmt;
 use crate::sense::{FieldPointer, SenseReason};
 
 pub mod access;
+pub mod ownership;
 pub mod persist;
 pub mod transport_id;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod ownership_tests;
 #[cfg(test)]
 mod tests;
 
@@ -126,6 +129,12 @@ pub struct PrSnapshot {
     pub reservation: Option<ReservationView>,
     /// Initiator port holding an SPC-2 RESERVE(6/10) reservation, if any.
     pub spc2_holder: Option<String>,
+    /// Host (initiator name) owning the LU under target-managed ownership ([`ownership`]).
+    pub owner: Option<String>,
+    /// Epoch of the last ownership decision (0: never owned).
+    pub epoch: u64,
+    /// The handover in progress, if any.
+    pub handover: ownership::Handover,
 }
 
 /// One registration.
@@ -332,6 +341,10 @@ pub struct PrState {
     /// APTPL of the last successful REGISTER / REGISTER AND IGNORE / REGISTER AND MOVE.
     pub(crate) aptpl: bool,
     pub(crate) next_id: u64,
+    /// Target-managed owner (lower-cased initiator name), see [`ownership`].
+    pub(crate) owner: Option<String>,
+    /// Epoch of the last ownership decision.
+    pub(crate) epoch: u64,
 }
 
 fn be_u64(p: &[u8], at: usize) -> u64 {
@@ -947,6 +960,9 @@ impl PrState {
                 key: self.reservation_key(),
             }),
             spc2_holder: None,
+            owner: self.owner.clone(),
+            epoch: self.epoch,
+            handover: ownership::Handover::Idle,
         }
     }
 }

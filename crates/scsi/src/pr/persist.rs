@@ -9,11 +9,15 @@
 //! aptpl 1
 //! registration <key, 16 hex> <rtpi decimal | all> <ISID, 12 hex | any> <initiator name>
 //! reservation <index of the holder's registration line, from 0> <type code>
+//! ownership <epoch, decimal> <owner host | ->
 //! crc32c <8 hex>
 //! ```
 //!
 //! Registration and reservation lines are optional and repeatable/at most once respectively;
-//! all others appear exactly once, in this order. The file names the LU's serial so that a
+//! the ownership line ([`super::ownership`]) is optional and written only once the LU has had
+//! an owner, so files without it are exactly those of earlier versions and still readable
+//! (an earlier version refuses a file with it as corrupt rather than lose the owner); all
+//! others appear exactly once, in this order. The file names the LU's serial so that a
 //! file copied to another LU is refused ([`PersistError::Foreign`]), never silently used.
 
 use super::{
@@ -61,6 +65,10 @@ pub fn encode(state: &PrState, serial: &str) -> Vec<u8> {
         if let Some(i) = state.regs.iter().position(|r| r.id == res.holder) {
             s.push_str(&format!("reservation {i} {}\n", res.ty.code()));
         }
+    }
+    if state.has_ownership() {
+        let owner = state.owner.as_deref().unwrap_or("-");
+        s.push_str(&format!("ownership {} {owner}\n", state.epoch));
     }
     let crc = crc32c::crc32c(s.as_bytes());
     s.push_str(&format!("crc32c {crc:08x}\n"));
@@ -158,6 +166,25 @@ pub fn decode(bytes: &[u8], serial: &str) -> Result<PrState, PersistError> {
             return Err(corrupt(i, "trailing fields"));
         }
         state.res = Some(Reservation { holder, ty });
+        i = i.saturating_add(1);
+    }
+    if let Some(rest) = lines.get(i).and_then(|l| l.strip_prefix("ownership ")) {
+        let parts: Vec<&str> = rest.split(' ').collect();
+        let [epoch, owner] = parts.as_slice() else {
+            return Err(corrupt(i, "ownership needs epoch and owner"));
+        };
+        state.epoch = epoch
+            .parse()
+            .map_err(|_| corrupt(i, "ownership epoch is not a 64-bit number"))?;
+        state.owner = match *owner {
+            "-" => None,
+            name => {
+                if super::ownership::host_name(name).ok().as_deref() != Some(name) {
+                    return Err(corrupt(i, "ownership owner is not a lower-case iSCSI name"));
+                }
+                Some(name.to_string())
+            }
+        };
         i = i.saturating_add(1);
     }
     if i != lines.len() {
@@ -287,6 +314,61 @@ mod tests {
             );
         }
         assert!(decode(&vec![b'x'; MAX_FILE_LEN + 1], "s").is_err());
+    }
+
+    #[test]
+    fn round_trips_ownership_line() {
+        let mut s = sample();
+        s.owner = Some("iqn.test:b".into());
+        s.epoch = 9;
+        let bytes = encode(&s, "serial-1");
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains("\nownership 9 iqn.test:b\ncrc32c "), "{text}");
+        assert_eq!(decode(&bytes, "serial-1").unwrap(), s);
+        s.owner = None;
+        let bytes = encode(&s, "serial-1");
+        assert!(String::from_utf8(bytes.clone())
+            .unwrap()
+            .contains("\nownership 9 -\n"));
+        assert_eq!(decode(&bytes, "serial-1").unwrap(), s);
+    }
+
+    #[test]
+    fn accepts_files_without_ownership_line() {
+        // A file as the first version wrote it, byte for byte.
+        let mut text = String::from(
+            "ironlun-pr-state 1\nserial 73\ngeneration 3\naptpl 1\n\
+             registration 00000000000000ab 1 800000000001 iqn.test:a\nreservation 0 1\n",
+        );
+        let crc = crc32c::crc32c(text.as_bytes());
+        text.push_str(&format!("crc32c {crc:08x}\n"));
+        let s = decode(text.as_bytes(), "s").unwrap();
+        assert_eq!((s.owner(), s.epoch(), s.generation), (None, 0, 3));
+        assert_eq!(s.regs.len(), 1);
+        // And the encoder writes no ownership line for a never-owned state.
+        assert_eq!(encode(&s, "s"), text.into_bytes());
+    }
+
+    #[test]
+    fn rejects_bad_ownership_lines() {
+        let mut s = sample();
+        s.owner = Some("iqn.test:b".into());
+        s.epoch = 9;
+        let good = String::from_utf8(encode(&s, "serial-1")).unwrap();
+        for (to, what) in [
+            ("ownership x iqn.test:b", "epoch"),
+            ("ownership 9 IQN.test:b", "owner"),
+            ("ownership 9", "needs"),
+            ("ownership 9 iqn.test:b extra", "needs"),
+            ("ownership 9 iqn.test:b\nownership 9 -", "unexpected"),
+        ] {
+            let text = good.replacen("ownership 9 iqn.test:b", to, 1);
+            let err = decode(&resign(&text), "serial-1").unwrap_err();
+            let PersistError::Corrupt(msg) = err else {
+                panic!("{what}: {err:?}")
+            };
+            assert!(msg.contains(what), "{what}: {msg}");
+        }
     }
 
     #[test]

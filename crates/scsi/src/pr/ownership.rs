@@ -1,0 +1,349 @@
+//! Target-managed ownership of a logical unit and the target-side handover of that ownership
+//! from one host to another (semantics.md §3.2 guarantees, §3.4 multipath variant (c)).
+//!
+//! A *host* is an iSCSI initiator name: every initiator port (ISID) of that name on every
+//! target port. The owner of an LU holds, through the target, one registration that covers
+//! the whole host (`isid: None`, `rtpi: None`, as a TransportID of format 00b registered with
+//! ALL_TG_PT=1 would, SPC-4 §5.13.7) with the key [`owner_key`], and a Write Exclusive –
+//! Registrants Only reservation (SPC-4 §5.13.1 Table 65) held by that registration. Since the
+//! owner's registration is the only one, only the owner's nexuses may write; every other
+//! nexus may still read (class R) and ask (class A). A nexus of the owner that logs in later,
+//! with any ISID, is covered by the same registration and writes at once.
+//!
+//! On an owned LU the target owns the PR state: every PERSISTENT RESERVE OUT gets RESERVATION
+//! CONFLICT (PR IN still reports the state), so no initiator can register itself into write
+//! access under WERO or release the owner's reservation. [`crate::lu::LogicalUnit::clear_owner`]
+//! hands the LU back to initiator-managed PR. LUs that were never owned are untouched.
+//!
+//! Every ownership decision carries an *epoch* (semantics.md §3.2 item 6): the LU keeps the
+//! epoch of the last decision. A decision with a lower epoch is refused
+//! ([`OwnershipError::StaleEpoch`]); a retry of the last decision (same epoch, same outcome)
+//! succeeds without changing anything; a different decision with the same epoch is stale too.
+//! Owner and epoch are persisted with the PR state ([`super::persist`]); the handover state
+//! ([`Handover`]) is not: after a restart the handover is [`Handover::Idle`] and the
+//! coordinator repeats prepare and fence with the same epoch.
+//!
+//! Handover of the LU from host S to host D, each step one call on the LU:
+//! 1. prepare: D is logged in, S is the owner; nothing changes (D reads, S writes);
+//! 2. fence: every command from S except classes A and R (SPC-4 Table 65: reads, INQUIRY,
+//!    TEST UNIT READY, PR IN, …) gets RESERVATION CONFLICT at its start — writes, SYNCHRONIZE
+//!    CACHE, PR OUT, RESERVE/RELEASE(6/10); S's tasks already in the task set run on, and a
+//!    [`DrainTicket`] tells when they have finished (or they are aborted, TASK ABORTED);
+//! 3. commit: in one PR transition S's registration goes, D's host registration comes and
+//!    holds WERO, D is the owner, PRgeneration + 1, 2Ah/05h REGISTRATIONS PREEMPTED to S's
+//!    nexuses (SPC-4 §5.13.11.2.4 as PREEMPT would), S's still-running tasks aborted like
+//!    PREEMPT AND ABORT (SPC-4 §5.13.11.2.6);
+//! 4. abort (before commit): the fence goes, S stays the only writer.
+
+use super::{PrState, Registration, Reservation, ReservationType, MAX_NAME_LEN};
+
+/// Low half of every [`owner_key`]: ASCII "ILOW" (ironlun owner), so a target-chosen key is
+/// recognisable in READ KEYS and never zero (a zero key is no registration, SPC-4 §6.16.3).
+pub const OWNER_KEY_TAG: u32 = 0x494C_4F57;
+
+/// The reservation key the target registers for `host` (semantics.md §3.3: one key per host,
+/// `host_id (4 B) || constant (4 B)`): CRC32C of the lower-cased initiator name in the high
+/// four bytes, [`OWNER_KEY_TAG`] in the low four. Stable across restarts and epochs; two hosts
+/// may share a key (probability 2^-32), which is harmless because the target removes and
+/// checks registrations by initiator name, never by key.
+pub fn owner_key(host: &str) -> u64 {
+    let crc = crc32c::crc32c(host.to_ascii_lowercase().as_bytes());
+    u64::from(crc) << 32 | u64::from(OWNER_KEY_TAG)
+}
+
+/// A host name as the LU compares it: an iSCSI name (RFC 7143 §4.2.7.1), lower-cased
+/// (RFC 3722: names compare case-insensitively); not empty, at most [`MAX_NAME_LEN`] bytes,
+/// printable ASCII without spaces or commas (a comma would make it an initiator port).
+pub fn host_name(host: &str) -> Result<String, OwnershipError> {
+    let ok = !host.is_empty()
+        && host.len() <= MAX_NAME_LEN
+        && host.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+    if ok {
+        Ok(host.to_ascii_lowercase())
+    } else {
+        Err(OwnershipError::InvalidHost(host.chars().take(64).collect()))
+    }
+}
+
+/// Where a handover of the LU stands (not persisted; see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Handover {
+    /// No handover in progress.
+    #[default]
+    Idle,
+    /// `to` is logged in and `from` owns the LU; nothing is fenced yet.
+    Prepared {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+    /// `from`'s new commands other than classes A and R get RESERVATION CONFLICT.
+    Fenced {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+}
+
+impl Handover {
+    /// `(from, to, epoch)` of a handover in progress.
+    pub fn parts(&self) -> Option<(&str, &str, u64)> {
+        match self {
+            Handover::Idle => None,
+            Handover::Prepared { from, to, epoch } | Handover::Fenced { from, to, epoch } => {
+                Some((from, to, *epoch))
+            }
+        }
+    }
+
+    /// The host whose commands are fenced, if any.
+    pub fn fenced(&self) -> Option<&str> {
+        match self {
+            Handover::Fenced { from, .. } => Some(from),
+            _ => None,
+        }
+    }
+}
+
+/// Why an ownership or handover step was refused; on error nothing has changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("not an iSCSI initiator name: {0:?}")]
+    InvalidHost(String),
+    #[error("epoch {epoch} is stale: the logical unit is at epoch {current}")]
+    StaleEpoch { epoch: u64, current: u64 },
+    #[error("{host} does not own the logical unit (owner: {owner:?})")]
+    NotOwner { host: String, owner: Option<String> },
+    #[error("{0} has no session on the logical unit")]
+    DestinationNotLoggedIn(String),
+    #[error("source and destination are the same host")]
+    SameHost,
+    #[error("another handover is in progress: {0:?}")]
+    HandoverInProgress(Handover),
+    #[error("no handover from {0} has been prepared with this epoch")]
+    NotPrepared(String),
+    #[error("the handover from {0} is not fenced")]
+    NotFenced(String),
+    #[error("the handover with epoch {0} has already been committed")]
+    AlreadyCommitted(u64),
+    #[error("hosts that manage persistent reservations themselves are registered: {0:?}")]
+    ForeignRegistrations(Vec<String>),
+    #[error("an SPC-2 RESERVE(6/10) reservation is held")]
+    Spc2Reserved,
+}
+
+/// Identifies the tasks of a fenced host that were in the task set when the fence went up
+/// (see [`crate::lu::LogicalUnit::drained`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainTicket {
+    pub(crate) tasks: Vec<u64>,
+}
+
+/// How an epoch compares with the LU's last ownership decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// A new decision: carry it out.
+    Apply,
+    /// The last decision again: succeed without change.
+    Retry,
+}
+
+impl PrState {
+    /// The host owning the LU (lower-cased initiator name), if the target manages its PR.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    /// Epoch of the last ownership decision (0: never owned).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether any ownership state must survive a restart.
+    pub(crate) fn has_ownership(&self) -> bool {
+        self.owner.is_some() || self.epoch != 0
+    }
+
+    /// Classify `epoch` for a decision whose outcome is `owner` (see the module docs).
+    pub(crate) fn decide(
+        &self,
+        epoch: u64,
+        owner: Option<&str>,
+    ) -> Result<Decision, OwnershipError> {
+        if epoch > self.epoch {
+            Ok(Decision::Apply)
+        } else if epoch == self.epoch && self.owner.as_deref() == owner && epoch != 0 {
+            Ok(Decision::Retry)
+        } else {
+            Err(OwnershipError::StaleEpoch {
+                epoch,
+                current: self.epoch,
+            })
+        }
+    }
+
+    /// Initiator names with registrations other than `host` and the current owner, sorted.
+    pub(crate) fn foreign_hosts(&self, host: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .regs
+            .iter()
+            .filter(|r| r.name != host && Some(r.name.as_str()) != self.owner.as_deref())
+            .map(|r| r.name.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Make `host` the owner at `epoch` in one transition: every registration goes (the
+    /// caller has checked that only `host`'s and the previous owner's exist), `host`'s
+    /// host-wide registration with [`owner_key`] holds WERO, PRgeneration + 1. Returns the
+    /// removed registrations of other hosts (the previous owner's), for their unit attentions.
+    pub(crate) fn install_owner(&mut self, host: &str, epoch: u64) -> Vec<Registration> {
+        let removed: Vec<Registration> = self.regs.drain(..).filter(|r| r.name != host).collect();
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.regs.push(Registration {
+            id,
+            name: host.to_string(),
+            isid: None,
+            rtpi: None,
+            key: owner_key(host),
+        });
+        self.res = Some(Reservation {
+            holder: id,
+            ty: ReservationType::WriteExclusiveRegistrantsOnly,
+        });
+        self.owner = Some(host.to_string());
+        self.epoch = epoch;
+        self.bump();
+        removed
+    }
+
+    /// End target-managed ownership at `epoch`: the owner's registrations and its reservation
+    /// go, PRgeneration + 1. Returns the removed registrations.
+    pub(crate) fn drop_owner(&mut self, epoch: u64) -> Vec<Registration> {
+        let owner = self.owner.take();
+        let (removed, kept): (Vec<Registration>, Vec<Registration>) = self
+            .regs
+            .drain(..)
+            .partition(|r| Some(r.name.as_str()) == owner.as_deref());
+        self.regs = kept;
+        if let Some(res) = self.res {
+            if !self.regs.iter().any(|r| r.id == res.holder) || res.ty.all_registrants() {
+                self.res = None;
+            }
+        }
+        self.epoch = epoch;
+        self.bump();
+        removed
+    }
+
+    /// What survives a restart when APTPL is off: owner, epoch, the owner's registrations
+    /// and the reservation if the owner holds it (SPC-4 §5.13.5.1 drops the rest).
+    pub(crate) fn owned_image(&self) -> PrState {
+        let regs: Vec<Registration> = self
+            .regs
+            .iter()
+            .filter(|r| Some(r.name.as_str()) == self.owner.as_deref())
+            .cloned()
+            .collect();
+        let res = self
+            .res
+            .filter(|res| !res.ty.all_registrants() && regs.iter().any(|r| r.id == res.holder));
+        PrState {
+            regs,
+            res,
+            generation: self.generation,
+            aptpl: false,
+            next_id: self.next_id,
+            owner: self.owner.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_key_is_stable_tagged_and_case_insensitive() {
+        let k = owner_key("iqn.2026-01.test:host-a");
+        assert_eq!(k, owner_key("IQN.2026-01.TEST:HOST-A"));
+        assert_eq!(k & 0xFFFF_FFFF, 0x494C_4F57);
+        assert_eq!(
+            k >> 32,
+            u64::from(crc32c::crc32c(b"iqn.2026-01.test:host-a"))
+        );
+        assert_ne!(k, owner_key("iqn.2026-01.test:host-b"));
+        assert_ne!(owner_key(""), 0);
+    }
+
+    #[test]
+    fn accepts_and_rejects_host_names() {
+        assert_eq!(host_name("IQN.x:A").unwrap(), "iqn.x:a");
+        for bad in ["", "iqn.x:a,i,0x1", "iqn x", "iqn.\u{e9}"] {
+            assert!(
+                matches!(host_name(bad), Err(OwnershipError::InvalidHost(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(host_name(&"a".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(host_name(&"a".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn epoch_decisions() {
+        let mut s = PrState::new();
+        assert_eq!(
+            s.decide(0, Some("h")),
+            Err(OwnershipError::StaleEpoch {
+                epoch: 0,
+                current: 0
+            })
+        );
+        assert_eq!(s.decide(1, Some("h")), Ok(Decision::Apply));
+        s.install_owner("h", 5);
+        assert_eq!(s.decide(5, Some("h")), Ok(Decision::Retry));
+        assert!(s.decide(5, Some("g")).is_err());
+        assert!(s.decide(4, Some("h")).is_err());
+        assert_eq!(s.decide(6, Some("g")), Ok(Decision::Apply));
+    }
+
+    #[test]
+    fn install_replaces_registrations_and_holds_wero() {
+        let mut s = PrState::new();
+        s.add("h", Some([1; 6]), Some(1), 7).unwrap();
+        s.install_owner("h", 1);
+        let removed = s.install_owner("g", 2);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].name, "h");
+        assert_eq!(s.regs.len(), 1);
+        let r = &s.regs[0];
+        assert_eq!((r.name.as_str(), r.isid, r.rtpi), ("g", None, None));
+        assert_eq!(r.key, owner_key("g"));
+        let res = s.res.unwrap();
+        assert_eq!(res.holder, r.id);
+        assert_eq!(res.ty, ReservationType::WriteExclusiveRegistrantsOnly);
+        assert_eq!((s.owner(), s.epoch(), s.generation), (Some("g"), 2, 2));
+    }
+
+    #[test]
+    fn drop_owner_and_owned_image() {
+        let mut s = PrState::new();
+        s.install_owner("h", 3);
+        s.aptpl = true;
+        let image = s.owned_image();
+        assert!(!image.aptpl);
+        assert_eq!(image.regs, s.regs);
+        assert_eq!(image.res, s.res);
+        let removed = s.drop_owner(4);
+        assert_eq!(removed.len(), 1);
+        assert!(s.regs.is_empty() && s.res.is_none() && s.owner.is_none());
+        assert_eq!(s.epoch, 4);
+        assert!(s.has_ownership());
+        assert!(!PrState::new().has_ownership());
+    }
+}
