@@ -277,7 +277,8 @@ impl Timeline {
     }
 
     /// The guest's blackout: from the start of the pause to the end of the resume on D, or of
-    /// the rollback on S, whichever succeeded last.
+    /// the rollback on S, whichever succeeded last. With QEMU's `pause-before-switchover` the
+    /// `precopy` hook returns at the `pre-switchover` state, so pre-copy is not counted.
     pub fn blackout(&self) -> Option<Duration> {
         let paused = self.spans.iter().find(|s| s.step == Step::Pause)?.start;
         let resumed = self
@@ -558,6 +559,11 @@ impl Handover {
     /// The epoch this handover commits.
     pub fn epoch(&self) -> u64 {
         self.plan.epoch
+    }
+
+    /// The plan it runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     fn awaiting(&self, step: Step) -> bool {
