@@ -1540,8 +1540,9 @@ impl LogicalUnit {
     /// Make `host` (an initiator name: all its ISIDs and target ports) the owner at `epoch`:
     /// one host-wide registration with [`ownership::owner_key`] holding Write Exclusive –
     /// Registrants Only, so only `host` writes and every other host reads; nexuses of `host`
-    /// that log in later are covered at once. A previous owner's registration goes (2Ah/05h
-    /// to its nexuses, its tasks aborted as by PREEMPT AND ABORT). Refused while a handover
+    /// that log in later are covered at once. Tasks of every other host are aborted as by
+    /// PREEMPT AND ABORT, so none of their writes lands after the commit is reported; a
+    /// previous owner's registration goes (2Ah/05h to its nexuses). Refused while a handover
     /// is in progress, while hosts that manage PR themselves are registered, or under an
     /// SPC-2 reservation. A retry of the same decision succeeds without change (and asks to
     /// persist the state again, in case the first write failed).
@@ -1560,12 +1561,8 @@ impl LogicalUnit {
         if self.spc2.is_some() {
             return Err(OwnershipError::Spc2Reserved);
         }
-        let previous = self.pr.owner().map(str::to_string);
+        let abort = self.abort_tasks_where(|name| name != host);
         let removed = self.pr.install_owner(&host, epoch);
-        let abort = match previous {
-            Some(p) if p != host => self.abort_host_tasks(&p),
-            _ => None,
-        };
         Ok(self.after_ownership_change(&removed, abort))
     }
 
@@ -1713,7 +1710,7 @@ impl LogicalUnit {
             // Only a restore or a forced set_owner can get here; refuse rather than guess.
             return Err(self.not_owner(&from));
         }
-        let abort = self.abort_host_tasks(&from);
+        let abort = self.abort_tasks_where(|name| name == from);
         let removed = self.pr.install_owner(&to, epoch);
         self.handover = Handover::Idle;
         Ok(self.after_ownership_change(&removed, abort))
@@ -1830,15 +1827,16 @@ impl LogicalUnit {
         }
     }
 
-    /// Task ids of `host`'s nexuses in the task set.
-    fn host_tasks(&self, host: &str) -> Vec<u64> {
+    /// Ids of the tasks in the task set whose initiator name satisfies `pick` (tasks of an
+    /// unannounced session have no name and are never picked).
+    fn tasks_where(&self, pick: impl Fn(&str) -> bool) -> Vec<u64> {
         let mut v: Vec<u64> = self
             .tasks
             .iter()
             .filter(|(_, t)| {
                 t.identity
                     .and_then(|id| self.identities.get(&id))
-                    .is_some_and(|x| x.it.initiator.name() == host)
+                    .is_some_and(|x| pick(x.it.initiator.name()))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1846,13 +1844,24 @@ impl LogicalUnit {
         v
     }
 
-    /// Abort `host`'s tasks under a new ticket, if it has any.
-    fn abort_host_tasks(&mut self, host: &str) -> Option<AbortTicket> {
-        if self.host_tasks(host).is_empty() {
+    fn host_tasks(&self, host: &str) -> Vec<u64> {
+        self.tasks_where(|name| name == host)
+    }
+
+    /// Abort the tasks [`Self::tasks_where`] picks under a new ticket, if there are any.
+    fn abort_tasks_where(&mut self, pick: impl Fn(&str) -> bool) -> Option<AbortTicket> {
+        let hit = self.tasks_where(pick);
+        if hit.is_empty() {
             return None;
         }
-        let reg = Self::host_registration(host);
-        Some(self.abort_tasks(std::slice::from_ref(&reg)))
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        for id in hit {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.aborted.push(ticket);
+            }
+        }
+        Some(AbortTicket(ticket))
     }
 }
 
