@@ -5,6 +5,8 @@
 #                     qemu-utils comes from a backports suite, that suite is added, with the mirror
 #                     taken from the machine's own apt sources (DESIGN.md §5).
 #   tgt, iperf3       the peer target and the loopback ceiling for scripts/bench.sh
+#   qemu-system-x86   the live-migration test (initiator-tests/tests/qemu_migration.rs); pinned to
+#                     the qemu-utils version (same suite), so both use qemu-block-extra's iSCSI driver
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -41,8 +43,22 @@ if [ -n "$qver" ] && [ "$qver" != "$bver" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "qemu-block-extra=$qver" >/dev/null
 fi
 
+# qemu-system-x86, pinned to the qemu-utils version (taken from the suite that has it, e.g. backports;
+# the suite was added above when qemu-utils is a backport). Its iSCSI driver is qemu-block-extra's.
+qver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+sver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+if [ -n "$qver" ] && [ "$qver" != "$sver" ]; then
+  apt_update
+  suite=()
+  case "$qver" in
+    *bpo*) suite=(-t "$(. /etc/os-release && echo "$VERSION_CODENAME")-backports") ;;
+  esac
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${suite[@]}" \
+    "qemu-system-x86=$qver" "qemu-system-common=$qver" "qemu-system-data=$qver" >/dev/null
+fi
+
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img tgtd tgtadm iperf3; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
