@@ -117,6 +117,20 @@ impl Client {
 
     /// `GET path` (an absolute path below the endpoint's prefix).
     pub fn get(&self, path: &str) -> Result<Reply, CtlError> {
+        self.request("GET", path, None, RESPONSE_TIMEOUT)
+    }
+
+    /// `method path` with an optional JSON `body`; the whole response must arrive within
+    /// `timeout` (used by `ironlun migrate` for the handover calls).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Reply, CtlError> {
+        // Nonzero (a zero socket timeout is an error) and small enough to add to an Instant.
+        let timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(86_400));
         let e = &self.endpoint;
         let addrs: Vec<SocketAddr> = (e.host.as_str(), e.port)
             .to_socket_addrs()
@@ -141,7 +155,7 @@ impl Client {
             ));
         };
         let mut req = format!(
-            "GET {}{} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ironlun-ctl/{}\r\nConnection: close\r\n",
+            "{method} {}{} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ironlun-ctl/{}\r\nConnection: close\r\n",
             e.prefix,
             path,
             e.authority,
@@ -153,11 +167,21 @@ impl Client {
             req.extend_from_slice(t.expose());
             req.extend_from_slice(b"\r\n");
         }
+        if let Some(b) = body {
+            req.extend_from_slice(
+                format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                    b.len()
+                )
+                .as_bytes(),
+            );
+        }
         req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body.unwrap_or_default());
         let io = |x: std::io::Error| CtlError(format!("admin API {}: {x}", e.url()));
-        s.set_write_timeout(Some(RESPONSE_TIMEOUT)).map_err(io)?;
+        s.set_write_timeout(Some(timeout)).map_err(io)?;
         s.write_all(&req).map_err(io)?;
-        let deadline = Instant::now() + RESPONSE_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
         loop {

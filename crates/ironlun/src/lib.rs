@@ -5,5 +5,6 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod ctl;
+pub mod migrate;
 pub mod server;
 pub mod target;

@@ -1,0 +1,624 @@
+//! `ironlun migrate` against an in-test admin server that implements the issue 6 handover
+//! contract (ownership, prepare, commit, abort, epochs) with injectable faults.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LUN: &str = "iqn.2026-11.io.ironlun:lab/0";
+const A: &str = "iqn.2026-11.io.host:a";
+const B: &str = "iqn.2026-11.io.host:b";
+
+/// How the fake answers a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// Close the connection without applying or answering.
+    DropBeforeApply,
+    /// Apply, then close the connection without answering.
+    DropAfterApply,
+}
+
+#[derive(Debug)]
+struct Target {
+    owner: Option<String>,
+    epoch: u64,
+    generation: u64,
+    logged_in: BTreeSet<String>,
+    aborted: BTreeSet<u64>,
+    /// (epoch, from, to) of the last commit.
+    last_commit: Option<(u64, String, String)>,
+    commit_faults: Vec<Fault>,
+    requests: Vec<(String, String, Value)>,
+}
+
+enum Answer {
+    Json(u16, Value),
+    Drop,
+}
+
+fn refuse(code: &str) -> Answer {
+    Answer::Json(
+        409,
+        json!({"error": format!("refused: {code}"), "code": code}),
+    )
+}
+
+impl Target {
+    fn new() -> Self {
+        Self {
+            owner: Some(A.into()),
+            epoch: 4,
+            generation: 10,
+            logged_in: [A.to_owned(), B.to_owned()].into_iter().collect(),
+            aborted: BTreeSet::new(),
+            last_commit: None,
+            commit_faults: Vec::new(),
+            requests: Vec::new(),
+        }
+    }
+
+    fn handle(&mut self, method: &str, path: &str, body: &Value) -> Answer {
+        self.requests
+            .push((method.to_owned(), path.to_owned(), body.clone()));
+        let base = "/v1/luns/iqn.2026-11.io.ironlun:lab/0";
+        let Some(rest) = path.strip_prefix(base) else {
+            return Answer::Json(404, json!({"error": "no such LU", "code": "not_found"}));
+        };
+        let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let epoch = body.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+        match (method, rest) {
+            ("GET", "/ownership") => Answer::Json(
+                200,
+                json!({"owner": self.owner, "epoch": self.epoch, "generation": self.generation, "handover": null}),
+            ),
+            ("POST", "/handover/prepare") => {
+                if self.owner.as_deref() != Some(&s("from")) {
+                    refuse("not_owner")
+                } else if epoch <= self.epoch {
+                    refuse("stale_epoch")
+                } else if !self.logged_in.contains(&s("to")) {
+                    refuse("destination_not_logged_in")
+                } else {
+                    // A new attempt at this epoch (the LU keeps no aborted epochs).
+                    self.aborted.remove(&epoch);
+                    Answer::Json(200, json!({"epoch": epoch, "generation": self.generation}))
+                }
+            }
+            ("POST", "/handover/commit") => {
+                let fault = if self.commit_faults.is_empty() {
+                    Fault::None
+                } else {
+                    self.commit_faults.remove(0)
+                };
+                if fault == Fault::DropBeforeApply {
+                    return Answer::Drop;
+                }
+                let (from, to) = (s("from"), s("to"));
+                let ok = |t: &Target, idempotent: bool| {
+                    Answer::Json(
+                        200,
+                        json!({"epoch": t.epoch, "generation": t.generation, "owner": t.owner,
+                               "steps_us": {"fence": 3, "drain": 40, "flush": 500, "transfer": 7, "total": 550},
+                               "aborted_tasks": 0, "idempotent": idempotent}),
+                    )
+                };
+                let answer = if self.last_commit == Some((epoch, from.clone(), to.clone())) {
+                    ok(self, true)
+                } else if epoch <= self.epoch {
+                    refuse("stale_epoch")
+                } else if self.aborted.contains(&epoch) {
+                    refuse("aborted")
+                } else if self.owner.as_deref() != Some(&from) {
+                    refuse("not_owner")
+                } else {
+                    self.owner = Some(to.clone());
+                    self.epoch = epoch;
+                    self.generation += 1;
+                    self.last_commit = Some((epoch, from, to));
+                    ok(self, false)
+                };
+                if fault == Fault::DropAfterApply {
+                    Answer::Drop
+                } else {
+                    answer
+                }
+            }
+            ("POST", "/handover/abort") => {
+                if self.last_commit.as_ref().is_some_and(|c| c.0 == epoch) {
+                    refuse("committed")
+                } else {
+                    self.aborted.insert(epoch);
+                    Answer::Json(200, json!({"epoch": self.epoch}))
+                }
+            }
+            _ => Answer::Json(404, json!({"error": "no route", "code": "not_found"})),
+        }
+    }
+
+    fn count(&self, suffix: &str) -> usize {
+        self.requests
+            .iter()
+            .filter(|(_, p, _)| p.ends_with(suffix))
+            .count()
+    }
+}
+
+/// A tiny HTTP/1.1 server thread around a [`Target`].
+struct Fake {
+    url: String,
+    target: Arc<Mutex<Target>>,
+}
+
+impl Fake {
+    fn start(target: Target) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = Arc::new(Mutex::new(target));
+        let t = target.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(s) = s else { continue };
+                serve_one(s, &t);
+            }
+        });
+        Fake { url, target }
+    }
+
+    fn t(&self) -> std::sync::MutexGuard<'_, Target> {
+        self.target.lock().unwrap()
+    }
+}
+
+fn serve_one(mut s: TcpStream, t: &Mutex<Target>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut first = head.lines().next().unwrap_or("").split(' ');
+    let method = first.next().unwrap_or("").to_owned();
+    let path = first.next().unwrap_or("").to_owned();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(Value::Null);
+    let answer = t.lock().unwrap().handle(&method, &path, &body);
+    if let Answer::Json(status, v) = answer {
+        let b = v.to_string();
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        );
+    }
+}
+
+/// A scratch directory with a hook log.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A hook that logs `STEP EPOCH LUN FROM TO` and then runs `then`.
+    fn hook(&self, then: &str) -> String {
+        format!(
+            "echo \"$IRONLUN_STEP $IRONLUN_EPOCH $IRONLUN_LUN $IRONLUN_FROM $IRONLUN_TO\" >> '{}'; {then}",
+            self.path("hooks.log").display()
+        )
+    }
+
+    /// The steps of the hooks that ran, in order.
+    fn ran(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("hooks.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.path("m.journal")
+    }
+}
+
+fn migrate(fake: &Fake, dir: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ironlun"));
+    c.current_dir(dir)
+        .env_remove("IRONLUN_ADMIN")
+        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
+        .args(["migrate", "--admin", &fake.url, "--lun", LUN]);
+    c.args(args);
+    c.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn all_hooks(s: &Scratch, precopy: &str, pause: &str, resume: &str) -> Vec<String> {
+    vec![
+        "--precopy".into(),
+        s.hook(precopy),
+        "--pause".into(),
+        s.hook(pause),
+        "--resume".into(),
+        s.hook(resume),
+        "--rollback".into(),
+        s.hook("true"),
+        "--announce".into(),
+        s.hook("true"),
+    ]
+}
+
+fn run(fake: &Fake, s: &Scratch, extra: &[&str], hooks: &[String]) -> Output {
+    let journal = s.journal();
+    let mut args: Vec<&str> = vec![
+        "--from",
+        A,
+        "--to",
+        B,
+        "--journal",
+        journal.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend(hooks.iter().map(String::as_str));
+    migrate(fake, s.dir.path(), &args)
+}
+
+#[test]
+fn happy_path_runs_hooks_in_order_and_prints_the_timeline() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let o = run(&fake, &s, &[], &all_hooks(&s, "true", "true", "true"));
+    let out = stdout(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(s.ran(), ["precopy", "pause", "resume", "announce"]);
+    let log = std::fs::read_to_string(s.path("hooks.log")).unwrap();
+    assert!(
+        log.starts_with(&format!("precopy 5 {LUN} {A} {B}\n")),
+        "{log}"
+    );
+    for needle in [
+        "prepare", "precopy", "pause", "commit", "resume", "announce",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(needle) && l.contains("done")),
+            "{needle}: {out}"
+        );
+    }
+    assert!(out.contains("blackout "), "{out}");
+    assert!(out.contains("storage switch "), "{out}");
+    assert!(out.contains("fence 3 us"), "{out}");
+    assert!(
+        out.lines().last().unwrap().starts_with("migrated: "),
+        "{out}"
+    );
+    let t = fake.t();
+    assert_eq!((t.owner.as_deref(), t.epoch), (Some(B), 5));
+    let calls: Vec<_> = t
+        .requests
+        .iter()
+        .map(|r| (r.0.as_str(), r.1.rsplit('/').next().unwrap()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("GET", "ownership"),
+            ("POST", "prepare"),
+            ("POST", "commit")
+        ]
+    );
+    let commit = &t.requests[2].2;
+    assert_eq!(commit["epoch"], 5);
+    assert_eq!(commit["from"], A);
+    assert_eq!(commit["to"], B);
+    assert_eq!(commit["deadline_ms"], 5000);
+    assert_eq!(commit["on_deadline"], "abort");
+    // The journal is closed with a `handover done` record.
+    let j = std::fs::read_to_string(s.journal()).unwrap();
+    assert!(j.lines().last().unwrap().contains(" handover done "), "{j}");
+}
+
+#[test]
+fn json_summary_is_machine_readable_and_keeps_hook_output_off_stdout() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let o = run(
+        &fake,
+        &s,
+        &["--json", "--deadline-ms", "250", "--on-deadline", "refuse"],
+        &all_hooks(&s, "echo precopy-noise", "true", "true"),
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["outcome"], "migrated");
+    assert_eq!(v["epoch"], 5);
+    assert!(v["blackout_ms"].as_f64().unwrap() >= 0.0);
+    assert!(v["storage_switch_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["commit"]["steps_us"]["flush"], 500);
+    let steps: Vec<&str> = v["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["prepare", "precopy", "pause", "commit", "resume", "announce"]
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("precopy-noise"));
+    let t = fake.t();
+    let commit = &t
+        .requests
+        .iter()
+        .find(|r| r.1.ends_with("/commit"))
+        .unwrap()
+        .2;
+    assert_eq!(
+        (
+            commit["deadline_ms"].as_u64(),
+            commit["on_deadline"].as_str()
+        ),
+        (Some(250), Some("refuse"))
+    );
+}
+
+#[test]
+fn failing_precopy_aborts_and_rolls_back() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let o = run(&fake, &s, &[], &all_hooks(&s, "exit 3", "true", "true"));
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(s.ran(), ["precopy", "rollback"]);
+    assert!(out.contains("rolled back: "), "{out}");
+    assert!(out.contains("precopy"), "{out}");
+    let t = fake.t();
+    assert_eq!(t.count("/commit"), 0);
+    assert_eq!(t.count("/abort"), 1);
+    assert!(t.aborted.contains(&5));
+    assert_eq!((t.owner.as_deref(), t.epoch), (Some(A), 4));
+}
+
+#[test]
+fn refused_prepare_rolls_back_without_pausing() {
+    let mut target = Target::new();
+    target.logged_in.remove(B);
+    let fake = Fake::start(target);
+    let s = Scratch::new();
+    let o = run(&fake, &s, &[], &all_hooks(&s, "true", "true", "true"));
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(s.ran(), ["rollback"]);
+    assert!(
+        stdout(&o).contains("destination_not_logged_in"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(fake.t().owner.as_deref(), Some(A));
+}
+
+#[test]
+fn unknown_commit_outcome_is_settled_by_a_query() {
+    // (fault, commits sent): applied but unanswered → the query shows B, no retry;
+    // never applied → the query shows A at the old epoch, the commit is retried.
+    for (fault, commits) in [(Fault::DropAfterApply, 1), (Fault::DropBeforeApply, 2)] {
+        let mut target = Target::new();
+        target.commit_faults = vec![fault];
+        let fake = Fake::start(target);
+        let s = Scratch::new();
+        let o = run(&fake, &s, &[], &all_hooks(&s, "true", "true", "true"));
+        assert_eq!(o.status.code(), Some(0), "{fault:?}: {}", stdout(&o));
+        assert_eq!(
+            s.ran(),
+            ["precopy", "pause", "resume", "announce"],
+            "{fault:?}"
+        );
+        let t = fake.t();
+        assert_eq!(t.count("/commit"), commits, "{fault:?}");
+        assert!(
+            stdout(&o)
+                .lines()
+                .any(|l| l.contains("query") && l.contains("done")),
+            "{fault:?}"
+        );
+        // The first GET is the epoch lookup, the second the query.
+        assert_eq!(t.count("/ownership"), 2, "{fault:?}");
+        assert_eq!((t.owner.as_deref(), t.epoch), (Some(B), 5), "{fault:?}");
+    }
+}
+
+/// A hook that kills the driver (`sh`'s parent) the first time it runs.
+fn kill_once(s: &Scratch) -> String {
+    let marker = s.path("killed");
+    format!(
+        "if [ ! -e '{m}' ]; then touch '{m}'; kill -9 $PPID; sleep 1; fi",
+        m = marker.display()
+    )
+}
+
+#[test]
+fn killed_before_commit_resumes_into_abort_and_rollback() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let hooks = all_hooks(&s, "true", &kill_once(&s), "true");
+    let o = run(&fake, &s, &[], &hooks);
+    assert_eq!(o.status.code(), None, "killed by a signal: {}", stdout(&o));
+    assert!(!std::fs::read_to_string(s.journal())
+        .unwrap()
+        .contains("handover"));
+    let o = run(&fake, &s, &[], &hooks);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.starts_with("resuming "), "{out}");
+    assert!(out.contains("rolled back: "), "{out}");
+    assert_eq!(s.ran(), ["precopy", "pause", "rollback"]);
+    let t = fake.t();
+    assert_eq!(t.count("/commit"), 0);
+    assert_eq!((t.owner.as_deref(), t.epoch), (Some(A), 4));
+    assert!(t.aborted.contains(&5));
+    // The resumed run did not look the epoch up again: it came from the journal.
+    assert_eq!(t.count("/ownership"), 1);
+}
+
+#[test]
+fn killed_after_commit_resumes_into_resume_and_announce() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let hooks = all_hooks(&s, "true", "true", &kill_once(&s));
+    let o = run(&fake, &s, &[], &hooks);
+    assert_eq!(o.status.code(), None);
+    let o = run(&fake, &s, &[], &hooks);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // The resume hook is re-run (hooks are idempotent); the commit is not sent again.
+    assert_eq!(
+        s.ran(),
+        ["precopy", "pause", "resume", "resume", "announce"]
+    );
+    let t = fake.t();
+    assert_eq!(t.count("/commit"), 1);
+    assert_eq!((t.owner.as_deref(), t.epoch), (Some(B), 5));
+}
+
+#[test]
+fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let hooks = all_hooks(&s, "true", &kill_once(&s), "true");
+    assert_eq!(run(&fake, &s, &[], &hooks).status.code(), None);
+    // Another destination against the open journal: usage error, nothing sent.
+    let journal = s.journal();
+    let o = migrate(
+        &fake,
+        s.dir.path(),
+        &[
+            "--from",
+            A,
+            "--to",
+            "iqn.2026-11.io.host:c",
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("same") && err.contains(B), "{err}");
+    assert_eq!(fake.t().requests.len(), 2, "only the first run's calls");
+    // Finish it, then start the next handover (B → A) on the same journal path.
+    assert_eq!(run(&fake, &s, &[], &hooks).status.code(), Some(1));
+    fake.t().owner = Some(B.into());
+    let o = migrate(
+        &fake,
+        s.dir.path(),
+        &[
+            "--from",
+            B,
+            "--to",
+            A,
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("at epoch 5"));
+    let rotated = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".closed"))
+        .count();
+    assert_eq!(rotated, 1);
+}
+
+#[test]
+fn default_journal_lives_in_the_working_directory() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let o = migrate(&fake, s.dir.path(), &["--from", A, "--to", B]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(s
+        .path("ironlun-migrate-iqn.2026-11.io.ironlun_lab_0.journal")
+        .exists());
+}
+
+#[test]
+fn a_hook_past_its_deadline_is_killed_with_its_children() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let late = s.path("late");
+    let slow = format!("sleep 3; touch '{}'", late.display());
+    let started = Instant::now();
+    let o = run(
+        &fake,
+        &s,
+        &["--step-timeout", "1"],
+        &all_hooks(&s, &slow, "true", "true"),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(s.ran(), ["precopy", "rollback"]);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(!late.exists(), "the hook's children outlived the cancel");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let cases: [&[&str]; 4] = [
+        &["--from", A, "--to", A],
+        &["--from", A, "--to", B, "--pause", "true"],
+        &["--from", A, "--to", B, "--epoch", "0"],
+        &["--from", A],
+    ];
+    for args in cases {
+        let o = migrate(&fake, s.dir.path(), args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(fake.t().requests.is_empty());
+}
