@@ -17,14 +17,15 @@ for t in apt-get dpkg-deb python3 gzip; do
 done
 
 # 1. The packages: the versioned kernel linux-image-cloud-amd64 depends on, and busybox-static.
+# A kernel already in OUTDIR/debs is used as is (stable and offline; delete it to refresh).
 deb_of() { ls "$out/debs/$1"_*.deb 2>/dev/null | head -1; }
-kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-  awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}' || true)
-if [ -z "$kpkg" ]; then
-  # Offline without apt lists: use the cached kernel package, if any.
-  kdeb=$(ls "$out"/debs/linux-image-*-cloud-amd64_*.deb 2>/dev/null | head -1 || true)
-  [ -n "$kdeb" ] || die "cannot resolve linux-image-cloud-amd64 (run apt-get update?) and no cached kernel in $out/debs"
+kdeb=$(ls "$out"/debs/linux-image-*-cloud-amd64_*.deb 2>/dev/null | head -1 || true)
+if [ -n "$kdeb" ]; then
   kpkg=$(basename "$kdeb" | cut -d_ -f1)
+else
+  kpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}' || true)
+  [ -n "$kpkg" ] || die "cannot resolve linux-image-cloud-amd64 to a kernel package (apt-get update?)"
 fi
 for p in "$kpkg" busybox-static; do
   if [ -z "$(deb_of "$p")" ]; then
