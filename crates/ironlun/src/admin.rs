@@ -1,22 +1,33 @@
 //! The admin API: HTTP/1.1 with JSON bodies, served by the daemon on `[admin] listen`
 //! (loopback by default; `ironlun ctl` is its client, [`crate::ctl`]).
 //!
-//! Endpoints (all `GET`, all answering `application/json`):
-//! - `/v1/health` → `{"status":"ok","version":"…"}`;
-//! - `/v1/reservations` → `{"luns":[…]}`, the reservation state of every LU of every target;
-//! - `/v1/reservations/<target>/<lun>` → one LU ([`LuReservations`]); 404 when unknown.
+//! Endpoints (all answering `application/json`):
+//! - `GET /v1/health` → `{"status":"ok","version":"…"}`;
+//! - `GET /v1/reservations` → `{"luns":[…]}`, the reservation state of every LU of every target;
+//! - `GET /v1/reservations/<target>/<lun>` → one LU ([`LuReservations`]); 404 when unknown;
+//! - `GET /v1/luns/<target>/<lun>/ownership` → [`OwnershipJson`] (target-managed owner, epoch,
+//!   PRgeneration, handover in progress; semantics.md §3);
+//! - `POST /v1/luns/<target>/<lun>/owner` `{"host","epoch"}` → [`OwnerJson`];
+//! - `POST /v1/luns/<target>/<lun>/handover/prepare|commit|abort` [`HandoverRequest`] →
+//!   [`PrepareJson`], [`CommitJson`] (per-step µs timings), [`OwnerJson`];
+//! - `GET /v1/events?since=SEQ` → [`EventsJson`] (bounded ring buffer of PR OUT, ownership and
+//!   handover events).
 //!
-//! Errors are `{"error":"…"}` with a 4xx/5xx status. With `[admin] token_file` every request
-//! needs `Authorization: Bearer <token>` (RFC 6750 §2.1), else 401.
+//! Errors are `{"error":"…","code":"…"}` with a 4xx/5xx status; refused ownership steps are
+//! 409 with the code naming the reason ([`op_error`]), malformed bodies 400. With
+//! `[admin] token_file` every request needs `Authorization: Bearer <token>` (RFC 6750 §2.1),
+//! else 401.
 //!
 //! The HTTP layer is a deliberately small, strict HTTP/1.1 subset (RFC 9112): one request per
 //! connection (`Connection: close`), a request head of at most [`MAX_HEAD`] bytes and
-//! [`MAX_HEADERS`] fields, a body only with `Content-Length` up to [`MAX_BODY`] (read and
-//! ignored), no `Transfer-Encoding`, a deadline for the whole request, and a bounded number of
-//! connections. The parser ([`parse_head`]) is pure and never panics on any input.
+//! [`MAX_HEADERS`] fields, a body only with `Content-Length` up to [`MAX_BODY`], no
+//! `Transfer-Encoding`, a deadline for receiving the whole request (a handover commit then
+//! runs for up to its own `deadline_ms` plus the flush), and a bounded number of connections.
+//! The parser ([`parse_head`]) is pure and never panics on any input.
 
 use crate::config;
-use crate::target::Registry;
+use crate::target::{CommitSteps, Event, LunHandle, OnDeadline, OwnershipOpError, Registry};
+use ironlun_scsi::pr::ownership::{Handover, OwnershipError};
 use ironlun_scsi::pr::{PrSnapshot, ReservationType};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -81,6 +92,108 @@ pub struct LuReservations {
     pub registrations: Vec<RegistrationJson>,
     /// Initiator port holding an SPC-2 RESERVE(6/10) reservation.
     pub spc2_holder: Option<String>,
+    /// Host owning the LU under target-managed ownership (semantics.md §3).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Epoch of the last ownership decision (0: never owned).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The handover in progress.
+    #[serde(default)]
+    pub handover: Option<HandoverJson>,
+}
+
+/// A handover in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverJson {
+    /// `"prepared"` or `"fenced"`.
+    pub state: String,
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+}
+
+impl HandoverJson {
+    pub fn of(h: &Handover) -> Option<HandoverJson> {
+        let (state, (from, to, epoch)) = match h {
+            Handover::Idle => return None,
+            Handover::Prepared { .. } => ("prepared", h.parts()?),
+            Handover::Fenced { .. } => ("fenced", h.parts()?),
+        };
+        Some(HandoverJson {
+            state: state.into(),
+            from: from.into(),
+            to: to.into(),
+            epoch,
+        })
+    }
+}
+
+/// `GET /v1/luns/<t>/<l>/ownership`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnershipJson {
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub generation: u32,
+    pub handover: Option<HandoverJson>,
+}
+
+/// `POST …/owner` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRequest {
+    pub host: String,
+    pub epoch: u64,
+}
+
+/// `POST …/owner` and `…/handover/abort` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerJson {
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub generation: u32,
+}
+
+/// `POST …/handover/{prepare,commit,abort}` body; `deadline_ms` and `on_deadline` only for
+/// commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRequest {
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// `"abort"` (default) or `"refuse"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<String>,
+}
+
+/// Drain deadline of a commit without `deadline_ms`.
+pub const DEFAULT_DEADLINE_MS: u64 = 5000;
+/// Largest `deadline_ms` accepted (400 beyond).
+pub const MAX_DEADLINE_MS: u64 = 600_000;
+
+/// `POST …/handover/prepare` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareJson {
+    pub epoch: u64,
+    pub generation: u32,
+}
+
+/// `POST …/handover/commit` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitJson {
+    pub epoch: u64,
+    pub generation: u32,
+    pub owner: Option<String>,
+    pub steps_us: CommitSteps,
+    pub aborted_tasks: u64,
+    pub idempotent: bool,
+}
+
+/// `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsJson {
+    pub events: Vec<Event>,
 }
 
 /// The persistent reservation of an LU.
@@ -111,10 +224,13 @@ pub struct RegistrationJson {
     pub holder: bool,
 }
 
-/// `{"error": "…"}`.
+/// `{"error": "…", "code": "…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorJson {
     pub error: String,
+    /// Machine-readable reason (e.g. `not_owner`, `stale_epoch`, `not_found`).
+    #[serde(default)]
+    pub code: String,
 }
 
 /// A reservation key as the API prints it.
@@ -170,6 +286,9 @@ pub fn lu_reservations(target: &str, lun: u64, s: &PrSnapshot) -> LuReservations
             })
             .collect(),
         spc2_holder: s.spc2_holder.clone(),
+        owner: s.owner.clone(),
+        epoch: s.epoch,
+        handover: HandoverJson::of(&s.handover),
     }
 }
 
@@ -182,6 +301,8 @@ pub struct Request {
     pub method: String,
     /// The path of the origin-form request target, still percent-encoded, without the query.
     pub path: String,
+    /// The query (after `?`, before any `#`), still percent-encoded.
+    pub query: Option<String>,
     /// `Authorization` field value, if present.
     pub authorization: Option<String>,
     /// Body length (`Content-Length`, 0 without it).
@@ -193,6 +314,8 @@ pub struct Request {
 pub struct HttpError {
     pub status: u16,
     pub message: String,
+    /// For 405: the method the resource allows.
+    pub allow: Option<&'static str>,
 }
 
 impl HttpError {
@@ -200,6 +323,7 @@ impl HttpError {
         HttpError {
             status,
             message: message.into(),
+            allow: None,
         }
     }
 }
@@ -239,7 +363,7 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HttpError> {
     let request_line = lines
         .next()
         .ok_or_else(|| HttpError::new(400, "empty request"))??;
-    let (method, path, minor) = parse_request_line(request_line)?;
+    let (method, path, query, minor) = parse_request_line(request_line)?;
     let mut authorization = None;
     let mut content_length: Option<u64> = None;
     let mut hosts = 0usize;
@@ -311,13 +435,14 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HttpError> {
     Ok(Request {
         method,
         path,
+        query,
         authorization,
         content_length,
     })
 }
 
 /// `method SP request-target SP HTTP-version` (RFC 9112 §3); the target in origin form.
-fn parse_request_line(line: &[u8]) -> Result<(String, String, u8), HttpError> {
+fn parse_request_line(line: &[u8]) -> Result<(String, String, Option<String>, u8), HttpError> {
     let bad = || HttpError::new(400, "malformed request line");
     let mut parts = line.split(|b| *b == b' ');
     let (Some(method), Some(target), Some(version), None) =
@@ -342,13 +467,16 @@ fn parse_request_line(line: &[u8]) -> Result<(String, String, u8), HttpError> {
         }
         _ => return Err(bad()),
     };
-    let path = target
-        .split(|b| *b == b'?' || *b == b'#')
+    let target = target.split(|b| *b == b'#').next().unwrap_or_default();
+    let mut halves = target.splitn(2, |b| *b == b'?');
+    let path = halves.next().unwrap_or_default();
+    let query = halves
         .next()
-        .unwrap_or_default();
+        .map(|q| String::from_utf8_lossy(q).into_owned());
     Ok((
         String::from_utf8_lossy(method).into_owned(),
         String::from_utf8_lossy(path).into_owned(),
+        query,
         minor,
     ))
 }
@@ -391,38 +519,88 @@ pub fn percent_encode(s: &str) -> String {
 pub enum Route {
     Health,
     Reservations,
-    Reservation { target: String, lun: u64 },
+    Reservation {
+        target: String,
+        lun: u64,
+    },
+    Ownership {
+        target: String,
+        lun: u64,
+    },
+    Owner {
+        target: String,
+        lun: u64,
+    },
+    Handover {
+        target: String,
+        lun: u64,
+        step: HandoverStep,
+    },
+    Events,
+}
+
+/// A handover step of `POST /v1/luns/<t>/<l>/handover/<step>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverStep {
+    Prepare,
+    Commit,
+    Abort,
+}
+
+/// The target name and LUN of a path.
+fn lu_of(t: &str, l: &str) -> Result<(String, u64), HttpError> {
+    let target = percent_decode(t)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| HttpError::new(400, "bad target name in path"))?;
+    let lun = l
+        .parse::<u64>()
+        .map_err(|_| HttpError::new(404, format!("no such LUN: {l:?}")))?;
+    Ok((target, lun))
 }
 
 /// Map a path to a [`Route`] (404 when none matches) and check the method (405).
 pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
     let not_found = || HttpError::new(404, format!("no such resource: {path}"));
-    let mut segs = path.strip_prefix('/').ok_or_else(not_found)?.split('/');
-    let r = match (
-        segs.next(),
-        segs.next(),
-        segs.next(),
-        segs.next(),
-        segs.next(),
-    ) {
-        (Some("v1"), Some("health"), None, None, None) => Route::Health,
-        (Some("v1"), Some("reservations"), None, None, None) => Route::Reservations,
-        (Some("v1"), Some("reservations"), Some(t), Some(l), None) => {
-            let target = percent_decode(t)
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| HttpError::new(400, "bad target name in path"))?;
-            let lun = l
-                .parse::<u64>()
-                .map_err(|_| HttpError::new(404, format!("no such LUN: {l:?}")))?;
-            Route::Reservation { target, lun }
+    let segs: Vec<&str> = path
+        .strip_prefix('/')
+        .ok_or_else(not_found)?
+        .split('/')
+        .collect();
+    let (r, allowed) = match segs.as_slice() {
+        ["v1", "health"] => (Route::Health, "GET"),
+        ["v1", "reservations"] => (Route::Reservations, "GET"),
+        ["v1", "events"] => (Route::Events, "GET"),
+        ["v1", "reservations", t, l] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Reservation { target, lun }, "GET")
+        }
+        ["v1", "luns", t, l, "ownership"] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Ownership { target, lun }, "GET")
+        }
+        ["v1", "luns", t, l, "owner"] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Owner { target, lun }, "POST")
+        }
+        ["v1", "luns", t, l, "handover", step] => {
+            let step = match *step {
+                "prepare" => HandoverStep::Prepare,
+                "commit" => HandoverStep::Commit,
+                "abort" => HandoverStep::Abort,
+                _ => return Err(not_found()),
+            };
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Handover { target, lun, step }, "POST")
         }
         _ => return Err(not_found()),
     };
-    if method != "GET" {
-        return Err(HttpError::new(
+    if method != allowed {
+        let mut e = HttpError::new(
             405,
-            format!("method {method} not allowed here (GET only)"),
-        ));
+            format!("method {method} not allowed here ({allowed} only)"),
+        );
+        e.allow = Some(allowed);
+        return Err(e);
     }
     Ok(r)
 }
@@ -432,6 +610,8 @@ pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// The `Allow` field of a 405 (RFC 9110 §10.2.1).
+    pub allow: &'static str,
 }
 
 impl Response {
@@ -439,19 +619,34 @@ impl Response {
         match serde_json::to_vec_pretty(v) {
             Ok(mut body) => {
                 body.push(b'\n');
-                Response { status, body }
+                Response {
+                    status,
+                    body,
+                    allow: "GET",
+                }
             }
             Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),
         }
     }
 
+    /// An error with the generic code of its status ([`status_code`]).
     pub fn error(status: u16, message: &str) -> Response {
+        Response::error_code(status, status_code(status), message)
+    }
+
+    /// `{"error": message, "code": code}`.
+    pub fn error_code(status: u16, code: &str, message: &str) -> Response {
         let mut body = serde_json::to_vec(&ErrorJson {
             error: message.to_string(),
+            code: code.to_string(),
         })
         .unwrap_or_else(|_| b"{\"error\":\"?\"}".to_vec());
         body.push(b'\n');
-        Response { status, body }
+        Response {
+            status,
+            body,
+            allow: "GET",
+        }
     }
 
     /// The bytes on the wire: status line, fields, body.
@@ -464,7 +659,7 @@ impl Response {
         );
         match self.status {
             401 => out.push_str("WWW-Authenticate: Bearer realm=\"ironlun\"\r\n"),
-            405 => out.push_str("Allow: GET\r\n"),
+            405 => out.push_str(&format!("Allow: {}\r\n", self.allow)),
             _ => {}
         }
         out.push_str("\r\n");
@@ -476,7 +671,54 @@ impl Response {
 
 impl From<HttpError> for Response {
     fn from(e: HttpError) -> Self {
-        Response::error(e.status, &e.message)
+        let mut r = Response::error(e.status, &e.message);
+        if let Some(a) = e.allow {
+            r.allow = a;
+        }
+        r
+    }
+}
+
+/// The `code` of an error that has no more specific one.
+pub fn status_code(status: u16) -> &'static str {
+    match status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "body_too_large",
+        431 => "head_too_large",
+        501 => "not_implemented",
+        503 => "unavailable",
+        505 => "http_version",
+        _ => "internal",
+    }
+}
+
+/// The status and code of a refused ownership or handover step: bad input is 400, a step
+/// the LU's state refuses is 409, a local failure 500/503.
+pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
+    match e {
+        OwnershipOpError::Ownership(o) => match o {
+            OwnershipError::InvalidHost(_) => (400, "invalid_host"),
+            OwnershipError::SameHost => (400, "same_host"),
+            OwnershipError::StaleEpoch { .. } => (409, "stale_epoch"),
+            OwnershipError::NotOwner { .. } => (409, "not_owner"),
+            OwnershipError::DestinationNotLoggedIn(_) => (409, "destination_not_logged_in"),
+            OwnershipError::HandoverInProgress(_) => (409, "handover_in_progress"),
+            OwnershipError::NotPrepared(_) => (409, "not_prepared"),
+            OwnershipError::NotFenced(_) => (409, "not_fenced"),
+            OwnershipError::AlreadyCommitted(_) => (409, "committed"),
+            OwnershipError::ForeignRegistrations(_) => (409, "foreign_registrations"),
+            OwnershipError::Spc2Reserved => (409, "spc2_reserved"),
+        },
+        OwnershipOpError::Aborted(_) => (409, "aborted"),
+        OwnershipOpError::DrainTimeout(_) => (409, "drain_timeout"),
+        OwnershipOpError::AbortTimeout(_) => (503, "abort_timeout"),
+        OwnershipOpError::Flush(_) => (500, "flush_failed"),
+        OwnershipOpError::Persist(_) => (500, "persist_failed"),
     }
 }
 
@@ -489,6 +731,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -577,23 +820,32 @@ impl Token {
 // ---------------------------------------------------------------------------------------------
 // Handling.
 
-/// Answer a parsed request against the registry.
-pub fn respond(req: &Request, token: Option<&Token>, registry: &Registry) -> Response {
+/// Answer a parsed request (with its body) against the registry. Ownership steps wait for
+/// their effects (drain, flush, durable state) before answering.
+pub async fn respond(
+    req: &Request,
+    body: &[u8],
+    token: Option<&Token>,
+    registry: &Registry,
+) -> Response {
     if let Some(t) = token {
         if !t.admits(req.authorization.as_deref()) {
             return Response::error(401, "missing or wrong bearer token");
         }
     }
-    match route(&req.method, &req.path) {
-        Err(e) => e.into(),
-        Ok(Route::Health) => Response::json(
+    let route = match route(&req.method, &req.path) {
+        Ok(r) => r,
+        Err(e) => return e.into(),
+    };
+    match route {
+        Route::Health => Response::json(
             200,
             &Health {
                 status: "ok".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
         ),
-        Ok(Route::Reservations) => {
+        Route::Reservations => {
             let mut luns = Vec::new();
             for t in &registry.targets {
                 for (id, l) in &t.luns {
@@ -602,25 +854,185 @@ pub fn respond(req: &Request, token: Option<&Token>, registry: &Registry) -> Res
             }
             Response::json(200, &ReservationsList { luns })
         }
-        Ok(Route::Reservation { target, lun }) => {
-            let Some(t) = registry.target(&target) else {
-                return Response::error(404, &format!("no target {target}"));
+        Route::Reservation { target, lun } => match find_lu(registry, &target, lun) {
+            Ok((name, l)) => Response::json(200, &lu_reservations(&name, lun, &l.pr_snapshot())),
+            Err(r) => r,
+        },
+        Route::Events => match since(req.query.as_deref()) {
+            Ok(since) => Response::json(
+                200,
+                &EventsJson {
+                    events: registry.events.since(since),
+                },
+            ),
+            Err(r) => r,
+        },
+        Route::Ownership { target, lun } => match find_lu(registry, &target, lun) {
+            Ok((_, l)) => {
+                let s = l.pr_snapshot();
+                Response::json(
+                    200,
+                    &OwnershipJson {
+                        owner: s.owner,
+                        epoch: s.epoch,
+                        generation: s.generation,
+                        handover: HandoverJson::of(&s.handover),
+                    },
+                )
+            }
+            Err(r) => r,
+        },
+        Route::Owner { target, lun } => {
+            let (l, req) = match (
+                find_lu(registry, &target, lun),
+                parse_body::<OwnerRequest>(body),
+            ) {
+                (Ok((_, l)), Ok(req)) => (l, req),
+                (Err(r), _) | (_, Err(r)) => return r,
             };
-            match t.luns.get(&lun) {
-                Some(l) => Response::json(200, &lu_reservations(&t.name, lun, &l.pr_snapshot())),
-                None => Response::error(404, &format!("no LUN {lun} in target {}", t.name)),
+            match l.set_owner(&req.host, req.epoch).await {
+                Ok(s) => Response::json(
+                    200,
+                    &OwnerJson {
+                        owner: s.owner,
+                        epoch: s.epoch,
+                        generation: s.generation,
+                    },
+                ),
+                Err(e) => refused(&e),
+            }
+        }
+        Route::Handover { target, lun, step } => {
+            let (l, req) = match (
+                find_lu(registry, &target, lun),
+                parse_body::<HandoverRequest>(body),
+            ) {
+                (Ok((_, l)), Ok(req)) => (l, req),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            handover(&l, step, &req).await
+        }
+    }
+}
+
+/// One handover step on `l`.
+async fn handover(l: &Arc<LunHandle>, step: HandoverStep, req: &HandoverRequest) -> Response {
+    let (from, to, epoch) = (req.from.as_str(), req.to.as_str(), req.epoch);
+    match step {
+        HandoverStep::Prepare => match l.handover_prepare(from, to, epoch).await {
+            Ok(s) => Response::json(
+                200,
+                &PrepareJson {
+                    epoch,
+                    generation: s.generation,
+                },
+            ),
+            Err(e) => refused(&e),
+        },
+        HandoverStep::Abort => match l.handover_abort(from, to, epoch).await {
+            Ok(()) => {
+                let s = l.pr_snapshot();
+                Response::json(
+                    200,
+                    &OwnerJson {
+                        owner: s.owner,
+                        epoch,
+                        generation: s.generation,
+                    },
+                )
+            }
+            Err(e) => refused(&e),
+        },
+        HandoverStep::Commit => {
+            let deadline_ms = req.deadline_ms.unwrap_or(DEFAULT_DEADLINE_MS);
+            if deadline_ms > MAX_DEADLINE_MS {
+                return Response::error_code(
+                    400,
+                    "bad_request",
+                    &format!("deadline_ms above {MAX_DEADLINE_MS}"),
+                );
+            }
+            let on_deadline = match req.on_deadline.as_deref() {
+                None | Some("abort") => OnDeadline::Abort,
+                Some("refuse") => OnDeadline::Refuse,
+                Some(other) => {
+                    return Response::error_code(
+                        400,
+                        "bad_request",
+                        &format!("on_deadline {other:?}: expected \"abort\" or \"refuse\""),
+                    )
+                }
+            };
+            let deadline = Duration::from_millis(deadline_ms);
+            match l
+                .handover_commit(from, to, epoch, deadline, on_deadline)
+                .await
+            {
+                Ok(c) => Response::json(
+                    200,
+                    &CommitJson {
+                        epoch: c.epoch,
+                        generation: c.generation,
+                        owner: c.owner,
+                        steps_us: c.steps,
+                        aborted_tasks: c.aborted_tasks,
+                        idempotent: c.idempotent,
+                    },
+                ),
+                Err(e) => refused(&e),
             }
         }
     }
 }
 
-/// Read one request from `s` and answer it; `None` when the peer went away without sending
-/// anything worth an answer.
-async fn read_and_respond(
-    s: &mut TcpStream,
-    token: Option<&Token>,
+/// The response to a refused ownership step.
+fn refused(e: &OwnershipOpError) -> Response {
+    let (status, code) = op_error(e);
+    tracing::info!(status, code, error = %e, "ownership step refused");
+    Response::error_code(status, code, &e.to_string())
+}
+
+/// The LU `lun` of `target` (and the target's configured name), or a 404 response.
+fn find_lu(
     registry: &Registry,
-) -> Option<Response> {
+    target: &str,
+    lun: u64,
+) -> Result<(String, Arc<LunHandle>), Response> {
+    let Some(t) = registry.target(target) else {
+        return Err(Response::error(404, &format!("no target {target}")));
+    };
+    match t.luns.get(&lun) {
+        Some(l) => Ok((t.name.clone(), l.clone())),
+        None => Err(Response::error(
+            404,
+            &format!("no LUN {lun} in target {}", t.name),
+        )),
+    }
+}
+
+/// A JSON body of type `T`, or a 400 response.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| Response::error_code(400, "bad_request", &format!("request body: {e}")))
+}
+
+/// `since=N` of a query (0 without it), or a 400 response.
+pub fn since(query: Option<&str>) -> Result<u64, Response> {
+    let mut since = 0;
+    for pair in query.unwrap_or_default().split('&') {
+        if let Some(v) = pair.strip_prefix("since=") {
+            since = v.parse::<u64>().map_err(|_| {
+                Response::error_code(400, "bad_request", &format!("since={v:?}: not a number"))
+            })?;
+        }
+    }
+    Ok(since)
+}
+
+/// Read one request (head and body) from `s`; `Err` with the response for a request that
+/// cannot be served, `Ok(None)` when the peer went away without sending anything worth an
+/// answer.
+async fn read_request(s: &mut TcpStream) -> Result<Option<(Request, Vec<u8>)>, Response> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     // Where the blank line may start: bytes before it were searched already (a client sending
@@ -636,45 +1048,43 @@ async fn read_and_respond(
         }
         searched = buf.len().saturating_sub(3);
         if buf.len() >= MAX_HEAD {
-            return Some(Response::error(431, "request head too large"));
+            return Err(Response::error(431, "request head too large"));
         }
-        let n = s.read(&mut chunk).await.ok()?;
+        let Ok(n) = s.read(&mut chunk).await else {
+            return Ok(None);
+        };
         if n == 0 {
             return if buf.is_empty() {
-                None
+                Ok(None)
             } else {
-                Some(Response::error(400, "incomplete request head"))
+                Err(Response::error(400, "incomplete request head"))
             };
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     };
-    let head = buf.get(..head_len).unwrap_or_default();
-    let req = match parse_head(head) {
-        Ok(r) => r,
-        Err(e) => return Some(e.into()),
-    };
-    // Read (and ignore) the body: bounded by parse_head.
-    let have = u64::try_from(buf.len().saturating_sub(head_len)).unwrap_or(u64::MAX);
-    let mut left = req.content_length.saturating_sub(have);
-    while left > 0 {
-        let n = s.read(&mut chunk).await.ok()?;
+    let req = parse_head(buf.get(..head_len).unwrap_or_default()).map_err(Response::from)?;
+    // The body: bounded by parse_head (at most MAX_BODY); bytes beyond it are ignored.
+    let want = usize::try_from(req.content_length)
+        .map_err(|_| Response::error(413, "request body too large"))?;
+    let mut body: Vec<u8> = buf.get(head_len..).unwrap_or_default().to_vec();
+    while body.len() < want {
+        let Ok(n) = s.read(&mut chunk).await else {
+            return Ok(None);
+        };
         if n == 0 {
-            return Some(Response::error(400, "incomplete request body"));
+            return Err(Response::error(400, "incomplete request body"));
         }
-        left = left.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
+        body.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
-    Some(respond(&req, token, registry))
+    body.truncate(want);
+    Ok(Some((req, body)))
 }
 
 async fn serve_connection(mut s: TcpStream, token: Option<Arc<Token>>, registry: Arc<Registry>) {
-    let response = match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        read_and_respond(&mut s, token.as_deref(), &registry),
-    )
-    .await
-    {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut s)).await {
+        Ok(Ok(Some((req, body)))) => respond(&req, &body, token.as_deref(), &registry).await,
+        Ok(Ok(None)) => return,
+        Ok(Err(r)) => r,
         Err(_) => Response::error(408, "request not received in time"),
     };
     if response.status >= 400 {
@@ -837,6 +1247,7 @@ mod tests {
             Request {
                 method: "GET".into(),
                 path: "/v1/health".into(),
+                query: None,
                 authorization: None,
                 content_length: 0,
             }
@@ -847,6 +1258,12 @@ mod tests {
     fn accepts_http10_without_host_and_strips_query() {
         let r = parse_head(b"GET /v1/reservations?x=1 HTTP/1.0\r\n\r\n").unwrap();
         assert_eq!(r.path, "/v1/reservations");
+        assert_eq!(r.query.as_deref(), Some("x=1"));
+        let r = parse_head(b"GET /v1/events?since=4#f HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.query.as_deref()),
+            ("/v1/events", Some("since=4"))
+        );
     }
 
     #[test]
@@ -944,6 +1361,38 @@ mod tests {
             ("GET", "/", Err(404)),
             ("GET", "/v2/health", Err(404)),
             ("POST", "/v1/health", Err(405)),
+            ("GET", "/v1/events", Ok(Route::Events)),
+            (
+                "GET",
+                "/v1/luns/iqn.2026-11.io.ironlun:lab/3/ownership",
+                Ok(Route::Ownership {
+                    target: lab.into(),
+                    lun: 3,
+                }),
+            ),
+            (
+                "POST",
+                "/v1/luns/iqn.2026-11.io.ironlun:lab/0/owner",
+                Ok(Route::Owner {
+                    target: lab.into(),
+                    lun: 0,
+                }),
+            ),
+            (
+                "POST",
+                "/v1/luns/iqn.2026-11.io.ironlun:lab/0/handover/commit",
+                Ok(Route::Handover {
+                    target: lab.into(),
+                    lun: 0,
+                    step: HandoverStep::Commit,
+                }),
+            ),
+            ("GET", "/v1/luns/x/0/handover/commit", Err(405)),
+            ("POST", "/v1/luns/x/0/ownership", Err(405)),
+            ("GET", "/v1/luns/x/0/owner", Err(405)),
+            ("POST", "/v1/luns/x/0/handover/finish", Err(404)),
+            ("POST", "/v1/luns/x/y/handover/abort", Err(404)),
+            ("POST", "/v1/events", Err(405)),
             ("DELETE", "/v1/reservations", Err(405)),
             ("BREW", "/coffee", Err(404)),
         ];
@@ -984,15 +1433,134 @@ mod tests {
         let r = Response::error(404, "no \"x\"");
         let wire = String::from_utf8(r.encode()).unwrap();
         assert!(wire.starts_with("HTTP/1.1 404 Not Found\r\n"), "{wire}");
-        assert!(wire.contains("Content-Length: 21\r\n"), "{wire}");
+        assert!(wire.contains("Content-Length: 40\r\n"), "{wire}");
         assert!(
-            wire.ends_with("\r\n\r\n{\"error\":\"no \\\"x\\\"\"}\n"),
+            wire.ends_with("\r\n\r\n{\"error\":\"no \\\"x\\\"\",\"code\":\"not_found\"}\n"),
             "{wire}"
         );
         let wire = String::from_utf8(Response::error(401, "x").encode()).unwrap();
         assert!(wire.contains("WWW-Authenticate: Bearer"), "{wire}");
         let wire = String::from_utf8(Response::error(405, "x").encode()).unwrap();
         assert!(wire.contains("Allow: GET\r\n"), "{wire}");
+        let post: Response = route("GET", "/v1/luns/t/0/owner").unwrap_err().into();
+        let wire = String::from_utf8(post.encode()).unwrap();
+        assert!(wire.contains("Allow: POST\r\n"), "{wire}");
+    }
+
+    #[test]
+    fn ownership_errors_map_to_codes() {
+        use OwnershipError as O;
+        let cases: Vec<(OwnershipOpError, u16, &str)> = vec![
+            (O::InvalidHost("a b".into()).into(), 400, "invalid_host"),
+            (O::SameHost.into(), 400, "same_host"),
+            (
+                O::StaleEpoch {
+                    epoch: 1,
+                    current: 2,
+                }
+                .into(),
+                409,
+                "stale_epoch",
+            ),
+            (
+                O::NotOwner {
+                    host: "h".into(),
+                    owner: None,
+                }
+                .into(),
+                409,
+                "not_owner",
+            ),
+            (
+                O::DestinationNotLoggedIn("d".into()).into(),
+                409,
+                "destination_not_logged_in",
+            ),
+            (
+                O::HandoverInProgress(Handover::Idle).into(),
+                409,
+                "handover_in_progress",
+            ),
+            (O::NotPrepared("s".into()).into(), 409, "not_prepared"),
+            (O::NotFenced("s".into()).into(), 409, "not_fenced"),
+            (O::AlreadyCommitted(3).into(), 409, "committed"),
+            (
+                O::ForeignRegistrations(vec![]).into(),
+                409,
+                "foreign_registrations",
+            ),
+            (O::Spc2Reserved.into(), 409, "spc2_reserved"),
+            (OwnershipOpError::Aborted(3), 409, "aborted"),
+            (OwnershipOpError::DrainTimeout(5), 409, "drain_timeout"),
+            (OwnershipOpError::AbortTimeout(30), 503, "abort_timeout"),
+            (OwnershipOpError::Flush("x".into()), 500, "flush_failed"),
+            (OwnershipOpError::Persist("x".into()), 500, "persist_failed"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(op_error(&e), (status, code), "{e}");
+            let r = refused(&e);
+            let j: ErrorJson = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!((r.status, j.code.as_str()), (status, code));
+            assert_eq!(j.error, e.to_string());
+        }
+    }
+
+    #[test]
+    fn accepts_and_rejects_since() {
+        assert_eq!(since(None).unwrap(), 0);
+        assert_eq!(since(Some("since=17")).unwrap(), 17);
+        assert_eq!(since(Some("x=1&since=3")).unwrap(), 3);
+        for bad in [
+            "since=",
+            "since=-1",
+            "since=x",
+            "since=99999999999999999999",
+        ] {
+            assert_eq!(since(Some(bad)).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn handover_json_states() {
+        assert_eq!(HandoverJson::of(&Handover::Idle), None);
+        let p = Handover::Prepared {
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 4,
+        };
+        let j = HandoverJson::of(&p).unwrap();
+        assert_eq!(
+            (j.state.as_str(), j.from.as_str(), j.to.as_str(), j.epoch),
+            ("prepared", "a", "b", 4)
+        );
+        let f = Handover::Fenced {
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 4,
+        };
+        assert_eq!(HandoverJson::of(&f).unwrap().state, "fenced");
+    }
+
+    #[test]
+    fn rejects_bad_handover_bodies() {
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"{\"from\":\"a\",\"to\":\"b\"}",
+            b"{\"from\":\"a\",\"to\":\"b\",\"epoch\":-1}",
+            b"[1]",
+        ] {
+            let r = parse_body::<HandoverRequest>(bad).unwrap_err();
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
+        }
+        let ok: HandoverRequest = parse_body(
+            br#"{"from":"a","to":"b","epoch":2,"deadline_ms":10,"on_deadline":"refuse"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (ok.epoch, ok.deadline_ms, ok.on_deadline.as_deref()),
+            (2, Some(10), Some("refuse"))
+        );
     }
 
     #[test]
@@ -1038,7 +1606,7 @@ mod tests {
                     {"initiator_port": "iqn.a:h2", "key": "0x0000000000000def",
                      "target_port": "all", "rtpi": null, "holder": false}
                 ],
-                "spc2_holder": null
+                "spc2_holder": null, "owner": null, "epoch": 0, "handover": null
             })
         );
         let mut all = s.clone();

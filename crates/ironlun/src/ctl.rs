@@ -4,7 +4,10 @@
 //! connect and a read timeout, a bounded response. Output is a table for people or, with
 //! `--json`, the API's JSON unchanged.
 
-use crate::admin::{self, ErrorJson, LuReservations, ReservationsList, Token};
+use crate::admin::{
+    self, CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson,
+    ReservationsList, Token,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -399,6 +402,20 @@ pub fn render_reservations(luns: &[LuReservations]) -> String {
         if let Some(h) = &lu.spc2_holder {
             s.push_str(&format!("  SPC-2 reservation held by {h}\n"));
         }
+        if lu.owner.is_some() || lu.epoch != 0 || lu.handover.is_some() {
+            s.push_str(&format!(
+                "  owner: {}, epoch {}",
+                lu.owner.as_deref().unwrap_or("none"),
+                lu.epoch
+            ));
+            match &lu.handover {
+                Some(h) => s.push_str(&format!(
+                    ", handover {} {} -> {} (epoch {})\n",
+                    h.state, h.from, h.to, h.epoch
+                )),
+                None => s.push('\n'),
+            }
+        }
         if lu.registrations.is_empty() {
             s.push_str("  no registrations\n");
             continue;
@@ -437,6 +454,284 @@ pub fn render_reservations(luns: &[LuReservations]) -> String {
         for r in &rows {
             s.push_str(&line([&r[0], &r[1], &r[2], &r[3]]));
         }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership and handover (issue 6): `ctl own`, `ctl ownership`, `ctl handover`, `ctl events`.
+
+/// `method path` with a JSON body, expecting 200 and JSON of type `T` (other statuses become
+/// the API's `{"error","code"}` message).
+fn call_json<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<T, CtlError> {
+    let bytes = match body {
+        Some(v) => {
+            Some(serde_json::to_vec(v).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?)
+        }
+        None => None,
+    };
+    let r = client.request(method, path, bytes.as_deref(), timeout)?;
+    if r.status != 200 {
+        let msg = match serde_json::from_slice::<ErrorJson>(&r.body) {
+            Ok(e) if !e.code.is_empty() => format!("{} [{}]", e.error, e.code),
+            Ok(e) => e.error,
+            Err(_) => String::from_utf8_lossy(&r.body).trim().to_string(),
+        };
+        return err(format!("{msg} (HTTP {})", r.status));
+    }
+    serde_json::from_slice(&r.body).map_err(|x| {
+        CtlError(format!(
+            "admin API {}: unexpected JSON: {x}",
+            client.endpoint.url()
+        ))
+    })
+}
+
+/// `/v1/luns/<target>/<lun>/<rest>`.
+fn lu_path((t, l): &(String, u64), rest: &str) -> String {
+    format!("/v1/luns/{}/{l}/{rest}", admin::percent_encode(t))
+}
+
+fn write_text(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
+    out.write_all(text.as_bytes())
+        .map_err(|e| CtlError(format!("cannot write output: {e}")))
+}
+
+/// One line for an LU's ownership.
+pub fn render_ownership(lu: &str, o: &OwnershipJson) -> String {
+    let owner = o.owner.as_deref().unwrap_or("none");
+    let mut s = format!(
+        "{lu}  owner {owner}  epoch {}  generation {}",
+        o.epoch, o.generation
+    );
+    match &o.handover {
+        Some(h) => s.push_str(&format!(
+            "  handover {} {} -> {} (epoch {})\n",
+            h.state, h.from, h.to, h.epoch
+        )),
+        None => s.push('\n'),
+    }
+    s
+}
+
+/// `ironlun ctl own TARGET/LUN HOST [--epoch N]`: without `--epoch`, one above the LU's.
+pub fn own(
+    client: &Client,
+    lu: &(String, u64),
+    host: &str,
+    epoch: Option<u64>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let epoch = match epoch {
+        Some(e) => e,
+        None => {
+            let o: OwnershipJson = client.get_json(&lu_path(lu, "ownership"))?;
+            o.epoch.saturating_add(1)
+        }
+    };
+    let body = serde_json::json!({"host": host, "epoch": epoch});
+    let r: serde_json::Value = call_json(
+        client,
+        "POST",
+        &lu_path(lu, "owner"),
+        Some(&body),
+        RESPONSE_TIMEOUT,
+    )?;
+    if json {
+        return write_json(out, &r);
+    }
+    let o: OwnerJson =
+        serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
+    write_text(
+        out,
+        &format!(
+            "{}/{}  owner {}  epoch {}  generation {}\n",
+            lu.0,
+            lu.1,
+            o.owner.as_deref().unwrap_or("none"),
+            o.epoch,
+            o.generation
+        ),
+    )
+}
+
+/// `ironlun ctl ownership [TARGET/LUN] [--json]`: every LU without a selector.
+pub fn ownership(
+    client: &Client,
+    selector: Option<&(String, u64)>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let luns: Vec<(String, u64)> = match selector {
+        Some(s) => vec![s.clone()],
+        None => client
+            .get_json::<ReservationsList>("/v1/reservations")?
+            .luns
+            .into_iter()
+            .map(|l| (l.target, l.lun))
+            .collect(),
+    };
+    let mut all = Vec::new();
+    for lu in &luns {
+        let v: serde_json::Value = client.get_json(&lu_path(lu, "ownership"))?;
+        all.push((lu, v));
+    }
+    if json {
+        let v = match (selector, all.as_slice()) {
+            (Some(_), [(_, one)]) => one.clone(),
+            _ => serde_json::Value::Array(
+                all.iter()
+                    .map(|((t, l), v)| serde_json::json!({"target": t, "lun": l, "ownership": v}))
+                    .collect(),
+            ),
+        };
+        return write_json(out, &v);
+    }
+    let mut text = String::new();
+    for ((t, l), v) in &all {
+        let o: OwnershipJson = serde_json::from_value(v.clone())
+            .map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
+        text.push_str(&render_ownership(&format!("{t}/{l}"), &o));
+    }
+    if all.is_empty() {
+        text.push_str("no logical units\n");
+    }
+    write_text(out, &text)
+}
+
+/// A handover step for `ironlun ctl handover`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverArgs {
+    pub lu: (String, u64),
+    pub from: String,
+    pub to: String,
+    pub epoch: u64,
+    /// Commit only.
+    pub deadline_ms: Option<u64>,
+    /// Commit only: `abort` or `refuse`.
+    pub on_deadline: Option<String>,
+}
+
+/// `ironlun ctl handover prepare|commit|abort TARGET/LUN --from S --to D --epoch N …`.
+pub fn handover(
+    client: &Client,
+    step: &str,
+    a: &HandoverArgs,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let body = admin::HandoverRequest {
+        from: a.from.clone(),
+        to: a.to.clone(),
+        epoch: a.epoch,
+        deadline_ms: a.deadline_ms,
+        on_deadline: a.on_deadline.clone(),
+    };
+    let body =
+        serde_json::to_value(&body).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+    // A commit may wait for its drain deadline, an abort of stuck I/O and the flush.
+    let timeout = RESPONSE_TIMEOUT
+        .saturating_add(Duration::from_millis(
+            a.deadline_ms.unwrap_or(admin::DEFAULT_DEADLINE_MS),
+        ))
+        .saturating_add(crate::target::ABORT_WAIT);
+    let r: serde_json::Value = call_json(
+        client,
+        "POST",
+        &lu_path(&a.lu, &format!("handover/{step}")),
+        Some(&body),
+        timeout,
+    )?;
+    if json {
+        return write_json(out, &r);
+    }
+    let lu = format!("{}/{}", a.lu.0, a.lu.1);
+    let text = match step {
+        "commit" => {
+            let c: CommitJson =
+                serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
+            render_commit(&lu, &c)
+        }
+        "prepare" => format!(
+            "{lu}  prepared {} -> {} (epoch {})\n",
+            a.from, a.to, a.epoch
+        ),
+        _ => format!(
+            "{lu}  handover {} -> {} (epoch {}) aborted; {} stays the owner\n",
+            a.from, a.to, a.epoch, a.from
+        ),
+    };
+    write_text(out, &text)
+}
+
+/// The human view of a commit: the new owner and each step's time.
+pub fn render_commit(lu: &str, c: &CommitJson) -> String {
+    let ms = |us: u64| format!("{}.{:03} ms", us / 1000, us % 1000);
+    let mut s = format!(
+        "{lu}  owner {}  epoch {}  generation {}{}\n",
+        c.owner.as_deref().unwrap_or("none"),
+        c.epoch,
+        c.generation,
+        if c.idempotent {
+            "  (already committed)"
+        } else {
+            ""
+        }
+    );
+    let st = &c.steps_us;
+    s.push_str(&format!(
+        "  fence {}  drain {}  flush {}  transfer {}  total {}\n",
+        ms(st.fence),
+        ms(st.drain),
+        ms(st.flush),
+        ms(st.transfer),
+        ms(st.total)
+    ));
+    if c.aborted_tasks > 0 {
+        s.push_str("  the source's commands still running at the deadline were aborted\n");
+    }
+    s
+}
+
+/// `ironlun ctl events [--since N] [--json]`.
+pub fn events(
+    client: &Client,
+    since: u64,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let path = format!("/v1/events?since={since}");
+    if json {
+        let v: serde_json::Value = client.get_json(&path)?;
+        return write_json(out, &v);
+    }
+    let ev: EventsJson = client.get_json(&path)?;
+    write_text(out, &render_events(&ev.events))
+}
+
+/// One line per event: sequence number, time, LU, kind, detail.
+pub fn render_events(events: &[crate::target::Event]) -> String {
+    let mut s = String::new();
+    if events.is_empty() {
+        s.push_str("no events\n");
+    }
+    for e in events {
+        s.push_str(&format!(
+            "{:>6}  {}.{:03}  {}  {}  {}\n",
+            e.seq,
+            e.time_unix_ms / 1000,
+            e.time_unix_ms % 1000,
+            e.lun,
+            e.kind,
+            e.detail
+        ));
     }
     s
 }
@@ -539,7 +834,30 @@ mod tests {
                 holder: true,
             }],
             spc2_holder: None,
+            owner: None,
+            epoch: 0,
+            handover: None,
         };
+        let owned = LuReservations {
+            lun: 2,
+            owner: Some("iqn.h:a".into()),
+            epoch: 3,
+            handover: Some(crate::admin::HandoverJson {
+                state: "fenced".into(),
+                from: "iqn.h:a".into(),
+                to: "iqn.h:b".into(),
+                epoch: 4,
+            }),
+            registrations: vec![],
+            ..lu.clone()
+        };
+        let text = render_reservations(&[owned]);
+        assert!(
+            text.contains(
+                "\n  owner: iqn.h:a, epoch 3, handover fenced iqn.h:a -> iqn.h:b (epoch 4)\n"
+            ),
+            "{text}"
+        );
         let empty = LuReservations {
             lun: 1,
             generation: 0,

@@ -7,8 +7,10 @@
 //! the admin API runs) one `admin http://ADDR` line on stdout. SIGINT / SIGTERM shut down
 //! gracefully.
 //!
-//! `ironlun ctl [--admin URL] [--token-file FILE] reservations [TARGET/LUN] [--json]` asks a
-//! running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
+//! `ironlun ctl [--admin URL] [--token-file FILE] reservations|ownership [TARGET/LUN] [--json]`,
+//! `ctl own TARGET/LUN HOST [--epoch N]`, `ctl handover prepare|commit|abort TARGET/LUN --from S
+//! --to D --epoch N [--deadline-ms N] [--on-deadline abort|refuse]` and `ctl events [--since N]`
+//! ask a running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
 //! 2 usage.
 //!
 //! `ironlun migrate --admin URL --lun TARGET/LUN --from HOST_S --to HOST_D [hooks…]` hands an
@@ -47,6 +49,76 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make HOST (an initiator name) the target-managed owner of an LU: only its nexuses
+    /// write, every other host reads.
+    Own {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        /// Initiator name of the owning host.
+        host: String,
+        /// Epoch of this ownership decision (default: one above the LU's).
+        #[arg(long)]
+        epoch: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Owner, epoch, PRgeneration and handover in progress per LU.
+    Ownership {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: Option<(String, u64)>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Target-side handover of an LU from one host to another.
+    Handover {
+        #[command(subcommand)]
+        step: HandoverCommand,
+    },
+    /// PR OUT, ownership and handover events.
+    Events {
+        /// Only events with a sequence number above this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Arguments shared by the handover steps.
+#[derive(clap::Args)]
+struct HandoverStepArgs {
+    #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+    lun: (String, u64),
+    /// Initiator name of the current owner.
+    #[arg(long)]
+    from: String,
+    /// Initiator name of the new owner.
+    #[arg(long)]
+    to: String,
+    /// Epoch of the handover (above the LU's).
+    #[arg(long)]
+    epoch: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum HandoverCommand {
+    /// Check the destination is logged in; nothing changes.
+    Prepare(HandoverStepArgs),
+    /// Fence the source, drain or abort its commands, flush, move ownership.
+    Commit {
+        #[command(flatten)]
+        args: HandoverStepArgs,
+        /// How long the source's commands in flight may take (default 5000).
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// After the deadline: abort the source's commands, or refuse the handover.
+        #[arg(long, value_parser = ["abort", "refuse"])]
+        on_deadline: Option<String>,
+    },
+    /// Before commit: lift any fence; the source stays the only writer.
+    Abort(HandoverStepArgs),
 }
 
 #[derive(Subcommand)]
@@ -159,6 +231,45 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
         CtlCommand::Reservations { lun, json } => {
             let mut out = std::io::stdout().lock();
             ctl::reservations(&client, lun.as_ref(), json, &mut out)
+        }
+        CtlCommand::Own {
+            lun,
+            host,
+            epoch,
+            json,
+        } => ctl::own(
+            &client,
+            &lun,
+            &host,
+            epoch,
+            json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::Ownership { lun, json } => {
+            ctl::ownership(&client, lun.as_ref(), json, &mut std::io::stdout().lock())
+        }
+        CtlCommand::Events { since, json } => {
+            ctl::events(&client, since, json, &mut std::io::stdout().lock())
+        }
+        CtlCommand::Handover { step } => {
+            let (name, a, deadline_ms, on_deadline) = match step {
+                HandoverCommand::Prepare(a) => ("prepare", a, None, None),
+                HandoverCommand::Abort(a) => ("abort", a, None, None),
+                HandoverCommand::Commit {
+                    args,
+                    deadline_ms,
+                    on_deadline,
+                } => ("commit", args, deadline_ms, on_deadline),
+            };
+            let h = ctl::HandoverArgs {
+                lu: a.lun,
+                from: a.from,
+                to: a.to,
+                epoch: a.epoch,
+                deadline_ms,
+                on_deadline,
+            };
+            ctl::handover(&client, name, &h, a.json, &mut std::io::stdout().lock())
         }
     });
     match result {

@@ -58,6 +58,16 @@ pub struct LunHandle {
     /// Serialises state-file writes; holds the sequence number of the last durable one, so an
     /// older state never overwrites a newer one when two PR OUTs persist concurrently.
     persisted: Mutex<u64>,
+    /// `TARGET/LUN`, as events name the LU.
+    label: String,
+    /// Where PR OUT, ownership and handover events of this LU go.
+    events: Arc<EventLog>,
+    /// Ownership and handover steps of the admin API run one at a time per LU (a commit's
+    /// drain wait is not interleaved with an abort of the same LU); never held with `lu`.
+    admin_op: tokio::sync::Mutex<()>,
+    /// Handover epochs aborted through the admin API (not persisted): a later commit or
+    /// prepare of one is refused ([`OwnershipOpError::Aborted`]).
+    aborted_epochs: Mutex<BTreeSet<u64>>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -99,7 +109,18 @@ impl LunHandle {
             state_file,
             persist_seq: AtomicU64::new(0),
             persisted: Mutex::new(0),
+            label: String::new(),
+            events: Arc::new(EventLog::new(EVENT_CAPACITY)),
+            admin_op: tokio::sync::Mutex::new(()),
+            aborted_epochs: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Name the LU `TARGET/LUN` in events and record them in `events`.
+    fn with_events(mut self, label: String, events: Arc<EventLog>) -> Self {
+        self.label = label;
+        self.events = events;
+        self
     }
 
     /// Resume `cont` under the LU lock, then wake a waiting PREEMPT AND ABORT.
@@ -147,6 +168,12 @@ impl LunHandle {
     /// of a preempted nexus may land after the PREEMPT AND ABORT completes). The wake-up is
     /// registered before the check, so one that comes between the two is not lost.
     async fn wait_drained(&self, ticket: lu::AbortTicket) {
+        self.wait_until(|lu| lu.abort_drained(ticket)).await;
+    }
+
+    /// Wait until `done` holds for the LU, checked under the LU lock after every resume or
+    /// abandon (the same wake-up as [`LunHandle::wait_drained`]).
+    async fn wait_until(&self, done: impl Fn(&LogicalUnit) -> bool) {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -159,7 +186,7 @@ impl LunHandle {
             let notified = self.drained.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if self.lu().abort_drained(ticket) {
+            if done(&self.lu()) {
                 return;
             }
             notified.await;
@@ -213,6 +240,8 @@ pub struct TargetState {
 /// Everything the daemon serves.
 pub struct Registry {
     pub targets: Vec<Arc<TargetState>>,
+    /// PR OUT, ownership and handover events of every LU (the admin API's `/v1/events`).
+    pub events: Arc<EventLog>,
     next_nexus: AtomicU64,
     next_tsih: AtomicU16,
 }
@@ -226,6 +255,7 @@ impl Registry {
         let ports = relative_ports(cfg);
         let mut state_files: BTreeMap<PathBuf, (String, u64)> = BTreeMap::new();
         let mut targets = Vec::new();
+        let events = Arc::new(EventLog::new(EVENT_CAPACITY));
         for t in &cfg.targets {
             let mut luns = BTreeMap::new();
             for l in &t.luns {
@@ -250,7 +280,9 @@ impl Registry {
                 }
                 tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
                 let ram = matches!(l.backstore, config::BackstoreKind::Ram);
-                luns.insert(l.id, Arc::new(LunHandle::new(lu, backend, ram, state_file)));
+                let handle = LunHandle::new(lu, backend, ram, state_file)
+                    .with_events(format!("{}/{}", t.name, l.id), events.clone());
+                luns.insert(l.id, Arc::new(handle));
             }
             targets.push(Arc::new(TargetState {
                 name: t.name.clone(),
@@ -261,6 +293,7 @@ impl Registry {
         }
         Ok(Registry {
             targets,
+            events,
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
         })
@@ -676,7 +709,11 @@ impl PendingCommand {
                     handle,
                     commit,
                     seq,
-                } => return (to_wire(commit_pr(&handle, commit, seq).await), spdtl),
+                } => {
+                    let c = commit_pr(&handle, commit, seq).await;
+                    handle.record_pr_out(c.status == 0);
+                    return (to_wire(c), spdtl);
+                }
             };
             match drive_inline(&handle, nexus, step, spdtl) {
                 Started::Done(c, spdtl) => return (c, spdtl),
@@ -764,6 +801,403 @@ fn to_wire(c: lu::Completion) -> ScsiCompletion {
         status: c.status,
         sense: c.sense,
         data_in: c.data,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events, target-managed ownership and the target-side handover (issue 6; semantics.md §3).
+
+/// How many events the log keeps; older ones are dropped first.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// One PR OUT, ownership or handover event (`GET /v1/events`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    /// Increases by one per event, from 1, across all LUs.
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    /// `TARGET/LUN`.
+    pub lun: String,
+    /// `pr_out`, `ownership`, `handover_prepare`, `handover_commit` or `handover_abort`.
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+/// A bounded ring buffer of [`Event`]s.
+pub struct EventLog {
+    inner: Mutex<(u64, std::collections::VecDeque<Event>)>,
+    capacity: usize,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> Self {
+        EventLog {
+            inner: Mutex::new((0, std::collections::VecDeque::new())),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Append an event stamped with the wall clock; returns its sequence number.
+    pub fn record(&self, lun: &str, kind: &str, detail: serde_json::Value) -> u64 {
+        let time_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 = g.0.saturating_add(1);
+        let seq = g.0;
+        if g.1.len() >= self.capacity {
+            g.1.pop_front();
+        }
+        g.1.push_back(Event {
+            seq,
+            time_unix_ms,
+            lun: lun.to_string(),
+            kind: kind.to_string(),
+            detail,
+        });
+        seq
+    }
+
+    /// The events with a sequence number above `since` that are still in the buffer.
+    pub fn since(&self, since: u64) -> Vec<Event> {
+        let g = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1.iter().filter(|e| e.seq > since).cloned().collect()
+    }
+}
+
+/// What a handover commit does when the source's tasks have not finished by the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDeadline {
+    /// Abort them (TASK ABORTED, as PREEMPT AND ABORT, SPC-4 §5.13.11.2.6) and commit.
+    Abort,
+    /// Lift the fence and refuse the commit; the source stays the only writer.
+    Refuse,
+}
+
+/// How long a commit waits for tasks it aborted to finish their backend I/O (an I/O cannot be
+/// recalled once submitted); past it the commit fails with the fence still up.
+pub const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Durations of a handover commit's steps, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitSteps {
+    /// Raising the fence (under the LU lock).
+    pub fence: u64,
+    /// Waiting for the source's in-flight tasks (and aborting them after the deadline).
+    pub drain: u64,
+    /// Flushing the backstore, data and metadata.
+    pub flush: u64,
+    /// The PR transition and its durable state-file write.
+    pub transfer: u64,
+    pub total: u64,
+}
+
+/// A committed handover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    pub epoch: u64,
+    pub generation: u32,
+    pub owner: Option<String>,
+    pub steps: CommitSteps,
+    /// Whether the deadline passed and the source's remaining tasks were aborted. The SCSI
+    /// core does not say how many tasks a ticket covers, so this counts 1 for "some".
+    pub aborted_tasks: u64,
+    /// A retry of an epoch already committed: nothing changed.
+    pub idempotent: bool,
+}
+
+/// Why an admin ownership or handover step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OwnershipOpError {
+    #[error(transparent)]
+    Ownership(#[from] ironlun_scsi::pr::ownership::OwnershipError),
+    #[error("the handover with epoch {0} was aborted")]
+    Aborted(u64),
+    #[error("the source's commands did not finish within {0} ms; the fence is lifted and the source keeps writing")]
+    DrainTimeout(u64),
+    #[error("aborted commands of the source did not finish their I/O within {0} s; the source stays fenced")]
+    AbortTimeout(u64),
+    #[error(
+        "flushing the backstore failed ({0}); the fence is lifted and the source keeps writing"
+    )]
+    Flush(String),
+    #[error("the new state is in effect but could not be written durably: {0}; retry the commit")]
+    Persist(String),
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl LunHandle {
+    /// `TARGET/LUN`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Record a PR OUT that changed the reservation state (after its effects were carried out).
+    fn record_pr_out(&self, ok: bool) {
+        let s = self.pr_snapshot();
+        let detail = serde_json::json!({
+            "generation": s.generation,
+            "reservation": s.reservation.as_ref().map(|r| r.ty.name()),
+            "registrations": s.registrations.len(),
+            "persisted": ok,
+        });
+        self.events.record(&self.label, "pr_out", detail);
+    }
+
+    fn is_aborted(&self, epoch: u64) -> bool {
+        self.aborted_epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&epoch)
+    }
+
+    /// Remember that `epoch` was aborted. Epochs at or below the LU's are stale anyway and
+    /// are dropped; at most [`EVENT_CAPACITY`] are kept (the lowest go first).
+    fn mark_aborted(&self, epoch: u64) {
+        let current = self.lu().pr_snapshot().epoch;
+        let mut set = self
+            .aborted_epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.retain(|e| *e > current);
+        if epoch > current {
+            set.insert(epoch);
+        }
+        while set.len() > EVENT_CAPACITY {
+            set.pop_first();
+        }
+    }
+
+    /// Carry out an ownership step's [`PrCommit`] exactly as a PR OUT's: the persist sequence
+    /// number was taken under the LU lock by the caller ([`LunHandle::sequenced`]).
+    async fn carry_out(self: &Arc<Self>, step: Sequenced) -> Result<(), OwnershipOpError> {
+        let Sequenced {
+            step: Step::PrCommit(commit),
+            seq,
+        } = step
+        else {
+            return Ok(());
+        };
+        let c = commit_pr(self, commit, seq).await;
+        if c.status == 0 {
+            Ok(())
+        } else {
+            Err(OwnershipOpError::Persist(format!(
+                "state file {}",
+                self.state_file.display()
+            )))
+        }
+    }
+
+    /// Make `host` the target-managed owner at `epoch` (`POST …/owner`;
+    /// [`LogicalUnit::set_owner`]): other hosts' tasks are aborted and drained and the state
+    /// is durable before this returns. Returns the snapshot afterwards.
+    pub async fn set_owner(
+        self: &Arc<Self>,
+        host: &str,
+        epoch: u64,
+    ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
+        let _op = self.admin_op.lock().await;
+        let step = {
+            let mut lu = self.lu();
+            let commit = lu.set_owner(host, epoch)?;
+            self.sequenced(Step::PrCommit(commit))
+        };
+        let r = self.carry_out(step).await;
+        let s = self.pr_snapshot();
+        self.events.record(
+            &self.label,
+            "ownership",
+            serde_json::json!({"owner": s.owner, "epoch": s.epoch, "generation": s.generation, "persisted": r.is_ok()}),
+        );
+        r.map(|()| s)
+    }
+
+    /// Handover step 1 (`POST …/handover/prepare`; [`LogicalUnit::handover_prepare`]).
+    pub async fn handover_prepare(
+        &self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
+        let _op = self.admin_op.lock().await;
+        if self.is_aborted(epoch) {
+            return Err(OwnershipOpError::Aborted(epoch));
+        }
+        let s = {
+            let mut lu = self.lu();
+            lu.handover_prepare(from, to, epoch)?;
+            lu.pr_snapshot()
+        };
+        self.events.record(
+            &self.label,
+            "handover_prepare",
+            serde_json::json!({"from": from, "to": to, "epoch": epoch}),
+        );
+        Ok(s)
+    }
+
+    /// Handover step 4 (`POST …/handover/abort`; [`LogicalUnit::handover_abort`]): the fence
+    /// goes, `from` stays the only writer, and `epoch` can no longer be prepared or committed.
+    /// Idempotent for an epoch already aborted.
+    pub async fn handover_abort(
+        &self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<(), OwnershipOpError> {
+        let _op = self.admin_op.lock().await;
+        if self.is_aborted(epoch) {
+            return Ok(());
+        }
+        self.lu().handover_abort(from, to, epoch)?;
+        self.mark_aborted(epoch);
+        self.events.record(
+            &self.label,
+            "handover_abort",
+            serde_json::json!({"from": from, "to": to, "epoch": epoch}),
+        );
+        Ok(())
+    }
+
+    /// Handover steps 2 and 3 (`POST …/handover/commit`): fence `from`, wait for its tasks up
+    /// to `deadline` (then abort them, or refuse per `on_deadline`), flush the backstore, then
+    /// the one PR transition ([`LogicalUnit::handover_commit`]), its abort drain and its
+    /// durable state write. The LU lock is taken only for each pure step, never across a wait.
+    /// A retry of the committed epoch succeeds without change (`idempotent`).
+    pub async fn handover_commit(
+        self: &Arc<Self>,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        deadline: std::time::Duration,
+        on_deadline: OnDeadline,
+    ) -> Result<CommitOutcome, OwnershipOpError> {
+        use ironlun_scsi::pr::ownership::{host_name, Handover};
+        let _op = self.admin_op.lock().await;
+        if self.is_aborted(epoch) {
+            return Err(OwnershipOpError::Aborted(epoch));
+        }
+        let start = std::time::Instant::now();
+        let to_host = host_name(to)?;
+        // A retry of the committed epoch: the LU asks to persist again, nothing else changes.
+        let retry = {
+            let mut lu = self.lu();
+            let s = lu.pr_snapshot();
+            let in_progress = matches!(lu.handover_state().parts(),
+                Some((_, t, e)) if t == to_host && e == epoch);
+            if !in_progress && s.owner.as_deref() == Some(to_host.as_str()) && s.epoch == epoch {
+                let commit = lu.handover_commit(from, to, epoch)?;
+                Some(self.sequenced(Step::PrCommit(commit)))
+            } else {
+                None
+            }
+        };
+        if let Some(step) = retry {
+            self.carry_out(step).await?;
+            let s = self.pr_snapshot();
+            return Ok(CommitOutcome {
+                epoch,
+                generation: s.generation,
+                owner: s.owner,
+                steps: CommitSteps {
+                    total: micros(start.elapsed()),
+                    ..CommitSteps::default()
+                },
+                aborted_tasks: 0,
+                idempotent: true,
+            });
+        }
+        let ticket = self.lu().handover_fence(from, epoch)?;
+        let fence = micros(start.elapsed());
+        let t = std::time::Instant::now();
+        let mut aborted_tasks = 0;
+        let in_time = tokio::time::timeout(deadline, self.wait_until(|lu| lu.drained(&ticket)))
+            .await
+            .is_ok();
+        if !in_time {
+            match on_deadline {
+                OnDeadline::Refuse => {
+                    self.lu().handover_abort(from, to, epoch)?;
+                    let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+                    self.events.record(
+                        &self.label,
+                        "handover_abort",
+                        serde_json::json!({"from": from, "to": to, "epoch": epoch, "reason": "drain_timeout"}),
+                    );
+                    return Err(OwnershipOpError::DrainTimeout(ms));
+                }
+                OnDeadline::Abort => {
+                    let abort = self.lu().handover_abort_inflight(from)?;
+                    aborted_tasks = 1;
+                    let waited = tokio::time::timeout(ABORT_WAIT, self.wait_drained(abort)).await;
+                    if waited.is_err() {
+                        return Err(OwnershipOpError::AbortTimeout(ABORT_WAIT.as_secs()));
+                    }
+                }
+            }
+        }
+        let drain = micros(t.elapsed());
+        let t = std::time::Instant::now();
+        if let Err(e) = self.flush().await {
+            self.lu().handover_abort(from, to, epoch)?;
+            return Err(OwnershipOpError::Flush(e));
+        }
+        let flush = micros(t.elapsed());
+        let t = std::time::Instant::now();
+        let step = {
+            let mut lu = self.lu();
+            let commit = lu.handover_commit(from, to, epoch)?;
+            debug_assert_eq!(*lu.handover_state(), Handover::Idle);
+            self.sequenced(Step::PrCommit(commit))
+        };
+        let persisted = self.carry_out(step).await;
+        let transfer = micros(t.elapsed());
+        let steps = CommitSteps {
+            fence,
+            drain,
+            flush,
+            transfer,
+            total: micros(start.elapsed()),
+        };
+        let s = self.pr_snapshot();
+        self.events.record(
+            &self.label,
+            "handover_commit",
+            serde_json::json!({
+                "from": from, "to": to, "epoch": epoch, "generation": s.generation,
+                "steps_us": steps, "aborted_tasks": aborted_tasks, "persisted": persisted.is_ok(),
+            }),
+        );
+        persisted?;
+        Ok(CommitOutcome {
+            epoch,
+            generation: s.generation,
+            owner: s.owner,
+            steps,
+            aborted_tasks,
+            idempotent: false,
+        })
+    }
+
+    /// Flush the backstore (data and metadata, [`BlockBackend::flush`]) off the async workers.
+    async fn flush(self: &Arc<Self>) -> Result<(), String> {
+        let backend = self.backend.clone();
+        if self.async_io {
+            return backend.flush_async().await.map_err(|e| e.to_string());
+        }
+        tokio::task::spawn_blocking(move || backend.flush().map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("flush task failed: {e}")))
     }
 }
 
@@ -1095,6 +1529,23 @@ mod tests {
         };
         assert_eq!(commit_pr(&h, commit, 0).await, good);
         assert!(!h.state_file.exists());
+    }
+
+    #[test]
+    fn event_log_is_a_bounded_ring_with_increasing_seq() {
+        let log = EventLog::new(3);
+        for i in 0..5u64 {
+            assert_eq!(
+                log.record("t/0", "pr_out", serde_json::json!({ "i": i })),
+                i + 1
+            );
+        }
+        let all = log.since(0);
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(all[0].detail["i"], 2);
+        assert!(all.iter().all(|e| e.time_unix_ms > 0 && e.lun == "t/0"));
+        assert_eq!(log.since(4).len(), 1);
+        assert!(log.since(5).is_empty());
     }
 
     #[test]
