@@ -589,3 +589,99 @@ async fn ownership_with(base: &str, token: &std::path::Path) -> Value {
     assert_eq!(s, 200, "{v}");
     v
 }
+
+fn ctl(base: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        .args(["ctl", "--admin", base])
+        .args(args)
+        .env_remove("IRONLUN_ADMIN")
+        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
+        .output()
+        .expect("run ironlun ctl")
+}
+
+fn stdout_of(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_own_ownership_handover_and_events() {
+    let d = Daemon::start();
+    let base = d.admin_url().to_owned();
+    let _a = session(d.addr, HOST_A).await;
+    let _b = session(d.addr, HOST_B).await;
+    let lu = format!("{TARGET}/0");
+    let out = stdout_of(&ctl(&base, &["own", &lu, HOST_A]));
+    assert!(out.contains(&format!("owner {HOST_A}  epoch 1")), "{out}");
+    let out = stdout_of(&ctl(&base, &["ownership"]));
+    assert!(
+        out.contains(&format!("{lu}  owner {HOST_A}  epoch 1")),
+        "{out}"
+    );
+    let step = |s: &str| {
+        vec![
+            "handover".to_owned(),
+            s.to_owned(),
+            lu.clone(),
+            "--from".into(),
+            HOST_A.into(),
+            "--to".into(),
+            HOST_B.into(),
+            "--epoch".into(),
+            "2".into(),
+        ]
+    };
+    let args = step("prepare");
+    let out = stdout_of(&ctl(
+        &base,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(out.contains("prepared"), "{out}");
+    let out = stdout_of(&ctl(&base, &["reservations", &lu]));
+    assert!(
+        out.contains(&format!(
+            "owner: {HOST_A}, epoch 1, handover prepared {HOST_A} -> {HOST_B} (epoch 2)"
+        )),
+        "{out}"
+    );
+    let mut args = step("commit");
+    args.extend(["--deadline-ms".into(), "1000".into(), "--json".into()]);
+    let out = stdout_of(&ctl(
+        &base,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["owner"], HOST_B);
+    assert!(v["steps_us"]["total"].is_u64(), "{v}");
+    // A refused step: exit status 1 and the code on stderr.
+    let args = step("abort");
+    let o = ctl(&base, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("[committed] (HTTP 409)"));
+    let out = stdout_of(&ctl(&base, &["ownership", &lu, "--json"]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["owner"].as_str(), v["epoch"].as_u64()),
+        (Some(HOST_B), Some(2))
+    );
+    let out = stdout_of(&ctl(&base, &["events"]));
+    let kinds: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["ownership", "handover_prepare", "handover_commit"],
+        "{out}"
+    );
+    let out = stdout_of(&ctl(&base, &["events", "--since", "2", "--json"]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["events"][0]["seq"], 3);
+}
