@@ -17,6 +17,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{Daemon, Refused, PROMPT};
+use ironlun_initiator::pr;
 use ironlun_initiator::{CommandResult, LoginOptions, SenseKey, Session};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,17 +128,13 @@ async fn past_ua(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandRes
     panic!("unit attentions never end");
 }
 
-/// PERSISTENT RESERVE OUT with a basic 24-byte parameter list (SPC-4 §6.16.1, §6.16.3).
+/// PERSISTENT RESERVE OUT with a basic 24-byte parameter list (SPC-4 §6.16.1, §6.16.3);
+/// `flags` is byte 20 (ALL_TG_PT, APTPL).
 async fn prout(s: &Session, sa: u8, ty: u8, rk: u64, sark: u64, flags: u8) -> CommandResult {
-    let mut p = vec![0u8; 24];
-    p[0..8].copy_from_slice(&rk.to_be_bytes());
-    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    let mut p = pr::OutParams::keys(rk, sark).encode();
     p[20] = flags;
-    let mut cdb = [0u8; 10];
-    cdb[0] = 0x5f;
+    let mut cdb = pr::out_cdb(pr::OutAction::Register, ty, 24);
     cdb[1] = sa;
-    cdb[2] = ty & 0x0f; // SCOPE 0h: LU_SCOPE
-    cdb[5..9].copy_from_slice(&24u32.to_be_bytes());
     past_ua(s, &cdb, Bytes::from(p), 0).await
 }
 
@@ -154,10 +151,8 @@ async fn prout_good(s: &Session, sa: u8, ty: u8, rk: u64, sark: u64, flags: u8) 
 /// PERSISTENT RESERVE IN (SPC-4 §6.15.1).
 async fn prin(s: &Session, sa: u8) -> Bytes {
     let alloc: u16 = 8192;
-    let mut cdb = [0u8; 10];
-    cdb[0] = 0x5e;
+    let mut cdb = pr::in_cdb(pr::InAction::ReadKeys, alloc);
     cdb[1] = sa;
-    cdb[7..9].copy_from_slice(&alloc.to_be_bytes());
     let r = past_ua(s, &cdb, Bytes::new(), u32::from(alloc)).await;
     assert_eq!(
         r.status,
@@ -180,11 +175,15 @@ fn be64(b: &[u8]) -> u64 {
 async fn read_keys(s: &Session) -> (u32, Vec<u64>) {
     let d = prin(s, READ_KEYS).await;
     assert!(d.len() >= 8, "READ KEYS {} bytes", d.len());
-    let len = be32(&d[4..]) as usize;
-    assert_eq!(d.len(), 8 + len, "READ KEYS ADDITIONAL LENGTH");
-    let mut keys: Vec<u64> = d[8..].chunks(8).map(be64).collect();
+    let k = pr::Keys::parse(&d).expect("READ KEYS data");
+    assert_eq!(
+        d.len(),
+        8 + k.additional_length as usize,
+        "READ KEYS ADDITIONAL LENGTH"
+    );
+    let mut keys = k.keys;
     keys.sort_unstable();
-    (be32(&d), keys)
+    (k.generation, keys)
 }
 
 /// READ RESERVATION (SPC-4 §6.15.3): generation and (key, scope|type) if reserved.
@@ -217,32 +216,36 @@ struct FullStatus {
 async fn read_full_status(s: &Session) -> (u32, Vec<FullStatus>) {
     let d = prin(s, READ_FULL_STATUS).await;
     assert!(d.len() >= 8, "READ FULL STATUS {} bytes", d.len());
-    let len = be32(&d[4..]) as usize;
-    assert_eq!(d.len(), 8 + len, "READ FULL STATUS ADDITIONAL LENGTH");
-    let mut rest = &d[8..];
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        assert!(rest.len() >= 24, "short descriptor");
-        let tid_len = be32(&rest[20..]) as usize;
-        assert!(rest.len() >= 24 + tid_len, "TransportID overruns");
-        let holder = rest[12] & 0x01 != 0;
-        out.push(FullStatus {
-            key: be64(rest),
-            all_tg_pt: rest[12] & 0x02 != 0,
-            holder,
-            scope_type: if holder { rest[13] } else { 0 },
+    let st = pr::FullStatus::parse(&d).expect("READ FULL STATUS data");
+    assert_eq!(
+        d.len(),
+        8 + st.additional_length as usize,
+        "READ FULL STATUS ADDITIONAL LENGTH"
+    );
+    let described: usize = st
+        .descriptors
+        .iter()
+        .map(|e| 24 + e.transport_id.len())
+        .sum();
+    assert_eq!(
+        described, st.additional_length as usize,
+        "descriptors fill ADDITIONAL LENGTH"
+    );
+    let mut out: Vec<FullStatus> = st
+        .descriptors
+        .into_iter()
+        .map(|e| FullStatus {
+            key: e.key,
+            all_tg_pt: e.all_tg_pt,
+            holder: e.holder,
+            scope_type: if e.holder { e.scope << 4 | e.kind } else { 0 },
             // Undefined with ALL_TG_PT=1 (SPC-4 §6.15.5).
-            rtpi: if rest[12] & 0x02 != 0 {
-                0
-            } else {
-                u16::from_be_bytes([rest[18], rest[19]])
-            },
-            transport_id: rest[24..24 + tid_len].to_vec(),
-        });
-        rest = &rest[24 + tid_len..];
-    }
+            rtpi: if e.all_tg_pt { 0 } else { e.rtpi },
+            transport_id: e.transport_id,
+        })
+        .collect();
     out.sort();
-    (be32(&d), out)
+    (st.generation, out)
 }
 
 /// `name,i,0x<isid>` as it appears in a format-01b iSCSI TransportID (SPC-4 §7.6.4.6).
