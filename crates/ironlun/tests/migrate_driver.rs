@@ -622,3 +622,97 @@ fn usage_errors_exit_2() {
     }
     assert!(fake.t().requests.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Against the real daemon
+
+mod common;
+
+/// WRITE (16) of one block at LBA 0 from `s`, past the unit attentions an ownership change
+/// queues (SPC-4 §5.13.11.2.4: 2Ah/05h to the preempted host); the final status byte.
+async fn write_status(s: &ironlun_initiator::Session) -> u8 {
+    for _ in 0..8 {
+        let r = tokio::time::timeout(
+            common::PROMPT,
+            s.write16(0, 0, common::BLOCK_SIZE, common::pattern(7, 512), false),
+        )
+        .await
+        .expect("write hung")
+        .expect("write");
+        let ua = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
+        if !ua {
+            return r.status;
+        }
+    }
+    panic!("unit attentions never end");
+}
+
+const GOOD: u8 = 0x00;
+const RESERVATION_CONFLICT: u8 = 0x18;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_daemon_hands_the_lun_from_host_a_to_host_b() {
+    let d = common::Daemon::start();
+    let a = common::session(d.addr, A).await;
+    let b = common::session(d.addr, B).await;
+    let client = ironlun::ctl::Client::new(&d.admin, None).unwrap();
+    let owner = client
+        .request(
+            "POST",
+            "/v1/luns/iqn.2026-11.io.ironlun:lab/0/owner",
+            Some(json!({"host": A, "epoch": 1}).to_string().as_bytes()),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(
+        owner.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&owner.body)
+    );
+    assert_eq!(write_status(&a).await, GOOD);
+    assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
+
+    let s = Scratch::new();
+    let (admin, dir) = (d.admin.clone(), s.dir.path().to_owned());
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ironlun"))
+            .current_dir(dir)
+            .args([
+                "migrate", "--admin", &admin, "--lun", LUN, "--from", A, "--to", B,
+            ])
+            .args(["--precopy", "true", "--pause", "true", "--rollback", "true"])
+            .args(["--resume", "true", "--announce", "true", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["outcome"].as_str(), v["epoch"].as_u64()),
+        (Some("migrated"), Some(2))
+    );
+    assert!(v["storage_switch_ms"].as_f64().is_some());
+
+    assert_eq!(write_status(&a).await, RESERVATION_CONFLICT);
+    assert_eq!(write_status(&b).await, GOOD);
+    let own: Value = serde_json::from_slice(
+        &client
+            .get("/v1/luns/iqn.2026-11.io.ironlun:lab/0/ownership")
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(
+        (own["owner"].as_str(), own["epoch"].as_u64()),
+        (Some(B), Some(2))
+    );
+}
