@@ -17,7 +17,9 @@
 //!
 //! A journal that exists and is not closed is resumed ([`journal::replay`], [`Handover::recover`])
 //! with the same LUN, hosts and epoch (kept in the `<journal>.plan` file beside it); a closed
-//! journal is rotated to `<journal>.<unix ms>.closed` and a fresh handover starts.
+//! journal is rotated to `<journal>.<unix ms>.closed` and a fresh handover starts. Without
+//! `--epoch` the epoch is one above both the LU's and the rotated journal's (the target refuses
+//! an aborted epoch for good, and an aborted handover leaves the LU's epoch unchanged).
 //!
 //! Exit status: 0 migrated, 1 rolled back or stuck (the message says which and what to do),
 //! 2 usage.
@@ -159,7 +161,12 @@ fn plan_path(journal: &Path) -> PathBuf {
 /// no reply or a server error → [`Failure::Unknown`]; 409 `committed` → [`Failure::Committed`];
 /// any other 4xx → [`Failure::Failed`]. Success gives the body.
 pub fn classify(reply: Result<Reply, CtlError>) -> Result<Vec<u8>, Failure> {
-    let r = reply.map_err(|e| Failure::Unknown(e.0))?;
+    classify_coded(reply).map_err(|(f, _)| f)
+}
+
+/// [`classify`], keeping the API's error `code` beside the failure.
+fn classify_coded(reply: Result<Reply, CtlError>) -> Result<Vec<u8>, (Failure, Option<String>)> {
+    let r = reply.map_err(|e| (Failure::Unknown(e.0), None))?;
     if (200..300).contains(&r.status) {
         return Ok(r.body);
     }
@@ -168,11 +175,12 @@ pub fn classify(reply: Result<Reply, CtlError>) -> Result<Vec<u8>, Failure> {
         Some(c) => format!("{msg} (HTTP {}, {c})", r.status),
         None => format!("{msg} (HTTP {})", r.status),
     };
-    match r.status {
-        409 if code.as_deref() == Some("committed") => Err(Failure::Committed),
-        400..=499 => Err(Failure::Failed(what)),
-        _ => Err(Failure::Unknown(what)),
-    }
+    let failure = match r.status {
+        409 if code.as_deref() == Some("committed") => Failure::Committed,
+        400..=499 => Failure::Failed(what),
+        _ => Failure::Unknown(what),
+    };
+    Err((failure, code))
 }
 
 /// `error` and `code` of an error body (the body's text when it is not the API's JSON).
@@ -252,9 +260,9 @@ impl Api {
         what: &str,
         body: &serde_json::Value,
         timeout: Duration,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Vec<u8>, (Failure, Option<String>)> {
         let body = body.to_string();
-        classify(self.client.request(
+        classify_coded(self.client.request(
             "POST",
             &format!("{}/handover/{what}", self.base),
             Some(body.as_bytes()),
@@ -262,39 +270,53 @@ impl Api {
         ))
     }
 
+    /// `commit` of `from` → `to` at `epoch`. The daemon commits only a prepared handover, and
+    /// a prepared state does not survive a daemon restart, so a `not_prepared` refusal is
+    /// answered with `prepare` (no write access changes) and one more `commit`. This also
+    /// makes the hand-back (`to` → `from`, never prepared by the coordinator) a prepare plus
+    /// a commit.
+    fn commit(
+        &self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        on: OnDeadline,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Failure> {
+        let body = serde_json::json!({
+            "from": from, "to": to, "epoch": epoch,
+            "deadline_ms": self.deadline_ms, "on_deadline": on.name(),
+        });
+        match self.post("commit", &body, timeout) {
+            Err((_, Some(code))) if code == "not_prepared" => {
+                let pair = serde_json::json!({ "from": from, "to": to, "epoch": epoch });
+                self.post("prepare", &pair, timeout).map_err(|(f, _)| f)?;
+                self.post("commit", &body, timeout).map_err(|(f, _)| f)
+            }
+            r => r.map_err(|(f, _)| f),
+        }
+    }
+
     /// Executes `call`; a commit's reply body is returned for the report.
     fn call(&self, call: AdminCall, timeout: Duration) -> (CallResult, Option<serde_json::Value>) {
         let (from, to) = (self.from.as_str(), self.to.as_str());
         let pair = |epoch: u64| serde_json::json!({ "from": from, "to": to, "epoch": epoch });
-        let commit = |from: &str, to: &str, epoch: u64, on: OnDeadline| {
-            serde_json::json!({
-                "from": from, "to": to, "epoch": epoch,
-                "deadline_ms": self.deadline_ms, "on_deadline": on.name(),
-            })
-        };
         let step = |r: Result<Vec<u8>, Failure>| CallResult::Step(r.map(|_| ()));
+        let plain = |r: Result<Vec<u8>, (Failure, Option<String>)>| step(r.map_err(|(f, _)| f));
         match call {
             AdminCall::Prepare { epoch } => {
-                (step(self.post("prepare", &pair(epoch), timeout)), None)
+                (plain(self.post("prepare", &pair(epoch), timeout)), None)
             }
-            AdminCall::Abort { epoch } => (step(self.post("abort", &pair(epoch), timeout)), None),
+            AdminCall::Abort { epoch } => (plain(self.post("abort", &pair(epoch), timeout)), None),
             AdminCall::Commit { epoch } => {
-                let r = self.post(
-                    "commit",
-                    &commit(from, to, epoch, self.on_deadline),
-                    timeout,
-                );
+                let r = self.commit(from, to, epoch, self.on_deadline, timeout);
                 let info = r.as_ref().ok().and_then(|b| serde_json::from_slice(b).ok());
                 (step(r), info)
             }
             // The reverse commit always aborts a stuck destination: refusing would leave the
             // guest running nowhere.
             AdminCall::HandBack { epoch } => (
-                step(self.post(
-                    "commit",
-                    &commit(to, from, epoch, OnDeadline::Abort),
-                    timeout,
-                )),
+                step(self.commit(to, from, epoch, OnDeadline::Abort, timeout)),
                 None,
             ),
             AdminCall::QueryState => (
@@ -365,7 +387,9 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// How the run starts.
 enum Start {
-    Fresh,
+    /// `after`: the highest epoch of the closed journal just rotated away. The target refuses
+    /// an aborted epoch for good, so the next handover must use a higher one.
+    Fresh { after: Option<u64> },
     Resume {
         recovery: journal::Recovery,
         valid_len: usize,
@@ -398,7 +422,9 @@ fn stuck(msg: impl Into<String>) -> Fatal {
 fn open_journal(path: &Path, clock: &Clock) -> Result<Start, Fatal> {
     let mut f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Start::Fresh),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Start::Fresh { after: None })
+        }
         Err(e) => {
             return Err(stuck(format!(
                 "cannot read journal {}: {e}",
@@ -424,7 +450,7 @@ fn open_journal(path: &Path, clock: &Clock) -> Result<Start, Fatal> {
     let parsed = journal::parse(&bytes).map_err(operator)?;
     let recovery = journal::replay(&parsed.records).map_err(operator)?;
     match recovery.resume_at {
-        ResumeAt::Fresh => Ok(Start::Fresh),
+        ResumeAt::Fresh => Ok(Start::Fresh { after: None }),
         ResumeAt::Finished { .. } => {
             let ms = clock.now().as_micros() / 1000;
             let mut to = path.as_os_str().to_owned();
@@ -439,7 +465,9 @@ fn open_journal(path: &Path, clock: &Clock) -> Result<Start, Fatal> {
                     ))
                 })?;
             let _ = std::fs::remove_file(plan_path(path));
-            Ok(Start::Fresh)
+            Ok(Start::Fresh {
+                after: parsed.records.iter().map(|r| r.epoch).max(),
+            })
         }
         _ => Ok(Start::Resume {
             recovery,
@@ -524,6 +552,11 @@ impl Driver {
                     let now = self.clock.now();
                     if info.is_some() {
                         self.commit_info = info;
+                    }
+                    match &done {
+                        Done::Step(step, Err(f)) => eprintln!("ironlun migrate: {step} {f}"),
+                        Done::Query(Err(f)) => eprintln!("ironlun migrate: query {f}"),
+                        _ => {}
                     }
                     match done {
                         Done::Step(step, r) => {
@@ -771,7 +804,7 @@ fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, Fatal> {
                 })?;
             (epoch, Some(recovery))
         }
-        Start::Fresh => {
+        Start::Fresh { after } => {
             let epoch = match args.epoch {
                 Some(e) => e,
                 None => {
@@ -779,7 +812,9 @@ fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, Fatal> {
                         stuck(format!("cannot read the ownership of {target}/{lun}: {f}"))
                     })?;
                     o.epoch
+                        .max(after.unwrap_or(0))
                         .checked_add(1)
+                        .filter(|e| *e < u64::MAX)
                         .ok_or_else(|| stuck("the LU's epoch is at its maximum"))?
                 }
             };

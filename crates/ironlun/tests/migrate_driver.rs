@@ -34,6 +34,8 @@ struct Target {
     aborted: BTreeSet<u64>,
     /// (epoch, from, to) of the last commit.
     last_commit: Option<(u64, String, String)>,
+    /// (epoch, from, to) of the prepared handover; the daemon commits only a prepared one.
+    prepared: Option<(u64, String, String)>,
     commit_faults: Vec<Fault>,
     requests: Vec<(String, String, Value)>,
 }
@@ -59,6 +61,7 @@ impl Target {
             logged_in: [A.to_owned(), B.to_owned()].into_iter().collect(),
             aborted: BTreeSet::new(),
             last_commit: None,
+            prepared: None,
             commit_faults: Vec::new(),
             requests: Vec::new(),
         }
@@ -79,15 +82,17 @@ impl Target {
                 json!({"owner": self.owner, "epoch": self.epoch, "generation": self.generation, "handover": null}),
             ),
             ("POST", "/handover/prepare") => {
-                if self.owner.as_deref() != Some(&s("from")) {
+                if self.aborted.contains(&epoch) {
+                    // The daemon refuses an aborted epoch for good.
+                    refuse("aborted")
+                } else if self.owner.as_deref() != Some(&s("from")) {
                     refuse("not_owner")
                 } else if epoch <= self.epoch {
                     refuse("stale_epoch")
                 } else if !self.logged_in.contains(&s("to")) {
                     refuse("destination_not_logged_in")
                 } else {
-                    // A new attempt at this epoch (the LU keeps no aborted epochs).
-                    self.aborted.remove(&epoch);
+                    self.prepared = Some((epoch, s("from"), s("to")));
                     Answer::Json(200, json!({"epoch": epoch, "generation": self.generation}))
                 }
             }
@@ -117,7 +122,10 @@ impl Target {
                     refuse("aborted")
                 } else if self.owner.as_deref() != Some(&from) {
                     refuse("not_owner")
+                } else if self.prepared != Some((epoch, from.clone(), to.clone())) {
+                    refuse("not_prepared")
                 } else {
+                    self.prepared = None;
                     self.owner = Some(to.clone());
                     self.epoch = epoch;
                     self.generation += 1;
@@ -135,6 +143,7 @@ impl Target {
                     refuse("committed")
                 } else {
                     self.aborted.insert(epoch);
+                    self.prepared = None;
                     Answer::Json(200, json!({"epoch": self.epoch}))
                 }
             }
@@ -469,6 +478,35 @@ fn unknown_commit_outcome_is_settled_by_a_query() {
     }
 }
 
+#[test]
+fn failing_resume_hands_the_lun_back_at_the_next_epoch() {
+    let fake = Fake::start(Target::new());
+    let s = Scratch::new();
+    let o = run(&fake, &s, &[], &all_hooks(&s, "true", "true", "exit 1"));
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(s.ran(), ["precopy", "pause", "resume", "rollback"]);
+    assert!(out.contains("hand-back "), "{out}");
+    assert!(out.contains("handed back"), "{out}");
+    let t = fake.t();
+    assert_eq!((t.owner.as_deref(), t.epoch), (Some(A), 6));
+    // The hand-back is B → A at 6: refused unprepared, prepared, committed.
+    let back: Vec<_> = t
+        .requests
+        .iter()
+        .filter(|r| r.2["from"] == B)
+        .map(|r| (r.1.rsplit('/').next().unwrap(), r.2["epoch"].as_u64()))
+        .collect();
+    assert_eq!(
+        back,
+        [
+            ("commit", Some(6)),
+            ("prepare", Some(6)),
+            ("commit", Some(6))
+        ]
+    );
+}
+
 /// A hook that kills the driver (`sh`'s parent) the first time it runs.
 fn kill_once(s: &Scratch) -> String {
     let marker = s.path("killed");
@@ -561,7 +599,8 @@ fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert!(stdout(&o).contains("at epoch 5"));
+    // Epoch 5 was aborted: the next handover takes 6, above the rotated journal's.
+    assert!(stdout(&o).contains("at epoch 6"), "{}", stdout(&o));
     let rotated = std::fs::read_dir(s.dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -649,6 +688,73 @@ async fn write_status(s: &ironlun_initiator::Session) -> u8 {
 
 const GOOD: u8 = 0x00;
 const RESERVATION_CONFLICT: u8 = 0x18;
+
+/// `ironlun migrate --json` from A to B on the daemon at `admin`, journal in `dir`.
+async fn migrate_real(admin: &str, dir: &Path, hooks: &[&str]) -> (Option<i32>, Value) {
+    let (admin, dir) = (admin.to_owned(), dir.to_owned());
+    let hooks: Vec<String> = hooks.iter().map(|h| (*h).to_owned()).collect();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_ironlun"))
+            .current_dir(dir)
+            .args([
+                "migrate", "--admin", &admin, "--lun", LUN, "--from", A, "--to", B,
+            ])
+            .args(["--json"])
+            .args(hooks)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let v = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("{}{}", stdout(&o), String::from_utf8_lossy(&o.stderr)));
+    (o.status.code(), v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_migrates() {
+    let d = common::Daemon::start();
+    let a = common::session(d.addr, A).await;
+    let b = common::session(d.addr, B).await;
+    let client = ironlun::ctl::Client::new(&d.admin, None).unwrap();
+    let owner = client
+        .request(
+            "POST",
+            "/v1/luns/iqn.2026-11.io.ironlun:lab/0/owner",
+            Some(json!({"host": A, "epoch": 1}).to_string().as_bytes()),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(owner.status, 200);
+    let s = Scratch::new();
+    // A failing pre-copy: aborted before commit (epoch 2 is now refused for good).
+    let (code, v) = migrate_real(&d.admin, s.dir.path(), &["--precopy", "false"]).await;
+    assert_eq!(
+        (code, v["outcome"].as_str(), v["epoch"].as_u64()),
+        (Some(1), Some("rolled_back"), Some(2))
+    );
+    assert_eq!(write_status(&a).await, GOOD);
+    assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
+    // A failing resume on the destination: committed at 3, handed back at 4.
+    let (code, v) = migrate_real(&d.admin, s.dir.path(), &["--resume", "false"]).await;
+    assert_eq!(
+        (code, v["outcome"].as_str(), v["epoch"].as_u64()),
+        (Some(1), Some("rolled_back"), Some(3)),
+        "{v}"
+    );
+    assert!(v["handback_ms"].as_f64().is_some(), "{v}");
+    assert_eq!(write_status(&a).await, GOOD);
+    assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
+    // The retry takes the epoch above the hand-back's and migrates.
+    let (code, v) = migrate_real(&d.admin, s.dir.path(), &[]).await;
+    assert_eq!(
+        (code, v["outcome"].as_str(), v["epoch"].as_u64()),
+        (Some(0), Some("migrated"), Some(5)),
+        "{v}"
+    );
+    assert_eq!(write_status(&a).await, RESERVATION_CONFLICT);
+    assert_eq!(write_status(&b).await, GOOD);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_daemon_hands_the_lun_from_host_a_to_host_b() {
