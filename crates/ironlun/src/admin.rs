@@ -6,7 +6,7 @@
 //! - `GET /v1/reservations` → `{"luns":[…]}`, the reservation state of every LU of every target;
 //! - `GET /v1/reservations/<target>/<lun>` → one LU ([`LuReservations`]); 404 when unknown;
 //! - `GET /v1/luns/<target>/<lun>/ownership` → [`OwnershipJson`] (target-managed owner, epoch,
-//!   PRgeneration, handover in progress; semantics.md §3);
+//!   PRgeneration, handover in progress, `next_epoch` for the next handover; semantics.md §3);
 //! - `POST /v1/luns/<target>/<lun>/owner` `{"host","epoch"}` → [`OwnerJson`];
 //! - `POST /v1/luns/<target>/<lun>/handover/prepare|commit|abort` [`HandoverRequest`] →
 //!   [`PrepareJson`], [`CommitJson`] (per-step µs timings), [`OwnerJson`];
@@ -136,6 +136,10 @@ pub struct OwnershipJson {
     pub epoch: u64,
     pub generation: u32,
     pub handover: Option<HandoverJson>,
+    /// The epoch the next handover should use: one above `epoch` and above every epoch
+    /// aborted on this LU (prepare and commit refuse those for good).
+    #[serde(default)]
+    pub next_epoch: u64,
 }
 
 /// `POST …/owner` body.
@@ -877,6 +881,7 @@ pub async fn respond(
                         epoch: s.epoch,
                         generation: s.generation,
                         handover: HandoverJson::of(&s.handover),
+                        next_epoch: l.next_epoch(),
                     },
                 )
             }

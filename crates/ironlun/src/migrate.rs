@@ -18,8 +18,9 @@
 //! A journal that exists and is not closed is resumed ([`journal::replay`], [`Handover::recover`])
 //! with the same LUN, hosts and epoch (kept in the `<journal>.plan` file beside it); a closed
 //! journal is rotated to `<journal>.<unix ms>.closed` and a fresh handover starts. Without
-//! `--epoch` the epoch is one above both the LU's and the rotated journal's (the target refuses
-//! an aborted epoch for good, and an aborted handover leaves the LU's epoch unchanged).
+//! `--epoch` the epoch is one above both the LU's and the rotated journal's, and at least the
+//! ownership GET's `next_epoch` when the daemon reports it (the target refuses an aborted epoch
+//! for good, and an aborted handover leaves the LU's epoch unchanged).
 //!
 //! Exit status: 0 migrated, 1 rolled back or stuck (the message says which and what to do),
 //! 2 usage.
@@ -207,6 +208,10 @@ fn error_fields(body: &[u8]) -> (String, Option<String>) {
 pub struct Ownership {
     pub owner: Option<String>,
     pub epoch: u64,
+    /// The lowest epoch the target accepts for a new handover (above the LU's epoch and every
+    /// epoch aborted on it); absent from older daemons.
+    #[serde(default)]
+    pub next_epoch: Option<u64>,
 }
 
 /// Parses an ownership body.
@@ -811,9 +816,8 @@ fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, Fatal> {
                     let o = api.ownership(Duration::from_secs(15)).map_err(|f| {
                         stuck(format!("cannot read the ownership of {target}/{lun}: {f}"))
                     })?;
-                    o.epoch
-                        .max(after.unwrap_or(0))
-                        .checked_add(1)
+                    let next = o.epoch.max(after.unwrap_or(0)).checked_add(1);
+                    next.map(|n| n.max(o.next_epoch.unwrap_or(0)))
                         .filter(|e| *e < u64::MAX)
                         .ok_or_else(|| stuck("the LU's epoch is at its maximum"))?
                 }
@@ -1167,6 +1171,9 @@ mod tests {
         assert_eq!(target_view(&o, "iqn.x", "iqn.y").owner, Owner::Neither);
         let none = parse_ownership(br#"{"owner":null,"epoch":0}"#).unwrap();
         assert_eq!(target_view(&none, "a", "b").owner, Owner::Neither);
+        assert_eq!(o.next_epoch, None);
+        let n = parse_ownership(br#"{"owner":"a","epoch":7,"next_epoch":9}"#).unwrap();
+        assert_eq!(n.next_epoch, Some(9));
         assert!(parse_ownership(br#"{"owner":"a"}"#).is_err());
         assert!(parse_ownership(br#"{"owner":"a","epoch":-1}"#).is_err());
     }

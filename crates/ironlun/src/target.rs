@@ -960,6 +960,21 @@ impl LunHandle {
             .contains(&epoch)
     }
 
+    /// The lowest epoch a new handover can use: one above both the LU's epoch and every epoch
+    /// aborted on this LU since the daemon started (an aborted epoch is refused for good).
+    /// Saturates at `u64::MAX`, which no step accepts.
+    pub fn next_epoch(&self) -> u64 {
+        let current = self.lu().pr_snapshot().epoch;
+        let aborted = self
+            .aborted_epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .last()
+            .copied()
+            .unwrap_or(0);
+        current.max(aborted).saturating_add(1)
+    }
+
     /// Remember that `epoch` was aborted. Epochs at or below the LU's are stale anyway and
     /// are dropped; at most [`EVENT_CAPACITY`] are kept (the lowest go first).
     fn mark_aborted(&self, epoch: u64) {
