@@ -139,17 +139,15 @@ async fn writer(s: Arc<Shared>, session: Arc<Session>, host: usize) {
         {
             s.error(format!("host {host} write {seq}: {r:?}"));
         }
+        // A refusal is expected while (and after) the LU is handed away. The writer stops at
+        // the first refusal of a write started after `migrate` returned.
         let away = *h.handed_away.lock().unwrap();
         match r.status {
             GOOD => {
                 h.good.fetch_add(1, Ordering::SeqCst);
             }
-            RESERVATION_CONFLICT => {
-                // Refused: expected while (and after) the LU is handed away. The writer stops
-                // at the first refusal of a write started after `migrate` returned.
-                if away.is_some_and(|t| started > t) {
-                    h.running.store(false, Ordering::SeqCst);
-                }
+            RESERVATION_CONFLICT if away.is_some_and(|t| started > t) => {
+                h.running.store(false, Ordering::SeqCst);
             }
             _ => {}
         }
@@ -232,13 +230,9 @@ async fn hundred_handovers_back_and_forth_under_qd16_load_lose_nothing() {
         errors: std::sync::Mutex::new(Vec::new()),
     });
     let mut tasks = Vec::new();
-    for host in 0..2 {
+    for (host, session) in sessions.iter().enumerate() {
         for _ in 0..QUEUE_DEPTH {
-            tasks.push(tokio::spawn(writer(
-                shared.clone(),
-                sessions[host].clone(),
-                host,
-            )));
+            tasks.push(tokio::spawn(writer(shared.clone(), session.clone(), host)));
         }
     }
     shared.hosts[0].running.store(true, Ordering::SeqCst);
@@ -319,7 +313,7 @@ async fn hundred_handovers_back_and_forth_under_qd16_load_lose_nothing() {
         let until = returned.get(k + 1).map(|(_, t, _)| *t);
         for e in all
             .iter()
-            .filter(|e| e.started > *at && until.map_or(true, |t| e.started < t))
+            .filter(|e| e.started > *at && until.is_none_or(|t| e.started < t))
         {
             if e.host == *from {
                 probed += 1;
