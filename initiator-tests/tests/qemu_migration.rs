@@ -1,17 +1,27 @@
-//! Issue 6, acceptance 2 (QEMU side): a real QEMU guest writing sequence-numbered records to an
-//! ironlun LUN is live-migrated between two QEMU processes on loopback by the QMP hooks of
-//! `conf/qemu/` (precopy → pause → storage commit → resume → announce), and the rollback hook
-//! leaves the source running and writing when a step before the commit fails.
+//! Issue 6, acceptance 2: a real QEMU guest writing sequence-numbered records to an ironlun LUN
+//! is live-migrated between two QEMU processes on loopback by `ironlun migrate`, driving the QMP
+//! hooks of `conf/qemu/` (prepare → precopy → pause → storage commit → resume → announce); and
+//! when a hook before the commit fails, `ironlun migrate` aborts the handover and runs the
+//! rollback hook, which leaves the source running, writing and owning the LUN.
+//!
+//! The LUN is target-managed (`ironlun ctl own`): host-a (the source QEMU's initiator name)
+//! owns it before the migration, so host-b (the destination QEMU, logged in from its start) can
+//! read but not write until the commit, and host-a is fenced after it (RESERVATION CONFLICT,
+//! SPC-4 §5.13). The test checks the fence with sessions of its own under both names, and by
+//! letting the migrated-away source run again: its guest must report write errors, not write.
 //!
 //! The guest (scripts/guest/build-guest.sh) writes record i = "SEQ <i> <boot-id>" to 512-byte
 //! block i with O_DIRECT, one at a time, and prints "guest: WROTE <n> boot=<id>" on its serial
-//! console. Read back afterwards, records 0..n-1 must all be present, each at its own block, all
-//! from the same boot (the guest was migrated, not restarted), and nothing beyond them.
+//! console, or "guest: WRITE-ERROR seq=<i>" when a write fails (QEMU reports write errors to the
+//! guest: `werror=report`). Read back afterwards, records 0..n-1 must all be present, each at its
+//! own block, all from the same boot (the guest was migrated, not restarted), and nothing beyond.
 //!
 //! QEMU runs under TCG (no KVM here). A missing qemu-system-x86_64 or qemu-img is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{repo_root, require_tool, run, Daemon};
+use bytes::Bytes;
+use ironlun_initiator::{LoginOptions, Session};
+use ironlun_initiator_tests::{daemon_bin, repo_root, require_tool, run, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -20,6 +30,15 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 const HOST_A: &str = "iqn.2026-11.test:host-a";
 const HOST_B: &str = "iqn.2026-11.test:host-b";
+
+/// The LU `ironlun migrate` and `ironlun ctl` name.
+const LUN: &str = "iqn.2026-11.io.ironlun:lab/0";
+/// The last block of the 16 MiB LUN: the guests never get there, so the test's own writes go
+/// here (zeros where a write must succeed, a marker where it must be refused: a marker that
+/// landed would show up as a stray record).
+const LAST_LBA: u64 = 16 * 1024 * 1024 / 512 - 1;
+const GOOD: u8 = 0x00;
+const RESERVATION_CONFLICT: u8 = 0x18;
 
 /// A small RAM LUN: quick to read back, far more blocks than the guest writes in a test.
 const CONFIG: &str = r#"
@@ -94,7 +113,11 @@ impl Qemu {
                 "driver=iscsi,node-name=disk0,transport=tcp,portal={portal},target={TARGET},\
                  lun=0,initiator-name={initiator},cache.direct=on"
             ))
-            .args(["-device", "virtio-blk-pci,drive=disk0"]);
+            // Errors go to the guest (which prints WRITE-ERROR), never a silent stop or retry.
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=disk0,werror=report,rerror=report",
+            ]);
         if incoming {
             cmd.args(["-incoming", "defer", "-S"]);
         }
@@ -150,12 +173,12 @@ impl Qemu {
 
     /// The last progress line on the serial console: (records written, boot id).
     fn written(&self) -> Option<(u64, String)> {
-        let s = std::fs::read_to_string(&self.serial).ok()?;
-        s.lines().rev().find_map(|l| {
-            let rest = l.trim().strip_prefix("guest: WROTE ")?;
-            let (n, boot) = rest.split_once(" boot=")?;
-            Some((n.parse().ok()?, boot.trim().to_string()))
-        })
+        last_written(&std::fs::read_to_string(&self.serial).ok()?)
+    }
+
+    /// The serial console so far.
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
     /// Wait until the guest reports at least `min` records; returns (records, boot id).
@@ -199,6 +222,15 @@ impl Drop for Qemu {
     }
 }
 
+/// The last "guest: WROTE <n> boot=<id>" line of a console text: (n, id).
+fn last_written(console: &str) -> Option<(u64, String)> {
+    console.lines().rev().find_map(|l| {
+        let rest = l.trim().strip_prefix("guest: WROTE ")?;
+        let (n, boot) = rest.split_once(" boot=")?;
+        Some((n.parse().ok()?, boot.trim().to_string()))
+    })
+}
+
 /// The hook environment of conf/qemu/hooks-common.sh.
 fn hook_env(src: &Qemu, dst: &Qemu, uri: &str) -> Vec<(String, String)> {
     vec![
@@ -209,35 +241,187 @@ fn hook_env(src: &Qemu, dst: &Qemu, uri: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// Run a hook the way `ironlun migrate` does (`sh -c CMD`); (success, output, duration).
-fn hook(name: &str, env: &[(String, String)]) -> (bool, String, Duration) {
-    let path = repo_root().join(format!("conf/qemu/{name}.sh"));
+/// The `sh -c` command of hook `name` of conf/qemu.
+fn hook(name: &str) -> String {
+    format!(
+        "'{}'",
+        repo_root().join(format!("conf/qemu/{name}.sh")).display()
+    )
+}
+
+/// The five hooks of conf/qemu as `ironlun migrate` options; `pause` replaces the pause hook.
+fn hooks(pause: String) -> Vec<String> {
+    let mut v = Vec::new();
+    for (step, cmd) in [
+        ("precopy", hook("precopy")),
+        ("pause", pause),
+        ("resume", hook("resume")),
+        ("rollback", hook("rollback")),
+        ("announce", hook("announce")),
+    ] {
+        v.push(format!("--{step}"));
+        v.push(cmd);
+    }
+    v
+}
+
+/// `ironlun migrate` of [`LUN`] from host-a to host-b on `d` with `hooks`, the hook environment
+/// `env` and the journal `journal`; (exit code, stdout+stderr). The output is printed.
+fn migrate(
+    d: &Daemon,
+    env: &[(String, String)],
+    journal: &Path,
+    hooks: &[String],
+) -> (Option<i32>, String) {
+    let admin = d
+        .admin
+        .as_deref()
+        .expect("the daemon printed no admin line");
     let t = Instant::now();
-    let (ok, out) = run(Command::new("sh")
-        .arg("-c")
-        .arg(path.display().to_string())
-        .envs(env.iter().map(|(k, v)| (k, v))));
-    let d = t.elapsed();
+    let out = Command::new(daemon_bin())
+        .args(["migrate", "--admin", admin, "--lun", LUN])
+        .args(["--from", HOST_A, "--to", HOST_B])
+        .arg("--journal")
+        .arg(journal)
+        .args(hooks)
+        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run ironlun migrate");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
     println!(
-        "[{name}.sh {} in {d:.2?}]\n{out}",
-        if ok { "ok" } else { "FAILED" }
+        "[ironlun migrate: {} after {:.2?}]\n{text}",
+        out.status,
+        t.elapsed()
     );
-    (ok, out, d)
+    (out.status.code(), text)
 }
 
-fn must_hook(name: &str, env: &[(String, String)]) -> Duration {
-    let (ok, out, d) = hook(name, env);
-    assert!(ok, "{name}.sh failed:\n{out}");
-    d
+/// The timeline of `ironlun migrate`'s output (lines "+<t> ms  <step> <phase> <took>"):
+/// (step, phase) in order.
+fn timeline(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.next()?.strip_prefix('+')?.parse::<f64>().ok()?;
+            (w.next()? == "ms").then_some(())?;
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .collect()
 }
 
-/// The storage commit between the pause and resume hooks. Placeholder until `ironlun migrate`
-/// exists: it only records when the commit would run. The real step fences HOST_A (its nexuses
-/// get RESERVATION CONFLICT) and gives HOST_B write access; then the test must also check that
-/// the source's initiator is fenced.
-fn commit_storage_handover_placeholder(from: &str, to: &str) -> Instant {
-    println!("[storage commit placeholder: {from} -> {to}; no fencing yet]");
-    Instant::now()
+/// The steps of `ironlun migrate`'s timeline that ended in `phase`.
+fn steps_in(out: &str, phase: &str) -> Vec<String> {
+    timeline(out)
+        .into_iter()
+        .filter(|(_, p)| p == phase)
+        .map(|(s, _)| s)
+        .collect()
+}
+
+/// The line of `out` starting with `prefix` and its first number after it (milliseconds).
+fn ms_line<'a>(out: &'a str, prefix: &str) -> (&'a str, f64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"));
+    let ms = line[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no milliseconds in {line:?}"));
+    (line, ms)
+}
+
+/// `ironlun ctl --admin <d> ARGS...`; its output (it must succeed).
+fn ctl(d: &Daemon, args: &[&str]) -> String {
+    let admin = d
+        .admin
+        .as_deref()
+        .expect("the daemon printed no admin line");
+    let (ok, out) = run(Command::new(daemon_bin())
+        .args(["ctl", "--admin", admin])
+        .args(args)
+        .env_remove("IRONLUN_ADMIN_TOKEN_FILE"));
+    assert!(ok, "ironlun ctl {args:?} failed:\n{out}");
+    out
+}
+
+/// The owner of [`LUN`] as the admin API's ownership GET reports it (`ctl ownership --json`).
+fn owner(d: &Daemon) -> String {
+    let json = ctl(d, &["ownership", LUN, "--json"]);
+    let at = json
+        .find("\"owner\"")
+        .unwrap_or_else(|| panic!("no owner in {json}"));
+    let rest = json[at + "\"owner\"".len()..].trim_start();
+    let rest = rest.strip_prefix(':').unwrap_or(rest).trim_start();
+    rest.strip_prefix('"')
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("owner is not a string in {json}"))
+        .to_string()
+}
+
+/// iSCSI sessions of the test's own beside the guests, on a runtime that keeps serving them
+/// between calls.
+struct Probe {
+    rt: tokio::runtime::Runtime,
+    addr: String,
+}
+
+impl Probe {
+    fn new(addr: &str) -> Probe {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        Probe {
+            rt,
+            addr: addr.into(),
+        }
+    }
+
+    /// A session as initiator `host` with ISID qualifier `n` (distinct per session).
+    fn login(&self, host: &str, n: u8) -> Session {
+        let mut o = LoginOptions::new(host, Some(TARGET.into()));
+        o.isid[5] = n;
+        self.rt
+            .block_on(Session::connect(self.addr.as_str(), o))
+            .unwrap_or_else(|e| panic!("login as {host}: {e}"))
+    }
+
+    /// WRITE (16) of one block at [`LAST_LBA`] (zeros, or a marker record), past the unit
+    /// attentions logins and ownership changes queue; the final status byte.
+    fn write(&self, s: &Session, marker: bool) -> u8 {
+        let mut block = vec![0u8; 512];
+        if marker {
+            block[..14].copy_from_slice(b"FENCED-MARKER\n");
+        }
+        for _ in 0..8 {
+            let r = self
+                .rt
+                .block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(10),
+                        s.write16(0, LAST_LBA, 512, Bytes::from(block.clone()), false),
+                    )
+                    .await
+                })
+                .expect("WRITE hung")
+                .expect("WRITE");
+            let unit_attention = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
+            if !unit_attention {
+                return r.status;
+            }
+        }
+        panic!("unit attentions never end");
+    }
+
+    fn logout(&self, s: Session) {
+        let _ = self.rt.block_on(s.logout());
+    }
 }
 
 /// Read the LUN back with qemu-img and check the guest's records: blocks 0..n-1 hold
@@ -283,26 +467,75 @@ fn live_migration_keeps_the_guest_records_contiguous() {
     let d = Daemon::start(Some(CONFIG));
     let url = format!("{}/{TARGET}/0", d.portal());
     let dir = tempfile::tempdir().unwrap();
+    print!("{}", ctl(&d, &["own", LUN, HOST_A]));
+    assert_eq!(owner(&d), HOST_A);
 
     let a = Qemu::start("a", dir.path(), &images, &d.addr, HOST_A, false);
     let b = Qemu::start("b", dir.path(), &images, &d.addr, HOST_B, true);
     let (n0, boot) = a.wait_written(64, Duration::from_secs(120));
     let t_writing = t0.elapsed();
 
+    // Before: host-a writes, host-b (logged in, like the waiting destination QEMU) reads only.
+    let probe = Probe::new(&d.addr);
+    let pa = probe.login(HOST_A, 0x11);
+    let pb = probe.login(HOST_B, 0x12);
+    assert_eq!(probe.write(&pa, false), GOOD, "host-a owns the LUN");
+    assert_eq!(
+        probe.write(&pb, true),
+        RESERVATION_CONFLICT,
+        "host-b is not the owner yet"
+    );
+
+    // The pause hook also keeps a copy of the source's console at the pause.
     let env = hook_env(
         &a,
         &b,
         &format!("unix:{}", dir.path().join("mig.sock").display()),
     );
-    let precopy = must_hook("precopy", &env);
-    let pause = must_hook("pause", &env);
-    let paused_at = Instant::now();
-    let (n_paused, _) = a.written().unwrap();
-    let commit = commit_storage_handover_placeholder(HOST_A, HOST_B);
-    let resume = must_hook("resume", &env);
-    let blackout = paused_at.elapsed();
-    let storage = commit.duration_since(paused_at);
-    let announce = must_hook("announce", &env);
+    let at_pause = dir.path().join("a.serial.at-pause");
+    let pause = format!(
+        "{} && cp '{}' '{}'",
+        hook("pause"),
+        a.serial.display(),
+        at_pause.display()
+    );
+    let t_mig = Instant::now();
+    let (code, out) = migrate(&d, &env, &dir.path().join("m.journal"), &hooks(pause));
+    let t_mig = t_mig.elapsed();
+    assert_eq!(code, Some(0), "ironlun migrate failed:\n{out}");
+    assert_eq!(
+        steps_in(&out, "done"),
+        ["prepare", "precopy", "pause", "commit", "resume", "announce"],
+        "timeline:\n{out}"
+    );
+    let (blackout_line, blackout) = ms_line(&out, "blackout ");
+    let (switch_line, switch) = ms_line(&out, "storage switch ");
+    assert!(
+        out.lines().any(|l| l.starts_with("migrated: ")),
+        "no `migrated:` line:\n{out}"
+    );
+    println!("timeline:");
+    for l in out.lines().filter(|l| !timeline(l).is_empty()) {
+        println!("{l}");
+    }
+    println!("{blackout_line}\n{switch_line}");
+    let (n_paused, _) = last_written(&std::fs::read_to_string(&at_pause).unwrap())
+        .expect("no progress line at the pause");
+
+    // After the commit: host-a is fenced (its old nexus and a new one), host-b writes.
+    assert_eq!(owner(&d), HOST_B);
+    assert_eq!(
+        probe.write(&pa, true),
+        RESERVATION_CONFLICT,
+        "host-a's session from before the commit still writes"
+    );
+    let pa2 = probe.login(HOST_A, 0x13);
+    assert_eq!(
+        probe.write(&pa2, true),
+        RESERVATION_CONFLICT,
+        "a new host-a session writes after the commit"
+    );
+    assert_eq!(probe.write(&pb, false), GOOD, "host-b does not own the LUN");
 
     // The destination continues the same guest: same boot id, counting on from the source.
     let (n_dst, boot_dst) = b.wait_written(n_paused + 64, Duration::from_secs(120));
@@ -311,11 +544,51 @@ fn live_migration_keeps_the_guest_records_contiguous() {
         "the destination runs a different boot of the guest"
     );
     a.assert_alive(); // the source stays (postmigrate) until it is stopped
-    let (n_src_after, _) = a.written().unwrap();
     assert_eq!(
-        n_src_after, n_paused,
+        a.written().unwrap().0,
+        n_paused,
         "the source wrote after it was paused"
     );
+    assert!(
+        !a.console().contains("WRITE-ERROR"),
+        "the source's guest saw a write error:\n{}",
+        a.diagnostics()
+    );
+
+    // A misbehaving source: run the migrated-away guest again. It is fenced, and says so.
+    let (ok, qout) = run(Command::new("python3")
+        .arg("-S")
+        .arg(repo_root().join("conf/qemu/qmp.py"))
+        .args(["--timeout", "20"])
+        .arg(&a.qmp)
+        .arg("cont"));
+    assert!(ok, "cont on the migrated-away source: {qout}");
+    let t = Instant::now();
+    while !a.console().contains("WRITE-ERROR") {
+        a.assert_alive();
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the resumed source's guest reports no write error:\n{}",
+            a.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fenced_line = a
+        .console()
+        .lines()
+        .find(|l| l.contains("WRITE-ERROR"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert_eq!(
+        a.written().unwrap().0,
+        n_paused,
+        "the resumed source wrote a record"
+    );
+    let (n_dst, _) = b.wait_written(n_dst + 16, Duration::from_secs(60));
+    probe.logout(pa);
+    probe.logout(pa2);
+    probe.logout(pb);
     b.stop();
     a.stop();
 
@@ -325,10 +598,10 @@ fn live_migration_keeps_the_guest_records_contiguous() {
         "{n} records on the LUN, the destination reported {n_dst}"
     );
     println!(
-        "qemu migration: guest writing after {t_writing:.1?} ({n0} records); precopy {precopy:.2?}, \
-         pause {pause:.2?}, storage commit (placeholder) at +{storage:.2?}, resume {resume:.2?}, \
-         blackout (paused -> destination running) {blackout:.2?}, announce {announce:.2?}; \
-         {n_paused} records before the pause, {n} contiguous records read back; total {:.1?}",
+        "qemu migration: guest writing after {t_writing:.1?} ({n0} records); ironlun migrate \
+         {t_mig:.2?}: blackout {blackout:.3} ms, storage switch {switch:.3} ms; {n_paused} \
+         records before the pause; resumed source fenced ({fenced_line}); {n} contiguous \
+         records read back; total {:.1?}",
         t0.elapsed()
     );
     d.stop();
@@ -344,46 +617,102 @@ fn rollback_before_commit_leaves_the_source_running_and_writing() {
     let d = Daemon::start(Some(CONFIG));
     let url = format!("{}/{TARGET}/0", d.portal());
     let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("m.journal");
+    print!("{}", ctl(&d, &["own", LUN, HOST_A]));
 
     let a = Qemu::start("a", dir.path(), &images, &d.addr, HOST_A, false);
     let b = Qemu::start("b", dir.path(), &images, &d.addr, HOST_B, true);
     let (_, boot) = a.wait_written(32, Duration::from_secs(120));
+    let probe = Probe::new(&d.addr);
+    let pa = probe.login(HOST_A, 0x11);
+    let pb = probe.login(HOST_B, 0x12);
+
+    // Still host-a's LUN after a rollback: the owner, its writes succeed, host-b's do not.
+    let host_a_still_owns = |when: &str| {
+        assert_eq!(owner(&d), HOST_A, "{when}");
+        assert_eq!(probe.write(&pa, false), GOOD, "{when}: host-a cannot write");
+        assert_eq!(
+            probe.write(&pb, true),
+            RESERVATION_CONFLICT,
+            "{when}: host-b writes"
+        );
+    };
 
     // 1. precopy fails at once: the destination cannot listen on this URI.
+    let t1 = Instant::now();
     let bad = hook_env(&a, &b, "unix:/nonexistent-ironlun-dir/mig.sock");
-    let (ok, out, _) = hook("precopy", &bad);
-    assert!(!ok, "precopy to an impossible URI succeeded:\n{out}");
-    let rb1 = must_hook("rollback", &bad);
+    let (code, out) = migrate(&d, &bad, &journal, &hooks(hook("pause")));
+    let t1 = t1.elapsed();
+    assert_eq!(
+        code,
+        Some(1),
+        "ironlun migrate with a failing precopy:\n{out}"
+    );
+    assert_eq!(steps_in(&out, "failed"), ["precopy"], "{out}");
+    assert_eq!(
+        steps_in(&out, "done"),
+        ["prepare", "abort", "rollback"],
+        "{out}"
+    );
+    assert!(
+        out.contains("rollback: source running"),
+        "rollback hook did not run:\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("rolled back: ")),
+        "no `rolled back:` line:\n{out}"
+    );
+    host_a_still_owns("after the failed precopy");
     let (n1, _) = a.written().unwrap();
     a.wait_written(n1 + 32, Duration::from_secs(60));
     // A destination whose migrate-incoming failed cannot be reused.
     b.stop();
 
-    // 2. precopy reaches pre-switchover (source paused), then the storage commit fails.
+    // 2. precopy reaches pre-switchover (source paused), then the pause hook fails.
     let b2 = Qemu::start("b2", dir.path(), &images, &d.addr, HOST_B, true);
     let env = hook_env(
         &a,
         &b2,
         &format!("unix:{}", dir.path().join("mig.sock").display()),
     );
-    must_hook("precopy", &env);
-    must_hook("pause", &env);
-    let paused_at = Instant::now();
+    let failing_pause = format!(
+        "{} && echo 'pause: simulated failure after the pause' && false",
+        hook("pause")
+    );
+    let t2 = Instant::now();
+    let (code, out) = migrate(&d, &env, &journal, &hooks(failing_pause));
+    let t2 = t2.elapsed();
+    assert_eq!(
+        code,
+        Some(1),
+        "ironlun migrate with a failing pause:\n{out}"
+    );
+    assert_eq!(steps_in(&out, "failed"), ["pause"], "{out}");
+    assert_eq!(
+        steps_in(&out, "done"),
+        ["prepare", "precopy", "abort", "rollback"],
+        "{out}"
+    );
+    assert!(
+        out.contains("rollback: source: migrate_cancel"),
+        "the rollback hook did not cancel the migration:\n{out}"
+    );
+    host_a_still_owns("after the failed pause");
     let (n2, _) = a.written().unwrap();
-    println!("[storage commit: simulated failure; rolling back]");
-    let rb2 = must_hook("rollback", &env);
-    let outage = paused_at.elapsed();
     let (n3, boot3) = a.wait_written(n2 + 32, Duration::from_secs(60));
     assert_eq!(boot3, boot);
     a.assert_alive();
+    probe.logout(pa);
+    probe.logout(pb);
     b2.stop();
     a.stop();
 
     let n = check_records(&url, dir.path(), &boot);
     assert!(n >= n3, "{n} records on the LUN, the source reported {n3}");
     println!(
-        "qemu rollback: failed precopy rolled back in {rb1:.2?}; rollback from pre-switchover \
-         {rb2:.2?} (source paused {outage:.2?}); {n} contiguous records; total {:.1?}",
+        "qemu rollback: failed precopy rolled back by ironlun migrate in {t1:.2?}; failed pause \
+         (source at pre-switchover) rolled back in {t2:.2?}; host-a still the owner; {n} \
+         contiguous records; total {:.1?}",
         t0.elapsed()
     );
     d.stop();
