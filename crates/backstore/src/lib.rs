@@ -10,6 +10,7 @@ pub mod file;
 pub mod pool;
 pub mod ram;
 pub mod uring;
+pub mod vhd;
 
 pub use file::{FileBackend, FileOptions};
 pub use pool::IoPool;
