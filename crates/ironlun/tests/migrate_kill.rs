@@ -63,6 +63,17 @@ impl Scratch {
         )
     }
 
+    /// Sleeps 5 s the first time it runs: keeps the driver alive after a journal record so a
+    /// [`Scratch::kill_at_record`] watcher reliably catches it there (the whole handover
+    /// otherwise takes a few milliseconds, faster than the watcher's poll).
+    fn slow_once(&self) -> String {
+        let m = self.path("slowed");
+        format!(
+            "if [ ! -e '{m}' ]; then touch '{m}'; sleep 5; fi",
+            m = m.display()
+        )
+    }
+
     /// Starts (once) a watcher in the background that kills the driver as soon as the journal
     /// holds a `STEP PHASE` record, polling every 5 ms; its output goes nowhere, so that it
     /// does not hold the driver's pipes open.
@@ -321,6 +332,7 @@ impl Kill {
             },
             Kill::CommitDone => Hooks {
                 pause: Some(s.kill_at_record("commit", "done")),
+                resume: Some(s.slow_once()),
                 ..Hooks::default()
             },
             Kill::Resume => Hooks {
