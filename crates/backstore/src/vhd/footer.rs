@@ -155,6 +155,32 @@ pub fn checksum(bytes: &[u8], skip: usize) -> u32 {
     !sum
 }
 
+/// The checks the footer and the dynamic header share (§4.1/§4.2): exactly `size` bytes, the
+/// `cookie` at offset 0, and the checksum at `checksum_at`. On failure, the field and reason.
+pub(crate) fn check_structure(
+    b: &[u8],
+    size: usize,
+    cookie: &[u8; 8],
+    checksum_at: usize,
+) -> Result<(), (&'static str, String)> {
+    if b.len() != size {
+        return Err(("length", format!("{} bytes, want {size}", b.len())));
+    }
+    if field::<8>(b, 0) != Some(*cookie) {
+        let name = String::from_utf8_lossy(cookie);
+        return Err(("cookie", format!("not \"{name}\"")));
+    }
+    let stored = be_u32(b, checksum_at).ok_or(("checksum", "missing".to_owned()))?;
+    let computed = checksum(b, checksum_at);
+    if stored != computed {
+        return Err((
+            "checksum",
+            format!("stored {stored:#010x}, computed {computed:#010x}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Offset of the footer checksum field.
 const CHECKSUM_AT: usize = 64;
 
@@ -168,20 +194,7 @@ fn err(field: &'static str, reason: impl Into<String>) -> VhdError {
 impl Footer {
     /// Parse and verify exactly one 512-byte footer. Reserved bytes (85..512) are ignored.
     pub fn parse(b: &[u8]) -> Result<Self, VhdError> {
-        if b.len() != FOOTER_SIZE {
-            return Err(err("length", format!("{} bytes, want 512", b.len())));
-        }
-        if field::<8>(b, 0) != Some(*COOKIE) {
-            return Err(err("cookie", "not \"conectix\""));
-        }
-        let stored = be_u32(b, CHECKSUM_AT).ok_or_else(|| err("checksum", "missing"))?;
-        let computed = checksum(b, CHECKSUM_AT);
-        if stored != computed {
-            return Err(err(
-                "checksum",
-                format!("stored {stored:#010x}, computed {computed:#010x}"),
-            ));
-        }
+        check_structure(b, FOOTER_SIZE, COOKIE, CHECKSUM_AT).map_err(|(f, r)| err(f, r))?;
         let features = be_u32(b, 8).ok_or_else(|| err("features", "missing"))?;
         if features & !(FEATURE_TEMPORARY | FEATURE_RESERVED) != 0 {
             return Err(err("features", format!("unknown bits in {features:#x}")));

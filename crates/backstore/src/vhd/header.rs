@@ -1,7 +1,7 @@
 //! The dynamic disk header (VHD spec v1.0 "Dynamic Disk Header Format"; semantics.md §4.2):
 //! 1024 big-endian bytes at the footer's data offset of dynamic and differencing disks.
 
-use super::footer::checksum;
+use super::footer::{check_structure, checksum};
 use super::{be_u32, be_u64, field, VhdError};
 
 /// Size of the dynamic header.
@@ -77,20 +77,7 @@ impl DynamicHeader {
     /// Parse and verify exactly 1024 bytes. The data offset field (unused, all ones) and the
     /// reserved bytes are ignored.
     pub fn parse(b: &[u8]) -> Result<Self, VhdError> {
-        if b.len() != HEADER_SIZE {
-            return Err(err("length", format!("{} bytes, want 1024", b.len())));
-        }
-        if field::<8>(b, 0) != Some(*COOKIE) {
-            return Err(err("cookie", "not \"cxsparse\""));
-        }
-        let stored = be_u32(b, CHECKSUM_AT).ok_or_else(|| err("checksum", "missing"))?;
-        let computed = checksum(b, CHECKSUM_AT);
-        if stored != computed {
-            return Err(err(
-                "checksum",
-                format!("stored {stored:#010x}, computed {computed:#010x}"),
-            ));
-        }
+        check_structure(b, HEADER_SIZE, COOKIE, CHECKSUM_AT).map_err(|(f, r)| err(f, r))?;
         let header_version = be_u32(b, 24).ok_or_else(|| err("header_version", "missing"))?;
         if header_version >> 16 != 1 {
             return Err(err(
