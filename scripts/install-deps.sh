@@ -7,6 +7,9 @@
 #   tgt, iperf3       the peer target and the loopback ceiling for scripts/bench.sh
 #   qemu-system-x86   the live-migration test (initiator-tests/tests/qemu_migration.rs); pinned to
 #                     the qemu-utils version (same suite), so both use qemu-block-extra's iSCSI driver
+#   python3-libvhdi   an independent VHD reader (libvhdi, with parent support) for the
+#                     differencing-chain tests: qemu-img neither creates nor follows VHD parents
+#   util-linux        losetup, for the block-device backstore test on a loop device
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -16,6 +19,8 @@ command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)
 command -v tgtd >/dev/null || need+=(tgt)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+/usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
+command -v losetup >/dev/null || need+=(util-linux)
 
 updated=0
 apt_update() { if [ $updated = 0 ]; then $SUDO apt-get update -qq; updated=1; fi; }

@@ -313,6 +313,11 @@ impl BlockBackend for FileBackend {
         self.deallocate("unmap", offset, len)
     }
 
+    /// Deallocation punches holes in the file.
+    fn thin_provisioning(&self) -> bool {
+        true
+    }
+
     /// Filesystem-block granularity; the answer stops after `MAX_EXTENTS` extents.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = check_range(offset, len, self.size)?;

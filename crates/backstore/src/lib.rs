@@ -91,6 +91,14 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// Mapped/deallocated runs from `offset` covering at least the first byte, at most `len`.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 
+    /// Whether `unmap` really deallocates (thin provisioning, SBC-3 §4.7): the LU then reports
+    /// LBPME/LBPRZ in READ CAPACITY (16) and LBPU/LBPWS/LBPWS10 in VPD B2h, and GET LBA STATUS
+    /// asks [`extents`](Self::extents). `false` (the default): the backstore is fully
+    /// provisioned; `unmap` and `write_zeroes` still leave zeroes behind.
+    fn thin_provisioning(&self) -> bool {
+        false
+    }
+
     /// Whether the `*_async` methods complete from the backend's own thread without blocking
     /// the caller. When `true` the daemon `.await`s them on its async workers; when `false` it
     /// calls the synchronous methods on its blocking pool (the defaults below would block).

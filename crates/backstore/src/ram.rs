@@ -250,6 +250,11 @@ impl BlockBackend for RamBackend {
         Ok(())
     }
 
+    /// Unmapped chunks are freed.
+    fn thin_provisioning(&self) -> bool {
+        true
+    }
+
     /// Reports chunk presence; the answer stops after `MAX_EXTENT_CHUNKS` chunks.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(offset, len, self.size)?;

@@ -445,6 +445,10 @@ impl BlockBackend for UringBackend {
         self.file.extents(offset, len)
     }
 
+    fn thin_provisioning(&self) -> bool {
+        self.file.thin_provisioning()
+    }
+
     fn is_async(&self) -> bool {
         true
     }

@@ -3,6 +3,7 @@
 
 use crate::config::{BackstoreKind, Lun};
 use ironlun_backstore::uring::{UringBackend, UringOptions};
+use ironlun_backstore::vhd::{create_dynamic, CreateOptions, VhdBackend};
 use ironlun_backstore::{
     file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend,
 };
@@ -42,7 +43,47 @@ pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
                 Err(e) => Err(format!("{}: {e}", path.display())),
             }
         }
+        BackstoreKind::Vhd { path } => open_vhd(lun, path),
     }
+}
+
+/// Open a VHD image, or create a dynamic one of the configured size when the file is missing.
+/// Created images store the size exactly (`force_size`, creator "qem2"), so the LUN has the
+/// configured capacity rather than a CHS-rounded one.
+fn open_vhd(lun: &Lun, path: &Path) -> Result<Arc<dyn BlockBackend>, String> {
+    let b = if path.exists() {
+        let b = VhdBackend::open(path, lun.read_only)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(size) = lun.size.filter(|s| *s != b.size()) {
+            return Err(format!(
+                "{}: the image's virtual size is {} bytes, the config says size = {size}; \
+                 drop `size` (the image decides) or resize the image",
+                path.display(),
+                b.size()
+            ));
+        }
+        b
+    } else {
+        let Some(size) = lun.size else {
+            return Err(format!(
+                "{}: no such VHD image (give `size` to create a dynamic one)",
+                path.display()
+            ));
+        };
+        if lun.read_only {
+            return Err(format!(
+                "{}: no such VHD image, and a read-only LUN does not create one",
+                path.display()
+            ));
+        }
+        create_parent(path)?;
+        let opts = CreateOptions {
+            force_size: true,
+            ..CreateOptions::new()
+        };
+        create_dynamic(path, size, &opts).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    check_block_multiple(lun, path, Arc::new(b))
 }
 
 fn create_parent(path: &Path) -> Result<(), String> {

@@ -333,6 +333,11 @@ pub enum BackstoreKind {
         direct: bool,
         ring_depth: u32,
     },
+    /// A VHD image (fixed, dynamic or differencing); its virtual size is the LUN's capacity.
+    /// A missing file is created as a dynamic VHD of the configured `size`.
+    Vhd {
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -607,12 +612,24 @@ impl Config {
                             }
                         }
                     }
+                    "vhd" => {
+                        let Some(p) = &l.path else {
+                            return cx.err(
+                                l.backstore.span(),
+                                key("path"),
+                                "a vhd backstore needs a path",
+                            );
+                        };
+                        BackstoreKind::Vhd {
+                            path: data_dir.join(p.get_ref()),
+                        }
+                    }
                     other => {
                         return cx.err(
                             l.backstore.span(),
                             key("backstore"),
                             format!(
-                            "unknown backstore {other:?}; expected \"file\", \"uring\" or \"ram\""
+                            "unknown backstore {other:?}; expected \"file\", \"uring\", \"vhd\" or \"ram\""
                         ),
                         )
                     }
@@ -1207,6 +1224,24 @@ size = "64MiB"
     fn rejects_size_not_multiple_of_block() {
         let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = 1000\n").unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].size");
+    }
+
+    #[test]
+    fn vhd_backstore_needs_a_path() {
+        let base =
+            "[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\nbackstore = \"vhd\"\n";
+        let c = parse(&format!("{base}path = \"vm.vhd\"\n")).unwrap();
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreKind::Vhd {
+                path: PathBuf::from("/tmp/vm.vhd")
+            }
+        );
+        let e = parse(base).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].path");
+        assert_eq!(e.line, Some(5));
+        let e = parse(&format!("{base}path = \"vm.vhd\"\nring_depth = 8\n")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].ring_depth");
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl Registry {
                 }
                 let backend = backend::open(l)?;
                 let num_blocks = backend.size() / u64::from(l.block_size);
-                let lc = lu_config(&t.name, l, num_blocks, &ports);
+                let lc = lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
                 let mut lu = LogicalUnit::new(lc);
                 if restore_state(&mut lu, &state_file)? {
                     tracing::info!(target = %t.name, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
@@ -347,11 +347,19 @@ fn relative_ports(cfg: &Config) -> Vec<u16> {
         .collect()
 }
 
-fn lu_config(target: &str, l: &config::Lun, num_blocks: u64, ports: &[u16]) -> LuConfig {
+/// The LU's configuration; thin provisioning is reported only where the config allows it and
+/// the backstore can deallocate (`thin`).
+fn lu_config(
+    target: &str,
+    l: &config::Lun,
+    num_blocks: u64,
+    ports: &[u16],
+    thin: bool,
+) -> LuConfig {
     let mut c = LuConfig::new(l.id, l.block_size, num_blocks, target);
     c.serial = l.serial.clone();
     c.naa = l.naa;
-    c.thin = l.thin;
+    c.thin = l.thin && thin;
     c.read_only = l.read_only;
     c.write_cache = l.write_cache;
     if let Some(first) = ports.first() {
@@ -1239,7 +1247,13 @@ mod tests {
         };
         cfg.portals = vec![portal(1, 7), portal(2, 2), portal(3, 7), portal(4, 3)];
         assert_eq!(relative_ports(&cfg), vec![2, 3, 7]);
-        let lc = lu_config("iqn.x:t", &cfg.targets[0].luns[0], 8, &relative_ports(&cfg));
+        let lc = lu_config(
+            "iqn.x:t",
+            &cfg.targets[0].luns[0],
+            8,
+            &relative_ports(&cfg),
+            true,
+        );
         assert_eq!(lc.relative_ports, vec![2, 3, 7]);
         assert_eq!(lc.relative_port, 2);
         assert!(lc.ptpl_capable);

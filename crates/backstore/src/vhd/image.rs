@@ -716,6 +716,12 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
         self.write_zeroes(offset, len, true)
     }
 
+    /// Dynamic disks: unmapped sectors lose their bitmap bits. Fixed disks are fully
+    /// provisioned (their data area is the disk).
+    fn thin_provisioning(&self) -> bool {
+        matches!(self.format, Format::Dynamic(_))
+    }
+
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let end = check_range(offset, len, self.size)?;
         if len == 0 {
