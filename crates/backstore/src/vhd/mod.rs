@@ -9,6 +9,7 @@
 //! Differencing disks are parsed but not served yet ([`VhdError::Unsupported`]).
 
 pub mod bat;
+pub mod check;
 pub mod footer;
 pub mod header;
 pub mod image;
