@@ -1,20 +1,26 @@
-//! A VHD image served as a [`BlockBackend`]: fixed and dynamic disks (semantics.md §4.3-§4.5).
+//! A VHD image served as a [`BlockBackend`]: fixed, dynamic and differencing disks
+//! (semantics.md §4.2-§4.5).
 //!
 //! # Opening
 //! The footer at the end of the file is authoritative. When it is unreadable and the copy at
 //! offset 0 is a valid dynamic footer, the copy is used (QEMU does the same; a crash inside
 //! QEMU's own allocation order leaves no trailing footer). Every offset is checked against the
 //! file length with checked arithmetic; BAT entries must point at blocks inside the file that
-//! overlap neither each other nor the metadata.
+//! overlap neither each other nor the metadata (parent locator data included). A differencing
+//! disk is served only with its parent: [`VhdBackend::open`] resolves it from the locators,
+//! [`VhdBackend::open_store_with_parent`] takes it from the caller.
 //!
-//! # Allocating a block (dynamic disks)
+//! # Allocating a block (dynamic and differencing disks)
 //! The next block goes at `free`, the end of the last block (QEMU's `free_data_block_offset`),
 //! where the trailing footer usually sits. With `new_end = free + bitmap + block`:
 //!
 //! 1. write the footer at `new_end` (the file now ends in a footer past the new block), **sync**;
 //! 2. zero `free..new_end` where it lies inside the old file (the old footer, or space leaked by
 //!    an earlier crash, must not show through unwritten sectors: QEMU ignores bitmap bits);
-//! 3. write the bitmap (all ones, as QEMU) and the guest data into the block;
+//! 3. write the bitmap and the guest data into the block. Dynamic disks: the bitmap is all
+//!    ones, as QEMU writes it. Differencing disks: only the bits of the written sectors are set
+//!    (the others keep reading from the parent), and a partially written sector is first
+//!    filled with the parent's bytes;
 //! 4. **sync**;
 //! 5. write the 4-byte BAT entry; it is durable at the next sync (FUA write or `flush`).
 //!
@@ -26,18 +32,31 @@
 //! exposed. The single 4-byte entry lies within one sector. The lost guest write was never
 //! acknowledged. Cost: two syncs per allocation; writes to allocated blocks are plain pwrites.
 //!
+//! # Writing to an allocated block
+//! Sectors whose bit is set are overwritten in place. A write touching sectors whose bit is 0
+//! first fills the partially covered ones with their absent content (zeroes on a dynamic disk,
+//! the parent's bytes on a differencing disk), writes the data, then writes the bitmap with the
+//! new bits. On a differencing disk a set bit over unwritten data would expose stale bytes
+//! instead of the parent's, so the data is **synced** before the bitmap is written; the bitmap
+//! itself is durable at the next sync (FUA or `flush`), like the BAT entry. (On a dynamic disk
+//! a bit-0 sector holds zeroes, which is what it reads as anyway, so no sync is needed.)
+//!
 //! # Bitmaps, unmap and extents
 //! Bitmap bit = 1: the sector's data is in the block (MSB of byte 0 = first sector). Reads
-//! honour the bits (bit 0 reads zeroes). `unmap` and `write_zeroes` zero the data in allocated
-//! blocks (punching holes in the file) and clear the bits of fully covered sectors; blocks are
-//! never returned to the BAT (the file does not shrink). `extents` reports unallocated blocks
-//! and bit-0 sectors as deallocated.
+//! honour the bits: bit 0 (or an unallocated block) reads zeroes on a dynamic disk and the
+//! parent's bytes at the same offset on a differencing disk. On a dynamic disk `unmap` and
+//! `write_zeroes` zero the data in allocated blocks (punching holes in the file) and `unmap`
+//! clears the bits of fully covered sectors; blocks are never returned to the BAT (the file
+//! does not shrink); `extents` reports unallocated blocks and bit-0 sectors as deallocated. On
+//! a differencing disk both write zero sectors into the child with their bits set (clearing a
+//! bit would show the parent again), `extents` reports everything mapped and the disk is not
+//! thin provisioned.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
@@ -46,7 +65,8 @@ use super::footer::{
     DiskType, Footer, Geometry, FEATURE_RESERVED, FOOTER_LEN, FOOTER_SIZE, FORMAT_VERSION,
     MAX_GEOMETRY, MAX_SECTORS, NO_DATA_OFFSET, VHD_EPOCH_UNIX,
 };
-use super::header::{DynamicHeader, DEFAULT_BLOCK_SIZE, HEADER_LEN, HEADER_SIZE};
+use super::header::{DynamicHeader, ParentLocator, DEFAULT_BLOCK_SIZE, HEADER_LEN, HEADER_SIZE};
+use super::locator::{self, Locator};
 use super::store::Store;
 use super::VhdError;
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result};
@@ -58,6 +78,8 @@ const MAX_EXTENTS: usize = 4096;
 /// Where `create_dynamic` puts the dynamic header and the BAT (as QEMU, §4.5).
 const CREATE_HEADER_AT: u64 = 512;
 const CREATE_BAT_AT: u64 = 1536;
+/// Longest chain [`VhdBackend::open`] follows: the image and up to 31 ancestors.
+pub const MAX_CHAIN_DEPTH: usize = 32;
 
 /// What `open` found, for `info`-style reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +90,14 @@ pub struct VhdInfo {
     pub footer: Footer,
     pub header: Option<DynamicHeader>,
     pub allocated_blocks: u32,
+    /// Differencing disks: the parent name stored in the header (UTF-16BE, decoded).
+    pub parent_name: Option<String>,
+    /// Differencing disks: the unique id the parent's footer must carry.
+    pub parent_unique_id: Option<[u8; 16]>,
+    /// Differencing disks opened by path: the parent file found (canonical path).
+    pub parent_path: Option<PathBuf>,
+    /// Differencing disks: the used parent locators, decoded.
+    pub parent_locators: Vec<Locator>,
 }
 
 /// Per-block sector bitmap, cached after first use.
@@ -91,6 +121,9 @@ struct Dynamic {
     header: DynamicHeader,
     layout: Layout,
     meta: Mutex<Meta>,
+    /// Differencing disks: the used locators and the decoded parent name.
+    locators: Vec<Locator>,
+    parent_name: String,
 }
 
 #[derive(Debug)]
@@ -99,7 +132,23 @@ enum Format {
     Dynamic(Box<Dynamic>),
 }
 
-/// A fixed or dynamic VHD over a [`Store`]. See the module documentation.
+/// The image a differencing disk reads its absent sectors from.
+struct Parent {
+    backend: Arc<dyn BlockBackend>,
+    /// Where it was found, when opened by path.
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Parent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parent")
+            .field("size", &self.backend.size())
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// A fixed, dynamic or differencing VHD over a [`Store`]. See the module documentation.
 #[derive(Debug)]
 pub struct VhdBackend<S: Store = File> {
     store: S,
@@ -108,6 +157,16 @@ pub struct VhdBackend<S: Store = File> {
     footer: Footer,
     footer_bytes: [u8; FOOTER_SIZE],
     format: Format,
+    /// Set exactly for differencing disks (the constructors refuse one without it).
+    parent: Option<Parent>,
+}
+
+/// Where the bytes of a write come from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Data(&'a [u8]),
+    /// Zeroes (differencing `write_zeroes`/`unmap`).
+    Zero,
 }
 
 fn io_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> VhdError {
@@ -127,6 +186,12 @@ fn file_err(reason: impl Into<String>) -> VhdError {
 fn header_err(field: &'static str, reason: impl Into<String>) -> VhdError {
     VhdError::Header {
         field,
+        reason: reason.into(),
+    }
+}
+
+fn parent_err(reason: impl Into<String>) -> VhdError {
+    VhdError::Parent {
         reason: reason.into(),
     }
 }
@@ -189,6 +254,28 @@ struct Chunk {
     pos: u64,
 }
 
+impl Chunk {
+    /// First and last sector (within the block) the piece touches; `len` is never 0.
+    fn sectors(&self) -> (u64, u64) {
+        let last = (self.in_block + self.len).saturating_sub(1) / SECTOR;
+        (self.in_block / SECTOR, last)
+    }
+
+    /// The touched sectors only partly covered by the piece (at most two).
+    fn partial_sectors(&self) -> Vec<u64> {
+        let (first, last) = self.sectors();
+        let end = self.in_block + self.len;
+        let mut out = Vec::new();
+        for s in [first, last] {
+            let covered = self.in_block <= s * SECTOR && end >= (s + 1) * SECTOR;
+            if !covered && !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        out
+    }
+}
+
 fn chunks(offset: u64, len: u64, block_size: u64) -> Vec<Chunk> {
     let mut out = Vec::new();
     let mut pos = 0u64;
@@ -207,42 +294,189 @@ fn chunks(offset: u64, len: u64, block_size: u64) -> Vec<Chunk> {
     out
 }
 
+/// The footer of the image in `store`: the last 512 bytes, or the copy at offset 0 of a
+/// dynamic or differencing disk when those are unreadable (module documentation).
+fn read_footer<S: Store + ?Sized>(
+    store: &S,
+) -> std::result::Result<(Footer, [u8; FOOTER_SIZE], u64), VhdError> {
+    let len = store.len().map_err(io_err("open", 0))?;
+    if len < FOOTER_LEN {
+        return Err(file_err(format!("{len} bytes, shorter than a footer")));
+    }
+    let mut tail = [0u8; FOOTER_SIZE];
+    store
+        .read_exact_at(&mut tail, len - FOOTER_LEN)
+        .map_err(io_err("read footer", len - FOOTER_LEN))?;
+    match Footer::parse(&tail) {
+        Ok(f) => Ok((f, tail, len)),
+        Err(tail_err) => {
+            let mut head = [0u8; FOOTER_SIZE];
+            store
+                .read_exact_at(&mut head, 0)
+                .map_err(io_err("read footer copy", 0))?;
+            match Footer::parse(&head) {
+                Ok(f) if f.disk_type != DiskType::Fixed => Ok((f, head, len)),
+                _ => Err(tail_err),
+            }
+        }
+    }
+}
+
+/// Read `dst.len()` bytes of `parent` at `offset`; bytes past its end read as zeroes.
+fn read_parent(parent: &dyn BlockBackend, offset: u64, dst: &mut [u8]) -> Result<()> {
+    let avail = parent.size().saturating_sub(offset).min(len64(dst.len()));
+    let (head, tail) = dst.split_at_mut(to_usize(avail)?);
+    if !head.is_empty() {
+        let bytes = parent.read(offset, head.len())?;
+        if bytes.len() != head.len() {
+            return Err(BackstoreError::Io {
+                op: "read parent",
+                offset,
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            });
+        }
+        head.copy_from_slice(&bytes);
+    }
+    tail.fill(0);
+    Ok(())
+}
+
 impl VhdBackend<File> {
     /// Open the VHD at `path` (read-write unless `read_only`).
+    ///
+    /// A differencing disk's parent is looked for, in order, at each W2ru locator (relative to
+    /// the child's directory, `\` or `/` separators), each W2ku locator, each MacX locator,
+    /// then under the header's parent name in the child's directory. The first candidate
+    /// whose footer unique id equals the child's parent unique id is opened read-only, the
+    /// same way (so chains of fixed, dynamic and differencing disks work), up to
+    /// [`MAX_CHAIN_DEPTH`] images and refusing loops. Errors: [`VhdError::ParentMismatch`]
+    /// when only images with another id were found, [`VhdError::Parent`] listing every place
+    /// tried when none was, [`VhdError::ParentOpen`] when the parent itself is refused.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> std::result::Result<Self, VhdError> {
+        Self::open_in_chain(path.as_ref(), read_only, &mut Vec::new())
+    }
+
+    fn open_in_chain(
+        path: &Path,
+        read_only: bool,
+        chain: &mut Vec<PathBuf>,
+    ) -> std::result::Result<Self, VhdError> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(io_err("open", 0))?;
-        Self::open_store(file, read_only)
+        let mut image = Self::open_image(file, read_only)?;
+        let Format::Dynamic(d) = &image.format else {
+            return Ok(image);
+        };
+        if image.footer.disk_type != DiskType::Differencing {
+            return Ok(image);
+        }
+        let real = std::fs::canonicalize(path).map_err(io_err("canonicalize", 0))?;
+        if chain.contains(&real) {
+            return Err(parent_err(format!(
+                "loop: {} is its own ancestor",
+                real.display()
+            )));
+        }
+        chain.push(real.clone());
+        if chain.len() > MAX_CHAIN_DEPTH {
+            return Err(parent_err(format!(
+                "chain longer than {MAX_CHAIN_DEPTH} images at {}",
+                real.display()
+            )));
+        }
+        let dir = real.parent().unwrap_or(Path::new("/"));
+        let want = d.header.parent_unique_id;
+        let mut tried = Vec::new();
+        let mut mismatch = None;
+        for (what, candidate) in locator::candidates(dir, &d.locators, &d.parent_name) {
+            let found = File::open(&candidate)
+                .map_err(io_err("open", 0))
+                .and_then(|f| read_footer(&f));
+            match found {
+                Err(e) => tried.push(format!("{what} -> {}: {e}", candidate.display())),
+                Ok((f, _, _)) if f.unique_id != want => {
+                    tried.push(format!(
+                        "{what} -> {}: unique id {}",
+                        candidate.display(),
+                        super::uuid(&f.unique_id)
+                    ));
+                    mismatch.get_or_insert((candidate, f.unique_id));
+                }
+                Ok(_) => {
+                    let parent = Self::open_in_chain(&candidate, true, chain).map_err(|e| {
+                        VhdError::ParentOpen {
+                            path: candidate.clone(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                    let path = std::fs::canonicalize(&candidate).unwrap_or(candidate);
+                    image.parent = Some(Parent {
+                        backend: Arc::new(parent),
+                        path: Some(path),
+                    });
+                    return Ok(image);
+                }
+            }
+        }
+        if let Some((path, found)) = mismatch {
+            return Err(VhdError::ParentMismatch { path, want, found });
+        }
+        Err(parent_err(format!(
+            "the parent of {} was not found; tried: {}",
+            real.display(),
+            if tried.is_empty() {
+                "nothing (no usable locator and no parent name)".to_owned()
+            } else {
+                tried.join("; ")
+            }
+        )))
     }
 }
 
 impl<S: Store> VhdBackend<S> {
-    /// Open a VHD held by `store`, validating footer, header and BAT (module documentation).
+    /// Open a fixed or dynamic VHD held by `store`, validating footer, header and BAT (module
+    /// documentation). A differencing disk is refused: it needs
+    /// [`open_store_with_parent`](Self::open_store_with_parent).
     pub fn open_store(store: S, read_only: bool) -> std::result::Result<Self, VhdError> {
-        let len = store.len().map_err(io_err("open", 0))?;
-        if len < FOOTER_LEN {
-            return Err(file_err(format!("{len} bytes, shorter than a footer")));
-        }
-        let mut tail = [0u8; FOOTER_SIZE];
-        store
-            .read_exact_at(&mut tail, len - FOOTER_LEN)
-            .map_err(io_err("read footer", len - FOOTER_LEN))?;
-        let (footer, footer_bytes) = match Footer::parse(&tail) {
-            Ok(f) => (f, tail),
-            Err(tail_err) => {
-                let mut head = [0u8; FOOTER_SIZE];
-                store
-                    .read_exact_at(&mut head, 0)
-                    .map_err(io_err("read footer copy", 0))?;
-                match Footer::parse(&head) {
-                    Ok(f) if f.disk_type != DiskType::Fixed => (f, head),
-                    _ => return Err(tail_err),
-                }
+        Self::open_store_with_parent(store, read_only, None)
+    }
+
+    /// As [`open_store`](Self::open_store), with the parent of a differencing disk given by
+    /// the caller (`Some` exactly for differencing disks). The caller vouches that `parent` is
+    /// the image the child was made from (no unique id is compared); parent bytes past its
+    /// size read as zeroes.
+    pub fn open_store_with_parent(
+        store: S,
+        read_only: bool,
+        parent: Option<Arc<dyn BlockBackend>>,
+    ) -> std::result::Result<Self, VhdError> {
+        let mut image = Self::open_image(store, read_only)?;
+        match (image.footer.disk_type, parent) {
+            (DiskType::Differencing, Some(backend)) => {
+                image.parent = Some(Parent {
+                    backend,
+                    path: None,
+                });
             }
-        };
+            (DiskType::Differencing, None) => {
+                return Err(parent_err(
+                    "a differencing disk needs its parent: open it by path, or give the parent",
+                ))
+            }
+            (kind, Some(_)) => {
+                return Err(parent_err(format!("a {kind:?} disk has no parent")));
+            }
+            (_, None) => {}
+        }
+        Ok(image)
+    }
+
+    /// Parse and validate the image; a differencing disk comes back without its parent.
+    fn open_image(store: S, read_only: bool) -> std::result::Result<Self, VhdError> {
+        let (footer, footer_bytes, len) = read_footer(&store)?;
         let size = footer.disk_size()?;
         let format = match footer.disk_type {
             DiskType::Fixed => {
@@ -254,11 +488,7 @@ impl<S: Store> VhdBackend<S> {
                 Format::Fixed
             }
             DiskType::Dynamic | DiskType::Differencing => {
-                let d = Self::open_dynamic(&store, &footer, size, len)?;
-                if footer.disk_type == DiskType::Differencing {
-                    return Err(VhdError::Unsupported("differencing"));
-                }
-                Format::Dynamic(Box::new(d))
+                Format::Dynamic(Box::new(Self::open_dynamic(&store, &footer, size, len)?))
             }
         };
         Ok(Self {
@@ -268,6 +498,7 @@ impl<S: Store> VhdBackend<S> {
             footer,
             footer_bytes,
             format,
+            parent: None,
         })
     }
 
@@ -332,16 +563,28 @@ impl<S: Store> VhdBackend<S> {
         if layout.table_offset < FOOTER_LEN {
             return Err(header_err("table_offset", "BAT overlaps the footer copy"));
         }
+        // Locators matter only for differencing disks (dynamic disks leave them unused).
+        let (locators, parent_name) = if footer.disk_type == DiskType::Differencing {
+            (
+                locator::read_locators(store, &header, len)?,
+                locator::decode_name(&header.parent_name)?,
+            )
+        } else {
+            (Vec::new(), String::new())
+        };
         let mut raw = vec![0u8; to_usize(layout.table_len()).map_err(|_| file_err("BAT size"))?];
         store
             .read_exact_at(&mut raw, layout.table_offset)
             .map_err(io_err("read BAT", layout.table_offset))?;
         let table = bat::decode(&raw);
-        let reserved = [
+        let mut reserved = vec![
             (0, FOOTER_LEN, "footer copy"),
             (header_at, header_end, "dynamic header"),
             (layout.table_offset, table_padded, "BAT"),
         ];
+        for (start, end) in locator::reserved_ranges(&locators) {
+            reserved.push((start, end, "parent locator data"));
+        }
         let free = bat::validate(&table, &layout, &reserved, len)?;
         Ok(Dynamic {
             header,
@@ -351,10 +594,12 @@ impl<S: Store> VhdBackend<S> {
                 free,
                 bitmaps: HashMap::new(),
             }),
+            locators,
+            parent_name,
         })
     }
 
-    /// Footer, header and allocation summary.
+    /// Footer, header, allocation and parent summary.
     pub fn info(&self) -> VhdInfo {
         let (header, allocated_blocks) = match &self.format {
             Format::Fixed => (None, 0),
@@ -364,12 +609,20 @@ impl<S: Store> VhdBackend<S> {
                 (Some(d.header.clone()), u32::try_from(n).unwrap_or(u32::MAX))
             }
         };
+        let diff = match &self.format {
+            Format::Dynamic(d) if self.is_differencing() => Some(d),
+            _ => None,
+        };
         VhdInfo {
             disk_type: self.footer.disk_type,
             size: self.size,
             footer: self.footer.clone(),
             header,
             allocated_blocks,
+            parent_name: diff.map(|d| d.parent_name.clone()),
+            parent_unique_id: diff.map(|d| d.header.parent_unique_id),
+            parent_path: self.parent_path().map(Path::to_path_buf),
+            parent_locators: diff.map(|d| d.locators.clone()).unwrap_or_default(),
         }
     }
 
@@ -378,11 +631,37 @@ impl<S: Store> VhdBackend<S> {
         &self.store
     }
 
+    /// Differencing disks: the parent image.
+    pub fn parent(&self) -> Option<&Arc<dyn BlockBackend>> {
+        self.parent.as_ref().map(|p| &p.backend)
+    }
+
+    /// Differencing disks opened by path: where the parent was found.
+    pub fn parent_path(&self) -> Option<&Path> {
+        self.parent.as_ref().and_then(|p| p.path.as_deref())
+    }
+
+    fn is_differencing(&self) -> bool {
+        self.footer.disk_type == DiskType::Differencing
+    }
+
     fn writable(&self, op: &'static str) -> Result<()> {
         if self.read_only {
             Err(BackstoreError::ReadOnly { op })
         } else {
             Ok(())
+        }
+    }
+
+    /// What a sector whose bit is 0 reads as, for `dst` at disk offset `offset`: zeroes, or
+    /// the parent's bytes.
+    fn absent(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        match &self.parent {
+            Some(p) => read_parent(p.backend.as_ref(), offset, dst),
+            None => {
+                dst.fill(0);
+                Ok(())
+            }
         }
     }
 
@@ -400,9 +679,7 @@ impl<S: Store> VhdBackend<S> {
                 self.store
                     .read_exact_at(&mut bits, at)
                     .map_err(bio("read bitmap", at))?;
-                let sectors = d.layout.block_size / SECTOR;
-                let full = (0..sectors).all(|s| bit(&bits, s));
-                Ok(e.insert(if full {
+                Ok(e.insert(if all_set(d, &bits) {
                     Bitmap::Full
                 } else {
                     Bitmap::Bits(bits)
@@ -428,49 +705,80 @@ impl<S: Store> VhdBackend<S> {
             let dst = buf
                 .get_mut(pos..pos.saturating_add(to_usize(c.len)?))
                 .ok_or(BackstoreError::Unsupported("chunk"))?;
+            let disk_at = offset + c.pos;
             let mut meta = lock(&d.meta);
             let entry = Self::entry(&meta, c.block)?;
             if entry == UNALLOCATED {
+                drop(meta);
+                self.absent(disk_at, dst)?;
                 continue;
             }
             let block_at = u64::from(entry) * SECTOR;
             let data_at = block_at + d.layout.bitmap_size;
-            match self.bitmap(d, &mut meta, c.block, block_at)? {
-                Bitmap::Full => {
-                    drop(meta);
-                    let at = data_at + c.in_block;
-                    self.store.read_exact_at(dst, at).map_err(bio("read", at))?;
-                }
-                Bitmap::Bits(bits) => {
-                    for (start, n, present) in sector_runs(bits, c.in_block, c.len) {
-                        if !present {
-                            continue;
-                        }
-                        let from = to_usize(start - c.in_block)?;
-                        let part = dst
-                            .get_mut(from..from.saturating_add(to_usize(n)?))
-                            .ok_or(BackstoreError::Unsupported("run"))?;
-                        let at = data_at + start;
-                        self.store
-                            .read_exact_at(part, at)
-                            .map_err(bio("read", at))?;
-                    }
+            let runs = match self.bitmap(d, &mut meta, c.block, block_at)? {
+                Bitmap::Full => vec![(c.in_block, c.len, true)],
+                Bitmap::Bits(bits) => sector_runs(bits, c.in_block, c.len),
+            };
+            drop(meta);
+            for (start, n, present) in runs {
+                let from = to_usize(start - c.in_block)?;
+                let part = dst
+                    .get_mut(from..from.saturating_add(to_usize(n)?))
+                    .ok_or(BackstoreError::Unsupported("run"))?;
+                if present {
+                    let at = data_at + start;
+                    self.store
+                        .read_exact_at(part, at)
+                        .map_err(bio("read", at))?;
+                } else {
+                    self.absent(disk_at + (start - c.in_block), part)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn write_dynamic(&self, d: &Dynamic, offset: u64, data: &[u8]) -> Result<()> {
-        for c in chunks(offset, len64(data.len()), d.layout.block_size) {
-            let pos = to_usize(c.pos)?;
-            let src = data
-                .get(pos..pos.saturating_add(to_usize(c.len)?))
-                .ok_or(BackstoreError::Unsupported("chunk"))?;
+    /// Store `src` (`len` bytes) at file offset `at`.
+    fn put(&self, src: Src<'_>, at: u64, len: u64) -> Result<()> {
+        match src {
+            Src::Data(b) => self.store.write_all_at(b, at).map_err(bio("write", at)),
+            Src::Zero => self.store.zero_range(at, len).map_err(bio("zero", at)),
+        }
+    }
+
+    /// Give bit-0 sector `s` of block `block` (data at file offset `data_at`) the content it
+    /// reads as before its bit is set: zeroes, or the parent's bytes.
+    fn fill_absent_sector(&self, d: &Dynamic, block: u32, data_at: u64, s: u64) -> Result<()> {
+        let at = data_at + s * SECTOR;
+        if self.parent.is_none() {
+            return self.store.zero_range(at, SECTOR).map_err(bio("write", at));
+        }
+        let disk_at = u64::from(block) * d.layout.block_size + s * SECTOR;
+        let mut sector = [0u8; FOOTER_SIZE];
+        self.absent(disk_at, &mut sector)?;
+        self.store
+            .write_all_at(&sector, at)
+            .map_err(bio("write", at))
+    }
+
+    /// Write `src` over `offset..offset + len` (module documentation: allocation order and
+    /// writes to allocated blocks).
+    fn write_dynamic(&self, d: &Dynamic, offset: u64, len: u64, src: Src<'_>) -> Result<()> {
+        for c in chunks(offset, len, d.layout.block_size) {
+            let piece = match src {
+                Src::Data(data) => {
+                    let pos = to_usize(c.pos)?;
+                    Src::Data(
+                        data.get(pos..pos.saturating_add(to_usize(c.len)?))
+                            .ok_or(BackstoreError::Unsupported("chunk"))?,
+                    )
+                }
+                Src::Zero => Src::Zero,
+            };
             let mut meta = lock(&d.meta);
             let entry = Self::entry(&meta, c.block)?;
             if entry == UNALLOCATED {
-                self.allocate(d, &mut meta, &c, src)?;
+                self.allocate(d, &mut meta, &c, piece)?;
                 continue;
             }
             let block_at = u64::from(entry) * SECTOR;
@@ -479,33 +787,34 @@ impl<S: Store> VhdBackend<S> {
             let now_full = match self.bitmap(d, &mut meta, c.block, block_at)? {
                 Bitmap::Full => None,
                 Bitmap::Bits(bits) => {
-                    // Absent sectors may hold stale bytes in foreign images: zero the partially
-                    // written ones first, write, then mark them present.
-                    let first = c.in_block / SECTOR;
-                    let last = (c.in_block + c.len - 1) / SECTOR;
-                    for s in [first, last] {
+                    let (first, last) = c.sectors();
+                    if (first..=last).all(|s| bit(bits, s)) {
+                        self.put(piece, at, c.len)?;
+                        continue;
+                    }
+                    for s in c.partial_sectors() {
                         if !bit(bits, s) {
-                            let s_at = data_at + s * SECTOR;
-                            self.store
-                                .zero_range(s_at, SECTOR)
-                                .map_err(bio("write", s_at))?;
+                            self.fill_absent_sector(d, c.block, data_at, s)?;
                         }
                     }
-                    self.store.write_all_at(src, at).map_err(bio("write", at))?;
+                    self.put(piece, at, c.len)?;
+                    if self.parent.is_some() {
+                        // The data must be durable before a bit claims it.
+                        self.store.sync().map_err(bio("sync", at))?;
+                    }
                     for s in first..=last {
                         set_bit(bits, s, true);
                     }
                     self.store
                         .write_all_at(bits, block_at)
                         .map_err(bio("write bitmap", block_at))?;
-                    let sectors = d.layout.block_size / SECTOR;
-                    Some((0..sectors).all(|s| bit(bits, s)))
+                    Some(all_set(d, bits))
                 }
             };
             match now_full {
                 None => {
                     drop(meta);
-                    self.store.write_all_at(src, at).map_err(bio("write", at))?;
+                    self.put(piece, at, c.len)?;
                 }
                 Some(true) => {
                     meta.bitmaps.insert(c.block, Bitmap::Full);
@@ -517,7 +826,7 @@ impl<S: Store> VhdBackend<S> {
     }
 
     /// Append a block for `c` holding `src` (the order is in the module documentation).
-    fn allocate(&self, d: &Dynamic, meta: &mut Meta, c: &Chunk, src: &[u8]) -> Result<()> {
+    fn allocate(&self, d: &Dynamic, meta: &mut Meta, c: &Chunk, src: Src<'_>) -> Result<()> {
         let old_end = meta.free;
         let no_space = BackstoreError::NoSpace {
             op: "allocate",
@@ -550,13 +859,24 @@ impl<S: Store> VhdBackend<S> {
                 .zero_range(old_end, n)
                 .map_err(bio("zero block", old_end))?;
         }
-        // 3. Bitmap and data.
-        let bits = vec![0xFFu8; to_usize(d.layout.bitmap_size)?];
+        // 3. Bitmap and data: all ones on a dynamic disk; the written sectors only (partial
+        //    ones completed from the parent) on a differencing disk.
+        let mut bits = vec![0xFFu8; to_usize(d.layout.bitmap_size)?];
+        let data_at = old_end + d.layout.bitmap_size;
+        if self.parent.is_some() {
+            bits.fill(0);
+            let (first, last) = c.sectors();
+            for s in first..=last {
+                set_bit(&mut bits, s, true);
+            }
+            for s in c.partial_sectors() {
+                self.fill_absent_sector(d, c.block, data_at, s)?;
+            }
+        }
         self.store
             .write_all_at(&bits, old_end)
             .map_err(bio("write bitmap", old_end))?;
-        let at = old_end + d.layout.bitmap_size + c.in_block;
-        self.store.write_all_at(src, at).map_err(bio("write", at))?;
+        self.put(src, data_at + c.in_block, c.len)?;
         // 4. Block durable before the BAT can point at it.
         self.store.sync().map_err(bio("sync", old_end))?;
         // 5. The BAT entry.
@@ -571,7 +891,12 @@ impl<S: Store> VhdBackend<S> {
             *e = sector;
         }
         meta.free = new_end;
-        meta.bitmaps.insert(c.block, Bitmap::Full);
+        let cached = if all_set(d, &bits) {
+            Bitmap::Full
+        } else {
+            Bitmap::Bits(bits.into_boxed_slice())
+        };
+        meta.bitmaps.insert(c.block, cached);
         Ok(())
     }
 
@@ -646,6 +971,11 @@ impl<S: Store> VhdBackend<S> {
     }
 }
 
+/// Whether every sector of a block is present.
+fn all_set(d: &Dynamic, bits: &[u8]) -> bool {
+    (0..d.layout.block_size / SECTOR).all(|s| bit(bits, s))
+}
+
 fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -682,9 +1012,12 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
                 .store
                 .write_all_at(data, offset)
                 .map_err(bio("write", offset))?,
-            Format::Dynamic(d) => self.write_dynamic(d, offset, data)?,
+            Format::Dynamic(d) => {
+                self.write_dynamic(d, offset, len64(data.len()), Src::Data(data))?;
+            }
         }
         if fua {
+            // One barrier for data, bitmaps and BAT entries alike.
             self.store.sync().map_err(bio("fua sync", offset))?;
         }
         Ok(())
@@ -708,6 +1041,9 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
                 .store
                 .zero_range(offset, len)
                 .map_err(bio("write zeroes", offset)),
+            Format::Dynamic(d) if self.is_differencing() => {
+                self.write_dynamic(d, offset, len, Src::Zero)
+            }
             Format::Dynamic(d) => self.zero_dynamic(d, offset, len, unmap),
         }
     }
@@ -717,9 +1053,10 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
     }
 
     /// Dynamic disks: unmapped sectors lose their bitmap bits. Fixed disks are fully
-    /// provisioned (their data area is the disk).
+    /// provisioned (their data area is the disk); so are differencing disks, whose unmapped
+    /// sectors are written as zeroes (a cleared bit would show the parent).
     fn thin_provisioning(&self) -> bool {
-        matches!(self.format, Format::Dynamic(_))
+        matches!(self.format, Format::Dynamic(_)) && !self.is_differencing()
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -735,12 +1072,12 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
             });
         }
         match &self.format {
-            Format::Fixed => Ok(vec![Extent {
+            Format::Dynamic(d) if !self.is_differencing() => self.extents_dynamic(d, offset, len),
+            _ => Ok(vec![Extent {
                 offset,
                 len: end - offset,
                 mapped: true,
             }]),
-            Format::Dynamic(d) => self.extents_dynamic(d, offset, len),
         }
     }
 }
@@ -863,14 +1200,7 @@ pub fn format_fixed<S: Store>(
     VhdBackend::open_store(store, false)
 }
 
-/// Write a new dynamic disk into the empty `store` and open it: footer copy at 0, header at
-/// 512, BAT at 1536 padded with unallocated entries to a sector, footer after it (§4.5).
-pub fn format_dynamic<S: Store>(
-    store: S,
-    size: u64,
-    opts: &CreateOptions,
-) -> std::result::Result<VhdBackend<S>, VhdError> {
-    let block = opts.block_size;
+fn check_block_size(block: u32) -> std::result::Result<(), VhdError> {
     if !block.is_power_of_two()
         || !(super::header::MIN_BLOCK_SIZE..=super::header::MAX_BLOCK_SIZE).contains(&block)
     {
@@ -879,6 +1209,18 @@ pub fn format_dynamic<S: Store>(
             format!("{block} is not a power of two in 512..=256 MiB"),
         ));
     }
+    Ok(())
+}
+
+/// Write a new dynamic disk into the empty `store` and open it: footer copy at 0, header at
+/// 512, BAT at 1536 padded with unallocated entries to a sector, footer after it (§4.5).
+pub fn format_dynamic<S: Store>(
+    store: S,
+    size: u64,
+    opts: &CreateOptions,
+) -> std::result::Result<VhdBackend<S>, VhdError> {
+    let block = opts.block_size;
+    check_block_size(block)?;
     let footer = new_footer(size, DiskType::Dynamic, opts)?;
     let entries = u32::try_from(footer.current_size.div_ceil(u64::from(block)))
         .ok()
@@ -929,4 +1271,117 @@ pub fn create_dynamic(
     opts: &CreateOptions,
 ) -> std::result::Result<VhdBackend<File>, VhdError> {
     format_dynamic(create_file(path.as_ref())?, size, opts)
+}
+
+/// Create a differencing VHD at `path` (which must not exist) whose parent is the image at
+/// `parent`, and open it with that parent (resolved through the new locators).
+///
+/// The child copies the parent footer's size fields (original and current size, CHS
+/// geometry; creator "qem2" when the parent is sized by its current size, so that the child
+/// has the parent's size by QEMU's rule), has disk type 4 and the block size of a dynamic or
+/// differencing parent (`opts.block_size` under a fixed parent, 2 MiB by default). The header
+/// records the parent's footer unique id and time stamp and its file name (UTF-16BE); two
+/// locators follow the BAT: W2ku with the canonical absolute path and W2ru with the path
+/// relative to the child's directory (`.\name` in the same directory), both UTF-16LE.
+pub fn create_differencing(
+    path: impl AsRef<Path>,
+    parent: &Path,
+    opts: &CreateOptions,
+) -> std::result::Result<VhdBackend<File>, VhdError> {
+    let path = path.as_ref();
+    let parent_real = std::fs::canonicalize(parent).map_err(io_err("canonicalize parent", 0))?;
+    let p = VhdBackend::open(&parent_real, true)?;
+    let block = match &p.format {
+        Format::Dynamic(d) => d.header.block_size,
+        Format::Fixed => opts.block_size,
+    };
+    check_block_size(block)?;
+    let pf = &p.footer;
+    let footer = Footer {
+        features: FEATURE_RESERVED,
+        format_version: FORMAT_VERSION,
+        data_offset: CREATE_HEADER_AT,
+        timestamp: opts.timestamp,
+        creator_app: if pf.sized_by_current_size() {
+            *b"qem2"
+        } else {
+            *b"qemu"
+        },
+        creator_version: 0x0005_0003,
+        creator_os: *b"Wi2k",
+        original_size: pf.original_size,
+        current_size: pf.current_size,
+        geometry: pf.geometry,
+        disk_type: DiskType::Differencing,
+        unique_id: opts.unique_id,
+        saved_state: false,
+    };
+    if footer.disk_size()? != p.size {
+        return Err(create_err(
+            "size",
+            format!("the child would not have the parent's {} bytes", p.size),
+        ));
+    }
+    let covered = p.size.max(footer.current_size);
+    let entries = u32::try_from(covered.div_ceil(u64::from(block)))
+        .ok()
+        .filter(|&e| e <= MAX_BAT_ENTRIES)
+        .ok_or_else(|| create_err("size", "too many blocks"))?;
+    let mut header = DynamicHeader::new(CREATE_BAT_AT, entries, block);
+    header.parent_unique_id = pf.unique_id;
+    header.parent_timestamp = pf.timestamp;
+    let name = parent_real
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| create_err("parent", "the parent's file name is not UTF-8"))?;
+    header.parent_name = locator::encode_name(name)?;
+    let abs = parent_real
+        .to_str()
+        .ok_or_else(|| create_err("parent", "the parent's path is not UTF-8"))?;
+    let child_dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let child_dir = std::fs::canonicalize(child_dir).map_err(io_err("canonicalize", 0))?;
+    let mut texts = vec![(locator::W2KU, abs.to_owned())];
+    if let Some(rel) = locator::relative_text(&child_dir, &parent_real) {
+        texts.push((locator::W2RU, rel));
+    }
+    let bat_len = (u64::from(entries) * bat::ENTRY_LEN).div_ceil(SECTOR) * SECTOR;
+    let mut at = CREATE_BAT_AT + bat_len;
+    let mut locator_data = Vec::new();
+    for ((code, text), slot) in texts.into_iter().zip(header.parent_locators.iter_mut()) {
+        let data = locator::encode_data(code, &text);
+        let space = len64(data.len()).div_ceil(SECTOR).max(1);
+        *slot = ParentLocator {
+            platform_code: code,
+            data_space: u32::try_from(space).map_err(|_| create_err("parent", "path too long"))?,
+            data_length: u32::try_from(data.len())
+                .ok()
+                .filter(|&n| n <= locator::MAX_DATA_LEN)
+                .ok_or_else(|| create_err("parent", "path too long"))?,
+            data_offset: at,
+        };
+        locator_data.push((at, data));
+        at += space * SECTOR;
+    }
+    let footer_at = at;
+    let fb = footer.encode();
+    let file = create_file(path)?;
+    file.write_all_at(&fb, 0).map_err(io_err("create", 0))?;
+    file.write_all_at(&header.encode(), CREATE_HEADER_AT)
+        .map_err(io_err("create", CREATE_HEADER_AT))?;
+    let table = vec![0xFFu8; usize::try_from(bat_len).map_err(|_| create_err("size", "BAT"))?];
+    file.write_all_at(&table, CREATE_BAT_AT)
+        .map_err(io_err("create", CREATE_BAT_AT))?;
+    for (data_at, data) in &locator_data {
+        file.write_all_at(data, *data_at)
+            .map_err(io_err("create", *data_at))?;
+    }
+    file.write_all_at(&fb, footer_at)
+        .map_err(io_err("create", footer_at))?;
+    Store::sync(&file).map_err(io_err("create", 0))?;
+    drop(file);
+    drop(p);
+    VhdBackend::open(path, false)
 }

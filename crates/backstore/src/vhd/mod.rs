@@ -1,25 +1,32 @@
 //! VHD images (Microsoft Virtual Hard Disk Image Format Specification v1.0; QEMU's `vpc`
 //! driver), as a format over a [`Store`]: see `reference/semantics.md` §4.
 //!
-//! - [`footer`], [`header`], [`bat`]: parsing and validation, each error naming its field.
-//! - [`VhdBackend`]: fixed and dynamic disks as a [`BlockBackend`](crate::BlockBackend); the
-//!   crash-safe block allocation order is documented on [`image`].
-//! - [`create_fixed`] / [`create_dynamic`]: images `qemu-img -f vpc` opens.
-//!
-//! Differencing disks are parsed but not served yet ([`VhdError::Unsupported`]).
+//! - [`footer`], [`header`], [`bat`], [`locator`]: parsing and validation, each error naming
+//!   its field.
+//! - [`VhdBackend`]: fixed, dynamic and differencing disks as a
+//!   [`BlockBackend`](crate::BlockBackend); the crash-safe block allocation order and the
+//!   differencing read/write rules are documented on [`image`], parent resolution on
+//!   [`VhdBackend::open`].
+//! - [`create_fixed`] / [`create_dynamic`]: images `qemu-img -f vpc` opens;
+//!   [`create_differencing`]: a child of an existing image (libvhdi reads it with its parent).
 
 pub mod bat;
 pub mod check;
 pub mod footer;
 pub mod header;
 pub mod image;
+pub mod locator;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 pub use footer::{DiskType, Footer, Geometry};
 pub use header::DynamicHeader;
-pub use image::{create_dynamic, create_fixed, CreateOptions, VhdBackend, VhdInfo};
+pub use image::{
+    create_differencing, create_dynamic, create_fixed, CreateOptions, VhdBackend, VhdInfo,
+    MAX_CHAIN_DEPTH,
+};
+pub use locator::Locator;
 pub use store::{MemStore, Store};
 
 use crate::BackstoreError;
@@ -39,6 +46,35 @@ pub enum VhdError {
     /// The file as a whole is unusable (too short, truncated data area).
     #[error("VHD file: {reason}")]
     File { reason: String },
+    /// A parent locator entry or its data is invalid (§4.2 offset 576).
+    #[error("VHD parent locator {index} {field}: {reason}")]
+    Locator {
+        index: usize,
+        field: &'static str,
+        reason: String,
+    },
+    /// The parent of a differencing disk cannot be used: not found (the message lists every
+    /// place tried), a loop, a chain too deep, or a parent given where none belongs.
+    #[error("VHD parent: {reason}")]
+    Parent { reason: String },
+    /// The parent found is not the one the child was made from (§4.2 offset 40).
+    #[error(
+        "VHD parent {path}: unique id {} does not match the child's parent unique id {}",
+        uuid(found),
+        uuid(want)
+    )]
+    ParentMismatch {
+        path: std::path::PathBuf,
+        want: [u8; 16],
+        found: [u8; 16],
+    },
+    /// The parent was found but could not be opened.
+    #[error("VHD parent {path}: {source}")]
+    ParentOpen {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<VhdError>,
+    },
     /// A valid image of a kind not served (yet).
     #[error("{0} VHDs are not supported")]
     Unsupported(&'static str),
@@ -65,6 +101,21 @@ impl From<VhdError> for BackstoreError {
             },
         }
     }
+}
+
+/// A unique id in the usual 8-4-4-4-12 hex form (bytes in stored order, as libvhdi prints
+/// the footer's id).
+pub fn uuid(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let part = |r: std::ops::Range<usize>| hex.get(r).unwrap_or_default().to_owned();
+    format!(
+        "{}-{}-{}-{}-{}",
+        part(0..8),
+        part(8..12),
+        part(12..16),
+        part(16..20),
+        part(20..32)
+    )
 }
 
 /// `N` bytes at `at`, if present.
