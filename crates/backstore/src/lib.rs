@@ -1,10 +1,11 @@
-//! The `BlockBackend` contract and the RAM and file backstores.
+//! The `BlockBackend` contract and the RAM, file and block-device backstores.
 //!
 //! Backends are byte-addressed. Synchronous backends run on the daemon's bounded blocking pool;
 //! asynchronous ones ([`BlockBackend::is_async`], e.g. [`UringBackend`]) complete an
 //! [`IoFuture`] from their own thread. Offsets and lengths are checked here too
 //! (`checked_add`), whatever the caller checked.
 
+pub mod blockdev;
 pub mod buffers;
 pub mod file;
 pub mod pool;
@@ -12,6 +13,7 @@ pub mod ram;
 pub mod uring;
 pub mod vhd;
 
+pub use blockdev::{BlockDevBackend, BlockDevOptions};
 pub use file::{FileBackend, FileOptions};
 pub use pool::IoPool;
 pub use ram::RamBackend;
