@@ -338,6 +338,11 @@ pub enum BackstoreKind {
     Vhd {
         path: PathBuf,
     },
+    /// A block device (absolute path, never joined to the data directory), opened exclusively;
+    /// its size is the LUN's capacity.
+    Block {
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -624,12 +629,37 @@ impl Config {
                             path: data_dir.join(p.get_ref()),
                         }
                     }
+                    "block" => {
+                        let Some(p) = &l.path else {
+                            return cx.err(
+                                l.backstore.span(),
+                                key("path"),
+                                "a block backstore needs the path of a block device (e.g. /dev/sdb)",
+                            );
+                        };
+                        let path = PathBuf::from(p.get_ref());
+                        if !path.is_absolute() {
+                            return cx.err(
+                                p.span(),
+                                key("path"),
+                                "a block device path must be absolute (e.g. /dev/sdb)",
+                            );
+                        }
+                        if let Some(s) = &l.size {
+                            return cx.err(
+                                s.span(),
+                                key("size"),
+                                "not allowed for a block backstore: the device decides the size",
+                            );
+                        }
+                        BackstoreKind::Block { path }
+                    }
                     other => {
                         return cx.err(
                             l.backstore.span(),
                             key("backstore"),
                             format!(
-                            "unknown backstore {other:?}; expected \"file\", \"uring\", \"vhd\" or \"ram\""
+                            "unknown backstore {other:?}; expected \"file\", \"uring\", \"vhd\", \"block\" or \"ram\""
                         ),
                         )
                     }
@@ -1242,6 +1272,35 @@ size = "64MiB"
         assert_eq!(e.line, Some(5));
         let e = parse(&format!("{base}path = \"vm.vhd\"\nring_depth = 8\n")).unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].ring_depth");
+    }
+
+    #[test]
+    fn block_backstore_takes_an_absolute_device_path_and_no_size() {
+        let base =
+            "[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\nbackstore = \"block\"\n";
+        let c = parse(&format!("{base}path = \"/dev/loop0\"\nread_only = true\n")).unwrap();
+        let lun = &c.targets[0].luns[0];
+        assert_eq!(
+            lun.backstore,
+            BackstoreKind::Block {
+                path: PathBuf::from("/dev/loop0")
+            }
+        );
+        assert_eq!(lun.size, None);
+        assert!(lun.read_only);
+        let e = parse(base).unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("target[0].lun[0].path", Some(5)));
+        // Relative paths are not joined to the data directory.
+        let e = parse(&format!("{base}path = \"loop0\"\n")).unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("target[0].lun[0].path", Some(6)));
+        assert!(e.message.contains("absolute"), "{e}");
+        let e = parse(&format!("{base}path = \"/dev/loop0\"\nsize = \"1GiB\"\n")).unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("target[0].lun[0].size", Some(7)));
+        assert!(e.message.contains("the device decides"), "{e}");
+        let e = parse(&format!("{base}path = \"/dev/loop0\"\ndirect = true\n")).unwrap_err();
+        assert_eq!(e.key, "target[0].lun[0].direct");
+        let e = parse(&base.replace("\"block\"", "\"blk\"")).unwrap_err();
+        assert!(e.message.contains("\"block\""), "{e}");
     }
 
     #[test]
