@@ -40,6 +40,9 @@
 //! instead of the parent's, so the data is **synced** before the bitmap is written; the bitmap
 //! itself is durable at the next sync (FUA or `flush`), like the BAT entry. (On a dynamic disk
 //! a bit-0 sector holds zeroes, which is what it reads as anyway, so no sync is needed.)
+//! Every sector thus reads old or new after a crash; a write over both present and absent
+//! sectors of a block may be torn at sector granularity before it is acknowledged, as on a
+//! disk (present sectors are overwritten in place, absent ones claimed after the sync).
 //!
 //! # Bitmaps, unmap and extents
 //! Bitmap bit = 1: the sector's data is in the block (MSB of byte 0 = first sector). Reads
@@ -381,9 +384,11 @@ impl VhdBackend<File> {
             )));
         }
         chain.push(real.clone());
-        if chain.len() > MAX_CHAIN_DEPTH {
+        // `chain` holds this image and its differencing descendants; the parent would be
+        // one more image.
+        if chain.len() >= MAX_CHAIN_DEPTH {
             return Err(parent_err(format!(
-                "chain longer than {MAX_CHAIN_DEPTH} images at {}",
+                "the chain is longer than {MAX_CHAIN_DEPTH} images at {}",
                 real.display()
             )));
         }
@@ -1273,24 +1278,21 @@ pub fn create_dynamic(
     format_dynamic(create_file(path.as_ref())?, size, opts)
 }
 
-/// Create a differencing VHD at `path` (which must not exist) whose parent is the image at
-/// `parent`, and open it with that parent (resolved through the new locators).
+/// The writes (offset, bytes) that make an empty store a differencing disk whose parent is
+/// `p`, with parent name `name` and the locators `texts` (platform code, text) stored after
+/// the BAT, in that order.
 ///
 /// The child copies the parent footer's size fields (original and current size, CHS
 /// geometry; creator "qem2" when the parent is sized by its current size, so that the child
 /// has the parent's size by QEMU's rule), has disk type 4 and the block size of a dynamic or
 /// differencing parent (`opts.block_size` under a fixed parent, 2 MiB by default). The header
-/// records the parent's footer unique id and time stamp and its file name (UTF-16BE); two
-/// locators follow the BAT: W2ku with the canonical absolute path and W2ru with the path
-/// relative to the child's directory (`.\name` in the same directory), both UTF-16LE.
-pub fn create_differencing(
-    path: impl AsRef<Path>,
-    parent: &Path,
+/// records the parent's footer unique id and time stamp and `name` (UTF-16BE).
+fn differencing_image<P: Store>(
+    p: &VhdBackend<P>,
+    name: &str,
+    texts: &[([u8; 4], String)],
     opts: &CreateOptions,
-) -> std::result::Result<VhdBackend<File>, VhdError> {
-    let path = path.as_ref();
-    let parent_real = std::fs::canonicalize(parent).map_err(io_err("canonicalize parent", 0))?;
-    let p = VhdBackend::open(&parent_real, true)?;
+) -> std::result::Result<Vec<(u64, Vec<u8>)>, VhdError> {
     let block = match &p.format {
         Format::Dynamic(d) => d.header.block_size,
         Format::Fixed => opts.block_size,
@@ -1330,11 +1332,88 @@ pub fn create_differencing(
     let mut header = DynamicHeader::new(CREATE_BAT_AT, entries, block);
     header.parent_unique_id = pf.unique_id;
     header.parent_timestamp = pf.timestamp;
+    header.parent_name = locator::encode_name(name)?;
+    if texts.len() > header.parent_locators.len() {
+        return Err(create_err("parent", "more than 8 locators"));
+    }
+    let bat_len = (u64::from(entries) * bat::ENTRY_LEN).div_ceil(SECTOR) * SECTOR;
+    let fb = footer.encode();
+    let mut writes = vec![
+        (0, fb.to_vec()),
+        (
+            CREATE_BAT_AT,
+            vec![0xFFu8; to_usize(bat_len).map_err(|_| create_err("size", "BAT"))?],
+        ),
+    ];
+    let mut at = CREATE_BAT_AT + bat_len;
+    for ((code, text), slot) in texts.iter().zip(header.parent_locators.iter_mut()) {
+        let data = locator::encode_data(*code, text);
+        let space = len64(data.len()).div_ceil(SECTOR).max(1);
+        *slot = ParentLocator {
+            platform_code: *code,
+            data_space: u32::try_from(space).map_err(|_| create_err("parent", "path too long"))?,
+            data_length: u32::try_from(data.len())
+                .ok()
+                .filter(|&n| n <= locator::MAX_DATA_LEN)
+                .ok_or_else(|| create_err("parent", "path too long"))?,
+            data_offset: at,
+        };
+        writes.push((at, data));
+        at += space * SECTOR;
+    }
+    writes.push((CREATE_HEADER_AT, header.encode().to_vec()));
+    writes.push((at, fb.to_vec()));
+    Ok(writes)
+}
+
+fn apply_writes<S: Store + ?Sized>(
+    store: &S,
+    writes: &[(u64, Vec<u8>)],
+) -> std::result::Result<(), VhdError> {
+    for (at, data) in writes {
+        store
+            .write_all_at(data, *at)
+            .map_err(io_err("create", *at))?;
+    }
+    store.sync().map_err(io_err("create", 0))
+}
+
+/// Write a differencing disk whose parent is `parent` into the empty `store` and open it with
+/// that parent (tests, fuzzing). `name` is the parent name recorded; `locators` are
+/// (platform code, text) pairs stored after the BAT, e.g. `(locator::W2RU, ".\\p.vhd")`.
+/// Layout and copied fields as [`create_differencing`].
+pub fn format_differencing<S: Store, P: Store>(
+    store: S,
+    parent: Arc<VhdBackend<P>>,
+    name: &str,
+    locators: &[([u8; 4], String)],
+    opts: &CreateOptions,
+) -> std::result::Result<VhdBackend<S>, VhdError> {
+    let writes = differencing_image(&parent, name, locators, opts)?;
+    store.set_len(0).map_err(io_err("create", 0))?;
+    apply_writes(&store, &writes)?;
+    VhdBackend::open_store_with_parent(store, false, Some(parent))
+}
+
+/// Create a differencing VHD at `path` (which must not exist) whose parent is the image at
+/// `parent`, and open it with that parent (resolved through the new locators).
+///
+/// Fields are copied as described on [`format_differencing`]; the parent name is the parent's
+/// file name, and two locators follow the BAT: W2ku with the canonical absolute path and
+/// W2ru with the path relative to the child's directory (`.\name` in the same directory),
+/// both UTF-16LE.
+pub fn create_differencing(
+    path: impl AsRef<Path>,
+    parent: &Path,
+    opts: &CreateOptions,
+) -> std::result::Result<VhdBackend<File>, VhdError> {
+    let path = path.as_ref();
+    let parent_real = std::fs::canonicalize(parent).map_err(io_err("canonicalize parent", 0))?;
+    let p = VhdBackend::open(&parent_real, true)?;
     let name = parent_real
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| create_err("parent", "the parent's file name is not UTF-8"))?;
-    header.parent_name = locator::encode_name(name)?;
     let abs = parent_real
         .to_str()
         .ok_or_else(|| create_err("parent", "the parent's path is not UTF-8"))?;
@@ -1347,41 +1426,10 @@ pub fn create_differencing(
     if let Some(rel) = locator::relative_text(&child_dir, &parent_real) {
         texts.push((locator::W2RU, rel));
     }
-    let bat_len = (u64::from(entries) * bat::ENTRY_LEN).div_ceil(SECTOR) * SECTOR;
-    let mut at = CREATE_BAT_AT + bat_len;
-    let mut locator_data = Vec::new();
-    for ((code, text), slot) in texts.into_iter().zip(header.parent_locators.iter_mut()) {
-        let data = locator::encode_data(code, &text);
-        let space = len64(data.len()).div_ceil(SECTOR).max(1);
-        *slot = ParentLocator {
-            platform_code: code,
-            data_space: u32::try_from(space).map_err(|_| create_err("parent", "path too long"))?,
-            data_length: u32::try_from(data.len())
-                .ok()
-                .filter(|&n| n <= locator::MAX_DATA_LEN)
-                .ok_or_else(|| create_err("parent", "path too long"))?,
-            data_offset: at,
-        };
-        locator_data.push((at, data));
-        at += space * SECTOR;
-    }
-    let footer_at = at;
-    let fb = footer.encode();
-    let file = create_file(path)?;
-    file.write_all_at(&fb, 0).map_err(io_err("create", 0))?;
-    file.write_all_at(&header.encode(), CREATE_HEADER_AT)
-        .map_err(io_err("create", CREATE_HEADER_AT))?;
-    let table = vec![0xFFu8; usize::try_from(bat_len).map_err(|_| create_err("size", "BAT"))?];
-    file.write_all_at(&table, CREATE_BAT_AT)
-        .map_err(io_err("create", CREATE_BAT_AT))?;
-    for (data_at, data) in &locator_data {
-        file.write_all_at(data, *data_at)
-            .map_err(io_err("create", *data_at))?;
-    }
-    file.write_all_at(&fb, footer_at)
-        .map_err(io_err("create", footer_at))?;
-    Store::sync(&file).map_err(io_err("create", 0))?;
-    drop(file);
+    let writes = differencing_image(&p, name, &texts, opts)?;
     drop(p);
+    let file = create_file(path)?;
+    apply_writes(&file, &writes)?;
+    drop(file);
     VhdBackend::open(path, false)
 }

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 
@@ -529,37 +529,42 @@ fn apply(img: &MemStore, op: &Op) {
     }
 }
 
+/// A write of a crash scenario: `(offset, data, fua, zero)`; `zero` writes with
+/// `write_zeroes(.., unmap = true)` instead (then `data` is all zeroes).
+type CrashWrite = (u64, Vec<u8>, bool, bool);
+
 /// Every state a crash can leave: all operations before some sync, plus any subset (in order)
 /// of the operations between that sync and the next. Each state must open, keep a footer in
 /// its last 512 bytes, and show each write either entirely or not at all; FUA writes whose
-/// sync completed must be there.
-#[test]
-fn every_crash_state_opens_and_reads_consistently() {
-    let block = 4096u32;
-    let size = 8 * u64::from(block);
-    let base = image::format_dynamic(MemStore::default(), size, &opts(true, block)).unwrap();
-    base.write(0, &[0x11; 4096], true).unwrap();
-    // Leaked space from an "earlier crash" past the footer: stale bytes that must not show.
-    let mut base_bytes = base.store().bytes();
-    let footer: Vec<u8> = base_bytes[base_bytes.len() - 512..].to_vec();
-    base_bytes.extend_from_slice(&[0xEE; 6000]);
-    base_bytes.extend_from_slice(&footer);
-
+/// sync completed must be there. The image starts as `base_bytes` (opened with `parent` when
+/// it is a differencing disk); `writes` must not overlap; each `piece`-byte aligned piece of a
+/// write is all or nothing.
+fn check_crash_states(
+    base_bytes: &[u8],
+    parent: Option<Arc<dyn BlockBackend>>,
+    piece_len: u64,
+    writes: &[CrashWrite],
+) {
+    let open = |img: MemStore| VhdBackend::open_store_with_parent(img, true, parent.clone());
+    let before = open(MemStore::new(base_bytes.to_vec())).unwrap();
+    let size = before.size();
+    let old = before.read(0, size as usize).unwrap().to_vec();
     let rec = Recorder {
-        inner: MemStore::new(base_bytes.clone()),
+        inner: MemStore::new(base_bytes.to_vec()),
         log: Mutex::new(Vec::new()),
     };
-    let b = VhdBackend::open_store(rec, false).unwrap();
-    // (offset, data, fua), and the log length after each write.
-    let writes: Vec<(u64, Vec<u8>, bool)> = vec![
-        (2 * 4096 + 100, vec![0x22; 1000], false), // allocates block 2
-        (512, vec![0x33; 700], true),              // allocated block 0
-        (5 * 4096, vec![0x44; 4096 + 512], true),  // allocates blocks 5 and 6
-        (2 * 4096 + 3000, vec![0x55; 200], false), // allocated block 2
-    ];
+    let b = VhdBackend::open_store_with_parent(rec, false, parent.clone()).unwrap();
+    // The log length after each write.
     let mut ends = Vec::new();
-    for (at, data, fua) in &writes {
-        b.write(*at, data, *fua).unwrap();
+    for (at, data, fua, zero) in writes {
+        if *zero {
+            b.write_zeroes(*at, data.len() as u64, true).unwrap();
+            if *fua {
+                b.flush().unwrap();
+            }
+        } else {
+            b.write(*at, data, *fua).unwrap();
+        }
         ends.push(b.store().log.lock().unwrap().len());
     }
     let log = b.store().log.lock().unwrap().clone();
@@ -579,7 +584,7 @@ fn every_crash_state_opens_and_reads_consistently() {
             .collect();
         assert!(epoch.len() <= 12, "epoch too long to enumerate");
         for mask in 0u32..(1 << epoch.len()) {
-            let img = MemStore::new(base_bytes.clone());
+            let img = MemStore::new(base_bytes.to_vec());
             for op in &log[..start] {
                 apply(&img, op);
             }
@@ -593,30 +598,27 @@ fn every_crash_state_opens_and_reads_consistently() {
                 Footer::parse(&bytes[bytes.len() - 512..]).is_ok(),
                 "crash state {k}/{mask:b}: no trailing footer"
             );
-            let v = VhdBackend::open_store(img, true)
-                .unwrap_or_else(|e| panic!("crash state {k}/{mask:b}: {e}"));
+            let v = open(img).unwrap_or_else(|e| panic!("crash state {k}/{mask:b}: {e}"));
             let disk = v.read(0, size as usize).unwrap();
-            // Expected: base, then each write's piece in each block either absent or present
-            // (later writes win); a write spanning blocks may land in some blocks only.
+            // Expected: the old disk, then each write's piece in each block either absent or
+            // present; a write spanning pieces may land in some pieces only.
             let mut covered = vec![false; size as usize];
-            for (w, (at, data, fua)) in writes.iter().enumerate().rev() {
+            for (w, (at, data, fua, _)) in writes.iter().enumerate() {
                 let durable = *fua && start >= ends[w];
                 let end = *at as usize + data.len();
                 let mut piece = *at as usize;
                 while piece < end {
-                    let piece_end = ((piece / block as usize + 1) * block as usize).min(end);
+                    let piece_end =
+                        ((piece / piece_len as usize + 1) * piece_len as usize).min(end);
                     let r = piece..piece_end;
-                    let fresh: Vec<usize> = r.clone().filter(|&i| !covered[i]).collect();
-                    let all_new = fresh.iter().all(|&i| disk[i] == data[i - *at as usize]);
-                    let all_old = fresh.iter().all(|&i| {
-                        let old = if i < 4096 { 0x11 } else { 0 };
-                        disk[i] == old
-                    });
+                    let all_new = r.clone().all(|i| disk[i] == data[i - *at as usize]);
+                    let all_old = r.clone().all(|i| disk[i] == old[i]);
                     assert!(
                         all_new || (all_old && !durable),
                         "crash state {k}/{mask:b}: write {w} torn or lost in {r:?} (durable {durable})"
                     );
                     for i in r {
+                        assert!(!covered[i], "crash writes overlap at {i}");
                         covered[i] = true;
                     }
                     piece = piece_end;
@@ -624,12 +626,530 @@ fn every_crash_state_opens_and_reads_consistently() {
             }
             for (i, &c) in covered.iter().enumerate() {
                 if !c {
-                    let old = if i < 4096 { 0x11 } else { 0 };
-                    assert_eq!(disk[i], old, "crash state {k}/{mask:b}: byte {i}");
+                    assert_eq!(disk[i], old[i], "crash state {k}/{mask:b}: byte {i}");
                 }
             }
             states += 1;
         }
     }
     assert!(states > writes.len());
+}
+
+/// `bytes` with stale bytes ("leaked by an earlier crash") and a footer copy appended.
+fn with_leaked_tail(mut bytes: Vec<u8>) -> Vec<u8> {
+    let footer: Vec<u8> = bytes[bytes.len() - 512..].to_vec();
+    bytes.extend_from_slice(&[0xEE; 6000]);
+    bytes.extend_from_slice(&footer);
+    bytes
+}
+
+#[test]
+fn every_crash_state_opens_and_reads_consistently() {
+    let block = 4096u32;
+    let size = 8 * u64::from(block);
+    let base = image::format_dynamic(MemStore::default(), size, &opts(true, block)).unwrap();
+    base.write(0, &[0x11; 4096], true).unwrap();
+    let base_bytes = with_leaked_tail(base.store().bytes());
+    let writes: Vec<CrashWrite> = vec![
+        (2 * 4096 + 100, vec![0x22; 1000], false, false), // allocates block 2
+        (512, vec![0x33; 700], true, false),              // allocated block 0
+        (5 * 4096, vec![0x44; 4096 + 512], true, false),  // allocates blocks 5 and 6
+        (2 * 4096 + 3000, vec![0x55; 200], false, false), // allocated block 2
+    ];
+    check_crash_states(&base_bytes, None, u64::from(block), &writes);
+}
+
+/// The same enumeration for a differencing disk: no crash state shows a sector whose bit is
+/// set over data that was not written (it would hide the parent's bytes), nor a torn sector.
+/// Writes are all or nothing per block except the last, which overwrites present sectors in
+/// place and sets the bits of absent ones afterwards: like a disk, it may be torn at sector
+/// granularity by a crash before it is acknowledged.
+#[test]
+fn every_differencing_crash_state_opens_and_reads_consistently() {
+    let block = 4096u32;
+    let parent = mem_parent(8 * u64::from(block), block);
+    let child = mem_child(&parent);
+    // Block 0 holds sectors 1..4 only (a partial bitmap).
+    child.write(512, &[0x11; 1536], true).unwrap();
+    let base_bytes = with_leaked_tail(child.store().bytes());
+    let writes: Vec<CrashWrite> = vec![
+        (2 * 4096 + 100, vec![0x22; 1000], false, false), // allocates block 2, partial sectors
+        (5 * 512 + 10, vec![0x33; 700], true, false),     // block 0, new bits
+        (600, vec![0x66; 100], false, false),             // block 0, bits already set
+        (5 * 4096 + 300, vec![0x44; 4096 + 512], true, false), // allocates blocks 5 and 6
+        (2 * 4096 + 3000, vec![0x55; 200], false, false), // block 2, new bits
+        (4 * 4096 + 1000, vec![0; 2000], false, true),    // allocates block 4 with zeroes
+        (2 * 4096 + 1500, vec![0; 1000], true, true),     // block 2: zeroes over the parent
+    ];
+    let parent: Arc<dyn BlockBackend> = parent;
+    check_crash_states(&base_bytes, Some(parent.clone()), 512, &writes);
+    // Without the write over present and absent sectors, each block is all or nothing.
+    check_crash_states(
+        &base_bytes,
+        Some(parent),
+        u64::from(block),
+        &writes[..writes.len() - 1],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differencing disks in memory
+
+/// Byte `i` of the parents below: position dependent, never zero.
+fn parent_byte(i: u64) -> u8 {
+    ((i % 251) as u8 ^ 0x5a) | 1
+}
+
+/// A dynamic parent in memory with `block`-byte blocks, every block but block 1 filled with
+/// [`parent_byte`] (block 1 stays unallocated and reads as zeroes).
+fn mem_parent(size: u64, block: u32) -> Arc<VhdBackend<MemStore>> {
+    let p = image::format_dynamic(MemStore::default(), size, &opts(true, block)).unwrap();
+    let data: Vec<u8> = (0..size).map(parent_byte).collect();
+    let b = u64::from(block);
+    p.write(0, &data[..b as usize], false).unwrap();
+    p.write(2 * b, &data[2 * b as usize..], false).unwrap();
+    Arc::new(p)
+}
+
+fn parent_bytes(parent: &VhdBackend<MemStore>) -> Vec<u8> {
+    parent.read(0, parent.size() as usize).unwrap().to_vec()
+}
+
+/// Options of a child: another unique id than its parent's.
+fn child_opts() -> CreateOptions {
+    CreateOptions {
+        unique_id: [9; 16],
+        ..opts(true, 4096)
+    }
+}
+
+fn mem_child<P: Store>(parent: &Arc<VhdBackend<P>>) -> VhdBackend<MemStore> {
+    let locators = [
+        (locator::W2RU, ".\\p.vhd".to_owned()),
+        (locator::W2KU, "/nonexistent/p.vhd".to_owned()),
+    ];
+    image::format_differencing(
+        MemStore::default(),
+        Arc::clone(parent),
+        "p.vhd",
+        &locators,
+        &child_opts(),
+    )
+    .unwrap()
+}
+
+/// A fresh differencing disk over an empty (all-zero) dynamic parent.
+fn mem_differencing(size: u64, block: u32) -> VhdBackend<MemStore> {
+    let parent = Arc::new(mem_dynamic(size, block));
+    mem_child(&parent)
+}
+
+/// A differencing disk over a differencing disk over an empty dynamic disk.
+fn mem_differencing_chain(size: u64) -> VhdBackend<MemStore> {
+    let mid = Arc::new(mem_differencing(size, 8192));
+    mem_child(&mid)
+}
+
+fn file_differencing(size: u64) -> VhdBackend {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    drop(create_dynamic(&base, size, &opts(true, 64 << 10)).unwrap());
+    create_differencing(dir.path().join("child.vhd"), &base, &child_opts()).unwrap()
+}
+
+crate::backstore_conformance!(conformance_differencing_mem_4k, |size| {
+    super::mem_differencing(size, 4096)
+});
+crate::backstore_conformance!(conformance_differencing_mem_2m, |size| {
+    super::mem_differencing(size, 2 << 20)
+});
+crate::backstore_conformance!(
+    conformance_differencing_chain,
+    super::mem_differencing_chain
+);
+crate::backstore_conformance!(conformance_differencing_file, super::file_differencing);
+
+/// The bitmap bits of `block` in a differencing image, or `None` if it is unallocated.
+fn bits_on_disk(img: &[u8], block: usize, block_size: u64) -> Option<Vec<bool>> {
+    let at = 1536 + 4 * block;
+    let entry = u32::from_be_bytes(img[at..at + 4].try_into().unwrap());
+    if entry == u32::MAX {
+        return None;
+    }
+    let bitmap = &img[entry as usize * 512..];
+    Some(
+        (0..(block_size / 512) as usize)
+            .map(|s| bitmap[s / 8] & (0x80 >> (s % 8)) != 0)
+            .collect(),
+    )
+}
+
+#[test]
+fn differencing_reads_fall_through_to_the_parent() {
+    let parent = mem_parent(64 << 10, 4096);
+    let child = mem_child(&parent);
+    let want = parent_bytes(&parent);
+    assert_eq!(
+        want[4096..8192],
+        [0u8; 4096][..],
+        "block 1 of the parent is a hole"
+    );
+    assert_eq!(child.read(0, want.len()).unwrap()[..], want[..]);
+    assert_eq!(child.size(), parent.size());
+    assert!(!child.thin_provisioning());
+    assert_eq!(
+        child.extents(100, 50_000).unwrap(),
+        vec![crate::Extent {
+            offset: 100,
+            len: 50_000,
+            mapped: true
+        }]
+    );
+    let info = child.info();
+    assert_eq!(info.disk_type, DiskType::Differencing);
+    assert_eq!(info.parent_name.as_deref(), Some("p.vhd"));
+    assert_eq!(info.parent_unique_id, Some(parent.info().footer.unique_id));
+    assert_eq!(info.parent_path, None);
+    let texts: Vec<(String, Option<String>)> = info
+        .parent_locators
+        .iter()
+        .map(|l| (l.platform(), l.text.clone()))
+        .collect();
+    assert_eq!(
+        texts,
+        vec![
+            ("W2ru".to_owned(), Some(".\\p.vhd".to_owned())),
+            ("W2ku".to_owned(), Some("/nonexistent/p.vhd".to_owned()))
+        ]
+    );
+    assert_eq!(
+        info.footer.original_size,
+        parent.info().footer.original_size
+    );
+    assert_eq!(info.header.unwrap().block_size, 4096);
+    // The child file holds no block yet.
+    assert_eq!(info.allocated_blocks, 0);
+}
+
+#[test]
+fn differencing_writes_set_only_the_written_sectors() {
+    let parent = mem_parent(64 << 10, 4096);
+    let child = mem_child(&parent);
+    let mut model = parent_bytes(&parent);
+    // Unaligned, inside block 2: sectors 1..=3 are touched, 1 and 3 only partly.
+    let (at, data) = (2 * 4096 + 700, vec![0xC3; 1000]);
+    child.write(at, &data, false).unwrap();
+    model[at as usize..at as usize + 1000].copy_from_slice(&data);
+    let img = child.store().bytes();
+    let bits = bits_on_disk(&img, 2, 4096).unwrap();
+    let set: Vec<usize> = (0..8).filter(|&s| bits[s]).collect();
+    assert_eq!(set, vec![1, 2, 3]);
+    // Across blocks 3..=5, ending mid-sector, and into the parent's hole (block 1).
+    let (at2, data2) = (
+        3 * 4096 + 4000,
+        (0..9000u32).map(|i| i as u8).collect::<Vec<u8>>(),
+    );
+    child.write(at2, &data2, true).unwrap();
+    model[at2 as usize..at2 as usize + 9000].copy_from_slice(&data2);
+    let (at3, data3) = (4096 + 10, vec![0x77; 20]);
+    child.write(at3, &data3, false).unwrap();
+    model[at3 as usize..at3 as usize + 20].copy_from_slice(&data3);
+    // An allocated block, new bits: sector 6 of block 2 partly; then bits already set.
+    let (at4, data4) = (2 * 4096 + 6 * 512 + 5, vec![0x99; 10]);
+    child.write(at4, &data4, false).unwrap();
+    model[at4 as usize..at4 as usize + 10].copy_from_slice(&data4);
+    child.write(2 * 4096 + 800, &[0x44; 5], false).unwrap();
+    model[2 * 4096 + 800..2 * 4096 + 805].fill(0x44);
+    assert_eq!(child.read(0, model.len()).unwrap()[..], model[..]);
+
+    let img = child.store().bytes();
+    let bits = bits_on_disk(&img, 2, 4096).unwrap();
+    let set: Vec<usize> = (0..8).filter(|&s| bits[s]).collect();
+    assert_eq!(set, vec![1, 2, 3, 6]);
+    // 16288..25288: the last sector of block 3, blocks 4 and 5, sectors 0 and 1 of block 6.
+    assert_eq!(
+        bits_on_disk(&img, 3, 4096).unwrap(),
+        [vec![false; 7], vec![true]].concat()
+    );
+    assert_eq!(bits_on_disk(&img, 4, 4096).unwrap(), vec![true; 8]);
+    assert_eq!(bits_on_disk(&img, 5, 4096).unwrap(), vec![true; 8]);
+    assert_eq!(
+        bits_on_disk(&img, 6, 4096).unwrap(),
+        [vec![true; 2], vec![false; 6]].concat()
+    );
+    assert_eq!(bits_on_disk(&img, 7, 4096), None);
+    // The same bytes after reopening (bitmaps and BAT on disk, not only cached).
+    let again = VhdBackend::open_store_with_parent(
+        MemStore::new(img),
+        true,
+        Some(parent.clone() as Arc<dyn BlockBackend>),
+    )
+    .unwrap();
+    assert_eq!(again.read(0, model.len()).unwrap()[..], model[..]);
+}
+
+#[test]
+fn differencing_write_zeroes_and_unmap_hide_the_parent() {
+    for unmap in [false, true] {
+        let parent = mem_parent(64 << 10, 4096);
+        let child = mem_child(&parent);
+        let mut model = parent_bytes(&parent);
+        child.write(3 * 4096, &[0x12; 4096], false).unwrap();
+        model[3 * 4096..4 * 4096].fill(0x12);
+        // Unallocated block, partial sectors at both ends; an allocated one; a whole one.
+        for (at, len) in [(100u64, 3000u64), (3 * 4096 + 10, 1000), (5 * 4096, 4096)] {
+            child.write_zeroes(at, len, unmap).unwrap();
+            model[at as usize..(at + len) as usize].fill(0);
+        }
+        child.unmap(8 * 4096 + 511, 2).unwrap();
+        model[8 * 4096 + 511..8 * 4096 + 513].fill(0);
+        assert_eq!(
+            child.read(0, model.len()).unwrap()[..],
+            model[..],
+            "{unmap}"
+        );
+        let img = child.store().bytes();
+        let bits = bits_on_disk(&img, 0, 4096).unwrap();
+        // 100..3100: sectors 0..=6.
+        assert_eq!(bits, [vec![true; 7], vec![false]].concat());
+        let again = VhdBackend::open_store_with_parent(
+            MemStore::new(img),
+            true,
+            Some(parent.clone() as Arc<dyn BlockBackend>),
+        )
+        .unwrap();
+        assert_eq!(again.read(0, model.len()).unwrap()[..], model[..]);
+    }
+}
+
+#[test]
+fn differencing_random_io_matches_a_model() {
+    for (n, block) in [512u32, 4096, 1 << 16].into_iter().enumerate() {
+        let parent = mem_parent(512 << 10, block);
+        let child = mem_child(&parent);
+        let model = random_io(&child, 0x5eed + n as u64, 60);
+        let again = VhdBackend::open_store_with_parent(
+            MemStore::new(child.store().bytes()),
+            true,
+            Some(parent.clone() as Arc<dyn BlockBackend>),
+        )
+        .unwrap();
+        assert!(
+            again.read(0, model.len()).unwrap()[..] == model[..],
+            "{block}"
+        );
+        // A grandchild sees the same disk, and its own writes only.
+        let mid = Arc::new(again);
+        let top = mem_child(&mid);
+        assert!(top.read(0, model.len()).unwrap()[..] == model[..]);
+        top.write(1000, &[0xEF; 5000], false).unwrap();
+        assert!(mid.read(0, model.len()).unwrap()[..] == model[..]);
+        assert_eq!(top.read(1000, 5000).unwrap()[..], [0xEF; 5000][..]);
+    }
+}
+
+#[test]
+fn differencing_parent_rules_when_opening_a_store() {
+    let parent = mem_parent(64 << 10, 4096);
+    let child = mem_child(&parent);
+    let img = child.store().bytes();
+    assert!(matches!(
+        VhdBackend::open_store(MemStore::new(img.clone()), false),
+        Err(VhdError::Parent { .. })
+    ));
+    let dynamic = parent.store().bytes();
+    assert!(matches!(
+        VhdBackend::open_store_with_parent(
+            MemStore::new(dynamic),
+            false,
+            Some(parent.clone() as Arc<dyn BlockBackend>)
+        ),
+        Err(VhdError::Parent { .. })
+    ));
+    // A parent smaller than the child: the bytes past its end read as zeroes.
+    let small: Arc<dyn BlockBackend> = Arc::new(crate::RamBackend::new(8192).unwrap());
+    small.write(0, &[0x31; 8192], false).unwrap();
+    let c = VhdBackend::open_store_with_parent(MemStore::new(img), false, Some(small)).unwrap();
+    assert_eq!(
+        c.read(8000, 300).unwrap()[..],
+        [vec![0x31; 192], vec![0; 108]].concat()[..]
+    );
+    c.write(8190, &[7; 4], false).unwrap();
+    assert_eq!(
+        c.read(8188, 8).unwrap()[..],
+        [0x31, 0x31, 7, 7, 7, 7, 0, 0][..]
+    );
+    // Read-only children refuse writes.
+    let ro = VhdBackend::open_store_with_parent(
+        MemStore::new(child.store().bytes()),
+        true,
+        Some(parent.clone() as Arc<dyn BlockBackend>),
+    )
+    .unwrap();
+    assert!(matches!(
+        ro.write_zeroes(0, 512, true),
+        Err(BackstoreError::ReadOnly { .. })
+    ));
+}
+
+/// Rewrite locator `i` of the header at 512 (fixing the header checksum).
+fn set_locator(img: &mut [u8], i: usize, edit: impl FnOnce(&mut header::ParentLocator)) {
+    let mut h = header::DynamicHeader::parse(&img[512..1536]).unwrap();
+    edit(&mut h.parent_locators[i]);
+    img[512..1536].copy_from_slice(&h.encode());
+}
+
+#[test]
+fn corrupt_locators_are_refused_naming_the_field() {
+    let parent = mem_parent(64 << 10, 4096);
+    let good = mem_child(&parent).store().bytes();
+    let len = good.len() as u64;
+    let open = |img: Vec<u8>| {
+        VhdBackend::open_store_with_parent(
+            MemStore::new(img),
+            false,
+            Some(parent.clone() as Arc<dyn BlockBackend>),
+        )
+    };
+    let w2ru_at = header::DynamicHeader::parse(&good[512..1536])
+        .unwrap()
+        .parent_locators[0]
+        .data_offset as usize;
+    let cases: Vec<(Vec<u8>, usize, &str)> = vec![
+        (
+            {
+                let mut b = good.clone();
+                set_locator(&mut b, 1, |l| l.data_offset = len + 512);
+                b
+            },
+            1,
+            "data offset",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                set_locator(&mut b, 0, |l| l.data_offset = 3);
+                b
+            },
+            0,
+            "data offset",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                set_locator(&mut b, 1, |l| l.data_length = 1 << 30);
+                b
+            },
+            1,
+            "data length",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                set_locator(&mut b, 0, |l| l.data_length = 7);
+                b
+            },
+            0,
+            "data length",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                set_locator(&mut b, 2, |l| {
+                    *l = header::ParentLocator {
+                        platform_code: *b"Wi2r",
+                        data_space: 700,
+                        data_length: 4,
+                        data_offset: 1024,
+                    }
+                });
+                b
+            },
+            2,
+            "data space",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                b[w2ru_at..w2ru_at + 2].copy_from_slice(&0xdc01u16.to_le_bytes());
+                b
+            },
+            0,
+            "path",
+        ),
+    ];
+    for (img, index, field) in cases {
+        match open(img) {
+            Err(e @ VhdError::Locator { .. }) => {
+                let VhdError::Locator {
+                    index: i, field: f, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((*i, *f), (index, field), "{e}");
+                assert!(
+                    e.to_string()
+                        .contains(&format!("parent locator {index} {field}")),
+                    "{e}"
+                );
+            }
+            other => panic!("{index} {field}: {other:?}"),
+        }
+    }
+    // A block may not overlap the locator data.
+    let mut over = good.clone();
+    let footer = over[over.len() - 512..].to_vec();
+    over.extend_from_slice(&[0; 8192]);
+    over.extend_from_slice(&footer);
+    set_bat(&mut over, 0, (w2ru_at / 512) as u32);
+    match open(over) {
+        Err(VhdError::Bat { index: 0, reason }) => {
+            assert!(reason.contains("parent locator data"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The parent name must be UTF-16.
+    let mut name = good.clone();
+    name[512 + 64..512 + 66].copy_from_slice(&0xd800u16.to_be_bytes());
+    let sum = checksum(&name[512..1536], 36);
+    name[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+    assert!(matches!(
+        open(name),
+        Err(VhdError::Header {
+            field: "parent_name",
+            ..
+        })
+    ));
+    assert!(open(good).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Mutated differencing images never panic `open_store_with_parent`, reads or writes.
+    #[test]
+    fn differencing_open_never_panics_on_mutated_images(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+        header_only in any::<bool>(),
+    ) {
+        let parent = mem_parent(16 << 10, 4096);
+        let child = mem_child(&parent);
+        child.write(4096 + 100, &[3; 700], false).unwrap();
+        let mut img = child.store().bytes();
+        for (at, v) in edits {
+            let i = if header_only { 512 + at.index(1024) } else { at.index(img.len()) };
+            img[i] = v;
+        }
+        let sum = checksum(&img[512..1536], 36);
+        img[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+        let p: Arc<dyn BlockBackend> = parent;
+        if let Ok(b) = VhdBackend::open_store_with_parent(MemStore::new(img), false, Some(p)) {
+            let size = b.size().min(1 << 20);
+            let _ = b.read(0, size as usize);
+            let _ = b.write(100, &[9; 700], false);
+            let _ = b.write_zeroes(3000, 5000, true);
+            let _ = b.info();
+        }
+    }
 }
