@@ -30,6 +30,7 @@ use std::path::Path;
 use super::bat::{self, MAX_BAT_ENTRIES, UNALLOCATED};
 use super::footer::{DiskType, Footer, FEATURE_RESERVED, FOOTER_LEN, FOOTER_SIZE, NO_DATA_OFFSET};
 use super::header::{DynamicHeader, HEADER_LEN, HEADER_SIZE};
+use super::locator;
 use super::store::Store;
 use super::VhdError;
 
@@ -159,6 +160,14 @@ fn problem_of(prefix: &str, e: &VhdError) -> (String, String) {
         VhdError::Footer { field, reason } => (format!("{prefix}.{field}"), reason.clone()),
         VhdError::Header { field, reason } => (format!("header.{field}"), reason.clone()),
         VhdError::Bat { index, reason } => (format!("bat[{index}]"), reason.clone()),
+        VhdError::Locator {
+            index,
+            field,
+            reason,
+        } => (
+            format!("header.parent_locator[{index}].{}", field.replace(' ', "_")),
+            reason.clone(),
+        ),
         other => ("file".to_owned(), other.to_string()),
     }
 }
@@ -466,7 +475,7 @@ impl<S: Store + ?Sized> Checker<'_, S> {
                 name: "BAT".to_owned(),
             },
         ];
-        self.locators(f, &header, &mut meta);
+        self.locators(f, &header, &mut meta)?;
         let meta_end = meta.iter().map(|r| r.end).max().unwrap_or(0);
         if source == FooterSource::Trailing {
             meta.push(Range {
@@ -486,70 +495,53 @@ impl<S: Store + ?Sized> Checker<'_, S> {
 
     /// Parent locators (§4.2 offset 576): in the file, clear of the other metadata; their
     /// data ranges join `meta`.
-    fn locators(&mut self, f: &Footer, h: &DynamicHeader, meta: &mut Vec<Range>) {
+    fn locators(
+        &mut self,
+        f: &Footer,
+        h: &DynamicHeader,
+        meta: &mut Vec<Range>,
+    ) -> Result<(), VhdError> {
         let len = self.len;
         let differencing = f.disk_type == DiskType::Differencing;
         let mut used = 0usize;
-        for (i, loc) in h.parent_locators.iter().enumerate() {
+        for (i, entry) in h.parent_locators.iter().enumerate() {
             let at = format!("header.parent_locator[{i}]");
-            if loc.platform_code == [0; 4] {
-                continue;
-            }
+            let range = match locator::check_entry(i, entry, len) {
+                Ok(None) => continue,
+                Ok(Some(r)) => r,
+                Err(e) => {
+                    used += 1;
+                    let (loc, msg) = problem_of("footer", &e);
+                    self.report.error(loc, msg);
+                    continue;
+                }
+            };
             used += 1;
             if !differencing {
                 self.report
                     .warning(at.clone(), "set on a disk that is not differencing");
             }
+            let code = entry.platform_code;
             if !matches!(
-                &loc.platform_code,
+                &code,
                 b"W2ru" | b"W2ku" | b"MacX" | b"Mac " | b"Wi2r" | b"Wi2k"
             ) {
                 self.report.warning(
                     at.clone(),
-                    format!(
-                        "unknown platform code {:?}",
-                        String::from_utf8_lossy(&loc.platform_code)
-                    ),
+                    format!("unknown platform code {:?}", String::from_utf8_lossy(&code)),
                 );
             }
-            let data_len = u64::from(loc.data_length);
-            if data_len == 0 {
+            let (start, end) = (range.start, range.end);
+            if start == end {
                 self.report.warning(at.clone(), "empty locator data");
-                continue;
             }
-            let space_bytes = u64::from(loc.data_space).saturating_mul(SECTOR);
-            if space_bytes < data_len {
-                if u64::from(loc.data_space) >= data_len {
-                    self.report.warning(
-                        at.clone(),
-                        format!(
-                            "data_space {} looks like bytes, not sectors",
-                            loc.data_space
-                        ),
-                    );
-                } else {
-                    self.report.error(
-                        at.clone(),
-                        format!(
-                            "{data_len} bytes of data exceed the {} reserved sectors",
-                            loc.data_space
-                        ),
-                    );
-                }
+            // check_entry bounds the length (64 KiB) and keeps it inside the file.
+            let n = usize::try_from(end - start).unwrap_or(0);
+            let data = self.read(start, n, "read parent locator")?;
+            if let Err(e) = locator::decode_data(i, code, &data) {
+                let (loc, msg) = problem_of("footer", &e);
+                self.report.error(loc, msg);
             }
-            let start = loc.data_offset;
-            let Some(end) = start.checked_add(data_len).filter(|&e| e <= len) else {
-                self.report.error(
-                    at,
-                    format!("{data_len} bytes at {start} run past the {len}-byte file"),
-                );
-                continue;
-            };
-            // The reserved space when it lies in the file, else the data rounded to a sector.
-            let reserved_end = start
-                .checked_add(space_bytes)
-                .filter(|&e| e >= end && e <= len)
-                .unwrap_or_else(|| round_up_sector(end).unwrap_or(end).min(len));
             for r in meta.iter() {
                 if start < r.end && r.start < end {
                     self.report.error(
@@ -558,6 +550,10 @@ impl<S: Store + ?Sized> Checker<'_, S> {
                     );
                 }
             }
+            // As opening does: the data rounded up to a sector, at least one.
+            let reserved_end = round_up_sector(end)
+                .unwrap_or(end)
+                .max(start.saturating_add(SECTOR));
             meta.push(Range {
                 start,
                 end: reserved_end,
@@ -578,6 +574,7 @@ impl<S: Store + ?Sized> Checker<'_, S> {
                 );
             }
         }
+        Ok(())
     }
 
     /// BAT entries: inside the file, clear of the metadata and of each other; then leaks.
@@ -688,11 +685,12 @@ impl<S: Store + ?Sized> Checker<'_, S> {
 )]
 mod tests {
     use super::super::footer::checksum;
-    use super::super::image::{format_dynamic, format_fixed, CreateOptions};
+    use super::super::image::{format_differencing, format_dynamic, format_fixed, CreateOptions};
     use super::super::store::MemStore;
     use super::*;
     use crate::BlockBackend;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     const MIB: u64 = 1 << 20;
 
@@ -1053,43 +1051,90 @@ mod tests {
     fn parent_locators() {
         let clean = dynamic_bytes(4 * MIB, 64 << 10);
         let header_of = |b: &[u8]| DynamicHeader::parse(&b[512..1536]).unwrap();
-        let put_header =
-            |b: &mut Vec<u8>, h: &DynamicHeader| b[512..1536].copy_from_slice(&h.encode());
+        let with = |index: usize, space: u32, len: u32, offset: u64| {
+            let mut b = clean.clone();
+            let mut h = header_of(&b);
+            h.parent_locators[index].platform_code = *b"W2ku";
+            h.parent_locators[index].data_space = space;
+            h.parent_locators[index].data_length = len;
+            h.parent_locators[index].data_offset = offset;
+            b[512..1536].copy_from_slice(&h.encode());
+            check(b)
+        };
 
-        // A locator past the end of the file, on a dynamic disk.
-        let mut b = clean.clone();
-        let mut h = header_of(&b);
-        h.parent_locators[2].platform_code = *b"W2ku";
-        h.parent_locators[2].data_space = 1;
-        h.parent_locators[2].data_length = 40;
-        h.parent_locators[2].data_offset = b.len() as u64;
-        put_header(&mut b, &h);
-        let r = check(b);
+        // Data past the end of the file, on a dynamic disk.
+        let r = with(2, 1, 40, clean.len() as u64);
         assert!(
-            has(&r.errors, "header.parent_locator[2]", "run past"),
+            has(&r.errors, "header.parent_locator[2].data_offset", "inside"),
             "{r:?}"
         );
-        assert!(has(
-            &r.warnings,
-            "header.parent_locator[2]",
-            "not differencing"
-        ));
-
-        // Over the BAT, and with more data than reserved space.
-        let mut b = clean.clone();
-        let mut h = header_of(&b);
-        h.parent_locators[0].platform_code = *b"W2ru";
-        h.parent_locators[0].data_space = 1;
-        h.parent_locators[0].data_length = 1000;
-        h.parent_locators[0].data_offset = 1536;
-        put_header(&mut b, &h);
-        let r = check(b);
+        // More data than the reserved space.
+        let r = with(0, 1, 1000, 2048);
+        assert!(
+            has(
+                &r.errors,
+                "header.parent_locator[0].data_length",
+                "data space"
+            ),
+            "{r:?}"
+        );
+        // Over the BAT (and its data, all ones, is no UTF-16 path).
+        let r = with(0, 2, 1000, 1536);
         assert!(
             has(&r.errors, "header.parent_locator[0]", "overlaps the BAT"),
             "{r:?}"
         );
         assert!(
-            has(&r.errors, "header.parent_locator[0]", "reserved sectors"),
+            has(&r.warnings, "header.parent_locator[0]", "not differencing"),
+            "{r:?}"
+        );
+    }
+
+    /// A child made by `format_differencing`, written to, checks clean; its locator data
+    /// (between the BAT and the blocks) is metadata, not a leak, and blocks may not cover it.
+    #[test]
+    fn clean_differencing_image() {
+        let parent =
+            Arc::new(format_dynamic(MemStore::default(), 4 * MIB, &opts(true, 64 << 10)).unwrap());
+        parent.write(0, &[1; 8192], false).unwrap();
+        let locators = [
+            (locator::W2RU, ".\\p.vhd".to_owned()),
+            (locator::W2KU, "C:\\images\\p.vhd".to_owned()),
+            (locator::MACX, "file:///images/p.vhd".to_owned()),
+        ];
+        let child_opts = CreateOptions {
+            unique_id: [9; 16],
+            ..opts(true, 64 << 10)
+        };
+        let child =
+            format_differencing(MemStore::default(), parent, "p.vhd", &locators, &child_opts)
+                .unwrap();
+        child.write(512, &[2; 512], false).unwrap();
+        child.write(3 * MIB, &[3; 4096], false).unwrap();
+        let bytes = child.store().bytes();
+        let r = check(bytes.clone());
+        assert!(r.is_clean() && r.warnings.is_empty(), "{r:?}");
+        assert_eq!(r.disk_type, Some(DiskType::Differencing));
+        assert_eq!(r.allocated_blocks, 2);
+
+        // A block moved over the first locator's data.
+        let h = r.header.unwrap();
+        let loc = h
+            .parent_locators
+            .iter()
+            .position(|l| l.platform_code != [0; 4])
+            .unwrap();
+        let sector = u32::try_from(h.parent_locators[loc].data_offset / 512).unwrap();
+        let mut b = bytes;
+        let used = (0..64).find(|&i| bat_entry(&b, i) != UNALLOCATED).unwrap();
+        set_bat(&mut b, used, sector);
+        let r = check(b);
+        assert!(
+            has(
+                &r.errors,
+                &format!("bat[{used}]"),
+                &format!("parent locator {loc}")
+            ),
             "{r:?}"
         );
     }
