@@ -18,9 +18,9 @@
 //! 2. zero `free..new_end` where it lies inside the old file (the old footer, or space leaked by
 //!    an earlier crash, must not show through unwritten sectors: QEMU ignores bitmap bits);
 //! 3. write the bitmap and the guest data into the block. Dynamic disks: the bitmap is all
-//!    ones, as QEMU writes it. Differencing disks: only the bits of the written sectors are set
-//!    (the others keep reading from the parent), and a partially written sector is first
-//!    filled with the parent's bytes;
+//!    ones, as QEMU writes it. Differencing disks: only the bits of the written sectors'
+//!    granules are set (the other sectors keep reading from the parent), and the sectors of
+//!    those granules the write does not fully cover are first filled with the parent's bytes;
 //! 4. **sync**;
 //! 5. write the 4-byte BAT entry; it is durable at the next sync (FUA write or `flush`).
 //!
@@ -32,11 +32,20 @@
 //! exposed. The single 4-byte entry lies within one sector. The lost guest write was never
 //! acknowledged. Cost: two syncs per allocation; writes to allocated blocks are plain pwrites.
 //!
+//! # Granules (differencing disks)
+//! A differencing disk sets bitmap bits a whole bitmap byte (8 sectors, 4 KiB) at a time: a
+//! write's sectors are widened to the bytes of the bitmap covering them, and the widened
+//! sectors it does not cover get the parent's bytes, so they read the same as before. Every
+//! bitmap byte written is thus 0x00 or 0xFF. libvhdi (20210425, the independent reader of the
+//! tests) misreads any 0 bit that follows a 1 bit inside one bitmap byte (it shifts the byte
+//! without masking), which sector-granular bits would expose; whole-byte bits read the same
+//! everywhere. Writes aligned to 4 KiB copy nothing.
+//!
 //! # Writing to an allocated block
 //! Sectors whose bit is set are overwritten in place. A write touching sectors whose bit is 0
-//! first fills the partially covered ones with their absent content (zeroes on a dynamic disk,
-//! the parent's bytes on a differencing disk), writes the data, then writes the bitmap with the
-//! new bits. On a differencing disk a set bit over unwritten data would expose stale bytes
+//! first fills the bit-0 sectors of its granules that it does not fully cover with their
+//! absent content (zeroes on a dynamic disk, whose granule is one sector; the parent's bytes
+//! on a differencing disk), writes the data, then writes the bitmap with the new bits. On a differencing disk a set bit over unwritten data would expose stale bytes
 //! instead of the parent's, so the data is **synced** before the bitmap is written; the bitmap
 //! itself is durable at the next sync (FUA or `flush`), like the BAT entry. (On a dynamic disk
 //! a bit-0 sector holds zeroes, which is what it reads as anyway, so no sync is needed.)
@@ -81,6 +90,8 @@ const MAX_EXTENTS: usize = 4096;
 /// Where `create_dynamic` puts the dynamic header and the BAT (as QEMU, §4.5).
 const CREATE_HEADER_AT: u64 = 512;
 const CREATE_BAT_AT: u64 = 1536;
+/// Sectors per bitmap byte: a differencing disk sets its bits a whole byte at a time.
+const BIT_GRANULE: u64 = 8;
 /// Longest chain [`VhdBackend::open`] follows: the image and up to 31 ancestors.
 pub const MAX_CHAIN_DEPTH: usize = 32;
 
@@ -264,18 +275,22 @@ impl Chunk {
         (self.in_block / SECTOR, last)
     }
 
-    /// The touched sectors only partly covered by the piece (at most two).
-    fn partial_sectors(&self) -> Vec<u64> {
+    /// The touched sectors widened to whole groups of `granule` sectors (clipped to the
+    /// `block_sectors` of a block): `(lo, hi, uncovered)`, the sectors of `lo..=hi` the piece
+    /// does not fully cover being `uncovered`, in order.
+    fn widened(&self, granule: u64, block_sectors: u64) -> (u64, u64, Vec<u64>) {
         let (first, last) = self.sectors();
+        let granule = granule.max(1);
+        let lo = first / granule * granule;
+        let hi = ((last / granule + 1) * granule)
+            .min(block_sectors)
+            .saturating_sub(1)
+            .max(last);
         let end = self.in_block + self.len;
-        let mut out = Vec::new();
-        for s in [first, last] {
-            let covered = self.in_block <= s * SECTOR && end >= (s + 1) * SECTOR;
-            if !covered && !out.contains(&s) {
-                out.push(s);
-            }
-        }
-        out
+        let uncovered = (lo..=hi)
+            .filter(|&s| !(self.in_block <= s * SECTOR && end >= (s + 1) * SECTOR))
+            .collect();
+        (lo, hi, uncovered)
     }
 }
 
@@ -751,19 +766,42 @@ impl<S: Store> VhdBackend<S> {
         }
     }
 
-    /// Give bit-0 sector `s` of block `block` (data at file offset `data_at`) the content it
-    /// reads as before its bit is set: zeroes, or the parent's bytes.
-    fn fill_absent_sector(&self, d: &Dynamic, block: u32, data_at: u64, s: u64) -> Result<()> {
-        let at = data_at + s * SECTOR;
-        if self.parent.is_none() {
-            return self.store.zero_range(at, SECTOR).map_err(bio("write", at));
+    /// Sectors whose bits are set together: one sector on a dynamic disk; a bitmap byte on a
+    /// differencing disk (module documentation, "libvhdi").
+    fn granule(&self) -> u64 {
+        if self.parent.is_some() {
+            BIT_GRANULE
+        } else {
+            1
         }
-        let disk_at = u64::from(block) * d.layout.block_size + s * SECTOR;
-        let mut sector = [0u8; FOOTER_SIZE];
-        self.absent(disk_at, &mut sector)?;
-        self.store
-            .write_all_at(&sector, at)
-            .map_err(bio("write", at))
+    }
+
+    /// Give the bit-0 `sectors` (ascending) of block `block` (data at file offset `data_at`)
+    /// the content they read as before their bits are set: zeroes, or the parent's bytes.
+    fn fill_absent(&self, d: &Dynamic, block: u32, data_at: u64, sectors: &[u64]) -> Result<()> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &s in sectors {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == s => *n += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+        for (s, n) in runs {
+            let at = data_at + s * SECTOR;
+            if self.parent.is_none() {
+                self.store
+                    .zero_range(at, n * SECTOR)
+                    .map_err(bio("write", at))?;
+                continue;
+            }
+            let disk_at = u64::from(block) * d.layout.block_size + s * SECTOR;
+            let mut buf = vec![0u8; to_usize(n * SECTOR)?];
+            self.absent(disk_at, &mut buf)?;
+            self.store
+                .write_all_at(&buf, at)
+                .map_err(bio("write", at))?;
+        }
+        Ok(())
     }
 
     /// Write `src` over `offset..offset + len` (module documentation: allocation order and
@@ -797,17 +835,17 @@ impl<S: Store> VhdBackend<S> {
                         self.put(piece, at, c.len)?;
                         continue;
                     }
-                    for s in c.partial_sectors() {
-                        if !bit(bits, s) {
-                            self.fill_absent_sector(d, c.block, data_at, s)?;
-                        }
-                    }
+                    let block_sectors = d.layout.block_size / SECTOR;
+                    let (lo, hi, uncovered) = c.widened(self.granule(), block_sectors);
+                    let absent: Vec<u64> =
+                        uncovered.into_iter().filter(|&s| !bit(bits, s)).collect();
+                    self.fill_absent(d, c.block, data_at, &absent)?;
                     self.put(piece, at, c.len)?;
                     if self.parent.is_some() {
                         // The data must be durable before a bit claims it.
                         self.store.sync().map_err(bio("sync", at))?;
                     }
-                    for s in first..=last {
+                    for s in lo..=hi {
                         set_bit(bits, s, true);
                     }
                     self.store
@@ -864,19 +902,18 @@ impl<S: Store> VhdBackend<S> {
                 .zero_range(old_end, n)
                 .map_err(bio("zero block", old_end))?;
         }
-        // 3. Bitmap and data: all ones on a dynamic disk; the written sectors only (partial
-        //    ones completed from the parent) on a differencing disk.
+        // 3. Bitmap and data: all ones on a dynamic disk; on a differencing disk the bytes of
+        //    the bitmap covering the written sectors, the rest of their sectors copied from the
+        //    parent.
         let mut bits = vec![0xFFu8; to_usize(d.layout.bitmap_size)?];
         let data_at = old_end + d.layout.bitmap_size;
         if self.parent.is_some() {
             bits.fill(0);
-            let (first, last) = c.sectors();
-            for s in first..=last {
+            let (lo, hi, uncovered) = c.widened(BIT_GRANULE, d.layout.block_size / SECTOR);
+            for s in lo..=hi {
                 set_bit(&mut bits, s, true);
             }
-            for s in c.partial_sectors() {
-                self.fill_absent_sector(d, c.block, data_at, s)?;
-            }
+            self.fill_absent(d, c.block, data_at, &uncovered)?;
         }
         self.store
             .write_all_at(&bits, old_end)
@@ -1429,7 +1466,13 @@ pub fn create_differencing(
     let writes = differencing_image(&p, name, &texts, opts)?;
     drop(p);
     let file = create_file(path)?;
-    apply_writes(&file, &writes)?;
-    drop(file);
-    VhdBackend::open(path, false)
+    let opened = apply_writes(&file, &writes).and_then(|()| {
+        drop(file);
+        VhdBackend::open(path, false)
+    });
+    if opened.is_err() {
+        // The file is ours (created above): do not leave an unusable child behind.
+        let _ = std::fs::remove_file(path);
+    }
+    opened
 }

@@ -300,10 +300,13 @@ fn slashes(text: &str) -> String {
 /// names the locator for "not found" messages.
 pub fn candidates(child_dir: &Path, locators: &[Locator], name: &str) -> Vec<(String, PathBuf)> {
     let mut out: Vec<(String, PathBuf)> = Vec::new();
-    let mut push = |what: String, p: PathBuf| {
-        if !out.iter().any(|(_, q)| *q == p) {
-            out.push((what, p));
+    // A path named twice is tried once, under both descriptions.
+    let mut push = |what: String, p: PathBuf| match out.iter_mut().find(|(_, q)| *q == p) {
+        Some((w, _)) => {
+            w.push_str(", ");
+            w.push_str(&what);
         }
+        None => out.push((what, p)),
     };
     let by = |code: [u8; 4]| {
         locators

@@ -666,30 +666,39 @@ fn every_crash_state_opens_and_reads_consistently() {
 /// granularity by a crash before it is acknowledged.
 #[test]
 fn every_differencing_crash_state_opens_and_reads_consistently() {
-    let block = 4096u32;
+    // 4 KiB blocks: one granule per block; 64 KiB blocks: the writes share block 0 and widen
+    // to granules inside it.
+    for block in [4096u32, 64 << 10] {
+        differencing_crash_states(block);
+    }
+}
+
+fn differencing_crash_states(block: u32) {
     let parent = mem_parent(8 * u64::from(block), block);
     let child = mem_child(&parent);
-    // Block 0 holds sectors 1..4 only (a partial bitmap).
+    // Sectors 1..4 only (a partial bitmap in the first block).
     child.write(512, &[0x11; 1536], true).unwrap();
     let base_bytes = with_leaked_tail(child.store().bytes());
     let writes: Vec<CrashWrite> = vec![
-        (2 * 4096 + 100, vec![0x22; 1000], false, false), // allocates block 2, partial sectors
+        (2 * 4096 + 100, vec![0x22; 1000], false, false), // partial sectors
         (5 * 512 + 10, vec![0x33; 700], true, false),     // block 0, new bits
         (600, vec![0x66; 100], false, false),             // block 0, bits already set
-        (5 * 4096 + 300, vec![0x44; 4096 + 512], true, false), // allocates blocks 5 and 6
-        (2 * 4096 + 3000, vec![0x55; 200], false, false), // block 2, new bits
-        (4 * 4096 + 1000, vec![0; 2000], false, true),    // allocates block 4 with zeroes
-        (2 * 4096 + 1500, vec![0; 1000], true, true),     // block 2: zeroes over the parent
+        (5 * 4096 + 300, vec![0x44; 4096 + 512], true, false), // across 4 KiB
+        (2 * 4096 + 3000, vec![0x55; 200], false, false),
+        (4 * 4096 + 1000, vec![0; 2000], false, true), // zeroes
+        (2 * 4096 + 1500, vec![0; 1000], true, true),  // zeroes over the parent
     ];
     let parent: Arc<dyn BlockBackend> = parent;
     check_crash_states(&base_bytes, Some(parent.clone()), 512, &writes);
-    // Without the write over present and absent sectors, each block is all or nothing.
-    check_crash_states(
-        &base_bytes,
-        Some(parent),
-        u64::from(block),
-        &writes[..writes.len() - 1],
-    );
+    if block == 4096 {
+        // Without the write over present and absent sectors, each block is all or nothing.
+        check_crash_states(
+            &base_bytes,
+            Some(parent),
+            u64::from(block),
+            &writes[..writes.len() - 1],
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -831,53 +840,63 @@ fn differencing_reads_fall_through_to_the_parent() {
     assert_eq!(info.allocated_blocks, 0);
 }
 
+/// Set bits of `block` (64 KiB blocks: 128 sectors) as ranges of sectors.
+fn set_runs(img: &[u8], block: usize) -> Option<Vec<(usize, usize)>> {
+    let bits = bits_on_disk(img, block, 64 << 10)?;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (s, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+        match runs.last_mut() {
+            Some(r) if r.1 + 1 == s => r.1 = s,
+            _ => runs.push((s, s)),
+        }
+    }
+    Some(runs)
+}
+
+/// Bits are set for the bitmap bytes (8-sector granules) the written sectors fall in, and
+/// nowhere else; the granules' unwritten sectors still read the parent's bytes.
 #[test]
-fn differencing_writes_set_only_the_written_sectors() {
-    let parent = mem_parent(64 << 10, 4096);
+fn differencing_writes_set_only_the_written_granules() {
+    const B: u64 = 64 << 10;
+    let parent = mem_parent(16 * B, B as u32);
     let child = mem_child(&parent);
     let mut model = parent_bytes(&parent);
-    // Unaligned, inside block 2: sectors 1..=3 are touched, 1 and 3 only partly.
-    let (at, data) = (2 * 4096 + 700, vec![0xC3; 1000]);
-    child.write(at, &data, false).unwrap();
-    model[at as usize..at as usize + 1000].copy_from_slice(&data);
-    let img = child.store().bytes();
-    let bits = bits_on_disk(&img, 2, 4096).unwrap();
-    let set: Vec<usize> = (0..8).filter(|&s| bits[s]).collect();
-    assert_eq!(set, vec![1, 2, 3]);
-    // Across blocks 3..=5, ending mid-sector, and into the parent's hole (block 1).
-    let (at2, data2) = (
-        3 * 4096 + 4000,
-        (0..9000u32).map(|i| i as u8).collect::<Vec<u8>>(),
-    );
-    child.write(at2, &data2, true).unwrap();
-    model[at2 as usize..at2 as usize + 9000].copy_from_slice(&data2);
-    let (at3, data3) = (4096 + 10, vec![0x77; 20]);
-    child.write(at3, &data3, false).unwrap();
-    model[at3 as usize..at3 as usize + 20].copy_from_slice(&data3);
-    // An allocated block, new bits: sector 6 of block 2 partly; then bits already set.
-    let (at4, data4) = (2 * 4096 + 6 * 512 + 5, vec![0x99; 10]);
-    child.write(at4, &data4, false).unwrap();
-    model[at4 as usize..at4 as usize + 10].copy_from_slice(&data4);
-    child.write(2 * 4096 + 800, &[0x44; 5], false).unwrap();
-    model[2 * 4096 + 800..2 * 4096 + 805].fill(0x44);
+    let mut write = |at: u64, data: &[u8], fua: bool| {
+        child.write(at, data, fua).unwrap();
+        model[at as usize..at as usize + data.len()].copy_from_slice(data);
+    };
+    // Unaligned, inside block 2: sectors 1..=3, granule 0.
+    write(2 * B + 700, &[0xC3; 1000], false);
+    assert_eq!(set_runs(&child.store().bytes(), 2).unwrap(), vec![(0, 7)]);
+    // Sectors 9..=25: granules 1..=3.
+    write(2 * B + 5000, &[0xA1; 8192], false);
+    // Across blocks 3 and 4, ending mid-sector, FUA.
+    let data: Vec<u8> = (0..9000u32).map(|i| i as u8).collect();
+    write(4 * B - 1000, &data, true);
+    // Into the parent's hole (block 1).
+    write(B + 10, &[0x77; 20], false);
+    // An allocated block: bits already set, then a new granule (sectors 40..=47).
+    write(2 * B + 800, &[0x44; 5], false);
+    write(2 * B + 40 * 512 + 5, &[0x99; 10], false);
+    // Aligned to granules: nothing widened.
+    write(5 * B + 8 * 4096, &[0x55; 4096], false);
     assert_eq!(child.read(0, model.len()).unwrap()[..], model[..]);
 
     let img = child.store().bytes();
-    let bits = bits_on_disk(&img, 2, 4096).unwrap();
-    let set: Vec<usize> = (0..8).filter(|&s| bits[s]).collect();
-    assert_eq!(set, vec![1, 2, 3, 6]);
-    // 16288..25288: the last sector of block 3, blocks 4 and 5, sectors 0 and 1 of block 6.
-    assert_eq!(
-        bits_on_disk(&img, 3, 4096).unwrap(),
-        [vec![false; 7], vec![true]].concat()
-    );
-    assert_eq!(bits_on_disk(&img, 4, 4096).unwrap(), vec![true; 8]);
-    assert_eq!(bits_on_disk(&img, 5, 4096).unwrap(), vec![true; 8]);
-    assert_eq!(
-        bits_on_disk(&img, 6, 4096).unwrap(),
-        [vec![true; 2], vec![false; 6]].concat()
-    );
-    assert_eq!(bits_on_disk(&img, 7, 4096), None);
+    assert_eq!(set_runs(&img, 2).unwrap(), vec![(0, 31), (40, 47)]);
+    assert_eq!(set_runs(&img, 3).unwrap(), vec![(120, 127)]);
+    assert_eq!(set_runs(&img, 4).unwrap(), vec![(0, 15)]);
+    assert_eq!(set_runs(&img, 1).unwrap(), vec![(0, 7)]);
+    assert_eq!(set_runs(&img, 5).unwrap(), vec![(64, 71)]);
+    assert_eq!(set_runs(&img, 6), None);
+    // Every bitmap byte written is 0x00 or 0xFF (module documentation: libvhdi).
+    for block in 1..=5 {
+        let at = 1536 + 4 * block;
+        let entry = u32::from_be_bytes(img[at..at + 4].try_into().unwrap()) as usize;
+        assert!(img[entry * 512..entry * 512 + 16]
+            .iter()
+            .all(|&b| b == 0 || b == 0xFF));
+    }
     // The same bytes after reopening (bitmaps and BAT on disk, not only cached).
     let again = VhdBackend::open_store_with_parent(
         MemStore::new(img),
@@ -910,8 +929,8 @@ fn differencing_write_zeroes_and_unmap_hide_the_parent() {
         );
         let img = child.store().bytes();
         let bits = bits_on_disk(&img, 0, 4096).unwrap();
-        // 100..3100: sectors 0..=6.
-        assert_eq!(bits, [vec![true; 7], vec![false]].concat());
+        // 100..3100: sectors 0..=6, widened to the granule of sectors 0..=7.
+        assert_eq!(bits, vec![true; 8]);
         let again = VhdBackend::open_store_with_parent(
             MemStore::new(img),
             true,
