@@ -16,6 +16,11 @@
 //! `ironlun migrate --admin URL --lun TARGET/LUN --from HOST_S --to HOST_D [hooks…]` hands an
 //! LU's write access from one host to another at a live migration's switchover
 //! ([`ironlun::migrate`]). Exit status: 0 migrated, 1 rolled back or stuck, 2 usage.
+//!
+//! `ironlun vhd create|info|check` makes, describes and checks VHD images (`vhd_cmd`); `check`
+//! exits as `qemu-img check`: 0 clean, 2 corruptions, 3 leaks only, 1 not completed.
+
+mod vhd_cmd;
 
 use clap::{Parser, Subcommand};
 use ironlun::admin::AdminServer;
@@ -155,6 +160,11 @@ enum Command {
     },
     /// Hand an LU from one host to another at a live migration's switchover.
     Migrate(ironlun::migrate::MigrateArgs),
+    /// Create, describe or check a VHD image.
+    Vhd {
+        #[command(subcommand)]
+        command: vhd_cmd::VhdCommand,
+    },
     /// Check a configuration file and print what it describes.
     Check {
         #[arg(short = 'c', long = "config")]
@@ -171,6 +181,10 @@ fn main() -> ExitCode {
     } = cli.command
     {
         return run_ctl(admin, token_file, command);
+    }
+    if let Command::Vhd { command } = &cli.command {
+        let mut out = std::io::stdout().lock();
+        return ExitCode::from(vhd_cmd::main(command, &mut out));
     }
     if let Command::Migrate(args) = cli.command {
         let mut out = std::io::stdout().lock();
@@ -210,7 +224,7 @@ fn main() -> ExitCode {
             workers,
             admin,
         } => serve(config, listen, data_dir, workers, admin),
-        Command::Ctl { .. } | Command::Migrate(_) => ExitCode::from(2),
+        Command::Ctl { .. } | Command::Migrate(_) | Command::Vhd { .. } => ExitCode::from(2),
     }
 }
 
