@@ -30,7 +30,8 @@
 //! are recomputed from the BAT and stay within the file. After step 5 the entry points at a
 //! block whose bitmap, zeroes and data were made durable by step 4, so no stale bytes are ever
 //! exposed. The single 4-byte entry lies within one sector. The lost guest write was never
-//! acknowledged. Cost: two syncs per allocation; writes to allocated blocks are plain pwrites.
+//! acknowledged. Cost: two syncs per allocation; writes to present sectors of allocated blocks
+//! are plain pwrites.
 //!
 //! # Granules (differencing disks)
 //! A differencing disk sets bitmap bits a whole bitmap byte (8 sectors, 4 KiB) at a time: a
@@ -45,10 +46,12 @@
 //! Sectors whose bit is set are overwritten in place. A write touching sectors whose bit is 0
 //! first fills the bit-0 sectors of its granules that it does not fully cover with their
 //! absent content (zeroes on a dynamic disk, whose granule is one sector; the parent's bytes
-//! on a differencing disk), writes the data, then writes the bitmap with the new bits. On a differencing disk a set bit over unwritten data would expose stale bytes
-//! instead of the parent's, so the data is **synced** before the bitmap is written; the bitmap
-//! itself is durable at the next sync (FUA or `flush`), like the BAT entry. (On a dynamic disk
-//! a bit-0 sector holds zeroes, which is what it reads as anyway, so no sync is needed.)
+//! on a differencing disk), writes the data, then writes the bitmap with the new bits. On a
+//! differencing disk a set bit over unwritten data would expose stale bytes instead of the
+//! parent's, so the data is **synced** before the bitmap is written (one sync per write that
+//! claims new granules of an allocated block); the bitmap itself is durable at the next sync
+//! (FUA or `flush`), like the BAT entry. (On a dynamic disk a bit-0 sector holds zeroes, which
+//! is what it reads as anyway, so no sync is needed.)
 //! Every sector thus reads old or new after a crash; a write over both present and absent
 //! sectors of a block may be torn at sector granularity before it is acknowledged, as on a
 //! disk (present sectors are overwritten in place, absent ones claimed after the sync).
