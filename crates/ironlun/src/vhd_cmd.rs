@@ -149,6 +149,8 @@ pub fn main(cmd: &VhdCommand, out: &mut dyn Write) -> u8 {
         Ok(status) => status,
         Err(msg) => {
             let _ = out.flush();
+            // One line, whatever the error text holds.
+            let msg = msg.lines().collect::<Vec<_>>().join("; ");
             eprintln!("ironlun vhd {name}: {msg}");
             EXIT_FAILED
         }
