@@ -6,22 +6,27 @@
 # µs per operation (utime+stime of the target process, /proc/PID/stat), the iperf3 loopback
 # ceiling, a RAM-LUN run (ironlun's protocol-only ceiling) and ironlun's RSS with 64 idle
 # sessions. These machines are noisy: compare ratios from one run, not absolutes across runs.
+# VHD section (issue 7): the same ironlun serves the raw file LUN 0 and LUN 2, a fully allocated
+# dynamic VHD holding the same data (qemu-img convert), both page-cached; reads and writes
+# alternate raw and VHD per repetition and the report gives the vhd/raw ratio against 80 %.
 #
-# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE] [-q] [--soak MINUTES]
+# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE] [-q] [--soak MINUTES] [--vhd-only]
 #   -r REPS         repetitions per workload and target (default 3)
 #   -t SECONDS      seconds per iscsi-perf and iperf3 run (default 5)
 #   -o FILE         also write the markdown report to FILE (default bench-results/latest.md)
 #   -q              quick smoke test: 1 repetition, 2 s runs, smaller qemu-img counts
 #   --soak MINUTES  also run 4 KiB random read QD32 against ironlun for MINUTES, sampling its
 #                   RSS every 10 s, and report the growth (default: off)
-#   (-q overrides -r and -t.) Default runtime: about 6-8 minutes on 2 cores.
+#   --vhd-only      only the VHD section (no tgt, RSS, iperf3 or RAM LUN)
+#   (-q overrides -r and -t.) Default runtime: about 8-11 minutes on 2 cores (VHD section: about
+#   2.5 minutes, under 1 with -q).
 # Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT (3270), TGT_PORT (3271),
 #      IPERF_PORT (3272), TGT_CTL (tgtd control port, default TGT_PORT), IRONLUN_LOG (warn).
 # Needs root for tgtd (scripts/install-deps.sh installs tgt, iperf3, libiscsi-bin, qemu-utils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -r) REPS=${2:?}; shift 2 ;;
@@ -29,11 +34,13 @@ while [ $# -gt 0 ]; do
     -o) OUT=${2:?}; shift 2 ;;
     -q) QUICK=1; shift ;;
     --soak) SOAK=${2:?}; shift 2 ;;
+    --vhd-only) VHD_ONLY=1; shift ;;
     *) usage ;;
   esac
 done
 Q4K=40000; Q1M=1024   # qemu-img bench request counts (4 KiB: 156 MiB; 1 MiB: the whole LUN)
-if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; Q4K=10000; Q1M=256; fi
+Q64K=8192             # VHD section: 64 KiB writes (512 MiB)
+if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; Q4K=10000; Q1M=256; Q64K=2048; fi
 T0=$(date +%s)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- crates 2>/dev/null || echo '+dirty')   # at start: main moves
 
@@ -65,9 +72,20 @@ log "writing 1 GiB of random data for both backing files"
 mkdir -p "$WORK/il" "$TGT_DIR"
 dd if=/dev/urandom of="$TGT_DIR/lun1.img" bs=1M count=1024 status=none
 cp "$TGT_DIR/lun1.img" "$WORK/il/lun0.img"
-log "starting tgt $(dpkg-query -W -f='${Version}' tgt 2>/dev/null || true)"
-bash scripts/bench/tgt.sh up "$TGT_DIR" "$TGT_PORT" "$TGT_CTL" "$TGT_DIR/lun1.img" >/dev/null
-TGT_PID=$(cat "$TGT_DIR/tgtd.pid")
+# The VHD LUN: the same data as a dynamic VHD, every block allocated (random data has no zero
+# block for convert to skip); force_size keeps the virtual size exactly 1 GiB.
+log "converting lun0.img to a dynamic VHD (lun2.vhd)"
+qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$WORK/il/lun0.img" "$WORK/il/lun2.vhd"
+qemu-img map -f vpc --output=json "$WORK/il/lun2.vhd" | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+hole = sum(e["length"] for e in m if not e["data"])
+sys.exit(f"bench.sh: lun2.vhd has {hole} unallocated bytes" if hole else 0)'
+if [ "$VHD_ONLY" = 0 ]; then
+  log "starting tgt $(dpkg-query -W -f='${Version}' tgt 2>/dev/null || true)"
+  bash scripts/bench/tgt.sh up "$TGT_DIR" "$TGT_PORT" "$TGT_CTL" "$TGT_DIR/lun1.img" >/dev/null
+  TGT_PID=$(cat "$TGT_DIR/tgtd.pid")
+fi
 IL_IQN=iqn.2026-11.io.ironlun:bench
 cat > "$WORK/ironlun.toml" <<EOF
 data_dir = "$WORK/il"
@@ -90,16 +108,24 @@ id = 1
 backstore = "ram"
 size = "1GiB"
 block_size = 512
+
+[[target.lun]]
+id = 2
+backstore = "vhd"
+path = "lun2.vhd"
+size = "1GiB"
+block_size = 512
 EOF
 log "starting ironlun ($BIN)"
 IRONLUN_LOG=${IRONLUN_LOG:-warn} "$BIN" serve -c "$WORK/ironlun.toml" --admin off > "$WORK/il.out" 2> "$WORK/il.log" &
 IL_PID=$!
 for _ in $(seq 1 100); do grep -q '^listening' "$WORK/il.out" 2>/dev/null && break; sleep 0.1; done
 grep -q '^listening' "$WORK/il.out" || { echo "ironlun did not start:" >&2; cat "$WORK/il.log" >&2; exit 1; }
-cat "$WORK/il/lun0.img" "$TGT_DIR/lun1.img" > /dev/null   # both backing files into the page cache
+cat "$WORK/il/lun0.img" "$TGT_DIR/lun1.img" "$WORK/il/lun2.vhd" > /dev/null   # backing files into the page cache
 
 IL_URL="iscsi://127.0.0.1:$IL_PORT/$IL_IQN/0"
 RAM_URL="iscsi://127.0.0.1:$IL_PORT/$IL_IQN/1"
+VHD_URL="iscsi://127.0.0.1:$IL_PORT/$IL_IQN/2"
 TGT_URL="iscsi://127.0.0.1:$TGT_PORT/iqn.2026-11.test:tgt/1"
 RES="$WORK/results.tsv"; : > "$RES"
 CLK_TCK=$(getconf CLK_TCK)
@@ -116,9 +142,9 @@ perf_iops() { # URL QD BLOCKS(512 B) [-r]: average IOPS of one iscsi-perf run
 w_rr4k_qd1() { local i; i=$(perf_iops "$1" 1 8 -r); [ -n "$i" ] || return 1; python3 -c "i=$i; print(1e6/i, i*$SECS)"; }
 w_rr4k_qd32() { local i; i=$(perf_iops "$1" 32 8 -r); [ -n "$i" ] || return 1; echo "$i $((i * SECS))"; }
 w_sr1m_qd8() { local i; i=$(perf_iops "$1" 8 2048); [ -n "$i" ] || return 1; python3 -c "i=$i; print(i*1048576/1e6, i*$SECS)"; }
-qbench() { # URL QD SIZE COUNT [-w] METRIC(iops|mbs)
+qbench() { # URL QD SIZE COUNT [-w] METRIC(iops|mbs) [STEP]
   local t
-  t=$(timeout 300 qemu-img bench -f raw -n -c "$4" -d "$2" -s "$3" ${5:+-w} "$1" 2>&1 \
+  t=$(timeout 300 qemu-img bench -f raw -n -c "$4" -d "$2" -s "$3" ${7:+-S "$7"} ${5:+-w} "$1" 2>&1 \
     | sed -nE 's/^Run completed in ([0-9.]+) seconds\./\1/p')
   [ -n "$t" ] || return 1
   if [ "$6" = iops ]; then python3 -c "print($4/$t, $4)"; else python3 -c "print($4*$3/$t/1e6, $4)"; fi
@@ -143,6 +169,14 @@ sessions() { # URL N: N concurrent iscsi-perf sessions sharing a total queue dep
 w_sess1() { sessions "$1" 1; }
 w_sess4() { sessions "$1" 4; }
 w_sess16() { sessions "$1" 16; }
+# VHD section: raw LUN 0 against VHD LUN 2 (the 4 KiB write strides 1 MiB + 4 KiB, so that
+# consecutive writes land in different VHD blocks across the whole disk)
+w_v_rr4k() { w_rr4k_qd32 "$1"; }
+w_v_sr64k() { local i; i=$(perf_iops "$1" 8 128); [ -n "$i" ] || return 1; python3 -c "i=$i; print(i*65536/1e6, i*$SECS)"; }
+w_v_sr1m() { w_sr1m_qd8 "$1"; }
+w_v_w4k() { qbench "$1" 32 4096 "$Q4K" w iops 1052672; }
+w_v_sw64k() { qbench "$1" 8 65536 "$Q64K" w mbs; }
+w_v_sw1m() { qbench "$1" 8 1048576 "$Q1M" w mbs; }
 
 # One measured run: KEY TARGET(il|tgt|ram) URL PID -> a results line with CPU µs per op.
 run() {
@@ -173,6 +207,7 @@ idle_rss() { # TARGET(il|tgt) PORT IQN PID
   kill -TERM "$hp" 2>/dev/null || true; wait "$hp" 2>/dev/null || true
   log "RSS $1: $(grep -P "^rss\d+\t$1\t" "$RES" | cut -f1,3 | tr '\t\n' '= ')"
 }
+if [ "$VHD_ONLY" = 0 ]; then   # RSS, iperf3, RAM LUN and the ironlun/tgt workloads (not indented)
 idle_rss il "$IL_PORT" "$IL_IQN" "$IL_PID"
 idle_rss tgt "$TGT_PORT" iqn.2026-11.test:tgt "$TGT_PID"
 sleep 1
@@ -200,6 +235,33 @@ for r in $(seq 1 "$REPS"); do
     case $key in sess*) ;; *) run "$key" ram "$RAM_URL" "$IL_PID" ;; esac
   done
 done
+fi   # VHD_ONLY
+
+# --- VHD section: raw file LUN 0 against the dynamic VHD LUN 2, the order swapped every repetition ---
+# Both files get the same page-cache history first: written back, evicted (fsync +
+# POSIX_FADV_DONTNEED, these two files only) and read once. Without this the comparison measures
+# how each file was written: on this kernel (ext4, large folios) a 4 KiB buffered write into a
+# folio built by large writes (dd bs=1M, qemu-img convert) costs several times one built by small
+# writes, whatever the format (ext4_block_write_begin walks the folio's buffer heads).
+python3 -c '
+import os, sys
+for p in sys.argv[1:]:
+    fd = os.open(p, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)' "$WORK/il/lun0.img" "$WORK/il/lun2.vhd"
+cat "$WORK/il/lun0.img" "$WORK/il/lun2.vhd" > /dev/null
+VKEYS=(v_rr4k v_sr64k v_sr1m v_w4k v_sw64k v_sw1m)
+for r in $(seq 1 "$REPS"); do
+  log "VHD repetition $r/$REPS"
+  for key in "${VKEYS[@]}"; do
+    if [ $((r % 2)) = 1 ]; then
+      run "$key" raw "$IL_URL" "$IL_PID"; run "$key" vhd "$VHD_URL" "$IL_PID"
+    else
+      run "$key" vhd "$VHD_URL" "$IL_PID"; run "$key" raw "$IL_URL" "$IL_PID"
+    fi
+  done
+done
 
 # --- optional soak: RSS under a long QD32 run ---
 if [ "$SOAK" != 0 ]; then
@@ -218,8 +280,23 @@ echo -e "rss_end\til\t$(rss_mib "$IL_PID")" >> "$RES"
 
 # --- report ---
 ELAPSED=$(($(date +%s) - T0))
-cat > "$WORK/header.txt" <<EOF
+if [ "$VHD_ONLY" = 1 ]; then cat > "$WORK/header.txt" <<EOF
+**ironlun VHD LUN vs raw file LUN** (--vhd-only), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, total runtime ${ELAPSED} s.
+EOF
+else cat > "$WORK/header.txt" <<EOF
 **ironlun vs tgt**, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
+EOF
+fi
+cat > "$WORK/vhd_commands.txt" <<EOF
+$REPS repetitions alternating raw and VHD (the order swapped every repetition), ${SECS} s per iscsi-perf run; URL = \`$IL_URL\` (raw: LUN 0, \`backstore = "file"\`, 1 GiB of random data) or \`$VHD_URL\` (VHD: LUN 2, \`backstore = "vhd"\`, made before the daemon starts by \`qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on lun0.img lun2.vhd\`: every 2 MiB block allocated, checked with \`qemu-img map\`); before the section both files are written back, evicted from the page cache (fsync + POSIX_FADV_DONTNEED) and read once with \`cat > /dev/null\`, so that both have the same page-cache history. The raw LUN has taken the ironlun/tgt write workloads before this section unless --vhd-only.
+
+- 4 KiB random read QD32: \`iscsi-perf -m 32 -b 8 -t $SECS -r URL\`
+- 64 KiB sequential read QD8: \`iscsi-perf -m 8 -b 128 -t $SECS URL\` (MB/s = IOPS × 64 KiB / 10^6)
+- 1 MiB sequential read QD8: \`iscsi-perf -m 8 -b 2048 -t $SECS URL\`
+- 4 KiB strided write QD32: \`qemu-img bench -f raw -n -c $Q4K -d 32 -s 4096 -S 1052672 -w URL\` (offsets step by 1 MiB + 4 KiB modulo the disk: every write in another VHD block; qemu-img bench has no random mode and iscsi-perf does not write)
+- 64 KiB sequential write QD8: \`qemu-img bench -f raw -n -c $Q64K -d 8 -s 65536 -w URL\`
+- 1 MiB sequential write QD8: \`qemu-img bench -f raw -n -c $Q1M -d 8 -s 1048576 -w URL\`
+- CPU per op: Δ(utime+stime) of the ironlun process over the run ÷ operations
 EOF
 cat > "$WORK/commands.txt" <<EOF
 Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for ironlun's RAM LUN):
@@ -238,6 +315,11 @@ Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for 
 - RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB$( [ "$SOAK" != 0 ] && echo "; soak: \`iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r URL\` with VmRSS sampled every 10 s")
 EOF
 mkdir -p "$(dirname "$OUT")"
-python3 scripts/bench/table.py "$RES" "$WORK/header.txt" "$WORK/commands.txt" | tee "$OUT"
+{
+  if [ "$VHD_ONLY" = 0 ]; then python3 scripts/bench/table.py "$RES" "$WORK/header.txt" "$WORK/commands.txt"
+  else cat "$WORK/header.txt"; fi
+  echo
+  python3 scripts/bench/vhd_table.py "$RES" "$WORK/vhd_commands.txt"
+} | tee "$OUT"
 log "report written to $OUT"
 exit 0
