@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need, then runs every tier (DESIGN.md §4).
 #   1-4  unit, property, in-memory pair and daemon tests      cargo test --workspace
-#   5    fuzz targets, each for FUZZ_SECONDS (default 60)      scripts/fuzz.sh
+#   5    fuzz targets, each for FUZZ_SECONDS (default: 60, vhd_open 120)  scripts/fuzz.sh
 #   6    real initiators against the release daemon            cargo test -p ironlun-initiator-tests
 # Env: FUZZ_SECONDS=N (0 skips tier 5 — for local iteration only; CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+FUZZ_SECONDS=${FUZZ_SECONDS:-default}
 
 echo "== installing test dependencies"
 bash scripts/install-deps.sh
@@ -26,7 +26,7 @@ IRONLUN_BIN="$PWD/target/asan/x86_64-unknown-linux-gnu/release/ironlun" \
   cargo test --release -p ironlun-initiator-tests --test uring_cancel -- --nocapture
 
 if [ "$FUZZ_SECONDS" != 0 ]; then
-  echo "== tier 5: fuzz targets, ${FUZZ_SECONDS}s each"
+  echo "== tier 5: fuzz targets (seconds each: ${FUZZ_SECONDS})"
   bash scripts/fuzz.sh "$FUZZ_SECONDS"
 else
   echo "== tier 5 skipped (FUZZ_SECONDS=0)"
