@@ -498,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_directories_fifos_and_missing_paths() {
+    fn refuses_directories_char_devices_and_missing_paths() {
         let dir = tempfile::tempdir().unwrap();
         let err = BlockDevBackend::open(dir.path(), BlockDevOptions::default()).unwrap_err();
         assert!(err.to_string().contains("is not a block device"), "{err}");
