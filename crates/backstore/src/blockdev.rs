@@ -7,10 +7,10 @@
 //!   the device's (`lseek(SEEK_END)`; `stat` reports 0 for devices) and cannot be configured;
 //!   [`BlockDevBackend::logical_block_size`] is the device's `BLKSSZGET`, which the LU's block
 //!   size must be a multiple of (checked by the daemon when it opens the LUN).
-//! - I/O: `pread`/`pwrite` through the page cache (any byte alignment). FUA (SBC-3 §5.40)
-//!   is `pwritev2(RWF_DSYNC)`, or `pwrite` + `fdatasync` where the kernel lacks it; `flush`
-//!   (SYNCHRONIZE CACHE, SBC-3 §5.24) is `fdatasync`, which on a block device also flushes the
-//!   device's volatile cache.
+//! - I/O: `pread`/`pwrite` through the page cache (any byte alignment). FUA (as for the file
+//!   backstore: SBC-3 §5.40) is `pwritev2(RWF_DSYNC)`, or `pwrite` + `fdatasync` where the
+//!   kernel lacks it; `flush` (SYNCHRONIZE CACHE, SBC-3 §5.34) is `fdatasync`, which on a block
+//!   device also flushes the device's volatile cache.
 //! - Zeroing (SBC-3 §4.7, UNMAP and WRITE SAME): the part of the range aligned to the logical
 //!   block size goes to the kernel, the unaligned head and tail are written as zeroes. With
 //!   deallocation allowed the kernel is asked for `fallocate(PUNCH_HOLE | KEEP_SIZE)`, which on a
@@ -21,9 +21,10 @@
 //!   range reads as zeroes afterwards.
 //! - Thin provisioning: see [`BlockDevBackend::thin_provisioning`]. A block device cannot say
 //!   which of its blocks are allocated, so [`extents`](BlockBackend::extents) reports
-//!   everything mapped: GET LBA STATUS (SBC-3 §5.7) answers "mapped" even right after an UNMAP,
-//!   which SBC-3 allows (an unmap operation *may* leave an LBA mapped; the data reads as zeroes
-//!   either way, LBPRZ).
+//!   everything mapped: GET LBA STATUS answers "mapped" even right after an UNMAP. UNMAP only
+//!   *requests* deallocation, so an LBA still reported mapped is allowed; it reads as zeroes
+//!   either way (LBPRZ). libiscsi's GetLBAStatus suite passes against a loop device with
+//!   thin provisioning on (initiator-tests/tests/blockdev.rs).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
