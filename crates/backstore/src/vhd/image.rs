@@ -84,6 +84,7 @@ use super::header::{DynamicHeader, ParentLocator, DEFAULT_BLOCK_SIZE, HEADER_LEN
 use super::locator::{self, Locator};
 use super::store::Store;
 use super::VhdError;
+use crate::buffers::BufferPool;
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result};
 
 /// Sector size of VHD addressing.
@@ -176,6 +177,9 @@ pub struct VhdBackend<S: Store = File> {
     format: Format,
     /// Set exactly for differencing disks (the constructors refuse one without it).
     parent: Option<Parent>,
+    /// Recycled buffers for large reads (see [`crate::buffers`]): every byte of a read is
+    /// written by `read_dynamic`/`read_exact_at`, so reused buffers never leak old data.
+    buffers: Arc<BufferPool>,
 }
 
 /// Where the bytes of a write come from.
@@ -522,6 +526,7 @@ impl<S: Store> VhdBackend<S> {
             footer_bytes,
             format,
             parent: None,
+            buffers: BufferPool::new(),
         })
     }
 
@@ -1032,18 +1037,16 @@ impl<S: Store> BlockBackend for VhdBackend<S> {
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_range(offset, len64(len), self.size)?;
-        let mut buf = vec![0u8; len];
         if len == 0 {
             return Ok(Bytes::new());
         }
-        match &self.format {
+        self.buffers.read_with(len, |buf| match &self.format {
             Format::Fixed => self
                 .store
-                .read_exact_at(&mut buf, offset)
-                .map_err(bio("read", offset))?,
-            Format::Dynamic(d) => self.read_dynamic(d, offset, &mut buf)?,
-        }
-        Ok(Bytes::from(buf))
+                .read_exact_at(buf, offset)
+                .map_err(bio("read", offset)),
+            Format::Dynamic(d) => self.read_dynamic(d, offset, buf),
+        })
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

@@ -1172,3 +1172,21 @@ proptest! {
         }
     }
 }
+
+/// Reads use recycled buffers: a large read of unallocated space after a large read of data
+/// must still return zeroes (nothing of the earlier buffer shows through).
+#[test]
+fn recycled_read_buffers_never_show_old_data() {
+    let b = mem_dynamic(8 << 20, 1 << 20);
+    b.write(0, &vec![0xa5u8; 1 << 20], false).unwrap();
+    for _ in 0..3 {
+        let data = b.read(0, 1 << 20).unwrap();
+        assert!(data.iter().all(|&x| x == 0xa5));
+        drop(data);
+        let hole = b.read(4 << 20, 1 << 20).unwrap();
+        assert!(
+            hole.iter().all(|&x| x == 0),
+            "an unallocated block read non-zero"
+        );
+    }
+}
