@@ -840,26 +840,27 @@ impl<S: Store> VhdBackend<S> {
                 Bitmap::Bits(bits) => {
                     let (first, last) = c.sectors();
                     if (first..=last).all(|s| bit(bits, s)) {
+                        // Every sector is present: a plain data write, outside the lock.
+                        None
+                    } else {
+                        let block_sectors = d.layout.block_size / SECTOR;
+                        let (lo, hi, uncovered) = c.widened(self.granule(), block_sectors);
+                        let absent: Vec<u64> =
+                            uncovered.into_iter().filter(|&s| !bit(bits, s)).collect();
+                        self.fill_absent(d, c.block, data_at, &absent)?;
                         self.put(piece, at, c.len)?;
-                        continue;
+                        if self.parent.is_some() {
+                            // The data must be durable before a bit claims it.
+                            self.store.sync().map_err(bio("sync", at))?;
+                        }
+                        for s in lo..=hi {
+                            set_bit(bits, s, true);
+                        }
+                        self.store
+                            .write_all_at(bits, block_at)
+                            .map_err(bio("write bitmap", block_at))?;
+                        Some(all_set(d, bits))
                     }
-                    let block_sectors = d.layout.block_size / SECTOR;
-                    let (lo, hi, uncovered) = c.widened(self.granule(), block_sectors);
-                    let absent: Vec<u64> =
-                        uncovered.into_iter().filter(|&s| !bit(bits, s)).collect();
-                    self.fill_absent(d, c.block, data_at, &absent)?;
-                    self.put(piece, at, c.len)?;
-                    if self.parent.is_some() {
-                        // The data must be durable before a bit claims it.
-                        self.store.sync().map_err(bio("sync", at))?;
-                    }
-                    for s in lo..=hi {
-                        set_bit(bits, s, true);
-                    }
-                    self.store
-                        .write_all_at(bits, block_at)
-                        .map_err(bio("write bitmap", block_at))?;
-                    Some(all_set(d, bits))
                 }
             };
             match now_full {
