@@ -796,7 +796,11 @@ fn parse_port_groups(
             _ => return cx.err(g.id.span(), key("id"), "must be 1..=65535"),
         };
         if groups.iter().any(|o| o.id == id) {
-            return cx.err(g.id.span(), key("id"), format!("duplicate port group id {id}"));
+            return cx.err(
+                g.id.span(),
+                key("id"),
+                format!("duplicate port group id {id}"),
+            );
         }
         let state = match &g.state {
             None => AccessState::ActiveOptimized,
@@ -1332,12 +1336,23 @@ size = "64MiB"
         assert_eq!(c.port_groups[0].id, 2);
         assert_eq!(c.port_groups[0].state, AccessState::Standby);
         assert_eq!(c.port_groups[0].ports, vec![2]);
-        assert!(parse(&format!("{portals}{TARGET}")).unwrap().port_groups.is_empty());
+        assert!(parse(&format!("{portals}{TARGET}"))
+            .unwrap()
+            .port_groups
+            .is_empty());
         let cases = [
             ("[[port_group]]\nid = 0\n", 8, "port_group[0].id"),
             ("[[port_group]]\nid = 70000\n", 8, "port_group[0].id"),
-            ("[[port_group]]\nid = 2\nstate = \"offline\"\n", 9, "port_group[0].state"),
-            ("[[port_group]]\nid = 2\ntpgts = [3]\n", 9, "port_group[0].tpgts"),
+            (
+                "[[port_group]]\nid = 2\nstate = \"offline\"\n",
+                9,
+                "port_group[0].state",
+            ),
+            (
+                "[[port_group]]\nid = 2\ntpgts = [3]\n",
+                9,
+                "port_group[0].tpgts",
+            ),
             (
                 "[[port_group]]\nid = 2\ntpgts = [2]\n[[port_group]]\nid = 3\ntpgts = [1, 2]\n",
                 12,

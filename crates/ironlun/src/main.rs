@@ -276,12 +276,9 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
         CtlCommand::Events { since, json } => {
             ctl::events(&client, since, json, &mut std::io::stdout().lock())
         }
-        CtlCommand::PortGroup { id, state, json } => ironlun::port_groups::ctl(
-            &client,
-            id.zip(state),
-            json,
-            &mut std::io::stdout().lock(),
-        ),
+        CtlCommand::PortGroup { id, state, json } => {
+            ironlun::port_groups::ctl(&client, id.zip(state), json, &mut std::io::stdout().lock())
+        }
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {
                 HandoverCommand::Prepare(a) => ("prepare", a, None, None),

@@ -277,8 +277,7 @@ impl Registry {
                 }
                 let backend = backend::open(l)?;
                 let num_blocks = backend.size() / u64::from(l.block_size);
-                let mut lc =
-                    lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
+                let mut lc = lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
                 lc.port_groups = port_groups.clone();
                 let mut lu = LogicalUnit::new(lc);
                 if restore_state(&mut lu, &state_file)? {
@@ -339,7 +338,11 @@ impl Registry {
             }
         }
         if changed {
-            tracing::info!(group = id, state = state.name(), "target port group state changed");
+            tracing::info!(
+                group = id,
+                state = state.name(),
+                "target port group state changed"
+            );
         }
         Ok(changed)
     }
