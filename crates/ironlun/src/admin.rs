@@ -11,7 +11,9 @@
 //! - `POST /v1/luns/<target>/<lun>/handover/prepare|commit|abort` [`HandoverRequest`] →
 //!   [`PrepareJson`], [`CommitJson`] (per-step µs timings), [`OwnerJson`];
 //! - `GET /v1/events?since=SEQ` → [`EventsJson`] (bounded ring buffer of PR OUT, ownership and
-//!   handover events).
+//!   handover events);
+//! - `GET /v1/port-groups`, `PUT /v1/port-groups/<id>` `{"state"}` → ALUA target port groups
+//!   ([`crate::port_groups`]).
 //!
 //! Errors are `{"error":"…","code":"…"}` with a 4xx/5xx status; refused ownership steps are
 //! 409 with the code naming the reason ([`op_error`]), malformed bodies 400. With
@@ -541,6 +543,8 @@ pub enum Route {
         step: HandoverStep,
     },
     Events,
+    PortGroups,
+    PortGroup(String),
 }
 
 /// A handover step of `POST /v1/luns/<t>/<l>/handover/<step>`.
@@ -574,6 +578,8 @@ pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
         ["v1", "health"] => (Route::Health, "GET"),
         ["v1", "reservations"] => (Route::Reservations, "GET"),
         ["v1", "events"] => (Route::Events, "GET"),
+        ["v1", "port-groups"] => (Route::PortGroups, "GET"),
+        ["v1", "port-groups", id] => (Route::PortGroup((*id).to_string()), "PUT"),
         ["v1", "reservations", t, l] => {
             let (target, lun) = lu_of(t, l)?;
             (Route::Reservation { target, lun }, "GET")
@@ -862,6 +868,8 @@ pub async fn respond(
             Ok((name, l)) => Response::json(200, &lu_reservations(&name, lun, &l.pr_snapshot())),
             Err(r) => r,
         },
+        Route::PortGroups => crate::port_groups::get(registry),
+        Route::PortGroup(id) => crate::port_groups::put(registry, &id, body),
         Route::Events => match since(req.query.as_deref()) {
             Ok(since) => Response::json(
                 200,

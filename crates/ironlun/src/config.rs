@@ -56,6 +56,18 @@ struct RawConfig {
     discovery: Option<RawDiscovery>,
     #[serde(default)]
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    port_group: Vec<RawPortGroup>,
+}
+
+/// `[[port_group]]`: an ALUA target port group (SPC-4 §5.16).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPortGroup {
+    id: Spanned<i64>,
+    state: Option<Spanned<String>>,
+    #[serde(default)]
+    tpgts: Option<Spanned<Vec<u16>>>,
 }
 
 /// `[admin]`: the HTTP/JSON admin API.
@@ -209,6 +221,9 @@ pub struct Config {
     pub discovery_chap: Option<ironlun_iscsi::chap::ChapConfig>,
     /// The `[admin]` table: the admin API.
     pub admin: Admin,
+    /// `[[port_group]]`: ALUA target port groups as configured (portals listed in none join
+    /// group 1 when the daemon builds its LUs, see [`ironlun_scsi::alua::PortGroups::new`]).
+    pub port_groups: Vec<ironlun_scsi::alua::PortGroup>,
 }
 
 /// The admin API's default address: loopback only, port 3262 (next to iSCSI's 3260).
@@ -428,6 +443,7 @@ impl Config {
             timeouts: Default::default(),
             discovery_chap: None,
             admin: Admin::default(),
+            port_groups: Vec::new(),
         }
     }
 
@@ -747,6 +763,7 @@ impl Config {
             None => None,
         };
         let admin = parse_admin(&cx, raw.admin.as_ref(), &base)?;
+        let port_groups = parse_port_groups(&cx, &raw.port_group, &portals)?;
         Ok(Config {
             portals,
             negotiation,
@@ -757,8 +774,78 @@ impl Config {
             timeouts,
             discovery_chap,
             admin,
+            port_groups,
         })
     }
+}
+
+/// `[[port_group]]` entries: `id` 1..=65535 and distinct, `state` one of
+/// [`ironlun_scsi::alua::AccessState::name`] (default active_optimized), `tpgts` the portal
+/// group tags of configured portals, each in at most one group.
+fn parse_port_groups(
+    cx: &Ctx<'_>,
+    raw: &[RawPortGroup],
+    portals: &[Portal],
+) -> Result<Vec<ironlun_scsi::alua::PortGroup>, ConfigError> {
+    use ironlun_scsi::alua::{AccessState, PortGroup, ALL_STATES};
+    let mut groups: Vec<PortGroup> = Vec::new();
+    for (i, g) in raw.iter().enumerate() {
+        let key = |k: &str| format!("port_group[{i}].{k}");
+        let id = match u16::try_from(*g.id.get_ref()) {
+            Ok(id) if id != 0 => id,
+            _ => return cx.err(g.id.span(), key("id"), "must be 1..=65535"),
+        };
+        if groups.iter().any(|o| o.id == id) {
+            return cx.err(
+                g.id.span(),
+                key("id"),
+                format!("duplicate port group id {id}"),
+            );
+        }
+        let state = match &g.state {
+            None => AccessState::ActiveOptimized,
+            Some(s) => match AccessState::from_name(s.get_ref()) {
+                Some(st) => st,
+                None => {
+                    let names: Vec<&str> = ALL_STATES.iter().map(|s| s.name()).collect();
+                    return cx.err(
+                        s.span(),
+                        key("state"),
+                        format!("expected one of {}", names.join(", ")),
+                    );
+                }
+            },
+        };
+        let mut ports = Vec::new();
+        if let Some(t) = &g.tpgts {
+            for tpgt in t.get_ref() {
+                if !portals.iter().any(|p| p.tpgt == *tpgt) {
+                    return cx.err(
+                        t.span(),
+                        key("tpgts"),
+                        format!("no [[portal]] has tpgt {tpgt}"),
+                    );
+                }
+                if let Some(o) = groups.iter().find(|o| o.ports.contains(tpgt)) {
+                    return cx.err(
+                        t.span(),
+                        key("tpgts"),
+                        format!("tpgt {tpgt} is already in port group {}", o.id),
+                    );
+                }
+                if !ports.contains(tpgt) {
+                    ports.push(*tpgt);
+                }
+            }
+        }
+        groups.push(PortGroup {
+            id,
+            state,
+            ports,
+            changed: false,
+        });
+    }
+    Ok(groups)
 }
 
 /// The `[admin]` table. `token_file` resolves against the config file's directory (not
@@ -1234,6 +1321,53 @@ size = "64MiB"
                 .starts_with("t.toml:7: target[0].lun[0].block_size: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn port_groups_parse_and_validate() {
+        use ironlun_scsi::alua::AccessState;
+        const TARGET: &str = "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n";
+        let portals = "[[portal]]\nlisten = \"127.0.0.1:3260\"\ntpgt = 1\n[[portal]]\nlisten = \"127.0.0.1:3261\"\ntpgt = 2\n";
+        let c = parse(&format!(
+            "{portals}[[port_group]]\nid = 2\nstate = \"standby\"\ntpgts = [2]\n{TARGET}"
+        ))
+        .unwrap();
+        assert_eq!(c.port_groups.len(), 1);
+        assert_eq!(c.port_groups[0].id, 2);
+        assert_eq!(c.port_groups[0].state, AccessState::Standby);
+        assert_eq!(c.port_groups[0].ports, vec![2]);
+        assert!(parse(&format!("{portals}{TARGET}"))
+            .unwrap()
+            .port_groups
+            .is_empty());
+        let cases = [
+            ("[[port_group]]\nid = 0\n", 8, "port_group[0].id"),
+            ("[[port_group]]\nid = 70000\n", 8, "port_group[0].id"),
+            (
+                "[[port_group]]\nid = 2\nstate = \"offline\"\n",
+                9,
+                "port_group[0].state",
+            ),
+            (
+                "[[port_group]]\nid = 2\ntpgts = [3]\n",
+                9,
+                "port_group[0].tpgts",
+            ),
+            (
+                "[[port_group]]\nid = 2\ntpgts = [2]\n[[port_group]]\nid = 3\ntpgts = [1, 2]\n",
+                12,
+                "port_group[1].tpgts",
+            ),
+            (
+                "[[port_group]]\nid = 2\n[[port_group]]\nid = 2\n",
+                10,
+                "port_group[1].id",
+            ),
+        ];
+        for (text, line, key) in cases {
+            let e = parse(&format!("{portals}{text}{TARGET}")).unwrap_err();
+            assert_eq!((e.line, e.key.as_str()), (Some(line), key), "{e}");
+        }
     }
 
     #[test]

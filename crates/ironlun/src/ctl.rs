@@ -18,7 +18,7 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:3262";
 /// Connect timeout per address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The whole response must arrive within this.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest response read (the JSON of many LUs with many registrations).
 const MAX_RESPONSE: usize = 64 << 20;
 
@@ -463,7 +463,7 @@ pub fn render_reservations(luns: &[LuReservations]) -> String {
 
 /// `method path` with a JSON body, expecting 200 and JSON of type `T` (other statuses become
 /// the API's `{"error","code"}` message).
-fn call_json<T: serde::de::DeserializeOwned>(
+pub(crate) fn call_json<T: serde::de::DeserializeOwned>(
     client: &Client,
     method: &str,
     path: &str,

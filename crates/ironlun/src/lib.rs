@@ -6,5 +6,6 @@ pub mod backend;
 pub mod config;
 pub mod ctl;
 pub mod migrate;
+pub mod port_groups;
 pub mod server;
 pub mod target;

@@ -9,8 +9,8 @@
 //!
 //! `ironlun ctl [--admin URL] [--token-file FILE] reservations|ownership [TARGET/LUN] [--json]`,
 //! `ctl own TARGET/LUN HOST [--epoch N]`, `ctl handover prepare|commit|abort TARGET/LUN --from S
-//! --to D --epoch N [--deadline-ms N] [--on-deadline abort|refuse]` and `ctl events [--since N]`
-//! ask a running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
+//! --to D --epoch N [--deadline-ms N] [--on-deadline abort|refuse]`, `ctl events [--since N]`
+//! and `ctl port-group [ID STATE] [--json]` (ALUA) ask a running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
 //! 2 usage.
 //!
 //! `ironlun migrate --admin URL --lun TARGET/LUN --from HOST_S --to HOST_D [hooks…]` hands an
@@ -78,6 +78,17 @@ enum CtlCommand {
     Handover {
         #[command(subcommand)]
         step: HandoverCommand,
+    },
+    /// ALUA target port groups and their states; with ID and STATE (active_optimized,
+    /// active_non_optimized, standby, unavailable, transitioning) set that group's state first.
+    PortGroup {
+        /// Target port group id.
+        #[arg(requires = "state")]
+        id: Option<u16>,
+        /// New access state of group ID.
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// PR OUT, ownership and handover events.
     Events {
@@ -264,6 +275,9 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
         }
         CtlCommand::Events { since, json } => {
             ctl::events(&client, since, json, &mut std::io::stdout().lock())
+        }
+        CtlCommand::PortGroup { id, state, json } => {
+            ironlun::port_groups::ctl(&client, id.zip(state), json, &mut std::io::stdout().lock())
         }
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {

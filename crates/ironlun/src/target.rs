@@ -242,6 +242,9 @@ pub struct Registry {
     pub targets: Vec<Arc<TargetState>>,
     /// PR OUT, ownership and handover events of every LU (the admin API's `/v1/events`).
     pub events: Arc<EventLog>,
+    /// ALUA target port groups (SPC-4 §5.16), the same for every LU; changed through
+    /// [`Registry::set_port_group_state`].
+    port_groups: Mutex<ironlun_scsi::alua::PortGroups>,
     next_nexus: AtomicU64,
     next_tsih: AtomicU16,
 }
@@ -253,6 +256,7 @@ impl Registry {
     pub fn build(cfg: &Config) -> Result<Registry, String> {
         let pr_dir = cfg.data_dir.join(PR_DIR);
         let ports = relative_ports(cfg);
+        let port_groups = ironlun_scsi::alua::PortGroups::new(cfg.port_groups.clone(), &ports);
         let mut state_files: BTreeMap<PathBuf, (String, u64)> = BTreeMap::new();
         let mut targets = Vec::new();
         let events = Arc::new(EventLog::new(EVENT_CAPACITY));
@@ -273,7 +277,8 @@ impl Registry {
                 }
                 let backend = backend::open(l)?;
                 let num_blocks = backend.size() / u64::from(l.block_size);
-                let lc = lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
+                let mut lc = lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
+                lc.port_groups = port_groups.clone();
                 let mut lu = LogicalUnit::new(lc);
                 if restore_state(&mut lu, &state_file)? {
                     tracing::info!(target = %t.name, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
@@ -294,6 +299,7 @@ impl Registry {
         Ok(Registry {
             targets,
             events,
+            port_groups: Mutex::new(port_groups),
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
         })
@@ -304,6 +310,41 @@ impl Registry {
             .iter()
             .find(|t| t.name.eq_ignore_ascii_case(name))
             .cloned()
+    }
+
+    /// The target port groups and their current states.
+    pub fn port_groups(&self) -> ironlun_scsi::alua::PortGroups {
+        self.port_groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Set target port group `id` to `state` on every LU of every target (implicit ALUA:
+    /// each raises 2Ah/06h on its nexuses when the state changes). `Ok(true)` when it changed.
+    pub fn set_port_group_state(
+        &self,
+        id: u16,
+        state: ironlun_scsi::alua::AccessState,
+    ) -> Result<bool, ironlun_scsi::alua::AluaError> {
+        let mut groups = self
+            .port_groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = groups.set_state(id, state)?;
+        for t in &self.targets {
+            for l in t.luns.values() {
+                l.lu().set_port_group_state(id, state)?;
+            }
+        }
+        if changed {
+            tracing::info!(
+                group = id,
+                state = state.name(),
+                "target port group state changed"
+            );
+        }
+        Ok(changed)
     }
 
     /// A fresh I_T nexus id.

@@ -327,6 +327,13 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0xA0, 0, F, 0, 0, 0, F, F, F, F, 0, 0],
         "REPORT LUNS",
     ),
+    // SPC-4 §6.27: PARAMETER DATA FORMAT in byte 1 bits 7:5.
+    row_sa(
+        op::MAINTENANCE_IN,
+        crate::alua::SA_REPORT_TARGET_PORT_GROUPS,
+        &[0xA3, 0xEA, 0, 0, 0, 0, F, F, F, F, 0, 0],
+        "REPORT TARGET PORT GROUPS",
+    ),
     row_sa(
         op::MAINTENANCE_IN,
         op::SA_REPORT_SUPPORTED_OPCODES,
@@ -473,6 +480,11 @@ pub enum Command {
     },
     ReportLuns {
         select: u8,
+        alloc_len: u32,
+    },
+    /// REPORT TARGET PORT GROUPS (SPC-4 §6.27): `extended` = PARAMETER DATA FORMAT 001b.
+    ReportTargetPortGroups {
+        extended: bool,
         alloc_len: u32,
     },
     /// RESERVE(6/10), SPC-2 §7.21/§7.22 (logical unit, no third party).
@@ -731,6 +743,17 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
             select: byte(cdb, 2),
             alloc_len: be32(cdb, 6, 4),
         },
+        MAINTENANCE_IN if sa == crate::alua::SA_REPORT_TARGET_PORT_GROUPS => {
+            // PARAMETER DATA FORMAT: 000b length only, 001b extended header; others reserved.
+            let format = byte(cdb, 1) >> 5;
+            if format > 1 {
+                return Err(invalid(1, if format > 3 { 7 } else { 6 }));
+            }
+            Command::ReportTargetPortGroups {
+                extended: format == 1,
+                alloc_len: be32(cdb, 6, 4),
+            }
+        }
         MAINTENANCE_IN => {
             let options = byte(cdb, 2) & 0x07;
             if options > 2 {
@@ -858,7 +881,7 @@ mod tests {
             Err(fp(1, 4))
         );
         assert_eq!(
-            parse(&[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            parse(&[0xA3, 0x0B, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(fp(1, 4))
         );
     }

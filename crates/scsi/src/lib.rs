@@ -6,6 +6,7 @@
 //! the whole command set is tested in memory. The caller holds the LU lock only around
 //! `execute`/`resume`, never across the I/O.
 
+pub mod alua;
 pub mod cdb;
 pub mod lu;
 pub mod mode;

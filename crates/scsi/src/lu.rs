@@ -71,6 +71,10 @@ pub struct LuConfig {
     /// (1.19) then queries LBA i+1 and expects the first descriptor at i+lbppb, which no
     /// target can satisfy, so the default keeps one logical block per physical block.
     pub physical_block_exponent: u8,
+    /// Target port groups and their asymmetric access states (SPC-4 §5.16); default: group 1
+    /// active/optimized holding `relative_ports`. Changed at run time through
+    /// [`LogicalUnit::set_port_group_state`].
+    pub port_groups: crate::alua::PortGroups,
 }
 
 impl LuConfig {
@@ -101,6 +105,7 @@ impl LuConfig {
             relative_ports: vec![1],
             ptpl_capable: false,
             physical_block_exponent: 0,
+            port_groups: crate::alua::PortGroups::new(Vec::new(), &[1]),
         };
         config.serial = serial_from_naa(&config.naa);
         config
@@ -741,6 +746,15 @@ impl LogicalUnit {
                 return self.fail(ua);
             }
         }
+        // SPC-4 §5.16.2.4: the access state of the port the command came through.
+        if let Err(reason) = self
+            .config
+            .port_groups
+            .state_of(self.rtpi(ident))
+            .check(cdb)
+        {
+            return self.fail(reason);
+        }
         if self.conflicts(ident, cdb) || self.ownership_conflicts(ident, cdb) {
             return Step::Done(Completion::reservation_conflict());
         }
@@ -814,6 +828,28 @@ impl LogicalUnit {
     pub fn tmf_effect(kind: ResetKind) -> TmfEffect {
         let _ = kind;
         TmfEffect::AbortAllTasks
+    }
+
+    /// Set target port group `id` to `state` (implicit ALUA, SPC-4 §5.16.2.5): on a change,
+    /// ASYMMETRIC ACCESS STATE CHANGED (2Ah/06h) to every nexus. `Ok(true)` when it changed.
+    pub fn set_port_group_state(
+        &mut self,
+        id: u16,
+        state: crate::alua::AccessState,
+    ) -> Result<bool, crate::alua::AluaError> {
+        let changed = self.config.port_groups.set_state(id, state)?;
+        if changed {
+            self.ua
+                .raise_others(None, SenseReason::AsymmetricAccessStateChanged);
+        }
+        Ok(changed)
+    }
+
+    /// The relative target port of identity `ident` (the configured port if unknown).
+    fn rtpi(&self, ident: Option<u64>) -> u16 {
+        ident
+            .and_then(|id| self.identities.get(&id))
+            .map_or(self.config.relative_port, |x| x.it.rtpi)
     }
 
     /// The backing size changed: CAPACITY DATA HAS CHANGED (2Ah/09h) to every nexus.
@@ -1103,6 +1139,10 @@ impl LogicalUnit {
                 }
                 Ok(Step::Done(report_luns(raw, &[self.config.lun])))
             }
+            Command::ReportTargetPortGroups {
+                extended,
+                alloc_len,
+            } => Self::good(cut(self.config.port_groups.report(extended), alloc_len)),
             Command::Reserve => Ok(self.spc2_reserve(ident)),
             Command::Release => Ok(self.spc2_release(ident)),
             Command::PersistentReserveIn {

@@ -914,3 +914,97 @@ mod prop {
         }
     }
 }
+
+/// Implicit ALUA (SPC-4 §5.16): nexus `N` on port 1 (group 1), `OTHER` on port 2 (group 2).
+/// Putting group 2 in standby raises 2Ah/06h on every nexus; then port 2 gets 04h/0Bh for
+/// media access while INQUIRY, REPORT TARGET PORT GROUPS and MODE SENSE still work there,
+/// and port 1 keeps reading and writing. VPD 83h names each port's group.
+#[test]
+fn alua_standby_and_unavailable_per_port_group() {
+    use crate::alua::{AccessState, PortGroup, PortGroups};
+    let mut c = LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:disk");
+    c.relative_ports = vec![1, 2];
+    let g2 = PortGroup {
+        id: 2,
+        state: AccessState::ActiveOptimized,
+        ports: vec![2],
+        changed: false,
+    };
+    c.port_groups = PortGroups::new(vec![g2], &[1, 2]);
+    let ram = Ram::new(BLOCKS);
+    let mut lu = LogicalUnit::new(c);
+    let mut other = it(OTHER);
+    other.rtpi = 2;
+    lu.add_nexus(N, it(N));
+    lu.add_nexus(OTHER, other);
+    let mut f = Fixture { lu, ram };
+    f.run_on(N, &[0; 6], &[]);
+    f.run_on(OTHER, &[0; 6], &[]);
+    good(&f.run_on(OTHER, &read10(0, 1), &[]));
+
+    assert_eq!(f.lu.set_port_group_state(2, AccessState::Standby), Ok(true));
+    assert_eq!(
+        f.lu.set_port_group_state(2, AccessState::Standby),
+        Ok(false)
+    );
+    assert!(f.lu.set_port_group_state(9, AccessState::Standby).is_err());
+    for n in [N, OTHER] {
+        expect(
+            &f.run_on(n, &read10(0, 1), &[]),
+            SenseReason::AsymmetricAccessStateChanged,
+        );
+    }
+    expect(
+        &f.run_on(OTHER, &read10(0, 1), &[]),
+        SenseReason::AluaStandby,
+    );
+    expect(&f.run_on(OTHER, &[0; 6], &[]), SenseReason::AluaStandby);
+    good(&f.run_on(OTHER, &[0x1A, 0, 0x3F, 0, 255, 0], &[]));
+    let inq = f.run_on(OTHER, &[0x12, 0, 0, 0, 96, 0], &[]);
+    good(&inq);
+    assert_eq!(inq.data[5] & 0x30, 0x10, "TPGS = implicit");
+    let rtpg = f.run_on(OTHER, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
+    good(&rtpg);
+    assert_eq!(rtpg.data[4] & 0x0F, 0x0, "group 1 active/optimized");
+    assert_eq!(&rtpg.data[6..8], &[0, 1]);
+    assert_eq!(rtpg.data[16] & 0x0F, 0x2, "group 2 standby");
+    assert_eq!(&rtpg.data[18..20], &[0, 2]);
+    assert_eq!(rtpg.data[21], 0x02, "status: implicit change");
+    // Port 1 serves I/O.
+    let data = pattern(512, 3);
+    good(&f.run_on(N, &with_op(read10(0, 1), 0x2A), &data));
+    assert_eq!(f.run_on(N, &read10(0, 1), &[]).data.as_ref(), &data[..]);
+    // VPD 83h: each port's target port group designator (type 5).
+    let tpg_of = |f: &mut Fixture, n| {
+        let d = f.run_on(n, &[0x12, 1, 0x83, 0, 255, 0], &[]).data;
+        let mut at = 4;
+        while at + 4 <= d.len() {
+            let len = usize::from(d[at + 3]);
+            if d[at + 1] & 0x3F == 0x15 {
+                return u16::from_be_bytes([d[at + 6], d[at + 7]]);
+            }
+            at += 4 + len;
+        }
+        panic!("no target port group designator");
+    };
+    assert_eq!(tpg_of(&mut f, N), 1);
+    assert_eq!(tpg_of(&mut f, OTHER), 2);
+
+    f.lu.set_port_group_state(2, AccessState::Unavailable)
+        .unwrap();
+    expect(
+        &f.run_on(OTHER, &[0; 6], &[]),
+        SenseReason::AsymmetricAccessStateChanged,
+    );
+    expect(
+        &f.run_on(OTHER, &[0x1A, 0, 0x3F, 0, 255, 0], &[]),
+        SenseReason::AluaUnavailable,
+    );
+    f.lu.set_port_group_state(2, AccessState::ActiveNonOptimized)
+        .unwrap();
+    expect(
+        &f.run_on(OTHER, &[0; 6], &[]),
+        SenseReason::AsymmetricAccessStateChanged,
+    );
+    good(&f.run_on(OTHER, &read10(0, 1), &[]));
+}

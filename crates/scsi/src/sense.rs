@@ -109,6 +109,15 @@ pub enum SenseReason {
     CapacityDataChanged,
     /// UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh).
     ReportedLunsDataChanged,
+    /// UNIT ATTENTION, ASYMMETRIC ACCESS STATE CHANGED (2Ah/06h): a target port group's
+    /// ALUA state changed (SPC-4 §5.16.2.5).
+    AsymmetricAccessStateChanged,
+    /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION (04h/0Ah).
+    AluaTransitioning,
+    /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE (04h/0Bh).
+    AluaStandby,
+    /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE (04h/0Ch).
+    AluaUnavailable,
 }
 
 /// Every variant once, for table tests.
@@ -143,6 +152,10 @@ pub const ALL_REASONS: &[SenseReason] = &[
     SenseReason::InsufficientRegistrationResources,
     SenseReason::CapacityDataChanged,
     SenseReason::ReportedLunsDataChanged,
+    SenseReason::AsymmetricAccessStateChanged,
+    SenseReason::AluaTransitioning,
+    SenseReason::AluaStandby,
+    SenseReason::AluaUnavailable,
 ];
 
 impl SenseReason {
@@ -180,6 +193,10 @@ impl SenseReason {
             InsufficientRegistrationResources => (key::ILLEGAL_REQUEST, 0x55, 0x04),
             CapacityDataChanged => (key::UNIT_ATTENTION, 0x2A, 0x09),
             ReportedLunsDataChanged => (key::UNIT_ATTENTION, 0x3F, 0x0E),
+            AsymmetricAccessStateChanged => (key::UNIT_ATTENTION, 0x2A, 0x06),
+            AluaTransitioning => (key::NOT_READY, 0x04, 0x0A),
+            AluaStandby => (key::NOT_READY, 0x04, 0x0B),
+            AluaUnavailable => (key::NOT_READY, 0x04, 0x0C),
         }
     }
 

@@ -18,8 +18,10 @@ pub fn standard(config: &LuConfig) -> Vec<u8> {
     let mut d = vec![0u8; STANDARD_LEN];
     let additional = u8::try_from(STANDARD_LEN - 5).unwrap_or(u8::MAX);
     // [0] qualifier 000b, type 00h; [1] RMB=0; [2] VERSION=06h (SPC-4);
-    // [3] HISUP=1, RESPONSE DATA FORMAT=2; [4] ADDITIONAL LENGTH; [7] CMDQUE=1.
-    let head = [0x00, 0x00, 0x06, 0x12, additional, 0x00, 0x00, 0x02];
+    // [3] HISUP=1, RESPONSE DATA FORMAT=2; [4] ADDITIONAL LENGTH; [5] TPGS=01b (implicit
+    // ALUA, SPC-4 §5.16); [7] CMDQUE=1.
+    let tpgs = crate::alua::TPGS_IMPLICIT;
+    let head = [0x00, 0x00, 0x06, 0x12, additional, tpgs, 0x00, 0x02];
     put(&mut d, 0, &head);
     put(&mut d, 8, &ascii_field(&config.vendor, 8));
     put(&mut d, 16, &ascii_field(&config.product, 16));
@@ -102,9 +104,14 @@ fn device_identification(config: &LuConfig, rtpi: u16) -> Vec<u8> {
     // SCSI name string (type 8) of the target port, `<name>,t,0x<TPGT>` (RFC 7143 §4.2.7.1).
     let port = format!("{},t,0x{rtpi:04x}", config.target_name);
     designator(&mut d, 0x53, 0x80 | 0x10 | 0x08, &name_string(&port));
-    // Target port group (type 5), association 01b.
+    // Target port group (type 5), association 01b: the group `rtpi` belongs to (SPC-4
+    // §7.8.6.7), else the configured one.
+    let group = config
+        .port_groups
+        .group_of(rtpi)
+        .map_or(config.target_port_group, |g| g.id);
     let mut tpg = [0u8; 4];
-    put(&mut tpg, 2, &config.target_port_group.to_be_bytes());
+    put(&mut tpg, 2, &group.to_be_bytes());
     designator(&mut d, 0x51, 0x80 | 0x10 | 0x05, &tpg);
     // SCSI name string (type 8), UTF-8, association 10b (target device): NUL-terminated,
     // NUL-padded to a multiple of 4, at most 252 bytes.
@@ -209,7 +216,7 @@ mod tests {
     #[test]
     fn standard_inquiry_fields() {
         let d = standard(&cfg());
-        assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0, 0, 2]);
+        assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0x10, 0, 2]);
         assert_eq!(&d[8..16], b"IRONLUN ");
         assert_eq!(&d[16..32], b"ironlun disk    ");
         assert_eq!(&d[32..36], b"0001");
