@@ -180,6 +180,7 @@ struct RawLun {
     read_only: bool,
     thin: Option<bool>,
     write_cache: Option<bool>,
+    physical_block_size: Option<Spanned<u32>>,
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
 }
@@ -357,6 +358,9 @@ pub struct Lun {
     pub read_only: bool,
     pub thin: bool,
     pub write_cache: bool,
+    /// Logical blocks per physical block, as a power of two (READ CAPACITY (16) LOGICAL
+    /// BLOCKS PER PHYSICAL BLOCK EXPONENT, SBC-3 §5.16.2); from `physical_block_size`, default 0.
+    pub physical_block_exponent: u8,
 }
 
 struct Ctx<'a> {
@@ -403,6 +407,7 @@ impl Config {
             read_only: false,
             thin: true,
             write_cache: true,
+            physical_block_exponent: 0,
         };
         Config {
             portals: vec![Portal {
@@ -689,6 +694,22 @@ impl Config {
                     Some(s) => s.get_ref().clone(),
                     None => derive_serial(&name, id),
                 };
+                // A power-of-two multiple of the logical block size, at most 2^15 blocks.
+                let physical_block_exponent = match &l.physical_block_size {
+                    None => 0,
+                    Some(p) => match (0..16u8).find(|e| {
+                        block_size.checked_shl(u32::from(*e)) == Some(*p.get_ref())
+                    }) {
+                        Some(e) => e,
+                        None => {
+                            return cx.err(
+                                p.span(),
+                                key("physical_block_size"),
+                                "must be block_size times a power of two (at most 2^15)",
+                            )
+                        }
+                    },
+                };
                 let naa = match &l.naa {
                     Some(s) => match parse_naa(s.get_ref()) {
                         Ok(n) => n,
@@ -706,6 +727,7 @@ impl Config {
                     read_only: l.read_only,
                     thin: l.thin.unwrap_or(true),
                     write_cache: l.write_cache.unwrap_or(true),
+                    physical_block_exponent,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;

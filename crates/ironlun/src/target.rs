@@ -377,6 +377,7 @@ fn lu_config(
     c.thin = l.thin && thin;
     c.read_only = l.read_only;
     c.write_cache = l.write_cache;
+    c.physical_block_exponent = l.physical_block_exponent;
     if let Some(first) = ports.first() {
         c.relative_port = *first;
         c.relative_ports = ports.to_vec();

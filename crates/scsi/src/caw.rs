@@ -38,9 +38,11 @@ const BLOCKS_FIELD: u16 = 13;
 impl LogicalUnit {
     /// Start COMPARE AND WRITE of `ext` (SBC-3 §5.2): checks, then the read of the range.
     /// NUMBER OF LOGICAL BLOCKS 0 transfers nothing and is GOOD. A Data-Out of any size but
-    /// exactly 2×N blocks is INVALID FIELD IN COMMAND INFORMATION UNIT: half a verify buffer
-    /// cannot be compared, and extra data has no place (libiscsi
-    /// CompareAndWrite.InvalidDataOutSize sends 4 blocks with N = 1 and N = 3).
+    /// exactly 2×N blocks is INVALID FIELD IN CDB pointing at NUMBER OF LOGICAL BLOCKS, the
+    /// field the data contradicts: half a verify buffer cannot be compared, and extra data
+    /// has no place (libiscsi CompareAndWrite.InvalidDataOutSize sends 4 blocks with N = 1
+    /// and N = 3; CompareAndWrite.Simple sends 512 blocks with N = 256, which the one-byte
+    /// field carries as 0, and expects INVALID FIELD IN CDB).
     pub(super) fn compare_and_write(
         &self,
         ext: Extent,
@@ -56,12 +58,14 @@ impl LogicalUnit {
         let (offset, len) = self.range(ext)?;
         let want = len.checked_mul(2).ok_or(SenseReason::LbaOutOfRange)?;
         if u64::try_from(data_out.len()).ok() != Some(want) {
-            return Err(SenseReason::InvalidFieldInCommandIu);
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(
+                BLOCKS_FIELD,
+            )));
         }
         if len == 0 {
             return Self::good(Bytes::new());
         }
-        let half = usize::try_from(len).map_err(|_| SenseReason::InvalidFieldInCommandIu)?;
+        let half = usize::try_from(len).map_err(|_| SenseReason::LbaOutOfRange)?;
         let verify = data_out.slice(..half);
         let write = data_out.slice(half..);
         let fua = fua || !self.mode.current.wce;
@@ -287,7 +291,8 @@ mod tests {
             (0, &four[..1]),
         ] {
             let c = d.run(A, &caw_cdb(0, blocks, 0), data);
-            assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x0E, 0x03), "{blocks}");
+            assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x24, 0x00), "{blocks}");
+            assert_eq!(&c.sense[15..18], &[0xC0, 0, 13]);
         }
         assert!(d.writes.is_empty());
     }
