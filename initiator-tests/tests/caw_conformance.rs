@@ -4,6 +4,8 @@
 //! daemon, 0 failures and 0 skips. `Inquiry` runs too: its BlockLimits test reads the
 //! MAXIMUM COMPARE AND WRITE LENGTH this issue fills in.
 
+#![allow(clippy::indexing_slicing)]
+
 use ironlun_initiator_tests::{conformance_paths, repo_root, require_tool, Daemon};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:caw";

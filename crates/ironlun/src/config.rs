@@ -1652,4 +1652,25 @@ size = "64MiB"
         .unwrap_err();
         assert_eq!(e.key, "pass");
     }
+
+    #[test]
+    fn physical_block_size_is_a_power_of_two_multiple_of_the_block_size() {
+        let lun = |extra: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\n\
+                 backstore = \"ram\"\nsize = \"1MiB\"\n{extra}\n"
+            )
+        };
+        let c = parse(&lun("")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 0);
+        let c = parse(&lun("physical_block_size = 4096")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 3);
+        let c = parse(&lun("block_size = 4096\nphysical_block_size = 4096")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 0);
+        for bad in [1000u32, 256, 3072, 512 << 16] {
+            let e = parse(&lun(&format!("physical_block_size = {bad}"))).unwrap_err();
+            assert!(e.key.ends_with("physical_block_size"), "{bad}: {e}");
+            assert_eq!(e.line, Some(7), "{bad}: {e}");
+        }
+    }
 }
