@@ -353,6 +353,29 @@ mod tests {
         assert_eq!(d.writes.len(), 1);
     }
 
+    /// PREEMPT AND ABORT between the read and the write: the write never happens.
+    #[test]
+    fn preempt_and_abort_between_read_and_write_stops_the_write() {
+        let mut d = Disk::ram();
+        assert_eq!(prout(&mut d, A, 0, 0, 0, 0xA).status, status::GOOD);
+        assert_eq!(prout(&mut d, B, 0, 0, 0, 0xB).status, status::GOOD);
+        assert_eq!(prout(&mut d, A, 1, 1, 0xA, 0).status, status::GOOD);
+        let data = Bytes::from(caw_data(1, 0, 9));
+        let Step::Io(IoOp::Read { offset, len }, cont) = d.lu.execute(A, &caw_cdb(4, 1, 0), data)
+        else {
+            panic!("expected the read");
+        };
+        assert_eq!((offset, len), (4 * 512, 512));
+        let c = prout(&mut d, B, 5, 1, 0xB, 0xA);
+        assert_eq!(c.status, status::GOOD);
+        let read = IoResult::Data(Bytes::from(vec![0u8; 512]));
+        match d.lu.resume(A, cont, read) {
+            Step::Done(c) => assert_eq!(c.status, status::TASK_ABORTED),
+            other => panic!("expected TASK ABORTED, got {other:?}"),
+        }
+        assert!(d.writes.is_empty());
+    }
+
     #[test]
     fn listed_in_report_supported_operation_codes() {
         let mut d = Disk::ram();
