@@ -51,6 +51,8 @@ pub fn require_tool(name: &str) {
 pub struct Daemon {
     child: Option<Child>,
     pub addr: String,
+    /// Every `listening` address, one per portal, in the order printed.
+    pub addrs: Vec<String>,
     pub urls: Vec<String>,
     /// The admin API's base URL (`http://127.0.0.1:PORT`), once printed.
     pub admin: Option<String>,
@@ -62,13 +64,24 @@ impl Daemon {
     /// Start with `config` (TOML text, LUN paths relative to a fresh temp dir), or the embedded
     /// default when `None`.
     pub fn start(config: Option<&str>) -> Daemon {
+        Self::start_listening(config, true)
+    }
+
+    /// Start with `config` serving its configured portals (no `--listen`): give each
+    /// `listen = "127.0.0.1:0"`; their addresses are in [`Daemon::addrs`].
+    pub fn start_portals(config: &str) -> Daemon {
+        Self::start_listening(Some(config), false)
+    }
+
+    fn start_listening(config: Option<&str>, listen_any: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
-            .arg("--admin")
+        cmd.arg("serve");
+        if listen_any {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
+        cmd.arg("--admin")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(dir.path());
@@ -104,12 +117,15 @@ impl Daemon {
             }
         });
         let mut addr = None;
+        let mut addrs = Vec::new();
         let mut urls = Vec::new();
         let mut admin = None;
         loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) if l.starts_with("listening ") => {
-                    addr = Some(l["listening ".len()..].to_string())
+                    let a = l["listening ".len()..].to_string();
+                    addrs.push(a.clone());
+                    addr.get_or_insert(a);
                 }
                 Ok(l) if l.starts_with("url ") => {
                     urls.push(l["url ".len()..].to_string());
@@ -138,6 +154,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             addr,
+            addrs,
             urls,
             admin,
             dir,
@@ -213,6 +230,17 @@ pub fn conformance(url: &str, out_dir: &Path) -> (bool, String) {
 /// Run scripts/conformance.sh on `suites` (short names, space separated) against `url`:
 /// each must show 0 failures, and with `no_skip` also 0 skips; (success, output).
 pub fn conformance_of(suites: &str, no_skip: bool, url: &str, out_dir: &Path) -> (bool, String) {
+    conformance_paths(suites, no_skip, &[url], out_dir)
+}
+
+/// [`conformance_of`] with the second path given separately: `urls` is `[url]` (used for
+/// both paths) or `[url1, url2]` (two portals, for the MultipathIO suite).
+pub fn conformance_paths(
+    suites: &str,
+    no_skip: bool,
+    urls: &[&str],
+    out_dir: &Path,
+) -> (bool, String) {
     let full: Vec<String> = suites
         .split_whitespace()
         .map(|s| {
@@ -231,7 +259,7 @@ pub fn conformance_of(suites: &str, no_skip: bool, url: &str, out_dir: &Path) ->
         .arg(suites)
         .arg("--out")
         .arg(out_dir)
-        .arg(url))
+        .args(urls))
 }
 
 /// Run a command, return (success, stdout+stderr).

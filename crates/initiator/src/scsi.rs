@@ -167,6 +167,17 @@ pub fn write16_cdb(lba: u64, blocks: u32, fua: bool) -> [u8; 16] {
     cdb
 }
 
+/// COMPARE AND WRITE 89h (SBC-3 §5.2): `blocks` in byte 13; `fua` sets FUA (byte 1 bit 3).
+/// The Data-Out is `blocks` blocks of verify data followed by `blocks` blocks of write data.
+pub fn compare_and_write_cdb(lba: u64, blocks: u8, fua: bool) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x89;
+    cdb[1] = if fua { 0x08 } else { 0 };
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[13] = blocks;
+    cdb
+}
+
 /// SYNCHRONIZE CACHE (16) 91h (SBC-3 §5.23): whole medium when `blocks` is 0.
 pub fn synchronize_cache16_cdb(lba: u64, blocks: u32) -> [u8; 16] {
     let mut cdb = [0u8; 16];

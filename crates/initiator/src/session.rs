@@ -464,6 +464,38 @@ impl Session {
             .await
     }
 
+    /// COMPARE AND WRITE (SBC-3 §5.2) at `lba`: if the blocks there equal `verify`, write
+    /// `write` (both the same whole number of `block_size` blocks, at most 255). A miscompare
+    /// is CHECK CONDITION with sense key MISCOMPARE in the result, not an error.
+    pub async fn compare_and_write(
+        &self,
+        lun: u64,
+        lba: u64,
+        block_size: u32,
+        verify: &[u8],
+        write: &[u8],
+        fua: bool,
+    ) -> Result<CommandResult> {
+        let bs = usize::try_from(block_size).map_err(|_| Error::InvalidArgument("block size"))?;
+        if verify.len() != write.len() || verify.len().checked_rem(bs) != Some(0) {
+            return Err(Error::InvalidArgument(
+                "verify and write data must be the same whole number of blocks",
+            ));
+        }
+        let blocks = u8::try_from(verify.len() / bs)
+            .map_err(|_| Error::InvalidArgument("more than 255 blocks"))?;
+        let mut data = Vec::with_capacity(verify.len().saturating_mul(2));
+        data.extend_from_slice(verify);
+        data.extend_from_slice(write);
+        self.command(
+            lun,
+            &scsi::compare_and_write_cdb(lba, blocks, fua),
+            Bytes::from(data),
+            0,
+        )
+        .await
+    }
+
     /// SYNCHRONIZE CACHE (16) of the whole medium.
     pub async fn synchronize_cache(&self, lun: u64) -> Result<CommandResult> {
         self.command(lun, &scsi::synchronize_cache16_cdb(0, 0), Bytes::new(), 0)

@@ -228,6 +228,7 @@ mod tests {
             read_only: false,
             thin: true,
             write_cache: true,
+            physical_block_exponent: 0,
         }
     }
 

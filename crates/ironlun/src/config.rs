@@ -192,6 +192,7 @@ struct RawLun {
     read_only: bool,
     thin: Option<bool>,
     write_cache: Option<bool>,
+    physical_block_size: Option<Spanned<u32>>,
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
 }
@@ -372,6 +373,9 @@ pub struct Lun {
     pub read_only: bool,
     pub thin: bool,
     pub write_cache: bool,
+    /// Logical blocks per physical block, as a power of two (READ CAPACITY (16) LOGICAL
+    /// BLOCKS PER PHYSICAL BLOCK EXPONENT, SBC-3 §5.16.2); from `physical_block_size`, default 0.
+    pub physical_block_exponent: u8,
 }
 
 struct Ctx<'a> {
@@ -418,6 +422,7 @@ impl Config {
             read_only: false,
             thin: true,
             write_cache: true,
+            physical_block_exponent: 0,
         };
         Config {
             portals: vec![Portal {
@@ -705,6 +710,22 @@ impl Config {
                     Some(s) => s.get_ref().clone(),
                     None => derive_serial(&name, id),
                 };
+                // A power-of-two multiple of the logical block size, at most 2^15 blocks.
+                let physical_block_exponent = match &l.physical_block_size {
+                    None => 0,
+                    Some(p) => match (0..16u8).find(|e| {
+                        block_size.checked_shl(u32::from(*e)) == Some(*p.get_ref())
+                    }) {
+                        Some(e) => e,
+                        None => {
+                            return cx.err(
+                                p.span(),
+                                key("physical_block_size"),
+                                "must be block_size times a power of two (at most 2^15)",
+                            )
+                        }
+                    },
+                };
                 let naa = match &l.naa {
                     Some(s) => match parse_naa(s.get_ref()) {
                         Ok(n) => n,
@@ -722,6 +743,7 @@ impl Config {
                     read_only: l.read_only,
                     thin: l.thin.unwrap_or(true),
                     write_cache: l.write_cache.unwrap_or(true),
+                    physical_block_exponent,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;
@@ -1763,5 +1785,26 @@ size = "64MiB"
         ))
         .unwrap_err();
         assert_eq!(e.key, "pass");
+    }
+
+    #[test]
+    fn physical_block_size_is_a_power_of_two_multiple_of_the_block_size() {
+        let lun = |extra: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\n\
+                 backstore = \"ram\"\nsize = \"1MiB\"\n{extra}\n"
+            )
+        };
+        let c = parse(&lun("")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 0);
+        let c = parse(&lun("physical_block_size = 4096")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 3);
+        let c = parse(&lun("block_size = 4096\nphysical_block_size = 4096")).unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_exponent, 0);
+        for bad in [1000u32, 256, 3072, 512 << 16] {
+            let e = parse(&lun(&format!("physical_block_size = {bad}"))).unwrap_err();
+            assert!(e.key.ends_with("physical_block_size"), "{bad}: {e}");
+            assert_eq!(e.line, Some(7), "{bad}: {e}");
+        }
     }
 }

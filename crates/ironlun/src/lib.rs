@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod caw_gate;
 pub mod config;
 pub mod ctl;
 pub mod migrate;

@@ -18,8 +18,13 @@
 //! the APTPL state file durably (SPC-4 §5.13.5.1; DESIGN.md §3 rule 10) before the completion
 //! goes out. Every continuation the LU handed out is either resumed or abandoned, also when
 //! its task is dropped (runtime shutdown), so such a wait always ends.
+//!
+//! COMPARE AND WRITE: every command of an LU passes the LU's [`Gate`] from before its SCSI
+//! decision to its completion, shared; COMPARE AND WRITE passes it exclusively, which makes
+//! its read, compare and write atomic against every other command (see [`crate::caw_gate`]).
 
 use crate::backend;
+use crate::caw_gate::{Access, Entry, Gate};
 use crate::config::{self, Config};
 use bytes::Bytes;
 use ironlun_backstore::BlockBackend;
@@ -39,6 +44,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// One logical unit with its backend.
 pub struct LunHandle {
     lu: Mutex<LogicalUnit>,
+    /// Makes COMPARE AND WRITE atomic ([`crate::caw_gate`]).
+    gate: Arc<Gate>,
     pub backend: Arc<dyn BlockBackend>,
     /// The backend is memory (every read and write is a memcpy): see [`runs_inline`].
     ram: bool,
@@ -101,6 +108,7 @@ impl LunHandle {
         let async_io = backend.is_async();
         LunHandle {
             lu: Mutex::new(lu),
+            gate: Arc::new(Gate::new()),
             backend,
             ram,
             async_io,
@@ -121,6 +129,13 @@ impl LunHandle {
         self.label = label;
         self.events = events;
         self
+    }
+
+    /// Start a command under the LU lock; also the CDB's Data-Out length (for residuals).
+    fn execute(&self, nexus: NexusId, cdb: &[u8], data_out: Bytes) -> (Sequenced, Option<u32>) {
+        let mut lu = self.lu();
+        let spdtl = lu.data_out_len(cdb).and_then(|n| u32::try_from(n).ok());
+        (self.sequenced(lu.execute(nexus, cdb, data_out)), spdtl)
     }
 
     /// Resume `cont` under the LU lock, then wake a waiting PREEMPT AND ABORT.
@@ -403,6 +418,7 @@ fn lu_config(
     c.thin = l.thin && thin;
     c.read_only = l.read_only;
     c.write_cache = l.write_cache;
+    c.physical_block_exponent = l.physical_block_exponent;
     if let Some(first) = ports.first() {
         c.relative_port = *first;
         c.relative_ports = ports.to_vec();
@@ -598,12 +614,21 @@ impl Nexus {
             return Started::Done(to_wire(lu::no_such_lun(&cdb)), None);
         };
         let nexus = self.id;
-        let (step, spdtl) = {
-            let mut lu = handle.lu();
-            let spdtl = lu.data_out_len(&cdb).and_then(|n| u32::try_from(n).ok());
-            (handle.sequenced(lu.execute(nexus, &cdb, data_out)), spdtl)
+        let access = Access::of(&cdb);
+        let Some(entry) = handle.gate.try_enter(access) else {
+            return Started::Pending(PendingCommand {
+                spdtl: None,
+                next: Next::Enter {
+                    handle: handle.clone(),
+                    nexus,
+                    cdb,
+                    data_out,
+                    access,
+                },
+            });
         };
-        drive_inline(handle, nexus, step, spdtl)
+        let (step, spdtl) = handle.execute(nexus, &cdb, data_out);
+        drive_inline(handle, nexus, step, spdtl, entry)
     }
 
     /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
@@ -668,7 +693,15 @@ pub struct PendingCommand {
 
 /// What a [`PendingCommand`] waits for.
 enum Next {
-    Io(IoOp, Task<Arc<LunHandle>>),
+    /// Waiting to pass the LU's gate (a COMPARE AND WRITE holds it, or this is one).
+    Enter {
+        handle: Arc<LunHandle>,
+        nexus: NexusId,
+        cdb: Bytes,
+        data_out: Bytes,
+        access: Access,
+    },
+    Io(IoOp, Task<Arc<LunHandle>>, Entry<Arc<Gate>>),
     Commit {
         handle: Arc<LunHandle>,
         commit: PrCommit,
@@ -715,11 +748,23 @@ impl PendingCommand {
     /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
     /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
     pub async fn finish(self) -> (ScsiCompletion, Option<u32>) {
-        let spdtl = self.spdtl;
+        let mut spdtl = self.spdtl;
         let mut next = self.next;
         loop {
-            let (handle, nexus, step) = match next {
-                Next::Io(op, task) => {
+            let (handle, nexus, step, entry) = match next {
+                Next::Enter {
+                    handle,
+                    nexus,
+                    cdb,
+                    data_out,
+                    access,
+                } => {
+                    let entry = Gate::enter(handle.gate.clone(), access).await;
+                    let (step, n) = handle.execute(nexus, &cdb, data_out);
+                    spdtl = n;
+                    (handle, nexus, step, entry)
+                }
+                Next::Io(op, task, entry) => {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
                     let backend = handle.backend.clone();
@@ -752,7 +797,7 @@ impl PendingCommand {
                             }
                         }
                     };
-                    (handle, nexus, step)
+                    (handle, nexus, step, entry)
                 }
                 Next::Commit {
                     handle,
@@ -764,7 +809,7 @@ impl PendingCommand {
                     return (to_wire(c), spdtl);
                 }
             };
-            match drive_inline(&handle, nexus, step, spdtl) {
+            match drive_inline(&handle, nexus, step, spdtl, entry) {
                 Started::Done(c, spdtl) => return (c, spdtl),
                 Started::Pending(p) => next = p.next,
             }
@@ -800,12 +845,15 @@ struct Sequenced {
 }
 
 /// Step a command through its inline I/O until it is done or must wait off the connection's
-/// task (blocking-pool or async I/O, or a PR OUT commit).
-fn drive_inline(
+/// task (blocking-pool or async I/O, or a PR OUT commit). `entry` (the command's pass through
+/// the LU's gate) is held until the command completes, except that a PR OUT commit leaves
+/// before it waits for aborted tasks to drain.
+fn drive_inline<G: std::ops::Deref<Target = Gate>>(
     handle: &Arc<LunHandle>,
     nexus: NexusId,
     mut step: Sequenced,
     spdtl: Option<u32>,
+    entry: Entry<G>,
 ) -> Started {
     loop {
         match step.step {
@@ -829,10 +877,15 @@ fn drive_inline(
             Step::Io(op, cont) => {
                 return Started::Pending(PendingCommand {
                     spdtl,
-                    next: Next::Io(op, Task::new(handle.clone(), nexus, cont)),
+                    next: Next::Io(
+                        op,
+                        Task::new(handle.clone(), nexus, cont),
+                        entry.into_owned(handle.gate.clone()),
+                    ),
                 })
             }
             Step::PrCommit(commit) => {
+                drop(entry);
                 return Started::Pending(PendingCommand {
                     spdtl,
                     next: Next::Commit {

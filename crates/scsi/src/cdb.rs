@@ -38,6 +38,7 @@ pub mod op {
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
     pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
@@ -275,6 +276,12 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0x88, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
         "READ(16)",
     ),
+    // SBC-3 §5.2: DPO, FUA; LBA; NUMBER OF LOGICAL BLOCKS (byte 13); GROUP NUMBER.
+    row(
+        op::COMPARE_AND_WRITE,
+        &[0x89, 0x18, F, F, F, F, F, F, F, F, 0, 0, 0, F, 0x3F, 0],
+        "COMPARE AND WRITE",
+    ),
     row(
         op::WRITE_16,
         &[0x8A, 0x18, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
@@ -448,6 +455,11 @@ pub enum Command {
         bytchk: u8,
     },
     OrWrite {
+        ext: Extent,
+        fua: bool,
+    },
+    /// COMPARE AND WRITE (SBC-3 §5.2): `ext.blocks` is NUMBER OF LOGICAL BLOCKS (0..=255).
+    CompareAndWrite {
         ext: Extent,
         fua: bool,
     },
@@ -704,6 +716,13 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
             bytchk: bytchk()?,
         },
         ORWRITE_16 => Command::OrWrite { ext: ext16(), fua },
+        COMPARE_AND_WRITE => Command::CompareAndWrite {
+            ext: Extent {
+                lba: be(cdb, 2, 8),
+                blocks: u32::from(byte(cdb, 13)),
+            },
+            fua,
+        },
         SYNCHRONIZE_CACHE_10 => Command::SynchronizeCache { ext: ext10() },
         SYNCHRONIZE_CACHE_16 => Command::SynchronizeCache { ext: ext16() },
         PRE_FETCH_10 => Command::PreFetch {

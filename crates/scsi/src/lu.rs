@@ -233,6 +233,13 @@ enum Pending {
     },
     /// GET LBA STATUS: build descriptors from the extents.
     LbaStatus { lba: u64, alloc_len: u32 },
+    /// COMPARE AND WRITE: compare what was read with `verify`; if equal, write `write`.
+    CompareAndWrite {
+        offset: u64,
+        verify: Bytes,
+        write: Bytes,
+        fua: bool,
+    },
 }
 
 /// Upper bound on one Data-In / Data-Out buffer the LU asks the backstore for (bytes), so a
@@ -401,6 +408,7 @@ impl LogicalUnit {
         match crate::cdb::parse(cdb).ok()? {
             C::Write { ext, .. } | C::OrWrite { ext, .. } => blocks(ext),
             C::WriteAndVerify { ext, .. } => blocks(ext),
+            C::CompareAndWrite { ext, .. } => blocks(ext)?.checked_mul(2),
             C::Verify { ext, bytchk } => match bytchk {
                 0 => Some(0),
                 // BYTCHK 11b: one block compared against every block of the range (SBC-3 §5.30).
@@ -1087,6 +1095,7 @@ impl LogicalUnit {
                 let len = u64::try_from(expected.len()).unwrap_or(u64::MAX);
                 Self::io(IoOp::Read { offset, len }, Pending::Compare { expected })
             }
+            Command::CompareAndWrite { ext, fua } => self.compare_and_write(ext, fua, &data_out),
             Command::SynchronizeCache { ext } => {
                 // NUMBER OF LOGICAL BLOCKS 0 means "to the end of the medium" (SBC-3 §5.22).
                 self.range(ext)?;
@@ -1410,6 +1419,15 @@ impl LogicalUnit {
             (Pending::LbaStatus { lba, alloc_len }, IoResult::Extents(extents)) => {
                 Self::good(self.lba_status(lba, alloc_len, &extents))
             }
+            (
+                Pending::CompareAndWrite {
+                    offset,
+                    verify,
+                    write,
+                    fua,
+                },
+                IoResult::Data(actual),
+            ) => caw::after_read(offset, &verify, write, fua, &actual),
             _ => Err(SenseReason::InternalTargetFailure),
         }
     }
@@ -1492,7 +1510,10 @@ impl From<IoErrorKind> for SenseReason {
 /// [`From<IoErrorKind>`], except that an unspecified failure while reading is a read error.
 fn io_error_reason(kind: IoErrorKind, state: &Pending) -> SenseReason {
     match (kind, state) {
-        (IoErrorKind::Other, Pending::Read | Pending::Compare { .. }) => {
+        (
+            IoErrorKind::Other,
+            Pending::Read | Pending::Compare { .. } | Pending::CompareAndWrite { .. },
+        ) => {
             SenseReason::UnrecoveredReadError
         }
         _ => kind.into(),
@@ -1904,6 +1925,9 @@ impl LogicalUnit {
         Some(AbortTicket(ticket))
     }
 }
+
+#[path = "caw.rs"]
+pub(crate) mod caw;
 
 #[cfg(test)]
 #[path = "lu_tests.rs"]

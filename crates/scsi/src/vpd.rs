@@ -149,6 +149,8 @@ fn block_limits(config: &LuConfig) -> Vec<u8> {
     // [2..4] OPTIMAL TRANSFER LENGTH GRANULARITY = one physical block.
     let physical_blocks = 1u16 << (config.physical_block_exponent & 0x0f).min(15);
     put(&mut d, 2, &physical_blocks.to_be_bytes());
+    // [1] MAXIMUM COMPARE AND WRITE LENGTH (page byte 5).
+    put(&mut d, 1, &[crate::lu::caw::max_blocks(config)]);
     put(&mut d, 4, &config.max_transfer_blocks.to_be_bytes());
     put(&mut d, 8, &config.max_transfer_blocks.to_be_bytes());
     if config.thin {

@@ -1,0 +1,393 @@
+//! COMPARE AND WRITE (SBC-3 §5.2; VMware's "ATS").
+//!
+//! The Data-Out carries 2×N logical blocks: first the verify data, then the write data. The
+//! LU reads the N blocks, compares them with the verify data and, only if every byte is
+//! equal, writes the write data; otherwise it ends with CHECK CONDITION, MISCOMPARE,
+//! MISCOMPARE DURING VERIFY OPERATION (1Dh/00h) with VALID=1 and INFORMATION = the offset of
+//! the first differing byte from the start of the Data-Out, and nothing is written.
+//!
+//! Atomicity (SBC-3 §5.2: the read, compare and write are one indivisible operation with
+//! respect to every other command) is the caller's part: this sans-IO core only returns the
+//! read and then the write as two [`IoOp`]s. The daemon keeps every other command of the LU
+//! out between them (see `ironlun::caw_gate`). A task aborted between the two (PREEMPT AND
+//! ABORT) resumes to TASK ABORTED without the write, as every task of the LU does.
+//!
+//! Access control: the reservation check classes COMPARE AND WRITE as a write (SBC-3 §4.17
+//! table 13, [`crate::pr::access::Class::Modify`]); a read-only LU answers DATA PROTECT,
+//! WRITE PROTECTED; WRPROTECT other than 0 is INVALID FIELD IN CDB (no protection
+//! information, as for WRITE).
+
+use bytes::Bytes;
+
+use super::{IoOp, LogicalUnit, LuConfig, Pending, Step};
+use crate::cdb::Extent;
+use crate::sense::{FieldPointer, SenseReason};
+
+/// Largest NUMBER OF LOGICAL BLOCKS accepted, advertised as MAXIMUM COMPARE AND WRITE LENGTH
+/// (VPD B0h byte 5, SBC-3 §6.5.3): the one-byte field's maximum, 255, but never above the
+/// maximum transfer length, and at least 1 (VMware reads ≥ 1 as "ATS supported").
+pub fn max_blocks(config: &LuConfig) -> u8 {
+    u8::try_from(config.max_transfer_blocks.min(255))
+        .unwrap_or(u8::MAX)
+        .max(1)
+}
+
+/// The NUMBER OF LOGICAL BLOCKS field (byte 13), for INVALID FIELD IN CDB.
+const BLOCKS_FIELD: u16 = 13;
+
+impl LogicalUnit {
+    /// Start COMPARE AND WRITE of `ext` (SBC-3 §5.2): checks, then the read of the range.
+    /// NUMBER OF LOGICAL BLOCKS 0 transfers nothing and is GOOD. A Data-Out of any size but
+    /// exactly 2×N blocks is INVALID FIELD IN CDB pointing at NUMBER OF LOGICAL BLOCKS, the
+    /// field the data contradicts: half a verify buffer cannot be compared, and extra data
+    /// has no place (libiscsi CompareAndWrite.InvalidDataOutSize sends 4 blocks with N = 1
+    /// and N = 3; CompareAndWrite.Simple sends 512 blocks with N = 256, which the one-byte
+    /// field carries as 0, and expects INVALID FIELD IN CDB).
+    pub(super) fn compare_and_write(
+        &self,
+        ext: Extent,
+        fua: bool,
+        data_out: &Bytes,
+    ) -> Result<Step, SenseReason> {
+        self.check_writable()?;
+        if ext.blocks > u32::from(max_blocks(&self.config)) {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(
+                BLOCKS_FIELD,
+            )));
+        }
+        let (offset, len) = self.range(ext)?;
+        let want = len.checked_mul(2).ok_or(SenseReason::LbaOutOfRange)?;
+        if u64::try_from(data_out.len()).ok() != Some(want) {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(
+                BLOCKS_FIELD,
+            )));
+        }
+        if len == 0 {
+            return Self::good(Bytes::new());
+        }
+        let half = usize::try_from(len).map_err(|_| SenseReason::LbaOutOfRange)?;
+        let verify = data_out.slice(..half);
+        let write = data_out.slice(half..);
+        let fua = fua || !self.mode.current.wce;
+        Self::io(
+            IoOp::Read { offset, len },
+            Pending::CompareAndWrite {
+                offset,
+                verify,
+                write,
+                fua,
+            },
+        )
+    }
+}
+
+/// After the read: MISCOMPARE at the first differing byte, or the write of the write data.
+pub(super) fn after_read(
+    offset: u64,
+    verify: &Bytes,
+    write: Bytes,
+    fua: bool,
+    actual: &Bytes,
+) -> Result<Step, SenseReason> {
+    if let Some(i) = verify.iter().zip(actual.iter()).position(|(a, b)| a != b) {
+        return Err(SenseReason::Miscompare {
+            offset: u64::try_from(i).unwrap_or(u64::MAX),
+        });
+    }
+    if actual.len() < verify.len() {
+        return Err(SenseReason::UnrecoveredReadError);
+    }
+    LogicalUnit::io(
+        IoOp::Write {
+            offset,
+            data: write,
+            fua,
+        },
+        Pending::Good,
+    )
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation
+)]
+mod tests {
+    use super::*;
+    use crate::lu::{Completion, IoResult, NexusId};
+    use crate::pr::{InitiatorPort, ItNexus};
+    use crate::sense::key;
+    use crate::status;
+
+    const BS: u32 = 512;
+    const BLOCKS: u64 = 1024;
+    const A: NexusId = 1;
+    const B: NexusId = 2;
+
+    fn it(n: NexusId) -> ItNexus {
+        ItNexus {
+            initiator: InitiatorPort::new(&format!("iqn.test:caw{n}"), [0x80, 0, 0, 0, 0, n as u8]),
+            rtpi: 1,
+        }
+    }
+
+    /// An LU over a RAM medium; records every write.
+    struct Disk {
+        lu: LogicalUnit,
+        medium: Vec<u8>,
+        writes: Vec<(u64, usize, bool)>,
+    }
+
+    impl Disk {
+        fn new(config: LuConfig) -> Self {
+            let medium = vec![0u8; (config.num_blocks * u64::from(config.block_size)) as usize];
+            let mut lu = LogicalUnit::new(config);
+            lu.add_nexus(A, it(A));
+            lu.add_nexus(B, it(B));
+            let mut d = Disk {
+                lu,
+                medium,
+                writes: Vec::new(),
+            };
+            // Consume the power-on unit attentions.
+            d.run(A, &[0; 6], &[]);
+            d.run(B, &[0; 6], &[]);
+            d
+        }
+
+        fn ram() -> Self {
+            Self::new(LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:caw"))
+        }
+
+        fn run(&mut self, nexus: NexusId, cdb: &[u8], data: &[u8]) -> Completion {
+            let mut step = self.lu.execute(nexus, cdb, Bytes::copy_from_slice(data));
+            loop {
+                match step {
+                    Step::Done(c) => return c,
+                    Step::PrCommit(p) => return p.completion,
+                    Step::Io(op, cont) => {
+                        let r = match op {
+                            IoOp::Read { offset, len } => IoResult::Data(Bytes::copy_from_slice(
+                                &self.medium[offset as usize..(offset + len) as usize],
+                            )),
+                            IoOp::Write { offset, data, fua } => {
+                                let o = offset as usize;
+                                self.medium[o..o + data.len()].copy_from_slice(&data);
+                                self.writes.push((offset, data.len(), fua));
+                                IoResult::Done
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        };
+                        step = self.lu.resume(nexus, cont, r);
+                    }
+                }
+            }
+        }
+
+        fn fill(&mut self, lba: u64, blocks: u64, byte: u8) {
+            let bs = u64::from(BS);
+            self.medium[(lba * bs) as usize..((lba + blocks) * bs) as usize].fill(byte);
+        }
+    }
+
+    fn caw_cdb(lba: u64, blocks: u8, flags: u8) -> Vec<u8> {
+        let mut c = vec![0u8; 16];
+        c[0] = 0x89;
+        c[1] = flags;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[13] = blocks;
+        c
+    }
+
+    /// Verify data of `blocks` blocks of `old`, then write data of `new`.
+    fn caw_data(blocks: usize, old: u8, new: u8) -> Vec<u8> {
+        let n = blocks * BS as usize;
+        let mut d = vec![old; n];
+        d.extend(std::iter::repeat_n(new, n));
+        d
+    }
+
+    fn sense(c: &Completion) -> (u8, u8, u8) {
+        assert_eq!(c.status, status::CHECK_CONDITION, "{c:?}");
+        (c.sense[2] & 0x0F, c.sense[12], c.sense[13])
+    }
+
+    #[test]
+    fn equal_data_is_written_with_good() {
+        let mut d = Disk::ram();
+        d.fill(10, 3, b'A');
+        let c = d.run(A, &caw_cdb(10, 3, 0), &caw_data(3, b'A', b'B'));
+        assert_eq!(c.status, status::GOOD);
+        let bs = BS as usize;
+        assert!(d.medium[10 * bs..13 * bs].iter().all(|b| *b == b'B'));
+        assert_eq!(d.medium[13 * bs], 0);
+        assert_eq!(d.medium[10 * bs - 1], 0);
+        // Write-back cache on: no FUA unless asked.
+        assert_eq!(d.writes, vec![(10 * 512, 3 * bs, false)]);
+        let c = d.run(A, &caw_cdb(10, 1, 0x08), &caw_data(1, b'B', b'C'));
+        assert_eq!(c.status, status::GOOD);
+        assert_eq!(d.writes[1], (10 * 512, bs, true));
+        // DPO is accepted (DPOFUA=1 in MODE SENSE).
+        let c = d.run(A, &caw_cdb(10, 1, 0x10), &caw_data(1, b'C', b'D'));
+        assert_eq!(c.status, status::GOOD);
+    }
+
+    #[test]
+    fn miscompare_reports_first_differing_byte_and_writes_nothing() {
+        let mut d = Disk::ram();
+        d.fill(0, 2, b'A');
+        for at in [0usize, 1, 511, 512, 1000, 1023] {
+            let mut data = caw_data(2, b'A', b'B');
+            data[at] = b'Z';
+            data[1023] = b'Y';
+            let c = d.run(B, &caw_cdb(0, 2, 0), &data);
+            assert_eq!(sense(&c), (key::MISCOMPARE, 0x1D, 0x00));
+            // Fixed format: VALID=1, INFORMATION = byte offset in the Data-Out.
+            assert_eq!(c.sense[0], 0xF0);
+            assert_eq!(&c.sense[3..7], &(at as u32).to_be_bytes());
+        }
+        assert!(d.writes.is_empty());
+        assert!(d.medium[..1024].iter().all(|b| *b == b'A'));
+    }
+
+    #[test]
+    fn limits_are_advertised_and_enforced() {
+        let mut d = Disk::ram();
+        let b0 = crate::vpd::page(d.lu.config(), 0xB0).unwrap();
+        assert_eq!(b0[5], 255);
+        // 255 blocks: accepted.
+        let c = d.run(A, &caw_cdb(0, 255, 0), &caw_data(255, 0, 7));
+        assert_eq!(c.status, status::GOOD);
+        // A smaller maximum transfer length lowers the limit, and 0 is still at least 1.
+        let mut config = LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:caw");
+        config.max_transfer_blocks = 8;
+        let mut small = Disk::new(config.clone());
+        assert_eq!(crate::vpd::page(&config, 0xB0).unwrap()[5], 8);
+        let c = small.run(A, &caw_cdb(0, 9, 0), &caw_data(9, 0, 1));
+        assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x24, 0x00));
+        assert_eq!(&c.sense[15..18], &[0xC0, 0, 13]);
+        config.max_transfer_blocks = 0;
+        assert_eq!(max_blocks(&config), 1);
+        // Past the end of the medium.
+        let c = d.run(A, &caw_cdb(BLOCKS - 1, 2, 0), &caw_data(2, 0, 1));
+        assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x21, 0x00));
+        let c = d.run(A, &caw_cdb(u64::MAX, 1, 0), &caw_data(1, 0, 1));
+        assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x21, 0x00));
+        // NUMBER OF LOGICAL BLOCKS 0: nothing transferred, GOOD.
+        let c = d.run(A, &caw_cdb(0, 0, 0), &[]);
+        assert_eq!(c.status, status::GOOD);
+    }
+
+    #[test]
+    fn data_out_of_the_wrong_size_is_rejected() {
+        let mut d = Disk::ram();
+        let four = vec![0u8; 4 * BS as usize];
+        for (blocks, data) in [
+            (1u8, &four[..]),
+            (3, &four[..]),
+            (1, &four[..BS as usize]),
+            (1, &four[..2 * BS as usize - 1]),
+            (0, &four[..1]),
+        ] {
+            let c = d.run(A, &caw_cdb(0, blocks, 0), data);
+            assert_eq!(sense(&c), (key::ILLEGAL_REQUEST, 0x24, 0x00), "{blocks}");
+            assert_eq!(&c.sense[15..18], &[0xC0, 0, 13]);
+        }
+        assert!(d.writes.is_empty());
+    }
+
+    #[test]
+    fn data_out_length_is_two_ranges() {
+        let d = Disk::ram();
+        assert_eq!(d.lu.data_out_len(&caw_cdb(0, 3, 0)), Some(3 * 2 * 512));
+        assert_eq!(d.lu.data_out_len(&caw_cdb(0, 0, 0)), Some(0));
+    }
+
+    #[test]
+    fn protection_and_reserved_fields_are_invalid() {
+        let mut d = Disk::ram();
+        for (byte, bit) in [(1usize, 5u8), (1, 2), (1, 1), (10, 0), (12, 7), (14, 6)] {
+            let mut cdb = caw_cdb(0, 1, 0);
+            cdb[byte] |= 1 << bit;
+            let c = d.run(A, &cdb, &caw_data(1, 0, 1));
+            assert_eq!(
+                sense(&c),
+                (key::ILLEGAL_REQUEST, 0x24, 0x00),
+                "{byte}/{bit}"
+            );
+        }
+        assert!(d.writes.is_empty());
+    }
+
+    #[test]
+    fn read_only_lu_is_data_protect() {
+        let mut config = LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:caw");
+        config.read_only = true;
+        let mut d = Disk::new(config);
+        let c = d.run(A, &caw_cdb(0, 1, 0), &caw_data(1, 0, 1));
+        assert_eq!(sense(&c), (key::DATA_PROTECT, 0x27, 0x00));
+        assert!(d.writes.is_empty());
+    }
+
+    /// PR OUT with a 24-byte parameter list (reservation key, service action key).
+    fn prout(d: &mut Disk, nexus: NexusId, sa: u8, ty: u8, key: u64, sark: u64) -> Completion {
+        let cdb = [0x5F, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        d.run(nexus, &cdb, &p)
+    }
+
+    #[test]
+    fn reservation_conflicts_like_a_write() {
+        let mut d = Disk::ram();
+        assert_eq!(prout(&mut d, A, 0, 0, 0, 0xA).status, status::GOOD);
+        // Write Exclusive held by A: B (unregistered) may read but not compare-and-write.
+        assert_eq!(prout(&mut d, A, 1, 1, 0xA, 0).status, status::GOOD);
+        let c = d.run(B, &caw_cdb(0, 1, 0), &caw_data(1, 0, 1));
+        assert_eq!(c.status, status::RESERVATION_CONFLICT);
+        assert!(d.writes.is_empty());
+        let c = d.run(A, &caw_cdb(0, 1, 0), &caw_data(1, 0, 1));
+        assert_eq!(c.status, status::GOOD);
+        assert_eq!(d.writes.len(), 1);
+    }
+
+    /// PREEMPT AND ABORT between the read and the write: the write never happens.
+    #[test]
+    fn preempt_and_abort_between_read_and_write_stops_the_write() {
+        let mut d = Disk::ram();
+        assert_eq!(prout(&mut d, A, 0, 0, 0, 0xA).status, status::GOOD);
+        assert_eq!(prout(&mut d, B, 0, 0, 0, 0xB).status, status::GOOD);
+        assert_eq!(prout(&mut d, A, 1, 1, 0xA, 0).status, status::GOOD);
+        let data = Bytes::from(caw_data(1, 0, 9));
+        let Step::Io(IoOp::Read { offset, len }, cont) = d.lu.execute(A, &caw_cdb(4, 1, 0), data)
+        else {
+            panic!("expected the read");
+        };
+        assert_eq!((offset, len), (4 * 512, 512));
+        let c = prout(&mut d, B, 5, 1, 0xB, 0xA);
+        assert_eq!(c.status, status::GOOD);
+        let read = IoResult::Data(Bytes::from(vec![0u8; 512]));
+        match d.lu.resume(A, cont, read) {
+            Step::Done(c) => assert_eq!(c.status, status::TASK_ABORTED),
+            other => panic!("expected TASK ABORTED, got {other:?}"),
+        }
+        assert!(d.writes.is_empty());
+    }
+
+    #[test]
+    fn listed_in_report_supported_operation_codes() {
+        let mut d = Disk::ram();
+        let rsoc = [0xA3, 0x0C, 0x01, 0x89, 0, 0, 0, 0, 1, 0, 0, 0];
+        let c = d.run(A, &rsoc, &[]);
+        assert_eq!(c.status, status::GOOD);
+        assert_eq!(c.data[1] & 0x07, 0x03);
+        assert_eq!(&c.data[2..4], &[0, 16]);
+        let usage = &c.data[4..20];
+        assert_eq!(usage[0], 0x89);
+        // DPO and FUA usable (libiscsi CompareAndWrite.DpoFua), NUMBER OF LOGICAL BLOCKS.
+        assert_eq!(usage[1], 0x18);
+        assert_eq!(usage[13], 0xFF);
+    }
+}
