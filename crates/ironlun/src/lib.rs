@@ -8,3 +8,4 @@ pub mod ctl;
 pub mod migrate;
 pub mod server;
 pub mod target;
+pub mod xcopy;

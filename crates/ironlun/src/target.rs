@@ -83,6 +83,7 @@ pub fn runs_inline(op: &IoOp, ram: bool) -> bool {
         }
         IoOp::Flush => ram,
         IoOp::WriteZeroes { .. } | IoOp::Unmap { .. } | IoOp::MapStatus { .. } => false,
+        IoOp::ExtendedCopy(_) => false,
     }
 }
 
@@ -219,7 +220,7 @@ impl LunHandle {
         .unwrap_or_else(|e| Err(format!("state file writer failed: {e}")))
     }
 
-    fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
+    pub(crate) fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
         // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
         // (each mutation is a single call), so keep serving.
         self.lu
@@ -562,6 +563,23 @@ impl Nexus {
             let spdtl = lu.data_out_len(&cdb).and_then(|n| u32::try_from(n).ok());
             (handle.sequenced(lu.execute(nexus, &cdb, data_out)), spdtl)
         };
+        let step = match step.step {
+            // EXTENDED COPY spans the LUs this nexus sees (crate::xcopy).
+            Step::Io(IoOp::ExtendedCopy(job), cont) => {
+                return Started::Pending(PendingCommand {
+                    spdtl,
+                    next: Next::Copy {
+                        job,
+                        task: Task::new(handle.clone(), nexus, cont),
+                        luns: self.luns.clone(),
+                    },
+                })
+            }
+            other => Sequenced {
+                step: other,
+                seq: step.seq,
+            },
+        };
         drive_inline(handle, nexus, step, spdtl)
     }
 
@@ -570,6 +588,13 @@ impl Nexus {
     pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
         let lun = decode_lun(lun_raw).and_then(|l| self.luns.get(&l));
         match function {
+            TmfFunction::ClearTaskSet if lun.is_some() => {
+                // Also stops copies of other nexuses touching this LU (crate::xcopy).
+                if let Some(l) = lun {
+                    l.lu().clear_task_set();
+                }
+                TmfResponse::FunctionComplete
+            }
             TmfFunction::AbortTask | TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
                 if lun.is_some() {
                     TmfResponse::FunctionComplete
@@ -634,6 +659,12 @@ enum Next {
         /// Order of the state change (see [`LunHandle::persist`]).
         seq: u64,
     },
+    /// An EXTENDED COPY over the LUs the nexus sees.
+    Copy {
+        job: Box<ironlun_scsi::xcopy::CopyJob>,
+        task: Task<Arc<LunHandle>>,
+        luns: BTreeMap<u64, Arc<LunHandle>>,
+    },
 }
 
 /// A continuation the LU handed out, with what it takes to resume it. Dropped unresumed
@@ -670,6 +701,11 @@ impl<H: std::ops::Deref<Target = LunHandle>> Drop for Task<H> {
 }
 
 impl PendingCommand {
+    /// Whether this is an EXTENDED COPY (which ABORT TASK stops by dropping its future).
+    pub fn is_copy(&self) -> bool {
+        matches!(self.next, Next::Copy { .. })
+    }
+
     /// Finish the command: run the pending operation on the blocking pool (or await the async
     /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
     /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
@@ -711,6 +747,21 @@ impl PendingCommand {
                             }
                         }
                     };
+                    (handle, nexus, step)
+                }
+                Next::Copy { job, task, luns } => {
+                    let handle = task.handle.clone();
+                    let nexus = task.nexus;
+                    let outcome = crate::xcopy::run(&luns, nexus, &job).await;
+                    let step = task
+                        .resume(IoResult::Copy(outcome))
+                        .unwrap_or_else(|| Sequenced {
+                            step: Step::Done(lu::Completion::check_condition(
+                                SenseReason::InternalTargetFailure,
+                                handle.lu().d_sense(),
+                            )),
+                            seq: 0,
+                        });
                     (handle, nexus, step)
                 }
                 Next::Commit {

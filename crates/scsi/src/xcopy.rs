@@ -126,9 +126,7 @@ pub fn parse(param_len: u32, data: &[u8]) -> Result<Option<CopyJob>, SenseReason
         return Ok(None);
     }
     let n = usize::try_from(param_len).map_err(|_| SenseReason::ParameterListLengthError)?;
-    let list = data
-        .get(..n)
-        .ok_or(SenseReason::ParameterListLengthError)?;
+    let list = data.get(..n).ok_or(SenseReason::ParameterListLengthError)?;
     let header = list
         .get(..HEADER_LEN)
         .ok_or(SenseReason::ParameterListLengthError)?;
@@ -238,7 +236,9 @@ fn parse_segments(list: &[u8], base: usize, targets: usize) -> Result<Vec<Segmen
                 base.saturating_add(at).saturating_add(2),
             )));
         }
-        let d = d.get(..B2B_LEN).ok_or(SenseReason::ParameterListLengthError)?;
+        let d = d
+            .get(..B2B_LEN)
+            .ok_or(SenseReason::ParameterListLengthError)?;
         let seg = Segment {
             src: u16::try_from(be(d, 4, 2)).unwrap_or(u16::MAX),
             dst: u16::try_from(be(d, 6, 2)).unwrap_or(u16::MAX),
@@ -268,11 +268,7 @@ pub fn operating_parameters(block_size: u32) -> Vec<u8> {
     crate::vpd::put(&mut d, 12, &MAX_DESCRIPTOR_LIST_LEN.to_be_bytes());
     crate::vpd::put(&mut d, 16, &max_segment.to_be_bytes());
     // [20] MAXIMUM INLINE DATA LENGTH 0, [24] HELD DATA LIMIT 0, [28] stream size 0.
-    crate::vpd::put(
-        &mut d,
-        34,
-        &u16::from(MAX_CONCURRENT_COPIES).to_be_bytes(),
-    );
+    crate::vpd::put(&mut d, 34, &u16::from(MAX_CONCURRENT_COPIES).to_be_bytes());
     crate::vpd::put(&mut d, 36, &[MAX_CONCURRENT_COPIES, granularity, 0, 0]);
     crate::vpd::put(&mut d, 43, &[u8::try_from(codes.len()).unwrap_or(0)]);
     d.extend_from_slice(&codes);
@@ -569,14 +565,20 @@ mod tests {
     #[test]
     fn operating_parameters_report_the_limits_parse_enforces() {
         let d = operating_parameters(512);
-        assert_eq!(u32::from_be_bytes(d[0..4].try_into().unwrap()) as usize, d.len() - 4);
+        assert_eq!(
+            u32::from_be_bytes(d[0..4].try_into().unwrap()) as usize,
+            d.len() - 4
+        );
         assert_eq!(u16::from_be_bytes([d[8], d[9]]), MAX_CSCD_DESCRIPTORS);
         assert_eq!(u16::from_be_bytes([d[10], d[11]]), MAX_SEGMENT_DESCRIPTORS);
         assert_eq!(
             u32::from_be_bytes(d[12..16].try_into().unwrap()),
             MAX_DESCRIPTOR_LIST_LEN
         );
-        assert_eq!(u32::from_be_bytes(d[16..20].try_into().unwrap()), 65535 * 512);
+        assert_eq!(
+            u32::from_be_bytes(d[16..20].try_into().unwrap()),
+            65535 * 512
+        );
         assert_eq!(d[43], 2);
         assert_eq!(&d[44..], &[SEG_BLOCK_TO_BLOCK, CSCD_IDENTIFICATION]);
     }
