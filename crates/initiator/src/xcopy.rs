@@ -69,10 +69,11 @@ pub fn parameter_list(
         d[20..28].copy_from_slice(&s.dst_lba.to_be_bytes());
         segs.extend_from_slice(&d);
     }
-    let mut out = vec![0u8; 16];
+    let mut out = [0u8; 16];
     out[0] = list_id;
     out[2..4].copy_from_slice(&u16::try_from(cscds.len()).unwrap_or(u16::MAX).to_be_bytes());
     out[8..12].copy_from_slice(&u32::try_from(segs.len()).unwrap_or(u32::MAX).to_be_bytes());
+    let mut out = out.to_vec();
     out.extend_from_slice(&cscds);
     out.extend_from_slice(&segs);
     out
@@ -152,7 +153,7 @@ mod tests {
     fn builds_a_list_the_target_parses() {
         let segs = split(0, 1, 0, 8, 70_000);
         assert_eq!(segs.len(), 2);
-        assert_eq!(segs[1].blocks, 70_000 - 65_535);
+        assert_eq!(u32::from(segs[1].blocks), 70_000 - 65_535);
         assert_eq!(segs[1].dst_lba, 8 + 65_535);
         let l = parameter_list(3, &[[1; 16], [2; 16]], 512, &segs);
         assert_eq!(l.len(), 16 + 64 + 56);
