@@ -5,7 +5,12 @@
 //!
 //! The daemon runs with `IRONLUN_XCOPY_CHUNK_PAUSE_MS` so that a copy of a few 8 MiB chunks
 //! takes long enough to be reached in the middle.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 
