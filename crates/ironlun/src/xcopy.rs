@@ -221,7 +221,10 @@ async fn copy_segment(
         if Instant::now() >= deadline {
             return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted)));
         }
-        if src.lu().abort_epoch() != s.epoch || dst.lu().abort_epoch() != d.epoch {
+        // One LU lock at a time (source and destination may be the same LU).
+        let src_epoch = src.lu().abort_epoch();
+        let dst_epoch = dst.lu().abort_epoch();
+        if src_epoch != s.epoch || dst_epoch != d.epoch {
             return (moved, Some(CopyEnd::Aborted));
         }
         let bytes = match data {
