@@ -615,6 +615,69 @@ mod tests {
         assert_eq!((d[4], d[7]), (0x02, 1));
     }
 
+    /// The LU side: a started copy is IoOp::ExtendedCopy; its list identifier is busy until
+    /// the outcome comes back; COPY STATUS follows it; an abandoned copy reads as failed.
+    #[test]
+    fn the_lu_tracks_a_copy_from_start_to_status() {
+        use crate::lu::{LogicalUnit, LuConfig, Step};
+        use bytes::Bytes;
+        let mut lu = LogicalUnit::new(LuConfig::new(0, 512, 4096, "iqn.t").with_naa(NAA));
+        let it = crate::pr::ItNexus {
+            initiator: crate::pr::InitiatorPort::new("iqn.test:x", [0x80, 0, 0, 0, 0, 1]),
+            rtpi: 1,
+        };
+        lu.add_nexus(1, it);
+        let tur = [0u8; 6];
+        let _ = lu.execute(1, &tur, Bytes::new()); // power-on unit attention
+        let list = list(0, &[cscd(&NAA)], &[b2b(0, 0, 8, 0, 100)]);
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x83;
+        cdb[10..14].copy_from_slice(&(list.len() as u32).to_be_bytes());
+        let status = |lu: &mut LogicalUnit| {
+            let mut c = [0u8; 16];
+            c[0] = 0x84;
+            c[2] = 7;
+            c[13] = 0xff;
+            match lu.execute(1, &c, Bytes::new()) {
+                Step::Done(c) if c.status == 0 => Some(c.data[4]),
+                Step::Done(c) => {
+                    assert_eq!((c.sense[2], c.sense[12]), (0x05, 0x24));
+                    None
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let Step::Io(crate::lu::IoOp::ExtendedCopy(job), cont) =
+            lu.execute(1, &cdb, Bytes::from(list.clone()))
+        else {
+            panic!("no copy step");
+        };
+        assert_eq!(job.segments.len(), 1);
+        assert_eq!(status(&mut lu), Some(0x00));
+        match lu.execute(1, &cdb, Bytes::from(list.clone())) {
+            Step::Done(c) => assert_eq!((c.sense[2], c.sense[12], c.sense[13]), (5, 0, 0x16)),
+            other => panic!("{other:?}"),
+        }
+        let outcome = CopyOutcome {
+            segments: 1,
+            bytes: 4096,
+            end: CopyEnd::Good,
+        };
+        let done = lu.resume(1, cont, crate::lu::IoResult::Copy(outcome));
+        assert!(
+            matches!(done, Step::Done(ref c) if c.status == 0),
+            "{done:?}"
+        );
+        assert_eq!(status(&mut lu), Some(0x01));
+        assert_eq!(status(&mut lu), None);
+        // Abandoned (the daemon dropped it, e.g. ABORT TASK): completed with error.
+        let Step::Io(_, cont) = lu.execute(1, &cdb, Bytes::from(list)) else {
+            panic!("no copy step");
+        };
+        lu.abandon(cont);
+        assert_eq!(status(&mut lu), Some(0x02));
+    }
+
     #[test]
     fn copy_table_is_bounded() {
         let mut t = CopyTable::default();
