@@ -480,7 +480,7 @@ async fn serve_connection(
                                         r = p.finish() => r,
                                         // Aborted: the connection ignores this completion.
                                         _ = crx => (ScsiCompletion {
-                                            status: 0x40,
+                                            status: ironlun_scsi::status::TASK_ABORTED,
                                             sense: Bytes::new(),
                                             data_in: Bytes::new(),
                                         }, None),
