@@ -19,6 +19,7 @@ pub mod scsi;
 pub mod seq;
 pub mod session;
 mod transport;
+pub mod xcopy;
 
 pub use discovery::{discover, discover_with};
 pub use error::{Error, Result};

@@ -10,3 +10,4 @@ pub mod migrate;
 pub mod port_groups;
 pub mod server;
 pub mod target;
+pub mod xcopy;

@@ -424,6 +424,9 @@ async fn serve_connection(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
     let mut nexus: Option<Arc<Nexus>> = None;
     let mut inflight: usize = 0;
+    // EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
+    // SET drop the sender, which stops the copy between chunks (crate::xcopy).
+    let mut copies: HashMap<u32, oneshot::Sender<()>> = HashMap::new();
     let mut draining = *shutdown.borrow();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut out: Vec<Bytes> = Vec::new();
@@ -465,8 +468,25 @@ async fn serve_connection(
                         Started::Pending(p) => {
                             let tx = done_tx.clone();
                             inflight += 1;
+                            let cancel = p.is_copy().then(|| {
+                                copies.retain(|_, c| !c.is_closed());
+                                let (ctx, crx) = oneshot::channel::<()>();
+                                copies.insert(cmd.itt, ctx);
+                                crx
+                            });
                             tokio::spawn(async move {
-                                let (c, spdtl) = p.finish().await;
+                                let (c, spdtl) = match cancel {
+                                    Some(crx) => tokio::select! {
+                                        r = p.finish() => r,
+                                        // Aborted: the connection ignores this completion.
+                                        _ = crx => (ScsiCompletion {
+                                            status: ironlun_scsi::status::TASK_ABORTED,
+                                            sense: Bytes::new(),
+                                            data_in: Bytes::new(),
+                                        }, None),
+                                    },
+                                    None => p.finish().await,
+                                };
                                 let _ = tx.send((cmd.itt, c, spdtl));
                             });
                         }
@@ -490,6 +510,9 @@ async fn serve_connection(
                 }
                 Event::Aborted(itts) => {
                     tracing::debug!(?itts, "tasks aborted");
+                    for itt in &itts {
+                        copies.remove(itt);
+                    }
                 }
             }
         }

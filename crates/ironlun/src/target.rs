@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct LunHandle {
     lu: Mutex<LogicalUnit>,
     /// Makes COMPARE AND WRITE atomic ([`crate::caw_gate`]).
-    gate: Arc<Gate>,
+    pub(crate) gate: Arc<Gate>,
     pub backend: Arc<dyn BlockBackend>,
     /// The backend is memory (every read and write is a memcpy): see [`runs_inline`].
     ram: bool,
@@ -90,6 +90,7 @@ pub fn runs_inline(op: &IoOp, ram: bool) -> bool {
         }
         IoOp::Flush => ram,
         IoOp::WriteZeroes { .. } | IoOp::Unmap { .. } | IoOp::MapStatus { .. } => false,
+        IoOp::ExtendedCopy(_) => false,
     }
 }
 
@@ -234,7 +235,7 @@ impl LunHandle {
         .unwrap_or_else(|e| Err(format!("state file writer failed: {e}")))
     }
 
-    fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
+    pub(crate) fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
         // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
         // (each mutation is a single call), so keep serving.
         self.lu
@@ -624,11 +625,23 @@ impl Nexus {
                     cdb,
                     data_out,
                     access,
+                    luns: self.luns.clone(),
                 },
             });
         };
         let (step, spdtl) = handle.execute(nexus, &cdb, data_out);
-        drive_inline(handle, nexus, step, spdtl, entry)
+        match split_copy(step) {
+            Ok((job, cont)) => Started::Pending(PendingCommand {
+                spdtl,
+                next: Next::Copy {
+                    job,
+                    task: Task::new(handle.clone(), nexus, cont),
+                    luns: self.luns.clone(),
+                    entry: entry.into_owned(handle.gate.clone()),
+                },
+            }),
+            Err(step) => drive_inline(handle, nexus, step, spdtl, entry),
+        }
     }
 
     /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
@@ -636,6 +649,13 @@ impl Nexus {
     pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
         let lun = decode_lun(lun_raw).and_then(|l| self.luns.get(&l));
         match function {
+            TmfFunction::ClearTaskSet if lun.is_some() => {
+                // Also stops copies of other nexuses touching this LU (crate::xcopy).
+                if let Some(l) = lun {
+                    l.lu().clear_task_set();
+                }
+                TmfResponse::FunctionComplete
+            }
             TmfFunction::AbortTask | TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
                 if lun.is_some() {
                     TmfResponse::FunctionComplete
@@ -700,6 +720,8 @@ enum Next {
         cdb: Bytes,
         data_out: Bytes,
         access: Access,
+        /// The LUs the nexus sees, should the command be an EXTENDED COPY.
+        luns: BTreeMap<u64, Arc<LunHandle>>,
     },
     Io(IoOp, Task<Arc<LunHandle>>, Entry<Arc<Gate>>),
     Commit {
@@ -707,6 +729,14 @@ enum Next {
         commit: PrCommit,
         /// Order of the state change (see [`LunHandle::persist`]).
         seq: u64,
+    },
+    /// An EXTENDED COPY over the LUs the nexus sees.
+    Copy {
+        job: Box<ironlun_scsi::xcopy::CopyJob>,
+        task: Task<Arc<LunHandle>>,
+        luns: BTreeMap<u64, Arc<LunHandle>>,
+        /// The issuing LU's gate, held until the copy completes.
+        entry: Entry<Arc<Gate>>,
     },
 }
 
@@ -744,6 +774,11 @@ impl<H: std::ops::Deref<Target = LunHandle>> Drop for Task<H> {
 }
 
 impl PendingCommand {
+    /// Whether this is an EXTENDED COPY (which ABORT TASK stops by dropping its future).
+    pub fn is_copy(&self) -> bool {
+        matches!(self.next, Next::Copy { .. })
+    }
+
     /// Finish the command: run the pending operation on the blocking pool (or await the async
     /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
     /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
@@ -758,11 +793,23 @@ impl PendingCommand {
                     cdb,
                     data_out,
                     access,
+                    luns,
                 } => {
                     let entry = Gate::enter(handle.gate.clone(), access).await;
                     let (step, n) = handle.execute(nexus, &cdb, data_out);
                     spdtl = n;
-                    (handle, nexus, step, entry)
+                    match split_copy(step) {
+                        Ok((job, cont)) => {
+                            next = Next::Copy {
+                                job,
+                                task: Task::new(handle.clone(), nexus, cont),
+                                luns,
+                                entry,
+                            };
+                            continue;
+                        }
+                        Err(step) => (handle, nexus, step, entry),
+                    }
                 }
                 Next::Io(op, task, entry) => {
                     let handle = task.handle.clone();
@@ -797,6 +844,31 @@ impl PendingCommand {
                             }
                         }
                     };
+                    (handle, nexus, step, entry)
+                }
+                Next::Copy {
+                    job,
+                    task,
+                    luns,
+                    entry,
+                } => {
+                    let handle = task.handle.clone();
+                    let nexus = task.nexus;
+                    // Each chunk passes the gate of its own LU (the issuing one included):
+                    // holding this one across the copy would deadlock a COMPARE AND WRITE
+                    // waiting for it against the copy's next entry.
+                    drop(entry);
+                    let outcome = crate::xcopy::run(&luns, nexus, &job).await;
+                    let entry = Gate::enter(handle.gate.clone(), Access::Shared).await;
+                    let step = task
+                        .resume(IoResult::Copy(outcome))
+                        .unwrap_or_else(|| Sequenced {
+                            step: Step::Done(lu::Completion::check_condition(
+                                SenseReason::InternalTargetFailure,
+                                handle.lu().d_sense(),
+                            )),
+                            seq: 0,
+                        });
                     (handle, nexus, step, entry)
                 }
                 Next::Commit {
@@ -835,6 +907,20 @@ async fn commit_pr(handle: &Arc<LunHandle>, commit: PrCommit, seq: u64) -> lu::C
         }
     }
     completion
+}
+
+/// An EXTENDED COPY spans the LUs the nexus sees ([`crate::xcopy`]), so it leaves the LU's
+/// I/O path: its job and continuation, or the step unchanged.
+fn split_copy(
+    step: Sequenced,
+) -> Result<(Box<ironlun_scsi::xcopy::CopyJob>, Continuation), Sequenced> {
+    match step.step {
+        Step::Io(IoOp::ExtendedCopy(job), cont) => Ok((job, cont)),
+        other => Err(Sequenced {
+            step: other,
+            seq: step.seq,
+        }),
+    }
 }
 
 /// A step and, for a [`Step::PrCommit`] with a [`Persist`], the order number of its state
@@ -893,7 +979,7 @@ fn drive_inline<G: std::ops::Deref<Target = Gate>>(
                         commit,
                         seq: step.seq,
                     },
-                })
+                });
             }
         }
     }

@@ -37,6 +37,8 @@ pub mod op {
     pub const MODE_SENSE_10: u8 = 0x5A;
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
@@ -57,6 +59,9 @@ pub mod op {
     /// SERVICE ACTION IN(16) service actions (SBC-3 §5.16, §5.5).
     pub const SA_READ_CAPACITY_16: u16 = 0x10;
     pub const SA_GET_LBA_STATUS: u16 = 0x12;
+    /// RECEIVE COPY RESULTS service actions (SPC-4 §6.18): COPY STATUS, OPERATING PARAMETERS.
+    pub const SA_COPY_STATUS: u16 = 0x00;
+    pub const SA_OPERATING_PARAMETERS: u16 = 0x03;
     /// MAINTENANCE IN service action REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35).
     pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;
 }
@@ -270,6 +275,25 @@ pub const COMMANDS: &[CommandInfo] = &[
         7,
         &[0x5F, 7, F, 0, 0, F, F, F, F, 0],
         "PERSISTENT RESERVE OUT / REGISTER AND MOVE",
+    ),
+    // EXTENDED COPY (LID1) is service action 00h of 83h (SPC-4 §6.4).
+    row_sa(
+        op::EXTENDED_COPY,
+        0,
+        &[0x83, 0, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+        "EXTENDED COPY(LID1)",
+    ),
+    row_sa(
+        op::RECEIVE_COPY_RESULTS,
+        op::SA_COPY_STATUS,
+        &[0x84, 0, F, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+        "RECEIVE COPY RESULTS / COPY STATUS",
+    ),
+    row_sa(
+        op::RECEIVE_COPY_RESULTS,
+        op::SA_OPERATING_PARAMETERS,
+        &[0x84, 3, 0, 0, 0, 0, 0, 0, 0, 0, F, F, F, F, 0, 0],
+        "RECEIVE COPY RESULTS / OPERATING PARAMETERS",
     ),
     row(
         op::READ_16,
@@ -515,6 +539,16 @@ pub enum Command {
         scope: u8,
         ty: u8,
         param_len: u32,
+    },
+    /// EXTENDED COPY (LID1), SPC-4 §6.4.
+    ExtendedCopy {
+        param_len: u32,
+    },
+    /// RECEIVE COPY RESULTS, SPC-4 §6.18 (service actions COPY STATUS, OPERATING PARAMETERS).
+    ReceiveCopyResults {
+        service_action: u16,
+        list_id: u8,
+        alloc_len: u32,
     },
 }
 
@@ -797,6 +831,14 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
             scope: byte(cdb, 2) >> 4,
             ty: byte(cdb, 2) & 0x0F,
             param_len: be32(cdb, 5, 4),
+        },
+        EXTENDED_COPY => Command::ExtendedCopy {
+            param_len: be32(cdb, 10, 4),
+        },
+        RECEIVE_COPY_RESULTS => Command::ReceiveCopyResults {
+            service_action: sa,
+            list_id: byte(cdb, 2),
+            alloc_len: be32(cdb, 10, 4),
         },
         _ => return Err(SenseReason::InvalidOpcode),
     };

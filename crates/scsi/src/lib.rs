@@ -15,6 +15,7 @@ pub mod sense;
 pub mod status;
 pub mod ua;
 pub mod vpd;
+pub mod xcopy;
 
 pub use lu::{
     AbortTicket, Completion, Continuation, IoErrorKind, IoOp, IoResult, LogicalUnit, LuConfig,

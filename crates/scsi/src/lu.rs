@@ -162,6 +162,9 @@ pub enum IoOp {
         offset: u64,
         len: u64,
     },
+    /// EXTENDED COPY: the daemon resolves the copy targets among the target's logical units,
+    /// moves the data and answers [`IoResult::Copy`] (see [`crate::xcopy`]).
+    ExtendedCopy(Box<crate::xcopy::CopyJob>),
 }
 
 /// Outcome of an [`IoOp`].
@@ -173,6 +176,8 @@ pub enum IoResult {
     Extents(Vec<(u64, u64, bool)>),
     /// The backstore failed: maps to MEDIUM ERROR / HARDWARE ERROR sense.
     Error(IoErrorKind),
+    /// How an [`IoOp::ExtendedCopy`] ended.
+    Copy(crate::xcopy::CopyOutcome),
 }
 
 /// Backstore failure kinds as the SCSI layer sees them (one `From` in the daemon).
@@ -239,6 +244,12 @@ enum Pending {
         verify: Bytes,
         write: Bytes,
         fua: bool,
+    },
+    /// EXTENDED COPY: record the outcome under `list_id` (when `retain`) for `identity`.
+    ExtendedCopy {
+        identity: Option<u64>,
+        list_id: u8,
+        retain: bool,
     },
 }
 
@@ -311,6 +322,10 @@ pub struct LogicalUnit {
     next_ticket: u64,
     /// Target-side handover of the ownership ([`crate::pr::ownership`]).
     handover: Handover,
+    /// Recent EXTENDED COPY operations for RECEIVE COPY RESULTS ([`crate::xcopy`]).
+    copies: crate::xcopy::CopyTable,
+    /// Counts LUN RESETs and CLEAR TASK SETs: a copy touching this LU stops when it changes.
+    abort_epoch: u64,
 }
 
 impl Completion {
@@ -382,6 +397,8 @@ impl LogicalUnit {
             next_task: 0,
             next_ticket: 0,
             handover: Handover::Idle,
+            copies: crate::xcopy::CopyTable::default(),
+            abort_epoch: 0,
         }
     }
 
@@ -419,6 +436,7 @@ impl LogicalUnit {
             C::ModeSelect { param_len, .. }
             | C::Unmap { param_len }
             | C::PersistentReserveOut { param_len, .. } => Some(u64::from(param_len)),
+            C::ExtendedCopy { param_len } => Some(u64::from(param_len)),
             _ => Some(0),
         }
     }
@@ -516,6 +534,19 @@ impl LogicalUnit {
     /// has finished): forget it, so PREEMPT AND ABORT does not wait for it.
     pub fn abandon(&mut self, cont: Continuation) {
         self.tasks.remove(&cont.task);
+        self.copy_failed(&cont.state);
+    }
+
+    /// An EXTENDED COPY ends without an outcome (abandoned or aborted): its status is failed.
+    fn copy_failed(&mut self, state: &Pending) {
+        if let Pending::ExtendedCopy {
+            identity: Some(id),
+            list_id,
+            retain: true,
+        } = *state
+        {
+            self.copies.finish(id, list_id, false, 0, 0);
+        }
     }
 
     /// A session ended (I_T nexus loss for its identity once its last session goes): an
@@ -536,6 +567,10 @@ impl LogicalUnit {
         };
         if last && self.spc2 == Some(id) {
             self.spc2 = None;
+        }
+        if last {
+            // Copy status is kept per I_T nexus (SPC-4 §6.18.3); it ends with the nexus.
+            self.copies.forget(id);
         }
         self.prune();
     }
@@ -795,6 +830,7 @@ impl LogicalUnit {
         if self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty()) {
             // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6), TAS=1: no further I/O.
             self.tasks.remove(&task);
+            self.copy_failed(&cont.state);
             return Step::Done(Completion::task_aborted());
         }
         let step = match self.finish(cont.state, result) {
@@ -830,6 +866,31 @@ impl LogicalUnit {
         self.prevent.clear();
         // SPC-2 reservations end with every reset; persistent ones survive (SPC-4 §5.13.1).
         self.spc2 = None;
+        self.abort_epoch = self.abort_epoch.wrapping_add(1);
+    }
+
+    /// CLEAR TASK SET (SAM-5 §7.4): copies in progress on this LU stop (see
+    /// [`LogicalUnit::abort_epoch`]).
+    pub fn clear_task_set(&mut self) {
+        self.abort_epoch = self.abort_epoch.wrapping_add(1);
+    }
+
+    /// Changes with every LUN RESET, target reset and CLEAR TASK SET: a copy that saw another
+    /// value when it started ends with TASK ABORTED between chunks.
+    pub fn abort_epoch(&self) -> u64 {
+        self.abort_epoch
+    }
+
+    /// Whether a READ (`write == false`) or WRITE by `nexus` would meet a reservation
+    /// conflict now: the EXTENDED COPY check on its source and destination logical units.
+    pub fn copy_access_conflicts(&self, nexus: NexusId, write: bool) -> bool {
+        let ident = self.sessions.get(&nexus).copied();
+        let probe = if write {
+            [cdb::op::WRITE_16; 1]
+        } else {
+            [cdb::op::READ_16; 1]
+        };
+        self.conflicts(ident, &probe) || self.ownership_conflicts(ident, &probe)
     }
 
     /// The effect of a task management function on this LU's task set (SAM-5 §7).
@@ -1167,7 +1228,49 @@ impl LogicalUnit {
                 ty,
                 param_len,
             } => self.prout(ident, service_action, scope, ty, param_len, &data_out),
+            Command::ExtendedCopy { param_len } => self.extended_copy(ident, param_len, &data_out),
+            Command::ReceiveCopyResults {
+                service_action,
+                list_id,
+                alloc_len,
+            } => {
+                let data = if service_action == cdb::op::SA_OPERATING_PARAMETERS {
+                    crate::xcopy::operating_parameters(self.config.block_size)
+                } else {
+                    let id = ident.ok_or(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2)))?;
+                    self.copies.status(id, list_id)?
+                };
+                Self::good(cut(data, alloc_len))
+            }
         }
+    }
+
+    /// EXTENDED COPY (LID1), SPC-4 §6.4: parse and bound the list here; the daemon copies.
+    fn extended_copy(
+        &mut self,
+        ident: Option<u64>,
+        param_len: u32,
+        data_out: &Bytes,
+    ) -> Result<Step, SenseReason> {
+        let Some(job) = crate::xcopy::parse(param_len, data_out)? else {
+            return Self::good(Bytes::new());
+        };
+        let retain = job.retain_status && ident.is_some();
+        let list_id = job.list_id;
+        if let (true, Some(id)) = (retain, ident) {
+            if self.copies.in_progress(id, list_id) {
+                return Err(SenseReason::OperationInProgress);
+            }
+            self.copies.start(id, list_id)?;
+        }
+        Self::io(
+            IoOp::ExtendedCopy(Box::new(job)),
+            Pending::ExtendedCopy {
+                identity: ident,
+                list_id,
+                retain,
+            },
+        )
     }
 
     /// WRITE SAME (10/16), SBC-3 §5.41/§5.42.
@@ -1376,6 +1479,34 @@ impl LogicalUnit {
     }
 
     fn finish(&mut self, state: Pending, result: IoResult) -> Result<Step, SenseReason> {
+        if let Pending::ExtendedCopy {
+            identity,
+            list_id,
+            retain,
+        } = state
+        {
+            let outcome = match result {
+                IoResult::Copy(o) => o,
+                _ => crate::xcopy::CopyOutcome {
+                    segments: 0,
+                    bytes: 0,
+                    end: crate::xcopy::CopyEnd::Failed(SenseReason::CopyAborted),
+                },
+            };
+            let good = outcome.end == crate::xcopy::CopyEnd::Good;
+            if let (true, Some(id)) = (retain, identity) {
+                self.copies
+                    .finish(id, list_id, good, outcome.segments, outcome.bytes);
+            }
+            return match outcome.end {
+                crate::xcopy::CopyEnd::Good => Self::good(Bytes::new()),
+                crate::xcopy::CopyEnd::Failed(reason) => Err(reason),
+                crate::xcopy::CopyEnd::Conflict => {
+                    Ok(Step::Done(Completion::reservation_conflict()))
+                }
+                crate::xcopy::CopyEnd::Aborted => Ok(Step::Done(Completion::task_aborted())),
+            };
+        }
         let result = match result {
             IoResult::Error(kind) => return Err(io_error_reason(kind, &state)),
             other => other,

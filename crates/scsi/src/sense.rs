@@ -13,6 +13,7 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const UNIT_ATTENTION: u8 = 0x6;
     pub const DATA_PROTECT: u8 = 0x7;
+    pub const COPY_ABORTED: u8 = 0xA;
     pub const ABORTED_COMMAND: u8 = 0xB;
     pub const MISCOMPARE: u8 = 0xE;
 }
@@ -118,6 +119,30 @@ pub enum SenseReason {
     AluaStandby,
     /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE (04h/0Ch).
     AluaUnavailable,
+    /// ILLEGAL REQUEST, TOO MANY TARGET DESCRIPTORS (26h/06h): EXTENDED COPY (SPC-4 §6.4.3).
+    TooManyTargetDescriptors,
+    /// ILLEGAL REQUEST, UNSUPPORTED TARGET DESCRIPTOR TYPE CODE (26h/07h).
+    UnsupportedTargetDescriptorType,
+    /// ILLEGAL REQUEST, TOO MANY SEGMENT DESCRIPTORS (26h/08h).
+    TooManySegmentDescriptors,
+    /// ILLEGAL REQUEST, UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE (26h/09h).
+    UnsupportedSegmentDescriptorType,
+    /// ILLEGAL REQUEST, INLINE DATA LENGTH EXCEEDED (26h/0Bh).
+    InlineDataLengthExceeded,
+    /// ILLEGAL REQUEST, INVALID OPERATION FOR COPY SOURCE OR DESTINATION (26h/0Ch): e.g.
+    /// source and destination block lengths differ.
+    InvalidCopyOperation,
+    /// ILLEGAL REQUEST, OPERATION IN PROGRESS (00h/16h): an EXTENDED COPY reuses the list
+    /// identifier of a copy still running for the same I_T nexus (SPC-4 §6.4.1).
+    OperationInProgress,
+    /// ILLEGAL REQUEST, INSUFFICIENT RESOURCES (55h/03h): too many copies in progress.
+    InsufficientResources,
+    /// COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE (0Dh/02h): a CSCD descriptor names no
+    /// logical unit of this target visible to the nexus, or a segment an absent descriptor.
+    CopyTargetNotReachable,
+    /// COPY ABORTED, NO ADDITIONAL SENSE INFORMATION (00h/00h): a copy target refused its part
+    /// (range beyond capacity, medium error) or the copy ran past its time bound.
+    CopyAborted,
 }
 
 /// Every variant once, for table tests.
@@ -156,6 +181,15 @@ pub const ALL_REASONS: &[SenseReason] = &[
     SenseReason::AluaTransitioning,
     SenseReason::AluaStandby,
     SenseReason::AluaUnavailable,
+    SenseReason::TooManyTargetDescriptors,
+    SenseReason::UnsupportedTargetDescriptorType,
+    SenseReason::TooManySegmentDescriptors,
+    SenseReason::UnsupportedSegmentDescriptorType,
+    SenseReason::InlineDataLengthExceeded,
+    SenseReason::InvalidCopyOperation,
+    SenseReason::OperationInProgress,
+    SenseReason::CopyTargetNotReachable,
+    SenseReason::CopyAborted,
 ];
 
 impl SenseReason {
@@ -197,6 +231,16 @@ impl SenseReason {
             AluaTransitioning => (key::NOT_READY, 0x04, 0x0A),
             AluaStandby => (key::NOT_READY, 0x04, 0x0B),
             AluaUnavailable => (key::NOT_READY, 0x04, 0x0C),
+            TooManyTargetDescriptors => (key::ILLEGAL_REQUEST, 0x26, 0x06),
+            UnsupportedTargetDescriptorType => (key::ILLEGAL_REQUEST, 0x26, 0x07),
+            TooManySegmentDescriptors => (key::ILLEGAL_REQUEST, 0x26, 0x08),
+            UnsupportedSegmentDescriptorType => (key::ILLEGAL_REQUEST, 0x26, 0x09),
+            InlineDataLengthExceeded => (key::ILLEGAL_REQUEST, 0x26, 0x0B),
+            InvalidCopyOperation => (key::ILLEGAL_REQUEST, 0x26, 0x0C),
+            OperationInProgress => (key::ILLEGAL_REQUEST, 0x00, 0x16),
+            InsufficientResources => (key::ILLEGAL_REQUEST, 0x55, 0x03),
+            CopyTargetNotReachable => (key::COPY_ABORTED, 0x0D, 0x02),
+            CopyAborted => (key::COPY_ABORTED, 0x00, 0x00),
         }
     }
 

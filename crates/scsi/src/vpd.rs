@@ -5,7 +5,7 @@ use crate::lu::LuConfig;
 use crate::sense::{FieldPointer, SenseReason};
 
 /// VPD page codes this LU supports, ascending (SPC-4 §7.8.14 requires ascending order).
-pub const SUPPORTED_PAGES: &[u8] = &[0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const SUPPORTED_PAGES: &[u8] = &[0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 /// Version descriptors (SPC-4 table 144): SAM-5, iSCSI, SPC-4, SBC-3.
 pub const VERSION_DESCRIPTORS: [u16; 4] = [0x00A0, 0x0960, 0x0460, 0x04C0];
@@ -23,6 +23,10 @@ pub fn standard(config: &LuConfig) -> Vec<u8> {
     let tpgs = crate::alua::TPGS_IMPLICIT;
     let head = [0x00, 0x00, 0x06, 0x12, additional, tpgs, 0x00, 0x02];
     put(&mut d, 0, &head);
+    // [5] 3PC=1: EXTENDED COPY and RECEIVE COPY RESULTS (SPC-4 §6.4, crate::xcopy).
+    if let Some(b) = d.get_mut(5) {
+        *b |= 0x08;
+    }
     put(&mut d, 8, &ascii_field(&config.vendor, 8));
     put(&mut d, 16, &ascii_field(&config.product, 16));
     put(&mut d, 32, &ascii_field(&config.revision, 4));
@@ -60,6 +64,7 @@ pub fn page_at(config: &LuConfig, page: u8, rtpi: u16) -> Result<Vec<u8>, SenseR
             .filter(|b| (0x20..0x7F).contains(b))
             .collect(),
         0x83 => device_identification(config, rtpi),
+        0x8F => crate::xcopy::third_party_copy_page(),
         0xB0 => block_limits(config),
         0xB1 => block_device_characteristics(),
         0xB2 => logical_block_provisioning(config),
@@ -218,7 +223,8 @@ mod tests {
     #[test]
     fn standard_inquiry_fields() {
         let d = standard(&cfg());
-        assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0x10, 0, 2]);
+        // [5] TPGS=01b (implicit ALUA) and 3PC=1 (EXTENDED COPY).
+        assert_eq!(&d[..8], &[0, 0, 6, 0x12, 91, 0x18, 0, 2]);
         assert_eq!(&d[8..16], b"IRONLUN ");
         assert_eq!(&d[16..32], b"ironlun disk    ");
         assert_eq!(&d[32..36], b"0001");

@@ -47,6 +47,8 @@ pub fn classify(cdb: &[u8]) -> Class {
         | PERSISTENT_RESERVE_IN
         | READ_CAPACITY_10
         | REPORT_LUNS => Class::Always,
+        // RECEIVE COPY RESULTS (LID1) is allowed under every reservation (SPC-4 table 62).
+        RECEIVE_COPY_RESULTS => Class::Always,
         // READ CAPACITY(16) and the like are Always; GET LBA STATUS reads.
         SERVICE_ACTION_IN_16 => match byte(1) & 0x1F {
             0x10 => Class::Always,

@@ -1,0 +1,288 @@
+//! EXTENDED COPY in the daemon: the copy manager's data movement (SPC-4 §6.4).
+//!
+//! The LU has parsed and bounded the parameter list ([`ironlun_scsi::xcopy`]); here each
+//! identification CSCD descriptor is resolved to a logical unit of the target that the issuing
+//! nexus sees (by its NAA designator, association logical unit), and each block → block
+//! segment is copied backstore to backstore in chunks of [`CHUNK_BYTES`], the next chunk read
+//! while the previous one is written, never through the initiator.
+//!
+//! Access: before each segment the issuing nexus must be allowed to READ the source and
+//! WRITE the destination under their reservations (else RESERVATION CONFLICT). Bounds:
+//! between chunks the copy stops with TASK ABORTED when a LUN RESET, target reset or CLEAR
+//! TASK SET reached the source or destination ([`LogicalUnit::abort_epoch`]), and with COPY
+//! ABORTED once it has run for [`COPY_TIME_LIMIT`]. ABORT TASK / ABORT TASK SET drop the
+//! command's future (see `server.rs`); a chunk already on the blocking pool finishes first.
+//!
+//! [`LogicalUnit::abort_epoch`]: ironlun_scsi::LogicalUnit::abort_epoch
+
+use crate::backend;
+use crate::caw_gate::{Access, Gate};
+use crate::target::LunHandle;
+use bytes::Bytes;
+use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult, NexusId};
+use ironlun_scsi::sense::SenseReason;
+use ironlun_scsi::xcopy::{CopyEnd, CopyJob, CopyOutcome, CopyTarget, Segment};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Bytes moved per read / write.
+pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Longest an EXTENDED COPY may run before it ends in COPY ABORTED (default).
+pub const COPY_TIME_LIMIT: Duration = Duration::from_secs(120);
+
+/// Test knobs, read once from the environment: `IRONLUN_XCOPY_TIME_LIMIT_MS` replaces
+/// [`COPY_TIME_LIMIT`]; `IRONLUN_XCOPY_CHUNK_PAUSE_MS` sleeps before each chunk, so tests can
+/// reach a copy in the middle (abort by TMF, time bound).
+struct Knobs {
+    limit: Duration,
+    pause: Option<Duration>,
+}
+
+fn knobs() -> &'static Knobs {
+    static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
+    KNOBS.get_or_init(|| {
+        let ms = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_millis)
+        };
+        Knobs {
+            limit: ms("IRONLUN_XCOPY_TIME_LIMIT_MS").unwrap_or(COPY_TIME_LIMIT),
+            pause: ms("IRONLUN_XCOPY_CHUNK_PAUSE_MS").filter(|d| !d.is_zero()),
+        }
+    })
+}
+
+/// Carry out `job` for `nexus` over the logical units it sees (`luns`).
+pub async fn run(
+    luns: &BTreeMap<u64, Arc<LunHandle>>,
+    nexus: NexusId,
+    job: &CopyJob,
+) -> CopyOutcome {
+    run_until(luns, nexus, job, Instant::now() + knobs().limit).await
+}
+
+/// [`run`] with an explicit deadline.
+pub async fn run_until(
+    luns: &BTreeMap<u64, Arc<LunHandle>>,
+    nexus: NexusId,
+    job: &CopyJob,
+    deadline: Instant,
+) -> CopyOutcome {
+    let mut out = CopyOutcome {
+        segments: 0,
+        bytes: 0,
+        end: CopyEnd::Good,
+    };
+    let mut targets = Vec::with_capacity(job.targets.len());
+    for t in &job.targets {
+        match resolve(luns, t) {
+            Ok(h) => targets.push(h),
+            Err(reason) => {
+                out.end = CopyEnd::Failed(reason);
+                return out;
+            }
+        }
+    }
+    for seg in &job.segments {
+        let (moved, end) = copy_segment(&targets, nexus, seg, deadline).await;
+        out.bytes = out.bytes.saturating_add(moved);
+        if let Some(end) = end {
+            tracing::debug!(?end, segment = out.segments, "EXTENDED COPY ended early");
+            out.end = end;
+            return out;
+        }
+        out.segments = out.segments.saturating_add(1);
+    }
+    out
+}
+
+/// The logical unit a CSCD descriptor names: NAA designator, association logical unit, among
+/// the LUs the nexus sees; its DISK BLOCK LENGTH, when given, must be the LU's.
+fn resolve(
+    luns: &BTreeMap<u64, Arc<LunHandle>>,
+    target: &CopyTarget,
+) -> Result<Arc<LunHandle>, SenseReason> {
+    let naa = target
+        .designator
+        .lu_naa()
+        .ok_or(SenseReason::CopyTargetNotReachable)?;
+    let h = luns
+        .values()
+        .find(|h| h.lu().config().naa == naa)
+        .ok_or(SenseReason::CopyTargetNotReachable)?;
+    let bs = h.lu().config().block_size;
+    if target.block_len != 0 && target.block_len != bs {
+        return Err(SenseReason::InvalidCopyOperation);
+    }
+    Ok(h.clone())
+}
+
+/// What a copy needs to know of one side, read under its LU lock.
+struct Side {
+    block_size: u32,
+    num_blocks: u64,
+    epoch: u64,
+    conflict: bool,
+    read_only: bool,
+    fua: bool,
+}
+
+fn side(h: &LunHandle, nexus: NexusId, write: bool) -> Side {
+    let lu = h.lu();
+    Side {
+        block_size: lu.config().block_size,
+        num_blocks: lu.config().num_blocks,
+        epoch: lu.abort_epoch(),
+        conflict: lu.copy_access_conflicts(nexus, write),
+        read_only: lu.config().read_only,
+        fua: !lu.mode_values().wce,
+    }
+}
+
+/// Byte offset and length of `blocks` blocks at `lba`, inside a `num_blocks` medium.
+fn extent(lba: u64, blocks: u16, bs: u32, num_blocks: u64) -> Option<(u64, u64)> {
+    let end = lba.checked_add(u64::from(blocks))?;
+    if end > num_blocks {
+        return None;
+    }
+    Some((
+        lba.checked_mul(u64::from(bs))?,
+        u64::from(blocks).checked_mul(u64::from(bs))?,
+    ))
+}
+
+/// Copy one segment; the bytes written, and how it ended if not well.
+async fn copy_segment(
+    targets: &[Arc<LunHandle>],
+    nexus: NexusId,
+    seg: &Segment,
+    deadline: Instant,
+) -> (u64, Option<CopyEnd>) {
+    let fail = |r| (0, Some(CopyEnd::Failed(r)));
+    let (Some(src), Some(dst)) = (
+        targets.get(usize::from(seg.src)),
+        targets.get(usize::from(seg.dst)),
+    ) else {
+        return fail(SenseReason::CopyTargetNotReachable);
+    };
+    let s = side(src, nexus, false);
+    let d = side(dst, nexus, true);
+    if s.conflict || d.conflict {
+        return (0, Some(CopyEnd::Conflict));
+    }
+    if d.read_only {
+        return fail(SenseReason::WriteProtected);
+    }
+    if s.block_size != d.block_size {
+        return fail(SenseReason::InvalidCopyOperation);
+    }
+    let (Some((src_off, len)), Some((dst_off, _))) = (
+        extent(seg.src_lba, seg.blocks, s.block_size, s.num_blocks),
+        extent(seg.dst_lba, seg.blocks, d.block_size, d.num_blocks),
+    ) else {
+        return fail(SenseReason::CopyAborted);
+    };
+    if len == 0 {
+        return (0, None);
+    }
+    // Chunks in the order that never reads what this segment already wrote: backwards when
+    // the destination overlaps the source from above.
+    let mut chunks: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let n = CHUNK_BYTES.min(len - pos);
+        chunks.push((pos, n));
+        pos += n;
+    }
+    if Arc::ptr_eq(src, dst) && dst_off > src_off && dst_off < src_off.saturating_add(len) {
+        chunks.reverse();
+    }
+    let read = |(pos, n): (u64, u64)| {
+        io(
+            src,
+            IoOp::Read {
+                offset: src_off + pos,
+                len: n,
+            },
+        )
+    };
+    let mut moved = 0u64;
+    let Some(&first) = chunks.first() else {
+        return (0, None);
+    };
+    let mut data = read(first).await;
+    for (i, &(pos, n)) in chunks.iter().enumerate() {
+        if let Some(pause) = knobs().pause {
+            tokio::time::sleep(pause).await;
+        }
+        if Instant::now() >= deadline {
+            return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted)));
+        }
+        // One LU lock at a time (source and destination may be the same LU).
+        let src_epoch = src.lu().abort_epoch();
+        let dst_epoch = dst.lu().abort_epoch();
+        if src_epoch != s.epoch || dst_epoch != d.epoch {
+            return (moved, Some(CopyEnd::Aborted));
+        }
+        let bytes = match data {
+            IoResult::Data(b) if u64::try_from(b.len()).is_ok_and(|l| l == n) => b,
+            _ => return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted))),
+        };
+        let write = io(
+            dst,
+            IoOp::Write {
+                offset: dst_off + pos,
+                data: bytes,
+                fua: d.fua,
+            },
+        );
+        let written = match chunks.get(i + 1) {
+            Some(&next) => {
+                let (w, r) = tokio::join!(write, read(next));
+                data = r;
+                w
+            }
+            None => {
+                data = IoResult::Data(Bytes::new());
+                write.await
+            }
+        };
+        if written != IoResult::Done {
+            return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted)));
+        }
+        moved += n;
+    }
+    (moved, None)
+}
+
+/// One backstore operation off the runtime's workers (awaited directly on async backends),
+/// inside the LU's COMPARE AND WRITE gate (shared), so a copy's reads and writes never land
+/// between the read and the write of a COMPARE AND WRITE on either LU ([`crate::caw_gate`]).
+async fn io(h: &LunHandle, op: IoOp) -> IoResult {
+    let _entry = Gate::enter(h.gate.clone(), Access::Shared).await;
+    let backend = h.backend.clone();
+    if backend.is_async() {
+        return backend::perform_async(&backend, op).await;
+    }
+    tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
+        .await
+        .unwrap_or(IoResult::Error(IoErrorKind::Other))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_stay_inside_the_medium() {
+        assert_eq!(extent(0, 8, 512, 8), Some((0, 4096)));
+        assert_eq!(extent(1, 8, 512, 8), None);
+        assert_eq!(extent(u64::MAX, 1, 512, u64::MAX), None);
+        assert_eq!(extent(u64::MAX / 2, 1, 512, u64::MAX), None);
+    }
+}
