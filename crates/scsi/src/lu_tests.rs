@@ -914,3 +914,6 @@ mod prop {
         }
     }
 }
+
+#[path = "lu_misc_tests.rs"]
+mod misc;

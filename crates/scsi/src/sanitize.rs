@@ -122,8 +122,14 @@ pub enum Work {
 /// One step of a sanitize: what to do next to the medium.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk {
-    Write { offset: u64, data: Bytes },
-    Erase { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    Erase {
+        offset: u64,
+        len: u64,
+    },
     /// Everything is written: make it durable.
     Flush,
     Done,
