@@ -51,6 +51,8 @@ pub fn require_tool(name: &str) {
 pub struct Daemon {
     child: Option<Child>,
     pub addr: String,
+    /// Every `listening` address the daemon printed.
+    pub addrs: Vec<String>,
     pub urls: Vec<String>,
     /// The admin API's base URL (`http://127.0.0.1:PORT`), once printed.
     pub admin: Option<String>,
@@ -62,13 +64,24 @@ impl Daemon {
     /// Start with `config` (TOML text, LUN paths relative to a fresh temp dir), or the embedded
     /// default when `None`.
     pub fn start(config: Option<&str>) -> Daemon {
+        Self::spawn(config, true)
+    }
+
+    /// Start with `config`'s own `[[portal]]`s (port 0: any free port); `addrs` lists every
+    /// bound portal, in config order.
+    pub fn start_portals(config: &str) -> Daemon {
+        Self::spawn(Some(config), false)
+    }
+
+    fn spawn(config: Option<&str>, listen: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
-            .arg("--admin")
+        cmd.arg("serve");
+        if listen {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
+        cmd.arg("--admin")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(dir.path());
@@ -104,11 +117,13 @@ impl Daemon {
             }
         });
         let mut addr = None;
+        let mut addrs = Vec::new();
         let mut urls = Vec::new();
         let mut admin = None;
         loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) if l.starts_with("listening ") => {
+                    addrs.push(l["listening ".len()..].to_string());
                     addr = Some(l["listening ".len()..].to_string())
                 }
                 Ok(l) if l.starts_with("url ") => {
@@ -138,6 +153,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             addr,
+            addrs,
             urls,
             admin,
             dir,

@@ -228,6 +228,7 @@ mod tests {
             read_only: false,
             thin: true,
             write_cache: true,
+            sanitize_rate: None,
         }
     }
 

@@ -182,6 +182,7 @@ struct RawLun {
     write_cache: Option<bool>,
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
+    sanitize_rate: Option<Spanned<SizeValue>>,
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -357,6 +358,9 @@ pub struct Lun {
     pub read_only: bool,
     pub thin: bool,
     pub write_cache: bool,
+    /// `sanitize_rate`: bytes per second a SANITIZE may write or deallocate (unpaced if
+    /// absent).
+    pub sanitize_rate: Option<u64>,
 }
 
 struct Ctx<'a> {
@@ -403,6 +407,7 @@ impl Config {
             read_only: false,
             thin: true,
             write_cache: true,
+            sanitize_rate: None,
         };
         Config {
             portals: vec![Portal {
@@ -696,6 +701,14 @@ impl Config {
                     },
                     None => derive_naa(&name, id),
                 };
+                let sanitize_rate = match &l.sanitize_rate {
+                    Some(s) => match parse_size(s.get_ref()) {
+                        Ok(0) => return cx.err(s.span(), key("sanitize_rate"), "must be > 0"),
+                        Ok(n) => Some(n),
+                        Err(m) => return cx.err(s.span(), key("sanitize_rate"), m),
+                    },
+                    None => None,
+                };
                 luns.push(Lun {
                     id,
                     backstore,
@@ -706,6 +719,7 @@ impl Config {
                     read_only: l.read_only,
                     thin: l.thin.unwrap_or(true),
                     write_cache: l.write_cache.unwrap_or(true),
+                    sanitize_rate,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;
