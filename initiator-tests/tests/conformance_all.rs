@@ -20,7 +20,8 @@
 //! timeout, and on any skip not in [`ALLOWED_SKIPS`] (each with the reason it is fine) or in
 //! [`PENDING_ON_OTHER_BRANCHES`] (features other issue-8 branches implement; the lead empties
 //! that table after merging them). Each allowed skip must still be seen, so a fixed one is
-//! noticed. Runtime: about 4-5 minutes (Sanitize.Reset alone waits 60 s by design).
+//! noticed. Runtime: 209 s measured (51 families + the read-only run; Sanitize.Reset alone
+//! waits 60 s by design).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::{repo_root, require_tool, run, Daemon};
@@ -106,7 +107,8 @@ const PENDING_ON_OTHER_BRANCHES: &[(&str, &str, &str)] = &[
     (
         "ReadOnly",
         "ReadOnlySBC",
-        "its first step is COMPARE AND WRITE, which must answer WRITE PROTECTED (branch i8-caw)",
+        "its first step is COMPARE AND WRITE: libiscsi skips the whole test while it is \
+         missing, and it must answer WRITE PROTECTED (branch i8-caw)",
     ),
 ];
 
@@ -279,11 +281,14 @@ read_only = true
     println!("{out}");
     let rows = summary(&ro);
     assert_eq!(rows.len(), 1);
-    // Against the read-only LUN, ReadOnlySBC must run, never skip.
+    // Against the read-only LUN, ReadOnlySBC must run, never skip (it skips as a whole while
+    // COMPARE AND WRITE, its first step, is missing: pending).
     for (t, why) in &rows[0].skips {
-        bad.push(format!(
-            "ReadOnly.{t} on the read-only LUN: skipped ({why})"
-        ));
+        if !pending("ReadOnly", t) {
+            bad.push(format!(
+                "ReadOnly.{t} on the read-only LUN: skipped ({why})"
+            ));
+        }
     }
     bad.extend(check(&rows, &mut BTreeSet::new()));
 
