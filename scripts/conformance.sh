@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # Run libiscsi's iscsi-test-cu against URL, one process per suite (DESIGN.md §4: a libiscsi quirk
 # corrupts later 16-byte CDBs in the same process when COMPARE AND WRITE is missing), with two
-# initiator names, the URL given twice (the second path; URL2 instead when given: MultipathIO
-# wants two portals) and --dataloss.
+# initiator names, a second path (URL2, or --url2, or URL again: MultipathIO wants two portals)
+# and --dataloss.
 #
 # Usage: scripts/conformance.sh [--suites "SCSI.Read10 iSCSI.iSCSIcmdsn ..."] [--require "Read10 ..."]
-#                               [--no-skip "ProutRegister ..."] [--out DIR] [--timeout SECS] URL [URL2]
+#                               [--no-skip "ProutRegister ..."] [--out DIR] [--timeout SECS]
+#                               [--url2 URL2] [--allow-sanitize] [--single-path "SCSI.Sanitize"] URL [URL2]
 #   --suites   suites to run (default: every SCSI.* and iSCSI.* suite iscsi-test-cu lists)
 #   --require  suites (short names) that must show 0 failures and no crash/timeout; exit 1 otherwise
 #   --no-skip  suites (short names) that must in addition show 0 skips
 #   --out      keep each suite's full log here (default: a temp dir, printed at the end)
+#   --url2     the second path's URL (MultipathIO; e.g. the LUN through another portal)
+#   --allow-sanitize  pass --allow-sanitize (SANITIZE tests erase the LUN)
+#   --single-path  suites run with URL only: libiscsi then opens (and logs out) a second session
+#              per test instead of sharing one, so state a test leaves on it (Sanitize.Reservations'
+#              RESERVE(6)) does not leak into later tests of the process
 # Prints a table: suite, tests, passed, failed, skipped, and the skip reasons.
 set -uo pipefail
-suites=""; require=""; noskip=""; out=""; per_timeout=300
+suites=""; require=""; noskip=""; out=""; per_timeout=300; url2=""; sanitize=""; single=
 while [ $# -gt 1 ] && [ "${1#--}" != "$1" ]; do
   case "$1" in
     --suites) suites=$2; shift 2 ;;
@@ -20,12 +26,15 @@ while [ $# -gt 1 ] && [ "${1#--}" != "$1" ]; do
     --no-skip) noskip=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --timeout) per_timeout=$2; shift 2 ;;
+    --url2) url2=$2; shift 2 ;;
+    --allow-sanitize) sanitize=--allow-sanitize; shift ;;
+    --single-path) single=$2; shift 2 ;;
     *) echo "conformance.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-[ $# -eq 1 ] || [ $# -eq 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+[ $# -eq 1 ] || [ $# -eq 2 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
 url=$1
-url2=${2:-$1}
+[ -n "$url2" ] || url2=${2:-$1}
 command -v iscsi-test-cu >/dev/null || { echo "conformance.sh: iscsi-test-cu missing (apt-get install libiscsi-bin)" >&2; exit 1; }
 [ -n "$out" ] || out=$(mktemp -d /tmp/ironlun-conformance.XXXXXX)
 mkdir -p "$out"
@@ -39,7 +48,9 @@ summary="$out/summary.txt"   # fields separated by US (0x1f)
 : > "$summary"
 for s in $suites; do
   log="$out/$s.log"
-  timeout "$per_timeout" iscsi-test-cu --dataloss -i "$I1" -I "$I2" --test="$s" "$url" "$url2" > "$log" 2>&1
+  paths=("$url" "$url2")
+  for x in $single; do [ "$x" = "$s" ] && paths=("$url"); done
+  timeout "$per_timeout" iscsi-test-cu --dataloss $sanitize -i "$I1" -I "$I2" --test="$s" "${paths[@]}" > "$log" 2>&1
   rc=$?
   python3 - "$s" "$rc" "$log" >> "$summary" <<'PY'
 import re, sys

@@ -231,6 +231,7 @@ mod tests {
             thin: true,
             write_cache: true,
             physical_block_exponent: 0,
+            sanitize_rate: None,
         }
     }
 

@@ -195,6 +195,7 @@ struct RawLun {
     physical_block_size: Option<Spanned<u32>>,
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
+    sanitize_rate: Option<Spanned<SizeValue>>,
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -376,6 +377,9 @@ pub struct Lun {
     /// Logical blocks per physical block, as a power of two (READ CAPACITY (16) LOGICAL
     /// BLOCKS PER PHYSICAL BLOCK EXPONENT, SBC-3 §5.16.2); from `physical_block_size`, default 0.
     pub physical_block_exponent: u8,
+    /// `sanitize_rate`: bytes per second a SANITIZE may write or deallocate (unpaced if
+    /// absent).
+    pub sanitize_rate: Option<u64>,
 }
 
 struct Ctx<'a> {
@@ -423,6 +427,7 @@ impl Config {
             thin: true,
             write_cache: true,
             physical_block_exponent: 0,
+            sanitize_rate: None,
         };
         Config {
             portals: vec![Portal {
@@ -713,9 +718,9 @@ impl Config {
                 // A power-of-two multiple of the logical block size, at most 2^15 blocks.
                 let physical_block_exponent = match &l.physical_block_size {
                     None => 0,
-                    Some(p) => match (0..16u8).find(|e| {
-                        block_size.checked_shl(u32::from(*e)) == Some(*p.get_ref())
-                    }) {
+                    Some(p) => match (0..16u8)
+                        .find(|e| block_size.checked_shl(u32::from(*e)) == Some(*p.get_ref()))
+                    {
                         Some(e) => e,
                         None => {
                             return cx.err(
@@ -733,6 +738,14 @@ impl Config {
                     },
                     None => derive_naa(&name, id),
                 };
+                let sanitize_rate = match &l.sanitize_rate {
+                    Some(s) => match parse_size(s.get_ref()) {
+                        Ok(0) => return cx.err(s.span(), key("sanitize_rate"), "must be > 0"),
+                        Ok(n) => Some(n),
+                        Err(m) => return cx.err(s.span(), key("sanitize_rate"), m),
+                    },
+                    None => None,
+                };
                 luns.push(Lun {
                     id,
                     backstore,
@@ -744,6 +757,7 @@ impl Config {
                     thin: l.thin.unwrap_or(true),
                     write_cache: l.write_cache.unwrap_or(true),
                     physical_block_exponent,
+                    sanitize_rate,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;

@@ -75,6 +75,9 @@ pub struct LunHandle {
     /// Handover epochs aborted through the admin API (not persisted): a later commit or
     /// prepare of one is refused ([`OwnershipOpError::Aborted`]).
     aborted_epochs: Mutex<BTreeSet<u64>>,
+    /// Upper bound on the bytes per second a SANITIZE writes or deallocates (the LUN's
+    /// `sanitize_rate`), so that it does not starve the backstore; `None`: unpaced.
+    sanitize_rate: Option<u64>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -122,7 +125,22 @@ impl LunHandle {
             events: Arc::new(EventLog::new(EVENT_CAPACITY)),
             admin_op: tokio::sync::Mutex::new(()),
             aborted_epochs: Mutex::new(BTreeSet::new()),
+            sanitize_rate: None,
         }
+    }
+
+    /// How long one SANITIZE step of `op` takes at the LUN's `sanitize_rate`.
+    fn sanitize_pace(&self, op: &IoOp) -> Option<std::time::Duration> {
+        let rate = self.sanitize_rate.filter(|r| *r > 0)?;
+        let len = match op {
+            IoOp::Write { data, .. } => u64::try_from(data.len()).ok()?,
+            IoOp::WriteZeroes { len, .. } => *len,
+            _ => return None,
+        };
+        let nanos = u128::from(len).saturating_mul(1_000_000_000) / u128::from(rate);
+        Some(std::time::Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
     }
 
     /// Name the LU `TARGET/LUN` in events and record them in `events`.
@@ -301,8 +319,9 @@ impl Registry {
                 }
                 tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
                 let ram = matches!(l.backstore, config::BackstoreKind::Ram);
-                let handle = LunHandle::new(lu, backend, ram, state_file)
+                let mut handle = LunHandle::new(lu, backend, ram, state_file)
                     .with_events(format!("{}/{}", t.name, l.id), events.clone());
+                handle.sanitize_rate = l.sanitize_rate;
                 luns.insert(l.id, Arc::new(handle));
             }
             targets.push(Arc::new(TargetState {
@@ -758,6 +777,11 @@ impl<H: std::ops::Deref<Target = LunHandle>> Task<H> {
         }
     }
 
+    /// Whether this is a SANITIZE step (see [`Continuation::is_sanitize`]).
+    fn is_sanitize(&self) -> bool {
+        self.cont.as_ref().is_some_and(Continuation::is_sanitize)
+    }
+
     /// Resume with `result`; `None` only if already resumed (never: `resume` consumes).
     fn resume(mut self, result: IoResult) -> Option<Sequenced> {
         let cont = self.cont.take()?;
@@ -815,6 +839,15 @@ impl PendingCommand {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
                     let backend = handle.backend.clone();
+                    // A SANITIZE runs at the LUN's pace; it is a task of its own that ends
+                    // even when its session does (the LU answers NOT READY meanwhile).
+                    if let Some(pause) = task
+                        .is_sanitize()
+                        .then(|| handle.sanitize_pace(&op))
+                        .flatten()
+                    {
+                        tokio::time::sleep(pause).await;
+                    }
                     let resumed = if handle.async_io {
                         let result = backend::perform_async(&backend, op).await;
                         task.resume(result)
@@ -944,7 +977,9 @@ fn drive_inline<G: std::ops::Deref<Target = Gate>>(
     loop {
         match step.step {
             Step::Done(c) => return Started::Done(to_wire(c), spdtl),
-            Step::Io(op, cont) if !handle.async_io && runs_inline(&op, handle.ram) => {
+            Step::Io(op, cont)
+                if !handle.async_io && runs_inline(&op, handle.ram) && !cont.is_sanitize() =>
+            {
                 // Borrowed: no reference count touched on the inline path.
                 let task = Task::new(&**handle, nexus, cont);
                 let result = backend::perform(&*handle.backend, &op);

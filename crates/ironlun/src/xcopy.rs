@@ -138,7 +138,7 @@ fn side(h: &LunHandle, nexus: NexusId, write: bool) -> Side {
         num_blocks: lu.config().num_blocks,
         epoch: lu.abort_epoch(),
         conflict: lu.copy_access_conflicts(nexus, write),
-        read_only: lu.config().read_only,
+        read_only: lu.write_protected(),
         fua: !lu.mode_values().wce,
     }
 }

@@ -29,8 +29,10 @@ pub mod op {
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
+    pub const SANITIZE: u8 = 0x48;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const RESERVE_10: u8 = 0x56;
     pub const RELEASE_10: u8 = 0x57;
@@ -48,6 +50,7 @@ pub mod op {
     pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9C;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
     pub const REPORT_LUNS: u8 = 0xA0;
     pub const MAINTENANCE_IN: u8 = 0xA3;
@@ -55,6 +58,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN(16) service actions (SBC-3 §5.16, §5.5).
     pub const SA_READ_CAPACITY_16: u16 = 0x10;
@@ -177,11 +181,36 @@ pub const COMMANDS: &[CommandInfo] = &[
         "SYNCHRONIZE CACHE(10)",
     ),
     row(
+        op::READ_DEFECT_DATA_10,
+        &[0x37, 0, 0x1F, 0, 0, 0, 0, F, F, 0],
+        "READ DEFECT DATA(10)",
+    ),
+    row(
         op::WRITE_SAME_10,
         &[0x41, 0x08, F, F, F, F, 0x3F, F, F, 0],
         "WRITE SAME(10)",
     ),
     row(op::UNMAP, &[0x42, 0, 0, 0, 0, 0, 0x3F, F, F, 0], "UNMAP"),
+    // SBC-3 §5.30: AUSE; IMMED is not supported (reserved here). CRYPTOGRAPHIC ERASE (03h)
+    // is absent: no backstore encrypts its medium.
+    row_sa(
+        op::SANITIZE,
+        crate::sanitize::SA_OVERWRITE,
+        &[0x48, 0x21, 0, 0, 0, 0, 0, F, F, 0],
+        "SANITIZE / OVERWRITE",
+    ),
+    row_sa(
+        op::SANITIZE,
+        crate::sanitize::SA_BLOCK_ERASE,
+        &[0x48, 0x22, 0, 0, 0, 0, 0, F, F, 0],
+        "SANITIZE / BLOCK ERASE",
+    ),
+    row_sa(
+        op::SANITIZE,
+        crate::sanitize::SA_EXIT_FAILURE_MODE,
+        &[0x48, 0x3F, 0, 0, 0, 0, 0, F, F, 0],
+        "SANITIZE / EXIT FAILURE MODE",
+    ),
     row(
         op::MODE_SELECT_10,
         &[0x55, 0x11, 0, 0, 0, 0, 0, F, F, 0],
@@ -341,6 +370,11 @@ pub const COMMANDS: &[CommandInfo] = &[
         &[0x93, 0x09, F, F, F, F, F, F, F, F, F, F, F, F, 0x3F, 0],
         "WRITE SAME(16)",
     ),
+    row(
+        op::WRITE_ATOMIC_16,
+        &[0x9C, 0x18, F, F, F, F, F, F, F, F, 0, 0, F, F, 0x3F, 0],
+        "WRITE ATOMIC(16)",
+    ),
     row_sa(
         op::SERVICE_ACTION_IN_16,
         op::SA_READ_CAPACITY_16,
@@ -390,6 +424,11 @@ pub const COMMANDS: &[CommandInfo] = &[
         op::VERIFY_12,
         &[0xAF, 0x16, F, F, F, F, F, F, F, F, 0x3F, 0],
         "VERIFY(12)",
+    ),
+    row(
+        op::READ_DEFECT_DATA_12,
+        &[0xB7, 0x1F, F, F, F, F, F, F, F, F, 0, 0],
+        "READ DEFECT DATA(12)",
     ),
 ];
 
@@ -502,6 +541,25 @@ pub enum Command {
     },
     Unmap {
         param_len: u32,
+    },
+    /// SANITIZE (SBC-3 §5.30): service action, AUSE, PARAMETER LIST LENGTH.
+    Sanitize {
+        service_action: u8,
+        ause: bool,
+        param_len: u32,
+    },
+    /// WRITE ATOMIC (16) (SBC-4 §5.48).
+    WriteAtomic {
+        ext: Extent,
+        fua: bool,
+    },
+    /// READ DEFECT DATA (10/12) (SBC-3 §5.12, §5.13): `twelve` selects the 12-byte format.
+    ReadDefectData {
+        twelve: bool,
+        plist: bool,
+        glist: bool,
+        format: u8,
+        alloc_len: u32,
     },
     GetLbaStatus {
         lba: u64,
@@ -779,6 +837,32 @@ pub fn parse(cdb: &[u8]) -> Result<Command, SenseReason> {
         },
         UNMAP => Command::Unmap {
             param_len: be32(cdb, 7, 2),
+        },
+        SANITIZE => Command::Sanitize {
+            service_action: byte(cdb, 1) & 0x1F,
+            ause: bit(cdb, 1, 5),
+            param_len: be32(cdb, 7, 2),
+        },
+        WRITE_ATOMIC_16 => Command::WriteAtomic {
+            ext: Extent {
+                lba: be(cdb, 2, 8),
+                blocks: be32(cdb, 12, 2),
+            },
+            fua,
+        },
+        READ_DEFECT_DATA_10 => Command::ReadDefectData {
+            twelve: false,
+            plist: bit(cdb, 2, 4),
+            glist: bit(cdb, 2, 3),
+            format: byte(cdb, 2) & 0x07,
+            alloc_len: be32(cdb, 7, 2),
+        },
+        READ_DEFECT_DATA_12 => Command::ReadDefectData {
+            twelve: true,
+            plist: bit(cdb, 1, 4),
+            glist: bit(cdb, 1, 3),
+            format: byte(cdb, 1) & 0x07,
+            alloc_len: be32(cdb, 6, 4),
         },
         SERVICE_ACTION_IN_16 if sa == SA_READ_CAPACITY_16 => {
             if !bit(cdb, 14, 0) && be(cdb, 2, 8) != 0 {

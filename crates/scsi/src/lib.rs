@@ -11,6 +11,7 @@ pub mod cdb;
 pub mod lu;
 pub mod mode;
 pub mod pr;
+pub mod sanitize;
 pub mod sense;
 pub mod status;
 pub mod ua;

@@ -13,6 +13,7 @@ use crate::cdb::{self, Command, Extent};
 use crate::mode::{MediumInfo, ModePages, SenseRequest};
 use crate::pr::ownership::{self, Decision, DrainTicket, Handover, OwnershipError};
 use crate::pr::{access, ItNexus, Persist, PrError, PrState, Registration};
+use crate::sanitize;
 use crate::sense::{FieldPointer, SenseReason};
 use crate::status;
 use crate::ua::UnitAttentions;
@@ -206,6 +207,10 @@ struct Task {
     identity: Option<u64>,
     /// Tickets of the PREEMPT AND ABORTs that aborted it.
     aborted: Vec<u64>,
+    /// Byte range of its current I/O, and whether it is a WRITE ATOMIC (see
+    /// [`LogicalUnit::atomic_conflict`]).
+    range: Option<(u64, u64)>,
+    atomic: bool,
 }
 
 /// An I_T nexus identity the LU knows (SAM-5 §3.1.47): an initiator port on a target port.
@@ -251,6 +256,18 @@ enum Pending {
         list_id: u8,
         retain: bool,
     },
+    /// WRITE ATOMIC (16): one backstore write; GOOD.
+    Atomic,
+    /// SANITIZE: the next chunk of the job.
+    Sanitize { job: sanitize::Job },
+}
+
+impl Continuation {
+    /// Whether this is a SANITIZE step: it outlives task management functions and the
+    /// session that started it, and is not run inline on a connection's task.
+    pub fn is_sanitize(&self) -> bool {
+        matches!(self.state, Pending::Sanitize { .. })
+    }
 }
 
 /// Upper bound on one Data-In / Data-Out buffer the LU asks the backstore for (bytes), so a
@@ -326,6 +343,10 @@ pub struct LogicalUnit {
     copies: crate::xcopy::CopyTable,
     /// Counts LUN RESETs and CLEAR TASK SETs: a copy touching this LU stops when it changes.
     abort_epoch: u64,
+    /// A sanitize operation in progress: its progress indication (SBC-3 §4.32).
+    sanitizing: Option<u16>,
+    /// The last sanitize failed (SBC-3 §4.32: sanitize failure mode); its AUSE bit.
+    sanitize_failed: Option<bool>,
 }
 
 impl Completion {
@@ -349,6 +370,16 @@ impl Completion {
     pub fn reservation_conflict() -> Self {
         Completion {
             status: status::RESERVATION_CONFLICT,
+            sense: Bytes::new(),
+            data: Bytes::new(),
+        }
+    }
+
+    /// BUSY (08h): the command could not start now (a WRITE ATOMIC overlap); no sense data
+    /// (SAM-5 §5.3.1).
+    pub fn busy() -> Self {
+        Completion {
+            status: status::BUSY,
             sense: Bytes::new(),
             data: Bytes::new(),
         }
@@ -399,6 +430,8 @@ impl LogicalUnit {
             handover: Handover::Idle,
             copies: crate::xcopy::CopyTable::default(),
             abort_epoch: 0,
+            sanitizing: None,
+            sanitize_failed: None,
         }
     }
 
@@ -424,7 +457,7 @@ impl LogicalUnit {
         let blocks = |e: crate::cdb::Extent| u64::from(e.blocks).checked_mul(bs);
         match crate::cdb::parse(cdb).ok()? {
             C::Write { ext, .. } | C::OrWrite { ext, .. } => blocks(ext),
-            C::WriteAndVerify { ext, .. } => blocks(ext),
+            C::WriteAndVerify { ext, .. } | C::WriteAtomic { ext, .. } => blocks(ext),
             C::CompareAndWrite { ext, .. } => blocks(ext)?.checked_mul(2),
             C::Verify { ext, bytchk } => match bytchk {
                 0 => Some(0),
@@ -434,6 +467,7 @@ impl LogicalUnit {
             },
             C::WriteSame { ndob, .. } => Some(if ndob { 0 } else { bs }),
             C::ModeSelect { param_len, .. }
+            | C::Sanitize { param_len, .. }
             | C::Unmap { param_len }
             | C::PersistentReserveOut { param_len, .. } => Some(u64::from(param_len)),
             C::ExtendedCopy { param_len } => Some(u64::from(param_len)),
@@ -784,6 +818,9 @@ impl LogicalUnit {
             opcode,
             cdb::op::INQUIRY | cdb::op::REPORT_LUNS | cdb::op::REQUEST_SENSE
         );
+        if let Some(reason) = self.sanitize_gate(opcode, bypass) {
+            return self.fail(reason);
+        }
         if let (false, Some(id)) = (bypass, ident) {
             if let Some(ua) = self.ua.take(id) {
                 return self.fail(ua);
@@ -807,6 +844,11 @@ impl LogicalUnit {
         };
         match step {
             Step::Io(op, mut cont) => {
+                let range = io_range(&op);
+                let atomic = cont.state == Pending::Atomic;
+                if self.atomic_conflict(range, atomic) {
+                    return Step::Done(Completion::busy());
+                }
                 let task = self.next_task;
                 self.next_task = self.next_task.wrapping_add(1);
                 cont.task = task;
@@ -815,6 +857,8 @@ impl LogicalUnit {
                     Task {
                         identity: ident,
                         aborted: Vec::new(),
+                        range,
+                        atomic,
                     },
                 );
                 Step::Io(op, cont)
@@ -823,11 +867,46 @@ impl LogicalUnit {
         }
     }
 
+    /// WRITE ATOMIC (SBC-4 §4.29) against concurrency: a WRITE ATOMIC never runs while
+    /// another task's I/O overlaps its range, and no I/O starts over a WRITE ATOMIC in
+    /// flight; the command that would overlap ends in BUSY (SAM-5 §5.3.1), to be retried.
+    /// So no read sees part of an atomic write and no write interleaves with one.
+    fn atomic_conflict(&self, range: Option<(u64, u64)>, atomic: bool) -> bool {
+        let Some((off, len)) = range else {
+            return false;
+        };
+        let end = off.saturating_add(len);
+        self.tasks.values().any(|t| {
+            (atomic || t.atomic)
+                && t.range
+                    .is_some_and(|(o, l)| o < end && off < o.saturating_add(l))
+        })
+    }
+
+    /// SBC-3 §4.32: while a sanitize runs, every command but INQUIRY, REPORT LUNS and
+    /// REQUEST SENSE ends in NOT READY, SANITIZE IN PROGRESS (checked before unit
+    /// attentions, which wait until it ends); after a failed sanitize, every command but
+    /// those and SANITIZE ends in MEDIUM ERROR, SANITIZE COMMAND FAILED.
+    fn sanitize_gate(&self, opcode: u8, bypass: bool) -> Option<SenseReason> {
+        if bypass {
+            return None;
+        }
+        if let Some(progress) = self.sanitizing {
+            return Some(SenseReason::SanitizeInProgress { progress });
+        }
+        if self.sanitize_failed.is_some() && opcode != cdb::op::SANITIZE {
+            return Some(SenseReason::SanitizeFailed);
+        }
+        None
+    }
+
     /// Continue a command after its [`IoOp`].
     pub fn resume(&mut self, nexus: NexusId, cont: Continuation, result: IoResult) -> Step {
         let _ = nexus;
         let task = cont.task;
-        if self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty()) {
+        // A sanitize is not aborted (SBC-3 §4.32); a PREEMPT AND ABORT waits for its end.
+        let aborted = self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty());
+        if aborted && !cont.is_sanitize() {
             // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6), TAS=1: no further I/O.
             self.tasks.remove(&task);
             self.copy_failed(&cont.state);
@@ -840,6 +919,9 @@ impl LogicalUnit {
         match step {
             Step::Io(op, mut next) => {
                 next.task = task;
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.range = io_range(&op);
+                }
                 Step::Io(op, next)
             }
             other => {
@@ -968,8 +1050,14 @@ impl LogicalUnit {
         Ok((offset, len))
     }
 
+    /// Whether the medium is write-protected: a read-only LU, or SWP set in the control mode
+    /// page (SPC-4 §7.5.8; both report WP=1 in MODE SENSE).
+    pub fn write_protected(&self) -> bool {
+        self.config.read_only || self.mode.current.swp
+    }
+
     fn check_writable(&self) -> Result<(), SenseReason> {
-        if self.config.read_only {
+        if self.write_protected() {
             Err(SenseReason::WriteProtected)
         } else {
             Ok(())
@@ -1004,13 +1092,16 @@ impl LogicalUnit {
         let medium = MediumInfo {
             num_blocks: self.config.num_blocks,
             block_size: self.config.block_size,
-            read_only: self.config.read_only,
+            read_only: self.write_protected(),
         };
         match cmd {
             Command::TestUnitReady => Self::good(Bytes::new()),
             Command::RequestSense { desc, alloc_len } => {
                 let reason = ident
                     .and_then(|id| self.ua.take(id))
+                    .or(self
+                        .sanitizing
+                        .map(|progress| SenseReason::SanitizeInProgress { progress }))
                     .unwrap_or(SenseReason::NoSense);
                 Self::good(cut(reason.to_bytes(desc).to_vec(), alloc_len))
             }
@@ -1171,6 +1262,38 @@ impl LogicalUnit {
                 self.write_same(raw, ext, unmap, ndob, &data_out)
             }
             Command::Unmap { param_len } => self.unmap(param_len, &data_out),
+            Command::Sanitize {
+                service_action,
+                ause,
+                param_len,
+            } => self.sanitize(service_action, ause, param_len, &data_out),
+            Command::WriteAtomic { ext, fua } => {
+                self.check_writable()?;
+                if ext.blocks > vpd::max_atomic_blocks(&self.config) {
+                    return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(12)));
+                }
+                let (offset, len) = self.range(ext)?;
+                if len == 0 {
+                    return Self::good(Bytes::new());
+                }
+                // All or nothing: a short Data-Out is not written in part.
+                let data = data_out
+                    .get(..usize::try_from(len).unwrap_or(usize::MAX))
+                    .map(|_| data_out.slice(..usize::try_from(len).unwrap_or(0)))
+                    .ok_or(SenseReason::InvalidFieldInCommandIu)?;
+                let fua = fua || !self.mode.current.wce;
+                Self::io(IoOp::Write { offset, data, fua }, Pending::Atomic)
+            }
+            Command::ReadDefectData {
+                twelve,
+                plist,
+                glist,
+                format,
+                alloc_len,
+            } => Self::good(cut(
+                read_defect_data(twelve, plist, glist, format)?,
+                alloc_len,
+            )),
             Command::GetLbaStatus { lba, alloc_len } => {
                 if lba >= self.config.num_blocks {
                     return Err(SenseReason::LbaOutOfRange);
@@ -1358,6 +1481,76 @@ impl LogicalUnit {
         )
     }
 
+    /// SANITIZE (SBC-3 §5.30): validate, then run the job chunk by chunk (see
+    /// [`crate::sanitize`]). EXIT FAILURE MODE leaves the failure mode of a sanitize that
+    /// failed with AUSE=1; after one with AUSE=0 it is INVALID FIELD IN CDB (only a new
+    /// sanitize that completes leaves that failure mode).
+    fn sanitize(
+        &mut self,
+        service_action: u8,
+        ause: bool,
+        param_len: u32,
+        data_out: &Bytes,
+    ) -> Result<Step, SenseReason> {
+        let request = sanitize::parse(service_action, param_len, data_out, self.config.block_size)?;
+        let work = match request {
+            sanitize::Request::ExitFailureMode => {
+                if self.sanitize_failed == Some(false) {
+                    return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 4)));
+                }
+                self.sanitize_failed = None;
+                return Self::good(Bytes::new());
+            }
+            sanitize::Request::BlockErase => {
+                if !self.config.thin {
+                    return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 4)));
+                }
+                sanitize::Work::Erase
+            }
+            sanitize::Request::Overwrite {
+                block,
+                passes,
+                invert,
+            } => sanitize::Work::Overwrite {
+                block,
+                passes,
+                invert,
+            },
+        };
+        self.check_writable()?;
+        let capacity = self
+            .config
+            .num_blocks
+            .checked_mul(self.block_size())
+            .ok_or(SenseReason::InternalTargetFailure)?;
+        self.sanitize_step(sanitize::Job::new(work, ause, capacity))
+    }
+
+    /// The next chunk of a sanitize job, or its end: GOOD, and the failure mode left.
+    fn sanitize_step(&mut self, mut job: sanitize::Job) -> Result<Step, SenseReason> {
+        let progress = job.progress();
+        let op = match job.next_chunk() {
+            sanitize::Chunk::Write { offset, data } => IoOp::Write {
+                offset,
+                data,
+                fua: false,
+            },
+            sanitize::Chunk::Erase { offset, len } => IoOp::WriteZeroes {
+                offset,
+                len,
+                unmap: true,
+            },
+            sanitize::Chunk::Flush => IoOp::Flush,
+            sanitize::Chunk::Done => {
+                self.sanitizing = None;
+                self.sanitize_failed = None;
+                return Self::good(Bytes::new());
+            }
+        };
+        self.sanitizing = Some(progress);
+        Self::io(op, Pending::Sanitize { job })
+    }
+
     /// UNMAP parameter list (SBC-3 §5.28): 8-byte header, 16-byte block descriptors.
     fn unmap(&self, param_len: u32, data_out: &Bytes) -> Result<Step, SenseReason> {
         if !self.config.thin {
@@ -1427,8 +1620,13 @@ impl LogicalUnit {
         opcode: u8,
         service_action: u16,
     ) -> Result<Vec<u8>, SenseReason> {
-        // UNMAP exists only on thin-provisioned LUs (LBPU, VPD B2h).
-        let supported = |c: &cdb::CommandInfo| self.config.thin || c.opcode != cdb::op::UNMAP;
+        // UNMAP and SANITIZE BLOCK ERASE exist only on thin-provisioned LUs (LBPU, VPD B2h).
+        let supported = |c: &cdb::CommandInfo| {
+            self.config.thin
+                || !(c.opcode == cdb::op::UNMAP
+                    || (c.opcode == cdb::op::SANITIZE
+                        && c.service_action == Some(sanitize::SA_BLOCK_ERASE)))
+        };
         let timeouts = |c: &cdb::CommandInfo, out: &mut Vec<u8>| {
             out.extend_from_slice(&[0x00, 0x0A, 0x00, 0x00]);
             out.extend_from_slice(&c.timeout_secs.to_be_bytes());
@@ -1507,13 +1705,21 @@ impl LogicalUnit {
                 crate::xcopy::CopyEnd::Aborted => Ok(Step::Done(Completion::task_aborted())),
             };
         }
+        if let Pending::Sanitize { job } = state {
+            if let IoResult::Error(_) = result {
+                self.sanitizing = None;
+                self.sanitize_failed = Some(job.ause);
+                return Err(SenseReason::SanitizeFailed);
+            }
+            return self.sanitize_step(job);
+        }
         let result = match result {
             IoResult::Error(kind) => return Err(io_error_reason(kind, &state)),
             other => other,
         };
         match (state, result) {
             (Pending::Read, IoResult::Data(data)) => Self::good(data),
-            (Pending::Good, _) => Self::good(Bytes::new()),
+            (Pending::Good | Pending::Atomic, _) => Self::good(Bytes::new()),
             (Pending::Compare { expected }, IoResult::Data(actual)) => {
                 let first = expected.iter().zip(actual.iter()).position(|(a, b)| a != b);
                 match first {
@@ -1614,6 +1820,36 @@ fn push_run(runs: &mut Vec<(u64, u64, bool)>, start: u64, end: u64, mapped: bool
     }
 }
 
+/// The byte range an I/O touches (for the WRITE ATOMIC overlap check).
+fn io_range(op: &IoOp) -> Option<(u64, u64)> {
+    match op {
+        IoOp::Read { offset, len } | IoOp::WriteZeroes { offset, len, .. } => Some((*offset, *len)),
+        IoOp::Write { offset, data, .. } => Some((*offset, u64::try_from(data.len()).ok()?)),
+        IoOp::Flush | IoOp::Unmap { .. } | IoOp::MapStatus { .. } | IoOp::ExtendedCopy(_) => None,
+    }
+}
+
+/// READ DEFECT DATA (10/12) parameter data (SBC-3 §5.12, §5.13): the medium has no defect
+/// lists to report, so the header says the requested lists are valid and empty, in the
+/// requested format (short/long block, bytes from index, physical sector, vendor specific).
+fn read_defect_data(
+    twelve: bool,
+    plist: bool,
+    glist: bool,
+    format: u8,
+) -> Result<Vec<u8>, SenseReason> {
+    if !matches!(format, 0 | 3 | 4 | 5 | 6) {
+        let byte = if twelve { 1 } else { 2 };
+        return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(byte, 2)));
+    }
+    let flags = u8::from(plist) << 4 | u8::from(glist) << 3 | format;
+    // (10): reserved, flags, DEFECT LIST LENGTH (2). (12): reserved, flags, GENERATION CODE
+    // (2), DEFECT LIST LENGTH (4).
+    let mut d = vec![0u8; if twelve { 8 } else { 4 }];
+    vpd::put(&mut d, 1, &[flags]);
+    Ok(d)
+}
+
 /// INVALID FIELD IN CDB pointing at the TRANSFER LENGTH / NUMBER OF LOGICAL BLOCKS field.
 fn transfer_length_field(raw: &[u8]) -> SenseReason {
     let byte = match raw.first().copied().unwrap_or(0) >> 5 {
@@ -1644,9 +1880,7 @@ fn io_error_reason(kind: IoErrorKind, state: &Pending) -> SenseReason {
         (
             IoErrorKind::Other,
             Pending::Read | Pending::Compare { .. } | Pending::CompareAndWrite { .. },
-        ) => {
-            SenseReason::UnrecoveredReadError
-        }
+        ) => SenseReason::UnrecoveredReadError,
         _ => kind.into(),
     }
 }

@@ -1014,3 +1014,5 @@ fn alua_standby_and_unavailable_per_port_group() {
     );
     good(&f.run_on(OTHER, &read10(0, 1), &[]));
 }
+#[path = "lu_misc_tests.rs"]
+mod misc;

@@ -2,7 +2,7 @@
 //! and informational exceptions control (1Ch, SPC-4 §7.5.13) pages; MODE SENSE(6/10)
 //! (SPC-4 §6.13/§6.14) and MODE SELECT(6/10) (SPC-4 §6.11/§6.12).
 //!
-//! Changeable: WCE (caching) and D_SENSE (control). Saved values are not implemented: page
+//! Changeable: WCE (caching), D_SENSE and SWP (control). Saved values are not implemented: page
 //! control 11b answers SAVING PARAMETERS NOT SUPPORTED and MODE SELECT with SP=1 is rejected.
 
 use crate::sense::{FieldPointer, SenseReason};
@@ -30,6 +30,9 @@ pub struct ModeValues {
     pub wce: bool,
     /// Control page D_SENSE: report sense in descriptor format.
     pub d_sense: bool,
+    /// Control page SWP: software write protect (SPC-4 §7.5.8): every command that writes
+    /// the medium ends in DATA PROTECT, WRITE PROTECTED, and MODE SENSE reports WP=1.
+    pub swp: bool,
 }
 
 /// What the block descriptor and device-specific parameter describe.
@@ -63,6 +66,7 @@ impl ModePages {
         let v = ModeValues {
             wce: write_cache,
             d_sense: false,
+            swp: false,
         };
         ModePages {
             current: v,
@@ -94,11 +98,12 @@ impl ModePages {
                 let mut p = vec![0u8; 0x0C];
                 put(&mut p, 0, &[CONTROL, 0x0A]);
                 if changeable {
-                    put(&mut p, 2, &[0x04]);
+                    put(&mut p, 2, &[0x04, 0, 0x08]);
                 } else {
-                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); TAS=1 (tasks aborted
-                    // by another I_T nexus end with TASK ABORTED, SPC-4 §7.5.8); BUSY TIMEOUT.
-                    put(&mut p, 2, &[flag(v.d_sense, 2), 0x10, 0, 0x40]);
+                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); SWP; TAS=1 (tasks
+                    // aborted by another I_T nexus end with TASK ABORTED, SPC-4 §7.5.8); BUSY
+                    // TIMEOUT.
+                    put(&mut p, 2, &[flag(v.d_sense, 2), 0x10, flag(v.swp, 3), 0x40]);
                     put(&mut p, 8, &[0xFF, 0xFF]);
                 }
                 p
@@ -154,8 +159,12 @@ impl ModePages {
             put(&mut b, 4, &(medium.block_size & 0x00FF_FFFF).to_be_bytes());
             b
         };
-        // Device-specific parameter (SBC-3 §6.4.2): WP, DPOFUA=1.
-        let dsp = if medium.read_only { 0x90 } else { 0x10 };
+        // Device-specific parameter (SBC-3 §6.4.2): WP (read-only LU or SWP), DPOFUA=1.
+        let dsp = if medium.read_only || self.current.swp {
+            0x90
+        } else {
+            0x10
+        };
         let mut out = Vec::new();
         let body_len = bd.len().saturating_add(pages.len());
         if req.ten {
@@ -290,7 +299,10 @@ impl ModePages {
             let b2 = page.get(2).copied().unwrap_or(0);
             match code {
                 CACHING => next.wce = b2 & 0x04 != 0,
-                CONTROL => next.d_sense = b2 & 0x04 != 0,
+                CONTROL => {
+                    next.d_sense = b2 & 0x04 != 0;
+                    next.swp = page.get(4).is_some_and(|b| b & 0x08 != 0);
+                }
                 _ => {}
             }
             off = end;
@@ -415,6 +427,7 @@ mod tests {
         assert_eq!(d[4 + 2], 0x04); // WCE
         assert_eq!(d[4 + 20 + 2], 0x04); // D_SENSE
         assert_eq!(d[4 + 20 + 3], 0x00);
+        assert_eq!(d[4 + 20 + 4], 0x08); // SWP
         assert_eq!(d[4 + 32 + 2], 0x00);
     }
 
@@ -435,12 +448,14 @@ mod tests {
         d[2] = 0;
         d[4 + 2] &= !0x04; // WCE off
         d[4 + 20 + 2] |= 0x04; // D_SENSE on
+        d[4 + 20 + 4] |= 0x08; // SWP on
         assert_eq!(m.select(false, false, &d, 512), Ok(true));
         assert_eq!(
             m.current,
             ModeValues {
                 wce: false,
-                d_sense: true
+                d_sense: true,
+                swp: true,
             }
         );
         assert_eq!(m.select(false, false, &d, 512), Ok(false));
@@ -454,6 +469,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(&again[4..], &d[4..]);
+        // SWP shows as WP in the device-specific parameter.
+        assert_eq!(again[2], 0x90);
         assert!(m.default.wce);
         m.reset();
         assert_eq!(m.current, m.default);

@@ -143,6 +143,13 @@ pub enum SenseReason {
     /// COPY ABORTED, NO ADDITIONAL SENSE INFORMATION (00h/00h): a copy target refused its part
     /// (range beyond capacity, medium error) or the copy ran past its time bound.
     CopyAborted,
+    /// NOT READY, LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS (04h/1Bh), with the progress
+    /// indication (fraction of 65536 done) in the sense-key specific field (SBC-3 §4.32,
+    /// SPC-4 §4.5.2.4.4).
+    SanitizeInProgress { progress: u16 },
+    /// MEDIUM ERROR, SANITIZE COMMAND FAILED (31h/03h): the last sanitize operation failed
+    /// (SBC-3 §4.32).
+    SanitizeFailed,
 }
 
 /// Every variant once, for table tests.
@@ -190,6 +197,8 @@ pub const ALL_REASONS: &[SenseReason] = &[
     SenseReason::OperationInProgress,
     SenseReason::CopyTargetNotReachable,
     SenseReason::CopyAborted,
+    SenseReason::SanitizeInProgress { progress: 0 },
+    SenseReason::SanitizeFailed,
 ];
 
 impl SenseReason {
@@ -241,6 +250,8 @@ impl SenseReason {
             InsufficientResources => (key::ILLEGAL_REQUEST, 0x55, 0x03),
             CopyTargetNotReachable => (key::COPY_ABORTED, 0x0D, 0x02),
             CopyAborted => (key::COPY_ABORTED, 0x00, 0x00),
+            SanitizeInProgress { .. } => (key::NOT_READY, 0x04, 0x1B),
+            SanitizeFailed => (key::MEDIUM_ERROR, 0x31, 0x03),
         }
     }
 
@@ -250,6 +261,10 @@ impl SenseReason {
         let (cd, fp) = match self {
             SenseReason::InvalidFieldInCdb(fp) => (0x40u8, fp),
             SenseReason::InvalidFieldInParameterList(fp) => (0x00u8, fp),
+            SenseReason::SanitizeInProgress { progress } => {
+                let [hi, lo] = progress.to_be_bytes();
+                return Some([0x80, hi, lo]);
+            }
             _ => return None,
         };
         let bits = match fp.bit {
@@ -345,6 +360,15 @@ mod tests {
         assert_eq!(&s[15..18], &[0x80 | 0x40 | 0x08 | 4, 0x00, 0x01]);
         let s = SenseReason::InvalidFieldInParameterList(FieldPointer::byte(0x123)).to_bytes(false);
         assert_eq!(&s[15..18], &[0x80, 0x01, 0x23]);
+    }
+
+    #[test]
+    fn encodes_progress_indication() {
+        let s = SenseReason::SanitizeInProgress { progress: 0x8000 }.to_bytes(false);
+        assert_eq!((s[2], s[12], s[13]), (key::NOT_READY, 0x04, 0x1B));
+        assert_eq!(&s[15..18], &[0x80, 0x80, 0x00]);
+        let d = SenseReason::SanitizeInProgress { progress: 1 }.to_bytes(true);
+        assert_eq!(&d[8..16], &[0x02, 0x06, 0, 0, 0x80, 0x00, 0x01, 0]);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn page_at(config: &LuConfig, page: u8, rtpi: u16) -> Result<Vec<u8>, SenseR
         0x83 => device_identification(config, rtpi),
         0x8F => crate::xcopy::third_party_copy_page(),
         0xB0 => block_limits(config),
-        0xB1 => block_device_characteristics(),
+        0xB1 => block_device_characteristics(config),
         0xB2 => logical_block_provisioning(config),
         _ => return Err(SenseReason::InvalidFieldInCdb(FieldPointer::byte(2))),
     };
@@ -84,6 +84,13 @@ pub fn max_write_same_blocks(config: &LuConfig) -> u32 {
         .max_unmap_blocks
         .max(config.max_transfer_blocks)
         .max(1)
+}
+
+/// MAXIMUM ATOMIC TRANSFER LENGTH (SBC-4 §6.6.4) advertised and enforced by WRITE ATOMIC
+/// (16), in blocks: the maximum transfer length (atomicity comes from the LU's overlap check,
+/// not from the backstore's write size).
+pub fn max_atomic_blocks(config: &LuConfig) -> u32 {
+    config.max_transfer_blocks
 }
 
 /// Device Identification (SPC-4 §7.8.6): NAA, T10 vendor ID, relative target port, target
@@ -170,13 +177,23 @@ fn block_limits(config: &LuConfig) -> Vec<u8> {
         32,
         &u64::from(max_write_same_blocks(config)).to_be_bytes(),
     );
+    // [40..44] MAXIMUM ATOMIC TRANSFER LENGTH; [44..48] ATOMIC ALIGNMENT and [48..52] ATOMIC
+    // TRANSFER LENGTH GRANULARITY: any LBA, any length (SBC-4 §6.6.4).
+    put(&mut d, 40, &max_atomic_blocks(config).to_be_bytes());
+    put(&mut d, 44, &1u32.to_be_bytes());
+    put(&mut d, 48, &1u32.to_be_bytes());
     d
 }
 
-/// Block Device Characteristics (SBC-3 §6.5.2): non-rotating medium.
-fn block_device_characteristics() -> Vec<u8> {
+/// Block Device Characteristics (SBC-3 §6.5.2): non-rotating medium. On a thin LU, which
+/// supports SANITIZE BLOCK ERASE, WABEREQ=01b: reads after a block erase succeed (zeros).
+/// WACEREQ=00b: no CRYPTOGRAPHIC ERASE.
+fn block_device_characteristics(config: &LuConfig) -> Vec<u8> {
     let mut d = vec![0u8; 0x3C];
     put(&mut d, 0, &1u16.to_be_bytes());
+    if config.thin {
+        put(&mut d, 3, &[0x40]);
+    }
     d
 }
 
@@ -308,5 +325,9 @@ mod tests {
         assert_eq!(page(&thick, 0xB2).unwrap()[5], 0);
         let b1 = page(&c, 0xB1).unwrap();
         assert_eq!(&b1[4..6], &[0, 1]);
+        assert_eq!(b1[7], 0x40, "WABEREQ=01b");
+        assert_eq!(page(&thick, 0xB1).unwrap()[7], 0);
+        // Atomic limits: maximum = maximum transfer length, alignment and granularity 1.
+        assert_eq!(&b0[44..56], &[0, 0, 0x80, 0, 0, 0, 0, 1, 0, 0, 0, 1]);
     }
 }

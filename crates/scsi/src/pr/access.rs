@@ -25,13 +25,11 @@ pub enum Class {
 /// Operation codes outside [`crate::cdb::op`] that the table names.
 mod more {
     pub const RECEIVE_DIAGNOSTIC_RESULTS: u8 = 0x1C;
-    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const READ_BUFFER: u8 = 0x3C;
     pub const LOG_SENSE: u8 = 0x4D;
     pub const READ_ATTRIBUTE: u8 = 0x8C;
     pub const SECURITY_PROTOCOL_IN: u8 = 0xA2;
     pub const SERVICE_ACTION_IN_12: u8 = 0xAB;
-    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 }
 
 /// Classify a CDB (byte 0, and the fields Table 65 depends on).
