@@ -650,7 +650,7 @@ impl Nexus {
         };
         let (step, spdtl) = handle.execute(nexus, &cdb, data_out);
         match split_copy(step) {
-            Ok((job, cont)) => Started::Pending(PendingCommand {
+            Split::Copy(job, cont) => Started::Pending(PendingCommand {
                 spdtl,
                 next: Next::Copy {
                     job,
@@ -659,7 +659,7 @@ impl Nexus {
                     entry: entry.into_owned(handle.gate.clone()),
                 },
             }),
-            Err(step) => drive_inline(handle, nexus, step, spdtl, entry),
+            Split::Other(step) => drive_inline(handle, nexus, step, spdtl, entry),
         }
     }
 
@@ -823,7 +823,7 @@ impl PendingCommand {
                     let (step, n) = handle.execute(nexus, &cdb, data_out);
                     spdtl = n;
                     match split_copy(step) {
-                        Ok((job, cont)) => {
+                        Split::Copy(job, cont) => {
                             next = Next::Copy {
                                 job,
                                 task: Task::new(handle.clone(), nexus, cont),
@@ -832,7 +832,7 @@ impl PendingCommand {
                             };
                             continue;
                         }
-                        Err(step) => (handle, nexus, step, entry),
+                        Split::Other(step) => (handle, nexus, step, entry),
                     }
                 }
                 Next::Io(op, task, entry) => {
@@ -944,16 +944,20 @@ async fn commit_pr(handle: &Arc<LunHandle>, commit: PrCommit, seq: u64) -> lu::C
 
 /// An EXTENDED COPY spans the LUs the nexus sees ([`crate::xcopy`]), so it leaves the LU's
 /// I/O path: its job and continuation, or the step unchanged.
-fn split_copy(
-    step: Sequenced,
-) -> Result<(Box<ironlun_scsi::xcopy::CopyJob>, Continuation), Sequenced> {
+fn split_copy(step: Sequenced) -> Split {
     match step.step {
-        Step::Io(IoOp::ExtendedCopy(job), cont) => Ok((job, cont)),
-        other => Err(Sequenced {
+        Step::Io(IoOp::ExtendedCopy(job), cont) => Split::Copy(job, cont),
+        other => Split::Other(Sequenced {
             step: other,
             seq: step.seq,
         }),
     }
+}
+
+/// What [`split_copy`] found.
+enum Split {
+    Copy(Box<ironlun_scsi::xcopy::CopyJob>, Continuation),
+    Other(Sequenced),
 }
 
 /// A step and, for a [`Step::PrCommit`] with a [`Persist`], the order number of its state
