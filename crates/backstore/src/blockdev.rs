@@ -27,7 +27,7 @@
 //!   thin provisioning on (initiator-tests/tests/blockdev.rs).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,9 +35,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rustix::fs::{FallocateFlags, SeekFrom};
-use rustix::io::{Errno, ReadWriteFlags};
+use rustix::io::Errno;
 
 use crate::buffers::BufferPool;
+use crate::file::{errno_error, io_error, len64, try_fallocate, unsupported, write_dsync};
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result, MAX_SIZE};
 
 /// Largest buffer used to write zeroes where the kernel cannot zero a range itself.
@@ -86,33 +87,12 @@ pub struct BlockDevBackend {
     buffers: Arc<BufferPool>,
 }
 
-fn io_error(op: &'static str, offset: u64, source: io::Error) -> BackstoreError {
-    if Errno::from_io_error(&source) == Some(Errno::NOSPC) {
-        BackstoreError::NoSpace { op, offset }
-    } else {
-        BackstoreError::Io { op, offset, source }
-    }
-}
-
-fn errno_error(op: &'static str, offset: u64, errno: Errno) -> BackstoreError {
-    io_error(op, offset, io::Error::from(errno))
-}
-
 fn open_error(path: &Path, kind: io::ErrorKind, what: impl std::fmt::Display) -> BackstoreError {
     BackstoreError::Io {
         op: "open",
         offset: 0,
         source: io::Error::new(kind, format!("{}: {what}", path.display())),
     }
-}
-
-/// The operation is not available on this kernel or device (fall back, don't fail).
-fn unsupported(errno: Errno) -> bool {
-    errno == Errno::OPNOTSUPP || errno == Errno::NOSYS || errno == Errno::NOTTY
-}
-
-fn len64(len: usize) -> u64 {
-    u64::try_from(len).unwrap_or(u64::MAX)
 }
 
 /// `ioctl(fd, BLKZEROOUT, [start, len])`: zero a 512-byte aligned range on the device, writing
@@ -268,52 +248,6 @@ impl BlockDevBackend {
         }
     }
 
-    /// Write with `RWF_DSYNC`; `Ok(false)` when the kernel lacks it and nothing was written.
-    fn write_dsync(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        let mut done = 0usize;
-        while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
-            let at = offset.saturating_add(len64(done));
-            match rustix::io::pwritev2(&self.file, &[IoSlice::new(rest)], at, ReadWriteFlags::DSYNC)
-            {
-                Ok(0) => return Err(io_error("write", at, io::ErrorKind::WriteZero.into())),
-                Ok(n) => done = done.saturating_add(n),
-                Err(Errno::INTR) => {}
-                Err(e) if done == 0 && (unsupported(e) || e == Errno::INVAL) => {
-                    self.dsync.store(false, Ordering::Relaxed);
-                    return Ok(false);
-                }
-                Err(e) => return Err(errno_error("write", at, e)),
-            }
-        }
-        Ok(true)
-    }
-
-    /// `fallocate(mode)` over a checked, non-empty, block-aligned range; `Ok(false)` when the
-    /// kernel or device does not support `mode` (remembered in `flag`).
-    fn try_fallocate(
-        &self,
-        op: &'static str,
-        mode: FallocateFlags,
-        flag: &AtomicBool,
-        offset: u64,
-        len: u64,
-    ) -> Result<bool> {
-        if !flag.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        loop {
-            match rustix::fs::fallocate(&self.file, mode, offset, len) {
-                Ok(()) => return Ok(true),
-                Err(Errno::INTR) => {}
-                Err(e) if unsupported(e) => {
-                    flag.store(false, Ordering::Relaxed);
-                    return Ok(false);
-                }
-                Err(e) => return Err(errno_error(op, offset, e)),
-            }
-        }
-    }
-
     /// `BLKZEROOUT` over a checked, non-empty, block-aligned range; `Ok(false)` if unsupported.
     fn try_zeroout(&self, op: &'static str, offset: u64, len: u64) -> Result<bool> {
         if !self.zeroout.load(Ordering::Relaxed) {
@@ -374,7 +308,8 @@ impl BlockDevBackend {
     fn zero_aligned(&self, op: &'static str, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let keep = FallocateFlags::KEEP_SIZE;
         if unmap
-            && self.try_fallocate(
+            && try_fallocate(
+                &self.file,
                 op,
                 FallocateFlags::PUNCH_HOLE | keep,
                 &self.punch_hole,
@@ -384,7 +319,8 @@ impl BlockDevBackend {
         {
             return Ok(());
         }
-        if self.try_fallocate(
+        if try_fallocate(
+            &self.file,
             op,
             FallocateFlags::ZERO_RANGE | keep,
             &self.zero_range,
@@ -417,7 +353,10 @@ impl BlockBackend for BlockDevBackend {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
         check_range(offset, len64(data.len()), self.size)?;
-        if fua && self.dsync.load(Ordering::Relaxed) && self.write_dsync(offset, data)? {
+        if fua
+            && self.dsync.load(Ordering::Relaxed)
+            && write_dsync(&self.file, &self.dsync, offset, data)?
+        {
             return Ok(());
         }
         self.file

@@ -62,7 +62,7 @@ pub struct FileBackend {
     buffers: Arc<BufferPool>,
 }
 
-fn io_error(op: &'static str, offset: u64, source: io::Error) -> BackstoreError {
+pub(crate) fn io_error(op: &'static str, offset: u64, source: io::Error) -> BackstoreError {
     if Errno::from_io_error(&source) == Some(Errno::NOSPC) {
         BackstoreError::NoSpace { op, offset }
     } else {
@@ -70,17 +70,69 @@ fn io_error(op: &'static str, offset: u64, source: io::Error) -> BackstoreError 
     }
 }
 
-fn errno_error(op: &'static str, offset: u64, errno: Errno) -> BackstoreError {
+pub(crate) fn errno_error(op: &'static str, offset: u64, errno: Errno) -> BackstoreError {
     io_error(op, offset, io::Error::from(errno))
 }
 
-/// The operation is not available on this kernel or filesystem (fall back, don't fail).
-fn unsupported(errno: Errno) -> bool {
-    errno == Errno::OPNOTSUPP || errno == Errno::NOSYS
+/// The operation is not available on this kernel, filesystem or device (fall back, don't
+/// fail); ENOTTY: an ioctl the device lacks.
+pub(crate) fn unsupported(errno: Errno) -> bool {
+    errno == Errno::OPNOTSUPP || errno == Errno::NOSYS || errno == Errno::NOTTY
 }
 
-fn len64(len: usize) -> u64 {
+pub(crate) fn len64(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+/// Write with `RWF_DSYNC`; `Ok(false)` when the kernel lacks it and nothing was written (then
+/// `flag` is cleared, so later FUA writes go straight to write + `fdatasync`).
+pub(crate) fn write_dsync(
+    file: &File,
+    flag: &AtomicBool,
+    offset: u64,
+    data: &[u8],
+) -> Result<bool> {
+    let mut done = 0usize;
+    while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
+        let at = offset.saturating_add(len64(done));
+        match rustix::io::pwritev2(file, &[IoSlice::new(rest)], at, ReadWriteFlags::DSYNC) {
+            Ok(0) => return Err(io_error("write", at, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done = done.saturating_add(n),
+            Err(Errno::INTR) => {}
+            Err(e) if done == 0 && (unsupported(e) || e == Errno::INVAL) => {
+                flag.store(false, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(errno_error("write", at, e)),
+        }
+    }
+    Ok(true)
+}
+
+/// `fallocate(mode)` over a checked, non-empty range; `Ok(false)` when the filesystem or
+/// device does not support `mode` (remembered by clearing `flag`; a clear flag skips the call).
+pub(crate) fn try_fallocate(
+    file: &File,
+    op: &'static str,
+    mode: FallocateFlags,
+    flag: &AtomicBool,
+    offset: u64,
+    len: u64,
+) -> Result<bool> {
+    if !flag.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    loop {
+        match rustix::fs::fallocate(file, mode, offset, len) {
+            Ok(()) => return Ok(true),
+            Err(Errno::INTR) => {}
+            Err(e) if unsupported(e) => {
+                flag.store(false, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(errno_error(op, offset, e)),
+        }
+    }
 }
 
 impl FileBackend {
@@ -162,52 +214,6 @@ impl FileBackend {
         }
     }
 
-    /// Write with `RWF_DSYNC`; `Ok(false)` when the kernel lacks it and nothing was written.
-    fn write_dsync(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        let mut done = 0usize;
-        while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
-            let at = offset.saturating_add(len64(done));
-            match rustix::io::pwritev2(&self.file, &[IoSlice::new(rest)], at, ReadWriteFlags::DSYNC)
-            {
-                Ok(0) => return Err(io_error("write", at, io::ErrorKind::WriteZero.into())),
-                Ok(n) => done = done.saturating_add(n),
-                Err(Errno::INTR) => {}
-                Err(e) if done == 0 && (unsupported(e) || e == Errno::INVAL) => {
-                    self.dsync.store(false, Ordering::Relaxed);
-                    return Ok(false);
-                }
-                Err(e) => return Err(errno_error("write", at, e)),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Deallocate or zero a checked, non-empty range with `fallocate`; `Ok(false)` when the
-    /// filesystem does not support `mode` (remembered in `flag`).
-    fn try_fallocate(
-        &self,
-        op: &'static str,
-        mode: FallocateFlags,
-        flag: &AtomicBool,
-        offset: u64,
-        len: u64,
-    ) -> Result<bool> {
-        if !flag.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        loop {
-            match rustix::fs::fallocate(&self.file, mode, offset, len) {
-                Ok(()) => return Ok(true),
-                Err(Errno::INTR) => {}
-                Err(e) if unsupported(e) => {
-                    flag.store(false, Ordering::Relaxed);
-                    return Ok(false);
-                }
-                Err(e) => return Err(errno_error(op, offset, e)),
-            }
-        }
-    }
-
     /// Write zeroes over a checked range in buffers of at most [`ZERO_BUFFER`] bytes.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
         let zeroes = vec![0u8; usize::try_from(len.min(ZERO_BUFFER)).unwrap_or(0)];
@@ -229,7 +235,7 @@ impl FileBackend {
 
     fn deallocate(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        if self.try_fallocate(op, mode, &self.punch_hole, offset, len)? {
+        if try_fallocate(&self.file, op, mode, &self.punch_hole, offset, len)? {
             return Ok(());
         }
         self.zero(op, offset, len)
@@ -237,7 +243,7 @@ impl FileBackend {
 
     fn zero(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         let mode = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        if self.try_fallocate(op, mode, &self.zero_range, offset, len)? {
+        if try_fallocate(&self.file, op, mode, &self.zero_range, offset, len)? {
             return Ok(());
         }
         self.write_zero_buffers(offset, len)
@@ -270,7 +276,10 @@ impl BlockBackend for FileBackend {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
         check_range(offset, len64(data.len()), self.size)?;
-        if fua && self.dsync.load(Ordering::Relaxed) && self.write_dsync(offset, data)? {
+        if fua
+            && self.dsync.load(Ordering::Relaxed)
+            && write_dsync(&self.file, &self.dsync, offset, data)?
+        {
             return Ok(());
         }
         self.file
