@@ -17,8 +17,8 @@
 //! with two, libiscsi shares one second session across the family's tests and the RESERVE(6)
 //! Sanitize.Reservations takes on it is never released, so Sanitize.Reset would meet a
 //! reservation conflict on any target). Run 2: ReadOnly against
-//! LUN 1, where it exercises instead of skipping. Run 3: WriteSame10/16 against LUN 2, where
-//! UnmapUnaligned and InvalidDataOutSize run (they need LBPPB ≥ 2). The test fails on any failure, crash or
+//! LUN 1, where it exercises instead of skipping. Run 3: WriteSame10/16 and CompareAndWrite
+//! against LUN 2, where UnmapUnaligned and InvalidDataOutSize run (they need LBPPB ≥ 2). The test fails on any failure, crash or
 //! timeout, and on any skip not in [`ALLOWED_SKIPS`] (each with the reason it is fine) or in
 //! [`PENDING_ON_OTHER_BRANCHES`] (features other issue-8 branches implement; the lead empties
 //! that table after merging them). Each allowed skip must still be seen, so a fixed one is
@@ -74,6 +74,12 @@ const ALLOWED_SKIPS: &[(&str, &str, &str, &str)] = &[
     ("WriteSame16", "UnmapUnaligned", "LBPPB < 2", "as above"),
     ("WriteSame10", "InvalidDataOutSize", "LBPPB < 2", "as above"),
     ("WriteSame16", "InvalidDataOutSize", "LBPPB < 2", "as above"),
+    (
+        "CompareAndWrite",
+        "InvalidDataOutSize",
+        "LBPPB < 2",
+        "as above",
+    ),
     (
         "Sanitize",
         "CryptoErase",
@@ -292,16 +298,20 @@ physical_block_size = 4096
     }
     bad.extend(check(&rows, &mut BTreeSet::new()));
 
-    // Run 3: WRITE SAME on LUN 2 (LBPPB = 8), where UnmapUnaligned and InvalidDataOutSize run.
+    // Run 3: WRITE SAME and COMPARE AND WRITE on LUN 2 (LBPPB = 8), where UnmapUnaligned and
+    // InvalidDataOutSize run.
     let lbppb = logs.path().join("lbppb");
     let out = conformance(
-        &["--suites", "SCSI.WriteSame10 SCSI.WriteSame16"],
+        &[
+            "--suites",
+            "SCSI.WriteSame10 SCSI.WriteSame16 SCSI.CompareAndWrite",
+        ],
         &url(0, 2),
         &lbppb,
     );
     println!("{out}");
     let rows = summary(&lbppb);
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     for r in &rows {
         for (t, why) in &r.skips {
             if t != "ZeroBlocks" {
