@@ -38,7 +38,7 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::Errno;
 
 use crate::buffers::BufferPool;
-use crate::file::{errno_error, io_error, len64, try_fallocate, unsupported, write_dsync};
+use crate::file::{errno_error, io_error, len64, try_fallocate, unsupported, write_at};
 use crate::{check_range, BackstoreError, BlockBackend, Extent, Result, MAX_SIZE};
 
 /// Largest buffer used to write zeroes where the kernel cannot zero a range itself.
@@ -353,21 +353,7 @@ impl BlockBackend for BlockDevBackend {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
         check_range(offset, len64(data.len()), self.size)?;
-        if fua
-            && self.dsync.load(Ordering::Relaxed)
-            && write_dsync(&self.file, &self.dsync, offset, data)?
-        {
-            return Ok(());
-        }
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| io_error("write", offset, e))?;
-        if fua {
-            self.file
-                .sync_data()
-                .map_err(|e| io_error("write", offset, e))?;
-        }
-        Ok(())
+        write_at(&self.file, &self.dsync, offset, data, fua)
     }
 
     fn flush(&self) -> Result<()> {

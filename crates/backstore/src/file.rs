@@ -109,6 +109,26 @@ pub(crate) fn write_dsync(
     Ok(true)
 }
 
+/// Write all of `data` at `offset`; `fua`: durable before returning — with `RWF_DSYNC` while
+/// `dsync` says the kernel takes it, else write then `fdatasync`.
+pub(crate) fn write_at(
+    file: &File,
+    dsync: &AtomicBool,
+    offset: u64,
+    data: &[u8],
+    fua: bool,
+) -> Result<()> {
+    if fua && dsync.load(Ordering::Relaxed) && write_dsync(file, dsync, offset, data)? {
+        return Ok(());
+    }
+    file.write_all_at(data, offset)
+        .map_err(|e| io_error("write", offset, e))?;
+    if fua {
+        file.sync_data().map_err(|e| io_error("write", offset, e))?;
+    }
+    Ok(())
+}
+
 /// `fallocate(mode)` over a checked, non-empty range; `Ok(false)` when the filesystem or
 /// device does not support `mode` (remembered by clearing `flag`; a clear flag skips the call).
 pub(crate) fn try_fallocate(
@@ -276,21 +296,7 @@ impl BlockBackend for FileBackend {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
         check_range(offset, len64(data.len()), self.size)?;
-        if fua
-            && self.dsync.load(Ordering::Relaxed)
-            && write_dsync(&self.file, &self.dsync, offset, data)?
-        {
-            return Ok(());
-        }
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| io_error("write", offset, e))?;
-        if fua {
-            self.file
-                .sync_data()
-                .map_err(|e| io_error("write", offset, e))?;
-        }
-        Ok(())
+        write_at(&self.file, &self.dsync, offset, data, fua)
     }
 
     fn flush(&self) -> Result<()> {
