@@ -89,14 +89,7 @@ pub(super) fn after_read(
     fua: bool,
     actual: &Bytes,
 ) -> Result<Step, SenseReason> {
-    if let Some(i) = verify.iter().zip(actual.iter()).position(|(a, b)| a != b) {
-        return Err(SenseReason::Miscompare {
-            offset: u64::try_from(i).unwrap_or(u64::MAX),
-        });
-    }
-    if actual.len() < verify.len() {
-        return Err(SenseReason::UnrecoveredReadError);
-    }
+    super::compare(verify, actual)?;
     LogicalUnit::io(
         IoOp::Write {
             offset,

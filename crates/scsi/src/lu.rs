@@ -1721,14 +1721,8 @@ impl LogicalUnit {
             (Pending::Read, IoResult::Data(data)) => Self::good(data),
             (Pending::Good | Pending::Atomic, _) => Self::good(Bytes::new()),
             (Pending::Compare { expected }, IoResult::Data(actual)) => {
-                let first = expected.iter().zip(actual.iter()).position(|(a, b)| a != b);
-                match first {
-                    Some(i) => Err(SenseReason::Miscompare {
-                        offset: u64::try_from(i).unwrap_or(u64::MAX),
-                    }),
-                    None if actual.len() < expected.len() => Err(SenseReason::UnrecoveredReadError),
-                    None => Self::good(Bytes::new()),
-                }
+                compare(&expected, &actual)?;
+                Self::good(Bytes::new())
             }
             (Pending::OrWrite { offset, data, fua }, IoResult::Data(old)) => {
                 if old.len() < data.len() {
@@ -1818,6 +1812,21 @@ fn push_run(runs: &mut Vec<(u64, u64, bool)>, start: u64, end: u64, mapped: bool
         }
         _ => runs.push((start, count, mapped)),
     }
+}
+
+/// Compare what was read with what the initiator sent (VERIFY with BYTCHK, COMPARE AND
+/// WRITE): MISCOMPARE with the offset of the first differing byte (SBC-3 §5.2, §5.30); a
+/// short read is UNRECOVERED READ ERROR.
+pub(crate) fn compare(expected: &[u8], actual: &[u8]) -> Result<(), SenseReason> {
+    if let Some(i) = expected.iter().zip(actual.iter()).position(|(a, b)| a != b) {
+        return Err(SenseReason::Miscompare {
+            offset: u64::try_from(i).unwrap_or(u64::MAX),
+        });
+    }
+    if actual.len() < expected.len() {
+        return Err(SenseReason::UnrecoveredReadError);
+    }
+    Ok(())
 }
 
 /// The byte range an I/O touches (for the WRITE ATOMIC overlap check).
