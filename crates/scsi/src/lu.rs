@@ -335,6 +335,9 @@ pub struct LogicalUnit {
     sessions: HashMap<NexusId, u64>,
     next_identity: u64,
     tasks: HashMap<u64, Task>,
+    /// How many of `tasks` are WRITE ATOMICs: while none is, ordinary I/O skips the overlap
+    /// scan of [`Self::atomic_conflict`].
+    atomic_tasks: usize,
     next_task: u64,
     next_ticket: u64,
     /// Target-side handover of the ownership ([`crate::pr::ownership`]).
@@ -425,6 +428,7 @@ impl LogicalUnit {
             sessions: HashMap::new(),
             next_identity: 0,
             tasks: HashMap::new(),
+            atomic_tasks: 0,
             next_task: 0,
             next_ticket: 0,
             handover: Handover::Idle,
@@ -567,7 +571,7 @@ impl LogicalUnit {
     /// A task that got [`Step::Io`] is dropped without being resumed (its I/O did not run or
     /// has finished): forget it, so PREEMPT AND ABORT does not wait for it.
     pub fn abandon(&mut self, cont: Continuation) {
-        self.tasks.remove(&cont.task);
+        self.end_task(cont.task);
         self.copy_failed(&cont.state);
     }
 
@@ -852,6 +856,7 @@ impl LogicalUnit {
                 let task = self.next_task;
                 self.next_task = self.next_task.wrapping_add(1);
                 cont.task = task;
+                self.atomic_tasks += usize::from(atomic);
                 self.tasks.insert(
                     task,
                     Task {
@@ -867,6 +872,13 @@ impl LogicalUnit {
         }
     }
 
+    /// Forget a finished task (keeping the WRITE ATOMIC count in step).
+    fn end_task(&mut self, task: u64) {
+        if self.tasks.remove(&task).is_some_and(|t| t.atomic) {
+            self.atomic_tasks = self.atomic_tasks.saturating_sub(1);
+        }
+    }
+
     /// WRITE ATOMIC (SBC-4 §4.29) against concurrency: a WRITE ATOMIC never runs while
     /// another task's I/O overlaps its range, and no I/O starts over a WRITE ATOMIC in
     /// flight; the command that would overlap ends in BUSY (SAM-5 §5.3.1), to be retried.
@@ -875,6 +887,9 @@ impl LogicalUnit {
         let Some((off, len)) = range else {
             return false;
         };
+        if !atomic && self.atomic_tasks == 0 {
+            return false;
+        }
         let end = off.saturating_add(len);
         self.tasks.values().any(|t| {
             (atomic || t.atomic)
@@ -908,7 +923,7 @@ impl LogicalUnit {
         let aborted = self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty());
         if aborted && !cont.is_sanitize() {
             // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6), TAS=1: no further I/O.
-            self.tasks.remove(&task);
+            self.end_task(task);
             self.copy_failed(&cont.state);
             return Step::Done(Completion::task_aborted());
         }
@@ -925,7 +940,7 @@ impl LogicalUnit {
                 Step::Io(op, next)
             }
             other => {
-                self.tasks.remove(&task);
+                self.end_task(task);
                 other
             }
         }
