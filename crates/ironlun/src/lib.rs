@@ -9,5 +9,6 @@ pub mod ctl;
 pub mod migrate;
 pub mod port_groups;
 pub mod server;
+pub mod table;
 pub mod target;
 pub mod xcopy;
