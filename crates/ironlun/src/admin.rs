@@ -858,7 +858,7 @@ pub async fn respond(
         Route::Reservations => {
             let mut luns = Vec::new();
             for t in &registry.targets {
-                for (id, l) in &t.luns {
+                for (id, l) in t.luns().iter() {
                     luns.push(lu_reservations(&t.name, *id, &l.pr_snapshot()));
                 }
             }
@@ -1014,7 +1014,7 @@ fn find_lu(
     let Some(t) = registry.target(target) else {
         return Err(Response::error(404, &format!("no target {target}")));
     };
-    match t.luns.get(&lun) {
+    match t.luns().get(&lun) {
         Some(l) => Ok((t.name.clone(), l.clone())),
         None => Err(Response::error(
             404,

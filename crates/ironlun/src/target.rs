@@ -262,13 +262,51 @@ impl LunHandle {
     }
 }
 
+/// LUN number → logical unit.
+pub type LunMap = BTreeMap<u64, Arc<LunHandle>>;
+
 /// One target: its name and LUNs.
+///
+/// The LUN set can change while sessions run ([`crate::reconfig`]): it is swapped whole under
+/// a lock, and `epoch` counts the swaps, so a [`Nexus`] notices a change with one atomic load
+/// per command and rebuilds its view only then.
 pub struct TargetState {
     pub name: String,
     pub alias: Option<String>,
-    pub luns: BTreeMap<u64, Arc<LunHandle>>,
+    luns: std::sync::RwLock<Arc<LunMap>>,
+    /// Bumped after every change of `luns`.
+    epoch: AtomicU64,
     /// Which of `luns` each initiator sees.
     pub masking: LunMasking,
+}
+
+impl TargetState {
+    pub fn new(name: String, alias: Option<String>, luns: LunMap, masking: LunMasking) -> Self {
+        TargetState {
+            name,
+            alias,
+            luns: std::sync::RwLock::new(Arc::new(luns)),
+            epoch: AtomicU64::new(0),
+            masking,
+        }
+    }
+
+    /// The LUNs now.
+    pub fn luns(&self) -> Arc<LunMap> {
+        self.luns
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace the LUN set; sessions pick it up at their next command.
+    pub(crate) fn set_luns(&self, luns: LunMap) {
+        *self
+            .luns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(luns);
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Everything the daemon serves.
@@ -309,27 +347,15 @@ impl Registry {
                         state_file.display()
                     ));
                 }
-                let backend = backend::open(l)?;
-                let num_blocks = backend.size() / u64::from(l.block_size);
-                let mut lc = lu_config(&t.name, l, num_blocks, &ports, backend.thin_provisioning());
-                lc.port_groups = port_groups.clone();
-                let mut lu = LogicalUnit::new(lc);
-                if restore_state(&mut lu, &state_file)? {
-                    tracing::info!(target = %t.name, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
-                }
-                tracing::info!(target = %t.name, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
-                let ram = matches!(l.backstore, config::BackstoreKind::Ram);
-                let mut handle = LunHandle::new(lu, backend, ram, state_file)
-                    .with_events(format!("{}/{}", t.name, l.id), events.clone());
-                handle.sanitize_rate = l.sanitize_rate;
+                let handle = open_lun(&t.name, l, &ports, &port_groups, state_file, &events)?;
                 luns.insert(l.id, Arc::new(handle));
             }
-            targets.push(Arc::new(TargetState {
-                name: t.name.clone(),
-                alias: t.alias.clone(),
+            targets.push(Arc::new(TargetState::new(
+                t.name.clone(),
+                t.alias.clone(),
                 luns,
-                masking: t.masking.clone(),
-            }));
+                t.masking.clone(),
+            )));
         }
         Ok(Registry {
             targets,
@@ -338,6 +364,21 @@ impl Registry {
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
         })
+    }
+
+    /// Open LUN `l` of target `target` as [`Registry::build`] does (for a LUN added while
+    /// running): its backend, its LU with the daemon's ports and current port group states,
+    /// its APTPL state if a state file exists.
+    pub fn open_lun(&self, cfg: &Config, target: &str, l: &config::Lun) -> Result<LunHandle, String> {
+        let state_file = cfg.data_dir.join(PR_DIR).join(state_file_name(&l.serial));
+        open_lun(
+            target,
+            l,
+            &relative_ports(cfg),
+            &self.port_groups(),
+            state_file,
+            &self.events,
+        )
     }
 
     pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
@@ -368,7 +409,7 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let changed = groups.set_state(id, state)?;
         for t in &self.targets {
-            for l in t.luns.values() {
+            for l in t.luns().values() {
                 l.lu().set_port_group_state(id, state)?;
             }
         }
@@ -400,13 +441,38 @@ impl Registry {
     /// Flush every backend (graceful shutdown).
     pub fn flush_all(&self) {
         for t in &self.targets {
-            for (id, l) in &t.luns {
+            for (id, l) in t.luns().iter() {
                 if let Err(e) = l.backend.flush() {
                     tracing::error!(target = %t.name, lun = id, error = %e, "flush at shutdown failed");
                 }
             }
         }
     }
+}
+
+/// Open one LUN: backend, logical unit, APTPL state (see [`Registry::build`]).
+fn open_lun(
+    target: &str,
+    l: &config::Lun,
+    ports: &[u16],
+    port_groups: &ironlun_scsi::alua::PortGroups,
+    state_file: PathBuf,
+    events: &Arc<EventLog>,
+) -> Result<LunHandle, String> {
+    let backend = backend::open(l)?;
+    let num_blocks = backend.size() / u64::from(l.block_size);
+    let mut lc = lu_config(target, l, num_blocks, ports, backend.thin_provisioning());
+    lc.port_groups = port_groups.clone();
+    let mut lu = LogicalUnit::new(lc);
+    if restore_state(&mut lu, &state_file)? {
+        tracing::info!(target, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
+    }
+    tracing::info!(target, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
+    let ram = matches!(l.backstore, config::BackstoreKind::Ram);
+    let mut handle = LunHandle::new(lu, backend, ram, state_file)
+        .with_events(format!("{target}/{}", l.id), events.clone());
+    handle.sanitize_rate = l.sanitize_rate;
+    Ok(handle)
 }
 
 /// Subdirectory of the data directory that holds the APTPL state files.
@@ -551,14 +617,65 @@ pub struct Nexus {
     /// The LUNs this nexus sees (LUN masking): the others behave as nonexistent (SPC-4
     /// §4.6.1: REPORT LUNS omits them, INQUIRY reports peripheral qualifier 011b, other
     /// commands fail with LOGICAL UNIT NOT SUPPORTED, TMFs with LUN DOES NOT EXIST).
-    luns: BTreeMap<u64, Arc<LunHandle>>,
+    /// Follows the target's LUN set: rebuilt when `seen` falls behind the target's epoch.
+    luns: std::sync::RwLock<Arc<LunMap>>,
+    /// The target epoch `luns` was built from.
+    seen: AtomicU64,
+    /// The I_T nexus, registered on every LU of `luns`.
+    it: ItNexus,
+    /// The initiator name for LUN masking; `None`: sees every LUN.
+    initiator: Option<String>,
 }
 
 impl Nexus {
     /// A nexus `it` that sees every LUN of `target`.
     pub fn attach(target: Arc<TargetState>, id: NexusId, it: ItNexus) -> Nexus {
-        let luns = target.luns.clone();
-        Self::attach_luns(target, id, luns, it)
+        Self::attach_luns(target, id, it, None)
+    }
+
+    /// The LUNs of `target` that `initiator` sees (all when `None`).
+    fn view_of(target: &TargetState, initiator: Option<&str>) -> LunMap {
+        let all = target.luns();
+        match initiator.and_then(|i| target.masking.visible(i)) {
+            None => (*all).clone(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| Some((*id, all.get(id)?.clone())))
+                .collect(),
+        }
+    }
+
+    /// The current LUN view, rebuilt first if the target's LUN set changed since: LUs new to
+    /// the view get this nexus registered, LUs that left it have it removed. Commands already
+    /// started on a removed LU keep their handle and finish.
+    fn view(&self) -> std::sync::RwLockReadGuard<'_, Arc<LunMap>> {
+        let epoch = self.target.epoch.load(Ordering::Acquire);
+        if self.seen.load(Ordering::Acquire) != epoch {
+            let mut cur = self
+                .luns
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Another command of this session may have rebuilt it meanwhile.
+            let epoch = self.target.epoch.load(Ordering::Acquire);
+            if self.seen.load(Ordering::Acquire) != epoch {
+                let new = Self::view_of(&self.target, self.initiator.as_deref());
+                for (id, l) in &new {
+                    if !cur.get(id).is_some_and(|o| Arc::ptr_eq(o, l)) {
+                        l.lu().add_nexus(self.id, self.it.clone());
+                    }
+                }
+                for (id, l) in cur.iter() {
+                    if !new.get(id).is_some_and(|n| Arc::ptr_eq(n, l)) {
+                        l.lu().remove_nexus(self.id);
+                    }
+                }
+                *cur = Arc::new(new);
+                self.seen.store(epoch, Ordering::Release);
+            }
+        }
+        self.luns
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The nexus of a session that logged in as `initiator` with `isid` through a portal of
@@ -572,39 +689,41 @@ impl Nexus {
         isid: [u8; 6],
         tpgt: u16,
     ) -> Nexus {
-        let luns = match target.masking.visible(initiator) {
-            None => target.luns.clone(),
-            Some(ids) => {
-                let luns: BTreeMap<u64, Arc<LunHandle>> = ids
-                    .iter()
-                    .filter_map(|id| Some((*id, target.luns.get(id)?.clone())))
-                    .collect();
-                tracing::debug!(initiator, target = %target.name, luns = ?luns.keys().collect::<Vec<_>>(), "LUN masking applies");
-                luns
-            }
-        };
+        if target.masking.visible(initiator).is_some() {
+            tracing::debug!(initiator, target = %target.name, "LUN masking applies");
+        }
         let it = ItNexus {
             initiator: InitiatorPort::new(initiator, isid),
             rtpi: tpgt,
         };
-        Self::attach_luns(target, id, luns, it)
+        Self::attach_luns(target, id, it, Some(initiator.to_string()))
     }
 
     fn attach_luns(
         target: Arc<TargetState>,
         id: NexusId,
-        luns: BTreeMap<u64, Arc<LunHandle>>,
         it: ItNexus,
+        initiator: Option<String>,
     ) -> Nexus {
+        // Read the epoch before the LUN set: a change in between is picked up again later.
+        let seen = target.epoch.load(Ordering::Acquire);
+        let luns = Self::view_of(&target, initiator.as_deref());
         for l in luns.values() {
             l.lu().add_nexus(id, it.clone());
         }
-        Nexus { id, target, luns }
+        Nexus {
+            id,
+            target,
+            luns: std::sync::RwLock::new(Arc::new(luns)),
+            seen: AtomicU64::new(seen),
+            it,
+            initiator,
+        }
     }
 
     /// The LUNs this nexus sees, in order.
-    pub fn visible_luns(&self) -> impl Iterator<Item = u64> + '_ {
-        self.luns.keys().copied()
+    pub fn visible_luns(&self) -> Vec<u64> {
+        self.view().keys().copied().collect()
     }
 
     /// Run one SCSI command to completion. Returns the completion and, for commands with
@@ -626,11 +745,12 @@ impl Nexus {
     /// [`Started::Pending`], to be finished on a task of its own.
     pub fn start(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> Started {
         const REPORT_LUNS: u8 = 0xa0;
+        let view = self.view();
         if cdb.first() == Some(&REPORT_LUNS) {
-            let luns: Vec<u64> = self.luns.keys().copied().collect();
+            let luns: Vec<u64> = view.keys().copied().collect();
             return Started::Done(to_wire(lu::report_luns(&cdb, &luns)), None);
         }
-        let Some(handle) = decode_lun(lun_raw).and_then(|l| self.luns.get(&l)) else {
+        let Some(handle) = decode_lun(lun_raw).and_then(|l| view.get(&l)) else {
             return Started::Done(to_wire(lu::no_such_lun(&cdb)), None);
         };
         let nexus = self.id;
@@ -644,7 +764,7 @@ impl Nexus {
                     cdb,
                     data_out,
                     access,
-                    luns: self.luns.clone(),
+                    luns: (**view).clone(),
                 },
             });
         };
@@ -655,7 +775,7 @@ impl Nexus {
                 next: Next::Copy {
                     job,
                     task: Task::new(handle.clone(), nexus, cont),
-                    luns: self.luns.clone(),
+                    luns: (**view).clone(),
                     entry: entry.into_owned(handle.gate.clone()),
                 },
             }),
@@ -666,7 +786,8 @@ impl Nexus {
     /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
     /// already dropped the affected tasks' responses.
     pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
-        let lun = decode_lun(lun_raw).and_then(|l| self.luns.get(&l));
+        let view = self.view();
+        let lun = decode_lun(lun_raw).and_then(|l| view.get(&l));
         match function {
             TmfFunction::ClearTaskSet if lun.is_some() => {
                 // Also stops copies of other nexuses touching this LU (crate::xcopy).
@@ -696,7 +817,7 @@ impl Nexus {
                     ResetKind::TargetCold
                 };
                 // Only the LUs this nexus sees: it is not registered on the masked ones.
-                for l in self.luns.values() {
+                for l in view.values() {
                     l.lu().reset(self.id, kind);
                 }
                 TmfResponse::FunctionComplete
@@ -709,7 +830,12 @@ impl Nexus {
 
 impl Drop for Nexus {
     fn drop(&mut self) {
-        for l in self.luns.values() {
+        let luns = self
+            .luns
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for l in luns.values() {
             l.lu().remove_nexus(self.id);
         }
     }
@@ -1651,12 +1777,12 @@ mod tests {
             false,
             dir.path().join("aptpl_t"),
         ));
-        let target = Arc::new(TargetState {
-            name: "iqn.x:t".into(),
-            alias: None,
-            luns: BTreeMap::from([(0, handle)]),
-            masking: LunMasking::default(),
-        });
+        let target = Arc::new(TargetState::new(
+            "iqn.x:t".into(),
+            None,
+            BTreeMap::from([(0, handle)]),
+            LunMasking::default(),
+        ));
         let it = |name: &str| ItNexus {
             initiator: InitiatorPort::new(name, [0, 0, 0, 0, 0, 1]),
             rtpi: 1,
