@@ -843,6 +843,10 @@ pub async fn respond(
             return Response::error(401, "missing or wrong bearer token");
         }
     }
+    // Live reconfiguration (LUNs, reload, config): its own routing table.
+    if let Some(r) = crate::reconfig::route(&req.method, &req.path, body, registry).await {
+        return r;
+    }
     let route = match route(&req.method, &req.path) {
         Ok(r) => r,
         Err(e) => return e.into(),

@@ -1244,6 +1244,11 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A size as the config writes it: bytes, or a number with `K`/`KiB` … `T`/`TiB`.
+pub fn parse_size_text(s: &str) -> Result<u64, String> {
+    parse_size(&SizeValue::Text(s.to_string()))
+}
+
 fn parse_size(v: &SizeValue) -> Result<u64, String> {
     match v {
         SizeValue::Bytes(b) => Ok(*b),

@@ -324,7 +324,11 @@ fn serve(
                 return ExitCode::from(2);
             }
         },
-        None => Config::embedded_default(data_dir.unwrap_or_else(|| PathBuf::from("ironlun-data"))),
+        None => Config::embedded_default(
+            data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("ironlun-data")),
+        ),
     };
     if let Some(addr) = listen {
         let tpgt = cfg.portals.first().map_or(1, |p| p.tpgt);
@@ -357,6 +361,18 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        let live = ironlun::reconfig::Live::install(
+            server.registry(),
+            cfg.clone(),
+            ironlun::reconfig::Source {
+                path: config.clone(),
+                data_dir: data_dir.clone(),
+                listen,
+                admin_override: admin.is_some(),
+            },
+        );
+        // Installed before the `listening` lines: a SIGHUP after them reloads, never kills.
+        tokio::spawn(ironlun::reconfig::on_sighup(live));
         let admin = match AdminServer::bind(&cfg.admin, server.registry()).await {
             Ok(a) => a,
             Err(e) => {

@@ -319,6 +319,8 @@ pub struct Registry {
     port_groups: Mutex<ironlun_scsi::alua::PortGroups>,
     next_nexus: AtomicU64,
     next_tsih: AtomicU16,
+    /// Live reconfiguration of this daemon, once set up ([`crate::reconfig::Live`]).
+    pub(crate) live: std::sync::OnceLock<std::sync::Weak<crate::reconfig::Live>>,
 }
 
 impl Registry {
@@ -363,6 +365,7 @@ impl Registry {
             port_groups: Mutex::new(port_groups),
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
+            live: std::sync::OnceLock::new(),
         })
     }
 
@@ -562,7 +565,7 @@ fn restore_state(lu: &mut LogicalUnit, path: &Path) -> Result<bool, String> {
 
 /// Write `bytes` as `path` so that after a crash the file holds either the old or the new
 /// content: temp file, fsync, rename, fsync of the directory (DESIGN.md §3 rule 10).
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
     std::fs::create_dir_all(dir)?;

@@ -1,0 +1,953 @@
+//! Live reconfiguration: LUNs added, removed and grown while sessions run, through the admin
+//! API (`ironlun ctl lun …`) and SIGHUP (`POST /v1/reload`), and the config file saved back.
+//!
+//! One path for every change: a new config text (the file re-read, or the running text edited
+//! with `toml_edit`, so comments and layout survive) is parsed and validated by
+//! [`Config::parse`], [`diff`] compares it with the running [`Config`], [`Live`] applies what
+//! can change live, and only then is the file written ([`crate::target::write_durably`]: temp
+//! file, fsync, rename, fsync of the directory). A text that does not parse changes nothing.
+//!
+//! What applies live: LUNs added to or removed from an existing target, and a LUN's `size`
+//! grown. Sessions of the target see the new LUN set at their next command; commands already
+//! running on a removed LU finish. Everything else that differs (targets, portals, ACLs,
+//! negotiation, limits, timeouts, data_dir, admin, runtime, a LUN's other settings) is
+//! reported as needing a restart and left as it is. `--listen` and `--admin` given on the
+//! command line keep overriding the file. Without a config file (`serve` with the embedded
+//! default) changes apply in memory and are reported as not saved.
+
+use crate::admin::Response;
+use crate::config::{self, Config};
+use crate::target::{LunMap, Registry};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// What differs between two configs, as [`Live`] sees it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Diff {
+    /// `(target, lun)` in the new config only (its target in both).
+    pub luns_added: Vec<(String, u64)>,
+    /// `(target, lun)` in the running config only (its target in both).
+    pub luns_removed: Vec<(String, u64)>,
+    /// `(target, lun, old size, new size)`: `size` changed, nothing else.
+    pub luns_resized: Vec<(String, u64, u64, u64)>,
+    /// Differences that only a restart applies, one line each (`target X: added`).
+    pub needs_restart: Vec<String>,
+}
+
+impl Diff {
+    /// Nothing to apply and nothing to report.
+    pub fn is_empty(&self) -> bool {
+        *self == Diff::default()
+    }
+}
+
+/// `format!("{:?}")` equality, for config types without `PartialEq`.
+fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// Compare the running config `old` with `new` (pure).
+pub fn diff(old: &Config, new: &Config) -> Diff {
+    let mut d = Diff::default();
+    let mut restart = |what: &str| d.needs_restart.push(what.to_string());
+    let portals = |c: &Config| {
+        let mut v: Vec<String> = c
+            .portals
+            .iter()
+            .map(|p| format!("{} tpgt {}", p.listen, p.tpgt))
+            .collect();
+        v.sort();
+        v
+    };
+    let (po, pn) = (portals(old), portals(new));
+    for p in po.iter().filter(|p| !pn.contains(p)) {
+        restart(&format!("portal {p}: removed"));
+    }
+    for p in pn.iter().filter(|p| !po.contains(p)) {
+        restart(&format!("portal {p}: added"));
+    }
+    if !same(&old.negotiation, &new.negotiation) {
+        restart("[negotiation]");
+    }
+    if old.data_dir != new.data_dir {
+        restart("data_dir");
+    }
+    if old.runtime != new.runtime {
+        restart("[runtime]");
+    }
+    if old.limits != new.limits {
+        restart("[limits]");
+    }
+    if !same(&old.timeouts, &new.timeouts) {
+        restart("[timeouts]");
+    }
+    if !same(&old.discovery_chap, &new.discovery_chap) {
+        restart("[discovery]");
+    }
+    if old.admin != new.admin {
+        restart("[admin]");
+    }
+    if !same(&old.port_groups, &new.port_groups) {
+        restart("[[port_group]]");
+    }
+    let find = |c: &'_ Config, name: &str| -> Option<usize> {
+        c.targets
+            .iter()
+            .position(|t| t.name.eq_ignore_ascii_case(name))
+    };
+    for t in &old.targets {
+        if find(new, &t.name).is_none() {
+            restart(&format!("target {}: removed", t.name));
+        }
+    }
+    for nt in &new.targets {
+        let Some(ot) = find(old, &nt.name).and_then(|i| old.targets.get(i)) else {
+            restart(&format!("target {}: added", nt.name));
+            continue;
+        };
+        let settings = |t: &config::Target| {
+            format!(
+                "{:?} {:?} {:?} {} {:?}",
+                t.alias, t.acl, t.masking, t.max_sessions, t.chap
+            )
+        };
+        if settings(ot) != settings(nt) {
+            restart(&format!(
+                "target {}: alias, ACL, LUN masking, max_sessions or CHAP",
+                nt.name
+            ));
+        }
+        for ol in &ot.luns {
+            if !nt.luns.iter().any(|l| l.id == ol.id) {
+                d.luns_removed.push((nt.name.clone(), ol.id));
+            }
+        }
+        for nl in &nt.luns {
+            let Some(ol) = ot.luns.iter().find(|l| l.id == nl.id) else {
+                d.luns_added.push((nt.name.clone(), nl.id));
+                continue;
+            };
+            let mut resized = ol.clone();
+            resized.size = nl.size;
+            if !same(&resized, nl) {
+                restart(&format!(
+                    "target {} LUN {}: settings other than size",
+                    nt.name, nl.id
+                ));
+            } else if let (Some(a), Some(b)) = (ol.size, nl.size) {
+                if a != b {
+                    d.luns_resized.push((nt.name.clone(), nl.id, a, b));
+                }
+            } else if ol.size != nl.size {
+                restart(&format!("target {} LUN {}: size", nt.name, nl.id));
+            }
+        }
+    }
+    d
+}
+
+/// How the daemon was started: where its config comes from and what the command line
+/// overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// `-c FILE`; `None`: the embedded default (changes are not saved).
+    pub path: Option<PathBuf>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--listen`: replaces the configured portals.
+    pub listen: Option<SocketAddr>,
+    /// `--admin` given: the running `[admin]` stays.
+    pub admin_override: bool,
+}
+
+/// The embedded default config as TOML text (what `serve` without `-c` runs), so that ctl
+/// changes edit it like a file.
+pub fn embedded_text() -> String {
+    format!(
+        "[[portal]]\nlisten = \"127.0.0.1:{}\"\n\n[[target]]\nname = \"{}\"\nalias = \"ironlun lab\"\n\n[[target.lun]]\nid = 0\nbackstore = \"file\"\npath = \"lun0.img\"\nsize = \"1GiB\"\n",
+        config::DEFAULT_PORT,
+        config::DEFAULT_TARGET
+    )
+}
+
+/// The result of a change, as the admin API reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeJson {
+    /// What was applied, one line each.
+    pub applied: Vec<String>,
+    /// What differs but needs a restart (left as it is).
+    pub needs_restart: Vec<String>,
+    /// The config file was written.
+    pub saved: bool,
+    /// The config file, if the daemon has one.
+    pub path: Option<String>,
+}
+
+/// Running config, its text, and the registry it drives.
+pub struct Live {
+    registry: Arc<Registry>,
+    source: Source,
+    /// Serialises changes; holds the running config and the text it was parsed from.
+    state: Mutex<State>,
+}
+
+struct State {
+    config: Config,
+    text: String,
+}
+
+/// An error with the HTTP status the admin API answers it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeError {
+    pub status: u16,
+    pub message: String,
+}
+
+fn bad(message: impl Into<String>) -> ChangeError {
+    ChangeError {
+        status: 400,
+        message: message.into(),
+    }
+}
+
+fn not_found(message: impl Into<String>) -> ChangeError {
+    ChangeError {
+        status: 404,
+        message: message.into(),
+    }
+}
+
+impl Live {
+    /// Set up live reconfiguration for `registry`, built from `config` (overrides applied).
+    /// `text` is the file's content (read again here when `None`).
+    pub fn install(registry: Arc<Registry>, config: Config, source: Source) -> Arc<Live> {
+        let text = match &source.path {
+            Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
+            None => embedded_text(),
+        };
+        let live = Arc::new(Live {
+            registry: registry.clone(),
+            source,
+            state: Mutex::new(State { config, text }),
+        });
+        let _ = registry.live.set(Arc::downgrade(&live));
+        live
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The running config text.
+    pub fn text(&self) -> String {
+        self.state().text.clone()
+    }
+
+    /// The running config.
+    pub fn config(&self) -> Config {
+        self.state().config.clone()
+    }
+
+    /// Parse `text` as the daemon's config, with the command line's overrides.
+    fn parse(&self, text: &str, running: &Config) -> Result<Config, ChangeError> {
+        let (file, base) = match &self.source.path {
+            Some(p) => (p.display().to_string(), p.parent()),
+            None => ("<embedded default>".to_string(), None),
+        };
+        let dd = self
+            .source
+            .data_dir
+            .clone()
+            .or_else(|| self.source.path.is_none().then(|| running.data_dir.clone()));
+        let mut cfg = Config::parse(&file, text, base, dd.as_deref()).map_err(|e| bad(e.to_string()))?;
+        if let Some(addr) = self.source.listen {
+            // The bound portal keeps its configured address, not the resolved port.
+            cfg.portals = running.portals.clone();
+            let _ = addr;
+        }
+        if self.source.admin_override {
+            cfg.admin = running.admin.clone();
+        }
+        Ok(cfg)
+    }
+
+    /// SIGHUP / `POST /v1/reload`: re-read the config file and apply the difference. A file
+    /// that does not parse changes nothing (the error names its line and key).
+    pub fn reload(&self) -> Result<ChangeJson, ChangeError> {
+        let Some(path) = &self.source.path else {
+            return Err(bad("no config file to reload (serving the embedded default)"));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("{}: cannot read: {e}", path.display())))?;
+        let mut st = self.state();
+        let new = self.parse(&text, &st.config)?;
+        let mut out = self.apply(&mut st, &new)?;
+        st.text = text;
+        out.path = Some(path.display().to_string());
+        Ok(out)
+    }
+
+    /// Edit the running text with `edit`, apply it, and save it (when there is a file).
+    pub fn change(
+        &self,
+        edit: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), ChangeError>,
+    ) -> Result<ChangeJson, ChangeError> {
+        let mut st = self.state();
+        let mut doc: toml_edit::DocumentMut = st.text.parse().map_err(|e| ChangeError {
+            status: 409,
+            message: format!("the running config text does not parse: {e}"),
+        })?;
+        edit(&mut doc)?;
+        let text = doc.to_string();
+        let new = self.parse(&text, &st.config)?;
+        let mut out = self.apply(&mut st, &new)?;
+        st.text = text;
+        if let Some(path) = &self.source.path {
+            crate::target::write_durably(path, st.text.as_bytes()).map_err(|e| ChangeError {
+                status: 500,
+                message: format!("applied, but {} not saved: {e}", path.display()),
+            })?;
+            tracing::info!(file = %path.display(), "config saved");
+            out.saved = true;
+            out.path = Some(path.display().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Apply `new` to the running daemon; on success the running config follows it in what
+    /// was applied (the rest stays as it runs).
+    fn apply(&self, st: &mut State, new: &Config) -> Result<ChangeJson, ChangeError> {
+        let running = &st.config;
+        let d = diff(running, new);
+        let lun_of = |c: &'_ Config, t: &str, id: u64| -> Option<config::Lun> {
+            c.targets
+                .iter()
+                .find(|x| x.name.eq_ignore_ascii_case(t))
+                .and_then(|x| x.luns.iter().find(|l| l.id == id))
+                .cloned()
+        };
+        for (t, id, old, newsize) in &d.luns_resized {
+            if newsize < old {
+                return Err(bad(format!(
+                    "target {t} LUN {id}: cannot shrink from {old} to {newsize} bytes (grow only)"
+                )));
+            }
+        }
+        // Open every added LUN first: a failure changes nothing.
+        let mut opened: BTreeMap<String, Vec<(u64, Arc<crate::target::LunHandle>)>> =
+            BTreeMap::new();
+        for (t, id) in &d.luns_added {
+            let l = lun_of(new, t, *id).ok_or_else(|| bad(format!("{t} LUN {id} vanished")))?;
+            let h = self
+                .registry
+                .open_lun(new, t, &l)
+                .map_err(|e| bad(format!("target {t} LUN {id}: {e}")))?;
+            opened.entry(t.to_lowercase()).or_default().push((*id, Arc::new(h)));
+        }
+        let mut applied = Vec::new();
+        // Grow before the LUN set changes: a failed resize leaves everything as it was.
+        for (t, id, old, size) in &d.luns_resized {
+            let target = self
+                .registry
+                .target(t)
+                .ok_or_else(|| not_found(format!("no target {t}")))?;
+            let luns = target.luns();
+            let h = luns
+                .get(id)
+                .ok_or_else(|| not_found(format!("no LUN {id} in target {t}")))?;
+            resize(h, *size).map_err(|e| ChangeError {
+                status: 409,
+                message: format!("target {t} LUN {id}: {e}"),
+            })?;
+            applied.push(format!("target {t} LUN {id}: resized from {old} to {size} bytes"));
+        }
+        let mut touched: Vec<String> = d
+            .luns_added
+            .iter()
+            .chain(d.luns_removed.iter())
+            .map(|(t, _)| t.clone())
+            .collect();
+        touched.sort_by_key(|t| t.to_lowercase());
+        touched.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+        for t in &touched {
+            let target = self
+                .registry
+                .target(t)
+                .ok_or_else(|| not_found(format!("no target {t}")))?;
+            let mut luns: LunMap = (*target.luns()).clone();
+            for (tt, id) in d.luns_removed.iter().filter(|(x, _)| x.eq_ignore_ascii_case(t)) {
+                if let Some(h) = luns.remove(id) {
+                    if let Err(e) = h.backend.flush() {
+                        tracing::warn!(target = %tt, lun = id, error = %e, "flush of a removed LUN failed");
+                    }
+                    applied.push(format!("target {tt} LUN {id}: removed"));
+                }
+            }
+            for (id, h) in opened.remove(&t.to_lowercase()).unwrap_or_default() {
+                luns.insert(id, h);
+                applied.push(format!("target {t} LUN {id}: added"));
+            }
+            target.set_luns(luns);
+            for h in target.luns().values() {
+                luns_changed(h);
+            }
+        }
+        // The running config follows what was applied.
+        let mut next = running.clone();
+        for t in &mut next.targets {
+            let Some(nt) = new
+                .targets
+                .iter()
+                .find(|x| x.name.eq_ignore_ascii_case(&t.name))
+            else {
+                continue;
+            };
+            t.luns.retain(|l| {
+                !d.luns_removed
+                    .iter()
+                    .any(|(x, id)| x.eq_ignore_ascii_case(&t.name) && *id == l.id)
+            });
+            for l in &mut t.luns {
+                if let Some((_, _, _, size)) = d
+                    .luns_resized
+                    .iter()
+                    .find(|(x, id, _, _)| x.eq_ignore_ascii_case(&t.name) && *id == l.id)
+                {
+                    l.size = Some(*size);
+                }
+            }
+            for l in &nt.luns {
+                if d.luns_added
+                    .iter()
+                    .any(|(x, id)| x.eq_ignore_ascii_case(&t.name) && *id == l.id)
+                {
+                    t.luns.push(l.clone());
+                }
+            }
+            t.luns.sort_by_key(|l| l.id);
+        }
+        st.config = next;
+        for a in &applied {
+            tracing::info!("reconfiguration: {a}");
+        }
+        for r in &d.needs_restart {
+            tracing::warn!("reconfiguration: {r}: needs restart, left as it runs");
+        }
+        Ok(ChangeJson {
+            applied,
+            needs_restart: d.needs_restart,
+            saved: false,
+            path: None,
+        })
+    }
+}
+
+/// Grow `h` to `size` bytes: the backend first, then the LU's capacity (which raises
+/// CAPACITY DATA HAS CHANGED, 2Ah/09h, on its nexuses; SBC-3 §4.10).
+fn resize(h: &crate::target::LunHandle, size: u64) -> Result<(), String> {
+    let block = u64::from(h.lu().config().block_size);
+    if block == 0 || size % block != 0 {
+        return Err(format!("size {size} is not a multiple of the block size {block}"));
+    }
+    if h.backend.size() < size {
+        // PRIMS: h.backend.resize(size)
+        return Err("this backstore cannot grow".into());
+    }
+    h.lu().set_num_blocks(size / block);
+    Ok(())
+}
+
+/// Raise REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) on every nexus of `h` (SPC-4 §6.33).
+fn luns_changed(h: &crate::target::LunHandle) {
+    // PRIMS: h.lu().luns_changed();
+    let _ = h;
+}
+
+/// Reload on every SIGHUP (the handler is installed when this is called, before the returned
+/// future first runs). A file that does not parse is logged with its line and key and
+/// changes nothing.
+pub fn on_sighup(live: Arc<Live>) -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = signal(SignalKind::hangup());
+    async move {
+        let mut sig = match sig {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: reload through the admin API only");
+                return;
+            }
+        };
+        while sig.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config file");
+            let l = live.clone();
+            match tokio::task::spawn_blocking(move || l.reload()).await {
+                Ok(Ok(c)) => tracing::info!(
+                    applied = c.applied.len(),
+                    needs_restart = c.needs_restart.len(),
+                    "config reloaded"
+                ),
+                Ok(Err(e)) => tracing::error!("config not reloaded, nothing changed: {}", e.message),
+                Err(e) => tracing::error!("config reload failed: {e}"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config edits (toml_edit), shared by the admin API.
+
+/// A LUN to add (`POST /v1/targets/<iqn>/luns`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LunRequest {
+    pub id: u64,
+    /// `ram`, `file`, `uring`, `vhd` or `block`.
+    pub backstore: String,
+    /// Bytes or with a unit (`512M`, `10GiB`).
+    #[serde(default)]
+    pub size: Option<SizeArg>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+}
+
+/// A size as bytes or text with a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeArg {
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeArg::Bytes(b) => Ok(*b),
+            SizeArg::Text(t) => config::parse_size_text(t),
+        }
+    }
+}
+
+/// `POST /v1/luns/<iqn>/<lun>/resize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    pub size: SizeArg,
+}
+
+/// The `[[target]]` table named `name` (case-insensitive).
+fn target_table<'a>(
+    doc: &'a mut toml_edit::DocumentMut,
+    name: &str,
+) -> Result<&'a mut toml_edit::Table, ChangeError> {
+    let targets = doc
+        .get_mut("target")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| not_found(format!("no target {name}")))?;
+    targets
+        .iter_mut()
+        .find(|t| {
+            t.get("name")
+                .and_then(toml_edit::Item::as_str)
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+        .ok_or_else(|| not_found(format!("no target {name}")))
+}
+
+fn lun_id(t: &toml_edit::Table) -> Option<u64> {
+    t.get("id")
+        .and_then(toml_edit::Item::as_integer)
+        .and_then(|i| u64::try_from(i).ok())
+}
+
+/// Append `[[target.lun]]` for `req` to target `name`.
+pub fn add_lun(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    req: &LunRequest,
+) -> Result<(), ChangeError> {
+    let t = target_table(doc, name)?;
+    let id = i64::try_from(req.id).map_err(|_| bad(format!("LUN id {} too large", req.id)))?;
+    let mut lun = toml_edit::Table::new();
+    lun.insert("id", toml_edit::value(id));
+    lun.insert("backstore", toml_edit::value(req.backstore.as_str()));
+    if let Some(p) = &req.path {
+        lun.insert("path", toml_edit::value(p.as_str()));
+    }
+    if let Some(s) = &req.size {
+        s.bytes().map_err(|e| bad(format!("size: {e}")))?;
+        match s {
+            SizeArg::Bytes(b) => {
+                let b = i64::try_from(*b).map_err(|_| bad("size too large"))?;
+                lun.insert("size", toml_edit::value(b));
+            }
+            SizeArg::Text(x) => {
+                lun.insert("size", toml_edit::value(x.as_str()));
+            }
+        }
+    }
+    if let Some(b) = req.block_size {
+        lun.insert("block_size", toml_edit::value(i64::from(b)));
+    }
+    match t.get_mut("lun") {
+        Some(item) => item
+            .as_array_of_tables_mut()
+            .ok_or_else(|| bad(format!("target {name}: `lun` is not an array of tables")))?
+            .push(lun),
+        None => {
+            let mut a = toml_edit::ArrayOfTables::new();
+            a.push(lun);
+            t.insert("lun", toml_edit::Item::ArrayOfTables(a));
+        }
+    }
+    Ok(())
+}
+
+/// The `[[target.lun]]` table `id` of target `name`.
+fn lun_table<'a>(
+    doc: &'a mut toml_edit::DocumentMut,
+    name: &str,
+    id: u64,
+) -> Result<&'a mut toml_edit::Table, ChangeError> {
+    target_table(doc, name)?
+        .get_mut("lun")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .and_then(|a| a.iter_mut().find(|l| lun_id(l) == Some(id)))
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {name}")))
+}
+
+/// Remove LUN `id` of target `name`.
+pub fn remove_lun(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    id: u64,
+) -> Result<(), ChangeError> {
+    let luns = target_table(doc, name)?
+        .get_mut("lun")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {name}")))?;
+    let idx = luns
+        .iter()
+        .position(|l| lun_id(l) == Some(id))
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {name}")))?;
+    luns.remove(idx);
+    Ok(())
+}
+
+/// Set LUN `id`'s `size` (as given), refusing to shrink (`current`: its size in bytes now).
+pub fn set_size(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    id: u64,
+    size: &SizeArg,
+    current: u64,
+) -> Result<(), ChangeError> {
+    let bytes = size.bytes().map_err(|e| bad(format!("size: {e}")))?;
+    if bytes < current {
+        return Err(bad(format!(
+            "target {name} LUN {id}: cannot shrink from {current} to {bytes} bytes (grow only)"
+        )));
+    }
+    let l = lun_table(doc, name, id)?;
+    match size {
+        SizeArg::Bytes(b) => {
+            let b = i64::try_from(*b).map_err(|_| bad("size too large"))?;
+            l.insert("size", toml_edit::value(b));
+        }
+        SizeArg::Text(t) => {
+            l.insert("size", toml_edit::value(t.as_str()));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API.
+
+/// One LUN of `GET /v1/luns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LunJson {
+    pub target: String,
+    pub lun: u64,
+    pub backstore: String,
+    pub size: u64,
+    pub block_size: u32,
+}
+
+/// `GET /v1/luns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LunsJson {
+    pub luns: Vec<LunJson>,
+}
+
+/// `GET /v1/config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigJson {
+    /// The config file; `None` with the embedded default.
+    pub path: Option<String>,
+    /// The running config text.
+    pub toml: String,
+}
+
+fn json<T: Serialize>(status: u16, v: &T) -> Response {
+    match serde_json::to_vec_pretty(v) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            Response {
+                status,
+                body,
+                allow: "GET",
+            }
+        }
+        Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),
+    }
+}
+
+fn backstore_name(k: &config::BackstoreKind) -> &'static str {
+    match k {
+        config::BackstoreKind::Ram => "ram",
+        config::BackstoreKind::File { .. } => "file",
+        config::BackstoreKind::Uring { .. } => "uring",
+        config::BackstoreKind::Vhd { .. } => "vhd",
+        config::BackstoreKind::Block { .. } => "block",
+    }
+}
+
+/// `GET /v1/luns`: every LUN of the running daemon.
+pub fn luns_json(registry: &Registry, cfg: Option<&Config>) -> LunsJson {
+    let mut luns = Vec::new();
+    for t in &registry.targets {
+        for (id, h) in t.luns().iter() {
+            let backstore = cfg
+                .and_then(|c| c.targets.iter().find(|x| x.name == t.name))
+                .and_then(|x| x.luns.iter().find(|l| l.id == *id))
+                .map_or("?", |l| backstore_name(&l.backstore));
+            let (blocks, block_size) = {
+                let lu = h.lu();
+                (lu.config().num_blocks, lu.config().block_size)
+            };
+            luns.push(LunJson {
+                target: t.name.clone(),
+                lun: *id,
+                backstore: backstore.to_string(),
+                size: blocks.saturating_mul(u64::from(block_size)),
+                block_size,
+            });
+        }
+    }
+    LunsJson { luns }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| Response::error_code(400, "bad_request", &format!("request body: {e}")))
+}
+
+fn answer(r: Result<ChangeJson, ChangeError>) -> Response {
+    match r {
+        Ok(c) => json(200, &c),
+        Err(e) => Response::error(e.status, &e.message),
+    }
+}
+
+/// Run a change on the blocking pool (it opens backends and writes the file).
+async fn blocking(
+    live: Arc<Live>,
+    f: impl FnOnce(&Live) -> Result<ChangeJson, ChangeError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(move || f(&live)).await {
+        Ok(r) => answer(r),
+        Err(e) => Response::error(500, &format!("reconfiguration task failed: {e}")),
+    }
+}
+
+/// The reconfiguration routes of the admin API; `None` for other paths. `GET /v1/luns`,
+/// `GET /v1/config`, `POST /v1/reload`, `POST /v1/targets/<iqn>/luns` ([`LunRequest`]),
+/// `DELETE /v1/targets/<iqn>/luns/<lun>`, `POST /v1/luns/<iqn>/<lun>/resize`
+/// ([`ResizeRequest`]). Changes answer [`ChangeJson`].
+pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -> Option<Response> {
+    let segs: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    let live = registry.live.get().and_then(std::sync::Weak::upgrade);
+    let decode = |s: &str| crate::admin::percent_decode(s).filter(|s| !s.is_empty());
+    let wrong = |allowed: &'static str| {
+        let mut r = Response::error(405, &format!("method {method} not allowed here ({allowed} only)"));
+        r.allow = allowed;
+        r
+    };
+    let Some(live) = live else {
+        return match segs.as_slice() {
+            ["v1", "luns"] if method == "GET" => Some(json(200, &luns_json(registry, None))),
+            ["v1", "config" | "reload"] | ["v1", "targets", ..] | ["v1", "luns", _, _, "resize"] => {
+                Some(Response::error(503, "live reconfiguration is not set up"))
+            }
+            _ => None,
+        };
+    };
+    Some(match segs.as_slice() {
+        ["v1", "luns"] => match method {
+            "GET" => json(200, &luns_json(registry, Some(&live.config()))),
+            _ => wrong("GET"),
+        },
+        ["v1", "config"] => match method {
+            "GET" => json(
+                200,
+                &ConfigJson {
+                    path: live.source.path.as_ref().map(|p| p.display().to_string()),
+                    toml: live.text(),
+                },
+            ),
+            _ => wrong("GET"),
+        },
+        ["v1", "reload"] => match method {
+            "POST" => blocking(live, |l| l.reload()).await,
+            _ => wrong("POST"),
+        },
+        ["v1", "targets", t, "luns"] => {
+            if method != "POST" {
+                return Some(wrong("POST"));
+            }
+            let Some(t) = decode(t) else {
+                return Some(Response::error(400, "bad target name in path"));
+            };
+            let req: LunRequest = match parse(body) {
+                Ok(r) => r,
+                Err(r) => return Some(r),
+            };
+            blocking(live, move |l| l.change(|doc| add_lun(doc, &t, &req))).await
+        }
+        ["v1", "targets", t, "luns", n] => {
+            if method != "DELETE" {
+                return Some(wrong("DELETE"));
+            }
+            let (Some(t), Ok(n)) = (decode(t), n.parse::<u64>()) else {
+                return Some(Response::error(404, &format!("no such resource: {path}")));
+            };
+            blocking(live, move |l| l.change(|doc| remove_lun(doc, &t, n))).await
+        }
+        ["v1", "luns", t, n, "resize"] => {
+            if method != "POST" {
+                return Some(wrong("POST"));
+            }
+            let (Some(t), Ok(n)) = (decode(t), n.parse::<u64>()) else {
+                return Some(Response::error(404, &format!("no such resource: {path}")));
+            };
+            let req: ResizeRequest = match parse(body) {
+                Ok(r) => r,
+                Err(r) => return Some(r),
+            };
+            let Some(current) = registry
+                .target(&t)
+                .and_then(|x| x.luns().get(&n).cloned())
+                .map(|h| {
+                    let lu = h.lu();
+                    let c = lu.config();
+                    c.num_blocks.saturating_mul(u64::from(c.block_size))
+                })
+            else {
+                return Some(Response::error(404, &format!("no LUN {n} in target {t}")));
+            };
+            blocking(live, move |l| {
+                l.change(|doc| set_size(doc, &t, n, &req.size, current))
+            })
+            .await
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse("t.toml", text, None, Some(std::path::Path::new("/tmp")))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const BASE: &str = "# my comment\n[[portal]]\nlisten = \"127.0.0.1:3260\"\n\n[[target]]\nname = \"iqn.2026-11.x:a\"\n\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n\n[[target]]\nname = \"iqn.2026-11.x:b\"\nallowed_initiators = [\"iqn.2026-11.x:h1\"]\n\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n";
+
+    #[test]
+    fn same_config_has_no_difference() {
+        assert!(diff(&parse(BASE), &parse(BASE)).is_empty());
+    }
+
+    #[test]
+    fn lun_added_removed_resized() {
+        let old = parse(BASE);
+        let mut doc: toml_edit::DocumentMut = BASE.parse().unwrap();
+        let req = LunRequest {
+            id: 3,
+            backstore: "ram".into(),
+            size: Some(SizeArg::Text("2M".into())),
+            path: None,
+            block_size: None,
+        };
+        add_lun(&mut doc, "IQN.2026-11.x:a", &req).unwrap();
+        set_size(&mut doc, "iqn.2026-11.x:b", 0, &SizeArg::Text("4MiB".into()), 1 << 20).unwrap();
+        let text = doc.to_string();
+        assert!(text.starts_with("# my comment\n"), "{text}");
+        let new = parse(&text);
+        // The new LUN belongs to the first target, not the last one in the file.
+        assert_eq!(new.targets[0].luns.len(), 2);
+        assert_eq!(new.targets[1].luns.len(), 1);
+        let d = diff(&old, &new);
+        assert_eq!(d.luns_added, vec![("iqn.2026-11.x:a".to_string(), 3)]);
+        assert_eq!(
+            d.luns_resized,
+            vec![("iqn.2026-11.x:b".to_string(), 0, 1 << 20, 4 << 20)]
+        );
+        assert!(d.needs_restart.is_empty(), "{:?}", d.needs_restart);
+        let mut doc2: toml_edit::DocumentMut = text.parse().unwrap();
+        remove_lun(&mut doc2, "iqn.2026-11.x:a", 0).unwrap();
+        let d = diff(&new, &parse(&doc2.to_string()));
+        assert_eq!(d.luns_removed, vec![("iqn.2026-11.x:a".to_string(), 0)]);
+    }
+
+    #[test]
+    fn edits_refuse_unknown_targets_luns_and_shrinking() {
+        let mut doc: toml_edit::DocumentMut = BASE.parse().unwrap();
+        assert_eq!(remove_lun(&mut doc, "iqn.2026-11.x:none", 0).unwrap_err().status, 404);
+        assert_eq!(remove_lun(&mut doc, "iqn.2026-11.x:a", 7).unwrap_err().status, 404);
+        let e = set_size(&mut doc, "iqn.2026-11.x:a", 0, &SizeArg::Text("512K".into()), 1 << 20)
+            .unwrap_err();
+        assert!(e.message.contains("cannot shrink"), "{}", e.message);
+        let e = set_size(&mut doc, "iqn.2026-11.x:a", 0, &SizeArg::Text("12Q".into()), 0)
+            .unwrap_err();
+        assert!(e.message.contains("size"), "{}", e.message);
+        assert_eq!(doc.to_string(), BASE, "a refused edit changes nothing");
+    }
+
+    #[test]
+    fn restart_only_differences_are_reported() {
+        let old = parse(BASE);
+        let text = BASE
+            .replace("3260", "3261")
+            .replace("iqn.2026-11.x:h1", "iqn.2026-11.x:h2")
+            + "\n[[target]]\nname = \"iqn.2026-11.x:c\"\n[limits]\nmax_sessions = 7\n";
+        let d = diff(&old, &parse(&text));
+        assert!(d.luns_added.is_empty() && d.luns_removed.is_empty());
+        let all = d.needs_restart.join("\n");
+        for want in [
+            "portal 127.0.0.1:3260 tpgt 1: removed",
+            "portal 127.0.0.1:3261 tpgt 1: added",
+            "[limits]",
+            "target iqn.2026-11.x:c: added",
+            "target iqn.2026-11.x:b: alias, ACL",
+        ] {
+            assert!(all.contains(want), "{want} in {all}");
+        }
+    }
+
+    #[test]
+    fn embedded_text_is_the_embedded_default() {
+        let dir = std::path::Path::new("/tmp/x");
+        let c = Config::parse("e", &embedded_text(), None, Some(dir)).unwrap();
+        assert!(diff(&Config::embedded_default(dir.to_path_buf()), &c).is_empty());
+    }
+}
