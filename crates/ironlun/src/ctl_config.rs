@@ -1,1 +1,183 @@
-//! placeholder
+//! `ironlun ctl lun list|add|remove|resize` and `ironlun ctl reload`: the client side of live
+//! reconfiguration ([`crate::reconfig`]). Text output is a table or one line per change;
+//! `--json` prints the admin API's JSON.
+
+use crate::admin::percent_encode;
+use crate::ctl::{call_json, Client, CtlError, RESPONSE_TIMEOUT};
+use crate::reconfig::{ChangeJson, LunsJson};
+use std::io::Write;
+
+fn write(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
+    out.write_all(text.as_bytes())
+        .map_err(|e| CtlError(format!("cannot write output: {e}")))
+}
+
+fn write_json<T: serde::Serialize>(out: &mut dyn Write, v: &T) -> Result<(), CtlError> {
+    let mut s =
+        serde_json::to_string_pretty(v).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+    s.push('\n');
+    write(out, &s)
+}
+
+/// A size as the config writes it (`512M`, `10GiB`, bytes), checked before it is sent.
+pub fn check_size(s: &str) -> Result<(), CtlError> {
+    crate::config::parse_size_text(s)
+        .map(|_| ())
+        .map_err(|e| CtlError(format!("size {s:?}: {e}")))
+}
+
+/// The lines of a change: what was applied, what needs a restart, where it was saved.
+pub fn render_change(c: &ChangeJson) -> String {
+    let mut s = String::new();
+    for a in &c.applied {
+        s.push_str(&format!("applied: {a}\n"));
+    }
+    if c.applied.is_empty() {
+        s.push_str("nothing to apply\n");
+    }
+    for r in &c.needs_restart {
+        s.push_str(&format!("needs restart: {r}\n"));
+    }
+    match (&c.path, c.saved) {
+        (Some(p), true) => s.push_str(&format!("saved to {p}\n")),
+        (Some(p), false) => s.push_str(&format!("read from {p}\n")),
+        (None, _) => s.push_str("not saved: the daemon runs without a config file\n"),
+    }
+    s
+}
+
+fn change(
+    client: &Client,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let c: ChangeJson = call_json(client, method, path, body, RESPONSE_TIMEOUT)?;
+    if json {
+        write_json(out, &c)
+    } else {
+        write(out, &render_change(&c))
+    }
+}
+
+/// `ctl lun list`.
+pub fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    let l: LunsJson = client.get_json("/v1/luns")?;
+    if json {
+        return write_json(out, &l);
+    }
+    let rows: Vec<Vec<String>> = l
+        .luns
+        .iter()
+        .map(|x| {
+            vec![
+                x.target.clone(),
+                x.lun.to_string(),
+                x.backstore.clone(),
+                x.size.to_string(),
+                x.block_size.to_string(),
+            ]
+        })
+        .collect();
+    write(
+        out,
+        &crate::table::render(0, &["TARGET", "LUN", "BACKSTORE", "SIZE", "BLOCK"], &rows),
+    )
+}
+
+/// What `ctl lun add` sends.
+pub struct AddArgs {
+    pub backstore: String,
+    pub size: Option<String>,
+    pub path: Option<String>,
+    pub block_size: Option<u32>,
+}
+
+/// `ctl lun add TARGET/LUN --backstore KIND [--size S] [--path P] [--block-size N]`.
+pub fn add(
+    client: &Client,
+    lu: &(String, u64),
+    a: &AddArgs,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    if let Some(s) = &a.size {
+        check_size(s)?;
+    }
+    let mut body = serde_json::json!({"id": lu.1, "backstore": a.backstore});
+    if let Some(s) = &a.size {
+        body["size"] = serde_json::json!(s);
+    }
+    if let Some(p) = &a.path {
+        body["path"] = serde_json::json!(p);
+    }
+    if let Some(b) = a.block_size {
+        body["block_size"] = serde_json::json!(b);
+    }
+    let path = format!("/v1/targets/{}/luns", percent_encode(&lu.0));
+    change(client, "POST", &path, Some(&body), json, out)
+}
+
+/// `ctl lun remove TARGET/LUN`.
+pub fn remove(
+    client: &Client,
+    lu: &(String, u64),
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let path = format!("/v1/targets/{}/luns/{}", percent_encode(&lu.0), lu.1);
+    change(client, "DELETE", &path, None, json, out)
+}
+
+/// `ctl lun resize TARGET/LUN SIZE` (grow only).
+pub fn resize(
+    client: &Client,
+    lu: &(String, u64),
+    size: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    check_size(size)?;
+    let path = format!("/v1/luns/{}/{}/resize", percent_encode(&lu.0), lu.1);
+    let body = serde_json::json!({ "size": size });
+    change(client, "POST", &path, Some(&body), json, out)
+}
+
+/// `ctl reload`: the daemon re-reads its config file (as on SIGHUP).
+pub fn reload(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    change(client, "POST", "/v1/reload", None, json, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked_before_sending() {
+        assert!(check_size("512M").is_ok());
+        assert!(check_size("10GiB").is_ok());
+        let e = check_size("12 parsecs").unwrap_err();
+        assert!(e.0.contains("12 parsecs"), "{}", e.0);
+    }
+
+    #[test]
+    fn change_lines() {
+        let c = ChangeJson {
+            applied: vec!["target t LUN 1: added".into()],
+            needs_restart: vec!["[limits]".into()],
+            saved: true,
+            path: Some("/etc/ironlun.toml".into()),
+        };
+        assert_eq!(
+            render_change(&c),
+            "applied: target t LUN 1: added\nneeds restart: [limits]\nsaved to /etc/ironlun.toml\n"
+        );
+        let c = ChangeJson::default();
+        assert_eq!(
+            render_change(&c),
+            "nothing to apply\nnot saved: the daemon runs without a config file\n"
+        );
+    }
+}

@@ -98,6 +98,61 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// LUNs: list them, or add, remove or grow one while the daemon runs (saved to its
+    /// config file).
+    Lun {
+        #[command(subcommand)]
+        command: LunCommand,
+    },
+    /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LunCommand {
+    /// Every LUN with its backstore, size in bytes and block size.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a LUN to a target; its sessions see it at their next command.
+    Add {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        /// ram, file, uring, vhd or block.
+        #[arg(long)]
+        backstore: String,
+        /// Size with a unit (512M, 10G, 1GiB) or bytes.
+        #[arg(long)]
+        size: Option<String>,
+        /// Backstore path (relative to the data directory).
+        #[arg(long)]
+        path: Option<String>,
+        /// 512 or 4096.
+        #[arg(long)]
+        block_size: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a LUN; commands to it then fail with LOGICAL UNIT NOT SUPPORTED.
+    Remove {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a LUN (shrinking is refused); sessions get CAPACITY DATA HAS CHANGED.
+    Resize {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        /// New size with a unit (512M, 10G) or bytes.
+        size: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Arguments shared by the handover steps.
@@ -278,6 +333,36 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
         }
         CtlCommand::PortGroup { id, state, json } => {
             ironlun::port_groups::ctl(&client, id.zip(state), json, &mut std::io::stdout().lock())
+        }
+        CtlCommand::Lun { command } => {
+            use ironlun::ctl_config as cc;
+            let out = &mut std::io::stdout().lock();
+            match command {
+                LunCommand::List { json } => cc::list(&client, json, out),
+                LunCommand::Add {
+                    lun,
+                    backstore,
+                    size,
+                    path,
+                    block_size,
+                    json,
+                } => {
+                    let a = cc::AddArgs {
+                        backstore,
+                        size,
+                        path,
+                        block_size,
+                    };
+                    cc::add(&client, &lun, &a, json, out)
+                }
+                LunCommand::Remove { lun, json } => cc::remove(&client, &lun, json, out),
+                LunCommand::Resize { lun, size, json } => {
+                    cc::resize(&client, &lun, &size, json, out)
+                }
+            }
+        }
+        CtlCommand::Reload { json } => {
+            ironlun::ctl_config::reload(&client, json, &mut std::io::stdout().lock())
         }
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {
