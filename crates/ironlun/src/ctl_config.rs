@@ -13,8 +13,8 @@ fn write(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
 }
 
 fn write_json<T: serde::Serialize>(out: &mut dyn Write, v: &T) -> Result<(), CtlError> {
-    let mut s =
-        serde_json::to_string_pretty(v).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
     s.push('\n');
     write(out, &s)
 }

@@ -264,7 +264,8 @@ impl Live {
             .data_dir
             .clone()
             .or_else(|| self.source.path.is_none().then(|| running.data_dir.clone()));
-        let mut cfg = Config::parse(&file, text, base, dd.as_deref()).map_err(|e| bad(e.to_string()))?;
+        let mut cfg =
+            Config::parse(&file, text, base, dd.as_deref()).map_err(|e| bad(e.to_string()))?;
         if let Some(addr) = self.source.listen {
             // The bound portal keeps its configured address, not the resolved port.
             cfg.portals = running.portals.clone();
@@ -280,7 +281,9 @@ impl Live {
     /// that does not parse changes nothing (the error names its line and key).
     pub fn reload(&self) -> Result<ChangeJson, ChangeError> {
         let Some(path) = &self.source.path else {
-            return Err(bad("no config file to reload (serving the embedded default)"));
+            return Err(bad(
+                "no config file to reload (serving the embedded default)",
+            ));
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| bad(format!("{}: cannot read: {e}", path.display())))?;
@@ -347,7 +350,10 @@ impl Live {
                 .registry
                 .open_lun(new, t, &l)
                 .map_err(|e| bad(format!("target {t} LUN {id}: {e}")))?;
-            opened.entry(t.to_lowercase()).or_default().push((*id, Arc::new(h)));
+            opened
+                .entry(t.to_lowercase())
+                .or_default()
+                .push((*id, Arc::new(h)));
         }
         let mut applied = Vec::new();
         // Grow before the LUN set changes: a failed resize leaves everything as it was.
@@ -364,7 +370,9 @@ impl Live {
                 status: 409,
                 message: format!("target {t} LUN {id}: {e}"),
             })?;
-            applied.push(format!("target {t} LUN {id}: resized from {old} to {size} bytes"));
+            applied.push(format!(
+                "target {t} LUN {id}: resized from {old} to {size} bytes"
+            ));
         }
         let mut touched: Vec<String> = d
             .luns_added
@@ -380,7 +388,11 @@ impl Live {
                 .target(t)
                 .ok_or_else(|| not_found(format!("no target {t}")))?;
             let mut luns: LunMap = (*target.luns()).clone();
-            for (tt, id) in d.luns_removed.iter().filter(|(x, _)| x.eq_ignore_ascii_case(t)) {
+            for (tt, id) in d
+                .luns_removed
+                .iter()
+                .filter(|(x, _)| x.eq_ignore_ascii_case(t))
+            {
                 if let Some(h) = luns.remove(id) {
                     if let Err(e) = h.backend.flush() {
                         tracing::warn!(target = %tt, lun = id, error = %e, "flush of a removed LUN failed");
@@ -452,7 +464,9 @@ impl Live {
 fn resize(h: &crate::target::LunHandle, size: u64) -> Result<(), String> {
     let block = u64::from(h.lu().config().block_size);
     if block == 0 || size % block != 0 {
-        return Err(format!("size {size} is not a multiple of the block size {block}"));
+        return Err(format!(
+            "size {size} is not a multiple of the block size {block}"
+        ));
     }
     if h.backend.size() < size {
         // PRIMS: h.backend.resize(size)
@@ -491,7 +505,9 @@ pub fn on_sighup(live: Arc<Live>) -> impl std::future::Future<Output = ()> {
                     needs_restart = c.needs_restart.len(),
                     "config reloaded"
                 ),
-                Ok(Err(e)) => tracing::error!("config not reloaded, nothing changed: {}", e.message),
+                Ok(Err(e)) => {
+                    tracing::error!("config not reloaded, nothing changed: {}", e.message)
+                }
                 Err(e) => tracing::error!("config reload failed: {e}"),
             }
         }
@@ -776,14 +792,19 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
     let live = registry.live.get().and_then(std::sync::Weak::upgrade);
     let decode = |s: &str| crate::admin::percent_decode(s).filter(|s| !s.is_empty());
     let wrong = |allowed: &'static str| {
-        let mut r = Response::error(405, &format!("method {method} not allowed here ({allowed} only)"));
+        let mut r = Response::error(
+            405,
+            &format!("method {method} not allowed here ({allowed} only)"),
+        );
         r.allow = allowed;
         r
     };
     let Some(live) = live else {
         return match segs.as_slice() {
             ["v1", "luns"] if method == "GET" => Some(json(200, &luns_json(registry, None))),
-            ["v1", "config" | "reload"] | ["v1", "targets", ..] | ["v1", "luns", _, _, "resize"] => {
+            ["v1", "config" | "reload"]
+            | ["v1", "targets", ..]
+            | ["v1", "luns", _, _, "resize"] => {
                 Some(Response::error(503, "live reconfiguration is not set up"))
             }
             _ => None,
@@ -889,7 +910,14 @@ mod tests {
             block_size: None,
         };
         add_lun(&mut doc, "IQN.2026-11.x:a", &req).unwrap();
-        set_size(&mut doc, "iqn.2026-11.x:b", 0, &SizeArg::Text("4MiB".into()), 1 << 20).unwrap();
+        set_size(
+            &mut doc,
+            "iqn.2026-11.x:b",
+            0,
+            &SizeArg::Text("4MiB".into()),
+            1 << 20,
+        )
+        .unwrap();
         let text = doc.to_string();
         assert!(text.starts_with("# my comment\n"), "{text}");
         let new = parse(&text);
@@ -912,13 +940,35 @@ mod tests {
     #[test]
     fn edits_refuse_unknown_targets_luns_and_shrinking() {
         let mut doc: toml_edit::DocumentMut = BASE.parse().unwrap();
-        assert_eq!(remove_lun(&mut doc, "iqn.2026-11.x:none", 0).unwrap_err().status, 404);
-        assert_eq!(remove_lun(&mut doc, "iqn.2026-11.x:a", 7).unwrap_err().status, 404);
-        let e = set_size(&mut doc, "iqn.2026-11.x:a", 0, &SizeArg::Text("512K".into()), 1 << 20)
-            .unwrap_err();
+        assert_eq!(
+            remove_lun(&mut doc, "iqn.2026-11.x:none", 0)
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            remove_lun(&mut doc, "iqn.2026-11.x:a", 7)
+                .unwrap_err()
+                .status,
+            404
+        );
+        let e = set_size(
+            &mut doc,
+            "iqn.2026-11.x:a",
+            0,
+            &SizeArg::Text("512K".into()),
+            1 << 20,
+        )
+        .unwrap_err();
         assert!(e.message.contains("cannot shrink"), "{}", e.message);
-        let e = set_size(&mut doc, "iqn.2026-11.x:a", 0, &SizeArg::Text("12Q".into()), 0)
-            .unwrap_err();
+        let e = set_size(
+            &mut doc,
+            "iqn.2026-11.x:a",
+            0,
+            &SizeArg::Text("12Q".into()),
+            0,
+        )
+        .unwrap_err();
         assert!(e.message.contains("size"), "{}", e.message);
         assert_eq!(doc.to_string(), BASE, "a refused edit changes nothing");
     }

@@ -1,0 +1,315 @@
+//! Live reconfiguration against the real daemon: `ironlun ctl lun add|remove|resize`, SIGHUP
+//! with an edited file while another session runs I/O, a broken file, bad ctl input.
+
+mod common;
+
+use bytes::Bytes;
+use common::{BackgroundIo, Daemon, LISTEN_ANY, PROMPT, TARGET};
+use ironlun::config::Config;
+use ironlun_initiator::{LoginOptions, Session};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const X: &str = "iqn.2026-11.io.ironlun:x";
+/// LUN 1 as the 8-byte LUN field (SAM-5 §4.7, peripheral addressing).
+const LUN1: u64 = 1 << 48;
+
+fn config() -> String {
+    format!(
+        "# operator's comment, kept across saves\n[[target]]\nname = \"{TARGET}\"\n\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"16MiB\"\n\n[[target]]\nname = \"{X}\"\n\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
+    )
+}
+
+fn ctl(admin: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        .args(["ctl", "--admin", admin])
+        .args(args)
+        .env_remove("IRONLUN_ADMIN")
+        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
+        .output()
+        .expect("run ironlun ctl")
+}
+
+async fn ctl_async(admin: &str, args: &[&str]) -> Output {
+    let admin = admin.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl(&admin, &a)
+    })
+    .await
+    .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// REPORT LUNS (SPC-4 §6.33): the LUN numbers (peripheral addressing).
+async fn report_luns(s: &Session) -> (u8, Vec<u64>, Bytes) {
+    let cdb = [0xa0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0];
+    let r = s
+        .command(0, &cdb, Bytes::new(), 1024)
+        .await
+        .expect("REPORT LUNS");
+    let mut luns = Vec::new();
+    if r.status == 0 {
+        for e in r.data.get(8..).unwrap_or_default().chunks_exact(8) {
+            luns.push(u64::from(u16::from_be_bytes([e[0], e[1]]) & 0x3fff));
+        }
+    }
+    (r.status, luns, r.sense)
+}
+
+/// Sense key, ASC, ASCQ of fixed or descriptor sense data.
+fn sense(s: &[u8]) -> (u8, u8, u8) {
+    match s.first().map(|b| b & 0x7f) {
+        Some(0x72 | 0x73) => (s[1] & 0x0f, s[2], s[3]),
+        _ => (s[2] & 0x0f, s[12], s[13]),
+    }
+}
+
+async fn session_to(addr: std::net::SocketAddr, target: &str, initiator: &str) -> Session {
+    let s = Session::connect(addr, LoginOptions::new(initiator, Some(target.to_owned())))
+        .await
+        .expect("login");
+    for _ in 0..3 {
+        if s.test_unit_ready(0).await.expect("TUR").status == 0 {
+            return s;
+        }
+    }
+    panic!("TEST UNIT READY never GOOD");
+}
+
+fn luns_in_file(path: &Path, target: &str) -> Vec<u64> {
+    let c = Config::load(path, None).unwrap_or_else(|e| panic!("{e}"));
+    let t = c.targets.iter().find(|t| t.name == target).expect("target");
+    t.luns.iter().map(|l| l.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_lun_add_and_remove_live_and_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let file = dir.path().join("ironlun.toml");
+    let s = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-a").await;
+    assert_eq!(report_luns(&s).await.1, vec![0]);
+
+    let out = ctl_async(
+        &d.admin,
+        &[
+            "lun",
+            "add",
+            &format!("{X}/1"),
+            "--backstore",
+            "ram",
+            "--size",
+            "2M",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains(&format!("applied: target {X} LUN 1: added")),
+        "{o}"
+    );
+    assert!(o.contains("saved to"), "{o}");
+    // Saved durably, comments kept, and it parses to the new LUN set.
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.starts_with("# operator's comment"), "{saved}");
+    assert_eq!(luns_in_file(&file, X), vec![0, 1]);
+    assert_eq!(luns_in_file(&file, TARGET), vec![0]);
+    assert!(!dir.path().join("ironlun.toml.tmp").exists());
+
+    // The running session sees the new LUN: REPORTED LUNS DATA HAS CHANGED on LUN 0 first.
+    let mut first = s.test_unit_ready(0).await.unwrap();
+    if first.status == 2 {
+        assert_eq!(sense(&first.sense), (6, 0x3f, 0x0e));
+        first = s.test_unit_ready(0).await.unwrap();
+    }
+    assert_eq!(first.status, 0);
+    assert_eq!(report_luns(&s).await.1, vec![0, 1]);
+    // A new LU greets the nexus with its power-on unit attention first.
+    for _ in 0..3 {
+        if s.test_unit_ready(LUN1).await.unwrap().status == 0 {
+            break;
+        }
+    }
+    let cap = s
+        .read_capacity16(LUN1)
+        .await
+        .expect("READ CAPACITY on the new LUN");
+    assert_eq!(cap.blocks * u64::from(cap.block_size), 2 << 20);
+
+    // `ctl lun list` shows it.
+    let out = ctl_async(&d.admin, &["lun", "list"]).await;
+    let o = text(&out.stdout);
+    assert!(o.starts_with("TARGET"), "{o}");
+    assert!(
+        o.lines()
+            .any(|l| l.starts_with(X) && l.contains(" 1 ") && l.contains("2097152")),
+        "{o}"
+    );
+
+    // Removed: gone from the file and the session; commands to it: LOGICAL UNIT NOT SUPPORTED.
+    let out = ctl_async(&d.admin, &["lun", "remove", &format!("{X}/1")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(luns_in_file(&file, X), vec![0]);
+    let r = s.test_unit_ready(LUN1).await.unwrap();
+    assert_eq!(r.status, 2);
+    assert_eq!(sense(&r.sense), (5, 0x25, 0x00));
+
+    // Bad input: exit 1 with a clear message, the file unchanged.
+    let before = std::fs::read_to_string(&file).unwrap();
+    let out = ctl_async(
+        &d.admin,
+        &[
+            "lun",
+            "add",
+            &format!("{X}/2"),
+            "--backstore",
+            "ram",
+            "--size",
+            "12Q",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("size \"12Q\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl_async(
+        &d.admin,
+        &[
+            "lun",
+            "add",
+            "iqn.2026-11.io.ironlun:none/2",
+            "--backstore",
+            "ram",
+            "--size",
+            "1M",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no target iqn.2026-11.io.ironlun:none"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl_async(
+        &d.admin,
+        &[
+            "lun",
+            "add",
+            &format!("{X}/0"),
+            "--backstore",
+            "ram",
+            "--size",
+            "1M",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("duplicate LUN 0"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+    s.logout().await.unwrap();
+}
+
+/// Wait until `ctl lun list --json` satisfies `f`.
+async fn until_luns(admin: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        let out = ctl_async(admin, &["lun", "list", "--json"]).await;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if f(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "LUNs never changed: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn has(v: &serde_json::Value, target: &str, lun: u64) -> bool {
+    v["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["target"] == target && l["lun"] == lun)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_the_file_while_other_sessions_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let file = dir.path().join("ironlun.toml");
+    let io = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:rc-io", 0).await;
+    io.progress(3).await;
+
+    // Add LUN 1 to X and restrict X's initiators (an ACL: needs a restart, reported).
+    let edited = config().replace(
+        &format!("name = \"{X}\"\n"),
+        &format!("name = \"{X}\"\nallowed_initiators = [\"iqn.2026-11.io.ironlun:*\"]\n"),
+    ) + "\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = \"1MiB\"\n";
+    std::fs::write(&file, &edited).unwrap();
+    nix_kill(d.pid(), "HUP");
+    until_luns(&d.admin, |v| has(v, X, 1)).await;
+    io.progress(3).await;
+
+    // A broken file: logged with line and key, nothing changes, I/O goes on.
+    std::fs::write(
+        &file,
+        edited.replace("size = \"16MiB\"\n", "size = \"16MiB\"\nbogus = 1\n"),
+    )
+    .unwrap();
+    nix_kill(d.pid(), "HUP");
+    let deadline = Instant::now() + PROMPT;
+    while !d.stderr().contains("config not reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload error logged: {}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = d.stderr();
+    assert!(
+        err.contains("ironlun.toml:") && err.contains("bogus"),
+        "{err}"
+    );
+    // `ctl reload` reports the same error and exits 1.
+    let out = ctl_async(&d.admin, &["reload"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("bogus"), "{}", text(&out.stderr));
+    until_luns(&d.admin, |v| has(v, X, 1) && has(v, TARGET, 0)).await;
+
+    // Fixed again, LUN 1 removed: applied; the ACL difference is still reported.
+    std::fs::write(&file, config()).unwrap();
+    let out = ctl_async(&d.admin, &["reload"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains(&format!("applied: target {X} LUN 1: removed")),
+        "{o}"
+    );
+    io.progress(3).await;
+    let rounds = io.finish().await;
+    assert!(rounds >= 9);
+    d.assert_healthy();
+}
+
+fn nix_kill(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
