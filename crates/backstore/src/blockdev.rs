@@ -30,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -70,7 +70,8 @@ pub struct FastPaths {
 pub struct BlockDevBackend {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Size in bytes: the device's at open, grown by [`BlockBackend::resize`].
+    size: AtomicU64,
     logical_block_size: u32,
     read_only: bool,
     /// The device can deallocate (see [`BlockDevBackend::thin_provisioning`]).
@@ -193,7 +194,7 @@ impl BlockDevBackend {
             buffers: BufferPool::new(),
             file,
             path: path.to_owned(),
-            size,
+            size: AtomicU64::new(size),
             logical_block_size,
             read_only: options.read_only,
             dsync: AtomicBool::new(true),
@@ -338,11 +339,24 @@ impl BlockDevBackend {
 
 impl BlockBackend for BlockDevBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// After the device itself grew (`lvextend`, `losetup -c`, a grown SAN volume): serve up to
+    /// `new_size`, which must not pass the device's size as the kernel now reports it.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if !crate::check_resize(self.size(), new_size)? {
+            return Ok(());
+        }
+        let device = rustix::fs::seek(&self.file, SeekFrom::End(0))
+            .map_err(|e| errno_error("resize", 0, e))?;
+        check_range(0, new_size, device)?;
+        self.size.store(new_size, Ordering::Relaxed);
+        Ok(())
     }
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_range(offset, len64(len), self.size)?;
+        check_range(offset, len64(len), self.size())?;
         self.buffers.read_with(len, |buf| {
             self.file
                 .read_exact_at(buf, offset)
@@ -352,7 +366,7 @@ impl BlockBackend for BlockDevBackend {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
-        check_range(offset, len64(data.len()), self.size)?;
+        check_range(offset, len64(data.len()), self.size())?;
         write_at(&self.file, &self.dsync, offset, data, fua)
     }
 
@@ -365,7 +379,7 @@ impl BlockBackend for BlockDevBackend {
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.writable("write zeroes")?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -374,7 +388,7 @@ impl BlockBackend for BlockDevBackend {
 
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.writable("unmap")?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -394,7 +408,7 @@ impl BlockBackend for BlockDevBackend {
 
     /// Always one mapped extent: a block device does not report which blocks it allocated.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(Vec::new());
         }

@@ -339,6 +339,43 @@ pub fn concurrent_writers<B: BlockBackend>(make: &dyn Fn(u64) -> B) -> CheckResu
     Ok(())
 }
 
+/// `resize`: a backstore that supports it keeps its data, reads zeroes in the new range,
+/// accepts I/O there, refuses to shrink and treats the same size as a no-op; one that does
+/// not answers `Unsupported` (or, where the size is set outside, e.g. a block device that did
+/// not grow, `OutOfRange`) and keeps its size.
+pub fn resize_grows_or_refuses<B: BlockBackend>(make: &dyn Fn(u64) -> B) -> CheckResult {
+    let b = make(SIZE);
+    let data = pattern(41, 4096);
+    let tail = SIZE - 4096;
+    ok("write", b.write(tail, &data, false))?;
+    match b.resize(2 * SIZE) {
+        Err(BackstoreError::Unsupported(_) | BackstoreError::OutOfRange { .. }) => {
+            ensure!(b.size() == SIZE, "refused resize changed the size");
+            check_bytes(&b, tail, &data, "data after a refused resize")?;
+            return Ok(());
+        }
+        r => ok("resize", r)?,
+    }
+    ensure!(b.size() == 2 * SIZE, "size after growing: {}", b.size());
+    check_bytes(&b, tail, &data, "data before the old end")?;
+    check_bytes(&b, SIZE, &[0; 8192], "new range")?;
+    check_bytes(&b, 2 * SIZE - 4096, &[0; 4096], "end of the new range")?;
+    let more = pattern(42, 4096);
+    ok("write past the old end", b.write(SIZE + 4096, &more, true))?;
+    check_bytes(&b, SIZE + 4096, &more, "write past the old end")?;
+    ensure!(
+        b.read(2 * SIZE - 512, 1024).is_err(),
+        "read past the new end succeeded"
+    );
+    ok("same size", b.resize(2 * SIZE))?;
+    ensure!(
+        matches!(b.resize(SIZE), Err(BackstoreError::Shrink { .. })),
+        "shrinking was not refused"
+    );
+    ensure!(b.size() == 2 * SIZE, "refused shrink changed the size");
+    Ok(())
+}
+
 /// One conformance check over a backend constructor.
 pub type Check<B> = fn(&dyn Fn(u64) -> B) -> CheckResult;
 
@@ -354,6 +391,7 @@ pub fn checks<B: BlockBackend>() -> Vec<(&'static str, Check<B>)> {
         ("flush_succeeds", flush_succeeds::<B>),
         ("fua_write_readable", fua_write_readable::<B>),
         ("concurrent_writers", concurrent_writers::<B>),
+        ("resize_grows_or_refuses", resize_grows_or_refuses::<B>),
     ]
 }
 
@@ -381,7 +419,7 @@ macro_rules! backstore_conformance {
             $crate::backstore_conformance!(@tests $make;
                 fresh_reads_zero, write_read_back, rejects_out_of_range, unmap_reads_zero,
                 write_zeroes_both_modes, extents_cover_written, flush_succeeds,
-                fua_write_readable, concurrent_writers);
+                fua_write_readable, concurrent_writers, resize_grows_or_refuses);
         }
     };
     (@tests $make:expr; $($check:ident),+) => {

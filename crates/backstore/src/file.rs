@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -50,7 +50,8 @@ pub struct FileOptions {
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
-    size: u64,
+    /// Size in bytes (grows with [`BlockBackend::resize`]).
+    size: AtomicU64,
     read_only: bool,
     /// `pwritev2(RWF_DSYNC)` still believed supported.
     dsync: AtomicBool,
@@ -203,7 +204,7 @@ impl FileBackend {
         Ok(Self {
             buffers: BufferPool::new(),
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only: options.read_only,
             dsync: AtomicBool::new(true),
             punch_hole: AtomicBool::new(true),
@@ -281,11 +282,38 @@ impl FileBackend {
 
 impl BlockBackend for FileBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// A file served below its length (or a block device) has old bytes past the served
+    /// size: the part of them the new size exposes is zeroed first. The file is extended
+    /// sparsely to at least `new_size`, and its length made durable, before the size changes.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let size = self.size();
+        if !crate::check_resize(size, new_size)? {
+            return Ok(());
+        }
+        self.writable("resize")?;
+        let current = rustix::fs::seek(&self.file, SeekFrom::End(0))
+            .map_err(|e| errno_error("resize", size, e))?;
+        let stale_end = current.min(new_size);
+        if stale_end > size {
+            self.zero("resize", size, stale_end - size)?;
+        }
+        if current < new_size {
+            self.file
+                .set_len(new_size)
+                .map_err(|e| io_error("resize", current, e))?;
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| io_error("resize", size, e))?;
+        self.size.store(new_size, Ordering::Relaxed);
+        Ok(())
     }
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_range(offset, len64(len), self.size)?;
+        check_range(offset, len64(len), self.size())?;
         self.buffers.read_with(len, |buf| {
             self.file
                 .read_exact_at(buf, offset)
@@ -295,7 +323,7 @@ impl BlockBackend for FileBackend {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.writable("write")?;
-        check_range(offset, len64(data.len()), self.size)?;
+        check_range(offset, len64(data.len()), self.size())?;
         write_at(&self.file, &self.dsync, offset, data, fua)
     }
 
@@ -308,7 +336,7 @@ impl BlockBackend for FileBackend {
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.writable("write zeroes")?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -321,7 +349,7 @@ impl BlockBackend for FileBackend {
 
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.writable("unmap")?;
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -335,7 +363,7 @@ impl BlockBackend for FileBackend {
 
     /// Filesystem-block granularity; the answer stops after `MAX_EXTENTS` extents.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let end = check_range(offset, len, self.size)?;
+        let end = check_range(offset, len, self.size())?;
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < MAX_EXTENTS {
@@ -404,6 +432,40 @@ mod tests {
         // Sparse: far less than the size is allocated.
         let meta = std::fs::metadata(&path).unwrap();
         assert!(std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20);
+    }
+
+    #[test]
+    fn resize_zeroes_stale_bytes_of_a_longer_file_and_extends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lu.img");
+        std::fs::write(&path, vec![9u8; 8192]).unwrap();
+        let f = FileBackend::open(
+            &path,
+            FileOptions {
+                size: Some(4096),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .without_fast_paths();
+        f.resize(16384).unwrap();
+        assert_eq!(f.size(), 16384);
+        assert_eq!(&f.read(0, 4096).unwrap()[..], &[9u8; 4096][..]);
+        assert_eq!(&f.read(4096, 12288).unwrap()[..], &[0u8; 12288][..]);
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 16384);
+        let ro = FileBackend::open(
+            &path,
+            FileOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            ro.resize(32768),
+            Err(BackstoreError::ReadOnly { op: "resize" })
+        ));
     }
 
     #[test]

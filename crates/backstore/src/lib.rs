@@ -47,6 +47,11 @@ pub enum BackstoreError {
     /// A modifying operation on a read-only backstore (SBC-3 §4.13: DATA PROTECT, WRITE PROTECTED).
     #[error("{op} refused: the backstore is read-only")]
     ReadOnly { op: &'static str },
+    /// [`BlockBackend::resize`] to a smaller size: the data past it would be lost.
+    #[error(
+        "cannot shrink the backstore from {size} to {new_size} bytes (only growing is supported)"
+    )]
+    Shrink { size: u64, new_size: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, BackstoreError>;
@@ -62,6 +67,16 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<u64> {
         Some(end) if end <= size => Ok(end),
         _ => Err(BackstoreError::OutOfRange { offset, len, size }),
     }
+}
+
+/// The checks every [`BlockBackend::resize`] starts with: `Ok(false)` for the same size,
+/// `Ok(true)` to grow, an error to shrink or to pass [`MAX_SIZE`].
+pub fn check_resize(size: u64, new_size: u64) -> Result<bool> {
+    if new_size < size {
+        return Err(BackstoreError::Shrink { size, new_size });
+    }
+    check_range(0, new_size, MAX_SIZE)?;
+    Ok(new_size > size)
 }
 
 /// A run of the backstore that is either mapped (holds data) or deallocated (reads as zeroes).
@@ -99,6 +114,18 @@ pub trait BlockBackend: Send + Sync + 'static {
     /// provisioned; `unmap` and `write_zeroes` still leave zeroes behind.
     fn thin_provisioning(&self) -> bool {
         false
+    }
+
+    /// Grow the backstore to `new_size` bytes (online resize; the LU then reports CAPACITY
+    /// DATA HAS CHANGED, 2Ah/09h, to its nexuses). Existing data is unchanged and the new range
+    /// reads as zeroes; afterwards [`size`](Self::size) returns `new_size`. The same size is a
+    /// no-op; a smaller one fails with [`BackstoreError::Shrink`]. Must not run concurrently with
+    /// another `resize` of the same backstore (the daemon serialises them); I/O may run
+    /// meanwhile, checked against the old or the new size. Default:
+    /// [`BackstoreError::Unsupported`].
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(BackstoreError::Unsupported("resize"))
     }
 
     /// Whether the `*_async` methods complete from the backend's own thread without blocking

@@ -34,7 +34,8 @@ type Shard = BTreeMap<u64, Chunk>;
 /// A sparse in-memory block store. See the module documentation.
 #[derive(Debug)]
 pub struct RamBackend {
-    size: u64,
+    /// Size in bytes (grows with [`BlockBackend::resize`]).
+    size: AtomicU64,
     /// Most chunks that may be resident at once, if bounded.
     max_chunks: Option<u64>,
     resident: AtomicU64,
@@ -113,7 +114,7 @@ impl RamBackend {
         }
         let shards = std::array::from_fn(|_| RwLock::new(BTreeMap::new()));
         Ok(Self {
-            size,
+            size: AtomicU64::new(size),
             max_chunks,
             resident: AtomicU64::new(0),
             shards,
@@ -187,11 +188,20 @@ impl RamBackend {
 
 impl BlockBackend for RamBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Chunks past the old size were never written (writes are range-checked), so the new
+    /// range reads as zeroes without touching memory.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if crate::check_resize(self.size(), new_size)? {
+            self.size.store(new_size, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_range(offset, len64(len), self.size)?;
+        check_range(offset, len64(len), self.size())?;
         self.buffers.read_with(len, |out| {
             let mut rest: &mut [u8] = out;
             for piece in pieces(offset, len64(len)) {
@@ -212,7 +222,7 @@ impl BlockBackend for RamBackend {
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<()> {
-        check_range(offset, len64(data.len()), self.size)?;
+        check_range(offset, len64(data.len()), self.size())?;
         let mut rest = data;
         for piece in pieces(offset, len64(data.len())) {
             let (src, tail) = rest.split_at(piece.len.min(rest.len()));
@@ -239,13 +249,13 @@ impl BlockBackend for RamBackend {
     /// Zeroes the range; whole chunks are dropped whatever `unmap` says, as an absent chunk is
     /// indistinguishable from a zeroed one except through `extents`.
     fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         self.zero_range(offset, len);
         Ok(())
     }
 
     fn unmap(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         self.zero_range(offset, len);
         Ok(())
     }
@@ -257,7 +267,7 @@ impl BlockBackend for RamBackend {
 
     /// Reports chunk presence; the answer stops after `MAX_EXTENT_CHUNKS` chunks.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let mut out: Vec<Extent> = Vec::new();
         for piece in pieces(offset, len).take(small_count(MAX_EXTENT_CHUNKS)) {
             let mapped = self.read_shard(piece.index).contains_key(&piece.index);

@@ -416,6 +416,11 @@ impl BlockBackend for UringBackend {
         self.file.size()
     }
 
+    /// As the file backstore's (the ring's requests are checked against `size` first).
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.file.resize(new_size)
+    }
+
     fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         self.read_async(offset, len).wait()
     }

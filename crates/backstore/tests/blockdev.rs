@@ -244,6 +244,51 @@ fn size_and_block_size_come_from_the_device() {
 /// UNMAP on a loop device reads zeroes and (where the device can deallocate, which
 /// `thin_provisioning` must then say) punches a hole in the backing file.
 #[test]
+fn resize_follows_a_grown_device_only() {
+    if !loop_devices() {
+        return;
+    }
+    let lo = LoopDevice::new(1 << 20, 512);
+    let b = lo.open(false).unwrap();
+    b.write(0, &pattern(3, 4096), false).unwrap();
+    // The device has not grown: refused, nothing changes.
+    assert!(matches!(
+        b.resize(2 << 20),
+        Err(BackstoreError::OutOfRange { .. })
+    ));
+    assert_eq!(b.size(), 1 << 20);
+    // Grow the backing file and tell the loop driver (`losetup -c`), then resize.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lo.backing)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let out = Command::new("losetup")
+        .arg("-c")
+        .arg(&lo.dev)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.resize(2 << 20).unwrap();
+    assert_eq!(b.size(), 2 << 20);
+    assert_eq!(&b.read(0, 4096).unwrap()[..], &pattern(3, 4096)[..]);
+    b.write((2 << 20) - 4096, &pattern(4, 4096), true).unwrap();
+    assert_eq!(
+        &b.read((2 << 20) - 4096, 4096).unwrap()[..],
+        &pattern(4, 4096)[..]
+    );
+    assert!(matches!(
+        b.resize(1 << 20),
+        Err(BackstoreError::Shrink { .. })
+    ));
+}
+
+#[test]
 fn unmap_reads_zeroes_and_deallocates() {
     if !loop_devices() {
         return;

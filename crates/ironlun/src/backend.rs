@@ -171,7 +171,9 @@ fn kind(op: &IoOp, e: &BackstoreError) -> IoErrorKind {
     match e {
         BackstoreError::NoSpace { .. } => IoErrorKind::NoSpace,
         BackstoreError::Unsupported(_) => IoErrorKind::Unsupported,
-        BackstoreError::OutOfRange { .. } | BackstoreError::ReadOnly { .. } => IoErrorKind::Other,
+        BackstoreError::OutOfRange { .. }
+        | BackstoreError::ReadOnly { .. }
+        | BackstoreError::Shrink { .. } => IoErrorKind::Other,
         BackstoreError::Io { .. } => match op {
             IoOp::Read { .. } | IoOp::MapStatus { .. } => IoErrorKind::ReadError,
             _ => IoErrorKind::WriteError,

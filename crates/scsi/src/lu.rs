@@ -348,6 +348,8 @@ pub struct LogicalUnit {
     abort_epoch: u64,
     /// A sanitize operation in progress: its progress indication (SBC-3 §4.32).
     sanitizing: Option<u16>,
+    /// Taken offline by the administrator ([`LogicalUnit::set_offline`]).
+    offline: bool,
     /// The last sanitize failed (SBC-3 §4.32: sanitize failure mode); its AUSE bit.
     sanitize_failed: Option<bool>,
 }
@@ -436,6 +438,7 @@ impl LogicalUnit {
             abort_epoch: 0,
             sanitizing: None,
             sanitize_failed: None,
+            offline: false,
         }
     }
 
@@ -830,6 +833,11 @@ impl LogicalUnit {
                 return self.fail(ua);
             }
         }
+        // An offline LU answers only the commands that report its state (SPC-4 §4.5.6:
+        // LOGICAL UNIT NOT READY, OFFLINE), after any unit attention, as ALUA states below.
+        if self.offline && !bypass {
+            return self.fail(SenseReason::LogicalUnitOffline);
+        }
         // SPC-4 §5.16.2.4: the access state of the port the command came through.
         if let Err(reason) = self
             .config
@@ -1026,6 +1034,43 @@ impl LogicalUnit {
         }
     }
 
+    /// Take the LU offline or bring it back (administrator action). Offline, every command
+    /// but INQUIRY, REPORT LUNS and REQUEST SENSE ends in NOT READY, LOGICAL UNIT NOT READY,
+    /// OFFLINE (04h/12h), which REQUEST SENSE also reports; commands already started finish.
+    /// Back online, every nexus gets NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED
+    /// (28h/00h; SPC-4 §4.5.6), as after a medium change. Returns whether the state changed.
+    pub fn set_offline(&mut self, offline: bool) -> bool {
+        if self.offline == offline {
+            return false;
+        }
+        self.offline = offline;
+        if !offline {
+            self.ua
+                .raise_others(None, SenseReason::NotReadyToReadyChange);
+        }
+        true
+    }
+
+    /// Whether the LU is offline ([`LogicalUnit::set_offline`]).
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    /// The target's LUN inventory changed (a LUN added or removed): REPORTED LUNS DATA HAS
+    /// CHANGED (3Fh/0Eh) to every nexus of this LU (SPC-4 §6.33).
+    pub fn luns_changed(&mut self) {
+        self.ua
+            .raise_others(None, SenseReason::ReportedLunsDataChanged);
+    }
+
+    /// `nexus` ran REPORT LUNS (answered above the LU, by the target): it clears REPORTED LUNS
+    /// DATA HAS CHANGED on every LU of the I_T nexus (SPC-4 §6.33).
+    pub fn report_luns_seen(&mut self, nexus: NexusId) {
+        if let Some(id) = self.sessions.get(&nexus).copied() {
+            self.ua.clear(id, SenseReason::ReportedLunsDataChanged);
+        }
+    }
+
     fn fail(&self, reason: SenseReason) -> Step {
         Step::Done(Completion::check_condition(
             reason,
@@ -1117,6 +1162,7 @@ impl LogicalUnit {
                     .or(self
                         .sanitizing
                         .map(|progress| SenseReason::SanitizeInProgress { progress }))
+                    .or(self.offline.then_some(SenseReason::LogicalUnitOffline))
                     .unwrap_or(SenseReason::NoSense);
                 Self::good(cut(reason.to_bytes(desc).to_vec(), alloc_len))
             }

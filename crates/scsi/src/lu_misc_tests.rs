@@ -387,3 +387,53 @@ impl Step {
         }
     }
 }
+
+#[test]
+fn offline_lu_answers_not_ready_and_comes_back_with_a_unit_attention() {
+    let mut f = Fixture::new();
+    assert!(f.lu.set_offline(true));
+    assert!(!f.lu.set_offline(true), "no change the second time");
+    assert!(f.lu.is_offline());
+    // TEST UNIT READY, READ, WRITE and PR IN: NOT READY, LOGICAL UNIT NOT READY, OFFLINE.
+    let block = vec![1u8; BS as usize];
+    for (cdb, data) in [
+        (TUR.to_vec(), vec![]),
+        (read10(0, 1), vec![]),
+        (with_op(read10(0, 1), 0x2A), block),
+        (vec![0x5E, 0, 0, 0, 0, 0, 0, 0, 64, 0], vec![]),
+    ] {
+        assert_eq!(
+            sense(&f.run(&cdb, &data)),
+            (key::NOT_READY, 0x04, 0x12),
+            "{cdb:02x?}"
+        );
+    }
+    // INQUIRY and REPORT LUNS answer; REQUEST SENSE reports the state.
+    good(&f.run(&[0x12, 0, 0, 0, 36, 0], &[]));
+    good(&f.run(&[0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]));
+    let rs = f.run(&[0x03, 0, 0, 0, 18, 0], &[]);
+    assert_eq!((rs.data[2], rs.data[12], rs.data[13]), (2, 0x04, 0x12));
+    // Back online: each nexus sees 28h/00h once, then GOOD.
+    assert!(f.lu.set_offline(false));
+    for nexus in [N, OTHER] {
+        expect(
+            &f.run_on(nexus, &TUR, &[]),
+            SenseReason::NotReadyToReadyChange,
+        );
+        good(&f.run_on(nexus, &TUR, &[]));
+    }
+}
+
+#[test]
+fn lun_inventory_change_raises_reported_luns_changed_until_report_luns() {
+    let mut f = Fixture::new();
+    f.lu.luns_changed();
+    // REPORT LUNS answered by the target above the LU clears it for that nexus only.
+    f.lu.report_luns_seen(N);
+    good(&f.run_on(N, &TUR, &[]));
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::ReportedLunsDataChanged,
+    );
+    good(&f.run_on(OTHER, &TUR, &[]));
+}

@@ -110,6 +110,12 @@ pub enum SenseReason {
     CapacityDataChanged,
     /// UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh).
     ReportedLunsDataChanged,
+    /// NOT READY, LOGICAL UNIT NOT READY, OFFLINE (04h/12h): an administrator took the LU
+    /// offline.
+    LogicalUnitOffline,
+    /// UNIT ATTENTION, NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED (28h/00h): the LU
+    /// came back online.
+    NotReadyToReadyChange,
     /// UNIT ATTENTION, ASYMMETRIC ACCESS STATE CHANGED (2Ah/06h): a target port group's
     /// ALUA state changed (SPC-4 §5.16.2.5).
     AsymmetricAccessStateChanged,
@@ -184,6 +190,8 @@ pub const ALL_REASONS: &[SenseReason] = &[
     SenseReason::InsufficientRegistrationResources,
     SenseReason::CapacityDataChanged,
     SenseReason::ReportedLunsDataChanged,
+    SenseReason::LogicalUnitOffline,
+    SenseReason::NotReadyToReadyChange,
     SenseReason::AsymmetricAccessStateChanged,
     SenseReason::AluaTransitioning,
     SenseReason::AluaStandby,
@@ -236,6 +244,8 @@ impl SenseReason {
             InsufficientRegistrationResources => (key::ILLEGAL_REQUEST, 0x55, 0x04),
             CapacityDataChanged => (key::UNIT_ATTENTION, 0x2A, 0x09),
             ReportedLunsDataChanged => (key::UNIT_ATTENTION, 0x3F, 0x0E),
+            LogicalUnitOffline => (key::NOT_READY, 0x04, 0x12),
+            NotReadyToReadyChange => (key::UNIT_ATTENTION, 0x28, 0x00),
             AsymmetricAccessStateChanged => (key::UNIT_ATTENTION, 0x2A, 0x06),
             AluaTransitioning => (key::NOT_READY, 0x04, 0x0A),
             AluaStandby => (key::NOT_READY, 0x04, 0x0B),
