@@ -78,12 +78,17 @@ pub fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlE
                 x.backstore.clone(),
                 x.size.to_string(),
                 x.block_size.to_string(),
+                if x.offline { "offline" } else { "online" }.to_string(),
             ]
         })
         .collect();
     write(
         out,
-        &crate::table::render(0, &["TARGET", "LUN", "BACKSTORE", "SIZE", "BLOCK"], &rows),
+        &crate::table::render(
+            0,
+            &["TARGET", "LUN", "BACKSTORE", "SIZE", "BLOCK", "STATE"],
+            &rows,
+        ),
     )
 }
 
@@ -143,6 +148,19 @@ pub fn resize(
     let path = format!("/v1/luns/{}/{}/resize", percent_encode(&lu.0), lu.1);
     let body = serde_json::json!({ "size": size });
     change(client, "POST", &path, Some(&body), json, out)
+}
+
+/// `ctl lun offline|online TARGET/LUN`.
+pub fn set_offline(
+    client: &Client,
+    lu: &(String, u64),
+    offline: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let op = if offline { "offline" } else { "online" };
+    let path = format!("/v1/luns/{}/{}/{op}", percent_encode(&lu.0), lu.1);
+    change(client, "POST", &path, None, json, out)
 }
 
 /// `ctl reload`: the daemon re-reads its config file (as on SIGHUP).

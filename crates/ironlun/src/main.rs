@@ -144,6 +144,20 @@ enum LunCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a LUN offline (flushed first): media commands get NOT READY, OFFLINE.
+    Offline {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a LUN back online: sessions get NOT READY TO READY CHANGE.
+    Online {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a LUN (shrinking is refused); sessions get CAPACITY DATA HAS CHANGED.
     Resize {
         #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
@@ -356,6 +370,8 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                     cc::add(&client, &lun, &a, json, out)
                 }
                 LunCommand::Remove { lun, json } => cc::remove(&client, &lun, json, out),
+                LunCommand::Offline { lun, json } => cc::set_offline(&client, &lun, true, json, out),
+                LunCommand::Online { lun, json } => cc::set_offline(&client, &lun, false, json, out),
                 LunCommand::Resize { lun, size, json } => {
                     cc::resize(&client, &lun, &size, json, out)
                 }

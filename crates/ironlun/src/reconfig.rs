@@ -469,17 +469,55 @@ fn resize(h: &crate::target::LunHandle, size: u64) -> Result<(), String> {
         ));
     }
     if h.backend.size() < size {
-        // PRIMS: h.backend.resize(size)
-        return Err("this backstore cannot grow".into());
+        h.backend.resize(size).map_err(|e| e.to_string())?;
     }
     h.lu().set_num_blocks(size / block);
     Ok(())
 }
 
+/// Take LUN `id` of `target` offline (its backend flushed first, so what was acknowledged is
+/// on stable storage) or back online. Run-time state: not written to the config file, lost
+/// at restart.
+pub fn set_offline(
+    registry: &Registry,
+    target: &str,
+    id: u64,
+    offline: bool,
+) -> Result<ChangeJson, ChangeError> {
+    let t = registry
+        .target(target)
+        .ok_or_else(|| not_found(format!("no target {target}")))?;
+    let h = t
+        .luns()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {}", t.name)))?;
+    if offline {
+        h.backend.flush().map_err(|e| ChangeError {
+            status: 409,
+            message: format!(
+                "target {} LUN {id}: flush before offline failed: {e}",
+                t.name
+            ),
+        })?;
+    }
+    let changed = h.lu().set_offline(offline);
+    let state = if offline { "offline" } else { "online" };
+    let line = if changed {
+        format!("target {} LUN {id}: {state}", t.name)
+    } else {
+        format!("target {} LUN {id}: already {state}", t.name)
+    };
+    tracing::info!("reconfiguration: {line}");
+    Ok(ChangeJson {
+        applied: vec![line],
+        ..ChangeJson::default()
+    })
+}
+
 /// Raise REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) on every nexus of `h` (SPC-4 §6.33).
 fn luns_changed(h: &crate::target::LunHandle) {
-    // PRIMS: h.lu().luns_changed();
-    let _ = h;
+    h.lu().luns_changed();
 }
 
 /// Reload on every SIGHUP (the handler is installed when this is called, before the returned
@@ -694,6 +732,8 @@ pub struct LunJson {
     pub backstore: String,
     pub size: u64,
     pub block_size: u32,
+    /// Taken offline through the admin API.
+    pub offline: bool,
 }
 
 /// `GET /v1/luns`.
@@ -744,9 +784,13 @@ pub fn luns_json(registry: &Registry, cfg: Option<&Config>) -> LunsJson {
                 .and_then(|c| c.targets.iter().find(|x| x.name == t.name))
                 .and_then(|x| x.luns.iter().find(|l| l.id == *id))
                 .map_or("?", |l| backstore_name(&l.backstore));
-            let (blocks, block_size) = {
+            let (blocks, block_size, offline) = {
                 let lu = h.lu();
-                (lu.config().num_blocks, lu.config().block_size)
+                (
+                    lu.config().num_blocks,
+                    lu.config().block_size,
+                    lu.is_offline(),
+                )
             };
             luns.push(LunJson {
                 target: t.name.clone(),
@@ -754,6 +798,7 @@ pub fn luns_json(registry: &Registry, cfg: Option<&Config>) -> LunsJson {
                 backstore: backstore.to_string(),
                 size: blocks.saturating_mul(u64::from(block_size)),
                 block_size,
+                offline,
             });
         }
     }
@@ -877,6 +922,16 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
                 l.change(|doc| set_size(doc, &t, n, &req.size, current))
             })
             .await
+        }
+        ["v1", "luns", t, n, op @ ("offline" | "online")] => {
+            if method != "POST" {
+                return Some(wrong("POST"));
+            }
+            let (Some(t), Ok(n)) = (decode(t), n.parse::<u64>()) else {
+                return Some(Response::error(404, &format!("no such resource: {path}")));
+            };
+            let offline = *op == "offline";
+            blocking(live, move |l| set_offline(&l.registry, &t, n, offline)).await
         }
         _ => return None,
     })

@@ -124,12 +124,9 @@ async fn ctl_lun_add_and_remove_live_and_saved() {
     assert!(!dir.path().join("ironlun.toml.tmp").exists());
 
     // The running session sees the new LUN: REPORTED LUNS DATA HAS CHANGED on LUN 0 first.
-    let mut first = s.test_unit_ready(0).await.unwrap();
-    if first.status == 2 {
-        assert_eq!(sense(&first.sense), (6, 0x3f, 0x0e));
-        first = s.test_unit_ready(0).await.unwrap();
-    }
-    assert_eq!(first.status, 0);
+    let r = s.test_unit_ready(0).await.unwrap();
+    assert_eq!((r.status, sense(&r.sense)), (2, (6, 0x3f, 0x0e)));
+    assert_eq!(s.test_unit_ready(0).await.unwrap().status, 0);
     assert_eq!(report_luns(&s).await.1, vec![0, 1]);
     // A new LU greets the nexus with its power-on unit attention first.
     for _ in 0..3 {
@@ -312,4 +309,70 @@ fn nix_kill(pid: u32, sig: &str) {
         .status()
         .unwrap();
     assert!(st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_grows_and_offline_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let file = dir.path().join("ironlun.toml");
+    let s = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-r").await;
+    assert_eq!(s.read_capacity16(0).await.unwrap().blocks, 2048);
+
+    let out = ctl_async(&d.admin, &["lun", "resize", &format!("{X}/0"), "4M"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("resized from 1048576 to 4194304 bytes"));
+    // The running session: CAPACITY DATA HAS CHANGED, then the new size.
+    let r = s.test_unit_ready(0).await.unwrap();
+    assert_eq!(r.status, 2);
+    assert_eq!(sense(&r.sense), (6, 0x2a, 0x09));
+    assert_eq!(s.read_capacity16(0).await.unwrap().blocks, 8192);
+    let c = Config::load(&file, None).unwrap();
+    assert_eq!(c.targets[1].luns[0].size, Some(4 << 20));
+
+    // Shrinking and bad sizes are refused (exit 1), nothing changes.
+    let before = std::fs::read_to_string(&file).unwrap();
+    let out = ctl_async(&d.admin, &["lun", "resize", &format!("{X}/0"), "2M"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot shrink"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl_async(&d.admin, &["lun", "resize", &format!("{X}/0"), "lots"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("size \"lots\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ctl_async(&d.admin, &["lun", "resize", &format!("{X}/7"), "8M"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no LUN 7"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
+    assert_eq!(s.read_capacity16(0).await.unwrap().blocks, 8192);
+
+    // Offline: NOT READY, LOGICAL UNIT NOT READY, OFFLINE; INQUIRY still answers.
+    let out = ctl_async(&d.admin, &["lun", "offline", &format!("{X}/0")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = s.test_unit_ready(0).await.unwrap();
+    assert_eq!((r.status, sense(&r.sense)), (2, (2, 0x04, 0x12)));
+    assert_eq!(s.inquiry(0, 96).await.unwrap().status, 0);
+    let out = ctl_async(&d.admin, &["lun", "list"]).await;
+    assert!(
+        text(&out.stdout).contains("offline"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Online: NOT READY TO READY CHANGE once, then GOOD.
+    let out = ctl_async(&d.admin, &["lun", "online", &format!("{X}/0")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r = s.test_unit_ready(0).await.unwrap();
+    assert_eq!((r.status, sense(&r.sense)), (2, (6, 0x28, 0x00)));
+    assert_eq!(s.test_unit_ready(0).await.unwrap().status, 0);
+    s.logout().await.unwrap();
 }
