@@ -464,6 +464,7 @@ fn serve(
         };
         let live = ironlun::reconfig::Live::install(
             server.registry(),
+            Some(server.control()),
             cfg.clone(),
             ironlun::reconfig::Source {
                 path: config.clone(),

@@ -33,6 +33,13 @@ pub struct Diff {
     pub luns_removed: Vec<(String, u64)>,
     /// `(target, lun, old size, new size)`: `size` changed, nothing else.
     pub luns_resized: Vec<(String, u64, u64, u64)>,
+    /// Portals (configured address, tag) in the new config only, of a portal group already
+    /// served (a new group would change every LU's relative ports: restart).
+    pub portals_added: Vec<(SocketAddr, u16)>,
+    /// Portals in the running config only.
+    pub portals_removed: Vec<(SocketAddr, u16)>,
+    /// Targets whose `allowed_initiators`, LUN masking or CHAP changed.
+    pub access_changed: Vec<String>,
     /// Differences that only a restart applies, one line each (`target X: added`).
     pub needs_restart: Vec<String>,
 }
@@ -53,21 +60,23 @@ fn same<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
 pub fn diff(old: &Config, new: &Config) -> Diff {
     let mut d = Diff::default();
     let mut restart = |what: &str| d.needs_restart.push(what.to_string());
-    let portals = |c: &Config| {
-        let mut v: Vec<String> = c
-            .portals
-            .iter()
-            .map(|p| format!("{} tpgt {}", p.listen, p.tpgt))
-            .collect();
-        v.sort();
-        v
+    let portals = |c: &Config| -> Vec<(SocketAddr, u16)> {
+        c.portals.iter().map(|p| (p.listen, p.tpgt)).collect()
     };
     let (po, pn) = (portals(old), portals(new));
-    for p in po.iter().filter(|p| !pn.contains(p)) {
-        restart(&format!("portal {p}: removed"));
-    }
-    for p in pn.iter().filter(|p| !po.contains(p)) {
-        restart(&format!("portal {p}: added"));
+    let removed: Vec<(SocketAddr, u16)> = po.iter().filter(|p| !pn.contains(p)).copied().collect();
+    let added: Vec<(SocketAddr, u16)> = pn.iter().filter(|p| !po.contains(p)).copied().collect();
+    if removed.len() == po.len() && !po.is_empty() {
+        restart("every portal replaced (one must stay)");
+    } else {
+        d.portals_removed = removed;
+        for (a, t) in added {
+            if po.iter().any(|(_, x)| *x == t) {
+                d.portals_added.push((a, t));
+            } else {
+                restart(&format!("portal {a} tpgt {t}: added in a new portal group"));
+            }
+        }
     }
     if !same(&old.negotiation, &new.negotiation) {
         restart("[negotiation]");
@@ -108,17 +117,11 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             restart(&format!("target {}: added", nt.name));
             continue;
         };
-        let settings = |t: &config::Target| {
-            format!(
-                "{:?} {:?} {:?} {} {:?}",
-                t.alias, t.acl, t.masking, t.max_sessions, t.chap
-            )
-        };
-        if settings(ot) != settings(nt) {
-            restart(&format!(
-                "target {}: alias, ACL, LUN masking, max_sessions or CHAP",
-                nt.name
-            ));
+        if ot.alias != nt.alias || ot.max_sessions != nt.max_sessions {
+            restart(&format!("target {}: alias or max_sessions", nt.name));
+        }
+        if ot.acl != nt.acl || ot.masking != nt.masking || !same(&ot.chap, &nt.chap) {
+            d.access_changed.push(nt.name.clone());
         }
         for ol in &ot.luns {
             if !nt.luns.iter().any(|l| l.id == ol.id) {
@@ -186,9 +189,11 @@ pub struct ChangeJson {
     pub path: Option<String>,
 }
 
-/// Running config, its text, and the registry it drives.
+/// Running config, its text, and the registry and server it drives.
 pub struct Live {
     registry: Arc<Registry>,
+    /// Portals and sessions (`None` in tests without a server).
+    control: Option<crate::server::Control>,
     source: Source,
     /// Serialises changes; holds the running config and the text it was parsed from.
     state: Mutex<State>,
@@ -223,13 +228,19 @@ fn not_found(message: impl Into<String>) -> ChangeError {
 impl Live {
     /// Set up live reconfiguration for `registry`, built from `config` (overrides applied).
     /// `text` is the file's content (read again here when `None`).
-    pub fn install(registry: Arc<Registry>, config: Config, source: Source) -> Arc<Live> {
+    pub fn install(
+        registry: Arc<Registry>,
+        control: Option<crate::server::Control>,
+        config: Config,
+        source: Source,
+    ) -> Arc<Live> {
         let text = match &source.path {
             Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
             None => embedded_text(),
         };
         let live = Arc::new(Live {
             registry: registry.clone(),
+            control,
             source,
             state: Mutex::new(State { config, text }),
         });
@@ -411,6 +422,65 @@ impl Live {
         }
         // The running config follows what was applied.
         let mut next = running.clone();
+        for name in &d.access_changed {
+            let (Some(t), Some(nt)) = (
+                next.targets
+                    .iter_mut()
+                    .find(|x| x.name.eq_ignore_ascii_case(name)),
+                new.targets
+                    .iter()
+                    .find(|x| x.name.eq_ignore_ascii_case(name)),
+            ) else {
+                continue;
+            };
+            t.acl = nt.acl.clone();
+            t.masking = nt.masking.clone();
+            t.chap = nt.chap.clone();
+            if let Some(target) = self.registry.target(name) {
+                target.set_masking(nt.masking.clone());
+            }
+            applied.push(format!(
+                "target {name}: access (allowed_initiators, LUN masking, CHAP) updated"
+            ));
+        }
+        if let Some(c) = &self.control {
+            for (a, t) in &d.portals_removed {
+                if c.remove_portal(*a, *t) {
+                    next.portals.retain(|p| !(p.listen == *a && p.tpgt == *t));
+                    applied.push(format!(
+                        "portal {a} tpgt {t}: removed (its connections keep running)"
+                    ));
+                }
+            }
+            for (a, t) in &d.portals_added {
+                match c.add_portal(&next, *a, *t) {
+                    Ok(bound) => {
+                        next.portals.push(config::Portal {
+                            listen: *a,
+                            tpgt: *t,
+                        });
+                        applied.push(format!("portal {a} tpgt {t}: added, listening on {bound}"));
+                    }
+                    Err(e) => applied.push(format!("portal {a} tpgt {t}: NOT added: {e}")),
+                }
+            }
+            if !d.access_changed.is_empty() {
+                c.refresh(&next);
+                for name in &d.access_changed {
+                    if let Some(t) = next
+                        .targets
+                        .iter()
+                        .find(|x| x.name.eq_ignore_ascii_case(name))
+                    {
+                        let acl = t.acl.clone();
+                        let n = c.close_sessions(name, |i| acl.allows(i));
+                        if n > 0 {
+                            applied.push(format!("target {name}: {n} session(s) of initiators no longer allowed closed"));
+                        }
+                    }
+                }
+            }
+        }
         for t in &mut next.targets {
             let Some(nt) = new
                 .targets
@@ -1037,16 +1107,46 @@ mod tests {
             + "\n[[target]]\nname = \"iqn.2026-11.x:c\"\n[limits]\nmax_sessions = 7\n";
         let d = diff(&old, &parse(&text));
         assert!(d.luns_added.is_empty() && d.luns_removed.is_empty());
+        assert_eq!(d.access_changed, vec!["iqn.2026-11.x:b".to_string()]);
+        assert!(d.portals_added.is_empty() && d.portals_removed.is_empty());
         let all = d.needs_restart.join("\n");
         for want in [
-            "portal 127.0.0.1:3260 tpgt 1: removed",
-            "portal 127.0.0.1:3261 tpgt 1: added",
+            "every portal replaced",
             "[limits]",
             "target iqn.2026-11.x:c: added",
-            "target iqn.2026-11.x:b: alias, ACL",
         ] {
             assert!(all.contains(want), "{want} in {all}");
         }
+    }
+
+    #[test]
+    fn portals_of_served_groups_change_live() {
+        let two = BASE.replace(
+            "[[portal]]\nlisten = \"127.0.0.1:3260\"\n",
+            "[[portal]]\nlisten = \"127.0.0.1:3260\"\n[[portal]]\nlisten = \"127.0.0.2:3260\"\n",
+        );
+        let d = diff(&parse(&two), &parse(BASE));
+        assert_eq!(
+            d.portals_removed,
+            vec![("127.0.0.2:3260".parse().unwrap(), 1)]
+        );
+        assert!(d.needs_restart.is_empty(), "{:?}", d.needs_restart);
+        let d = diff(&parse(BASE), &parse(&two));
+        assert_eq!(
+            d.portals_added,
+            vec![("127.0.0.2:3260".parse().unwrap(), 1)]
+        );
+        let other_group = two.replace(
+            "listen = \"127.0.0.2:3260\"\n",
+            "listen = \"127.0.0.2:3260\"\ntpgt = 2\n",
+        );
+        let d = diff(&parse(BASE), &parse(&other_group));
+        assert!(d.portals_added.is_empty());
+        assert!(
+            d.needs_restart[0].contains("new portal group"),
+            "{:?}",
+            d.needs_restart
+        );
     }
 
     #[test]

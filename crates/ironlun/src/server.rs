@@ -44,9 +44,155 @@ const WRITE_STALL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// A bound, not yet serving, daemon.
 pub struct Server {
-    listeners: Vec<(TcpListener, Arc<PortalConfig>)>,
+    listeners: Vec<(TcpListener, PortalCell, watch::Receiver<bool>)>,
     registry: Arc<Registry>,
     live: Arc<SessionTable>,
+    control: Control,
+    added: mpsc::UnboundedReceiver<NewPortal>,
+}
+
+/// A portal's current configuration: new connections take the `Arc` inside, so a change
+/// applies to the next login without touching running connections.
+pub type PortalCell = Arc<std::sync::RwLock<Arc<PortalConfig>>>;
+
+/// A portal bound while running, handed to [`Server::run`] to accept on.
+type NewPortal = (std::net::TcpListener, PortalCell, watch::Receiver<bool>);
+
+/// One served portal, as [`Control`] sees it.
+struct PortalSlot {
+    /// As configured (`127.0.0.1:0` stays `:0`), and its tag.
+    listen: SocketAddr,
+    tpgt: u16,
+    /// The bound address.
+    bound: SocketAddr,
+    cell: PortalCell,
+    /// `true` stops its accept loop (its connections keep running).
+    stop: watch::Sender<bool>,
+}
+
+/// Changes to the running server's portals and sessions ([`crate::reconfig`]).
+#[derive(Clone)]
+pub struct Control {
+    portals: Arc<Mutex<Vec<PortalSlot>>>,
+    add: mpsc::UnboundedSender<NewPortal>,
+    sessions: Arc<SessionLimits>,
+    auth_limiter: Arc<Mutex<ironlun_iscsi::chap::AuthLimiter>>,
+    live: Arc<SessionTable>,
+}
+
+impl Control {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<PortalSlot>> {
+        self.portals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The served portals: configured address, tag, bound address.
+    pub fn portals(&self) -> Vec<(SocketAddr, u16, SocketAddr)> {
+        self.slots()
+            .iter()
+            .map(|p| (p.listen, p.tpgt, p.bound))
+            .collect()
+    }
+
+    /// Bind `listen` as a portal of group `tpgt` serving `cfg`'s targets; it accepts once
+    /// [`Server::run`] picks it up.
+    pub fn add_portal(&self, cfg: &Config, listen: SocketAddr, tpgt: u16) -> Result<SocketAddr, String> {
+        let l = std::net::TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+        l.set_nonblocking(true)
+            .map_err(|e| format!("bind {listen}: {e}"))?;
+        let bound = l.local_addr().map_err(|e| e.to_string())?;
+        let pc = portal_config(cfg, bound, tpgt, &self.sessions, &self.auth_limiter);
+        let cell: PortalCell = Arc::new(std::sync::RwLock::new(Arc::new(pc)));
+        let (stop, stop_rx) = watch::channel(false);
+        self.add
+            .send((l, cell.clone(), stop_rx))
+            .map_err(|_| "the server is shutting down".to_string())?;
+        self.slots().push(PortalSlot {
+            listen,
+            tpgt,
+            bound,
+            cell,
+            stop,
+        });
+        tracing::info!(%listen, %bound, tpgt, "portal added");
+        Ok(bound)
+    }
+
+    /// Stop accepting on the portal configured as `listen`/`tpgt`; its connections keep
+    /// running until they end. `false` when there is no such portal.
+    pub fn remove_portal(&self, listen: SocketAddr, tpgt: u16) -> bool {
+        let mut slots = self.slots();
+        let Some(i) = slots.iter().position(|p| p.listen == listen && p.tpgt == tpgt) else {
+            return false;
+        };
+        let p = slots.remove(i);
+        let _ = p.stop.send(true);
+        tracing::info!(%listen, bound = %p.bound, tpgt, "portal removed; its connections keep running");
+        true
+    }
+
+    /// Rebuild every portal's configuration from `cfg` (targets, ACLs, CHAP): the next
+    /// login on each portal uses it.
+    pub fn refresh(&self, cfg: &Config) {
+        for p in self.slots().iter() {
+            let pc = portal_config(cfg, p.bound, p.tpgt, &self.sessions, &self.auth_limiter);
+            *p.cell
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(pc);
+        }
+    }
+
+    /// Close the sessions to `target` of initiators `keep` refuses (an ACL entry removed);
+    /// returns how many were told to close.
+    pub fn close_sessions(&self, target: &str, keep: impl Fn(&str) -> bool) -> usize {
+        let mut live = self.live.lock();
+        let doomed: Vec<SessionKey> = live
+            .keys()
+            .filter(|k| k.2.eq_ignore_ascii_case(target) && !keep(&k.0))
+            .cloned()
+            .collect();
+        for k in &doomed {
+            if let Some((_, tx)) = live.remove(k) {
+                tracing::info!(initiator = %k.0, target = %k.2, "closing the session: no longer in the target's ACL");
+                let _ = tx.send("initiator removed from the target's ACL");
+            }
+        }
+        doomed.len()
+    }
+}
+
+/// The configuration of the portal bound at `addr` (group `tpgt`) serving `cfg`'s targets.
+fn portal_config(
+    cfg: &Config,
+    addr: SocketAddr,
+    tpgt: u16,
+    sessions: &Arc<SessionLimits>,
+    auth_limiter: &Arc<Mutex<ironlun_iscsi::chap::AuthLimiter>>,
+) -> PortalConfig {
+    let targets = cfg
+        .targets
+        .iter()
+        .map(|t| TargetInfo {
+            name: t.name.clone(),
+            alias: t.alias.clone(),
+            addresses: vec![format!("{},{}", fmt_addr(addr), tpgt)],
+            portal_group_tag: tpgt,
+            acl: t.acl.clone(),
+            chap: t.chap.clone(),
+        })
+        .collect();
+    PortalConfig {
+        targets,
+        offers: cfg.negotiation.offers.clone(),
+        limits: Default::default(),
+        portal_group_tag: tpgt,
+        cmd_window: cfg.negotiation.cmd_window,
+        sessions: sessions.clone(),
+        timeouts: cfg.timeouts,
+        discovery_chap: cfg.discovery_chap.clone(),
+        auth_limiter: auth_limiter.clone(),
+    }
 }
 
 /// Key of a live normal session: initiator name (lowercase), ISID, target name (lowercase),
@@ -62,7 +208,7 @@ type SessionKey = (String, [u8; 6], String, u16);
 #[derive(Default)]
 struct SessionTable {
     next_id: AtomicU64,
-    live: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<()>)>>,
+    live: Mutex<HashMap<SessionKey, (u64, oneshot::Sender<&'static str>)>>,
 }
 
 /// A session's entry in the [`SessionTable`]; removed on drop unless a newer login replaced it.
@@ -73,20 +219,27 @@ struct LiveSession {
 }
 
 impl SessionTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, (u64, oneshot::Sender<()>)>> {
+    #[allow(clippy::type_complexity)]
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SessionKey, (u64, oneshot::Sender<&'static str>)>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Register a session that just logged in, telling the session with the same key (if any)
-    /// to close. The receiver fires when a later login reinstates this one.
-    fn register(self: &Arc<Self>, key: SessionKey) -> (LiveSession, oneshot::Receiver<()>) {
+    /// to close. The receiver fires (with the reason) when a later login reinstates this one or
+    /// an ACL change removes its initiator ([`Control::close_sessions`]).
+    fn register(
+        self: &Arc<Self>,
+        key: SessionKey,
+    ) -> (LiveSession, oneshot::Receiver<&'static str>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Some((_, old)) = self.lock().insert(key.clone(), (id, tx)) {
             tracing::info!(initiator = %key.0, target = %key.2, "session reinstatement: closing the previous session");
-            let _ = old.send(());
+            let _ = old.send("session reinstated by a new login");
         }
         (
             LiveSession {
@@ -133,37 +286,41 @@ impl Server {
             ironlun_iscsi::chap::AuthLimiter::default(),
         ));
         let mut listeners = Vec::new();
-        for (l, addr, tpgt) in bound {
-            let targets = cfg
-                .targets
-                .iter()
-                .map(|t| TargetInfo {
-                    name: t.name.clone(),
-                    alias: t.alias.clone(),
-                    addresses: vec![format!("{},{}", fmt_addr(addr), tpgt)],
-                    portal_group_tag: tpgt,
-                    acl: t.acl.clone(),
-                    chap: t.chap.clone(),
-                })
-                .collect();
-            let pc = PortalConfig {
-                targets,
-                offers: cfg.negotiation.offers.clone(),
-                limits: Default::default(),
-                portal_group_tag: tpgt,
-                cmd_window: cfg.negotiation.cmd_window,
-                sessions: sessions.clone(),
-                timeouts: cfg.timeouts,
-                discovery_chap: cfg.discovery_chap.clone(),
-                auth_limiter: auth_limiter.clone(),
-            };
-            listeners.push((l, Arc::new(pc)));
+        let mut slots = Vec::new();
+        for ((l, addr, tpgt), p) in bound.into_iter().zip(&cfg.portals) {
+            let pc = portal_config(cfg, addr, tpgt, &sessions, &auth_limiter);
+            let cell: PortalCell = Arc::new(std::sync::RwLock::new(Arc::new(pc)));
+            let (stop, stop_rx) = watch::channel(false);
+            listeners.push((l, cell.clone(), stop_rx));
+            slots.push(PortalSlot {
+                listen: p.listen,
+                tpgt,
+                bound: addr,
+                cell,
+                stop,
+            });
         }
+        let live: Arc<SessionTable> = Arc::default();
+        let (add, added) = mpsc::unbounded_channel();
+        let control = Control {
+            portals: Arc::new(Mutex::new(slots)),
+            add,
+            sessions,
+            auth_limiter,
+            live: live.clone(),
+        };
         Ok(Server {
             listeners,
             registry,
-            live: Arc::default(),
+            live,
+            control,
+            added,
         })
+    }
+
+    /// Portal and session changes while running ([`crate::reconfig`]).
+    pub fn control(&self) -> Control {
+        self.control.clone()
     }
 
     /// The targets and LUs being served (read by the admin API).
@@ -175,7 +332,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(l, _)| l.local_addr().ok())
+            .filter_map(|(l, _, _)| l.local_addr().ok())
             .collect()
     }
 
@@ -186,25 +343,10 @@ impl Server {
         let mut accepts = JoinSet::new();
         let (conn_tx, mut conn_rx) =
             mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
-        for (l, pc) in self.listeners {
-            let tx = conn_tx.clone();
-            let mut sd = shutdown.clone();
-            accepts.spawn(async move {
-                loop {
-                    tokio::select! {
-                        r = l.accept() => match r {
-                            Ok((s, peer)) => { if tx.send((s, peer, pc.clone())).is_err() { return; } }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "accept failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            }
-                        },
-                        _ = sd.changed() => return,
-                    }
-                }
-            });
+        for (l, cell, stop) in self.listeners {
+            accepts.spawn(accept_loop(l, cell, stop, conn_tx.clone(), shutdown.clone()));
         }
-        drop(conn_tx);
+        let mut added = self.added;
         let shards = Shard::start_many(tokio::runtime::Handle::current().metrics().num_workers());
         let mut next_shard = 0usize;
         loop {
@@ -242,6 +384,13 @@ impl Server {
                         }
                     }
                 }
+                Some((l, cell, stop)) = added.recv() => match TcpListener::from_std(l) {
+                    Ok(l) => {
+                        accepts.spawn(accept_loop(l, cell, stop, conn_tx.clone(), shutdown.clone()));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot accept on an added portal"),
+                },
+                Some(_) = accepts.join_next(), if !accepts.is_empty() => {}
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 _ = shutdown.changed() => break,
             }
@@ -262,6 +411,33 @@ impl Server {
         let reg = self.registry.clone();
         let _ = tokio::task::spawn_blocking(move || reg.flush_all()).await;
         tracing::info!("stopped");
+    }
+}
+
+/// Accept on `l` until `stop` or `shutdown`; each connection takes the portal's current
+/// configuration.
+async fn accept_loop(
+    l: TcpListener,
+    cell: PortalCell,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::UnboundedSender<(TcpStream, SocketAddr, Arc<PortalConfig>)>,
+    mut sd: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((s, peer)) => {
+                    let pc = cell.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                    if tx.send((s, peer, pc)).is_err() { return; }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            _ = sd.changed() => return,
+        }
     }
 }
 
@@ -412,7 +588,7 @@ async fn serve_connection(
     let mut conn = Connection::new_with_tsih(portal, registry.new_tsih(), Instant::now());
     // Session reinstatement: our entry in the live-session table, and its close signal.
     let mut registered: Option<LiveSession> = None;
-    let mut reinstated: Option<oneshot::Receiver<()>> = None;
+    let mut reinstated: Option<oneshot::Receiver<&'static str>> = None;
     // The connection's timer: re-armed only when the wanted deadline moves earlier; a later
     // deadline costs one early wake-up (handle_timeout re-checks), not a timer reset per read.
     let timer = tokio::time::sleep(Duration::ZERO);
@@ -560,8 +736,8 @@ async fn serve_connection(
             }
             r = async { match reinstated.as_mut() { Some(rx) => rx.await, None => std::future::pending().await } } => {
                 reinstated = None;
-                if r.is_ok() {
-                    conn.close_by_owner("session reinstated by a new login");
+                if let Ok(why) = r {
+                    conn.close_by_owner(why);
                 }
             }
             _ = shutdown.changed(), if !draining => {

@@ -274,10 +274,10 @@ pub struct TargetState {
     pub name: String,
     pub alias: Option<String>,
     luns: std::sync::RwLock<Arc<LunMap>>,
-    /// Bumped after every change of `luns`.
+    /// Bumped after every change of `luns` or `masking`.
     epoch: AtomicU64,
     /// Which of `luns` each initiator sees.
-    pub masking: LunMasking,
+    masking: std::sync::RwLock<LunMasking>,
 }
 
 impl TargetState {
@@ -287,8 +287,25 @@ impl TargetState {
             alias,
             luns: std::sync::RwLock::new(Arc::new(luns)),
             epoch: AtomicU64::new(0),
-            masking,
+            masking: std::sync::RwLock::new(masking),
         }
+    }
+
+    /// The LUN masking now.
+    pub fn masking(&self) -> LunMasking {
+        self.masking
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace the LUN masking; sessions pick it up at their next command.
+    pub(crate) fn set_masking(&self, masking: LunMasking) {
+        *self
+            .masking
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = masking;
+        self.epoch.fetch_add(1, Ordering::Release);
     }
 
     /// The LUNs now.
@@ -639,7 +656,8 @@ impl Nexus {
     /// The LUNs of `target` that `initiator` sees (all when `None`).
     fn view_of(target: &TargetState, initiator: Option<&str>) -> LunMap {
         let all = target.luns();
-        match initiator.and_then(|i| target.masking.visible(i)) {
+        let masking = target.masking();
+        match initiator.and_then(|i| masking.visible(i)) {
             None => (*all).clone(),
             Some(ids) => ids
                 .iter()
@@ -692,7 +710,7 @@ impl Nexus {
         isid: [u8; 6],
         tpgt: u16,
     ) -> Nexus {
-        if target.masking.visible(initiator).is_some() {
+        if target.masking().visible(initiator).is_some() {
             tracing::debug!(initiator, target = %target.name, "LUN masking applies");
         }
         let it = ItNexus {

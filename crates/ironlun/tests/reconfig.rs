@@ -376,3 +376,69 @@ async fn resize_grows_and_offline_online() {
     assert_eq!(s.test_unit_ready(0).await.unwrap().status, 0);
     s.logout().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_removes_a_portal_and_an_acl_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let portals =
+        "[[portal]]\nlisten = \"127.0.0.1:0\"\n\n[[portal]]\nlisten = \"127.0.0.1:0\"\ntpgt = 2\n\n";
+    let acl = format!("name = \"{X}\"\nallowed_initiators = [\"iqn.2026-11.io.ironlun:rc-*\"]\n");
+    let start = format!(
+        "{portals}{}",
+        config().replace(&format!("name = \"{X}\"\n"), &acl)
+    );
+    let mut d = Daemon::spawn_ok(dir.path(), Some(&start), &[]);
+    assert_eq!(d.addrs.len(), 2, "{:?}", d.addrs);
+    let (keep, gone) = (d.addrs[0], d.addrs[1]);
+    let file = dir.path().join("ironlun.toml");
+    let io = BackgroundIo::start(keep, "iqn.2026-11.io.ironlun:rc-io", 0).await;
+    let sx = session_to(keep, X, "iqn.2026-11.io.ironlun:rc-x").await;
+    io.progress(3).await;
+
+    // Portal group 2 removed, rc-x no longer allowed to X, LUN 1 added to X.
+    let edited = config().replace(
+        &format!("name = \"{X}\"\n"),
+        &format!("name = \"{X}\"\nallowed_initiators = [\"iqn.2026-11.io.ironlun:rc-io\"]\n"),
+    ) + "\n[[target.lun]]\nid = 1\nbackstore = \"ram\"\nsize = \"1MiB\"\n";
+    std::fs::write(
+        &file,
+        format!("[[portal]]\nlisten = \"127.0.0.1:0\"\n\n{edited}"),
+    )
+    .unwrap();
+    nix_kill(d.pid(), "HUP");
+    until_luns(&d.admin, |v| has(v, X, 1)).await;
+
+    // The removed portal stops accepting.
+    let deadline = Instant::now() + PROMPT;
+    while tokio::net::TcpStream::connect(gone).await.is_ok() {
+        assert!(Instant::now() < deadline, "portal {gone} still accepts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // rc-x's session to X was closed, and it cannot log in again.
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        match tokio::time::timeout(PROMPT, sx.test_unit_ready(0)).await {
+            Ok(Ok(_)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "session of a removed initiator still served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let again = Session::connect(
+        keep,
+        LoginOptions::new("iqn.2026-11.io.ironlun:rc-x", Some(X.to_owned())),
+    )
+    .await;
+    assert!(again.is_err(), "a removed initiator logged in again");
+    // The unrelated session ran throughout without an error.
+    io.progress(3).await;
+    let rounds = io.finish().await;
+    assert!(rounds >= 6);
+    let err = d.stderr();
+    assert!(err.contains("portal removed"), "{err}");
+    d.assert_healthy();
+}
