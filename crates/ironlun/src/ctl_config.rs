@@ -163,6 +163,118 @@ pub fn set_offline(
     change(client, "POST", &path, None, json, out)
 }
 
+/// `ctl target list`.
+pub fn target_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    let t: crate::reconfig::TargetsJson = client.get_json("/v1/targets")?;
+    if json {
+        return write_json(out, &t);
+    }
+    let rows: Vec<Vec<String>> = t
+        .targets
+        .iter()
+        .map(|x| {
+            let luns: Vec<String> = x.luns.iter().map(u64::to_string).collect();
+            vec![
+                x.name.clone(),
+                luns.join(","),
+                x.allowed_initiators
+                    .as_ref()
+                    .map_or_else(|| "*".to_string(), |a| a.join(",")),
+                if x.chap { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    write(
+        out,
+        &crate::table::render(0, &["TARGET", "LUNS", "ALLOWED", "CHAP"], &rows),
+    )
+}
+
+/// `ctl portal list`.
+pub fn portal_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    let p: crate::reconfig::PortalsJson = client.get_json("/v1/portals")?;
+    if json {
+        return write_json(out, &p);
+    }
+    let rows: Vec<Vec<String>> = p
+        .portals
+        .iter()
+        .map(|x| vec![x.listen.clone(), x.tpgt.to_string(), x.bound.clone()])
+        .collect();
+    write(
+        out,
+        &crate::table::render(0, &["LISTEN", "TPGT", "BOUND"], &rows),
+    )
+}
+
+/// `ctl portal add ADDR [--tpgt N]`.
+pub fn portal_add(
+    client: &Client,
+    listen: std::net::SocketAddr,
+    tpgt: Option<u16>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let mut body = serde_json::json!({ "listen": listen.to_string() });
+    if let Some(t) = tpgt {
+        body["tpgt"] = serde_json::json!(t);
+    }
+    change(client, "POST", "/v1/portals", Some(&body), json, out)
+}
+
+/// `ctl portal remove ADDR`: stops accepting there; its connections keep running.
+pub fn portal_remove(
+    client: &Client,
+    listen: std::net::SocketAddr,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let path = format!("/v1/portals/{}", percent_encode(&listen.to_string()));
+    change(client, "DELETE", &path, None, json, out)
+}
+
+/// `ctl acl list TARGET`.
+pub fn acl_list(
+    client: &Client,
+    target: &str,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let t: crate::reconfig::TargetJson =
+        client.get_json(&format!("/v1/targets/{}/acl", percent_encode(target)))?;
+    if json {
+        return write_json(out, &t);
+    }
+    let rows: Vec<Vec<String>> = match &t.allowed_initiators {
+        None => vec![vec!["* (no ACL: every initiator)".to_string()]],
+        Some(a) => a.iter().map(|i| vec![i.clone()]).collect(),
+    };
+    write(out, &crate::table::render(0, &["ALLOWED INITIATOR"], &rows))
+}
+
+/// `ctl acl add|remove TARGET INITIATOR`.
+pub fn acl_change(
+    client: &Client,
+    target: &str,
+    initiator: &str,
+    add: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    if add {
+        let path = format!("/v1/targets/{}/acl", percent_encode(target));
+        let body = serde_json::json!({ "initiator": initiator });
+        change(client, "POST", &path, Some(&body), json, out)
+    } else {
+        let path = format!(
+            "/v1/targets/{}/acl/{}",
+            percent_encode(target),
+            percent_encode(initiator)
+        );
+        change(client, "DELETE", &path, None, json, out)
+    }
+}
+
 /// `ctl reload`: the daemon re-reads its config file (as on SIGHUP).
 pub fn reload(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
     change(client, "POST", "/v1/reload", None, json, out)

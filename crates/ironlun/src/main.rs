@@ -104,8 +104,76 @@ enum CtlCommand {
         #[command(subcommand)]
         command: LunCommand,
     },
+    /// Targets with their LUNs, allowed initiators and whether CHAP is required.
+    Target {
+        #[command(subcommand)]
+        command: TargetCommand,
+    },
+    /// iSCSI portals: list, add (bound at once) or remove (stops accepting; its connections
+    /// keep running).
+    Portal {
+        #[command(subcommand)]
+        command: PortalCommand,
+    },
+    /// A target's allowed initiators; removing one closes its sessions to the target.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
     /// Re-read the daemon's config file and apply the difference (as SIGHUP does).
     Reload {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TargetCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortalCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Add {
+        /// IP:PORT to listen on.
+        listen: SocketAddr,
+        /// Portal group tag (one the daemon already serves).
+        #[arg(long)]
+        tpgt: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        listen: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    List {
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow an initiator name or `*`/`?` pattern (a target without an ACL then admits only it).
+    Add {
+        target: String,
+        initiator: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        target: String,
+        initiator: String,
         #[arg(long)]
         json: bool,
     },
@@ -375,6 +443,39 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                 LunCommand::Resize { lun, size, json } => {
                     cc::resize(&client, &lun, &size, json, out)
                 }
+            }
+        }
+        CtlCommand::Target {
+            command: TargetCommand::List { json },
+        } => ironlun::ctl_config::target_list(&client, json, &mut std::io::stdout().lock()),
+        CtlCommand::Portal { command } => {
+            use ironlun::ctl_config as cc;
+            let out = &mut std::io::stdout().lock();
+            match command {
+                PortalCommand::List { json } => cc::portal_list(&client, json, out),
+                PortalCommand::Add { listen, tpgt, json } => {
+                    cc::portal_add(&client, listen, tpgt, json, out)
+                }
+                PortalCommand::Remove { listen, json } => {
+                    cc::portal_remove(&client, listen, json, out)
+                }
+            }
+        }
+        CtlCommand::Acl { command } => {
+            use ironlun::ctl_config as cc;
+            let out = &mut std::io::stdout().lock();
+            match command {
+                AclCommand::List { target, json } => cc::acl_list(&client, &target, json, out),
+                AclCommand::Add {
+                    target,
+                    initiator,
+                    json,
+                } => cc::acl_change(&client, &target, &initiator, true, json, out),
+                AclCommand::Remove {
+                    target,
+                    initiator,
+                    json,
+                } => cc::acl_change(&client, &target, &initiator, false, json, out),
             }
         }
         CtlCommand::Reload { json } => {

@@ -791,8 +791,177 @@ pub fn set_size(
     Ok(())
 }
 
+/// Append a `[[portal]]` table.
+pub fn add_portal(
+    doc: &mut toml_edit::DocumentMut,
+    listen: SocketAddr,
+    tpgt: Option<u16>,
+) -> Result<(), ChangeError> {
+    let mut p = toml_edit::Table::new();
+    p.insert("listen", toml_edit::value(listen.to_string()));
+    if let Some(t) = tpgt {
+        p.insert("tpgt", toml_edit::value(i64::from(t)));
+    }
+    match doc.get_mut("portal") {
+        Some(item) => item
+            .as_array_of_tables_mut()
+            .ok_or_else(|| bad("`portal` is not an array of tables"))?
+            .push(p),
+        None => {
+            // The embedded default's portal: a file without `[[portal]]` serves 127.0.0.1:3260.
+            let mut a = toml_edit::ArrayOfTables::new();
+            let mut d = toml_edit::Table::new();
+            d.insert(
+                "listen",
+                toml_edit::value(format!("127.0.0.1:{}", config::DEFAULT_PORT)),
+            );
+            a.push(d);
+            a.push(p);
+            doc.insert("portal", toml_edit::Item::ArrayOfTables(a));
+        }
+    }
+    Ok(())
+}
+
+/// Remove the `[[portal]]` whose `listen` is `listen`.
+pub fn remove_portal(
+    doc: &mut toml_edit::DocumentMut,
+    listen: SocketAddr,
+) -> Result<(), ChangeError> {
+    let portals = doc
+        .get_mut("portal")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| not_found(format!("no portal {listen}")))?;
+    let idx = portals
+        .iter()
+        .position(|p| {
+            p.get("listen")
+                .and_then(toml_edit::Item::as_str)
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+                == Some(listen)
+        })
+        .ok_or_else(|| not_found(format!("no portal {listen}")))?;
+    portals.remove(idx);
+    Ok(())
+}
+
+/// Add `initiator` (a name or `*`/`?` pattern) to target `name`'s `allowed_initiators`
+/// (created with just it when absent: the target then admits only it).
+pub fn acl_add(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    initiator: &str,
+) -> Result<(), ChangeError> {
+    let t = target_table(doc, name)?;
+    match t.get_mut("allowed_initiators") {
+        Some(item) => {
+            let a = item
+                .as_array_mut()
+                .ok_or_else(|| bad(format!("target {name}: allowed_initiators is not an array")))?;
+            if a.iter().any(|v| v.as_str() == Some(initiator)) {
+                return Err(ChangeError {
+                    status: 409,
+                    message: format!("{initiator} is already in target {name}'s ACL"),
+                });
+            }
+            a.push(initiator);
+        }
+        None => {
+            let mut a = toml_edit::Array::new();
+            a.push(initiator);
+            t.insert("allowed_initiators", toml_edit::value(a));
+        }
+    }
+    Ok(())
+}
+
+/// Remove `initiator` from target `name`'s `allowed_initiators`.
+pub fn acl_remove(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    initiator: &str,
+) -> Result<(), ChangeError> {
+    let t = target_table(doc, name)?;
+    let a = t
+        .get_mut("allowed_initiators")
+        .and_then(toml_edit::Item::as_array_mut)
+        .ok_or_else(|| not_found(format!("target {name} has no ACL (everyone is allowed)")))?;
+    let idx = a
+        .iter()
+        .position(|v| v.as_str() == Some(initiator))
+        .ok_or_else(|| not_found(format!("{initiator} is not in target {name}'s ACL")))?;
+    a.remove(idx);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Admin API.
+
+/// One target of `GET /v1/targets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetJson {
+    pub name: String,
+    pub luns: Vec<u64>,
+    /// `None`: every initiator is allowed.
+    pub allowed_initiators: Option<Vec<String>>,
+    pub chap: bool,
+}
+
+/// `GET /v1/targets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetsJson {
+    pub targets: Vec<TargetJson>,
+}
+
+/// One portal of `GET /v1/portals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortalJson {
+    /// As configured.
+    pub listen: String,
+    pub tpgt: u16,
+    /// The bound address.
+    pub bound: String,
+}
+
+/// `GET /v1/portals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortalsJson {
+    pub portals: Vec<PortalJson>,
+}
+
+/// `POST /v1/portals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalRequest {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub tpgt: Option<u16>,
+}
+
+/// `POST /v1/targets/<iqn>/acl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRequest {
+    pub initiator: String,
+}
+
+fn targets_json(cfg: &Config) -> TargetsJson {
+    TargetsJson {
+        targets: cfg
+            .targets
+            .iter()
+            .map(|t| TargetJson {
+                name: t.name.clone(),
+                luns: t.luns.iter().map(|l| l.id).collect(),
+                allowed_initiators: t
+                    .acl
+                    .patterns()
+                    .map(|p| p.iter().map(|x| x.as_str().to_string()).collect()),
+                chap: t.chap.is_some(),
+            })
+            .collect(),
+    }
+}
 
 /// One LUN of `GET /v1/luns`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -992,6 +1161,82 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
                 l.change(|doc| set_size(doc, &t, n, &req.size, current))
             })
             .await
+        }
+        ["v1", "targets"] => match method {
+            "GET" => json(200, &targets_json(&live.config())),
+            _ => wrong("GET"),
+        },
+        ["v1", "portals"] => match method {
+            "GET" => {
+                let portals = live
+                    .control
+                    .as_ref()
+                    .map(|c| c.portals())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(l, t, b)| PortalJson {
+                        listen: l.to_string(),
+                        tpgt: t,
+                        bound: b.to_string(),
+                    })
+                    .collect();
+                json(200, &PortalsJson { portals })
+            }
+            "POST" => {
+                let req: PortalRequest = match parse(body) {
+                    Ok(r) => r,
+                    Err(r) => return Some(r),
+                };
+                blocking(live, move |l| {
+                    l.change(|doc| add_portal(doc, req.listen, req.tpgt))
+                })
+                .await
+            }
+            _ => wrong("GET, POST"),
+        },
+        ["v1", "portals", a] => {
+            if method != "DELETE" {
+                return Some(wrong("DELETE"));
+            }
+            let Some(addr) = decode(a).and_then(|a| a.parse::<SocketAddr>().ok()) else {
+                return Some(Response::error(404, &format!("no such portal: {a:?}")));
+            };
+            blocking(live, move |l| l.change(|doc| remove_portal(doc, addr))).await
+        }
+        ["v1", "targets", t, "acl"] => {
+            let Some(t) = decode(t) else {
+                return Some(Response::error(400, "bad target name in path"));
+            };
+            match method {
+                "GET" => match targets_json(&live.config())
+                    .targets
+                    .into_iter()
+                    .find(|x| x.name.eq_ignore_ascii_case(&t))
+                {
+                    Some(x) => json(200, &x),
+                    None => Response::error(404, &format!("no target {t}")),
+                },
+                "POST" => {
+                    let req: AclRequest = match parse(body) {
+                        Ok(r) => r,
+                        Err(r) => return Some(r),
+                    };
+                    blocking(live, move |l| {
+                        l.change(|doc| acl_add(doc, &t, &req.initiator))
+                    })
+                    .await
+                }
+                _ => wrong("GET, POST"),
+            }
+        }
+        ["v1", "targets", t, "acl", i] => {
+            if method != "DELETE" {
+                return Some(wrong("DELETE"));
+            }
+            let (Some(t), Some(i)) = (decode(t), decode(i)) else {
+                return Some(Response::error(400, "bad name in path"));
+            };
+            blocking(live, move |l| l.change(|doc| acl_remove(doc, &t, &i))).await
         }
         ["v1", "luns", t, n, op @ ("offline" | "online")] => {
             if method != "POST" {

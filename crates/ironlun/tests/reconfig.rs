@@ -442,3 +442,96 @@ async fn sighup_removes_a_portal_and_an_acl_entry() {
     assert!(err.contains("portal removed"), "{err}");
     d.assert_healthy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_portal_and_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = format!("[[portal]]\nlisten = \"127.0.0.1:0\"\n\n{}", config());
+    let d = Daemon::spawn_ok(dir.path(), Some(&start), &[]);
+    let file = dir.path().join("ironlun.toml");
+
+    // A portal added on 127.0.0.3 accepts logins at once; removed, it stops accepting.
+    let out = ctl_async(&d.admin, &["portal", "add", "127.0.0.3:0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("applied: portal 127.0.0.3:0 tpgt 1: added"));
+    let out = ctl_async(&d.admin, &["portal", "list", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bound: std::net::SocketAddr = v["portals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["listen"] == "127.0.0.3:0")
+        .expect("new portal listed")["bound"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let s3 = session_to(bound, X, "iqn.2026-11.io.ironlun:rc-p").await;
+    assert_eq!(Config::load(&file, None).unwrap().portals.len(), 2);
+    let out = ctl_async(&d.admin, &["portal", "remove", "127.0.0.3:0"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(tokio::net::TcpStream::connect(bound).await.is_err());
+    // Its connection keeps running.
+    assert_eq!(s3.test_unit_ready(0).await.unwrap().status, 0);
+    assert_eq!(Config::load(&file, None).unwrap().portals.len(), 1);
+    s3.logout().await.unwrap();
+
+    // ACL: X admits everyone; adding rc-b closes rc-a's session; removing rc-b admits nobody.
+    let out = ctl_async(&d.admin, &["acl", "list", X]).await;
+    assert!(
+        text(&out.stdout).contains("no ACL"),
+        "{}",
+        text(&out.stdout)
+    );
+    let sa = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-a").await;
+    let out = ctl_async(&d.admin, &["acl", "add", X, "iqn.2026-11.io.ironlun:rc-b"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains("session(s) of initiators no longer allowed closed"),
+        "{o}"
+    );
+    let deadline = Instant::now() + PROMPT;
+    while let Ok(Ok(_)) = tokio::time::timeout(PROMPT, sa.test_unit_ready(0)).await {
+        assert!(Instant::now() < deadline, "rc-a still served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let login =
+        |name: &'static str| Session::connect(d.addr, LoginOptions::new(name, Some(X.to_owned())));
+    assert!(login("iqn.2026-11.io.ironlun:rc-a").await.is_err());
+    login("iqn.2026-11.io.ironlun:rc-b")
+        .await
+        .expect("rc-b allowed")
+        .logout()
+        .await
+        .unwrap();
+    let out = ctl_async(&d.admin, &["acl", "list", X]).await;
+    assert!(text(&out.stdout).contains("iqn.2026-11.io.ironlun:rc-b"));
+    let out = ctl_async(
+        &d.admin,
+        &["acl", "remove", X, "iqn.2026-11.io.ironlun:rc-b"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(login("iqn.2026-11.io.ironlun:rc-b").await.is_err());
+    let c = Config::load(&file, None).unwrap();
+    assert!(!c.targets[1].acl.allows("iqn.2026-11.io.ironlun:rc-b"));
+    let out = ctl_async(
+        &d.admin,
+        &["acl", "remove", "iqn.2026-11.io.ironlun:none", "x"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no target"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The sessions of another target are untouched.
+    let out = ctl_async(&d.admin, &["target", "list"]).await;
+    assert!(
+        text(&out.stdout).starts_with("TARGET"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -134,6 +134,11 @@ impl Acl {
         }
     }
 
+    /// The allowed patterns; `None`: everyone.
+    pub fn patterns(&self) -> Option<&[NamePattern]> {
+        self.allowed.as_deref()
+    }
+
     /// Whether `initiator` may log in.
     pub fn allows(&self, initiator: &str) -> bool {
         match &self.allowed {
