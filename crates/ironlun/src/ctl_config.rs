@@ -111,16 +111,14 @@ pub fn add(
     if let Some(s) = &a.size {
         check_size(s)?;
     }
-    let mut body = serde_json::json!({"id": lu.1, "backstore": a.backstore});
-    if let Some(s) = &a.size {
-        body["size"] = serde_json::json!(s);
-    }
-    if let Some(p) = &a.path {
-        body["path"] = serde_json::json!(p);
-    }
-    if let Some(b) = a.block_size {
-        body["block_size"] = serde_json::json!(b);
-    }
+    let body = serde_json::to_value(crate::reconfig::LunRequest {
+        id: lu.1,
+        backstore: a.backstore.clone(),
+        size: a.size.clone().map(crate::reconfig::SizeArg::Text),
+        path: a.path.clone(),
+        block_size: a.block_size,
+    })
+    .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
     let path = format!("/v1/targets/{}/luns", percent_encode(&lu.0));
     change(client, "POST", &path, Some(&body), json, out)
 }
@@ -215,10 +213,8 @@ pub fn portal_add(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), CtlError> {
-    let mut body = serde_json::json!({ "listen": listen.to_string() });
-    if let Some(t) = tpgt {
-        body["tpgt"] = serde_json::json!(t);
-    }
+    let body = serde_json::to_value(crate::reconfig::PortalRequest { listen, tpgt })
+        .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
     change(client, "POST", "/v1/portals", Some(&body), json, out)
 }
 
@@ -281,6 +277,7 @@ pub fn reload(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), Ct
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

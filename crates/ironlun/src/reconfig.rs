@@ -533,7 +533,7 @@ impl Live {
 /// CAPACITY DATA HAS CHANGED, 2Ah/09h, on its nexuses; SBC-3 §4.10).
 fn resize(h: &crate::target::LunHandle, size: u64) -> Result<(), String> {
     let block = u64::from(h.lu().config().block_size);
-    if block == 0 || size % block != 0 {
+    if block == 0 || !size.is_multiple_of(block) {
         return Err(format!(
             "size {size} is not a multiple of the block size {block}"
         ));
@@ -1253,6 +1253,7 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
