@@ -438,8 +438,12 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                     cc::add(&client, &lun, &a, json, out)
                 }
                 LunCommand::Remove { lun, json } => cc::remove(&client, &lun, json, out),
-                LunCommand::Offline { lun, json } => cc::set_offline(&client, &lun, true, json, out),
-                LunCommand::Online { lun, json } => cc::set_offline(&client, &lun, false, json, out),
+                LunCommand::Offline { lun, json } => {
+                    cc::set_offline(&client, &lun, true, json, out)
+                }
+                LunCommand::Online { lun, json } => {
+                    cc::set_offline(&client, &lun, false, json, out)
+                }
                 LunCommand::Resize { lun, size, json } => {
                     cc::resize(&client, &lun, &size, json, out)
                 }

@@ -97,7 +97,12 @@ impl Control {
 
     /// Bind `listen` as a portal of group `tpgt` serving `cfg`'s targets; it accepts once
     /// [`Server::run`] picks it up.
-    pub fn add_portal(&self, cfg: &Config, listen: SocketAddr, tpgt: u16) -> Result<SocketAddr, String> {
+    pub fn add_portal(
+        &self,
+        cfg: &Config,
+        listen: SocketAddr,
+        tpgt: u16,
+    ) -> Result<SocketAddr, String> {
         let l = std::net::TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
         l.set_nonblocking(true)
             .map_err(|e| format!("bind {listen}: {e}"))?;
@@ -123,7 +128,10 @@ impl Control {
     /// running until they end. `false` when there is no such portal.
     pub fn remove_portal(&self, listen: SocketAddr, tpgt: u16) -> bool {
         let mut slots = self.slots();
-        let Some(i) = slots.iter().position(|p| p.listen == listen && p.tpgt == tpgt) else {
+        let Some(i) = slots
+            .iter()
+            .position(|p| p.listen == listen && p.tpgt == tpgt)
+        else {
             return false;
         };
         let p = slots.remove(i);
@@ -344,7 +352,13 @@ impl Server {
         let (conn_tx, mut conn_rx) =
             mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
         for (l, cell, stop) in self.listeners {
-            accepts.spawn(accept_loop(l, cell, stop, conn_tx.clone(), shutdown.clone()));
+            accepts.spawn(accept_loop(
+                l,
+                cell,
+                stop,
+                conn_tx.clone(),
+                shutdown.clone(),
+            ));
         }
         let mut added = self.added;
         let shards = Shard::start_many(tokio::runtime::Handle::current().metrics().num_workers());

@@ -389,7 +389,12 @@ impl Registry {
     /// Open LUN `l` of target `target` as [`Registry::build`] does (for a LUN added while
     /// running): its backend, its LU with the daemon's ports and current port group states,
     /// its APTPL state if a state file exists.
-    pub fn open_lun(&self, cfg: &Config, target: &str, l: &config::Lun) -> Result<LunHandle, String> {
+    pub fn open_lun(
+        &self,
+        cfg: &Config,
+        target: &str,
+        l: &config::Lun,
+    ) -> Result<LunHandle, String> {
         let state_file = cfg.data_dir.join(PR_DIR).join(state_file_name(&l.serial));
         open_lun(
             target,
@@ -487,7 +492,13 @@ fn open_lun(
     if restore_state(&mut lu, &state_file)? {
         tracing::info!(target, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
     }
-    tracing::info!(target, lun = l.id, blocks = num_blocks, block_size = l.block_size, "LUN ready");
+    tracing::info!(
+        target,
+        lun = l.id,
+        blocks = num_blocks,
+        block_size = l.block_size,
+        "LUN ready"
+    );
     let ram = matches!(l.backstore, config::BackstoreKind::Ram);
     let mut handle = LunHandle::new(lu, backend, ram, state_file)
         .with_events(format!("{target}/{}", l.id), events.clone());
