@@ -277,10 +277,9 @@ impl Live {
             .or_else(|| self.source.path.is_none().then(|| running.data_dir.clone()));
         let mut cfg =
             Config::parse(&file, text, base, dd.as_deref()).map_err(|e| bad(e.to_string()))?;
-        if let Some(addr) = self.source.listen {
-            // The bound portal keeps its configured address, not the resolved port.
+        if self.source.listen.is_some() {
+            // `--listen` replaces the file's portals for the daemon's lifetime.
             cfg.portals = running.portals.clone();
-            let _ = addr;
         }
         if self.source.admin_override {
             cfg.admin = running.admin.clone();

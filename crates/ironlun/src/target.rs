@@ -1686,6 +1686,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_nexus_follows_its_targets_lun_set_and_masking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h0, h1) = (ram_handle(dir.path()), ram_handle(dir.path()));
+        let target = Arc::new(TargetState::new(
+            "iqn.x:t".into(),
+            None,
+            BTreeMap::from([(0, h0.clone())]),
+            LunMasking::default(),
+        ));
+        let n = Nexus::attach_for(target.clone(), 7, "iqn.x:i", [0, 0, 0, 0, 0, 1], 1);
+        assert_eq!(n.visible_luns(), vec![0]);
+        target.set_luns(BTreeMap::from([(0, h0.clone()), (1, h1.clone())]));
+        assert_eq!(n.visible_luns(), vec![0, 1]);
+        // Registered on the new LU: its power-on unit attention is pending for this nexus.
+        assert!(h1.lu().pending_unit_attention(7).is_some());
+        let pattern = ironlun_iscsi::acl::NamePattern::parse("iqn.x:i").unwrap();
+        target.set_masking(LunMasking::new(vec![(pattern, vec![1])]));
+        assert_eq!(n.visible_luns(), vec![1]);
+        // Masked or removed LUNs answer LOGICAL UNIT NOT SUPPORTED.
+        let (c, _) = n.execute(0, Bytes::from_static(&[0; 6]), Bytes::new()).await;
+        assert_eq!(c.status, 2);
+        assert_eq!(c.sense.get(12).copied(), Some(0x25));
+        target.set_luns(BTreeMap::from([(0, h0)]));
+        assert!(n.visible_luns().is_empty());
+        assert!(h1.lu().pending_unit_attention(7).is_none());
+    }
+
+    #[tokio::test]
     async fn an_older_state_never_overwrites_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let h = ram_handle(dir.path());
