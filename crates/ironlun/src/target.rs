@@ -1705,7 +1705,9 @@ mod tests {
         target.set_masking(LunMasking::new(vec![(pattern, vec![1])]));
         assert_eq!(n.visible_luns(), vec![1]);
         // Masked or removed LUNs answer LOGICAL UNIT NOT SUPPORTED.
-        let (c, _) = n.execute(0, Bytes::from_static(&[0; 6]), Bytes::new()).await;
+        let (c, _) = n
+            .execute(0, Bytes::from_static(&[0; 6]), Bytes::new())
+            .await;
         assert_eq!(c.status, 2);
         assert_eq!(c.sense.get(12).copied(), Some(0x25));
         target.set_luns(BTreeMap::from([(0, h0)]));
