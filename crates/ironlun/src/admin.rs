@@ -861,7 +861,7 @@ pub async fn respond(
         ),
         Route::Reservations => {
             let mut luns = Vec::new();
-            for t in &registry.targets {
+            for t in registry.targets().iter() {
                 for (id, l) in t.luns().iter() {
                     luns.push(lu_reservations(&t.name, *id, &l.pr_snapshot()));
                 }

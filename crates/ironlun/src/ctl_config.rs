@@ -188,6 +188,24 @@ pub fn target_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(
     )
 }
 
+/// `ctl target add|remove NAME`: a target added has no LUNs until `ctl lun add`; a target
+/// removed closes its sessions.
+pub fn target_change(
+    client: &Client,
+    name: &str,
+    add: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    if add {
+        let body = serde_json::json!({ "name": name });
+        change(client, "POST", "/v1/targets", Some(&body), json, out)
+    } else {
+        let path = format!("/v1/targets/{}", percent_encode(name));
+        change(client, "DELETE", &path, None, json, out)
+    }
+}
+
 /// `ctl portal list`.
 pub fn portal_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
     let p: crate::reconfig::PortalsJson = client.get_json("/v1/portals")?;

@@ -133,6 +133,18 @@ enum TargetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a target (no LUNs yet: `ctl lun add`).
+    Add {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a target with its LUNs; its sessions are closed.
+    Remove {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -449,9 +461,20 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                 }
             }
         }
-        CtlCommand::Target {
-            command: TargetCommand::List { json },
-        } => ironlun::ctl_config::target_list(&client, json, &mut std::io::stdout().lock()),
+        CtlCommand::Target { command } => {
+            let out = &mut std::io::stdout().lock();
+            match command {
+                TargetCommand::List { json } => {
+                    ironlun::ctl_config::target_list(&client, json, out)
+                }
+                TargetCommand::Add { name, json } => {
+                    ironlun::ctl_config::target_change(&client, &name, true, json, out)
+                }
+                TargetCommand::Remove { name, json } => {
+                    ironlun::ctl_config::target_change(&client, &name, false, json, out)
+                }
+            }
+        }
         CtlCommand::Portal { command } => {
             use ironlun::ctl_config as cc;
             let out = &mut std::io::stdout().lock();

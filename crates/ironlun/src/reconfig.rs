@@ -40,6 +40,10 @@ pub struct Diff {
     pub portals_removed: Vec<(SocketAddr, u16)>,
     /// Targets whose `allowed_initiators`, LUN masking or CHAP changed.
     pub access_changed: Vec<String>,
+    /// Targets in the new config only.
+    pub targets_added: Vec<String>,
+    /// Targets in the running config only.
+    pub targets_removed: Vec<String>,
     /// Differences that only a restart applies, one line each (`target X: added`).
     pub needs_restart: Vec<String>,
 }
@@ -109,12 +113,12 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
     };
     for t in &old.targets {
         if find(new, &t.name).is_none() {
-            restart(&format!("target {}: removed", t.name));
+            d.targets_removed.push(t.name.clone());
         }
     }
     for nt in &new.targets {
         let Some(ot) = find(old, &nt.name).and_then(|i| old.targets.get(i)) else {
-            restart(&format!("target {}: added", nt.name));
+            d.targets_added.push(nt.name.clone());
             continue;
         };
         if ot.alias != nt.alias || ot.max_sessions != nt.max_sessions {
@@ -365,6 +369,19 @@ impl Live {
                 .or_default()
                 .push((*id, Arc::new(h)));
         }
+        let mut new_targets = Vec::new();
+        for name in &d.targets_added {
+            let t = new
+                .targets
+                .iter()
+                .find(|x| &x.name == name)
+                .ok_or_else(|| bad(format!("target {name} vanished")))?;
+            let ts = self
+                .registry
+                .open_target(new, t)
+                .map_err(|e| bad(format!("target {name}: {e}")))?;
+            new_targets.push(Arc::new(ts));
+        }
         let mut applied = Vec::new();
         // Grow before the LUN set changes: a failed resize leaves everything as it was.
         for (t, id, old, size) in &d.luns_resized {
@@ -419,8 +436,46 @@ impl Live {
                 luns_changed(h);
             }
         }
+        if !d.targets_added.is_empty() || !d.targets_removed.is_empty() {
+            let mut all: Vec<Arc<crate::target::TargetState>> = self
+                .registry
+                .targets()
+                .iter()
+                .filter(|t| {
+                    !d.targets_removed
+                        .iter()
+                        .any(|r| r.eq_ignore_ascii_case(&t.name))
+                })
+                .cloned()
+                .collect();
+            for name in &d.targets_removed {
+                if let Some(t) = self.registry.target(name) {
+                    for (id, h) in t.luns().iter() {
+                        if let Err(e) = h.backend.flush() {
+                            tracing::warn!(target = %name, lun = id, error = %e, "flush of a removed target's LUN failed");
+                        }
+                    }
+                }
+                applied.push(format!("target {name}: removed"));
+            }
+            for t in new_targets {
+                applied.push(format!("target {}: added", t.name));
+                all.push(t);
+            }
+            self.registry.set_targets(all);
+        }
         // The running config follows what was applied.
         let mut next = running.clone();
+        next.targets.retain(|t| {
+            !d.targets_removed
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&t.name))
+        });
+        for name in &d.targets_added {
+            if let Some(t) = new.targets.iter().find(|x| &x.name == name) {
+                next.targets.push(t.clone());
+            }
+        }
         for name in &d.access_changed {
             let (Some(t), Some(nt)) = (
                 next.targets
@@ -461,6 +516,15 @@ impl Live {
                         applied.push(format!("portal {a} tpgt {t}: added, listening on {bound}"));
                     }
                     Err(e) => applied.push(format!("portal {a} tpgt {t}: NOT added: {e}")),
+                }
+            }
+            if !d.targets_removed.is_empty() || !d.targets_added.is_empty() {
+                c.refresh(&next);
+                for name in &d.targets_removed {
+                    let n = c.close_sessions(name, |_| false);
+                    if n > 0 {
+                        applied.push(format!("target {name}: {n} session(s) closed"));
+                    }
                 }
             }
             if !d.access_changed.is_empty() {
@@ -790,6 +854,55 @@ pub fn set_size(
     Ok(())
 }
 
+/// Append a `[[target]]` table named `name` (no LUNs yet).
+pub fn add_target(doc: &mut toml_edit::DocumentMut, name: &str) -> Result<(), ChangeError> {
+    if target_table(doc, name).is_ok() {
+        return Err(ChangeError {
+            status: 409,
+            message: format!("target {name} exists"),
+        });
+    }
+    let mut t = toml_edit::Table::new();
+    t.insert("name", toml_edit::value(name));
+    match doc.get_mut("target") {
+        Some(item) => item
+            .as_array_of_tables_mut()
+            .ok_or_else(|| bad("`target` is not an array of tables"))?
+            .push(t),
+        None => {
+            let mut a = toml_edit::ArrayOfTables::new();
+            a.push(t);
+            doc.insert("target", toml_edit::Item::ArrayOfTables(a));
+        }
+    }
+    Ok(())
+}
+
+/// Remove target `name` with its LUNs.
+pub fn remove_target(doc: &mut toml_edit::DocumentMut, name: &str) -> Result<(), ChangeError> {
+    let targets = doc
+        .get_mut("target")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| not_found(format!("no target {name}")))?;
+    let idx = targets
+        .iter()
+        .position(|t| {
+            t.get("name")
+                .and_then(toml_edit::Item::as_str)
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+        .ok_or_else(|| not_found(format!("no target {name}")))?;
+    targets.remove(idx);
+    Ok(())
+}
+
+/// `POST /v1/targets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRequest {
+    pub name: String,
+}
+
 /// Append a `[[portal]]` table.
 pub fn add_portal(
     doc: &mut toml_edit::DocumentMut,
@@ -1016,7 +1129,7 @@ fn backstore_name(k: &config::BackstoreKind) -> &'static str {
 /// `GET /v1/luns`: every LUN of the running daemon.
 pub fn luns_json(registry: &Registry, cfg: Option<&Config>) -> LunsJson {
     let mut luns = Vec::new();
-    for t in &registry.targets {
+    for t in registry.targets().iter() {
         for (id, h) in t.luns().iter() {
             let backstore = cfg
                 .and_then(|c| c.targets.iter().find(|x| x.name == t.name))
@@ -1163,8 +1276,24 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
         }
         ["v1", "targets"] => match method {
             "GET" => json(200, &targets_json(&live.config())),
-            _ => wrong("GET"),
+            "POST" => {
+                let req: TargetRequest = match parse(body) {
+                    Ok(r) => r,
+                    Err(r) => return Some(r),
+                };
+                blocking(live, move |l| l.change(|doc| add_target(doc, &req.name))).await
+            }
+            _ => wrong("GET, POST"),
         },
+        ["v1", "targets", t] => {
+            if method != "DELETE" {
+                return Some(wrong("DELETE"));
+            }
+            let Some(t) = decode(t) else {
+                return Some(Response::error(400, "bad target name in path"));
+            };
+            blocking(live, move |l| l.change(|doc| remove_target(doc, &t))).await
+        }
         ["v1", "portals"] => match method {
             "GET" => {
                 let portals = live
@@ -1355,11 +1484,8 @@ mod tests {
         assert_eq!(d.access_changed, vec!["iqn.2026-11.x:b".to_string()]);
         assert!(d.portals_added.is_empty() && d.portals_removed.is_empty());
         let all = d.needs_restart.join("\n");
-        for want in [
-            "every portal replaced",
-            "[limits]",
-            "target iqn.2026-11.x:c: added",
-        ] {
+        assert_eq!(d.targets_added, vec!["iqn.2026-11.x:c".to_string()]);
+        for want in ["every portal replaced", "[limits]"] {
             assert!(all.contains(want), "{want} in {all}");
         }
     }

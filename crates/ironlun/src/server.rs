@@ -151,8 +151,8 @@ impl Control {
         }
     }
 
-    /// Close the sessions to `target` of initiators `keep` refuses (an ACL entry removed);
-    /// returns how many were told to close.
+    /// Close the sessions to `target` of initiators `keep` refuses (an ACL entry or the
+    /// target removed); returns how many were told to close.
     pub fn close_sessions(&self, target: &str, keep: impl Fn(&str) -> bool) -> usize {
         let mut live = self.live.lock();
         let doomed: Vec<SessionKey> = live
@@ -162,8 +162,8 @@ impl Control {
             .collect();
         for k in &doomed {
             if let Some((_, tx)) = live.remove(k) {
-                tracing::info!(initiator = %k.0, target = %k.2, "closing the session: no longer in the target's ACL");
-                let _ = tx.send("initiator removed from the target's ACL");
+                tracing::info!(initiator = %k.0, target = %k.2, "closing the session: target removed or initiator no longer allowed");
+                let _ = tx.send("target removed or initiator no longer allowed");
             }
         }
         doomed.len()

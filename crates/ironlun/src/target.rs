@@ -328,7 +328,8 @@ impl TargetState {
 
 /// Everything the daemon serves.
 pub struct Registry {
-    pub targets: Vec<Arc<TargetState>>,
+    /// Swapped whole when targets are added or removed while running ([`crate::reconfig`]).
+    targets: std::sync::RwLock<Arc<Vec<Arc<TargetState>>>>,
     /// PR OUT, ownership and handover events of every LU (the admin API's `/v1/events`).
     pub events: Arc<EventLog>,
     /// ALUA target port groups (SPC-4 §5.16), the same for every LU; changed through
@@ -377,7 +378,7 @@ impl Registry {
             )));
         }
         Ok(Registry {
-            targets,
+            targets: std::sync::RwLock::new(Arc::new(targets)),
             events,
             port_groups: Mutex::new(port_groups),
             next_nexus: AtomicU64::new(1),
@@ -406,8 +407,38 @@ impl Registry {
         )
     }
 
-    pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
+    /// The targets now.
+    pub fn targets(&self) -> Arc<Vec<Arc<TargetState>>> {
         self.targets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace the target set: new logins find the new set; running sessions keep theirs.
+    pub(crate) fn set_targets(&self, targets: Vec<Arc<TargetState>>) {
+        *self
+            .targets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(targets);
+    }
+
+    /// Open target `t` of `cfg` with its LUNs, as [`Registry::build`] does.
+    pub fn open_target(&self, cfg: &Config, t: &config::Target) -> Result<TargetState, String> {
+        let mut luns = BTreeMap::new();
+        for l in &t.luns {
+            luns.insert(l.id, Arc::new(self.open_lun(cfg, &t.name, l)?));
+        }
+        Ok(TargetState::new(
+            t.name.clone(),
+            t.alias.clone(),
+            luns,
+            t.masking.clone(),
+        ))
+    }
+
+    pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
+        self.targets()
             .iter()
             .find(|t| t.name.eq_ignore_ascii_case(name))
             .cloned()
@@ -433,7 +464,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let changed = groups.set_state(id, state)?;
-        for t in &self.targets {
+        for t in self.targets().iter() {
             for l in t.luns().values() {
                 l.lu().set_port_group_state(id, state)?;
             }
@@ -465,7 +496,7 @@ impl Registry {
 
     /// Flush every backend (graceful shutdown).
     pub fn flush_all(&self) {
-        for t in &self.targets {
+        for t in self.targets().iter() {
             for (id, l) in t.luns().iter() {
                 if let Err(e) = l.backend.flush() {
                     tracing::error!(target = %t.name, lun = id, error = %e, "flush at shutdown failed");

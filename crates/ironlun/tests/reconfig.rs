@@ -532,3 +532,67 @@ async fn ctl_portal_and_acl() {
         text(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_target_add_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let file = dir.path().join("ironlun.toml");
+    let io = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:rc-io", 0).await;
+    const NEW: &str = "iqn.2026-11.io.ironlun:new";
+
+    let out = ctl_async(&d.admin, &["target", "add", NEW]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("applied: target {NEW}: added")));
+    let out = ctl_async(
+        &d.admin,
+        &[
+            "lun",
+            "add",
+            &format!("{NEW}/0"),
+            "--backstore",
+            "ram",
+            "--size",
+            "1M",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let sn = session_to(d.addr, NEW, "iqn.2026-11.io.ironlun:rc-n").await;
+    assert_eq!(report_luns(&sn).await.1, vec![0]);
+    let out = ctl_async(&d.admin, &["target", "add", NEW]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("exists"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Removing X closes its sessions and refuses new logins; other targets keep running.
+    let sx = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-x").await;
+    let out = ctl_async(&d.admin, &["target", "remove", X]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.contains(&format!("applied: target {X}: removed")), "{o}");
+    let deadline = Instant::now() + PROMPT;
+    while let Ok(Ok(_)) = tokio::time::timeout(PROMPT, sx.test_unit_ready(0)).await {
+        assert!(
+            Instant::now() < deadline,
+            "session to a removed target still served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Session::connect(
+        d.addr,
+        LoginOptions::new("iqn.2026-11.io.ironlun:rc-x", Some(X.to_owned()))
+    )
+    .await
+    .is_err());
+    let c = Config::load(&file, None).unwrap();
+    let names: Vec<&str> = c.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, vec![TARGET, NEW]);
+    assert_eq!(sn.test_unit_ready(0).await.unwrap().status, 0);
+    sn.logout().await.unwrap();
+    io.progress(3).await;
+    io.finish().await;
+}
