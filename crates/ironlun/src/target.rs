@@ -810,6 +810,10 @@ impl Nexus {
         const REPORT_LUNS: u8 = 0xa0;
         let view = self.view();
         if cdb.first() == Some(&REPORT_LUNS) {
+            // It clears REPORTED LUNS DATA HAS CHANGED on every LU of the nexus (SPC-4 §6.33).
+            for l in view.values() {
+                l.lu().report_luns_seen(self.id);
+            }
             let luns: Vec<u64> = view.keys().copied().collect();
             return Started::Done(to_wire(lu::report_luns(&cdb, &luns)), None);
         }

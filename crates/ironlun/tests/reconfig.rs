@@ -159,6 +159,9 @@ async fn ctl_lun_add_and_remove_live_and_saved() {
     let r = s.test_unit_ready(LUN1).await.unwrap();
     assert_eq!(r.status, 2);
     assert_eq!(sense(&r.sense), (5, 0x25, 0x00));
+    // REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED (SPC-4 §6.33): LUN 0 is GOOD at once.
+    assert_eq!(report_luns(&s).await.1, vec![0]);
+    assert_eq!(s.test_unit_ready(0).await.unwrap().status, 0);
 
     // Bad input: exit 1 with a clear message, the file unchanged.
     let before = std::fs::read_to_string(&file).unwrap();
