@@ -13,7 +13,7 @@ echo "== installing test dependencies"
 bash scripts/install-deps.sh
 
 echo "== tier 1: the benchmark report renderers (scripts/bench: results, table, chart)"
-python3 -m unittest discover -s scripts/bench -p 'test_*.py'
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s scripts/bench -p 'test_*.py'
 
 echo "== tiers 1-4: unit, property, in-memory and daemon tests"
 cargo build --release -p ironlun
