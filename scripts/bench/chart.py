@@ -70,9 +70,10 @@ def _subtitle(meta):
     runs = f"median of {reps} repetitions" if reps and reps > 1 else "one repetition" if reps else "median"
     per = f" ({secs} s per iscsi-perf run)" if secs else ""
     built = "; ironlun binary built separately" if meta.get("binary") else ""
+    marks = "no min–max whiskers with one repetition" if reps == 1 else "whiskers: min–max"
     return ("Both targets on 127.0.0.1 serve the same page-cached 1 GiB file; the same client commands run "
             f"against each, alternating{built}.",
-            f"Bar: {runs}{per}; whiskers: min–max. Each row has its own scale, starting at zero.")
+            f"Bar: {runs}{per}; {marks}. Each row has its own scale, starting at zero.")
 
 
 def render(vals, meta):
@@ -92,8 +93,8 @@ def render(vals, meta):
     _text(svg, LABEL_X, 46, sub1, size=11.5, fill=GREY)
     _text(svg, LABEL_X, 61, sub2, size=11.5, fill=GREY)
     if meta.get("quick"):
-        _text(svg, LABEL_X, 80, "Quick run (scripts/bench.sh -q: 1 repetition, 2 s runs) on a shared machine: "
-              "checks the script, not representative.", size=12, fill=BAD, weight="bold")
+        _text(svg, LABEL_X, 80, "Quick run (scripts/bench.sh -q: 1 repetition, 2 s runs): it checks that the "
+              "script works; its numbers are not representative.", size=12, fill=BAD, weight="bold")
     # legend and column heads
     y = head - 14
     x = BAR_X
