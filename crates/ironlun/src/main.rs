@@ -170,6 +170,9 @@ enum Command {
         /// [env: IRONLUN_ADMIN_TOKEN_FILE].
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Print the admin API's JSON instead of a table (also accepted after the subcommand).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -203,10 +206,11 @@ fn main() -> ExitCode {
     if let Command::Ctl {
         admin,
         token_file,
+        json,
         command,
     } = cli.command
     {
-        return run_ctl(admin, token_file, command);
+        return run_ctl(admin, token_file, json, command);
     }
     if let Command::Vhd { command } = &cli.command {
         let mut out = std::io::stdout().lock();
@@ -291,7 +295,13 @@ fn cli_docs(command: &Command) -> ExitCode {
     }
 }
 
-fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlCommand) -> ExitCode {
+/// `all_json` is `ctl --json`; each subcommand's own `--json` is ORed with it.
+fn run_ctl(
+    admin: Option<String>,
+    token_file: Option<PathBuf>,
+    all_json: bool,
+    command: CtlCommand,
+) -> ExitCode {
     let url = admin
         .or_else(|| {
             std::env::var("IRONLUN_ADMIN")
@@ -307,7 +317,7 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
     let result = ctl::Client::new(&url, token_file.as_deref()).and_then(|client| match command {
         CtlCommand::Reservations { lun, json } => {
             let mut out = std::io::stdout().lock();
-            ctl::reservations(&client, lun.as_ref(), json, &mut out)
+            ctl::reservations(&client, lun.as_ref(), json || all_json, &mut out)
         }
         CtlCommand::Own {
             lun,
@@ -319,18 +329,27 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
             &lun,
             &host,
             epoch,
-            json,
+            json || all_json,
             &mut std::io::stdout().lock(),
         ),
-        CtlCommand::Ownership { lun, json } => {
-            ctl::ownership(&client, lun.as_ref(), json, &mut std::io::stdout().lock())
-        }
-        CtlCommand::Events { since, json } => {
-            ctl::events(&client, since, json, &mut std::io::stdout().lock())
-        }
-        CtlCommand::PortGroup { id, state, json } => {
-            ironlun::port_groups::ctl(&client, id.zip(state), json, &mut std::io::stdout().lock())
-        }
+        CtlCommand::Ownership { lun, json } => ctl::ownership(
+            &client,
+            lun.as_ref(),
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::Events { since, json } => ctl::events(
+            &client,
+            since,
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::PortGroup { id, state, json } => ironlun::port_groups::ctl(
+            &client,
+            id.zip(state),
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {
                 HandoverCommand::Prepare(a) => ("prepare", a, None, None),
@@ -349,7 +368,13 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                 deadline_ms,
                 on_deadline,
             };
-            ctl::handover(&client, name, &h, a.json, &mut std::io::stdout().lock())
+            ctl::handover(
+                &client,
+                name,
+                &h,
+                a.json || all_json,
+                &mut std::io::stdout().lock(),
+            )
         }
     });
     match result {
