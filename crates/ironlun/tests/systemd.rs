@@ -61,10 +61,22 @@ fn unit_passes_systemd_analyze_verify() {
     );
 }
 
+/// A daemon killed on drop, so that a failing test leaves none behind.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The daemon with `NOTIFY_SOCKET` (and `extra` variables); returns it once its `admin` line
 /// is printed.
-fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> std::process::Child {
-    let mut child = Command::new(BIN)
+fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> Guard {
+    let child = Command::new(BIN)
         .args([
             "serve",
             "--listen",
@@ -83,7 +95,8 @@ fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> std::p
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = Guard(child);
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let mut seen_listening = false;
     loop {
         let l = lines.next().expect("stdout ended early").unwrap();
@@ -108,9 +121,9 @@ fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
     }
 }
 
-fn sigterm(child: &std::process::Child) {
+fn sigterm(child: &Guard) {
     let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
@@ -171,7 +184,7 @@ fn ready_watchdog_and_stopping_on_a_path_socket() {
         got[..got.len() - 1].iter().all(|m| m == "WATCHDOG=1"),
         "{got:?}"
     );
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -198,5 +211,5 @@ fn abstract_socket_and_foreign_watchdog_pid() {
     sigterm(&child);
     let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
     assert_eq!(got.len(), 1, "{got:?}");
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
