@@ -10,6 +10,8 @@
 #   python3-libvhdi   an independent VHD reader (libvhdi, with parent support) for the
 #                     differencing-chain tests: qemu-img neither creates nor follows VHD parents
 #   util-linux        losetup, for the block-device backstore test on a loop device
+#   groff-base        groff, to render the generated man pages with warnings on (crates/ironlun/tests/cli_docs.rs)
+#   systemd           systemd-analyze verify, for conf/ironlun.service (crates/ironlun/tests/systemd.rs)
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -21,6 +23,8 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 /usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v groff >/dev/null || need+=(groff-base)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 
 updated=0
 apt_update() { if [ $updated = 0 ]; then $SUDO apt-get update -qq; updated=1; fi; }
@@ -63,7 +67,7 @@ if [ -n "$qver" ] && [ "$qver" != "$sver" ]; then
 fi
 
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3 groff systemd-analyze; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }

@@ -213,7 +213,14 @@ impl Server {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
                     let sd = shutdown.clone();
-                    let span = tracing::info_span!("conn", %peer);
+                    // initiator, target and tsih are recorded at login (`crate::logging`).
+                    let span = tracing::info_span!(
+                        "conn",
+                        %peer,
+                        initiator = tracing::field::Empty,
+                        target = tracing::field::Empty,
+                        tsih = tracing::field::Empty
+                    );
                     let serve = move |s: TcpStream| async move {
                         if let Err(e) = serve_connection(s, pc, reg, live, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
@@ -438,6 +445,12 @@ async fn serve_connection(
                     let digests = conn
                         .connection_params()
                         .map(|p| (p.header_digest, p.data_digest));
+                    let span = tracing::Span::current();
+                    span.record("initiator", info.initiator_name.as_str());
+                    if let Some(t) = &info.target_name {
+                        span.record("target", t.as_str());
+                    }
+                    span.record("tsih", info.tsih);
                     tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
                     if let Some(target) = &info.target_name {
                         let key = (
