@@ -6,6 +6,7 @@ pub mod backend;
 pub mod caw_gate;
 pub mod config;
 pub mod ctl;
+pub mod metrics;
 pub mod migrate;
 pub mod port_groups;
 pub mod server;
