@@ -978,3 +978,203 @@ pub fn render(registry: &Registry) -> String {
         .collect();
     render_parts(&luns, &DAEMON)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use bytes::Bytes;
+
+    fn completion(status: u8, sense: &[u8], data_in: usize) -> ScsiCompletion {
+        ScsiCompletion {
+            status,
+            sense: Bytes::copy_from_slice(sense),
+            data_in: Bytes::from(vec![0; data_in]),
+        }
+    }
+
+    /// The lines of `text` that start with `prefix`.
+    fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_inf_sum_and_count() {
+        static BOUNDS: &[u64] = &[1_000, 1_000_000];
+        let h = Histogram::new(BOUNDS);
+        h.observe(500);
+        h.observe(1_000);
+        h.observe(2_000);
+        h.observe(5_000_000_000);
+        let mut e = Exposition { out: String::new() };
+        e.histogram("x_seconds", "a=\"1\"", &h);
+        assert_eq!(
+            e.out,
+            "x_seconds_bucket{a=\"1\",le=\"0.000001\"} 2\n\
+             x_seconds_bucket{a=\"1\",le=\"0.001\"} 3\n\
+             x_seconds_bucket{a=\"1\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{a=\"1\"} 5.0000035\n\
+             x_seconds_count{a=\"1\"} 4\n"
+        );
+        assert_eq!(h.count(), 4);
+        let mut e = Exposition { out: String::new() };
+        e.histogram("y", "", &Histogram::new(BOUNDS));
+        assert_eq!(
+            e.out,
+            "y_bucket{le=\"0.000001\"} 0\ny_bucket{le=\"0.001\"} 0\ny_bucket{le=\"+Inf\"} 0\ny_sum 0\ny_count 0\n"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert_eq!(
+            labels(&[("target", "iqn.x:\"t\""), ("lun", "0")]),
+            "target=\"iqn.x:\\\"t\\\"\",lun=\"0\""
+        );
+    }
+
+    #[test]
+    fn sense_keys_of_fixed_and_descriptor_format() {
+        assert_eq!(sense_key(&[0x70, 0, 0x05, 0, 0, 0, 0, 10]), Some(5));
+        assert_eq!(sense_key(&[0xf1, 0, 0x26]), Some(6));
+        assert_eq!(sense_key(&[0x72, 0x02, 0x3a, 0]), Some(2));
+        assert_eq!(sense_key(&[0x73, 0x0b]), Some(11));
+        assert_eq!(sense_key(&[]), None);
+        assert_eq!(sense_key(&[0x70]), None);
+        assert_eq!(sense_key(&[0x7f, 0x05, 0x05]), None);
+    }
+
+    #[test]
+    fn login_failure_reasons_follow_the_status_table() {
+        let name = |c, d| LOGIN_FAILURES[login_failure_index(c, d)];
+        assert_eq!(name(1, 1), "target_moved");
+        assert_eq!(name(2, 0), "initiator_error");
+        assert_eq!(name(2, 1), "authentication_failed");
+        assert_eq!(name(2, 2), "authorization_failure");
+        assert_eq!(name(2, 3), "target_not_found");
+        assert_eq!(name(2, 5), "unsupported_version");
+        assert_eq!(name(2, 6), "too_many_connections");
+        assert_eq!(name(2, 7), "missing_parameter");
+        assert_eq!(name(2, 11), "invalid_during_login");
+        assert_eq!(name(3, 0), "target_error");
+        assert_eq!(name(3, 2), "out_of_resources");
+        assert_eq!(name(2, 12), "other");
+        assert_eq!(name(3, 3), "other");
+        assert_eq!(name(0, 0), "other");
+    }
+
+    #[test]
+    fn a_probe_counts_each_command_once_by_direction_and_outcome() {
+        let lu = Arc::new(LuMetrics::new());
+        let s = Arc::new(SessionMetrics::new("t", "i", [0x80, 0, 0, 0, 0, 1], 1));
+        // A write of 4 KiB, a read returning 512 bytes, a TUR.
+        let p = Probe::begin(Some(&lu), &s, &[0x2a], 4096);
+        assert_eq!(lu.io.in_flight.load(Relaxed), 1);
+        p.end(Some(&lu), &s, &completion(0, &[], 0));
+        Probe::begin(Some(&lu), &s, &[0x28], 0).end(Some(&lu), &s, &completion(0, &[], 512));
+        Probe::begin(Some(&lu), &s, &[0x00], 0).end(Some(&lu), &s, &completion(0, &[], 0));
+        // A failed command, a conflict, a PR OUT PREEMPT, a PR OUT that failed.
+        let illegal = [0x70, 0, 0x05, 0, 0, 0, 0, 0];
+        Probe::begin(Some(&lu), &s, &[0xff], 0).end(Some(&lu), &s, &completion(2, &illegal, 0));
+        Probe::begin(Some(&lu), &s, &[0x28], 0).end(Some(&lu), &s, &completion(0x18, &[], 0));
+        Probe::begin(Some(&lu), &s, &[0x5f, 0x04], 24).end(Some(&lu), &s, &completion(0, &[], 0));
+        Probe::begin(Some(&lu), &s, &[0x5f, 0x01], 24).end(
+            Some(&lu),
+            &s,
+            &completion(0x18, &[], 0),
+        );
+        // Dropped before completion: leaves the queue, not counted.
+        let pending = Probe::begin(Some(&lu), &s, &[0x2a], 512).pending(Some(&lu), &s);
+        assert_eq!(lu.io.in_flight.load(Relaxed), 1);
+        drop(pending);
+        // Without an LU (REPORT LUNS, a LUN not seen): the session's only.
+        Probe::begin(None, &s, &[0xa0], 0).end(None, &s, &completion(0, &[], 16));
+
+        assert_eq!(lu.io.commands(Direction::Write), 3);
+        assert_eq!(lu.io.commands(Direction::Read), 1);
+        assert_eq!(lu.io.commands(Direction::None), 3);
+        assert_eq!(s.io.commands(Direction::Read), 2);
+        assert_eq!(lu.io.in_flight.load(Relaxed), 0);
+        assert_eq!(s.io.in_flight.load(Relaxed), 0);
+        assert_eq!(lu.io.bytes[0].load(Relaxed), 512);
+        assert_eq!(lu.io.bytes[1].load(Relaxed), 4096 + 48);
+        assert_eq!(lu.latency[1].count(), 3);
+        assert_eq!(lu.check_conditions[5].load(Relaxed), 1);
+        assert_eq!(lu.reservation_conflicts.load(Relaxed), 2);
+        assert_eq!(lu.pr_out[4].load(Relaxed), 1);
+        assert_eq!(lu.pr_out[1].load(Relaxed), 0);
+    }
+
+    #[test]
+    fn renders_every_family_with_help_and_type_and_lu_samples() {
+        let d: &'static Daemon = Box::leak(Box::new(Daemon::new()));
+        d.started();
+        d.login(Some("iqn.x:t"));
+        d.login(None);
+        d.login_failed(2, 3);
+        let open = d.portal("127.0.0.1:3260").accept();
+        let entry = d.register_session("iqn.x:t", "iqn.x:i", [0x80, 0x12, 0, 0, 0, 1], 1);
+        let lu = LuMetrics::new();
+        Probe::begin(Some(&lu), &entry.metrics, &[0x28], 0).end(
+            Some(&lu),
+            &entry.metrics,
+            &completion(0, &[], 4096),
+        );
+        lu.handover(
+            HandoverResult::Committed,
+            Some(std::time::Duration::from_millis(3)),
+        );
+        let text = render_parts(&[("iqn.x:t", 7, &lu)], d);
+        for (name, ty, help) in FAMILIES {
+            assert!(
+                text.contains(&format!("# HELP {name} {help}\n# TYPE {name} {ty}\n")),
+                "{name} missing:\n{text}"
+            );
+        }
+        let l = "target=\"iqn.x:t\",lun=\"7\"";
+        assert_eq!(
+            lines(&text, "ironlun_lu_commands_total"),
+            [
+                format!("ironlun_lu_commands_total{{{l},direction=\"read\"}} 1"),
+                format!("ironlun_lu_commands_total{{{l},direction=\"write\"}} 0"),
+                format!("ironlun_lu_commands_total{{{l},direction=\"none\"}} 0"),
+            ]
+        );
+        assert_eq!(
+            lines(&text, "ironlun_lu_bytes_total"),
+            [
+                format!("ironlun_lu_bytes_total{{{l},direction=\"read\"}} 4096"),
+                format!("ironlun_lu_bytes_total{{{l},direction=\"write\"}} 0"),
+            ]
+        );
+        assert!(text.contains(&format!(
+            "ironlun_lu_handovers_total{{{l},result=\"committed\"}} 1\n"
+        )));
+        assert!(text.contains(&format!(
+            "ironlun_lu_handover_switch_seconds_bucket{{{l},le=\"0.0025\"}} 0\nironlun_lu_handover_switch_seconds_bucket{{{l},le=\"0.005\"}} 1\n"
+        )));
+        assert!(text.contains(&format!("ironlun_lu_queue_depth{{{l}}} 0\n")));
+        let sl = "target=\"iqn.x:t\",initiator=\"iqn.x:i\",isid=\"801200000001\",tpgt=\"1\"";
+        assert!(text.contains(&format!(
+            "ironlun_session_bytes_total{{{sl},direction=\"read\"}} 4096\n"
+        )));
+        assert!(text.contains("ironlun_logins_total{target=\"iqn.x:t\"} 1\n"));
+        assert!(text.contains("ironlun_discovery_logins_total 1\n"));
+        assert!(text.contains("ironlun_login_failures_total{reason=\"target_not_found\"} 1\n"));
+        assert!(text.contains("ironlun_login_failures_total{reason=\"authentication_failed\"} 0\n"));
+        assert!(text.contains("ironlun_connections_accepted_total{portal=\"127.0.0.1:3260\"} 1\n"));
+        assert!(text.contains("ironlun_connections_open{portal=\"127.0.0.1:3260\"} 1\n"));
+        assert!(text.contains(&format!(
+            "ironlun_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+        // The session's series go with its entry; the connection leaves the open gauge.
+        drop(entry);
+        drop(open);
+        let text = render_parts(&[], d);
+        assert!(!text.contains("iqn.x:i"), "{text}");
+        assert!(text.contains("ironlun_connections_open{portal=\"127.0.0.1:3260\"} 0\n"));
+        assert!(text.contains("# TYPE ironlun_lu_commands_total counter\n"));
+    }
+}
