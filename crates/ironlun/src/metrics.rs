@@ -1177,4 +1177,63 @@ mod tests {
         assert!(text.contains("ironlun_connections_open{portal=\"127.0.0.1:3260\"} 0\n"));
         assert!(text.contains("# TYPE ironlun_lu_commands_total counter\n"));
     }
+
+    /// Every PromQL expression of a Grafana dashboard (panel targets and template queries).
+    pub(crate) fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", serde_json::Value::String(e)) => {
+                            out.push(e.clone())
+                        }
+                        _ => dashboard_exprs(x, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| dashboard_exprs(x, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn dashboard_uses_only_rendered_families() {
+        let text = include_str!("../../../conf/grafana/ironlun-dashboard.json");
+        let dash: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
+        let mut exprs = Vec::new();
+        dashboard_exprs(&dash, &mut exprs);
+        assert!(exprs.len() > 20, "{exprs:?}");
+        let mut used = std::collections::BTreeSet::new();
+        for e in &exprs {
+            let mut rest = e.as_str();
+            while let Some(at) = rest.find("ironlun_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                let family = FAMILIES.iter().find(|(f, ty, _)| {
+                    *f == name
+                        || (*ty == "histogram"
+                            && ["_bucket", "_sum", "_count"]
+                                .iter()
+                                .any(|s| name.strip_suffix(s) == Some(f)))
+                });
+                assert!(family.is_some(), "{name} (in {e}) is not rendered");
+                used.insert(family.unwrap().0);
+                rest = &tail[end..];
+            }
+        }
+        // Every family is on the dashboard.
+        for (f, _, _) in FAMILIES {
+            assert!(used.contains(f), "{f} is not on the dashboard");
+        }
+        // Every panel queries the dashboard's Prometheus input.
+        for p in dash["panels"].as_array().unwrap() {
+            if p["type"] != "row" {
+                assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+            }
+        }
+    }
 }

@@ -475,3 +475,61 @@ fn promtool_accepts(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The PromQL of every dashboard panel parses: each `expr`, with Grafana's variables replaced
+/// by values, as a recording rule that `promtool check rules` accepts.
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../conf/grafana/ironlun-dashboard.json"
+    ))
+    .unwrap();
+    let dash: Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dash, &mut exprs);
+    assert!(exprs.len() > 20);
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$__range", "1h")
+            .replace("$job", ".*")
+            .replace("$target", ".*")
+            .replace("$lun", ".*");
+        assert!(!e.contains('$'), "unreplaced variable in {e}");
+        rules.push_str(&format!(
+            "      - record: dashboard:expr_{i}\n        expr: '{}'\n",
+            e.replace('\'', "''")
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, &rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool (scripts/install-deps.sh installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool check rules failed:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("expr", Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
+        _ => {}
+    }
+}
