@@ -42,19 +42,27 @@ impl Scrape {
     }
 }
 
-/// `GET /metrics` over a plain TCP connection (the client library reads JSON only).
-fn scrape(admin: &str) -> Scrape {
+/// `GET /metrics` (with `Authorization: Bearer TOKEN`) over a plain TCP connection (the
+/// client library reads JSON only): the status line, and the head and body.
+fn get_metrics(admin: &str, token: Option<&str>) -> (String, String) {
     let addr = admin.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(PROMPT)).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+fn scrape(admin: &str) -> Scrape {
+    let (head, body) = get_metrics(admin, None);
+    let body = body.as_str();
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     let content_type = head
         .lines()
@@ -473,6 +481,32 @@ fn promtool_accepts(text: &str) {
         "promtool check metrics failed:\n{}{}\n{text}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `/metrics` is behind the admin API's bearer token when one is configured.
+#[test]
+fn metrics_need_the_admin_token() {
+    const TOKEN: &str = "metrics-token-0123456789abcdef";
+    let config = format!(
+        "[admin]\ntoken_file = \"admin.token\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
+    );
+    let d = Daemon::start_with_config_files(&config, &[("admin.token", &format!("{TOKEN}\n"))]);
+    let (head, _) = get_metrics(d.admin_url(), None);
+    assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
+    let (head, _) = get_metrics(d.admin_url(), Some("wrong-token-0123456789abcdef"));
+    assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
+    let (head, body) = get_metrics(d.admin_url(), Some(TOKEN));
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(
+        body.contains(&format!(
+            "ironlun_lu_queue_depth{{target=\"{TARGET}\",lun=\"0\"}} 0\n"
+        )),
+        "{body}"
     );
 }
 
