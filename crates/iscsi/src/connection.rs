@@ -1869,6 +1869,7 @@ mod tests {
             assert_eq!(out.len(), 1, "{req:?}");
             assert_eq!(login_status(&out[0]), status, "{pairs:?}");
             assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+            assert_eq!(p.conn.login_failure(), Some(status));
             assert!(p.events().is_empty());
         }
     }
@@ -2614,6 +2615,10 @@ mod tests {
         );
         assert_eq!(status, (2, 2));
         assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert_eq!(
+            p.conn.login_failure(),
+            Some(LoginStatus::AUTHORIZATION_FAILURE)
+        );
         assert!(p.events().is_empty());
         assert_eq!(p.conn.config.sessions.live(), 0);
     }
@@ -3057,6 +3062,7 @@ mod tests {
         ));
         let out = p.recv();
         assert_eq!(login_status(&out[0]), LoginStatus::SUCCESS);
+        assert_eq!(p.conn.login_failure(), None);
         assert!(matches!(p.events().as_slice(), [Event::LoggedIn(_)]));
     }
 
@@ -3066,6 +3072,10 @@ mod tests {
         let r = chap_login(&mut p, "wrong-secret-1");
         assert_eq!(login_status(&r), LoginStatus::AUTHENTICATION_FAILURE);
         assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert_eq!(
+            p.conn.login_failure(),
+            Some(LoginStatus::AUTHENTICATION_FAILURE)
+        );
         assert!(p.events().is_empty());
     }
 
