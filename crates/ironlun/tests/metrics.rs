@@ -484,6 +484,98 @@ fn promtool_accepts(text: &str) {
     );
 }
 
+/// Commands that finish on a task of their own (file LUN: FUA writes, transfers above the
+/// inline limit, SYNCHRONIZE CACHE) run concurrently and are counted once each, like inline ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_commands_are_counted_once_at_queue_depth_eight() {
+    let config = format!(
+        "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"file\"\npath = \"lun0.img\"\nsize = \"64MiB\"\n"
+    );
+    let d = Daemon::start_with_config(&config);
+    let base = d.admin_url().to_owned();
+    let a = std::sync::Arc::new(login(d.addr, HOST_A).await);
+    let s1 = scrape(&base);
+    const LEN: usize = 256 * 1024; // 512 blocks, above the inline limit
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..6u32 {
+                let lba = u64::from(w * 6 + i) * 512;
+                let r = a
+                    .write16(0, lba, 512, Bytes::from(vec![7u8; LEN]), i % 2 == 0)
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, GOOD);
+                let r = a.read16(0, lba, 512, 512).await.unwrap();
+                assert_eq!((r.status, r.data.len()), (GOOD, LEN));
+            }
+            let r = a
+                .command(0, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], Bytes::new(), 0)
+                .await
+                .unwrap();
+            assert_eq!(r.status, GOOD);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s2 = scrape(&base);
+    for (series, want) in [
+        (
+            format!("ironlun_lu_commands_total{}", lu("direction=\"write\"")),
+            48.0,
+        ),
+        (
+            format!("ironlun_lu_commands_total{}", lu("direction=\"read\"")),
+            48.0,
+        ),
+        (
+            format!("ironlun_lu_commands_total{}", lu("direction=\"none\"")),
+            8.0,
+        ),
+        (
+            format!("ironlun_lu_bytes_total{}", lu("direction=\"write\"")),
+            48.0 * LEN as f64,
+        ),
+        (
+            format!("ironlun_lu_bytes_total{}", lu("direction=\"read\"")),
+            48.0 * LEN as f64,
+        ),
+        (
+            format!(
+                "ironlun_lu_command_duration_seconds_count{}",
+                lu("direction=\"write\"")
+            ),
+            48.0,
+        ),
+        (
+            format!(
+                "ironlun_lu_command_duration_seconds_count{}",
+                lu("direction=\"read\"")
+            ),
+            48.0,
+        ),
+        (
+            format!(
+                "ironlun_session_commands_total{}",
+                session_labels(HOST_A, "direction=\"write\"")
+            ),
+            48.0,
+        ),
+    ] {
+        assert_eq!(delta(&s1, &s2, &series), want, "{series}\n{}", s2.text);
+    }
+    let lu_depth = format!("ironlun_lu_queue_depth{}", lu(""));
+    let session_depth = format!(
+        "ironlun_session_queue_depth{}",
+        session_labels(HOST_A, "").replace(",}", "}")
+    );
+    for series in [lu_depth, session_depth] {
+        assert_eq!(s2.samples.get(&series), Some(&0.0), "{series}\n{}", s2.text);
+    }
+}
+
 /// `/metrics` is behind the admin API's bearer token when one is configured.
 #[test]
 fn metrics_need_the_admin_token() {
