@@ -175,7 +175,7 @@ pub const HANDOVER_RESULTS: [&str; 3] = ["committed", "aborted", "refused"];
 pub enum HandoverResult {
     /// A commit that moved the write access (not an idempotent retry).
     Committed = 0,
-    /// An abort through the admin API.
+    /// An abort through the admin API (a repeated abort of the same epoch counts again).
     Aborted = 1,
     /// A commit that failed (drain timeout with `refuse`, aborted epoch, flush or state error…).
     Refused = 2,
