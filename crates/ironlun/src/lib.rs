@@ -8,6 +8,7 @@ pub mod cli_docs;
 pub mod config;
 pub mod ctl;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod port_groups;
 pub mod sd_notify;

@@ -62,6 +62,7 @@ fn json<T: Serialize>(v: &T) -> Response {
                 status: 200,
                 body,
                 allow: "GET",
+                content_type: crate::admin::JSON,
             }
         }
         Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),

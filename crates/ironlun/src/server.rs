@@ -111,6 +111,7 @@ impl Drop for LiveSession {
 impl Server {
     /// Open every backend and bind every portal.
     pub async fn bind(cfg: &Config) -> Result<Server, String> {
+        crate::metrics::DAEMON.started();
         let registry = Arc::new(Registry::build(cfg)?);
         let mut bound = Vec::new();
         for p in &cfg.portals {
@@ -185,15 +186,17 @@ impl Server {
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
         let (conn_tx, mut conn_rx) =
-            mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
+            mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>, crate::metrics::OpenConnection)>();
         for (l, pc) in self.listeners {
             let tx = conn_tx.clone();
             let mut sd = shutdown.clone();
+            let portal = l.local_addr().map(fmt_addr).unwrap_or_default();
+            let counts = crate::metrics::DAEMON.portal(&portal);
             accepts.spawn(async move {
                 loop {
                     tokio::select! {
                         r = l.accept() => match r {
-                            Ok((s, peer)) => { if tx.send((s, peer, pc.clone())).is_err() { return; } }
+                            Ok((s, peer)) => { if tx.send((s, peer, pc.clone(), counts.accept())).is_err() { return; } }
                             Err(e) => {
                                 tracing::warn!(error = %e, "accept failed");
                                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -209,7 +212,7 @@ impl Server {
         let mut next_shard = 0usize;
         loop {
             tokio::select! {
-                Some((s, peer, pc)) = conn_rx.recv() => {
+                Some((s, peer, pc, open)) = conn_rx.recv() => {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
                     let sd = shutdown.clone();
@@ -222,6 +225,7 @@ impl Server {
                         tsih = tracing::field::Empty
                     );
                     let serve = move |s: TcpStream| async move {
+                        let _open = open;
                         if let Err(e) = serve_connection(s, pc, reg, live, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
@@ -430,6 +434,8 @@ async fn serve_connection(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
     let mut nexus: Option<Arc<Nexus>> = None;
+    // The session's entry in the metrics' session table, from login to the end.
+    let mut listed: Option<crate::metrics::SessionEntry> = None;
     let mut inflight: usize = 0;
     // EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
     // SET drop the sender, which stops the copy between chunks (crate::xcopy).
@@ -452,6 +458,7 @@ async fn serve_connection(
                     }
                     span.record("tsih", info.tsih);
                     tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
+                    crate::metrics::DAEMON.login(info.target_name.as_deref());
                     if let Some(target) = &info.target_name {
                         let key = (
                             info.initiator_name.to_ascii_lowercase(),
@@ -466,13 +473,23 @@ async fn serve_connection(
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
                         // The PR identity of this I_T nexus: initiator port (name + ISID) and
                         // the portal group it came in through (SPC-4 §7.6.4.6, RFC 7143 §4.4.1).
-                        nexus = Some(Arc::new(Nexus::attach_for(
-                            t,
-                            registry.new_nexus(),
+                        let entry = crate::metrics::DAEMON.register_session(
+                            &t.name,
                             &info.initiator_name,
                             info.isid,
                             info.portal_group_tag,
-                        )));
+                        );
+                        nexus = Some(Arc::new(
+                            Nexus::attach_for(
+                                t,
+                                registry.new_nexus(),
+                                &info.initiator_name,
+                                info.isid,
+                                info.portal_group_tag,
+                            )
+                            .with_metrics(entry.metrics.clone()),
+                        ));
+                        listed = Some(entry);
                     }
                 }
                 Event::Command(cmd) => match &nexus {
@@ -598,7 +615,11 @@ async fn serve_connection(
     }
     // Commands still running finish on their own; their results are dropped with `done_rx`.
     let _ = within(stall, wr.shutdown()).await;
+    if let Some(s) = conn.login_failure() {
+        crate::metrics::DAEMON.login_failed(s.class, s.detail);
+    }
     drop(nexus);
+    drop(listed);
     drop(registered);
     Ok(())
 }
