@@ -173,7 +173,17 @@ async fn counters_move_by_exactly_the_io_done() {
     )
     .await;
     assert!(wrong.is_err(), "login to a wrong target name succeeded");
-    let s1 = scrape(&base);
+    // The refused connection's task ends (and leaves the open-connection gauge) just after
+    // the initiator has read the refusal: wait for it.
+    let open = format!("ironlun_connections_open{{portal=\"{}\"}}", d.addr);
+    let mut s1 = scrape(&base);
+    for _ in 0..200 {
+        if s1.get(&open) == 2.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        s1 = scrape(&base);
+    }
     let sa = |extra: &str| session_labels(HOST_A, extra);
     let sb = |extra: &str| session_labels(HOST_B, extra);
     for l in [sa("direction=\"none\""), sb("direction=\"none\"")] {
