@@ -185,8 +185,12 @@ impl Server {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) =
-            mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>, crate::metrics::OpenConnection)>();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<(
+            TcpStream,
+            SocketAddr,
+            Arc<PortalConfig>,
+            crate::metrics::OpenConnection,
+        )>();
         for (l, pc) in self.listeners {
             let tx = conn_tx.clone();
             let mut sd = shutdown.clone();
