@@ -10,14 +10,17 @@
 # dynamic VHD holding the same data (qemu-img convert), both page-cached; reads and writes
 # alternate raw and VHD per repetition and the report gives the vhd/raw ratio against 80 %.
 #
-# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE] [-q] [--soak MINUTES] [--vhd-only]
+# Usage: scripts/bench.sh [-r REPS] [-t SECONDS] [-o FILE] [-q] [--soak MINUTES] [--vhd-only] [--publish]
 #   -r REPS         repetitions per workload and target (default 3)
 #   -t SECONDS      seconds per iscsi-perf and iperf3 run (default 5)
-#   -o FILE         also write the markdown report to FILE (default bench-results/latest.md)
+#   -o FILE         also write the markdown report to FILE (default bench-results/latest.md), the
+#                   results as JSON to FILE.json and the ironlun/tgt chart to FILE.svg (FILE
+#                   without its .md; scripts/bench/results.py, chart.py)
 #   -q              quick smoke test: 1 repetition, 2 s runs, smaller qemu-img counts
 #   --soak MINUTES  also run 4 KiB random read QD32 against ironlun for MINUTES, sampling its
 #                   RSS every 10 s, and report the growth (default: off)
-#   --vhd-only      only the VHD section (no tgt, RSS, iperf3 or RAM LUN)
+#   --vhd-only      only the VHD section (no tgt, RSS, iperf3 or RAM LUN; no chart)
+#   --publish       also copy the chart to docs/bench.svg, the one README.md shows
 #   (-q overrides -r and -t.) Default runtime: about 8-11 minutes on 2 cores (VHD section: about
 #   2.5 minutes, under 1 with -q).
 # Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT (3270), TGT_PORT (3271),
@@ -25,8 +28,8 @@
 # Needs root for tgtd (scripts/install-deps.sh installs tgt, iperf3, libiscsi-bin, qemu-utils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0; PUBLISH=0
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -r) REPS=${2:?}; shift 2 ;;
@@ -35,6 +38,7 @@ while [ $# -gt 0 ]; do
     -q) QUICK=1; shift ;;
     --soak) SOAK=${2:?}; shift 2 ;;
     --vhd-only) VHD_ONLY=1; shift ;;
+    --publish) PUBLISH=1; shift ;;
     *) usage ;;
   esac
 done
@@ -280,11 +284,12 @@ echo -e "rss_end\til\t$(rss_mib "$IL_PID")" >> "$RES"
 
 # --- report ---
 ELAPSED=$(($(date +%s) - T0))
+DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 if [ "$VHD_ONLY" = 1 ]; then cat > "$WORK/header.txt" <<EOF
-**ironlun VHD LUN vs raw file LUN** (--vhd-only), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, total runtime ${ELAPSED} s.
+**ironlun VHD LUN vs raw file LUN** (--vhd-only), $DATE, commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, total runtime ${ELAPSED} s.
 EOF
 else cat > "$WORK/header.txt" <<EOF
-**ironlun vs tgt**, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
+**ironlun vs tgt**, $DATE, commit $COMMIT${IRONLUN_BIN:+ (binary: $IRONLUN_BIN, built separately)}, $(nproc) cores, $REPS repetitions alternating ironlun/tgt, ${SECS} s per iscsi-perf run, total runtime ${ELAPSED} s. Both targets on 127.0.0.1 serve a page-cached 1 GiB file holding the same random data; medians (min–max). Ratio goals are issue #3's; for latency and CPU lower is better.
 EOF
 fi
 cat > "$WORK/vhd_commands.txt" <<EOF
@@ -315,11 +320,22 @@ Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for 
 - RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB$( [ "$SOAK" != 0 ] && echo "; soak: \`iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r URL\` with VmRSS sampled every 10 s")
 EOF
 mkdir -p "$(dirname "$OUT")"
+JSON=${OUT%.md}.json; SVG=${OUT%.md}.svg
+python3 scripts/bench/results.py "$RES" --date "$DATE" --commit "$COMMIT" --cores "$(nproc)" --reps "$REPS" \
+  --secs "$SECS" ${IRONLUN_BIN:+--binary "$IRONLUN_BIN"} $([ "$QUICK" = 1 ] && echo --quick) \
+  $([ "$VHD_ONLY" = 1 ] && echo --vhd-only) > "$JSON"
 {
-  if [ "$VHD_ONLY" = 0 ]; then python3 scripts/bench/table.py "$RES" "$WORK/header.txt" "$WORK/commands.txt"
+  if [ "$VHD_ONLY" = 0 ]; then python3 scripts/bench/table.py "$JSON" "$WORK/header.txt" "$WORK/commands.txt"
   else cat "$WORK/header.txt"; fi
   echo
-  python3 scripts/bench/vhd_table.py "$RES" "$WORK/vhd_commands.txt"
+  python3 scripts/bench/vhd_table.py "$JSON" "$WORK/vhd_commands.txt"
 } | tee "$OUT"
-log "report written to $OUT"
+log "report written to $OUT, results to $JSON"
+if [ "$VHD_ONLY" = 0 ]; then
+  python3 scripts/bench/chart.py "$JSON" "$SVG"
+  log "chart written to $SVG"
+  if [ "$PUBLISH" = 1 ]; then mkdir -p docs; cp "$SVG" docs/bench.svg; log "chart copied to docs/bench.svg"; fi
+elif [ "$PUBLISH" = 1 ]; then
+  log "--publish: no ironlun/tgt chart in a --vhd-only run; docs/bench.svg left as it was"
+fi
 exit 0

@@ -10,6 +10,11 @@
 #   python3-libvhdi   an independent VHD reader (libvhdi, with parent support) for the
 #                     differencing-chain tests: qemu-img neither creates nor follows VHD parents
 #   util-linux        losetup, for the block-device backstore test on a loop device
+#   groff-base        groff, to render the generated man pages with warnings on (crates/ironlun/tests/cli_docs.rs)
+#   systemd           systemd-analyze verify, for conf/ironlun.service (crates/ironlun/tests/systemd.rs)
+#   prometheus        only for promtool (`promtool check metrics` in crates/ironlun/tests/metrics.rs);
+#                     installed without recommends and with service starts denied (policy-rc.d), and
+#                     its service disabled afterwards, so no prometheus server is left running
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -21,6 +26,8 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 /usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v groff >/dev/null || need+=(groff-base)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 
 updated=0
 apt_update() { if [ $updated = 0 ]; then $SUDO apt-get update -qq; updated=1; fi; }
@@ -62,8 +69,24 @@ if [ -n "$qver" ] && [ "$qver" != "$sver" ]; then
     "qemu-system-x86=$qver" "qemu-system-common=$qver" "qemu-system-data=$qver" >/dev/null
 fi
 
+# prometheus, for promtool only: no service start during the install (a policy-rc.d that denies
+# starts, unless one is already in place, as in containers), and none at boot.
+if ! command -v promtool >/dev/null; then
+  apt_update
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
+fi
+
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3 groff systemd-analyze promtool; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }

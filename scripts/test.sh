@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need, then runs every tier (DESIGN.md §4).
 #   1-4  unit, property, in-memory pair and daemon tests      cargo test --workspace
+#        (and the bench report renderers: python3 -m unittest discover -s scripts/bench)
 #   5    fuzz targets, each for FUZZ_SECONDS (default: 60, vhd_open 120)  scripts/fuzz.sh
 #   6    real initiators against the release daemon            cargo test -p ironlun-initiator-tests
 # Env: FUZZ_SECONDS=N (0 skips tier 5 — for local iteration only; CI runs it).
@@ -10,6 +11,9 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-default}
 
 echo "== installing test dependencies"
 bash scripts/install-deps.sh
+
+echo "== tier 1: the benchmark report renderers (scripts/bench: results, table, chart)"
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s scripts/bench -p 'test_*.py'
 
 echo "== tiers 1-4: unit, property, in-memory and daemon tests"
 cargo build --release -p ironlun

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Turn scripts/bench.sh raw results into the markdown benchmark table.
 
-Usage: table.py RESULTS.tsv HEADER.txt COMMANDS.txt
-RESULTS.tsv lines: KEY <tab> TARGET <tab> VALUE [<tab> CPU_US_PER_OP]; TARGET is il (ironlun,
-file LUN), tgt (tgt, file LUN), ram (ironlun, RAM LUN) or - (target-independent); VALUE "nan"
-marks a failed run. Prints the header line, the table and the command list.
+Usage: table.py RESULTS HEADER.txt COMMANDS.txt
+RESULTS: results.json or the raw RESULTS.tsv (results.py describes both); TARGET is il (ironlun,
+file LUN), tgt (tgt, file LUN), ram (ironlun, RAM LUN) or - (target-independent). Prints the
+header line, the table and the command list.
 """
-import math
 import statistics
 import sys
-from collections import defaultdict
+
+from results import load
 
 # key, label, unit, direction of "better" (hi|lo), goal ratio (None: informational)
 WORKLOADS = [
@@ -24,14 +24,6 @@ WORKLOADS = [
     ("sess16", "4 KiB random read, 16 sessions × QD2 (iscsi-perf)", "IOPS", "hi", None),
 ]
 CPU_GOAL_KEYS = {"rr4k_qd1", "rr4k_qd32", "qw4k_qd32", "sess1", "sess4", "sess16"}  # 4 KiB ops
-
-
-def num(s):
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return None if math.isnan(v) else v
 
 
 def fmt(v):
@@ -68,15 +60,7 @@ def ratio_row(a, b, better, goal):
 
 def main():
     res, header, commands = sys.argv[1:4]
-    vals = defaultdict(list)
-    cpu = defaultdict(list)
-    for line in open(res, encoding="utf-8"):
-        f = line.rstrip("\n").split("\t")
-        if len(f) < 3:
-            continue
-        vals[(f[0], f[1])].append(num(f[2]))
-        if len(f) >= 4:
-            cpu[(f[0], f[1])].append(num(f[3]))
+    vals, cpu, _ = load(res)
 
     rows = []
     for key, label, unit, better, goal in WORKLOADS:

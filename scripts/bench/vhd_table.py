@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """The VHD section of the scripts/bench.sh report: dynamic VHD LUN against the raw file LUN.
 
-Usage: vhd_table.py RESULTS.tsv COMMANDS.txt
-RESULTS.tsv lines: KEY <tab> TARGET <tab> VALUE [<tab> CPU_US_PER_OP], as table.py reads them;
-this script uses the v_* keys with TARGET raw or vhd. Issue 7's goal: every workload on the VHD
-LUN reaches at least 80 % of the raw LUN's throughput.
+Usage: vhd_table.py RESULTS COMMANDS.txt
+RESULTS: results.json or the raw RESULTS.tsv (results.py describes both); this script uses the
+v_* keys with TARGET raw or vhd. Issue 7's goal: every workload on the VHD LUN reaches at least
+80 % of the raw LUN's throughput.
 """
 import sys
-from collections import defaultdict
 
-from table import num, summary
+from results import load
+from table import summary
 
 GOAL = 0.8
 # key, label, unit
@@ -25,15 +25,7 @@ WORKLOADS = [
 
 def main():
     res, commands = sys.argv[1:3]
-    vals = defaultdict(list)
-    cpu = defaultdict(list)
-    for line in open(res, encoding="utf-8"):
-        f = line.rstrip("\n").split("\t")
-        if len(f) < 3 or not f[0].startswith("v_"):
-            continue
-        vals[(f[0], f[1])].append(num(f[2]))
-        if len(f) >= 4:
-            cpu[(f[0], f[1])].append(num(f[3]))
+    vals, cpu, _ = load(res)
     print("**VHD LUN vs raw file LUN** (issue 7: reads and writes of allocated blocks on a dynamic "
           "VHD reach at least 80 % of the raw file's throughput); medians (min–max), the same "
           "ironlun process serving both.")

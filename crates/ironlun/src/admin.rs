@@ -545,6 +545,8 @@ pub enum Route {
     Events,
     PortGroups,
     PortGroup(String),
+    /// `GET /metrics` (Prometheus text format, [`crate::metrics`]).
+    Metrics,
 }
 
 /// A handover step of `POST /v1/luns/<t>/<l>/handover/<step>`.
@@ -576,6 +578,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
         .collect();
     let (r, allowed) = match segs.as_slice() {
         ["v1", "health"] => (Route::Health, "GET"),
+        ["metrics"] => (Route::Metrics, "GET"),
         ["v1", "reservations"] => (Route::Reservations, "GET"),
         ["v1", "events"] => (Route::Events, "GET"),
         ["v1", "port-groups"] => (Route::PortGroups, "GET"),
@@ -622,9 +625,24 @@ pub struct Response {
     pub body: Vec<u8>,
     /// The `Allow` field of a 405 (RFC 9110 §10.2.1).
     pub allow: &'static str,
+    /// The `Content-Type` field.
+    pub content_type: &'static str,
 }
 
+/// `Content-Type` of every response but `/metrics`.
+pub const JSON: &str = "application/json";
+
 impl Response {
+    /// The Prometheus exposition of `registry` ([`crate::metrics`]).
+    pub fn metrics(registry: &Registry) -> Response {
+        Response {
+            status: 200,
+            body: crate::metrics::render(registry).into_bytes(),
+            allow: "GET",
+            content_type: crate::metrics::CONTENT_TYPE,
+        }
+    }
+
     fn json<T: Serialize>(status: u16, v: &T) -> Response {
         match serde_json::to_vec_pretty(v) {
             Ok(mut body) => {
@@ -633,6 +651,7 @@ impl Response {
                     status,
                     body,
                     allow: "GET",
+                    content_type: JSON,
                 }
             }
             Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),
@@ -656,15 +675,17 @@ impl Response {
             status,
             body,
             allow: "GET",
+            content_type: JSON,
         }
     }
 
     /// The bytes on the wire: status line, fields, body.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
             self.status,
             reason(self.status),
+            self.content_type,
             self.body.len()
         );
         match self.status {
@@ -852,6 +873,7 @@ pub async fn respond(
         Err(e) => return e.into(),
     };
     match route {
+        Route::Metrics => Response::metrics(registry),
         Route::Health => Response::json(
             200,
             &Health {
@@ -948,6 +970,8 @@ async fn handover(l: &Arc<LunHandle>, step: HandoverStep, req: &HandoverRequest)
         },
         HandoverStep::Abort => match l.handover_abort(from, to, epoch).await {
             Ok(()) => {
+                l.metrics
+                    .handover(crate::metrics::HandoverResult::Aborted, None);
                 let s = l.pr_snapshot();
                 Response::json(
                     200,
@@ -981,10 +1005,11 @@ async fn handover(l: &Arc<LunHandle>, step: HandoverStep, req: &HandoverRequest)
                 }
             };
             let deadline = Duration::from_millis(deadline_ms);
-            match l
+            let r = l
                 .handover_commit(from, to, epoch, deadline, on_deadline)
-                .await
-            {
+                .await;
+            l.metrics.handover_commit(&r);
+            match r {
                 Ok(c) => Response::json(
                     200,
                     &CommitJson {

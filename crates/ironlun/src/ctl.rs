@@ -1,13 +1,15 @@
 //! `ironlun ctl`: the admin API's command-line client ([`crate::admin`]).
 //!
 //! A small blocking HTTP/1.1 client over `std::net::TcpStream`: one `GET` per connection, a
-//! connect and a read timeout, a bounded response. Output is a table for people or, with
-//! `--json`, the API's JSON unchanged.
+//! connect and a read timeout, a bounded response. Output is a table for people
+//! ([`crate::table`]: a header row in capitals, columns separated by two spaces, `-` for an
+//! empty cell) or, with `--json` (before or after the subcommand), the API's JSON unchanged.
 
 use crate::admin::{
     self, CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson,
     ReservationsList, Token,
 };
+use crate::table;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -420,42 +422,34 @@ pub fn render_reservations(luns: &[LuReservations]) -> String {
             s.push_str("  no registrations\n");
             continue;
         }
-        let header = ["INITIATOR PORT", "KEY", "TARGET PORT", "HOLDER"];
-        let rows: Vec<[String; 4]> = lu
+        let rows: Vec<Vec<String>> = lu
             .registrations
             .iter()
             .map(|g| {
-                [
+                vec![
                     g.initiator_port.clone(),
                     g.key.clone(),
                     g.target_port.clone(),
-                    if g.holder { "yes" } else { "no" }.to_string(),
+                    yes_no(g.holder),
                 ]
             })
             .collect();
-        let mut width = header.map(str::len);
-        for r in &rows {
-            for (w, c) in width.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |cells: [&str; 4]| {
-            let padded: Vec<String> = cells
-                .iter()
-                .zip(width)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            let mut l = format!("  {}", padded.join("  "));
-            l.truncate(l.trim_end().len());
-            l.push('\n');
-            l
-        };
-        s.push_str(&line(header));
-        for r in &rows {
-            s.push_str(&line([&r[0], &r[1], &r[2], &r[3]]));
-        }
+        s.push_str(&table::render(
+            2,
+            &["INITIATOR PORT", "KEY", "TARGET PORT", "HOLDER"],
+            &rows,
+        ));
     }
     s
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+/// `-` for an absent value in a table cell.
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,21 +497,36 @@ fn write_text(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
         .map_err(|e| CtlError(format!("cannot write output: {e}")))
 }
 
-/// One line for an LU's ownership.
-pub fn render_ownership(lu: &str, o: &OwnershipJson) -> String {
-    let owner = o.owner.as_deref().unwrap_or("none");
-    let mut s = format!(
-        "{lu}  owner {owner}  epoch {}  generation {}",
-        o.epoch, o.generation
-    );
-    match &o.handover {
-        Some(h) => s.push_str(&format!(
-            "  handover {} {} -> {} (epoch {})\n",
-            h.state, h.from, h.to, h.epoch
-        )),
-        None => s.push('\n'),
+/// The handover cell: `STATE FROM -> TO (epoch N)`, or `-`.
+fn handover_cell(h: Option<&crate::admin::HandoverJson>) -> String {
+    h.map_or_else(
+        || "-".to_string(),
+        |h| format!("{} {} -> {} (epoch {})", h.state, h.from, h.to, h.epoch),
+    )
+}
+
+/// The ownership table: one row per LU (`TARGET/LUN`).
+pub fn render_ownership(luns: &[(String, OwnershipJson)]) -> String {
+    if luns.is_empty() {
+        return "no logical units\n".to_string();
     }
-    s
+    let rows: Vec<Vec<String>> = luns
+        .iter()
+        .map(|(lu, o)| {
+            vec![
+                lu.clone(),
+                or_dash(o.owner.as_deref()),
+                o.epoch.to_string(),
+                o.generation.to_string(),
+                handover_cell(o.handover.as_ref()),
+            ]
+        })
+        .collect();
+    table::render(
+        0,
+        &["LUN", "OWNER", "EPOCH", "GENERATION", "HANDOVER"],
+        &rows,
+    )
 }
 
 /// `ironlun ctl own TARGET/LUN HOST [--epoch N]`: without `--epoch`, one above the LU's.
@@ -549,16 +558,15 @@ pub fn own(
     }
     let o: OwnerJson =
         serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
+    let row = vec![
+        format!("{}/{}", lu.0, lu.1),
+        or_dash(o.owner.as_deref()),
+        o.epoch.to_string(),
+        o.generation.to_string(),
+    ];
     write_text(
         out,
-        &format!(
-            "{}/{}  owner {}  epoch {}  generation {}\n",
-            lu.0,
-            lu.1,
-            o.owner.as_deref().unwrap_or("none"),
-            o.epoch,
-            o.generation
-        ),
+        &table::render(0, &["LUN", "OWNER", "EPOCH", "GENERATION"], &[row]),
     )
 }
 
@@ -594,16 +602,13 @@ pub fn ownership(
         };
         return write_json(out, &v);
     }
-    let mut text = String::new();
+    let mut rows = Vec::new();
     for ((t, l), v) in &all {
         let o: OwnershipJson = serde_json::from_value(v.clone())
             .map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
-        text.push_str(&render_ownership(&format!("{t}/{l}"), &o));
+        rows.push((format!("{t}/{l}"), o));
     }
-    if all.is_empty() {
-        text.push_str("no logical units\n");
-    }
-    write_text(out, &text)
+    write_text(out, &render_ownership(&rows))
 }
 
 /// A handover step for `ironlun ctl handover`.
@@ -659,43 +664,63 @@ pub fn handover(
                 serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
             render_commit(&lu, &c)
         }
-        "prepare" => format!(
-            "{lu}  prepared {} -> {} (epoch {})\n",
-            a.from, a.to, a.epoch
-        ),
-        _ => format!(
-            "{lu}  handover {} -> {} (epoch {}) aborted; {} stays the owner\n",
-            a.from, a.to, a.epoch, a.from
-        ),
+        _ => {
+            let state = if step == "prepare" {
+                "prepared"
+            } else {
+                "aborted"
+            };
+            let row = vec![
+                lu,
+                state.to_string(),
+                a.from.clone(),
+                a.to.clone(),
+                a.epoch.to_string(),
+            ];
+            table::render(0, &["LUN", "HANDOVER", "FROM", "TO", "EPOCH"], &[row])
+        }
     };
     write_text(out, &text)
 }
 
-/// The human view of a commit: the new owner and each step's time.
+/// The human view of a commit: the new owner, then each step's time.
 pub fn render_commit(lu: &str, c: &CommitJson) -> String {
     let ms = |us: u64| format!("{}.{:03} ms", us / 1000, us % 1000);
-    let mut s = format!(
-        "{lu}  owner {}  epoch {}  generation {}{}\n",
-        c.owner.as_deref().unwrap_or("none"),
-        c.epoch,
-        c.generation,
+    let row = vec![
+        lu.to_string(),
+        or_dash(c.owner.as_deref()),
+        c.epoch.to_string(),
+        c.generation.to_string(),
         if c.idempotent {
-            "  (already committed)"
+            "already committed"
         } else {
-            ""
+            "committed"
         }
+        .to_string(),
+    ];
+    let mut s = table::render(
+        0,
+        &["LUN", "OWNER", "EPOCH", "GENERATION", "HANDOVER"],
+        &[row],
     );
     let st = &c.steps_us;
-    s.push_str(&format!(
-        "  fence {}  drain {}  flush {}  transfer {}  total {}\n",
+    let steps = vec![
         ms(st.fence),
         ms(st.drain),
         ms(st.flush),
         ms(st.transfer),
-        ms(st.total)
+        ms(st.total),
+    ];
+    s.push_str(&table::render(
+        2,
+        &["FENCE", "DRAIN", "FLUSH", "TRANSFER", "TOTAL"],
+        &[steps],
     ));
     if c.aborted_tasks > 0 {
-        s.push_str("  the source's commands still running at the deadline were aborted\n");
+        s.push_str(&format!(
+            "  {} command(s) of the source still running at the deadline were aborted\n",
+            c.aborted_tasks
+        ));
     }
     s
 }
@@ -716,24 +741,61 @@ pub fn events(
     write_text(out, &render_events(&ev.events))
 }
 
-/// One line per event: sequence number, time, LU, kind, detail.
+/// The event table: sequence number, UTC time, LU, kind, detail (`key=value` pairs).
 pub fn render_events(events: &[crate::target::Event]) -> String {
-    let mut s = String::new();
     if events.is_empty() {
-        s.push_str("no events\n");
+        return "no events\n".to_string();
     }
-    for e in events {
-        s.push_str(&format!(
-            "{:>6}  {}.{:03}  {}  {}  {}\n",
-            e.seq,
-            e.time_unix_ms / 1000,
-            e.time_unix_ms % 1000,
-            e.lun,
-            e.kind,
-            e.detail
-        ));
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                utc(e.time_unix_ms),
+                e.lun.clone(),
+                e.kind.clone(),
+                detail_cell(&e.detail),
+            ]
+        })
+        .collect();
+    table::render(0, &["SEQ", "TIME", "LUN", "KIND", "DETAIL"], &rows)
+}
+
+/// An event's detail in one cell: an object as `key=value` pairs (strings unquoted), anything
+/// else as compact JSON.
+fn detail_cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        serde_json::Value::Object(_) | serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
     }
-    s
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (proleptic Gregorian, UTC).
+pub fn utc(unix_ms: u64) -> String {
+    let ms = unix_ms % 1000;
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Days to a civil date (the era-based algorithm: 400-year eras of 146097 days), shifted
+    // so that years start on 1 March.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}.{ms:03}Z")
 }
 
 #[cfg(test)]
@@ -878,5 +940,90 @@ mod tests {
              \x20 no registrations\n"
         );
         assert_eq!(render_reservations(&[]), "no logical units\n");
+    }
+
+    #[test]
+    fn renders_ownership_table() {
+        let o = |owner: Option<&str>, epoch, handover| OwnershipJson {
+            owner: owner.map(str::to_string),
+            epoch,
+            generation: 7,
+            handover,
+            next_epoch: epoch + 1,
+        };
+        let rows = vec![
+            ("iqn.x:t/0".to_string(), o(Some("iqn.h:a"), 1, None)),
+            (
+                "iqn.x:t/1".to_string(),
+                o(
+                    None,
+                    0,
+                    Some(crate::admin::HandoverJson {
+                        state: "prepared".into(),
+                        from: "iqn.h:a".into(),
+                        to: "iqn.h:b".into(),
+                        epoch: 2,
+                    }),
+                ),
+            ),
+        ];
+        assert_eq!(
+            render_ownership(&rows),
+            "LUN        OWNER    EPOCH  GENERATION  HANDOVER\n\
+             iqn.x:t/0  iqn.h:a  1      7           -\n\
+             iqn.x:t/1  -        0      7           prepared iqn.h:a -> iqn.h:b (epoch 2)\n"
+        );
+        assert_eq!(render_ownership(&[]), "no logical units\n");
+    }
+
+    #[test]
+    fn renders_commit_with_step_times() {
+        let c = CommitJson {
+            epoch: 2,
+            generation: 9,
+            owner: Some("iqn.h:b".into()),
+            steps_us: crate::target::CommitSteps {
+                fence: 120,
+                drain: 3_400,
+                flush: 15,
+                transfer: 7,
+                total: 3_542,
+            },
+            aborted_tasks: 0,
+            idempotent: false,
+        };
+        assert_eq!(
+            render_commit("iqn.x:t/0", &c),
+            "LUN        OWNER    EPOCH  GENERATION  HANDOVER\n\
+             iqn.x:t/0  iqn.h:b  2      9           committed\n\
+             \x20 FENCE     DRAIN     FLUSH     TRANSFER  TOTAL\n\
+             \x20 0.120 ms  3.400 ms  0.015 ms  0.007 ms  3.542 ms\n"
+        );
+    }
+
+    #[test]
+    fn renders_events_table() {
+        let e = crate::target::Event {
+            seq: 12,
+            time_unix_ms: 1_795_651_200_123,
+            lun: "iqn.x:t/0".into(),
+            kind: "ownership".into(),
+            detail: serde_json::json!({"host": "iqn.h:a", "epoch": 1}),
+        };
+        let text = render_events(&[e]);
+        assert_eq!(
+            text,
+            "SEQ  TIME                      LUN        KIND       DETAIL\n\
+             12   2026-11-26T00:00:00.123Z  iqn.x:t/0  ownership  epoch=1 host=iqn.h:a\n"
+        );
+        assert_eq!(render_events(&[]), "no events\n");
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(utc(1_709_251_199_999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(utc(4_102_444_800_000), "2100-01-01T00:00:00.000Z");
     }
 }

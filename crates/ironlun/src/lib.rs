@@ -4,12 +4,16 @@
 pub mod admin;
 pub mod backend;
 pub mod caw_gate;
+pub mod cli_docs;
 pub mod config;
 pub mod ctl;
 pub mod ctl_config;
+pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod port_groups;
 pub mod reconfig;
+pub mod sd_notify;
 pub mod server;
 pub mod table;
 pub mod target;

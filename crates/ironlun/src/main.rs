@@ -305,6 +305,10 @@ enum Command {
         /// Admin API address (overrides `[admin] listen`; port 0: any free port), or `off`.
         #[arg(long, value_name = "ADDR|off")]
         admin: Option<String>,
+        /// Log lines on stderr as text or one JSON object per line [env: IRONLUN_LOG_FORMAT]
+        /// [default: text].
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        log_format: Option<ironlun::logging::LogFormat>,
     },
     /// Ask a running daemon through its admin API.
     Ctl {
@@ -315,6 +319,9 @@ enum Command {
         /// [env: IRONLUN_ADMIN_TOKEN_FILE].
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Print the admin API's JSON instead of a table (also accepted after the subcommand).
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: CtlCommand,
     },
@@ -330,6 +337,17 @@ enum Command {
         #[arg(short = 'c', long = "config")]
         config: PathBuf,
     },
+    /// Print the shell completion script for SHELL.
+    Completions {
+        #[arg(value_enum)]
+        shell: ironlun::cli_docs::Shell,
+    },
+    /// Print the ironlun(1) manual page (roff), or write one page per subcommand into DIR.
+    Man {
+        /// Write ironlun.1, ironlun-serve.1, ironlun-ctl.1, ... into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -337,10 +355,11 @@ fn main() -> ExitCode {
     if let Command::Ctl {
         admin,
         token_file,
+        json,
         command,
     } = cli.command
     {
-        return run_ctl(admin, token_file, command);
+        return run_ctl(admin, token_file, json, command);
     }
     if let Command::Vhd { command } = &cli.command {
         let mut out = std::io::stdout().lock();
@@ -350,14 +369,20 @@ fn main() -> ExitCode {
         let mut out = std::io::stdout().lock();
         return ExitCode::from(ironlun::migrate::main(&args, &mut out));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IRONLUN_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Command::Completions { .. } | Command::Man { .. } = &cli.command {
+        return cli_docs(&cli.command);
+    }
+    let log_format = match &cli.command {
+        Command::Serve { log_format, .. } => *log_format,
+        _ => None,
+    };
+    match ironlun::logging::LogFormat::resolve(log_format) {
+        Ok(f) => ironlun::logging::init(f),
+        Err(e) => {
+            eprintln!("ironlun: {e}");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Command::Check { config } => match Config::load(&config, None) {
             Ok(c) => {
@@ -383,12 +408,49 @@ fn main() -> ExitCode {
             data_dir,
             workers,
             admin,
+            log_format: _,
         } => serve(config, listen, data_dir, workers, admin),
-        Command::Ctl { .. } | Command::Migrate(_) | Command::Vhd { .. } => ExitCode::from(2),
+        Command::Ctl { .. }
+        | Command::Migrate(_)
+        | Command::Vhd { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => ExitCode::from(2),
     }
 }
 
-fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlCommand) -> ExitCode {
+/// `ironlun completions SHELL` and `ironlun man [--out-dir DIR]`.
+fn cli_docs(command: &Command) -> ExitCode {
+    use clap::CommandFactory;
+    let mut out = std::io::stdout().lock();
+    let result = match command {
+        Command::Completions { shell } => {
+            ironlun::cli_docs::completions(&mut Cli::command(), *shell, &mut out);
+            Ok(())
+        }
+        Command::Man { out_dir: Some(dir) } => ironlun::cli_docs::man_pages(Cli::command(), dir)
+            .map(|files| {
+                for f in files {
+                    let _ = writeln!(out, "{}", f.display());
+                }
+            }),
+        _ => ironlun::cli_docs::man_page(Cli::command(), &mut out),
+    };
+    match result.and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ironlun: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `all_json` is `ctl --json`; each subcommand's own `--json` is ORed with it.
+fn run_ctl(
+    admin: Option<String>,
+    token_file: Option<PathBuf>,
+    all_json: bool,
+    command: CtlCommand,
+) -> ExitCode {
     let url = admin
         .or_else(|| {
             std::env::var("IRONLUN_ADMIN")
@@ -404,7 +466,7 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
     let result = ctl::Client::new(&url, token_file.as_deref()).and_then(|client| match command {
         CtlCommand::Reservations { lun, json } => {
             let mut out = std::io::stdout().lock();
-            ctl::reservations(&client, lun.as_ref(), json, &mut out)
+            ctl::reservations(&client, lun.as_ref(), json || all_json, &mut out)
         }
         CtlCommand::Own {
             lun,
@@ -416,23 +478,32 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
             &lun,
             &host,
             epoch,
-            json,
+            json || all_json,
             &mut std::io::stdout().lock(),
         ),
-        CtlCommand::Ownership { lun, json } => {
-            ctl::ownership(&client, lun.as_ref(), json, &mut std::io::stdout().lock())
-        }
-        CtlCommand::Events { since, json } => {
-            ctl::events(&client, since, json, &mut std::io::stdout().lock())
-        }
-        CtlCommand::PortGroup { id, state, json } => {
-            ironlun::port_groups::ctl(&client, id.zip(state), json, &mut std::io::stdout().lock())
-        }
+        CtlCommand::Ownership { lun, json } => ctl::ownership(
+            &client,
+            lun.as_ref(),
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::Events { since, json } => ctl::events(
+            &client,
+            since,
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::PortGroup { id, state, json } => ironlun::port_groups::ctl(
+            &client,
+            id.zip(state),
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
         CtlCommand::Lun { command } => {
             use ironlun::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
-                LunCommand::List { json } => cc::list(&client, json, out),
+                LunCommand::List { json } => cc::list(&client, json || all_json, out),
                 LunCommand::Add {
                     lun,
                     backstore,
@@ -447,17 +518,19 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                         path,
                         block_size,
                     };
-                    cc::add(&client, &lun, &a, json, out)
+                    cc::add(&client, &lun, &a, json || all_json, out)
                 }
-                LunCommand::Remove { lun, json } => cc::remove(&client, &lun, json, out),
+                LunCommand::Remove { lun, json } => {
+                    cc::remove(&client, &lun, json || all_json, out)
+                }
                 LunCommand::Offline { lun, json } => {
-                    cc::set_offline(&client, &lun, true, json, out)
+                    cc::set_offline(&client, &lun, true, json || all_json, out)
                 }
                 LunCommand::Online { lun, json } => {
-                    cc::set_offline(&client, &lun, false, json, out)
+                    cc::set_offline(&client, &lun, false, json || all_json, out)
                 }
                 LunCommand::Resize { lun, size, json } => {
-                    cc::resize(&client, &lun, &size, json, out)
+                    cc::resize(&client, &lun, &size, json || all_json, out)
                 }
             }
         }
@@ -465,13 +538,13 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
             let out = &mut std::io::stdout().lock();
             match command {
                 TargetCommand::List { json } => {
-                    ironlun::ctl_config::target_list(&client, json, out)
+                    ironlun::ctl_config::target_list(&client, json || all_json, out)
                 }
                 TargetCommand::Add { name, json } => {
-                    ironlun::ctl_config::target_change(&client, &name, true, json, out)
+                    ironlun::ctl_config::target_change(&client, &name, true, json || all_json, out)
                 }
                 TargetCommand::Remove { name, json } => {
-                    ironlun::ctl_config::target_change(&client, &name, false, json, out)
+                    ironlun::ctl_config::target_change(&client, &name, false, json || all_json, out)
                 }
             }
         }
@@ -479,12 +552,12 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
             use ironlun::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
-                PortalCommand::List { json } => cc::portal_list(&client, json, out),
+                PortalCommand::List { json } => cc::portal_list(&client, json || all_json, out),
                 PortalCommand::Add { listen, tpgt, json } => {
-                    cc::portal_add(&client, listen, tpgt, json, out)
+                    cc::portal_add(&client, listen, tpgt, json || all_json, out)
                 }
                 PortalCommand::Remove { listen, json } => {
-                    cc::portal_remove(&client, listen, json, out)
+                    cc::portal_remove(&client, listen, json || all_json, out)
                 }
             }
         }
@@ -492,21 +565,23 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
             use ironlun::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
-                AclCommand::List { target, json } => cc::acl_list(&client, &target, json, out),
+                AclCommand::List { target, json } => {
+                    cc::acl_list(&client, &target, json || all_json, out)
+                }
                 AclCommand::Add {
                     target,
                     initiator,
                     json,
-                } => cc::acl_change(&client, &target, &initiator, true, json, out),
+                } => cc::acl_change(&client, &target, &initiator, true, json || all_json, out),
                 AclCommand::Remove {
                     target,
                     initiator,
                     json,
-                } => cc::acl_change(&client, &target, &initiator, false, json, out),
+                } => cc::acl_change(&client, &target, &initiator, false, json || all_json, out),
             }
         }
         CtlCommand::Reload { json } => {
-            ironlun::ctl_config::reload(&client, json, &mut std::io::stdout().lock())
+            ironlun::ctl_config::reload(&client, json || all_json, &mut std::io::stdout().lock())
         }
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {
@@ -526,7 +601,13 @@ fn run_ctl(admin: Option<String>, token_file: Option<PathBuf>, command: CtlComma
                 deadline_ms,
                 on_deadline,
             };
-            ctl::handover(&client, name, &h, a.json, &mut std::io::stdout().lock())
+            ctl::handover(
+                &client,
+                name,
+                &h,
+                a.json || all_json,
+                &mut std::io::stdout().lock(),
+            )
         }
     });
     match result {
@@ -631,10 +712,22 @@ fn serve(
             let _ = out.flush();
         }
         let (tx, rx) = tokio::sync::watch::channel(false);
+        // systemd (Type=notify): ready once portals and the admin API are bound.
+        let admin_addr = admin.as_ref().and_then(AdminServer::local_addr);
+        ironlun::sd_notify::ready(&format!(
+            "serving {} target(s) on {} portal(s){}",
+            cfg.targets.len(),
+            addrs.len(),
+            admin_addr.map_or_else(String::new, |a| format!(", admin http://{a}"))
+        ));
+        if let Some(every) = ironlun::sd_notify::watchdog_interval() {
+            tokio::spawn(ironlun::sd_notify::watchdog(every, rx.clone()));
+        }
         let admin_task = admin.map(|a| tokio::spawn(a.run(rx.clone())));
         tokio::spawn(async move {
             wait_for_signal(signals).await;
             tracing::info!("signal received");
+            ironlun::sd_notify::stopping();
             let _ = tx.send(true);
         });
         server.run(rx).await;

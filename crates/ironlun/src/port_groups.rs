@@ -62,6 +62,7 @@ fn json<T: Serialize>(v: &T) -> Response {
                 status: 200,
                 body,
                 allow: "GET",
+                content_type: crate::admin::JSON,
             }
         }
         Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),
@@ -136,24 +137,29 @@ pub fn ctl(
         .map_err(|e| CtlError(format!("cannot write output: {e}")))
 }
 
-/// One line per group: id, state, portal group tags.
+/// The group table: id, access state, portal group tags, changed since start.
 pub fn render(groups: &PortGroupsJson) -> String {
-    let mut s = String::new();
-    for g in &groups.groups {
-        let tpgts: Vec<String> = g.tpgts.iter().map(u16::to_string).collect();
-        s.push_str(&format!(
-            "port group {:<5}  {:<20}  tpgts {}{}\n",
-            g.id,
-            g.state,
-            if tpgts.is_empty() {
-                "-".to_string()
-            } else {
-                tpgts.join(",")
-            },
-            if g.changed { "  (changed)" } else { "" }
-        ));
+    if groups.groups.is_empty() {
+        return "no port groups\n".to_string();
     }
-    s
+    let rows: Vec<Vec<String>> = groups
+        .groups
+        .iter()
+        .map(|g| {
+            let tpgts: Vec<String> = g.tpgts.iter().map(u16::to_string).collect();
+            vec![
+                g.id.to_string(),
+                g.state.clone(),
+                if tpgts.is_empty() {
+                    "-".to_string()
+                } else {
+                    tpgts.join(",")
+                },
+                if g.changed { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    crate::table::render(0, &["GROUP", "STATE", "TPGTS", "CHANGED"], &rows)
 }
 
 #[cfg(test)]
@@ -181,7 +187,13 @@ mod tests {
         };
         assert_eq!(
             render(&g),
-            "port group 1      active_optimized      tpgts 1,3\nport group 2      standby               tpgts 2  (changed)\n"
+            "GROUP  STATE             TPGTS  CHANGED\n\
+             1      active_optimized  1,3    no\n\
+             2      standby           2      yes\n"
+        );
+        assert_eq!(
+            render(&PortGroupsJson { groups: vec![] }),
+            "no port groups\n"
         );
     }
 }

@@ -1110,6 +1110,7 @@ fn json<T: Serialize>(status: u16, v: &T) -> Response {
                 status,
                 body,
                 allow: "GET",
+                content_type: crate::admin::JSON,
             }
         }
         Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),

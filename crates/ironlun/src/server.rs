@@ -272,6 +272,7 @@ impl Drop for LiveSession {
 impl Server {
     /// Open every backend and bind every portal.
     pub async fn bind(cfg: &Config) -> Result<Server, String> {
+        crate::metrics::DAEMON.started();
         let registry = Arc::new(Registry::build(cfg)?);
         let mut bound = Vec::new();
         for p in &cfg.portals {
@@ -349,8 +350,7 @@ impl Server {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
-        let (conn_tx, mut conn_rx) =
-            mpsc::unbounded_channel::<(TcpStream, SocketAddr, Arc<PortalConfig>)>();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Accepted>();
         for (l, cell, stop) in self.listeners {
             accepts.spawn(accept_loop(
                 l,
@@ -365,12 +365,20 @@ impl Server {
         let mut next_shard = 0usize;
         loop {
             tokio::select! {
-                Some((s, peer, pc)) = conn_rx.recv() => {
+                Some((s, peer, pc, open)) = conn_rx.recv() => {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
                     let sd = shutdown.clone();
-                    let span = tracing::info_span!("conn", %peer);
+                    // initiator, target and tsih are recorded at login (`crate::logging`).
+                    let span = tracing::info_span!(
+                        "conn",
+                        %peer,
+                        initiator = tracing::field::Empty,
+                        target = tracing::field::Empty,
+                        tsih = tracing::field::Empty
+                    );
                     let serve = move |s: TcpStream| async move {
+                        let _open = open;
                         if let Err(e) = serve_connection(s, pc, reg, live, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
@@ -428,21 +436,32 @@ impl Server {
     }
 }
 
+/// An accepted connection on its way to an I/O thread, with its portal's configuration and
+/// its open-connection count ([`crate::metrics`]).
+type Accepted = (
+    TcpStream,
+    SocketAddr,
+    Arc<PortalConfig>,
+    crate::metrics::OpenConnection,
+);
+
 /// Accept on `l` until `stop` or `shutdown`; each connection takes the portal's current
 /// configuration.
 async fn accept_loop(
     l: TcpListener,
     cell: PortalCell,
     mut stop: watch::Receiver<bool>,
-    tx: mpsc::UnboundedSender<(TcpStream, SocketAddr, Arc<PortalConfig>)>,
+    tx: mpsc::UnboundedSender<Accepted>,
     mut sd: watch::Receiver<bool>,
 ) {
+    let portal = l.local_addr().map(fmt_addr).unwrap_or_default();
+    let counts = crate::metrics::DAEMON.portal(&portal);
     loop {
         tokio::select! {
             r = l.accept() => match r {
                 Ok((s, peer)) => {
                     let pc = cell.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                    if tx.send((s, peer, pc)).is_err() { return; }
+                    if tx.send((s, peer, pc, counts.accept())).is_err() { return; }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -613,6 +632,8 @@ async fn serve_connection(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
     let mut nexus: Option<Arc<Nexus>> = None;
+    // The session's entry in the metrics' session table, from login to the end.
+    let mut listed: Option<crate::metrics::SessionEntry> = None;
     let mut inflight: usize = 0;
     // EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
     // SET drop the sender, which stops the copy between chunks (crate::xcopy).
@@ -628,7 +649,14 @@ async fn serve_connection(
                     let digests = conn
                         .connection_params()
                         .map(|p| (p.header_digest, p.data_digest));
+                    let span = tracing::Span::current();
+                    span.record("initiator", info.initiator_name.as_str());
+                    if let Some(t) = &info.target_name {
+                        span.record("target", t.as_str());
+                    }
+                    span.record("tsih", info.tsih);
                     tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
+                    crate::metrics::DAEMON.login(info.target_name.as_deref());
                     if let Some(target) = &info.target_name {
                         let key = (
                             info.initiator_name.to_ascii_lowercase(),
@@ -643,13 +671,23 @@ async fn serve_connection(
                     if let Some(t) = info.target_name.as_deref().and_then(|n| registry.target(n)) {
                         // The PR identity of this I_T nexus: initiator port (name + ISID) and
                         // the portal group it came in through (SPC-4 §7.6.4.6, RFC 7143 §4.4.1).
-                        nexus = Some(Arc::new(Nexus::attach_for(
-                            t,
-                            registry.new_nexus(),
+                        let entry = crate::metrics::DAEMON.register_session(
+                            &t.name,
                             &info.initiator_name,
                             info.isid,
                             info.portal_group_tag,
-                        )));
+                        );
+                        nexus = Some(Arc::new(
+                            Nexus::attach_for(
+                                t,
+                                registry.new_nexus(),
+                                &info.initiator_name,
+                                info.isid,
+                                info.portal_group_tag,
+                            )
+                            .with_metrics(entry.metrics.clone()),
+                        ));
+                        listed = Some(entry);
                     }
                 }
                 Event::Command(cmd) => match &nexus {
@@ -775,7 +813,11 @@ async fn serve_connection(
     }
     // Commands still running finish on their own; their results are dropped with `done_rx`.
     let _ = within(stall, wr.shutdown()).await;
+    if let Some(s) = conn.login_failure() {
+        crate::metrics::DAEMON.login_failed(s.class, s.detail);
+    }
     drop(nexus);
+    drop(listed);
     drop(registered);
     Ok(())
 }

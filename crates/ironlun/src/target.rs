@@ -78,6 +78,8 @@ pub struct LunHandle {
     /// Upper bound on the bytes per second a SANITIZE writes or deallocates (the LUN's
     /// `sanitize_rate`), so that it does not starve the backstore; `None`: unpaced.
     sanitize_rate: Option<u64>,
+    /// Commands, latency, errors, PR and handover counts ([`crate::metrics`]).
+    pub(crate) metrics: Arc<crate::metrics::LuMetrics>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -126,6 +128,7 @@ impl LunHandle {
             admin_op: tokio::sync::Mutex::new(()),
             aborted_epochs: Mutex::new(BTreeSet::new()),
             sanitize_rate: None,
+            metrics: Arc::default(),
         }
     }
 
@@ -687,6 +690,8 @@ pub struct Nexus {
     it: ItNexus,
     /// The initiator name for LUN masking; `None`: sees every LUN.
     initiator: Option<String>,
+    /// The session's command counts ([`crate::metrics`]).
+    metrics: Arc<crate::metrics::SessionMetrics>,
 }
 
 impl Nexus {
@@ -781,7 +786,14 @@ impl Nexus {
             seen: AtomicU64::new(seen),
             it,
             initiator,
+            metrics: crate::metrics::SessionMetrics::unlisted(),
         }
+    }
+
+    /// Count this nexus's commands in `m` (a listed session's metrics).
+    pub fn with_metrics(mut self, m: Arc<crate::metrics::SessionMetrics>) -> Self {
+        self.metrics = m;
+        self
     }
 
     /// The LUNs this nexus sees, in order.
@@ -806,24 +818,57 @@ impl Nexus {
     /// Run one SCSI command as far as it goes without waiting: the SCSI decision and any I/O
     /// that [`runs_inline`]. A command that needs the blocking pool comes back as
     /// [`Started::Pending`], to be finished on a task of its own.
+    /// Counted in the session's and the LU's metrics (REPORT LUNS and commands to a LUN the
+    /// nexus does not see: the session's only), see [`crate::metrics`].
     pub fn start(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> Started {
         const REPORT_LUNS: u8 = 0xa0;
         let view = self.view();
+        use crate::metrics::Probe;
+        let session = &self.metrics;
         if cdb.first() == Some(&REPORT_LUNS) {
             // It clears REPORTED LUNS DATA HAS CHANGED on every LU of the nexus (SPC-4 §6.33).
             for l in view.values() {
                 l.lu().report_luns_seen(self.id);
             }
+            let probe = Probe::begin(None, session, &cdb, data_out.len());
             let luns: Vec<u64> = view.keys().copied().collect();
-            return Started::Done(to_wire(lu::report_luns(&cdb, &luns)), None);
+            let c = to_wire(lu::report_luns(&cdb, &luns));
+            probe.end(None, session, &c);
+            return Started::Done(c, None);
         }
         let Some(handle) = decode_lun(lun_raw).and_then(|l| view.get(&l)) else {
-            return Started::Done(to_wire(lu::no_such_lun(&cdb)), None);
+            let probe = Probe::begin(None, session, &cdb, data_out.len());
+            let c = to_wire(lu::no_such_lun(&cdb));
+            probe.end(None, session, &c);
+            return Started::Done(c, None);
         };
+        let probe = Probe::begin(Some(&handle.metrics), session, &cdb, data_out.len());
+        let started = self.start_on(handle, &view, cdb, data_out);
+        match started {
+            Started::Done(c, spdtl) => {
+                probe.end(Some(&handle.metrics), session, &c);
+                Started::Done(c, spdtl)
+            }
+            Started::Pending(mut p) => {
+                p.probe = Some(probe.pending(Some(&handle.metrics), session));
+                Started::Pending(p)
+            }
+        }
+    }
+
+    /// [`Nexus::start`] on the LU `handle` of the LUN view `view`, not counted.
+    fn start_on(
+        &self,
+        handle: &Arc<LunHandle>,
+        view: &LunMap,
+        cdb: Bytes,
+        data_out: Bytes,
+    ) -> Started {
         let nexus = self.id;
         let access = Access::of(&cdb);
         let Some(entry) = handle.gate.try_enter(access) else {
             return Started::Pending(PendingCommand {
+                probe: None,
                 spdtl: None,
                 next: Next::Enter {
                     handle: handle.clone(),
@@ -831,18 +876,19 @@ impl Nexus {
                     cdb,
                     data_out,
                     access,
-                    luns: (**view).clone(),
+                    luns: view.clone(),
                 },
             });
         };
         let (step, spdtl) = handle.execute(nexus, &cdb, data_out);
         match split_copy(step) {
             Split::Copy(job, cont) => Started::Pending(PendingCommand {
+                probe: None,
                 spdtl,
                 next: Next::Copy {
                     job,
                     task: Task::new(handle.clone(), nexus, cont),
-                    luns: (**view).clone(),
+                    luns: view.clone(),
                     entry: entry.into_owned(handle.gate.clone()),
                 },
             }),
@@ -919,6 +965,8 @@ pub enum Started {
 /// A command that waits for something off the connection's task: an I/O on the blocking pool
 /// (or an async backend), or a PR OUT's abort drain and state-file write.
 pub struct PendingCommand {
+    /// Ends the command's count at completion ([`crate::metrics`]).
+    probe: Option<crate::metrics::PendingProbe>,
     spdtl: Option<u32>,
     next: Next,
 }
@@ -999,7 +1047,16 @@ impl PendingCommand {
     /// Finish the command: run the pending operation on the blocking pool (or await the async
     /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
     /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
-    pub async fn finish(self) -> (ScsiCompletion, Option<u32>) {
+    pub async fn finish(mut self) -> (ScsiCompletion, Option<u32>) {
+        let probe = self.probe.take();
+        let done = self.run().await;
+        if let Some(p) = probe {
+            p.end(&done.0);
+        }
+        done
+    }
+
+    async fn run(self) -> (ScsiCompletion, Option<u32>) {
         let mut spdtl = self.spdtl;
         let mut next = self.next;
         loop {
@@ -1194,6 +1251,7 @@ fn drive_inline<G: std::ops::Deref<Target = Gate>>(
             }
             Step::Io(op, cont) => {
                 return Started::Pending(PendingCommand {
+                    probe: None,
                     spdtl,
                     next: Next::Io(
                         op,
@@ -1205,6 +1263,7 @@ fn drive_inline<G: std::ops::Deref<Target = Gate>>(
             Step::PrCommit(commit) => {
                 drop(entry);
                 return Started::Pending(PendingCommand {
+                    probe: None,
                     spdtl,
                     next: Next::Commit {
                         handle: handle.clone(),

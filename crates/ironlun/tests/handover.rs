@@ -618,12 +618,35 @@ async fn ctl_own_ownership_handover_and_events() {
     let _b = session(d.addr, HOST_B).await;
     let lu = format!("{TARGET}/0");
     let out = stdout_of(&ctl(&base, &["own", &lu, HOST_A]));
-    assert!(out.contains(&format!("owner {HOST_A}  epoch 1")), "{out}");
-    let out = stdout_of(&ctl(&base, &["ownership"]));
-    assert!(
-        out.contains(&format!("{lu}  owner {HOST_A}  epoch 1")),
+    let cells = |out: &str, n: usize| -> Vec<Vec<String>> {
+        out.lines()
+            .map(|l| l.split_whitespace().take(n).map(str::to_owned).collect())
+            .collect()
+    };
+    assert_eq!(
+        cells(&out, 4),
+        [
+            ["LUN", "OWNER", "EPOCH", "GENERATION"].map(str::to_owned),
+            [lu.as_str(), HOST_A, "1", "1"].map(str::to_owned)
+        ],
         "{out}"
     );
+    let out = stdout_of(&ctl(&base, &["ownership"]));
+    assert_eq!(
+        cells(&out, 5),
+        [
+            ["LUN", "OWNER", "EPOCH", "GENERATION", "HANDOVER"].map(str::to_owned),
+            [lu.as_str(), HOST_A, "1", "1", "-"].map(str::to_owned)
+        ],
+        "{out}"
+    );
+    // `ctl --json` before the subcommand: the API's JSON, as with the subcommand's own flag.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        .args(["ctl", "--admin", &base, "--json", "ownership", &lu])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&stdout_of(&o)).unwrap();
+    assert_eq!(v["owner"], HOST_A);
     let step = |s: &str| {
         vec![
             "handover".to_owned(),
@@ -677,7 +700,7 @@ async fn ctl_own_ownership_handover_and_events() {
         .collect();
     assert_eq!(
         kinds,
-        ["ownership", "handover_prepare", "handover_commit"],
+        ["KIND", "ownership", "handover_prepare", "handover_commit"],
         "{out}"
     );
     let out = stdout_of(&ctl(&base, &["events", "--since", "2", "--json"]));

@@ -227,6 +227,8 @@ pub struct Connection {
     events: VecDeque<Event>,
     out: VecDeque<(Pdu, Digests)>,
     closed: Option<CloseReason>,
+    /// The status of the login response that failed the login (for metrics by reason).
+    login_failure: Option<LoginStatus>,
     /// StatSN the next response carries (§4.2.2.2).
     stat_sn: u32,
     tsih: u16,
@@ -332,6 +334,7 @@ impl Connection {
             events: VecDeque::new(),
             out: VecDeque::new(),
             closed: None,
+            login_failure: None,
             stat_sn: 0,
             tsih: tsih.max(1),
             tx_digests: Digests::default(),
@@ -549,6 +552,12 @@ impl Connection {
     /// True once the connection must be closed (after its last transmit is written).
     pub fn is_closed(&self) -> Option<&CloseReason> {
         self.closed.as_ref()
+    }
+
+    /// The login status class and detail (RFC 7143 §11.13.5) that failed the login, if a
+    /// login response with a non-success status was sent.
+    pub fn login_failure(&self) -> Option<LoginStatus> {
+        self.login_failure
     }
 
     /// Session identity once logged in.
@@ -845,6 +854,7 @@ impl Connection {
         if failed {
             tracing::debug!(?reply.status, "login failed");
             self.closed = Some(CloseReason::LoginFailed);
+            self.login_failure = Some(reply.status);
             return;
         }
         if reply.complete {
@@ -1859,6 +1869,7 @@ mod tests {
             assert_eq!(out.len(), 1, "{req:?}");
             assert_eq!(login_status(&out[0]), status, "{pairs:?}");
             assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+            assert_eq!(p.conn.login_failure(), Some(status));
             assert!(p.events().is_empty());
         }
     }
@@ -2604,6 +2615,10 @@ mod tests {
         );
         assert_eq!(status, (2, 2));
         assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert_eq!(
+            p.conn.login_failure(),
+            Some(LoginStatus::AUTHORIZATION_FAILURE)
+        );
         assert!(p.events().is_empty());
         assert_eq!(p.conn.config.sessions.live(), 0);
     }
@@ -3047,6 +3062,7 @@ mod tests {
         ));
         let out = p.recv();
         assert_eq!(login_status(&out[0]), LoginStatus::SUCCESS);
+        assert_eq!(p.conn.login_failure(), None);
         assert!(matches!(p.events().as_slice(), [Event::LoggedIn(_)]));
     }
 
@@ -3056,6 +3072,10 @@ mod tests {
         let r = chap_login(&mut p, "wrong-secret-1");
         assert_eq!(login_status(&r), LoginStatus::AUTHENTICATION_FAILURE);
         assert_eq!(p.conn.is_closed(), Some(&CloseReason::LoginFailed));
+        assert_eq!(
+            p.conn.login_failure(),
+            Some(LoginStatus::AUTHENTICATION_FAILURE)
+        );
         assert!(p.events().is_empty());
     }
 

@@ -1,0 +1,215 @@
+//! systemd integration: `conf/ironlun.service` passes `systemd-analyze verify`, and the daemon
+//! speaks the sd_notify protocol (READY=1 after binding, WATCHDOG=1 every WATCHDOG_USEC/2,
+//! STOPPING=1 on SIGTERM) to a datagram socket standing in for systemd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::{BufRead, BufReader};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ironlun");
+
+/// `systemd-analyze verify` needs the ExecStart binaries and the `man:` documentation to
+/// exist: it runs on a copy of the unit whose `/usr/local/bin/ironlun` is the binary under
+/// test, with MANPATH pointing at pages that binary generated (`ironlun man --out-dir`).
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../conf/ironlun.service"
+    ))
+    .unwrap();
+    for key in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "\nCapabilityBoundingSet=\n",
+        "#CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "MemoryDenyWriteExecute=yes",
+        "SystemCallArchitectures=native",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ironlun.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/ironlun", BIN)).unwrap();
+    let man1 = dir.path().join("man").join("man1");
+    let o = Command::new(BIN)
+        .args(["man", "--out-dir"])
+        .arg(&man1)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .expect("systemd-analyze (package systemd; scripts/install-deps.sh installs it)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "systemd-analyze verify: {err}");
+    assert!(
+        !err.contains("ironlun.service"),
+        "warnings about the unit: {err}"
+    );
+}
+
+/// A daemon killed on drop, so that a failing test leaves none behind.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The daemon with `NOTIFY_SOCKET` (and `extra` variables); returns it once its `admin` line
+/// is printed.
+fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> Guard {
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("NOTIFY_SOCKET", notify)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .envs(extra.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Guard(child);
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut seen_listening = false;
+    loop {
+        let l = lines.next().expect("stdout ended early").unwrap();
+        seen_listening |= l.starts_with("listening ");
+        if l.starts_with("admin ") {
+            break;
+        }
+    }
+    assert!(seen_listening);
+    // Keep draining stdout so the daemon never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(within.max(Duration::from_millis(1))))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    match sock.recv(&mut buf) {
+        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(_) => None,
+    }
+}
+
+fn sigterm(child: &Guard) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// Datagrams until one containing `want` (within `within`); panics if none does.
+fn until(sock: &UnixDatagram, want: &str, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while let Some(m) = recv(sock, deadline.saturating_duration_since(Instant::now())) {
+        let done = m.lines().any(|l| l == want);
+        got.push(m);
+        if done {
+            return got;
+        }
+    }
+    panic!("no {want} within {within:?}; got {got:?}");
+}
+
+#[test]
+fn ready_watchdog_and_stopping_on_a_path_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = spawn(
+        sock_path.to_str().unwrap(),
+        &[("WATCHDOG_USEC", "200000")],
+        dir.path(),
+    );
+    // READY=1 is the first notification, sent after the listening/admin lines.
+    let first = recv(&sock, Duration::from_secs(10)).expect("no READY=1");
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines[0], "READY=1", "{first:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("STATUS=serving ")),
+        "{first:?}"
+    );
+    // Pings every 100 ms: at least 3 within about a second.
+    let start = Instant::now();
+    let mut pings = 0;
+    while pings < 3 && start.elapsed() < Duration::from_millis(1500) {
+        if let Some(m) = recv(
+            &sock,
+            Duration::from_millis(1500).saturating_sub(start.elapsed()),
+        ) {
+            assert_eq!(m, "WATCHDOG=1");
+            pings += 1;
+        }
+    }
+    assert!(
+        pings >= 3,
+        "{pings} watchdog pings in {:?}",
+        start.elapsed()
+    );
+    sigterm(&child);
+    let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
+    assert!(
+        got[..got.len() - 1].iter().all(|m| m == "WATCHDOG=1"),
+        "{got:?}"
+    );
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// An abstract socket (`@name`), and a watchdog meant for another process (WATCHDOG_PID not
+/// ours): READY=1 and STOPPING=1, no pings.
+#[test]
+fn abstract_socket_and_foreign_watchdog_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("ironlun-test-{}-{:?}", std::process::id(), Instant::now());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    let mut child = spawn(
+        &format!("@{name}"),
+        &[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")],
+        dir.path(),
+    );
+    let first = recv(&sock, Duration::from_secs(10)).expect("no READY=1");
+    assert!(first.starts_with("READY=1\n"), "{first:?}");
+    assert_eq!(
+        recv(&sock, Duration::from_millis(400)),
+        None,
+        "pinged anyway"
+    );
+    sigterm(&child);
+    let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(child.0.wait().unwrap().success());
+}
