@@ -669,8 +669,15 @@ pub fn on_sighup(live: Arc<Live>) -> impl std::future::Future<Output = ()> {
         };
         while sig.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config file");
+            // systemd (ExecReload): RELOADING=1 now, READY=1 once done, either way.
+            crate::sd_notify::reloading();
             let l = live.clone();
-            match tokio::task::spawn_blocking(move || l.reload()).await {
+            let result = tokio::task::spawn_blocking(move || l.reload()).await;
+            crate::sd_notify::ready(match &result {
+                Ok(Ok(_)) => "serving; configuration reloaded",
+                _ => "serving; configuration reload failed, previous configuration kept",
+            });
+            match result {
                 Ok(Ok(c)) => tracing::info!(
                     applied = c.applied.len(),
                     needs_restart = c.needs_restart.len(),

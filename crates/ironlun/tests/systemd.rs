@@ -1,6 +1,6 @@
 //! systemd integration: `conf/ironlun.service` passes `systemd-analyze verify`, and the daemon
 //! speaks the sd_notify protocol (READY=1 after binding, WATCHDOG=1 every WATCHDOG_USEC/2,
-//! STOPPING=1 on SIGTERM) to a datagram socket standing in for systemd.
+//! RELOADING=1 and READY=1 around a SIGHUP reload, STOPPING=1 on SIGTERM) to a datagram socket standing in for systemd.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -122,8 +122,12 @@ fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
 }
 
 fn sigterm(child: &Guard) {
+    signal(child, "-TERM");
+}
+
+fn signal(child: &Guard, sig: &str) {
     let ok = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args([sig, &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
@@ -177,6 +181,17 @@ fn ready_watchdog_and_stopping_on_a_path_socket() {
         pings >= 3,
         "{pings} watchdog pings in {:?}",
         start.elapsed()
+    );
+    // SIGHUP (ExecReload): RELOADING=1, then READY=1 when the reload is over. This daemon
+    // runs on the embedded default, so the reload has no file and reports that it failed.
+    signal(&child, "-HUP");
+    let got = until(&sock, "RELOADING=1", Duration::from_secs(10));
+    assert!(got.last().unwrap().starts_with("RELOADING=1\n"), "{got:?}");
+    let got = until(&sock, "READY=1", Duration::from_secs(10));
+    let ready = got.last().unwrap();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=serving; configuration reload failed"),
+        "{got:?}"
     );
     sigterm(&child);
     let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
