@@ -643,7 +643,8 @@ impl Response {
         }
     }
 
-    fn json<T: Serialize>(status: u16, v: &T) -> Response {
+    /// `v` as pretty JSON with `status` (500 if it cannot be encoded).
+    pub(crate) fn json<T: Serialize>(status: u16, v: &T) -> Response {
         match serde_json::to_vec_pretty(v) {
             Ok(mut body) => {
                 body.push(b'\n');

@@ -782,10 +782,15 @@ fn detail_cell(v: &serde_json::Value) -> String {
 pub fn utc(unix_ms: u64) -> String {
     let ms = unix_ms % 1000;
     let secs = unix_ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let rem = secs % 86_400;
     let (h, m, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Days to a civil date (the era-based algorithm: 400-year eras of 146097 days), shifted
-    // so that years start on 1 March.
+    let (y, mo, d) = civil_date(secs / 86_400);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}.{ms:03}Z")
+}
+
+/// Days since 1970-01-01 as the (year, month, day) of the proleptic Gregorian calendar: the
+/// era-based algorithm, 400-year eras of 146097 days, shifted so that years start on 1 March.
+pub fn civil_date(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z % 146_097;
@@ -795,7 +800,7 @@ pub fn utc(unix_ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + u64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}.{ms:03}Z")
+    (y, mo, d)
 }
 
 #[cfg(test)]

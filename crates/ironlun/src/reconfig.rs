@@ -1109,21 +1109,6 @@ pub struct ConfigJson {
     pub toml: String,
 }
 
-fn json<T: Serialize>(status: u16, v: &T) -> Response {
-    match serde_json::to_vec_pretty(v) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            Response {
-                status,
-                body,
-                allow: "GET",
-                content_type: crate::admin::JSON,
-            }
-        }
-        Err(e) => Response::error(500, &format!("cannot encode JSON: {e}")),
-    }
-}
-
 fn backstore_name(k: &config::BackstoreKind) -> &'static str {
     match k {
         config::BackstoreKind::Ram => "ram",
@@ -1171,7 +1156,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
 
 fn answer(r: Result<ChangeJson, ChangeError>) -> Response {
     match r {
-        Ok(c) => json(200, &c),
+        Ok(c) => Response::json(200, &c),
         Err(e) => Response::error(e.status, &e.message),
     }
 }
@@ -1205,7 +1190,9 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
     };
     let Some(live) = live else {
         return match segs.as_slice() {
-            ["v1", "luns"] if method == "GET" => Some(json(200, &luns_json(registry, None))),
+            ["v1", "luns"] if method == "GET" => {
+                Some(Response::json(200, &luns_json(registry, None)))
+            }
             ["v1", "config" | "reload"]
             | ["v1", "targets", ..]
             | ["v1", "luns", _, _, "resize"] => {
@@ -1216,11 +1203,11 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
     };
     Some(match segs.as_slice() {
         ["v1", "luns"] => match method {
-            "GET" => json(200, &luns_json(registry, Some(&live.config()))),
+            "GET" => Response::json(200, &luns_json(registry, Some(&live.config()))),
             _ => wrong("GET"),
         },
         ["v1", "config"] => match method {
-            "GET" => json(
+            "GET" => Response::json(
                 200,
                 &ConfigJson {
                     path: live.source.path.as_ref().map(|p| p.display().to_string()),
@@ -1283,7 +1270,7 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
             .await
         }
         ["v1", "targets"] => match method {
-            "GET" => json(200, &targets_json(&live.config())),
+            "GET" => Response::json(200, &targets_json(&live.config())),
             "POST" => {
                 let req: TargetRequest = match parse(body) {
                     Ok(r) => r,
@@ -1316,7 +1303,7 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
                         bound: b.to_string(),
                     })
                     .collect();
-                json(200, &PortalsJson { portals })
+                Response::json(200, &PortalsJson { portals })
             }
             "POST" => {
                 let req: PortalRequest = match parse(body) {
@@ -1349,7 +1336,7 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
                     .into_iter()
                     .find(|x| x.name.eq_ignore_ascii_case(&t))
                 {
-                    Some(x) => json(200, &x),
+                    Some(x) => Response::json(200, &x),
                     None => Response::error(404, &format!("no target {t}")),
                 },
                 "POST" => {

@@ -269,18 +269,8 @@ fn four_cc(b: &[u8; 4]) -> String {
 /// Gregorian calendar).
 fn vhd_time(stamp: u32) -> String {
     let secs = VHD_EPOCH_UNIX + u64::from(stamp);
-    let days = secs / 86_400;
     let rem = secs % 86_400;
-    // Days since 1970-01-01 shifted to an era starting 0000-03-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+    let (year, month, day) = ironlun::ctl::civil_date(secs / 86_400);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,
