@@ -256,7 +256,8 @@ async fn sighup_applies_the_file_while_other_sessions_run() {
     let io = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:rc-io", 0).await;
     io.progress(3).await;
 
-    // Add LUN 1 to X and restrict X's initiators (an ACL: needs a restart, reported).
+    // Add LUN 1 to X and restrict X's initiators (both applied live), while the I/O session
+    // to the other target runs on.
     let edited = config().replace(
         &format!("name = \"{X}\"\n"),
         &format!("name = \"{X}\"\nallowed_initiators = [\"iqn.2026-11.io.ironlun:*\"]\n"),
@@ -293,7 +294,7 @@ async fn sighup_applies_the_file_while_other_sessions_run() {
     assert!(text(&out.stderr).contains("bogus"), "{}", text(&out.stderr));
     until_luns(&d.admin, |v| has(v, X, 1) && has(v, TARGET, 0)).await;
 
-    // Fixed again, LUN 1 removed: applied; the ACL difference is still reported.
+    // Fixed again, LUN 1 removed and the ACL lifted: applied.
     std::fs::write(&file, config()).unwrap();
     let out = ctl_async(&d.admin, &["reload"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
