@@ -234,6 +234,7 @@ mod tests {
             write_cache: true,
             physical_block_exponent: 0,
             sanitize_rate: None,
+            offline: false,
         }
     }
 

@@ -196,6 +196,8 @@ struct RawLun {
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
     sanitize_rate: Option<Spanned<SizeValue>>,
+    #[serde(default)]
+    offline: bool,
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -380,6 +382,9 @@ pub struct Lun {
     /// `sanitize_rate`: bytes per second a SANITIZE may write or deallocate (unpaced if
     /// absent).
     pub sanitize_rate: Option<u64>,
+    /// `offline`: the LU starts offline (NOT READY, 04h/12h); `ironlun ctl lun offline|online`
+    /// sets and clears it.
+    pub offline: bool,
 }
 
 struct Ctx<'a> {
@@ -428,6 +433,7 @@ impl Config {
             write_cache: true,
             physical_block_exponent: 0,
             sanitize_rate: None,
+            offline: false,
         };
         Config {
             portals: vec![Portal {
@@ -758,6 +764,7 @@ impl Config {
                     write_cache: l.write_cache.unwrap_or(true),
                     physical_block_exponent,
                     sanitize_rate,
+                    offline: l.offline,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;

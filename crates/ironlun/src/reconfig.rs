@@ -33,6 +33,8 @@ pub struct Diff {
     pub luns_removed: Vec<(String, u64)>,
     /// `(target, lun, old size, new size)`: `size` changed, nothing else.
     pub luns_resized: Vec<(String, u64, u64, u64)>,
+    /// LUNs taken offline (`true`) or brought online (`false`): (target, LUN, offline).
+    pub luns_offline: Vec<(String, u64, bool)>,
     /// Portals (configured address, tag) in the new config only, of a portal group already
     /// served (a new group would change every LU's relative ports: restart).
     pub portals_added: Vec<(SocketAddr, u16)>,
@@ -139,6 +141,10 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             };
             let mut resized = ol.clone();
             resized.size = nl.size;
+            resized.offline = nl.offline;
+            if ol.offline != nl.offline {
+                d.luns_offline.push((nt.name.clone(), nl.id, nl.offline));
+            }
             if !same(&resized, nl) {
                 restart(&format!(
                     "target {} LUN {}: settings other than size",
@@ -401,6 +407,9 @@ impl Live {
                 "target {t} LUN {id}: resized from {old} to {size} bytes"
             ));
         }
+        for (t, id, offline) in &d.luns_offline {
+            applied.extend(set_offline(&self.registry, t, *id, *offline)?.applied);
+        }
         let mut touched: Vec<String> = d
             .luns_added
             .iter()
@@ -565,6 +574,13 @@ impl Live {
                 {
                     l.size = Some(*size);
                 }
+                if let Some((_, _, offline)) = d
+                    .luns_offline
+                    .iter()
+                    .find(|(x, id, _)| x.eq_ignore_ascii_case(&t.name) && *id == l.id)
+                {
+                    l.offline = *offline;
+                }
             }
             for l in &nt.luns {
                 if d.luns_added
@@ -609,9 +625,8 @@ fn resize(h: &crate::target::LunHandle, size: u64) -> Result<(), String> {
 }
 
 /// Take LUN `id` of `target` offline (its backend flushed first, so what was acknowledged is
-/// on stable storage) or back online. Run-time state: not written to the config file, lost
-/// at restart.
-pub fn set_offline(
+/// on stable storage) or back online; the config's `offline` key keeps it across restarts.
+fn set_offline(
     registry: &Registry,
     target: &str,
     id: u64,
@@ -857,6 +872,22 @@ pub fn set_size(
         SizeArg::Text(t) => {
             l.insert("size", toml_edit::value(t.as_str()));
         }
+    }
+    Ok(())
+}
+
+/// Set (`offline = true`) or clear the `offline` key of LUN `id` of target `name`.
+pub fn set_offline_key(
+    doc: &mut toml_edit::DocumentMut,
+    name: &str,
+    id: u64,
+    offline: bool,
+) -> Result<(), ChangeError> {
+    let l = lun_table(doc, name, id)?;
+    if offline {
+        l.insert("offline", toml_edit::value(true));
+    } else {
+        l.remove("offline");
     }
     Ok(())
 }
@@ -1369,7 +1400,10 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
                 return Some(Response::error(404, &format!("no such resource: {path}")));
             };
             let offline = *op == "offline";
-            blocking(live, move |l| set_offline(&l.registry, &t, n, offline)).await
+            blocking(live, move |l| {
+                l.change(|doc| set_offline_key(doc, &t, n, offline))
+            })
+            .await
         }
         _ => return None,
     })
@@ -1429,6 +1463,25 @@ mod tests {
         remove_lun(&mut doc2, "iqn.2026-11.x:a", 0).unwrap();
         let d = diff(&new, &parse(&doc2.to_string()));
         assert_eq!(d.luns_removed, vec![("iqn.2026-11.x:a".to_string(), 0)]);
+    }
+
+    #[test]
+    fn offline_is_a_key_of_the_lun_applied_live() {
+        let old = parse(BASE);
+        let mut doc: toml_edit::DocumentMut = BASE.parse().unwrap();
+        set_offline_key(&mut doc, "iqn.2026-11.x:b", 0, true).unwrap();
+        let text = doc.to_string();
+        assert!(text.contains("offline = true"), "{text}");
+        let new = parse(&text);
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.luns_offline,
+            vec![("iqn.2026-11.x:b".to_string(), 0, true)]
+        );
+        assert!(d.needs_restart.is_empty(), "{:?}", d.needs_restart);
+        set_offline_key(&mut doc, "iqn.2026-11.x:b", 0, false).unwrap();
+        assert_eq!(doc.to_string(), BASE);
+        assert!(set_offline_key(&mut doc, "iqn.2026-11.x:b", 9, true).is_err());
     }
 
     #[test]

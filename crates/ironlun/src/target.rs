@@ -523,6 +523,7 @@ fn open_lun(
     let mut lc = lu_config(target, l, num_blocks, ports, backend.thin_provisioning());
     lc.port_groups = port_groups.clone();
     let mut lu = LogicalUnit::new(lc);
+    lu.set_offline(l.offline);
     if restore_state(&mut lu, &state_file)? {
         tracing::info!(target, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
     }

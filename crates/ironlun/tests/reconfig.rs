@@ -374,12 +374,37 @@ async fn resize_grows_and_offline_online() {
         "{}",
         text(&out.stdout)
     );
+    // Saved: `offline = true` in the file, and a daemon started from it (a restart) serves the
+    // LUN offline from the start (after the power-on unit attention).
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(Config::load(&file, None).unwrap().targets[1].luns[0].offline);
+    assert!(saved.contains("# operator's comment"), "{saved}");
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = Daemon::spawn_ok(dir2.path(), Some(&saved), LISTEN_ANY);
+    let s2 = Session::connect(
+        d2.addr,
+        LoginOptions::new("iqn.2026-11.io.ironlun:rc-r2", Some(X.to_owned())),
+    )
+    .await
+    .expect("login");
+    let r = s2.test_unit_ready(0).await.unwrap();
+    assert_eq!(
+        (r.status, sense(&r.sense).0),
+        (2, 6),
+        "power-on unit attention first"
+    );
+    let r = s2.test_unit_ready(0).await.unwrap();
+    assert_eq!((r.status, sense(&r.sense)), (2, (2, 0x04, 0x12)));
+    s2.logout().await.unwrap();
+    drop(d2);
     // Online: NOT READY TO READY CHANGE once, then GOOD.
     let out = ctl_async(&d.admin, &["lun", "online", &format!("{X}/0")]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let r = s.test_unit_ready(0).await.unwrap();
     assert_eq!((r.status, sense(&r.sense)), (2, (6, 0x28, 0x00)));
     assert_eq!(s.test_unit_ready(0).await.unwrap().status, 0);
+    assert!(!Config::load(&file, None).unwrap().targets[1].luns[0].offline);
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("offline"));
     s.logout().await.unwrap();
 }
 
