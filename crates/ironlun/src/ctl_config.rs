@@ -76,7 +76,7 @@ pub fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlE
                 x.target.clone(),
                 x.lun.to_string(),
                 x.backstore.clone(),
-                x.size.to_string(),
+                human_size(x.size),
                 x.block_size.to_string(),
                 if x.offline { "offline" } else { "online" }.to_string(),
             ]
@@ -90,6 +90,24 @@ pub fn list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlE
             &rows,
         ),
     )
+}
+
+/// `bytes` in the largest binary unit that divides it exactly (`1 GiB`, `512 MiB`), else
+/// in bytes: the table never rounds a size (`--json` has the byte count).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(u, _)| bytes >= *u && bytes.is_multiple_of(*u))
+        .map_or_else(
+            || format!("{bytes} B"),
+            |(u, name)| format!("{} {name}", bytes / u),
+        )
 }
 
 /// What `ctl lun add` sends.
@@ -298,6 +316,16 @@ pub fn reload(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), Ct
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_in_the_table_are_exact() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 29), "1536 MiB");
+        assert_eq!(human_size(2 << 40), "2 TiB");
+        assert_eq!(human_size(4096), "4 KiB");
+        assert_eq!(human_size(1000), "1000 B");
+        assert_eq!(human_size(0), "0 B");
+    }
 
     #[test]
     fn sizes_are_checked_before_sending() {

@@ -148,7 +148,7 @@ async fn ctl_lun_add_and_remove_live_and_saved() {
     assert!(o.starts_with("TARGET"), "{o}");
     assert!(
         o.lines()
-            .any(|l| l.starts_with(X) && l.contains(" 1 ") && l.contains("2097152")),
+            .any(|l| l.starts_with(X) && l.contains(" 1 ") && l.contains("2 MiB")),
         "{o}"
     );
 
