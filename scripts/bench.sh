@@ -17,8 +17,12 @@
 #                   results as JSON to FILE.json and the ironlun/tgt chart to FILE.svg (FILE
 #                   without its .md; scripts/bench/results.py, chart.py)
 #   -q              quick smoke test: 1 repetition, 2 s runs, smaller qemu-img counts
-#   --soak MINUTES  also run 4 KiB random read QD32 against ironlun for MINUTES, sampling its
-#                   RSS every 10 s, and report the growth (default: off)
+#   --soak MINUTES  run only the soak instead (scripts/bench/soak.sh; no tgt, no other section):
+#                   ironlun alone, MINUTES of mixed QD32 reads and writes (4 KiB to 1 MiB) with
+#                   a login/logout every second, RSS, fds and threads sampled; PASS when flat
+#                   after the warm-up (scripts/bench/soak.py defines it). Writes -o FILE (default
+#                   bench-results/soak.md), FILE.json and FILE.svg; --publish copies the chart
+#                   to docs/soak.svg. Exit status 3 when not PASS. -r, -t, -q do not apply.
 #   --vhd-only      only the VHD section (no tgt, RSS, iperf3 or RAM LUN; no chart)
 #   --publish       also copy the chart to docs/bench.svg, the one README.md shows
 #   (-q overrides -r and -t.) Default runtime: about 8-11 minutes on 2 cores (VHD section: about
@@ -29,12 +33,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0; PUBLISH=0
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -r) REPS=${2:?}; shift 2 ;;
     -t) SECS=${2:?}; shift 2 ;;
-    -o) OUT=${2:?}; shift 2 ;;
+    -o) OUT=${2:?}; OUT_SET=1; shift 2 ;;
     -q) QUICK=1; shift ;;
     --soak) SOAK=${2:?}; shift 2 ;;
     --vhd-only) VHD_ONLY=1; shift ;;
@@ -42,6 +46,11 @@ while [ $# -gt 0 ]; do
     *) usage ;;
   esac
 done
+if [ "$SOAK" != 0 ]; then   # the soak runs on its own
+  [[ $SOAK =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "bench.sh: --soak takes minutes, not '$SOAK'" >&2; exit 2; }
+  [ "$VHD_ONLY" = 0 ] || { echo "bench.sh: --soak runs only the soak; drop --vhd-only" >&2; exit 2; }
+  exec bash scripts/bench/soak.sh "$SOAK" "$([ -n "${OUT_SET:-}" ] && echo "$OUT" || echo bench-results/soak.md)" "$PUBLISH"
+fi
 Q4K=40000; Q1M=1024   # qemu-img bench request counts (4 KiB: 156 MiB; 1 MiB: the whole LUN)
 Q64K=32768            # VHD section: 64 KiB writes (2 GiB: about 1.5 s, shorter runs are mostly noise)
 if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; Q4K=10000; Q1M=256; Q64K=8192; fi
@@ -60,7 +69,7 @@ WORK=$(mktemp -d /tmp/ironlun-bench.XXXXXX)
 IL_PORT=${IL_PORT:-3270}; TGT_PORT=${TGT_PORT:-3271}; IPERF_PORT=${IPERF_PORT:-3272}
 TGT_CTL=${TGT_CTL:-$TGT_PORT}   # tgtd management channel /var/run/tgtd/socket.$TGT_CTL
 TGT_DIR="$WORK/tgt"
-BG=()   # helper processes we started (iperf3 servers, idle-session holders, soak clients)
+BG=()   # helper processes we started (iperf3 servers, idle-session holders)
 cleanup() {
   for p in "${BG[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   if [ -n "${IL_PID:-}" ]; then kill -TERM "$IL_PID" 2>/dev/null || true; wait "$IL_PID" 2>/dev/null || true; fi
@@ -266,20 +275,6 @@ for r in $(seq 1 "$REPS"); do
     fi
   done
 done
-
-# --- optional soak: RSS under a long QD32 run ---
-if [ "$SOAK" != 0 ]; then
-  log "soak: $SOAK min of 4 KiB random read QD32 against ironlun"
-  iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r "$IL_URL" > "$WORK/soak.out" 2>&1 & hp=$!; BG+=("$hp")
-  samples=()
-  while kill -0 "$hp" 2>/dev/null; do sleep 10; kill -0 "$hp" 2>/dev/null && samples+=("$(rss_mib "$IL_PID")"); done
-  wait "$hp" 2>/dev/null || true
-  log "soak RSS samples (MiB): ${samples[*]}"
-  if [ ${#samples[@]} -ge 2 ]; then
-    echo -e "soak\til\t$(python3 -c "import sys; print(float(sys.argv[-1]) - float(sys.argv[1]))" "${samples[@]}")" >> "$RES"
-  else echo -e "soak\til\tnan" >> "$RES"; fi
-  echo -e "soak_minutes\t-\t$SOAK" >> "$RES"
-fi
 echo -e "rss_end\til\t$(rss_mib "$IL_PID")" >> "$RES"
 
 # --- report ---
@@ -317,7 +312,7 @@ Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for 
 - target CPU per op: Δ(utime+stime) of the target process (/proc/PID/stat, all threads) over the run ÷ operations (iscsi-perf: average IOPS × $SECS s; qemu-img: request count)
 - iperf3 ceiling: \`iperf3 -s -1 -B 127.0.0.1\` and \`iperf3 -c 127.0.0.1 -t $SECS -J\` (end.sum_received, MB/s = bit/s ÷ 8 ÷ 10^6)
 - RAM LUN: filled first with \`qemu-img bench -f raw -n -c 1024 -d 8 -s 1048576 -w URL\`; same commands as above
-- RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB$( [ "$SOAK" != 0 ] && echo "; soak: \`iscsi-perf -m 32 -b 8 -t $((SOAK * 60)) -r URL\` with VmRSS sampled every 10 s")
+- RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB
 EOF
 mkdir -p "$(dirname "$OUT")"
 JSON=${OUT%.md}.json; SVG=${OUT%.md}.svg
