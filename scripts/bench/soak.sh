@@ -7,7 +7,8 @@
 # client also stops by itself at the end of the run.
 #
 # Usage: scripts/bench/soak.sh MINUTES OUT.md PUBLISH(0|1)
-#   writes OUT.md (report), OUT.json (samples, load, verdict), OUT.svg (chart; soak_chart.py);
+#   writes OUT.md (report), OUT.json (samples, load, verdict), OUT.svg (chart; soak_chart.py)
+#   and OUT.daemon.log (the daemon's stderr);
 #   PUBLISH=1 also copies the chart to docs/soak.svg. Exit status: 0 PASS, 3 FAIL or
 #   INCONCLUSIVE, 1 the soak could not run.
 # Env: IRONLUN_BIN (skip the build), IL_PORT (3270), IRONLUN_LOG (warn), SOAK_INTERVAL (seconds
@@ -88,6 +89,8 @@ SOAK_PID=$!
 wait "$SOAK_PID" || { rc=$?; SOAK_PID=; echo "soak.sh: soak.py failed ($rc)" >&2; exit 1; }
 SOAK_PID=
 kill -0 "$IL_PID" 2>/dev/null || { echo "soak.sh: ironlun exited during the soak:" >&2; tail -20 "$WORK/il.log" >&2; exit 1; }
+cp "$WORK/il.log" "${OUT%.md}.daemon.log"
+log "daemon log (IRONLUN_LOG=${IRONLUN_LOG:-warn}): $(wc -l < "$WORK/il.log") lines, kept in ${OUT%.md}.daemon.log"
 python3 scripts/bench/soak.py report "$JSON" --runtime-s $(($(date +%s) - T0)) | tee "$OUT"
 python3 scripts/bench/soak_chart.py "$JSON" "$SVG"
 log "report written to $OUT, samples and verdict to $JSON, chart to $SVG"

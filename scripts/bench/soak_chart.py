@@ -94,7 +94,7 @@ class Panel:
             _text(b, self.x(t1) - 4, y_hi - 4, label, size=10.5, fill=fill, anchor="end")
 
     def line(self, pts, color, name, cls, marks=True, bad=None):
-        """A polyline of (t, v) points with a dot per point; bad(v) → drawn in red."""
+        """A polyline of (t, v) points with a dot per point; bad(t, v) → drawn in red."""
         if not pts:
             return
         g = _el(self.g, "g", class_=cls)
@@ -103,7 +103,7 @@ class Panel:
         if marks and len(pts) <= 400:
             for t, v in pts:
                 c = _el(g, "circle", cx=f"{self.x(t):.1f}", cy=f"{self.y(v):.1f}", r=2.4,
-                        fill=BAD if bad and bad(v) else color)
+                        fill=BAD if bad and bad(t, v) else color)
                 _el(c, "title", f"{name}: {_fmt(round(v, 2))} at {t:g} s")
 
 
@@ -167,9 +167,11 @@ def render(doc):
     p.g.set("data-panel", "rss")
     if base:
         band_color = GOOD if an.get("rss_flat") else BAD if an.get("rss_flat") is False else GREY
-        p.band(base["t"], x_max, b - tol, b + tol, band_color, f"baseline {b:.1f} MiB ± {tol:g} MiB", "band rss-band")
+        p.band(base["t"], x_max, b - tol, b + tol, band_color, None, "band rss-band")
+        _text(svg, LEGEND_X, top + 92, "band: baseline", size=10.5, fill=band_color)
+        _text(svg, LEGEND_X, top + 107, f"{b:.1f} ± {tol:g} MiB", size=10.5, fill=band_color)
     p.line(rss, RSS_COLOR, "RSS MiB", "series rss",
-           bad=(lambda v: abs(v - b) > tol) if base else None)
+           bad=(lambda t, v: t >= base["t"] and abs(v - b) > tol) if base else None)
     _legend(svg, LEGEND_X, top + 14, [(RSS_COLOR, "VmRSS")])
     r = an.get("rss_mib")
     if r:
@@ -188,10 +190,10 @@ def render(doc):
     p.g.set("data-panel", "fds")
     if base:
         band_color = GOOD if an.get("fds_flat") else BAD if an.get("fds_flat") is False else GREY
-        p.band(base["t"], x_max, base["fds"] - ftol, base["fds"] + ftol, band_color,
-               f"fds baseline {base['fds']} ± {ftol}", "band fd-band")
+        p.band(base["t"], x_max, base["fds"] - ftol, base["fds"] + ftol, band_color, None, "band fd-band")
+        _text(svg, LEGEND_X, top + 68, f"fd band: {base['fds']} ± {ftol}", size=10.5, fill=band_color)
     p.line(fds, FD_COLOR, "open fds", "series fds",
-           bad=(lambda v: abs(v - base["fds"]) > ftol) if base else None)
+           bad=(lambda t, v: t >= base["t"] and abs(v - base["fds"]) > ftol) if base else None)
     p.line(th, THREAD_COLOR, "threads", "series threads")
     f = an.get("fds")
     _legend(svg, LEGEND_X, top + 14, [(FD_COLOR, "open fds"), (THREAD_COLOR, "threads")])
@@ -206,7 +208,7 @@ def render(doc):
         _legend(svg, LEGEND_X, top + 14, [(IO_COLOR, "kcmd/s")])
     foot = top + (IO_H if io else FD_H) + 34
     _text(svg, PLOT_X + PLOT_W / 2, foot, "minutes since the load started", size=11, fill=GREY, anchor="middle")
-    _text(svg, 16, foot + 22, "Red dots: samples outside the band. Figures, commands and the load done: "
+    _text(svg, 16, foot + 22, "Red dots: samples after the warm-up outside the band. Figures, commands and the load done: "
           "bench-results/soak.md (scripts/bench/soak.py).", size=11, fill=GREY)
     ET.indent(svg)
     return ET.tostring(svg, encoding="unicode") + "\n"

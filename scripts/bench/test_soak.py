@@ -185,7 +185,8 @@ class ChartTest(unittest.TestCase):
         band = rss.find("s:g[@class='band rss-band']/s:rect", NS)
         self.assertAlmostEqual(float(band.get("x")), soak_chart.PLOT_X + soak_chart.PLOT_W / 3, places=0)
         self.assertAlmostEqual(float(band.get("width")), soak_chart.PLOT_W * 2 / 3, places=0)
-        self.assertIn("baseline 100.0 MiB ± 8 MiB", self.texts(rss))
+        self.assertIn("100.0 ± 8 MiB", self.texts(root))
+        self.assertIn("fd band: 25 ± 8", self.texts(root))
 
     def test_band_is_16_mib_tall_on_the_rss_scale(self):
         root = ET.fromstring(soak_chart.render(doc_for(samples())))
@@ -203,9 +204,14 @@ class ChartTest(unittest.TestCase):
         self.assertIn("FAIL", self.texts(root))
         red = [c for c in root.find(".//s:g[@class='series rss']", NS).findall("s:circle", NS)
                if c.get("fill") == soak_chart.BAD]
-        self.assertEqual(len(red), 4)            # 109 … 112 MiB against the baseline 106 ± 8
+        self.assertEqual(len(red), 4)            # 115 … 118 MiB against the baseline 106 ± 8
         band = root.find(".//s:g[@class='band rss-band']/s:rect", NS)
         self.assertEqual(band.get("fill"), soak_chart.BAD)
+        # a warm-up sample far from the baseline is not marked
+        d = doc_for(samples(rss=lambda i: (60 if i == 0 else 100) * MIB))
+        root = ET.fromstring(soak_chart.render(d))
+        self.assertIn("PASS", self.texts(root))
+        self.assertEqual([c for c in root.iter(SVG + "circle") if c.get("fill") == soak_chart.BAD], [])
 
     def test_inconclusive_and_no_metrics(self):
         smp = samples(n=5)
