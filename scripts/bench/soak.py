@@ -22,14 +22,16 @@ run: the load, for M minutes (all clients started at t = 0, each stops by itself
   samples, the load done, both idle points and analyse()'s verdict; the exit status is 0.
 
 Flat (analyse()): the warm-up is the first WARMUP seconds (default 10 % of the run, at least
-60 s). The baseline is the first sample at or after the end of the warm-up. PASS needs
-  - RSS: every sample from the baseline on within ±8 MiB of the baseline's RSS;
-  - fds: every such sample within ±8 fds of the baseline's count (the clients' own sessions come
+60 s). The baseline is the median of the samples in the first minute after the warm-up (early,
+so that growth over the run shows; a median, so that one transient sample does not set it).
+PASS needs
+  - RSS: every sample after the warm-up within ±8 MiB of the baseline RSS;
+  - fds: every such sample within ±8 fds of the baseline count (the clients' own sessions come
     and go: 2 to 4 connections at a time), and the idle count once the clients are gone equal to
     the idle count before they started (every connection's fd is closed again);
   - load: the two readers and the writer ended without error and did I/O, and at least 90 % of
     the run's seconds had a successful login.
-Fewer than 3 samples from the baseline on (a run shorter than about 2 minutes): INCONCLUSIVE.
+Fewer than 3 samples after the warm-up (a run shorter than about 2 minutes): INCONCLUSIVE.
 """
 import argparse
 import json
@@ -47,6 +49,7 @@ RSS_TOL_MIB = 8.0
 FD_TOL = 8
 LOGIN_SHARE = 0.9
 MIN_POST_SAMPLES = 3
+BASELINE_WINDOW_S = 60.0
 # qemu-img bench writes cycled by the writer: (LUN role, size, count, extra qemu-img options)
 WRITES = (
     ("file", 4096, 20000, ["-S", "1052672"]),       # 4 KiB, strided 1 MiB + 4 KiB
@@ -382,12 +385,15 @@ def analyse(samples, warmup_s, duration_s, idle_before, idle_after, load,
         reasons.insert(0, f"{len(post)} samples after the {warmup_s:g} s warm-up, {MIN_POST_SAMPLES} needed "
                           "(run longer)")
         return out
-    base = post[0]
+    win = [s for s in post if s["t"] < warmup_s + BASELINE_WINDOW_S]
     rss = [s["rss_kib"] / 1024 for s in post]
-    b = base["rss_kib"] / 1024
+    b = statistics.median(s["rss_kib"] / 1024 for s in win)
+    fd_base = statistics.median_low(s["fds"] for s in win)
+    out["baseline_window_s"] = [warmup_s, warmup_s + BASELINE_WINDOW_S]
+    out["baseline_samples"] = len(win)
     dev = max(abs(v - b) for v in rss)
     out["rss_mib"] = {
-        "baseline": round(b, 2), "baseline_t": base["t"], "min": round(min(rss), 2), "max": round(max(rss), 2),
+        "baseline": round(b, 2), "min": round(min(rss), 2), "max": round(max(rss), 2),
         "median": round(statistics.median(rss), 2), "spread": round(max(rss) - min(rss), 2),
         "max_deviation": round(dev, 2), "end_minus_baseline": round(rss[-1] - b, 2),
         "slope_per_hour": _round(_slope_per_hour([(s["t"], s["rss_kib"] / 1024) for s in post]), 2),
@@ -399,17 +405,17 @@ def analyse(samples, warmup_s, duration_s, idle_before, idle_after, load,
         reasons.append(f"RSS {worst['rss_kib'] / 1024:.1f} MiB at {worst['t']:g} s, {dev:.1f} MiB from the "
                        f"baseline {b:.1f} MiB (tolerance ±{rss_tol_mib:g})")
     fds = [s["fds"] for s in post]
-    fdev = max(abs(v - base["fds"]) for v in fds)
-    out["fds"] = {"baseline": base["fds"], "min": min(fds), "max": max(fds), "max_deviation": fdev,
+    fdev = max(abs(v - fd_base) for v in fds)
+    out["fds"] = {"baseline": fd_base, "min": min(fds), "max": max(fds), "max_deviation": fdev,
                   "idle_before": idle_before.get("fds"), "idle_after": idle_after.get("fds")}
     back = idle_after.get("fds") == idle_before.get("fds")
     out["fds_flat"] = fdev <= fd_tol and back
     if fdev > fd_tol:
-        reasons.append(f"fds reached {max(fds)} (baseline {base['fds']}, tolerance ±{fd_tol})")
+        reasons.append(f"fds reached {max(fds)} (baseline {fd_base}, tolerance ±{fd_tol})")
     if not back:
         reasons.append(f"idle fds {idle_after.get('fds')} after the load, {idle_before.get('fds')} before")
     th = [s["threads"] for s in post]
-    out["threads"] = {"baseline": base["threads"], "min": min(th), "max": max(th),
+    out["threads"] = {"min": min(th), "max": max(th),
                       "idle_before": idle_before.get("threads"), "idle_after": idle_after.get("threads")}
     out["idle_rss_mib"] = {"before": _round(idle_before.get("rss_kib", 0) / 1024, 2),
                            "after": _round(idle_after.get("rss_kib", 0) / 1024, 2)}
@@ -440,15 +446,15 @@ def report(doc):
     lines += [head, "", f"**Verdict: {an['verdict']}**" + (f" — {'; '.join(an['reasons'])}" if an["reasons"] else
                                                           " — RSS and fds flat after the warm-up, load applied."), ""]
     lines.append(f"Flat: after a warm-up of {an['warmup_s']:g} s, every sample within ±{an['rss_tol_mib']:g} MiB "
-                 f"(RSS) and ±{an['fd_tol']} (fds) of the first sample after the warm-up, and the idle fd count "
-                 "after the load equal to the one before it. Samples every "
+                 f"(RSS) and ±{an['fd_tol']} (fds) of the baseline, the median of the samples in the first minute "
+                 "after the warm-up; and the idle fd count after the load equal to the one before it. Samples every "
                  f"{m.get('interval_s', '?'):g} s: {an['samples']} in all, {an['post_warmup_samples']} after the warm-up.")
     lines.append("")
     if "rss_mib" in an:
         r, f, t = an["rss_mib"], an["fds"], an["threads"]
         slope = "n/a" if r["slope_per_hour"] is None else f"{r['slope_per_hour']:+.2f} MiB/h"
         lines += ["| figure | value |", "| --- | --- |",
-                  f"| RSS at the first sample / baseline (after warm-up) | {r['first']} / {r['baseline']} MiB |",
+                  f"| RSS at the first sample / baseline | {r['first']} / {r['baseline']} MiB |",
                   f"| RSS after warm-up: min – max (spread) | {r['min']} – {r['max']} MiB ({r['spread']} MiB) |",
                   f"| RSS largest deviation from the baseline | {r['max_deviation']} MiB (limit {an['rss_tol_mib']:g}) |",
                   f"| RSS last sample − baseline; trend | {r['end_minus_baseline']:+} MiB; {slope} |",

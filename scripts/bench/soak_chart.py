@@ -146,34 +146,32 @@ def render(doc):
           f"{lg.get('failed', 0)} failed; {wr.get('runs', 0)} writer sessions). "
           f"Samples every {float(meta.get('interval_s', 0)):g} s.", size=11.5, fill=GREY)
     _text(svg, 16, 76, f"Flat: after the warm-up ({warmup:g} s), every sample within ±{tol:g} MiB (RSS) and "
-          f"±{ftol} (fds) of the first sample after it; idle fds after the load = before.",
+          f"±{ftol} (fds) of the baseline (median of the first minute after it); idle fds after the load = before.",
           size=11.5, fill=GREY)
     if an.get("reasons"):
         _text(svg, 16, 92, "; ".join(an["reasons"])[:170], size=11.5, fill=BAD if verdict == "FAIL" else GREY,
               weight="bold")
 
     x_max = max(duration, samples[-1]["t"] if samples else 0) or 60.0
-    post = [s for s in samples if s["t"] >= warmup]
-    base = post[0] if post else None
+    r, f = an.get("rss_mib"), an.get("fds")
     # RSS
     top = HEAD_H
     rss = [(s["t"], s["rss_kib"] / 1024) for s in samples]
     vals = [v for _, v in rss] or [0.0]
     lo, hi = min(vals), max(vals)
-    if base:
-        b = base["rss_kib"] / 1024
+    if r:
+        b = r["baseline"]
         lo, hi = min(lo, b - tol - 2), max(hi, b + tol + 2)
     p = Panel(svg, top, RSS_H, x_max, max(0.0, lo), hi, "RSS of the ironlun process (VmRSS, MiB)", warmup)
     p.g.set("data-panel", "rss")
-    if base:
-        band_color = GOOD if an.get("rss_flat") else BAD if an.get("rss_flat") is False else GREY
-        p.band(base["t"], x_max, b - tol, b + tol, band_color, None, "band rss-band")
+    if r:
+        band_color = GOOD if an.get("rss_flat") else BAD
+        p.band(warmup, x_max, b - tol, b + tol, band_color, None, "band rss-band")
         _text(svg, LEGEND_X, top + 92, "band: baseline", size=10.5, fill=band_color)
         _text(svg, LEGEND_X, top + 107, f"{b:.1f} ± {tol:g} MiB", size=10.5, fill=band_color)
     p.line(rss, RSS_COLOR, "RSS MiB", "series rss",
-           bad=(lambda t, v: t >= base["t"] and abs(v - b) > tol) if base else None)
+           bad=(lambda t, v: t >= warmup and abs(v - b) > tol) if r else None)
     _legend(svg, LEGEND_X, top + 14, [(RSS_COLOR, "VmRSS")])
-    r = an.get("rss_mib")
     if r:
         _text(svg, LEGEND_X, top + 40, f"spread {r['spread']:g} MiB", size=10.5, fill=GREY)
         _text(svg, LEGEND_X, top + 55, f"max dev. {r['max_deviation']:g} MiB", size=10.5, fill=GREY)
@@ -184,18 +182,18 @@ def render(doc):
     th = [(s["t"], s["threads"]) for s in samples]
     vals = [v for _, v in fds + th] or [0]
     lo, hi = min(vals), max(vals)
-    if base:
-        lo, hi = min(lo, base["fds"] - ftol), max(hi, base["fds"] + ftol)
+    if f:
+        fb = f["baseline"]
+        lo, hi = min(lo, fb - ftol), max(hi, fb + ftol)
     p = Panel(svg, top, FD_H, x_max, max(0, lo), hi, "Open fds and threads", warmup)
     p.g.set("data-panel", "fds")
-    if base:
-        band_color = GOOD if an.get("fds_flat") else BAD if an.get("fds_flat") is False else GREY
-        p.band(base["t"], x_max, base["fds"] - ftol, base["fds"] + ftol, band_color, None, "band fd-band")
-        _text(svg, LEGEND_X, top + 68, f"fd band: {base['fds']} ± {ftol}", size=10.5, fill=band_color)
+    if f:
+        band_color = GOOD if an.get("fds_flat") else BAD
+        p.band(warmup, x_max, fb - ftol, fb + ftol, band_color, None, "band fd-band")
+        _text(svg, LEGEND_X, top + 68, f"fd band: {fb} ± {ftol}", size=10.5, fill=band_color)
     p.line(fds, FD_COLOR, "open fds", "series fds",
-           bad=(lambda t, v: t >= base["t"] and abs(v - base["fds"]) > ftol) if base else None)
+           bad=(lambda t, v: t >= warmup and abs(v - fb) > ftol) if f else None)
     p.line(th, THREAD_COLOR, "threads", "series threads")
-    f = an.get("fds")
     _legend(svg, LEGEND_X, top + 14, [(FD_COLOR, "open fds"), (THREAD_COLOR, "threads")])
     if f:
         _text(svg, LEGEND_X, top + 50, f"idle fds {f['idle_before']} → {f['idle_after']}", size=10.5, fill=GREY)

@@ -55,10 +55,12 @@ class AnalyseTest(unittest.TestCase):
         an = analyse(smp)
         self.assertEqual(an["verdict"], "PASS", an["reasons"])
         self.assertEqual(an["post_warmup_samples"], 13)
-        self.assertEqual(an["rss_mib"]["baseline"], 97.0)   # the sample at t = 60 s (i = 6, even)
-        self.assertEqual(an["rss_mib"]["baseline_t"], 60.0)
+        # baseline: the median of t = 60 … 110 s (97, 103, 97, 103, 97, 103)
+        self.assertEqual(an["rss_mib"]["baseline"], 100.0)
+        self.assertEqual(an["baseline_samples"], 6)
+        self.assertEqual(an["baseline_window_s"], [60.0, 120.0])
         self.assertEqual(an["rss_mib"]["spread"], 6.0)
-        self.assertEqual(an["rss_mib"]["max_deviation"], 6.0)
+        self.assertEqual(an["rss_mib"]["max_deviation"], 3.0)
         self.assertEqual(an["rss_mib"]["first"], 80.0)
         self.assertTrue(an["rss_flat"] and an["fds_flat"] and an["load_ok"])
         self.assertEqual(an["reasons"], [])
@@ -74,12 +76,25 @@ class AnalyseTest(unittest.TestCase):
         self.assertIn("108.2 MiB at 180 s", an["reasons"][0])
 
     def test_slow_leak_fails_and_has_a_slope(self):
-        # 1 MiB a sample (every 10 s): 360 MiB/h, 12 MiB above the baseline at the end
+        # 1 MiB a sample (every 10 s): 360 MiB/h; baseline 108.5 (median of 106 … 111), 118 at the end
         an = analyse(samples(rss=lambda i: (100 + i) * MIB))
         self.assertEqual(an["verdict"], "FAIL")
         self.assertAlmostEqual(an["rss_mib"]["slope_per_hour"], 360.0, places=1)
-        self.assertEqual(an["rss_mib"]["end_minus_baseline"], 12.0)
+        self.assertEqual(an["rss_mib"]["baseline"], 108.5)
+        self.assertEqual(an["rss_mib"]["end_minus_baseline"], 9.5)
         self.assertTrue(an["fds_flat"])
+
+    def test_one_transient_sample_does_not_set_the_baseline(self):
+        # a spike right at the end of the warm-up: the baseline stays at the level, the spike
+        # itself is still a sample outside the band
+        an = analyse(samples(rss=lambda i: (93 if i == 6 else 82) * MIB, fds=lambda i: 40 if i == 6 else 25))
+        self.assertEqual(an["rss_mib"]["baseline"], 82.0)
+        self.assertEqual(an["fds"]["baseline"], 25)
+        self.assertEqual(an["verdict"], "FAIL")
+        self.assertIn("RSS 93.0 MiB at 60 s, 11.0 MiB from the baseline 82.0 MiB", an["reasons"][0])
+        self.assertIn("fds reached 40 (baseline 25", an["reasons"][1])
+        an = analyse(samples(rss=lambda i: (89 if i == 6 else 82) * MIB))
+        self.assertEqual(an["verdict"], "PASS")
 
     def test_fd_leak_and_fds_not_back_to_idle(self):
         an = analyse(samples(fds=lambda i: 25 + i))          # +12 after the baseline
@@ -204,7 +219,7 @@ class ChartTest(unittest.TestCase):
         self.assertIn("FAIL", self.texts(root))
         red = [c for c in root.find(".//s:g[@class='series rss']", NS).findall("s:circle", NS)
                if c.get("fill") == soak_chart.BAD]
-        self.assertEqual(len(red), 4)            # 115 … 118 MiB against the baseline 106 ± 8
+        self.assertEqual(len(red), 2)            # 117 and 118 MiB against the baseline 108.5 ± 8
         band = root.find(".//s:g[@class='band rss-band']/s:rect", NS)
         self.assertEqual(band.get("fill"), soak_chart.BAD)
         # a warm-up sample far from the baseline is not marked
