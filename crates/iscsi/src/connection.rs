@@ -243,6 +243,9 @@ pub struct Connection {
     last_rx: Instant,
     /// Our outstanding NOP-In ping: its TTT and when it was sent.
     ping: Option<(u32, Instant)>,
+    /// Sum of [`WriteBuffer::footprint`] over the tasks still receiving Data-Out, kept up to
+    /// date at each change (see [`Connection::held_data_out_bytes`]).
+    held_data_out: usize,
 }
 
 enum Phase {
@@ -344,6 +347,7 @@ impl Connection {
             started: now,
             last_rx: now,
             ping: None,
+            held_data_out: 0,
         }
     }
 
@@ -584,6 +588,20 @@ impl Connection {
         }
     }
 
+    /// Bytes of memory this connection holds for the write data of commands still receiving
+    /// Data-Out (immediate, unsolicited and solicited data not yet handed on as an
+    /// [`Event::Command`]). O(1): maintained as data arrives and tasks leave that state.
+    ///
+    /// Contract: it grows only with payload actually received — at most twice the bytes
+    /// received for those commands, never their ExpectedDataTransferLength up front — and
+    /// drops when a command's data is handed on (the owner then holds it in
+    /// [`ScsiCommandEvent::data_out`]), when a TMF or close removes the command, and to 0 once
+    /// the connection is closed. Read it after [`Connection::receive`] to budget memory
+    /// across connections, e.g. by pausing reads while a global sum is over a limit.
+    pub fn held_data_out_bytes(&self) -> usize {
+        self.held_data_out
+    }
+
     // ----- plumbing -------------------------------------------------------------------------
 
     fn next_stat_sn(&mut self) -> u32 {
@@ -655,6 +673,7 @@ impl Connection {
             return;
         }
         tracing::debug!(?reason, "closing connection");
+        self.held_data_out = 0;
         if let Phase::FullFeature(ffp) = &mut self.phase {
             ffp.slot = None;
             let running: Vec<u32> = ffp
@@ -1021,8 +1040,10 @@ impl Connection {
             max_burst: params.max_burst_length,
             max_outstanding_r2t: params.max_outstanding_r2t,
             data_pdu_in_order: params.data_pdu_in_order,
+            data_sequence_in_order: params.data_sequence_in_order,
         };
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
+        self.held_data_out = self.held_data_out.saturating_add(buffer.footprint());
         ffp.tasks.insert(
             h.itt,
             Task {
@@ -1081,6 +1102,7 @@ impl Connection {
         };
         let state = std::mem::replace(&mut task.state, TaskState::Running { r2t_count: 0 });
         if let TaskState::Receiving { mut cmd, buffer } = state {
+            self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
             task.state = TaskState::Running {
                 r2t_count: buffer.r2t_count(),
             };
@@ -1094,7 +1116,18 @@ impl Connection {
                 self.finish_command(itt, completion, None);
                 return;
             }
-            cmd.data_out = buffer.into_data();
+            let Some(data) = buffer.into_data() else {
+                // Unreachable: `is_complete` held. Fail the command rather than run it on
+                // anything but the data received.
+                let completion = ScsiCompletion {
+                    status: STATUS_CHECK_CONDITION,
+                    sense: Bytes::from_static(&SENSE_DATA_PHASE_ERROR),
+                    data_in: Bytes::new(),
+                };
+                self.finish_command(itt, completion, None);
+                return;
+            };
+            cmd.data_out = data;
             self.events.push_back(Event::Command(cmd));
         }
     }
@@ -1115,8 +1148,16 @@ impl Connection {
             tracing::debug!(itt = h.itt, "Data-Out for a task not awaiting data dropped");
             return;
         };
-        if let Err(e) = buffer.data_out(h, &pdu.data) {
+        let before = buffer.footprint();
+        let result = buffer.data_out(h, &pdu.data);
+        let after = buffer.footprint();
+        self.held_data_out = self
+            .held_data_out
+            .saturating_sub(before)
+            .saturating_add(after);
+        if let Err(e) = result {
             // ErrorRecoveryLevel 0: sequence errors are recovered by session recovery (§7.1.5).
+            tracing::debug!(itt = h.itt, error = %e, "Data-Out refused");
             self.close(CloseReason::ProtocolError(e.to_string()));
             return;
         }
@@ -1228,8 +1269,11 @@ impl Connection {
         let mut aborted = Vec::new();
         for itt in affected {
             if let Some(task) = ffp.tasks.remove(&itt) {
-                if matches!(task.state, TaskState::Running { .. }) {
-                    aborted.push(itt);
+                match &task.state {
+                    TaskState::Running { .. } => aborted.push(itt),
+                    TaskState::Receiving { buffer, .. } => {
+                        self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+                    }
                 }
             }
         }
