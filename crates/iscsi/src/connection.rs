@@ -619,10 +619,13 @@ impl Connection {
     }
 
     /// ExpCmdSN and MaxCmdSN to stamp on a response, granting new credit as commands finish.
+    /// Every task (immediate ones included) and every TMF awaiting its answer holds a slot, so
+    /// MaxCmdSN stays put while they fill the window (§4.2.2.1).
     fn window_sns(&mut self) -> (u32, u32) {
         match &mut self.phase {
             Phase::FullFeature(ffp) => {
-                let max = ffp.window.grant(ffp.tasks.len());
+                let outstanding = ffp.tasks.len().saturating_add(ffp.tmfs.len());
+                let max = ffp.window.grant(outstanding);
                 (ffp.window.exp_cmd_sn(), max)
             }
             Phase::Login(lp) => {
@@ -755,6 +758,11 @@ impl Connection {
             }
         };
         if immediate {
+            if let Some(reason) = self.refuse_immediate(&pdu.header) {
+                tracing::debug!(?reason, "immediate command refused");
+                self.reject_pdu(reason, &pdu);
+                return;
+            }
             self.execute(pdu);
             return;
         }
@@ -771,6 +779,27 @@ impl Connection {
             _ => {}
         }
         self.drain_window();
+    }
+
+    /// Whether an immediate command must be refused. Immediate commands take no CmdSN slot
+    /// (RFC 7143 §3.2.2.1, §4.2.2.1), so without a bound a peer could start any number of them;
+    /// the target may refuse them with Reject reason 0x06, "too many immediate commands"
+    /// (§11.17.1). A SCSI command is refused while the tasks already outstanding (receiving
+    /// data or running, immediate ones included) fill the CmdSN window depth; a TMF while as
+    /// many TMFs await the owner's answer — counted apart, so that stuck commands never block
+    /// the ABORT TASK meant for them. NOP-Out, Text and Logout are answered at once and hold
+    /// nothing (a NOP-In echoes at most the NOP-Out's own data; one Text exchange at a time).
+    fn refuse_immediate(&self, header: &Header) -> Option<RejectReason> {
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return None;
+        };
+        let depth = usize::try_from(ffp.window.window()).unwrap_or(usize::MAX);
+        let full = match header {
+            Header::ScsiCommand(_) => ffp.tasks.len() >= depth,
+            Header::TaskMgmtRequest(_) => ffp.tmfs.len() >= depth,
+            _ => false,
+        };
+        full.then_some(RejectReason::ImmediateCommandReject)
     }
 
     fn drain_window(&mut self) {
@@ -2316,6 +2345,170 @@ mod tests {
         };
         // Two commands still run: the window grants 8 - 2 slots past ExpCmdSN.
         assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (4, 9));
+    }
+
+    /// An immediate READ(10) of `len` bytes: its CmdSN is the next one but does not advance it.
+    fn immediate_read(p: &mut Pair, itt: u32, len: u32) {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x28;
+        let h = ScsiCommand {
+            immediate: true,
+            final_: true,
+            read: true,
+            itt,
+            expected_data_transfer_length: len,
+            cmd_sn: p.cmd_sn,
+            cdb,
+            ..Default::default()
+        };
+        p.send(pdu(Header::ScsiCommand(h), Bytes::new()));
+    }
+
+    /// ExpCmdSN and MaxCmdSN as a NOP-In answering an immediate ping reports them.
+    fn window_by_ping(p: &mut Pair) -> (u32, u32) {
+        let h = NopOut {
+            immediate: true,
+            itt: 0x7777,
+            ttt: RESERVED_TAG,
+            cmd_sn: p.cmd_sn,
+            ..Default::default()
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::new()));
+        let out = p.recv();
+        let [Pdu {
+            header: Header::NopIn(n),
+            ..
+        }] = out.as_slice()
+        else {
+            panic!("{out:?}")
+        };
+        (n.exp_cmd_sn, n.max_cmd_sn)
+    }
+
+    #[test]
+    fn rejects_immediate_commands_past_the_window_with_reason_6() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // cmd_window 8: eight immediate 1 MiB READs run…
+        for itt in 0..8 {
+            immediate_read(&mut p, itt, 1024 * 1024);
+            assert_eq!(p.command_event().itt, itt);
+        }
+        assert!(p.recv().is_empty());
+        // …the next ones are refused, and nothing more is handed to the owner.
+        for itt in 8..12 {
+            immediate_read(&mut p, itt, 1024 * 1024);
+            assert!(p.events().is_empty(), "itt {itt}");
+            let out = p.recv();
+            let [Pdu {
+                header: Header::Reject(r),
+                data,
+                ..
+            }] = out.as_slice()
+            else {
+                panic!("{out:?}")
+            };
+            assert_eq!(r.reason, RejectReason::ImmediateCommandReject);
+            assert_eq!(r.reason as u8, 0x06);
+            assert_eq!(data.len(), 48, "the rejected header");
+            assert_eq!(u32::from_be_bytes(data[16..20].try_into().unwrap()), itt);
+        }
+        // The window stays shut: MaxCmdSN is ExpCmdSN + 7 from login, not advanced.
+        assert_eq!(window_by_ping(&mut p), (1, 8));
+        // One completes: one immediate command is accepted again, the next refused.
+        p.conn.complete_command(3, good(b""));
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (r.exp_cmd_sn, r.max_cmd_sn),
+            (1, 8),
+            "seven still outstanding"
+        );
+        immediate_read(&mut p, 20, 512);
+        assert_eq!(p.command_event().itt, 20);
+        immediate_read(&mut p, 21, 512);
+        assert!(p.events().is_empty());
+        assert!(matches!(
+            p.recv().as_slice(),
+            [Pdu {
+                header: Header::Reject(_),
+                ..
+            }]
+        ));
+        // TMFs are counted apart: ABORT TASK still reaches a stuck command.
+        tmf(&mut p, 0x90, TmfFunction::AbortTask, 0, 1);
+        assert!(
+            matches!(p.events().as_slice(), [Event::Aborted(a), Event::TaskMgmt(_)] if a == &[0])
+        );
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn max_cmd_sn_holds_while_outstanding_tasks_fill_the_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // Four immediate and four ordinary commands: eight outstanding, window 8.
+        for itt in 0..4 {
+            immediate_read(&mut p, itt, 512);
+            p.command_event();
+        }
+        assert_eq!(window_by_ping(&mut p), (1, 8));
+        for itt in 4..8 {
+            p.command(itt, 0x28, true, false, 512, true, Bytes::new());
+            p.command_event();
+        }
+        assert_eq!(
+            window_by_ping(&mut p),
+            (5, 8),
+            "closed: MaxCmdSN = ExpCmdSN - 1 + 4"
+        );
+        // Commands granted before the window closed are still taken; nothing new is granted.
+        for itt in 8..12 {
+            p.command(itt, 0x28, true, false, 512, true, Bytes::new());
+            p.command_event();
+        }
+        assert_eq!(
+            window_by_ping(&mut p),
+            (9, 8),
+            "MaxCmdSN = ExpCmdSN - 1: shut"
+        );
+        p.command(12, 0x28, true, false, 512, true, Bytes::new());
+        assert!(p.events().is_empty(), "CmdSN 9 is outside the window");
+        p.cmd_sn = 9;
+        // Completions give credit back only once fewer than eight are outstanding.
+        let mut max = Vec::new();
+        for itt in 0..12 {
+            p.conn.complete_command(itt, good(b""));
+            let out = p.recv();
+            let Header::ScsiResponse(r) = &out[0].header else {
+                panic!("{out:?}")
+            };
+            max.push(r.max_cmd_sn);
+        }
+        assert_eq!(max, [8, 8, 8, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn refuses_immediate_tmfs_past_the_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        for itt in 0..8 {
+            tmf(&mut p, 0x100 + itt, TmfFunction::ClearAca, 0, 1);
+            assert!(matches!(p.events().as_slice(), [Event::TaskMgmt(_)]));
+        }
+        tmf(&mut p, 0x200, TmfFunction::ClearAca, 0, 1);
+        assert!(p.events().is_empty());
+        let out = p.recv();
+        let Header::Reject(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.reason, RejectReason::ImmediateCommandReject);
+        p.conn.complete_tmf(0x100, TmfResponse::FunctionComplete);
+        p.recv();
+        tmf(&mut p, 0x201, TmfFunction::ClearAca, 0, 1);
+        assert!(matches!(p.events().as_slice(), [Event::TaskMgmt(_)]));
     }
 
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------
