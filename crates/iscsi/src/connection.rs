@@ -2511,6 +2511,100 @@ mod tests {
         assert!(matches!(p.events().as_slice(), [Event::TaskMgmt(_)]));
     }
 
+    // ----- write memory -----------------------------------------------------------------------
+
+    /// A portal that accepts 64 MiB writes and lets sequences come in any order.
+    fn big_write_config(sequence_in_order: bool) -> PortalConfig {
+        let mut cfg = config();
+        cfg.limits.max_transfer = 64 * 1024 * 1024;
+        cfg.offers.data_sequence_in_order = sequence_in_order;
+        cfg
+    }
+
+    /// Login for big writes, then a 64 MiB WRITE(16); returns the R2Ts it drew.
+    fn start_64_mib_write(p: &mut Pair, sequence_in_order: &str) -> Vec<R2t> {
+        p.login_normal(&[
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+            ("MaxBurstLength", "16777215"),
+            ("MaxOutstandingR2T", "8"),
+            ("DataSequenceInOrder", sequence_in_order),
+        ]);
+        p.command(
+            0x40,
+            0x8a,
+            false,
+            true,
+            64 * 1024 * 1024,
+            true,
+            Bytes::new(),
+        );
+        p.recv()
+            .into_iter()
+            .map(|pdu| match pdu.header {
+                Header::R2t(r) => r,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn holds_only_the_data_received_of_a_64_mib_write() {
+        static PIECE: [u8; 512] = [7; 512];
+        let mut p = Pair::new(big_write_config(false));
+        let r2ts = start_64_mib_write(&mut p, "No");
+        assert_eq!(r2ts.len(), 5, "64 MiB in bursts of 2^24 - 1");
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+        let last = r2ts[4].clone();
+        p.data_out(0x40, last.ttt, 0, last.buffer_offset, false, &PIECE);
+        assert!(p.conn.is_closed().is_none());
+        let held = p.conn.held_data_out_bytes();
+        assert!((512..=1024).contains(&held), "held {held}");
+        // The first sequence's data in order: held grows with it, within twice what arrived.
+        let first = r2ts[0].clone();
+        for i in 0..64u32 {
+            p.data_out(0x40, first.ttt, i, i * 512, false, &PIECE);
+            let held = p.conn.held_data_out_bytes();
+            let received = (i as usize + 2) * 512;
+            assert!(
+                held >= received && held <= 2 * received,
+                "{held} for {received}"
+            );
+        }
+        // A TMF that removes the command gives the memory back.
+        tmf(&mut p, 0x41, TmfFunction::AbortTask, 0x40, 1);
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
+    #[test]
+    fn closes_on_data_out_for_a_later_sequence_when_sequences_in_order() {
+        static PIECE: [u8; 512] = [7; 512];
+        let mut p = Pair::new(big_write_config(true));
+        let r2ts = start_64_mib_write(&mut p, "No");
+        assert!(p.conn.session_params().unwrap().data_sequence_in_order);
+        p.data_out(0x40, r2ts[0].ttt, 0, 0, false, &PIECE);
+        assert!(p.conn.is_closed().is_none());
+        p.data_out(0x40, r2ts[1].ttt, 0, r2ts[1].buffer_offset, false, &PIECE);
+        let Some(CloseReason::ProtocolError(why)) = p.conn.is_closed() else {
+            panic!("{:?}", p.conn.is_closed())
+        };
+        assert!(why.contains("DataSequenceInOrder"), "{why}");
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
+    #[test]
+    fn held_data_out_bytes_drop_when_the_command_runs() {
+        static A: [u8; 1024] = [1; 1024];
+        let mut p = Pair::new(config());
+        p.login_normal(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+        p.command(0x60, 0x2a, false, true, 2048, false, Bytes::from_static(&A));
+        assert!(p.conn.held_data_out_bytes() >= 1024);
+        p.data_out(0x60, RESERVED_TAG, 0, 1024, true, &A);
+        let c = p.command_event();
+        assert_eq!(c.data_out.len(), 2048);
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------
 
     #[test]
