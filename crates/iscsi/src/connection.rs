@@ -10,6 +10,11 @@
 //! 4. call [`Connection::handle_timeout`] at [`Connection::poll_timeout`];
 //! 5. close the socket once [`Connection::is_closed`] and every transmit is written.
 //!
+//! What a peer can make the connection hold is bounded: at most the CmdSN window depth of
+//! immediate SCSI commands (more are rejected, RFC 7143 §11.17.1 reason 0x06) on top of the
+//! window itself, and write data only as it arrives — [`Connection::held_data_out_bytes`]
+//! reports it for a budget across connections.
+//!
 //! The connection owns login (security stage with AuthMethod=None, operational negotiation),
 //! discovery and SendTargets, the CmdSN window and StatSN, immediate/unsolicited/solicited
 //! Data-Out assembly via R2T, Data-In splitting with status in the final Data-In, residuals,
