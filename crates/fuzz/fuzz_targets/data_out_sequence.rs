@@ -148,7 +148,10 @@ fuzz_target!(|input: Input| {
                     next_ttt
                 });
                 for r in r2ts {
-                    assert_eq!(r.buffer_offset, next_solicit, "R2Ts cover the transfer in order");
+                    assert_eq!(
+                        r.buffer_offset, next_solicit,
+                        "R2Ts cover the transfer in order"
+                    );
                     assert_eq!(r.r2t_sn, r2t_sn);
                     assert!(r.desired_length > 0 && r.desired_length <= params.max_burst.max(1));
                     let end = r.buffer_offset.checked_add(r.desired_length).unwrap();
@@ -166,7 +169,10 @@ fuzz_target!(|input: Input| {
                     next_solicit = end;
                     r2t_sn += 1;
                 }
-                let open_r2ts = seqs.iter().filter(|s| s.open && s.ttt != RESERVED_TAG).count();
+                let open_r2ts = seqs
+                    .iter()
+                    .filter(|s| s.open && s.ttt != RESERVED_TAG)
+                    .count();
                 assert!(open_r2ts <= usize::from(params.max_outstanding_r2t.max(1)));
             }
             Step::DataOut {
@@ -211,14 +217,19 @@ fuzz_target!(|input: Input| {
                     break;
                 }
                 // Accepted: it must fit the model.
-                let s = seqs.get(idx).expect("accepted a Data-Out naming no offered sequence");
+                let s = seqs
+                    .get(idx)
+                    .expect("accepted a Data-Out naming no offered sequence");
                 assert!(s.open, "accepted a Data-Out for a closed sequence");
                 if params.data_sequence_in_order {
                     let earliest = seqs.iter().position(|s| s.open);
                     assert_eq!(earliest, Some(idx), "accepted a later sequence first");
                 }
                 let piece_end = off.checked_add(len).expect("accepted an offset overflow");
-                assert!(off >= s.start && piece_end <= s.end, "accepted outside its sequence");
+                assert!(
+                    off >= s.start && piece_end <= s.end,
+                    "accepted outside its sequence"
+                );
                 if params.data_pdu_in_order {
                     assert_eq!(off, s.next, "accepted out of order");
                 }
@@ -243,7 +254,11 @@ fuzz_target!(|input: Input| {
                 received += u64::from(len);
             }
         }
-        assert_eq!(w.held_bytes() as u64, received, "held bytes are the bytes accepted");
+        assert_eq!(
+            w.held_bytes() as u64,
+            received,
+            "held bytes are the bytes accepted"
+        );
         assert!(
             w.footprint() as u64 <= 2 * received,
             "footprint {} for {received} bytes received",
@@ -260,6 +275,9 @@ fuzz_target!(|input: Input| {
             assert_eq!(*b, pattern(i as u32), "byte {i}");
         }
     } else {
-        assert!(w.into_data().is_none(), "an incomplete buffer yields nothing");
+        assert!(
+            w.into_data().is_none(),
+            "an incomplete buffer yields nothing"
+        );
     }
 });
