@@ -3288,6 +3288,35 @@ mod tests {
     }
 
     #[test]
+    fn text_request_answers_extension_and_unknown_keys_not_understood() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        let h = TextRequest {
+            final_: true,
+            itt: 0x30,
+            ttt: RESERVED_TAG,
+            cmd_sn: p.next_cmd_sn(),
+            ..Default::default()
+        };
+        let asked = [
+            ("X#NodeArchitecture", "ExampleOS/1.0"),
+            ("X-com.example.Knob", "1"),
+            ("NoSuchKey", "2"),
+        ];
+        p.send(pdu(Header::TextRequest(h), kv(&asked)));
+        let out = p.recv();
+        let Header::TextResponse(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert!(r.final_);
+        let k = keys(&out[0].data);
+        for (name, _) in asked {
+            assert_eq!(key(&k, name), Some("NotUnderstood"), "{name}");
+        }
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
     fn long_text_response_comes_in_pieces() {
         let mut cfg = config();
         for i in 0..40 {
