@@ -18,6 +18,11 @@ use std::ops::Bound;
 /// the peer is fragmenting on purpose and the Data-Out is refused.
 pub const MAX_RUNS: usize = 4096;
 
+/// Bytes [`WriteBuffer::footprint`] counts for each run besides its data: an estimate of its
+/// map entry and allocation header, so that a peer scattering one-byte pieces is charged for
+/// the bookkeeping it costs.
+pub const RUN_OVERHEAD: usize = 64;
+
 /// Why a Data-Out is refused. At ErrorRecoveryLevel 0 each of these ends the connection
 /// (§7.1.5: only session recovery exists at level 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -266,14 +271,16 @@ impl WriteBuffer {
         usize::try_from(self.received).unwrap_or(usize::MAX)
     }
 
-    /// Bytes of memory this buffer keeps for its data: the runs' capacities, or the length of
-    /// the one received slice it hands on. At most twice [`WriteBuffer::held_bytes`] (runs
-    /// grow by doubling, capped at the transfer's end), and never ExpectedDataTransferLength
-    /// up front.
+    /// Bytes of memory this buffer keeps for its data: the runs' capacities plus
+    /// [`RUN_OVERHEAD`] per run, or the length of the one received slice it hands on. At most
+    /// twice [`WriteBuffer::held_bytes`] (runs grow by doubling, capped at the transfer's end)
+    /// plus that overhead, and never ExpectedDataTransferLength up front.
     pub fn footprint(&self) -> usize {
         match &self.data {
             Assembly::Whole(b) => b.len(),
-            Assembly::Runs(r) => r.capacity,
+            Assembly::Runs(r) => r
+                .capacity
+                .saturating_add(r.map.len().saturating_mul(RUN_OVERHEAD)),
         }
     }
 
@@ -601,7 +608,7 @@ mod tests {
         let edtl = 1024 * 1024;
         let imm = piece(0, 1000);
         let mut w = WriteBuffer::new(edtl, &imm, edtl, params(true, true, edtl, 1));
-        assert!(w.footprint() <= 2000);
+        assert_eq!(w.footprint(), 1000 + RUN_OVERHEAD);
         let mut off = 1000;
         let mut sn = 0;
         while off < edtl {
@@ -613,7 +620,7 @@ mod tests {
             sn += 1;
             assert_eq!(w.held_bytes(), off as usize);
             assert!(
-                w.footprint() <= 2 * w.held_bytes(),
+                w.footprint() <= 2 * w.held_bytes() + RUN_OVERHEAD,
                 "{} > 2 x {off}",
                 w.footprint()
             );
@@ -686,7 +693,7 @@ mod tests {
                 .unwrap();
             sns[s] += 1;
             assert_eq!(w.held_bytes(), (n + 1) * 16);
-            assert!(w.footprint() <= 2 * w.held_bytes());
+            assert!(w.footprint() <= (n + 1) * (2 * 16 + RUN_OVERHEAD));
         }
         assert!(w.is_complete());
         assert!(!w.data_sn_error());
