@@ -111,8 +111,9 @@ impl Runs {
             .range(..=from)
             .next_back()
             .map(|(&k, v)| (k, run_end(k, v)));
-        if let Some((_, Some(b_end))) = before {
-            if b_end > from {
+        if let Some((_, b_end)) = before {
+            // `None`: a run whose end overflows, which `append` never builds.
+            if b_end.is_none_or(|e| e > from) {
                 return Err(DataOutError::Overlap);
             }
         }
@@ -186,8 +187,8 @@ fn run_end(key: u32, run: &[u8]) -> Option<u32> {
 /// The write buffer of one command, bounded by its ExpectedDataTransferLength (which the caller
 /// has checked against [`crate::Limits::max_transfer`] before creating it).
 ///
-/// Memory grows with the data received (at most twice it, see [`WriteBuffer::footprint`]),
-/// never with the announced length; a byte range is accepted once only, so a complete buffer
+/// Memory grows with the data received (at most twice it plus [`RUN_OVERHEAD`] per run, see
+/// [`WriteBuffer::footprint`]), never with the announced length; a byte range is accepted once only, so a complete buffer
 /// holds every byte of the transfer and nothing is ever zero-filled.
 #[derive(Debug)]
 pub struct WriteBuffer {
