@@ -10,6 +10,11 @@
 //! 4. call [`Connection::handle_timeout`] at [`Connection::poll_timeout`];
 //! 5. close the socket once [`Connection::is_closed`] and every transmit is written.
 //!
+//! What a peer can make the connection hold is bounded: at most the CmdSN window depth of
+//! immediate SCSI commands (more are rejected, RFC 7143 §11.17.1 reason 0x06) on top of the
+//! window itself, and write data only as it arrives — [`Connection::held_data_out_bytes`]
+//! reports it for a budget across connections.
+//!
 //! The connection owns login (security stage with AuthMethod=None, operational negotiation),
 //! discovery and SendTargets, the CmdSN window and StatSN, immediate/unsolicited/solicited
 //! Data-Out assembly via R2T, Data-In splitting with status in the final Data-In, residuals,
@@ -243,6 +248,9 @@ pub struct Connection {
     last_rx: Instant,
     /// Our outstanding NOP-In ping: its TTT and when it was sent.
     ping: Option<(u32, Instant)>,
+    /// Sum of [`WriteBuffer::footprint`] over the tasks still receiving Data-Out, kept up to
+    /// date at each change (see [`Connection::held_data_out_bytes`]).
+    held_data_out: usize,
 }
 
 enum Phase {
@@ -344,6 +352,7 @@ impl Connection {
             started: now,
             last_rx: now,
             ping: None,
+            held_data_out: 0,
         }
     }
 
@@ -584,6 +593,21 @@ impl Connection {
         }
     }
 
+    /// Bytes of memory this connection holds for the write data of commands still receiving
+    /// Data-Out (immediate, unsolicited and solicited data not yet handed on as an
+    /// [`Event::Command`]). O(1): maintained as data arrives and tasks leave that state.
+    ///
+    /// Contract: it grows only with payload actually received — at most twice the bytes
+    /// received for those commands plus [`crate::r2t::RUN_OVERHEAD`] per separate stretch of
+    /// data, never their ExpectedDataTransferLength up front — and
+    /// drops when a command's data is handed on (the owner then holds it in
+    /// [`ScsiCommandEvent::data_out`]), when a TMF or close removes the command, and to 0 once
+    /// the connection is closed. Read it after [`Connection::receive`] to budget memory
+    /// across connections, e.g. by pausing reads while a global sum is over a limit.
+    pub fn held_data_out_bytes(&self) -> usize {
+        self.held_data_out
+    }
+
     // ----- plumbing -------------------------------------------------------------------------
 
     fn next_stat_sn(&mut self) -> u32 {
@@ -601,10 +625,13 @@ impl Connection {
     }
 
     /// ExpCmdSN and MaxCmdSN to stamp on a response, granting new credit as commands finish.
+    /// Every task (immediate ones included) and every TMF awaiting its answer holds a slot, so
+    /// MaxCmdSN stays put while they fill the window (§4.2.2.1).
     fn window_sns(&mut self) -> (u32, u32) {
         match &mut self.phase {
             Phase::FullFeature(ffp) => {
-                let max = ffp.window.grant(ffp.tasks.len());
+                let outstanding = ffp.tasks.len().saturating_add(ffp.tmfs.len());
+                let max = ffp.window.grant(outstanding);
                 (ffp.window.exp_cmd_sn(), max)
             }
             Phase::Login(lp) => {
@@ -655,6 +682,7 @@ impl Connection {
             return;
         }
         tracing::debug!(?reason, "closing connection");
+        self.held_data_out = 0;
         if let Phase::FullFeature(ffp) = &mut self.phase {
             ffp.slot = None;
             let running: Vec<u32> = ffp
@@ -736,6 +764,11 @@ impl Connection {
             }
         };
         if immediate {
+            if let Some(reason) = self.refuse_immediate(&pdu.header) {
+                tracing::debug!(?reason, "immediate command refused");
+                self.reject_pdu(reason, &pdu);
+                return;
+            }
             self.execute(pdu);
             return;
         }
@@ -752,6 +785,27 @@ impl Connection {
             _ => {}
         }
         self.drain_window();
+    }
+
+    /// Whether an immediate command must be refused. Immediate commands take no CmdSN slot
+    /// (RFC 7143 §3.2.2.1, §4.2.2.1), so without a bound a peer could start any number of them;
+    /// the target may refuse them with Reject reason 0x06, "too many immediate commands"
+    /// (§11.17.1). A SCSI command is refused while the tasks already outstanding (receiving
+    /// data or running, immediate ones included) fill the CmdSN window depth; a TMF while as
+    /// many TMFs await the owner's answer — counted apart, so that stuck commands never block
+    /// the ABORT TASK meant for them. NOP-Out, Text and Logout are answered at once and hold
+    /// nothing (a NOP-In echoes at most the NOP-Out's own data; one Text exchange at a time).
+    fn refuse_immediate(&self, header: &Header) -> Option<RejectReason> {
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return None;
+        };
+        let depth = usize::try_from(ffp.window.window()).unwrap_or(usize::MAX);
+        let full = match header {
+            Header::ScsiCommand(_) => ffp.tasks.len() >= depth,
+            Header::TaskMgmtRequest(_) => ffp.tmfs.len() >= depth,
+            _ => false,
+        };
+        full.then_some(RejectReason::ImmediateCommandReject)
     }
 
     fn drain_window(&mut self) {
@@ -1021,8 +1075,10 @@ impl Connection {
             max_burst: params.max_burst_length,
             max_outstanding_r2t: params.max_outstanding_r2t,
             data_pdu_in_order: params.data_pdu_in_order,
+            data_sequence_in_order: params.data_sequence_in_order,
         };
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
+        self.held_data_out = self.held_data_out.saturating_add(buffer.footprint());
         ffp.tasks.insert(
             h.itt,
             Task {
@@ -1081,6 +1137,7 @@ impl Connection {
         };
         let state = std::mem::replace(&mut task.state, TaskState::Running { r2t_count: 0 });
         if let TaskState::Receiving { mut cmd, buffer } = state {
+            self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
             task.state = TaskState::Running {
                 r2t_count: buffer.r2t_count(),
             };
@@ -1094,7 +1151,18 @@ impl Connection {
                 self.finish_command(itt, completion, None);
                 return;
             }
-            cmd.data_out = buffer.into_data();
+            let Some(data) = buffer.into_data() else {
+                // Unreachable: `is_complete` held. Fail the command rather than run it on
+                // anything but the data received.
+                let completion = ScsiCompletion {
+                    status: STATUS_CHECK_CONDITION,
+                    sense: Bytes::from_static(&SENSE_DATA_PHASE_ERROR),
+                    data_in: Bytes::new(),
+                };
+                self.finish_command(itt, completion, None);
+                return;
+            };
+            cmd.data_out = data;
             self.events.push_back(Event::Command(cmd));
         }
     }
@@ -1115,8 +1183,16 @@ impl Connection {
             tracing::debug!(itt = h.itt, "Data-Out for a task not awaiting data dropped");
             return;
         };
-        if let Err(e) = buffer.data_out(h, &pdu.data) {
+        let before = buffer.footprint();
+        let result = buffer.data_out(h, &pdu.data);
+        let after = buffer.footprint();
+        self.held_data_out = self
+            .held_data_out
+            .saturating_sub(before)
+            .saturating_add(after);
+        if let Err(e) = result {
             // ErrorRecoveryLevel 0: sequence errors are recovered by session recovery (§7.1.5).
+            tracing::debug!(itt = h.itt, error = %e, "Data-Out refused");
             self.close(CloseReason::ProtocolError(e.to_string()));
             return;
         }
@@ -1228,8 +1304,11 @@ impl Connection {
         let mut aborted = Vec::new();
         for itt in affected {
             if let Some(task) = ffp.tasks.remove(&itt) {
-                if matches!(task.state, TaskState::Running { .. }) {
-                    aborted.push(itt);
+                match &task.state {
+                    TaskState::Running { .. } => aborted.push(itt),
+                    TaskState::Receiving { buffer, .. } => {
+                        self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+                    }
                 }
             }
         }
@@ -2274,6 +2353,264 @@ mod tests {
         assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (4, 9));
     }
 
+    /// An immediate READ(10) of `len` bytes: its CmdSN is the next one but does not advance it.
+    fn immediate_read(p: &mut Pair, itt: u32, len: u32) {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x28;
+        let h = ScsiCommand {
+            immediate: true,
+            final_: true,
+            read: true,
+            itt,
+            expected_data_transfer_length: len,
+            cmd_sn: p.cmd_sn,
+            cdb,
+            ..Default::default()
+        };
+        p.send(pdu(Header::ScsiCommand(h), Bytes::new()));
+    }
+
+    /// ExpCmdSN and MaxCmdSN as a NOP-In answering an immediate ping reports them.
+    fn window_by_ping(p: &mut Pair) -> (u32, u32) {
+        let h = NopOut {
+            immediate: true,
+            itt: 0x7777,
+            ttt: RESERVED_TAG,
+            cmd_sn: p.cmd_sn,
+            ..Default::default()
+        };
+        p.send(pdu(Header::NopOut(h), Bytes::new()));
+        let out = p.recv();
+        let [Pdu {
+            header: Header::NopIn(n),
+            ..
+        }] = out.as_slice()
+        else {
+            panic!("{out:?}")
+        };
+        (n.exp_cmd_sn, n.max_cmd_sn)
+    }
+
+    #[test]
+    fn rejects_immediate_commands_past_the_window_with_reason_6() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // cmd_window 8: eight immediate 1 MiB READs run…
+        for itt in 0..8 {
+            immediate_read(&mut p, itt, 1024 * 1024);
+            assert_eq!(p.command_event().itt, itt);
+        }
+        assert!(p.recv().is_empty());
+        // …the next ones are refused, and nothing more is handed to the owner.
+        for itt in 8..12 {
+            immediate_read(&mut p, itt, 1024 * 1024);
+            assert!(p.events().is_empty(), "itt {itt}");
+            let out = p.recv();
+            let [Pdu {
+                header: Header::Reject(r),
+                data,
+                ..
+            }] = out.as_slice()
+            else {
+                panic!("{out:?}")
+            };
+            assert_eq!(r.reason, RejectReason::ImmediateCommandReject);
+            assert_eq!(r.reason as u8, 0x06);
+            assert_eq!(data.len(), 48, "the rejected header");
+            assert_eq!(u32::from_be_bytes(data[16..20].try_into().unwrap()), itt);
+        }
+        // The window stays shut: MaxCmdSN is ExpCmdSN + 7 from login, not advanced.
+        assert_eq!(window_by_ping(&mut p), (1, 8));
+        // One completes: one immediate command is accepted again, the next refused.
+        p.conn.complete_command(3, good(b""));
+        let out = p.recv();
+        let Header::ScsiResponse(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (r.exp_cmd_sn, r.max_cmd_sn),
+            (1, 8),
+            "seven still outstanding"
+        );
+        immediate_read(&mut p, 20, 512);
+        assert_eq!(p.command_event().itt, 20);
+        immediate_read(&mut p, 21, 512);
+        assert!(p.events().is_empty());
+        assert!(matches!(
+            p.recv().as_slice(),
+            [Pdu {
+                header: Header::Reject(_),
+                ..
+            }]
+        ));
+        // TMFs are counted apart: ABORT TASK still reaches a stuck command.
+        tmf(&mut p, 0x90, TmfFunction::AbortTask, 0, 1);
+        assert!(
+            matches!(p.events().as_slice(), [Event::Aborted(a), Event::TaskMgmt(_)] if a == &[0])
+        );
+        assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn max_cmd_sn_holds_while_outstanding_tasks_fill_the_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        // Four immediate and four ordinary commands: eight outstanding, window 8.
+        for itt in 0..4 {
+            immediate_read(&mut p, itt, 512);
+            p.command_event();
+        }
+        assert_eq!(window_by_ping(&mut p), (1, 8));
+        for itt in 4..8 {
+            p.command(itt, 0x28, true, false, 512, true, Bytes::new());
+            p.command_event();
+        }
+        assert_eq!(
+            window_by_ping(&mut p),
+            (5, 8),
+            "closed: MaxCmdSN = ExpCmdSN - 1 + 4"
+        );
+        // Commands granted before the window closed are still taken; nothing new is granted.
+        for itt in 8..12 {
+            p.command(itt, 0x28, true, false, 512, true, Bytes::new());
+            p.command_event();
+        }
+        assert_eq!(
+            window_by_ping(&mut p),
+            (9, 8),
+            "MaxCmdSN = ExpCmdSN - 1: shut"
+        );
+        p.command(12, 0x28, true, false, 512, true, Bytes::new());
+        assert!(p.events().is_empty(), "CmdSN 9 is outside the window");
+        p.cmd_sn = 9;
+        // Completions give credit back only once fewer than eight are outstanding.
+        let mut max = Vec::new();
+        for itt in 0..12 {
+            p.conn.complete_command(itt, good(b""));
+            let out = p.recv();
+            let Header::ScsiResponse(r) = &out[0].header else {
+                panic!("{out:?}")
+            };
+            max.push(r.max_cmd_sn);
+        }
+        assert_eq!(max, [8, 8, 8, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn refuses_immediate_tmfs_past_the_window() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        for itt in 0..8 {
+            tmf(&mut p, 0x100 + itt, TmfFunction::ClearAca, 0, 1);
+            assert!(matches!(p.events().as_slice(), [Event::TaskMgmt(_)]));
+        }
+        tmf(&mut p, 0x200, TmfFunction::ClearAca, 0, 1);
+        assert!(p.events().is_empty());
+        let out = p.recv();
+        let Header::Reject(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.reason, RejectReason::ImmediateCommandReject);
+        p.conn.complete_tmf(0x100, TmfResponse::FunctionComplete);
+        p.recv();
+        tmf(&mut p, 0x201, TmfFunction::ClearAca, 0, 1);
+        assert!(matches!(p.events().as_slice(), [Event::TaskMgmt(_)]));
+    }
+
+    // ----- write memory -----------------------------------------------------------------------
+
+    /// A portal that accepts 64 MiB writes and lets sequences come in any order.
+    fn big_write_config(sequence_in_order: bool) -> PortalConfig {
+        let mut cfg = config();
+        cfg.limits.max_transfer = 64 * 1024 * 1024;
+        cfg.offers.data_sequence_in_order = sequence_in_order;
+        cfg
+    }
+
+    /// Login for big writes, then a 64 MiB WRITE(16); returns the R2Ts it drew.
+    fn start_64_mib_write(p: &mut Pair, sequence_in_order: &str) -> Vec<R2t> {
+        p.login_normal(&[
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+            ("MaxBurstLength", "16777215"),
+            ("MaxOutstandingR2T", "8"),
+            ("DataSequenceInOrder", sequence_in_order),
+        ]);
+        p.command(
+            0x40,
+            0x8a,
+            false,
+            true,
+            64 * 1024 * 1024,
+            true,
+            Bytes::new(),
+        );
+        p.recv()
+            .into_iter()
+            .map(|pdu| match pdu.header {
+                Header::R2t(r) => r,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn holds_only_the_data_received_of_a_64_mib_write() {
+        static PIECE: [u8; 512] = [7; 512];
+        let mut p = Pair::new(big_write_config(false));
+        let r2ts = start_64_mib_write(&mut p, "No");
+        assert_eq!(r2ts.len(), 5, "64 MiB in bursts of 2^24 - 1");
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+        let last = r2ts[4].clone();
+        p.data_out(0x40, last.ttt, 0, last.buffer_offset, false, &PIECE);
+        assert!(p.conn.is_closed().is_none());
+        let held = p.conn.held_data_out_bytes();
+        assert!((512..=1024).contains(&held), "held {held}");
+        // The first sequence's data in order: held grows with it, within twice what arrived.
+        let first = r2ts[0].clone();
+        for i in 0..64u32 {
+            p.data_out(0x40, first.ttt, i, i * 512, false, &PIECE);
+            let held = p.conn.held_data_out_bytes();
+            let received = (i as usize + 2) * 512;
+            assert!(
+                held >= received && held <= 2 * received + 2 * crate::r2t::RUN_OVERHEAD,
+                "{held} for {received}"
+            );
+        }
+        // A TMF that removes the command gives the memory back.
+        tmf(&mut p, 0x41, TmfFunction::AbortTask, 0x40, 1);
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
+    #[test]
+    fn closes_on_data_out_for_a_later_sequence_when_sequences_in_order() {
+        static PIECE: [u8; 512] = [7; 512];
+        let mut p = Pair::new(big_write_config(true));
+        let r2ts = start_64_mib_write(&mut p, "No");
+        assert!(p.conn.session_params().unwrap().data_sequence_in_order);
+        p.data_out(0x40, r2ts[0].ttt, 0, 0, false, &PIECE);
+        assert!(p.conn.is_closed().is_none());
+        p.data_out(0x40, r2ts[1].ttt, 0, r2ts[1].buffer_offset, false, &PIECE);
+        let Some(CloseReason::ProtocolError(why)) = p.conn.is_closed() else {
+            panic!("{:?}", p.conn.is_closed())
+        };
+        assert!(why.contains("DataSequenceInOrder"), "{why}");
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
+    #[test]
+    fn held_data_out_bytes_drop_when_the_command_runs() {
+        static A: [u8; 1024] = [1; 1024];
+        let mut p = Pair::new(config());
+        p.login_normal(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+        p.command(0x60, 0x2a, false, true, 2048, false, Bytes::from_static(&A));
+        assert!(p.conn.held_data_out_bytes() >= 1024);
+        p.data_out(0x60, RESERVED_TAG, 0, 1024, true, &A);
+        let c = p.command_event();
+        assert_eq!(c.data_out.len(), 2048);
+        assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------
 
     #[test]
@@ -2949,6 +3286,35 @@ mod tests {
             matches!(&out[0].header, Header::Reject(r) if r.reason == RejectReason::ProtocolError)
         );
         assert!(p.events().is_empty());
+    }
+
+    #[test]
+    fn text_request_answers_extension_and_unknown_keys_not_understood() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        let h = TextRequest {
+            final_: true,
+            itt: 0x30,
+            ttt: RESERVED_TAG,
+            cmd_sn: p.next_cmd_sn(),
+            ..Default::default()
+        };
+        let asked = [
+            ("X#NodeArchitecture", "ExampleOS/1.0"),
+            ("X-com.example.Knob", "1"),
+            ("NoSuchKey", "2"),
+        ];
+        p.send(pdu(Header::TextRequest(h), kv(&asked)));
+        let out = p.recv();
+        let Header::TextResponse(r) = &out[0].header else {
+            panic!("{out:?}")
+        };
+        assert!(r.final_);
+        let k = keys(&out[0].data);
+        for (name, _) in asked {
+            assert_eq!(key(&k, name), Some("NotUnderstood"), "{name}");
+        }
+        assert!(p.conn.is_closed().is_none());
     }
 
     #[test]

@@ -777,6 +777,31 @@ mod tests {
     }
 
     #[test]
+    fn answers_unknown_and_extension_keys_not_understood() {
+        let limiter = Arc::default();
+        let mut d = Driver::new(&limiter, None);
+        let unknown = [
+            ("X#NodeArchitecture", "ExampleOS/1.0"),
+            ("X-com.example.Tuning", "7"),
+            ("NoSuchKey", "1"),
+        ];
+        let mut sec = first(OPEN);
+        sec.extend_from_slice(&unknown);
+        let r = d.send(Stage::Security, true, &sec);
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        for (k, _) in unknown {
+            assert_eq!(key(&r, k).as_deref(), Some("NotUnderstood"), "{k}");
+        }
+        // The same in the operational stage, and the login completes.
+        let r = d.send(Stage::Operational, true, &unknown);
+        assert_eq!(r.status, LoginStatus::SUCCESS);
+        for (k, _) in unknown {
+            assert_eq!(key(&r, k).as_deref(), Some("NotUnderstood"), "{k}");
+        }
+        assert!(r.complete);
+    }
+
+    #[test]
     fn open_target_still_negotiates_none() {
         let limiter = Arc::default();
         let mut d = Driver::new(&limiter, None);

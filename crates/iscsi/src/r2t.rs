@@ -1,8 +1,27 @@
 //! Write data assembly (RFC 7143 §4.2.2.3, §11.7, §11.8): immediate data, the unsolicited
 //! Data-Out sequence, and solicited sequences opened by R2T.
+//!
+//! Memory follows the data that actually arrived, never ExpectedDataTransferLength: a peer
+//! that announces a 64 MiB write and sends 512 bytes makes us hold about 512 bytes
+//! (DESIGN.md §3 rule 2). Received bytes are copied into runs of contiguous data keyed by
+//! offset; the run that starts at offset 0 swallows every run it reaches, so a complete
+//! transfer is exactly one run, handed on without a second copy. A transfer that arrives as one
+//! piece at offset 0 is handed on as the received slice, without any copy.
 
 use crate::pdu::{DataOut, RESERVED_TAG};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// Most separate runs (stretches of contiguous data with gaps between them) one command may
+/// hold. Only DataPDUInOrder=No can produce more than MaxOutstandingR2T + 2 of them; past this
+/// the peer is fragmenting on purpose and the Data-Out is refused.
+pub const MAX_RUNS: usize = 4096;
+
+/// Bytes [`WriteBuffer::footprint`] counts for each run besides its data: an estimate of its
+/// map entry and allocation header, so that a peer scattering one-byte pieces is charged for
+/// the bookkeeping it costs.
+pub const RUN_OVERHEAD: usize = 64;
 
 /// Why a Data-Out is refused. At ErrorRecoveryLevel 0 each of these ends the connection
 /// (§7.1.5: only session recovery exists at level 0).
@@ -18,6 +37,14 @@ pub enum DataOutError {
     Order,
     #[error("F bit set before the sequence was complete")]
     EarlyFinal,
+    #[error(
+        "Data-Out for a later sequence while an earlier one is open (DataSequenceInOrder=Yes)"
+    )]
+    SequenceOrder,
+    #[error("Data-Out overlaps data already received")]
+    Overlap,
+    #[error("Data-Out leaves the write data in more than {MAX_RUNS} separate pieces")]
+    TooFragmented,
 }
 
 /// One Data-Out sequence the initiator may fill: the unsolicited one (TTT 0xffffffff) or
@@ -47,31 +74,129 @@ pub struct R2tRequest {
 pub struct WriteParams {
     pub max_burst: u32,
     pub max_outstanding_r2t: u16,
+    /// DataPDUInOrder (§13.18): within a sequence, offsets only increase, without gaps.
     pub data_pdu_in_order: bool,
+    /// DataSequenceInOrder (§13.19): sequences are sent in offset order, so a Data-Out must
+    /// belong to the earliest sequence still open.
+    pub data_sequence_in_order: bool,
 }
 
-/// Where the data received so far lives (DESIGN.md §3 rule 7: no payload copy where the layout
-/// allows it).
+/// Where the data received so far lives.
 #[derive(Debug)]
 enum Assembly {
-    /// Nothing received yet.
-    Empty,
-    /// One piece starting at offset 0, kept as the received frame's slice (not copied).
-    Single(Bytes),
-    /// Several pieces: copied once into a buffer of at most ExpectedDataTransferLength bytes.
-    Assembled(BytesMut),
+    /// The whole transfer arrived as one piece at offset 0 (all immediate data, or one
+    /// Data-Out): kept as the received frame's slice, not copied (DESIGN.md §3 rule 7).
+    Whole(Bytes),
+    /// Copies of what arrived, in runs of contiguous bytes keyed by their first offset. No two
+    /// runs overlap or touch the run at offset 0 (it absorbs whatever it reaches).
+    Runs(Runs),
+}
+
+#[derive(Debug, Default)]
+struct Runs {
+    map: BTreeMap<u32, Vec<u8>>,
+    /// Sum of the runs' capacities.
+    capacity: usize,
+}
+
+impl Runs {
+    /// Copy `data` to offset `from` of a transfer of `edtl` bytes. The caller has checked
+    /// `0 < data.len()` and `from + data.len() <= edtl`.
+    fn insert(&mut self, edtl: u32, from: u32, data: &[u8]) -> Result<(), DataOutError> {
+        let len = u32::try_from(data.len()).map_err(|_| DataOutError::OutOfBounds)?;
+        let end = from.checked_add(len).ok_or(DataOutError::OutOfBounds)?;
+        // The run at or before `from` must end by `from`; the next one must start at or after `end`.
+        let before = self
+            .map
+            .range(..=from)
+            .next_back()
+            .map(|(&k, v)| (k, run_end(k, v)));
+        if let Some((_, b_end)) = before {
+            // `None`: a run whose end overflows, which `append` never builds.
+            if b_end.is_none_or(|e| e > from) {
+                return Err(DataOutError::Overlap);
+            }
+        }
+        if let Some((&after, _)) = self
+            .map
+            .range((Bound::Excluded(from), Bound::Unbounded))
+            .next()
+        {
+            if after < end {
+                return Err(DataOutError::Overlap);
+            }
+        }
+        let key = match before {
+            Some((k, Some(b_end))) if b_end == from => {
+                self.append(k, edtl, data)?;
+                k
+            }
+            _ => {
+                if self.map.len() >= MAX_RUNS {
+                    return Err(DataOutError::TooFragmented);
+                }
+                self.map.insert(from, data.to_vec());
+                self.capacity = self.capacity.saturating_add(data.len());
+                from
+            }
+        };
+        if key == 0 {
+            // The data from offset 0 swallows each run it now reaches: a complete transfer ends
+            // as one run.
+            while let Some(head_end) = self.map.get(&0).and_then(|h| run_end(0, h)) {
+                let Some(next) = self.map.remove(&head_end) else {
+                    break;
+                };
+                self.capacity = self.capacity.saturating_sub(next.capacity());
+                self.append(0, edtl, &next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `data` to the run at `key`, growing it at most to twice its new length (and
+    /// never past the end of the transfer), so capacity stays within twice the data held.
+    fn append(&mut self, key: u32, edtl: u32, data: &[u8]) -> Result<(), DataOutError> {
+        let limit =
+            usize::try_from(edtl.saturating_sub(key)).map_err(|_| DataOutError::OutOfBounds)?;
+        let run = self.map.get_mut(&key).ok_or(DataOutError::OutOfBounds)?;
+        let needed = run
+            .len()
+            .checked_add(data.len())
+            .filter(|&n| n <= limit)
+            .ok_or(DataOutError::OutOfBounds)?;
+        let before = run.capacity();
+        if needed > before {
+            let target = needed.saturating_mul(2).min(limit).max(needed);
+            run.reserve_exact(target.saturating_sub(run.len()));
+        }
+        run.extend_from_slice(data);
+        self.capacity = self
+            .capacity
+            .saturating_sub(before)
+            .saturating_add(run.capacity());
+        Ok(())
+    }
+}
+
+/// One past the last offset of a run at `key`.
+fn run_end(key: u32, run: &[u8]) -> Option<u32> {
+    key.checked_add(u32::try_from(run.len()).ok()?)
 }
 
 /// The write buffer of one command, bounded by its ExpectedDataTransferLength (which the caller
 /// has checked against [`crate::Limits::max_transfer`] before creating it).
 ///
-/// A transfer whose data arrives as one piece at offset 0 (all immediate, or one Data-Out) is
-/// handed on as that piece's `Bytes`; only multi-PDU transfers are assembled, by one copy each.
+/// Memory grows with the data received (at most twice it plus [`RUN_OVERHEAD`] per run, see
+/// [`WriteBuffer::footprint`]), never with the announced length; a byte range is accepted once only, so a complete buffer
+/// holds every byte of the transfer and nothing is ever zero-filled.
 #[derive(Debug)]
 pub struct WriteBuffer {
     data: Assembly,
     edtl: u32,
+    /// Payload bytes accepted (immediate data included); ranges never overlap.
     received: u32,
+    /// Open sequences in offset order: the unsolicited one first, then one per R2T.
     sequences: Vec<Sequence>,
     next_solicit: u32,
     r2t_sn: u32,
@@ -85,16 +210,22 @@ pub struct WriteBuffer {
 impl WriteBuffer {
     /// A buffer of `edtl` bytes holding `immediate` at offset 0, expecting unsolicited Data-Out
     /// for `[immediate.len(), unsolicited_end)` and solicitation (R2T) for the rest.
-    /// `immediate.len() <= unsolicited_end <= edtl` is the caller's check.
+    /// `immediate.len() <= unsolicited_end <= edtl` is the caller's check (immediate data past
+    /// `edtl` is ignored).
     pub fn new(edtl: u32, immediate: &Bytes, unsolicited_end: u32, params: WriteParams) -> Self {
         let len = usize::try_from(edtl).unwrap_or(0);
         let imm = immediate.len().min(len);
-        let data = if imm == 0 {
-            Assembly::Empty
-        } else {
-            Assembly::Single(immediate.slice(..imm))
-        };
         let imm32 = u32::try_from(imm).unwrap_or(0);
+        let data = if imm == len && imm > 0 {
+            Assembly::Whole(immediate.slice(..imm))
+        } else {
+            let mut runs = Runs::default();
+            if let Some(piece) = immediate.get(..imm).filter(|p| !p.is_empty()) {
+                // Cannot fail: one piece at offset 0, inside the transfer.
+                let _ = runs.insert(edtl, 0, piece);
+            }
+            Assembly::Runs(runs)
+        };
         let mut sequences = Vec::new();
         let unsolicited_end = unsolicited_end.clamp(imm32, edtl);
         if unsolicited_end > imm32 {
@@ -135,19 +266,36 @@ impl WriteBuffer {
         self.r2t_sn
     }
 
+    /// Payload bytes accepted so far (immediate data included): exactly the data received,
+    /// since overlapping pieces are refused.
+    pub fn held_bytes(&self) -> usize {
+        usize::try_from(self.received).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes of memory this buffer keeps for its data: the runs' capacities plus
+    /// [`RUN_OVERHEAD`] per run, or the length of the one received slice it hands on. At most
+    /// twice [`WriteBuffer::held_bytes`] (runs grow by doubling, capped at the transfer's end)
+    /// plus that overhead, and never ExpectedDataTransferLength up front.
+    pub fn footprint(&self) -> usize {
+        match &self.data {
+            Assembly::Whole(b) => b.len(),
+            Assembly::Runs(r) => r
+                .capacity
+                .saturating_add(r.map.len().saturating_mul(RUN_OVERHEAD)),
+        }
+    }
+
     /// Open as many R2T sequences as MaxOutstandingR2T allows, each at most MaxBurstLength
     /// (§11.8); `next_ttt` hands out target transfer tags.
     pub fn solicit(&mut self, mut next_ttt: impl FnMut() -> u32) -> Vec<R2tRequest> {
         let mut out = Vec::new();
         let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
-        while self.next_solicit < self.edtl
-            && self
-                .sequences
-                .iter()
-                .filter(|s| s.ttt != RESERVED_TAG)
-                .count()
-                < max_out
-        {
+        let mut open = self
+            .sequences
+            .iter()
+            .filter(|s| s.ttt != RESERVED_TAG)
+            .count();
+        while self.next_solicit < self.edtl && open < max_out {
             let len = (self.edtl - self.next_solicit).min(self.params.max_burst.max(1));
             let ttt = next_ttt();
             let start = self.next_solicit;
@@ -168,17 +316,24 @@ impl WriteBuffer {
             });
             self.r2t_sn = self.r2t_sn.wrapping_add(1);
             self.next_solicit = end;
+            open += 1;
         }
         out
     }
 
-    /// Take one Data-Out: check its sequence (TTT), DataSN, offset and length, then copy it.
+    /// Take one Data-Out: check its sequence (TTT, and with DataSequenceInOrder=Yes that it is
+    /// the earliest open one), DataSN, offset and length, then copy its payload (§4.2.2.3,
+    /// §11.7). Nothing is kept when an error is returned.
     pub fn data_out(&mut self, h: &DataOut, data: &Bytes) -> Result<(), DataOutError> {
         let idx = self
             .sequences
             .iter()
             .position(|s| s.ttt == h.ttt)
             .ok_or(DataOutError::UnknownTtt)?;
+        if self.params.data_sequence_in_order && idx != 0 {
+            // §13.19: sequences arrive in offset order; `sequences` is kept in that order.
+            return Err(DataOutError::SequenceOrder);
+        }
         let seq = self
             .sequences
             .get_mut(idx)
@@ -208,9 +363,18 @@ impl WriteBuffer {
         if h.final_ && received < seq_len {
             return Err(DataOutError::EarlyFinal);
         }
-        let from = usize::try_from(h.buffer_offset).map_err(|_| DataOutError::OutOfBounds)?;
-        let edtl = usize::try_from(self.edtl).map_err(|_| DataOutError::OutOfBounds)?;
-        place(&mut self.data, edtl, from, data)?;
+        if len > 0 {
+            match &mut self.data {
+                Assembly::Runs(runs)
+                    if runs.map.is_empty() && h.buffer_offset == 0 && len == self.edtl =>
+                {
+                    self.data = Assembly::Whole(data.clone());
+                }
+                Assembly::Runs(runs) => runs.insert(self.edtl, h.buffer_offset, data)?,
+                // Already complete: any further byte overlaps.
+                Assembly::Whole(_) => return Err(DataOutError::Overlap),
+            }
+        }
         seq.received = received;
         seq.next = end;
         seq.next_data_sn = h.data_sn.wrapping_add(1);
@@ -222,64 +386,24 @@ impl WriteBuffer {
         Ok(())
     }
 
-    /// The assembled data (call once [`WriteBuffer::is_complete`]): exactly
-    /// ExpectedDataTransferLength bytes, zero-filled where nothing arrived.
-    pub fn into_data(self) -> Bytes {
-        let len = usize::try_from(self.edtl).unwrap_or(0);
+    /// The assembled data, exactly ExpectedDataTransferLength bytes, once
+    /// [`WriteBuffer::is_complete`]; `None` before (nothing is ever zero-filled).
+    pub fn into_data(self) -> Option<Bytes> {
+        if !self.is_complete() {
+            return None;
+        }
+        let len = usize::try_from(self.edtl).ok()?;
         match self.data {
-            Assembly::Single(b) if b.len() == len => b,
-            Assembly::Empty if len == 0 => Bytes::new(),
-            Assembly::Empty => BytesMut::zeroed(len).freeze(),
-            Assembly::Single(b) => {
-                let mut buf = BytesMut::with_capacity(len);
-                buf.extend_from_slice(&b);
-                buf.resize(len, 0);
-                buf.freeze()
-            }
-            Assembly::Assembled(mut buf) => {
-                buf.resize(len, 0);
-                buf.freeze()
+            Assembly::Whole(b) => (b.len() == len).then_some(b),
+            Assembly::Runs(mut runs) => {
+                if len == 0 {
+                    return Some(Bytes::new());
+                }
+                let head = runs.map.remove(&0)?;
+                (head.len() == len && runs.map.is_empty()).then(|| Bytes::from(head))
             }
         }
     }
-}
-
-/// Put `data` at byte `from` of a transfer of `edtl` bytes. The caller has checked
-/// `from + data.len() <= edtl`. The first piece at offset 0 is kept without copying; a second
-/// piece switches to one buffer of capacity `edtl`, filled by appending when the pieces come
-/// in order (no zero-fill) and zero-extended for the gap when they do not.
-fn place(asm: &mut Assembly, edtl: usize, from: usize, data: &Bytes) -> Result<(), DataOutError> {
-    let to = from
-        .checked_add(data.len())
-        .filter(|&t| t <= edtl)
-        .ok_or(DataOutError::OutOfBounds)?;
-    if from == 0 && matches!(asm, Assembly::Empty) {
-        *asm = Assembly::Single(data.clone());
-        return Ok(());
-    }
-    let mut buf = match std::mem::replace(asm, Assembly::Empty) {
-        Assembly::Assembled(buf) => buf,
-        Assembly::Empty => BytesMut::with_capacity(edtl),
-        Assembly::Single(first) => {
-            let mut buf = BytesMut::with_capacity(edtl);
-            buf.extend_from_slice(&first);
-            buf
-        }
-    };
-    if from >= buf.len() {
-        buf.resize(from, 0);
-        buf.extend_from_slice(data);
-    } else {
-        if to > buf.len() {
-            buf.resize(to, 0);
-        }
-        // In bounds: `buf.len() >= to` after the resize.
-        if let Some(dst) = buf.get_mut(from..to) {
-            dst.copy_from_slice(data);
-        }
-    }
-    *asm = Assembly::Assembled(buf);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -291,6 +415,7 @@ mod tests {
         max_burst: 4,
         max_outstanding_r2t: 1,
         data_pdu_in_order: true,
+        data_sequence_in_order: true,
     };
 
     fn dout(ttt: u32, data_sn: u32, offset: u32, final_: bool) -> DataOut {
@@ -341,7 +466,7 @@ mod tests {
             .unwrap();
         assert!(w.is_complete());
         assert_eq!(w.r2t_count(), 2);
-        assert_eq!(&w.into_data()[..], b"abcdefghijkl");
+        assert_eq!(&w.into_data().unwrap()[..], b"abcdefghijkl");
     }
 
     #[test]
@@ -399,7 +524,7 @@ mod tests {
         let imm = Bytes::from_static(b"abcd");
         let w = WriteBuffer::new(4, &imm, 4, PARAMS);
         assert!(w.is_complete());
-        let out = w.into_data();
+        let out = w.into_data().unwrap();
         assert_eq!(out.as_ptr(), imm.as_ptr());
     }
 
@@ -410,7 +535,7 @@ mod tests {
         let d = Bytes::from_static(b"wxyz");
         w.data_out(&dout(9, 0, 0, true), &d).unwrap();
         assert!(w.is_complete());
-        let out = w.into_data();
+        let out = w.into_data().unwrap();
         assert_eq!(out.as_ptr(), d.as_ptr());
     }
 
@@ -420,6 +545,7 @@ mod tests {
             max_burst: 8,
             max_outstanding_r2t: 1,
             data_pdu_in_order: false,
+            data_sequence_in_order: true,
         };
         let mut w = WriteBuffer::new(8, &Bytes::new(), 0, params);
         assert_eq!(w.solicit(|| 3).len(), 1);
@@ -430,6 +556,202 @@ mod tests {
         w.data_out(&dout(3, 2, 0, true), &Bytes::from_static(b"ab"))
             .unwrap();
         assert!(w.is_complete());
-        assert_eq!(&w.into_data()[..], b"abcdefgh");
+        assert_eq!(&w.into_data().unwrap()[..], b"abcdefgh");
+    }
+
+    fn params(in_order: bool, seq_in_order: bool, max_burst: u32, max_r2t: u16) -> WriteParams {
+        WriteParams {
+            max_burst,
+            max_outstanding_r2t: max_r2t,
+            data_pdu_in_order: in_order,
+            data_sequence_in_order: seq_in_order,
+        }
+    }
+
+    /// The byte a test writes at `offset`.
+    fn pattern(offset: usize) -> u8 {
+        (offset ^ (offset >> 8) ^ 0x5a).to_le_bytes()[0]
+    }
+
+    fn piece(offset: u32, len: usize) -> Bytes {
+        let o = offset as usize;
+        (o..o + len).map(pattern).collect::<Vec<u8>>().into()
+    }
+
+    #[test]
+    fn holds_only_what_arrived_of_a_64_mib_write() {
+        const MIB: u32 = 1024 * 1024;
+        let mut w = WriteBuffer::new(64 * MIB, &Bytes::new(), 0, params(true, false, MIB, 64));
+        let mut ttt = 0;
+        let r2ts = w.solicit(|| {
+            ttt += 1;
+            ttt
+        });
+        assert_eq!(r2ts.len(), 64);
+        let last = r2ts[63];
+        assert_eq!(last.buffer_offset, 63 * MIB);
+        w.data_out(
+            &dout(last.ttt, 0, last.buffer_offset, false),
+            &piece(0, 512),
+        )
+        .unwrap();
+        assert_eq!(w.held_bytes(), 512);
+        assert!(w.footprint() <= 1024, "footprint {}", w.footprint());
+        assert!(!w.is_complete());
+        assert!(
+            w.into_data().is_none(),
+            "an incomplete transfer is never zero-filled"
+        );
+    }
+
+    #[test]
+    fn grows_in_order_data_with_the_data_not_the_transfer_length() {
+        let edtl = 1024 * 1024;
+        let imm = piece(0, 1000);
+        let mut w = WriteBuffer::new(edtl, &imm, edtl, params(true, true, edtl, 1));
+        assert_eq!(w.footprint(), 1000 + RUN_OVERHEAD);
+        let mut off = 1000;
+        let mut sn = 0;
+        while off < edtl {
+            let len = (edtl - off).min(8192);
+            let d = piece(off, len as usize);
+            w.data_out(&dout(RESERVED_TAG, sn, off, off + len == edtl), &d)
+                .unwrap();
+            off += len;
+            sn += 1;
+            assert_eq!(w.held_bytes(), off as usize);
+            assert!(
+                w.footprint() <= 2 * w.held_bytes() + RUN_OVERHEAD,
+                "{} > 2 x {off}",
+                w.footprint()
+            );
+        }
+        assert!(w.is_complete());
+        let out = w.into_data().unwrap();
+        assert_eq!(out.len(), edtl as usize);
+        assert!(out.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+    }
+
+    #[test]
+    fn rejects_data_out_for_a_later_sequence_when_sequences_in_order() {
+        // Unsolicited [2, 4), then R2T sequences [4, 8) and [8, 12).
+        let mut w = WriteBuffer::new(12, &piece(0, 2), 4, params(true, true, 4, 2));
+        let mut ttt = 0;
+        let r2ts = w.solicit(|| {
+            ttt += 1;
+            ttt
+        });
+        assert_eq!(r2ts.len(), 2);
+        assert_eq!(
+            w.data_out(&dout(1, 0, 4, true), &piece(4, 4)),
+            Err(DataOutError::SequenceOrder)
+        );
+        w.data_out(&dout(RESERVED_TAG, 0, 2, true), &piece(2, 2))
+            .unwrap();
+        assert_eq!(
+            w.data_out(&dout(2, 0, 8, true), &piece(8, 4)),
+            Err(DataOutError::SequenceOrder)
+        );
+        w.data_out(&dout(1, 0, 4, true), &piece(4, 4)).unwrap();
+        w.data_out(&dout(2, 0, 8, true), &piece(8, 4)).unwrap();
+        assert!(w.is_complete());
+        assert_eq!(&w.into_data().unwrap()[..], &piece(0, 12)[..]);
+
+        // DataSequenceInOrder=No: the later sequence may come first.
+        let mut w = WriteBuffer::new(12, &piece(0, 2), 4, params(true, false, 4, 2));
+        let mut ttt = 0;
+        w.solicit(|| {
+            ttt += 1;
+            ttt
+        });
+        w.data_out(&dout(2, 0, 8, true), &piece(8, 4)).unwrap();
+        w.data_out(&dout(1, 0, 4, true), &piece(4, 4)).unwrap();
+        w.data_out(&dout(RESERVED_TAG, 0, 2, true), &piece(2, 2))
+            .unwrap();
+        assert!(w.is_complete());
+        assert_eq!(&w.into_data().unwrap()[..], &piece(0, 12)[..]);
+    }
+
+    #[test]
+    fn assembles_pieces_in_any_order_when_not_in_order() {
+        // 64 pieces of 16 bytes over 4 sequences, sent in a scrambled order.
+        let edtl = 1024u32;
+        let mut w = WriteBuffer::new(edtl, &Bytes::new(), 0, params(false, false, 256, 4));
+        let mut ttt = 0;
+        let r2ts = w.solicit(|| {
+            ttt += 1;
+            ttt
+        });
+        assert_eq!(r2ts.len(), 4);
+        let mut order: Vec<u32> = (0..64).collect();
+        order.sort_by_key(|i| (i * 37) % 64);
+        let mut sns = [0u32; 4];
+        for (n, i) in order.iter().enumerate() {
+            let off = i * 16;
+            let s = (off / 256) as usize;
+            let t = r2ts[s].ttt;
+            w.data_out(&dout(t, sns[s], off, false), &piece(off, 16))
+                .unwrap();
+            sns[s] += 1;
+            assert_eq!(w.held_bytes(), (n + 1) * 16);
+            assert!(w.footprint() <= (n + 1) * (2 * 16 + RUN_OVERHEAD));
+        }
+        assert!(w.is_complete());
+        assert!(!w.data_sn_error());
+        let out = w.into_data().unwrap();
+        assert_eq!(&out[..], &piece(0, edtl as usize)[..]);
+    }
+
+    #[test]
+    fn rejects_overlapping_pieces() {
+        let mut w = WriteBuffer::new(8, &Bytes::new(), 0, params(false, true, 8, 1));
+        w.solicit(|| 1);
+        w.data_out(&dout(1, 0, 4, false), &piece(4, 2)).unwrap();
+        for (off, len) in [(4, 1), (3, 2), (5, 2), (2, 4), (1, 5)] {
+            assert_eq!(
+                w.data_out(&dout(1, 1, off, false), &piece(off, len)),
+                Err(DataOutError::Overlap),
+                "{off}+{len}"
+            );
+        }
+        assert_eq!(w.held_bytes(), 2);
+        // The same bytes twice would have counted towards completion without filling the gap.
+        w.data_out(&dout(1, 1, 0, false), &piece(0, 4)).unwrap();
+        assert_eq!(
+            w.data_out(&dout(1, 2, 0, false), &piece(0, 2)),
+            Err(DataOutError::Overlap)
+        );
+        w.data_out(&dout(1, 2, 6, true), &piece(6, 2)).unwrap();
+        assert_eq!(&w.into_data().unwrap()[..], &piece(0, 8)[..]);
+    }
+
+    #[test]
+    fn rejects_data_fragmented_past_the_run_limit() {
+        let runs = u32::try_from(MAX_RUNS).unwrap();
+        let edtl = 2 * (runs + 1);
+        let mut w = WriteBuffer::new(edtl, &Bytes::new(), 0, params(false, true, edtl, 1));
+        w.solicit(|| 1);
+        // One byte at every odd offset: each is its own run.
+        for i in 0..runs {
+            w.data_out(&dout(1, i, 2 * i + 1, false), &piece(2 * i + 1, 1))
+                .unwrap();
+        }
+        assert_eq!(
+            w.data_out(&dout(1, runs, 2 * runs + 1, false), &piece(2 * runs + 1, 1)),
+            Err(DataOutError::TooFragmented)
+        );
+        // A byte that joins existing runs is still taken.
+        w.data_out(&dout(1, runs, 2, false), &piece(2, 1)).unwrap();
+        assert_eq!(w.held_bytes(), MAX_RUNS + 1);
+    }
+
+    #[test]
+    fn accepts_empty_data_out_without_holding_anything() {
+        let mut w = WriteBuffer::new(4, &Bytes::new(), 0, params(true, true, 4, 1));
+        w.solicit(|| 1);
+        w.data_out(&dout(1, 0, 0, false), &Bytes::new()).unwrap();
+        assert_eq!((w.held_bytes(), w.footprint()), (0, 0));
+        w.data_out(&dout(1, 1, 0, true), &piece(0, 4)).unwrap();
+        assert!(w.is_complete());
     }
 }

@@ -55,18 +55,26 @@ impl<T> CmdWindow<T> {
         self.exp_cmd_sn
     }
 
+    /// The window depth: at most this many commands outstanding (MaxCmdSN - ExpCmdSN + 1 when
+    /// nothing runs).
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
     /// MaxCmdSN as last granted (§4.2.2.1).
     pub fn max_cmd_sn(&self) -> u32 {
         self.max_cmd_sn
     }
 
-    /// Recompute MaxCmdSN = ExpCmdSN + window - 1 - `outstanding` (commands still running,
-    /// so that at most about `window` commands are in flight), never below what was already
-    /// granted. Returns the new MaxCmdSN.
+    /// Recompute MaxCmdSN = ExpCmdSN + window - 1 - `outstanding` (commands still running),
+    /// so that at most `window` commands are in flight, never below what was already granted
+    /// (a grant cannot be taken back). With `window` or more outstanding the candidate is
+    /// ExpCmdSN - 1, which closes the window (§4.2.2.1): MaxCmdSN then stays where it is until
+    /// commands finish. Returns the new MaxCmdSN.
     pub fn grant(&mut self, outstanding: usize) -> u32 {
         let busy = u32::try_from(outstanding)
             .unwrap_or(u32::MAX)
-            .min(self.window.saturating_sub(1));
+            .min(self.window);
         let candidate = self
             .exp_cmd_sn
             .wrapping_add(self.window - busy)
@@ -170,6 +178,20 @@ mod tests {
         assert_eq!(w.grant(3), 4, "3 running: no new credit, old grant kept");
         assert_eq!(w.grant(0), 5);
         assert_eq!(w.grant(10), 5);
+    }
+
+    #[test]
+    fn grant_holds_max_cmd_sn_while_the_window_is_full() {
+        let mut w: CmdWindow<u32> = CmdWindow::new(1, 4);
+        for sn in 1..=4 {
+            assert_eq!(w.admit(sn, sn).0, Admission::Deliver);
+        }
+        // Four running: ExpCmdSN 5, MaxCmdSN stays 4 (= ExpCmdSN - 1, window closed).
+        assert_eq!(w.grant(4), 4);
+        assert_eq!(w.grant(9), 4);
+        assert!(!w.in_window(5));
+        assert_eq!(w.grant(3), 5, "one finished: one slot");
+        assert_eq!(w.grant(0), 8);
     }
 
     #[test]

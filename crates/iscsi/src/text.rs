@@ -19,12 +19,20 @@ fn is_key_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'+' | b'@' | b'_')
 }
 
+/// A well-formed key name: §6.1 characters, except that a public extension key starts with
+/// `X#` (§13.22; e.g. X#NodeArchitecture, §13.26). Whether we understand the key is for
+/// negotiation to say (`NotUnderstood`, §6.2), not a format error.
+fn is_key_name(key: &[u8]) -> bool {
+    let rest = key.strip_prefix(b"X#").unwrap_or(key);
+    !rest.is_empty() && key.len() <= MAX_KEY_LEN && rest.iter().all(|&c| is_key_char(c))
+}
+
 /// Parse one `key=value` item (without its NUL).
 fn parse_pair(item: &[u8]) -> Result<(String, String), PduError> {
     let eq = item.iter().position(|&c| c == b'=').ok_or(INVALID)?;
     let (key, rest) = item.split_at(eq);
     let value = rest.get(1..).ok_or(INVALID)?;
-    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.iter().all(|&c| is_key_char(c)) {
+    if !is_key_name(key) {
         return Err(INVALID);
     }
     if value.len() > MAX_VALUE_LEN {
@@ -168,6 +176,26 @@ mod tests {
     #[test]
     fn accepts_nul_padding() {
         assert_eq!(parse(b"A=1\0\0\0\0").unwrap(), pairs(&[("A", "1")]));
+    }
+
+    #[test]
+    fn accepts_public_and_private_extension_keys() {
+        assert_eq!(
+            parse(b"X#NodeArchitecture=ExampleOS/v1.0,Example Co.\0X-com.example.Opt=1\0").unwrap(),
+            pairs(&[
+                ("X#NodeArchitecture", "ExampleOS/v1.0,Example Co."),
+                ("X-com.example.Opt", "1")
+            ])
+        );
+        for bad in [
+            &b"X#=1\0"[..],
+            b"X##A=1\0",
+            b"A#B=1\0",
+            b"#X=1\0",
+            b"Y#A=1\0",
+        ] {
+            assert_eq!(parse(bad), Err(PduError::InvalidField("text")), "{bad:?}");
+        }
     }
 
     #[test]
