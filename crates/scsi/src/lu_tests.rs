@@ -693,7 +693,14 @@ fn get_lba_status_ranges_crossing_physical_blocks() {
         (4 * 4096, (BLOCKS - 32) * 512, true),
     ];
     for (lba, want) in [
-        (5u64, vec![(5, 3, false), (8, 24, true), (32, BLOCKS as u32 - 32, false)]),
+        (
+            5u64,
+            vec![
+                (5, 3, false),
+                (8, 24, true),
+                (32, BLOCKS as u32 - 32, false),
+            ],
+        ),
         (13, vec![(13, 19, true), (32, BLOCKS as u32 - 32, false)]),
         (33, vec![(33, BLOCKS as u32 - 33, false)]),
     ] {
