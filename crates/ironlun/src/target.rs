@@ -1865,6 +1865,43 @@ mod tests {
         assert!(h1.lu().pending_unit_attention(7).is_none());
     }
 
+    #[test]
+    fn target_resets_follow_allow_target_reset_and_reach_masked_lus() {
+        use crate::config::TargetResetPolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let (h0, h1) = (ram_handle(dir.path()), ram_handle(dir.path()));
+        let pattern = ironlun_iscsi::acl::NamePattern::parse("iqn.x:masked").unwrap();
+        let target = Arc::new(TargetState::new(
+            "iqn.x:t".into(),
+            None,
+            BTreeMap::from([(0, h0.clone()), (1, h1.clone())]),
+            LunMasking::new(vec![(pattern, vec![0])]),
+        ));
+        let masked = Nexus::attach_for(target.clone(), 1, "iqn.x:masked", [0; 6], 1);
+        let other = Nexus::attach_for(target.clone(), 2, "iqn.x:other", [0; 6], 1);
+        let chap = Nexus::attach_for(target.clone(), 3, "iqn.x:masked", [1; 6], 1).with_chap(true);
+        let reset = |n: &Nexus| n.task_mgmt(TmfFunction::TargetWarmReset, 0);
+        // Default "chap": only the session that passed CHAP; a refusal resets nothing.
+        assert!(!masked.may_reset_target() && chap.may_reset_target());
+        assert_eq!(reset(&other), TmfResponse::AuthorizationFailed);
+        assert_eq!(
+            h1.lu().pending_unit_attention(2),
+            Some(SenseReason::PowerOnOrReset)
+        );
+        // Allowed: every LU of the target, LUN 1 too although the requester cannot see it.
+        assert_eq!(reset(&chap), TmfResponse::FunctionComplete);
+        for h in [&h0, &h1] {
+            assert_eq!(
+                h.lu().pending_unit_attention(2),
+                Some(SenseReason::BusResetOccurred)
+            );
+        }
+        target.set_reset_policy(TargetResetPolicy::All);
+        assert!(masked.may_reset_target());
+        target.set_reset_policy(TargetResetPolicy::None);
+        assert_eq!(reset(&chap), TmfResponse::AuthorizationFailed);
+    }
+
     #[tokio::test]
     async fn an_older_state_never_overwrites_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
