@@ -758,7 +758,7 @@ async fn serve_connection(
                 Event::TaskMgmt(t) => {
                     let resp = match &nexus {
                         Some(n) => n.task_mgmt(t.function, t.lun),
-                        None => TmfResponse::FunctionRejected,
+                        None => ironlun_iscsi::pdu::TmfResponse::FunctionRejected,
                     };
                     conn.complete_tmf(t.itt, resp);
                     if let (Some(n), TmfFunction::TargetColdReset, TmfResponse::FunctionComplete) =
