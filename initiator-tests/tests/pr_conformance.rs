@@ -13,7 +13,22 @@ ProutReserve ProutClear ProutPreempt Reserve6";
 #[test]
 fn libiscsi_pr_suites_pass_without_skips() {
     require_tool("iscsi-test-cu");
-    let d = Daemon::start(None);
+    // The embedded default's lab target, with target resets allowed without CHAP: Reserve6's
+    // TargetColdReset and TargetWarmReset send them (the default "chap" would answer
+    // "Function authorization failed" and libiscsi would skip).
+    let d = Daemon::start(Some(
+        r#"
+[[target]]
+name = "iqn.2026-11.io.ironlun:lab"
+allow_target_reset = "all"
+
+[[target.lun]]
+id = 0
+backstore = "file"
+path = "lun0.img"
+size = "1GiB"
+"#,
+    ));
     let url = format!("{}/{TARGET}/0", d.portal());
     let out_dir = repo_root().join("target/conformance-pr");
     let (ok, out) = conformance_of(PR_SUITES, true, &url, &out_dir);

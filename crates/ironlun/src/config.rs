@@ -168,6 +168,8 @@ struct RawTarget {
     initiator: Vec<RawInitiator>,
     /// CHAP required to log in to this target.
     chap: Option<RawChap>,
+    /// Who may send TARGET WARM RESET / TARGET COLD RESET: "chap", "all" or "none".
+    allow_target_reset: Option<Spanned<String>>,
 }
 
 /// `[[target.initiator]]`: the LUNs one initiator (name or pattern) sees.
@@ -338,6 +340,51 @@ pub struct Target {
     pub max_sessions: usize,
     /// CHAP required to log in (`None`: AuthMethod=None).
     pub chap: Option<ironlun_iscsi::chap::ChapConfig>,
+    /// Which sessions may reset the whole target (`allow_target_reset`).
+    pub allow_target_reset: TargetResetPolicy,
+}
+
+/// `allow_target_reset` of a `[[target]]`: which sessions may send the task management
+/// functions TARGET WARM RESET and TARGET COLD RESET (RFC 7143 §11.5.1), which act on every
+/// LU and, for a cold reset, every session of the target, whoever else uses it. A refused
+/// request is answered "Function authorization failed" (response 6, RFC 7143 §11.6.1) and
+/// changes nothing. The other functions (ABORT TASK … LOGICAL UNIT RESET) are not affected.
+/// Decided once per session, when it logs in (`crate::target::Nexus::may_reset_target`); a
+/// reload changes it for later logins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetResetPolicy {
+    /// `"chap"` (default): only sessions that authenticated with CHAP at login; on a target
+    /// without `chap`, nobody.
+    #[default]
+    Chap,
+    /// `"all"`: every session of the target (a lab, a conformance run).
+    All,
+    /// `"none"`: nobody.
+    None,
+}
+
+impl TargetResetPolicy {
+    /// The key's values, as written in the config.
+    pub const VALUES: &'static str = "\"chap\", \"all\" or \"none\"";
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "chap" => Some(Self::Chap),
+            "all" => Some(Self::All),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
+    /// Whether a session that did (`chap`) or did not authenticate with CHAP may reset the
+    /// target.
+    pub fn allows(self, chap: bool) -> bool {
+        match self {
+            Self::Chap => chap,
+            Self::All => true,
+            Self::None => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,6 +500,7 @@ impl Config {
                 masking: Default::default(),
                 max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS_PER_TARGET,
                 chap: None,
+                allow_target_reset: TargetResetPolicy::default(),
             }],
             runtime: Runtime::default(),
             limits: Limits::default(),
@@ -772,6 +820,19 @@ impl Config {
                 Some(c) => Some(parse_chap(&cx, &format!("target[{ti}].chap"), c)?),
                 None => None,
             };
+            let allow_target_reset = match &t.allow_target_reset {
+                None => TargetResetPolicy::default(),
+                Some(v) => match TargetResetPolicy::parse(v.get_ref()) {
+                    Some(p) => p,
+                    None => {
+                        return cx.err(
+                            v.span(),
+                            format!("target[{ti}].allow_target_reset"),
+                            format!("must be {}", TargetResetPolicy::VALUES),
+                        )
+                    }
+                },
+            };
             targets.push(Target {
                 name,
                 alias: t.alias.clone(),
@@ -780,6 +841,7 @@ impl Config {
                 masking,
                 max_sessions,
                 chap,
+                allow_target_reset,
             });
         }
         if targets.is_empty() {
@@ -1832,5 +1894,27 @@ size = "64MiB"
             assert!(e.key.ends_with("physical_block_size"), "{bad}: {e}");
             assert_eq!(e.line, Some(7), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn allow_target_reset_defaults_to_chap_and_names_a_bad_value() {
+        let c = parse(CHAP_BASE).unwrap();
+        assert_eq!(c.targets[0].allow_target_reset, TargetResetPolicy::Chap);
+        for (v, want) in [
+            ("chap", TargetResetPolicy::Chap),
+            ("all", TargetResetPolicy::All),
+            ("none", TargetResetPolicy::None),
+        ] {
+            let c = parse(&format!("{CHAP_BASE}allow_target_reset = \"{v}\"\n")).unwrap();
+            assert_eq!(c.targets[0].allow_target_reset, want);
+        }
+        let e = parse(&format!("{CHAP_BASE}allow_target_reset = \"yes\"\n")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(3), "target[0].allow_target_reset")
+        );
+        assert!(e.message.contains("\"chap\", \"all\" or \"none\""), "{e}");
+        assert!(TargetResetPolicy::Chap.allows(true) && !TargetResetPolicy::Chap.allows(false));
+        assert!(TargetResetPolicy::All.allows(false) && !TargetResetPolicy::None.allows(true));
     }
 }

@@ -40,7 +40,7 @@ pub struct Diff {
     pub portals_added: Vec<(SocketAddr, u16)>,
     /// Portals in the running config only.
     pub portals_removed: Vec<(SocketAddr, u16)>,
-    /// Targets whose `allowed_initiators`, LUN masking or CHAP changed.
+    /// Targets whose `allowed_initiators`, LUN masking, CHAP or `allow_target_reset` changed.
     pub access_changed: Vec<String>,
     /// Targets in the new config only.
     pub targets_added: Vec<String>,
@@ -126,7 +126,11 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
         if ot.alias != nt.alias || ot.max_sessions != nt.max_sessions {
             restart(&format!("target {}: alias or max_sessions", nt.name));
         }
-        if ot.acl != nt.acl || ot.masking != nt.masking || !same(&ot.chap, &nt.chap) {
+        if ot.acl != nt.acl
+            || ot.masking != nt.masking
+            || !same(&ot.chap, &nt.chap)
+            || ot.allow_target_reset != nt.allow_target_reset
+        {
             d.access_changed.push(nt.name.clone());
         }
         for ol in &ot.luns {
@@ -499,11 +503,13 @@ impl Live {
             t.acl = nt.acl.clone();
             t.masking = nt.masking.clone();
             t.chap = nt.chap.clone();
+            t.allow_target_reset = nt.allow_target_reset;
             if let Some(target) = self.registry.target(name) {
                 target.set_masking(nt.masking.clone());
+                target.set_reset_policy(nt.allow_target_reset);
             }
             applied.push(format!(
-                "target {name}: access (allowed_initiators, LUN masking, CHAP) updated"
+                "target {name}: access (allowed_initiators, LUN masking, CHAP, allow_target_reset) updated"
             ));
         }
         if let Some(c) = &self.control {

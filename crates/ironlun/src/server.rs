@@ -18,6 +18,7 @@ use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
+use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -257,6 +258,27 @@ impl SessionTable {
             },
             rx,
         )
+    }
+}
+
+impl SessionTable {
+    /// Tell every live session to target `target` (any initiator, any portal group) to close
+    /// with `why`; returns how many. For TARGET COLD RESET (RFC 7143 §11.5.1: the target
+    /// drops all its connections after the response); sessions to other targets of the
+    /// daemon are separate SCSI target devices and keep running.
+    fn close_target(&self, target: &str, why: &'static str) -> usize {
+        let mut live = self.lock();
+        let doomed: Vec<SessionKey> = live
+            .keys()
+            .filter(|k| k.2.eq_ignore_ascii_case(target))
+            .cloned()
+            .collect();
+        for k in &doomed {
+            if let Some((_, tx)) = live.remove(k) {
+                let _ = tx.send(why);
+            }
+        }
+        doomed.len()
     }
 }
 
@@ -685,8 +707,12 @@ async fn serve_connection(
                                 info.isid,
                                 info.portal_group_tag,
                             )
-                            .with_metrics(entry.metrics.clone()),
+                            .with_metrics(entry.metrics.clone())
+                            .with_chap(info.chap),
                         ));
+                        if let Some(n) = &nexus {
+                            conn.set_target_reset_allowed(n.may_reset_target());
+                        }
                         listed = Some(entry);
                     }
                 }
@@ -735,6 +761,18 @@ async fn serve_connection(
                         None => ironlun_iscsi::pdu::TmfResponse::FunctionRejected,
                     };
                     conn.complete_tmf(t.itt, resp);
+                    if let (Some(n), TmfFunction::TargetColdReset, TmfResponse::FunctionComplete) =
+                        (&nexus, t.function, resp)
+                    {
+                        // RFC 7143 §11.5.1: the response goes out first, then every connection
+                        // of every session to this target is dropped (this one closes itself).
+                        conn.poll_transmit_into(&mut out);
+                        if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
+                            tracing::debug!(error = %e, "cold reset response not written");
+                        }
+                        let closed = live.close_target(&n.target.name, "target cold reset");
+                        tracing::info!(target = %n.target.name, sessions = closed, "target cold reset: sessions closed");
+                    }
                 }
                 Event::Aborted(itts) => {
                     tracing::debug!(?itts, "tasks aborted");

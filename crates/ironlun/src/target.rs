@@ -281,6 +281,8 @@ pub struct TargetState {
     epoch: AtomicU64,
     /// Which of `luns` each initiator sees.
     masking: std::sync::RwLock<LunMasking>,
+    /// Who may send TARGET WARM/COLD RESET (`allow_target_reset`).
+    reset_policy: std::sync::RwLock<config::TargetResetPolicy>,
 }
 
 impl TargetState {
@@ -291,7 +293,31 @@ impl TargetState {
             luns: std::sync::RwLock::new(Arc::new(luns)),
             epoch: AtomicU64::new(0),
             masking: std::sync::RwLock::new(masking),
+            reset_policy: std::sync::RwLock::new(config::TargetResetPolicy::default()),
         }
+    }
+
+    /// The same target with `allow_target_reset` = `policy`.
+    pub fn with_reset_policy(self, policy: config::TargetResetPolicy) -> Self {
+        self.set_reset_policy(policy);
+        self
+    }
+
+    /// Who may reset the target now (`allow_target_reset`).
+    pub fn reset_policy(&self) -> config::TargetResetPolicy {
+        *self
+            .reset_policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replace `allow_target_reset`; sessions that log in afterwards are decided by it
+    /// ([`Nexus::may_reset_target`]).
+    pub(crate) fn set_reset_policy(&self, policy: config::TargetResetPolicy) {
+        *self
+            .reset_policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
     }
 
     /// The LUN masking now.
@@ -373,12 +399,10 @@ impl Registry {
                 let handle = open_lun(&t.name, l, &ports, &port_groups, state_file, &events)?;
                 luns.insert(l.id, Arc::new(handle));
             }
-            targets.push(Arc::new(TargetState::new(
-                t.name.clone(),
-                t.alias.clone(),
-                luns,
-                t.masking.clone(),
-            )));
+            targets.push(Arc::new(
+                TargetState::new(t.name.clone(), t.alias.clone(), luns, t.masking.clone())
+                    .with_reset_policy(t.allow_target_reset),
+            ));
         }
         Ok(Registry {
             targets: std::sync::RwLock::new(Arc::new(targets)),
@@ -432,12 +456,10 @@ impl Registry {
         for l in &t.luns {
             luns.insert(l.id, Arc::new(self.open_lun(cfg, &t.name, l)?));
         }
-        Ok(TargetState::new(
-            t.name.clone(),
-            t.alias.clone(),
-            luns,
-            t.masking.clone(),
-        ))
+        Ok(
+            TargetState::new(t.name.clone(), t.alias.clone(), luns, t.masking.clone())
+                .with_reset_policy(t.allow_target_reset),
+        )
     }
 
     pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
@@ -693,6 +715,8 @@ pub struct Nexus {
     initiator: Option<String>,
     /// The session's command counts ([`crate::metrics`]).
     metrics: Arc<crate::metrics::SessionMetrics>,
+    /// The session authenticated with CHAP at login (for `allow_target_reset`).
+    chap: bool,
 }
 
 impl Nexus {
@@ -788,7 +812,22 @@ impl Nexus {
             it,
             initiator,
             metrics: crate::metrics::SessionMetrics::unlisted(),
+            chap: false,
         }
+    }
+
+    /// Record that the session authenticated with CHAP at login (RFC 7143 §12.1.3).
+    pub fn with_chap(mut self, chap: bool) -> Self {
+        self.chap = chap;
+        self
+    }
+
+    /// Whether this session may send TARGET WARM RESET and TARGET COLD RESET: the target's
+    /// `allow_target_reset` ([`config::TargetResetPolicy`]) applied to how the session
+    /// authenticated. A refused request is answered "Function authorization failed" (RFC 7143
+    /// §11.6.1, response 6).
+    pub fn may_reset_target(&self) -> bool {
+        self.target.reset_policy().allows(self.chap)
     }
 
     /// Count this nexus's commands in `m` (a listed session's metrics).
@@ -925,13 +964,29 @@ impl Nexus {
                 None => TmfResponse::LunDoesNotExist,
             },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                // The connection already refuses an unauthorized session
+                // (`Connection::set_target_reset_allowed`); checked again here so that no
+                // other caller resets a target without the policy's consent.
+                if !self.may_reset_target() {
+                    return TmfResponse::AuthorizationFailed;
+                }
                 let kind = if function == TmfFunction::TargetWarmReset {
                     ResetKind::TargetWarm
                 } else {
                     ResetKind::TargetCold
                 };
-                // Only the LUs this nexus sees: it is not registered on the masked ones.
-                for l in view.values() {
+                // SAM-5 §6.3: a target reset resets every LU of the SCSI target device, also
+                // those LUN masking hides from this initiator. Each LU aborts its copies and
+                // raises 29h/02h (warm) or 29h/01h (cold) for every I_T nexus. For a cold reset
+                // the daemon then drops every session of the target (RFC 7143 §11.5.1, see
+                // `crate::server`).
+                tracing::info!(
+                    target = %self.target.name,
+                    initiator = self.initiator.as_deref().unwrap_or(""),
+                    ?function,
+                    "target reset"
+                );
+                for l in self.target.luns().values() {
                     l.lu().reset(self.id, kind);
                 }
                 TmfResponse::FunctionComplete
@@ -1808,6 +1863,43 @@ mod tests {
         target.set_luns(BTreeMap::from([(0, h0)]));
         assert!(n.visible_luns().is_empty());
         assert!(h1.lu().pending_unit_attention(7).is_none());
+    }
+
+    #[test]
+    fn target_resets_follow_allow_target_reset_and_reach_masked_lus() {
+        use crate::config::TargetResetPolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let (h0, h1) = (ram_handle(dir.path()), ram_handle(dir.path()));
+        let pattern = ironlun_iscsi::acl::NamePattern::parse("iqn.x:masked").unwrap();
+        let target = Arc::new(TargetState::new(
+            "iqn.x:t".into(),
+            None,
+            BTreeMap::from([(0, h0.clone()), (1, h1.clone())]),
+            LunMasking::new(vec![(pattern, vec![0])]),
+        ));
+        let masked = Nexus::attach_for(target.clone(), 1, "iqn.x:masked", [0; 6], 1);
+        let other = Nexus::attach_for(target.clone(), 2, "iqn.x:other", [0; 6], 1);
+        let chap = Nexus::attach_for(target.clone(), 3, "iqn.x:masked", [1; 6], 1).with_chap(true);
+        let reset = |n: &Nexus| n.task_mgmt(TmfFunction::TargetWarmReset, 0);
+        // Default "chap": only the session that passed CHAP; a refusal resets nothing.
+        assert!(!masked.may_reset_target() && chap.may_reset_target());
+        assert_eq!(reset(&other), TmfResponse::AuthorizationFailed);
+        assert_eq!(
+            h1.lu().pending_unit_attention(2),
+            Some(SenseReason::PowerOnOrReset)
+        );
+        // Allowed: every LU of the target, LUN 1 too although the requester cannot see it.
+        assert_eq!(reset(&chap), TmfResponse::FunctionComplete);
+        for h in [&h0, &h1] {
+            assert_eq!(
+                h.lu().pending_unit_attention(2),
+                Some(SenseReason::BusResetOccurred)
+            );
+        }
+        target.set_reset_policy(TargetResetPolicy::All);
+        assert!(masked.may_reset_target());
+        target.set_reset_policy(TargetResetPolicy::None);
+        assert_eq!(reset(&chap), TmfResponse::AuthorizationFailed);
     }
 
     #[tokio::test]

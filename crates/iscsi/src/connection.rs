@@ -137,6 +137,9 @@ pub struct SessionInfo {
     /// `None` for a discovery session.
     pub target_name: Option<String>,
     pub portal_group_tag: u16,
+    /// The session authenticated with CHAP at login (RFC 7143 §12.1.3), e.g. for
+    /// authorizing target resets (§11.6.1 response 6).
+    pub chap: bool,
 }
 
 /// A SCSI command ready to execute: all its Data-Out has arrived.
@@ -251,6 +254,9 @@ pub struct Connection {
     /// Sum of [`WriteBuffer::footprint`] over the tasks still receiving Data-Out, kept up to
     /// date at each change (see [`Connection::held_data_out_bytes`]).
     held_data_out: usize,
+    /// The owner lets this session send TARGET WARM/COLD RESET
+    /// ([`Connection::set_target_reset_allowed`]); refused until then.
+    target_reset_allowed: bool,
 }
 
 enum Phase {
@@ -353,6 +359,7 @@ impl Connection {
             last_rx: now,
             ping: None,
             held_data_out: 0,
+            target_reset_allowed: false,
         }
     }
 
@@ -434,6 +441,14 @@ impl Connection {
         spdtl_out: u32,
     ) {
         self.finish_command(itt, completion, Some(spdtl_out));
+    }
+
+    /// Whether this session may send TARGET WARM RESET and TARGET COLD RESET (the owner's
+    /// authorization policy, decided once it saw [`Event::LoggedIn`]). Refused requests are
+    /// answered "Function authorization failed" (§11.6.1 response 6) here, before any task
+    /// is aborted, and never reach the owner. Default: refused.
+    pub fn set_target_reset_allowed(&mut self, allowed: bool) {
+        self.target_reset_allowed = allowed;
     }
 
     /// Answer a [`Event::TaskMgmt`].
@@ -942,6 +957,7 @@ impl Connection {
             tsih: self.tsih,
             target_name: identity.target.map(|t| t.name),
             portal_group_tag,
+            chap: identity.chap,
         };
         self.tx_digests = Digests {
             header: conn_params.header_digest == DigestKind::Crc32c,
@@ -1288,6 +1304,12 @@ impl Connection {
                 .map(|(itt, _)| *itt)
                 .collect(),
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                if !self.target_reset_allowed {
+                    // §11.6.1 response 6: refused before any task is touched.
+                    tracing::debug!(function = ?h.function, "target reset not authorized");
+                    self.send_tmf_response(h.itt, TmfResponse::AuthorizationFailed);
+                    return;
+                }
                 ffp.tasks.keys().copied().collect()
             }
             TmfFunction::ClearAca => Vec::new(),
@@ -3174,6 +3196,48 @@ mod tests {
         // Data-Out for the dropped write is ignored.
         p.data_out(2, 1, 0, 0, true, &[0; 16]);
         assert!(p.conn.is_closed().is_none());
+    }
+
+    #[test]
+    fn target_reset_is_refused_untouched_unless_the_owner_allows_it() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(1, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        for function in [TmfFunction::TargetWarmReset, TmfFunction::TargetColdReset] {
+            tmf(&mut p, 2, function, 0, 0);
+            let out = p.recv();
+            let Header::TaskMgmtResponse(r) = &out[0].header else {
+                panic!()
+            };
+            assert_eq!((r.itt, r.response), (2, TmfResponse::AuthorizationFailed));
+            assert!(
+                p.events().is_empty(),
+                "no task aborted, nothing for the owner"
+            );
+        }
+        // The running command still gets its response; the connection stays open.
+        p.conn.complete_command(1, good(&[0; 512]));
+        assert!(!p.recv().is_empty());
+        assert!(p.conn.is_closed().is_none());
+
+        p.command(3, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        p.conn.set_target_reset_allowed(true);
+        tmf(&mut p, 4, TmfFunction::TargetColdReset, 0, 0);
+        let ev = p.events();
+        assert_eq!(ev[0], Event::Aborted(vec![3]));
+        assert!(matches!(ev[1], Event::TaskMgmt(_)));
+        p.conn.complete_tmf(4, TmfResponse::FunctionComplete);
+        let out = p.recv();
+        let Header::TaskMgmtResponse(r) = &out[0].header else {
+            panic!()
+        };
+        assert_eq!(r.response, TmfResponse::FunctionComplete);
+        assert!(
+            p.conn.is_closed().is_some(),
+            "§11.5.1: closed after the response"
+        );
     }
 
     #[test]

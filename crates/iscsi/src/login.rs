@@ -119,6 +119,9 @@ pub struct LoginIdentity {
     pub isid: [u8; 6],
     pub session_type: SessionType,
     pub target: Option<TargetInfo>,
+    /// The initiator proved its CHAP secret in the security stage (§12.1.3); `false` after
+    /// AuthMethod=None.
+    pub chap: bool,
 }
 
 /// The target's login state machine (§6): one per connection, from the first Login Request
@@ -225,6 +228,7 @@ impl Login {
             isid: self.isid,
             session_type: self.session_type?,
             target: self.target.clone(),
+            chap: matches!(&self.auth, Auth::Chap(t) if t.is_done()),
         })
     }
 

@@ -604,6 +604,120 @@ fn unmap_then_get_lba_status() {
     assert!(c.data.iter().all(|b| *b == 0));
 }
 
+/// The LBA status descriptors of GET LBA STATUS parameter data: (LBA, blocks, deallocated).
+fn lba_descriptors(data: &[u8]) -> Vec<(u64, u32, bool)> {
+    data[8..]
+        .chunks_exact(16)
+        .map(|d| {
+            (
+                u64::from_be_bytes(d[..8].try_into().unwrap()),
+                u32::from_be_bytes(d[8..12].try_into().unwrap()),
+                d[12] & 0x0f == 1,
+            )
+        })
+        .collect()
+}
+
+/// A LUN of 512-byte logical blocks in 4 KiB physical blocks (LBPPB = 8).
+fn lbppb8() -> Fixture {
+    let mut c = LuConfig::new(0, BS, BLOCKS, "iqn.2026-01.test:disk");
+    c.physical_block_exponent = 3;
+    Fixture::with(c)
+}
+
+/// SBC-4 §5.8.2: the first descriptor's LBA is the STARTING LOGICAL BLOCK ADDRESS field,
+/// also when it is not the first logical block of a physical block.
+#[test]
+fn get_lba_status_starts_at_an_unaligned_lba_with_eight_blocks_per_physical_block() {
+    let mut f = lbppb8();
+    good(&f.run(&with_op(read10(0, 264), 0x2A), &vec![b'A'; 264 * 512]));
+    // Deallocate the physical block holding LBAs 8..16.
+    let list = unmap_list(&[(8, 8)]);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    for (lba, want) in [
+        (0u64, vec![(0, 8, false), (8, 8, true), (16, 248, false)]),
+        (3, vec![(3, 5, false), (8, 8, true), (16, 248, false)]),
+        (9, vec![(9, 7, true), (16, 248, false)]),
+        (15, vec![(15, 1, true), (16, 248, false)]),
+        (16, vec![(16, 248, false)]),
+        (17, vec![(17, 247, false)]),
+    ] {
+        let c = f.run(&get_lba_status(lba, 1024), &[]);
+        good(&c);
+        let d = lba_descriptors(&c.data);
+        assert_eq!(d[..want.len()], want[..], "GET LBA STATUS at {lba}");
+        // The rest of the medium was never written: deallocated to the end.
+        assert_eq!(d.get(want.len()), Some(&(264, (BLOCKS - 264) as u32, true)));
+    }
+    // libiscsi GetLBAStatus.UnmapSingle's first loop: unmap physical block i, ask for i + 8.
+    for i in (0..256u64).step_by(8) {
+        let list = unmap_list(&[(i, 8)]);
+        good(&f.run(&unmap_cdb(list.len()), &list));
+        let c = f.run(&get_lba_status(i + 8, 24), &[]);
+        good(&c);
+        assert_eq!(lba_descriptors(&c.data)[0].0, i + 8);
+    }
+}
+
+/// Deallocated ranges that cross physical block boundaries, and a backstore that reports
+/// extents at a coarser granularity than the request (starting before it): the descriptors
+/// still start at the requested LBA and are cut at the extents' block boundaries.
+#[test]
+fn get_lba_status_ranges_crossing_physical_blocks() {
+    let mut f = lbppb8();
+    good(&f.run(&with_op(read10(0, 64), 0x2A), &vec![b'A'; 64 * 512]));
+    // LBAs 4..20: the second half of physical block 0, all of 1, half of 2.
+    let list = unmap_list(&[(4, 16)]);
+    good(&f.run(&unmap_cdb(list.len()), &list));
+    let c = f.run(&get_lba_status(4, 1024), &[]);
+    assert_eq!(
+        lba_descriptors(&c.data)[..2],
+        [(4, 16, true), (20, 44, false)]
+    );
+    let c = f.run(&get_lba_status(7, 1024), &[]);
+    assert_eq!(
+        lba_descriptors(&c.data)[..2],
+        [(7, 13, true), (20, 44, false)]
+    );
+    let c = f.run(&get_lba_status(2, 1024), &[]);
+    assert_eq!(
+        lba_descriptors(&c.data)[..3],
+        [(2, 2, false), (4, 16, true), (20, 44, false)]
+    );
+
+    // Extents in whole 4 KiB blocks from the start of the medium, as a file system reports
+    // holes: block 0 mapped, blocks 1..3 deallocated, the rest mapped.
+    let extents = vec![
+        (0u64, 4096u64, true),
+        (4096, 3 * 4096, false),
+        (4 * 4096, (BLOCKS - 32) * 512, true),
+    ];
+    for (lba, want) in [
+        (
+            5u64,
+            vec![
+                (5, 3, false),
+                (8, 24, true),
+                (32, BLOCKS as u32 - 32, false),
+            ],
+        ),
+        (13, vec![(13, 19, true), (32, BLOCKS as u32 - 32, false)]),
+        (33, vec![(33, BLOCKS as u32 - 33, false)]),
+    ] {
+        let Step::Io(IoOp::MapStatus { offset, .. }, cont) =
+            f.lu.execute(N, &get_lba_status(lba, 1024), Bytes::new())
+        else {
+            panic!("GET LBA STATUS asks the backstore")
+        };
+        assert_eq!(offset, lba * 512);
+        let Step::Done(c) = f.lu.resume(N, cont, IoResult::Extents(extents.clone())) else {
+            panic!()
+        };
+        good(&c);
+        assert_eq!(lba_descriptors(&c.data), want, "GET LBA STATUS at {lba}");
+    }
+}
+
 #[test]
 fn unmap_parameter_list_checks() {
     let mut f = Fixture::new();
