@@ -167,14 +167,7 @@ impl Bystander {
     }
 }
 
-fn read16(
-    itt: u32,
-    cmd_sn: u32,
-    exp_stat_sn: u32,
-    immediate: bool,
-    lba: u64,
-    blocks: u32,
-) -> Pdu {
+fn read16(itt: u32, cmd_sn: u32, exp_stat_sn: u32, immediate: bool, lba: u64, blocks: u32) -> Pdu {
     let mut cdb = [0u8; 16];
     cdb[0] = 0x88;
     cdb[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -209,7 +202,14 @@ async fn flood(d: &Daemon, name: &str, window: u32, immediate: u32, blocks: u32)
     let span = (1u64 << 30) / u64::from(BLOCK_SIZE) - u64::from(blocks);
     for i in 0..window {
         let lba = (u64::from(i) * u64::from(blocks)) % span;
-        let pdu = read16(0x1000 + i, n.cmd_sn.wrapping_add(i), n.exp_stat_sn, false, lba, blocks);
+        let pdu = read16(
+            0x1000 + i,
+            n.cmd_sn.wrapping_add(i),
+            n.exp_stat_sn,
+            false,
+            lba,
+            blocks,
+        );
         bytes.extend_from_slice(&raw.encode(&pdu));
     }
     for i in 0..immediate {
@@ -226,7 +226,10 @@ async fn flood(d: &Daemon, name: &str, window: u32, immediate: u32, blocks: u32)
 async fn baseline(d: &Daemon) -> (u64, u64, usize) {
     let s = common::session(d.addr, "iqn.2026-11.io.ironlun:warmup").await;
     for i in 0..16u64 {
-        let r = s.read16(0, i * 2048, 2048, BLOCK_SIZE).await.expect("warm-up READ");
+        let r = s
+            .read16(0, i * 2048, 2048, BLOCK_SIZE)
+            .await
+            .expect("warm-up READ");
         assert_eq!(r.status, 0);
     }
     s.logout().await.expect("logout");
@@ -268,14 +271,26 @@ async fn flood_of_unread_1mib_reads_stays_in_budget() {
     let bystander = Bystander::start(&d).await;
     let mut peers = Vec::new();
     for i in 0..3 {
-        peers.push(flood(&d, &format!("iqn.2026-11.io.ironlun:flood{i}"), 128, 512, 2048).await);
+        peers.push(
+            flood(
+                &d,
+                &format!("iqn.2026-11.io.ironlun:flood{i}"),
+                128,
+                512,
+                2048,
+            )
+            .await,
+        );
     }
     tokio::time::sleep(Duration::from_secs(6)).await;
     d.assert_healthy();
     drop(peers);
     let (reads, gap) = bystander.finish().await;
     let (rss, threads) = sampler.finish().await;
-    eprintln!("1 MiB flood: RSS peak {} MiB, threads peak {threads}", rss / MIB);
+    eprintln!(
+        "1 MiB flood: RSS peak {} MiB, threads peak {threads}",
+        rss / MIB
+    );
     let settled = settles(&d, rss0, fds0).await;
     eprintln!(
         "1 MiB flood: RSS baseline {} MiB, peak {} MiB, settled {} MiB; threads baseline {threads0}, \
@@ -290,7 +305,10 @@ async fn flood_of_unread_1mib_reads_stays_in_budget() {
         rss / MIB,
         MAX_BUFFERED / MIB
     );
-    assert!(threads <= limit, "{threads} threads, configured total {limit}");
+    assert!(
+        threads <= limit,
+        "{threads} threads, configured total {limit}"
+    );
     assert!(gap < MAX_GAP, "the bystander waited {gap:?}");
     assert!(reads > 10, "the bystander did only {reads} READs");
 }
@@ -319,8 +337,15 @@ async fn flood_of_unread_16mib_reads_stays_in_budget() {
         rss / MIB,
         settled / MIB
     );
-    assert!(rss < MAX_BUFFERED + MARGIN, "RSS peaked at {} MiB", rss / MIB);
-    assert!(threads <= limit, "{threads} threads, configured total {limit}");
+    assert!(
+        rss < MAX_BUFFERED + MARGIN,
+        "RSS peaked at {} MiB",
+        rss / MIB
+    );
+    assert!(
+        threads <= limit,
+        "{threads} threads, configured total {limit}"
+    );
     assert!(gap < MAX_GAP, "the bystander waited {gap:?}");
 }
 
@@ -359,8 +384,13 @@ async fn three_busy_connections_stay_under_the_thread_total() {
         reads += t.await.expect("reader");
     }
     let (_, threads) = sampler.finish().await;
-    eprintln!("3 busy sessions: {reads} READs of 1 MiB, threads peak {threads}, max_threads {limit}");
-    assert!(threads <= limit, "{threads} threads, configured total {limit}");
+    eprintln!(
+        "3 busy sessions: {reads} READs of 1 MiB, threads peak {threads}, max_threads {limit}"
+    );
+    assert!(
+        threads <= limit,
+        "{threads} threads, configured total {limit}"
+    );
     for s in sessions {
         s.logout().await.expect("logout");
     }
