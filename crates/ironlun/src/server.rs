@@ -696,6 +696,43 @@ fn held_data_out_bytes(_conn: &Connection) -> u64 {
     0
 }
 
+/// Largest READ the LUs run: `LuConfig::max_transfer_blocks` is 16 MiB of blocks
+/// (Block Limits VPD, SBC-3 §6.6.4); longer READs fail before any I/O.
+const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
+/// Smallest and largest block sizes a LUN may have (`config::Lun::block_size`).
+const MIN_BLOCK: u64 = 512;
+const MAX_BLOCK: u64 = 4096;
+
+/// The Data-In to charge for `cmd` before it starts: its ExpectedDataTransferLength, unless
+/// it is a READ whose CDB asks for more than that. The LU reads what the CDB asks (the transport
+/// cuts the Data-In to the expected length afterwards, RFC 7143 §11.4.5.1), so a READ of
+/// 16 MiB sent with an expected length of 0 must be charged its buffer. The LUN's block size is
+/// not known here: a CDB that asks for more than the expected length even at 512-byte blocks
+/// is charged at 4096-byte blocks (at most [`MAX_READ_BYTES`]); honest initiators send the
+/// CDB's length and pay nothing extra.
+fn data_in_bound(cmd: &ScsiCommandEvent) -> u64 {
+    use ironlun_scsi::cdb::{op, Command};
+    let expected = u64::from(cmd.expected_in_len);
+    let is_read = matches!(
+        cmd.cdb.first().copied(),
+        Some(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16)
+    );
+    if !is_read {
+        return expected;
+    }
+    let Ok(Command::Read { ext, .. }) = ironlun_scsi::cdb::parse(&cmd.cdb) else {
+        return expected;
+    };
+    let blocks = u64::from(ext.blocks);
+    if blocks.saturating_mul(MIN_BLOCK) <= expected {
+        return expected;
+    }
+    blocks
+        .saturating_mul(MAX_BLOCK)
+        .min(MAX_READ_BYTES)
+        .max(expected)
+}
+
 /// What a started command holds of the budget until its response is on the socket.
 struct Held {
     /// Its expected Data-In (charged before it started).
@@ -778,7 +815,7 @@ impl Commands {
             if self.inflight >= self.max_inflight {
                 break;
             }
-            let Some(data_in) = self.account.try_charge(u64::from(next.cmd.expected_in_len)) else {
+            let Some(data_in) = self.account.try_charge(data_in_bound(&next.cmd)) else {
                 break;
             };
             let Some(w) = self.waiting.pop_front() else {
@@ -1117,4 +1154,71 @@ async fn serve_connection(
     drop(listed);
     drop(registered);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use ironlun_iscsi::pdu::TaskAttr;
+
+    fn cmd(cdb: &[u8], expected_in_len: u32) -> ScsiCommandEvent {
+        ScsiCommandEvent {
+            itt: 1,
+            lun: 0,
+            cdb: Bytes::copy_from_slice(cdb),
+            attr: TaskAttr::Simple,
+            data_out: Bytes::new(),
+            expected_in_len,
+            expected_out_len: 0,
+        }
+    }
+
+    fn read16(blocks: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = 0x88;
+        c[10..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn an_honest_read_is_charged_its_expected_length() {
+        assert_eq!(data_in_bound(&cmd(&read16(2048), 1 << 20)), 1 << 20);
+        // 4096-byte blocks: the expected length is the CDB's.
+        assert_eq!(data_in_bound(&cmd(&read16(256), 1 << 20)), 1 << 20);
+        // INQUIRY and other non-READs: the expected length.
+        assert_eq!(data_in_bound(&cmd(&[0x12, 0, 0, 0, 96, 0], 96)), 96);
+        assert_eq!(data_in_bound(&cmd(&[0x00; 6], 0)), 0);
+    }
+
+    #[test]
+    fn a_read_asking_more_than_expected_is_charged_its_buffer() {
+        // 16 MiB of 512-byte blocks with an expected length of 0.
+        assert_eq!(data_in_bound(&cmd(&read16(32 * 1024), 0)), 16 << 20);
+        // 8 blocks: at most 32 KiB at 4096-byte blocks.
+        assert_eq!(data_in_bound(&cmd(&read16(8), 512)), 8 * 4096);
+        // READ(10) of 0xFFFF blocks: capped at what an LU runs.
+        let r10 = [0x28, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0];
+        assert_eq!(data_in_bound(&cmd(&r10, 0)), 16 << 20);
+        // A CDB that does not parse: the expected length.
+        assert_eq!(data_in_bound(&cmd(&[0x88, 0], 7)), 7);
+    }
+
+    #[test]
+    fn blocking_threads_are_split_without_exceeding_the_total() {
+        assert_eq!(blocking_split(64, 2), (22, 21));
+        assert_eq!(blocking_split(8, 2), (4, 2));
+        assert_eq!(blocking_split(3, 2), (1, 1));
+        // Fewer than one per runtime: one each (documented excess).
+        assert_eq!(blocking_split(1, 4), (1, 1));
+        for total in 1..100 {
+            for shards in 1..9 {
+                let (main, per) = blocking_split(total, shards);
+                assert!(main >= 1 && per >= 1);
+                if total > shards {
+                    assert!(main + per * shards <= total, "{total} over {shards}");
+                }
+            }
+        }
+    }
 }

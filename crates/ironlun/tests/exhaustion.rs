@@ -167,7 +167,21 @@ impl Bystander {
     }
 }
 
-fn read16(itt: u32, cmd_sn: u32, exp_stat_sn: u32, immediate: bool, lba: u64, blocks: u32) -> Pdu {
+/// The READs a flooding peer sends.
+#[derive(Clone, Copy)]
+struct Flood {
+    /// Non-immediate READs (they fill the CmdSN window).
+    window: u32,
+    /// Immediate READs after them.
+    immediate: u32,
+    /// Blocks per READ.
+    blocks: u32,
+    /// ExpectedDataTransferLength; `None`: the CDB's length. 0 also clears the R bit.
+    expected: Option<u32>,
+}
+
+fn read16(itt: u32, cmd_sn: u32, exp_stat_sn: u32, immediate: bool, lba: u64, f: Flood) -> Pdu {
+    let (blocks, edtl) = (f.blocks, f.expected.unwrap_or(f.blocks * BLOCK_SIZE));
     let mut cdb = [0u8; 16];
     cdb[0] = 0x88;
     cdb[2..10].copy_from_slice(&lba.to_be_bytes());
@@ -176,12 +190,12 @@ fn read16(itt: u32, cmd_sn: u32, exp_stat_sn: u32, immediate: bool, lba: u64, bl
         header: Header::ScsiCommand(ScsiCommand {
             immediate,
             final_: true,
-            read: true,
+            read: edtl > 0,
             write: false,
             attr: TaskAttr::Simple,
             lun: 0,
             itt,
-            expected_data_transfer_length: blocks * BLOCK_SIZE,
+            expected_data_transfer_length: edtl,
             cmd_sn,
             exp_stat_sn,
             cdb,
@@ -191,31 +205,30 @@ fn read16(itt: u32, cmd_sn: u32, exp_stat_sn: u32, immediate: bool, lba: u64, bl
     }
 }
 
-/// Log in raw as `name` and send `immediate` immediate READs of `blocks` blocks, after
-/// `window` non-immediate ones (the CmdSN window); never read the socket. Returns the
+/// Log in raw as `name` and send the READs of `f`; never read the socket. Returns the
 /// connection, to be dropped when the flood ends.
-async fn flood(d: &Daemon, name: &str, window: u32, immediate: u32, blocks: u32) -> RawConnection {
+async fn flood(d: &Daemon, name: &str, f: Flood) -> RawConnection {
     let (mut raw, n) = RawConnection::login(d.addr, &opts(name))
         .await
         .expect("raw login");
     let mut bytes = Vec::new();
-    let span = (1u64 << 30) / u64::from(BLOCK_SIZE) - u64::from(blocks);
-    for i in 0..window {
-        let lba = (u64::from(i) * u64::from(blocks)) % span;
+    let span = (1u64 << 30) / u64::from(BLOCK_SIZE) - u64::from(f.blocks);
+    for i in 0..f.window {
+        let lba = (u64::from(i) * u64::from(f.blocks)) % span;
         let pdu = read16(
             0x1000 + i,
             n.cmd_sn.wrapping_add(i),
             n.exp_stat_sn,
             false,
             lba,
-            blocks,
+            f,
         );
         bytes.extend_from_slice(&raw.encode(&pdu));
     }
-    for i in 0..immediate {
-        let lba = (u64::from(i) * u64::from(blocks)) % span;
-        let sn = n.cmd_sn.wrapping_add(window);
-        let pdu = read16(0x10_0000 + i, sn, n.exp_stat_sn, true, lba, blocks);
+    for i in 0..f.immediate {
+        let lba = (u64::from(i) * u64::from(f.blocks)) % span;
+        let sn = n.cmd_sn.wrapping_add(f.window);
+        let pdu = read16(0x10_0000 + i, sn, n.exp_stat_sn, true, lba, f);
         bytes.extend_from_slice(&raw.encode(&pdu));
     }
     raw.send_bytes(&bytes).await.expect("send the flood");
@@ -275,9 +288,12 @@ async fn flood_of_unread_1mib_reads_stays_in_budget() {
             flood(
                 &d,
                 &format!("iqn.2026-11.io.ironlun:flood{i}"),
-                128,
-                512,
-                2048,
+                Flood {
+                    window: 128,
+                    immediate: 512,
+                    blocks: 2048,
+                    expected: None,
+                },
             )
             .await,
         );
@@ -323,7 +339,13 @@ async fn flood_of_unread_16mib_reads_stays_in_budget() {
     let (rss0, _, fds0) = baseline(&d).await;
     let sampler = Sampler::start(d.pid());
     let bystander = Bystander::start(&d).await;
-    let peer = flood(&d, "iqn.2026-11.io.ironlun:flood16", 0, 160, 32 * 1024).await;
+    let f = Flood {
+        window: 0,
+        immediate: 160,
+        blocks: 32 * 1024,
+        expected: None,
+    };
+    let peer = flood(&d, "iqn.2026-11.io.ironlun:flood16", f).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     d.assert_healthy();
     drop(peer);
@@ -347,6 +369,41 @@ async fn flood_of_unread_16mib_reads_stays_in_budget() {
         "{threads} threads, configured total {limit}"
     );
     assert!(gap < MAX_GAP, "the bystander waited {gap:?}");
+}
+
+/// A READ whose CDB asks for more than its ExpectedDataTransferLength is charged the buffer the
+/// LU allocates, not the expected length: 128 window and 160 immediate READs of 16 MiB sent
+/// with an expected length of 0 run one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_asking_more_than_expected_are_charged_their_buffers() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut d = Daemon::start_with_config(&config());
+    let (rss0, _, fds0) = baseline(&d).await;
+    let sampler = Sampler::start(d.pid());
+    let f = Flood {
+        window: 128,
+        immediate: 160,
+        blocks: 32 * 1024,
+        expected: Some(0),
+    };
+    let peer = flood(&d, "iqn.2026-11.io.ironlun:overflow", f).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    d.assert_healthy();
+    drop(peer);
+    let (rss, threads) = sampler.finish().await;
+    let settled = settles(&d, rss0, fds0).await;
+    eprintln!(
+        "16 MiB READs with expected length 0: RSS baseline {} MiB, peak {} MiB, settled {} MiB; \
+         threads peak {threads}",
+        rss0 / MIB,
+        rss / MIB,
+        settled / MIB
+    );
+    assert!(
+        rss < MAX_BUFFERED + MARGIN,
+        "RSS peaked at {} MiB",
+        rss / MIB
+    );
 }
 
 /// Finding 4: three sessions each keeping eight 1 MiB READs in flight use the blocking pools
