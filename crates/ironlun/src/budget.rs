@@ -216,6 +216,11 @@ impl Account {
         }
     }
 
+    /// Whether this connection is marked as waiting for room.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting
+    }
+
     /// Mark this connection as waiting for room (releases then wake [`MemoryBudget::notified`]
     /// futures) or as no longer waiting. Idempotent.
     pub fn set_waiting(&mut self, waiting: bool) {

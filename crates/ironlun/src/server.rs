@@ -76,6 +76,12 @@ pub struct Server {
 /// `workers` and its blocking pool, `io_threads` shards (one thread and one blocking pool
 /// each), and the `uring` LUNs' driver threads. `[runtime] blocking_threads` is the total of the
 /// blocking pools ([`blocking_split`]).
+///
+/// Everything the daemon runs off an async task goes through one of these blocking pools:
+/// file-backstore I/O, EXTENDED COPY chunks and PR state-file writes of commands (the shard's
+/// pool), reloads, handover flushes and the final flush (the main runtime's pool). The only
+/// `std::thread::spawn`s of the crate are in `migrate.rs`, the `ironlun migrate` client process,
+/// which runs one step at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThreadPlan {
     /// Async workers of the main runtime.
@@ -829,6 +835,16 @@ impl Commands {
             self.start(conn, nexus, w.cmd, held);
         }
         let waits = !self.waiting.is_empty();
+        if waits && !self.account.is_waiting() {
+            let budget = self.account.budget();
+            tracing::debug!(
+                waiting = self.waiting.len(),
+                inflight = self.inflight,
+                used = budget.used(),
+                limit = budget.limit(),
+                "commands wait for memory budget; not reading the socket"
+            );
+        }
         self.account.set_waiting(waits);
         waits
     }
