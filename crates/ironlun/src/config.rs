@@ -321,11 +321,12 @@ pub struct Runtime {
     pub worker_threads: Option<usize>,
     /// Blocking threads (file-backstore I/O, state-file writes, flushes) of all runtimes
     /// together, split between the main runtime and the I/O threads
-    /// ([`crate::server::blocking_split`]); `None`: [`DEFAULT_BLOCKING_THREADS`].
+    /// ([`crate::server::blocking_split`]); `None`: 16 per runtime, at least
+    /// [`DEFAULT_BLOCKING_THREADS`] ([`crate::server::default_blocking_threads`]).
     pub blocking_threads: Option<usize>,
 }
 
-/// Default `[runtime] blocking_threads`: the total across all runtimes.
+/// Least default `[runtime] blocking_threads` (the total across all runtimes).
 pub const DEFAULT_BLOCKING_THREADS: usize = 64;
 
 #[derive(Debug, Clone)]

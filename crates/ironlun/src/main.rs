@@ -657,13 +657,8 @@ fn serve(
         .or(cfg.runtime.worker_threads)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
-    let threads = ironlun::server::ThreadPlan::new(
-        worker_threads,
-        cfg.runtime
-            .blocking_threads
-            .unwrap_or(ironlun::config::DEFAULT_BLOCKING_THREADS),
-        &cfg,
-    );
+    let threads =
+        ironlun::server::ThreadPlan::new(worker_threads, cfg.runtime.blocking_threads, &cfg);
     tracing::info!(
         workers = threads.workers,
         io_threads = threads.io_threads,

@@ -98,10 +98,11 @@ pub struct ThreadPlan {
 
 impl ThreadPlan {
     /// The plan for `workers` workers (at least 1) and `blocking_total` blocking threads across
-    /// all runtimes, for the LUNs of `cfg`.
-    pub fn new(workers: usize, blocking_total: usize, cfg: &Config) -> ThreadPlan {
+    /// all runtimes (`None`: [`default_blocking_threads`]), for the LUNs of `cfg`.
+    pub fn new(workers: usize, blocking_total: Option<usize>, cfg: &Config) -> ThreadPlan {
         let workers = workers.max(1);
-        let (blocking_main, blocking_per_io_thread) = blocking_split(blocking_total, workers);
+        let total = blocking_total.unwrap_or_else(|| default_blocking_threads(workers));
+        let (blocking_main, blocking_per_io_thread) = blocking_split(total, workers);
         let uring_threads = cfg
             .targets
             .iter()
@@ -127,6 +128,15 @@ impl ThreadPlan {
             .saturating_add(self.io_threads.saturating_mul(self.blocking_per_io_thread))
             .saturating_add(self.uring_threads)
     }
+}
+
+/// `[runtime] blocking_threads` when not configured: 16 per runtime (the main one and one per
+/// worker), at least [`crate::config::DEFAULT_BLOCKING_THREADS`].
+pub fn default_blocking_threads(workers: usize) -> usize {
+    workers
+        .saturating_add(1)
+        .saturating_mul(16)
+        .max(crate::config::DEFAULT_BLOCKING_THREADS)
 }
 
 /// Split `total` blocking threads between the main runtime and `io_threads` shards: each shard
@@ -1227,6 +1237,8 @@ mod tests {
         assert_eq!(blocking_split(3, 2), (1, 1));
         // Fewer than one per runtime: one each (documented excess).
         assert_eq!(blocking_split(1, 4), (1, 1));
+        assert_eq!(default_blocking_threads(2), 64);
+        assert_eq!(default_blocking_threads(7), 128);
         for total in 1..100 {
             for shards in 1..9 {
                 let (main, per) = blocking_split(total, shards);
