@@ -1090,8 +1090,9 @@ async fn serve_connection(
                 }
             }
         }
-        // Waiting for budget room: listen for releases before retrying (a release between the
-        // retry and the wait would otherwise be missed).
+        // Waiting for budget room: listen for releases before retrying. The failed attempt
+        // that queued the first waiting command marked the account waiting, so a release after
+        // it either wakes this enabled future or is seen by the retry below.
         let room = budget.notified();
         tokio::pin!(room);
         let waits = !cmds.waiting.is_empty() && {
