@@ -1232,6 +1232,37 @@ mod tests {
     }
 
     #[test]
+    fn reading_pauses_while_commands_wait_or_received_data_is_over_and_something_will_free() {
+        const MIB: u64 = 1 << 20;
+        let budget = MemoryBudget::new(64 * MIB);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut c = Commands::new(budget.account(), 8, tx);
+        assert!(!c.pause_reading());
+        let received = c.account.hold_received(20 * MIB);
+        assert!(
+            !c.pause_reading(),
+            "nothing in flight: reading on is the only way the held writes can finish"
+        );
+        let flying = c.account.try_charge(MIB).expect("room");
+        assert!(
+            c.pause_reading(),
+            "over the 16 MiB share with a release to wait for"
+        );
+        drop(received);
+        assert!(!c.pause_reading());
+        drop(flying);
+        let data_out = c.account.hold_received(0);
+        c.waiting.push_back(Waiting {
+            cmd: cmd(&read16(8), 4096),
+            data_out,
+        });
+        assert!(c.pause_reading(), "a command waits for room");
+        c.aborted(&[1]);
+        assert!(!c.pause_reading());
+        assert!(c.idle());
+    }
+
+    #[test]
     fn blocking_threads_are_split_without_exceeding_the_total() {
         assert_eq!(blocking_split(64, 2), (22, 21));
         assert_eq!(blocking_split(8, 2), (4, 2));
