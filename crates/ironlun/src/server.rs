@@ -852,7 +852,7 @@ impl Commands {
                 inflight = self.inflight,
                 used = budget.used(),
                 limit = budget.limit(),
-                "commands wait for memory budget; not reading the socket"
+                "commands wait for memory budget or a free place in flight; not reading the socket"
             );
         }
         self.account.set_waiting(waits);
