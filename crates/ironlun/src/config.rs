@@ -110,6 +110,7 @@ impl fmt::Debug for RawChap {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_sessions: Option<Spanned<usize>>,
+    max_buffered: Option<Spanned<SizeValue>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -291,27 +292,44 @@ pub struct Limits {
     /// Live sessions (normal and discovery) the daemon admits; logins beyond it fail with
     /// OUT OF RESOURCES (RFC 7143 §11.13.5).
     pub max_sessions: usize,
+    /// Bytes of payload held for peers, daemon-wide ([`crate::budget::MemoryBudget`]): Data-In
+    /// of commands in flight or waiting on a slow socket, and received Data-Out. A connection
+    /// whose next command finds no room stops reading until room frees.
+    pub max_buffered: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_sessions: ironlun_iscsi::acl::DEFAULT_MAX_SESSIONS,
+            max_buffered: crate::budget::DEFAULT_MAX_BUFFERED,
         }
     }
 }
 
+/// Smallest `max_buffered` (1 MiB): below it even a modest READ runs alone.
+pub const MAX_BUFFERED_MIN: u64 = 1 << 20;
+/// Largest `max_buffered` (1 TiB).
+pub const MAX_BUFFERED_MAX: u64 = 1 << 40;
+
 /// Largest `max_sessions` (a session needs a TSIH, a 16-bit non-zero number: RFC 7143 §11.12.6).
 pub const MAX_SESSIONS_BOUND: usize = 65535;
 
-/// The `[runtime]` table: threads of the async runtime and of the blocking I/O pool.
+/// The `[runtime]` table: threads of the async runtimes and of their blocking pools.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Runtime {
-    /// Async worker threads; `None`: one per core.
+    /// Async worker threads of the main runtime, and as many I/O threads (connection shards,
+    /// see [`crate::server`]); `None`: one per core.
     pub worker_threads: Option<usize>,
-    /// Upper bound of the blocking pool that runs file-backstore I/O; `None`: 64.
+    /// Blocking threads (file-backstore I/O, state-file writes, flushes) of all runtimes
+    /// together, split between the main runtime and the I/O threads
+    /// ([`crate::server::blocking_split`]); `None`: 16 per runtime, at least
+    /// [`DEFAULT_BLOCKING_THREADS`] ([`crate::server::default_blocking_threads`]).
     pub blocking_threads: Option<usize>,
 }
+
+/// Least default `[runtime] blocking_threads` (the total across all runtimes).
+pub const DEFAULT_BLOCKING_THREADS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct Portal {
@@ -862,6 +880,14 @@ impl Config {
                 );
             }
             limits.max_sessions = *m.get_ref();
+        }
+        if let Some(m) = raw.limits.as_ref().and_then(|l| l.max_buffered.as_ref()) {
+            let range = MAX_BUFFERED_MIN..=MAX_BUFFERED_MAX;
+            match parse_size(m.get_ref()) {
+                Ok(v) if range.contains(&v) => limits.max_buffered = v,
+                Ok(_) => return cx.err(m.span(), "limits.max_buffered", "must be 1MiB..=1TiB"),
+                Err(e) => return cx.err(m.span(), "limits.max_buffered", e),
+            }
         }
         let discovery_chap = match raw.discovery.as_ref().and_then(|d| d.chap.as_ref()) {
             Some(c) => Some(parse_chap(&cx, "discovery.chap", c)?),
@@ -1573,6 +1599,25 @@ size = "64MiB"
         )
         .unwrap_err();
         assert_eq!(e.key, "target[0].lun[0].direct");
+    }
+
+    #[test]
+    fn max_buffered_is_a_validated_size() {
+        let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.limits.max_buffered, 256 << 20);
+        let c = parse(&format!("[limits]\nmax_buffered = \"64MiB\"\n{base}")).unwrap();
+        assert_eq!(c.limits.max_buffered, 64 << 20);
+        let c = parse(&format!("[limits]\nmax_buffered = 2097152\n{base}")).unwrap();
+        assert_eq!(c.limits.max_buffered, 2 << 20);
+        for bad in ["\"512KiB\"", "0", "\"2TiB\"", "\"64 parsecs\""] {
+            let e = parse(&format!("[limits]\n\nmax_buffered = {bad}\n{base}")).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (Some(3), "limits.max_buffered"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -650,12 +650,29 @@ fn serve(
             return ExitCode::from(2);
         }
     }
+    // Every thread pool is bounded by the configuration and counted together: the main
+    // runtime's workers, as many I/O threads (`Server::run` starts one shard per worker), and
+    // `blocking_threads` blocking threads split between the main runtime and the shards.
+    let worker_threads = workers
+        .or(cfg.runtime.worker_threads)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .max(1);
+    let threads =
+        ironlun::server::ThreadPlan::new(worker_threads, cfg.runtime.blocking_threads, &cfg);
+    tracing::info!(
+        workers = threads.workers,
+        io_threads = threads.io_threads,
+        blocking_main = threads.blocking_main,
+        blocking_per_io_thread = threads.blocking_per_io_thread,
+        uring_threads = threads.uring_threads,
+        max_threads = threads.max_threads(),
+        max_buffered = cfg.limits.max_buffered,
+        "runtime threads and memory budget"
+    );
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
-    if let Some(w) = workers.or(cfg.runtime.worker_threads) {
-        rt.worker_threads(w.max(1));
-    }
-    rt.max_blocking_threads(cfg.runtime.blocking_threads.unwrap_or(64));
+    rt.worker_threads(threads.workers);
+    rt.max_blocking_threads(threads.blocking_main);
     let rt = match rt.build() {
         Ok(r) => r,
         Err(e) => {
@@ -664,7 +681,7 @@ fn serve(
         }
     };
     rt.block_on(async move {
-        let server = match Server::bind(&cfg).await {
+        let server = match Server::bind(&cfg, threads).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("ironlun: {e}");

@@ -12,14 +12,31 @@
 //! work-stealing runtime every wake-up also unparked an idle worker to look for work; on
 //! loopback with two cores that halved 4 KiB QD32 IOPS.) There are as many shards as the
 //! calling runtime has workers.
+//!
+//! # Memory and threads
+//! Payload held for peers is charged to one [`MemoryBudget`] (`[limits] max_buffered`): a
+//! command's expected Data-In is charged before it starts, and the charge is held until its
+//! response PDUs have been written to the socket. A command that finds no room waits in its
+//! connection (in order, behind any earlier one), and the connection stops reading its socket
+//! until a release wakes it: back-pressure on the peer instead of allocation. At most
+//! `cmd_window` commands of a connection are in flight off its task. Received write data is
+//! charged as it is held ([`crate::budget`]). The receive buffer itself is bounded by the
+//! framer: one frame is at most MaxRecvDataSegmentLength plus headers and digests, so the buffer
+//! stays below [`READ_CHUNK`] plus about twice the largest frame.
+//!
+//! Every thread pool is bounded by configuration ([`ThreadPlan`]): the main runtime's workers and
+//! blocking pool, and per shard one I/O thread and its blocking pool.
 
-use crate::config::Config;
+use crate::budget::{Account, Charge, MemoryBudget};
+use crate::config::{BackstoreKind, Config};
 use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
-use ironlun_iscsi::connection::{Connection, Event, PortalConfig, ScsiCompletion, TargetInfo};
+use ironlun_iscsi::connection::{
+    Connection, Event, PortalConfig, ScsiCommandEvent, ScsiCompletion, TargetInfo,
+};
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +67,89 @@ pub struct Server {
     live: Arc<SessionTable>,
     control: Control,
     added: mpsc::UnboundedReceiver<NewPortal>,
+    /// Payload held for peers, daemon-wide.
+    budget: Arc<MemoryBudget>,
+    /// The threads the shards may use.
+    threads: ThreadPlan,
+}
+
+/// The daemon's threads, every pool bounded and counted together: the main runtime's
+/// `workers` and its blocking pool, `io_threads` shards (one thread and one blocking pool
+/// each), and the `uring` LUNs' driver threads. `[runtime] blocking_threads` is the total of the
+/// blocking pools ([`blocking_split`]).
+///
+/// Everything the daemon runs off an async task goes through one of these blocking pools:
+/// file-backstore I/O, EXTENDED COPY chunks and PR state-file writes of commands (the shard's
+/// pool), reloads, handover flushes and the final flush (the main runtime's pool). The only
+/// `std::thread::spawn`s of the crate are in `migrate.rs`, the `ironlun migrate` client process,
+/// which runs one step at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPlan {
+    /// Async workers of the main runtime.
+    pub workers: usize,
+    /// Shards: one per worker.
+    pub io_threads: usize,
+    /// Most blocking threads of the main runtime.
+    pub blocking_main: usize,
+    /// Most blocking threads of each shard.
+    pub blocking_per_io_thread: usize,
+    /// One driver thread per configured `uring` LUN (LUNs added later add theirs).
+    pub uring_threads: usize,
+}
+
+impl ThreadPlan {
+    /// The plan for `workers` workers (at least 1) and `blocking_total` blocking threads across
+    /// all runtimes (`None`: [`default_blocking_threads`]), for the LUNs of `cfg`.
+    pub fn new(workers: usize, blocking_total: Option<usize>, cfg: &Config) -> ThreadPlan {
+        let workers = workers.max(1);
+        let total = blocking_total.unwrap_or_else(|| default_blocking_threads(workers));
+        let (blocking_main, blocking_per_io_thread) = blocking_split(total, workers);
+        let uring_threads = cfg
+            .targets
+            .iter()
+            .flat_map(|t| &t.luns)
+            .filter(|l| matches!(l.backstore, BackstoreKind::Uring { .. }))
+            .count();
+        ThreadPlan {
+            workers,
+            io_threads: workers,
+            blocking_main,
+            blocking_per_io_thread,
+            uring_threads,
+        }
+    }
+
+    /// The most threads the process runs: the main thread, the workers, the shards, every
+    /// blocking pool at its bound and the `uring` drivers.
+    pub fn max_threads(&self) -> usize {
+        1usize
+            .saturating_add(self.workers)
+            .saturating_add(self.io_threads)
+            .saturating_add(self.blocking_main)
+            .saturating_add(self.io_threads.saturating_mul(self.blocking_per_io_thread))
+            .saturating_add(self.uring_threads)
+    }
+}
+
+/// `[runtime] blocking_threads` when not configured: 16 per runtime (the main one and one per
+/// worker), at least [`crate::config::DEFAULT_BLOCKING_THREADS`].
+pub fn default_blocking_threads(workers: usize) -> usize {
+    workers
+        .saturating_add(1)
+        .saturating_mul(16)
+        .max(crate::config::DEFAULT_BLOCKING_THREADS)
+}
+
+/// Split `total` blocking threads between the main runtime and `io_threads` shards: each shard
+/// gets `total / (io_threads + 1)`, the main runtime the rest; each at least 1 (so the sum
+/// exceeds `total` only when `total` is below `io_threads + 1`). Returns (main, per shard).
+pub fn blocking_split(total: usize, io_threads: usize) -> (usize, usize) {
+    let runtimes = io_threads.saturating_add(1);
+    let per_shard = (total / runtimes).max(1);
+    let main = total
+        .saturating_sub(per_shard.saturating_mul(io_threads))
+        .max(1);
+    (main, per_shard)
 }
 
 /// A portal's current configuration: new connections take the `Arc` inside, so a change
@@ -292,8 +392,9 @@ impl Drop for LiveSession {
 }
 
 impl Server {
-    /// Open every backend and bind every portal.
-    pub async fn bind(cfg: &Config) -> Result<Server, String> {
+    /// Open every backend and bind every portal; the shards [`Server::run`] starts use
+    /// `threads`.
+    pub async fn bind(cfg: &Config, threads: ThreadPlan) -> Result<Server, String> {
         crate::metrics::DAEMON.started();
         let registry = Arc::new(Registry::build(cfg)?);
         let mut bound = Vec::new();
@@ -346,6 +447,8 @@ impl Server {
             live,
             control,
             added,
+            budget: MemoryBudget::new(cfg.limits.max_buffered),
+            threads,
         })
     }
 
@@ -383,7 +486,8 @@ impl Server {
             ));
         }
         let mut added = self.added;
-        let shards = Shard::start_many(tokio::runtime::Handle::current().metrics().num_workers());
+        let shards =
+            Shard::start_many(self.threads.io_threads, self.threads.blocking_per_io_thread);
         let mut next_shard = 0usize;
         loop {
             tokio::select! {
@@ -391,6 +495,7 @@ impl Server {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
                     let sd = shutdown.clone();
+                    let account = self.budget.account();
                     // initiator, target and tsih are recorded at login (`crate::logging`).
                     let span = tracing::info_span!(
                         "conn",
@@ -401,7 +506,7 @@ impl Server {
                     );
                     let serve = move |s: TcpStream| async move {
                         let _open = open;
-                        if let Err(e) = serve_connection(s, pc, reg, live, sd).await {
+                        if let Err(e) = serve_connection(s, pc, reg, live, account, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
                     };
@@ -504,11 +609,11 @@ struct Shard {
 }
 
 impl Shard {
-    /// Start `n` shards (fewer if threads cannot be created; none means connections stay on
-    /// the calling runtime).
-    fn start_many(n: usize) -> Vec<Shard> {
+    /// Start `n` shards, each with at most `blocking` blocking threads (fewer shards if threads
+    /// cannot be created; none means connections stay on the calling runtime).
+    fn start_many(n: usize, blocking: usize) -> Vec<Shard> {
         (0..n.max(1))
-            .filter_map(|i| match Shard::start(i) {
+            .filter_map(|i| match Shard::start(i, blocking) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start I/O thread");
@@ -518,7 +623,7 @@ impl Shard {
             .collect()
     }
 
-    fn start(index: usize) -> std::io::Result<Shard> {
+    fn start(index: usize, blocking: usize) -> std::io::Result<Shard> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         // The runtime is built and dropped on its own thread (dropping one inside async code panics).
@@ -527,6 +632,7 @@ impl Shard {
             .spawn(move || {
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .max_blocking_threads(blocking.max(1))
                     .build()
                 {
                     Ok(rt) => {
@@ -620,10 +726,288 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn complete(conn: &mut Connection, (itt, c, spdtl): (u32, ScsiCompletion, Option<u32>)) {
-    match spdtl {
-        Some(n) if n > 0 => conn.complete_command_with_spdtl(itt, c, n),
-        _ => conn.complete_command(itt, c),
+/// Received Data-Out the connection holds while assembling writes
+/// ([`Connection::held_data_out_bytes`]: grows with the bytes received, never with
+/// ExpectedDataTransferLength up front).
+fn held_data_out_bytes(conn: &Connection) -> u64 {
+    u64::try_from(conn.held_data_out_bytes()).unwrap_or(u64::MAX)
+}
+
+/// Largest READ the LUs run: `LuConfig::max_transfer_blocks` is 16 MiB of blocks
+/// (Block Limits VPD, SBC-3 §6.6.4); longer READs fail before any I/O.
+const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
+/// Smallest and largest block sizes a LUN may have (`config::Lun::block_size`).
+const MIN_BLOCK: u64 = 512;
+const MAX_BLOCK: u64 = 4096;
+
+/// The Data-In to charge for `cmd` before it starts: its ExpectedDataTransferLength, unless
+/// it is a READ whose CDB asks for more than that. The LU reads what the CDB asks (the transport
+/// cuts the Data-In to the expected length afterwards, RFC 7143 §11.4.5.1), so a READ of
+/// 16 MiB sent with an expected length of 0 must be charged its buffer. The LUN's block size is
+/// not known here: a CDB that asks for more than the expected length even at 512-byte blocks
+/// is charged at 4096-byte blocks (at most [`MAX_READ_BYTES`]); honest initiators send the
+/// CDB's length and pay nothing extra.
+fn data_in_bound(cmd: &ScsiCommandEvent) -> u64 {
+    use ironlun_scsi::cdb::{op, Command};
+    let expected = u64::from(cmd.expected_in_len);
+    let is_read = matches!(
+        cmd.cdb.first().copied(),
+        Some(op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16)
+    );
+    if !is_read {
+        return expected;
+    }
+    let Ok(Command::Read { ext, .. }) = ironlun_scsi::cdb::parse(&cmd.cdb) else {
+        return expected;
+    };
+    let blocks = u64::from(ext.blocks);
+    if blocks.saturating_mul(MIN_BLOCK) <= expected {
+        return expected;
+    }
+    blocks
+        .saturating_mul(MAX_BLOCK)
+        .min(MAX_READ_BYTES)
+        .max(expected)
+}
+
+/// What a started command holds of the budget until its response is on the socket.
+struct Held {
+    /// Its expected Data-In (charged before it started).
+    data_in: Charge,
+    /// Its received write data.
+    _data_out: Charge,
+    /// Data-In beyond the expected length (a CDB asking for more than the
+    /// ExpectedDataTransferLength): charged once it exists.
+    extra: Option<Charge>,
+}
+
+/// A finished command on its way back to the connection's task.
+struct Done {
+    itt: u32,
+    completion: ScsiCompletion,
+    spdtl: Option<u32>,
+    held: Held,
+}
+
+/// A command that waits to start: for budget room, or for a free place among the connection's
+/// commands in flight.
+struct Waiting {
+    cmd: ScsiCommandEvent,
+    data_out: Charge,
+}
+
+/// The SCSI commands of one connection: waiting to start, in flight off its task, and finished
+/// but not yet written (their charges).
+///
+/// Contract: every [`Event::Command`] goes through [`Commands::arrive`], which starts it when its
+/// Data-In fits the budget and nothing started earlier waits, else queues it; the connection
+/// stops reading while [`Commands::pause_reading`], calls [`Commands::start_ready`] when room may
+/// have freed, and [`Commands::written`] after each successful socket write.
+struct Commands {
+    account: Account,
+    waiting: VecDeque<Waiting>,
+    /// Commands started off the connection's task and not yet back through `done_tx`.
+    inflight: usize,
+    /// Most commands in flight off the task (the session's CmdSN window).
+    max_inflight: usize,
+    /// Charges of commands whose responses are queued in the connection, released once the
+    /// batch that carries them is written.
+    unsent: Vec<Held>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    /// EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
+    /// SET drop the sender, which stops the copy between chunks (crate::xcopy).
+    copies: HashMap<u32, oneshot::Sender<()>>,
+    /// Received Data-Out held by the connection while it assembles writes.
+    assembling: Charge,
+}
+
+impl Commands {
+    fn new(account: Account, max_inflight: usize, done_tx: mpsc::UnboundedSender<Done>) -> Self {
+        let assembling = account.hold_received(0);
+        Commands {
+            account,
+            waiting: VecDeque::new(),
+            inflight: 0,
+            max_inflight: max_inflight.max(1),
+            unsent: Vec::new(),
+            done_tx,
+            copies: HashMap::new(),
+            assembling,
+        }
+    }
+
+    /// A command whose data has all arrived: charge its write data (it exists), then start it
+    /// or queue it behind the earlier ones.
+    fn arrive(&mut self, conn: &mut Connection, nexus: Option<&Arc<Nexus>>, cmd: ScsiCommandEvent) {
+        let len = u64::try_from(cmd.data_out.len()).unwrap_or(u64::MAX);
+        let data_out = self.account.hold_received(len);
+        self.waiting.push_back(Waiting { cmd, data_out });
+        self.start_ready(conn, nexus);
+    }
+
+    /// Start waiting commands in order while the budget admits the next one's Data-In and
+    /// fewer than `max_inflight` are in flight. Returns whether some still wait.
+    fn start_ready(&mut self, conn: &mut Connection, nexus: Option<&Arc<Nexus>>) -> bool {
+        while let Some(next) = self.waiting.front() {
+            if self.inflight >= self.max_inflight {
+                break;
+            }
+            let Some(data_in) = self.account.try_charge(data_in_bound(&next.cmd)) else {
+                break;
+            };
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let held = Held {
+                data_in,
+                _data_out: w.data_out,
+                extra: None,
+            };
+            self.start(conn, nexus, w.cmd, held);
+        }
+        let waits = !self.waiting.is_empty();
+        if waits && !self.account.is_waiting() {
+            let budget = self.account.budget();
+            tracing::debug!(
+                waiting = self.waiting.len(),
+                inflight = self.inflight,
+                used = budget.used(),
+                limit = budget.limit(),
+                "commands wait for memory budget or a free place in flight; not reading the socket"
+            );
+        }
+        self.account.set_waiting(waits);
+        waits
+    }
+
+    fn start(
+        &mut self,
+        conn: &mut Connection,
+        nexus: Option<&Arc<Nexus>>,
+        cmd: ScsiCommandEvent,
+        held: Held,
+    ) {
+        let Some(n) = nexus else {
+            let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
+            let completion = ScsiCompletion {
+                status: c.status,
+                sense: c.sense,
+                data_in: c.data,
+            };
+            self.complete(
+                conn,
+                Done {
+                    itt: cmd.itt,
+                    completion,
+                    spdtl: None,
+                    held,
+                },
+            );
+            return;
+        };
+        match n.start(cmd.lun, cmd.cdb, cmd.data_out) {
+            Started::Done(completion, spdtl) => self.complete(
+                conn,
+                Done {
+                    itt: cmd.itt,
+                    completion,
+                    spdtl,
+                    held,
+                },
+            ),
+            Started::Pending(p) => {
+                let tx = self.done_tx.clone();
+                self.inflight = self.inflight.saturating_add(1);
+                let cancel = p.is_copy().then(|| {
+                    self.copies.retain(|_, c| !c.is_closed());
+                    let (ctx, crx) = oneshot::channel::<()>();
+                    self.copies.insert(cmd.itt, ctx);
+                    crx
+                });
+                let itt = cmd.itt;
+                tokio::spawn(async move {
+                    let (completion, spdtl) = match cancel {
+                        Some(crx) => tokio::select! {
+                            r = p.finish() => r,
+                            // Aborted: the connection ignores this completion.
+                            _ = crx => (ScsiCompletion {
+                                status: ironlun_scsi::status::TASK_ABORTED,
+                                sense: Bytes::new(),
+                                data_in: Bytes::new(),
+                            }, None),
+                        },
+                        None => p.finish().await,
+                    };
+                    // When the connection is gone the charges are released right here.
+                    let _ = tx.send(Done {
+                        itt,
+                        completion,
+                        spdtl,
+                        held,
+                    });
+                });
+            }
+        }
+    }
+
+    /// Hand a finished command to the connection; its charges stay until the write.
+    fn complete(&mut self, conn: &mut Connection, mut done: Done) {
+        let produced = u64::try_from(done.completion.data_in.len()).unwrap_or(u64::MAX);
+        let expected = done.held.data_in.bytes();
+        if produced > expected {
+            done.held.extra = Some(self.account.hold_received(produced - expected));
+        }
+        match done.spdtl {
+            Some(n) if n > 0 => conn.complete_command_with_spdtl(done.itt, done.completion, n),
+            _ => conn.complete_command(done.itt, done.completion),
+        }
+        self.unsent.push(done.held);
+    }
+
+    /// A command that ran off the task came back.
+    fn returned(&mut self, conn: &mut Connection, done: Done) {
+        self.inflight = self.inflight.saturating_sub(1);
+        self.complete(conn, done);
+    }
+
+    /// Commands the connection dropped (aborted, or it is closing).
+    fn aborted(&mut self, itts: &[u32]) {
+        for itt in itts {
+            self.copies.remove(itt);
+        }
+        self.waiting.retain(|w| !itts.contains(&w.cmd.itt));
+        self.account.set_waiting(!self.waiting.is_empty());
+    }
+
+    /// Everything queued in the connection so far is on the socket.
+    fn written(&mut self) {
+        self.unsent.clear();
+    }
+
+    /// Re-charge the Data-Out the connection holds while assembling writes.
+    fn received(&mut self, conn: &Connection) {
+        self.assembling.resize(held_data_out_bytes(conn));
+    }
+
+    /// Whether the socket must not be read now: a command waits for room, or received data
+    /// is over this connection's share or the daemon's limit while something of this
+    /// connection is in flight (its release will wake the task; with nothing in flight, reading
+    /// on is the only way the held writes can complete).
+    fn pause_reading(&self) -> bool {
+        if !self.waiting.is_empty() {
+            return true;
+        }
+        let received = self.account.received();
+        let flying = self.account.in_flight();
+        received > 0
+            && (flying > 0 || self.inflight > 0)
+            && (received.saturating_add(flying) > self.account.budget().share()
+                || self.account.budget().over_limit())
+    }
+
+    /// No command is waiting or running.
+    fn idle(&self) -> bool {
+        self.inflight == 0 && self.waiting.is_empty()
     }
 }
 
@@ -632,6 +1016,7 @@ async fn serve_connection(
     portal: Arc<PortalConfig>,
     registry: Arc<Registry>,
     live: Arc<SessionTable>,
+    account: Account,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
@@ -640,6 +1025,7 @@ async fn serve_connection(
         d if d.is_zero() => WRITE_STALL_DEFAULT,
         d => d,
     };
+    let max_inflight = usize::try_from(portal.cmd_window).unwrap_or(usize::MAX);
     let mut conn = Connection::new_with_tsih(portal, registry.new_tsih(), Instant::now());
     // Session reinstatement: our entry in the live-session table, and its close signal.
     let mut registered: Option<LiveSession> = None;
@@ -652,14 +1038,13 @@ async fn serve_connection(
     // Graceful shutdown: the initiator was asked to log out; read until it does or time is up.
     let mut logout_deadline: Option<tokio::time::Instant> = None;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, ScsiCompletion, Option<u32>)>();
+    // Unbounded, but never longer than the commands in flight (`Commands::max_inflight`).
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let budget = account.budget().clone();
+    let mut cmds = Commands::new(account, max_inflight, done_tx);
     let mut nexus: Option<Arc<Nexus>> = None;
     // The session's entry in the metrics' session table, from login to the end.
     let mut listed: Option<crate::metrics::SessionEntry> = None;
-    let mut inflight: usize = 0;
-    // EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
-    // SET drop the sender, which stops the copy between chunks (crate::xcopy).
-    let mut copies: HashMap<u32, oneshot::Sender<()>> = HashMap::new();
     let mut draining = *shutdown.borrow();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut out: Vec<Bytes> = Vec::new();
@@ -716,45 +1101,7 @@ async fn serve_connection(
                         listed = Some(entry);
                     }
                 }
-                Event::Command(cmd) => match &nexus {
-                    Some(n) => match n.start(cmd.lun, cmd.cdb, cmd.data_out) {
-                        Started::Done(c, spdtl) => complete(&mut conn, (cmd.itt, c, spdtl)),
-                        Started::Pending(p) => {
-                            let tx = done_tx.clone();
-                            inflight += 1;
-                            let cancel = p.is_copy().then(|| {
-                                copies.retain(|_, c| !c.is_closed());
-                                let (ctx, crx) = oneshot::channel::<()>();
-                                copies.insert(cmd.itt, ctx);
-                                crx
-                            });
-                            tokio::spawn(async move {
-                                let (c, spdtl) = match cancel {
-                                    Some(crx) => tokio::select! {
-                                        r = p.finish() => r,
-                                        // Aborted: the connection ignores this completion.
-                                        _ = crx => (ScsiCompletion {
-                                            status: ironlun_scsi::status::TASK_ABORTED,
-                                            sense: Bytes::new(),
-                                            data_in: Bytes::new(),
-                                        }, None),
-                                    },
-                                    None => p.finish().await,
-                                };
-                                let _ = tx.send((cmd.itt, c, spdtl));
-                            });
-                        }
-                    },
-                    None => {
-                        let c = ironlun_scsi::lu::no_such_lun(&cmd.cdb);
-                        let c = ScsiCompletion {
-                            status: c.status,
-                            sense: c.sense,
-                            data_in: c.data,
-                        };
-                        complete(&mut conn, (cmd.itt, c, None));
-                    }
-                },
+                Event::Command(cmd) => cmds.arrive(&mut conn, nexus.as_ref(), cmd),
                 Event::TaskMgmt(t) => {
                     let resp = match &nexus {
                         Some(n) => n.task_mgmt(t.function, t.lun),
@@ -776,23 +1123,34 @@ async fn serve_connection(
                 }
                 Event::Aborted(itts) => {
                     tracing::debug!(?itts, "tasks aborted");
-                    for itt in &itts {
-                        copies.remove(itt);
-                    }
+                    cmds.aborted(&itts);
                 }
             }
         }
-        // Coalesce everything ready into one vectored write.
+        // Waiting for budget room: listen for releases before retrying. The failed attempt
+        // that queued the first waiting command marked the account waiting, so a release after
+        // it either wakes this enabled future or is seen by the retry below.
+        let room = budget.notified();
+        tokio::pin!(room);
+        let waits = !cmds.waiting.is_empty() && {
+            room.as_mut().enable();
+            cmds.start_ready(&mut conn, nexus.as_ref())
+        };
+        cmds.received(&conn);
+        // Coalesce everything ready into one vectored write; the charges of the responses in
+        // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
         if !out.is_empty() {
             write_all_vectored(&mut wr, &mut out, stall).await?;
         }
+        cmds.written();
         if conn.is_closed().is_some() {
             break;
         }
-        if draining && inflight == 0 && logout_deadline.is_none() {
+        if draining && cmds.idle() && logout_deadline.is_none() {
             break;
         }
+        let paused = cmds.pause_reading();
         match (conn.poll_timeout(), armed) {
             (Some(want), Some(at)) if at <= want => {}
             (Some(want), _) => {
@@ -805,20 +1163,22 @@ async fn serve_connection(
             buf.reserve(READ_CHUNK);
         }
         tokio::select! {
-            r = rd.read_buf(&mut buf), if !draining || logout_deadline.is_some() => {
+            r = rd.read_buf(&mut buf), if !paused && (!draining || logout_deadline.is_some()) => {
                 if r? == 0 {
                     break;
                 }
                 conn.receive(&mut buf, Instant::now());
             }
             Some(done) = done_rx.recv() => {
-                inflight = inflight.saturating_sub(1);
-                complete(&mut conn, done);
+                cmds.returned(&mut conn, done);
                 // Coalesce: every completion already waiting goes out in the same write.
                 while let Ok(done) = done_rx.try_recv() {
-                    inflight = inflight.saturating_sub(1);
-                    complete(&mut conn, done);
+                    cmds.returned(&mut conn, done);
                 }
+                cmds.start_ready(&mut conn, nexus.as_ref());
+            }
+            () = &mut room, if waits => {
+                cmds.start_ready(&mut conn, nexus.as_ref());
             }
             () = &mut timer, if armed.is_some() => {
                 armed = None;
@@ -844,7 +1204,7 @@ async fn serve_connection(
                 logout_deadline = None;
             }
             _ = async { match drain_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                tracing::warn!(inflight, "drain timeout; closing connection with commands in flight");
+                tracing::warn!(inflight = cmds.inflight, waiting = cmds.waiting.len(), "drain timeout; closing connection with commands in flight");
                 break;
             }
         }
@@ -858,4 +1218,104 @@ async fn serve_connection(
     drop(listed);
     drop(registered);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use ironlun_iscsi::pdu::TaskAttr;
+
+    fn cmd(cdb: &[u8], expected_in_len: u32) -> ScsiCommandEvent {
+        ScsiCommandEvent {
+            itt: 1,
+            lun: 0,
+            cdb: Bytes::copy_from_slice(cdb),
+            attr: TaskAttr::Simple,
+            data_out: Bytes::new(),
+            expected_in_len,
+            expected_out_len: 0,
+        }
+    }
+
+    fn read16(blocks: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = 0x88;
+        c[10..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn an_honest_read_is_charged_its_expected_length() {
+        assert_eq!(data_in_bound(&cmd(&read16(2048), 1 << 20)), 1 << 20);
+        // 4096-byte blocks: the expected length is the CDB's.
+        assert_eq!(data_in_bound(&cmd(&read16(256), 1 << 20)), 1 << 20);
+        // INQUIRY and other non-READs: the expected length.
+        assert_eq!(data_in_bound(&cmd(&[0x12, 0, 0, 0, 96, 0], 96)), 96);
+        assert_eq!(data_in_bound(&cmd(&[0x00; 6], 0)), 0);
+    }
+
+    #[test]
+    fn a_read_asking_more_than_expected_is_charged_its_buffer() {
+        // 16 MiB of 512-byte blocks with an expected length of 0.
+        assert_eq!(data_in_bound(&cmd(&read16(32 * 1024), 0)), 16 << 20);
+        // 8 blocks: at most 32 KiB at 4096-byte blocks.
+        assert_eq!(data_in_bound(&cmd(&read16(8), 512)), 8 * 4096);
+        // READ(10) of 0xFFFF blocks: capped at what an LU runs.
+        let r10 = [0x28, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0];
+        assert_eq!(data_in_bound(&cmd(&r10, 0)), 16 << 20);
+        // A CDB that does not parse: the expected length.
+        assert_eq!(data_in_bound(&cmd(&[0x88, 0], 7)), 7);
+    }
+
+    #[test]
+    fn reading_pauses_while_commands_wait_or_received_data_is_over_and_something_will_free() {
+        const MIB: u64 = 1 << 20;
+        let budget = MemoryBudget::new(64 * MIB);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut c = Commands::new(budget.account(), 8, tx);
+        assert!(!c.pause_reading());
+        let received = c.account.hold_received(20 * MIB);
+        assert!(
+            !c.pause_reading(),
+            "nothing in flight: reading on is the only way the held writes can finish"
+        );
+        let flying = c.account.try_charge(MIB).expect("room");
+        assert!(
+            c.pause_reading(),
+            "over the 16 MiB share with a release to wait for"
+        );
+        drop(received);
+        assert!(!c.pause_reading());
+        drop(flying);
+        let data_out = c.account.hold_received(0);
+        c.waiting.push_back(Waiting {
+            cmd: cmd(&read16(8), 4096),
+            data_out,
+        });
+        assert!(c.pause_reading(), "a command waits for room");
+        c.aborted(&[1]);
+        assert!(!c.pause_reading());
+        assert!(c.idle());
+    }
+
+    #[test]
+    fn blocking_threads_are_split_without_exceeding_the_total() {
+        assert_eq!(blocking_split(64, 2), (22, 21));
+        assert_eq!(blocking_split(8, 2), (4, 2));
+        assert_eq!(blocking_split(3, 2), (1, 1));
+        // Fewer than one per runtime: one each (documented excess).
+        assert_eq!(blocking_split(1, 4), (1, 1));
+        assert_eq!(default_blocking_threads(2), 64);
+        assert_eq!(default_blocking_threads(7), 128);
+        for total in 1..100 {
+            for shards in 1..9 {
+                let (main, per) = blocking_split(total, shards);
+                assert!(main >= 1 && per >= 1);
+                if total > shards {
+                    assert!(main + per * shards <= total, "{total} over {shards}");
+                }
+            }
+        }
+    }
 }
