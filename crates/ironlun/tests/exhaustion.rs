@@ -57,7 +57,13 @@ fn config() -> String {
 
 /// The daemon's `max_threads` as logged at start.
 fn max_threads(d: &Daemon) -> u64 {
-    let err = strip_ansi(&d.stderr());
+    // The start-up log line may still be on its way through the stderr reader thread.
+    let deadline = Instant::now() + PROMPT;
+    let mut err = strip_ansi(&d.stderr());
+    while !err.contains("max_threads=") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        err = strip_ansi(&d.stderr());
+    }
     let at = err
         .find("max_threads=")
         .unwrap_or_else(|| panic!("no max_threads in the log:\n{err}"));
