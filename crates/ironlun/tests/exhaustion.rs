@@ -458,3 +458,96 @@ async fn three_busy_connections_stay_under_the_thread_total() {
         s.logout().await.expect("logout");
     }
 }
+
+/// Finding 2's class, on the Data-Out side: peers fill their CmdSN window with WRITEs that
+/// each carry 256 KiB of immediate data but never send the last 512 bytes the target then
+/// solicits, so no command completes and everything received stays assembled in the
+/// connection. Received bytes are charged to the budget: a connection past its share stops
+/// being read (TCP back-pressure on the peer), so RSS stays under max_buffered + 64 MiB while
+/// the bystander keeps reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_of_unfinished_writes_stays_in_budget() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const IMMEDIATE: u32 = 256 * 1024;
+    let mut d = Daemon::start_with_config(&config());
+    let limit = max_threads(&d);
+    let (rss0, _, fds0) = baseline(&d).await;
+    let sampler = Sampler::start(d.pid());
+    let bystander = Bystander::start(&d).await;
+    let mut peers = Vec::new();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for p in 0..6u32 {
+        let (mut raw, n) = RawConnection::login(
+            d.addr,
+            &opts(&format!("iqn.2026-11.io.ironlun:writer{p}")),
+        )
+        .await
+        .expect("raw login");
+        assert!(n.immediate_data, "ImmediateData=Yes agreed");
+        assert!(n.first_burst_length >= IMMEDIATE, "FirstBurstLength agreed");
+        let window = n.max_cmd_sn.wrapping_sub(n.cmd_sn).wrapping_add(1);
+        let sent = sent.clone();
+        peers.push(tokio::spawn(async move {
+            let payload = Bytes::from(vec![0x5au8; IMMEDIATE as usize]);
+            for c in 0..window {
+                let blocks = (IMMEDIATE + 512) / BLOCK_SIZE;
+                let mut cdb = [0u8; 16];
+                cdb[0] = 0x8a;
+                let lba = u64::from(p * 1024 + c) * u64::from(blocks);
+                cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+                cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+                let cmd = Pdu {
+                    header: Header::ScsiCommand(ScsiCommand {
+                        immediate: false,
+                        final_: true,
+                        read: false,
+                        write: true,
+                        attr: TaskAttr::Simple,
+                        lun: 0,
+                        itt: 0x2000 + c,
+                        expected_data_transfer_length: blocks * BLOCK_SIZE,
+                        cmd_sn: n.cmd_sn.wrapping_add(c),
+                        exp_stat_sn: n.exp_stat_sn,
+                        cdb,
+                    }),
+                    ahs: Vec::new(),
+                    data: payload.clone(),
+                };
+                if raw.send_pdu(&cmd).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(u64::from(IMMEDIATE), Ordering::Relaxed);
+            }
+            raw
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    d.assert_healthy();
+    let sent_bytes = sent.load(Ordering::Relaxed);
+    for p in peers {
+        p.abort();
+        let _ = p.await;
+    }
+    let (reads, gap) = bystander.finish().await;
+    let (rss, threads) = sampler.finish().await;
+    let settled = settles(&d, rss0, fds0).await;
+    eprintln!(
+        "unfinished writes: {} MiB of immediate data sent; RSS baseline {} MiB, peak {} MiB, \
+         settled {} MiB; threads peak {threads}, max_threads {limit}; bystander {reads} READs, \
+         longest gap {gap:?}",
+        sent_bytes / MIB,
+        rss0 / MIB,
+        rss / MIB,
+        settled / MIB
+    );
+    assert!(
+        rss < MAX_BUFFERED + MARGIN,
+        "RSS peaked at {} MiB",
+        rss / MIB
+    );
+    assert!(
+        threads <= limit,
+        "{threads} threads, configured total {limit}"
+    );
+    assert!(gap < MAX_GAP, "the bystander waited {gap:?}");
+}
