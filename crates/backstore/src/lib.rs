@@ -8,14 +8,12 @@
 pub mod blockdev;
 pub mod buffers;
 pub mod file;
-pub mod pool;
 pub mod ram;
 pub mod uring;
 pub mod vhd;
 
 pub use blockdev::{BlockDevBackend, BlockDevOptions};
 pub use file::{FileBackend, FileOptions};
-pub use pool::IoPool;
 pub use ram::RamBackend;
 pub use uring::{io_uring_available, UringBackend, UringOptions};
 #[cfg(any(test, feature = "conformance"))]
