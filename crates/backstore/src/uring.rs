@@ -1,9 +1,12 @@
 //! io_uring backstore.
 //!
 //! A file or block device served through one io_uring (Linux 5.6+: `IORING_OP_READ`/`WRITE`).
-//! Threads: one per backend, named `ironlun-uring`, which owns the ring; it is joined when the
-//! backend is dropped. With [`UringOptions::sqpoll`] the kernel adds its own SQ polling thread
-//! (`iou-sqp-*`) to the process, so two. Nothing else here starts a thread.
+//! Threads, per backend: one, named `ironlun-uring`, which owns the ring; it is joined when the
+//! backend is dropped. Nothing else here starts a thread. The kernel adds threads of its own
+//! to the process: up to [`UringOptions::io_workers`] io-wq workers (`iou-wrk-*`, started on
+//! demand for requests that cannot complete without blocking, such as buffered writes on many
+//! filesystems and flushes, and gone after a few idle seconds), and with
+//! [`UringOptions::sqpoll`] one SQ polling thread (`iou-sqp-*`).
 //!
 //! Submitters ([`BlockBackend::read_async`] and friends) range-check the request, take a place
 //! in a bounded queue, allocate the request's buffer, push it and write an eventfd; the ring
@@ -70,6 +73,9 @@ use crate::{
 pub const DEFAULT_RING_DEPTH: u32 = 128;
 /// Largest accepted ring depth; larger requests are clamped.
 pub const MAX_RING_DEPTH: u32 = 4096;
+/// Default of [`UringOptions::io_workers`]: the kernel's own limit on a 2-CPU machine, and a
+/// bound on larger ones (where the kernel's would be 4 × CPUs per ring).
+pub const DEFAULT_IO_WORKERS: u32 = 8;
 /// Memory alignment of buffers for `O_DIRECT`, and the offset/length alignment used when the
 /// kernel does not report one.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -93,6 +99,10 @@ pub struct UringOptions {
     pub ring_depth: u32,
     /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
     pub sqpoll: bool,
+    /// Most io-wq worker threads the kernel may start for this ring
+    /// (`IORING_REGISTER_IOWQ_MAX_WORKERS`, Linux 5.15+; ignored by older kernels, whose
+    /// limit is min(ring depth, 4 × CPUs)). 0 keeps the kernel's limit.
+    pub io_workers: u32,
 }
 
 impl Default for UringOptions {
@@ -104,6 +114,7 @@ impl Default for UringOptions {
             direct: false,
             ring_depth: DEFAULT_RING_DEPTH,
             sqpoll: false,
+            io_workers: DEFAULT_IO_WORKERS,
         }
     }
 }
@@ -675,6 +686,7 @@ impl UringBackend {
             slab: Slab::new(slots),
             batch: Vec::with_capacity(slots),
             closing: false,
+            io_workers: options.io_workers,
         };
         let thread = std::thread::Builder::new()
             .name("ironlun-uring".into())
@@ -1006,6 +1018,8 @@ struct Driver {
     batch: Vec<Request>,
     /// The queue is closed and empty: finish in-flight requests, then exit.
     closing: bool,
+    /// [`UringOptions::io_workers`].
+    io_workers: u32,
 }
 
 /// What to do with a request after one of its CQEs.
@@ -1023,6 +1037,14 @@ fn retryable(e: &io::Error) -> bool {
 
 impl Driver {
     fn run(mut self) {
+        if self.io_workers > 0 {
+            // Registered from this thread, the one that submits: the limit applies to the io-wq
+            // the kernel gives it (bounded: file I/O; unbounded: unused here).
+            let mut max = [self.io_workers, self.io_workers];
+            if let Err(e) = self.ring.submitter().register_iowq_max_workers(&mut max) {
+                tracing::debug!(error = %e, "cannot limit the io_uring workers (Linux < 5.15?)");
+            }
+        }
         if let Err(e) = self.push(self.wake_entry()) {
             self.fail(e);
             return;
@@ -1438,6 +1460,31 @@ mod tests {
             assert_eq!(b.read(i * 512, 512).unwrap(), pattern(i as u8, 512));
         }
         b.flush().unwrap();
+    }
+
+    #[test]
+    fn accepts_one_io_worker() {
+        // Buffered FUA writes and flushes need io-wq workers; one is enough to finish them.
+        let dir = tempfile::tempdir().unwrap();
+        let b = UringBackend::open(
+            dir.path().join("lu.img"),
+            UringOptions {
+                io_workers: 1,
+                ..options(1 << 20, false)
+            },
+        )
+        .unwrap();
+        let writes: Vec<_> = (0..32u64)
+            .map(|i| b.write_async(i * 4096, Bytes::from(pattern(i as u8, 4096)), true))
+            .collect();
+        let flush = b.flush_async();
+        for w in writes {
+            w.wait().unwrap();
+        }
+        flush.wait().unwrap();
+        for i in 0..32u64 {
+            assert_eq!(b.read(i * 4096, 4096).unwrap(), pattern(i as u8, 4096));
+        }
     }
 
     #[test]
