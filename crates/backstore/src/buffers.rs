@@ -20,10 +20,14 @@
 //!   quiet), so stale buffers go as long as any LU reads. A process where no LU reads at all
 //!   keeps at most the limit; [`trim_idle`] sweeps on demand (e.g. from a periodic task).
 //!
-//! The hot path adds one clock read and two uncontended atomic operations to a pooled read.
+//! The hot path adds a few uncontended atomic operations to a pooled read. The clock is read
+//! on one return in [`CLOCK_EVERY`] (a clock read costs more than the rest of the pool's
+//! work); the others reuse that reading. So a buffer's parking time may be early by a few
+//! returns: under load that is microseconds, and after a quiet spell it only makes the first
+//! buffers back look stale, and be freed, a little early.
 
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +49,8 @@ const CLASSES: usize = (POOLED_MAX / POOLED_MIN).trailing_zeros() as usize + 1;
 pub const DEFAULT_RETAINED_LIMIT: usize = 32 * 1024 * 1024;
 /// A buffer parked for this long is freed (lazily: see the module documentation).
 pub const IDLE_AFTER: Duration = Duration::from_secs(5);
+/// A pool reads the clock on one buffer return in this many.
+pub const CLOCK_EVERY: u32 = 8;
 
 /// Most buffers of `size` bytes one pool keeps: `CLASS_BYTES / size`, at least 1 and at most
 /// 64, and at most 2 from 4 MiB up.
@@ -196,6 +202,10 @@ pub struct BufferPool {
     classes: [Mutex<Vec<Parked>>; CLASSES],
     budget: Arc<Budget>,
     idle: Duration,
+    /// Buffer returns counted, to read the clock on one in [`CLOCK_EVERY`].
+    returns: AtomicU32,
+    /// The last clock reading, in nanoseconds since [`epoch`].
+    clock: AtomicU64,
 }
 
 /// A length-limited view of a pooled buffer; gives the buffer back on drop.
@@ -214,7 +224,7 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        let now = Instant::now();
+        let now = self.pool.coarse_now();
         self.pool.put(buf, now);
         sweep_if_due(now);
     }
@@ -242,6 +252,8 @@ impl BufferPool {
             classes: Default::default(),
             budget,
             idle,
+            returns: AtomicU32::new(0),
+            clock: AtomicU64::new(nanos_since_epoch(Instant::now())),
         });
         let mut all = lock(registry());
         all.retain(|w| w.strong_count() > 0);
@@ -285,6 +297,24 @@ impl BufferPool {
             len,
             pool: self.clone(),
         }))
+    }
+
+    /// The time, read from the clock on one call in [`CLOCK_EVERY`], else the last reading.
+    fn coarse_now(&self) -> Instant {
+        if self
+            .returns
+            .fetch_add(1, Ordering::Relaxed)
+            .checked_rem(CLOCK_EVERY)
+            == Some(0)
+        {
+            let now = Instant::now();
+            self.clock.store(nanos_since_epoch(now), Ordering::Relaxed);
+            return now;
+        }
+        let nanos = self.clock.load(Ordering::Relaxed);
+        epoch()
+            .checked_add(Duration::from_nanos(nanos))
+            .unwrap_or_else(Instant::now)
     }
 
     /// Take back `buf` at `now`: drop this class's stale buffers, then park `buf` if its class
