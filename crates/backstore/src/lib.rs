@@ -8,14 +8,12 @@
 pub mod blockdev;
 pub mod buffers;
 pub mod file;
-pub mod pool;
 pub mod ram;
 pub mod uring;
 pub mod vhd;
 
 pub use blockdev::{BlockDevBackend, BlockDevOptions};
 pub use file::{FileBackend, FileOptions};
-pub use pool::IoPool;
 pub use ram::RamBackend;
 pub use uring::{io_uring_available, UringBackend, UringOptions};
 #[cfg(any(test, feature = "conformance"))]
@@ -134,18 +132,24 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn is_async(&self) -> bool {
         false
     }
-    /// [`read`](Self::read), as a future. The request is under way once this returns: dropping
-    /// the future discards the result, never the I/O's buffer (DESIGN.md §3 rule 6). The
-    /// default runs `read` inline and returns a ready future.
+    /// [`read`](Self::read), as a future. Never blocks the caller. The request is under way
+    /// once this returns, unless the backend is saturated: then it waits, without a thread,
+    /// until the future is polled and the backend has room ([`IoFuture`]). Dropping the future
+    /// of a request under way discards the result, never the I/O's buffer (DESIGN.md §3 rule
+    /// 6); dropping it while the request still waits cancels the request. The default runs
+    /// `read` inline and returns a ready future.
     fn read_async(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
         IoFuture::ready(self.read(offset, len))
     }
-    /// [`write`](Self::write), as a future; `data` is owned by the request until it completes,
-    /// so a dropped future's write may still land. Durability as for `write` once it resolves.
+    /// [`write`](Self::write), as a future, under way or waiting as for
+    /// [`read_async`](Self::read_async); `data` is owned by the request until it completes, so
+    /// the write of a future dropped while under way may still land (one dropped while waiting
+    /// does not). Durability as for `write` once it resolves.
     fn write_async(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
         IoFuture::ready(self.write(offset, &data, fua))
     }
-    /// [`flush`](Self::flush), as a future: on `Ok`, every write completed before this call was
+    /// [`flush`](Self::flush), as a future (under way or waiting as for
+    /// [`read_async`](Self::read_async)): on `Ok`, every write completed before this call was
     /// made is durable.
     fn flush_async(&self) -> IoFuture<()> {
         IoFuture::ready(self.flush())
@@ -178,11 +182,33 @@ fn lost(op: &'static str, what: &str) -> BackstoreError {
 /// [`wait`](Self::wait). Dropping it before completion is safe and discards the result; the
 /// operation itself keeps its buffers until it completes. If the completing side goes away
 /// without a result, the future resolves to a [`BackstoreError::Io`].
+///
+/// Back-pressure: a future made with [`submitting`](Self::submitting) first hands its request
+/// to the backend, from `poll`, when the backend has room; until then it waits like any
+/// pending future (its waker is woken when room frees up) and occupies no thread. Dropped
+/// while waiting, it cancels the request: the device never sees it.
 pub struct IoFuture<T>(Slot<T>);
 
 enum Slot<T> {
     Ready(Option<Result<T>>),
     Pending(SharedPending<T>),
+    /// The request is not with the backend yet; `submit` hands it over.
+    Waiting {
+        submit: Box<dyn Submit>,
+        shared: SharedPending<T>,
+    },
+}
+
+/// A request that its backend has not accepted yet because it is saturated; see
+/// [`IoFuture::submitting`].
+///
+/// Contract: `poll_submit` either hands the request over (or gives up on it, dropping its
+/// [`IoCompleter`], which fails the future) and returns `Ready`, or registers `cx`'s waker to be
+/// woken when it is worth polling again and returns `Pending`. Dropping the value before
+/// `Ready` cancels the request and gives up any room it was promised, to the next waiter.
+pub trait Submit: Send + Sync {
+    /// Hand the request to the backend if it has room (see the trait documentation).
+    fn poll_submit(&mut self, cx: &mut Context<'_>) -> Poll<()>;
 }
 
 /// The completing half of a pending [`IoFuture`]; dropping it uncompleted fails the future.
@@ -209,12 +235,29 @@ impl<T> IoFuture<T> {
         )
     }
 
+    /// Make a pending future wait for `submit` to hand its request to the backend before it
+    /// waits for the result (see [`Submit`]). The request must hold the completer of `self`.
+    /// A future that is not pending is returned unchanged (and `submit` dropped).
+    pub fn submitting(self, submit: Box<dyn Submit>) -> Self {
+        match self.0 {
+            Slot::Pending(shared) => Self(Slot::Waiting { submit, shared }),
+            other => Self(other),
+        }
+    }
+
     /// Whether the result is available (polling would return `Ready`).
     pub fn is_ready(&self) -> bool {
         match &self.0 {
             Slot::Ready(r) => r.is_some(),
             Slot::Pending(shared) => lock(shared).result.is_some(),
+            Slot::Waiting { .. } => false,
         }
+    }
+
+    /// Whether the request still waits for room in its backend (see
+    /// [`submitting`](Self::submitting)); `false` once it is under way or resolved.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.0, Slot::Waiting { .. })
     }
 
     /// Block the calling thread until the result is available.
@@ -235,6 +278,14 @@ impl<T> Future for IoFuture<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let this = self.get_mut();
+        if let Slot::Waiting { submit, shared } = &mut this.0 {
+            if submit.poll_submit(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Handed over (or given up, which resolved `shared`): wait for the result.
+            let shared = Arc::clone(shared);
+            this.0 = Slot::Pending(shared);
+        }
         let taken = match &mut this.0 {
             Slot::Ready(r) => r.take(),
             Slot::Pending(shared) => {
@@ -250,6 +301,7 @@ impl<T> Future for IoFuture<T> {
                     }
                 }
             }
+            Slot::Waiting { .. } => None,
         };
         // Resolved once: a later poll reports misuse instead of waiting forever.
         this.0 = Slot::Ready(None);
@@ -392,6 +444,90 @@ mod io_future_tests {
         let (fut, done) = IoFuture::<Vec<u8>>::pending();
         drop(fut);
         done.complete(Ok(vec![1; 1024]));
+    }
+
+    /// A request that gets room on the third poll; counts its polls and whether it was
+    /// dropped unsubmitted.
+    struct Later {
+        polls: Arc<AtomicUsize>,
+        cancelled: Arc<AtomicUsize>,
+        done: Option<IoCompleter<u32>>,
+    }
+
+    impl Submit for Later {
+        fn poll_submit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+            if self.polls.fetch_add(1, Ordering::SeqCst) < 2 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // "Submitted": the backend completes it at once.
+            if let Some(done) = self.done.take() {
+                done.complete(Ok(11));
+            }
+            Poll::Ready(())
+        }
+    }
+
+    impl Drop for Later {
+        fn drop(&mut self) {
+            if self.done.is_some() {
+                self.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn later() -> (IoFuture<u32>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let (fut, done) = IoFuture::pending();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let fut = fut.submitting(Box::new(Later {
+            polls: Arc::clone(&polls),
+            cancelled: Arc::clone(&cancelled),
+            done: Some(done),
+        }));
+        (fut, polls, cancelled)
+    }
+
+    #[test]
+    fn a_submitting_future_hands_over_then_resolves() {
+        let (fut, polls, cancelled) = later();
+        assert!(fut.is_waiting());
+        assert!(!fut.is_ready());
+        assert_eq!(fut.wait().unwrap(), 11);
+        assert_eq!(polls.load(Ordering::SeqCst), 3);
+        assert_eq!(cancelled.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn dropping_a_waiting_future_cancels_its_request() {
+        let (mut fut, polls, cancelled) = later();
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&counter));
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        assert!(fut.is_waiting());
+        drop(fut);
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(cancelled.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn submitting_leaves_a_ready_future_alone() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let cancelled = Arc::new(AtomicUsize::new(0));
+        let (_, done) = IoFuture::<u32>::pending();
+        let fut = IoFuture::ready(Ok(3)).submitting(Box::new(Later {
+            polls: Arc::clone(&polls),
+            cancelled: Arc::clone(&cancelled),
+            done: Some(done),
+        }));
+        assert!(!fut.is_waiting());
+        assert_eq!(fut.wait().unwrap(), 3);
+        assert_eq!(
+            cancelled.load(Ordering::SeqCst),
+            1,
+            "the unused request was dropped"
+        );
     }
 
     #[test]

@@ -1,17 +1,32 @@
 //! io_uring backstore.
 //!
 //! A file or block device served through one io_uring (Linux 5.6+: `IORING_OP_READ`/`WRITE`).
-//! One dedicated thread owns the ring. Submitters ([`BlockBackend::read_async`] and friends)
-//! range-check the request, allocate its buffer, push it into a bounded queue and write an
-//! eventfd; the ring thread keeps a `POLL_ADD` armed on that eventfd, so one blocking
-//! `io_uring_enter` waits for either new requests or completions.
+//! Threads, per backend: one, named `ironlun-uring`, which owns the ring; it is joined when the
+//! backend is dropped. Nothing else here starts a thread. The kernel adds threads of its own
+//! to the process: up to [`UringOptions::io_workers`] io-wq workers (`iou-wrk-*`, started on
+//! demand for requests that cannot complete without blocking, such as buffered writes on many
+//! filesystems and flushes, and gone after a few idle seconds), and with
+//! [`UringOptions::sqpoll`] one SQ polling thread (`iou-sqp-*`).
 //!
-//! Ownership (DESIGN.md §3 rule 6): a request's buffer moves into a slot of a bounded in-flight
-//! slab, keyed by the SQE's `user_data`, and leaves it only when the last CQE of the request has
-//! been reaped. The kernel therefore never holds a pointer into memory owned by an [`IoFuture`]:
-//! dropping a future only discards its result. If the ring itself fails, in-flight buffers are
-//! leaked rather than freed. At most `ring_depth` requests are in flight; further submitters
-//! wait in the queue (back-pressure: `*_async` blocks while the queue is full).
+//! Submitters ([`BlockBackend::read_async`] and friends) range-check the request, take a place
+//! in a bounded queue, allocate the request's buffer, push it and write an eventfd; the ring
+//! thread keeps a `POLL_ADD` armed on that eventfd, so one blocking `io_uring_enter` waits for
+//! either new requests or completions.
+//!
+//! Back-pressure never blocks a submitter's thread (the daemon submits from tasks on
+//! current-thread runtimes, where a blocked thread would stall every connection on it). At
+//! most `ring_depth` requests are in flight and `ring_depth` more queued. When the queue is
+//! full, `*_async` returns at once a future that holds the request, without its read buffer,
+//! and waits, like any pending future, for a place: the ring thread grants the places it frees
+//! to waiting futures in the order they first polled, and wakes them. Such a future hands its
+//! request over when next polled; dropped before that, it cancels the request, which the
+//! kernel never sees, and passes its place on.
+//!
+//! Ownership (DESIGN.md §3 rule 6): a request's buffer moves into the queue and then into a
+//! slot of a bounded in-flight slab, keyed by the SQE's `user_data`, and leaves it only when
+//! the last CQE of the request has been reaped. The kernel therefore never holds a pointer into
+//! memory owned by an [`IoFuture`]: dropping a future only discards its result. If the ring
+//! itself fails, in-flight buffers are leaked rather than freed.
 //!
 //! Transfers: short reads and writes (and transfers longer than one SQE allows) are resubmitted
 //! for the remainder; `EINTR`/`EAGAIN` are retried. FUA (SBC-3 §5.40) sets `RWF_DSYNC` on the
@@ -33,14 +48,15 @@
 //! [`io_uring_available`] asks the same question up front.
 #![allow(unsafe_code)]
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -50,13 +66,16 @@ use rustix::fs::{AtFlags, StatxFlags};
 
 use crate::{
     check_range, BackstoreError, BlockBackend, Extent, FileBackend, FileOptions, IoCompleter,
-    IoFuture, Result,
+    IoFuture, Result, Submit,
 };
 
 /// Default number of requests in flight (and SQ entries).
 pub const DEFAULT_RING_DEPTH: u32 = 128;
 /// Largest accepted ring depth; larger requests are clamped.
 pub const MAX_RING_DEPTH: u32 = 4096;
+/// Default of [`UringOptions::io_workers`]: the kernel's own limit on a 2-CPU machine, and a
+/// bound on larger ones (where the kernel's would be 4 × CPUs per ring).
+pub const DEFAULT_IO_WORKERS: u32 = 8;
 /// Memory alignment of buffers for `O_DIRECT`, and the offset/length alignment used when the
 /// kernel does not report one.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -80,6 +99,10 @@ pub struct UringOptions {
     pub ring_depth: u32,
     /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
     pub sqpoll: bool,
+    /// Most io-wq worker threads the kernel may start for this ring
+    /// (`IORING_REGISTER_IOWQ_MAX_WORKERS`, Linux 5.15+; ignored by older kernels, whose
+    /// limit is min(ring depth, 4 × CPUs)). 0 keeps the kernel's limit.
+    pub io_workers: u32,
 }
 
 impl Default for UringOptions {
@@ -91,6 +114,7 @@ impl Default for UringOptions {
             direct: false,
             ring_depth: DEFAULT_RING_DEPTH,
             sqpoll: false,
+            io_workers: DEFAULT_IO_WORKERS,
         }
     }
 }
@@ -208,6 +232,56 @@ impl WriteBuf {
     }
 }
 
+/// A request before it has a place in the queue: a read has no buffer yet.
+enum Planned {
+    Read {
+        offset: u64,
+        len: usize,
+        done: IoCompleter<Bytes>,
+    },
+    Write {
+        offset: u64,
+        buf: WriteBuf,
+        fua: bool,
+        done: IoCompleter<()>,
+    },
+    Flush {
+        done: IoCompleter<()>,
+    },
+}
+
+impl Planned {
+    /// The request to queue, with its read buffer allocated; `None` (and the future failed) if
+    /// the buffer cannot be had.
+    fn into_request(self) -> Option<Request> {
+        Some(match self {
+            Self::Read { offset, len, done } => match AlignedBuf::zeroed(len) {
+                Some(buf) => Request::Read { offset, buf, done },
+                None => {
+                    done.complete(Err(io_error(
+                        "read",
+                        offset,
+                        io::ErrorKind::OutOfMemory.into(),
+                    )));
+                    return None;
+                }
+            },
+            Self::Write {
+                offset,
+                buf,
+                fua,
+                done,
+            } => Request::Write {
+                offset,
+                buf,
+                fua,
+                done,
+            },
+            Self::Flush { done } => Request::Flush { done },
+        })
+    }
+}
+
 /// One request as queued by a submitter; its buffer travels with it.
 enum Request {
     Read {
@@ -238,12 +312,29 @@ struct Shared {
     direct_ok: AtomicBool,
     /// Written by submitters, polled by the ring thread.
     wake: OwnedFd,
+    /// Requests on their way to the ring thread.
+    queue: Queue,
+    /// Tests: the ring thread takes nothing from the queue while set.
+    #[cfg(test)]
+    stalled: AtomicBool,
 }
 
 impl Shared {
     fn notify(&self) {
         // Can fail only if the counter would overflow, and then the ring thread is awake anyway.
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Queue `planned` in a place taken from the queue, and wake the ring thread. If the queue
+    /// has closed meanwhile, the request is dropped, which fails its future.
+    fn enqueue(&self, planned: Planned) {
+        let Some(request) = planned.into_request() else {
+            self.queue.release();
+            return;
+        };
+        if self.queue.push(request).is_ok() {
+            self.notify();
+        }
     }
 
     /// Whether a transfer of `len` bytes at `pos` is aligned for the direct descriptor.
@@ -265,8 +356,231 @@ impl Shared {
 pub struct UringBackend {
     file: FileBackend,
     shared: Arc<Shared>,
-    queue: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The bounded queue between submitters and the ring thread, with asynchronous back-pressure:
+/// a submitter takes a place before it pushes a request; one that finds none waits, as a
+/// [`Submit`] in its future, for the ring thread to grant it one.
+///
+/// Invariant: `free` + queued requests + places taken or granted but not yet used = capacity.
+/// As with any fair async semaphore, a future granted a place keeps it until it is polled
+/// again (and hands its request over) or dropped. Tasks poll what wakes them, so this only
+/// matters to a caller that polls several futures once and then blocks
+/// ([`IoFuture::wait`]) on a later one: it must wait for them in the order it first polled
+/// them.
+struct Queue {
+    state: Mutex<QueueState>,
+}
+
+struct QueueState {
+    requests: VecDeque<Request>,
+    /// Places nobody holds.
+    free: usize,
+    /// Submitters waiting for a place, by ticket (the order in which they first polled). A
+    /// ticket leaves the map when it is granted a place, or when the queue closes.
+    waiters: BTreeMap<u64, Waker>,
+    next_ticket: u64,
+    /// No request is accepted any more (the backend, or its ring thread, is gone).
+    closed: bool,
+}
+
+/// Outcome of [`Queue::try_acquire`].
+enum Acquire {
+    Granted,
+    Full,
+    Closed,
+}
+
+impl Queue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                requests: VecDeque::with_capacity(capacity),
+                free: capacity,
+                waiters: BTreeMap::new(),
+                next_ticket: 0,
+                closed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Take a place now, if one is free and no one waits for one.
+    fn try_acquire(&self) -> Acquire {
+        let mut st = self.lock();
+        if st.closed {
+            Acquire::Closed
+        } else if st.waiters.is_empty() && st.free > 0 {
+            st.free = st.free.saturating_sub(1);
+            Acquire::Granted
+        } else {
+            Acquire::Full
+        }
+    }
+
+    /// For the submitter holding `ticket` (`None` before its first wait): `Ready(true)` when
+    /// it has a place (granted to its ticket, or free with no one waiting), `Ready(false)` when
+    /// the queue has closed, else `Pending` with its waker registered under its ticket.
+    fn poll_acquire(&self, ticket: &mut Option<u64>, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut st = self.lock();
+        if st.closed {
+            if let Some(t) = ticket.take() {
+                st.waiters.remove(&t);
+            }
+            return Poll::Ready(false);
+        }
+        match *ticket {
+            Some(t) => match st.waiters.get_mut(&t) {
+                // Granted by `grant`: the place is ours.
+                None => {
+                    *ticket = None;
+                    return Poll::Ready(true);
+                }
+                Some(w) => {
+                    if !w.will_wake(cx.waker()) {
+                        *w = cx.waker().clone();
+                    }
+                }
+            },
+            None => {
+                if st.waiters.is_empty() && st.free > 0 {
+                    st.free = st.free.saturating_sub(1);
+                    return Poll::Ready(true);
+                }
+                let t = st.next_ticket;
+                st.next_ticket = t.wrapping_add(1);
+                st.waiters.insert(t, cx.waker().clone());
+                *ticket = Some(t);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Put `request` in a place taken by [`try_acquire`](Self::try_acquire) or
+    /// [`poll_acquire`](Self::poll_acquire); it comes back if the queue has closed.
+    fn push(&self, request: Request) -> std::result::Result<(), Request> {
+        let mut st = self.lock();
+        if st.closed {
+            return Err(request);
+        }
+        st.requests.push_back(request);
+        Ok(())
+    }
+
+    /// Give back a place taken but not used.
+    fn release(&self) {
+        let wakers = {
+            let mut st = self.lock();
+            st.free = st.free.saturating_add(1);
+            st.grant()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// The submitter holding `ticket` is gone: forget it, and pass on a place it was granted.
+    fn cancel(&self, ticket: u64) {
+        let wakers = {
+            let mut st = self.lock();
+            if st.waiters.remove(&ticket).is_some() || st.closed {
+                return;
+            }
+            st.free = st.free.saturating_add(1);
+            st.grant()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Ring thread: move up to `max` requests into `out` and grant their places to waiters.
+    /// Returns whether the queue is closed and empty (no request will come any more).
+    fn take_into(&self, max: usize, out: &mut Vec<Request>) -> bool {
+        let (wakers, finished) = {
+            let mut st = self.lock();
+            let n = max.min(st.requests.len());
+            out.extend(st.requests.drain(..n));
+            st.free = st.free.saturating_add(n);
+            let wakers = st.grant();
+            (wakers, st.closed && st.requests.is_empty())
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        finished
+    }
+
+    /// Accept no more requests and wake every waiter (their futures then fail). `drain`: also
+    /// hand back the queued requests (the ring thread will not run them).
+    fn close(&self, drain: bool) -> Vec<Request> {
+        let (waiters, requests) = {
+            let mut st = self.lock();
+            st.closed = true;
+            let requests = if drain {
+                st.requests.drain(..).collect()
+            } else {
+                Vec::new()
+            };
+            (std::mem::take(&mut st.waiters), requests)
+        };
+        waiters.into_values().for_each(Waker::wake);
+        requests
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.requests.len(), st.waiters.len())
+    }
+}
+
+impl QueueState {
+    /// Grant free places to the longest waiters; returns their wakers, to wake once the lock
+    /// is released.
+    fn grant(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        while self.free > 0 {
+            let Some((_, waker)) = self.waiters.pop_first() else {
+                break;
+            };
+            self.free = self.free.saturating_sub(1);
+            wakers.push(waker);
+        }
+        wakers
+    }
+}
+
+/// A request waiting for a place in the queue, inside its [`IoFuture`].
+struct Waiting {
+    shared: Arc<Shared>,
+    ticket: Option<u64>,
+    planned: Option<Planned>,
+}
+
+impl Submit for Waiting {
+    fn poll_submit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.shared.queue.poll_acquire(&mut self.ticket, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(granted) => {
+                match self.planned.take() {
+                    Some(planned) if granted => self.shared.enqueue(planned),
+                    Some(_closed) => {} // Dropped: its future fails.
+                    None if granted => self.shared.queue.release(),
+                    None => {}
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl Drop for Waiting {
+    /// Cancelled before it was handed over: the request is dropped with this value, and a
+    /// place granted to it goes to the next waiter.
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.shared.queue.cancel(ticket);
+        }
+    }
 }
 
 impl std::fmt::Debug for UringBackend {
@@ -353,6 +667,7 @@ impl UringBackend {
         }
         let wake = rustix::event::eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
             .map_err(|e| io_error("eventfd", 0, e.into()))?;
+        let slots = usize::try_from(depth).unwrap_or(1);
         let shared = Arc::new(Shared {
             buffered,
             direct,
@@ -360,16 +675,18 @@ impl UringBackend {
             direct_mem_align: direct_align.1,
             direct_ok: AtomicBool::new(true),
             wake,
+            // Queue up to one more ring's worth of requests before submitters wait.
+            queue: Queue::new(slots),
+            #[cfg(test)]
+            stalled: AtomicBool::new(false),
         });
-        let slots = usize::try_from(depth).unwrap_or(1);
-        // Queue up to one more ring's worth of requests before submitters wait.
-        let (tx, rx) = mpsc::sync_channel(slots);
         let driver = Driver {
             ring,
             shared: Arc::clone(&shared),
-            queue: rx,
             slab: Slab::new(slots),
+            batch: Vec::with_capacity(slots),
             closing: false,
+            io_workers: options.io_workers,
         };
         let thread = std::thread::Builder::new()
             .name("ironlun-uring".into())
@@ -378,7 +695,6 @@ impl UringBackend {
         Ok(Self {
             file,
             shared,
-            queue: Some(tx),
             thread: Some(thread),
         })
     }
@@ -401,13 +717,32 @@ impl UringBackend {
         self.shared.direct.is_some() && self.shared.direct_ok.load(Ordering::Relaxed)
     }
 
-    /// Queue `request` for the ring thread (waiting while the queue is full) and wake it.
-    /// If the ring thread is gone, the request is dropped and its future fails.
-    fn submit(&self, request: Request) {
-        let Some(queue) = &self.queue else { return };
-        if queue.send(request).is_ok() {
-            self.shared.notify();
+    /// Hand `planned` to the ring thread if the queue has room, else make `future` (whose
+    /// completer `planned` holds) wait for a place; never blocks. If the ring thread is gone,
+    /// the request is dropped and the future fails.
+    fn submit<T>(&self, planned: Planned, future: IoFuture<T>) -> IoFuture<T> {
+        match self.shared.queue.try_acquire() {
+            Acquire::Granted => {
+                self.shared.enqueue(planned);
+                future
+            }
+            Acquire::Closed => {
+                drop(planned);
+                future
+            }
+            Acquire::Full => future.submitting(Box::new(Waiting {
+                shared: Arc::clone(&self.shared),
+                ticket: None,
+                planned: Some(planned),
+            })),
         }
+    }
+
+    /// Tests: stop (or resume) the ring thread taking requests from the queue.
+    #[cfg(test)]
+    fn stall(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::SeqCst);
+        self.shared.notify();
     }
 }
 
@@ -465,16 +800,15 @@ impl BlockBackend for UringBackend {
         if len == 0 {
             return IoFuture::ready(Ok(Bytes::new()));
         }
-        let Some(buf) = AlignedBuf::zeroed(len) else {
+        if len.checked_add(DIRECT_ALIGN).is_none() {
             return IoFuture::ready(Err(BackstoreError::OutOfRange {
                 offset,
                 len: len64(len),
                 size: self.size(),
             }));
-        };
+        }
         let (future, done) = IoFuture::pending();
-        self.submit(Request::Read { offset, buf, done });
-        future
+        self.submit(Planned::Read { offset, len, done }, future)
     }
 
     fn write_async(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
@@ -496,13 +830,15 @@ impl BlockBackend for UringBackend {
             WriteBuf::Shared(data)
         };
         let (future, done) = IoFuture::pending();
-        self.submit(Request::Write {
-            offset,
-            buf,
-            fua,
-            done,
-        });
-        future
+        self.submit(
+            Planned::Write {
+                offset,
+                buf,
+                fua,
+                done,
+            },
+            future,
+        )
     }
 
     fn flush_async(&self) -> IoFuture<()> {
@@ -510,16 +846,17 @@ impl BlockBackend for UringBackend {
             return IoFuture::ready(Ok(()));
         }
         let (future, done) = IoFuture::pending();
-        self.submit(Request::Flush { done });
-        future
+        self.submit(Planned::Flush { done }, future)
     }
 }
 
 impl Drop for UringBackend {
-    /// Stop accepting requests, let the ring thread finish every queued and in-flight request,
-    /// and join it.
+    /// Stop accepting requests (futures still waiting for a place fail), let the ring thread
+    /// finish every queued and in-flight request, and join it.
     fn drop(&mut self) {
-        self.queue = None;
+        #[cfg(test)]
+        self.shared.stalled.store(false, Ordering::SeqCst);
+        drop(self.shared.queue.close(false));
         self.shared.notify();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -640,8 +977,8 @@ impl Slab {
         }
     }
 
-    fn has_room(&self) -> bool {
-        !self.free.is_empty()
+    fn room(&self) -> usize {
+        self.free.len()
     }
 
     fn is_empty(&self) -> bool {
@@ -676,10 +1013,13 @@ impl Slab {
 struct Driver {
     ring: IoUring,
     shared: Arc<Shared>,
-    queue: Receiver<Request>,
     slab: Slab,
-    /// Every submitter is gone: finish in-flight requests, then exit.
+    /// Requests taken from the queue by `admit` (kept for its allocation).
+    batch: Vec<Request>,
+    /// The queue is closed and empty: finish in-flight requests, then exit.
     closing: bool,
+    /// [`UringOptions::io_workers`].
+    io_workers: u32,
 }
 
 /// What to do with a request after one of its CQEs.
@@ -697,6 +1037,14 @@ fn retryable(e: &io::Error) -> bool {
 
 impl Driver {
     fn run(mut self) {
+        if self.io_workers > 0 {
+            // Registered from this thread, the one that submits: the limit applies to the io-wq
+            // the kernel gives it (bounded: file I/O; unbounded: unused here).
+            let mut max = [self.io_workers, self.io_workers];
+            if let Err(e) = self.ring.submitter().register_iowq_max_workers(&mut max) {
+                tracing::debug!(error = %e, "cannot limit the io_uring workers (Linux < 5.15?)");
+            }
+        }
         if let Err(e) = self.push(self.wake_entry()) {
             self.fail(e);
             return;
@@ -745,17 +1093,21 @@ impl Driver {
         }
     }
 
-    /// Move queued requests into the slab while it has room, and push their SQEs.
+    /// Move queued requests into the slab while it has room (their places in the queue go to
+    /// waiting submitters), and push their SQEs.
     fn admit(&mut self) {
-        while !self.closing && self.slab.has_room() {
-            let request = match self.queue.try_recv() {
-                Ok(request) => request,
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    return;
-                }
-            };
+        if self.closing {
+            return;
+        }
+        #[cfg(test)]
+        if self.shared.stalled.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        if self.shared.queue.take_into(self.slab.room(), &mut batch) {
+            self.closing = true;
+        }
+        for request in batch.drain(..) {
             let (op, offset) = match request {
                 Request::Read { offset, buf, done } => (Op::Read { buf, done }, offset),
                 Request::Write {
@@ -779,6 +1131,7 @@ impl Driver {
                 }
             }
         }
+        self.batch = batch;
     }
 
     /// Push the SQE for the rest of the request in slot `index`; fail it if that is impossible
@@ -887,11 +1240,14 @@ fn advance(shared: &Shared, request: &mut InFlight, result: i32) -> Next {
 }
 
 impl Drop for Driver {
-    /// Normally the slab is empty here; if the thread is unwinding, leak what is in flight.
+    /// Normally the slab and the queue are empty here. If the ring failed or the thread is
+    /// unwinding, leak what is in flight, and fail what is queued or waiting (the kernel never
+    /// saw those buffers).
     fn drop(&mut self) {
         if !self.slab.is_empty() {
             self.fail(io::Error::other("the io_uring thread stopped"));
         }
+        drop(self.shared.queue.close(true));
     }
 }
 
@@ -918,7 +1274,7 @@ impl Driver {
                 }
             }
         }
-        // Requests still queued fail as their completers drop with the queue.
+        // Requests still queued or waiting fail when `Drop` closes the queue.
     }
 }
 
@@ -1107,6 +1463,31 @@ mod tests {
     }
 
     #[test]
+    fn accepts_one_io_worker() {
+        // Buffered FUA writes and flushes need io-wq workers; one is enough to finish them.
+        let dir = tempfile::tempdir().unwrap();
+        let b = UringBackend::open(
+            dir.path().join("lu.img"),
+            UringOptions {
+                io_workers: 1,
+                ..options(1 << 20, false)
+            },
+        )
+        .unwrap();
+        let writes: Vec<_> = (0..32u64)
+            .map(|i| b.write_async(i * 4096, Bytes::from(pattern(i as u8, 4096)), true))
+            .collect();
+        let flush = b.flush_async();
+        for w in writes {
+            w.wait().unwrap();
+        }
+        flush.wait().unwrap();
+        for i in 0..32u64 {
+            assert_eq!(b.read(i * 4096, 4096).unwrap(), pattern(i as u8, 4096));
+        }
+    }
+
+    #[test]
     fn refused_setup_maps_to_unsupported() {
         // ENOSYS: no io_uring in the kernel; EPERM: seccomp or kernel.io_uring_disabled = 2.
         for errno in [libc::ENOSYS, libc::EPERM, libc::EACCES, libc::EINVAL] {
@@ -1135,6 +1516,183 @@ mod tests {
             past.wait(),
             Err(BackstoreError::OutOfRange { .. })
         ));
+    }
+
+    fn tiny_ring(size: u64, depth: u32) -> UringBackend {
+        let dir = tempfile::tempdir().unwrap();
+        UringBackend::open(
+            dir.path().join("lu.img"),
+            UringOptions {
+                ring_depth: depth,
+                ..options(size, false)
+            },
+        )
+        .unwrap()
+    }
+
+    /// Run `f` on a current-thread runtime in a thread of its own; fail (instead of hanging)
+    /// if it does not finish within a minute, e.g. because a submitter blocked the thread.
+    fn on_current_thread<F>(f: impl FnOnce() -> F + Send + 'static)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(f());
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(()) => t.join().unwrap(),
+            Err(_) if t.is_finished() => std::panic::resume_unwind(t.join().unwrap_err()),
+            Err(_) => panic!("the runtime's thread is stuck"),
+        }
+    }
+
+    /// A ring 2 deep whose thread takes nothing: 64 tasks of one current-thread runtime submit
+    /// reads and writes; 2 are queued, 62 wait in their futures, and a task on the same thread
+    /// keeps running. Once the ring resumes, every request completes.
+    #[test]
+    fn full_ring_never_blocks_a_current_thread_runtime() {
+        use std::sync::atomic::AtomicUsize;
+        const N: u64 = 64;
+        let b = Arc::new(tiny_ring(1 << 20, 2));
+        for i in 0..N {
+            b.write(i * 4096, &pattern(i as u8, 4096), false).unwrap();
+        }
+        let b2 = Arc::clone(&b);
+        on_current_thread(move || async move {
+            let b = b2;
+            b.stall(true);
+            let ticks = Arc::new(AtomicUsize::new(0));
+            let ticker = {
+                let ticks = Arc::clone(&ticks);
+                tokio::spawn(async move {
+                    loop {
+                        ticks.fetch_add(1, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            let tasks: Vec<_> = (0..N)
+                .map(|i| {
+                    let b = Arc::clone(&b);
+                    tokio::spawn(async move {
+                        if i % 2 == 0 {
+                            let got = b.read_async(i * 4096, 4096).await.unwrap();
+                            assert_eq!(got, pattern(i as u8, 4096), "read {i}");
+                        } else {
+                            let data = Bytes::from(pattern(100 + i as u8, 4096));
+                            b.write_async((512 << 10) + i * 4096, data, i % 4 == 1)
+                                .await
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(b.shared.queue.counts(), (2, N as usize - 2));
+            let before = ticks.load(Ordering::SeqCst);
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert!(
+                ticks.load(Ordering::SeqCst) >= before + 50,
+                "the ticker stalled"
+            );
+            assert!(tasks.iter().all(|t| !t.is_finished()));
+            b.stall(false);
+            for t in tasks {
+                t.await.unwrap();
+            }
+            assert_eq!(b.shared.queue.counts(), (0, 0));
+            assert!(ticks.load(Ordering::SeqCst) > before + 100);
+            ticker.abort();
+        });
+        for i in (1..N).step_by(2) {
+            let got = b.read((512 << 10) + i * 4096, 4096).unwrap();
+            assert_eq!(got, pattern(100 + i as u8, 4096), "write {i}");
+        }
+    }
+
+    /// Waiting futures get places in the order they first polled; one dropped while waiting,
+    /// or after being granted a place, cancels its request and passes the place on.
+    #[test]
+    fn dropped_waiters_cancel_and_pass_their_place_on() {
+        use std::task::Wake;
+        struct Flag(AtomicBool);
+        impl Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let b = tiny_ring(1 << 20, 1);
+        b.stall(true);
+        let write = |i: u64| b.write_async(i * 4096, Bytes::from(pattern(i as u8, 4096)), false);
+        let f0 = write(0);
+        assert!(!f0.is_waiting(), "a free place is taken at once");
+        let mut waiting: Vec<_> = (1..6).map(write).collect();
+        assert!(waiting.iter().all(IoFuture::is_waiting));
+        let flags: Vec<_> = (0..5)
+            .map(|_| Arc::new(Flag(AtomicBool::new(false))))
+            .collect();
+        for (f, flag) in waiting.iter_mut().zip(&flags) {
+            let waker = Waker::from(Arc::clone(flag));
+            let mut cx = Context::from_waker(&waker);
+            assert!(std::future::Future::poll(std::pin::Pin::new(f), &mut cx).is_pending());
+        }
+        assert_eq!(b.shared.queue.counts(), (1, 5));
+        b.stall(false);
+        f0.wait().unwrap();
+        // The ring took f0's request: its place went to the first waiter, which was woken.
+        assert!(flags[0].0.load(Ordering::SeqCst));
+        assert!(!flags[1].0.load(Ordering::SeqCst));
+        let mut waiting = waiting.into_iter();
+        let (f1, f2, f3, f4, f5) = (
+            waiting.next().unwrap(),
+            waiting.next().unwrap(),
+            waiting.next().unwrap(),
+            waiting.next().unwrap(),
+            waiting.next().unwrap(),
+        );
+        drop(f1); // Granted, never handed over: the place goes to f2.
+        assert!(flags[1].0.load(Ordering::SeqCst));
+        drop(f3); // Still waiting.
+        assert_eq!(b.shared.queue.counts(), (0, 2));
+        // f2 holds the only place; then f4, then f5 get it in turn.
+        f2.wait().unwrap();
+        f4.wait().unwrap();
+        f5.wait().unwrap();
+        assert_eq!(b.shared.queue.counts(), (0, 0));
+        for i in 0..6u64 {
+            let want = if i == 1 || i == 3 {
+                vec![0; 4096]
+            } else {
+                pattern(i as u8, 4096)
+            };
+            assert_eq!(b.read(i * 4096, 4096).unwrap(), want, "block {i}");
+        }
+    }
+
+    /// Dropping the backend fails the futures still waiting for a place (they do not hang)
+    /// and finishes the queued request.
+    #[test]
+    fn waiting_futures_fail_when_the_backend_goes() {
+        let b = tiny_ring(1 << 20, 1);
+        b.stall(true);
+        let queued = b.write_async(0, Bytes::from(pattern(1, 4096)), false);
+        let waiting: Vec<_> = (1..4u64).map(|i| b.read_async(i * 4096, 4096)).collect();
+        assert!(waiting.iter().all(IoFuture::is_waiting));
+        b.stall(false);
+        drop(b);
+        queued.wait().unwrap();
+        for f in waiting {
+            assert!(matches!(f.wait(), Err(BackstoreError::Io { .. })));
+        }
     }
 
     #[test]
