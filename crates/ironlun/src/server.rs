@@ -441,6 +441,12 @@ impl Server {
             auth_limiter,
             live: live.clone(),
         };
+        // Idle read buffers the LUs' pools keep are payload memory too: at most an eighth of
+        // the budget (and never more than the pool's own default), freed after seconds idle.
+        let pooled = usize::try_from(cfg.limits.max_buffered / 8)
+            .unwrap_or(usize::MAX)
+            .min(ironlun_backstore::buffers::DEFAULT_RETAINED_LIMIT);
+        ironlun_backstore::buffers::set_retained_limit(pooled);
         Ok(Server {
             listeners,
             registry,
