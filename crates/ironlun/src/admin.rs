@@ -573,7 +573,8 @@ impl From<HttpError> for Response {
     }
 }
 
-/// The `code` of an error that has no more specific one.
+/// The `code` of an error that has no more specific one (hyper answers malformed heads,
+/// 431 and 505 itself, with no body).
 pub fn status_code(status: u16) -> &'static str {
     match status {
         400 => "bad_request",
@@ -584,10 +585,7 @@ pub fn status_code(status: u16) -> &'static str {
         408 => "request_timeout",
         409 => "conflict",
         413 => "body_too_large",
-        431 => "head_too_large",
-        501 => "not_implemented",
         503 => "unavailable",
-        505 => "http_version",
         _ => "internal",
     }
 }
