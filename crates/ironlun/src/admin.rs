@@ -1485,6 +1485,44 @@ mod tests {
     }
 
     #[test]
+    fn a_full_table_closes_the_oldest_idle_connection() {
+        let conns = Arc::new(Conns::default());
+        let mut slots: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| conns.admit().unwrap())
+            .collect();
+        // The oldest is inside a handler: it is kept, the next oldest is closed.
+        let busy = Busy::enter(&slots[0].busy);
+        let mut newest = conns.admit().unwrap();
+        assert!(
+            slots[0].closed.try_recv().is_err(),
+            "a busy connection was closed"
+        );
+        assert!(
+            slots[1].closed.try_recv().is_ok(),
+            "the oldest idle one stays"
+        );
+        assert!(newest.closed.try_recv().is_err());
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS);
+        // The closed connection's task ending changes nothing more; another one ending
+        // frees its place.
+        drop(slots.remove(1));
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS);
+        drop(slots.pop());
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS - 1);
+        drop(busy);
+        let mut refill = conns.admit().unwrap();
+        // Every connection busy: nothing to close, the new one is refused.
+        let guards: Vec<Busy> = slots
+            .iter()
+            .chain([&newest, &refill])
+            .map(|s| Busy::enter(&s.busy))
+            .collect();
+        assert!(conns.admit().is_none());
+        assert!(newest.closed.try_recv().is_err() && refill.closed.try_recv().is_err());
+        drop(guards);
+    }
+
+    #[test]
     fn authorize_without_and_with_a_token() {
         assert!(authorize(None, None).is_ok());
         let t = Token::new("0123456789abcdef").unwrap();
