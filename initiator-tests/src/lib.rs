@@ -54,7 +54,8 @@ pub struct Daemon {
     /// Every `listening` address, one per portal, in the order printed.
     pub addrs: Vec<String>,
     pub urls: Vec<String>,
-    /// The admin API's base URL (`http://127.0.0.1:PORT`), once printed.
+    /// The admin API as printed (`unix:<dir>/admin.sock`, the daemon's default socket in its
+    /// data directory), for `ironlun ctl --admin` and `ironlun migrate --admin`.
     pub admin: Option<String>,
     pub dir: tempfile::TempDir,
     stderr: mpsc::Receiver<String>,
@@ -80,11 +81,10 @@ impl Daemon {
         if listen_any {
             cmd.arg("--listen").arg("127.0.0.1:0");
         }
-        // A free port: parallel daemons must not collide on the default 127.0.0.1:3262.
-        cmd.arg("--admin")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(dir.path());
+        // The admin API on its default socket, DIR/admin.sock: parallel daemons never collide.
+        cmd.arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("RUNTIME_DIRECTORY");
         if let Some(text) = config {
             let p = dir.path().join("ironlun.toml");
             std::fs::write(&p, text).unwrap();

@@ -226,13 +226,7 @@ fn daemon_refuses_non_devices_and_busy_devices() {
         .unwrap();
         let (ok, out) = run(Command::new(&bin)
             .arg("serve")
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .arg("-c")
             .arg(&cfg));

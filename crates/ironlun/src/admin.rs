@@ -1,5 +1,7 @@
-//! The admin API: HTTP/1.1 with JSON bodies, served by the daemon on `[admin] listen`
-//! (loopback by default; `ironlun ctl` is its client, [`crate::ctl`]).
+//! The admin API: HTTP/1.1 with JSON bodies, served by the daemon with hyper on an owner-only
+//! Unix socket by default (`<data_dir>/admin.sock`, or `$RUNTIME_DIRECTORY/admin.sock` under
+//! systemd), or on TCP when `[admin] listen = "IP:PORT"` and a token are configured.
+//! `ironlun ctl` is its client ([`crate::ctl`]).
 //!
 //! Endpoints (all answering `application/json`):
 //! - `GET /v1/health` → `{"status":"ok","version":"…"}`;
@@ -13,50 +15,57 @@
 //! - `GET /v1/events?since=SEQ` → [`EventsJson`] (bounded ring buffer of PR OUT, ownership and
 //!   handover events);
 //! - `GET /v1/port-groups`, `PUT /v1/port-groups/<id>` `{"state"}` → ALUA target port groups
-//!   ([`crate::port_groups`]).
+//!   ([`crate::port_groups`]);
+//! - the live reconfiguration routes of [`crate::reconfig::route`].
 //!
 //! Errors are `{"error":"…","code":"…"}` with a 4xx/5xx status; refused ownership steps are
 //! 409 with the code naming the reason ([`op_error`]), malformed bodies 400. With
 //! `[admin] token_file` every request needs `Authorization: Bearer <token>` (RFC 6750 §2.1),
-//! else 401.
+//! else 401; the token is compared in constant time ([`Token::admits`]).
 //!
-//! The HTTP layer is a deliberately small, strict HTTP/1.1 subset (RFC 9112): one request per
-//! connection (`Connection: close`), a request head of at most [`MAX_HEAD`] bytes and
-//! [`MAX_HEADERS`] fields, a body only with `Content-Length` up to [`MAX_BODY`], no
-//! `Transfer-Encoding`, a deadline for receiving the whole request (a handover commit then
-//! runs for up to its own `deadline_ms` plus the flush), and a bounded number of connections.
-//! The parser ([`parse_head`]) is pure and never panics on any input.
+//! Transport contract ([`AdminServer::run`]): HTTP/1.1 with keep-alive; a request head must
+//! arrive within [`HEADER_READ_TIMEOUT`] (an idle keep-alive connection is closed after it too)
+//! and fit in [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields; a body is at most [`MAX_BODY`]
+//! bytes and must arrive within [`BODY_TIMEOUT`]; a connection serves at most
+//! [`MAX_REQUESTS_PER_CONNECTION`] requests. At most [`MAX_CONNECTIONS`] connections are kept:
+//! a new one beyond that closes the oldest connection that has no request in a handler, so
+//! slow or idle clients never lock out a new one (a handover commit in progress is never cut).
 
-use crate::config;
+use crate::config::{self, AdminListen};
 use crate::target::{CommitSteps, Event, LunHandle, OnDeadline, OwnershipOpError, Registry};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use ironlun_scsi::pr::ownership::{Handover, OwnershipError};
 use ironlun_scsi::pr::{PrSnapshot, ReservationType};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-/// Largest request head (request line and header fields) accepted; beyond: 431.
+/// Largest request head (request line and header fields) accepted; beyond: 431. (hyper's
+/// read buffer; its minimum is 8 KiB.)
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most header fields in a request; beyond: 431 (RFC 6585 §5).
 pub const MAX_HEADERS: usize = 64;
-/// Largest request body (`Content-Length`); beyond: 413.
+/// Largest request body; beyond: 413.
 pub const MAX_BODY: u64 = 64 * 1024;
-/// The whole request must arrive within this (slow clients get 408).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Writing the response must finish within this.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 64;
-/// After the response, unread request bytes are drained (so that closing does not reset the
-/// connection before the client reads the response) for at most this long / this much.
-const LINGER: Duration = Duration::from_millis(500);
-const LINGER_BYTES: usize = 1 << 20;
+/// A request head (or, on a kept-alive connection, the next one) must arrive within this;
+/// then the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request body must arrive within this once its head is read (else 408).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections kept at once. Beyond it, each new connection closes the oldest one that is
+/// not running a handler ([`AdminServer::run`]).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Requests served on one connection; the last answer carries `Connection: close`.
+pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
 /// How long shutdown lets connections in progress finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Token files larger than this are refused (a token is a short line).
@@ -299,20 +308,19 @@ pub fn lu_reservations(target: &str, lun: u64, s: &PrSnapshot) -> LuReservations
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP/1.1 subset (RFC 9112), pure.
+// Requests as the handlers see them.
 
-/// A parsed request head.
+/// The parts of a request the handlers read (built from hyper's request head by the server,
+/// or directly by tests and the fuzz target).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     /// The path of the origin-form request target, still percent-encoded, without the query.
     pub path: String,
-    /// The query (after `?`, before any `#`), still percent-encoded.
+    /// The query (after `?`), still percent-encoded.
     pub query: Option<String>,
     /// `Authorization` field value, if present.
     pub authorization: Option<String>,
-    /// Body length (`Content-Length`, 0 without it).
-    pub content_length: u64,
 }
 
 /// A request refused before routing: the status to answer and why.
@@ -332,159 +340,6 @@ impl HttpError {
             allow: None,
         }
     }
-}
-
-/// Offset just past the blank line that ends a request head (`CRLF CRLF`), if `buf` holds it.
-pub fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .and_then(|p| p.checked_add(4))
-}
-
-/// `tchar` (RFC 9110 §5.6.2).
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Parse a request head: everything up to and including the blank line (RFC 9112 §2.1).
-/// Lines end in CRLF; a bare CR or LF, obsolete line folding, whitespace before a field's
-/// colon, a missing or repeated `Host` in HTTP/1.1, conflicting `Content-Length`s and
-/// `Transfer-Encoding` are refused.
-pub fn parse_head(head: &[u8]) -> Result<Request, HttpError> {
-    if head.len() > MAX_HEAD {
-        return Err(HttpError::new(431, "request head too large"));
-    }
-    if !head.ends_with(b"\r\n\r\n") {
-        return Err(HttpError::new(
-            400,
-            "request head does not end with CRLF CRLF",
-        ));
-    }
-    // Every line, the last field's too, keeps its CR: each must end with CR LF.
-    let text = head.strip_suffix(b"\n\r\n").unwrap_or_default();
-    let mut lines = text.split(|b| *b == b'\n').map(|l| {
-        l.strip_suffix(b"\r")
-            .ok_or_else(|| HttpError::new(400, "bare LF in request head"))
-    });
-    let request_line = lines
-        .next()
-        .ok_or_else(|| HttpError::new(400, "empty request"))??;
-    let (method, path, query, minor) = parse_request_line(request_line)?;
-    let mut authorization = None;
-    let mut content_length: Option<u64> = None;
-    let mut hosts = 0usize;
-    let mut fields = 0usize;
-    for line in lines {
-        let line = line?;
-        fields = fields.saturating_add(1);
-        if fields > MAX_HEADERS {
-            return Err(HttpError::new(431, "too many header fields"));
-        }
-        if line.contains(&b'\r') {
-            return Err(HttpError::new(400, "bare CR in request head"));
-        }
-        let colon = line
-            .iter()
-            .position(|b| *b == b':')
-            .ok_or_else(|| HttpError::new(400, "header field without a colon"))?;
-        let (name, rest) = line.split_at(colon);
-        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
-            // Includes obs-fold (a line starting with whitespace) and "Name :" (RFC 9112 §5.1).
-            return Err(HttpError::new(400, "malformed header field name"));
-        }
-        let value = rest.get(1..).unwrap_or_default();
-        if value
-            .iter()
-            .any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f)
-        {
-            return Err(HttpError::new(400, "control character in a header field"));
-        }
-        let value = String::from_utf8_lossy(value)
-            .trim_matches([' ', '\t'])
-            .to_string();
-        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-        match name.as_str() {
-            "host" => hosts = hosts.saturating_add(1),
-            "authorization" if authorization.is_some() => {
-                return Err(HttpError::new(400, "repeated Authorization"));
-            }
-            "authorization" => authorization = Some(value),
-            "content-length" => {
-                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(HttpError::new(400, "malformed Content-Length"));
-                }
-                let n = value
-                    .parse::<u64>()
-                    .map_err(|_| HttpError::new(413, "request body too large"))?;
-                if content_length.is_some_and(|c| c != n) {
-                    return Err(HttpError::new(400, "conflicting Content-Length"));
-                }
-                content_length = Some(n);
-            }
-            "transfer-encoding" => {
-                return Err(HttpError::new(
-                    501,
-                    "Transfer-Encoding is not supported; send Content-Length",
-                ))
-            }
-            _ => {}
-        }
-    }
-    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host field is refused.
-    if minor == 1 && hosts != 1 {
-        return Err(HttpError::new(400, "HTTP/1.1 needs exactly one Host field"));
-    }
-    let content_length = content_length.unwrap_or(0);
-    if content_length > MAX_BODY {
-        return Err(HttpError::new(413, "request body too large"));
-    }
-    Ok(Request {
-        method,
-        path,
-        query,
-        authorization,
-        content_length,
-    })
-}
-
-/// `method SP request-target SP HTTP-version` (RFC 9112 §3); the target in origin form.
-fn parse_request_line(line: &[u8]) -> Result<(String, String, Option<String>, u8), HttpError> {
-    let bad = || HttpError::new(400, "malformed request line");
-    let mut parts = line.split(|b| *b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad());
-    };
-    if method.is_empty() || !method.iter().all(|b| is_tchar(*b)) {
-        return Err(bad());
-    }
-    if target.first() != Some(&b'/') || !target.iter().all(|b| (0x21..0x7f).contains(b)) {
-        return Err(HttpError::new(
-            400,
-            "request target must be an absolute path (origin form)",
-        ));
-    }
-    let minor = match version {
-        b"HTTP/1.1" => 1,
-        b"HTTP/1.0" => 0,
-        v if v.starts_with(b"HTTP/") => {
-            return Err(HttpError::new(505, "only HTTP/1.0 and HTTP/1.1 are served"))
-        }
-        _ => return Err(bad()),
-    };
-    let target = target.split(|b| *b == b'#').next().unwrap_or_default();
-    let mut halves = target.splitn(2, |b| *b == b'?');
-    let path = halves.next().unwrap_or_default();
-    let query = halves
-        .next()
-        .map(|q| String::from_utf8_lossy(q).into_owned());
-    Ok((
-        String::from_utf8_lossy(method).into_owned(),
-        String::from_utf8_lossy(path).into_owned(),
-        query,
-        minor,
-    ))
 }
 
 /// Decode `%XX` escapes of one path segment; `None` for a bad escape or non-UTF-8 result.
@@ -680,24 +535,31 @@ impl Response {
         }
     }
 
-    /// The bytes on the wire: status line, fields, body.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len()
-        );
+    /// The HTTP response: status, `Content-Type`, `Cache-Control: no-store`, and
+    /// `WWW-Authenticate` on 401 (RFC 6750 §3) / `Allow` on 405 (RFC 9110 §10.2.1). A status
+    /// outside 100..=999 (never built here) becomes 500.
+    pub fn into_http(self) -> hyper::Response<Full<Bytes>> {
+        use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
+        let status = hyper::StatusCode::from_u16(self.status)
+            .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self.status {
-            401 => out.push_str("WWW-Authenticate: Bearer realm=\"ironlun\"\r\n"),
-            405 => out.push_str(&format!("Allow: {}\r\n", self.allow)),
+            401 => {
+                h.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"ironlun\""),
+                );
+            }
+            405 => {
+                h.insert(ALLOW, HeaderValue::from_static(self.allow));
+            }
             _ => {}
         }
-        out.push_str("\r\n");
-        let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(&self.body);
-        bytes
+        r
     }
 }
 
@@ -711,20 +573,19 @@ impl From<HttpError> for Response {
     }
 }
 
-/// The `code` of an error that has no more specific one.
+/// The `code` of an error that has no more specific one (hyper answers malformed heads,
+/// 431 and 505 itself, with no body).
 pub fn status_code(status: u16) -> &'static str {
     match status {
         400 => "bad_request",
         401 => "unauthorized",
+        403 => "forbidden",
         404 => "not_found",
         405 => "method_not_allowed",
         408 => "request_timeout",
         409 => "conflict",
         413 => "body_too_large",
-        431 => "head_too_large",
-        501 => "not_implemented",
         503 => "unavailable",
-        505 => "http_version",
         _ => "internal",
     }
 }
@@ -751,26 +612,6 @@ pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
         OwnershipOpError::AbortTimeout(_) => (503, "abort_timeout"),
         OwnershipOpError::Flush(_) => (500, "flush_failed"),
         OwnershipOpError::Persist(_) => (500, "persist_failed"),
-    }
-}
-
-/// Reason phrases of the statuses this server sends (RFC 9110 §15).
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
     }
 }
 
@@ -849,6 +690,17 @@ impl Token {
     }
 }
 
+/// The bearer-token check every request passes first: `Ok` without a configured token or
+/// with the right `Authorization` value, else the 401 answer.
+pub fn authorize(token: Option<&Token>, authorization: Option<&str>) -> Result<(), Response> {
+    match token {
+        Some(t) if !t.admits(authorization) => {
+            Err(Response::error(401, "missing or wrong bearer token"))
+        }
+        _ => Ok(()),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handling.
 
@@ -860,10 +712,8 @@ pub async fn respond(
     token: Option<&Token>,
     registry: &Registry,
 ) -> Response {
-    if let Some(t) = token {
-        if !t.admits(req.authorization.as_deref()) {
-            return Response::error(401, "missing or wrong bearer token");
-        }
+    if let Err(r) = authorize(token, req.authorization.as_deref()) {
+        return r;
     }
     // Live reconfiguration (LUNs, reload, config): its own routing table.
     if let Some(r) = crate::reconfig::route(&req.method, &req.path, body, registry).await {
@@ -1072,92 +922,75 @@ pub fn since(query: Option<&str>) -> Result<u64, Response> {
     Ok(since)
 }
 
-/// Read one request (head and body) from `s`; `Err` with the response for a request that
-/// cannot be served, `Ok(None)` when the peer went away without sending anything worth an
-/// answer.
-async fn read_request(s: &mut TcpStream) -> Result<Option<(Request, Vec<u8>)>, Response> {
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    // Where the blank line may start: bytes before it were searched already (a client sending
-    // one byte per packet costs linear, not quadratic, work).
-    let mut searched = 0usize;
-    let head_len = loop {
-        if let Some(end) = buf
-            .get(searched..)
-            .and_then(head_end)
-            .and_then(|e| e.checked_add(searched))
-        {
-            break end;
-        }
-        searched = buf.len().saturating_sub(3);
-        if buf.len() >= MAX_HEAD {
-            return Err(Response::error(431, "request head too large"));
-        }
-        let Ok(n) = s.read(&mut chunk).await else {
-            return Ok(None);
-        };
-        if n == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(Response::error(400, "incomplete request head"))
-            };
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+// ---------------------------------------------------------------------------------------------
+// Serving (hyper).
+
+/// Answer one hyper request: the head checks hyper leaves to us (exactly one `Host` in
+/// HTTP/1.1, RFC 9112 §3.2; at most one `Authorization`), the token before any body byte is
+/// read, then the body (bounded by [`MAX_BODY`] and [`BODY_TIMEOUT`]) and [`respond`].
+pub async fn handle(
+    req: hyper::Request<Incoming>,
+    token: Option<&Token>,
+    registry: &Registry,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let (request, declared) = match request_of(&parts) {
+        Ok(r) => r,
+        Err(e) => return e.into(),
     };
-    let req = parse_head(buf.get(..head_len).unwrap_or_default()).map_err(Response::from)?;
-    // The body: bounded by parse_head (at most MAX_BODY); bytes beyond it are ignored.
-    let want = usize::try_from(req.content_length)
-        .map_err(|_| Response::error(413, "request body too large"))?;
-    let mut body: Vec<u8> = buf.get(head_len..).unwrap_or_default().to_vec();
-    while body.len() < want {
-        let Ok(n) = s.read(&mut chunk).await else {
-            return Ok(None);
-        };
-        if n == 0 {
-            return Err(Response::error(400, "incomplete request body"));
-        }
-        body.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    if let Err(r) = authorize(token, request.authorization.as_deref()) {
+        return r;
     }
-    body.truncate(want);
-    Ok(Some((req, body)))
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Response::error(413, "request body too large");
+    }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit()).collect()).await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Response::error(413, "request body too large")
+        }
+        Ok(Err(e)) => return Response::error(400, &format!("request body: {e}")),
+        Err(_) => return Response::error(408, "request body not received in time"),
+    };
+    respond(&request, &body, token, registry).await
 }
 
-async fn serve_connection(mut s: TcpStream, token: Option<Arc<Token>>, registry: Arc<Registry>) {
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut s)).await {
-        Ok(Ok(Some((req, body)))) => respond(&req, &body, token.as_deref(), &registry).await,
-        Ok(Ok(None)) => return,
-        Ok(Err(r)) => r,
-        Err(_) => Response::error(408, "request not received in time"),
-    };
-    if response.status >= 400 {
-        tracing::debug!(status = response.status, "admin request refused");
-    }
-    write_and_close(s, &response).await;
+/// [`MAX_BODY`] as the `usize` that [`Limited`] takes.
+fn limit() -> usize {
+    usize::try_from(MAX_BODY).unwrap_or(usize::MAX)
 }
 
-/// Write the response, half-close, and drain what the client still sends (bounded) so the
-/// close does not reset the connection before the response is read.
-async fn write_and_close(mut s: TcpStream, response: &Response) {
-    let wire = response.encode();
-    if !matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, s.write_all(&wire)).await,
-        Ok(Ok(()))
-    ) {
-        return;
+/// The handlers' view of a request head, and its declared `Content-Length` (hyper has
+/// already refused malformed or conflicting ones).
+pub fn request_of(
+    parts: &hyper::http::request::Parts,
+) -> Result<(Request, Option<u64>), HttpError> {
+    use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
+    if parts.version == hyper::Version::HTTP_11 && parts.headers.get_all(HOST).iter().count() != 1 {
+        return Err(HttpError::new(400, "HTTP/1.1 needs exactly one Host field"));
     }
-    let _ = s.shutdown().await;
-    let drain = async {
-        let mut chunk = [0u8; 4096];
-        let mut total = 0usize;
-        while let Ok(n) = s.read(&mut chunk).await {
-            total = total.saturating_add(n);
-            if n == 0 || total > LINGER_BYTES {
-                break;
-            }
-        }
+    let mut auth = parts.headers.get_all(AUTHORIZATION).iter();
+    let authorization = match (auth.next(), auth.next()) {
+        (_, Some(_)) => return Err(HttpError::new(400, "repeated Authorization")),
+        // A value that is not visible ASCII can never be the token: treated as absent (401).
+        (Some(v), None) => v.to_str().ok().map(str::to_owned),
+        (None, None) => None,
     };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    Ok((
+        Request {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            authorization,
+        },
+        declared,
+    ))
 }
 
 /// Warn when the token file is readable by group or others (the token is a password).
@@ -1171,30 +1004,118 @@ fn warn_if_shared(path: &Path) {
     }
 }
 
+/// The bound listener.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, SocketFile),
+}
+
+/// The socket file this daemon created; removed at shutdown if it is still the same file.
+struct SocketFile {
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.dev_ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Bind the admin socket at `path`, owner-only from its first moment: the socket is created
+/// in a fresh 0700 directory beside `path`, set to 0600, then renamed into place (so nobody
+/// else can connect in between, whatever the umask). A stale socket (nobody accepting) is
+/// replaced; a socket a live process accepts on, or any other kind of file, is an error.
+fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), String> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+    let fail =
+        |what: &str, e: std::io::Error| format!("admin socket {}: {what}: {e}", path.display());
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|e| fail("cannot create its directory", e))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(format!(
+                    "admin socket {}: another process (an ironlun daemon?) is serving on it; stop it or set [admin] listen / --admin unix:PATH",
+                    path.display()
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing a stale admin socket");
+                std::fs::remove_file(path).map_err(|e| fail("cannot remove the stale socket", e))?;
+            }
+            Err(e) => return Err(fail("exists and cannot be checked", e)),
+        },
+        Ok(_) => {
+            return Err(format!(
+                "admin socket {}: exists and is not a socket; not replacing it",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail("cannot check", e)),
+    }
+    let staging = parent.join(format!(".admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|e| fail("cannot create a private directory beside it", e))?;
+    let tmp = staging.join("s");
+    let bound = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| fail("bind", e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail("chmod 600", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| fail("cannot move it into place", e))?;
+        Ok::<_, String>(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&staging);
+    let l = bound?;
+    let m = std::fs::symlink_metadata(path).map_err(|e| fail("cannot check", e))?;
+    l.set_nonblocking(true)
+        .map_err(|e| fail("nonblocking", e))?;
+    let l = UnixListener::from_std(l).map_err(|e| fail("register", e))?;
+    Ok((
+        l,
+        SocketFile {
+            path: path.to_path_buf(),
+            dev_ino: (m.dev(), m.ino()),
+        },
+    ))
+}
+
 /// The admin API, bound and ready to serve.
 pub struct AdminServer {
-    listener: TcpListener,
+    listener: Listener,
     registry: Arc<Registry>,
     token: Option<Arc<Token>>,
 }
 
 impl AdminServer {
-    /// Load the token and bind `[admin] listen`. `Ok(None)` when the API is disabled, or when
-    /// the default address (not configured explicitly) is taken: then the daemon serves iSCSI
-    /// without an admin API and says so. A configured address that cannot be bound, or an
-    /// unreadable token file, is an error.
+    /// Load the token and bind `[admin] listen` (the default Unix socket under `data_dir`
+    /// or `$RUNTIME_DIRECTORY`, [`config::default_admin_socket`]). `Ok(None)` when the API is
+    /// disabled. TCP without a token, an unreadable token file, or an address that cannot
+    /// be bound is an error.
     pub async fn bind(
         cfg: &config::Admin,
+        data_dir: &Path,
         registry: Arc<Registry>,
     ) -> Result<Option<AdminServer>, String> {
         if !cfg.enabled {
             return Ok(None);
-        }
-        if !cfg.listen.ip().is_loopback() && cfg.token_file.is_none() {
-            return Err(format!(
-                "admin API on {} (not loopback) needs [admin] token_file",
-                cfg.listen
-            ));
         }
         let token = match &cfg.token_file {
             Some(p) => {
@@ -1204,13 +1125,26 @@ impl AdminServer {
             }
             None => None,
         };
-        let listener = match TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(e) if !cfg.listen_explicit => {
-                tracing::warn!(addr = %cfg.listen, error = %e, "admin API disabled: cannot bind its default address (set [admin] listen or --admin)");
-                return Ok(None);
+        let listener = match &cfg.listen {
+            AdminListen::Tcp(addr) => {
+                if token.is_none() {
+                    return Err(format!(
+                        "admin API on TCP {addr} needs a bearer token: set [admin] token_file"
+                    ));
+                }
+                Listener::Tcp(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| format!("admin API: bind {addr}: {e}"))?,
+                )
             }
-            Err(e) => return Err(format!("admin API: bind {}: {e}", cfg.listen)),
+            AdminListen::Unix(path) => {
+                let path = path
+                    .clone()
+                    .unwrap_or_else(|| config::default_admin_socket(data_dir));
+                let (l, f) = bind_unix(&path)?;
+                Listener::Unix(l, f)
+            }
         };
         Ok(Some(AdminServer {
             listener,
@@ -1219,54 +1153,212 @@ impl AdminServer {
         }))
     }
 
-    /// The bound address (port 0 resolved).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+    /// Where clients reach it: `http://IP:PORT` (port 0 resolved) or `unix:PATH`.
+    pub fn endpoint(&self) -> Option<String> {
+        match &self.listener {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| format!("http://{a}")),
+            Listener::Unix(_, f) => Some(format!("unix:{}", f.path.display())),
+        }
     }
 
     /// Serve until `shutdown` flips to true; connections in progress get a short grace.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut conns = JoinSet::new();
+        let conns = Arc::new(Conns::default());
+        let mut tasks = JoinSet::new();
         if *shutdown.borrow() {
             return;
         }
         loop {
-            tokio::select! {
-                r = self.listener.accept() => match r {
-                    Ok((s, peer)) => {
-                        let _ = s.set_nodelay(true);
-                        match slots.clone().try_acquire_owned() {
-                            Ok(permit) => {
-                                let (token, reg) = (self.token.clone(), self.registry.clone());
-                                conns.spawn(async move {
-                                    serve_connection(s, token, reg).await;
-                                    drop(permit);
-                                });
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "admin API busy");
-                                conns.spawn(async move {
-                                    write_and_close(s, &Response::error(503, "too many admin connections")).await;
-                                });
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            let accepted = tokio::select! {
+                r = accept(&self.listener) => r,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 _ = shutdown.changed() => break,
-            }
+            };
+            let io = match accepted {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = conns.admit() else {
+                tracing::debug!("admin API: every connection is running a request; refusing one");
+                continue;
+            };
+            let (token, registry, rx) =
+                (self.token.clone(), self.registry.clone(), shutdown.clone());
+            match io {
+                Io::Tcp(s) => tasks.spawn(serve_connection(s, slot, token, registry, rx)),
+                Io::Unix(s) => tasks.spawn(serve_connection(s, slot, token, registry, rx)),
+            };
         }
         drop(self.listener);
-        let drain = async { while conns.join_next().await.is_some() {} };
+        let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-            conns.shutdown().await;
+            tasks.shutdown().await;
         }
     }
+}
+
+/// An accepted connection.
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<Io> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok(Io::Tcp(s))
+        }
+        Listener::Unix(l, _) => Ok(Io::Unix(l.accept().await?.0)),
+    }
+}
+
+/// The connections kept, oldest first, and whether each is running a handler.
+#[derive(Default)]
+struct Conns {
+    next: AtomicU64,
+    live: Mutex<BTreeMap<u64, Entry>>,
+}
+
+struct Entry {
+    /// Requests of this connection inside a handler now.
+    busy: Arc<AtomicUsize>,
+    /// Closes the connection when sent (or dropped).
+    close: oneshot::Sender<()>,
+}
+
+/// A kept connection's place in [`Conns`]; leaving it (the task ending) frees the place.
+struct Slot {
+    conns: Arc<Conns>,
+    id: u64,
+    busy: Arc<AtomicUsize>,
+    closed: oneshot::Receiver<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.conns.live.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+impl Conns {
+    /// A place for a new connection. At [`MAX_CONNECTIONS`], the oldest connection not
+    /// inside a handler is closed to make room; `None` only when every connection is.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut m = self.live.lock().ok()?;
+        if m.len() >= MAX_CONNECTIONS {
+            let victim = m
+                .iter()
+                .find(|(_, e)| e.busy.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some(e) = m.remove(&victim) {
+                tracing::debug!(
+                    connection = victim,
+                    "admin API full: closing the oldest idle connection"
+                );
+                let _ = e.close.send(());
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (close, closed) = oneshot::channel();
+        m.insert(
+            id,
+            Entry {
+                busy: busy.clone(),
+                close,
+            },
+        );
+        Some(Slot {
+            conns: self.clone(),
+            id,
+            busy,
+            closed,
+        })
+    }
+}
+
+/// Counts a request as inside its handler while alive.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(n: &Arc<AtomicUsize>) -> Busy {
+        n.fetch_add(1, Ordering::AcqRel);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serve one connection with hyper until the client closes it, a limit closes it, it is
+/// evicted ([`Conns::admit`]) or the daemon shuts down (then in-flight requests finish).
+async fn serve_connection<S>(
+    io: S,
+    mut slot: Slot,
+    token: Option<Arc<Token>>,
+    registry: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let served = Arc::new(AtomicU64::new(0));
+    let busy = slot.busy.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (token, registry, served, busy) = (
+            token.clone(),
+            registry.clone(),
+            served.clone(),
+            busy.clone(),
+        );
+        async move {
+            let _busy = Busy::enter(&busy);
+            let r = handle(req, token.as_deref(), &registry).await;
+            if r.status >= 400 {
+                tracing::debug!(status = r.status, "admin request refused");
+            }
+            let mut r = r.into_http();
+            let n = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            if n >= MAX_REQUESTS_PER_CONNECTION {
+                r.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .half_close(true);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+            return;
+        }
+        _ = &mut slot.closed => return,
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
 }
 
 #[cfg(test)]
@@ -1274,103 +1366,6 @@ impl AdminServer {
 mod tests {
     use super::*;
     use ironlun_scsi::pr::{RegistrationView, ReservationView};
-
-    fn status(head: &[u8]) -> u16 {
-        match parse_head(head) {
-            Ok(_) => 200,
-            Err(e) => e.status,
-        }
-    }
-
-    #[test]
-    fn accepts_minimal_get() {
-        let r = parse_head(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert_eq!(
-            r,
-            Request {
-                method: "GET".into(),
-                path: "/v1/health".into(),
-                query: None,
-                authorization: None,
-                content_length: 0,
-            }
-        );
-    }
-
-    #[test]
-    fn accepts_http10_without_host_and_strips_query() {
-        let r = parse_head(b"GET /v1/reservations?x=1 HTTP/1.0\r\n\r\n").unwrap();
-        assert_eq!(r.path, "/v1/reservations");
-        assert_eq!(r.query.as_deref(), Some("x=1"));
-        let r = parse_head(b"GET /v1/events?since=4#f HTTP/1.0\r\n\r\n").unwrap();
-        assert_eq!(
-            (r.path.as_str(), r.query.as_deref()),
-            ("/v1/events", Some("since=4"))
-        );
-    }
-
-    #[test]
-    fn accepts_fields_case_insensitively_with_ows() {
-        let r = parse_head(
-            b"GET / HTTP/1.1\r\nhOST: a\r\nAUTHORIZATION: \t Bearer abc \r\nContent-Length: 5\r\nContent-Length: 5\r\nX-Other: \xff\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r.authorization.as_deref(), Some("Bearer abc"));
-        assert_eq!(r.content_length, 5);
-    }
-
-    #[test]
-    fn rejects_malformed_heads() {
-        let cases: &[(&[u8], u16)] = &[
-            (b"\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\n\r\n", 400), // no Host
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-            (b"GET  /v1/health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-            (b"GET /v1/health\r\nHost: a\r\n\r\n", 400),
-            (b"GET v1/health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-            (b"GET http://x/v1/health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/2.0\r\nHost: a\r\n\r\n", 505),
-            (b"GET /v1/health FTP/1.1\r\nHost: a\r\n\r\n", 400),
-            (b"G(T /v1/health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\nHost: a\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\rb\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost : a\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nContent-Length: 65537\r\n\r\n", 413),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", 413),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n", 400),
-            (b"GET /v1/health HTTP/1.1\r\nHost: a\r\n", 400),
-        ];
-        for (head, want) in cases {
-            assert_eq!(status(head), *want, "{}", String::from_utf8_lossy(head));
-        }
-    }
-
-    #[test]
-    fn rejects_too_many_fields_and_oversized_heads() {
-        let mut h = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
-        for i in 0..MAX_HEADERS {
-            h.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
-        }
-        h.extend_from_slice(b"\r\n");
-        assert_eq!(status(&h), 431);
-        let mut h = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
-        h.resize(MAX_HEAD, b'a');
-        h.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(status(&h), 431);
-    }
-
-    #[test]
-    fn head_end_finds_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.0\r\n\r\nbody"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.0\r\n"), None);
-        assert_eq!(head_end(b""), None);
-    }
 
     #[test]
     fn routes_table() {
@@ -1472,22 +1467,112 @@ mod tests {
     }
 
     #[test]
-    fn responses_carry_length_and_json() {
-        let r = Response::error(404, "no \"x\"");
-        let wire = String::from_utf8(r.encode()).unwrap();
-        assert!(wire.starts_with("HTTP/1.1 404 Not Found\r\n"), "{wire}");
-        assert!(wire.contains("Content-Length: 40\r\n"), "{wire}");
-        assert!(
-            wire.ends_with("\r\n\r\n{\"error\":\"no \\\"x\\\"\",\"code\":\"not_found\"}\n"),
-            "{wire}"
-        );
-        let wire = String::from_utf8(Response::error(401, "x").encode()).unwrap();
-        assert!(wire.contains("WWW-Authenticate: Bearer"), "{wire}");
-        let wire = String::from_utf8(Response::error(405, "x").encode()).unwrap();
-        assert!(wire.contains("Allow: GET\r\n"), "{wire}");
+    fn responses_carry_json_and_auth_fields() {
+        let r = Response::error(404, "no \"x\"").into_http();
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        let r = Response::error(401, "x").into_http();
+        assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"ironlun\"");
         let post: Response = route("GET", "/v1/luns/t/0/owner").unwrap_err().into();
-        let wire = String::from_utf8(post.encode()).unwrap();
-        assert!(wire.contains("Allow: POST\r\n"), "{wire}");
+        assert_eq!(post.clone().into_http().headers()["allow"], "POST");
+        let j: ErrorJson = serde_json::from_slice(&post.body).unwrap();
+        assert_eq!(j.code, "method_not_allowed");
+        assert_eq!(
+            Response::error(403, "x").into_http().status(),
+            hyper::StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn a_full_table_closes_the_oldest_idle_connection() {
+        let conns = Arc::new(Conns::default());
+        let mut slots: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| conns.admit().unwrap())
+            .collect();
+        // The oldest is inside a handler: it is kept, the next oldest is closed.
+        let busy = Busy::enter(&slots[0].busy);
+        let mut newest = conns.admit().unwrap();
+        assert!(
+            slots[0].closed.try_recv().is_err(),
+            "a busy connection was closed"
+        );
+        assert!(
+            slots[1].closed.try_recv().is_ok(),
+            "the oldest idle one stays"
+        );
+        assert!(newest.closed.try_recv().is_err());
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS);
+        // The closed connection's task ending changes nothing more; another one ending
+        // frees its place.
+        drop(slots.remove(1));
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS);
+        drop(slots.pop());
+        assert_eq!(conns.live.lock().unwrap().len(), MAX_CONNECTIONS - 1);
+        drop(busy);
+        let mut refill = conns.admit().unwrap();
+        // Every connection busy: nothing to close, the new one is refused.
+        let guards: Vec<Busy> = slots
+            .iter()
+            .chain([&newest, &refill])
+            .map(|s| Busy::enter(&s.busy))
+            .collect();
+        assert!(conns.admit().is_none());
+        assert!(newest.closed.try_recv().is_err() && refill.closed.try_recv().is_err());
+        drop(guards);
+    }
+
+    #[test]
+    fn authorize_without_and_with_a_token() {
+        assert!(authorize(None, None).is_ok());
+        let t = Token::new("0123456789abcdef").unwrap();
+        assert_eq!(authorize(Some(&t), None).unwrap_err().status, 401);
+        assert!(authorize(Some(&t), Some("Bearer 0123456789abcdef")).is_ok());
+    }
+
+    fn parts(req: hyper::Request<()>) -> hyper::http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn request_head_checks() {
+        let ok = parts(
+            hyper::Request::get("/v1/events?since=3")
+                .header("host", "x")
+                .header("authorization", "Bearer abc")
+                .header("content-length", "12")
+                .body(())
+                .unwrap(),
+        );
+        let (r, len) = request_of(&ok).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                method: "GET".into(),
+                path: "/v1/events".into(),
+                query: Some("since=3".into()),
+                authorization: Some("Bearer abc".into()),
+            }
+        );
+        assert_eq!(len, Some(12));
+        let no_host = parts(hyper::Request::get("/v1/health").body(()).unwrap());
+        assert_eq!(request_of(&no_host).unwrap_err().status, 400);
+        let two_auth = parts(
+            hyper::Request::get("/v1/health")
+                .header("host", "x")
+                .header("authorization", "a")
+                .header("authorization", "b")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(request_of(&two_auth).unwrap_err().status, 400);
+        let http10 = parts(
+            hyper::Request::get("/v1/health")
+                .version(hyper::Version::HTTP_10)
+                .body(())
+                .unwrap(),
+        );
+        assert!(request_of(&http10).is_ok());
     }
 
     #[test]

@@ -77,6 +77,7 @@ struct RawAdmin {
     enabled: Option<bool>,
     listen: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
+    allowed_paths: Option<Vec<Spanned<String>>>,
 }
 
 /// `[discovery]`: discovery sessions (SendTargets).
@@ -233,55 +234,107 @@ pub struct Config {
     pub port_groups: Vec<ironlun_scsi::alua::PortGroup>,
 }
 
-/// The admin API's default address: loopback only, port 3262 (next to iSCSI's 3260).
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3262);
+/// File name of the admin API's Unix socket in its default directory ([`default_admin_socket`]).
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminListen {
+    /// A Unix socket, mode 0600 (only the daemon's user, root included, can connect); `None`:
+    /// the default path, [`default_admin_socket`] of the data directory.
+    Unix(Option<PathBuf>),
+    /// TCP (`IP:PORT`): only with a bearer token (`token_file`), whatever the address.
+    Tcp(SocketAddr),
+}
+
+/// The default admin socket: `$RUNTIME_DIRECTORY/admin.sock` under systemd (the unit's
+/// `RuntimeDirectory=ironlun`, i.e. `/run/ironlun/admin.sock`), else `<data_dir>/admin.sock`.
+pub fn default_admin_socket(data_dir: &Path) -> PathBuf {
+    match std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd lists several directories separated by ':' when the unit names several.
+        Some(d) => {
+            let first = d
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            PathBuf::from(first).join(ADMIN_SOCKET_NAME)
+        }
+        None => data_dir.join(ADMIN_SOCKET_NAME),
+    }
+}
 
 /// The `[admin]` table: where the HTTP/JSON admin API listens and who may use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     /// `false`: no admin API (`ironlun ctl` cannot reach the daemon).
     pub enabled: bool,
-    pub listen: SocketAddr,
-    /// `listen` was configured (in the file or with `--admin`): failing to bind it is fatal.
-    /// The default address is best effort: when taken, the daemon serves iSCSI without it.
-    pub listen_explicit: bool,
-    /// A file holding the bearer token every request must carry; `None`: no token.
+    /// Unix socket (the default) or TCP.
+    pub listen: AdminListen,
+    /// A file holding the bearer token every request must carry; `None`: no token (only
+    /// allowed on the Unix socket). Required for TCP.
     pub token_file: Option<PathBuf>,
     /// Where `token_file` was configured (`file:line: admin.token_file`), for later errors.
     pub token_origin: String,
+    /// Directories (absolute) besides `data_dir` where LUN files, VHD images and block devices
+    /// added through the admin API may live (`admin.allowed_paths`); see
+    /// [`crate::reconfig::confine_lun_path`]. The config file's own LUN paths are not limited.
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Admin {
             enabled: true,
-            listen: DEFAULT_ADMIN_LISTEN,
-            listen_explicit: false,
+            listen: AdminListen::Unix(None),
             token_file: None,
             token_origin: "admin.token_file".into(),
+            allowed_paths: Vec::new(),
         }
     }
 }
 
+/// Parse an admin address: `unix:PATH` (relative to `base`) or `IP:PORT`.
+fn parse_admin_listen(text: &str, base: &Path) -> Result<AdminListen, String> {
+    if let Some(p) = text.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/run/ironlun/admin.sock".into());
+        }
+        return Ok(AdminListen::Unix(Some(base.join(p))));
+    }
+    text.parse::<SocketAddr>()
+        .map(AdminListen::Tcp)
+        .map_err(|_| {
+            "expected unix:PATH or IP:PORT, e.g. unix:/run/ironlun/admin.sock or 127.0.0.1:3262"
+                .to_string()
+        })
+}
+
+/// The message for a TCP admin address without a token.
+fn tcp_needs_token(addr: SocketAddr) -> String {
+    format!(
+        "admin API on TCP {addr} needs a bearer token: set admin.token_file (a file with one line of at least 16 characters), or leave admin.listen unset to use the owner-only Unix socket"
+    )
+}
+
 impl Admin {
-    /// Apply `--admin ADDR|off`. A non-loopback address needs a token file (as in the file).
+    /// Apply `--admin unix:PATH|IP:PORT|off`. TCP needs `[admin] token_file` (as in the file).
     pub fn override_listen(&mut self, arg: &str) -> Result<(), String> {
         if arg.eq_ignore_ascii_case("off") {
             self.enabled = false;
             return Ok(());
         }
-        let addr: SocketAddr = arg
-            .parse()
-            .map_err(|_| format!("--admin {arg:?}: expected IP:PORT or \"off\""))?;
-        if !addr.ip().is_loopback() && self.token_file.is_none() {
-            return Err(format!(
-                "--admin {addr}: a non-loopback admin address needs [admin] token_file"
-            ));
+        let cwd = Path::new("");
+        let listen =
+            parse_admin_listen(arg, cwd).map_err(|e| format!("--admin {arg:?}: {e} or off"))?;
+        if let AdminListen::Tcp(addr) = listen {
+            if self.token_file.is_none() {
+                return Err(format!("--admin {addr}: {}", tcp_needs_token(addr)));
+            }
         }
         self.enabled = true;
-        self.listen = addr;
-        self.listen_explicit = true;
+        self.listen = listen;
         Ok(())
     }
 }
@@ -979,9 +1032,10 @@ fn parse_port_groups(
     Ok(groups)
 }
 
-/// The `[admin]` table. `token_file` resolves against the config file's directory (not
-/// `data_dir`); its contents are read when the daemon starts. A non-loopback `listen` without a
-/// token is refused: the API shows who owns which disk and will change it (issue 6).
+/// The `[admin]` table. `token_file` and a relative `unix:` path resolve against the config
+/// file's directory (not `data_dir`); the token is read when the daemon starts. A TCP `listen`
+/// without a token is refused, loopback included: the API moves disk ownership and attaches
+/// files (issue 15). `allowed_paths` entries must be absolute.
 fn parse_admin(cx: &Ctx<'_>, raw: Option<&RawAdmin>, base: &Path) -> Result<Admin, ConfigError> {
     let mut admin = Admin::default();
     let Some(raw) = raw else {
@@ -1000,22 +1054,37 @@ fn parse_admin(cx: &Ctx<'_>, raw: Option<&RawAdmin>, base: &Path) -> Result<Admi
         );
     }
     if let Some(l) = &raw.listen {
-        let Ok(addr) = l.get_ref().parse::<SocketAddr>() else {
-            return cx.err(
-                l.span(),
-                "admin.listen",
-                "expected IP:PORT, e.g. 127.0.0.1:3262",
-            );
+        let listen = match parse_admin_listen(l.get_ref(), base) {
+            Ok(x) => x,
+            Err(e) => return cx.err(l.span(), "admin.listen", e),
         };
-        if !addr.ip().is_loopback() && admin.token_file.is_none() {
+        if let AdminListen::Tcp(addr) = listen {
+            if admin.token_file.is_none() {
+                return cx.err(l.span(), "admin.listen", tcp_needs_token(addr));
+            }
+        }
+        admin.listen = listen;
+    }
+    for p in raw.allowed_paths.iter().flatten() {
+        let path = PathBuf::from(p.get_ref());
+        if !path.is_absolute() {
             return cx.err(
-                l.span(),
-                "admin.listen",
-                format!("{addr} is not a loopback address: set admin.token_file to expose the admin API beyond this host"),
+                p.span(),
+                "admin.allowed_paths",
+                format!(
+                    "{:?} is not an absolute path (e.g. \"/srv/luns\" or \"/dev/disk/by-id\")",
+                    p.get_ref()
+                ),
             );
         }
-        admin.listen = addr;
-        admin.listen_explicit = true;
+        if path.parent().is_none() {
+            return cx.err(
+                p.span(),
+                "admin.allowed_paths",
+                "\"/\" would allow every file: list the directories LUNs may live in",
+            );
+        }
+        admin.allowed_paths.push(path);
     }
     Ok(admin)
 }
@@ -1785,12 +1854,12 @@ size = "64MiB"
     const ADMIN_BASE: &str = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
 
     #[test]
-    fn admin_defaults_to_loopback_3262() {
+    fn admin_defaults_to_the_unix_socket() {
         let c = parse(ADMIN_BASE).unwrap();
         assert_eq!(c.admin, Admin::default());
         assert!(c.admin.enabled);
-        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:3262");
-        assert!(!c.admin.listen_explicit);
+        assert_eq!(c.admin.listen, AdminListen::Unix(None));
+        assert!(c.admin.allowed_paths.is_empty());
         assert_eq!(
             Config::embedded_default(PathBuf::from("/tmp")).admin,
             Admin::default()
@@ -1803,8 +1872,10 @@ size = "64MiB"
             "[admin]\nlisten = \"0.0.0.0:9000\"\ntoken_file = \"admin.token\"\n{ADMIN_BASE}"
         ))
         .unwrap();
-        assert_eq!(c.admin.listen.to_string(), "0.0.0.0:9000");
-        assert!(c.admin.listen_explicit);
+        assert_eq!(
+            c.admin.listen,
+            AdminListen::Tcp("0.0.0.0:9000".parse().unwrap())
+        );
         assert_eq!(
             c.admin.token_file.as_deref(),
             Some(Path::new("/tmp/admin.token"))
@@ -1812,8 +1883,18 @@ size = "64MiB"
         assert_eq!(c.admin.token_origin, "t.toml:3: admin.token_file");
         let c = parse(&format!("[admin]\nenabled = false\n{ADMIN_BASE}")).unwrap();
         assert!(!c.admin.enabled);
-        let c = parse(&format!("[admin]\nlisten = \"[::1]:0\"\n{ADMIN_BASE}")).unwrap();
-        assert_eq!(c.admin.listen.to_string(), "[::1]:0");
+        let c = parse(&format!(
+            "[admin]\nlisten = \"unix:run/a.sock\"\nallowed_paths = [\"/srv/luns\", \"/dev/disk\"]\n{ADMIN_BASE}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.admin.listen,
+            AdminListen::Unix(Some(PathBuf::from("/tmp/run/a.sock")))
+        );
+        assert_eq!(
+            c.admin.allowed_paths,
+            vec![PathBuf::from("/srv/luns"), PathBuf::from("/dev/disk")]
+        );
     }
 
     #[test]
@@ -1821,15 +1902,24 @@ size = "64MiB"
         let cases: &[(&str, usize, &str)] = &[
             ("listen = \"localhost\"\n", 2, "admin.listen"),
             ("listen = \"127.0.0.1\"\n", 2, "admin.listen"),
+            ("listen = \"unix:\"\n", 2, "admin.listen"),
             (
                 "enabled = true\nlisten = \"0.0.0.0:3262\"\n",
                 3,
                 "admin.listen",
             ),
             ("listen = \"[::]:3262\"\n", 2, "admin.listen"),
+            // TCP needs a token on loopback too.
+            ("listen = \"127.0.0.1:3262\"\n", 2, "admin.listen"),
             ("token_file = \"\"\n", 2, "admin.token_file"),
             ("tokenfile = \"x\"\n", 2, "tokenfile"),
             ("enabled = \"yes\"\n", 2, "-"),
+            (
+                "allowed_paths = [\"/srv\", \"luns\"]\n",
+                2,
+                "admin.allowed_paths",
+            ),
+            ("\nallowed_paths = [\"/\"]\n", 3, "admin.allowed_paths"),
         ];
         for (extra, line, key) in cases {
             let e = parse(&format!("[admin]\n{extra}{ADMIN_BASE}")).unwrap_err();
@@ -1840,30 +1930,41 @@ size = "64MiB"
             );
         }
         let e = parse(&format!(
-            "[admin]\nlisten = \"10.1.2.3:3262\"\n{ADMIN_BASE}"
+            "[admin]\nlisten = \"127.0.0.1:3262\"\n{ADMIN_BASE}"
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("token_file"), "{e}");
+        assert!(e.to_string().contains("admin.token_file"), "{e}");
     }
 
     #[test]
     fn admin_cli_override() {
         let mut a = Admin::default();
-        a.override_listen("127.0.0.1:0").unwrap();
+        a.override_listen("unix:/tmp/x.sock").unwrap();
         assert_eq!(
-            (a.listen.port(), a.listen_explicit, a.enabled),
-            (0, true, true)
+            (a.listen.clone(), a.enabled),
+            (AdminListen::Unix(Some(PathBuf::from("/tmp/x.sock"))), true)
         );
         a.override_listen("off").unwrap();
         assert!(!a.enabled);
-        assert!(a
-            .override_listen("0.0.0.0:3262")
-            .unwrap_err()
-            .contains("token_file"));
+        for tcp in ["127.0.0.1:0", "0.0.0.0:3262"] {
+            assert!(a.override_listen(tcp).unwrap_err().contains("token_file"));
+        }
         assert!(a.override_listen("nonsense").is_err());
         a.token_file = Some(PathBuf::from("/tmp/t"));
         a.override_listen("0.0.0.0:3262").unwrap();
         assert!(a.enabled);
+        assert_eq!(a.listen, AdminListen::Tcp("0.0.0.0:3262".parse().unwrap()));
+    }
+
+    #[test]
+    fn default_socket_is_in_the_data_dir_or_runtime_dir() {
+        // RUNTIME_DIRECTORY is unset in tests (systemd sets it); the data directory then.
+        if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
+            assert_eq!(
+                default_admin_socket(Path::new("/var/lib/ironlun")),
+                PathBuf::from("/var/lib/ironlun/admin.sock")
+            );
+        }
     }
 
     const CHAP_BASE: &str = "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n";

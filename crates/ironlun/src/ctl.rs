@@ -1,23 +1,31 @@
 //! `ironlun ctl`: the admin API's command-line client ([`crate::admin`]).
 //!
-//! A small blocking HTTP/1.1 client over `std::net::TcpStream`: one `GET` per connection, a
-//! connect and a read timeout, a bounded response. Output is a table for people
-//! ([`crate::table`]: a header row in capitals, columns separated by two spaces, `-` for an
-//! empty cell) or, with `--json` (before or after the subcommand), the API's JSON unchanged.
+//! A small blocking client: each call runs one HTTP/1.1 exchange with hyper's client
+//! connection on a current-thread runtime, over the daemon's Unix socket (the default) or TCP
+//! (`http://HOST:PORT`), with a connect and a whole-response timeout and a bounded response.
+//! Output is a table for people ([`crate::table`]: a header row in capitals, columns separated
+//! by two spaces, `-` for an empty cell) or, with `--json` (before or after the subcommand),
+//! the API's JSON unchanged.
 
 use crate::admin::{
     self, CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson,
     ReservationsList, Token,
 };
 use crate::table;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// The admin API address `ironlun ctl` uses without `--admin` / `IRONLUN_ADMIN`.
-pub const DEFAULT_URL: &str = "http://127.0.0.1:3262";
-/// Connect timeout per address.
+/// The admin sockets `ironlun ctl` tries, in order, without `--admin` / `IRONLUN_ADMIN`:
+/// the systemd unit's (`RuntimeDirectory=ironlun`) and that of `ironlun serve` started in the
+/// current directory with no arguments (data directory `./ironlun-data`).
+pub const DEFAULT_SOCKETS: &[&str] = &["/run/ironlun/admin.sock", "ironlun-data/admin.sock"];
+/// The port of an `http://HOST` URL without one.
+pub const DEFAULT_PORT: u16 = 3262;
+/// Connect timeout (per address).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The whole response must arrive within this.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -40,23 +48,57 @@ fn err<T>(m: impl Into<String>) -> Result<T, CtlError> {
     Err(CtlError(m.into()))
 }
 
-/// An `http://host:port[/prefix]` admin URL.
+/// The admin URL to use: `arg` (`--admin`), else `$IRONLUN_ADMIN`, else the first of
+/// [`DEFAULT_SOCKETS`] that exists (the first one when none does, so that the error names it).
+pub fn admin_url(arg: Option<String>) -> String {
+    if let Some(a) = arg.filter(|s| !s.is_empty()).or_else(|| {
+        std::env::var("IRONLUN_ADMIN")
+            .ok()
+            .filter(|s| !s.is_empty())
+    }) {
+        return a;
+    }
+    let found = DEFAULT_SOCKETS
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .or(DEFAULT_SOCKETS.first())
+        .copied()
+        .unwrap_or_default();
+    format!("unix:{found}")
+}
+
+/// Where the admin API is: a Unix socket or an `http://host:port[/prefix]` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// As written (for messages and the `Host` field), e.g. `127.0.0.1:3262` or `[::1]:3262`.
-    pub authority: String,
-    host: String,
-    port: u16,
-    /// Path prefix without a trailing slash (usually empty).
-    prefix: String,
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp {
+        /// As written (for messages and the `Host` field), e.g. `127.0.0.1:3262` or `[::1]:3262`.
+        authority: String,
+        host: String,
+        port: u16,
+        /// Path prefix without a trailing slash (usually empty).
+        prefix: String,
+    },
 }
 
 impl Endpoint {
-    /// Parse an admin URL. Only `http` (the API is plain HTTP on loopback or behind a token);
-    /// the port defaults to 3262.
+    /// Parse an admin address: `unix:PATH`, a socket path (starting with `/` or `.`), or an
+    /// `http://HOST[:PORT][/prefix]` URL (plain HTTP: TCP is only served with a token; the
+    /// port defaults to 3262).
     pub fn parse(url: &str) -> Result<Endpoint, CtlError> {
+        if let Some(p) = url.strip_prefix("unix:") {
+            if p.is_empty() {
+                return err(format!("admin address {url:?}: no socket path after unix:"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        if url.starts_with('/') || url.starts_with('.') {
+            return Ok(Endpoint::Unix(PathBuf::from(url)));
+        }
         let Some(rest) = url.strip_prefix("http://") else {
-            return err(format!("admin URL {url:?}: expected http://HOST:PORT"));
+            return err(format!(
+                "admin address {url:?}: expected unix:PATH or http://HOST:PORT"
+            ));
         };
         let (authority, prefix) = match rest.find('/') {
             Some(i) => rest.split_at(i),
@@ -80,9 +122,9 @@ impl Endpoint {
             Some(p) => p
                 .parse::<u16>()
                 .map_err(|_| CtlError(format!("admin URL {url:?}: bad port {p:?}")))?,
-            None => 3262,
+            None => DEFAULT_PORT,
         };
-        Ok(Endpoint {
+        Ok(Endpoint::Tcp {
             authority: authority.to_string(),
             host: host.to_string(),
             port,
@@ -90,9 +132,14 @@ impl Endpoint {
         })
     }
 
-    /// The URL again, for messages.
+    /// The address again, for messages.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.authority, self.prefix)
+        match self {
+            Endpoint::Unix(p) => format!("unix:{}", p.display()),
+            Endpoint::Tcp {
+                authority, prefix, ..
+            } => format!("http://{authority}{prefix}"),
+        }
     }
 }
 
@@ -108,6 +155,12 @@ pub struct Reply {
 pub struct Client {
     pub endpoint: Endpoint,
     token: Option<Token>,
+}
+
+/// A connected stream of either kind.
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 impl Client {
@@ -126,7 +179,12 @@ impl Client {
     }
 
     /// `method path` with an optional JSON `body`; the whole response must arrive within
-    /// `timeout` (used by `ironlun migrate` for the handover calls).
+    /// `timeout` (used by `ironlun migrate` for the handover calls). Every failure to get a
+    /// complete response (unreachable, refused, timed out, cut off) is an `Err`, so that a
+    /// caller can tell "no answer" from any status.
+    ///
+    /// Blocking: runs its own current-thread runtime (on a scoped thread when called from
+    /// inside a tokio runtime, where blocking in place is not allowed).
     pub fn request(
         &self,
         method: &str,
@@ -134,105 +192,123 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Reply, CtlError> {
-        // Nonzero (a zero socket timeout is an error) and small enough to add to an Instant.
+        // Small enough to add to an Instant.
         let timeout = timeout.clamp(Duration::from_millis(1), Duration::from_secs(86_400));
-        let e = &self.endpoint;
-        let addrs: Vec<SocketAddr> = (e.host.as_str(), e.port)
-            .to_socket_addrs()
-            .map_err(|x| CtlError(format!("admin API {}: cannot resolve: {x}", e.url())))?
-            .collect();
-        let mut last = None;
-        let mut stream = None;
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(x) => last = Some(x),
-            }
-        }
-        let Some(mut s) = stream else {
-            let why = last.map_or_else(|| "no address".to_string(), |x| x.to_string());
-            return err(format!(
-                "cannot reach the ironlun admin API at {} ({why}); is `ironlun serve` running with the admin API there? (set it with --admin URL or IRONLUN_ADMIN)",
-                e.url()
-            ));
-        };
-        let mut req = format!(
-            "{method} {}{} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ironlun-ctl/{}\r\nConnection: close\r\n",
-            e.prefix,
-            path,
-            e.authority,
-            env!("CARGO_PKG_VERSION")
-        )
-        .into_bytes();
-        if let Some(t) = &self.token {
-            req.extend_from_slice(b"Authorization: Bearer ");
-            req.extend_from_slice(t.expose());
-            req.extend_from_slice(b"\r\n");
-        }
-        if let Some(b) = body {
-            req.extend_from_slice(
-                format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                    b.len()
-                )
-                .as_bytes(),
-            );
-        }
-        req.extend_from_slice(b"\r\n");
-        req.extend_from_slice(body.unwrap_or_default());
-        let io = |x: std::io::Error| CtlError(format!("admin API {}: {x}", e.url()));
-        s.set_write_timeout(Some(timeout)).map_err(io)?;
-        s.write_all(&req).map_err(io)?;
-        let deadline = Instant::now() + timeout;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return err(format!(
-                    "admin API {}: no complete response in time",
-                    e.url()
-                ));
-            }
-            s.set_read_timeout(Some(left)).map_err(io)?;
-            let n = match s.read(&mut chunk) {
-                Ok(n) => n,
-                Err(x) if x.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(x)
-                    if matches!(
-                        x.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return err(format!(
+        let run = || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CtlError(format!("cannot start a runtime: {e}")))?;
+            rt.block_on(async {
+                match tokio::time::timeout(timeout, self.exchange(method, path, body)).await {
+                    Ok(r) => r,
+                    Err(_) => err(format!(
                         "admin API {}: no complete response in time",
-                        e.url()
-                    ))
+                        self.endpoint.url()
+                    )),
                 }
-                Err(x) => return Err(io(x)),
-            };
-            if n == 0 {
-                break;
+            })
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(run)
+                    .join()
+                    .unwrap_or_else(|_| err("admin client thread panicked"))
+            })
+        } else {
+            run()
+        }
+    }
+
+    async fn connect(&self) -> Result<Stream, CtlError> {
+        let e = &self.endpoint;
+        let unreachable = |why: String| {
+            CtlError(format!(
+                "cannot reach the ironlun admin API at {} ({why}); is `ironlun serve` running with the admin API there? (set it with --admin unix:PATH|http://HOST:PORT or IRONLUN_ADMIN)",
+                e.url()
+            ))
+        };
+        match e {
+            Endpoint::Unix(p) => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(p))
+                    .await
+                {
+                    Ok(Ok(s)) => Ok(Stream::Unix(s)),
+                    Ok(Err(x)) => Err(unreachable(x.to_string())),
+                    Err(_) => Err(unreachable("connect timed out".into())),
+                }
             }
-            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            if buf.len() > MAX_RESPONSE {
-                return err(format!(
-                    "admin API {}: response larger than {MAX_RESPONSE} bytes",
-                    e.url()
-                ));
-            }
-            if let Some(r) = parse_response(&buf, false)
-                .map_err(|m| CtlError(format!("admin API {}: {m}", e.url())))?
-            {
-                return Ok(r);
+            Endpoint::Tcp { host, port, .. } => {
+                let addrs: Vec<SocketAddr> = (host.as_str(), *port)
+                    .to_socket_addrs()
+                    .map_err(|x| CtlError(format!("admin API {}: cannot resolve: {x}", e.url())))?
+                    .collect();
+                let mut last = "no address".to_string();
+                for a in addrs {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(a))
+                        .await
+                    {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Ok(Err(x)) => last = x.to_string(),
+                        Err(_) => last = "connect timed out".into(),
+                    }
+                }
+                Err(unreachable(last))
             }
         }
-        parse_response(&buf, true)
-            .map_err(|m| CtlError(format!("admin API {}: {m}", e.url())))?
-            .ok_or_else(|| CtlError(format!("admin API {}: truncated response", e.url())))
+    }
+
+    /// One exchange on a fresh connection.
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Reply, CtlError> {
+        let e = &self.endpoint;
+        let io = |x: hyper::Error| CtlError(format!("admin API {}: {x}", e.url()));
+        let (host, prefix) = match e {
+            Endpoint::Unix(_) => ("localhost", ""),
+            Endpoint::Tcp {
+                authority, prefix, ..
+            } => (authority.as_str(), prefix.as_str()),
+        };
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{prefix}{path}"))
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("ironlun-ctl/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(t) = &self.token {
+            let mut v = b"Bearer ".to_vec();
+            v.extend_from_slice(t.expose());
+            req = req.header(hyper::header::AUTHORIZATION, v);
+        }
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|x| CtlError(format!("admin API {}: bad request: {x}", e.url())))?;
+        let mut sender = match self.connect().await? {
+            Stream::Tcp(s) => handshake(s).await.map_err(io)?,
+            Stream::Unix(s) => handshake(s).await.map_err(io)?,
+        };
+        let resp = sender.send_request(req).await.map_err(io)?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|x| CtlError(format!("admin API {}: response body: {x}", e.url())))?
+            .to_bytes()
+            .to_vec();
+        Ok(Reply { status, body })
     }
 
     /// `GET path` expecting 200 and JSON of type `T`; other statuses become the API's
@@ -263,63 +339,21 @@ impl Client {
     }
 }
 
-/// Parse an HTTP/1.x response in `buf`: `Ok(None)` while incomplete. With `Content-Length`
-/// the body is exactly that long; without it the body runs to end of stream (`at_eof`).
-pub fn parse_response(buf: &[u8], at_eof: bool) -> Result<Option<Reply>, String> {
-    let Some(end) = admin::head_end(buf) else {
-        if at_eof {
-            return Err(if buf.is_empty() {
-                "empty response (connection closed)".into()
-            } else {
-                "truncated response head".into()
-            });
+/// An HTTP/1.1 client connection on `s`, its driver spawned on the current runtime.
+async fn handshake<S>(
+    s: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "admin client connection");
         }
-        return Ok(None);
-    };
-    let head = String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
-        return Err(format!("malformed status line {status_line:?}"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 response: {status_line:?}"));
-    }
-    let status = code
-        .parse::<u16>()
-        .ok()
-        .filter(|c| (100..=599).contains(c))
-        .ok_or_else(|| format!("malformed status line {status_line:?}"))?;
-    let mut length: Option<usize> = None;
-    for l in lines {
-        if let Some((name, value)) = l.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                let n = value
-                    .trim()
-                    .parse::<usize>()
-                    .map_err(|_| format!("bad Content-Length {:?}", value.trim()))?;
-                if n > MAX_RESPONSE {
-                    return Err(format!("response larger than {MAX_RESPONSE} bytes"));
-                }
-                length = Some(n);
-            }
-        }
-    }
-    let body = buf.get(end..).unwrap_or_default();
-    match length {
-        Some(n) if body.len() >= n => Ok(Some(Reply {
-            status,
-            body: body.get(..n).unwrap_or_default().to_vec(),
-        })),
-        Some(_) if at_eof => Err("truncated response body".into()),
-        Some(_) => Ok(None),
-        None if at_eof => Ok(Some(Reply {
-            status,
-            body: body.to_vec(),
-        })),
-        None => Ok(None),
-    }
+    });
+    Ok(sender)
 }
 
 /// A `TARGET/LUN` argument: the LUN after the last `/`.
@@ -811,19 +845,31 @@ mod tests {
 
     #[test]
     fn accepts_admin_urls() {
-        let e = Endpoint::parse("http://127.0.0.1:3262").unwrap();
+        let tcp = |u: &str| match Endpoint::parse(u).unwrap() {
+            Endpoint::Tcp {
+                host, port, prefix, ..
+            } => (host, port, prefix),
+            other => panic!("{u}: {other:?}"),
+        };
         assert_eq!(
-            (e.host.as_str(), e.port, e.prefix.as_str()),
-            ("127.0.0.1", 3262, "")
+            tcp("http://127.0.0.1:3262"),
+            ("127.0.0.1".into(), 3262, "".into())
         );
-        let e = Endpoint::parse("http://[::1]:9/api/").unwrap();
+        assert_eq!(tcp("http://[::1]:9/api/"), ("::1".into(), 9, "/api".into()));
         assert_eq!(
-            (e.host.as_str(), e.port, e.prefix.as_str()),
-            ("::1", 9, "/api")
+            Endpoint::parse("http://[::1]:9/api/").unwrap().url(),
+            "http://[::1]:9/api"
         );
-        assert_eq!(e.url(), "http://[::1]:9/api");
-        let e = Endpoint::parse("http://localhost").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("localhost", 3262));
+        assert_eq!(tcp("http://localhost").1, 3262);
+        for (u, p) in [
+            ("unix:/run/ironlun/admin.sock", "/run/ironlun/admin.sock"),
+            ("/tmp/a.sock", "/tmp/a.sock"),
+            ("./ironlun-data/admin.sock", "./ironlun-data/admin.sock"),
+        ] {
+            let e = Endpoint::parse(u).unwrap();
+            assert_eq!(e, Endpoint::Unix(PathBuf::from(p)));
+            assert_eq!(e.url(), format!("unix:{p}"));
+        }
     }
 
     #[test]
@@ -835,37 +881,15 @@ mod tests {
             "http://h:99999",
             "http://[::1",
             "http://h:x",
+            "unix:",
         ] {
             assert!(Endpoint::parse(u).is_err(), "{u}");
         }
     }
 
     #[test]
-    fn parses_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", false)
-            .unwrap()
-            .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
-        assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", false),
-            Ok(None)
-        );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", true).is_err());
-        let r = parse_response(b"HTTP/1.0 404 Not Found\r\n\r\nabc", true)
-            .unwrap()
-            .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"abc"[..]));
-        assert_eq!(parse_response(b"HTTP/1.1 200", false), Ok(None));
-        for bad in [
-            &b""[..],
-            b"HTTP/1.1 200",
-            b"SSH-2.0-x\r\n\r\n",
-            b"HTTP/1.1 abc OK\r\n\r\n",
-            b"HTTP/1.1 999 X\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-        ] {
-            assert!(parse_response(bad, true).is_err(), "{bad:?}");
-        }
+    fn explicit_admin_address_wins() {
+        assert_eq!(admin_url(Some("unix:/x.sock".into())), "unix:/x.sock");
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! `ironlun serve [-c FILE] [--listen ADDR] [--data-dir DIR] [--admin ADDR|off]`. Without a
 //! config file it serves the embedded default: target `iqn.2026-11.io.ironlun:lab` with a 1 GiB
-//! sparse-file LUN 0 under the data directory, on 127.0.0.1:3260, and the admin API on
-//! 127.0.0.1:3262. Once bound it prints `listening ADDR` lines, `url iscsi://…` lines and (when
-//! the admin API runs) one `admin http://ADDR` line on stdout. SIGINT / SIGTERM shut down
+//! sparse-file LUN 0 under the data directory, on 127.0.0.1:3260, and the admin API on the
+//! owner-only Unix socket `<data_dir>/admin.sock`. Once bound it prints `listening ADDR` lines,
+//! `url iscsi://…` lines and (when the admin API runs) one `admin unix:PATH` (or
+//! `admin http://ADDR`) line on stdout. SIGINT / SIGTERM shut down
 //! gracefully.
 //!
 //! `ironlun ctl [--admin URL] [--token-file FILE] reservations|ownership [TARGET/LUN] [--json]`,
@@ -208,7 +209,8 @@ enum LunCommand {
         /// Size with a unit (512M, 10G, 1GiB) or bytes.
         #[arg(long)]
         size: Option<String>,
-        /// Backstore path (relative to the data directory).
+        /// Backstore path (relative to the daemon's data directory); must resolve inside the
+        /// data directory or one of `[admin] allowed_paths` (else 403).
         #[arg(long)]
         path: Option<String>,
         /// 512 or 4096.
@@ -302,8 +304,10 @@ enum Command {
         /// Worker threads of the runtime (overrides `[runtime] worker_threads`; default: one per core).
         #[arg(long)]
         workers: Option<usize>,
-        /// Admin API address (overrides `[admin] listen`; port 0: any free port), or `off`.
-        #[arg(long, value_name = "ADDR|off")]
+        /// Admin API address (overrides `[admin] listen`): `unix:PATH`, or `IP:PORT` (port 0:
+        /// any free port; needs `[admin] token_file`), or `off`. Default: the Unix socket
+        /// `<data_dir>/admin.sock` (`$RUNTIME_DIRECTORY/admin.sock` under systemd).
+        #[arg(long, value_name = "unix:PATH|IP:PORT|off")]
         admin: Option<String>,
         /// Log lines on stderr as text or one JSON object per line [env: IRONLUN_LOG_FORMAT]
         /// [default: text].
@@ -312,7 +316,9 @@ enum Command {
     },
     /// Ask a running daemon through its admin API.
     Ctl {
-        /// Admin API URL [env: IRONLUN_ADMIN] [default: http://127.0.0.1:3262].
+        /// Admin API: `unix:PATH` (or a socket path) or `http://HOST:PORT` [env: IRONLUN_ADMIN]
+        /// [default: unix:/run/ironlun/admin.sock if it exists, else
+        /// unix:ironlun-data/admin.sock].
         #[arg(long, value_name = "URL")]
         admin: Option<String>,
         /// File holding the bearer token (`[admin] token_file` of the daemon)
@@ -451,13 +457,7 @@ fn run_ctl(
     all_json: bool,
     command: CtlCommand,
 ) -> ExitCode {
-    let url = admin
-        .or_else(|| {
-            std::env::var("IRONLUN_ADMIN")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_else(|| ctl::DEFAULT_URL.to_string());
+    let url = ctl::admin_url(admin);
     let token_file = token_file.or_else(|| {
         std::env::var_os("IRONLUN_ADMIN_TOKEN_FILE")
             .filter(|s| !s.is_empty())
@@ -701,7 +701,7 @@ fn serve(
         );
         // Installed before the `listening` lines: a SIGHUP after them reloads, never kills.
         tokio::spawn(ironlun::reconfig::on_sighup(live));
-        let admin = match AdminServer::bind(&cfg.admin, server.registry()).await {
+        let admin = match AdminServer::bind(&cfg.admin, &cfg.data_dir, server.registry()).await {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("ironlun: {e}");
@@ -723,19 +723,19 @@ fn serve(
                 }
             }
             // After the url lines: tools that read `listening` then `url` keep working.
-            if let Some(a) = admin.as_ref().and_then(AdminServer::local_addr) {
-                let _ = writeln!(out, "admin http://{a}");
+            if let Some(a) = admin.as_ref().and_then(AdminServer::endpoint) {
+                let _ = writeln!(out, "admin {a}");
             }
             let _ = out.flush();
         }
         let (tx, rx) = tokio::sync::watch::channel(false);
         // systemd (Type=notify): ready once portals and the admin API are bound.
-        let admin_addr = admin.as_ref().and_then(AdminServer::local_addr);
+        let admin_addr = admin.as_ref().and_then(AdminServer::endpoint);
         ironlun::sd_notify::ready(&format!(
             "serving {} target(s) on {} portal(s){}",
             cfg.targets.len(),
             addrs.len(),
-            admin_addr.map_or_else(String::new, |a| format!(", admin http://{a}"))
+            admin_addr.map_or_else(String::new, |a| format!(", admin {a}"))
         ));
         if let Some(every) = ironlun::sd_notify::watchdog_interval() {
             tokio::spawn(ironlun::sd_notify::watchdog(every, rx.clone()));

@@ -75,7 +75,8 @@ impl OnDeadline {
 /// `ironlun migrate` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MigrateArgs {
-    /// Admin API URL [env: IRONLUN_ADMIN] [default: http://127.0.0.1:3262].
+    /// Admin API: `unix:PATH` or `http://HOST:PORT` [env: IRONLUN_ADMIN] [default: as
+    /// `ironlun ctl`, the local daemon's Unix socket].
     #[arg(long, value_name = "URL")]
     pub admin: Option<String>,
     /// File holding the bearer token [env: IRONLUN_ADMIN_TOKEN_FILE].
@@ -710,10 +711,6 @@ pub fn main(args: &MigrateArgs, out: &mut dyn Write) -> u8 {
     }
 }
 
-fn env_or(arg: Option<String>, var: &str) -> Option<String> {
-    arg.or_else(|| std::env::var(var).ok().filter(|s| !s.is_empty()))
-}
-
 fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, Fatal> {
     let (target, lun) = (&args.lun.0, args.lun.1);
     if args.from.is_empty() || args.to.is_empty() {
@@ -730,8 +727,7 @@ fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, Fatal> {
             "--pause needs --rollback (a paused source must be resumable)",
         ));
     }
-    let url =
-        env_or(args.admin.clone(), "IRONLUN_ADMIN").unwrap_or_else(|| ctl::DEFAULT_URL.into());
+    let url = ctl::admin_url(args.admin.clone());
     let token_file = args.token_file.clone().or_else(|| {
         std::env::var_os("IRONLUN_ADMIN_TOKEN_FILE")
             .filter(|s| !s.is_empty())

@@ -21,7 +21,7 @@ use crate::target::{LunMap, Registry};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// What differs between two configs, as [`Live`] sees it.
@@ -319,7 +319,9 @@ impl Live {
         Ok(out)
     }
 
-    /// Edit the running text with `edit`, apply it, and save it (when there is a file).
+    /// Edit the running text with `edit` (an admin API change), check that every LUN path it adds
+    /// or changes is allowed ([`confine_lun_path`], else 403), apply it, and save it (when there
+    /// is a file).
     pub fn change(
         &self,
         edit: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), ChangeError>,
@@ -332,6 +334,7 @@ impl Live {
         edit(&mut doc)?;
         let text = doc.to_string();
         let new = self.parse(&text, &st.config)?;
+        confine_new_paths(&st.config, &new)?;
         let mut out = self.apply(&mut st, &new)?;
         st.text = text;
         if let Some(path) = &self.source.path {
@@ -1415,10 +1418,153 @@ pub async fn route(method: &str, path: &str, body: &[u8], registry: &Registry) -
     })
 }
 
+/// The file or device path of a LUN's backstore (`None` for RAM).
+fn lun_path(l: &config::Lun) -> Option<&Path> {
+    match &l.backstore {
+        config::BackstoreKind::Ram => None,
+        config::BackstoreKind::File { path }
+        | config::BackstoreKind::Uring { path, .. }
+        | config::BackstoreKind::Vhd { path }
+        | config::BackstoreKind::Block { path } => Some(path),
+    }
+}
+
+/// Refuse (403) an API change whose config has a LUN path that is new or different from the
+/// running config's and is not allowed for API changes ([`confine_lun_path`], with the
+/// running `data_dir` and `[admin] allowed_paths`). Paths already running are the operator's.
+fn confine_new_paths(running: &Config, new: &Config) -> Result<(), ChangeError> {
+    for t in &new.targets {
+        let old = running
+            .targets
+            .iter()
+            .find(|x| x.name.eq_ignore_ascii_case(&t.name));
+        for l in &t.luns {
+            let Some(path) = lun_path(l) else { continue };
+            let unchanged = old
+                .and_then(|o| o.luns.iter().find(|x| x.id == l.id))
+                .and_then(lun_path)
+                .is_some_and(|p| p == path);
+            if unchanged {
+                continue;
+            }
+            confine_lun_path(path, &running.data_dir, &running.admin.allowed_paths).map_err(
+                |message| ChangeError {
+                    status: 403,
+                    message: format!("target {} LUN {}: {message}", t.name, l.id),
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Where `path` leads once resolved: symlinks followed and `.`/`..` removed
+/// (`canonicalize`). A file that does not exist yet (a LUN file or VHD the daemon will
+/// create) resolves through its directory; a dangling symlink is refused (creating the file
+/// would follow it).
+fn resolve_lun_path(path: &Path) -> Result<PathBuf, String> {
+    match std::fs::canonicalize(path) {
+        Ok(p) => Ok(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err("is a symlink to a missing file".into());
+            }
+            let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err("does not name a file".into());
+            };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let dir = std::fs::canonicalize(dir)
+                .map_err(|e| format!("its directory cannot be resolved: {e}"))?;
+            Ok(dir.join(name))
+        }
+        Err(e) => Err(format!("cannot be resolved: {e}")),
+    }
+}
+
+/// Whether a LUN path given through the admin API may be used: once resolved
+/// ([`resolve_lun_path`]: symlinks followed, `..` removed) it must lie inside `data_dir` or
+/// inside one of `allowed` (`[admin] allowed_paths`, themselves resolved). `Ok` with the
+/// resolved path; `Err` with a message naming the path and the allowed directories.
+///
+/// The check is made when the change is applied; a local user who can write inside an
+/// allowed directory could still swap a file for a symlink afterwards, so allowed
+/// directories should be writable only by the daemon's user.
+pub fn confine_lun_path(
+    path: &Path,
+    data_dir: &Path,
+    allowed: &[PathBuf],
+) -> Result<PathBuf, String> {
+    let roots: Vec<PathBuf> = std::iter::once(data_dir)
+        .chain(allowed.iter().map(PathBuf::as_path))
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.to_path_buf()))
+        .collect();
+    let list = roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let resolved = resolve_lun_path(path).map_err(|e| {
+        format!(
+            "LUN path {} {e}; LUN paths added through the admin API must be inside: {list}",
+            path.display()
+        )
+    })?;
+    if roots.iter().any(|r| resolved.starts_with(r)) {
+        return Ok(resolved);
+    }
+    Err(format!(
+        "LUN path {} (resolved: {}) is outside the directories the admin API may use: {list}; list its directory in [admin] allowed_paths of the config file to allow it",
+        path.display(),
+        resolved.display()
+    ))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confines_lun_paths_to_data_dir_and_allowed_paths() {
+        let data = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let d = data.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(other.path().join("disk.img"), b"x").unwrap();
+        std::os::unix::fs::symlink(other.path().join("disk.img"), d.join("link.img")).unwrap();
+        std::os::unix::fs::symlink(other.path().join("gone.img"), d.join("dangling.img")).unwrap();
+        // Inside: new files, subdirectories, `..` that stays inside.
+        for ok in ["new.img", "sub/new.img", "sub/../new.img"] {
+            confine_lun_path(&d.join(ok), d, &[]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // Outside: absolute paths, `..` escapes, symlinks out, dangling symlinks.
+        for bad in [
+            other.path().join("disk.img"),
+            d.join("../x.img"),
+            d.join("sub/../../x.img"),
+            d.join("link.img"),
+            d.join("dangling.img"),
+            PathBuf::from("/etc/shadow"),
+        ] {
+            let e = confine_lun_path(&bad, d, &[]).unwrap_err();
+            assert!(e.contains(&bad.display().to_string()), "{e}");
+            assert!(
+                e.contains("allowed_paths") || e.contains("must be inside"),
+                "{e}"
+            );
+        }
+        // An allowed directory admits its files, through symlinks too.
+        let allowed = [other.path().to_path_buf()];
+        confine_lun_path(&other.path().join("disk.img"), d, &allowed).unwrap();
+        confine_lun_path(&d.join("link.img"), d, &allowed).unwrap();
+        // A sibling directory whose name starts like an allowed one is not inside it.
+        let sibling = PathBuf::from(format!("{}x/disk.img", other.path().display()));
+        assert!(confine_lun_path(&sibling, d, &allowed).is_err());
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse("t.toml", text, None, Some(std::path::Path::new("/tmp")))

@@ -42,16 +42,15 @@ impl Scrape {
     }
 }
 
-/// `GET /metrics` (with `Authorization: Bearer TOKEN`) over a plain TCP connection (the
-/// client library reads JSON only): the status line, and the head and body.
+/// `GET /metrics` (with `Authorization: Bearer TOKEN`) over a raw connection (the client
+/// library reads JSON only): the status line, and the head and body.
 fn get_metrics(admin: &str, token: Option<&str>) -> (String, String) {
-    let addr = admin.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(PROMPT)).unwrap();
+    let mut s = common::admin_connect(admin);
+    s.set_read_timeout(Some(PROMPT));
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = String::new();
@@ -66,7 +65,11 @@ fn scrape(admin: &str) -> Scrape {
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     let content_type = head
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.trim())
+        })
         .unwrap()
         .to_owned();
     let mut samples = BTreeMap::new();
@@ -601,7 +604,8 @@ fn metrics_need_the_admin_token() {
     let (head, body) = get_metrics(d.admin_url(), Some(TOKEN));
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
         "{head}"
     );
     assert!(

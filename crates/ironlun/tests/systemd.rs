@@ -77,15 +77,10 @@ impl Drop for Guard {
 /// is printed.
 fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> Guard {
     let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        // The admin socket in the data directory (each test has its own).
+        .env_remove("RUNTIME_DIRECTORY")
         .env("NOTIFY_SOCKET", notify)
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")

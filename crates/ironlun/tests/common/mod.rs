@@ -1,5 +1,6 @@
-//! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 (iSCSI and the
-//! admin API, so parallel daemons never collide) in a temp dir (`Daemon::start*`) or on a data
+//! Daemon test harness (DESIGN.md §4 tier 4): run `ironlun serve` on 127.0.0.1:0 (iSCSI) with
+//! the admin API on its default Unix socket `<data_dir>/admin.sock` (so parallel daemons never
+//! collide) in a temp dir (`Daemon::start*`) or on a data
 //! directory the test owns (`Daemon::spawn`: restarts, refused starts, configured portals), read
 //! the bound addresses from its stdout, and stop it with SIGTERM on drop (or `kill9`), asserting
 //! it never died on its own and never printed "panicked".
@@ -41,7 +42,8 @@ pub struct Daemon {
     pub url: String,
     /// Every `url` line.
     pub urls: Vec<String>,
-    /// `http://127.0.0.1:PORT` of the admin API.
+    /// The admin API as printed: `unix:<data_dir>/admin.sock` (an `--admin IP:PORT` in the
+    /// args gives `http://IP:PORT`).
     pub admin: String,
     stderr: Arc<Mutex<String>>,
     /// The thread draining stderr; joined once the process is gone so that `stderr` is complete.
@@ -111,7 +113,8 @@ impl Daemon {
         })
     }
 
-    /// Run `ironlun serve --admin 127.0.0.1:0 --data-dir DIR [--config DIR/ironlun.toml] ARGS`
+    /// Run `ironlun serve --data-dir DIR [--config DIR/ironlun.toml] ARGS` (the admin API on
+    /// `DIR/admin.sock` unless `ARGS` or the config say otherwise)
     /// on `dir`, which the caller owns (a restart on the same `dir` sees what the last run left
     /// there). `config` (TOML text) is written to `DIR/ironlun.toml` first. Without
     /// [`LISTEN_ANY`] in `args` the daemon serves the configured portals.
@@ -120,8 +123,7 @@ impl Daemon {
     /// whole stderr if the daemon exits first. Panics if it does neither within 30 s.
     pub fn spawn(dir: &Path, config: Option<&str>, args: &[&str]) -> Result<Daemon, Refused> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironlun"));
-        cmd.args(["serve", "--admin", "127.0.0.1:0", "--data-dir"])
-            .arg(dir);
+        cmd.args(["serve", "--data-dir"]).arg(dir);
         if let Some(text) = config {
             let path = dir.join("ironlun.toml");
             std::fs::write(&path, text).expect("write config");
@@ -130,6 +132,8 @@ impl Daemon {
         let mut child = cmd
             .args(args)
             .env("RUST_LOG", "debug")
+            // The default socket is in the data directory, not systemd's runtime directory.
+            .env_remove("RUNTIME_DIRECTORY")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -163,7 +167,7 @@ impl Daemon {
                 }
             });
         }
-        // `listening ADDR` lines, `url …` lines, and last `admin http://ADDR`.
+        // `listening ADDR` lines, `url …` lines, and last `admin unix:PATH` (or http://ADDR).
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut lines: Vec<String> = Vec::new();
         while !lines.last().is_some_and(|l| l.starts_with("admin ")) {
@@ -217,7 +221,10 @@ impl Daemon {
             .and_then(|l| l.strip_prefix("admin "))
             .expect("admin line")
             .to_owned();
-        assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
+        assert!(
+            admin.starts_with("unix:/") || admin.starts_with("http://127.0.0.1:"),
+            "{admin}"
+        );
         assert!(!admin.ends_with(":0"), "{admin}");
         Ok(Daemon {
             child,
@@ -248,9 +255,24 @@ impl Daemon {
         );
     }
 
-    /// The admin API's base URL (`http://127.0.0.1:PORT`).
+    /// The admin API's address as `ironlun ctl --admin` and `Client::new` take it
+    /// (`unix:PATH`, or `http://127.0.0.1:PORT`).
     pub fn admin_url(&self) -> &str {
         &self.admin
+    }
+
+    /// The admin socket's path (panics when the admin API is on TCP).
+    pub fn admin_socket(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(
+            self.admin
+                .strip_prefix("unix:")
+                .unwrap_or_else(|| panic!("admin API not on a Unix socket: {}", self.admin)),
+        )
+    }
+
+    /// A raw connection to the admin API (Unix socket or TCP), for hand-written requests.
+    pub fn admin_connect(&self) -> AdminStream {
+        admin_connect(&self.admin)
     }
 
     pub fn pid(&self) -> u32 {
@@ -488,4 +510,81 @@ impl BackgroundIo {
         assert!(n >= 1, "no background round completed");
         n
     }
+}
+
+/// A raw admin connection of either kind.
+pub enum AdminStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+/// Connect to the admin API at `url` (`unix:PATH` or `http://ADDR`).
+pub fn admin_connect(url: &str) -> AdminStream {
+    match url.strip_prefix("unix:") {
+        Some(p) => AdminStream::Unix(
+            std::os::unix::net::UnixStream::connect(p).expect("connect admin socket"),
+        ),
+        None => AdminStream::Tcp(
+            std::net::TcpStream::connect(url.trim_start_matches("http://"))
+                .expect("connect admin TCP"),
+        ),
+    }
+}
+
+impl AdminStream {
+    pub fn set_read_timeout(&self, t: Option<Duration>) {
+        match self {
+            AdminStream::Unix(s) => s.set_read_timeout(t).unwrap(),
+            AdminStream::Tcp(s) => s.set_read_timeout(t).unwrap(),
+        }
+    }
+
+    /// Half-close: no more request bytes.
+    pub fn shutdown_write(&self) {
+        let _ = match self {
+            AdminStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            AdminStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+}
+
+impl Read for AdminStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            AdminStream::Unix(s) => s.read(buf),
+            AdminStream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for AdminStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            AdminStream::Unix(s) => s.write(buf),
+            AdminStream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A raw HTTP/1.1 response: status and body (by `Content-Length`, else to end of stream).
+/// `None` when `buf` holds no complete status line and head.
+pub fn parse_http_response(buf: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+    let len = head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let body = &buf[end..];
+    let body = match len {
+        Some(n) => body.get(..n)?.to_vec(),
+        None => body.to_vec(),
+    };
+    Some((status, body))
 }
