@@ -117,11 +117,18 @@ def metric_sums(text):
     return {k: int(v) if v == int(v) else v for k, v in out.items()}
 
 
+# Bearer token for /metrics (the admin API on TCP always needs one): --metrics-token FILE.
+TOKEN = ""
+
+
 def scrape(url):
     if not url:
         return {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        req = urllib.request.Request(url)
+        if TOKEN:
+            req.add_header("Authorization", f"Bearer {TOKEN}")
+        with urllib.request.urlopen(req, timeout=5) as r:
             return metric_sums(r.read().decode("utf-8", "replace"))
     except (OSError, ValueError):
         return {}
@@ -275,6 +282,10 @@ def settle(pid, metrics_url, want_fds, wait_s=15.0):
 
 
 def run(a):
+    global TOKEN
+    if a.metrics_token:
+        with open(a.metrics_token, encoding="utf-8") as f:
+            TOKEN = f.read().strip()
     duration = a.minutes * 60.0
     warmup = a.warmup if a.warmup is not None else default_warmup(duration)
     interval = a.interval or (10.0 if duration >= 600 else 5.0)
@@ -512,6 +523,7 @@ def main(argv=None):
     r.add_argument("--minutes", type=float, required=True)
     r.add_argument("--json", required=True)
     r.add_argument("--metrics", default="")
+    r.add_argument("--metrics-token", default="", help="file holding the admin API's bearer token")
     r.add_argument("--interval", type=float, default=None)
     r.add_argument("--warmup", type=float, default=None)
     r.add_argument("--meta", action="append", default=[], help="KEY=VALUE recorded in meta")

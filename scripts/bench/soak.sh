@@ -42,8 +42,14 @@ trap 'exit 130' INT TERM
 IQN=iqn.2026-11.io.ironlun:soak
 mkdir -p "$WORK/il"
 truncate -s 256M "$WORK/il/lun0.img"
+# The admin API on TCP (for /metrics) always needs a bearer token (issue 15).
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/token"
+chmod 600 "$WORK/token"
 cat > "$WORK/ironlun.toml" <<EOF
 data_dir = "$WORK/il"
+
+[admin]
+token_file = "$WORK/token"
 
 [[portal]]
 listen = "127.0.0.1:$IL_PORT"
@@ -81,7 +87,7 @@ JSON=${OUT%.md}.json; SVG=${OUT%.md}.svg
 mkdir -p "$(dirname "$OUT")"
 log "soak: $MIN min of mixed QD32 I/O and one login/logout a second (admin $ADMIN)"
 python3 scripts/bench/soak.py run --pid "$IL_PID" --portal "127.0.0.1:$IL_PORT" --iqn "$IQN" \
-  --file-lun 0 --ram-lun 1 --minutes "$MIN" --json "$JSON" ${ADMIN:+--metrics "$ADMIN/metrics"} \
+  --file-lun 0 --ram-lun 1 --minutes "$MIN" --json "$JSON" ${ADMIN:+--metrics "$ADMIN/metrics" --metrics-token "$WORK/token"} \
   ${SOAK_INTERVAL:+--interval "$SOAK_INTERVAL"} ${SOAK_WARMUP:+--warmup "$SOAK_WARMUP"} \
   --meta "date=$DATE" --meta "commit=$COMMIT" --meta "cores=$(nproc)" ${IRONLUN_BIN:+--meta "binary=$IRONLUN_BIN"} \
   --meta "luns=LUN 0 file 256 MiB, LUN 1 RAM 64 MiB, block size 512, both written through once before the soak; IRONLUN_LOG=${IRONLUN_LOG:-warn}" &
