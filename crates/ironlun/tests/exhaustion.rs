@@ -477,12 +477,10 @@ async fn flood_of_unfinished_writes_stays_in_budget() {
     let mut peers = Vec::new();
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for p in 0..6u32 {
-        let (mut raw, n) = RawConnection::login(
-            d.addr,
-            &opts(&format!("iqn.2026-11.io.ironlun:writer{p}")),
-        )
-        .await
-        .expect("raw login");
+        let (mut raw, n) =
+            RawConnection::login(d.addr, &opts(&format!("iqn.2026-11.io.ironlun:writer{p}")))
+                .await
+                .expect("raw login");
         assert!(n.immediate_data, "ImmediateData=Yes agreed");
         assert!(n.first_burst_length >= IMMEDIATE, "FirstBurstLength agreed");
         let window = n.max_cmd_sn.wrapping_sub(n.cmd_sn).wrapping_add(1);

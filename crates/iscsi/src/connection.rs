@@ -15,6 +15,17 @@
 //! window itself, and write data only as it arrives — [`Connection::held_data_out_bytes`]
 //! reports it for a budget across connections.
 //!
+//! # Data-Out pacing
+//! The target decides when to solicit write data (RFC 7143 §4.2.2.3, §11.8), so the owner
+//! bounds what the connection takes with [`Connection::set_data_out_allowance`]: R2Ts are
+//! issued, in command arrival order, only while the Data-Out held plus the Data-Out still
+//! expected by open sequences ([`Connection::committed_data_out_bytes`]) stays within the
+//! allowance, and a new WRITE whose immediate and unsolicited data does not fit is answered at
+//! once with TASK SET FULL. Two exceptions keep every well-behaved initiator progressing, whatever
+//! the allowance: a WRITE arriving while nothing is committed is always taken, and the oldest
+//! command still receiving data may always have one R2T sequence outstanding when the
+//! connection has none. See [`Connection::set_data_out_allowance`] for the resulting bound.
+//!
 //! The connection owns login (security stage with AuthMethod=None, operational negotiation),
 //! discovery and SendTargets, the CmdSN window and StatSN, immediate/unsolicited/solicited
 //! Data-Out assembly via R2T, Data-In splitting with status in the final Data-In, residuals,
@@ -224,6 +235,61 @@ const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
 ];
 /// SCSI status CHECK CONDITION (SAM-5 §5.3).
 const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// SCSI status TASK SET FULL (SAM-5 §5.3.1): the command was not started for lack of
+/// resources and may be retried; initiators back off (Linux also lowers the queue depth).
+const STATUS_TASK_SET_FULL: u8 = 0x28;
+
+/// What one command's write buffer adds to the connection's Data-Out totals.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    held: usize,
+    awaited: usize,
+    r2ts: usize,
+}
+
+impl Usage {
+    fn of(b: &WriteBuffer) -> Usage {
+        Usage {
+            held: b.footprint(),
+            awaited: b.awaited_bytes(),
+            r2ts: b.open_r2ts(),
+        }
+    }
+}
+
+/// Sums of [`Usage`] over the tasks still receiving Data-Out, kept up to date at each change.
+#[derive(Debug, Default, Clone, Copy)]
+struct DataOutTotals {
+    /// Memory held for their data ([`WriteBuffer::footprint`]).
+    held: usize,
+    /// Data their open sequences still expect ([`WriteBuffer::awaited_bytes`]).
+    awaited: usize,
+    /// Open R2T sequences.
+    r2ts: usize,
+}
+
+impl DataOutTotals {
+    fn add(&mut self, u: Usage) {
+        self.held = self.held.saturating_add(u.held);
+        self.awaited = self.awaited.saturating_add(u.awaited);
+        self.r2ts = self.r2ts.saturating_add(u.r2ts);
+    }
+
+    fn sub(&mut self, u: Usage) {
+        self.held = self.held.saturating_sub(u.held);
+        self.awaited = self.awaited.saturating_sub(u.awaited);
+        self.r2ts = self.r2ts.saturating_sub(u.r2ts);
+    }
+
+    fn change(&mut self, before: Usage, after: Usage) {
+        self.sub(before);
+        self.add(after);
+    }
+
+    fn committed(&self) -> usize {
+        self.held.saturating_add(self.awaited)
+    }
+}
 /// AsyncEvent 1: the target requests Logout (RFC 7143 §11.9.1).
 const ASYNC_EVENT_LOGOUT_REQUEST: u8 = 1;
 
@@ -251,9 +317,13 @@ pub struct Connection {
     last_rx: Instant,
     /// Our outstanding NOP-In ping: its TTT and when it was sent.
     ping: Option<(u32, Instant)>,
-    /// Sum of [`WriteBuffer::footprint`] over the tasks still receiving Data-Out, kept up to
-    /// date at each change (see [`Connection::held_data_out_bytes`]).
-    held_data_out: usize,
+    /// Data-Out held and expected by the tasks still receiving it (see
+    /// [`Connection::held_data_out_bytes`], [`Connection::committed_data_out_bytes`]).
+    data_out: DataOutTotals,
+    /// [`Connection::set_data_out_allowance`]; unlimited until set.
+    data_out_allowance: usize,
+    /// WRITEs answered with TASK SET FULL ([`Connection::task_set_full_count`]).
+    task_set_full: u64,
     /// The owner lets this session send TARGET WARM/COLD RESET
     /// ([`Connection::set_target_reset_allowed`]); refused until then.
     target_reset_allowed: bool,
@@ -282,6 +352,9 @@ struct Ffp {
     /// Held commands; `None` marks a CmdSN considered received by an ABORT TASK (§11.5.1 b).
     window: CmdWindow<Option<Pdu>>,
     tasks: HashMap<u32, Task>,
+    /// ITTs of the tasks receiving Data-Out, in command arrival order: R2Ts are issued in this
+    /// order ([`Connection::set_data_out_allowance`]).
+    receiving: VecDeque<u32>,
     /// TMFs handed to the owner, by ITT.
     tmfs: HashMap<u32, TmfFunction>,
     text: Option<TextExchange>,
@@ -358,7 +431,9 @@ impl Connection {
             started: now,
             last_rx: now,
             ping: None,
-            held_data_out: 0,
+            data_out: DataOutTotals::default(),
+            data_out_allowance: usize::MAX,
+            task_set_full: 0,
             target_reset_allowed: false,
         }
     }
@@ -620,7 +695,56 @@ impl Connection {
     /// the connection is closed. Read it after [`Connection::receive`] to budget memory
     /// across connections, e.g. by pausing reads while a global sum is over a limit.
     pub fn held_data_out_bytes(&self) -> usize {
-        self.held_data_out
+        self.data_out.held
+    }
+
+    /// [`Connection::held_data_out_bytes`] plus the Data-Out the open sequences still expect:
+    /// the unsolicited data announced by WRITEs already taken, and the rest of each R2T sent.
+    /// A well-behaved initiator sends that data without being asked again, so this is what
+    /// the connection is committed to hold; it is what the allowance bounds. Reserve it (not
+    /// just what is held) in a budget across connections, so that another connection does not
+    /// plan with room this one already promised. O(1).
+    pub fn committed_data_out_bytes(&self) -> usize {
+        self.data_out.committed()
+    }
+
+    /// Set how much Data-Out ([`Connection::committed_data_out_bytes`]) the connection may
+    /// commit to; unlimited by default. Call it whenever the owner's room changes (before
+    /// [`Connection::receive`], after releasing memory): when the allowance grows, R2Ts held
+    /// back go out now (drain [`Connection::poll_transmit`] afterwards). Lowering it never
+    /// cancels an R2T already sent.
+    ///
+    /// Contract (RFC 7143 §4.2.2.3, §11.8: the target decides when to solicit):
+    /// - R2Ts are issued for the commands receiving data in their arrival order (an earlier
+    ///   command is never overtaken), each R2T for the rest of its command up to
+    ///   MaxBurstLength and within MaxOutstandingR2T, while committed + its length ≤ the
+    ///   allowance;
+    /// - progress: when no R2T sequence is open on the connection, the oldest command still
+    ///   receiving data gets its next R2T whatever the allowance, so a well-behaved initiator
+    ///   always finishes its oldest write, whose data then leaves the connection as
+    ///   [`Event::Command`] and frees room;
+    /// - a WRITE whose immediate and unsolicited data (up to FirstBurstLength) would take the
+    ///   committed bytes over the allowance, while some are already committed, is answered at
+    ///   once with status TASK SET FULL (SAM-5 §5.3.1) and its data is not kept; its later
+    ///   unsolicited Data-Out PDUs are dropped as data of a finished task. The CmdSN window
+    ///   advances as for any completed command.
+    ///
+    /// Bound: committed ≤ max(allowance, one WRITE's unsolicited data) + what the oldest
+    /// receiving command takes past it by the progress rule — at most that command's
+    /// ExpectedDataTransferLength ([`crate::Limits::max_transfer`]).
+    pub fn set_data_out_allowance(&mut self, bytes: usize) {
+        self.data_out_allowance = bytes;
+        self.solicit_paced();
+    }
+
+    /// The allowance in force ([`Connection::set_data_out_allowance`]).
+    pub fn data_out_allowance(&self) -> usize {
+        self.data_out_allowance
+    }
+
+    /// How many WRITEs were answered with TASK SET FULL for lack of Data-Out allowance.
+    pub fn task_set_full_count(&self) -> u64 {
+        self.task_set_full
     }
 
     // ----- plumbing -------------------------------------------------------------------------
@@ -697,9 +821,10 @@ impl Connection {
             return;
         }
         tracing::debug!(?reason, "closing connection");
-        self.held_data_out = 0;
+        self.data_out = DataOutTotals::default();
         if let Phase::FullFeature(ffp) = &mut self.phase {
             ffp.slot = None;
+            ffp.receiving.clear();
             let running: Vec<u32> = ffp
                 .tasks
                 .drain()
@@ -979,6 +1104,11 @@ impl Connection {
             params,
             conn_params,
             tasks: HashMap::new(),
+            receiving: VecDeque::with_capacity(
+                usize::try_from(self.config.cmd_window)
+                    .unwrap_or(0)
+                    .min(4096),
+            ),
             tmfs: HashMap::new(),
             text: None,
             slot,
@@ -1093,8 +1223,42 @@ impl Connection {
             data_pdu_in_order: params.data_pdu_in_order,
             data_sequence_in_order: params.data_sequence_in_order,
         };
+        let committed = self.data_out.committed();
+        let unsolicited = usize::try_from(unsolicited_end).unwrap_or(usize::MAX);
+        if unsolicited > 0
+            && committed > 0
+            && committed
+                .checked_add(unsolicited)
+                .is_none_or(|c| c > self.data_out_allowance)
+        {
+            // Not kept: refused before its data is buffered (see `set_data_out_allowance`).
+            tracing::debug!(
+                itt = h.itt,
+                committed,
+                unsolicited,
+                allowance = self.data_out_allowance,
+                "WRITE refused with TASK SET FULL: no Data-Out allowance left"
+            );
+            self.task_set_full = self.task_set_full.saturating_add(1);
+            ffp.tasks.insert(
+                h.itt,
+                Task {
+                    lun: h.lun,
+                    expected_in,
+                    expected_out,
+                    state: TaskState::Running { r2t_count: 0 },
+                },
+            );
+            let completion = ScsiCompletion {
+                status: STATUS_TASK_SET_FULL,
+                sense: Bytes::new(),
+                data_in: Bytes::new(),
+            };
+            self.finish_command(h.itt, completion, None);
+            return;
+        }
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
-        self.held_data_out = self.held_data_out.saturating_add(buffer.footprint());
+        self.data_out.add(Usage::of(&buffer));
         ffp.tasks.insert(
             h.itt,
             Task {
@@ -1104,56 +1268,101 @@ impl Connection {
                 state: TaskState::Receiving { cmd, buffer },
             },
         );
-        self.advance_write(h.itt);
+        ffp.receiving.push_back(h.itt);
+        if self.advance_write(h.itt) {
+            self.solicit_paced();
+        }
     }
 
-    /// Send the R2Ts the task may have outstanding; hand it to the owner once all data is in.
-    fn advance_write(&mut self, itt: u32) {
+    /// Issue the R2Ts the allowance admits, for the tasks receiving data in arrival order
+    /// (the rules are [`Connection::set_data_out_allowance`]'s).
+    fn solicit_paced(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return;
+        };
+        if ffp.receiving.is_empty() {
+            return;
+        }
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.stat_sn;
         let Phase::FullFeature(ffp) = &mut self.phase else {
             return;
         };
-        let Some(task) = ffp.tasks.get_mut(&itt) else {
-            return;
-        };
-        let TaskState::Receiving { buffer, .. } = &mut task.state else {
-            return;
-        };
-        let next_ttt = &mut self.next_ttt;
-        let r2ts = buffer.solicit(|| Self::alloc_ttt(next_ttt));
-        let complete = buffer.is_complete();
-        let lun = task.lun;
-        for r in r2ts {
-            let header = R2t {
-                lun,
-                itt,
-                ttt: r.ttt,
-                stat_sn,
-                exp_cmd_sn,
-                max_cmd_sn,
-                r2t_sn: r.r2t_sn,
-                buffer_offset: r.buffer_offset,
-                desired_data_transfer_length: r.desired_length,
+        for (i, itt) in ffp.receiving.iter().enumerate() {
+            let Some(task) = ffp.tasks.get_mut(itt) else {
+                continue;
             };
-            self.out.push_back((
-                Pdu {
-                    header: Header::R2t(header),
-                    ahs: Vec::new(),
-                    data: Bytes::new(),
-                },
-                self.tx_digests,
-            ));
+            let lun = task.lun;
+            let TaskState::Receiving { buffer, .. } = &mut task.state else {
+                continue;
+            };
+            while let Some(len) = buffer.next_r2t_len() {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                let fits = self
+                    .data_out
+                    .committed()
+                    .checked_add(len)
+                    .is_some_and(|c| c <= self.data_out_allowance);
+                // Progress: the oldest receiving task may have one sequence when none is open.
+                let progress = i == 0 && self.data_out.r2ts == 0;
+                if !fits && !progress {
+                    // Later tasks wait too: R2Ts go out in arrival order.
+                    return;
+                }
+                let before = Usage::of(buffer);
+                let next_ttt = &mut self.next_ttt;
+                let Some(r) = buffer.solicit_one(|| Self::alloc_ttt(next_ttt)) else {
+                    break;
+                };
+                self.data_out.change(before, Usage::of(buffer));
+                let header = R2t {
+                    lun,
+                    itt: *itt,
+                    ttt: r.ttt,
+                    stat_sn,
+                    exp_cmd_sn,
+                    max_cmd_sn,
+                    r2t_sn: r.r2t_sn,
+                    buffer_offset: r.buffer_offset,
+                    desired_data_transfer_length: r.desired_length,
+                };
+                self.out.push_back((
+                    Pdu {
+                        header: Header::R2t(header),
+                        ahs: Vec::new(),
+                        data: Bytes::new(),
+                    },
+                    self.tx_digests,
+                ));
+            }
         }
-        if !complete {
-            return;
-        }
-        let Some(task) = ffp.tasks.get_mut(&itt) else {
-            return;
+    }
+
+    /// Hand the task to the owner once all its data is in. Returns whether it still receives
+    /// data (then it may want R2Ts: [`Connection::solicit_paced`]); `false` once it left that
+    /// state, its room freed.
+    fn advance_write(&mut self, itt: u32) -> bool {
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return false;
         };
+        let Some(task) = ffp.tasks.get_mut(&itt) else {
+            return false;
+        };
+        let TaskState::Receiving { buffer, .. } = &task.state else {
+            return false;
+        };
+        if !buffer.is_complete() {
+            return true;
+        }
         let state = std::mem::replace(&mut task.state, TaskState::Running { r2t_count: 0 });
+        if let Some(at) = ffp.receiving.iter().position(|t| *t == itt) {
+            ffp.receiving.remove(at);
+        }
         if let TaskState::Receiving { mut cmd, buffer } = state {
-            self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+            self.data_out.sub(Usage::of(&buffer));
             task.state = TaskState::Running {
                 r2t_count: buffer.r2t_count(),
             };
@@ -1165,7 +1374,7 @@ impl Connection {
                     data_in: Bytes::new(),
                 };
                 self.finish_command(itt, completion, None);
-                return;
+                return false;
             }
             let Some(data) = buffer.into_data() else {
                 // Unreachable: `is_complete` held. Fail the command rather than run it on
@@ -1176,11 +1385,12 @@ impl Connection {
                     data_in: Bytes::new(),
                 };
                 self.finish_command(itt, completion, None);
-                return;
+                return false;
             };
             cmd.data_out = data;
             self.events.push_back(Event::Command(cmd));
         }
+        false
     }
 
     fn on_data_out(&mut self, pdu: Pdu) {
@@ -1199,13 +1409,11 @@ impl Connection {
             tracing::debug!(itt = h.itt, "Data-Out for a task not awaiting data dropped");
             return;
         };
-        let before = buffer.footprint();
+        let before = Usage::of(buffer);
+        let sequences = buffer.open_sequences();
         let result = buffer.data_out(h, &pdu.data);
-        let after = buffer.footprint();
-        self.held_data_out = self
-            .held_data_out
-            .saturating_sub(before)
-            .saturating_add(after);
+        let sequence_done = buffer.open_sequences() < sequences;
+        self.data_out.change(before, Usage::of(buffer));
         if let Err(e) = result {
             // ErrorRecoveryLevel 0: sequence errors are recovered by session recovery (§7.1.5).
             tracing::debug!(itt = h.itt, error = %e, "Data-Out refused");
@@ -1213,7 +1421,11 @@ impl Connection {
             return;
         }
         let itt = h.itt;
-        self.advance_write(itt);
+        let receiving = self.advance_write(itt);
+        // Room or an R2T slot may have freed only when a sequence closed or the task left.
+        if sequence_done || !receiving {
+            self.solicit_paced();
+        }
     }
 
     fn finish_command(&mut self, itt: u32, completion: ScsiCompletion, spdtl_out: Option<u32>) {
@@ -1324,12 +1536,17 @@ impl Connection {
             }
         };
         let mut aborted = Vec::new();
+        let mut freed = false;
         for itt in affected {
             if let Some(task) = ffp.tasks.remove(&itt) {
                 match &task.state {
                     TaskState::Running { .. } => aborted.push(itt),
                     TaskState::Receiving { buffer, .. } => {
-                        self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+                        self.data_out.sub(Usage::of(buffer));
+                        if let Some(at) = ffp.receiving.iter().position(|t| *t == itt) {
+                            ffp.receiving.remove(at);
+                        }
+                        freed = true;
                     }
                 }
             }
@@ -1345,6 +1562,9 @@ impl Connection {
             lun,
             referenced_task_tag: h.referenced_task_tag,
         }));
+        if freed {
+            self.solicit_paced();
+        }
     }
 
     fn send_tmf_response(&mut self, itt: u32, response: TmfResponse) {
