@@ -732,11 +732,11 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Received Data-Out the connection holds while assembling writes
-/// ([`Connection::held_data_out_bytes`]: grows with the bytes received, never with
-/// ExpectedDataTransferLength up front).
-fn held_data_out_bytes(conn: &Connection) -> u64 {
-    u64::try_from(conn.held_data_out_bytes()).unwrap_or(u64::MAX)
+/// Data-Out the connection holds or awaits while assembling writes
+/// ([`Connection::committed_data_out_bytes`]: grows with the bytes received and with what it
+/// solicited within its allowance, never with ExpectedDataTransferLength up front).
+fn committed_data_out_bytes(conn: &Connection) -> u64 {
+    u64::try_from(conn.committed_data_out_bytes()).unwrap_or(u64::MAX)
 }
 
 /// Largest READ the LUs run: `LuConfig::max_transfer_blocks` is 16 MiB of blocks
@@ -990,9 +990,29 @@ impl Commands {
         self.unsent.clear();
     }
 
-    /// Re-charge the Data-Out the connection holds while assembling writes.
+    /// Re-charge the Data-Out the connection holds or has committed to while assembling
+    /// writes ([`Connection::committed_data_out_bytes`]: held, plus what open sequences still
+    /// expect, so that other connections do not plan with room this one promised).
     fn received(&mut self, conn: &Connection) {
-        self.assembling.resize(held_data_out_bytes(conn));
+        self.assembling.resize(committed_data_out_bytes(conn));
+    }
+
+    /// Set the connection's Data-Out allowance from the budget, then re-charge what it
+    /// committed to. The allowance is what this connection may commit to: its share, and no
+    /// more than the budget has left plus what it already holds. The connection issues R2Ts
+    /// and takes unsolicited data only within it, apart from its progress rules
+    /// ([`Connection::set_data_out_allowance`]), so received Data-Out stays bounded without
+    /// ever stopping the socket for it: reading on is always safe for a well-behaved
+    /// initiator. Costs one budget lock; called before each `receive` and once per loop
+    /// (after releases).
+    fn pace(&mut self, conn: &mut Connection) {
+        let budget = self.account.budget();
+        let left = budget.limit().saturating_sub(budget.used());
+        let allowance = budget
+            .share()
+            .min(left.saturating_add(self.assembling.bytes()));
+        conn.set_data_out_allowance(usize::try_from(allowance).unwrap_or(usize::MAX));
+        self.received(conn);
     }
 
     /// Whether the socket must not be read now: a command waits for room, or received data
@@ -1142,7 +1162,7 @@ async fn serve_connection(
             room.as_mut().enable();
             cmds.start_ready(&mut conn, nexus.as_ref())
         };
-        cmds.received(&conn);
+        cmds.pace(&mut conn);
         // Coalesce everything ready into one vectored write; the charges of the responses in
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
@@ -1173,6 +1193,7 @@ async fn serve_connection(
                 if r? == 0 {
                     break;
                 }
+                cmds.pace(&mut conn);
                 conn.receive(&mut buf, Instant::now());
             }
             Some(done) = done_rx.recv() => {

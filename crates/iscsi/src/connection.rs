@@ -2853,6 +2853,198 @@ mod tests {
         assert_eq!(p.conn.held_data_out_bytes(), 0);
     }
 
+    // ----- Data-Out pacing ----------------------------------------------------------------
+
+    static D4K: [u8; 4096] = [4; 4096];
+
+    /// The R2Ts of `out`, as (ITT, offset, length, TTT).
+    fn r2ts_of(out: &[Pdu]) -> Vec<(u32, u32, u32, u32)> {
+        out.iter()
+            .map(|pdu| match &pdu.header {
+                Header::R2t(r) => (
+                    r.itt,
+                    r.buffer_offset,
+                    r.desired_data_transfer_length,
+                    r.ttt,
+                ),
+                other => panic!("expected R2T, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn paced_login(p: &mut Pair, initial_r2t: &str, max_r2t: &str) {
+        p.login_normal(&[
+            ("InitialR2T", initial_r2t),
+            ("ImmediateData", "Yes"),
+            ("FirstBurstLength", "4096"),
+            ("MaxBurstLength", "4096"),
+            ("MaxOutstandingR2T", max_r2t),
+        ]);
+    }
+
+    #[test]
+    fn r2ts_wait_for_the_allowance_and_go_out_in_arrival_order() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "1");
+        p.conn.set_data_out_allowance(6000);
+        p.command(1, 0x2a, false, true, 8192, true, Bytes::new());
+        let a = r2ts_of(&p.recv());
+        assert_eq!(
+            a.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            [(1, 0, 4096)]
+        );
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096);
+        // B does not fit beside A's sequence; C would, but does not overtake B.
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        p.command(3, 0x2a, false, true, 1024, true, Bytes::new());
+        assert!(p.recv().is_empty(), "R2Ts withheld beyond the allowance");
+        // A's first burst arrives: held 4096 + run overhead, over the allowance with A's
+        // next burst, but A is the oldest and no sequence is open: it gets one.
+        p.data_out(1, a[0].3, 0, 0, true, &D4K);
+        let a2 = r2ts_of(&p.recv());
+        assert_eq!(
+            a2.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            [(1, 4096)]
+        );
+        assert!(p.conn.committed_data_out_bytes() > 6000);
+        // A completes: its data leaves the connection, B then C are solicited.
+        p.data_out(1, a2[0].3, 0, 4096, true, &D4K);
+        assert_eq!(p.command_event().data_out.len(), 8192);
+        let bc = r2ts_of(&p.recv());
+        assert_eq!(
+            bc.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            [(2, 0, 4096), (3, 0, 1024)]
+        );
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096 + 1024);
+        p.data_out(3, bc[1].3, 0, 0, true, &D4K[..1024]);
+        assert_eq!(p.command_event().itt, 3);
+        p.data_out(2, bc[0].3, 0, 0, true, &D4K);
+        assert_eq!(p.command_event().itt, 2);
+        assert_eq!(p.conn.committed_data_out_bytes(), 0);
+        assert_eq!(p.conn.task_set_full_count(), 0);
+    }
+
+    #[test]
+    fn one_sequence_at_a_time_when_the_allowance_is_zero() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "4");
+        p.conn.set_data_out_allowance(0);
+        p.command(1, 0x2a, false, true, 3 * 4096, true, Bytes::new());
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        for (i, offset) in [0u32, 4096, 8192].into_iter().enumerate() {
+            let r = r2ts_of(&p.recv());
+            assert_eq!(
+                r.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+                [(1, offset)],
+                "MaxOutstandingR2T=4, yet one sequence of the oldest command at a time"
+            );
+            assert!(p.events().is_empty());
+            p.data_out(1, r[0].3, 0, offset, true, &D4K);
+            if i < 2 {
+                assert!(p.events().is_empty());
+            }
+        }
+        assert_eq!(p.command_event().data_out.len(), 3 * 4096);
+        // The next command is now the oldest.
+        let r = r2ts_of(&p.recv());
+        assert_eq!(r.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), [(2, 0)]);
+        // Raising the allowance sends nothing more here: everything is solicited.
+        p.conn.set_data_out_allowance(usize::MAX);
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn raising_the_allowance_releases_withheld_r2ts() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "4");
+        p.conn.set_data_out_allowance(4096);
+        p.command(1, 0x2a, false, true, 3 * 4096, true, Bytes::new());
+        assert_eq!(r2ts_of(&p.recv()).len(), 1);
+        p.conn.set_data_out_allowance(3 * 4096);
+        let r = r2ts_of(&p.recv());
+        assert_eq!(r.iter().map(|r| r.1).collect::<Vec<_>>(), [4096, 8192]);
+        // An abort frees the room; the next command is solicited at once.
+        p.conn.set_data_out_allowance(4096);
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        assert!(p.recv().is_empty());
+        tmf(&mut p, 0x50, TmfFunction::AbortTask, 1, 0);
+        let out = p.recv();
+        assert_eq!(r2ts_of(&out[..1]).first().map(|r| r.0), Some(2));
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096);
+    }
+
+    #[test]
+    fn unsolicited_data_past_the_allowance_gets_task_set_full() {
+        static IMM: [u8; 1024] = [1; 1024];
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "No", "1");
+        p.conn.set_data_out_allowance(3000);
+        // Nothing committed: taken whatever the allowance (1024 immediate + 3072 unsolicited),
+        // and as the oldest it gets its R2T.
+        p.command(1, 0x2a, false, true, 8192, false, Bytes::from_static(&IMM));
+        let a = r2ts_of(&p.recv());
+        assert_eq!(
+            a.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            [(1, 4096)]
+        );
+        let committed = p.conn.committed_data_out_bytes();
+        assert!(committed >= 8192, "{committed}");
+        // B's 2048 bytes of immediate + unsolicited data do not fit: TASK SET FULL at once.
+        let b_sn = p.cmd_sn;
+        p.command(
+            2,
+            0x2a,
+            false,
+            true,
+            2048,
+            false,
+            Bytes::from_static(&IMM[..512]),
+        );
+        let out = p.recv();
+        let [Pdu {
+            header: Header::ScsiResponse(r),
+            ..
+        }] = out.as_slice()
+        else {
+            panic!("expected one SCSI Response, got {out:?}")
+        };
+        assert_eq!((r.itt, r.status), (2, STATUS_TASK_SET_FULL));
+        assert!(sn_lt(b_sn, r.exp_cmd_sn), "B's CmdSN is consumed");
+        assert_eq!(p.conn.task_set_full_count(), 1);
+        assert_eq!(
+            p.conn.committed_data_out_bytes(),
+            committed,
+            "B's data not kept"
+        );
+        assert!(p.events().is_empty());
+        // B's unsolicited Data-Out, already on its way, is dropped without closing.
+        p.data_out(2, RESERVED_TAG, 0, 512, true, &D4K[..1536]);
+        assert!(p.conn.is_closed().is_none());
+        assert!(p.recv().is_empty() && p.events().is_empty());
+        assert_eq!(p.conn.committed_data_out_bytes(), committed);
+        // A finishes; then B retried with the same ITT is taken and completes.
+        p.data_out(1, RESERVED_TAG, 0, 1024, true, &D4K[..3072]);
+        p.data_out(1, a[0].3, 0, 4096, true, &D4K);
+        assert_eq!(p.command_event().itt, 1);
+        assert_eq!(p.conn.committed_data_out_bytes(), 0);
+        p.command(
+            2,
+            0x2a,
+            false,
+            true,
+            2048,
+            false,
+            Bytes::from_static(&IMM[..512]),
+        );
+        assert!(p.recv().is_empty());
+        p.data_out(2, RESERVED_TAG, 0, 512, true, &D4K[..1536]);
+        let c = p.command_event();
+        assert_eq!((c.itt, c.data_out.len()), (2, 2048));
+        assert_eq!(c.data_out[0], 1);
+        assert_eq!(c.data_out[512], 4);
+        assert_eq!(p.conn.task_set_full_count(), 1);
+    }
+
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------
 
     #[test]
