@@ -997,20 +997,15 @@ impl Commands {
         self.assembling.resize(committed_data_out_bytes(conn));
     }
 
-    /// Set the connection's Data-Out allowance from the budget, then re-charge what it
-    /// committed to. The allowance is what this connection may commit to: its share, and no
-    /// more than the budget has left plus what it already holds. The connection issues R2Ts
+    /// Set the connection's Data-Out allowance from the budget
+    /// ([`Account::data_out_allowance`]), then re-charge what it committed to. The connection issues R2Ts
     /// and takes unsolicited data only within it, apart from its progress rules
     /// ([`Connection::set_data_out_allowance`]), so received Data-Out stays bounded without
     /// ever stopping the socket for it: reading on is always safe for a well-behaved
     /// initiator. Costs one budget lock; called before each `receive` and once per loop
     /// (after releases).
     fn pace(&mut self, conn: &mut Connection) {
-        let budget = self.account.budget();
-        let left = budget.limit().saturating_sub(budget.used());
-        let allowance = budget
-            .share()
-            .min(left.saturating_add(self.assembling.bytes()));
+        let allowance = self.account.data_out_allowance(self.assembling.bytes());
         conn.set_data_out_allowance(usize::try_from(allowance).unwrap_or(usize::MAX));
         self.received(conn);
     }
