@@ -14,6 +14,11 @@
 //!   released once its command completes and is written (or its connection fails the write
 //!   after the stall bound and closes). Waiting for received bytes could deadlock two
 //!   connections each holding the other's room in Data-Out that needs more reading to finish.
+//!   Instead, received write data is bounded *before* it is sent: each connection may commit
+//!   to at most [`Account::data_out_allowance`] of Data-Out (its share, within what the budget
+//!   has left and within half of the limit for received data daemon-wide); the iSCSI
+//!   connection paces its R2Ts by it and refuses unsolicited data past it with TASK SET FULL,
+//!   and always lets its oldest write progress, so waiting for room never forms a cycle.
 //!
 //! Fairness: one connection ([`Account`]) may hold at most a quarter of the budget in flight
 //! ([`SHARE_DIVISOR`]), so a peer that stops reading its socket (keeping its Data-In charged

@@ -20,7 +20,10 @@
 //! connection (in order, behind any earlier one), and the connection stops reading its socket
 //! until a release wakes it: back-pressure on the peer instead of allocation. At most
 //! `cmd_window` commands of a connection are in flight off its task. Received write data is
-//! charged as it is held ([`crate::budget`]). The receive buffer itself is bounded by the
+//! charged as it is held ([`crate::budget`]), and bounded before it arrives: each connection's
+//! Data-Out allowance is set from the budget before every read ([`Commands::pace`]), so the
+//! target solicits write data (R2T) only as there is room and answers WRITEs whose unsolicited
+//! data does not fit with TASK SET FULL (see `Connection::set_data_out_allowance`). The receive buffer itself is bounded by the
 //! framer: one frame is at most MaxRecvDataSegmentLength plus headers and digests, so the buffer
 //! stays below [`READ_CHUNK`] plus about twice the largest frame.
 //!
@@ -1013,7 +1016,10 @@ impl Commands {
     /// Whether the socket must not be read now: a command waits for room, or received data
     /// is over this connection's share or the daemon's limit while something of this
     /// connection is in flight (its release will wake the task; with nothing in flight, reading
-    /// on is the only way the held writes can complete).
+    /// on is the only way the held writes can complete). Write data being assembled needs no
+    /// pause: the Data-Out allowance ([`Commands::pace`]) bounds what the connection solicits
+    /// and takes, so reading on never lets it grow past that (plus the connection's progress
+    /// exceptions and one read chunk).
     fn pause_reading(&self) -> bool {
         if !self.waiting.is_empty() {
             return true;

@@ -324,6 +324,8 @@ pub struct Connection {
     data_out_allowance: usize,
     /// WRITEs answered with TASK SET FULL ([`Connection::task_set_full_count`]).
     task_set_full: u64,
+    /// The last [`Connection::solicit_paced`] held an R2T back for lack of allowance.
+    r2ts_withheld: bool,
     /// The owner lets this session send TARGET WARM/COLD RESET
     /// ([`Connection::set_target_reset_allowed`]); refused until then.
     target_reset_allowed: bool,
@@ -434,6 +436,7 @@ impl Connection {
             data_out: DataOutTotals::default(),
             data_out_allowance: usize::MAX,
             task_set_full: 0,
+            r2ts_withheld: false,
             target_reset_allowed: false,
         }
     }
@@ -733,8 +736,13 @@ impl Connection {
     /// receiving command takes past it by the progress rule — at most that command's
     /// ExpectedDataTransferLength ([`crate::Limits::max_transfer`]).
     pub fn set_data_out_allowance(&mut self, bytes: usize) {
+        let grew = bytes > self.data_out_allowance;
         self.data_out_allowance = bytes;
-        self.solicit_paced();
+        // Every other change that can admit an R2T solicits on the spot; here only more room
+        // can, and only when some R2T waits for it (so an unchanged allowance costs nothing).
+        if grew && self.r2ts_withheld {
+            self.solicit_paced();
+        }
     }
 
     /// The allowance in force ([`Connection::set_data_out_allowance`]).
@@ -1277,6 +1285,7 @@ impl Connection {
     /// Issue the R2Ts the allowance admits, for the tasks receiving data in arrival order
     /// (the rules are [`Connection::set_data_out_allowance`]'s).
     fn solicit_paced(&mut self) {
+        self.r2ts_withheld = false;
         if self.closed.is_some() {
             return;
         }
@@ -1310,6 +1319,7 @@ impl Connection {
                 let progress = i == 0 && self.data_out.r2ts == 0;
                 if !fits && !progress {
                     // Later tasks wait too: R2Ts go out in arrival order.
+                    self.r2ts_withheld = true;
                     return;
                 }
                 let before = Usage::of(buffer);

@@ -7,6 +7,9 @@
 //! offset; the run that starts at offset 0 swallows every run it reaches, so a complete
 //! transfer is exactly one run, handed on without a second copy. A transfer that arrives as one
 //! piece at offset 0 is handed on as the received slice, without any copy.
+//!
+//! R2Ts are opened one at a time ([`WriteBuffer::solicit_one`]) so that the connection can pace
+//! them by memory; [`WriteBuffer::awaited_bytes`] is the data open sequences still expect.
 
 use crate::pdu::{DataOut, RESERVED_TAG};
 use bytes::Bytes;
