@@ -238,6 +238,8 @@ const STATUS_CHECK_CONDITION: u8 = 0x02;
 /// SCSI status TASK SET FULL (SAM-5 §5.3.1): the command was not started for lack of
 /// resources and may be retried; initiators back off (Linux also lowers the queue depth).
 const STATUS_TASK_SET_FULL: u8 = 0x28;
+/// AsyncEvent 1: the target requests Logout (RFC 7143 §11.9.1).
+const ASYNC_EVENT_LOGOUT_REQUEST: u8 = 1;
 
 /// What one command's write buffer adds to the connection's Data-Out totals.
 #[derive(Debug, Clone, Copy)]
@@ -290,8 +292,6 @@ impl DataOutTotals {
         self.held.saturating_add(self.awaited)
     }
 }
-/// AsyncEvent 1: the target requests Logout (RFC 7143 §11.9.1).
-const ASYNC_EVENT_LOGOUT_REQUEST: u8 = 1;
 
 /// Target-side connection state machine.
 pub struct Connection {
@@ -696,7 +696,8 @@ impl Connection {
     /// drops when a command's data is handed on (the owner then holds it in
     /// [`ScsiCommandEvent::data_out`]), when a TMF or close removes the command, and to 0 once
     /// the connection is closed. Read it after [`Connection::receive`] to budget memory
-    /// across connections, e.g. by pausing reads while a global sum is over a limit.
+    /// across connections; [`Connection::set_data_out_allowance`] bounds it before the data
+    /// is sent.
     pub fn held_data_out_bytes(&self) -> usize {
         self.data_out.held
     }
@@ -1411,7 +1412,10 @@ impl Connection {
             return;
         };
         let Some(task) = ffp.tasks.get_mut(&h.itt) else {
-            // Data for a task that is gone (aborted or failed): dropped (§11.5.1).
+            // Data for a task that is gone (aborted, failed, or refused with TASK SET FULL
+            // while its unsolicited data was on the way): dropped (§11.5.1). The initiator
+            // reuses an ITT only after the response, so on this one TCP stream such PDUs come
+            // before any new command with that ITT and cannot be taken for its data.
             tracing::debug!(itt = h.itt, "Data-Out for unknown task dropped");
             return;
         };
