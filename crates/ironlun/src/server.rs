@@ -1242,6 +1242,13 @@ async fn serve_connection(
     if let Some(s) = conn.login_failure() {
         crate::metrics::DAEMON.login_failed(s.class, s.detail);
     }
+    let refused = conn.task_set_full_count();
+    if refused > 0 {
+        tracing::debug!(
+            refused,
+            "WRITEs answered TASK SET FULL on this connection for lack of Data-Out room"
+        );
+    }
     drop(nexus);
     drop(listed);
     drop(registered);
