@@ -14,6 +14,11 @@
 //!   released once its command completes and is written (or its connection fails the write
 //!   after the stall bound and closes). Waiting for received bytes could deadlock two
 //!   connections each holding the other's room in Data-Out that needs more reading to finish.
+//!   Instead, received write data is bounded *before* it is sent: each connection may commit
+//!   to at most [`Account::data_out_allowance`] of Data-Out (its share, within what the budget
+//!   has left and within half of the limit for received data daemon-wide); the iSCSI
+//!   connection paces its R2Ts by it and refuses unsolicited data past it with TASK SET FULL,
+//!   and always lets its oldest write progress, so waiting for room never forms a cycle.
 //!
 //! Fairness: one connection ([`Account`]) may hold at most a quarter of the budget in flight
 //! ([`SHARE_DIVISOR`]), so a peer that stops reading its socket (keeping its Data-In charged
@@ -34,6 +39,10 @@ use tokio::sync::Notify;
 
 /// One connection may hold at most `limit / SHARE_DIVISOR` bytes in flight (see the module doc).
 pub const SHARE_DIVISOR: u64 = 4;
+
+/// Write data received from peers may take at most `limit / RECEIVED_DIVISOR` daemon-wide
+/// before connections stop soliciting more ([`Account::data_out_allowance`]).
+pub const RECEIVED_DIVISOR: u64 = 2;
 
 /// Default `[limits] max_buffered`: 256 MiB.
 pub const DEFAULT_MAX_BUFFERED: u64 = 256 << 20;
@@ -196,6 +205,25 @@ impl Account {
         Some(self.charge_of(n, false))
     }
 
+    /// The Data-Out this connection may commit to while assembling writes, given that it
+    /// has `committed` bytes charged for that already (the iSCSI connection's allowance,
+    /// `Connection::set_data_out_allowance`): at most its share, no more than the budget has
+    /// left, and no more than leaves received payload daemon-wide (write data assembled or
+    /// held by commands) within [`RECEIVED_DIVISOR`]⁻¹ of the limit. The rest stays for the
+    /// Data-In of reads: writers that never finish cannot take the whole budget, and what
+    /// they make the process hold (and malloc keep afterwards) stays well below the limit.
+    pub fn data_out_allowance(&self, committed: u64) -> u64 {
+        let t = self.budget.totals();
+        let left = self
+            .budget
+            .limit
+            .saturating_sub(t.used)
+            .saturating_add(committed);
+        let others = t.received.saturating_sub(committed);
+        let received_room = (self.budget.limit / RECEIVED_DIVISOR).saturating_sub(others);
+        self.budget.share.min(left).min(received_room)
+    }
+
     /// Charge `n` bytes already received and held (never refused: the bytes exist).
     pub fn hold_received(&self, n: u64) -> Charge {
         if n > 0 {
@@ -343,6 +371,28 @@ mod tests {
         assert!(accounts[4].try_charge(1).is_none(), "the daemon is full");
         drop(held);
         assert!(accounts[4].try_charge(2 * MIB).is_some());
+    }
+
+    #[test]
+    fn data_out_allowance_is_the_share_within_the_room_and_the_received_half() {
+        let b = MemoryBudget::new(64 * MIB);
+        let (a, c) = (b.account(), b.account());
+        assert_eq!(a.data_out_allowance(0), 16 * MIB, "the share");
+        // Others' received write data: the received half binds.
+        let theirs = c.hold_received(24 * MIB);
+        assert_eq!(a.data_out_allowance(0), 8 * MIB);
+        // What this connection already committed counts as its own room.
+        let mut mine = a.hold_received(6 * MIB);
+        assert_eq!(a.data_out_allowance(6 * MIB), 8 * MIB);
+        mine.resize(0);
+        // In-flight Data-In elsewhere: what the budget has left binds.
+        drop(theirs);
+        let flying: Vec<Charge> = (0..4)
+            .map(|_| b.account().try_charge(15 * MIB).unwrap())
+            .collect();
+        assert_eq!(a.data_out_allowance(0), 4 * MIB);
+        drop(flying);
+        assert_eq!(a.data_out_allowance(0), 16 * MIB);
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //! connection (in order, behind any earlier one), and the connection stops reading its socket
 //! until a release wakes it: back-pressure on the peer instead of allocation. At most
 //! `cmd_window` commands of a connection are in flight off its task. Received write data is
-//! charged as it is held ([`crate::budget`]). The receive buffer itself is bounded by the
+//! charged as it is held ([`crate::budget`]), and bounded before it arrives: each connection's
+//! Data-Out allowance is set from the budget before every read ([`Commands::pace`]), so the
+//! target solicits write data (R2T) only as there is room and answers WRITEs whose unsolicited
+//! data does not fit with TASK SET FULL (see `Connection::set_data_out_allowance`). The receive buffer itself is bounded by the
 //! framer: one frame is at most MaxRecvDataSegmentLength plus headers and digests, so the buffer
 //! stays below [`READ_CHUNK`] plus about twice the largest frame.
 //!
@@ -732,11 +735,11 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Received Data-Out the connection holds while assembling writes
-/// ([`Connection::held_data_out_bytes`]: grows with the bytes received, never with
-/// ExpectedDataTransferLength up front).
-fn held_data_out_bytes(conn: &Connection) -> u64 {
-    u64::try_from(conn.held_data_out_bytes()).unwrap_or(u64::MAX)
+/// Data-Out the connection holds or awaits while assembling writes
+/// ([`Connection::committed_data_out_bytes`]: grows with the bytes received and with what it
+/// solicited within its allowance, never with ExpectedDataTransferLength up front).
+fn committed_data_out_bytes(conn: &Connection) -> u64 {
+    u64::try_from(conn.committed_data_out_bytes()).unwrap_or(u64::MAX)
 }
 
 /// Largest READ the LUs run: `LuConfig::max_transfer_blocks` is 16 MiB of blocks
@@ -990,15 +993,33 @@ impl Commands {
         self.unsent.clear();
     }
 
-    /// Re-charge the Data-Out the connection holds while assembling writes.
+    /// Re-charge the Data-Out the connection holds or has committed to while assembling
+    /// writes ([`Connection::committed_data_out_bytes`]: held, plus what open sequences still
+    /// expect, so that other connections do not plan with room this one promised).
     fn received(&mut self, conn: &Connection) {
-        self.assembling.resize(held_data_out_bytes(conn));
+        self.assembling.resize(committed_data_out_bytes(conn));
+    }
+
+    /// Set the connection's Data-Out allowance from the budget
+    /// ([`Account::data_out_allowance`]), then re-charge what it committed to. The connection issues R2Ts
+    /// and takes unsolicited data only within it, apart from its progress rules
+    /// ([`Connection::set_data_out_allowance`]), so received Data-Out stays bounded without
+    /// ever stopping the socket for it: reading on is always safe for a well-behaved
+    /// initiator. Costs one budget lock; called before each `receive` and once per loop
+    /// (after releases).
+    fn pace(&mut self, conn: &mut Connection) {
+        let allowance = self.account.data_out_allowance(self.assembling.bytes());
+        conn.set_data_out_allowance(usize::try_from(allowance).unwrap_or(usize::MAX));
+        self.received(conn);
     }
 
     /// Whether the socket must not be read now: a command waits for room, or received data
     /// is over this connection's share or the daemon's limit while something of this
     /// connection is in flight (its release will wake the task; with nothing in flight, reading
-    /// on is the only way the held writes can complete).
+    /// on is the only way the held writes can complete). Write data being assembled needs no
+    /// pause: the Data-Out allowance ([`Commands::pace`]) bounds what the connection solicits
+    /// and takes, so reading on never lets it grow past that (plus the connection's progress
+    /// exceptions and one read chunk).
     fn pause_reading(&self) -> bool {
         if !self.waiting.is_empty() {
             return true;
@@ -1142,7 +1163,7 @@ async fn serve_connection(
             room.as_mut().enable();
             cmds.start_ready(&mut conn, nexus.as_ref())
         };
-        cmds.received(&conn);
+        cmds.pace(&mut conn);
         // Coalesce everything ready into one vectored write; the charges of the responses in
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
@@ -1173,6 +1194,7 @@ async fn serve_connection(
                 if r? == 0 {
                     break;
                 }
+                cmds.pace(&mut conn);
                 conn.receive(&mut buf, Instant::now());
             }
             Some(done) = done_rx.recv() => {
@@ -1219,6 +1241,13 @@ async fn serve_connection(
     let _ = within(stall, wr.shutdown()).await;
     if let Some(s) = conn.login_failure() {
         crate::metrics::DAEMON.login_failed(s.class, s.detail);
+    }
+    let refused = conn.task_set_full_count();
+    if refused > 0 {
+        tracing::debug!(
+            refused,
+            "WRITEs answered TASK SET FULL on this connection for lack of Data-Out room"
+        );
     }
     drop(nexus);
     drop(listed);

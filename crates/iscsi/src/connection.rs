@@ -15,6 +15,17 @@
 //! window itself, and write data only as it arrives — [`Connection::held_data_out_bytes`]
 //! reports it for a budget across connections.
 //!
+//! # Data-Out pacing
+//! The target decides when to solicit write data (RFC 7143 §4.2.2.3, §11.8), so the owner
+//! bounds what the connection takes with [`Connection::set_data_out_allowance`]: R2Ts are
+//! issued, in command arrival order, only while the Data-Out held plus the Data-Out still
+//! expected by open sequences ([`Connection::committed_data_out_bytes`]) stays within the
+//! allowance, and a new WRITE whose immediate and unsolicited data does not fit is answered at
+//! once with TASK SET FULL. Two exceptions keep every well-behaved initiator progressing, whatever
+//! the allowance: a WRITE arriving while nothing is committed is always taken, and the oldest
+//! command still receiving data may always have one R2T sequence outstanding when the
+//! connection has none. See [`Connection::set_data_out_allowance`] for the resulting bound.
+//!
 //! The connection owns login (security stage with AuthMethod=None, operational negotiation),
 //! discovery and SendTargets, the CmdSN window and StatSN, immediate/unsolicited/solicited
 //! Data-Out assembly via R2T, Data-In splitting with status in the final Data-In, residuals,
@@ -224,8 +235,63 @@ const SENSE_TRANSFER_TOO_LONG: [u8; 18] = [
 ];
 /// SCSI status CHECK CONDITION (SAM-5 §5.3).
 const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// SCSI status TASK SET FULL (SAM-5 §5.3.1): the command was not started for lack of
+/// resources and may be retried; initiators back off (Linux also lowers the queue depth).
+const STATUS_TASK_SET_FULL: u8 = 0x28;
 /// AsyncEvent 1: the target requests Logout (RFC 7143 §11.9.1).
 const ASYNC_EVENT_LOGOUT_REQUEST: u8 = 1;
+
+/// What one command's write buffer adds to the connection's Data-Out totals.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    held: usize,
+    awaited: usize,
+    r2ts: usize,
+}
+
+impl Usage {
+    fn of(b: &WriteBuffer) -> Usage {
+        Usage {
+            held: b.footprint(),
+            awaited: b.awaited_bytes(),
+            r2ts: b.open_r2ts(),
+        }
+    }
+}
+
+/// Sums of [`Usage`] over the tasks still receiving Data-Out, kept up to date at each change.
+#[derive(Debug, Default, Clone, Copy)]
+struct DataOutTotals {
+    /// Memory held for their data ([`WriteBuffer::footprint`]).
+    held: usize,
+    /// Data their open sequences still expect ([`WriteBuffer::awaited_bytes`]).
+    awaited: usize,
+    /// Open R2T sequences.
+    r2ts: usize,
+}
+
+impl DataOutTotals {
+    fn add(&mut self, u: Usage) {
+        self.held = self.held.saturating_add(u.held);
+        self.awaited = self.awaited.saturating_add(u.awaited);
+        self.r2ts = self.r2ts.saturating_add(u.r2ts);
+    }
+
+    fn sub(&mut self, u: Usage) {
+        self.held = self.held.saturating_sub(u.held);
+        self.awaited = self.awaited.saturating_sub(u.awaited);
+        self.r2ts = self.r2ts.saturating_sub(u.r2ts);
+    }
+
+    fn change(&mut self, before: Usage, after: Usage) {
+        self.sub(before);
+        self.add(after);
+    }
+
+    fn committed(&self) -> usize {
+        self.held.saturating_add(self.awaited)
+    }
+}
 
 /// Target-side connection state machine.
 pub struct Connection {
@@ -251,9 +317,15 @@ pub struct Connection {
     last_rx: Instant,
     /// Our outstanding NOP-In ping: its TTT and when it was sent.
     ping: Option<(u32, Instant)>,
-    /// Sum of [`WriteBuffer::footprint`] over the tasks still receiving Data-Out, kept up to
-    /// date at each change (see [`Connection::held_data_out_bytes`]).
-    held_data_out: usize,
+    /// Data-Out held and expected by the tasks still receiving it (see
+    /// [`Connection::held_data_out_bytes`], [`Connection::committed_data_out_bytes`]).
+    data_out: DataOutTotals,
+    /// [`Connection::set_data_out_allowance`]; unlimited until set.
+    data_out_allowance: usize,
+    /// WRITEs answered with TASK SET FULL ([`Connection::task_set_full_count`]).
+    task_set_full: u64,
+    /// The last [`Connection::solicit_paced`] held an R2T back for lack of allowance.
+    r2ts_withheld: bool,
     /// The owner lets this session send TARGET WARM/COLD RESET
     /// ([`Connection::set_target_reset_allowed`]); refused until then.
     target_reset_allowed: bool,
@@ -282,6 +354,9 @@ struct Ffp {
     /// Held commands; `None` marks a CmdSN considered received by an ABORT TASK (§11.5.1 b).
     window: CmdWindow<Option<Pdu>>,
     tasks: HashMap<u32, Task>,
+    /// ITTs of the tasks receiving Data-Out, in command arrival order: R2Ts are issued in this
+    /// order ([`Connection::set_data_out_allowance`]).
+    receiving: VecDeque<u32>,
     /// TMFs handed to the owner, by ITT.
     tmfs: HashMap<u32, TmfFunction>,
     text: Option<TextExchange>,
@@ -358,7 +433,10 @@ impl Connection {
             started: now,
             last_rx: now,
             ping: None,
-            held_data_out: 0,
+            data_out: DataOutTotals::default(),
+            data_out_allowance: usize::MAX,
+            task_set_full: 0,
+            r2ts_withheld: false,
             target_reset_allowed: false,
         }
     }
@@ -618,9 +696,64 @@ impl Connection {
     /// drops when a command's data is handed on (the owner then holds it in
     /// [`ScsiCommandEvent::data_out`]), when a TMF or close removes the command, and to 0 once
     /// the connection is closed. Read it after [`Connection::receive`] to budget memory
-    /// across connections, e.g. by pausing reads while a global sum is over a limit.
+    /// across connections; [`Connection::set_data_out_allowance`] bounds it before the data
+    /// is sent.
     pub fn held_data_out_bytes(&self) -> usize {
-        self.held_data_out
+        self.data_out.held
+    }
+
+    /// [`Connection::held_data_out_bytes`] plus the Data-Out the open sequences still expect:
+    /// the unsolicited data announced by WRITEs already taken, and the rest of each R2T sent.
+    /// A well-behaved initiator sends that data without being asked again, so this is what
+    /// the connection is committed to hold; it is what the allowance bounds. Reserve it (not
+    /// just what is held) in a budget across connections, so that another connection does not
+    /// plan with room this one already promised. O(1).
+    pub fn committed_data_out_bytes(&self) -> usize {
+        self.data_out.committed()
+    }
+
+    /// Set how much Data-Out ([`Connection::committed_data_out_bytes`]) the connection may
+    /// commit to; unlimited by default. Call it whenever the owner's room changes (before
+    /// [`Connection::receive`], after releasing memory): when the allowance grows, R2Ts held
+    /// back go out now (drain [`Connection::poll_transmit`] afterwards). Lowering it never
+    /// cancels an R2T already sent.
+    ///
+    /// Contract (RFC 7143 §4.2.2.3, §11.8: the target decides when to solicit):
+    /// - R2Ts are issued for the commands receiving data in their arrival order (an earlier
+    ///   command is never overtaken), each R2T for the rest of its command up to
+    ///   MaxBurstLength and within MaxOutstandingR2T, while committed + its length ≤ the
+    ///   allowance;
+    /// - progress: when no R2T sequence is open on the connection, the oldest command still
+    ///   receiving data gets its next R2T whatever the allowance, so a well-behaved initiator
+    ///   always finishes its oldest write, whose data then leaves the connection as
+    ///   [`Event::Command`] and frees room;
+    /// - a WRITE whose immediate and unsolicited data (up to FirstBurstLength) would take the
+    ///   committed bytes over the allowance, while some are already committed, is answered at
+    ///   once with status TASK SET FULL (SAM-5 §5.3.1) and its data is not kept; its later
+    ///   unsolicited Data-Out PDUs are dropped as data of a finished task. The CmdSN window
+    ///   advances as for any completed command.
+    ///
+    /// Bound: committed ≤ max(allowance, one WRITE's unsolicited data) + what the oldest
+    /// receiving command takes past it by the progress rule — at most that command's
+    /// ExpectedDataTransferLength ([`crate::Limits::max_transfer`]).
+    pub fn set_data_out_allowance(&mut self, bytes: usize) {
+        let grew = bytes > self.data_out_allowance;
+        self.data_out_allowance = bytes;
+        // Every other change that can admit an R2T solicits on the spot; here only more room
+        // can, and only when some R2T waits for it (so an unchanged allowance costs nothing).
+        if grew && self.r2ts_withheld {
+            self.solicit_paced();
+        }
+    }
+
+    /// The allowance in force ([`Connection::set_data_out_allowance`]).
+    pub fn data_out_allowance(&self) -> usize {
+        self.data_out_allowance
+    }
+
+    /// How many WRITEs were answered with TASK SET FULL for lack of Data-Out allowance.
+    pub fn task_set_full_count(&self) -> u64 {
+        self.task_set_full
     }
 
     // ----- plumbing -------------------------------------------------------------------------
@@ -697,9 +830,10 @@ impl Connection {
             return;
         }
         tracing::debug!(?reason, "closing connection");
-        self.held_data_out = 0;
+        self.data_out = DataOutTotals::default();
         if let Phase::FullFeature(ffp) = &mut self.phase {
             ffp.slot = None;
+            ffp.receiving.clear();
             let running: Vec<u32> = ffp
                 .tasks
                 .drain()
@@ -979,6 +1113,11 @@ impl Connection {
             params,
             conn_params,
             tasks: HashMap::new(),
+            receiving: VecDeque::with_capacity(
+                usize::try_from(self.config.cmd_window)
+                    .unwrap_or(0)
+                    .min(4096),
+            ),
             tmfs: HashMap::new(),
             text: None,
             slot,
@@ -1093,8 +1232,42 @@ impl Connection {
             data_pdu_in_order: params.data_pdu_in_order,
             data_sequence_in_order: params.data_sequence_in_order,
         };
+        let committed = self.data_out.committed();
+        let unsolicited = usize::try_from(unsolicited_end).unwrap_or(usize::MAX);
+        if unsolicited > 0
+            && committed > 0
+            && committed
+                .checked_add(unsolicited)
+                .is_none_or(|c| c > self.data_out_allowance)
+        {
+            // Not kept: refused before its data is buffered (see `set_data_out_allowance`).
+            tracing::debug!(
+                itt = h.itt,
+                committed,
+                unsolicited,
+                allowance = self.data_out_allowance,
+                "WRITE refused with TASK SET FULL: no Data-Out allowance left"
+            );
+            self.task_set_full = self.task_set_full.saturating_add(1);
+            ffp.tasks.insert(
+                h.itt,
+                Task {
+                    lun: h.lun,
+                    expected_in,
+                    expected_out,
+                    state: TaskState::Running { r2t_count: 0 },
+                },
+            );
+            let completion = ScsiCompletion {
+                status: STATUS_TASK_SET_FULL,
+                sense: Bytes::new(),
+                data_in: Bytes::new(),
+            };
+            self.finish_command(h.itt, completion, None);
+            return;
+        }
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
-        self.held_data_out = self.held_data_out.saturating_add(buffer.footprint());
+        self.data_out.add(Usage::of(&buffer));
         ffp.tasks.insert(
             h.itt,
             Task {
@@ -1104,56 +1277,103 @@ impl Connection {
                 state: TaskState::Receiving { cmd, buffer },
             },
         );
-        self.advance_write(h.itt);
+        ffp.receiving.push_back(h.itt);
+        if self.advance_write(h.itt) {
+            self.solicit_paced();
+        }
     }
 
-    /// Send the R2Ts the task may have outstanding; hand it to the owner once all data is in.
-    fn advance_write(&mut self, itt: u32) {
+    /// Issue the R2Ts the allowance admits, for the tasks receiving data in arrival order
+    /// (the rules are [`Connection::set_data_out_allowance`]'s).
+    fn solicit_paced(&mut self) {
+        self.r2ts_withheld = false;
+        if self.closed.is_some() {
+            return;
+        }
+        let Phase::FullFeature(ffp) = &self.phase else {
+            return;
+        };
+        if ffp.receiving.is_empty() {
+            return;
+        }
         let (exp_cmd_sn, max_cmd_sn) = self.window_sns();
         let stat_sn = self.stat_sn;
         let Phase::FullFeature(ffp) = &mut self.phase else {
             return;
         };
-        let Some(task) = ffp.tasks.get_mut(&itt) else {
-            return;
-        };
-        let TaskState::Receiving { buffer, .. } = &mut task.state else {
-            return;
-        };
-        let next_ttt = &mut self.next_ttt;
-        let r2ts = buffer.solicit(|| Self::alloc_ttt(next_ttt));
-        let complete = buffer.is_complete();
-        let lun = task.lun;
-        for r in r2ts {
-            let header = R2t {
-                lun,
-                itt,
-                ttt: r.ttt,
-                stat_sn,
-                exp_cmd_sn,
-                max_cmd_sn,
-                r2t_sn: r.r2t_sn,
-                buffer_offset: r.buffer_offset,
-                desired_data_transfer_length: r.desired_length,
+        for (i, itt) in ffp.receiving.iter().enumerate() {
+            let Some(task) = ffp.tasks.get_mut(itt) else {
+                continue;
             };
-            self.out.push_back((
-                Pdu {
-                    header: Header::R2t(header),
-                    ahs: Vec::new(),
-                    data: Bytes::new(),
-                },
-                self.tx_digests,
-            ));
+            let lun = task.lun;
+            let TaskState::Receiving { buffer, .. } = &mut task.state else {
+                continue;
+            };
+            while let Some(len) = buffer.next_r2t_len() {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                let fits = self
+                    .data_out
+                    .committed()
+                    .checked_add(len)
+                    .is_some_and(|c| c <= self.data_out_allowance);
+                // Progress: the oldest receiving task may have one sequence when none is open.
+                let progress = i == 0 && self.data_out.r2ts == 0;
+                if !fits && !progress {
+                    // Later tasks wait too: R2Ts go out in arrival order.
+                    self.r2ts_withheld = true;
+                    return;
+                }
+                let before = Usage::of(buffer);
+                let next_ttt = &mut self.next_ttt;
+                let Some(r) = buffer.solicit_one(|| Self::alloc_ttt(next_ttt)) else {
+                    break;
+                };
+                self.data_out.change(before, Usage::of(buffer));
+                let header = R2t {
+                    lun,
+                    itt: *itt,
+                    ttt: r.ttt,
+                    stat_sn,
+                    exp_cmd_sn,
+                    max_cmd_sn,
+                    r2t_sn: r.r2t_sn,
+                    buffer_offset: r.buffer_offset,
+                    desired_data_transfer_length: r.desired_length,
+                };
+                self.out.push_back((
+                    Pdu {
+                        header: Header::R2t(header),
+                        ahs: Vec::new(),
+                        data: Bytes::new(),
+                    },
+                    self.tx_digests,
+                ));
+            }
         }
-        if !complete {
-            return;
-        }
-        let Some(task) = ffp.tasks.get_mut(&itt) else {
-            return;
+    }
+
+    /// Hand the task to the owner once all its data is in. Returns whether it still receives
+    /// data (then it may want R2Ts: [`Connection::solicit_paced`]); `false` once it left that
+    /// state, its room freed.
+    fn advance_write(&mut self, itt: u32) -> bool {
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return false;
         };
+        let Some(task) = ffp.tasks.get_mut(&itt) else {
+            return false;
+        };
+        let TaskState::Receiving { buffer, .. } = &task.state else {
+            return false;
+        };
+        if !buffer.is_complete() {
+            return true;
+        }
         let state = std::mem::replace(&mut task.state, TaskState::Running { r2t_count: 0 });
+        if let Some(at) = ffp.receiving.iter().position(|t| *t == itt) {
+            ffp.receiving.remove(at);
+        }
         if let TaskState::Receiving { mut cmd, buffer } = state {
-            self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+            self.data_out.sub(Usage::of(&buffer));
             task.state = TaskState::Running {
                 r2t_count: buffer.r2t_count(),
             };
@@ -1165,7 +1385,7 @@ impl Connection {
                     data_in: Bytes::new(),
                 };
                 self.finish_command(itt, completion, None);
-                return;
+                return false;
             }
             let Some(data) = buffer.into_data() else {
                 // Unreachable: `is_complete` held. Fail the command rather than run it on
@@ -1176,11 +1396,12 @@ impl Connection {
                     data_in: Bytes::new(),
                 };
                 self.finish_command(itt, completion, None);
-                return;
+                return false;
             };
             cmd.data_out = data;
             self.events.push_back(Event::Command(cmd));
         }
+        false
     }
 
     fn on_data_out(&mut self, pdu: Pdu) {
@@ -1191,7 +1412,10 @@ impl Connection {
             return;
         };
         let Some(task) = ffp.tasks.get_mut(&h.itt) else {
-            // Data for a task that is gone (aborted or failed): dropped (§11.5.1).
+            // Data for a task that is gone (aborted, failed, or refused with TASK SET FULL
+            // while its unsolicited data was on the way): dropped (§11.5.1). The initiator
+            // reuses an ITT only after the response, so on this one TCP stream such PDUs come
+            // before any new command with that ITT and cannot be taken for its data.
             tracing::debug!(itt = h.itt, "Data-Out for unknown task dropped");
             return;
         };
@@ -1199,13 +1423,11 @@ impl Connection {
             tracing::debug!(itt = h.itt, "Data-Out for a task not awaiting data dropped");
             return;
         };
-        let before = buffer.footprint();
+        let before = Usage::of(buffer);
+        let sequences = buffer.open_sequences();
         let result = buffer.data_out(h, &pdu.data);
-        let after = buffer.footprint();
-        self.held_data_out = self
-            .held_data_out
-            .saturating_sub(before)
-            .saturating_add(after);
+        let sequence_done = buffer.open_sequences() < sequences;
+        self.data_out.change(before, Usage::of(buffer));
         if let Err(e) = result {
             // ErrorRecoveryLevel 0: sequence errors are recovered by session recovery (§7.1.5).
             tracing::debug!(itt = h.itt, error = %e, "Data-Out refused");
@@ -1213,7 +1435,11 @@ impl Connection {
             return;
         }
         let itt = h.itt;
-        self.advance_write(itt);
+        let receiving = self.advance_write(itt);
+        // Room or an R2T slot may have freed only when a sequence closed or the task left.
+        if sequence_done || !receiving {
+            self.solicit_paced();
+        }
     }
 
     fn finish_command(&mut self, itt: u32, completion: ScsiCompletion, spdtl_out: Option<u32>) {
@@ -1324,12 +1550,17 @@ impl Connection {
             }
         };
         let mut aborted = Vec::new();
+        let mut freed = false;
         for itt in affected {
             if let Some(task) = ffp.tasks.remove(&itt) {
                 match &task.state {
                     TaskState::Running { .. } => aborted.push(itt),
                     TaskState::Receiving { buffer, .. } => {
-                        self.held_data_out = self.held_data_out.saturating_sub(buffer.footprint());
+                        self.data_out.sub(Usage::of(buffer));
+                        if let Some(at) = ffp.receiving.iter().position(|t| *t == itt) {
+                            ffp.receiving.remove(at);
+                        }
+                        freed = true;
                     }
                 }
             }
@@ -1345,6 +1576,9 @@ impl Connection {
             lun,
             referenced_task_tag: h.referenced_task_tag,
         }));
+        if freed {
+            self.solicit_paced();
+        }
     }
 
     fn send_tmf_response(&mut self, itt: u32, response: TmfResponse) {
@@ -2631,6 +2865,198 @@ mod tests {
         let c = p.command_event();
         assert_eq!(c.data_out.len(), 2048);
         assert_eq!(p.conn.held_data_out_bytes(), 0);
+    }
+
+    // ----- Data-Out pacing ----------------------------------------------------------------
+
+    static D4K: [u8; 4096] = [4; 4096];
+
+    /// The R2Ts of `out`, as (ITT, offset, length, TTT).
+    fn r2ts_of(out: &[Pdu]) -> Vec<(u32, u32, u32, u32)> {
+        out.iter()
+            .map(|pdu| match &pdu.header {
+                Header::R2t(r) => (
+                    r.itt,
+                    r.buffer_offset,
+                    r.desired_data_transfer_length,
+                    r.ttt,
+                ),
+                other => panic!("expected R2T, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn paced_login(p: &mut Pair, initial_r2t: &str, max_r2t: &str) {
+        p.login_normal(&[
+            ("InitialR2T", initial_r2t),
+            ("ImmediateData", "Yes"),
+            ("FirstBurstLength", "4096"),
+            ("MaxBurstLength", "4096"),
+            ("MaxOutstandingR2T", max_r2t),
+        ]);
+    }
+
+    #[test]
+    fn r2ts_wait_for_the_allowance_and_go_out_in_arrival_order() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "1");
+        p.conn.set_data_out_allowance(6000);
+        p.command(1, 0x2a, false, true, 8192, true, Bytes::new());
+        let a = r2ts_of(&p.recv());
+        assert_eq!(
+            a.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            [(1, 0, 4096)]
+        );
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096);
+        // B does not fit beside A's sequence; C would, but does not overtake B.
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        p.command(3, 0x2a, false, true, 1024, true, Bytes::new());
+        assert!(p.recv().is_empty(), "R2Ts withheld beyond the allowance");
+        // A's first burst arrives: held 4096 + run overhead, over the allowance with A's
+        // next burst, but A is the oldest and no sequence is open: it gets one.
+        p.data_out(1, a[0].3, 0, 0, true, &D4K);
+        let a2 = r2ts_of(&p.recv());
+        assert_eq!(
+            a2.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            [(1, 4096)]
+        );
+        assert!(p.conn.committed_data_out_bytes() > 6000);
+        // A completes: its data leaves the connection, B then C are solicited.
+        p.data_out(1, a2[0].3, 0, 4096, true, &D4K);
+        assert_eq!(p.command_event().data_out.len(), 8192);
+        let bc = r2ts_of(&p.recv());
+        assert_eq!(
+            bc.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            [(2, 0, 4096), (3, 0, 1024)]
+        );
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096 + 1024);
+        p.data_out(3, bc[1].3, 0, 0, true, &D4K[..1024]);
+        assert_eq!(p.command_event().itt, 3);
+        p.data_out(2, bc[0].3, 0, 0, true, &D4K);
+        assert_eq!(p.command_event().itt, 2);
+        assert_eq!(p.conn.committed_data_out_bytes(), 0);
+        assert_eq!(p.conn.task_set_full_count(), 0);
+    }
+
+    #[test]
+    fn one_sequence_at_a_time_when_the_allowance_is_zero() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "4");
+        p.conn.set_data_out_allowance(0);
+        p.command(1, 0x2a, false, true, 3 * 4096, true, Bytes::new());
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        for (i, offset) in [0u32, 4096, 8192].into_iter().enumerate() {
+            let r = r2ts_of(&p.recv());
+            assert_eq!(
+                r.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+                [(1, offset)],
+                "MaxOutstandingR2T=4, yet one sequence of the oldest command at a time"
+            );
+            assert!(p.events().is_empty());
+            p.data_out(1, r[0].3, 0, offset, true, &D4K);
+            if i < 2 {
+                assert!(p.events().is_empty());
+            }
+        }
+        assert_eq!(p.command_event().data_out.len(), 3 * 4096);
+        // The next command is now the oldest.
+        let r = r2ts_of(&p.recv());
+        assert_eq!(r.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), [(2, 0)]);
+        // Raising the allowance sends nothing more here: everything is solicited.
+        p.conn.set_data_out_allowance(usize::MAX);
+        assert!(p.recv().is_empty());
+    }
+
+    #[test]
+    fn raising_the_allowance_releases_withheld_r2ts() {
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "Yes", "4");
+        p.conn.set_data_out_allowance(4096);
+        p.command(1, 0x2a, false, true, 3 * 4096, true, Bytes::new());
+        assert_eq!(r2ts_of(&p.recv()).len(), 1);
+        p.conn.set_data_out_allowance(3 * 4096);
+        let r = r2ts_of(&p.recv());
+        assert_eq!(r.iter().map(|r| r.1).collect::<Vec<_>>(), [4096, 8192]);
+        // An abort frees the room; the next command is solicited at once.
+        p.conn.set_data_out_allowance(4096);
+        p.command(2, 0x2a, false, true, 4096, true, Bytes::new());
+        assert!(p.recv().is_empty());
+        tmf(&mut p, 0x50, TmfFunction::AbortTask, 1, 0);
+        let out = p.recv();
+        assert_eq!(r2ts_of(&out[..1]).first().map(|r| r.0), Some(2));
+        assert_eq!(p.conn.committed_data_out_bytes(), 4096);
+    }
+
+    #[test]
+    fn unsolicited_data_past_the_allowance_gets_task_set_full() {
+        static IMM: [u8; 1024] = [1; 1024];
+        let mut p = Pair::new(config());
+        paced_login(&mut p, "No", "1");
+        p.conn.set_data_out_allowance(3000);
+        // Nothing committed: taken whatever the allowance (1024 immediate + 3072 unsolicited),
+        // and as the oldest it gets its R2T.
+        p.command(1, 0x2a, false, true, 8192, false, Bytes::from_static(&IMM));
+        let a = r2ts_of(&p.recv());
+        assert_eq!(
+            a.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            [(1, 4096)]
+        );
+        let committed = p.conn.committed_data_out_bytes();
+        assert!(committed >= 8192, "{committed}");
+        // B's 2048 bytes of immediate + unsolicited data do not fit: TASK SET FULL at once.
+        let b_sn = p.cmd_sn;
+        p.command(
+            2,
+            0x2a,
+            false,
+            true,
+            2048,
+            false,
+            Bytes::from_static(&IMM[..512]),
+        );
+        let out = p.recv();
+        let [Pdu {
+            header: Header::ScsiResponse(r),
+            ..
+        }] = out.as_slice()
+        else {
+            panic!("expected one SCSI Response, got {out:?}")
+        };
+        assert_eq!((r.itt, r.status), (2, STATUS_TASK_SET_FULL));
+        assert!(sn_lt(b_sn, r.exp_cmd_sn), "B's CmdSN is consumed");
+        assert_eq!(p.conn.task_set_full_count(), 1);
+        assert_eq!(
+            p.conn.committed_data_out_bytes(),
+            committed,
+            "B's data not kept"
+        );
+        assert!(p.events().is_empty());
+        // B's unsolicited Data-Out, already on its way, is dropped without closing.
+        p.data_out(2, RESERVED_TAG, 0, 512, true, &D4K[..1536]);
+        assert!(p.conn.is_closed().is_none());
+        assert!(p.recv().is_empty() && p.events().is_empty());
+        assert_eq!(p.conn.committed_data_out_bytes(), committed);
+        // A finishes; then B retried with the same ITT is taken and completes.
+        p.data_out(1, RESERVED_TAG, 0, 1024, true, &D4K[..3072]);
+        p.data_out(1, a[0].3, 0, 4096, true, &D4K);
+        assert_eq!(p.command_event().itt, 1);
+        assert_eq!(p.conn.committed_data_out_bytes(), 0);
+        p.command(
+            2,
+            0x2a,
+            false,
+            true,
+            2048,
+            false,
+            Bytes::from_static(&IMM[..512]),
+        );
+        assert!(p.recv().is_empty());
+        p.data_out(2, RESERVED_TAG, 0, 512, true, &D4K[..1536]);
+        let c = p.command_event();
+        assert_eq!((c.itt, c.data_out.len()), (2, 2048));
+        assert_eq!(c.data_out[0], 1);
+        assert_eq!(c.data_out[512], 4);
+        assert_eq!(p.conn.task_set_full_count(), 1);
     }
 
     // ----- NOP, text, logout, TMF, errors ------------------------------------------------

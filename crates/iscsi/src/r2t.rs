@@ -7,6 +7,9 @@
 //! offset; the run that starts at offset 0 swallows every run it reaches, so a complete
 //! transfer is exactly one run, handed on without a second copy. A transfer that arrives as one
 //! piece at offset 0 is handed on as the received slice, without any copy.
+//!
+//! R2Ts are opened one at a time ([`WriteBuffer::solicit_one`]) so that the connection can pace
+//! them by memory; [`WriteBuffer::awaited_bytes`] is the data open sequences still expect.
 
 use crate::pdu::{DataOut, RESERVED_TAG};
 use bytes::Bytes;
@@ -285,38 +288,73 @@ impl WriteBuffer {
         }
     }
 
-    /// Open as many R2T sequences as MaxOutstandingR2T allows, each at most MaxBurstLength
-    /// (§11.8); `next_ttt` hands out target transfer tags.
-    pub fn solicit(&mut self, mut next_ttt: impl FnMut() -> u32) -> Vec<R2tRequest> {
-        let mut out = Vec::new();
-        let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
-        let mut open = self
-            .sequences
+    /// Bytes the open sequences (unsolicited and solicited) still expect: data the initiator
+    /// will send without being asked again, so memory this buffer is committed to take.
+    pub fn awaited_bytes(&self) -> usize {
+        self.sequences
+            .iter()
+            .map(|s| {
+                let len = s.end.saturating_sub(s.start).saturating_sub(s.received);
+                usize::try_from(len).unwrap_or(usize::MAX)
+            })
+            .fold(0usize, usize::saturating_add)
+    }
+
+    /// Open sequences answering an R2T (the unsolicited sequence is not counted).
+    pub fn open_r2ts(&self) -> usize {
+        self.sequences
             .iter()
             .filter(|s| s.ttt != RESERVED_TAG)
-            .count();
-        while self.next_solicit < self.edtl && open < max_out {
-            let len = (self.edtl - self.next_solicit).min(self.params.max_burst.max(1));
-            let ttt = next_ttt();
-            let start = self.next_solicit;
-            let end = start.saturating_add(len);
-            self.sequences.push(Sequence {
-                ttt,
-                start,
-                end,
-                next: start,
-                received: 0,
-                next_data_sn: 0,
-            });
-            out.push(R2tRequest {
-                ttt,
-                r2t_sn: self.r2t_sn,
-                buffer_offset: start,
-                desired_length: len,
-            });
-            self.r2t_sn = self.r2t_sn.wrapping_add(1);
-            self.next_solicit = end;
-            open += 1;
+            .count()
+    }
+
+    /// Open sequences of any kind; it drops when one is complete.
+    pub fn open_sequences(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// The desired length of the R2T [`WriteBuffer::solicit_one`] would send now: the rest
+    /// of the transfer up to MaxBurstLength (§11.8.4), or `None` when everything is solicited
+    /// or MaxOutstandingR2T sequences are open (§13.17).
+    pub fn next_r2t_len(&self) -> Option<u32> {
+        let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
+        (self.next_solicit < self.edtl && self.open_r2ts() < max_out)
+            .then(|| (self.edtl - self.next_solicit).min(self.params.max_burst.max(1)))
+    }
+
+    /// Open one R2T sequence of [`WriteBuffer::next_r2t_len`] bytes, if that is `Some`;
+    /// `next_ttt` hands out its target transfer tag.
+    pub fn solicit_one(&mut self, next_ttt: impl FnOnce() -> u32) -> Option<R2tRequest> {
+        let len = self.next_r2t_len()?;
+        let ttt = next_ttt();
+        let start = self.next_solicit;
+        let end = start.saturating_add(len);
+        self.sequences.push(Sequence {
+            ttt,
+            start,
+            end,
+            next: start,
+            received: 0,
+            next_data_sn: 0,
+        });
+        let r = R2tRequest {
+            ttt,
+            r2t_sn: self.r2t_sn,
+            buffer_offset: start,
+            desired_length: len,
+        };
+        self.r2t_sn = self.r2t_sn.wrapping_add(1);
+        self.next_solicit = end;
+        Some(r)
+    }
+
+    /// Open as many R2T sequences as MaxOutstandingR2T allows, each at most MaxBurstLength
+    /// (§11.8), with no regard to memory (the connection paces with
+    /// [`WriteBuffer::solicit_one`]); `next_ttt` hands out target transfer tags.
+    pub fn solicit(&mut self, mut next_ttt: impl FnMut() -> u32) -> Vec<R2tRequest> {
+        let mut out = Vec::new();
+        while let Some(r) = self.solicit_one(&mut next_ttt) {
+            out.push(r);
         }
         out
     }
