@@ -54,6 +54,9 @@ use tracing::Instrument;
 
 /// How long shutdown waits for in-flight commands before closing connections anyway.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often idle read buffers parked in the LUs' pools are looked at (they are freed once
+/// idle for `ironlun_backstore::buffers::IDLE_AFTER`).
+const POOL_TRIM_EVERY: Duration = Duration::from_secs(5);
 /// Receive buffer growth step.
 const READ_CHUNK: usize = 256 * 1024;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
@@ -498,8 +501,13 @@ impl Server {
         let shards =
             Shard::start_many(self.threads.io_threads, self.threads.blocking_per_io_thread);
         let mut next_shard = 0usize;
+        // Idle read buffers are also freed when nothing reads any more (a pool trims itself
+        // only when a buffer comes back to it).
+        let mut trim = tokio::time::interval(POOL_TRIM_EVERY);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = trim.tick() => ironlun_backstore::buffers::trim_idle(),
                 Some((s, peer, pc, open)) = conn_rx.recv() => {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
