@@ -1190,21 +1190,8 @@ impl Connection {
         {
             // Too large to buffer: fail the command before allocating (DESIGN.md §3 rule 2).
             let sense = Bytes::from_static(&SENSE_TRANSFER_TOO_LONG);
-            ffp.tasks.insert(
-                h.itt,
-                Task {
-                    lun: h.lun,
-                    expected_in,
-                    expected_out,
-                    state: TaskState::Running { r2t_count: 0 },
-                },
-            );
-            let completion = ScsiCompletion {
-                status: STATUS_CHECK_CONDITION,
-                sense,
-                data_in: Bytes::new(),
-            };
-            self.finish_command(h.itt, completion, None);
+            let task = (h.itt, h.lun, expected_in, expected_out);
+            self.answer_at_once(task, STATUS_CHECK_CONDITION, sense);
             return;
         }
         if expected_out == 0 {
@@ -1249,21 +1236,8 @@ impl Connection {
                 "WRITE refused with TASK SET FULL: no Data-Out allowance left"
             );
             self.task_set_full = self.task_set_full.saturating_add(1);
-            ffp.tasks.insert(
-                h.itt,
-                Task {
-                    lun: h.lun,
-                    expected_in,
-                    expected_out,
-                    state: TaskState::Running { r2t_count: 0 },
-                },
-            );
-            let completion = ScsiCompletion {
-                status: STATUS_TASK_SET_FULL,
-                sense: Bytes::new(),
-                data_in: Bytes::new(),
-            };
-            self.finish_command(h.itt, completion, None);
+            let task = (h.itt, h.lun, expected_in, expected_out);
+            self.answer_at_once(task, STATUS_TASK_SET_FULL, Bytes::new());
             return;
         }
         let buffer = WriteBuffer::new(expected_out, &pdu.data, unsolicited_end, wparams);
@@ -1350,6 +1324,31 @@ impl Connection {
                 ));
             }
         }
+    }
+
+    /// Answer a command with `status` and `sense` before any of its data is kept or it reaches
+    /// the owner: it enters the task set as running and completes at once. `task` is
+    /// (ITT, LUN, expected Data-In length, expected Data-Out length).
+    fn answer_at_once(&mut self, task: (u32, u64, u32, u32), status: u8, sense: Bytes) {
+        let (itt, lun, expected_in, expected_out) = task;
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
+        ffp.tasks.insert(
+            itt,
+            Task {
+                lun,
+                expected_in,
+                expected_out,
+                state: TaskState::Running { r2t_count: 0 },
+            },
+        );
+        let completion = ScsiCompletion {
+            status,
+            sense,
+            data_in: Bytes::new(),
+        };
+        self.finish_command(itt, completion, None);
     }
 
     /// Hand the task to the owner once all its data is in. Returns whether it still receives
