@@ -65,6 +65,8 @@ struct Totals {
     received: u64,
     /// Connections that wait for room ([`Account::set_waiting`]); releases notify only then.
     waiting: u64,
+    /// Charges made so far (every growth of `used`): whether payload moved at all.
+    charges: u64,
 }
 
 impl Totals {
@@ -102,6 +104,12 @@ impl MemoryBudget {
     /// Bytes charged now (in flight and received).
     pub fn used(&self) -> u64 {
         self.totals().used
+    }
+
+    /// How many charges were made since the start: unchanged between two looks means no
+    /// payload moved in between (the daemon is idle for [`crate::heap`]).
+    pub fn activity(&self) -> u64 {
+        self.totals().charges
     }
 
     /// Whether more is charged than the limit (received bytes can push it over).
@@ -200,6 +208,7 @@ impl Account {
                 return None;
             }
             t.used = t.used.saturating_add(n);
+            t.charges = t.charges.wrapping_add(1);
         }
         self.mine.in_flight.fetch_add(n, Ordering::Relaxed);
         Some(self.charge_of(n, false))
@@ -230,6 +239,7 @@ impl Account {
             let mut t = self.budget.totals();
             t.used = t.used.saturating_add(n);
             t.received = t.received.saturating_add(n);
+            t.charges = t.charges.wrapping_add(1);
         }
         self.mine.received.fetch_add(n, Ordering::Relaxed);
         self.charge_of(n, true)
@@ -299,6 +309,7 @@ impl Charge {
                 let mut t = self.budget.totals();
                 t.used = t.used.saturating_add(more);
                 t.received = t.received.saturating_add(more);
+                t.charges = t.charges.wrapping_add(1);
             }
             self.mine.received.fetch_add(more, Ordering::Relaxed);
         } else {

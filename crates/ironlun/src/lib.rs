@@ -9,6 +9,7 @@ pub mod cli_docs;
 pub mod config;
 pub mod ctl;
 pub mod ctl_config;
+pub mod heap;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;

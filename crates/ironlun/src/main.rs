@@ -669,6 +669,10 @@ fn serve(
         max_buffered = cfg.limits.max_buffered,
         "runtime threads and memory budget"
     );
+    // Before the runtime starts its threads: arenas made before stay as they are.
+    if !ironlun::heap::configure(cfg.limits.max_buffered) {
+        tracing::debug!("allocator policy not set (not glibc, or a setting refused)");
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     rt.worker_threads(threads.workers);

@@ -503,11 +503,20 @@ impl Server {
         let mut next_shard = 0usize;
         // Idle read buffers are also freed when nothing reads any more (a pool trims itself
         // only when a buffer comes back to it).
+        // Once no payload has moved for a while, free heap memory goes back too (crate::heap).
         let mut trim = tokio::time::interval(POOL_TRIM_EVERY);
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle = crate::heap::IdleRelease::default();
         loop {
             tokio::select! {
-                _ = trim.tick() => ironlun_backstore::buffers::trim_idle(),
+                _ = trim.tick() => {
+                    ironlun_backstore::buffers::trim_idle();
+                    let pools_empty = ironlun_backstore::buffers::retained_bytes() == 0;
+                    if idle.tick(self.budget.activity(), pools_empty) {
+                        let released = crate::heap::release();
+                        tracing::debug!(released, "idle: free heap memory given back");
+                    }
+                }
                 Some((s, peer, pc, open)) = conn_rx.recv() => {
                     let reg = self.registry.clone();
                     let live = self.live.clone();
