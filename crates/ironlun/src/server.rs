@@ -32,6 +32,7 @@
 
 use crate::budget::{Account, Charge, MemoryBudget};
 use crate::config::{BackstoreKind, Config};
+use crate::logging::ConnectionEnd;
 use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
@@ -1126,21 +1127,18 @@ async fn serve_connection(
     let mut draining = *shutdown.borrow();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut out: Vec<Bytes> = Vec::new();
+    // Why the loop ended, for the connection's last line (`crate::logging`).
+    let end: ConnectionEnd;
 
     loop {
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::LoggedIn(info) => {
-                    let digests = conn
-                        .connection_params()
-                        .map(|p| (p.header_digest, p.data_digest));
                     let span = tracing::Span::current();
                     span.record("initiator", info.initiator_name.as_str());
-                    if let Some(t) = &info.target_name {
-                        span.record("target", t.as_str());
-                    }
+                    span.record("target", crate::logging::session_target(&info));
                     span.record("tsih", info.tsih);
-                    tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
+                    crate::logging::logged_in(&info, conn.connection_params());
                     crate::metrics::DAEMON.login(info.target_name.as_deref());
                     if let Some(target) = &info.target_name {
                         let key = (
@@ -1219,13 +1217,18 @@ async fn serve_connection(
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
         if !out.is_empty() {
-            write_all_vectored(&mut wr, &mut out, stall).await?;
+            if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
+                end = ConnectionEnd::WriteError(e);
+                break;
+            }
         }
         cmds.written();
-        if conn.is_closed().is_some() {
+        if let Some(why) = conn.is_closed() {
+            end = ConnectionEnd::Closed(why.clone());
             break;
         }
         if draining && cmds.idle() && logout_deadline.is_none() {
+            end = ConnectionEnd::Shutdown;
             break;
         }
         let paused = cmds.pause_reading();
@@ -1242,8 +1245,16 @@ async fn serve_connection(
         }
         tokio::select! {
             r = rd.read_buf(&mut buf), if !paused && (!draining || logout_deadline.is_some()) => {
-                if r? == 0 {
-                    break;
+                match r {
+                    Ok(0) => {
+                        end = ConnectionEnd::Eof;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        end = ConnectionEnd::ReadError(e);
+                        break;
+                    }
                 }
                 cmds.pace(&mut conn);
                 conn.receive(&mut buf, Instant::now());
@@ -1284,10 +1295,12 @@ async fn serve_connection(
             }
             _ = async { match drain_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 tracing::warn!(inflight = cmds.inflight, waiting = cmds.waiting.len(), "drain timeout; closing connection with commands in flight");
+                end = ConnectionEnd::DrainTimeout;
                 break;
             }
         }
     }
+    crate::logging::connection_ended(conn.session(), &end);
     // Commands still running finish on their own; their results are dropped with `done_rx`.
     let _ = within(stall, wr.shutdown()).await;
     if let Some(s) = conn.login_failure() {

@@ -215,13 +215,28 @@ pub struct Transmit {
 /// Why the connection closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
-    Logout,
+    /// The initiator logged out (§11.14) for this reason, and the response was sent.
+    Logout(LogoutReason),
     LoginFailed,
     ProtocolError(String),
     /// A [`Timeouts`] timer expired (login, unanswered NOP-In, idle discovery session).
     Timeout(&'static str),
     /// The owner closed it, e.g. because a new login reinstated the session (RFC 7143 §6.3.5).
     Closed(&'static str),
+}
+
+/// The reason in words, for logs: `logout (close the session)`, `login failed`, `protocol
+/// error: …`, `timeout: NOP-In unanswered`, `closed by the target: session reinstated …`.
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Logout(r) => write!(f, "logout ({r})"),
+            CloseReason::LoginFailed => f.write_str("login failed"),
+            CloseReason::ProtocolError(e) => write!(f, "protocol error: {e}"),
+            CloseReason::Timeout(what) => write!(f, "timeout: {what}"),
+            CloseReason::Closed(why) => write!(f, "closed by the target: {why}"),
+        }
+    }
 }
 
 /// Fixed-format sense for a write whose Data-Out carried a wrong DataSN: ABORTED COMMAND,
@@ -1785,7 +1800,7 @@ impl Connection {
             Bytes::new(),
         );
         if response == 0 {
-            self.close(CloseReason::Logout);
+            self.close(CloseReason::Logout(h.reason));
         }
     }
 }
@@ -3388,7 +3403,10 @@ mod tests {
             panic!()
         };
         assert_eq!((r.response, r.itt), (0, 0x41));
-        assert_eq!(p.conn.is_closed(), Some(&CloseReason::Logout));
+        assert_eq!(
+            p.conn.is_closed(),
+            Some(&CloseReason::Logout(LogoutReason::CloseSession))
+        );
         assert_eq!(p.events(), vec![Event::Aborted(vec![0x40])]);
         p.conn.complete_command(0x40, good(&[0; 512]));
         assert!(p.recv().is_empty());
