@@ -17,6 +17,7 @@ use ironlun_iscsi::chap::{
     Credentials, Secret,
 };
 use ironlun_iscsi::connection::{Connection, Event, PortalConfig, TargetInfo};
+use ironlun_iscsi::discovery::TargetPortal;
 use ironlun_iscsi::framer::{self, Digests, Framed, Framer};
 use ironlun_iscsi::pdu::{Header, LoginRequest, Stage, TextRequest};
 use ironlun_iscsi::{text, Limits, Pdu};
@@ -115,7 +116,7 @@ fn config() -> PortalConfig {
         targets: vec![TargetInfo {
             name: TARGET.into(),
             alias: None,
-            addresses: vec!["127.0.0.1:3260,1".into()],
+            addresses: vec![TargetPortal::new(([127, 0, 0, 1], 3260).into(), 1)],
             portal_group_tag: 1,
             acl: Acl::allow_all(),
             chap: Some(chap.clone()),

@@ -235,6 +235,7 @@ mod tests {
             physical_block_exponent: 0,
             sanitize_rate: None,
             offline: false,
+            persist_reservations: Default::default(),
         }
     }
 

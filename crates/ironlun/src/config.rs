@@ -202,6 +202,7 @@ struct RawLun {
     sanitize_rate: Option<Spanned<SizeValue>>,
     #[serde(default)]
     offline: bool,
+    persist_reservations: Option<Spanned<String>>,
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -503,6 +504,9 @@ pub struct Lun {
     /// `offline`: the LU starts offline (NOT READY, 04h/12h); `ironlun ctl lun offline|online`
     /// sets and clears it.
     pub offline: bool,
+    /// `persist_reservations`: `"aptpl"` (default) keeps the PR state across a restart only
+    /// while APTPL is set (SPC-4 §5.13.5.1); `"always"` keeps it whatever APTPL says.
+    pub persist_reservations: ironlun_scsi::pr::PrPersistence,
 }
 
 struct Ctx<'a> {
@@ -552,6 +556,7 @@ impl Config {
             physical_block_exponent: 0,
             sanitize_rate: None,
             offline: false,
+            persist_reservations: Default::default(),
         };
         Config {
             portals: vec![Portal {
@@ -871,6 +876,19 @@ impl Config {
                     },
                     None => None,
                 };
+                let persist_reservations = match &l.persist_reservations {
+                    None => ironlun_scsi::pr::PrPersistence::default(),
+                    Some(v) => match ironlun_scsi::pr::PrPersistence::from_name(v.get_ref()) {
+                        Some(p) => p,
+                        None => {
+                            return cx.err(
+                                v.span(),
+                                key("persist_reservations"),
+                                format!("{:?}: expected \"aptpl\" or \"always\"", v.get_ref()),
+                            )
+                        }
+                    },
+                };
                 luns.push(Lun {
                     id,
                     backstore,
@@ -884,6 +902,7 @@ impl Config {
                     physical_block_exponent,
                     sanitize_rate,
                     offline: l.offline,
+                    persist_reservations,
                 });
             }
             let (acl, masking, max_sessions) = parse_access(&cx, ti, t, &luns)?;
@@ -1526,6 +1545,29 @@ size = "64MiB"
                 .starts_with("t.toml:7: target[0].lun[0].block_size: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn persist_reservations_values_and_errors() {
+        use ironlun_scsi::pr::PrPersistence;
+        let lun = |v: &str| {
+            format!("[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n{v}")
+        };
+        let mode = |v: &str| parse(&lun(v)).unwrap().targets[0].luns[0].persist_reservations;
+        assert_eq!(mode(""), PrPersistence::Aptpl);
+        assert_eq!(
+            mode("persist_reservations = \"aptpl\"\n"),
+            PrPersistence::Aptpl
+        );
+        assert_eq!(
+            mode("persist_reservations = \"always\"\n"),
+            PrPersistence::Always
+        );
+        let e = parse(&lun("persist_reservations = \"never\"\n")).unwrap_err();
+        assert_eq!(e.line, Some(7));
+        assert_eq!(e.key, "target[0].lun[0].persist_reservations");
+        assert!(e.message.contains("\"aptpl\" or \"always\""), "{e}");
+        assert!(parse(&lun("persist_reservations = true\n")).is_err());
     }
 
     #[test]

@@ -310,7 +310,8 @@ enum Command {
         #[arg(long, value_name = "unix:PATH|IP:PORT|off")]
         admin: Option<String>,
         /// Log lines on stderr as text or one JSON object per line [env: IRONLUN_LOG_FORMAT]
-        /// [default: text].
+        /// [default: text]. Text has ANSI colours only when stderr is a terminal and NO_COLOR
+        /// is unset.
         #[arg(long, value_enum, value_name = "FORMAT")]
         log_format: Option<ironlun::logging::LogFormat>,
     },

@@ -7,8 +7,9 @@
 //! can change live, and only then is the file written ([`crate::target::write_durably`]: temp
 //! file, fsync, rename, fsync of the directory). A text that does not parse changes nothing.
 //!
-//! What applies live: LUNs added to or removed from an existing target, and a LUN's `size`
-//! grown. Sessions of the target see the new LUN set at their next command; commands already
+//! What applies live: LUNs added to or removed from an existing target, a LUN's `size`
+//! grown, `offline` and `persist_reservations` (the PR state file rewritten or removed before
+//! the change is reported). Sessions of the target see the new LUN set at their next command; commands already
 //! running on a removed LU finish. Everything else that differs (targets, portals, ACLs,
 //! negotiation, limits, timeouts, data_dir, admin, runtime, a LUN's other settings) is
 //! reported as needing a restart and left as it is. `--listen` and `--admin` given on the
@@ -35,6 +36,8 @@ pub struct Diff {
     pub luns_resized: Vec<(String, u64, u64, u64)>,
     /// LUNs taken offline (`true`) or brought online (`false`): (target, LUN, offline).
     pub luns_offline: Vec<(String, u64, bool)>,
+    /// LUNs whose `persist_reservations` changed: (target, LUN, new value).
+    pub luns_persist_reservations: Vec<(String, u64, ironlun_scsi::pr::PrPersistence)>,
     /// Portals (configured address, tag) in the new config only, of a portal group already
     /// served (a new group would change every LU's relative ports: restart).
     pub portals_added: Vec<(SocketAddr, u16)>,
@@ -146,8 +149,13 @@ pub fn diff(old: &Config, new: &Config) -> Diff {
             let mut resized = ol.clone();
             resized.size = nl.size;
             resized.offline = nl.offline;
+            resized.persist_reservations = nl.persist_reservations;
             if ol.offline != nl.offline {
                 d.luns_offline.push((nt.name.clone(), nl.id, nl.offline));
+            }
+            if ol.persist_reservations != nl.persist_reservations {
+                d.luns_persist_reservations
+                    .push((nt.name.clone(), nl.id, nl.persist_reservations));
             }
             if !same(&resized, nl) {
                 restart(&format!(
@@ -417,6 +425,9 @@ impl Live {
         for (t, id, offline) in &d.luns_offline {
             applied.extend(set_offline(&self.registry, t, *id, *offline)?.applied);
         }
+        for (t, id, p) in &d.luns_persist_reservations {
+            applied.push(set_persist_reservations(&self.registry, t, *id, *p)?);
+        }
         let mut touched: Vec<String> = d
             .luns_added
             .iter()
@@ -590,6 +601,13 @@ impl Live {
                 {
                     l.offline = *offline;
                 }
+                if let Some((_, _, p)) = d
+                    .luns_persist_reservations
+                    .iter()
+                    .find(|(x, id, _)| x.eq_ignore_ascii_case(&t.name) && *id == l.id)
+                {
+                    l.persist_reservations = *p;
+                }
             }
             for l in &nt.luns {
                 if d.luns_added
@@ -670,6 +688,47 @@ fn set_offline(
         applied: vec![line],
         ..ChangeJson::default()
     })
+}
+
+/// Set `persist_reservations` of LUN `id` of `target` to `p`: from now on the PR state is
+/// kept across a restart while APTPL is set (`aptpl`) or always; when that changes whether
+/// the present state survives, its state file is rewritten or removed durably first
+/// ([`crate::target::LunHandle::set_pr_persistence`]). The line to report.
+fn set_persist_reservations(
+    registry: &Registry,
+    target: &str,
+    id: u64,
+    p: ironlun_scsi::pr::PrPersistence,
+) -> Result<String, ChangeError> {
+    let t = registry
+        .target(target)
+        .ok_or_else(|| not_found(format!("no target {target}")))?;
+    let h = t
+        .luns()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {}", t.name)))?;
+    let changed = h.set_pr_persistence(p).map_err(|e| ChangeError {
+        status: 409,
+        message: format!(
+            "target {} LUN {id}: persist_reservations not changed: {e}",
+            t.name
+        ),
+    })?;
+    let line = if changed {
+        format!(
+            "target {} LUN {id}: persist_reservations = \"{}\"",
+            t.name,
+            p.name()
+        )
+    } else {
+        format!(
+            "target {} LUN {id}: persist_reservations already \"{}\"",
+            t.name,
+            p.name()
+        )
+    };
+    Ok(line)
 }
 
 /// Raise REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) on every nexus of `h` (SPC-4 §6.33).
@@ -1634,6 +1693,25 @@ mod tests {
         set_offline_key(&mut doc, "iqn.2026-11.x:b", 0, false).unwrap();
         assert_eq!(doc.to_string(), BASE);
         assert!(set_offline_key(&mut doc, "iqn.2026-11.x:b", 9, true).is_err());
+    }
+
+    #[test]
+    fn persist_reservations_applies_live() {
+        use ironlun_scsi::pr::PrPersistence;
+        let old = parse(BASE);
+        let text = BASE.replacen(
+            "size = \"1MiB\"\n",
+            "size = \"1MiB\"\npersist_reservations = \"always\"\n",
+            1,
+        );
+        let new = parse(&text);
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.luns_persist_reservations,
+            vec![("iqn.2026-11.x:a".to_string(), 0, PrPersistence::Always)]
+        );
+        assert!(d.needs_restart.is_empty(), "{:?}", d.needs_restart);
+        assert!(diff(&new, &new).is_empty());
     }
 
     #[test]

@@ -32,12 +32,14 @@
 
 use crate::budget::{Account, Charge, MemoryBudget};
 use crate::config::{BackstoreKind, Config};
+use crate::logging::ConnectionEnd;
 use crate::target::{Nexus, Registry, Started};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{
     Connection, Event, PortalConfig, ScsiCommandEvent, ScsiCompletion, TargetInfo,
 };
+use ironlun_iscsi::discovery::TargetPortal;
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
@@ -214,19 +216,24 @@ impl Control {
         l.set_nonblocking(true)
             .map_err(|e| format!("bind {listen}: {e}"))?;
         let bound = l.local_addr().map_err(|e| e.to_string())?;
-        let pc = portal_config(cfg, bound, tpgt, &self.sessions, &self.auth_limiter);
+        let mut slots = self.slots();
+        let mut portals = target_portals(&slots);
+        portals.push(TargetPortal::new(bound, tpgt));
+        let pc = portal_config(cfg, &portals, tpgt, &self.sessions, &self.auth_limiter);
         let cell: PortalCell = Arc::new(std::sync::RwLock::new(Arc::new(pc)));
         let (stop, stop_rx) = watch::channel(false);
         self.add
             .send((l, cell.clone(), stop_rx))
             .map_err(|_| "the server is shutting down".to_string())?;
-        self.slots().push(PortalSlot {
+        slots.push(PortalSlot {
             listen,
             tpgt,
             bound,
             cell,
             stop,
         });
+        // SendTargets on every other portal lists the new one too.
+        readdress(&slots);
         tracing::info!(%listen, %bound, tpgt, "portal added");
         Ok(bound)
     }
@@ -243,6 +250,7 @@ impl Control {
         };
         let p = slots.remove(i);
         let _ = p.stop.send(true);
+        readdress(&slots);
         tracing::info!(%listen, bound = %p.bound, tpgt, "portal removed; its connections keep running");
         true
     }
@@ -250,8 +258,10 @@ impl Control {
     /// Rebuild every portal's configuration from `cfg` (targets, ACLs, CHAP): the next
     /// login on each portal uses it.
     pub fn refresh(&self, cfg: &Config) {
-        for p in self.slots().iter() {
-            let pc = portal_config(cfg, p.bound, p.tpgt, &self.sessions, &self.auth_limiter);
+        let slots = self.slots();
+        let portals = target_portals(&slots);
+        for p in slots.iter() {
+            let pc = portal_config(cfg, &portals, p.tpgt, &self.sessions, &self.auth_limiter);
             *p.cell
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(pc);
@@ -277,10 +287,38 @@ impl Control {
     }
 }
 
-/// The configuration of the portal bound at `addr` (group `tpgt`) serving `cfg`'s targets.
+/// Every served portal as SendTargets reports it: bound address (port 0 resolved) and tag, in
+/// the order the portals were configured. Every target is served on every portal, so this is
+/// each target's address list (RFC 7143 §13.3: all its portals in all its portal groups).
+fn target_portals(slots: &[PortalSlot]) -> Vec<TargetPortal> {
+    slots
+        .iter()
+        .map(|p| TargetPortal::new(p.bound, p.tpgt))
+        .collect()
+}
+
+/// After a portal was added or removed: every portal's configuration lists the portals now
+/// served, for the next connection's SendTargets (running connections keep theirs).
+fn readdress(slots: &[PortalSlot]) {
+    let portals = target_portals(slots);
+    for p in slots {
+        let mut cell = p
+            .cell
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pc = PortalConfig::clone(&cell);
+        for t in &mut pc.targets {
+            t.addresses.clone_from(&portals);
+        }
+        *cell = Arc::new(pc);
+    }
+}
+
+/// The configuration of a portal of group `tpgt` serving `cfg`'s targets, which SendTargets
+/// reports on `portals` (every portal the daemon serves, [`target_portals`]).
 fn portal_config(
     cfg: &Config,
-    addr: SocketAddr,
+    portals: &[TargetPortal],
     tpgt: u16,
     sessions: &Arc<SessionLimits>,
     auth_limiter: &Arc<Mutex<ironlun_iscsi::chap::AuthLimiter>>,
@@ -291,7 +329,7 @@ fn portal_config(
         .map(|t| TargetInfo {
             name: t.name.clone(),
             alias: t.alias.clone(),
-            addresses: vec![format!("{},{}", fmt_addr(addr), tpgt)],
+            addresses: portals.to_vec(),
             portal_group_tag: tpgt,
             acl: t.acl.clone(),
             chap: t.chap.clone(),
@@ -425,8 +463,12 @@ impl Server {
         ));
         let mut listeners = Vec::new();
         let mut slots = Vec::new();
+        let portals: Vec<TargetPortal> = bound
+            .iter()
+            .map(|(_, addr, tpgt)| TargetPortal::new(*addr, *tpgt))
+            .collect();
         for ((l, addr, tpgt), p) in bound.into_iter().zip(&cfg.portals) {
-            let pc = portal_config(cfg, addr, tpgt, &sessions, &auth_limiter);
+            let pc = portal_config(cfg, &portals, tpgt, &sessions, &auth_limiter);
             let cell: PortalCell = Arc::new(std::sync::RwLock::new(Arc::new(pc)));
             let (stop, stop_rx) = watch::channel(false);
             listeners.push((l, cell.clone(), stop_rx));
@@ -1064,6 +1106,7 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
     let (mut rd, mut wr) = stream.into_split();
     let stall = match portal.timeouts.nop_timeout {
         d if d.is_zero() => WRITE_STALL_DEFAULT,
@@ -1071,6 +1114,7 @@ async fn serve_connection(
     };
     let max_inflight = usize::try_from(portal.cmd_window).unwrap_or(usize::MAX);
     let mut conn = Connection::new_with_tsih(portal, registry.new_tsih(), Instant::now());
+    conn.set_local_addr(local);
     // Session reinstatement: our entry in the live-session table, and its close signal.
     let mut registered: Option<LiveSession> = None;
     let mut reinstated: Option<oneshot::Receiver<&'static str>> = None;
@@ -1092,21 +1136,18 @@ async fn serve_connection(
     let mut draining = *shutdown.borrow();
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut out: Vec<Bytes> = Vec::new();
+    // Why the loop ended, for the connection's last line (`crate::logging`).
+    let end: ConnectionEnd;
 
     loop {
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::LoggedIn(info) => {
-                    let digests = conn
-                        .connection_params()
-                        .map(|p| (p.header_digest, p.data_digest));
                     let span = tracing::Span::current();
                     span.record("initiator", info.initiator_name.as_str());
-                    if let Some(t) = &info.target_name {
-                        span.record("target", t.as_str());
-                    }
+                    span.record("target", crate::logging::session_target(&info));
                     span.record("tsih", info.tsih);
-                    tracing::info!(initiator = %info.initiator_name, target = ?info.target_name, tsih = info.tsih, ?digests, "login");
+                    crate::logging::logged_in(&info, conn.connection_params());
                     crate::metrics::DAEMON.login(info.target_name.as_deref());
                     if let Some(target) = &info.target_name {
                         let key = (
@@ -1185,13 +1226,18 @@ async fn serve_connection(
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
         if !out.is_empty() {
-            write_all_vectored(&mut wr, &mut out, stall).await?;
+            if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
+                end = ConnectionEnd::WriteError(e);
+                break;
+            }
         }
         cmds.written();
-        if conn.is_closed().is_some() {
+        if let Some(why) = conn.is_closed() {
+            end = ConnectionEnd::Closed(why.clone());
             break;
         }
         if draining && cmds.idle() && logout_deadline.is_none() {
+            end = ConnectionEnd::Shutdown;
             break;
         }
         let paused = cmds.pause_reading();
@@ -1208,8 +1254,16 @@ async fn serve_connection(
         }
         tokio::select! {
             r = rd.read_buf(&mut buf), if !paused && (!draining || logout_deadline.is_some()) => {
-                if r? == 0 {
-                    break;
+                match r {
+                    Ok(0) => {
+                        end = ConnectionEnd::Eof;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        end = ConnectionEnd::ReadError(e);
+                        break;
+                    }
                 }
                 cmds.pace(&mut conn);
                 conn.receive(&mut buf, Instant::now());
@@ -1250,10 +1304,12 @@ async fn serve_connection(
             }
             _ = async { match drain_deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 tracing::warn!(inflight = cmds.inflight, waiting = cmds.waiting.len(), "drain timeout; closing connection with commands in flight");
+                end = ConnectionEnd::DrainTimeout;
                 break;
             }
         }
     }
+    crate::logging::connection_ended(conn.session(), &end);
     // Commands still running finish on their own; their results are dropped with `done_rx`.
     let _ = within(stall, wr.shutdown()).await;
     if let Some(s) = conn.login_failure() {

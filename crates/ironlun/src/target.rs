@@ -34,7 +34,7 @@ use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use ironlun_scsi::lu::{
     self, Continuation, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, PrCommit, ResetKind, Step,
 };
-use ironlun_scsi::pr::{InitiatorPort, ItNexus, Persist};
+use ironlun_scsi::pr::{InitiatorPort, ItNexus, Persist, PrPersistence};
 use ironlun_scsi::sense::SenseReason;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -234,26 +234,59 @@ impl LunHandle {
     /// durably (temp file, fsync, rename, fsync of the directory) or removed durably.
     async fn persist(self: &Arc<Self>, seq: u64, what: Persist) -> Result<(), String> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut last = me
-                .persisted
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if *last > seq {
-                // A later state change is already durable; it includes this one's effects.
-                return Ok(());
+        tokio::task::spawn_blocking(move || me.persist_now(seq, &what))
+            .await
+            .unwrap_or_else(|e| Err(format!("state file writer failed: {e}")))
+    }
+
+    /// [`LunHandle::persist`] on the calling (blocking) thread: the state change numbered
+    /// `seq` ([`LunHandle::sequenced`]) is made durable unless a later one already is.
+    fn persist_now(&self, seq: u64, what: &Persist) -> Result<(), String> {
+        let mut last = self
+            .persisted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last > seq {
+            // A later state change is already durable; it includes this one's effects.
+            return Ok(());
+        }
+        let r = match what {
+            Persist::Write(bytes) => write_durably(&self.state_file, bytes),
+            Persist::Remove => remove_durably(&self.state_file),
+        };
+        if r.is_ok() {
+            *last = seq;
+        }
+        r.map_err(|e| format!("{}: {e}", self.state_file.display()))
+    }
+
+    /// Change the LU's `persist_reservations` (live reconfiguration; blocks on the state file,
+    /// so call it off the async workers). When the change decides differently whether the PR
+    /// state survives a restart, the state file is rewritten (or removed) durably before this
+    /// returns; if that fails the LU keeps its old mode. `Ok(false)`: the mode was already `p`.
+    pub(crate) fn set_pr_persistence(&self, p: PrPersistence) -> Result<bool, String> {
+        let (old, numbered) = {
+            let mut lu = self.lu();
+            let old = lu.config().pr_persistence;
+            if old == p {
+                return Ok(false);
             }
-            let r = match &what {
-                Persist::Write(bytes) => write_durably(&me.state_file, bytes),
-                Persist::Remove => remove_durably(&me.state_file),
-            };
-            if r.is_ok() {
-                *last = seq;
+            let numbered = lu.set_pr_persistence(p).map(|what| {
+                let seq = self
+                    .persist_seq
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_add(1);
+                (seq, what)
+            });
+            (old, numbered)
+        };
+        if let Some((seq, what)) = numbered {
+            if let Err(e) = self.persist_now(seq, &what) {
+                self.lu().set_pr_persistence(old);
+                return Err(e);
             }
-            r.map_err(|e| format!("{}: {e}", me.state_file.display()))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("state file writer failed: {e}")))
+        }
+        Ok(true)
     }
 
     pub(crate) fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
@@ -547,7 +580,14 @@ fn open_lun(
     let mut lu = LogicalUnit::new(lc);
     lu.set_offline(l.offline);
     if restore_state(&mut lu, &state_file)? {
-        tracing::info!(target, lun = l.id, file = %state_file.display(), "persistent reservations restored (APTPL)");
+        tracing::info!(
+            target,
+            lun = l.id,
+            file = %state_file.display(),
+            persist_reservations = l.persist_reservations.name(),
+            aptpl = lu.pr_snapshot().aptpl,
+            "persistent reservations restored"
+        );
     }
     tracing::info!(
         target,
@@ -599,6 +639,7 @@ fn lu_config(
     }
     // The daemon always has a data directory to keep the state in.
     c.ptpl_capable = true;
+    c.pr_persistence = l.persist_reservations;
     c
 }
 
@@ -625,7 +666,10 @@ fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Load `path` into `lu` if it exists; a leftover temp file (a write interrupted before its
-/// rename, so never the durable state) is removed. `Ok(true)` when state was restored.
+/// rename, so never the durable state) is removed. `Ok(true)` when state was restored. A file
+/// that holds registrations made without APTPL (written under `persist_reservations =
+/// "always"`) restored by an LU that persists only with APTPL loses them (SPC-4 §5.13.5.1),
+/// and the file is rewritten at once, so that they do not come back later.
 fn restore_state(lu: &mut LogicalUnit, path: &Path) -> Result<bool, String> {
     let tmp = tmp_path(path);
     match std::fs::remove_file(&tmp) {
@@ -643,8 +687,18 @@ fn restore_state(lu: &mut LogicalUnit, path: &Path) -> Result<bool, String> {
             ))
         }
     };
-    lu.restore_pr(&bytes)
+    let trimmed = lu
+        .restore_pr(&bytes)
         .map_err(|e| format!("persistent reservation state {}: {e}", path.display()))?;
+    if trimmed {
+        tracing::info!(file = %path.display(), "persistent reservations registered without APTPL dropped: persist_reservations is \"aptpl\"");
+        let r = match lu.pr_state_file() {
+            Some(Persist::Write(b)) => write_durably(path, &b),
+            Some(Persist::Remove) => remove_durably(path),
+            None => Ok(()),
+        };
+        r.map_err(|e| format!("persistent reservation state {}: {e}", path.display()))?;
+    }
     Ok(true)
 }
 

@@ -1,5 +1,7 @@
 //! Daemon tests of persistent reservations end to end (issue 5 acceptance 3): APTPL state across
-//! `kill -9` and restart, refusal of corrupt and foreign state files, PREEMPT AND ABORT against a
+//! `kill -9` and restart, refusal of corrupt and foreign state files, registrations made
+//! without APTPL kept across restarts by `persist_reservations = "always"` (issue 16 finding 3,
+//! also switched live) and dropped by the default, PREEMPT AND ABORT against a
 //! nexus with writes in flight (no write of the preempted nexus lands after GOOD), and ALL_TG_PT
 //! across two portal groups. CDBs and parameter lists are built by hand (SPC-4 §6.15, §6.16).
 //!
@@ -399,6 +401,124 @@ async fn corrupt_or_foreign_state_file_refuses_the_start() {
     let d = start(owner.path(), &config(&[1], &ram_lun("prowner")));
     let a = login(d.addrs[0], INIT_A, ISID_A).await;
     assert_eq!(read_keys(&a).await.1, vec![0x1234]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b2) persist_reservations = "always": registrations made without APTPL survive a restart
+
+const REPORT_CAPABILITIES: u8 = 0x02;
+
+/// REPORT CAPABILITIES (SPC-4 §6.15.4) byte 3 bit 0: PTPL_A.
+async fn ptpl_a(s: &Session) -> bool {
+    prin(s, REPORT_CAPABILITIES).await[3] & 0x01 != 0
+}
+
+/// What READ KEYS, READ RESERVATION and READ FULL STATUS report.
+type PrView = (
+    (u32, Vec<u64>),
+    (u32, Option<(u64, u8)>),
+    (u32, Vec<FullStatus>),
+);
+
+async fn pr_view(s: &Session) -> PrView {
+    (
+        read_keys(s).await,
+        read_reservation(s).await,
+        read_full_status(s).await,
+    )
+}
+
+/// A and B register WITHOUT APTPL, A reserves WERO; returns what PR IN then shows, and A's
+/// session (a new login with its ISID would reinstate it).
+async fn register_two_and_reserve(d: &Daemon) -> (PrView, Session) {
+    const KA: u64 = 0xaaaa_0000_0000_00a1;
+    const KB: u64 = 0xbbbb_0000_0000_00b2;
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    let b = login(d.addrs[0], INIT_B, ISID_B).await;
+    prout_good(&a, REGISTER, 0, 0, KA, 0).await;
+    prout_good(&b, REGISTER, 0, 0, KB, 0).await;
+    prout_good(&a, RESERVE, WERO, KA, 0, 0).await;
+    let view = pr_view(&a).await;
+    assert_eq!(view.0 .1, vec![KA, KB]);
+    assert_eq!(view.1 .1, Some((KA, WERO)));
+    assert_eq!(view.2 .1.len(), 2);
+    (view, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persist_reservations_always_keeps_state_registered_without_aptpl() {
+    // "always": kept across kill -9 and a graceful restart; PTPL_A reports it.
+    let dir = tempfile::tempdir().unwrap();
+    let lun = format!("{}\npersist_reservations = \"always\"", ram_lun("pralways"));
+    let cfg = config(&[1], &lun);
+    let d = start(dir.path(), &cfg);
+    let (before, a) = register_two_and_reserve(&d).await;
+    assert!(
+        ptpl_a(&a).await,
+        "PTPL_A=1 under persist_reservations = \"always\""
+    );
+    assert!(
+        state_file(dir.path(), "pralways").exists(),
+        "written before GOOD"
+    );
+    drop(a);
+    d.kill9();
+    let d = start(dir.path(), &cfg);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(pr_view(&a).await, before, "after kill -9");
+    drop(a);
+    drop(d);
+    let d = start(dir.path(), &cfg);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(pr_view(&a).await, before, "after a graceful restart");
+    drop(a);
+    drop(d);
+
+    // Default ("aptpl"): the same state is gone after a graceful restart (SPC-4 §5.13.5.1).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&[1], &ram_lun("prdefault"));
+    let d = start(dir.path(), &cfg);
+    let (_, a) = register_two_and_reserve(&d).await;
+    assert!(!ptpl_a(&a).await, "PTPL_A=0 without APTPL");
+    drop(a);
+    drop(d);
+    let mut d = start(dir.path(), &cfg);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(
+        pr_view(&a).await,
+        ((0, vec![]), (0, None), (0, vec![])),
+        "nothing kept"
+    );
+
+    // Switched to "always" while running (config edited, reload): the state registered
+    // before is written at once and survives the next restart.
+    drop(a);
+    let (before, a) = register_two_and_reserve(&d).await;
+    let lun = format!(
+        "{}\npersist_reservations = \"always\"",
+        ram_lun("prdefault")
+    );
+    let always = config(&[1], &lun);
+    std::fs::write(dir.path().join("ironlun.toml"), &always).unwrap();
+    let admin = d.admin.clone();
+    let reply = tokio::task::spawn_blocking(move || {
+        let c = ironlun::ctl::Client::new(&admin, None).unwrap();
+        c.request("POST", "/v1/reload", None, Duration::from_secs(30))
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let body = String::from_utf8_lossy(&reply.body).into_owned();
+    assert_eq!(reply.status, 200, "{body}");
+    assert!(body.contains("persist_reservations"), "{body}");
+    assert!(ptpl_a(&a).await, "PTPL_A=1 once always");
+    assert!(state_file(dir.path(), "prdefault").exists());
+    drop(a);
+    d.assert_healthy();
+    drop(d);
+    let d = start(dir.path(), &always);
+    let a = login(d.addrs[0], INIT_A, ISID_A).await;
+    assert_eq!(pr_view(&a).await, before, "kept after the live switch");
 }
 
 // ---------------------------------------------------------------------------------------------

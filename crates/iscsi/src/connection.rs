@@ -34,6 +34,7 @@
 use crate::acl::{Acl, SessionLimits, SessionSlot};
 use crate::chap::{AuthLimiter, ChapConfig};
 use crate::data_in::{self, Residual, Stamps};
+use crate::discovery::TargetPortal;
 use crate::error::ErrorAction;
 use crate::framer::{self, Digests, Framed, Framer};
 use crate::limits::Limits;
@@ -60,8 +61,9 @@ pub struct TargetInfo {
     /// iSCSI name, e.g. `iqn.2026-11.io.ironlun:lab`.
     pub name: String,
     pub alias: Option<String>,
-    /// Portals reported by SendTargets as `TargetAddress=addr:port,tpgt` (§13.9).
-    pub addresses: Vec<String>,
+    /// Every portal of every portal group that serves the target, reported by SendTargets as
+    /// `TargetAddress=addr:port,tpgt` (§13.3, §13.9; see [`crate::discovery`]).
+    pub addresses: Vec<TargetPortal>,
     /// Target portal group tag (§13.9, reported as TargetPortalGroupTag in login).
     pub portal_group_tag: u16,
     /// Initiators that may log in to it and see it in SendTargets ([`Acl::allow_all`] by default).
@@ -213,13 +215,28 @@ pub struct Transmit {
 /// Why the connection closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
-    Logout,
+    /// The initiator logged out (§11.14) for this reason, and the response was sent.
+    Logout(LogoutReason),
     LoginFailed,
     ProtocolError(String),
     /// A [`Timeouts`] timer expired (login, unanswered NOP-In, idle discovery session).
     Timeout(&'static str),
     /// The owner closed it, e.g. because a new login reinstated the session (RFC 7143 §6.3.5).
     Closed(&'static str),
+}
+
+/// The reason in words, for logs: `logout (close the session)`, `login failed`, `protocol
+/// error: …`, `timeout: NOP-In unanswered`, `closed by the target: session reinstated …`.
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Logout(r) => write!(f, "logout ({r})"),
+            CloseReason::LoginFailed => f.write_str("login failed"),
+            CloseReason::ProtocolError(e) => write!(f, "protocol error: {e}"),
+            CloseReason::Timeout(what) => write!(f, "timeout: {what}"),
+            CloseReason::Closed(why) => write!(f, "closed by the target: {why}"),
+        }
+    }
 }
 
 /// Fixed-format sense for a write whose Data-Out carried a wrong DataSN: ABORTED COMMAND,
@@ -329,6 +346,8 @@ pub struct Connection {
     /// The owner lets this session send TARGET WARM/COLD RESET
     /// ([`Connection::set_target_reset_allowed`]); refused until then.
     target_reset_allowed: bool,
+    /// The address the connection was accepted on ([`Connection::set_local_addr`]).
+    local_addr: Option<std::net::SocketAddr>,
 }
 
 enum Phase {
@@ -438,6 +457,7 @@ impl Connection {
             task_set_full: 0,
             r2ts_withheld: false,
             target_reset_allowed: false,
+            local_addr: None,
         }
     }
 
@@ -519,6 +539,13 @@ impl Connection {
         spdtl_out: u32,
     ) {
         self.finish_command(itt, completion, Some(spdtl_out));
+    }
+
+    /// The local address of the connection's socket (the address the initiator reached the
+    /// portal on). SendTargets names wildcard portals (`0.0.0.0`, `[::]`) with it
+    /// ([`crate::discovery::TargetPortal::reported`]); unset, they are left out of the answer.
+    pub fn set_local_addr(&mut self, addr: std::net::SocketAddr) {
+        self.local_addr = Some(addr);
     }
 
     /// Whether this session may send TARGET WARM RESET and TARGET COLD RESET (the owner's
@@ -1656,6 +1683,7 @@ impl Connection {
                         value,
                         &self.config.targets,
                         own,
+                        self.local_addr,
                     ));
                 } else if negotiation::rule_of(key).is_some() {
                     // We do not renegotiate in full feature phase.
@@ -1772,7 +1800,7 @@ impl Connection {
             Bytes::new(),
         );
         if response == 0 {
-            self.close(CloseReason::Logout);
+            self.close(CloseReason::Logout(h.reason));
         }
     }
 }
@@ -1796,7 +1824,7 @@ mod tests {
             targets: vec![TargetInfo {
                 name: TARGET.to_string(),
                 alias: Some("lab".to_string()),
-                addresses: vec!["127.0.0.1:3260".to_string()],
+                addresses: vec![TargetPortal::new(([127, 0, 0, 1], 3260).into(), 1)],
                 portal_group_tag: 1,
                 acl: Acl::allow_all(),
                 chap: None,
@@ -2131,6 +2159,33 @@ mod tests {
         let k = keys(&out[0].data);
         assert_eq!(key(&k, "TargetName"), Some(TARGET));
         assert_eq!(key(&k, "TargetAddress"), Some("127.0.0.1:3260,1"));
+    }
+
+    #[test]
+    fn send_targets_lists_every_portal_and_names_wildcards_by_the_local_address() {
+        let mut cfg = config();
+        cfg.targets[0].addresses = vec![
+            TargetPortal::new("0.0.0.0:3260".parse().unwrap(), 1),
+            TargetPortal::new("127.0.0.2:3261".parse().unwrap(), 2),
+        ];
+        let mut p = Pair::new(cfg);
+        p.conn.set_local_addr("127.0.0.1:3260".parse().unwrap());
+        p.login_with(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        let h = TextRequest {
+            final_: true,
+            itt: 5,
+            ttt: RESERVED_TAG,
+            cmd_sn: 1,
+            ..Default::default()
+        };
+        p.send(pdu(Header::TextRequest(h), kv(&[("SendTargets", "All")])));
+        let out = p.recv();
+        let addrs: Vec<String> = keys(&out[0].data)
+            .into_iter()
+            .filter(|(k, _)| k == "TargetAddress")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(addrs, vec!["127.0.0.1:3260,1", "127.0.0.2:3261,2"]);
     }
 
     #[test]
@@ -3348,7 +3403,10 @@ mod tests {
             panic!()
         };
         assert_eq!((r.response, r.itt), (0, 0x41));
-        assert_eq!(p.conn.is_closed(), Some(&CloseReason::Logout));
+        assert_eq!(
+            p.conn.is_closed(),
+            Some(&CloseReason::Logout(LogoutReason::CloseSession))
+        );
         assert_eq!(p.events(), vec![Event::Aborted(vec![0x40])]);
         p.conn.complete_command(0x40, good(&[0; 512]));
         assert!(p.recv().is_empty());
@@ -3376,7 +3434,7 @@ mod tests {
         cfg.targets.push(TargetInfo {
             name: ACL_PROTECTED.to_string(),
             alias: None,
-            addresses: vec!["127.0.0.1:3260".to_string()],
+            addresses: vec![TargetPortal::new(([127, 0, 0, 1], 3260).into(), 1)],
             portal_group_tag: 1,
             acl: Acl::allow_only(vec![crate::acl::NamePattern::parse(
                 "iqn.2026-11.io.test:*",
@@ -3814,8 +3872,8 @@ mod tests {
                 name: format!("iqn.2026-11.io.ironlun:disk-{i:03}"),
                 alias: None,
                 addresses: vec![
-                    "192.0.2.1:3260".to_string(),
-                    "[2001:db8::1]:3260".to_string(),
+                    TargetPortal::new("192.0.2.1:3260".parse().unwrap(), 1),
+                    TargetPortal::new("[2001:db8::1]:3260".parse().unwrap(), 1),
                 ],
                 portal_group_tag: 1,
                 acl: Acl::allow_all(),

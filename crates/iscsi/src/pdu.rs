@@ -539,6 +539,21 @@ impl LogoutReason {
     }
 }
 
+/// The reason in words, for logs: `close the session`, `close the connection`, `remove the
+/// connection for recovery` (§11.14.1 Table), or `reason code N`.
+impl std::fmt::Display for LogoutReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogoutReason::CloseSession => f.write_str("close the session"),
+            LogoutReason::CloseConnection => f.write_str("close the connection"),
+            LogoutReason::RemoveConnectionForRecovery => {
+                f.write_str("remove the connection for recovery")
+            }
+            LogoutReason::Other(v) => write!(f, "reason code {v}"),
+        }
+    }
+}
+
 impl TmfResponse {
     /// From the Response field (§11.6.1); `None` for unassigned values.
     pub fn from_u8(v: u8) -> Option<Self> {

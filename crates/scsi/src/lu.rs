@@ -67,6 +67,10 @@ pub struct LuConfig {
     /// PR state can be persisted (the daemon has a state directory): PTPL_C=1 and APTPL=1 is
     /// accepted; otherwise APTPL=1 is INVALID FIELD IN PARAMETER LIST (SPC-4 §6.16.3).
     pub ptpl_capable: bool,
+    /// When the PR state is persisted (with `ptpl_capable`): while APTPL is one (SPC-4
+    /// §5.13.5.1, the default) or always. Changed at run time through
+    /// [`LogicalUnit::set_pr_persistence`].
+    pub pr_persistence: crate::pr::PrPersistence,
     /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2, READ CAPACITY 16 byte 13).
     /// Default 0. An exponent > 0 is valid SCSI, but libiscsi's GetLBAStatus.UnmapSingle
     /// (1.19) then queries LBA i+1 and expects the first descriptor at i+lbppb, which no
@@ -105,6 +109,7 @@ impl LuConfig {
             max_unmap_descriptors: 256,
             relative_ports: vec![1],
             ptpl_capable: false,
+            pr_persistence: crate::pr::PrPersistence::Aptpl,
             physical_block_exponent: 0,
             port_groups: crate::alua::PortGroups::new(Vec::new(), &[1]),
         };
@@ -559,10 +564,62 @@ impl LogicalUnit {
     /// Load APTPL state written earlier from a [`crate::pr::Persist::Write`] (at start, before
     /// any nexus is added). A file of another LU or a corrupt one is refused, never dropped;
     /// on error the state is unchanged.
-    pub fn restore_pr(&mut self, bytes: &[u8]) -> Result<(), crate::pr::PersistError> {
-        self.pr = crate::pr::persist::decode(bytes, &self.config.serial)?;
+    ///
+    /// A file written without APTPL under [`PrPersistence::Always`](crate::pr::PrPersistence)
+    /// restored while the LU persists only with APTPL keeps what SPC-4 keeps (the ownership
+    /// image, see [`crate::pr::ownership`]): `Ok(true)` then says the file holds more than was
+    /// restored and should be rewritten from [`LogicalUnit::pr_state_file`], so that a later
+    /// switch back to `Always` does not resurrect it.
+    pub fn restore_pr(&mut self, bytes: &[u8]) -> Result<bool, crate::pr::PersistError> {
+        let state = crate::pr::persist::decode(bytes, &self.config.serial)?;
+        let keep_all =
+            state.aptpl() || self.config.pr_persistence == crate::pr::PrPersistence::Always;
+        let (state, trimmed) = if keep_all {
+            (state, false)
+        } else {
+            let owned = state.owned_image();
+            let trimmed = owned != state;
+            (owned, trimmed)
+        };
+        self.pr = state;
         self.refresh_registrations();
-        Ok(())
+        Ok(trimmed)
+    }
+
+    /// The PR state survives a restart now (REPORT CAPABILITIES PTPL_A, SPC-4 §6.15.4): the
+    /// daemon can persist it, and APTPL is one or the LU persists always.
+    pub fn ptpl_active(&self) -> bool {
+        self.config.ptpl_capable
+            && (self.pr.aptpl() || self.config.pr_persistence == crate::pr::PrPersistence::Always)
+    }
+
+    /// What the LU's state file must hold for the current state: all of it while
+    /// [`LogicalUnit::ptpl_active`], else the ownership image or nothing (removed); `None`
+    /// when the LU cannot persist.
+    pub fn pr_state_file(&self) -> Option<Persist> {
+        if !self.config.ptpl_capable {
+            None
+        } else if self.ptpl_active() {
+            Some(Persist::Write(crate::pr::persist::encode(
+                &self.pr,
+                &self.config.serial,
+            )))
+        } else {
+            Some(self.image_without_aptpl())
+        }
+    }
+
+    /// Change when the PR state is persisted (the daemon's `persist_reservations`, live). When
+    /// that changes whether the state survives a restart, the state file to write now: all of
+    /// the state when it starts to, the ownership image (or a removal) when it stops.
+    pub fn set_pr_persistence(&mut self, p: crate::pr::PrPersistence) -> Option<Persist> {
+        let before = self.ptpl_active();
+        self.config.pr_persistence = p;
+        if before == self.ptpl_active() {
+            None
+        } else {
+            self.pr_state_file()
+        }
     }
 
     /// Whether every task aborted under `ticket` has finished (resumed for the last time or
@@ -717,6 +774,7 @@ impl LogicalUnit {
             // A session the daemon never announced has no I_T nexus identity.
             return Ok(Step::Done(Completion::reservation_conflict()));
         };
+        let kept_before = self.ptpl_active();
         let aptpl_before = self.pr.aptpl();
         let req = crate::pr::OutRequest {
             service_action,
@@ -742,13 +800,15 @@ impl LogicalUnit {
         } else {
             Some(self.abort_tasks(&fx.aborted))
         };
-        let aptpl = self.pr.aptpl();
-        let persist = if aptpl && (fx.changed || !aptpl_before) {
+        // The file records APTPL too: under `Always` a change of APTPL alone is written, so
+        // that the file says what survives if the LU goes back to APTPL-only persistence.
+        let kept = self.ptpl_active();
+        let persist = if kept && (fx.changed || !kept_before || aptpl_before != self.pr.aptpl()) {
             Some(Persist::Write(crate::pr::persist::encode(
                 &self.pr,
                 &self.config.serial,
             )))
-        } else if aptpl_before && !aptpl {
+        } else if kept_before && !kept {
             Some(self.image_without_aptpl())
         } else {
             None
@@ -1403,7 +1463,9 @@ impl LogicalUnit {
                 service_action,
                 alloc_len,
             } => {
-                let data = self.pr.prin(service_action, self.config.ptpl_capable)?;
+                let data =
+                    self.pr
+                        .prin(service_action, self.config.ptpl_capable, self.ptpl_active())?;
                 Self::good(cut(data, alloc_len))
             }
             Command::PersistentReserveOut {
@@ -2276,16 +2338,7 @@ impl LogicalUnit {
     /// A [`PrCommit`] for an ownership step: the state file is rewritten whenever the daemon
     /// can persist (ownership always persists when `ptpl_capable`).
     fn ownership_commit(&self, abort: Option<AbortTicket>) -> PrCommit {
-        let persist = if !self.config.ptpl_capable {
-            None
-        } else if self.pr.aptpl() {
-            Some(Persist::Write(crate::pr::persist::encode(
-                &self.pr,
-                &self.config.serial,
-            )))
-        } else {
-            Some(self.image_without_aptpl())
-        };
+        let persist = self.pr_state_file();
         PrCommit {
             abort,
             persist,

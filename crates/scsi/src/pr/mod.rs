@@ -160,12 +160,50 @@ pub struct ReservationView {
     pub key: u64,
 }
 
+/// When an LU's persistent-reservation state is kept on stable storage and restored at start.
+///
+/// SPC-4 §5.13.5.1 ties it to APTPL: registrations and the reservation survive a power loss
+/// (for a target: a restart) only while the APTPL bit of the last successful REGISTER,
+/// REGISTER AND IGNORE EXISTING KEY or REGISTER AND MOVE was one. A cluster whose fencing
+/// registers without APTPL (fence_scsi without `aptpl=1`) then loses its keys, and with them
+/// its fencing, when the target restarts. [`PrPersistence::Always`] keeps them anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrPersistence {
+    /// As SPC-4 says: kept while APTPL is one; PTPL_A reports APTPL.
+    #[default]
+    Aptpl,
+    /// Kept whatever APTPL says (beyond SPC-4, as if every REGISTER had set it): every change
+    /// is written before the PR OUT completes and restored at start; PTPL_A is one. The
+    /// APTPL value itself is kept and reported as the initiator set it.
+    Always,
+}
+
+impl PrPersistence {
+    /// The names of the daemon's `persist_reservations` key: `aptpl`, `always`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrPersistence::Aptpl => "aptpl",
+            PrPersistence::Always => "always",
+        }
+    }
+
+    /// From [`PrPersistence::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "aptpl" => Some(PrPersistence::Aptpl),
+            "always" => Some(PrPersistence::Always),
+            _ => None,
+        }
+    }
+}
+
 /// Effects of a PR OUT that the daemon must carry out before it reports the completion
 /// (see [`crate::lu::Step::PrCommit`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Persist {
-    /// APTPL is in effect: write these bytes durably (temp file, fsync, rename, fsync dir)
-    /// as the LU's state file before the PR OUT completes (SPC-4 §5.13.5.1).
+    /// APTPL (or [`PrPersistence::Always`]) is in effect: write these bytes durably (temp
+    /// file, fsync, rename, fsync dir) as the LU's state file before the PR OUT completes
+    /// (SPC-4 §5.13.5.1). Also the ownership image when APTPL is off.
     Write(Vec<u8>),
     /// APTPL was turned off: remove the LU's state file (durably) before the PR OUT completes.
     Remove,
@@ -873,8 +911,15 @@ impl PrState {
     }
 
     /// PERSISTENT RESERVE IN parameter data (SPC-4 §6.15) for service action `sa`, uncut;
-    /// the ADDITIONAL LENGTH / LENGTH fields always describe the whole data.
-    pub fn prin(&self, service_action: u8, ptpl_capable: bool) -> Result<Vec<u8>, SenseReason> {
+    /// the ADDITIONAL LENGTH / LENGTH fields always describe the whole data. REPORT
+    /// CAPABILITIES reports `ptpl_capable` as PTPL_C and `ptpl_active` (the state survives a
+    /// power loss now: APTPL, or [`PrPersistence::Always`]) as PTPL_A (§6.15.4).
+    pub fn prin(
+        &self,
+        service_action: u8,
+        ptpl_capable: bool,
+        ptpl_active: bool,
+    ) -> Result<Vec<u8>, SenseReason> {
         let mut out = Vec::new();
         match service_action {
             sa::READ_KEYS => {
@@ -899,7 +944,7 @@ impl PrState {
             sa::REPORT_CAPABILITIES => {
                 // Table 207: CRH SIP_C ATP_C PTPL_C; TMV, ALLOW COMMANDS 011b, PTPL_A; mask.
                 let caps = 0x10 | 0x08 | 0x04 | u8::from(ptpl_capable);
-                let tmv = 0x80 | 0x30 | u8::from(self.aptpl);
+                let tmv = 0x80 | 0x30 | u8::from(ptpl_active);
                 out.extend_from_slice(&[0x00, 0x08, caps, tmv, 0xEA, 0x01, 0x00, 0x00]);
             }
             sa::READ_FULL_STATUS => {

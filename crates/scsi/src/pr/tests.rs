@@ -10,7 +10,7 @@
 use bytes::Bytes;
 
 use crate::lu::{Completion, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, Step};
-use crate::pr::{sa, InitiatorPort, ItNexus, Persist, PersistError};
+use crate::pr::{sa, InitiatorPort, ItNexus, Persist, PersistError, PrPersistence};
 use crate::status;
 
 /// Sessions: A and A2 are two ports (ISIDs) of one initiator name; B and C other names.
@@ -48,8 +48,13 @@ pub(super) fn config() -> LuConfig {
 
 impl F {
     pub fn new() -> Self {
+        Self::with(config())
+    }
+
+    /// Sessions A, B, A2 and C on an LU built from `cfg`.
+    pub fn with(cfg: LuConfig) -> Self {
         let mut f = F {
-            lu: LogicalUnit::new(config()),
+            lu: LogicalUnit::new(cfg),
             last_persist: None,
         };
         for n in [A, B, A2, C] {
@@ -1251,6 +1256,93 @@ fn aptpl_persist_and_restore() {
         h.restore_pr(&bytes),
         Err(PersistError::Foreign { .. })
     ));
+}
+
+fn always() -> LuConfig {
+    let mut c = config();
+    c.pr_persistence = PrPersistence::Always;
+    c
+}
+
+/// `persist_reservations = "always"`: registrations and the reservation made without APTPL
+/// are written after every change and restored, and PTPL_A says so; APTPL itself stays as the
+/// initiator set it. Restored by an LU that persists only with APTPL, SPC-4's rule applies
+/// (§5.13.5.1: nothing without APTPL survives) and the file is to be rewritten.
+#[test]
+fn persist_always_keeps_state_registered_without_aptpl() {
+    let mut f = F::with(always());
+    assert_eq!(
+        f.prin(A, sa::REPORT_CAPABILITIES, 8).data[3],
+        0xB1,
+        "PTPL_A=1 before any REGISTER"
+    );
+    f.reg(A, 0xA1);
+    let Some(Persist::Write(_)) = f.last_persist.take() else {
+        panic!("REGISTER without APTPL persists")
+    };
+    f.reg(B, 0xB2);
+    f.last_persist = None;
+    f.out(A, sa::RESERVE, 5, 0xA1, 0, 0);
+    let Some(Persist::Write(bytes)) = f.last_persist.take() else {
+        panic!("RESERVE persists")
+    };
+    let snap = f.lu.pr_snapshot();
+    assert!(!snap.aptpl, "APTPL is reported as set: 0");
+    assert_eq!(snap.registrations.len(), 2);
+    assert!(snap.reservation.is_some());
+
+    let mut g = LogicalUnit::new(always());
+    assert_eq!(g.restore_pr(&bytes), Ok(false));
+    assert_eq!(g.pr_snapshot(), snap);
+
+    let mut h = LogicalUnit::new(config());
+    assert_eq!(h.restore_pr(&bytes), Ok(true), "more in the file than kept");
+    let kept = h.pr_snapshot();
+    assert!(kept.registrations.is_empty() && kept.reservation.is_none());
+    assert_eq!(h.pr_state_file(), Some(Persist::Remove));
+    // A file written with APTPL=1 is kept whole either way.
+    f.out(A, sa::REGISTER, 0, 0xA1, 0xA1, 0x01);
+    let Some(Persist::Write(bytes)) = f.last_persist.take() else {
+        panic!()
+    };
+    let mut h = LogicalUnit::new(config());
+    assert_eq!(h.restore_pr(&bytes), Ok(false));
+    assert_eq!(h.pr_snapshot().registrations.len(), 2);
+}
+
+/// Switching `persist_reservations` at run time writes the whole state when it starts to
+/// survive a restart, removes it when it stops, and does nothing while APTPL keeps it anyway.
+#[test]
+fn set_pr_persistence_writes_or_drops_the_state_file() {
+    let mut f = F::new();
+    f.reg(A, 0xA1);
+    assert_eq!(f.last_persist, None, "APTPL=0: nothing persisted");
+    assert_eq!(f.prin(A, sa::REPORT_CAPABILITIES, 8).data[3], 0xB0);
+    let Some(Persist::Write(bytes)) = f.lu.set_pr_persistence(PrPersistence::Always) else {
+        panic!("switching to always writes the state")
+    };
+    let mut g = LogicalUnit::new(always());
+    g.restore_pr(&bytes).unwrap();
+    assert_eq!(g.pr_snapshot(), f.lu.pr_snapshot());
+    assert_eq!(f.prin(A, sa::REPORT_CAPABILITIES, 8).data[3], 0xB1);
+    assert_eq!(f.lu.set_pr_persistence(PrPersistence::Always), None);
+    assert_eq!(
+        f.lu.set_pr_persistence(PrPersistence::Aptpl),
+        Some(Persist::Remove)
+    );
+    assert_eq!(f.prin(A, sa::REPORT_CAPABILITIES, 8).data[3], 0xB0);
+    // With APTPL=1 the state is kept in both modes: no change to write.
+    f.out(A, sa::REGISTER, 0, 0xA1, 0xA1, 0x01);
+    assert_eq!(f.lu.set_pr_persistence(PrPersistence::Always), None);
+    assert_eq!(f.lu.set_pr_persistence(PrPersistence::Aptpl), None);
+    // Without a state directory nothing is ever written.
+    let mut cfg = always();
+    cfg.ptpl_capable = false;
+    let mut n = F::with(cfg);
+    n.reg(A, 1);
+    assert_eq!(n.last_persist, None);
+    assert_eq!(n.prin(A, sa::REPORT_CAPABILITIES, 8).data[3], 0xB0);
+    assert_eq!(n.lu.set_pr_persistence(PrPersistence::Aptpl), None);
 }
 
 /// The clustering users' sequences (semantics §2).
