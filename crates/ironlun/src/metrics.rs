@@ -502,6 +502,10 @@ pub struct Daemon {
     sessions: Mutex<BTreeMap<u64, Arc<SessionMetrics>>>,
     next_session: AtomicU64,
     started: OnceLock<f64>,
+    /// WRITEs answered TASK SET FULL for lack of Data-Out room, all connections.
+    task_set_full: AtomicU64,
+    /// The payload budget of the running server (`[limits] max_buffered`).
+    budget: OnceLock<Arc<crate::budget::MemoryBudget>>,
 }
 
 /// The daemon's metrics (one daemon per process).
@@ -527,6 +531,8 @@ impl Daemon {
             sessions: Mutex::new(BTreeMap::new()),
             next_session: AtomicU64::new(1),
             started: OnceLock::new(),
+            task_set_full: AtomicU64::new(0),
+            budget: OnceLock::new(),
         }
     }
 
@@ -547,6 +553,16 @@ impl Daemon {
                 self.discovery_logins.fetch_add(1, Relaxed);
             }
         }
+    }
+
+    /// The server's payload budget, shown by the memory gauges (the first call wins).
+    pub fn set_budget(&self, budget: Arc<crate::budget::MemoryBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    /// `n` more WRITEs were answered TASK SET FULL.
+    pub fn task_set_full(&self, n: u64) {
+        self.task_set_full.fetch_add(n, Relaxed);
     }
 
     /// A login refused with status `class`/`detail`.
@@ -728,6 +744,26 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "ironlun_connections_open",
         "gauge",
         "TCP connections open, by portal.",
+    ),
+    (
+        "ironlun_payload_buffered_bytes",
+        "gauge",
+        "Payload held for peers now (Data-In charged, Data-Out received), against [limits] max_buffered.",
+    ),
+    (
+        "ironlun_payload_buffered_limit_bytes",
+        "gauge",
+        "The payload budget, [limits] max_buffered.",
+    ),
+    (
+        "ironlun_read_buffers_parked_bytes",
+        "gauge",
+        "Idle read buffers kept by the LUs' pools for reuse.",
+    ),
+    (
+        "ironlun_task_set_full_total",
+        "counter",
+        "WRITEs answered TASK SET FULL for lack of Data-Out room (the initiator retries them).",
     ),
 ];
 
@@ -962,6 +998,24 @@ pub fn render_parts<'a>(luns: &[(&'a str, u64, &'a LuMetrics)], d: &Daemon) -> S
             p.open.load(Relaxed).max(0),
         );
     }
+    if let Some(b) = d.budget.get() {
+        e.family("ironlun_payload_buffered_bytes");
+        e.sample("ironlun_payload_buffered_bytes", "", b.used());
+        e.family("ironlun_payload_buffered_limit_bytes");
+        e.sample("ironlun_payload_buffered_limit_bytes", "", b.limit());
+    }
+    e.family("ironlun_read_buffers_parked_bytes");
+    e.sample(
+        "ironlun_read_buffers_parked_bytes",
+        "",
+        ironlun_backstore::buffers::retained_bytes(),
+    );
+    e.family("ironlun_task_set_full_total");
+    e.sample(
+        "ironlun_task_set_full_total",
+        "",
+        d.task_set_full.load(Relaxed),
+    );
     e.out
 }
 

@@ -495,13 +495,15 @@ impl Server {
             .unwrap_or(usize::MAX)
             .min(ironlun_backstore::buffers::DEFAULT_RETAINED_LIMIT);
         ironlun_backstore::buffers::set_retained_limit(pooled);
+        let budget = MemoryBudget::new(cfg.limits.max_buffered);
+        crate::metrics::DAEMON.set_budget(budget.clone());
         Ok(Server {
             listeners,
             registry,
             live,
             control,
             added,
-            budget: MemoryBudget::new(cfg.limits.max_buffered),
+            budget,
             threads,
         })
     }
@@ -1138,6 +1140,8 @@ async fn serve_connection(
     let mut out: Vec<Bytes> = Vec::new();
     // Why the loop ended, for the connection's last line (`crate::logging`).
     let end: ConnectionEnd;
+    // TASK SET FULL answers already added to the daemon's counter.
+    let mut refused_seen = 0u64;
 
     loop {
         while let Some(ev) = conn.poll_event() {
@@ -1267,6 +1271,11 @@ async fn serve_connection(
                 }
                 cmds.pace(&mut conn);
                 conn.receive(&mut buf, Instant::now());
+                let refused = conn.task_set_full_count();
+                if refused != refused_seen {
+                    crate::metrics::DAEMON.task_set_full(refused.saturating_sub(refused_seen));
+                    refused_seen = refused;
+                }
             }
             Some(done) = done_rx.recv() => {
                 cmds.returned(&mut conn, done);

@@ -465,6 +465,21 @@ async fn three_busy_connections_stay_under_the_thread_total() {
     }
 }
 
+/// The value of an unlabelled series of the daemon's `/metrics`.
+fn metric(d: &Daemon, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = d.admin_connect();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("metrics request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("metrics response");
+    raw.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Finding 2's class, on the Data-Out side: peers fill their CmdSN window with WRITEs that
 /// each carry 256 KiB of immediate data but never send the last 512 bytes the target then
 /// solicits, so no command completes and everything received stays assembled in the
@@ -643,5 +658,23 @@ async fn well_behaved_writers_beyond_the_budget_all_complete() {
     );
     for s in sessions {
         s.logout().await.expect("logout");
+    }
+    // The daemon counts the same refusals, and holds no payload once the sessions are gone.
+    assert_eq!(
+        metric(&d, "ironlun_task_set_full_total"),
+        Some(refused),
+        "/metrics TASK SET FULL count"
+    );
+    assert_eq!(
+        metric(&d, "ironlun_payload_buffered_limit_bytes"),
+        Some(max_buffered)
+    );
+    let deadline = Instant::now() + PROMPT;
+    while metric(&d, "ironlun_payload_buffered_bytes") != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "payload still charged after logout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
