@@ -1163,6 +1163,7 @@ mod tests {
     #[test]
     fn renders_every_family_with_help_and_type_and_lu_samples() {
         let d: &'static Daemon = Box::leak(Box::new(Daemon::new()));
+        d.set_budget(crate::budget::MemoryBudget::new(64 << 20));
         d.started();
         d.login(Some("iqn.x:t"));
         d.login(None);
