@@ -92,3 +92,17 @@ pattern_verify() {
   cmp /tmp/readback "$f" || fail "data at ${2} MiB of $1 differs from pattern $4"
   rm -f /tmp/readback
 }
+
+# iface_new NAME IQN: an open-iscsi iface (tcp, default NIC) with its own initiator name, so one
+# guest can log in as two hosts.
+iface_new() {
+  iscsiadm -m iface -I "$1" -o new >/dev/null
+  iscsiadm -m iface -I "$1" -o update -n iface.initiatorname -v "$2" >/dev/null
+}
+
+# disk_of_iface IFACE: the disk of the (single) session logged in through IFACE.
+disk_of_iface() {
+  iscsiadm -m session -P 3 | awk -v i="$1" '
+    /Iface Name:/ {cur=$3} cur==i && /Attached scsi disk/ {print "/dev/" $4; exit}'
+}
+
