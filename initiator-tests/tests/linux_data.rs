@@ -88,12 +88,18 @@ grep -q 'err= 0' /tmp/{name}.log || fail "fio {name} reports errors""#
     g.step(
         "fio-4k-randwrite-qd32-verify",
         300 * S,
-        &fio("rand4k", "--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=32M"),
+        &fio(
+            "rand4k",
+            "--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=32M",
+        ),
     );
     g.step(
         "fio-1m-write-verify",
         300 * S,
-        &fio("seq1m", "--rw=write --bs=1M --iodepth=4 --offset=64M --size=64M"),
+        &fio(
+            "seq1m",
+            "--rw=write --bs=1M --iodepth=4 --offset=64M --size=64M",
+        ),
     );
 
     // 2. XFS: files written, unmounted, xfs_repair -n clean, contents kept.
@@ -146,5 +152,8 @@ iscsiadm -m node -T $T -p $HOST:$P --logout"#
     );
     drop(g);
     save_daemon_log(&group, "end", &d.stop());
-    eprintln!("tier7: linux_data passed in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "tier7: linux_data passed in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }

@@ -8,7 +8,9 @@
 //!    so) and every PERSISTENT RESERVE IN (READ KEYS, READ RESERVATION, REPORT CAPABILITIES,
 //!    READ FULL STATUS), each checked by what READ KEYS / READ RESERVATION / READ FULL STATUS
 //!    show next, and by which node can write.
-//! 2. fence_scsi (on / status / monitor / off) with two node keys.
+//! 2. fence_scsi with two node keys (1 and 2): `on` for both (register, WERO reservation),
+//!    `status` ON, `monitor`, both write; node2 runs `off` for key 1 (PREEMPT AND ABORT),
+//!    `status` OFF, key 1 gone, node1's write refused, node2's accepted.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
@@ -135,22 +137,32 @@ can_write $A && can_write $B || fail "writes refused after CLEAR""#
         300 * S,
         &format!(
             r#"{env}fs() {{ fence_scsi --devices=$1 --key=$2 --action=$3 2>&1; }}
+# status DEV KEY WANT: fence_scsi's status action exits 0 for ON and 2 for OFF (fence-agents).
+status() {{
+  local rc=0; fence_scsi --devices=$1 --key=$2 --action=status >/tmp/st 2>&1 || rc=$?; cat /tmp/st
+  case $3 in ON) [ $rc = 0 ] && grep -q 'Status: ON' /tmp/st ;; OFF) [ $rc = 2 ] && grep -q 'Status: OFF' /tmp/st ;; esac ||
+    fail "key $2 on $1: status rc=$rc, expected $3"
+}}
 sg_turs $A || true; sg_turs $B || true
 fs $A 1 on
 fs $B 2 on
-fs $A 1 status | tee /tmp/st1; grep -qi 'Status: ON' /tmp/st1 || fail "node1 not ON after on"
-fs $B 2 status | tee /tmp/st2; grep -qi 'Status: ON' /tmp/st2 || fail "node2 not ON after on"
+status $A 1 ON
+status $B 2 ON
 fence_scsi --devices=$A --action=monitor || fail "fence_scsi monitor failed"
 keys $A | tee /tmp/k
 resv $A | tee /tmp/r; grep -qi 'registrants only' /tmp/r || fail "no WERO reservation after unfencing"
 can_write $A && can_write $B || fail "an unfenced node cannot write"
 fs $B 1 off | tee /tmp/off
-fs $B 1 status | tee /tmp/st1; grep -qi 'Status: OFF' /tmp/st1 || fail "node1 not OFF after off"
+status $B 1 OFF
+keys $B | tee /tmp/k; if grep -qx '    0x1' /tmp/k; then fail "node1's key still registered"; fi
 if can_write $A; then fail "the fenced node1 wrote"; fi
 can_write $B || fail "node2 cannot write after fencing node1""#
         ),
     );
     drop(g);
     save_daemon_log(&group, "end", &d.stop());
-    eprintln!("tier7: linux_pr passed in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "tier7: linux_pr passed in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
