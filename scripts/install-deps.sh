@@ -9,6 +9,8 @@
 #                     the qemu-utils version (same suite), so both use qemu-block-extra's iSCSI driver
 #   python3-libvhdi   an independent VHD reader (libvhdi, with parent support) for the
 #                     differencing-chain tests: qemu-img neither creates nor follows VHD parents
+#   mmdebstrap        builds the tier-7 Linux guest's root file system from Debian packages
+#                     (scripts/guest/linux/build.sh; qemu-system-x86 boots it)
 #   util-linux        losetup, for the block-device backstore test on a loop device
 #   groff-base        groff, to render the generated man pages with warnings on (crates/ironlun/tests/cli_docs.rs)
 #   systemd           systemd-analyze verify, for conf/ironlun.service (crates/ironlun/tests/systemd.rs)
@@ -26,6 +28,7 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 /usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || need+=(python3-libvhdi)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v groff >/dev/null || need+=(groff-base)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 
@@ -86,7 +89,7 @@ if ! command -v promtool >/dev/null; then
 fi
 
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 tgtd tgtadm iperf3 groff systemd-analyze promtool; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }

@@ -4,6 +4,8 @@
 #        (and the bench report renderers: python3 -m unittest discover -s scripts/bench)
 #   5    fuzz targets, each for FUZZ_SECONDS (default: 60, vhd_open 120)  scripts/fuzz.sh
 #   6    real initiators against the release daemon            cargo test -p ironlun-initiator-tests
+#   7    the Linux initiator stack in a QEMU guest              cargo test -p ironlun-initiator-tests --test 'linux_*'
+#        (scripts/guest/linux/build.sh builds the guest once; cached under target/linux-guest)
 # Env: FUZZ_SECONDS=N (0 skips tier 5 — for local iteration only; CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,15 @@ cargo build --release -p ironlun
 cargo test --workspace --exclude ironlun-initiator-tests
 
 echo "== tier 6: real initiators (libiscsi, qemu-img) against the release daemon"
-cargo test --release -p ironlun-initiator-tests -- --test-threads=1 --nocapture
+tier6=(--lib)
+for f in initiator-tests/tests/*.rs; do
+  n=$(basename "$f" .rs)
+  case $n in linux_*) ;; *) tier6+=(--test "$n") ;; esac   # linux_*: tier 7
+done
+cargo test --release -p ironlun-initiator-tests "${tier6[@]}" -- --test-threads=1 --nocapture
+
+echo "== tier 7: the Linux initiator stack (open-iscsi, multipath, sg3-utils, fio, fence_scsi) in a QEMU guest"
+cargo test --release -p ironlun-initiator-tests --test 'linux_*' -- --test-threads=1 --nocapture
 
 echo "== tier 5: io_uring cancellation under AddressSanitizer (backstore tests and the daemon)"
 asan=(env RUSTFLAGS=-Zsanitizer=address RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=target/asan)

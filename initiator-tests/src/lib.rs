@@ -5,6 +5,8 @@
 //! (`scripts/test.sh` builds it first). A missing binary or tool is a test failure, never a skip.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+pub mod linux_guest;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,6 +61,9 @@ pub struct Daemon {
     pub admin: Option<String>,
     pub dir: tempfile::TempDir,
     stderr: mpsc::Receiver<String>,
+    /// What it was started with, for [`Daemon::respawn`].
+    config: Option<String>,
+    listen_any: bool,
 }
 
 impl Daemon {
@@ -76,81 +81,7 @@ impl Daemon {
 
     fn start_listening(config: Option<&str>, listen_any: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(daemon_bin());
-        cmd.arg("serve");
-        if listen_any {
-            cmd.arg("--listen").arg("127.0.0.1:0");
-        }
-        // The admin API on its default socket, DIR/admin.sock: parallel daemons never collide.
-        cmd.arg("--data-dir")
-            .arg(dir.path())
-            .env_remove("RUNTIME_DIRECTORY");
-        if let Some(text) = config {
-            let p = dir.path().join("ironlun.toml");
-            std::fs::write(&p, text).unwrap();
-            cmd.arg("-c").arg(&p);
-        }
-        cmd.env(
-            "IRONLUN_LOG",
-            std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into()),
-        );
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (etx, erx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            let _ = etx.send(s);
-        });
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = None;
-        let mut addrs = Vec::new();
-        let mut urls = Vec::new();
-        let mut admin = None;
-        loop {
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) if l.starts_with("listening ") => {
-                    let a = l["listening ".len()..].to_string();
-                    addrs.push(a.clone());
-                    addr.get_or_insert(a);
-                }
-                Ok(l) if l.starts_with("url ") => {
-                    urls.push(l["url ".len()..].to_string());
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-            if addr.is_some() && !urls.is_empty() {
-                // Collect the remaining url lines and the admin line printed in the same burst.
-                while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-                    if let Some(u) = l.strip_prefix("url ") {
-                        urls.push(u.to_string());
-                    } else if let Some(a) = l.strip_prefix("admin ") {
-                        admin = Some(a.to_string());
-                        break;
-                    }
-                }
-                break;
-            }
-        }
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
-            panic!("daemon did not report its address; stderr:\n{err}");
-        };
+        let (child, addr, addrs, urls, admin, stderr) = spawn(dir.path(), config, listen_any);
         Daemon {
             child: Some(child),
             addr,
@@ -158,8 +89,53 @@ impl Daemon {
             urls,
             admin,
             dir,
-            stderr: erx,
+            stderr,
+            config: config.map(str::to_string),
+            listen_any,
         }
+    }
+
+    /// Stop the daemon with `signal` ("KILL", "TERM", ...) and wait for it to exit; returns its
+    /// stderr. No check of the exit status: a `kill -9` is the point of some tests.
+    pub fn signal_and_wait(&mut self, signal: &str) -> String {
+        let mut child = self.child.take().expect("daemon not running");
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        let err = self
+            .stderr
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default();
+        assert!(!err.contains("panicked"), "daemon panicked:\n{err}");
+        if signal == "TERM" {
+            assert_eq!(
+                status,
+                Some(0),
+                "daemon exit status after SIGTERM; stderr:\n{err}"
+            );
+        }
+        err
+    }
+
+    /// Start the daemon again after [`Daemon::signal_and_wait`], in the same data directory
+    /// (backstore files, PR state) with `config` (`None`: the config it had). Give portals
+    /// fixed ports in the config, so initiators find it where it was.
+    pub fn respawn(&mut self, config: Option<&str>) {
+        assert!(self.child.is_none(), "respawn of a running daemon");
+        if let Some(c) = config {
+            self.config = Some(c.to_string());
+        }
+        let (child, addr, addrs, urls, admin, stderr) =
+            spawn(self.dir.path(), self.config.as_deref(), self.listen_any);
+        self.child = Some(child);
+        self.addr = addr;
+        self.addrs = addrs;
+        self.urls = urls;
+        self.admin = admin;
+        self.stderr = stderr;
     }
 
     /// The daemon's process id (for /proc/PID/status and /proc/PID/fd).
@@ -192,6 +168,98 @@ impl Daemon {
         assert_eq!(status, Some(0), "daemon exit status; stderr:\n{err}");
         err
     }
+}
+
+/// Start the daemon in `dir`; (child, first address, every address, urls, admin, stderr).
+#[allow(clippy::type_complexity)]
+fn spawn(
+    dir: &Path,
+    config: Option<&str>,
+    listen_any: bool,
+) -> (
+    Child,
+    String,
+    Vec<String>,
+    Vec<String>,
+    Option<String>,
+    mpsc::Receiver<String>,
+) {
+    let mut cmd = Command::new(daemon_bin());
+    cmd.arg("serve");
+    if listen_any {
+        cmd.arg("--listen").arg("127.0.0.1:0");
+    }
+    // The admin API on its default socket, DIR/admin.sock: parallel daemons never collide.
+    cmd.arg("--data-dir")
+        .arg(dir)
+        .env_remove("RUNTIME_DIRECTORY");
+    if let Some(text) = config {
+        let p = dir.join("ironlun.toml");
+        std::fs::write(&p, text).unwrap();
+        cmd.arg("-c").arg(&p);
+    }
+    cmd.env(
+        "IRONLUN_LOG",
+        std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (etx, erx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        let _ = etx.send(s);
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addr = None;
+    let mut addrs = Vec::new();
+    let mut urls = Vec::new();
+    let mut admin = None;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.starts_with("listening ") => {
+                let a = l["listening ".len()..].to_string();
+                addrs.push(a.clone());
+                addr.get_or_insert(a);
+            }
+            Ok(l) if l.starts_with("url ") => {
+                urls.push(l["url ".len()..].to_string());
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        if addr.is_some() && !urls.is_empty() {
+            // Collect the remaining url lines and the admin line printed in the same burst.
+            while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                if let Some(u) = l.strip_prefix("url ") {
+                    urls.push(u.to_string());
+                } else if let Some(a) = l.strip_prefix("admin ") {
+                    admin = Some(a.to_string());
+                    break;
+                }
+            }
+            break;
+        }
+    }
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        let err = erx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        panic!("daemon did not report its address; stderr:\n{err}");
+    };
+    (child, addr, addrs, urls, admin, erx)
 }
 
 fn wait_timeout(child: &mut Child, t: Duration) -> Option<i32> {
