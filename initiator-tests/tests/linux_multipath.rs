@@ -218,7 +218,7 @@ done
         "fio-under-path-loss",
         300 * S,
         &format!(
-            r#"{env}fio_start 96M
+            r#"{env}fio_start 120M
 a0=$(ios $B)
 iscsiadm -m node -T $T -p $HOST:$P1 --logout
 wait_for 60 sh -c "[ \"\$(ls /sys/block/$DM/slaves)\" = $B ]"
