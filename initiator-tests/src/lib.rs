@@ -149,24 +149,13 @@ impl Daemon {
 
     /// Stop with SIGTERM; assert a clean exit (status 0, no panic in the log). Returns stderr.
     pub fn stop(mut self) -> String {
-        let mut child = self.child.take().unwrap();
+        let child = self.child.as_mut().expect("daemon not running");
         assert!(
             child.try_wait().unwrap().is_none(),
             "daemon exited during the test"
         );
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        let status = wait_timeout(&mut child, Duration::from_secs(30));
-        let err = self
-            .stderr
-            .recv_timeout(Duration::from_secs(5))
-            .unwrap_or_default();
-        assert!(!err.contains("panicked"), "daemon panicked:\n{err}");
-        assert_eq!(status, Some(0), "daemon exit status; stderr:\n{err}");
-        err
+        // SIGTERM: no panic in the log and exit status 0 are asserted there.
+        self.signal_and_wait("TERM")
     }
 }
 

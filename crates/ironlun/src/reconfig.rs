@@ -247,6 +247,29 @@ fn not_found(message: impl Into<String>) -> ChangeError {
     }
 }
 
+/// The running target `target` and its LUN `id`, or 404 naming which is missing.
+fn live_lun(
+    registry: &Registry,
+    target: &str,
+    id: u64,
+) -> Result<
+    (
+        Arc<crate::target::TargetState>,
+        Arc<crate::target::LunHandle>,
+    ),
+    ChangeError,
+> {
+    let t = registry
+        .target(target)
+        .ok_or_else(|| not_found(format!("no target {target}")))?;
+    let h = t
+        .luns()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no LUN {id} in target {}", t.name)))?;
+    Ok((t, h))
+}
+
 impl Live {
     /// Set up live reconfiguration for `registry`, built from `config` (overrides applied).
     /// `text` is the file's content (read again here when `None`).
@@ -406,15 +429,8 @@ impl Live {
         let mut applied = Vec::new();
         // Grow before the LUN set changes: a failed resize leaves everything as it was.
         for (t, id, old, size) in &d.luns_resized {
-            let target = self
-                .registry
-                .target(t)
-                .ok_or_else(|| not_found(format!("no target {t}")))?;
-            let luns = target.luns();
-            let h = luns
-                .get(id)
-                .ok_or_else(|| not_found(format!("no LUN {id} in target {t}")))?;
-            resize(h, *size).map_err(|e| ChangeError {
+            let (_, h) = live_lun(&self.registry, t, *id)?;
+            resize(&h, *size).map_err(|e| ChangeError {
                 status: 409,
                 message: format!("target {t} LUN {id}: {e}"),
             })?;
@@ -659,14 +675,7 @@ fn set_offline(
     id: u64,
     offline: bool,
 ) -> Result<ChangeJson, ChangeError> {
-    let t = registry
-        .target(target)
-        .ok_or_else(|| not_found(format!("no target {target}")))?;
-    let h = t
-        .luns()
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| not_found(format!("no LUN {id} in target {}", t.name)))?;
+    let (t, h) = live_lun(registry, target, id)?;
     if offline {
         h.backend.flush().map_err(|e| ChangeError {
             status: 409,
@@ -700,14 +709,7 @@ fn set_persist_reservations(
     id: u64,
     p: ironlun_scsi::pr::PrPersistence,
 ) -> Result<String, ChangeError> {
-    let t = registry
-        .target(target)
-        .ok_or_else(|| not_found(format!("no target {target}")))?;
-    let h = t
-        .luns()
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| not_found(format!("no LUN {id} in target {}", t.name)))?;
+    let (t, h) = live_lun(registry, target, id)?;
     let changed = h.set_pr_persistence(p).map_err(|e| ChangeError {
         status: 409,
         message: format!(
