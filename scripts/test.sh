@@ -4,7 +4,7 @@
 #        (and the bench report renderers: python3 -m unittest discover -s scripts/bench)
 #   5    fuzz targets, each for FUZZ_SECONDS (default: 60, vhd_open 120)  scripts/fuzz.sh
 #   6    real initiators against the release daemon            cargo test -p ironlun-initiator-tests
-#   7    the Linux initiator stack in a QEMU guest              cargo test -p ironlun-initiator-tests --test 'linux_*'
+#   7    the Linux initiator stack in QEMU guests               cargo test -p ironlun-initiator-tests --test 'linux_*'
 #        (scripts/guest/linux/build.sh builds the guest once; cached under target/linux-guest)
 # Env: FUZZ_SECONDS=N (0 skips tier 5 — for local iteration only; CI runs it).
 set -euo pipefail
@@ -29,7 +29,7 @@ for f in initiator-tests/tests/*.rs; do
 done
 cargo test --release -p ironlun-initiator-tests "${tier6[@]}" -- --test-threads=1 --nocapture
 
-echo "== tier 7: the Linux initiator stack (open-iscsi, multipath, sg3-utils, fio, fence_scsi) in a QEMU guest"
+echo "== tier 7: the Linux initiator stack (open-iscsi, multipath, sg3-utils, fio, fence_scsi, Pacemaker) in QEMU guests"
 cargo test --release -p ironlun-initiator-tests --test 'linux_*' -- --test-threads=1 --nocapture
 
 echo "== tier 5: io_uring cancellation under AddressSanitizer (backstore tests and the daemon)"

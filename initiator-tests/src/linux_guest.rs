@@ -145,11 +145,20 @@ pub struct Guest {
     share: PathBuf,
     next: u32,
     started: Instant,
+    accel: &'static str,
 }
 
 impl Guest {
     /// Boot the guest and wait for its agent (at most `boot_timeout`).
     pub fn boot(group_dir: &Path, spec: &GuestSpec, boot_timeout: Duration) -> Guest {
+        let mut g = Guest::start(group_dir, spec);
+        g.wait_ready(boot_timeout);
+        g
+    }
+
+    /// Start QEMU for the guest without waiting (several guests then boot side by side);
+    /// `wait_ready` waits for its agent.
+    pub fn start(group_dir: &Path, spec: &GuestSpec) -> Guest {
         let (kernel, initrd) = images();
         let accel = accel(&kernel);
         let dir = group_dir.join(spec.name);
@@ -193,14 +202,20 @@ impl Guest {
             .stderr(qemu_log)
             .spawn()
             .expect("cannot start qemu-system-x86_64");
-        let mut g = Guest {
+        Guest {
             name: spec.name.to_string(),
             child,
             dir,
             share,
             next: 1,
             started: Instant::now(),
-        };
+            accel,
+        }
+    }
+
+    /// Wait until the guest's agent is ready, at most `boot_timeout` after `start`.
+    pub fn wait_ready(&mut self, boot_timeout: Duration) {
+        let g = self;
         while !g.share.join("ready").exists() {
             if let Ok(Some(st)) = g.child.try_wait() {
                 g.fail(
@@ -215,11 +230,11 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(100));
         }
         eprintln!(
-            "tier7: {} booted ({accel}) in {:.1} s",
+            "tier7: {} booted ({}) in {:.1} s",
             g.name,
+            g.accel,
             g.started.elapsed().as_secs_f64()
         );
-        g
     }
 
     /// Run `script` in the guest as step `name`; panic unless it exits 0 within `timeout`.
