@@ -1,6 +1,8 @@
 //! Tier 7, group 4 (issue 16): dm-multipath with ALUA through the Linux kernel. One LU served
 //! on two portals in two target port groups: 127.0.0.1:P1 (tag 1, group 1, active/optimized)
-//! and 127.0.0.1:P2 (tag 2, group 2, active/non-optimized). multipathd runs with
+//! and 127.0.0.1:P2 (tag 2, group 2, active/non-optimized). The guest reaches them over two
+//! NICs, each its own slirp network: P1 as 10.0.3.2 through eth1, P2 as 10.0.2.2 through eth0,
+//! so that taking eth1 down cuts the P1 path's connection. multipathd runs with
 //! `initiator-tests/guest/multipath.conf` (group_by_prio, prio alua, hardware_handler "1 alua",
 //! failback immediate, no_path_retry 12).
 //!
@@ -15,15 +17,18 @@
 //!    I/O goes on through it; logged in again, the new path joins the map and, failback
 //!    immediate, its group (prio 50) is active again; fio ends with no I/O error and every
 //!    block verifies.
-//! 4. ALUA switch under fio: `ironlun ctl port-group` makes group 1 active/non-optimized and
+//! 4. Link cut and return under fio: eth1 goes down, so the P1 path's TCP connection stalls
+//!    without a FIN; open-iscsi's NOP-Out times out, the session fails, and after its recovery
+//!    timeout (5 s, set by multipathd) the queued I/O fails over to the P2 path; the link comes
+//!    back, iscsid reconnects the same session (the daemon reinstates it), the path is active
+//!    again and carries I/O; fio ends clean.
+//! 5. ALUA switch under fio: `ironlun ctl port-group` makes group 1 active/non-optimized and
 //!    group 2 active/optimized; after the unit attention (2Ah/06h) multipathd's ALUA prio swaps
 //!    the groups (the P2 path prio 50 active, the P1 path prio 10); I/O then flows through the
 //!    P2 path; fio ends clean.
-//! 5. Switched back: the P1 path's group is active again; multipathd stopped, the map flushed,
+//! 6. Switched back: the P1 path's group is active again; multipathd stopped, the map flushed,
 //!    both paths logged out.
 //!
-//! A path loss by logout rather than a dropped connection: the guest has no netfilter, and a
-//! portal removed from the daemon keeps its connections.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{
@@ -102,16 +107,25 @@ fn dm_multipath_alua_path_loss_and_group_switch_under_fio() {
             name: "initiator",
             initiator: "iqn.2026-11.test:linux-multipath",
             mem_mib: 2048,
-            extra: vec![],
-            eth1: None,
+            extra: [
+                "-netdev",
+                "user,id=n1,net=10.0.3.0/24",
+                "-device",
+                "virtio-net-pci,netdev=n1,mac=52:54:00:12:34:57",
+            ]
+            .map(String::from)
+            .to_vec(),
+            eth1: Some("10.0.3.15/24"),
         },
         180 * S,
     );
     std::fs::write(g.dir.join("share/multipath.conf"), MULTIPATH_CONF).unwrap();
     // A: the P1 path's disk (sdX), B: the P2 path's. DM: the map's dm-N.
     let env = format!(
-        r#"P1={p1}; P2={p2}; T={TARGET}
-A=$(basename "$(disk_of $T $P1 2>/dev/null)" 2>/dev/null || true)
+        r#"P1={p1}; P2={p2}; T={TARGET}; H1=10.0.3.2
+# disk1: the P1 path's disk (through eth1, where the host is 10.0.3.2).
+disk1() {{ readlink -f "/dev/disk/by-path/ip-$H1:$P1-iscsi-$T-lun-0"; }}
+A=$(basename "$(disk1 2>/dev/null)" 2>/dev/null || true)
 B=$(basename "$(disk_of $T $P2 2>/dev/null)" 2>/dev/null || true)
 DM=$(cd /sys/block && ls -d dm-* 2>/dev/null | head -1 || true)
 # mp_groups: one line per path group of `multipath -ll`: PRIO STATUS DISK...
@@ -172,13 +186,17 @@ fio_clean() {{
 modprobe scsi_dh_alua
 modprobe dm_multipath
 modprobe dm_service_time
-out=$(iscsiadm -m discovery -t st -p $HOST:$P1)
+out=$(iscsiadm -m discovery -t st -p $H1:$P1)
 echo "$out"
 echo "$out" | grep -qx "127.0.0.1:$P1,1 $T" || fail "SendTargets lacks 127.0.0.1:$P1,1"
 echo "$out" | grep -qx "127.0.0.1:$P2,2 $T" || fail "SendTargets lacks 127.0.0.1:$P2,2"
 repoint_discovered
+# The P1 path goes through eth1: its record is made for 10.0.3.2 instead.
+iscsiadm -m node -o delete -T $T -p $HOST:$P1
+iscsiadm -m node -o new -T $T -p $H1:$P1,1 >/dev/null
 iscsiadm -m node -T $T --login
-A=$(basename "$(wait_disk $T $P1)"); B=$(basename "$(wait_disk $T $P2)")
+wait_for 30 test -b "/dev/disk/by-path/ip-$H1:$P1-iscsi-$T-lun-0"
+A=$(basename "$(disk1)"); B=$(basename "$(wait_disk $T $P2)")
 echo "P1 path: $A, P2 path: $B"
 [ "$A" != "$B" ] || fail "one disk for two paths"
 cat /sys/block/$A/device/wwid /sys/block/$B/device/wwid
@@ -220,15 +238,16 @@ done
         &format!(
             r#"{env}fio_start 120M
 a0=$(ios $B)
-iscsiadm -m node -T $T -p $HOST:$P1 --logout
+iscsiadm -m node -T $T -p $H1:$P1 --logout
 wait_for 60 sh -c "[ \"\$(ls /sys/block/$DM/slaves)\" = $B ]"
 multipath -ll
 mp_wait 30 "10 active $B"
 sleep 4
 fio_running
 [ "$(ios $B)" -gt "$a0" ] || fail "no I/O through the remaining path $B"
-iscsiadm -m node -T $T -p $HOST:$P1 --login
-A=$(basename "$(wait_disk $T $P1)")
+iscsiadm -m node -T $T -p $H1:$P1 --login
+wait_for 30 test -b "/dev/disk/by-path/ip-$H1:$P1-iscsi-$T-lun-0"
+A=$(basename "$(disk1)")
 echo "P1 path again: $A"
 wait_for 60 sh -c "[ \$(ls /sys/block/$DM/slaves | wc -l) = 2 ]"
 mp_wait 60 "50 active $A" "10 enabled $B"
@@ -240,7 +259,40 @@ fio_clean"#
         ),
     );
 
-    // 4. ALUA switch under fio: group 2 becomes optimized, group 1 non-optimized.
+    // 4. Link cut and return under fio: eth1 (the P1 path) down, then up again.
+    g.step(
+        "fio-under-link-cut",
+        300 * S,
+        &format!(
+            r#"{env}fio_start 120M
+sid=$(iscsiadm -m session | awk -v p="$H1:$P1," 'index($0, p) {{ gsub(/[][]/, "", $2); print $2 }}')
+[ -n "$sid" ] || fail "no session through $H1:$P1"
+a0=$(ios $B); t0=$(date +%s)
+ip link set eth1 down
+wait_for 60 sh -c "multipath -ll | grep -w $A | grep -q failed"
+echo "the P1 path failed $(( $(date +%s) - t0 )) s after the link cut"
+multipath -ll
+sleep 4
+fio_running
+[ "$(ios $B)" -gt "$a0" ] || fail "no I/O through the remaining path $B"
+ip link set eth1 up
+t1=$(date +%s)
+wait_for 90 sh -c "[ \$(iscsiadm -m session -P 1 | grep -c 'Session State: LOGGED_IN') = 2 ]"
+echo "the session was back $(( $(date +%s) - t1 )) s after the link returned"
+[ "$(iscsiadm -m session | awk -v p="$H1:$P1," 'index($0, p) {{ gsub(/[][]/, "", $2); print $2 }}')" = "$sid" ] ||
+  fail "the P1 path came back as a new session, not session $sid"
+mp_wait 60 "50 active $A" "10 enabled $B"
+multipath -ll
+fio_running
+a1=$(ios $A); sleep 3
+[ "$(ios $A)" -gt "$a1" ] || fail "no I/O through the returned optimized path $A"
+fio_clean
+grep -i 'conn.*error\|ping timeout\|session recovery' /host/iscsid.log | tail -5 || true
+dmesg | grep -i 'iscsi\|multipath' | tail -10"#
+        ),
+    );
+
+    // 5. ALUA switch under fio: group 2 becomes optimized, group 1 non-optimized.
     g.step(
         "fio-start-before-switch",
         60 * S,
@@ -278,7 +330,7 @@ dmesg | grep -i 'alua' | tail -5"#
         ),
     );
 
-    // 5. Switched back, then the map flushed and both paths logged out.
+    // 6. Switched back, then the map flushed and both paths logged out.
     ctl(&d, &["port-group", "2", "active_non_optimized"]);
     ctl(&d, &["port-group", "1", "active_optimized"]);
     g.step(
