@@ -198,7 +198,9 @@ sync"#
     node2.step(
         "wait-for-takeover",
         300 * S,
-        &format!(r#"{env}wait_for 240 located shared-fs node2; wait_for 30 mountpoint -q /srv/shared"#),
+        &format!(
+            r#"{env}wait_for 240 located shared-fs node2; wait_for 30 mountpoint -q /srv/shared"#
+        ),
     );
     let failover = cut.elapsed();
     eprintln!(

@@ -33,7 +33,7 @@
 use crate::budget::{Account, Charge, MemoryBudget};
 use crate::config::{BackstoreKind, Config};
 use crate::logging::ConnectionEnd;
-use crate::target::{Nexus, Registry, Started};
+use crate::target::{Nexus, Registry, Started, TmfOutcome};
 use bytes::{Bytes, BytesMut};
 use ironlun_iscsi::acl::SessionLimits;
 use ironlun_iscsi::connection::{
@@ -41,7 +41,7 @@ use ironlun_iscsi::connection::{
 };
 use ironlun_iscsi::discovery::TargetPortal;
 use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -889,6 +889,29 @@ struct Commands {
     copies: HashMap<u32, oneshot::Sender<()>>,
     /// Received Data-Out held by the connection while it assembles writes.
     assembling: Charge,
+    /// ITTs of the commands started off the task and not yet back.
+    running: HashSet<u32>,
+    /// Of those, the ones the connection just reported aborted: the next task management
+    /// response waits for them.
+    aborted_running: Vec<u32>,
+    /// Task management responses waiting for aborted tasks (SAM-5 §7), oldest first.
+    tmfs: Vec<PendingTmf>,
+}
+
+/// At most this many task management responses wait for aborted tasks per connection; a
+/// further function is answered FUNCTION REJECTED at once (it still aborts its tasks), so a
+/// peer cannot make the connection hold state per TMF it sends while the backstore is slow.
+const MAX_PENDING_TMFS: usize = 16;
+
+/// A task management response held until the tasks it aborted have ended: those of this
+/// connection (`tasks`, by ITT) and, through the LU's abort tickets, those of every nexus
+/// (`drained`, set when [`TmfOutcome::drained`] resolves).
+struct PendingTmf {
+    itt: u32,
+    function: TmfFunction,
+    response: TmfResponse,
+    drained: bool,
+    tasks: Vec<u32>,
 }
 
 impl Commands {
@@ -903,7 +926,80 @@ impl Commands {
             done_tx,
             copies: HashMap::new(),
             assembling,
+            running: HashSet::new(),
+            aborted_running: Vec::new(),
+            tmfs: Vec::new(),
         }
+    }
+
+    /// A task management function arrived, with its outcome: its response now, or held
+    /// until the tasks it aborted have ended (a task that waits on the LU is woken through
+    /// `tmf_tx` with the function's ITT). Returns a response to send at once, if any.
+    fn task_mgmt(
+        &mut self,
+        itt: u32,
+        function: TmfFunction,
+        outcome: TmfOutcome,
+        tmf_tx: &mpsc::UnboundedSender<u32>,
+    ) -> Option<(u32, TmfFunction, TmfResponse)> {
+        let tasks = std::mem::take(&mut self.aborted_running);
+        if outcome.is_ready() && tasks.is_empty() {
+            return Some((itt, function, outcome.response));
+        }
+        if self.tmfs.len() >= MAX_PENDING_TMFS {
+            tracing::debug!(
+                itt,
+                ?function,
+                "too many task management functions waiting; rejected"
+            );
+            return Some((itt, function, TmfResponse::FunctionRejected));
+        }
+        let drained = outcome.is_ready();
+        self.tmfs.push(PendingTmf {
+            itt,
+            function,
+            response: outcome.response,
+            drained,
+            tasks,
+        });
+        if !drained {
+            let tx = tmf_tx.clone();
+            tokio::spawn(async move {
+                outcome.drained().await;
+                let _ = tx.send(itt);
+            });
+        }
+        None
+    }
+
+    /// The command `itt` started off the task is back: no task management response waits for
+    /// it any more.
+    fn task_ended(&mut self, itt: u32) {
+        self.running.remove(&itt);
+        self.aborted_running.retain(|i| *i != itt);
+        for t in &mut self.tmfs {
+            t.tasks.retain(|i| *i != itt);
+        }
+    }
+
+    /// The LU-side tasks of the function `itt` have drained.
+    fn tmf_drained(&mut self, itt: u32) {
+        if let Some(t) = self.tmfs.iter_mut().find(|t| t.itt == itt && !t.drained) {
+            t.drained = true;
+        }
+    }
+
+    /// Responses whose aborted tasks have all ended, in arrival order.
+    fn ready_tmfs(&mut self) -> Vec<(u32, TmfFunction, TmfResponse)> {
+        let mut ready = Vec::new();
+        self.tmfs.retain(|t| {
+            let done = t.drained && t.tasks.is_empty();
+            if done {
+                ready.push((t.itt, t.function, t.response));
+            }
+            !done
+        });
+        ready
     }
 
     /// A command whose data has all arrived: charge its write data (it exists), then start it
@@ -975,7 +1071,7 @@ impl Commands {
             );
             return;
         };
-        match n.start(cmd.lun, cmd.cdb, cmd.data_out) {
+        match n.start_at(cmd.lun, cmd.cdb, cmd.data_out, Some(cmd.arrived)) {
             Started::Done(completion, spdtl) => self.complete(
                 conn,
                 Done {
@@ -995,6 +1091,7 @@ impl Commands {
                     crx
                 });
                 let itt = cmd.itt;
+                self.running.insert(itt);
                 tokio::spawn(async move {
                     let (completion, spdtl) = match cancel {
                         Some(crx) => tokio::select! {
@@ -1037,6 +1134,7 @@ impl Commands {
     /// A command that ran off the task came back.
     fn returned(&mut self, conn: &mut Connection, done: Done) {
         self.inflight = self.inflight.saturating_sub(1);
+        self.task_ended(done.itt);
         self.complete(conn, done);
     }
 
@@ -1044,6 +1142,9 @@ impl Commands {
     fn aborted(&mut self, itts: &[u32]) {
         for itt in itts {
             self.copies.remove(itt);
+            if self.running.contains(itt) {
+                self.aborted_running.push(*itt);
+            }
         }
         self.waiting.retain(|w| !itts.contains(&w.cmd.itt));
         self.account.set_waiting(!self.waiting.is_empty());
@@ -1132,6 +1233,8 @@ async fn serve_connection(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let budget = account.budget().clone();
     let mut cmds = Commands::new(account, max_inflight, done_tx);
+    // Task management functions whose aborted tasks on the LU have drained, by ITT.
+    let (tmf_tx, mut tmf_rx) = mpsc::unbounded_channel::<u32>();
     let mut nexus: Option<Arc<Nexus>> = None;
     // The session's entry in the metrics' session table, from login to the end.
     let mut listed: Option<crate::metrics::SessionEntry> = None;
@@ -1143,6 +1246,8 @@ async fn serve_connection(
     // TASK SET FULL answers already added to the daemon's counter.
     let mut refused_seen = 0u64;
 
+    // Task management responses ready to go out (their aborted tasks have ended).
+    let mut ready_tmfs: Vec<(u32, TmfFunction, TmfResponse)> = Vec::new();
     loop {
         while let Some(ev) = conn.poll_event() {
             match ev {
@@ -1192,28 +1297,34 @@ async fn serve_connection(
                 }
                 Event::Command(cmd) => cmds.arrive(&mut conn, nexus.as_ref(), cmd),
                 Event::TaskMgmt(t) => {
-                    let resp = match &nexus {
-                        Some(n) => n.task_mgmt(t.function, t.lun),
-                        None => ironlun_iscsi::pdu::TmfResponse::FunctionRejected,
+                    let outcome = match &nexus {
+                        Some(n) => n.task_mgmt(t.function, t.lun, Some(t.arrived)),
+                        None => TmfOutcome::now(TmfResponse::FunctionRejected),
                     };
-                    conn.complete_tmf(t.itt, resp);
-                    if let (Some(n), TmfFunction::TargetColdReset, TmfResponse::FunctionComplete) =
-                        (&nexus, t.function, resp)
-                    {
-                        // RFC 7143 §11.5.1: the response goes out first, then every connection
-                        // of every session to this target is dropped (this one closes itself).
-                        conn.poll_transmit_into(&mut out);
-                        if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
-                            tracing::debug!(error = %e, "cold reset response not written");
-                        }
-                        let closed = live.close_target(&n.target.name, "target cold reset");
-                        tracing::info!(target = %n.target.name, sessions = closed, "target cold reset: sessions closed");
+                    if let Some(now) = cmds.task_mgmt(t.itt, t.function, outcome, &tmf_tx) {
+                        ready_tmfs.push(now);
                     }
                 }
                 Event::Aborted(itts) => {
                     tracing::debug!(?itts, "tasks aborted");
                     cmds.aborted(&itts);
                 }
+            }
+        }
+        ready_tmfs.extend(cmds.ready_tmfs());
+        for (itt, function, resp) in ready_tmfs.drain(..) {
+            conn.complete_tmf(itt, resp);
+            if let (Some(n), TmfFunction::TargetColdReset, TmfResponse::FunctionComplete) =
+                (&nexus, function, resp)
+            {
+                // RFC 7143 §11.5.1: the response goes out first, then every connection of
+                // every session to this target is dropped (this one closes itself).
+                conn.poll_transmit_into(&mut out);
+                if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
+                    tracing::debug!(error = %e, "cold reset response not written");
+                }
+                let closed = live.close_target(&n.target.name, "target cold reset");
+                tracing::info!(target = %n.target.name, sessions = closed, "target cold reset: sessions closed");
             }
         }
         // Waiting for budget room: listen for releases before retrying. The failed attempt
@@ -1285,6 +1396,9 @@ async fn serve_connection(
                 }
                 cmds.start_ready(&mut conn, nexus.as_ref());
             }
+            Some(itt) = tmf_rx.recv() => {
+                cmds.tmf_drained(itt);
+            }
             () = &mut room, if waits => {
                 cmds.start_ready(&mut conn, nexus.as_ref());
             }
@@ -1352,6 +1466,7 @@ mod tests {
             data_out: Bytes::new(),
             expected_in_len,
             expected_out_len: 0,
+            arrived: Instant::now(),
         }
     }
 
@@ -1414,6 +1529,53 @@ mod tests {
         c.aborted(&[1]);
         assert!(!c.pause_reading());
         assert!(c.idle());
+    }
+
+    /// ABORT TASK of a command still running off the task: the response waits until the
+    /// command is back; one of a command already back goes out at once; beyond
+    /// `MAX_PENDING_TMFS` waiting responses a function is rejected.
+    #[tokio::test]
+    async fn an_abort_task_response_waits_for_the_running_command() {
+        let budget = MemoryBudget::new(1 << 20);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tmf_tx, _tmf_rx) = mpsc::unbounded_channel();
+        let mut c = Commands::new(budget.account(), 8, tx);
+        let complete = || TmfOutcome::now(TmfResponse::FunctionComplete);
+        c.running.insert(7);
+        c.aborted(&[7]);
+        assert_eq!(
+            c.task_mgmt(100, TmfFunction::AbortTask, complete(), &tmf_tx),
+            None
+        );
+        assert!(
+            c.ready_tmfs().is_empty(),
+            "answered while the task's I/O runs"
+        );
+        c.task_ended(7);
+        assert_eq!(
+            c.ready_tmfs(),
+            vec![(100, TmfFunction::AbortTask, TmfResponse::FunctionComplete)]
+        );
+        // A task already back: nothing to wait for.
+        c.aborted(&[7]);
+        assert_eq!(
+            c.task_mgmt(101, TmfFunction::AbortTask, complete(), &tmf_tx),
+            Some((101, TmfFunction::AbortTask, TmfResponse::FunctionComplete))
+        );
+        for itt in 0..u32::try_from(MAX_PENDING_TMFS).unwrap() {
+            c.running.insert(itt);
+            c.aborted(&[itt]);
+            assert_eq!(
+                c.task_mgmt(200 + itt, TmfFunction::AbortTask, complete(), &tmf_tx),
+                None
+            );
+        }
+        c.running.insert(99);
+        c.aborted(&[99]);
+        assert_eq!(
+            c.task_mgmt(300, TmfFunction::AbortTask, complete(), &tmf_tx),
+            Some((300, TmfFunction::AbortTask, TmfResponse::FunctionRejected))
+        );
     }
 
     #[test]

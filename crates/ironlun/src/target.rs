@@ -40,6 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// One logical unit with its backend.
 pub struct LunHandle {
@@ -154,9 +155,26 @@ impl LunHandle {
     }
 
     /// Start a command under the LU lock; also the CDB's Data-Out length (for residuals).
-    fn execute(&self, nexus: NexusId, cdb: &[u8], data_out: Bytes) -> (Sequenced, Option<u32>) {
+    /// Execute a command under the LU lock. `arrived`: when its header arrived; if a LUN
+    /// RESET, target reset or CLEAR TASK SET arrived after it and has been carried out (its
+    /// Data-Out came later, or it waited at the gate), it was in the task set that function
+    /// cleared and ends TASK ABORTED (SAM-5 §7, TAS=1) without starting. Checked under the
+    /// lock that enters it in the task set, which the function holds while it aborts.
+    fn execute_since(
+        &self,
+        nexus: NexusId,
+        cdb: &[u8],
+        data_out: Bytes,
+        arrived: Option<Instant>,
+    ) -> (Sequenced, Option<u32>) {
         let mut lu = self.lu();
         let spdtl = lu.data_out_len(cdb).and_then(|n| u32::try_from(n).ok());
+        if arrived.is_some_and(|a| lu.arrived_before_abort(a)) {
+            return (
+                self.sequenced(Step::Done(lu::Completion::task_aborted())),
+                spdtl,
+            );
+        }
         (self.sequenced(lu.execute(nexus, cdb, data_out)), spdtl)
     }
 
@@ -915,6 +933,19 @@ impl Nexus {
     /// Counted in the session's and the LU's metrics (REPORT LUNS and commands to a LUN the
     /// nexus does not see: the session's only), see [`crate::metrics`].
     pub fn start(&self, lun_raw: u64, cdb: Bytes, data_out: Bytes) -> Started {
+        self.start_at(lun_raw, cdb, data_out, None)
+    }
+
+    /// [`Nexus::start`] for a command whose header arrived at `arrived`: if a LUN RESET,
+    /// target reset or CLEAR TASK SET arrived after it (on any connection) and was carried
+    /// out before the command could start, it ends TASK ABORTED without starting.
+    pub fn start_at(
+        &self,
+        lun_raw: u64,
+        cdb: Bytes,
+        data_out: Bytes,
+        arrived: Option<Instant>,
+    ) -> Started {
         const REPORT_LUNS: u8 = 0xa0;
         let view = self.view();
         use crate::metrics::Probe;
@@ -937,7 +968,7 @@ impl Nexus {
             return Started::Done(c, None);
         };
         let probe = Probe::begin(Some(&handle.metrics), session, &cdb, data_out.len());
-        let started = self.start_on(handle, &view, cdb, data_out);
+        let started = self.start_on(handle, &view, cdb, data_out, arrived);
         match started {
             Started::Done(c, spdtl) => {
                 probe.end(Some(&handle.metrics), session, &c);
@@ -957,6 +988,7 @@ impl Nexus {
         view: &LunMap,
         cdb: Bytes,
         data_out: Bytes,
+        arrived: Option<Instant>,
     ) -> Started {
         let nexus = self.id;
         let access = Access::of(&cdb);
@@ -971,10 +1003,11 @@ impl Nexus {
                     data_out,
                     access,
                     luns: view.clone(),
+                    arrived,
                 },
             });
         };
-        let (step, spdtl) = handle.execute(nexus, &cdb, data_out);
+        let (step, spdtl) = handle.execute_since(nexus, &cdb, data_out, arrived);
         match split_copy(step) {
             Split::Copy(job, cont) => Started::Pending(PendingCommand {
                 probe: None,
@@ -991,38 +1024,55 @@ impl Nexus {
     }
 
     /// Carry out a task management function's SCSI effects (SAM-5 §7); the connection has
-    /// already dropped the affected tasks' responses.
-    pub fn task_mgmt(&self, function: TmfFunction, lun_raw: u64) -> TmfResponse {
+    /// already dropped the affected tasks' responses. The response goes out only after
+    /// [`TmfOutcome::drained`]: every task the function aborted, of any nexus, has finished
+    /// its backstore I/O. (ABORT TASK's one task is the connection's to wait for.)
+    ///
+    /// `arrived`: when the request was received; commands that arrived earlier and have not
+    /// started yet end TASK ABORTED when they try (LUN RESET, CLEAR TASK SET, target resets).
+    pub fn task_mgmt(
+        &self,
+        function: TmfFunction,
+        lun_raw: u64,
+        arrived: Option<Instant>,
+    ) -> TmfOutcome {
         let view = self.view();
         let lun = decode_lun(lun_raw).and_then(|l| view.get(&l));
+        let mut out = TmfOutcome::now(TmfResponse::FunctionComplete);
         match function {
-            TmfFunction::ClearTaskSet if lun.is_some() => {
-                // Also stops copies of other nexuses touching this LU (crate::xcopy).
-                if let Some(l) = lun {
-                    l.lu().clear_task_set();
+            TmfFunction::AbortTaskSet
+            | TmfFunction::ClearTaskSet
+            | TmfFunction::LogicalUnitReset => {
+                let Some(l) = lun else {
+                    return TmfOutcome::now(TmfResponse::LunDoesNotExist);
+                };
+                let mut lu = l.lu();
+                let ticket = match function {
+                    TmfFunction::AbortTaskSet => lu.abort_task_set(self.id),
+                    // Also stops copies of other nexuses touching this LU (crate::xcopy).
+                    TmfFunction::ClearTaskSet => lu.clear_task_set(),
+                    _ => lu.reset(self.id, ResetKind::LogicalUnit),
+                };
+                if let (Some(at), false) = (arrived, function == TmfFunction::AbortTaskSet) {
+                    lu.set_aborted_at(at);
                 }
-                TmfResponse::FunctionComplete
+                drop(lu);
+                out.drains.extend(ticket.map(|t| (l.clone(), t)));
+                out
             }
-            TmfFunction::AbortTask | TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
+            TmfFunction::AbortTask => {
                 if lun.is_some() {
-                    TmfResponse::FunctionComplete
+                    out
                 } else {
-                    TmfResponse::LunDoesNotExist
+                    TmfOutcome::now(TmfResponse::LunDoesNotExist)
                 }
             }
-            TmfFunction::LogicalUnitReset => match lun {
-                Some(l) => {
-                    l.lu().reset(self.id, ResetKind::LogicalUnit);
-                    TmfResponse::FunctionComplete
-                }
-                None => TmfResponse::LunDoesNotExist,
-            },
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
                 // The connection already refuses an unauthorized session
                 // (`Connection::set_target_reset_allowed`); checked again here so that no
                 // other caller resets a target without the policy's consent.
                 if !self.may_reset_target() {
-                    return TmfResponse::AuthorizationFailed;
+                    return TmfOutcome::now(TmfResponse::AuthorizationFailed);
                 }
                 let kind = if function == TmfFunction::TargetWarmReset {
                     ResetKind::TargetWarm
@@ -1041,13 +1091,52 @@ impl Nexus {
                     "target reset"
                 );
                 for l in self.target.luns().values() {
-                    l.lu().reset(self.id, kind);
+                    let mut lu = l.lu();
+                    let ticket = lu.reset(self.id, kind);
+                    if let Some(at) = arrived {
+                        lu.set_aborted_at(at);
+                    }
+                    drop(lu);
+                    out.drains.extend(ticket.map(|t| (l.clone(), t)));
                 }
-                TmfResponse::FunctionComplete
+                out
             }
-            TmfFunction::TaskReassign => TmfResponse::ReassignmentNotSupported,
-            TmfFunction::ClearAca | TmfFunction::Other(_) => TmfResponse::FunctionNotSupported,
+            TmfFunction::TaskReassign => TmfOutcome::now(TmfResponse::ReassignmentNotSupported),
+            TmfFunction::ClearAca | TmfFunction::Other(_) => {
+                TmfOutcome::now(TmfResponse::FunctionNotSupported)
+            }
         }
+    }
+}
+
+/// A task management function's response and the aborted tasks it must wait for (SAM-5 §7:
+/// the function completes once the tasks it aborted have ended, so that no aborted write
+/// reaches the medium after the response).
+#[must_use = "the response goes out only after `drained`"]
+pub struct TmfOutcome {
+    pub response: TmfResponse,
+    drains: Vec<(Arc<LunHandle>, lu::AbortTicket)>,
+}
+
+impl TmfOutcome {
+    pub fn now(response: TmfResponse) -> Self {
+        TmfOutcome {
+            response,
+            drains: Vec::new(),
+        }
+    }
+
+    /// No aborted task is still running: the response can go out at once.
+    pub fn is_ready(&self) -> bool {
+        self.drains.is_empty()
+    }
+
+    /// Wait until every aborted task has finished its backstore I/O; then the response.
+    pub async fn drained(self) -> TmfResponse {
+        for (handle, ticket) in &self.drains {
+            handle.wait_drained(*ticket).await;
+        }
+        self.response
     }
 }
 
@@ -1092,6 +1181,8 @@ enum Next {
         access: Access,
         /// The LUs the nexus sees, should the command be an EXTENDED COPY.
         luns: BTreeMap<u64, Arc<LunHandle>>,
+        /// When the command's header arrived (see [`LunHandle::execute_since`]).
+        arrived: Option<Instant>,
     },
     Io(IoOp, Task<Arc<LunHandle>>, Entry<Arc<Gate>>),
     Commit {
@@ -1178,9 +1269,10 @@ impl PendingCommand {
                     data_out,
                     access,
                     luns,
+                    arrived,
                 } => {
                     let entry = Gate::enter(handle.gate.clone(), access).await;
-                    let (step, n) = handle.execute(nexus, &cdb, data_out);
+                    let (step, n) = handle.execute_since(nexus, &cdb, data_out, arrived);
                     spdtl = n;
                     match split_copy(step) {
                         Split::Copy(job, cont) => {
@@ -1934,7 +2026,7 @@ mod tests {
         let masked = Nexus::attach_for(target.clone(), 1, "iqn.x:masked", [0; 6], 1);
         let other = Nexus::attach_for(target.clone(), 2, "iqn.x:other", [0; 6], 1);
         let chap = Nexus::attach_for(target.clone(), 3, "iqn.x:masked", [1; 6], 1).with_chap(true);
-        let reset = |n: &Nexus| n.task_mgmt(TmfFunction::TargetWarmReset, 0);
+        let reset = |n: &Nexus| n.task_mgmt(TmfFunction::TargetWarmReset, 0, None).response;
         // Default "chap": only the session that passed CHAP; a refusal resets nothing.
         assert!(!masked.may_reset_target() && chap.may_reset_target());
         assert_eq!(reset(&other), TmfResponse::AuthorizationFailed);
@@ -2113,10 +2205,19 @@ mod tests {
     }
 
     fn write_128k(n: &Nexus) -> PendingCommand {
-        // WRITE (16), LBA 0, 256 blocks.
+        write_128k_at(n, None)
+    }
+
+    /// WRITE (16) of 128 KiB at LBA 0 whose header arrived at `arrived`.
+    fn write_128k_at(n: &Nexus, arrived: Option<Instant>) -> PendingCommand {
         let mut cdb = vec![0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
         cdb[10..14].copy_from_slice(&256u32.to_be_bytes());
-        match n.start(0, Bytes::from(cdb), Bytes::from(vec![0xab; 128 * 1024])) {
+        match n.start_at(
+            0,
+            Bytes::from(cdb),
+            Bytes::from(vec![0xab; 128 * 1024]),
+            arrived,
+        ) {
             Started::Pending(p) => p,
             Started::Done(c, _) => panic!("write finished inline: {c:?}"),
         }
@@ -2146,6 +2247,105 @@ mod tests {
         assert_eq!(c.status, 0, "{c:?}");
         let (w, _) = write.await.unwrap();
         assert!(matches!(w.status, 0x00 | 0x40), "{w:?}");
+    }
+
+    /// SAM-5 §7: LUN RESET, CLEAR TASK SET and TARGET WARM RESET from P abort V's write in
+    /// flight; P's response waits until that write's I/O has ended, and the write ends
+    /// TASK ABORTED (TAS=1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_from_one_nexus_waits_for_the_aborted_write_of_another() {
+        for function in [
+            TmfFunction::LogicalUnitReset,
+            TmfFunction::ClearTaskSet,
+            TmfFunction::TargetWarmReset,
+        ] {
+            let (gate, v, p) = preempt_setup().await;
+            p.target.set_reset_policy(config::TargetResetPolicy::All);
+            gate.set(false);
+            let write = tokio::spawn(write_128k(&v).finish());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let outcome = p.task_mgmt(function, 0, Some(Instant::now()));
+            assert!(!outcome.is_ready(), "{function:?} had nothing to wait for");
+            let mut response = tokio::spawn(outcome.drained());
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), &mut response)
+                    .await
+                    .is_err(),
+                "{function:?} completed while an aborted write was in flight"
+            );
+            gate.set(true);
+            assert_eq!(response.await.unwrap(), TmfResponse::FunctionComplete);
+            let (w, _) = write.await.unwrap();
+            assert_eq!(
+                w.status,
+                ironlun_scsi::status::TASK_ABORTED,
+                "{function:?}: {w:?}"
+            );
+        }
+    }
+
+    /// ABORT TASK SET: the response waits for the nexus's own write in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_task_set_waits_for_its_own_write_in_flight() {
+        let (gate, v, p) = preempt_setup().await;
+        gate.set(false);
+        let write = tokio::spawn(write_128k(&v).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Another nexus's ABORT TASK SET has nothing of V's to abort.
+        assert!(p.task_mgmt(TmfFunction::AbortTaskSet, 0, None).is_ready());
+        let outcome = v.task_mgmt(TmfFunction::AbortTaskSet, 0, None);
+        assert!(!outcome.is_ready());
+        let mut response = tokio::spawn(outcome.drained());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut response)
+                .await
+                .is_err()
+        );
+        gate.set(true);
+        assert_eq!(response.await.unwrap(), TmfResponse::FunctionComplete);
+        assert_eq!(
+            write.await.unwrap().0.status,
+            ironlun_scsi::status::TASK_ABORTED
+        );
+    }
+
+    /// A write that waits at the LU's gate (a COMPARE AND WRITE holds it) when the LU is
+    /// reset was in the task set: it ends TASK ABORTED and never reaches the medium. One that
+    /// arrives after the reset runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waiting_at_the_gate_during_a_reset_never_lands() {
+        let (gate, v, p) = preempt_setup().await;
+        let handle = v.view().get(&0).unwrap().clone();
+        let held = Gate::enter(handle.gate.clone(), Access::Exclusive).await;
+        let write = tokio::spawn(write_128k_at(&v, Some(Instant::now())).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let outcome = p.task_mgmt(TmfFunction::LogicalUnitReset, 0, Some(Instant::now()));
+        assert_eq!(outcome.drained().await, TmfResponse::FunctionComplete);
+        drop(held);
+        let (w, _) = write.await.unwrap();
+        assert_eq!(w.status, ironlun_scsi::status::TASK_ABORTED, "{w:?}");
+        assert!(
+            gate.ram
+                .read(0, 128 * 1024)
+                .unwrap()
+                .iter()
+                .all(|b| *b == 0),
+            "the aborted write reached the medium"
+        );
+        // The reset's unit attention (29h/03h) first.
+        let ua = v
+            .execute(0, Bytes::from_static(&[0; 6]), Bytes::new())
+            .await
+            .0;
+        assert_eq!(ua.status, 2, "{ua:?}");
+        let (w, _) = write_128k_at(&v, Some(Instant::now())).finish().await;
+        assert_eq!(w.status, 0, "{w:?}");
+        assert!(gate
+            .ram
+            .read(0, 128 * 1024)
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0xab));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,6 +169,10 @@ pub struct ScsiCommandEvent {
     pub expected_in_len: u32,
     /// ExpectedDataTransferLength when the W bit is set, else 0.
     pub expected_out_len: u32,
+    /// When its header was received (the `now` of that [`Connection::receive`]): a LUN
+    /// RESET, target reset or CLEAR TASK SET that arrived later on any connection aborts it
+    /// even if its Data-Out completes afterwards (SAM-5 §7).
+    pub arrived: Instant,
 }
 
 /// A task management request the SCSI layer must carry out.
@@ -178,6 +182,8 @@ pub struct TaskMgmtEvent {
     pub function: TmfFunction,
     pub lun: u64,
     pub referenced_task_tag: u32,
+    /// When the request was received (see [`ScsiCommandEvent::arrived`]).
+    pub arrived: Instant,
 }
 
 /// Something the owner must act on.
@@ -1211,6 +1217,7 @@ impl Connection {
             data_out: Bytes::new(),
             expected_in_len: expected_in,
             expected_out_len: expected_out,
+            arrived: self.last_rx,
         };
         if expected_in > self.config.limits.max_transfer
             || expected_out > self.config.limits.max_transfer
@@ -1601,6 +1608,7 @@ impl Connection {
             function: h.function,
             lun,
             referenced_task_tag: h.referenced_task_tag,
+            arrived: self.last_rx,
         }));
         if freed {
             self.solicit_paced();

@@ -210,7 +210,9 @@ pub struct Continuation {
 #[derive(Debug, Clone)]
 struct Task {
     identity: Option<u64>,
-    /// Tickets of the PREEMPT AND ABORTs that aborted it.
+    /// The I_T nexus (session) it came from, for ABORT TASK SET.
+    nexus: NexusId,
+    /// Tickets of the PREEMPT AND ABORTs and task management functions that aborted it.
     aborted: Vec<u64>,
     /// Byte range of its current I/O, and whether it is a WRITE ATOMIC (see
     /// [`LogicalUnit::atomic_conflict`]).
@@ -351,6 +353,9 @@ pub struct LogicalUnit {
     copies: crate::xcopy::CopyTable,
     /// Counts LUN RESETs and CLEAR TASK SETs: a copy touching this LU stops when it changes.
     abort_epoch: u64,
+    /// When the last LUN RESET, target reset or CLEAR TASK SET arrived (see
+    /// [`LogicalUnit::set_aborted_at`]).
+    aborted_at: Option<std::time::Instant>,
     /// A sanitize operation in progress: its progress indication (SBC-3 §4.32).
     sanitizing: Option<u16>,
     /// Taken offline by the administrator ([`LogicalUnit::set_offline`]).
@@ -441,6 +446,7 @@ impl LogicalUnit {
             handover: Handover::Idle,
             copies: crate::xcopy::CopyTable::default(),
             abort_epoch: 0,
+            aborted_at: None,
             sanitizing: None,
             sanitize_failed: None,
             offline: false,
@@ -929,6 +935,7 @@ impl LogicalUnit {
                     task,
                     Task {
                         identity: ident,
+                        nexus,
                         aborted: Vec::new(),
                         range,
                         atomic,
@@ -990,7 +997,8 @@ impl LogicalUnit {
         // A sanitize is not aborted (SBC-3 §4.32); a PREEMPT AND ABORT waits for its end.
         let aborted = self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty());
         if aborted && !cont.is_sanitize() {
-            // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6), TAS=1: no further I/O.
+            // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6) or a task management function
+            // (SAM-5 §7), TAS=1: no further I/O.
             self.end_task(task);
             self.copy_failed(&cont.state);
             return Step::Done(Completion::task_aborted());
@@ -1014,10 +1022,14 @@ impl LogicalUnit {
         }
     }
 
-    /// LUN RESET / TARGET WARM/COLD RESET: unit attention 29h/xx to every nexus, mode
-    /// pages back to their defaults (no saved pages), PREVENT state cleared (SAM-5 §6.3,
-    /// SPC-4 §6.15).
-    pub fn reset(&mut self, from: NexusId, kind: ResetKind) {
+    /// LUN RESET / TARGET WARM/COLD RESET: every task of every nexus aborted (SAM-5 §6.3:
+    /// those of other nexuses end TASK ABORTED, TAS=1), unit attention 29h/xx to every nexus,
+    /// mode pages back to their defaults (no saved pages), PREVENT state cleared (SAM-5 §6.3,
+    /// SPC-4 §6.15). The caller sends the function's response only once
+    /// [`LogicalUnit::abort_drained`] holds for the returned ticket, so no aborted write lands
+    /// after it.
+    #[must_use = "the TMF response waits until the ticket's tasks have drained"]
+    pub fn reset(&mut self, from: NexusId, kind: ResetKind) -> Option<AbortTicket> {
         let reason = match kind {
             ResetKind::LogicalUnit => SenseReason::BusDeviceResetOccurred,
             ResetKind::TargetWarm => SenseReason::BusResetOccurred,
@@ -1032,12 +1044,52 @@ impl LogicalUnit {
         // SPC-2 reservations end with every reset; persistent ones survive (SPC-4 §5.13.1).
         self.spc2 = None;
         self.abort_epoch = self.abort_epoch.wrapping_add(1);
+        self.abort_tasks_matching(|_| true)
     }
 
-    /// CLEAR TASK SET (SAM-5 §7.4): copies in progress on this LU stop (see
-    /// [`LogicalUnit::abort_epoch`]).
-    pub fn clear_task_set(&mut self) {
+    /// CLEAR TASK SET (SAM-5 §7.4): every task of every nexus aborted, copies in progress on
+    /// this LU stopped (see [`LogicalUnit::abort_epoch`]); the response waits for the ticket
+    /// as for [`LogicalUnit::reset`].
+    #[must_use = "the TMF response waits until the ticket's tasks have drained"]
+    pub fn clear_task_set(&mut self) -> Option<AbortTicket> {
         self.abort_epoch = self.abort_epoch.wrapping_add(1);
+        self.abort_tasks_matching(|_| true)
+    }
+
+    /// Record that a LUN RESET, target reset or CLEAR TASK SET that arrived at `at` was just
+    /// carried out (with [`LogicalUnit::reset`] or [`LogicalUnit::clear_task_set`], under the
+    /// same lock): a command that arrived before it but starts only now was in the task set
+    /// it cleared (see [`LogicalUnit::arrived_before_abort`]).
+    pub fn set_aborted_at(&mut self, at: std::time::Instant) {
+        if self.aborted_at.is_none_or(|t| t < at) {
+            self.aborted_at = Some(at);
+        }
+    }
+
+    /// Whether a command that arrived at `arrived` predates the last task-set-clearing
+    /// function: it must end TASK ABORTED without starting (SAM-5 §7, TAS=1).
+    pub fn arrived_before_abort(&self, arrived: std::time::Instant) -> bool {
+        self.aborted_at.is_some_and(|t| arrived < t)
+    }
+
+    /// ABORT TASK SET (SAM-5 §7.3): every task of `nexus` aborted (the transport drops their
+    /// responses); the response waits for the ticket as for [`LogicalUnit::reset`].
+    #[must_use = "the TMF response waits until the ticket's tasks have drained"]
+    pub fn abort_task_set(&mut self, nexus: NexusId) -> Option<AbortTicket> {
+        self.abort_tasks_matching(|t| t.nexus == nexus)
+    }
+
+    /// Abort the tasks `pick` selects under a new ticket, if there are any.
+    fn abort_tasks_matching(&mut self, pick: impl Fn(&Task) -> bool) -> Option<AbortTicket> {
+        if !self.tasks.values().any(&pick) {
+            return None;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        for t in self.tasks.values_mut().filter(|t| pick(t)) {
+            t.aborted.push(ticket);
+        }
+        Some(AbortTicket(ticket))
     }
 
     /// Changes with every LUN RESET, target reset and CLEAR TASK SET: a copy that saw another

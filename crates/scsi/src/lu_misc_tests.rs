@@ -122,7 +122,7 @@ fn read_only_lu_write_protects_the_same_commands() {
         assert_eq!(sense(&c), SenseReason::WriteProtected.code(), "{name}");
     }
     // A LUN reset puts SWP back to its default; a read-only LU stays protected.
-    f.lu.reset(N, ResetKind::LogicalUnit);
+    let _ = f.lu.reset(N, ResetKind::LogicalUnit);
     f.run(&TUR, &[]);
     expect(
         &f.run(&cdb16(0x8A, 0, 0, 1), &[0; BS as usize]),
@@ -227,7 +227,7 @@ fn commands_during_a_sanitize_get_not_ready_with_progress() {
     let rs = f.run(&[0x03, 0, 0, 0, 18, 0], &[]);
     assert_eq!((rs.data[2], rs.data[12], rs.data[13]), (2, 0x04, 0x1B));
     // A LUN reset does not stop it.
-    f.lu.reset(N, ResetKind::LogicalUnit);
+    let _ = f.lu.reset(N, ResetKind::LogicalUnit);
     let r = f.ram.perform(&op);
     step = f.lu.resume(N, cont, r);
     loop {

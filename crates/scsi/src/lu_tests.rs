@@ -232,7 +232,7 @@ fn request_sense_reports_and_clears_unit_attention() {
 #[test]
 fn lun_reset_raises_unit_attention_on_every_nexus() {
     let mut f = Fixture::new();
-    f.lu.reset(N, ResetKind::LogicalUnit);
+    let _ = f.lu.reset(N, ResetKind::LogicalUnit);
     // SAM-5 §6.3.3: the requesting nexus gets the unit attention too.
     expect(&f.run_on(N, &TUR, &[]), SenseReason::BusDeviceResetOccurred);
     good(&f.run_on(N, &TUR, &[]));
@@ -240,9 +240,9 @@ fn lun_reset_raises_unit_attention_on_every_nexus() {
         &f.run_on(OTHER, &TUR, &[]),
         SenseReason::BusDeviceResetOccurred,
     );
-    f.lu.reset(N, ResetKind::TargetWarm);
+    let _ = f.lu.reset(N, ResetKind::TargetWarm);
     expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::BusResetOccurred);
-    f.lu.reset(N, ResetKind::TargetCold);
+    let _ = f.lu.reset(N, ResetKind::TargetCold);
     expect(&f.run_on(OTHER, &TUR, &[]), SenseReason::PowerOnOccurred);
     good(&f.run_on(OTHER, &TUR, &[]));
 }
@@ -284,7 +284,7 @@ fn mode_select_changes_d_sense_and_notifies_others() {
     assert_eq!(&c.sense[..4], &[0x72, key::ILLEGAL_REQUEST, 0x24, 0]);
     assert_eq!(&c.sense[8..15], &[0x02, 0x06, 0, 0, 0xC0, 0, 2]);
     // A LUN reset restores the default (fixed format).
-    f.lu.reset(OTHER, ResetKind::LogicalUnit);
+    let _ = f.lu.reset(OTHER, ResetKind::LogicalUnit);
     assert!(!f.lu.d_sense());
     expect(
         &f.run_on(OTHER, &TUR, &[]),

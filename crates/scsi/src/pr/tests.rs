@@ -1078,7 +1078,7 @@ fn spc2_reservations() {
         crate::lu::ResetKind::TargetWarm,
         crate::lu::ResetKind::TargetCold,
     ] {
-        f.lu.reset(A, kind);
+        let _ = f.lu.reset(A, kind);
         f.uas(C);
         assert_eq!(f.run(C, &reserve6, &[]).status, GOOD, "{kind:?}");
         f.uas(A);
@@ -1142,7 +1142,7 @@ fn unit_attentions_wait_for_logged_out_registrants() {
     assert_eq!(f.uas(21), vec![(0x29, 0)]);
     // Registrations survive I_T nexus loss and resets.
     f.lu.remove_nexus(A);
-    f.lu.reset(C, crate::lu::ResetKind::TargetCold);
+    let _ = f.lu.reset(C, crate::lu::ResetKind::TargetCold);
     assert_eq!(f.keys().1, vec![1]);
     // A registration never logged in (SPEC_I_PT) still gets its UA on first login.
     let mut f = F::new();
