@@ -16,7 +16,7 @@
 //! 3. node1, which still has the file system mounted and tries to fence node2 after its delay,
 //!    is refused: a WRITE through its nexus ends RESERVATION CONFLICT, its file system writes
 //!    fail, its fence_scsi attempt fails and node2's key stays registered; the daemon shows
-//!    node2 as the only registrant and holder.
+//!    node2 as the only registrant and holder, and its event log node2's PREEMPT AND ABORT.
 //! 4. node2 stops the resource and `e2fsck -fn` finds the file system clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -257,7 +257,15 @@ sg_persist -n -i -k $D | tee /tmp/k
         after.contains("iqn.2026-11.test:node2") && !after.contains("iqn.2026-11.test:node1"),
         "node2 should be the only registrant:\n{after}"
     );
-    std::fs::write(group.join("events.txt"), ctl(&d, &["events"])).unwrap();
+    let events = ctl(&d, &["events"]);
+    std::fs::write(group.join("events.txt"), &events).unwrap();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("action=PREEMPT AND ABORT")
+                && l.contains("initiator=iqn.2026-11.test:node2,")),
+        "the daemon's events should show node2's PREEMPT AND ABORT:\n{events}"
+    );
     node2.step(
         "stop-and-fsck",
         240 * S,

@@ -889,7 +889,8 @@ struct Commands {
     copies: HashMap<u32, oneshot::Sender<()>>,
     /// Received Data-Out held by the connection while it assembles writes.
     assembling: Charge,
-    /// ITTs of the commands started off the task and not yet back.
+    /// ITTs of the commands started off the task and not yet back (a SANITIZE excepted: no
+    /// task management function waits for it).
     running: HashSet<u32>,
     /// Of those, the ones the connection just reported aborted: the next task management
     /// response waits for them.
@@ -1091,7 +1092,9 @@ impl Commands {
                     crx
                 });
                 let itt = cmd.itt;
-                self.running.insert(itt);
+                if !p.is_sanitize() {
+                    self.running.insert(itt);
+                }
                 tokio::spawn(async move {
                     let (completion, spdtl) = match cancel {
                         Some(crx) => tokio::select! {

@@ -1245,6 +1245,12 @@ impl PendingCommand {
         matches!(self.next, Next::Copy { .. })
     }
 
+    /// Whether this is a SANITIZE, which no task management function aborts or waits for
+    /// (SBC-3 §4.32): it runs on after ABORT TASK and resets, the LU answering NOT READY.
+    pub fn is_sanitize(&self) -> bool {
+        matches!(&self.next, Next::Io(_, task, _) if task.is_sanitize())
+    }
+
     /// Finish the command: run the pending operation on the blocking pool (or await the async
     /// backend), then the rest of the command (further cheap I/O inline, the rest on the pool
     /// again); or carry out a PR OUT's commit (see [`Step::PrCommit`]).
@@ -1361,8 +1367,9 @@ impl PendingCommand {
                     commit,
                     seq,
                 } => {
+                    let origin = commit.origin.clone();
                     let c = commit_pr(&handle, commit, seq).await;
-                    handle.record_pr_out(c.status == 0);
+                    handle.record_pr_out(c.status == 0, origin.as_ref());
                     return (to_wire(c), spdtl);
                 }
             };
@@ -1381,6 +1388,7 @@ async fn commit_pr(handle: &Arc<LunHandle>, commit: PrCommit, seq: u64) -> lu::C
         abort,
         persist,
         completion,
+        origin: _,
     } = commit;
     if let Some(ticket) = abort {
         handle.wait_drained(ticket).await;
@@ -1623,14 +1631,19 @@ impl LunHandle {
     }
 
     /// Record a PR OUT that changed the reservation state (after its effects were carried out).
-    fn record_pr_out(&self, ok: bool) {
+    /// `origin`: the service action and the initiator port that sent it.
+    fn record_pr_out(&self, ok: bool, origin: Option<&lu::PrOrigin>) {
         let s = self.pr_snapshot();
-        let detail = serde_json::json!({
+        let mut detail = serde_json::json!({
             "generation": s.generation,
             "reservation": s.reservation.as_ref().map(|r| r.ty.name()),
             "registrations": s.registrations.len(),
             "persisted": ok,
         });
+        if let (Some(o), Some(m)) = (origin, detail.as_object_mut()) {
+            m.insert("action".into(), o.action.into());
+            m.insert("initiator".into(), o.initiator.clone().into());
+        }
         self.events.record(&self.label, "pr_out", detail);
     }
 
@@ -2078,6 +2091,7 @@ mod tests {
             abort: None,
             persist: Some(Persist::Write(b"x".to_vec())),
             completion: lu::Completion::good(Bytes::new()),
+            origin: None,
         };
         let c = commit_pr(&h, commit, 2).await;
         assert_eq!(c, lu::Completion::persist_failed(false));
@@ -2403,6 +2417,7 @@ mod tests {
             abort: None,
             persist: None,
             completion: good.clone(),
+            origin: None,
         };
         assert_eq!(commit_pr(&h, commit, 0).await, good);
         assert!(!h.state_file.exists());

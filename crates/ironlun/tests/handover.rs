@@ -708,3 +708,66 @@ async fn ctl_own_ownership_handover_and_events() {
     assert_eq!(v["events"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["events"][0]["seq"], 3);
 }
+
+/// A `pr_out` event names the service action and the initiator port that sent it: host-b's
+/// PREEMPT AND ABORT of host-a shows as such in `/v1/events` (who fenced whom).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pr_out_events_name_the_action_and_the_initiator() {
+    use ironlun_initiator::pr::{OutAction, OutParams};
+    let d = Daemon::start();
+    let base = d.admin_url().to_owned();
+    let a = session(d.addr, HOST_A).await;
+    let b = session(d.addr, HOST_B).await;
+    let ok = |r: ironlun_initiator::CommandResult| assert_eq!(r.status, GOOD, "{r:?}");
+    ok(
+        a.pr_out(0, OutAction::Register, 0, &OutParams::keys(0, 0xa))
+            .await
+            .unwrap(),
+    );
+    ok(
+        b.pr_out(0, OutAction::Register, 0, &OutParams::keys(0, 0xb))
+            .await
+            .unwrap(),
+    );
+    ok(a.pr_out(0, OutAction::Reserve, 5, &OutParams::keys(0xa, 0))
+        .await
+        .unwrap());
+    ok(
+        b.pr_out(0, OutAction::PreemptAndAbort, 5, &OutParams::keys(0xb, 0xa))
+            .await
+            .unwrap(),
+    );
+    let (s, ev) = call(&base, "GET", "/v1/events?since=0", None, None).await;
+    assert_eq!(s, 200);
+    let got: Vec<(String, String)> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "pr_out")
+        .map(|e| {
+            let d = &e["detail"];
+            let who = d["initiator"]
+                .as_str()
+                .unwrap_or("")
+                .split(',')
+                .next()
+                .unwrap_or("");
+            (
+                d["action"].as_str().unwrap_or("").to_owned(),
+                who.to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("REGISTER", HOST_A),
+        ("REGISTER", HOST_B),
+        ("RESERVE", HOST_A),
+        ("PREEMPT AND ABORT", HOST_B),
+    ]
+    .iter()
+    .map(|(a, h)| (a.to_string(), h.to_string()))
+    .collect();
+    assert_eq!(got, want, "{ev}");
+    let last = &ev["events"].as_array().unwrap().last().unwrap()["detail"];
+    assert_eq!(last["registrations"], 1, "{last}");
+}

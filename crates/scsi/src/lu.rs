@@ -218,6 +218,8 @@ struct Task {
     /// [`LogicalUnit::atomic_conflict`]).
     range: Option<(u64, u64)>,
     atomic: bool,
+    /// A SANITIZE: not aborted by task management functions (SBC-3 §4.32).
+    sanitize: bool,
 }
 
 /// An I_T nexus identity the LU knows (SAM-5 §3.1.47): an initiator port on a target port.
@@ -308,6 +310,18 @@ pub struct PrCommit {
     pub abort: Option<AbortTicket>,
     pub persist: Option<crate::pr::Persist>,
     pub completion: Completion,
+    /// The PR OUT that made it, for the daemon's event log (`None` for ownership changes,
+    /// which the daemon records itself).
+    pub origin: Option<PrOrigin>,
+}
+
+/// Which PERSISTENT RESERVE OUT changed the state, and from which initiator port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrOrigin {
+    /// The service action's name (SPC-4 §6.16.2), e.g. `PREEMPT AND ABORT`.
+    pub action: &'static str,
+    /// The initiator port, `NAME,i,0xISID`.
+    pub initiator: String,
 }
 
 /// Identifies one PREEMPT AND ABORT's set of aborted tasks (see [`LogicalUnit::abort_drained`]).
@@ -827,6 +841,10 @@ impl LogicalUnit {
             abort,
             persist,
             completion,
+            origin: Some(PrOrigin {
+                action: crate::pr::out_action_name(service_action),
+                initiator: it.initiator.to_string(),
+            }),
         }))
     }
 
@@ -939,6 +957,7 @@ impl LogicalUnit {
                         aborted: Vec::new(),
                         range,
                         atomic,
+                        sanitize: cont.is_sanitize(),
                     },
                 );
                 Step::Io(op, cont)
@@ -1079,8 +1098,11 @@ impl LogicalUnit {
         self.abort_tasks_matching(|t| t.nexus == nexus)
     }
 
-    /// Abort the tasks `pick` selects under a new ticket, if there are any.
+    /// Abort the tasks `pick` selects under a new ticket, if there are any. A SANITIZE is
+    /// never picked: it survives resets and task set clearing (SBC-3 §4.32), and the
+    /// function's response must not wait for it.
     fn abort_tasks_matching(&mut self, pick: impl Fn(&Task) -> bool) -> Option<AbortTicket> {
+        let pick = |t: &Task| !t.sanitize && pick(t);
         if !self.tasks.values().any(&pick) {
             return None;
         }
@@ -2395,6 +2417,7 @@ impl LogicalUnit {
             abort,
             persist,
             completion: Completion::good(Bytes::new()),
+            origin: None,
         }
     }
 

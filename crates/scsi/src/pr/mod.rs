@@ -248,6 +248,21 @@ impl ReservationType {
 }
 
 /// PERSISTENT RESERVE OUT service actions (SPC-4 §6.16.2 Table 212).
+/// The name of PERSISTENT RESERVE OUT service action `sa` (SPC-4 §6.16.2 Table 219).
+pub fn out_action_name(sa: u8) -> &'static str {
+    match sa {
+        sa::REGISTER => "REGISTER",
+        sa::RESERVE => "RESERVE",
+        sa::RELEASE => "RELEASE",
+        sa::CLEAR => "CLEAR",
+        sa::PREEMPT => "PREEMPT",
+        sa::PREEMPT_AND_ABORT => "PREEMPT AND ABORT",
+        sa::REGISTER_AND_IGNORE_EXISTING_KEY => "REGISTER AND IGNORE EXISTING KEY",
+        sa::REGISTER_AND_MOVE => "REGISTER AND MOVE",
+        _ => "unknown",
+    }
+}
+
 pub mod sa {
     pub const REGISTER: u8 = 0x00;
     pub const RESERVE: u8 = 0x01;
