@@ -147,6 +147,17 @@ impl Daemon {
         format!("iscsi://{}", self.addr)
     }
 
+    /// `ironlun ctl ARGS` against this daemon's admin API; panics unless it succeeds. Returns
+    /// its output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let admin = self.admin.as_deref().expect("admin API line");
+        let (ok, out) = run(Command::new(daemon_bin())
+            .args(["ctl", "--admin", admin])
+            .args(args));
+        assert!(ok, "ironlun ctl {args:?}:\n{out}");
+        out
+    }
+
     /// Stop with SIGTERM; assert a clean exit (status 0, no panic in the log). Returns stderr.
     pub fn stop(mut self) -> String {
         let child = self.child.as_mut().expect("daemon not running");

@@ -21,8 +21,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
-use ironlun_initiator_tests::{daemon_bin, run, Daemon};
-use std::process::Command;
+use ironlun_initiator_tests::Daemon;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:cluster";
@@ -56,15 +55,6 @@ fn free_udp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn ctl(d: &Daemon, args: &[&str]) -> String {
-    let admin = d.admin.as_deref().expect("admin API line");
-    let (ok, out) = run(Command::new(daemon_bin())
-        .args(["ctl", "--admin", admin])
-        .args(args));
-    assert!(ok, "ironlun ctl {args:?}:\n{out}");
-    out
 }
 
 /// Guest `n` (1 or 2) of the cluster: its end of the UDP link is `ports[n-1]`, the peer's the
@@ -184,7 +174,7 @@ md5sum </srv/shared/data | tee /host/data.md5
 sync"#
         ),
     );
-    let before = ctl(&d, &["reservations"]);
+    let before = d.ctl(&["reservations"]);
     std::fs::write(group.join("reservations-before.txt"), &before).unwrap();
     eprintln!("tier7: reservations before the cut:\n{before}");
     assert!(
@@ -250,14 +240,14 @@ sg_persist -n -i -k $D | tee /tmp/k
 [ "$(grep -c '^    0x' /tmp/k)" = 1 ] || fail "node1's fencing attempt changed the registrations""#
         ),
     );
-    let after = ctl(&d, &["reservations"]);
+    let after = d.ctl(&["reservations"]);
     std::fs::write(group.join("reservations-after.txt"), &after).unwrap();
     eprintln!("tier7: reservations after the failover:\n{after}");
     assert!(
         after.contains("iqn.2026-11.test:node2") && !after.contains("iqn.2026-11.test:node1"),
         "node2 should be the only registrant:\n{after}"
     );
-    let events = ctl(&d, &["events"]);
+    let events = d.ctl(&["events"]);
     std::fs::write(group.join("events.txt"), &events).unwrap();
     assert!(
         events

@@ -34,8 +34,7 @@
 use ironlun_initiator_tests::linux_guest::{
     artefact_dir, free_port, save_daemon_log, Guest, GuestSpec,
 };
-use ironlun_initiator_tests::{daemon_bin, run, Daemon};
-use std::process::Command;
+use ironlun_initiator_tests::Daemon;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:mpath";
@@ -74,15 +73,6 @@ path = "mpath.img"
 size = "128MiB"
 "#
     )
-}
-
-fn ctl(d: &Daemon, args: &[&str]) -> String {
-    let admin = d.admin.as_deref().expect("admin API line");
-    let (ok, out) = run(Command::new(daemon_bin())
-        .args(["ctl", "--admin", admin])
-        .args(args));
-    assert!(ok, "ironlun ctl {args:?}:\n{out}");
-    out
 }
 
 /// `ironlun ctl port-group` prints `GROUP STATE TPGTS CHANGED` rows: is GROUP in STATE?
@@ -298,14 +288,14 @@ dmesg | grep -i 'iscsi\|multipath' | tail -10"#
         60 * S,
         &format!("{env}fio_start 64M"),
     );
-    let before = ctl(&d, &["port-group"]);
+    let before = d.ctl(&["port-group"]);
     assert!(
         has_state(&before, "1", "active_optimized")
             && has_state(&before, "2", "active_non_optimized"),
         "ironlun ctl port-group before the switch:\n{before}"
     );
-    ctl(&d, &["port-group", "1", "active_non_optimized"]);
-    let after = ctl(&d, &["port-group", "2", "active_optimized"]);
+    d.ctl(&["port-group", "1", "active_non_optimized"]);
+    let after = d.ctl(&["port-group", "2", "active_optimized"]);
     assert!(
         has_state(&after, "1", "active_non_optimized")
             && has_state(&after, "2", "active_optimized"),
@@ -331,8 +321,8 @@ dmesg | grep -i 'alua' | tail -5"#
     );
 
     // 6. Switched back, then the map flushed and both paths logged out.
-    ctl(&d, &["port-group", "2", "active_non_optimized"]);
-    ctl(&d, &["port-group", "1", "active_optimized"]);
+    d.ctl(&["port-group", "2", "active_non_optimized"]);
+    d.ctl(&["port-group", "1", "active_optimized"]);
     g.step(
         "switch-back-and-logout",
         180 * S,

@@ -3,19 +3,10 @@
 //! `ironlun ctl lun resize` reports its new size to `iscsi-readcapacity16`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{daemon_bin, require_tool, run, Daemon};
+use ironlun_initiator_tests::{require_tool, run, Daemon};
 use std::process::Command;
 
 const X: &str = "iqn.2026-11.io.ironlun:reconfig";
-
-fn ctl(d: &Daemon, args: &[&str]) -> String {
-    let admin = d.admin.as_deref().expect("admin API line");
-    let (ok, out) = run(Command::new(daemon_bin())
-        .args(["ctl", "--admin", admin])
-        .args(args));
-    assert!(ok, "ironlun ctl {args:?}:\n{out}");
-    out
-}
 
 #[test]
 fn lun_added_and_grown_live_is_seen_by_libiscsi() {
@@ -37,20 +28,17 @@ fn lun_added_and_grown_live_is_seen_by_libiscsi() {
         "{before}"
     );
 
-    let out = ctl(
-        &d,
-        &[
-            "lun",
-            "add",
-            &format!("{X}/1"),
-            "--backstore",
-            "file",
-            "--path",
-            "lun1.img",
-            "--size",
-            "8M",
-        ],
-    );
+    let out = d.ctl(&[
+        "lun",
+        "add",
+        &format!("{X}/1"),
+        "--backstore",
+        "file",
+        "--path",
+        "lun1.img",
+        "--size",
+        "8M",
+    ]);
     assert!(out.contains("saved to"), "{out}");
     let after = ls();
     assert!(
@@ -73,7 +61,7 @@ fn lun_added_and_grown_live_is_seen_by_libiscsi() {
             .unwrap_or_else(|_| panic!("size: {out}"))
     };
     assert_eq!(size(), 8 << 20);
-    ctl(&d, &["lun", "resize", &format!("{X}/1"), "16M"]);
+    d.ctl(&["lun", "resize", &format!("{X}/1"), "16M"]);
     assert_eq!(size(), 16 << 20);
     assert_eq!(
         std::fs::metadata(d.dir.path().join("lun1.img"))
