@@ -14,6 +14,9 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-default}
 echo "== installing test dependencies"
 bash scripts/install-deps.sh
 
+echo "== layers: crate dependencies and the daemon's module imports (scripts/check-layers.py)"
+python3 scripts/check-layers.py
+
 echo "== tier 1: the benchmark report renderers (scripts/bench: results, table, chart)"
 PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s scripts/bench -p 'test_*.py'
 

@@ -15,8 +15,8 @@
 //! - `GET /v1/events?since=SEQ` → [`EventsJson`] (bounded ring buffer of PR OUT, ownership and
 //!   handover events);
 //! - `GET /v1/port-groups`, `PUT /v1/port-groups/<id>` `{"state"}` → ALUA target port groups
-//!   ([`crate::port_groups`]);
-//! - the live reconfiguration routes of [`crate::reconfig::route`].
+//!   ([`port_groups`]);
+//! - the live reconfiguration routes of [`reconfig::route`].
 //!
 //! Errors are `{"error":"…","code":"…"}` with a 4xx/5xx status; refused ownership steps are
 //! 409 with the code naming the reason ([`op_error`]), malformed bodies 400. With
@@ -31,14 +31,23 @@
 //! a new one beyond that closes the oldest connection that has no request in a handler, so
 //! slow or idle clients never lock out a new one (a handover commit in progress is never cut).
 
+mod port_groups;
+mod reconfig;
+
 use crate::config::{self, AdminListen};
-use crate::target::{CommitSteps, Event, LunHandle, OnDeadline, OwnershipOpError, Registry};
+use crate::reconfig::Live;
+use crate::target::{LunHandle, OwnershipOpError, Registry};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use ironlun_api::{
+    fmt_key, percent_decode, CommitJson, ErrorJson, EventsJson, HandoverJson, HandoverRequest,
+    Health, LuReservations, OwnerJson, OwnerRequest, OwnershipJson, PrepareJson, RegistrationJson,
+    ReservationJson, ReservationsList, Token, DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS,
+};
 use ironlun_scsi::pr::ownership::{Handover, OwnershipError};
 use ironlun_scsi::pr::{PrSnapshot, ReservationType};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -68,189 +77,23 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
 /// How long shutdown lets connections in progress finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Token files larger than this are refused (a token is a short line).
-const MAX_TOKEN_FILE: u64 = 4096;
-/// Shortest bearer token accepted (128 bits of hex or base64 are 22 characters or more).
-pub const MIN_TOKEN_LEN: usize = 16;
 
 // ---------------------------------------------------------------------------------------------
-// JSON shapes (shared with the client, `ironlun ctl`).
+// The JSON views (`ironlun_api`) of the SCSI core's state.
 
-/// `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Health {
-    pub status: String,
-    pub version: String,
-}
-
-/// `GET /v1/reservations`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReservationsList {
-    pub luns: Vec<LuReservations>,
-}
-
-/// The reservation state of one LU (SPC-4 §5.13; what PERSISTENT RESERVE IN READ FULL STATUS
-/// reports, plus the SPC-2 holder and APTPL).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LuReservations {
-    pub target: String,
-    pub lun: u64,
-    /// PRgeneration (SPC-4 §6.15.2).
-    pub generation: u32,
-    /// Activate Persist Through Power Loss (SPC-4 §5.13.5).
-    pub aptpl: bool,
-    pub reservation: Option<ReservationJson>,
-    pub registrations: Vec<RegistrationJson>,
-    /// Initiator port holding an SPC-2 RESERVE(6/10) reservation.
-    pub spc2_holder: Option<String>,
-    /// Host owning the LU under target-managed ownership (semantics.md §3).
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// Epoch of the last ownership decision (0: never owned).
-    #[serde(default)]
-    pub epoch: u64,
-    /// The handover in progress.
-    #[serde(default)]
-    pub handover: Option<HandoverJson>,
-}
-
-/// A handover in progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandoverJson {
-    /// `"prepared"` or `"fenced"`.
-    pub state: String,
-    pub from: String,
-    pub to: String,
-    pub epoch: u64,
-}
-
-impl HandoverJson {
-    pub fn of(h: &Handover) -> Option<HandoverJson> {
-        let (state, (from, to, epoch)) = match h {
-            Handover::Idle => return None,
-            Handover::Prepared { .. } => ("prepared", h.parts()?),
-            Handover::Fenced { .. } => ("fenced", h.parts()?),
-        };
-        Some(HandoverJson {
-            state: state.into(),
-            from: from.into(),
-            to: to.into(),
-            epoch,
-        })
-    }
-}
-
-/// `GET /v1/luns/<t>/<l>/ownership`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OwnershipJson {
-    pub owner: Option<String>,
-    pub epoch: u64,
-    pub generation: u32,
-    pub handover: Option<HandoverJson>,
-    /// The epoch the next handover should use: one above `epoch` and above every epoch
-    /// aborted on this LU (prepare and commit refuse those for good).
-    #[serde(default)]
-    pub next_epoch: u64,
-}
-
-/// `POST …/owner` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OwnerRequest {
-    pub host: String,
-    pub epoch: u64,
-}
-
-/// `POST …/owner` and `…/handover/abort` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OwnerJson {
-    pub owner: Option<String>,
-    pub epoch: u64,
-    pub generation: u32,
-}
-
-/// `POST …/handover/{prepare,commit,abort}` body; `deadline_ms` and `on_deadline` only for
-/// commit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandoverRequest {
-    pub from: String,
-    pub to: String,
-    pub epoch: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    /// `"abort"` (default) or `"refuse"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_deadline: Option<String>,
-}
-
-/// Drain deadline of a commit without `deadline_ms`.
-pub const DEFAULT_DEADLINE_MS: u64 = 5000;
-/// Largest `deadline_ms` accepted (400 beyond).
-pub const MAX_DEADLINE_MS: u64 = 600_000;
-
-/// `POST …/handover/prepare` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareJson {
-    pub epoch: u64,
-    pub generation: u32,
-}
-
-/// `POST …/handover/commit` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommitJson {
-    pub epoch: u64,
-    pub generation: u32,
-    pub owner: Option<String>,
-    pub steps_us: CommitSteps,
-    pub aborted_tasks: u64,
-    pub idempotent: bool,
-}
-
-/// `GET /v1/events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventsJson {
-    pub events: Vec<Event>,
-}
-
-/// The persistent reservation of an LU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReservationJson {
-    /// Type code (SPC-4 §6.16.2 Table 213).
-    #[serde(rename = "type")]
-    pub type_code: u8,
-    pub type_name: String,
-    /// `"LU_SCOPE"` (the only scope SPC-4 defines).
-    pub scope: String,
-    /// The reservation key as `0x` and 16 hex digits; 0 for the all-registrants types.
-    pub key: String,
-    /// Initiator port of the holder; `null` for the all-registrants types (every registrant
-    /// holds it).
-    pub holder: Option<String>,
-}
-
-/// One registration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistrationJson {
-    /// `name,i,0x<ISID>`, or the bare name for an initiator-device registration.
-    pub initiator_port: String,
-    pub key: String,
-    /// `<target>,t,0x<RTPI as 4 hex digits>` (SPC-4 §7.6.4.6), or `"all"` (ALL_TG_PT=1).
-    pub target_port: String,
-    pub rtpi: Option<u16>,
-    pub holder: bool,
-}
-
-/// `{"error": "…", "code": "…"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorJson {
-    pub error: String,
-    /// Machine-readable reason (e.g. `not_owner`, `stale_epoch`, `not_found`).
-    #[serde(default)]
-    pub code: String,
-}
-
-/// A reservation key as the API prints it.
-pub fn fmt_key(key: u64) -> String {
-    format!("0x{key:016x}")
+/// The JSON view of a handover in progress; `None` when idle.
+pub fn handover_json(h: &Handover) -> Option<HandoverJson> {
+    let (state, (from, to, epoch)) = match h {
+        Handover::Idle => return None,
+        Handover::Prepared { .. } => ("prepared", h.parts()?),
+        Handover::Fenced { .. } => ("fenced", h.parts()?),
+    };
+    Some(HandoverJson {
+        state: state.into(),
+        from: from.into(),
+        to: to.into(),
+        epoch,
+    })
 }
 
 /// The JSON view of one LU's [`PrSnapshot`].
@@ -303,7 +146,7 @@ pub fn lu_reservations(target: &str, lun: u64, s: &PrSnapshot) -> LuReservations
         spc2_holder: s.spc2_holder.clone(),
         owner: s.owner.clone(),
         epoch: s.epoch,
-        handover: HandoverJson::of(&s.handover),
+        handover: handover_json(&s.handover),
     }
 }
 
@@ -340,39 +183,6 @@ impl HttpError {
             allow: None,
         }
     }
-}
-
-/// Decode `%XX` escapes of one path segment; `None` for a bad escape or non-UTF-8 result.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0usize;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes.get(i.checked_add(1)?..i.checked_add(3)?)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i = i.checked_add(3)?;
-        } else {
-            out.push(b);
-            i = i.checked_add(1)?;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Percent-encode a path segment: everything but unreserved characters and `:` (RFC 3986
-/// §3.3 allows `:` in a segment; iSCSI names are full of it).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// What a request asks for.
@@ -484,6 +294,20 @@ pub struct Response {
     pub content_type: &'static str,
 }
 
+/// The exposition of the live registry and the daemon-wide metrics.
+fn render_metrics(registry: &Registry) -> String {
+    let targets = registry.targets();
+    let lun_sets: Vec<(&str, Arc<crate::target::LunMap>)> = targets
+        .iter()
+        .map(|t| (t.name.as_str(), t.luns()))
+        .collect();
+    let luns: Vec<(&str, u64, &crate::metrics::LuMetrics)> = lun_sets
+        .iter()
+        .flat_map(|(name, luns)| luns.iter().map(|(id, l)| (*name, *id, &*l.metrics)))
+        .collect();
+    crate::metrics::render_parts(&luns, &crate::metrics::DAEMON)
+}
+
 /// `Content-Type` of every response but `/metrics`.
 pub const JSON: &str = "application/json";
 
@@ -492,7 +316,7 @@ impl Response {
     pub fn metrics(registry: &Registry) -> Response {
         Response {
             status: 200,
-            body: crate::metrics::render(registry).into_bytes(),
+            body: render_metrics(registry).into_bytes(),
             allow: "GET",
             content_type: crate::metrics::CONTENT_TYPE,
         }
@@ -618,78 +442,6 @@ pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
 // ---------------------------------------------------------------------------------------------
 // Bearer token.
 
-/// The bearer token. Never printed.
-#[derive(Clone)]
-pub struct Token(Vec<u8>);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(..)")
-    }
-}
-
-impl Token {
-    /// A token from text: surrounding whitespace removed; at least [`MIN_TOKEN_LEN`] visible
-    /// ASCII characters (it travels in a header field).
-    pub fn new(text: &str) -> Result<Token, String> {
-        let t = text.trim();
-        if t.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "token too short: at least {MIN_TOKEN_LEN} characters"
-            ));
-        }
-        if !t.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("token must be visible ASCII without spaces".into());
-        }
-        Ok(Token(t.as_bytes().to_vec()))
-    }
-
-    /// Read the token file (at most 4 KiB).
-    pub fn load(path: &Path) -> Result<Token, String> {
-        use std::io::Read;
-        let f = std::fs::File::open(path)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let mut text = String::new();
-        f.take(MAX_TOKEN_FILE.saturating_add(1))
-            .read_to_string(&mut text)
-            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        if u64::try_from(text.len()).map_or(true, |n| n > MAX_TOKEN_FILE) {
-            return Err(format!(
-                "{}: larger than {MAX_TOKEN_FILE} bytes",
-                path.display()
-            ));
-        }
-        Token::new(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
-    /// The token as the `Authorization` field carries it after `Bearer `.
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Whether an `Authorization` field value is `Bearer <this token>` (scheme
-    /// case-insensitive, RFC 9110 §11.1); constant time in the token's bytes.
-    pub fn admits(&self, authorization: Option<&str>) -> bool {
-        let Some(v) = authorization else {
-            return false;
-        };
-        let Some((scheme, cred)) = v.split_once(' ') else {
-            return false;
-        };
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return false;
-        }
-        let cred = cred.trim_start_matches(' ').as_bytes();
-        if cred.len() != self.0.len() {
-            return false;
-        }
-        cred.iter()
-            .zip(&self.0)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    }
-}
-
 /// The bearer-token check every request passes first: `Ok` without a configured token or
 /// with the right `Authorization` value, else the 401 answer.
 pub fn authorize(token: Option<&Token>, authorization: Option<&str>) -> Result<(), Response> {
@@ -710,13 +462,22 @@ pub async fn respond(
     req: &Request,
     body: &[u8],
     token: Option<&Token>,
-    registry: &Registry,
+    services: &Services,
 ) -> Response {
     if let Err(r) = authorize(token, req.authorization.as_deref()) {
         return r;
     }
+    let registry = &*services.registry;
     // Live reconfiguration (LUNs, reload, config): its own routing table.
-    if let Some(r) = crate::reconfig::route(&req.method, &req.path, body, registry).await {
+    if let Some(r) = reconfig::route(
+        &req.method,
+        &req.path,
+        body,
+        registry,
+        services.live.as_ref(),
+    )
+    .await
+    {
         return r;
     }
     let route = match route(&req.method, &req.path) {
@@ -745,8 +506,8 @@ pub async fn respond(
             Ok((name, l)) => Response::json(200, &lu_reservations(&name, lun, &l.pr_snapshot())),
             Err(r) => r,
         },
-        Route::PortGroups => crate::port_groups::get(registry),
-        Route::PortGroup(id) => crate::port_groups::put(registry, &id, body),
+        Route::PortGroups => port_groups::get(registry),
+        Route::PortGroup(id) => port_groups::put(registry, &id, body),
         Route::Events => match since(req.query.as_deref()) {
             Ok(since) => Response::json(
                 200,
@@ -765,7 +526,7 @@ pub async fn respond(
                         owner: s.owner,
                         epoch: s.epoch,
                         generation: s.generation,
-                        handover: HandoverJson::of(&s.handover),
+                        handover: handover_json(&s.handover),
                         next_epoch: l.next_epoch(),
                     },
                 )
@@ -844,22 +605,16 @@ async fn handover(l: &Arc<LunHandle>, step: HandoverStep, req: &HandoverRequest)
                     &format!("deadline_ms above {MAX_DEADLINE_MS}"),
                 );
             }
-            let on_deadline = match req.on_deadline.as_deref() {
-                None | Some("abort") => OnDeadline::Abort,
-                Some("refuse") => OnDeadline::Refuse,
-                Some(other) => {
-                    return Response::error_code(
-                        400,
-                        "bad_request",
-                        &format!("on_deadline {other:?}: expected \"abort\" or \"refuse\""),
-                    )
-                }
-            };
+            let on_deadline = req.on_deadline.unwrap_or_default();
             let deadline = Duration::from_millis(deadline_ms);
             let r = l
                 .handover_commit(from, to, epoch, deadline, on_deadline)
                 .await;
-            l.metrics.handover_commit(&r);
+            match &r {
+                Ok(c) if c.idempotent => {}
+                Ok(c) => l.metrics.handover_commit(Some(&c.steps)),
+                Err(_) => l.metrics.handover_commit(None),
+            }
             match r {
                 Ok(c) => Response::json(
                     200,
@@ -931,7 +686,7 @@ pub fn since(query: Option<&str>) -> Result<u64, Response> {
 pub async fn handle(
     req: hyper::Request<Incoming>,
     token: Option<&Token>,
-    registry: &Registry,
+    services: &Services,
 ) -> Response {
     let (parts, body) = req.into_parts();
     let (request, declared) = match request_of(&parts) {
@@ -953,7 +708,7 @@ pub async fn handle(
         Ok(Err(e)) => return Response::error(400, &format!("request body: {e}")),
         Err(_) => return Response::error(408, "request body not received in time"),
     };
-    respond(&request, &body, token, registry).await
+    respond(&request, &body, token, services).await
 }
 
 /// [`MAX_BODY`] as the `usize` that [`Limited`] takes.
@@ -1097,10 +852,18 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     ))
 }
 
+/// What the admin API's handlers act on.
+pub struct Services {
+    /// Targets, LUs, reservations, ownership, events, port groups.
+    pub registry: Arc<Registry>,
+    /// Live reconfiguration; `None` answers its routes 503.
+    pub live: Option<Arc<Live>>,
+}
+
 /// The admin API, bound and ready to serve.
 pub struct AdminServer {
     listener: Listener,
-    registry: Arc<Registry>,
+    services: Arc<Services>,
     token: Option<Arc<Token>>,
 }
 
@@ -1112,7 +875,7 @@ impl AdminServer {
     pub async fn bind(
         cfg: &config::Admin,
         data_dir: &Path,
-        registry: Arc<Registry>,
+        services: Services,
     ) -> Result<Option<AdminServer>, String> {
         if !cfg.enabled {
             return Ok(None);
@@ -1148,7 +911,7 @@ impl AdminServer {
         };
         Ok(Some(AdminServer {
             listener,
-            registry,
+            services: Arc::new(services),
             token,
         }))
     }
@@ -1186,11 +949,11 @@ impl AdminServer {
                 tracing::debug!("admin API: every connection is running a request; refusing one");
                 continue;
             };
-            let (token, registry, rx) =
-                (self.token.clone(), self.registry.clone(), shutdown.clone());
+            let (token, services, rx) =
+                (self.token.clone(), self.services.clone(), shutdown.clone());
             match io {
-                Io::Tcp(s) => tasks.spawn(serve_connection(s, slot, token, registry, rx)),
-                Io::Unix(s) => tasks.spawn(serve_connection(s, slot, token, registry, rx)),
+                Io::Tcp(s) => tasks.spawn(serve_connection(s, slot, token, services, rx)),
+                Io::Unix(s) => tasks.spawn(serve_connection(s, slot, token, services, rx)),
             };
         }
         drop(self.listener);
@@ -1307,7 +1070,7 @@ async fn serve_connection<S>(
     io: S,
     mut slot: Slot,
     token: Option<Arc<Token>>,
-    registry: Arc<Registry>,
+    services: Arc<Services>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -1315,15 +1078,15 @@ async fn serve_connection<S>(
     let served = Arc::new(AtomicU64::new(0));
     let busy = slot.busy.clone();
     let service = hyper::service::service_fn(move |req| {
-        let (token, registry, served, busy) = (
+        let (token, services, served, busy) = (
             token.clone(),
-            registry.clone(),
+            services.clone(),
             served.clone(),
             busy.clone(),
         );
         async move {
             let _busy = Busy::enter(&busy);
-            let r = handle(req, token.as_deref(), &registry).await;
+            let r = handle(req, token.as_deref(), &services).await;
             if r.status >= 400 {
                 tracing::debug!(status = r.status, "admin request refused");
             }
@@ -1438,17 +1201,6 @@ mod tests {
             let got = route(m, p).map_err(|e| e.status);
             assert_eq!(&got, want, "{m} {p}");
         }
-    }
-
-    #[test]
-    fn percent_coding_round_trips() {
-        for s in ["iqn.2026-11.io.ironlun:lab", "a b/c%d", "é"] {
-            assert_eq!(percent_decode(&percent_encode(s)).as_deref(), Some(s));
-        }
-        assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
-        assert_eq!(percent_decode("%"), None);
-        assert_eq!(percent_decode("%4"), None);
-        assert_eq!(percent_decode("%ff"), None); // not UTF-8
     }
 
     #[test]
@@ -1650,13 +1402,13 @@ mod tests {
 
     #[test]
     fn handover_json_states() {
-        assert_eq!(HandoverJson::of(&Handover::Idle), None);
+        assert_eq!(handover_json(&Handover::Idle), None);
         let p = Handover::Prepared {
             from: "a".into(),
             to: "b".into(),
             epoch: 4,
         };
-        let j = HandoverJson::of(&p).unwrap();
+        let j = handover_json(&p).unwrap();
         assert_eq!(
             (j.state.as_str(), j.from.as_str(), j.to.as_str(), j.epoch),
             ("prepared", "a", "b", 4)
@@ -1666,7 +1418,7 @@ mod tests {
             to: "b".into(),
             epoch: 4,
         };
-        assert_eq!(HandoverJson::of(&f).unwrap().state, "fenced");
+        assert_eq!(handover_json(&f).unwrap().state, "fenced");
     }
 
     #[test]
@@ -1686,8 +1438,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (ok.epoch, ok.deadline_ms, ok.on_deadline.as_deref()),
-            (2, Some(10), Some("refuse"))
+            (ok.epoch, ok.deadline_ms, ok.on_deadline),
+            (2, Some(10), Some(ironlun_api::OnDeadline::Refuse))
         );
     }
 

@@ -202,7 +202,7 @@ pub fn perform(backend: &dyn BlockBackend, op: &IoOp) -> IoResult {
         IoOp::MapStatus { offset, len } => backend.extents(*offset, *len).map(|v| {
             IoResult::Extents(v.into_iter().map(|e| (e.offset, e.len, e.mapped)).collect())
         }),
-        // Spans logical units: carried out by crate::xcopy, never by one backend.
+        // Spans logical units: carried out by crate::target::xcopy, never by one backend.
         IoOp::ExtendedCopy(_) => return IoResult::Error(IoErrorKind::Unsupported),
     };
     match r {

@@ -1,22 +1,16 @@
-//! ironlun daemon: configuration, targets and LUNs at run time, and the tokio server that
-//! drives the sans-IO iSCSI and SCSI cores, the HTTP/JSON admin API and its client.
+//! ironlun daemon: configuration, targets and LUNs at run time, the tokio server that drives
+//! the sans-IO iSCSI and SCSI cores, and the HTTP/JSON admin API's server (its wire types are
+//! `ironlun-api`; its client is `ironlun-cli`).
 
 pub mod admin;
 pub mod backend;
 pub mod budget;
 pub mod caw_gate;
-pub mod cli_docs;
 pub mod config;
-pub mod ctl;
-pub mod ctl_config;
 pub mod heap;
 pub mod logging;
 pub mod metrics;
-pub mod migrate;
-pub mod port_groups;
 pub mod reconfig;
 pub mod sd_notify;
 pub mod server;
-pub mod table;
 pub mod target;
-pub mod xcopy;

@@ -16,18 +16,18 @@
 //!
 //! `ironlun migrate --admin URL --lun TARGET/LUN --from HOST_S --to HOST_D [hooks…]` hands an
 //! LU's write access from one host to another at a live migration's switchover
-//! ([`ironlun::migrate`]). Exit status: 0 migrated, 1 rolled back or stuck, 2 usage.
+//! ([`ironlun_cli::migrate`]). Exit status: 0 migrated, 1 rolled back or stuck, 2 usage.
 //!
 //! `ironlun vhd create|info|check` makes, describes and checks VHD images (`vhd_cmd`); `check`
 //! exits as `qemu-img check`: 0 clean, 2 corruptions, 3 leaks only, 1 not completed.
 
-mod vhd_cmd;
+use ironlun_cli::vhd_cmd;
 
 use clap::{Parser, Subcommand};
 use ironlun::admin::AdminServer;
 use ironlun::config::Config;
-use ironlun::ctl;
 use ironlun::server::Server;
+use ironlun_cli::ctl;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -281,8 +281,8 @@ enum HandoverCommand {
         #[arg(long)]
         deadline_ms: Option<u64>,
         /// After the deadline: abort the source's commands, or refuse the handover.
-        #[arg(long, value_parser = ["abort", "refuse"])]
-        on_deadline: Option<String>,
+        #[arg(long, value_name = "abort|refuse")]
+        on_deadline: Option<ironlun_api::OnDeadline>,
     },
     /// Before commit: lift any fence; the source stays the only writer.
     Abort(HandoverStepArgs),
@@ -333,7 +333,7 @@ enum Command {
         command: CtlCommand,
     },
     /// Hand an LU from one host to another at a live migration's switchover.
-    Migrate(ironlun::migrate::MigrateArgs),
+    Migrate(ironlun_cli::migrate::MigrateArgs),
     /// Create, describe or check a VHD image.
     Vhd {
         #[command(subcommand)]
@@ -347,7 +347,7 @@ enum Command {
     /// Print the shell completion script for SHELL.
     Completions {
         #[arg(value_enum)]
-        shell: ironlun::cli_docs::Shell,
+        shell: ironlun_cli::cli_docs::Shell,
     },
     /// Print the ironlun(1) manual page (roff), or write one page per subcommand into DIR.
     Man {
@@ -374,7 +374,7 @@ fn main() -> ExitCode {
     }
     if let Command::Migrate(args) = cli.command {
         let mut out = std::io::stdout().lock();
-        return ExitCode::from(ironlun::migrate::main(&args, &mut out));
+        return ExitCode::from(ironlun_cli::migrate::main(&args, &mut out));
     }
     if let Command::Completions { .. } | Command::Man { .. } = &cli.command {
         return cli_docs(&cli.command);
@@ -431,16 +431,17 @@ fn cli_docs(command: &Command) -> ExitCode {
     let mut out = std::io::stdout().lock();
     let result = match command {
         Command::Completions { shell } => {
-            ironlun::cli_docs::completions(&mut Cli::command(), *shell, &mut out);
+            ironlun_cli::cli_docs::completions(&mut Cli::command(), *shell, &mut out);
             Ok(())
         }
-        Command::Man { out_dir: Some(dir) } => ironlun::cli_docs::man_pages(Cli::command(), dir)
-            .map(|files| {
+        Command::Man { out_dir: Some(dir) } => {
+            ironlun_cli::cli_docs::man_pages(Cli::command(), dir).map(|files| {
                 for f in files {
                     let _ = writeln!(out, "{}", f.display());
                 }
-            }),
-        _ => ironlun::cli_docs::man_page(Cli::command(), &mut out),
+            })
+        }
+        _ => ironlun_cli::cli_docs::man_page(Cli::command(), &mut out),
     };
     match result.and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -494,14 +495,14 @@ fn run_ctl(
             json || all_json,
             &mut std::io::stdout().lock(),
         ),
-        CtlCommand::PortGroup { id, state, json } => ironlun::port_groups::ctl(
+        CtlCommand::PortGroup { id, state, json } => ironlun_cli::port_groups::ctl(
             &client,
             id.zip(state),
             json || all_json,
             &mut std::io::stdout().lock(),
         ),
         CtlCommand::Lun { command } => {
-            use ironlun::ctl_config as cc;
+            use ironlun_cli::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
                 LunCommand::List { json } => cc::list(&client, json || all_json, out),
@@ -539,18 +540,26 @@ fn run_ctl(
             let out = &mut std::io::stdout().lock();
             match command {
                 TargetCommand::List { json } => {
-                    ironlun::ctl_config::target_list(&client, json || all_json, out)
+                    ironlun_cli::ctl_config::target_list(&client, json || all_json, out)
                 }
-                TargetCommand::Add { name, json } => {
-                    ironlun::ctl_config::target_change(&client, &name, true, json || all_json, out)
-                }
-                TargetCommand::Remove { name, json } => {
-                    ironlun::ctl_config::target_change(&client, &name, false, json || all_json, out)
-                }
+                TargetCommand::Add { name, json } => ironlun_cli::ctl_config::target_change(
+                    &client,
+                    &name,
+                    true,
+                    json || all_json,
+                    out,
+                ),
+                TargetCommand::Remove { name, json } => ironlun_cli::ctl_config::target_change(
+                    &client,
+                    &name,
+                    false,
+                    json || all_json,
+                    out,
+                ),
             }
         }
         CtlCommand::Portal { command } => {
-            use ironlun::ctl_config as cc;
+            use ironlun_cli::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
                 PortalCommand::List { json } => cc::portal_list(&client, json || all_json, out),
@@ -563,7 +572,7 @@ fn run_ctl(
             }
         }
         CtlCommand::Acl { command } => {
-            use ironlun::ctl_config as cc;
+            use ironlun_cli::ctl_config as cc;
             let out = &mut std::io::stdout().lock();
             match command {
                 AclCommand::List { target, json } => {
@@ -581,9 +590,11 @@ fn run_ctl(
                 } => cc::acl_change(&client, &target, &initiator, false, json || all_json, out),
             }
         }
-        CtlCommand::Reload { json } => {
-            ironlun::ctl_config::reload(&client, json || all_json, &mut std::io::stdout().lock())
-        }
+        CtlCommand::Reload { json } => ironlun_cli::ctl_config::reload(
+            &client,
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
         CtlCommand::Handover { step } => {
             let (name, a, deadline_ms, on_deadline) = match step {
                 HandoverCommand::Prepare(a) => ("prepare", a, None, None),
@@ -705,8 +716,12 @@ fn serve(
             },
         );
         // Installed before the `listening` lines: a SIGHUP after them reloads, never kills.
-        tokio::spawn(ironlun::reconfig::on_sighup(live));
-        let admin = match AdminServer::bind(&cfg.admin, &cfg.data_dir, server.registry()).await {
+        tokio::spawn(ironlun::reconfig::on_sighup(live.clone()));
+        let services = ironlun::admin::Services {
+            registry: server.registry(),
+            live: Some(live),
+        };
+        let admin = match AdminServer::bind(&cfg.admin, &cfg.data_dir, services).await {
             Ok(a) => a,
             Err(e) => {
                 eprintln!("ironlun: {e}");

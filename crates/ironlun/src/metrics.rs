@@ -25,7 +25,6 @@
 //! Hot path: a command costs one `Instant::now()` pair and a handful of relaxed atomic adds;
 //! no lock, no allocation, no map lookup.
 
-use crate::target::Registry;
 use ironlun_iscsi::connection::ScsiCompletion;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -269,15 +268,15 @@ impl LuMetrics {
         }
     }
 
-    /// Record a handover commit's result (an idempotent retry changes nothing: not counted).
-    pub fn handover_commit<E>(&self, r: &Result<crate::target::CommitOutcome, E>) {
-        match r {
-            Ok(c) if c.idempotent => {}
-            Ok(c) => self.handover(
+    /// Record a handover commit's result: the steps of a commit, `None` for a refusal (the
+    /// caller leaves out an idempotent retry, which changes nothing).
+    pub fn handover_commit(&self, committed: Option<&ironlun_api::CommitSteps>) {
+        match committed {
+            Some(steps) => self.handover(
                 HandoverResult::Committed,
-                Some(std::time::Duration::from_micros(c.steps.total)),
+                Some(std::time::Duration::from_micros(steps.total)),
             ),
-            Err(_) => self.handover(HandoverResult::Refused, None),
+            None => self.handover(HandoverResult::Refused, None),
         }
     }
 }
@@ -1017,20 +1016,6 @@ pub fn render_parts<'a>(luns: &[(&'a str, u64, &'a LuMetrics)], d: &Daemon) -> S
         d.task_set_full.load(Relaxed),
     );
     e.out
-}
-
-/// The exposition of the live registry and the daemon-wide metrics.
-pub fn render(registry: &Registry) -> String {
-    let targets = registry.targets();
-    let lun_sets: Vec<(&str, Arc<crate::target::LunMap>)> = targets
-        .iter()
-        .map(|t| (t.name.as_str(), t.luns()))
-        .collect();
-    let luns: Vec<(&str, u64, &LuMetrics)> = lun_sets
-        .iter()
-        .flat_map(|(name, luns)| luns.iter().map(|(id, l)| (*name, *id, &*l.metrics)))
-        .collect();
-    render_parts(&luns, &DAEMON)
 }
 
 #[cfg(test)]

@@ -885,7 +885,7 @@ struct Commands {
     unsent: Vec<Held>,
     done_tx: mpsc::UnboundedSender<Done>,
     /// EXTENDED COPYs in flight by ITT: ABORT TASK / ABORT TASK SET / LUN RESET / CLEAR TASK
-    /// SET drop the sender, which stops the copy between chunks (crate::xcopy).
+    /// SET drop the sender, which stops the copy between chunks (crate::target::xcopy).
     copies: HashMap<u32, oneshot::Sender<()>>,
     /// Received Data-Out held by the connection while it assembles writes.
     assembling: Charge,

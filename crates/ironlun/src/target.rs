@@ -23,10 +23,13 @@
 //! decision to its completion, shared; COMPARE AND WRITE passes it exclusively, which makes
 //! its read, compare and write atomic against every other command (see [`crate::caw_gate`]).
 
+pub mod xcopy;
+
 use crate::backend;
 use crate::caw_gate::{Access, Entry, Gate};
 use crate::config::{self, Config};
 use bytes::Bytes;
+use ironlun_api::{CommitSteps, Event, OnDeadline, ABORT_WAIT};
 use ironlun_backstore::BlockBackend;
 use ironlun_iscsi::acl::LunMasking;
 use ironlun_iscsi::connection::ScsiCompletion;
@@ -417,8 +420,6 @@ pub struct Registry {
     port_groups: Mutex<ironlun_scsi::alua::PortGroups>,
     next_nexus: AtomicU64,
     next_tsih: AtomicU16,
-    /// Live reconfiguration of this daemon, once set up ([`crate::reconfig::Live`]).
-    pub(crate) live: std::sync::OnceLock<std::sync::Weak<crate::reconfig::Live>>,
 }
 
 impl Registry {
@@ -461,7 +462,6 @@ impl Registry {
             port_groups: Mutex::new(port_groups),
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
-            live: std::sync::OnceLock::new(),
         })
     }
 
@@ -1049,7 +1049,7 @@ impl Nexus {
                 let mut lu = l.lu();
                 let ticket = match function {
                     TmfFunction::AbortTaskSet => lu.abort_task_set(self.id),
-                    // Also stops copies of other nexuses touching this LU (crate::xcopy).
+                    // Also stops copies of other nexuses touching this LU (crate::target::xcopy).
                     TmfFunction::ClearTaskSet => lu.clear_task_set(),
                     _ => lu.reset(self.id, ResetKind::LogicalUnit),
                 };
@@ -1349,7 +1349,7 @@ impl PendingCommand {
                     // holding this one across the copy would deadlock a COMPARE AND WRITE
                     // waiting for it against the copy's next entry.
                     drop(entry);
-                    let outcome = crate::xcopy::run(&luns, nexus, &job).await;
+                    let outcome = crate::target::xcopy::run(&luns, nexus, &job).await;
                     let entry = Gate::enter(handle.gate.clone(), Access::Shared).await;
                     let step = task
                         .resume(IoResult::Copy(outcome))
@@ -1402,7 +1402,7 @@ async fn commit_pr(handle: &Arc<LunHandle>, commit: PrCommit, seq: u64) -> lu::C
     completion
 }
 
-/// An EXTENDED COPY spans the LUs the nexus sees ([`crate::xcopy`]), so it leaves the LU's
+/// An EXTENDED COPY spans the LUs the nexus sees ([`crate::target::xcopy`]), so it leaves the LU's
 /// I/O path: its job and continuation, or the step unchanged.
 fn split_copy(step: Sequenced) -> Split {
     match step.step {
@@ -1499,19 +1499,6 @@ fn to_wire(c: lu::Completion) -> ScsiCompletion {
 /// How many events the log keeps; older ones are dropped first.
 pub const EVENT_CAPACITY: usize = 1024;
 
-/// One PR OUT, ownership or handover event (`GET /v1/events`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Event {
-    /// Increases by one per event, from 1, across all LUs.
-    pub seq: u64,
-    pub time_unix_ms: u64,
-    /// `TARGET/LUN`.
-    pub lun: String,
-    /// `pr_out`, `ownership`, `handover_prepare`, `handover_commit` or `handover_abort`.
-    pub kind: String,
-    pub detail: serde_json::Value,
-}
-
 /// A bounded ring buffer of [`Event`]s.
 pub struct EventLog {
     inner: Mutex<(u64, std::collections::VecDeque<Event>)>,
@@ -1558,33 +1545,6 @@ impl EventLog {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         g.1.iter().filter(|e| e.seq > since).cloned().collect()
     }
-}
-
-/// What a handover commit does when the source's tasks have not finished by the deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDeadline {
-    /// Abort them (TASK ABORTED, as PREEMPT AND ABORT, SPC-4 §5.13.11.2.6) and commit.
-    Abort,
-    /// Lift the fence and refuse the commit; the source stays the only writer.
-    Refuse,
-}
-
-/// How long a commit waits for tasks it aborted to finish their backend I/O (an I/O cannot be
-/// recalled once submitted); past it the commit fails with the fence still up.
-pub const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Durations of a handover commit's steps, in µs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CommitSteps {
-    /// Raising the fence (under the LU lock).
-    pub fence: u64,
-    /// Waiting for the source's in-flight tasks (and aborting them after the deadline).
-    pub drain: u64,
-    /// Flushing the backstore, data and metadata.
-    pub flush: u64,
-    /// The PR transition and its durable state-file write.
-    pub transfer: u64,
-    pub total: u64,
 }
 
 /// A committed handover.

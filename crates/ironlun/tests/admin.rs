@@ -8,8 +8,8 @@ mod common;
 
 use bytes::Bytes;
 use common::{admin_connect, opts, parse_http_response, session, Daemon, TARGET};
-use ironlun::admin::{Health, LuReservations, ReservationsList};
-use ironlun::ctl::{Client, Reply};
+use ironlun_api::{Health, LuReservations, ReservationsList};
+use ironlun_cli::ctl::{Client, Reply};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Output};

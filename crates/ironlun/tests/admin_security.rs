@@ -8,7 +8,7 @@
 mod common;
 
 use common::{admin_connect, Daemon, TARGET};
-use ironlun::ctl::{Client, Reply};
+use ironlun_cli::ctl::{Client, Reply};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;

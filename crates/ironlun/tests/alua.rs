@@ -16,7 +16,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{pattern, Daemon, PROMPT};
-use ironlun::ctl::Client;
+use ironlun_cli::ctl::Client;
 use ironlun_initiator::{CommandResult, LoginOptions, Session};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{Daemon, PROMPT};
-use ironlun::ctl::Client;
+use ironlun_cli::ctl::Client;
 use ironlun_initiator::{discover, LoginOptions, Session};
 use std::net::SocketAddr;
 use std::time::Duration;

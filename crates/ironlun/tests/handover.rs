@@ -11,7 +11,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{session, Daemon, BLOCK_SIZE, LISTEN_ANY, PROMPT, TARGET};
-use ironlun::ctl::Client;
+use ironlun_cli::ctl::Client;
 use ironlun_initiator::Session;
 use serde_json::{json, Value};
 use std::path::PathBuf;

@@ -13,7 +13,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{opts, session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
-use ironlun::ctl::Client;
+use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{kind, OutAction, OutParams};
 use ironlun_initiator::{CommandResult, Session};
 use ironlun_scsi::pr::ownership::owner_key;

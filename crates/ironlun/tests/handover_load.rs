@@ -204,7 +204,7 @@ async fn hundred_handovers_back_and_forth_under_qd16_load_lose_nothing() {
         Arc::new(session(d.addr, HOSTS[0]).await),
         Arc::new(session(d.addr, HOSTS[1]).await),
     ];
-    let client = ironlun::ctl::Client::new(&base, None).unwrap();
+    let client = ironlun_cli::ctl::Client::new(&base, None).unwrap();
     let lu = format!("/v1/luns/{TARGET}/0");
     let r = client
         .request(

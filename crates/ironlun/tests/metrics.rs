@@ -9,7 +9,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{Daemon, PROMPT, TARGET};
-use ironlun::ctl::Client;
+use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{OutAction, OutParams};
 use ironlun_initiator::{LoginOptions, Session};
 use serde_json::{json, Value};

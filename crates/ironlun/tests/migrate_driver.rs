@@ -716,7 +716,7 @@ async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_
     let d = common::Daemon::start();
     let a = common::session(d.addr, A).await;
     let b = common::session(d.addr, B).await;
-    let client = ironlun::ctl::Client::new(&d.admin, None).unwrap();
+    let client = ironlun_cli::ctl::Client::new(&d.admin, None).unwrap();
     let owner = client
         .request(
             "POST",
@@ -761,7 +761,7 @@ async fn real_daemon_hands_the_lun_from_host_a_to_host_b() {
     let d = common::Daemon::start();
     let a = common::session(d.addr, A).await;
     let b = common::session(d.addr, B).await;
-    let client = ironlun::ctl::Client::new(&d.admin, None).unwrap();
+    let client = ironlun_cli::ctl::Client::new(&d.admin, None).unwrap();
     let owner = client
         .request(
             "POST",

@@ -184,7 +184,7 @@ async fn write_status(s: &Session, lba: u64) -> u8 {
 }
 
 fn get(admin: &str, path: &str) -> Value {
-    let c = ironlun::ctl::Client::new(admin, None).unwrap();
+    let c = ironlun_cli::ctl::Client::new(admin, None).unwrap();
     let r = c.get(path).unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     serde_json::from_slice(&r.body).unwrap()
@@ -265,7 +265,7 @@ async fn setup() -> (Daemon, Arc<Session>, Arc<Session>) {
     let d = Daemon::start();
     let a = Arc::new(session(d.addr, A).await);
     let b = Arc::new(session(d.addr, B).await);
-    let c = ironlun::ctl::Client::new(d.admin_url(), None).unwrap();
+    let c = ironlun_cli::ctl::Client::new(d.admin_url(), None).unwrap();
     let r = c
         .request(
             "POST",
@@ -570,7 +570,7 @@ async fn stuck_source_io_rolls_back_with_refuse_and_migrates_with_abort() {
 async fn destination_not_logged_in_fails_prepare_and_changes_nothing() {
     let d = Daemon::start();
     let a = session(d.addr, A).await;
-    let c = ironlun::ctl::Client::new(d.admin_url(), None).unwrap();
+    let c = ironlun_cli::ctl::Client::new(d.admin_url(), None).unwrap();
     let r = c
         .request(
             "POST",

@@ -502,7 +502,7 @@ async fn persist_reservations_always_keeps_state_registered_without_aptpl() {
     std::fs::write(dir.path().join("ironlun.toml"), &always).unwrap();
     let admin = d.admin.clone();
     let reply = tokio::task::spawn_blocking(move || {
-        let c = ironlun::ctl::Client::new(&admin, None).unwrap();
+        let c = ironlun_cli::ctl::Client::new(&admin, None).unwrap();
         c.request("POST", "/v1/reload", None, Duration::from_secs(30))
             .unwrap()
     })

@@ -2,9 +2,9 @@
 //! reconfiguration ([`crate::reconfig`]). Text output is a table or one line per change;
 //! `--json` prints the admin API's JSON.
 
-use crate::admin::percent_encode;
 use crate::ctl::{call_json, Client, CtlError, RESPONSE_TIMEOUT};
-use crate::reconfig::{ChangeJson, LunsJson};
+use ironlun_api::percent_encode;
+use ironlun_api::{ChangeJson, LunsJson};
 use std::io::Write;
 
 fn write(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
@@ -21,7 +21,7 @@ fn write_json<T: serde::Serialize>(out: &mut dyn Write, v: &T) -> Result<(), Ctl
 
 /// A size as the config writes it (`512M`, `10GiB`, bytes), checked before it is sent.
 pub fn check_size(s: &str) -> Result<(), CtlError> {
-    crate::config::parse_size_text(s)
+    ironlun_api::parse_size_text(s)
         .map(|_| ())
         .map_err(|e| CtlError(format!("size {s:?}: {e}")))
 }
@@ -129,10 +129,10 @@ pub fn add(
     if let Some(s) = &a.size {
         check_size(s)?;
     }
-    let body = serde_json::to_value(crate::reconfig::LunRequest {
+    let body = serde_json::to_value(ironlun_api::LunRequest {
         id: lu.1,
         backstore: a.backstore.clone(),
-        size: a.size.clone().map(crate::reconfig::SizeArg::Text),
+        size: a.size.clone().map(ironlun_api::SizeArg::Text),
         path: a.path.clone(),
         block_size: a.block_size,
     })
@@ -181,7 +181,7 @@ pub fn set_offline(
 
 /// `ctl target list`.
 pub fn target_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
-    let t: crate::reconfig::TargetsJson = client.get_json("/v1/targets")?;
+    let t: ironlun_api::TargetsJson = client.get_json("/v1/targets")?;
     if json {
         return write_json(out, &t);
     }
@@ -226,7 +226,7 @@ pub fn target_change(
 
 /// `ctl portal list`.
 pub fn portal_list(client: &Client, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
-    let p: crate::reconfig::PortalsJson = client.get_json("/v1/portals")?;
+    let p: ironlun_api::PortalsJson = client.get_json("/v1/portals")?;
     if json {
         return write_json(out, &p);
     }
@@ -249,7 +249,7 @@ pub fn portal_add(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), CtlError> {
-    let body = serde_json::to_value(crate::reconfig::PortalRequest { listen, tpgt })
+    let body = serde_json::to_value(ironlun_api::PortalRequest { listen, tpgt })
         .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
     change(client, "POST", "/v1/portals", Some(&body), json, out)
 }
@@ -272,7 +272,7 @@ pub fn acl_list(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), CtlError> {
-    let t: crate::reconfig::TargetJson =
+    let t: ironlun_api::TargetJson =
         client.get_json(&format!("/v1/targets/{}/acl", percent_encode(target)))?;
     if json {
         return write_json(out, &t);

@@ -270,7 +270,7 @@ fn four_cc(b: &[u8; 4]) -> String {
 fn vhd_time(stamp: u32) -> String {
     let secs = VHD_EPOCH_UNIX + u64::from(stamp);
     let rem = secs % 86_400;
-    let (year, month, day) = ironlun::ctl::civil_date(secs / 86_400);
+    let (year, month, day) = crate::ctl::civil_date(secs / 86_400);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         rem / 3600,

@@ -15,9 +15,9 @@
 //!
 //! [`LogicalUnit::abort_epoch`]: ironlun_scsi::LogicalUnit::abort_epoch
 
+use super::LunHandle;
 use crate::backend;
 use crate::caw_gate::{Access, Gate};
-use crate::target::LunHandle;
 use bytes::Bytes;
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult, NexusId};
 use ironlun_scsi::sense::SenseReason;

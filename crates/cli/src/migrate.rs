@@ -25,8 +25,9 @@
 //! Exit status: 0 migrated, 1 rolled back or stuck (the message says which and what to do),
 //! 2 usage.
 
-use crate::admin;
 use crate::ctl::{self, Client, CtlError, Reply};
+use ironlun_api as admin;
+use ironlun_api::OnDeadline;
 use ironlun_coordinator::handover::{
     Action, AdminCall, Failure, Handover, Hooks, Outcome, Owner, Plan, PlanError, TargetView,
     Timeline,
@@ -53,24 +54,6 @@ pub const EXIT_USAGE: u8 = 2;
 /// Margin added to `--deadline-ms` for the commit call's own deadline: the target answers
 /// within the drain deadline plus the flush and the PR transition.
 const COMMIT_MARGIN: Duration = Duration::from_secs(10);
-
-/// What the target does when the source's in-flight commands outlive `--deadline-ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnDeadline {
-    /// Abort them and commit.
-    Abort,
-    /// Lift the fence and refuse the commit (the handover rolls back).
-    Refuse,
-}
-
-impl OnDeadline {
-    fn name(self) -> &'static str {
-        match self {
-            OnDeadline::Abort => "abort",
-            OnDeadline::Refuse => "refuse",
-        }
-    }
-}
 
 /// `ironlun migrate` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,7 +84,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub deadline_ms: u64,
     /// What the target does when that deadline passes.
-    #[arg(long, value_enum, default_value_t = OnDeadline::Abort)]
+    #[arg(long, value_name = "abort|refuse", default_value_t = OnDeadline::Abort)]
     pub on_deadline: OnDeadline,
     /// Hook: pre-copy (the hypervisor copies memory).
     #[arg(long, value_name = "CMD")]
@@ -264,10 +247,11 @@ impl Api {
     fn post(
         &self,
         what: &str,
-        body: &serde_json::Value,
+        body: &admin::HandoverRequest,
         timeout: Duration,
     ) -> Result<Vec<u8>, (Failure, Option<String>)> {
-        let body = body.to_string();
+        let body = serde_json::to_string(body)
+            .map_err(|e| (Failure::Unknown(format!("cannot encode JSON: {e}")), None))?;
         classify_coded(self.client.request(
             "POST",
             &format!("{}/handover/{what}", self.base),
@@ -289,13 +273,14 @@ impl Api {
         on: OnDeadline,
         timeout: Duration,
     ) -> Result<Vec<u8>, Failure> {
-        let body = serde_json::json!({
-            "from": from, "to": to, "epoch": epoch,
-            "deadline_ms": self.deadline_ms, "on_deadline": on.name(),
-        });
+        let body = admin::HandoverRequest {
+            deadline_ms: Some(self.deadline_ms),
+            on_deadline: Some(on),
+            ..handover_request(from, to, epoch)
+        };
         match self.post("commit", &body, timeout) {
             Err((_, Some(code))) if code == "not_prepared" => {
-                let pair = serde_json::json!({ "from": from, "to": to, "epoch": epoch });
+                let pair = handover_request(from, to, epoch);
                 self.post("prepare", &pair, timeout).map_err(|(f, _)| f)?;
                 self.post("commit", &body, timeout).map_err(|(f, _)| f)
             }
@@ -306,7 +291,7 @@ impl Api {
     /// Executes `call`; a commit's reply body is returned for the report.
     fn call(&self, call: AdminCall, timeout: Duration) -> (CallResult, Option<serde_json::Value>) {
         let (from, to) = (self.from.as_str(), self.to.as_str());
-        let pair = |epoch: u64| serde_json::json!({ "from": from, "to": to, "epoch": epoch });
+        let pair = |epoch: u64| handover_request(from, to, epoch);
         let step = |r: Result<Vec<u8>, Failure>| CallResult::Step(r.map(|_| ()));
         let plain = |r: Result<Vec<u8>, (Failure, Option<String>)>| step(r.map_err(|(f, _)| f));
         match call {
@@ -1095,6 +1080,17 @@ impl Report<'_> {
         }
         let _ = writeln!(out, "{}: {msg}", name.replace('_', " "));
         let _ = out.flush();
+    }
+}
+
+/// The body of a prepare or abort (and the base of a commit's).
+fn handover_request(from: &str, to: &str, epoch: u64) -> admin::HandoverRequest {
+    admin::HandoverRequest {
+        from: from.to_string(),
+        to: to.to_string(),
+        epoch,
+        deadline_ms: None,
+        on_deadline: None,
     }
 }
 

@@ -7,13 +7,13 @@
 //! by two spaces, `-` for an empty cell) or, with `--json` (before or after the subcommand),
 //! the API's JSON unchanged.
 
-use crate::admin::{
-    self, CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson,
-    ReservationsList, Token,
-};
 use crate::table;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use ironlun_api::{
+    CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson, ReservationsList,
+    Token,
+};
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -381,7 +381,7 @@ pub fn reservations(
 ) -> Result<(), CtlError> {
     let luns = match selector {
         Some((t, l)) => {
-            let path = format!("/v1/reservations/{}/{l}", admin::percent_encode(t));
+            let path = format!("/v1/reservations/{}/{l}", ironlun_api::percent_encode(t));
             if json {
                 let one: serde_json::Value = client.get_json(&path)?;
                 return write_json(out, &one);
@@ -523,7 +523,7 @@ pub(crate) fn call_json<T: serde::de::DeserializeOwned>(
 
 /// `/v1/luns/<target>/<lun>/<rest>`.
 fn lu_path((t, l): &(String, u64), rest: &str) -> String {
-    format!("/v1/luns/{}/{l}/{rest}", admin::percent_encode(t))
+    format!("/v1/luns/{}/{l}/{rest}", ironlun_api::percent_encode(t))
 }
 
 fn write_text(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
@@ -532,7 +532,7 @@ fn write_text(out: &mut dyn Write, text: &str) -> Result<(), CtlError> {
 }
 
 /// The handover cell: `STATE FROM -> TO (epoch N)`, or `-`.
-fn handover_cell(h: Option<&crate::admin::HandoverJson>) -> String {
+fn handover_cell(h: Option<&ironlun_api::HandoverJson>) -> String {
     h.map_or_else(
         || "-".to_string(),
         |h| format!("{} {} -> {} (epoch {})", h.state, h.from, h.to, h.epoch),
@@ -654,8 +654,8 @@ pub struct HandoverArgs {
     pub epoch: u64,
     /// Commit only.
     pub deadline_ms: Option<u64>,
-    /// Commit only: `abort` or `refuse`.
-    pub on_deadline: Option<String>,
+    /// Commit only.
+    pub on_deadline: Option<ironlun_api::OnDeadline>,
 }
 
 /// `ironlun ctl handover prepare|commit|abort TARGET/LUN --from S --to D --epoch N …`.
@@ -666,21 +666,21 @@ pub fn handover(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), CtlError> {
-    let body = admin::HandoverRequest {
+    let body = ironlun_api::HandoverRequest {
         from: a.from.clone(),
         to: a.to.clone(),
         epoch: a.epoch,
         deadline_ms: a.deadline_ms,
-        on_deadline: a.on_deadline.clone(),
+        on_deadline: a.on_deadline,
     };
     let body =
         serde_json::to_value(&body).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
     // A commit may wait for its drain deadline, an abort of stuck I/O and the flush.
     let timeout = RESPONSE_TIMEOUT
         .saturating_add(Duration::from_millis(
-            a.deadline_ms.unwrap_or(admin::DEFAULT_DEADLINE_MS),
+            a.deadline_ms.unwrap_or(ironlun_api::DEFAULT_DEADLINE_MS),
         ))
-        .saturating_add(crate::target::ABORT_WAIT);
+        .saturating_add(ironlun_api::ABORT_WAIT);
     let r: serde_json::Value = call_json(
         client,
         "POST",
@@ -776,7 +776,7 @@ pub fn events(
 }
 
 /// The event table: sequence number, UTC time, LU, kind, detail (`key=value` pairs).
-pub fn render_events(events: &[crate::target::Event]) -> String {
+pub fn render_events(events: &[ironlun_api::Event]) -> String {
     if events.is_empty() {
         return "no events\n".to_string();
     }
@@ -841,7 +841,7 @@ pub fn civil_date(days: u64) -> (u64, u64, u64) {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::admin::{RegistrationJson, ReservationJson};
+    use ironlun_api::{RegistrationJson, ReservationJson};
 
     #[test]
     fn accepts_admin_urls() {
@@ -933,7 +933,7 @@ mod tests {
             lun: 2,
             owner: Some("iqn.h:a".into()),
             epoch: 3,
-            handover: Some(crate::admin::HandoverJson {
+            handover: Some(ironlun_api::HandoverJson {
                 state: "fenced".into(),
                 from: "iqn.h:a".into(),
                 to: "iqn.h:b".into(),
@@ -987,7 +987,7 @@ mod tests {
                 o(
                     None,
                     0,
-                    Some(crate::admin::HandoverJson {
+                    Some(ironlun_api::HandoverJson {
                         state: "prepared".into(),
                         from: "iqn.h:a".into(),
                         to: "iqn.h:b".into(),
@@ -1011,7 +1011,7 @@ mod tests {
             epoch: 2,
             generation: 9,
             owner: Some("iqn.h:b".into()),
-            steps_us: crate::target::CommitSteps {
+            steps_us: ironlun_api::CommitSteps {
                 fence: 120,
                 drain: 3_400,
                 flush: 15,
@@ -1032,7 +1032,7 @@ mod tests {
 
     #[test]
     fn renders_events_table() {
-        let e = crate::target::Event {
+        let e = ironlun_api::Event {
             seq: 12,
             time_unix_ms: 1_795_651_200_123,
             lun: "iqn.x:t/0".into(),
