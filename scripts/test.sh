@@ -15,6 +15,7 @@ echo "== installing test dependencies"
 bash scripts/install-deps.sh
 
 echo "== layers: crate dependencies and the daemon's module imports (scripts/check-layers.py)"
+PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s scripts -p 'test_check_layers.py'
 python3 scripts/check-layers.py
 
 echo "== tier 1: the benchmark report renderers (scripts/bench: results, table, chart)"

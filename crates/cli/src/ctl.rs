@@ -1,4 +1,4 @@
-//! `ironlun ctl`: the admin API's command-line client ([`crate::admin`]).
+//! `ironlun ctl`: the admin API's command-line client (the server is `ironlun::admin`; the bodies are `ironlun_api`).
 //!
 //! A small blocking client: each call runs one HTTP/1.1 exchange with hyper's client
 //! connection on a current-thread runtime, over the daemon's Unix socket (the default) or TCP

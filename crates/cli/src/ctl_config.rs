@@ -1,5 +1,5 @@
 //! `ironlun ctl lun list|add|remove|resize` and `ironlun ctl reload`: the client side of live
-//! reconfiguration ([`crate::reconfig`]). Text output is a table or one line per change;
+//! reconfiguration (`ironlun::reconfig` in the daemon). Text output is a table or one line per change;
 //! `--json` prints the admin API's JSON.
 
 use crate::ctl::{call_json, Client, CtlError, RESPONSE_TIMEOUT};

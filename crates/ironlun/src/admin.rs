@@ -1,7 +1,7 @@
 //! The admin API: HTTP/1.1 with JSON bodies, served by the daemon with hyper on an owner-only
 //! Unix socket by default (`<data_dir>/admin.sock`, or `$RUNTIME_DIRECTORY/admin.sock` under
 //! systemd), or on TCP when `[admin] listen = "IP:PORT"` and a token are configured.
-//! `ironlun ctl` is its client ([`crate::ctl`]).
+//! `ironlun ctl` (`ironlun-cli`) is its client; the bodies are `ironlun-api` types.
 //!
 //! Endpoints (all answering `application/json`):
 //! - `GET /v1/health` → `{"status":"ok","version":"…"}`;
@@ -15,8 +15,8 @@
 //! - `GET /v1/events?since=SEQ` → [`EventsJson`] (bounded ring buffer of PR OUT, ownership and
 //!   handover events);
 //! - `GET /v1/port-groups`, `PUT /v1/port-groups/<id>` `{"state"}` → ALUA target port groups
-//!   ([`port_groups`]);
-//! - the live reconfiguration routes of [`reconfig::route`].
+//!   (`admin/port_groups.rs`);
+//! - the live reconfiguration routes of `admin/reconfig.rs`.
 //!
 //! Errors are `{"error":"…","code":"…"}` with a 4xx/5xx status; refused ownership steps are
 //! 409 with the code naming the reason ([`op_error`]), malformed bodies 400. With

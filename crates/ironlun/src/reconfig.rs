@@ -269,13 +269,12 @@ impl Live {
             Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
             None => embedded_text(),
         };
-        let live = Arc::new(Live {
+        Arc::new(Live {
             registry: registry.clone(),
             control,
             source,
             state: Mutex::new(State { config, text }),
-        });
-        live
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
