@@ -51,6 +51,8 @@ pub struct LunHandle {
     /// Makes COMPARE AND WRITE atomic ([`crate::caw_gate`]).
     pub(crate) gate: Arc<Gate>,
     pub backend: Arc<dyn BlockBackend>,
+    /// Test hook on EXTENDED COPYs into this LU ([`xcopy::CopyHook`]); never set when served.
+    pub copy_hook: std::sync::OnceLock<Arc<xcopy::CopyHook>>,
     /// The backend is memory (every read and write is a memcpy): see [`runs_inline`].
     ram: bool,
     /// The backend completes reads, writes and flushes asynchronously (io_uring): those are
@@ -120,6 +122,7 @@ impl LunHandle {
             lu: Mutex::new(lu),
             gate: Arc::new(Gate::new()),
             backend,
+            copy_hook: std::sync::OnceLock::new(),
             ram,
             async_io,
             drained: tokio::sync::Notify::new(),
@@ -308,6 +311,12 @@ impl LunHandle {
             }
         }
         Ok(true)
+    }
+
+    /// Counts LUN RESETs, target resets and CLEAR TASK SETs that reached this LU
+    /// ([`LogicalUnit::abort_epoch`]).
+    pub fn abort_epoch(&self) -> u64 {
+        self.lu().abort_epoch()
     }
 
     pub(crate) fn lu(&self) -> MutexGuard<'_, LogicalUnit> {

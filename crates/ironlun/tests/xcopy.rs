@@ -1,10 +1,12 @@
 //! EXTENDED COPY (LID1) and RECEIVE COPY RESULTS against the daemon, driven by our initiator:
 //! copies within one LU and across LUs verified by read-back, copy status afterwards, a copy
 //! stopped mid-way by ABORT TASK and by a LUN RESET from another session, a reservation
-//! conflict on the destination, a copy target the nexus does not see (LUN masking).
+//! conflict on the destination, a copy target the nexus does not see (LUN masking), a copy
+//! past its time limit.
 //!
-//! The daemon runs with `IRONLUN_XCOPY_CHUNK_PAUSE_MS` so that a copy of a few 8 MiB chunks
-//! takes long enough to be reached in the middle.
+//! The daemon runs in this process (the real server on 127.0.0.1), so that a test can hold a
+//! copy between its 8 MiB chunks with the copy manager's test hook ([`CopyHook`]) and act
+//! while it is held: no pause or limit on the wall clock.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,10 +17,16 @@
 mod common;
 
 use bytes::Bytes;
-use common::{pattern, Daemon};
+use common::pattern;
+use ironlun::config::{Config, Portal};
+use ironlun::server::{Server, ThreadPlan};
+use ironlun::target::xcopy::CopyHook;
+use ironlun::target::{LunHandle, Registry};
 use ironlun_initiator::xcopy::{parameter_list, split, BlockSegment};
 use ironlun_initiator::{pr, LoginOptions, SenseKey, Session, TmfFunction, TmfResponse};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 const BS: u32 = 512;
@@ -50,10 +58,55 @@ fn l(n: u64) -> u64 {
     n << 48
 }
 
-fn daemon() -> Daemon {
-    // Every test of this file sets the same value; the daemons inherit it.
-    std::env::set_var("IRONLUN_XCOPY_CHUNK_PAUSE_MS", "40");
-    Daemon::start_with_config(CONFIG)
+/// The daemon's server in this process, on an ephemeral port of 127.0.0.1.
+struct Daemon {
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    _stop: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+async fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::parse("xcopy.toml", CONFIG, None, Some(dir.path())).unwrap();
+    cfg.portals = vec![Portal {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tpgt: 1,
+    }];
+    let server = Server::bind(&cfg, ThreadPlan::new(1, None, &cfg)).await.unwrap();
+    let (addr, registry) = (server.local_addrs()[0], server.registry());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(server.run(rx));
+    Daemon {
+        addr,
+        registry,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+impl Daemon {
+    fn lu(&self, lun: u64) -> Arc<LunHandle> {
+        self.registry.target(TARGET).unwrap().luns()[&lun].clone()
+    }
+
+    /// Hold every copy into LU `lun` before each chunk until the test lets it pass.
+    fn hook(&self, lun: u64) -> Arc<CopyHook> {
+        let hook = Arc::new(CopyHook::default());
+        assert!(self.lu(lun).copy_hook.set(hook.clone()).is_ok());
+        hook
+    }
+}
+
+/// Poll `check` (after a yield each time) until it holds; a hang guard of 2000 polls.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never: {what}");
 }
 
 /// Log in as `initiator` and clear the power-on unit attention on every LU it sees.
@@ -110,9 +163,9 @@ async fn copy_status(s: &Session, lun: u64, list_id: u8) -> Option<(u8, u16, u64
     Some((d[4] & 0x7f, u16::from_be_bytes([d[5], d[6]]), count))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_within_and_across_logical_units() {
-    let d = daemon();
+    let d = daemon().await;
     let s = login(&d, "iqn.2026-11.io.test:copier", &[0, 1]).await;
     let naa0 = s.lu_naa(l(0)).await.unwrap().unwrap();
     let naa1 = s.lu_naa(l(1)).await.unwrap().unwrap();
@@ -175,9 +228,9 @@ async fn copies_within_and_across_logical_units() {
     assert_eq!(r.status, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operating_parameters_and_vpd() {
-    let d = daemon();
+    let d = daemon().await;
     let s = login(&d, "iqn.2026-11.io.test:params", &[0]).await;
     let r = s.receive_copy_results(l(0), 3, 0).await.unwrap();
     assert_eq!(r.status, 0);
@@ -232,64 +285,92 @@ async fn zero_mib(s: &Session, blocks: u64) -> usize {
     zero
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_task_stops_a_copy_between_chunks() {
-    let d = daemon();
+    let d = daemon().await;
+    let hook = d.hook(1);
     let s = login(&d, "iqn.2026-11.io.test:abort", &[0, 1]).await;
-    // 32 MiB: four 8 MiB chunks, 40 ms pause before each.
+    // 32 MiB: four 8 MiB chunks. The first one passes; the copy is held before the second.
     fill_source(&s, BLOCKS).await;
     let cmd = start_copy(&s, 9, BLOCKS).await;
     let itt = cmd.itt();
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    let t0 = Instant::now();
+    hook.allow(1);
+    hook.reached(2).await;
     let resp = s
         .task_mgmt(TmfFunction::AbortTask, l(1), itt)
         .await
         .unwrap();
     assert_eq!(resp, TmfResponse::FunctionComplete);
-    // The copy's status turns to "completed with error" once it has stopped.
-    loop {
-        match copy_status(&s, 1, 9).await {
-            Some((0x02, ..)) => break,
-            Some((0x00, ..)) if t0.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            other => panic!("copy status after ABORT TASK: {other:?}"),
-        }
-    }
-    // Well past the time the whole copy would take: later chunks were never written.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let zero = zero_mib(&s, BLOCKS).await;
-    assert!(
-        zero >= 8,
-        "only {zero} of 32 MiB untouched after ABORT TASK"
+    // The copy is gone from the hook without being let through: it writes nothing more.
+    hook.idle().await;
+    assert_eq!(
+        copy_status(&s, 1, 9).await.map(|x| x.0),
+        Some(0x02),
+        "completed with error"
+    );
+    assert_eq!(
+        zero_mib(&s, BLOCKS).await,
+        24,
+        "exactly the first 8 MiB chunk landed"
     );
     drop(cmd);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lun_reset_from_another_session_aborts_the_copy() {
-    let d = daemon();
+    let d = daemon().await;
+    let hook = d.hook(1);
     let a = login(&d, "iqn.2026-11.io.test:copy-a", &[0, 1]).await;
     let b = login(&d, "iqn.2026-11.io.test:reset-b", &[0, 1]).await;
     fill_source(&a, BLOCKS).await;
     let cmd = start_copy(&a, 4, BLOCKS).await;
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    let resp = b
-        .task_mgmt(TmfFunction::LogicalUnitReset, l(1), 0)
-        .await
-        .unwrap();
-    assert_eq!(resp, TmfResponse::FunctionComplete);
+    hook.allow(1);
+    hook.reached(2).await;
+    // The reset reaches LU 1 while the copy is held; its response waits for the copy.
+    let epoch = d.lu(1).abort_epoch();
+    let reset = tokio::spawn(async move {
+        let r = b.task_mgmt(TmfFunction::LogicalUnitReset, l(1), 0).await;
+        (b, r)
+    });
+    until("the LUN RESET reached LU 1", || d.lu(1).abort_epoch() != epoch).await;
+    hook.allow(3);
+    let (_b, resp) = reset.await.unwrap();
+    assert_eq!(resp.unwrap(), TmfResponse::FunctionComplete);
     let r = cmd.wait().await.unwrap();
     assert_eq!(r.status, 0x40, "TASK ABORTED (TAS=1)");
     clear_ua(&a, 1).await;
     assert_eq!(copy_status(&a, 1, 4).await.map(|x| x.0), Some(0x02));
-    assert!(zero_mib(&a, BLOCKS).await >= 8);
+    assert_eq!(
+        zero_mib(&a, BLOCKS).await,
+        24,
+        "the copy stopped at the chunk after the reset"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_past_its_time_limit_is_copy_aborted() {
+    let d = daemon().await;
+    let hook = d.hook(1);
+    let s = login(&d, "iqn.2026-11.io.test:slow", &[0, 1]).await;
+    fill_source(&s, BLOCKS).await;
+    let cmd = start_copy(&s, 3, BLOCKS).await;
+    // Two chunks pass; before the third the time limit has run out.
+    hook.allow(2);
+    hook.reached(3).await;
+    hook.expire();
+    hook.allow(1);
+    let r = cmd.wait().await.unwrap();
+    assert_eq!(r.status, 2, "CHECK CONDITION");
+    assert_eq!(sense(&r), (0x0A, 0x00, 0x00), "COPY ABORTED");
+    let (state, _, moved) = copy_status(&s, 1, 3).await.unwrap();
+    assert_eq!(state, 0x02, "completed with error");
+    assert_eq!(moved, 16 << 20, "the two chunks done before the limit");
+    assert_eq!(zero_mib(&s, BLOCKS).await, 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reserved_destination_conflicts() {
-    let d = daemon();
+    let d = daemon().await;
     let a = login(&d, "iqn.2026-11.io.test:copy-a", &[0, 1]).await;
     let b = login(&d, "iqn.2026-11.io.test:owner-b", &[0, 1]).await;
     let prout = |action, kind, key| {
@@ -330,9 +411,9 @@ async fn a_reserved_destination_conflicts() {
     assert_eq!(b.extended_copy(l(0), list).await.unwrap().status, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_target_outside_the_nexus_view_is_unreachable() {
-    let d = daemon();
+    let d = daemon().await;
     let full = login(&d, "iqn.2026-11.io.test:full", &[0, 2]).await;
     let naa2 = full.lu_naa(l(2)).await.unwrap().unwrap();
     let masked = login(&d, "iqn.2026-11.io.test:masked", &[0]).await;

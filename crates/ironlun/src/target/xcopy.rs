@@ -10,7 +10,7 @@
 //! WRITE the destination under their reservations (else RESERVATION CONFLICT). Bounds:
 //! between chunks the copy stops with TASK ABORTED when a LUN RESET, target reset or CLEAR
 //! TASK SET reached the source or destination ([`LogicalUnit::abort_epoch`]), and with COPY
-//! ABORTED once it has run for [`COPY_TIME_LIMIT`]. ABORT TASK / ABORT TASK SET drop the
+//! ABORTED once it has run for [`COPY_TIME_LIMIT`] ([`CopyHook`] stands in for time in tests). ABORT TASK / ABORT TASK SET drop the
 //! command's future (see `server.rs`); a chunk already on the blocking pool finishes first.
 //!
 //! [`LogicalUnit::abort_epoch`]: ironlun_scsi::LogicalUnit::abort_epoch
@@ -32,37 +32,86 @@ pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 /// Longest an EXTENDED COPY may run before it ends in COPY ABORTED (default).
 pub const COPY_TIME_LIMIT: Duration = Duration::from_secs(120);
 
-/// Test knobs, read once from the environment: `IRONLUN_XCOPY_TIME_LIMIT_MS` replaces
-/// [`COPY_TIME_LIMIT`]; `IRONLUN_XCOPY_CHUNK_PAUSE_MS` sleeps before each chunk, so tests can
-/// reach a copy in the middle (abort by TMF, time bound).
-struct Knobs {
-    limit: Duration,
-    pause: Option<Duration>,
+/// A test hook on the copy manager, in place of pauses and short limits on the wall clock: a
+/// copy whose destination LU carries one ([`LunHandle::copy_hook`]) waits before each chunk
+/// until the hook lets it pass, and counts as past its time limit once the hook says so.
+/// Tests install it on an in-process daemon; the served binary never has one.
+pub struct CopyHook {
+    /// Chunks allowed to start.
+    passes: tokio::sync::Semaphore,
+    /// Chunk boundaries reached so far (each before its chunk's wait).
+    reached: tokio::sync::watch::Sender<u64>,
+    /// Copies waiting here now (a copy dropped while it waits, as by ABORT TASK, leaves).
+    waiting: tokio::sync::watch::Sender<usize>,
+    /// The time limit counts as passed.
+    expired: std::sync::atomic::AtomicBool,
 }
 
-fn knobs() -> &'static Knobs {
-    static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
-    KNOBS.get_or_init(|| {
-        let ms = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .map(Duration::from_millis)
-        };
-        Knobs {
-            limit: ms("IRONLUN_XCOPY_TIME_LIMIT_MS").unwrap_or(COPY_TIME_LIMIT),
-            pause: ms("IRONLUN_XCOPY_CHUNK_PAUSE_MS").filter(|d| !d.is_zero()),
+impl Default for CopyHook {
+    fn default() -> Self {
+        CopyHook {
+            passes: tokio::sync::Semaphore::new(0),
+            reached: tokio::sync::watch::Sender::new(0),
+            waiting: tokio::sync::watch::Sender::new(0),
+            expired: std::sync::atomic::AtomicBool::new(false),
         }
-    })
+    }
 }
 
-/// Carry out `job` for `nexus` over the logical units it sees (`luns`).
+impl CopyHook {
+    /// Let `chunks` more chunks start.
+    pub fn allow(&self, chunks: usize) {
+        self.passes.add_permits(chunks);
+    }
+
+    /// Wait until copies have reached `n` chunk boundaries in all (the `n`-th chunk is about
+    /// to wait or has passed).
+    pub async fn reached(&self, n: u64) {
+        let mut rx = self.reached.subscribe();
+        let _ = rx.wait_for(|r| *r >= n).await;
+    }
+
+    /// Wait until no copy waits here (every one passed, ended or was dropped).
+    pub async fn idle(&self) {
+        let mut rx = self.waiting.subscribe();
+        let _ = rx.wait_for(|w| *w == 0).await;
+    }
+
+    /// From now on copies through this hook find their time limit passed.
+    pub fn expire(&self) {
+        self.expired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn before_chunk(&self) {
+        /// Counts the copy out of `waiting` however its wait ends.
+        struct Waiting<'a>(&'a tokio::sync::watch::Sender<usize>);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|w| *w = w.saturating_sub(1));
+            }
+        }
+        self.waiting.send_modify(|w| *w = w.saturating_add(1));
+        let _waiting = Waiting(&self.waiting);
+        self.reached.send_modify(|r| *r = r.saturating_add(1));
+        if let Ok(permit) = self.passes.acquire().await {
+            permit.forget();
+        }
+    }
+
+    fn is_expired(&self) -> bool {
+        self.expired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Carry out `job` for `nexus` over the logical units it sees (`luns`), for at most
+/// [`COPY_TIME_LIMIT`].
 pub async fn run(
     luns: &BTreeMap<u64, Arc<LunHandle>>,
     nexus: NexusId,
     job: &CopyJob,
 ) -> CopyOutcome {
-    run_until(luns, nexus, job, Instant::now() + knobs().limit).await
+    run_until(luns, nexus, job, Instant::now() + COPY_TIME_LIMIT).await
 }
 
 /// [`run`] with an explicit deadline.
@@ -215,11 +264,12 @@ async fn copy_segment(
         return (0, None);
     };
     let mut data = read(first).await;
+    let hook = dst.copy_hook.get();
     for (i, &(pos, n)) in chunks.iter().enumerate() {
-        if let Some(pause) = knobs().pause {
-            tokio::time::sleep(pause).await;
+        if let Some(h) = hook {
+            h.before_chunk().await;
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || hook.is_some_and(|h| h.is_expired()) {
             return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted)));
         }
         // One LU lock at a time (source and destination may be the same LU).
