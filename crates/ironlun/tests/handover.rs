@@ -179,12 +179,14 @@ async fn handover_under_qd16_load_loses_nothing_and_fences_the_source() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let before = records.lock().unwrap().len();
-    assert!(
-        before > 16,
-        "host-a wrote only {before} times before the handover"
-    );
+    // The handover starts once host-a has had more than 16 writes answered (a poll, with a
+    // hang guard; no bound on how long they take).
+    let mut polls = 0;
+    while records.lock().unwrap().len() <= 16 {
+        polls += 1;
+        assert!(polls < 10_000, "host-a's writes are not answered");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 
     prepare(&base, HOST_A, HOST_B, 2).await;
     let (s, c) = commit(&base, HOST_A, HOST_B, 2, json!({"deadline_ms": 5000})).await;

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use ironlun_initiator::{LoginOptions, Negotiated, RawConnection, Session};
 use ironlun_iscsi::pdu::{DataOut, Header, ScsiCommand, TaskAttr, RESERVED_TAG};
 use ironlun_iscsi::Pdu;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 use common::{Daemon, PROMPT, TARGET};
@@ -89,12 +89,11 @@ async fn a_new_login_with_the_same_isid_reinstates_the_session() {
     let second = Session::connect(d.addr, opts(name))
         .await
         .expect("reinstating login");
-    let t0 = Instant::now();
+    // No pings, no timeouts: only the reinstatement can close it.
     assert!(
         first.is_closed(PROMPT).await,
         "the old connection stays open"
     );
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(!other.is_closed());
     assert_eq!(second.test_unit_ready(0).await.unwrap().response, 0);
     assert_eq!(other.test_unit_ready(0).await.unwrap().response, 0);
@@ -130,7 +129,6 @@ async fn a_silent_client_gets_pinged_then_closed() {
     let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:silent"))
         .await
         .expect("login");
-    let t0 = Instant::now();
     let pdu = raw
         .recv_pdu(PROMPT)
         .await
@@ -141,12 +139,10 @@ async fn a_silent_client_gets_pinged_then_closed() {
     };
     assert_eq!(h.itt, RESERVED_TAG);
     assert_ne!(h.ttt, RESERVED_TAG);
+    // In this order: the ping, the connection still open (the ping's answer is awaited for
+    // nop_timeout), then closed for want of an answer.
+    assert!(!raw.is_closed(Duration::ZERO).await, "closed with the ping");
     assert!(raw.is_closed(PROMPT).await, "unanswered ping must close");
-    let took = t0.elapsed();
-    assert!(
-        took >= Duration::from_millis(1500),
-        "closed before nop_timeout: {took:?}"
-    );
     d.assert_healthy();
 }
 
@@ -157,9 +153,9 @@ async fn half_a_login_is_closed_by_the_login_timeout() {
     raw.send_bytes(&[0x43, 0x87, 0, 0, 0, 0, 0, 0x40])
         .await
         .unwrap();
-    let t0 = Instant::now();
+    // Open while the rest of the login may still come, closed by the login timeout.
+    assert!(!raw.is_closed(Duration::ZERO).await, "closed at once");
     assert!(raw.is_closed(PROMPT).await);
-    assert!(t0.elapsed() >= Duration::from_millis(1500));
     // A connection that sends nothing at all goes the same way.
     let mut mute = RawConnection::connect(d.addr).await.unwrap();
     assert!(mute.is_closed(PROMPT).await);
@@ -187,18 +183,19 @@ async fn a_one_byte_per_second_client_times_out() {
             ("TargetName".to_owned(), TARGET.to_owned()),
         ],
     ));
+    // A byte a second, well within the login PDU's 48-byte header: if each byte restarted
+    // the 2 s login timeout the connection would stay open all along; it must close while
+    // the bytes still come.
     let mut raw = RawConnection::connect(d.addr).await.unwrap();
-    let t0 = Instant::now();
     let mut closed = false;
-    for b in login.iter().take(10) {
-        if raw.send_bytes(&[*b]).await.is_err() {
+    for b in login.iter().take(20) {
+        if raw.send_bytes(&[*b]).await.is_err() || raw.is_closed(Duration::ZERO).await {
             closed = true;
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    assert!(closed || raw.is_closed(PROMPT).await);
-    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert!(closed, "still open after 20 bytes at one a second");
     d.assert_healthy();
 }
 
@@ -292,7 +289,7 @@ async fn sigterm_asks_logged_in_initiators_to_log_out() {
         .expect("login");
     // Keep the pings away from the assertion: answer whatever comes first only by reading.
     d.sigterm();
-    let deadline = Instant::now() + PROMPT;
+    let mut pings = 0;
     let msg = loop {
         let pdu = raw
             .recv_pdu(PROMPT)
@@ -301,7 +298,10 @@ async fn sigterm_asks_logged_in_initiators_to_log_out() {
             .expect("EOF before the Async Message");
         match pdu.header {
             Header::AsyncMessage(m) => break m,
-            Header::NopIn(_) => assert!(Instant::now() < deadline),
+            Header::NopIn(_) => {
+                pings += 1;
+                assert!(pings < 10, "pings but no Async Message after SIGTERM");
+            }
             other => panic!("{other:?}"),
         }
     };

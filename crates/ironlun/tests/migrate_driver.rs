@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LUN: &str = "iqn.2026-11.io.ironlun:lab/0";
 const A: &str = "iqn.2026-11.io.host:a";
@@ -626,7 +626,6 @@ fn a_hook_past_its_deadline_is_killed_with_its_children() {
     let s = Scratch::new();
     let late = s.path("late");
     let slow = format!("sleep 3; touch '{}'", late.display());
-    let started = Instant::now();
     let o = run(
         &fake,
         &s,
@@ -634,7 +633,8 @@ fn a_hook_past_its_deadline_is_killed_with_its_children() {
         &all_hooks(&s, &slow, "true", "true"),
     );
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // The driver gave up on the hook before the hook's own 3 s were over.
+    assert!(!late.exists(), "the driver waited for the hook to finish");
     assert_eq!(s.ran(), ["precopy", "rollback"]);
     std::thread::sleep(Duration::from_millis(3500));
     assert!(!late.exists(), "the hook's children outlived the cancel");
