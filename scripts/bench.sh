@@ -29,6 +29,12 @@
 #   2.5 minutes, under 1 with -q).
 # Env: IRONLUN_BIN (skip the build and use this binary), IL_PORT (3270), TGT_PORT (3271),
 #      IPERF_PORT (3272), TGT_CTL (tgtd control port, default TGT_PORT), IRONLUN_LOG (warn).
+#      SPDK_DIR: a built SPDK tree (../shared/tools/spdk/build-spdk.sh) adds SPDK's iSCSI target
+#      as a third column (SPDK_PORT 3273): one busy-polling reactor (MASK 0x1), a uring bdev on
+#      its own copy of the file, opened without O_DIRECT (page cache, as the others), hugepages
+#      when they can be reserved, else --no-huge. Its reactor spins a whole core even when idle,
+#      so it runs only for its own measurements: started before them in each repetition,
+#      stopped after (by PID). SPDK_TOOLS: the scripts that start it (../shared/tools/spdk).
 # Needs root for tgtd (scripts/install-deps.sh installs tgt, iperf3, libiscsi-bin, qemu-utils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,10 +78,14 @@ TGT_DIR="$WORK/tgt"
 BG=()   # helper processes we started (iperf3 servers, idle-session holders)
 cleanup() {
   for p in "${BG[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  spdk_down
   if [ -n "${IL_PID:-}" ]; then kill -TERM "$IL_PID" 2>/dev/null || true; wait "$IL_PID" 2>/dev/null || true; fi
   bash scripts/bench/tgt.sh down "$TGT_DIR" "$TGT_CTL" || true
+  umount "$WORK/spdk/huge" 2>/dev/null || true
+  [ -z "${HUGE0:-}" ] || echo "$HUGE0" > /proc/sys/vm/nr_hugepages 2>/dev/null || true
   rm -rf "$WORK"
 }
+spdk_down() { [ -n "${SPDK_PID:-}" ] || return 0; WORKDIR="$WORK/spdk/run" bash "$SPDK_TOOLS/spdk-down.sh" >/dev/null 2>&1 || true; SPDK_PID=; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log() { echo "[bench $(($(date +%s) - T0))s] $*" >&2; }
@@ -99,6 +109,28 @@ if [ "$VHD_ONLY" = 0 ]; then
   bash scripts/bench/tgt.sh up "$TGT_DIR" "$TGT_PORT" "$TGT_CTL" "$TGT_DIR/lun1.img" >/dev/null
   TGT_PID=$(cat "$TGT_DIR/tgtd.pid")
 fi
+SPDK_TOOLS=${SPDK_TOOLS:-$(cd .. && pwd)/shared/tools/spdk}
+SPDK_PORT=${SPDK_PORT:-3273}
+SPDK=0
+if [ -n "${SPDK_DIR:-}" ] && [ "$VHD_ONLY" = 0 ]; then
+  [ -x "$SPDK_DIR/build/bin/iscsi_tgt" ] || { echo "bench.sh: SPDK_DIR=$SPDK_DIR has no build/bin/iscsi_tgt" >&2; exit 1; }
+  [ -f "$SPDK_TOOLS/spdk-up.sh" ] || { echo "bench.sh: no spdk-up.sh in SPDK_TOOLS=$SPDK_TOOLS" >&2; exit 1; }
+  SPDK=1
+  mkdir -p "$WORK/spdk/run" "$WORK/spdk/huge"
+  cp "$TGT_DIR/lun1.img" "$WORK/spdk/spdk.img"
+  SPDK_NOHUGE=1
+  HUGE0=$(cat /proc/sys/vm/nr_hugepages)
+  if echo 640 > /proc/sys/vm/nr_hugepages 2>/dev/null && [ "$(cat /proc/sys/vm/nr_hugepages)" -ge 512 ] \
+     && mount -t hugetlbfs nodev "$WORK/spdk/huge" 2>/dev/null; then SPDK_NOHUGE=0; fi
+  SPDK_URL="iscsi://127.0.0.1:$SPDK_PORT/iqn.2016-06.io.spdk:anchor/0"
+fi
+# Start SPDK's target for its measurements; SPDK_PID is its PID.
+spdk_up() {
+  SPDK_PID=$(SPDK_DIR="$SPDK_DIR" WORKDIR="$WORK/spdk/run" PORT="$SPDK_PORT" MASK=0x1 MEM_MB=1024 \
+    HUGE_DIR="$WORK/spdk/huge" NOHUGE="$SPDK_NOHUGE" BDEV=uring FILE="$WORK/spdk/spdk.img" BUFFERED=1 \
+    bash "$SPDK_TOOLS/spdk-up.sh" | tail -1)
+  cat "$WORK/spdk/spdk.img" > /dev/null
+}
 IL_IQN=iqn.2026-11.io.ironlun:bench
 cat > "$WORK/ironlun.toml" <<EOF
 data_dir = "$WORK/il"
@@ -247,6 +279,12 @@ for r in $(seq 1 "$REPS"); do
     run "$key" tgt "$TGT_URL" "$TGT_PID"
     case $key in sess*) ;; *) run "$key" ram "$RAM_URL" "$IL_PID" ;; esac
   done
+  if [ "$SPDK" = 1 ]; then
+    spdk_up
+    log "SPDK iscsi_tgt PID $SPDK_PID ($([ "$SPDK_NOHUGE" = 1 ] && echo --no-huge || echo hugepages))"
+    for key in "${KEYS[@]}"; do run "$key" spdk "$SPDK_URL" "$SPDK_PID"; done
+    spdk_down
+  fi
 done
 fi   # VHD_ONLY
 
@@ -312,6 +350,8 @@ Commands (URL = \`$IL_URL\` for ironlun, \`$TGT_URL\` for tgt, \`$RAM_URL\` for 
 - target CPU per op: Δ(utime+stime) of the target process (/proc/PID/stat, all threads) over the run ÷ operations (iscsi-perf: average IOPS × $SECS s; qemu-img: request count)
 - iperf3 ceiling: \`iperf3 -s -1 -B 127.0.0.1\` and \`iperf3 -c 127.0.0.1 -t $SECS -J\` (end.sum_received, MB/s = bit/s ÷ 8 ÷ 10^6)
 - RAM LUN: filled first with \`qemu-img bench -f raw -n -c 1024 -d 8 -s 1048576 -w URL\`; same commands as above
+- SPDK (when SPDK_DIR is set): \`spdk-up.sh\` with MASK=0x1 BDEV=uring BUFFERED=1 on a copy of the same file (SPDK v24.09 iscsi_tgt, one reactor; $([ "${SPDK_NOHUGE:-1}" = 1 ] && echo "--no-huge" || echo "hugepages")); started before SPDK's runs of each repetition and stopped after them; same client commands, URL \`${SPDK_URL:-}\`; its CPU per op counts the reactor's spinning
+- IOPS per target core: 10^6 ÷ target CPU µs per op (operations per second of target CPU time)
 - RSS: VmRSS of the target process before and 1 s after \`scripts/bench/idle_sessions.py\` has logged in 64 sessions (held idle); measured on freshly started targets; ironlun's RSS at the end of the run (RAM LUN filled): $(grep -P '^rss_end\t' "$RES" | cut -f3) MiB
 EOF
 mkdir -p "$(dirname "$OUT")"

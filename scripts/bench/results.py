@@ -6,7 +6,8 @@ Usage: results.py RESULTS.tsv --date D --commit C --cores N --reps N --secs N [-
 
 RESULTS.tsv is what bench.sh appends while it runs, one measurement a line:
 KEY <tab> TARGET <tab> VALUE [<tab> CPU_US_PER_OP]; TARGET is il (ironlun, file LUN), tgt (tgt,
-file LUN), ram (ironlun, RAM LUN), raw / vhd (ironlun's VHD section) or - (target-independent);
+file LUN), ram (ironlun, RAM LUN), spdk (SPDK's iSCSI target, file LUN), raw / vhd (ironlun's
+VHD section) or - (target-independent);
 "nan" marks a failed run. The JSON document is {"meta": {...}, "runs": [{"key", "target",
 "value", "cpu_us_per_op"}, ...]} in the same order; a failed measurement is null and
 cpu_us_per_op is absent where the line has no CPU field (RSS, iperf3, soak). load() reads

@@ -3,8 +3,9 @@
 
 Usage: table.py RESULTS HEADER.txt COMMANDS.txt
 RESULTS: results.json or the raw RESULTS.tsv (results.py describes both); TARGET is il (ironlun,
-file LUN), tgt (tgt, file LUN), ram (ironlun, RAM LUN) or - (target-independent). Prints the
-header line, the table and the command list.
+file LUN), tgt (tgt, file LUN), ram (ironlun, RAM LUN), spdk (SPDK's iSCSI target, file LUN; only
+when bench.sh ran with SPDK_DIR) or - (target-independent). Prints the header line, the table,
+the ironlun/SPDK table when there are SPDK runs (issue 17's goals) and the command list.
 """
 import statistics
 import sys
@@ -24,6 +25,48 @@ WORKLOADS = [
     ("sess16", "4 KiB random read, 16 sessions × QD2 (iscsi-perf)", "IOPS", "hi", None),
 ]
 CPU_GOAL_KEYS = {"rr4k_qd1", "rr4k_qd32", "qw4k_qd32", "sess1", "sess4", "sess16"}  # 4 KiB ops
+# Issue 17's goals against SPDK (ironlun/SPDK): ≥ 1.0× throughput everywhere, ≥ 1.2× on 1 MiB
+# write QD8, QD1 latency ≤ 1.0×; target CPU per 4 KiB op ≤ 1.0×.
+SPDK_GOALS = {"qw1m_qd8": 1.2, "rr4k_qd1": 1.0}
+
+
+def per_core(cpu_us):
+    """Operations per second of target CPU time, from CPU µs per operation."""
+    return None if cpu_us is None or cpu_us <= 0 else 1e6 / cpu_us
+
+
+def spdk_rows(vals, cpu):
+    """The ironlun/SPDK rows: throughput or latency, CPU per op, IOPS per target core."""
+    rows = []
+    for key, label, unit, better, _ in WORKLOADS:
+        if not vals[(key, "spdk")]:
+            continue
+        mi, si = summary(vals[(key, "il")])
+        ms, ss = summary(vals[(key, "spdk")])
+        r, g, met = ratio_row(mi, ms, better, SPDK_GOALS.get(key, 1.0))
+        rows.append((label, unit, si, ss, r, g, met))
+    for key, label, unit, better, _ in WORKLOADS:
+        if not cpu[(key, "spdk")]:
+            continue
+        mi, si = summary(cpu[(key, "il")])
+        ms, ss = summary(cpu[(key, "spdk")])
+        r, g, met = ratio_row(mi, ms, "lo", 1.0 if key in CPU_GOAL_KEYS else None)
+        rows.append((f"target CPU per op: {label.split(' (')[0].replace(', mean latency', '')}", "µs/op", si, ss, r, g, met))
+    return rows
+
+
+def per_core_rows(cpu, targets):
+    """IOPS per target core of the 4 KiB workloads, for each target that ran them."""
+    rows = []
+    for key, label, unit, better, _ in WORKLOADS:
+        if key not in CPU_GOAL_KEYS:
+            continue
+        cells = []
+        for t in targets:
+            m, _ = summary([per_core(c) for c in cpu[(key, t)]])
+            cells.append(fmt(m))
+        rows.append((f"IOPS per target core: {label.split(' (')[0].replace(', mean latency', '')}", "op/s", *cells))
+    return rows
 
 
 def fmt(v):
@@ -117,6 +160,23 @@ def main():
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    targets = ["il", "tgt"] + (["spdk"] if any(k[1] == "spdk" for k in list(vals)) else [])
+    names = {"il": "ironlun", "tgt": "tgt", "spdk": "SPDK"}
+    print()
+    print("IOPS per target core (10^6 ÷ target CPU µs per op; SPDK's counts its spinning reactor):")
+    print()
+    print("| workload | unit | " + " | ".join(names[t] for t in targets) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in targets) + " |")
+    for row in per_core_rows(cpu, targets):
+        print("| " + " | ".join(row) + " |")
+    if "spdk" in targets:
+        print()
+        print("ironlun against SPDK's iSCSI target (issue 17's goals):")
+        print()
+        print("| workload | unit | ironlun median (min–max) | SPDK median (min–max) | ironlun/SPDK | goal | met? |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for row in spdk_rows(vals, cpu):
+            print("| " + " | ".join(row) + " |")
     print()
     print(open(commands, encoding="utf-8").read().rstrip("\n"))
 
