@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod backend;
 pub mod budget;
-pub mod caw_gate;
 pub mod cli_docs;
 pub mod config;
 pub mod ctl;

@@ -7,10 +7,34 @@
 //! the first differing byte from the start of the Data-Out, and nothing is written.
 //!
 //! Atomicity (SBC-3 §5.2: the read, compare and write are one indivisible operation with
-//! respect to every other command) is the caller's part: this sans-IO core only returns the
-//! read and then the write as two [`IoOp`]s. The daemon keeps every other command of the LU
-//! out between them (see `ironlun::caw_gate`). A task aborted between the two (PREEMPT AND
-//! ABORT) resumes to TASK ABORTED without the write, as every task of the LU does.
+//! respect to every other command) is a range lock in the LU's task set. A COMPARE AND
+//! WRITE holds its byte range from the start of its read until its write has finished (or it
+//! ended in MISCOMPARE, a backstore error, an abort or was abandoned). Rules, checked before
+//! every I/O a task starts ([`LogicalUnit::admit`]):
+//!
+//! - an I/O of any kind (read, write, WRITE SAME, UNMAP, ..., an EXTENDED COPY chunk through
+//!   [`LogicalUnit::copy_io`]) does not start while it overlaps a COMPARE AND WRITE in the
+//!   task set; a COMPARE AND WRITE does not start while it overlaps any I/O in flight. The
+//!   task waits in the task set ([`Step::Wait`]), not BUSY: initiators queue COMPARE AND
+//!   WRITEs (VMware ATS, libiscsi MultipathIO) and expect them to complete.
+//! - fairness: a waiting task blocks the tasks that entered the task set after it wherever
+//!   one of the two is a COMPARE AND WRITE, so a stream of reads cannot starve a COMPARE AND
+//!   WRITE. Waits point only at tasks in flight or at waiting tasks that came earlier, and a
+//!   COMPARE AND WRITE that holds its range never waits again, so no wait is circular.
+//! - I/O that overlaps no COMPARE AND WRITE never waits, and while none is in the task set
+//!   the check is one comparison (as for WRITE ATOMIC).
+//!
+//! When a task ends (resumed for the last time, abandoned) or is aborted while others wait,
+//! [`LogicalUnit::take_wakeup`] says so; the caller then hands each waiting task to
+//! [`LogicalUnit::proceed`], which starts its I/O, keeps it waiting, or ends it TASK ABORTED
+//! when task management (LUN RESET, ABORT TASK SET, CLEAR TASK SET) or PREEMPT AND ABORT
+//! aborted it meanwhile (SAM-5 §7, SPC-4 §5.13.11.2.6). A task aborted between the read and
+//! the write resumes to TASK ABORTED without the write, as every task of the LU does.
+//!
+//! WRITE ATOMIC keeps its own rule, checked first (BUSY, [`LogicalUnit::atomic_conflict`]): it
+//! ends BUSY over any task in the task set, waiting ones included, and a command over a WRITE
+//! ATOMIC in flight ends BUSY, a COMPARE AND WRITE too (SBC-4 §4.29; initiators retry BUSY).
+//! Only EXTENDED COPY chunks wait for a WRITE ATOMIC instead (a copy has no one to retry).
 //!
 //! Access control: the reservation check classes COMPARE AND WRITE as a write (SBC-3 §4.17
 //! table 13, [`crate::pr::access::Class::Modify`]); a read-only LU answers DATA PROTECT,
@@ -19,9 +43,155 @@
 
 use bytes::Bytes;
 
-use super::{IoOp, LogicalUnit, LuConfig, Pending, Step};
+use super::{Completion, Continuation, IoOp, LogicalUnit, LuConfig, NexusId, Pending, Step, Task};
 use crate::cdb::Extent;
 use crate::sense::{FieldPointer, SenseReason};
+
+/// The byte ranges one I/O touches (for the range lock and the WRITE ATOMIC check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Ranges {
+    One((u64, u64)),
+    /// UNMAP's block descriptors.
+    Many(Box<[(u64, u64)]>),
+}
+
+impl Ranges {
+    /// The ranges of `op`; `None` for operations that touch no data (flush, GET LBA STATUS,
+    /// the EXTENDED COPY job itself, whose chunks lock for themselves).
+    pub(super) fn of(op: &IoOp) -> Option<Ranges> {
+        match op {
+            IoOp::Read { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
+                Some(Ranges::One((*offset, *len)))
+            }
+            IoOp::Write { offset, data, .. } => {
+                Some(Ranges::One((*offset, u64::try_from(data.len()).ok()?)))
+            }
+            IoOp::Unmap { ranges } => Some(Ranges::Many(ranges.clone().into_boxed_slice())),
+            IoOp::Flush | IoOp::MapStatus { .. } | IoOp::ExtendedCopy(_) => None,
+        }
+    }
+
+    fn as_slice(&self) -> &[(u64, u64)] {
+        match self {
+            Ranges::One(r) => std::slice::from_ref(r),
+            Ranges::Many(v) => v,
+        }
+    }
+
+    /// Whether some byte lies in both.
+    pub(super) fn overlaps(&self, other: &Ranges) -> bool {
+        self.as_slice().iter().any(|&(a, al)| {
+            other
+                .as_slice()
+                .iter()
+                .any(|&(b, bl)| a < b.saturating_add(bl) && b < a.saturating_add(al))
+        })
+    }
+}
+
+impl LogicalUnit {
+    /// Start `op` of task `cont.task` now ([`Step::Io`]) or make it wait ([`Step::Wait`]),
+    /// per the range lock (module doc). `check: false` for a COMPARE AND WRITE that already
+    /// holds its range.
+    pub(super) fn admit(&mut self, op: IoOp, mut cont: Continuation, check: bool) -> Step {
+        let id = cont.task;
+        let range = Ranges::of(&op);
+        let wait = check && range.as_ref().is_some_and(|r| self.must_wait(id, r));
+        if let Some(t) = self.tasks.get_mut(&id) {
+            match (t.waiting, wait) {
+                (false, true) => self.waiting_tasks += 1,
+                (true, false) => self.waiting_tasks = self.waiting_tasks.saturating_sub(1),
+                _ => {}
+            }
+            t.waiting = wait;
+            t.range = range;
+        }
+        if wait {
+            cont.parked = Some(Box::new(op));
+            Step::Wait(cont)
+        } else {
+            Step::Io(op, cont)
+        }
+    }
+
+    /// Whether task `id` must wait before its I/O over `range` starts: another task overlaps
+    /// it that is in flight or waits ahead of it (entered the task set earlier), and one of
+    /// the two is a COMPARE AND WRITE. An EXTENDED COPY chunk also waits for a WRITE ATOMIC
+    /// in flight (a command would get BUSY; a copy has no one to retry).
+    fn must_wait(&self, id: u64, range: &Ranges) -> bool {
+        let Some(me) = self.tasks.get(&id) else {
+            return false;
+        };
+        let (caw, copy) = (me.caw, me.copy);
+        if !caw && self.caw_tasks == 0 && !(copy && self.atomic_tasks > 0) {
+            return false;
+        }
+        self.tasks.iter().any(|(&other, t)| {
+            other != id
+                && (!t.waiting || other < id)
+                && (caw || t.caw || (copy && t.atomic))
+                && t.range.as_ref().is_some_and(|r| r.overlaps(range))
+        })
+    }
+
+    /// Try again to start the I/O of a task that got [`Step::Wait`]: [`Step::Io`], another
+    /// [`Step::Wait`], or TASK ABORTED when it was aborted meanwhile (SAM-5 §7: TAS=1; it
+    /// never started, so no I/O of it reaches the medium).
+    pub fn proceed(&mut self, nexus: NexusId, mut cont: Continuation) -> Step {
+        let _ = nexus;
+        let id = cont.task;
+        let Some(op) = cont.parked.take() else {
+            // Not a waiting task's continuation: a caller error; end it rather than hang.
+            self.end_task(id);
+            return self.fail(SenseReason::InternalTargetFailure);
+        };
+        let aborted = self.tasks.get(&id).is_some_and(|t| !t.aborted.is_empty());
+        if aborted && !cont.is_sanitize() {
+            self.end_task(id);
+            self.copy_failed(&cont.state);
+            return Step::Done(Completion::task_aborted());
+        }
+        self.admit(*op, cont, true)
+    }
+
+    /// Whether a task ended or was aborted while tasks wait ([`Step::Wait`]) since the last
+    /// call: then every waiting task should be handed to [`LogicalUnit::proceed`] again.
+    /// The caller checks it after each call that changes the LU (one load while none waits).
+    pub fn take_wakeup(&mut self) -> bool {
+        std::mem::take(&mut self.wakeup)
+    }
+
+    /// How many tasks wait to start their I/O (diagnostics and tests).
+    pub fn waiting_tasks(&self) -> usize {
+        self.waiting_tasks
+    }
+
+    /// One I/O of an EXTENDED COPY chunk (SPC-4 §6.4) that the daemon carries out on this LU
+    /// for `nexus`: entered in the task set like a command's I/O, so that it never lands
+    /// inside a COMPARE AND WRITE of this LU, and task management waits for it. [`Step::Io`]:
+    /// perform it, then [`LogicalUnit::abandon`] the continuation (the LU needs no result);
+    /// [`Step::Wait`]: as for a command, [`LogicalUnit::proceed`] may end it TASK ABORTED.
+    pub fn copy_io(&mut self, nexus: NexusId, op: IoOp) -> Step {
+        let task = Task {
+            identity: self.sessions.get(&nexus).copied(),
+            nexus,
+            aborted: Vec::new(),
+            range: None,
+            atomic: false,
+            caw: false,
+            copy: true,
+            waiting: false,
+            sanitize: false,
+        };
+        let task = self.insert_task(task);
+        let cont = Continuation {
+            state: Pending::CopyIo,
+            task,
+            parked: None,
+        };
+        self.admit(op, cont, true)
+    }
+}
 
 /// Largest NUMBER OF LOGICAL BLOCKS accepted, advertised as MAXIMUM COMPARE AND WRITE LENGTH
 /// (VPD B0h byte 5, SBC-3 §6.5.3): the one-byte field's maximum, 255, but never above the
@@ -159,22 +329,27 @@ mod tests {
                 match step {
                     Step::Done(c) => return c,
                     Step::PrCommit(p) => return p.completion,
+                    Step::Wait(_) => panic!("waits with nothing in flight"),
                     Step::Io(op, cont) => {
-                        let r = match op {
-                            IoOp::Read { offset, len } => IoResult::Data(Bytes::copy_from_slice(
-                                &self.medium[offset as usize..(offset + len) as usize],
-                            )),
-                            IoOp::Write { offset, data, fua } => {
-                                let o = offset as usize;
-                                self.medium[o..o + data.len()].copy_from_slice(&data);
-                                self.writes.push((offset, data.len(), fua));
-                                IoResult::Done
-                            }
-                            other => panic!("unexpected {other:?}"),
-                        };
+                        let r = self.perform(op);
                         step = self.lu.resume(nexus, cont, r);
                     }
                 }
+            }
+        }
+
+        fn perform(&mut self, op: IoOp) -> IoResult {
+            match op {
+                IoOp::Read { offset, len } => IoResult::Data(Bytes::copy_from_slice(
+                    &self.medium[offset as usize..(offset + len) as usize],
+                )),
+                IoOp::Write { offset, data, fua } => {
+                    let o = offset as usize;
+                    self.medium[o..o + data.len()].copy_from_slice(&data);
+                    self.writes.push((offset, data.len(), fua));
+                    IoResult::Done
+                }
+                other => panic!("unexpected {other:?}"),
             }
         }
 
