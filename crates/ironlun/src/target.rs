@@ -2170,6 +2170,8 @@ mod tests {
         ram: ironlun_backstore::ram::RamBackend,
         open: Mutex<bool>,
         cv: std::sync::Condvar,
+        /// `(offset, len)` of every write, logged when it starts (before it blocks).
+        started: Mutex<Vec<(u64, usize)>>,
     }
 
     impl Gated {
@@ -2204,6 +2206,7 @@ mod tests {
             self.ram.read(offset, len)
         }
         fn write(&self, offset: u64, data: &[u8], fua: bool) -> ironlun_backstore::Result<()> {
+            self.started.lock().unwrap().push((offset, data.len()));
             let mut open = self.open.lock().unwrap();
             while !*open {
                 open = self.cv.wait(open).unwrap();
@@ -2245,6 +2248,7 @@ mod tests {
             ram: ironlun_backstore::ram::RamBackend::new(1 << 20).unwrap(),
             open: Mutex::new(true),
             cv: std::sync::Condvar::new(),
+            started: Mutex::new(Vec::new()),
         });
         let mut lc = LuConfig::new(0, 512, 2048, "iqn.x:t");
         lc.ptpl_capable = true;
@@ -2402,6 +2406,81 @@ mod tests {
             Started::Pending(p) => p,
             Started::Done(c, _) => panic!("compare and write finished inline: {c:?}"),
         }
+    }
+
+    fn read_16(lba: u64, blocks: u32) -> Bytes {
+        let mut cdb = vec![0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+        Bytes::from(cdb)
+    }
+
+    /// SBC-3 §5.2 as a range lock: while a COMPARE AND WRITE's write is held in the backstore,
+    /// a READ elsewhere and an EXTENDED COPY chunk elsewhere complete; a WRITE and a copy
+    /// chunk over its block do not start until it has ended, and land after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compare_and_write_holds_its_range_and_nothing_else() {
+        let (gate, v, p) = preempt_setup().await;
+        let p = Arc::new(p);
+        let handle = v.view().get(&0).unwrap().clone();
+        gate.set(false);
+        let caw = tokio::spawn(caw_block_8(&v).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        // Elsewhere nothing waits.
+        let (r, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            p.execute(0, read_16(100, 8), Bytes::new()),
+        )
+        .await
+        .expect("a READ of another range waited for the COMPARE AND WRITE");
+        assert_eq!((r.status, r.data_in.len()), (0, 4096), "{r:?}");
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(5),
+            handle.copy_io(
+                p.id,
+                IoOp::Read {
+                    offset: 64 * 512,
+                    len: 4096,
+                },
+            ),
+        )
+        .await
+        .expect("a copy chunk of another range waited");
+        assert!(matches!(chunk, Some(IoResult::Data(d)) if d.len() == 4096));
+        // Over block 8: a WRITE (blocks 0-255) and a copy chunk write wait, without starting.
+        let write = tokio::spawn(write_128k(&p).finish());
+        let h = handle.clone();
+        let id = p.id;
+        let copy = tokio::spawn(async move {
+            let data = Bytes::from(vec![0xee; 512]);
+            h.copy_io(
+                id,
+                IoOp::Write {
+                    offset: 8 * 512,
+                    data,
+                    fua: false,
+                },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!write.is_finished() && !copy.is_finished());
+        assert_eq!(handle.lu().waiting_tasks(), 2);
+        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        gate.set(true);
+        let (c, _) = caw.await.unwrap();
+        assert_eq!(c.status, 0, "{c:?}");
+        let (w, _) = write.await.unwrap();
+        assert_eq!(w.status, 0, "{w:?}");
+        assert_eq!(copy.await.unwrap(), Some(IoResult::Done));
+        let log = gate.started.lock().unwrap().clone();
+        assert_eq!(log[0], (8 * 512, 512), "{log:?}");
+        assert_eq!(log.len(), 3, "{log:?}");
+        // The COMPARE AND WRITE's 0xcd was overwritten by whichever came later.
+        let b8 = gate.ram.read(8 * 512, 512).unwrap();
+        assert!(b8.iter().all(|b| *b == 0xab) || b8.iter().all(|b| *b == 0xee));
+        assert_eq!(handle.lu().waiting_tasks(), 0);
     }
 
     /// A write that waits for a COMPARE AND WRITE's range lock when the LU is reset was in the
