@@ -119,6 +119,10 @@ impl LogicalUnit {
     /// the two is a COMPARE AND WRITE. An EXTENDED COPY chunk also waits for a WRITE ATOMIC
     /// in flight (a command would get BUSY; a copy has no one to retry).
     fn must_wait(&self, id: u64, range: &Ranges) -> bool {
+        // The common case, before any lookup: no COMPARE AND WRITE and no WRITE ATOMIC.
+        if self.caw_tasks == 0 && self.atomic_tasks == 0 {
+            return false;
+        }
         let Some(me) = self.tasks.get(&id) else {
             return false;
         };
