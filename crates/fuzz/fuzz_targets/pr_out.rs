@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
                     });
                 }
             }
-            Step::Io(..) => panic!("PR OUT asked for backstore I/O"),
+            Step::Io(..) | Step::Wait(_) => panic!("PR OUT asked for backstore I/O"),
         }
         // READ KEYS from the same nexus, after any unit attention it has pending.
         for _ in 0..4 {

@@ -5,7 +5,6 @@
 pub mod admin;
 pub mod backend;
 pub mod budget;
-pub mod caw_gate;
 pub mod config;
 pub mod heap;
 pub mod logging;

@@ -19,14 +19,14 @@
 //! goes out. Every continuation the LU handed out is either resumed or abandoned, also when
 //! its task is dropped (runtime shutdown), so such a wait always ends.
 //!
-//! COMPARE AND WRITE: every command of an LU passes the LU's [`Gate`] from before its SCSI
-//! decision to its completion, shared; COMPARE AND WRITE passes it exclusively, which makes
-//! its read, compare and write atomic against every other command (see [`crate::caw_gate`]).
+//! COMPARE AND WRITE: its atomicity is a range lock in the LU's task set (SBC-3 §5.2,
+//! `ironlun_scsi::lu::caw`). A command whose I/O must wait for it comes back as
+//! [`Step::Wait`]; it waits off the connection's task (`LunHandle::wait_turn`) until the LU
+//! says a task ended or was aborted (`LuGuard`), and is then driven on like any other.
 
 pub mod xcopy;
 
 use crate::backend;
-use crate::caw_gate::{Access, Entry, Gate};
 use crate::config::{self, Config};
 use bytes::Bytes;
 use ironlun_api::{CommitSteps, Event, OnDeadline, ABORT_WAIT};
@@ -48,8 +48,6 @@ use std::time::Instant;
 /// One logical unit with its backend.
 pub struct LunHandle {
     lu: Mutex<LogicalUnit>,
-    /// Makes COMPARE AND WRITE atomic ([`crate::caw_gate`]).
-    pub(crate) gate: Arc<Gate>,
     pub backend: Arc<dyn BlockBackend>,
     /// Test hook on EXTENDED COPYs into this LU ([`xcopy::CopyHook`]); never set when served.
     pub copy_hook: std::sync::OnceLock<Arc<xcopy::CopyHook>>,
@@ -64,6 +62,9 @@ pub struct LunHandle {
     /// How many PR OUT tasks are waiting on `drained`: the resume path touches the `Notify`
     /// (which takes a lock) only when this is non-zero, so READ/WRITE pay one atomic load.
     drain_waiters: AtomicUsize,
+    /// Woken when the LU says tasks waiting for a COMPARE AND WRITE's range lock may go on
+    /// ([`LogicalUnit::take_wakeup`], checked whenever the LU lock is released: [`LuGuard`]).
+    unblocked: tokio::sync::Notify,
     /// The APTPL state file, `<data_dir>/pr/aptpl_<serial>`.
     state_file: PathBuf,
     /// Order of the state changes that asked for a [`Persist`], taken under the LU lock.
@@ -120,13 +121,13 @@ impl LunHandle {
         let async_io = backend.is_async();
         LunHandle {
             lu: Mutex::new(lu),
-            gate: Arc::new(Gate::new()),
             backend,
             copy_hook: std::sync::OnceLock::new(),
             ram,
             async_io,
             drained: tokio::sync::Notify::new(),
             drain_waiters: AtomicUsize::new(0),
+            unblocked: tokio::sync::Notify::new(),
             state_file,
             persist_seq: AtomicU64::new(0),
             persisted: Mutex::new(0),
@@ -163,7 +164,7 @@ impl LunHandle {
     /// Start a command under the LU lock; also the CDB's Data-Out length (for residuals).
     /// Execute a command under the LU lock. `arrived`: when its header arrived; if a LUN
     /// RESET, target reset or CLEAR TASK SET arrived after it and has been carried out (its
-    /// Data-Out came later, or it waited at the gate), it was in the task set that function
+    /// Data-Out came later), it was in the task set that function
     /// cleared and ends TASK ABORTED (SAM-5 §7, TAS=1) without starting. Checked under the
     /// lock that enters it in the task set, which the function holds while it aborts.
     fn execute_since(
@@ -319,12 +320,129 @@ impl LunHandle {
         self.lu().abort_epoch()
     }
 
-    pub(crate) fn lu(&self) -> MutexGuard<'_, LogicalUnit> {
+    pub(crate) fn lu(&self) -> LuGuard<'_> {
         // A poisoned lock means a panic elsewhere; the LU state itself is still consistent
         // (each mutation is a single call), so keep serving.
-        self.lu
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        LuGuard {
+            lu: self
+                .lu
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            unblocked: &self.unblocked,
+        }
+    }
+
+    /// Proceed with `cont` (it got [`Step::Wait`]) under the LU lock, then wake a waiting
+    /// PREEMPT AND ABORT or task management function (it may have ended TASK ABORTED).
+    fn proceed(&self, nexus: NexusId, cont: Continuation) -> Sequenced {
+        let step = {
+            let mut lu = self.lu();
+            let step = lu.proceed(nexus, cont);
+            self.sequenced(step)
+        };
+        self.wake_drain_waiters();
+        step
+    }
+
+    /// Wait for the turn of a task that got [`Step::Wait`] (a COMPARE AND WRITE's range lock,
+    /// SBC-3 §5.2), then its next step: its I/O, or TASK ABORTED if task management aborted
+    /// it meanwhile. Woken through [`LuGuard`]; the wake-up is registered before each try,
+    /// so one between the try and the wait is not lost. Dropped while waiting, the task is
+    /// abandoned (session loss, shutdown), and what waited behind it is woken.
+    async fn wait_turn(&self, nexus: NexusId, cont: Continuation) -> Sequenced {
+        let mut task = Task::new(self, nexus, cont);
+        loop {
+            let notified = self.unblocked.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let Some(cont) = task.cont.take() else {
+                let d_sense = self.lu().d_sense();
+                return Sequenced {
+                    step: Step::Done(lu::Completion::check_condition(
+                        SenseReason::InternalTargetFailure,
+                        d_sense,
+                    )),
+                    seq: 0,
+                };
+            };
+            let step = self.proceed(nexus, cont);
+            match step.step {
+                Step::Wait(cont) => {
+                    task.cont = Some(cont);
+                    notified.await;
+                }
+                other => {
+                    return Sequenced {
+                        step: other,
+                        seq: step.seq,
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl LunHandle {
+    /// One I/O of an EXTENDED COPY chunk on this LU for `nexus` ([`xcopy`]), under the
+    /// LU's range lock ([`LogicalUnit::copy_io`]): it waits while it overlaps a COMPARE AND
+    /// WRITE of this LU, runs off the runtime's workers, and leaves the task set once it has
+    /// run (also when this future is dropped meanwhile). `None`: task management aborted it
+    /// before it started.
+    pub(crate) async fn copy_io(self: &Arc<Self>, nexus: NexusId, op: IoOp) -> Option<IoResult> {
+        let step = self.lu().copy_io(nexus, op);
+        let step = match step {
+            Step::Wait(cont) => self.wait_turn(nexus, cont).await.step,
+            other => other,
+        };
+        let Step::Io(op, cont) = step else {
+            return None;
+        };
+        // Abandoned when dropped: after the I/O (the LU wants no result from a chunk).
+        let task = Task::new(self.clone(), nexus, cont);
+        let backend = self.backend.clone();
+        if self.async_io {
+            let result = backend::perform_async(&backend, op).await;
+            drop(task);
+            return Some(result);
+        }
+        tokio::task::spawn_blocking(move || {
+            let result = backend::perform(&*backend, &op);
+            drop(task);
+            result
+        })
+        .await
+        .ok()
+    }
+}
+
+/// The LU lock. Released, it wakes the tasks waiting for a COMPARE AND WRITE's range lock
+/// when the LU says one may go on ([`LogicalUnit::take_wakeup`]: a task ended or was aborted
+/// while others waited), whatever the call was: a resume, an abandon, a task management
+/// function, a PREEMPT AND ABORT, a handover abort. One load of a flag otherwise.
+pub(crate) struct LuGuard<'a> {
+    lu: MutexGuard<'a, LogicalUnit>,
+    unblocked: &'a tokio::sync::Notify,
+}
+
+impl std::ops::Deref for LuGuard<'_> {
+    type Target = LogicalUnit;
+    fn deref(&self) -> &LogicalUnit {
+        &self.lu
+    }
+}
+
+impl std::ops::DerefMut for LuGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LogicalUnit {
+        &mut self.lu
+    }
+}
+
+impl Drop for LuGuard<'_> {
+    fn drop(&mut self) {
+        // Under the lock: a waiter registers before it locks to try, so it cannot miss this.
+        if self.lu.take_wakeup() {
+            self.unblocked.notify_waiters();
+        }
     }
 }
 
@@ -1000,22 +1118,6 @@ impl Nexus {
         arrived: Option<Instant>,
     ) -> Started {
         let nexus = self.id;
-        let access = Access::of(&cdb);
-        let Some(entry) = handle.gate.try_enter(access) else {
-            return Started::Pending(PendingCommand {
-                probe: None,
-                spdtl: None,
-                next: Next::Enter {
-                    handle: handle.clone(),
-                    nexus,
-                    cdb,
-                    data_out,
-                    access,
-                    luns: view.clone(),
-                    arrived,
-                },
-            });
-        };
         let (step, spdtl) = handle.execute_since(nexus, &cdb, data_out, arrived);
         match split_copy(step) {
             Split::Copy(job, cont) => Started::Pending(PendingCommand {
@@ -1025,10 +1127,9 @@ impl Nexus {
                     job,
                     task: Task::new(handle.clone(), nexus, cont),
                     luns: view.clone(),
-                    entry: entry.into_owned(handle.gate.clone()),
                 },
             }),
-            Split::Other(step) => drive_inline(handle, nexus, step, spdtl, entry),
+            Split::Other(step) => drive_inline(handle, nexus, step, spdtl),
         }
     }
 
@@ -1181,19 +1282,9 @@ pub struct PendingCommand {
 
 /// What a [`PendingCommand`] waits for.
 enum Next {
-    /// Waiting to pass the LU's gate (a COMPARE AND WRITE holds it, or this is one).
-    Enter {
-        handle: Arc<LunHandle>,
-        nexus: NexusId,
-        cdb: Bytes,
-        data_out: Bytes,
-        access: Access,
-        /// The LUs the nexus sees, should the command be an EXTENDED COPY.
-        luns: BTreeMap<u64, Arc<LunHandle>>,
-        /// When the command's header arrived (see [`LunHandle::execute_since`]).
-        arrived: Option<Instant>,
-    },
-    Io(IoOp, Task<Arc<LunHandle>>, Entry<Arc<Gate>>),
+    /// Waiting for a COMPARE AND WRITE's range lock ([`Step::Wait`]).
+    Wait(Task<Arc<LunHandle>>),
+    Io(IoOp, Task<Arc<LunHandle>>),
     Commit {
         handle: Arc<LunHandle>,
         commit: PrCommit,
@@ -1205,8 +1296,6 @@ enum Next {
         job: Box<ironlun_scsi::xcopy::CopyJob>,
         task: Task<Arc<LunHandle>>,
         luns: BTreeMap<u64, Arc<LunHandle>>,
-        /// The issuing LU's gate, held until the copy completes.
-        entry: Entry<Arc<Gate>>,
     },
 }
 
@@ -1238,6 +1327,11 @@ impl<H: std::ops::Deref<Target = LunHandle>> Task<H> {
         let cont = self.cont.take()?;
         Some(self.handle.resume(self.nexus, cont, result))
     }
+
+    /// The continuation, no longer abandoned on drop; `None` only if already taken.
+    fn take(mut self) -> Option<Continuation> {
+        self.cont.take()
+    }
 }
 
 impl<H: std::ops::Deref<Target = LunHandle>> Drop for Task<H> {
@@ -1257,7 +1351,7 @@ impl PendingCommand {
     /// Whether this is a SANITIZE, which no task management function aborts or waits for
     /// (SBC-3 §4.32): it runs on after ABORT TASK and resets, the LU answering NOT READY.
     pub fn is_sanitize(&self) -> bool {
-        matches!(&self.next, Next::Io(_, task, _) if task.is_sanitize())
+        matches!(&self.next, Next::Io(_, task) | Next::Wait(task) if task.is_sanitize())
     }
 
     /// Finish the command: run the pending operation on the blocking pool (or await the async
@@ -1273,36 +1367,20 @@ impl PendingCommand {
     }
 
     async fn run(self) -> (ScsiCompletion, Option<u32>) {
-        let mut spdtl = self.spdtl;
+        let spdtl = self.spdtl;
         let mut next = self.next;
         loop {
-            let (handle, nexus, step, entry) = match next {
-                Next::Enter {
-                    handle,
-                    nexus,
-                    cdb,
-                    data_out,
-                    access,
-                    luns,
-                    arrived,
-                } => {
-                    let entry = Gate::enter(handle.gate.clone(), access).await;
-                    let (step, n) = handle.execute_since(nexus, &cdb, data_out, arrived);
-                    spdtl = n;
-                    match split_copy(step) {
-                        Split::Copy(job, cont) => {
-                            next = Next::Copy {
-                                job,
-                                task: Task::new(handle.clone(), nexus, cont),
-                                luns,
-                                entry,
-                            };
-                            continue;
-                        }
-                        Split::Other(step) => (handle, nexus, step, entry),
-                    }
+            let (handle, nexus, step) = match next {
+                Next::Wait(task) => {
+                    let handle = task.handle.clone();
+                    let nexus = task.nexus;
+                    let step = match task.take() {
+                        Some(cont) => handle.wait_turn(nexus, cont).await,
+                        None => internal_error(&handle),
+                    };
+                    (handle, nexus, step)
                 }
-                Next::Io(op, task, entry) => {
+                Next::Io(op, task) => {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
                     let backend = handle.backend.clone();
@@ -1334,42 +1412,21 @@ impl PendingCommand {
                         None => {
                             // The backend call panicked; its task was abandoned on unwind.
                             tracing::error!("backstore operation panicked");
-                            let d_sense = handle.lu().d_sense();
-                            Sequenced {
-                                step: Step::Done(lu::Completion::check_condition(
-                                    SenseReason::InternalTargetFailure,
-                                    d_sense,
-                                )),
-                                seq: 0,
-                            }
+                            internal_error(&handle)
                         }
                     };
-                    (handle, nexus, step, entry)
+                    (handle, nexus, step)
                 }
-                Next::Copy {
-                    job,
-                    task,
-                    luns,
-                    entry,
-                } => {
+                Next::Copy { job, task, luns } => {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
-                    // Each chunk passes the gate of its own LU (the issuing one included):
-                    // holding this one across the copy would deadlock a COMPARE AND WRITE
-                    // waiting for it against the copy's next entry.
-                    drop(entry);
+                    // Each chunk takes the range lock of its own LU ([`xcopy`]); the
+                    // copy's own task holds no range, so it blocks no one meanwhile.
                     let outcome = crate::target::xcopy::run(&luns, nexus, &job).await;
-                    let entry = Gate::enter(handle.gate.clone(), Access::Shared).await;
                     let step = task
                         .resume(IoResult::Copy(outcome))
-                        .unwrap_or_else(|| Sequenced {
-                            step: Step::Done(lu::Completion::check_condition(
-                                SenseReason::InternalTargetFailure,
-                                handle.lu().d_sense(),
-                            )),
-                            seq: 0,
-                        });
-                    (handle, nexus, step, entry)
+                        .unwrap_or_else(|| internal_error(&handle));
+                    (handle, nexus, step)
                 }
                 Next::Commit {
                     handle,
@@ -1382,7 +1439,7 @@ impl PendingCommand {
                     return (to_wire(c), spdtl);
                 }
             };
-            match drive_inline(&handle, nexus, step, spdtl, entry) {
+            match drive_inline(&handle, nexus, step, spdtl) {
                 Started::Done(c, spdtl) => return (c, spdtl),
                 Started::Pending(p) => next = p.next,
             }
@@ -1436,16 +1493,25 @@ struct Sequenced {
     seq: u64,
 }
 
+/// CHECK CONDITION, INTERNAL TARGET FAILURE (a backend call panicked).
+fn internal_error(handle: &LunHandle) -> Sequenced {
+    let d_sense = handle.lu().d_sense();
+    Sequenced {
+        step: Step::Done(lu::Completion::check_condition(
+            SenseReason::InternalTargetFailure,
+            d_sense,
+        )),
+        seq: 0,
+    }
+}
+
 /// Step a command through its inline I/O until it is done or must wait off the connection's
-/// task (blocking-pool or async I/O, or a PR OUT commit). `entry` (the command's pass through
-/// the LU's gate) is held until the command completes, except that a PR OUT commit leaves
-/// before it waits for aborted tasks to drain.
-fn drive_inline<G: std::ops::Deref<Target = Gate>>(
+/// task (blocking-pool or async I/O, a COMPARE AND WRITE's range lock, or a PR OUT commit).
+fn drive_inline(
     handle: &Arc<LunHandle>,
     nexus: NexusId,
     mut step: Sequenced,
     spdtl: Option<u32>,
-    entry: Entry<G>,
 ) -> Started {
     loop {
         match step.step {
@@ -1472,15 +1538,17 @@ fn drive_inline<G: std::ops::Deref<Target = Gate>>(
                 return Started::Pending(PendingCommand {
                     probe: None,
                     spdtl,
-                    next: Next::Io(
-                        op,
-                        Task::new(handle.clone(), nexus, cont),
-                        entry.into_owned(handle.gate.clone()),
-                    ),
+                    next: Next::Io(op, Task::new(handle.clone(), nexus, cont)),
+                })
+            }
+            Step::Wait(cont) => {
+                return Started::Pending(PendingCommand {
+                    probe: None,
+                    spdtl,
+                    next: Next::Wait(Task::new(handle.clone(), nexus, cont)),
                 })
             }
             Step::PrCommit(commit) => {
-                drop(entry);
                 return Started::Pending(PendingCommand {
                     probe: None,
                     spdtl,
@@ -2071,6 +2139,8 @@ mod tests {
         ram: ironlun_backstore::ram::RamBackend,
         open: Mutex<bool>,
         cv: std::sync::Condvar,
+        /// `(offset, len)` of every write, logged when it starts (before it blocks).
+        started: Mutex<Vec<(u64, usize)>>,
     }
 
     impl Gated {
@@ -2105,6 +2175,7 @@ mod tests {
             self.ram.read(offset, len)
         }
         fn write(&self, offset: u64, data: &[u8], fua: bool) -> ironlun_backstore::Result<()> {
+            self.started.lock().unwrap().push((offset, data.len()));
             let mut open = self.open.lock().unwrap();
             while !*open {
                 open = self.cv.wait(open).unwrap();
@@ -2146,6 +2217,7 @@ mod tests {
             ram: ironlun_backstore::ram::RamBackend::new(1 << 20).unwrap(),
             open: Mutex::new(true),
             cv: std::sync::Condvar::new(),
+            started: Mutex::new(Vec::new()),
         });
         let mut lc = LuConfig::new(0, 512, 2048, "iqn.x:t");
         lc.ptpl_capable = true;
@@ -2292,36 +2364,137 @@ mod tests {
         );
     }
 
-    /// A write that waits at the LU's gate (a COMPARE AND WRITE holds it) when the LU is
-    /// reset was in the task set: it ends TASK ABORTED and never reaches the medium. One that
-    /// arrives after the reset runs.
+    /// COMPARE AND WRITE (FUA, so its write goes to the blocking pool) of block 8 from `n`:
+    /// zeros expected, 0xcd written.
+    fn caw_block_8(n: &Nexus) -> PendingCommand {
+        let mut cdb = vec![0x89, 0x08, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0];
+        cdb.truncate(16);
+        let mut data = vec![0u8; 512];
+        data.extend([0xcd; 512]);
+        match n.start(0, Bytes::from(cdb), Bytes::from(data)) {
+            Started::Pending(p) => p,
+            Started::Done(c, _) => panic!("compare and write finished inline: {c:?}"),
+        }
+    }
+
+    fn read_16(lba: u64, blocks: u32) -> Bytes {
+        let mut cdb = vec![0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+        Bytes::from(cdb)
+    }
+
+    /// SBC-3 §5.2 as a range lock: while a COMPARE AND WRITE's write is held in the backstore,
+    /// a READ elsewhere and an EXTENDED COPY chunk elsewhere complete; a WRITE and a copy
+    /// chunk over its block do not start until it has ended, and land after it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_waiting_at_the_gate_during_a_reset_never_lands() {
+    async fn a_compare_and_write_holds_its_range_and_nothing_else() {
+        let (gate, v, p) = preempt_setup().await;
+        let p = Arc::new(p);
+        let handle = v.view().get(&0).unwrap().clone();
+        gate.set(false);
+        let caw = tokio::spawn(caw_block_8(&v).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        // Elsewhere nothing waits.
+        let (r, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            p.execute(0, read_16(100, 8), Bytes::new()),
+        )
+        .await
+        .expect("a READ of another range waited for the COMPARE AND WRITE");
+        assert_eq!((r.status, r.data_in.len()), (0, 4096), "{r:?}");
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(5),
+            handle.copy_io(
+                p.id,
+                IoOp::Read {
+                    offset: 64 * 512,
+                    len: 4096,
+                },
+            ),
+        )
+        .await
+        .expect("a copy chunk of another range waited");
+        assert!(matches!(chunk, Some(IoResult::Data(d)) if d.len() == 4096));
+        // Over block 8: a WRITE (blocks 0-255) and a copy chunk write wait, without starting.
+        let write = tokio::spawn(write_128k(&p).finish());
+        let h = handle.clone();
+        let id = p.id;
+        let copy = tokio::spawn(async move {
+            let data = Bytes::from(vec![0xee; 512]);
+            h.copy_io(
+                id,
+                IoOp::Write {
+                    offset: 8 * 512,
+                    data,
+                    fua: false,
+                },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!write.is_finished() && !copy.is_finished());
+        assert_eq!(handle.lu().waiting_tasks(), 2);
+        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        gate.set(true);
+        let (c, _) = caw.await.unwrap();
+        assert_eq!(c.status, 0, "{c:?}");
+        let (w, _) = write.await.unwrap();
+        assert_eq!(w.status, 0, "{w:?}");
+        assert_eq!(copy.await.unwrap(), Some(IoResult::Done));
+        let log = gate.started.lock().unwrap().clone();
+        assert_eq!(log[0], (8 * 512, 512), "{log:?}");
+        assert_eq!(log.len(), 3, "{log:?}");
+        // The COMPARE AND WRITE's 0xcd was overwritten by whichever came later.
+        let b8 = gate.ram.read(8 * 512, 512).unwrap();
+        assert!(b8.iter().all(|b| *b == 0xab) || b8.iter().all(|b| *b == 0xee));
+        assert_eq!(handle.lu().waiting_tasks(), 0);
+    }
+
+    /// A write that waits for a COMPARE AND WRITE's range lock when the LU is reset was in the
+    /// task set: it ends TASK ABORTED at once and never reaches the medium, and the reset's
+    /// response waits only for the COMPARE AND WRITE's write in flight. One that arrives
+    /// after the reset runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waiting_for_a_compare_and_write_during_a_reset_never_lands() {
         let (gate, v, p) = preempt_setup().await;
         let handle = v.view().get(&0).unwrap().clone();
-        let held = Gate::enter(handle.gate.clone(), Access::Exclusive).await;
-        let write = tokio::spawn(write_128k_at(&v, Some(Instant::now())).finish());
+        gate.set(false);
+        let caw = tokio::spawn(caw_block_8(&v).finish());
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let write = tokio::spawn(write_128k_at(&p, Some(Instant::now())).finish());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handle.lu().waiting_tasks(), 1);
         let outcome = p.task_mgmt(TmfFunction::LogicalUnitReset, 0, Some(Instant::now()));
-        assert_eq!(outcome.drained().await, TmfResponse::FunctionComplete);
-        drop(held);
-        let (w, _) = write.await.unwrap();
+        let mut response = tokio::spawn(outcome.drained());
+        let (w, _) = tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .expect("the aborted waiting write was not woken")
+            .unwrap();
         assert_eq!(w.status, ironlun_scsi::status::TASK_ABORTED, "{w:?}");
         assert!(
-            gate.ram
-                .read(0, 128 * 1024)
-                .unwrap()
-                .iter()
-                .all(|b| *b == 0),
+            tokio::time::timeout(Duration::from_millis(300), &mut response)
+                .await
+                .is_err(),
+            "LUN RESET completed while the COMPARE AND WRITE's write was in flight"
+        );
+        gate.set(true);
+        assert_eq!(response.await.unwrap(), TmfResponse::FunctionComplete);
+        let (c, _) = caw.await.unwrap();
+        assert_eq!(c.status, ironlun_scsi::status::TASK_ABORTED, "{c:?}");
+        let medium = gate.ram.read(0, 128 * 1024).unwrap();
+        assert!(
+            medium.iter().all(|b| *b == 0 || *b == 0xcd),
             "the aborted write reached the medium"
         );
         // The reset's unit attention (29h/03h) first.
-        let ua = v
+        let ua = p
             .execute(0, Bytes::from_static(&[0; 6]), Bytes::new())
             .await
             .0;
         assert_eq!(ua.status, 2, "{ua:?}");
-        let (w, _) = write_128k_at(&v, Some(Instant::now())).finish().await;
+        let (w, _) = write_128k_at(&p, Some(Instant::now())).finish().await;
         assert_eq!(w.status, 0, "{w:?}");
         assert!(gate
             .ram

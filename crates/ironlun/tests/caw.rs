@@ -1,8 +1,8 @@
 //! COMPARE AND WRITE atomicity end to end (issue 8 acceptance 2): two initiators on two
 //! portals of one daemon race COMPARE AND WRITE on the same block 10,000 times; each round
 //! exactly one wins (GOOD) and the other gets MISCOMPARE, and a third session reading the
-//! block all along never sees a mix of two values. Also: the atomic gate is released after a
-//! LUN RESET and after a session carrying pipelined COMPARE AND WRITEs drops its connection.
+//! block all along never sees a mix of two values. Also: no range stays locked after a LUN
+//! RESET and after a session carrying pipelined COMPARE AND WRITEs drops its connection.
 
 #![allow(
     clippy::unwrap_used,
@@ -166,10 +166,10 @@ async fn two_portals_race_compare_and_write_one_winner_per_round_no_torn_reads()
 }
 
 /// Pipelined COMPARE AND WRITEs from one session, then a LUN RESET from another, then the first
-/// session's connection dropped mid-stream: the LU's gate is never left closed — the other
+/// session's connection dropped mid-stream: the LU's range lock is never left held — the other
 /// session's COMPARE AND WRITE, WRITE and READ complete promptly afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lun_reset_and_a_dropped_session_leave_the_gate_open() {
+async fn lun_reset_and_a_dropped_session_leave_no_range_locked() {
     let dir = tempfile::tempdir().expect("dir");
     let d = Daemon::spawn_ok(dir.path(), Some(&config()), &[]);
     let a = login(d.addrs[0], "iqn.2026-11.io.ironlun:caw-a").await;

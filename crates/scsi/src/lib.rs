@@ -2,7 +2,8 @@
 //!
 //! [`LogicalUnit::execute`] takes a CDB and its Data-Out and returns a [`Step`]: either the
 //! finished [`Completion`] or one backstore operation ([`IoOp`]) to perform, after which the
-//! caller hands the [`IoResult`] to [`LogicalUnit::resume`]. No I/O and no clock live here, so
+//! caller hands the [`IoResult`] to [`LogicalUnit::resume`] (or [`Step::Wait`]: the I/O waits for
+//! a COMPARE AND WRITE's range lock, SBC-3 §5.2). No I/O and no clock live here, so
 //! the whole command set is tested in memory. The caller holds the LU lock only around
 //! `execute`/`resume`, never across the I/O.
 

@@ -4,6 +4,9 @@
 //! returns [`Step::Done`] or [`Step::Io`]; perform the [`IoOp`] outside the LU lock and hand
 //! its [`IoResult`] with the [`Continuation`] to [`LogicalUnit::resume`], repeating until
 //! `Done`. Data-In in a [`Completion`] is already cut to the CDB's allocation length.
+//! [`Step::Wait`]: the I/O may not start yet (a COMPARE AND WRITE's range lock, see
+//! `caw.rs`); hand the continuation to [`LogicalUnit::proceed`] once
+//! [`LogicalUnit::take_wakeup`] said so, and go on with what that returns.
 
 use std::collections::HashMap;
 
@@ -204,6 +207,8 @@ pub enum IoErrorKind {
 pub struct Continuation {
     state: Pending,
     task: u64,
+    /// The I/O a [`Step::Wait`] holds back until [`LogicalUnit::proceed`] starts it.
+    parked: Option<Box<IoOp>>,
 }
 
 /// One task of the task set (a command between [`Step::Io`] and its final resume).
@@ -214,10 +219,16 @@ struct Task {
     nexus: NexusId,
     /// Tickets of the PREEMPT AND ABORTs and task management functions that aborted it.
     aborted: Vec<u64>,
-    /// Byte range of its current I/O, and whether it is a WRITE ATOMIC (see
-    /// [`LogicalUnit::atomic_conflict`]).
-    range: Option<(u64, u64)>,
+    /// Byte ranges of its current I/O (in flight, or the one it waits to start while
+    /// `waiting`), and whether it is a WRITE ATOMIC (see [`LogicalUnit::atomic_conflict`]).
+    range: Option<caw::Ranges>,
     atomic: bool,
+    /// A COMPARE AND WRITE: once started it locks its range until it ends ([`caw`]).
+    caw: bool,
+    /// An EXTENDED COPY chunk's I/O ([`LogicalUnit::copy_io`]).
+    copy: bool,
+    /// Waits to start its I/O ([`Step::Wait`]).
+    waiting: bool,
     /// A SANITIZE: not aborted by task management functions (SBC-3 §4.32).
     sanitize: bool,
 }
@@ -269,6 +280,8 @@ enum Pending {
     Atomic,
     /// SANITIZE: the next chunk of the job.
     Sanitize { job: sanitize::Job },
+    /// One I/O of an EXTENDED COPY chunk ([`LogicalUnit::copy_io`]): abandoned after it.
+    CopyIo,
 }
 
 impl Continuation {
@@ -295,6 +308,11 @@ const MAX_LBA_STATUS_DESCRIPTORS: usize = 4096;
 pub enum Step {
     Done(Completion),
     Io(IoOp, Continuation),
+    /// The command's next I/O overlaps a COMPARE AND WRITE in progress, or this is a COMPARE
+    /// AND WRITE that overlaps I/O in progress (SBC-3 §5.2, see `caw.rs`): it waits, in the
+    /// task set, without starting. Hand it to [`LogicalUnit::proceed`] after
+    /// [`LogicalUnit::take_wakeup`] returned true (or [`LogicalUnit::abandon`] it).
+    Wait(Continuation),
     /// A PERSISTENT RESERVE OUT changed the reservation state (already in effect for every
     /// command that starts from now on). Before reporting `completion` the caller must
     /// (1) when `abort` is set (PREEMPT AND ABORT, SPC-4 §5.13.11.2.6), wait until
@@ -359,6 +377,13 @@ pub struct LogicalUnit {
     /// How many of `tasks` are WRITE ATOMICs: while none is, ordinary I/O skips the overlap
     /// scan of [`Self::atomic_conflict`].
     atomic_tasks: usize,
+    /// How many of `tasks` are COMPARE AND WRITEs: while none is, ordinary I/O skips the
+    /// range lock's overlap scan ([`caw`]).
+    caw_tasks: usize,
+    /// How many of `tasks` wait to start their I/O ([`Step::Wait`]).
+    waiting_tasks: usize,
+    /// A task ended or was aborted while others waited ([`LogicalUnit::take_wakeup`]).
+    wakeup: bool,
     next_task: u64,
     next_ticket: u64,
     /// Target-side handover of the ownership ([`crate::pr::ownership`]).
@@ -455,6 +480,9 @@ impl LogicalUnit {
             next_identity: 0,
             tasks: HashMap::new(),
             atomic_tasks: 0,
+            caw_tasks: 0,
+            waiting_tasks: 0,
+            wakeup: false,
             next_task: 0,
             next_ticket: 0,
             handover: Handover::Idle,
@@ -895,6 +923,7 @@ impl LogicalUnit {
                 task.aborted.push(ticket);
             }
         }
+        self.wake_waiters();
         AbortTicket(ticket)
     }
 
@@ -940,56 +969,69 @@ impl LogicalUnit {
         };
         match step {
             Step::Io(op, mut cont) => {
-                let range = io_range(&op);
+                let range = caw::Ranges::of(&op);
                 let atomic = cont.state == Pending::Atomic;
-                if self.atomic_conflict(range, atomic) {
+                if self.atomic_conflict(range.as_ref(), atomic) {
                     return Step::Done(Completion::busy());
                 }
-                let task = self.next_task;
-                self.next_task = self.next_task.wrapping_add(1);
-                cont.task = task;
-                self.atomic_tasks += usize::from(atomic);
-                self.tasks.insert(
-                    task,
-                    Task {
-                        identity: ident,
-                        nexus,
-                        aborted: Vec::new(),
-                        range,
-                        atomic,
-                        sanitize: cont.is_sanitize(),
-                    },
-                );
-                Step::Io(op, cont)
+                let task = Task {
+                    identity: ident,
+                    nexus,
+                    aborted: Vec::new(),
+                    range: None,
+                    atomic,
+                    caw: matches!(cont.state, Pending::CompareAndWrite { .. }),
+                    copy: false,
+                    waiting: false,
+                    sanitize: cont.is_sanitize(),
+                };
+                cont.task = self.insert_task(task);
+                self.admit(op, cont, true)
             }
             other => other,
         }
     }
 
-    /// Forget a finished task (keeping the WRITE ATOMIC count in step).
+    /// Enter `task` in the task set (keeping the counts in step); its id.
+    fn insert_task(&mut self, task: Task) -> u64 {
+        let id = self.next_task;
+        self.next_task = self.next_task.wrapping_add(1);
+        self.atomic_tasks += usize::from(task.atomic);
+        self.caw_tasks += usize::from(task.caw);
+        self.tasks.insert(id, task);
+        id
+    }
+
+    /// Forget a finished task (keeping the counts in step); tasks waiting for it may start.
     fn end_task(&mut self, task: u64) {
-        if self.tasks.remove(&task).is_some_and(|t| t.atomic) {
-            self.atomic_tasks = self.atomic_tasks.saturating_sub(1);
+        if let Some(t) = self.tasks.remove(&task) {
+            self.atomic_tasks = self.atomic_tasks.saturating_sub(usize::from(t.atomic));
+            self.caw_tasks = self.caw_tasks.saturating_sub(usize::from(t.caw));
+            self.waiting_tasks = self.waiting_tasks.saturating_sub(usize::from(t.waiting));
+            self.wake_waiters();
         }
+    }
+
+    /// Tell the caller to wake the waiting tasks ([`LogicalUnit::take_wakeup`]), if any.
+    fn wake_waiters(&mut self) {
+        self.wakeup |= self.waiting_tasks > 0;
     }
 
     /// WRITE ATOMIC (SBC-4 §4.29) against concurrency: a WRITE ATOMIC never runs while
     /// another task's I/O overlaps its range, and no I/O starts over a WRITE ATOMIC in
     /// flight; the command that would overlap ends in BUSY (SAM-5 §5.3.1), to be retried.
     /// So no read sees part of an atomic write and no write interleaves with one.
-    fn atomic_conflict(&self, range: Option<(u64, u64)>, atomic: bool) -> bool {
-        let Some((off, len)) = range else {
+    /// Tasks waiting to start count as in flight: a WRITE ATOMIC never starts under them.
+    fn atomic_conflict(&self, range: Option<&caw::Ranges>, atomic: bool) -> bool {
+        let Some(range) = range else {
             return false;
         };
         if !atomic && self.atomic_tasks == 0 {
             return false;
         }
-        let end = off.saturating_add(len);
-        self.tasks.values().any(|t| {
-            (atomic || t.atomic)
-                && t.range
-                    .is_some_and(|(o, l)| o < end && off < o.saturating_add(l))
-        })
+        self.tasks
+            .values()
+            .any(|t| (atomic || t.atomic) && t.range.as_ref().is_some_and(|r| r.overlaps(range)))
     }
 
     /// SBC-3 §4.32: while a sanitize runs, every command but INQUIRY, REPORT LUNS and
@@ -1029,10 +1071,9 @@ impl LogicalUnit {
         match step {
             Step::Io(op, mut next) => {
                 next.task = task;
-                if let Some(t) = self.tasks.get_mut(&task) {
-                    t.range = io_range(&op);
-                }
-                Step::Io(op, next)
+                // A COMPARE AND WRITE holds its range from its read on: its write never waits.
+                let check = !self.tasks.get(&task).is_some_and(|t| t.caw);
+                self.admit(op, next, check)
             }
             other => {
                 self.end_task(task);
@@ -1111,6 +1152,7 @@ impl LogicalUnit {
         for t in self.tasks.values_mut().filter(|t| pick(t)) {
             t.aborted.push(ticket);
         }
+        self.wake_waiters();
         Some(AbortTicket(ticket))
     }
 
@@ -1217,7 +1259,14 @@ impl LogicalUnit {
     }
 
     fn io(op: IoOp, state: Pending) -> Result<Step, SenseReason> {
-        Ok(Step::Io(op, Continuation { state, task: 0 }))
+        Ok(Step::Io(
+            op,
+            Continuation {
+                state,
+                task: 0,
+                parked: None,
+            },
+        ))
     }
 
     fn block_size(&self) -> u64 {
@@ -2026,15 +2075,6 @@ pub(crate) fn compare(expected: &[u8], actual: &[u8]) -> Result<(), SenseReason>
     Ok(())
 }
 
-/// The byte range an I/O touches (for the WRITE ATOMIC overlap check).
-fn io_range(op: &IoOp) -> Option<(u64, u64)> {
-    match op {
-        IoOp::Read { offset, len } | IoOp::WriteZeroes { offset, len, .. } => Some((*offset, *len)),
-        IoOp::Write { offset, data, .. } => Some((*offset, u64::try_from(data.len()).ok()?)),
-        IoOp::Flush | IoOp::Unmap { .. } | IoOp::MapStatus { .. } | IoOp::ExtendedCopy(_) => None,
-    }
-}
-
 /// READ DEFECT DATA (10/12) parameter data (SBC-3 §5.12, §5.13): the medium has no defect
 /// lists to report, so the header says the requested lists are valid and empty, in the
 /// requested format (short/long block, bytes from index, physical sector, vendor specific).
@@ -2485,6 +2525,7 @@ impl LogicalUnit {
                 t.aborted.push(ticket);
             }
         }
+        self.wake_waiters();
         Some(AbortTicket(ticket))
     }
 }

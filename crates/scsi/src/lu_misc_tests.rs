@@ -241,6 +241,7 @@ fn commands_during_a_sanitize_get_not_ready_with_progress() {
                 break;
             }
             Step::PrCommit(_) => panic!("unexpected commit"),
+            Step::Wait(_) => panic!("unexpected wait"),
         }
     }
     // Afterwards: the unit attention of the reset, then GOOD.

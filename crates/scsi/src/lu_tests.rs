@@ -122,6 +122,7 @@ impl Fixture {
             match step {
                 Step::Done(c) => return c,
                 Step::PrCommit(p) => return p.completion,
+                Step::Wait(_) => panic!("waits with nothing in flight"),
                 Step::Io(op, cont) => {
                     let r = self.ram.perform(&op);
                     step = self.lu.resume(nexus, cont, r);

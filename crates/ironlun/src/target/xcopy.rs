@@ -13,11 +13,19 @@
 //! ABORTED once it has run for [`COPY_TIME_LIMIT`] ([`CopyHook`] stands in for time in tests). ABORT TASK / ABORT TASK SET drop the
 //! command's future (see `server.rs`); a chunk already on the blocking pool finishes first.
 //!
+//! COMPARE AND WRITE (SBC-3 §5.2): every chunk read and chunk write enters the task set of
+//! its own LU, source or destination, for as long as its I/O runs
+//! (`LunHandle::copy_io`, `LogicalUnit::copy_io`). So it takes that LU's range lock like a
+//! command's I/O: it does not start while it overlaps a COMPARE AND WRITE of that LU, and a
+//! COMPARE AND WRITE does not start its read while a chunk overlaps it. No chunk I/O lands
+//! between the read and the write of a COMPARE AND WRITE on either LU. The copy's own task
+//! (on the issuing LU) holds no range, so a long copy blocks only what its current chunks
+//! overlap. A chunk that task management aborts ends the copy (TASK ABORTED after a LUN
+//! RESET or CLEAR TASK SET).
+//!
 //! [`LogicalUnit::abort_epoch`]: ironlun_scsi::LogicalUnit::abort_epoch
 
 use super::LunHandle;
-use crate::backend;
-use crate::caw_gate::{Access, Gate};
 use bytes::Bytes;
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult, NexusId};
 use ironlun_scsi::sense::SenseReason;
@@ -253,6 +261,7 @@ async fn copy_segment(
     let read = |(pos, n): (u64, u64)| {
         io(
             src,
+            nexus,
             IoOp::Read {
                 offset: src_off + pos,
                 len: n,
@@ -280,10 +289,11 @@ async fn copy_segment(
         }
         let bytes = match data {
             IoResult::Data(b) if u64::try_from(b.len()).is_ok_and(|l| l == n) => b,
-            _ => return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted))),
+            _ => return (moved, Some(failed(src, dst, &s, &d))),
         };
         let write = io(
             dst,
+            nexus,
             IoOp::Write {
                 offset: dst_off + pos,
                 data: bytes,
@@ -302,23 +312,29 @@ async fn copy_segment(
             }
         };
         if written != IoResult::Done {
-            return (moved, Some(CopyEnd::Failed(SenseReason::CopyAborted)));
+            return (moved, Some(failed(src, dst, &s, &d)));
         }
         moved += n;
     }
     (moved, None)
 }
 
-/// One backstore operation off the runtime's workers (awaited directly on async backends),
-/// inside the LU's COMPARE AND WRITE gate (shared), so a copy's reads and writes never land
-/// between the read and the write of a COMPARE AND WRITE on either LU ([`crate::caw_gate`]).
-async fn io(h: &LunHandle, op: IoOp) -> IoResult {
-    let _entry = Gate::enter(h.gate.clone(), Access::Shared).await;
-    let backend = h.backend.clone();
-    if backend.is_async() {
-        return backend::perform_async(&backend, op).await;
+/// How a copy ends after a chunk failed: TASK ABORTED when a LUN RESET, target reset or
+/// CLEAR TASK SET reached either side meanwhile (it aborted the chunk), else COPY ABORTED.
+fn failed(src: &LunHandle, dst: &LunHandle, s: &Side, d: &Side) -> CopyEnd {
+    let src_epoch = src.lu().abort_epoch();
+    let dst_epoch = dst.lu().abort_epoch();
+    if src_epoch != s.epoch || dst_epoch != d.epoch {
+        CopyEnd::Aborted
+    } else {
+        CopyEnd::Failed(SenseReason::CopyAborted)
     }
-    tokio::task::spawn_blocking(move || backend::perform(&*backend, &op))
+}
+
+/// One backstore operation of the copy on `h`, under `h`'s COMPARE AND WRITE range lock (module
+/// doc), off the runtime's workers (awaited directly on async backends).
+async fn io(h: &Arc<LunHandle>, nexus: NexusId, op: IoOp) -> IoResult {
+    h.copy_io(nexus, op)
         .await
         .unwrap_or(IoResult::Error(IoErrorKind::Other))
 }

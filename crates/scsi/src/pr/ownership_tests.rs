@@ -598,7 +598,7 @@ fn probe_write(lu: &mut LogicalUnit, n: NexusId) -> u8 {
                 Step::Done(c) => c.status,
                 other => panic!("{other:?}"),
             },
-            Step::PrCommit(_) => panic!("a write made a PR commit"),
+            Step::PrCommit(_) | Step::Wait(_) => panic!("a write made a PR commit or waited"),
         };
         if s != status::CHECK_CONDITION {
             return s;

@@ -79,6 +79,7 @@ impl F {
                     }
                     return p.completion;
                 }
+                Step::Wait(_) => panic!("waits with nothing in flight"),
                 Step::Io(op, cont) => {
                     let r = match op {
                         IoOp::Read { len, .. } => {
