@@ -1336,7 +1336,7 @@ impl LogicalUnit {
             }
             Command::ModeSelect {
                 ten,
-                pf: _,
+                pf,
                 sp,
                 param_len,
             } => {
@@ -1346,7 +1346,10 @@ impl LogicalUnit {
                 let data = data_out
                     .get(..n)
                     .ok_or(SenseReason::ParameterListLengthError)?;
-                if self.mode.select(ten, sp, data, self.config.block_size)? {
+                if self
+                    .mode
+                    .select(ten, pf, sp, data, self.config.block_size)?
+                {
                     self.ua
                         .raise_others(ident, SenseReason::ModeParametersChanged);
                 }
