@@ -158,7 +158,8 @@ impl LunHandle {
     /// Execute a command under the LU lock. `arrived`: when its header arrived; if a LUN
     /// RESET, target reset or CLEAR TASK SET arrived after it and has been carried out (its
     /// Data-Out came later, or it waited at the gate), it was in the task set that function
-    /// cleared and ends TASK ABORTED (SAM-5 §7, TAS=1) without starting. Checked under the
+    /// cleared and ends without starting: TASK ABORTED, or no status under TAS=0
+    /// ([`LogicalUnit::aborted_before_start`]). Checked under the
     /// lock that enters it in the task set, which the function holds while it aborts.
     fn execute_since(
         &self,
@@ -170,10 +171,8 @@ impl LunHandle {
         let mut lu = self.lu();
         let spdtl = lu.data_out_len(cdb).and_then(|n| u32::try_from(n).ok());
         if arrived.is_some_and(|a| lu.arrived_before_abort(a)) {
-            return (
-                self.sequenced(Step::Done(lu::Completion::task_aborted())),
-                spdtl,
-            );
+            let end = lu.aborted_before_start(nexus);
+            return (self.sequenced(Step::Done(end)), spdtl);
         }
         (self.sequenced(lu.execute(nexus, cdb, data_out)), spdtl)
     }
@@ -1050,7 +1049,7 @@ impl Nexus {
                 let ticket = match function {
                     TmfFunction::AbortTaskSet => lu.abort_task_set(self.id),
                     // Also stops copies of other nexuses touching this LU (crate::xcopy).
-                    TmfFunction::ClearTaskSet => lu.clear_task_set(),
+                    TmfFunction::ClearTaskSet => lu.clear_task_set(self.id),
                     _ => lu.reset(self.id, ResetKind::LogicalUnit),
                 };
                 if let (Some(at), false) = (arrived, function == TmfFunction::AbortTaskSet) {
