@@ -1465,6 +1465,9 @@ async fn serve_connection(
 }
 
 #[cfg(test)]
+mod tmf_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;

@@ -133,6 +133,17 @@ impl LunHandle {
         }
     }
 
+    /// A handle over `backend` run like a file LUN (FUA and large I/O on the blocking pool),
+    /// for tests in other modules of the crate that need a backstore of their own.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        lu: LogicalUnit,
+        backend: Arc<dyn BlockBackend>,
+        state_file: PathBuf,
+    ) -> Self {
+        Self::new(lu, backend, false, state_file)
+    }
+
     /// How long one SANITIZE step of `op` takes at the LUN's `sanitize_rate`.
     fn sanitize_pace(&self, op: &IoOp) -> Option<std::time::Duration> {
         let rate = self.sanitize_rate.filter(|r| *r > 0)?;
