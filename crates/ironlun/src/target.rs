@@ -948,7 +948,8 @@ impl Nexus {
 
     /// [`Nexus::start`] for a command whose header arrived at `arrived`: if a LUN RESET,
     /// target reset or CLEAR TASK SET arrived after it (on any connection) and was carried
-    /// out before the command could start, it ends TASK ABORTED without starting.
+    /// out before the command could start, it ends without starting (TASK ABORTED, or no
+    /// status under TAS=0).
     pub fn start_at(
         &self,
         lun_raw: u64,
@@ -1039,7 +1040,8 @@ impl Nexus {
     /// its backstore I/O. (ABORT TASK's one task is the connection's to wait for.)
     ///
     /// `arrived`: when the request was received; commands that arrived earlier and have not
-    /// started yet end TASK ABORTED when they try (LUN RESET, CLEAR TASK SET, target resets).
+    /// started yet end when they try (LUN RESET, CLEAR TASK SET, target resets): TASK ABORTED,
+    /// or without status for other sessions under TAS=0 (SAM-5 §5.6).
     pub fn task_mgmt(
         &self,
         function: TmfFunction,

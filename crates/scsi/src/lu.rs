@@ -1181,7 +1181,8 @@ impl LogicalUnit {
     }
 
     /// Whether a command that arrived at `arrived` predates the last task-set-clearing
-    /// function: it must end TASK ABORTED without starting (SAM-5 §7, TAS=1).
+    /// function: it must end without starting (SAM-5 §7), as
+    /// [`LogicalUnit::aborted_before_start`] says.
     pub fn arrived_before_abort(&self, arrived: std::time::Instant) -> bool {
         self.aborted_at.is_some_and(|t| arrived < t)
     }

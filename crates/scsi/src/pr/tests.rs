@@ -966,6 +966,17 @@ fn access_table() {
         assert_eq!(sync, uw, "{name} SYNCHRONIZE CACHE");
         let ms = f.run(C, &[0x1A, 0x08, 0x3F, 0, 255, 0], &[]).status;
         assert_eq!(ms, ur, "{name} MODE SENSE");
+        // MODE SELECT(6/10) changes the LU's mode pages: it conflicts like a write (Table 65).
+        for cdb in [
+            &[0x15u8, 0x10, 0, 0, 0, 0][..],
+            &[0x55, 0x10, 0, 0, 0, 0, 0, 0, 0, 0],
+        ] {
+            assert_eq!(
+                f.run(C, cdb, &[]).status,
+                uw,
+                "{name} MODE SELECT {cdb:02x?}"
+            );
+        }
         for cdb in [
             &[0u8, 0, 0, 0, 0, 0][..],
             &[0x12, 0, 0, 0, 96, 0],
