@@ -11,7 +11,8 @@
 //! TASK ABORTED; with TAS=0 (set by B through MODE SELECT) B gets nothing for them (checked
 //! against two NOP-Out round trips on B: a response sent for them would be ahead of the
 //! NOP-Ins on B's connection), its next command reports the unit attention, and the CmdSN
-//! window the writes held reopens (the target forgot their ITTs). ABORT TASK of
+//! window the writes held reopens (the target forgot their ITTs). PREEMPT AND ABORT of
+//! B's reservation from A behaves alike (GOOD after the held writes ended). ABORT TASK of
 //! B's own held write is answered only after its I/O ended. No wall-clock bound anywhere.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -446,4 +447,76 @@ async fn abort_task_of_a_held_write_answers_after_its_io() {
     let r = b.read16(0, 0, BLOCKS, 512).await.unwrap().good().unwrap();
     assert_eq!(r.data, pattern(9));
     b.logout().await.unwrap();
+}
+
+/// PERSISTENT RESERVE OUT `sa` with reservation type `ty`, key `rk` and service action key
+/// `sark` (SPC-4 §6.16), sent and not awaited.
+fn prout<'a>(
+    s: &'a Session,
+    sa: u8,
+    ty: u8,
+    rk: u64,
+    sark: u64,
+) -> impl Future<Output = ironlun_initiator::Result<CommandResult>> + Send + 'a {
+    let mut list = vec![0u8; 24];
+    list[..8].copy_from_slice(&rk.to_be_bytes());
+    list[8..16].copy_from_slice(&sark.to_be_bytes());
+    let cdb = [0x5F, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    async move { s.command(0, &cdb, Bytes::from(list), 0).await }
+}
+
+/// PREEMPT AND ABORT from A of B's Write Exclusive reservation while B's writes are held
+/// (SPC-4 §5.13.11.2.6): GOOD only after their I/O ended; with TAS=1 they end TASK ABORTED,
+/// with TAS=0 B gets nothing for them and REGISTRATIONS PREEMPTED, then COMMANDS CLEARED BY
+/// ANOTHER INITIATOR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_and_abort_waits_for_bs_held_writes_and_tas_decides_their_status() {
+    const WE: u8 = 1;
+    for tas_on in [true, false] {
+        let what = format!("PREEMPT AND ABORT with TAS={}", u8::from(tas_on));
+        let h = Harness::start().await;
+        let a = h.login(HOST_A).await;
+        let b = h.login(HOST_B).await;
+        if !tas_on {
+            set_tas(&b, false).await;
+            assert_eq!(uas(&a).await, vec![(0x2A, 0x01)], "{what}");
+        }
+        prout(&a, 0, 0, 0, 0xA).await.unwrap().good().unwrap();
+        prout(&b, 0, 0, 0, 0xB).await.unwrap().good().unwrap();
+        prout(&b, 1, WE, 0xB, 0).await.unwrap().good().unwrap();
+        h.gate.set(false);
+        let (data, _, mut writes) = start_writes(&b, 20).await;
+        h.gate.entered(WRITES).await;
+        let preempt: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(prout(&a, 5, WE, 0xA, 0xB));
+        let mut preempt = [preempt];
+        assert_unanswered(&a, &mut preempt, &format!("{what}: A's GOOD")).await;
+        h.gate.set(true);
+        let [preempt] = preempt;
+        preempt.await.unwrap().good().unwrap();
+        assert_eq!(h.gate.landed(), WRITES, "{what}");
+        let at_response = read_back(&a).await;
+        assert_eq!(at_response, data.concat(), "{what}");
+        if tas_on {
+            for (i, w) in std::mem::take(&mut writes).into_iter().enumerate() {
+                let r = w.await.unwrap();
+                assert_eq!(r.status, 0x40, "{what}: write #{i} {r:?}");
+            }
+        } else {
+            assert_unanswered(&b, &mut writes, &format!("{what}: B's aborted writes")).await;
+        }
+        window_reopens(&b, &what).await;
+        let expected = if tas_on {
+            vec![(0x2A, 0x05)]
+        } else {
+            vec![(0x2A, 0x05), (0x2F, 0x00)]
+        };
+        assert_eq!(uas(&b).await, expected, "{what}: B's unit attentions");
+        assert_unanswered(&b, &mut writes, &format!("{what}: B's aborted writes")).await;
+        drop(writes);
+        assert_eq!(read_back(&a).await, at_response, "{what}");
+        assert_eq!(h.gate.landed(), WRITES, "{what}");
+        a.logout().await.unwrap();
+        b.logout().await.unwrap();
+    }
 }
