@@ -212,6 +212,17 @@ impl Session {
         self.inner.state().closed
     }
 
+    /// How many commands the target's CmdSN window admits now (RFC 7143 §4.2.2.1):
+    /// MaxCmdSN − CmdSN + 1 as of the last PDU received, 0 when closed.
+    pub fn window(&self) -> u32 {
+        let st = self.inner.state();
+        if sn_lte(st.cmd_sn, st.max_cmd_sn) {
+            st.max_cmd_sn.wrapping_sub(st.cmd_sn).wrapping_add(1)
+        } else {
+            0
+        }
+    }
+
     /// Register a new task and return its ITT, guard and receiver.
     fn register(&self) -> Result<(TaskGuard, mpsc::UnboundedReceiver<Pdu>)> {
         let (tx, rx) = mpsc::unbounded_channel();

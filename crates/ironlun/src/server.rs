@@ -1120,8 +1120,18 @@ impl Commands {
         }
     }
 
-    /// Hand a finished command to the connection; its charges stay until the write.
+    /// Hand a finished command to the connection; its charges stay until the write. A
+    /// command the SCSI layer ended without status (aborted by another I_T nexus under TAS=0,
+    /// SAM-5 §5.6) gets no response: the connection forgets its ITT, the charges go at once.
     fn complete(&mut self, conn: &mut Connection, mut done: Done) {
+        if done.completion.status == ironlun_scsi::status::NO_STATUS {
+            tracing::debug!(
+                itt = done.itt,
+                "aborted by another I_T nexus with TAS=0: no response"
+            );
+            conn.end_command_without_response(done.itt);
+            return;
+        }
         let produced = u64::try_from(done.completion.data_in.len()).unwrap_or(u64::MAX);
         let expected = done.held.data_in.bytes();
         if produced > expected {
@@ -1453,6 +1463,9 @@ async fn serve_connection(
     drop(registered);
     Ok(())
 }
+
+#[cfg(test)]
+mod tmf_tests;
 
 #[cfg(test)]
 mod tests {

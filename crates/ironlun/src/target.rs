@@ -140,6 +140,17 @@ impl LunHandle {
         }
     }
 
+    /// A handle over `backend` run like a file LUN (FUA and large I/O on the blocking pool),
+    /// for tests in other modules of the crate that need a backstore of their own.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        lu: LogicalUnit,
+        backend: Arc<dyn BlockBackend>,
+        state_file: PathBuf,
+    ) -> Self {
+        Self::new(lu, backend, false, state_file)
+    }
+
     /// How long one SANITIZE step of `op` takes at the LUN's `sanitize_rate`.
     fn sanitize_pace(&self, op: &IoOp) -> Option<std::time::Duration> {
         let rate = self.sanitize_rate.filter(|r| *r > 0)?;
@@ -164,8 +175,9 @@ impl LunHandle {
     /// Start a command under the LU lock; also the CDB's Data-Out length (for residuals).
     /// Execute a command under the LU lock. `arrived`: when its header arrived; if a LUN
     /// RESET, target reset or CLEAR TASK SET arrived after it and has been carried out (its
-    /// Data-Out came later), it was in the task set that function
-    /// cleared and ends TASK ABORTED (SAM-5 §7, TAS=1) without starting. Checked under the
+    /// Data-Out came later, or it waited for a range lock), it was in the task set that function
+    /// cleared and ends without starting: TASK ABORTED, or no status under TAS=0
+    /// ([`LogicalUnit::aborted_before_start`]). Checked under the
     /// lock that enters it in the task set, which the function holds while it aborts.
     fn execute_since(
         &self,
@@ -177,10 +189,8 @@ impl LunHandle {
         let mut lu = self.lu();
         let spdtl = lu.data_out_len(cdb).and_then(|n| u32::try_from(n).ok());
         if arrived.is_some_and(|a| lu.arrived_before_abort(a)) {
-            return (
-                self.sequenced(Step::Done(lu::Completion::task_aborted())),
-                spdtl,
-            );
+            let end = lu.aborted_before_start(nexus);
+            return (self.sequenced(Step::Done(end)), spdtl);
         }
         (self.sequenced(lu.execute(nexus, cdb, data_out)), spdtl)
     }
@@ -1065,7 +1075,8 @@ impl Nexus {
 
     /// [`Nexus::start`] for a command whose header arrived at `arrived`: if a LUN RESET,
     /// target reset or CLEAR TASK SET arrived after it (on any connection) and was carried
-    /// out before the command could start, it ends TASK ABORTED without starting.
+    /// out before the command could start, it ends without starting (TASK ABORTED, or no
+    /// status under TAS=0).
     pub fn start_at(
         &self,
         lun_raw: u64,
@@ -1139,7 +1150,8 @@ impl Nexus {
     /// its backstore I/O. (ABORT TASK's one task is the connection's to wait for.)
     ///
     /// `arrived`: when the request was received; commands that arrived earlier and have not
-    /// started yet end TASK ABORTED when they try (LUN RESET, CLEAR TASK SET, target resets).
+    /// started yet end when they try (LUN RESET, CLEAR TASK SET, target resets): TASK ABORTED,
+    /// or without status for other sessions under TAS=0 (SAM-5 §5.6).
     pub fn task_mgmt(
         &self,
         function: TmfFunction,
@@ -1160,7 +1172,7 @@ impl Nexus {
                 let ticket = match function {
                     TmfFunction::AbortTaskSet => lu.abort_task_set(self.id),
                     // Also stops copies of other nexuses touching this LU (crate::target::xcopy).
-                    TmfFunction::ClearTaskSet => lu.clear_task_set(),
+                    TmfFunction::ClearTaskSet => lu.clear_task_set(self.id),
                     _ => lu.reset(self.id, ResetKind::LogicalUnit),
                 };
                 if let (Some(at), false) = (arrived, function == TmfFunction::AbortTaskSet) {

@@ -73,7 +73,9 @@ async fn daemon() -> Daemon {
         listen: "127.0.0.1:0".parse().unwrap(),
         tpgt: 1,
     }];
-    let server = Server::bind(&cfg, ThreadPlan::new(1, None, &cfg)).await.unwrap();
+    let server = Server::bind(&cfg, ThreadPlan::new(1, None, &cfg))
+        .await
+        .unwrap();
     let (addr, registry) = (server.local_addrs()[0], server.registry());
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(server.run(rx));
@@ -332,7 +334,10 @@ async fn lun_reset_from_another_session_aborts_the_copy() {
         let r = b.task_mgmt(TmfFunction::LogicalUnitReset, l(1), 0).await;
         (b, r)
     });
-    until("the LUN RESET reached LU 1", || d.lu(1).abort_epoch() != epoch).await;
+    until("the LUN RESET reached LU 1", || {
+        d.lu(1).abort_epoch() != epoch
+    })
+    .await;
     hook.allow(3);
     let (_b, resp) = reset.await.unwrap();
     assert_eq!(resp.unwrap(), TmfResponse::FunctionComplete);

@@ -534,6 +534,25 @@ impl Connection {
         self.finish_command(itt, completion, None);
     }
 
+    /// End a [`Event::Command`] without any response: the SCSI layer terminated it without
+    /// status (SAM-5 §5.6: aborted by another I_T nexus's task management function or
+    /// PREEMPT AND ABORT while the control mode page's TAS is zero). Its ITT is forgotten and
+    /// nothing is sent; the initiator learns from a unit attention on its next command and
+    /// may reuse the ITT. The CmdSN window it held opens with the next response. Unknown or
+    /// aborted ITTs are ignored.
+    pub fn end_command_without_response(&mut self, itt: u32) {
+        let Phase::FullFeature(ffp) = &mut self.phase else {
+            return;
+        };
+        if ffp
+            .tasks
+            .get(&itt)
+            .is_some_and(|t| matches!(t.state, TaskState::Running { .. }))
+        {
+            ffp.tasks.remove(&itt);
+        }
+    }
+
     /// Answer a [`Event::Command`] that wrote, also reporting `spdtl_out`: the number of bytes
     /// the CDB asked the initiator to send (SPDTL). When it differs from the initiator's
     /// ExpectedDataTransferLength the response carries the write residual (§11.4.5: overflow
@@ -3614,6 +3633,27 @@ mod tests {
             panic!()
         };
         assert_eq!((r.itt, r.response), (0x51, TmfResponse::FunctionComplete));
+    }
+
+    #[test]
+    fn a_command_ended_without_response_sends_nothing_and_frees_its_itt() {
+        let mut p = Pair::new(config());
+        p.login_normal(&[]);
+        p.command(0x31, 0x28, true, false, 512, true, Bytes::new());
+        p.command_event();
+        p.conn.end_command_without_response(0x31);
+        assert!(p.recv().is_empty());
+        // A late completion is ignored; the ITT is free for a new command.
+        p.conn.complete_command(0x31, good(b"x"));
+        assert!(p.recv().is_empty());
+        p.command(0x31, 0x28, true, false, 512, true, Bytes::new());
+        assert_eq!(p.command_event().itt, 0x31);
+        p.conn.complete_command(0x31, good(&[7; 512]));
+        let out = p.recv();
+        let Header::DataIn(d) = &out[0].header else {
+            panic!()
+        };
+        assert!(d.status_present);
     }
 
     #[test]

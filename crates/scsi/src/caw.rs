@@ -139,8 +139,8 @@ impl LogicalUnit {
     }
 
     /// Try again to start the I/O of a task that got [`Step::Wait`]: [`Step::Io`], another
-    /// [`Step::Wait`], or TASK ABORTED when it was aborted meanwhile (SAM-5 §7: TAS=1; it
-    /// never started, so no I/O of it reaches the medium).
+    /// [`Step::Wait`], or, when it was aborted meanwhile, TASK ABORTED or no status under
+    /// TAS=0 (SAM-5 §7, SPC-4 §7.5.8; it never started, so no I/O of it reaches the medium).
     pub fn proceed(&mut self, nexus: NexusId, mut cont: Continuation) -> Step {
         let _ = nexus;
         let id = cont.task;
@@ -149,11 +149,16 @@ impl LogicalUnit {
             self.end_task(id);
             return self.fail(SenseReason::InternalTargetFailure);
         };
-        let aborted = self.tasks.get(&id).is_some_and(|t| !t.aborted.is_empty());
-        if aborted && !cont.is_sanitize() {
+        let aborted = self.tasks.get(&id).filter(|t| !t.aborted.is_empty());
+        if let (Some(t), false) = (aborted, cont.is_sanitize()) {
+            let end = if t.silent {
+                Completion::no_status()
+            } else {
+                Completion::task_aborted()
+            };
             self.end_task(id);
             self.copy_failed(&cont.state);
-            return Step::Done(Completion::task_aborted());
+            return Step::Done(end);
         }
         self.admit(*op, cont, true)
     }
@@ -180,6 +185,7 @@ impl LogicalUnit {
             identity: self.sessions.get(&nexus).copied(),
             nexus,
             aborted: Vec::new(),
+            silent: false,
             range: None,
             atomic: false,
             caw: false,
@@ -770,7 +776,7 @@ mod tests {
             d.lu.take_wakeup();
             let ticket = match function {
                 "abort task set" => d.lu.abort_task_set(B),
-                "clear task set" => d.lu.clear_task_set(),
+                "clear task set" => d.lu.clear_task_set(A),
                 "lun reset" => d.lu.reset(A, crate::lu::ResetKind::LogicalUnit),
                 _ => {
                     // A preempts B (registrants only, PREEMPT AND ABORT): only B's tasks.

@@ -219,6 +219,8 @@ struct Task {
     nexus: NexusId,
     /// Tickets of the PREEMPT AND ABORTs and task management functions that aborted it.
     aborted: Vec<u64>,
+    /// One of them came from another I_T nexus while TAS was zero: it ends without status.
+    silent: bool,
     /// Byte ranges of its current I/O (in flight, or the one it waits to start while
     /// `waiting`), and whether it is a WRITE ATOMIC (see [`LogicalUnit::atomic_conflict`]).
     range: Option<caw::Ranges>,
@@ -395,6 +397,8 @@ pub struct LogicalUnit {
     /// When the last LUN RESET, target reset or CLEAR TASK SET arrived (see
     /// [`LogicalUnit::set_aborted_at`]).
     aborted_at: Option<std::time::Instant>,
+    /// How the commands that function cleared end when they try to start late.
+    late_abort: LateAbort,
     /// A sanitize operation in progress: its progress indication (SBC-3 §4.32).
     sanitizing: Option<u16>,
     /// Taken offline by the administrator ([`LogicalUnit::set_offline`]).
@@ -448,6 +452,21 @@ impl Completion {
         }
     }
 
+    /// No status at all ([`status::NO_STATUS`]): a task aborted by another I_T nexus with
+    /// TAS=0 (SAM-5 §5.6). The transport sends nothing and forgets the task.
+    pub fn no_status() -> Self {
+        Completion {
+            status: status::NO_STATUS,
+            sense: Bytes::new(),
+            data: Bytes::new(),
+        }
+    }
+
+    /// Whether this is [`Completion::no_status`].
+    pub fn has_status(&self) -> bool {
+        self.status != status::NO_STATUS
+    }
+
     /// CHECK CONDITION with `reason` in fixed (`descriptor == false`) or descriptor format.
     pub fn check_condition(reason: SenseReason, descriptor: bool) -> Self {
         Completion {
@@ -489,6 +508,7 @@ impl LogicalUnit {
             copies: crate::xcopy::CopyTable::default(),
             abort_epoch: 0,
             aborted_at: None,
+            late_abort: LateAbort::default(),
             sanitizing: None,
             sanitize_failed: None,
             offline: false,
@@ -801,8 +821,10 @@ impl LogicalUnit {
 
     /// PERSISTENT RESERVE OUT (SPC-4 §6.16): run the decision tables, then deliver unit
     /// attentions, mark aborted tasks and build the APTPL write.
+    #[allow(clippy::too_many_arguments)]
     fn prout(
         &mut self,
+        nexus: NexusId,
         ident: Option<u64>,
         service_action: u8,
         scope: u8,
@@ -846,7 +868,14 @@ impl LogicalUnit {
         let abort = if fx.aborted.is_empty() {
             None
         } else {
-            Some(self.abort_tasks(&fx.aborted))
+            let (ticket, silenced) = self.abort_tasks(&fx.aborted, Some(nexus));
+            // SPC-4 §5.13.11.2.6, SAM-5 §5.6: with TAS=0 the preempted nexuses learn of
+            // their commands' end from a unit attention.
+            for other in silenced {
+                self.ua
+                    .raise(other, SenseReason::CommandsClearedByAnotherInitiator);
+            }
+            Some(ticket)
         };
         // The file records APTPL too: under `Always` a change of APTPL alone is written, so
         // that the file says what survives if the LU goes back to APTPL-only persistence.
@@ -910,10 +939,19 @@ impl LogicalUnit {
         self.prune();
     }
 
-    /// Mark every task of every I_T nexus covered by `regs` aborted under a new ticket.
-    fn abort_tasks(&mut self, regs: &[Registration]) -> AbortTicket {
+    /// Mark every task of every I_T nexus covered by `regs` aborted under a new ticket, on
+    /// behalf of session `from` (see [`LogicalUnit::silences`]; `None`: the target itself,
+    /// whose aborts always end TASK ABORTED). Also returns the identities whose tasks will
+    /// end without status.
+    fn abort_tasks(
+        &mut self,
+        regs: &[Registration],
+        from: Option<NexusId>,
+    ) -> (AbortTicket, Vec<u64>) {
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
+        let tas = self.mode.current.tas;
+        let mut silenced = Vec::new();
         for task in self.tasks.values_mut() {
             let hit = task
                 .identity
@@ -921,10 +959,24 @@ impl LogicalUnit {
                 .is_some_and(|x| regs.iter().any(|r| r.matches(&x.it)));
             if hit {
                 task.aborted.push(ticket);
+                if Self::silences(tas, from, task) {
+                    task.silent = true;
+                    silenced.extend(task.identity);
+                }
             }
         }
         self.wake_waiters();
-        AbortTicket(ticket)
+        silenced.sort_unstable();
+        silenced.dedup();
+        (AbortTicket(ticket), silenced)
+    }
+
+    /// Whether aborting `task` on behalf of session `from` ends it without status: TAS=0 and
+    /// another I_T nexus's task (SAM-5 §5.6, SPC-4 §7.5.8). The issuing session's own tasks
+    /// keep their status: the transport has dropped them already when a task management
+    /// function aborted them, and answers them after a PREEMPT AND ABORT of its own key.
+    fn silences(tas: bool, from: Option<NexusId>, task: &Task) -> bool {
+        !tas && from.is_some_and(|f| f != task.nexus)
     }
 
     /// Start a command. Data-In in the completion is cut to the CDB's allocation length.
@@ -978,6 +1030,7 @@ impl LogicalUnit {
                     identity: ident,
                     nexus,
                     aborted: Vec::new(),
+                    silent: false,
                     range: None,
                     atomic,
                     caw: matches!(cont.state, Pending::CompareAndWrite { .. }),
@@ -1056,13 +1109,18 @@ impl LogicalUnit {
         let _ = nexus;
         let task = cont.task;
         // A sanitize is not aborted (SBC-3 §4.32); a PREEMPT AND ABORT waits for its end.
-        let aborted = self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty());
-        if aborted && !cont.is_sanitize() {
+        let aborted = self.tasks.get(&task).filter(|t| !t.aborted.is_empty());
+        if let (Some(t), false) = (aborted, cont.is_sanitize()) {
             // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6) or a task management function
-            // (SAM-5 §7), TAS=1: no further I/O.
+            // (SAM-5 §7): no further I/O; TASK ABORTED, or no status under TAS=0.
+            let end = if t.silent {
+                Completion::no_status()
+            } else {
+                Completion::task_aborted()
+            };
             self.end_task(task);
             self.copy_failed(&cont.state);
-            return Step::Done(Completion::task_aborted());
+            return Step::Done(end);
         }
         let step = match self.finish(cont.state, result) {
             Ok(step) => step,
@@ -1082,10 +1140,11 @@ impl LogicalUnit {
         }
     }
 
-    /// LUN RESET / TARGET WARM/COLD RESET: every task of every nexus aborted (SAM-5 §6.3:
-    /// those of other nexuses end TASK ABORTED, TAS=1), unit attention 29h/xx to every nexus,
-    /// mode pages back to their defaults (no saved pages), PREVENT state cleared (SAM-5 §6.3,
-    /// SPC-4 §6.15). The caller sends the function's response only once
+    /// LUN RESET / TARGET WARM/COLD RESET from session `from`: every task of every nexus
+    /// aborted (SAM-5 §6.3; those of other nexuses end TASK ABORTED with TAS=1, without status
+    /// with TAS=0, as the control page said when the reset arrived), unit attention 29h/xx to
+    /// every nexus, mode pages back to their defaults (no saved pages), PREVENT state cleared
+    /// (SAM-5 §6.3, SPC-4 §6.15). The caller sends the function's response only once
     /// [`LogicalUnit::abort_drained`] holds for the returned ticket, so no aborted write lands
     /// after it.
     #[must_use = "the TMF response waits until the ticket's tasks have drained"]
@@ -1095,25 +1154,61 @@ impl LogicalUnit {
             ResetKind::TargetWarm => SenseReason::BusResetOccurred,
             ResetKind::TargetCold => SenseReason::PowerOnOccurred,
         };
+        // Aborted under the TAS in effect before the reset restores the default.
+        self.late_abort = LateAbort {
+            from,
+            silent: !self.mode.current.tas,
+            ua: None,
+        };
+        let (ticket, _) = self.abort_tasks_matching(Some(from), |_| true);
         // SAM-5 §6.3.3 / §6.3.4: the unit attention goes to every I_T nexus, the one that
-        // requested the reset included (libiscsi MultipathIO.Reset checks each path).
-        let _ = from;
+        // requested the reset included (libiscsi MultipathIO.Reset checks each path); under
+        // TAS=0 it is also how other nexuses learn that their commands ended.
         self.ua.raise_others(None, reason);
         self.mode.reset();
         self.prevent.clear();
         // SPC-2 reservations end with every reset; persistent ones survive (SPC-4 §5.13.1).
         self.spc2 = None;
         self.abort_epoch = self.abort_epoch.wrapping_add(1);
-        self.abort_tasks_matching(|_| true)
+        ticket
     }
 
-    /// CLEAR TASK SET (SAM-5 §7.4): every task of every nexus aborted, copies in progress on
-    /// this LU stopped (see [`LogicalUnit::abort_epoch`]); the response waits for the ticket
-    /// as for [`LogicalUnit::reset`].
+    /// CLEAR TASK SET from session `from` (SAM-5 §7.4): every task of every nexus aborted,
+    /// copies in progress on this LU stopped (see [`LogicalUnit::abort_epoch`]); the response
+    /// waits for the ticket as for [`LogicalUnit::reset`]. With TAS=0 the tasks of other
+    /// nexuses end without status, and each of those nexuses gets COMMANDS CLEARED BY ANOTHER
+    /// INITIATOR (2Fh/00h; SAM-5 §5.6, §7.4).
     #[must_use = "the TMF response waits until the ticket's tasks have drained"]
-    pub fn clear_task_set(&mut self) -> Option<AbortTicket> {
+    pub fn clear_task_set(&mut self, from: NexusId) -> Option<AbortTicket> {
         self.abort_epoch = self.abort_epoch.wrapping_add(1);
-        self.abort_tasks_matching(|_| true)
+        let silent = !self.mode.current.tas;
+        self.late_abort = LateAbort {
+            from,
+            silent,
+            ua: silent.then_some(SenseReason::CommandsClearedByAnotherInitiator),
+        };
+        let (ticket, silenced) = self.abort_tasks_matching(Some(from), |_| true);
+        for id in silenced {
+            self.ua
+                .raise(id, SenseReason::CommandsClearedByAnotherInitiator);
+        }
+        ticket
+    }
+
+    /// How a command of session `nexus` ends that arrived before the last LUN RESET, target
+    /// reset or CLEAR TASK SET but starts only now ([`LogicalUnit::arrived_before_abort`]): it
+    /// was in the task set that function cleared. TASK ABORTED; with TAS=0 at the time and
+    /// another session's function, no status (and after CLEAR TASK SET the unit attention
+    /// 2Fh/00h for its nexus, as for the tasks the function found running).
+    pub fn aborted_before_start(&mut self, nexus: NexusId) -> Completion {
+        let l = self.late_abort;
+        if !l.silent || l.from == nexus {
+            return Completion::task_aborted();
+        }
+        if let (Some(reason), Some(id)) = (l.ua, self.sessions.get(&nexus).copied()) {
+            self.ua.raise(id, reason);
+        }
+        Completion::no_status()
     }
 
     /// Record that a LUN RESET, target reset or CLEAR TASK SET that arrived at `at` was just
@@ -1127,7 +1222,8 @@ impl LogicalUnit {
     }
 
     /// Whether a command that arrived at `arrived` predates the last task-set-clearing
-    /// function: it must end TASK ABORTED without starting (SAM-5 §7, TAS=1).
+    /// function: it must end without starting (SAM-5 §7), as
+    /// [`LogicalUnit::aborted_before_start`] says.
     pub fn arrived_before_abort(&self, arrived: std::time::Instant) -> bool {
         self.aborted_at.is_some_and(|t| arrived < t)
     }
@@ -1136,24 +1232,38 @@ impl LogicalUnit {
     /// responses); the response waits for the ticket as for [`LogicalUnit::reset`].
     #[must_use = "the TMF response waits until the ticket's tasks have drained"]
     pub fn abort_task_set(&mut self, nexus: NexusId) -> Option<AbortTicket> {
-        self.abort_tasks_matching(|t| t.nexus == nexus)
+        self.abort_tasks_matching(Some(nexus), |t| t.nexus == nexus)
+            .0
     }
 
-    /// Abort the tasks `pick` selects under a new ticket, if there are any. A SANITIZE is
-    /// never picked: it survives resets and task set clearing (SBC-3 §4.32), and the
-    /// function's response must not wait for it.
-    fn abort_tasks_matching(&mut self, pick: impl Fn(&Task) -> bool) -> Option<AbortTicket> {
+    /// Abort the tasks `pick` selects under a new ticket, if there are any, on behalf of
+    /// session `from` (see [`LogicalUnit::silences`]). A SANITIZE is never picked: it survives
+    /// resets and task set clearing (SBC-3 §4.32), and the function's response must not wait
+    /// for it. Also returns the identities whose tasks will end without status.
+    fn abort_tasks_matching(
+        &mut self,
+        from: Option<NexusId>,
+        pick: impl Fn(&Task) -> bool,
+    ) -> (Option<AbortTicket>, Vec<u64>) {
         let pick = |t: &Task| !t.sanitize && pick(t);
         if !self.tasks.values().any(&pick) {
-            return None;
+            return (None, Vec::new());
         }
         let ticket = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1);
+        let tas = self.mode.current.tas;
+        let mut silenced = Vec::new();
         for t in self.tasks.values_mut().filter(|t| pick(t)) {
             t.aborted.push(ticket);
+            if Self::silences(tas, from, t) {
+                t.silent = true;
+                silenced.extend(t.identity);
+            }
         }
         self.wake_waiters();
-        Some(AbortTicket(ticket))
+        silenced.sort_unstable();
+        silenced.dedup();
+        (Some(AbortTicket(ticket)), silenced)
     }
 
     /// Changes with every LUN RESET, target reset and CLEAR TASK SET: a copy that saw another
@@ -1385,7 +1495,7 @@ impl LogicalUnit {
             }
             Command::ModeSelect {
                 ten,
-                pf: _,
+                pf,
                 sp,
                 param_len,
             } => {
@@ -1395,7 +1505,10 @@ impl LogicalUnit {
                 let data = data_out
                     .get(..n)
                     .ok_or(SenseReason::ParameterListLengthError)?;
-                if self.mode.select(ten, sp, data, self.config.block_size)? {
+                if self
+                    .mode
+                    .select(ten, pf, sp, data, self.config.block_size)?
+                {
                     self.ua
                         .raise_others(ident, SenseReason::ModeParametersChanged);
                 }
@@ -1596,7 +1709,15 @@ impl LogicalUnit {
                 scope,
                 ty,
                 param_len,
-            } => self.prout(ident, service_action, scope, ty, param_len, &data_out),
+            } => self.prout(
+                nexus,
+                ident,
+                service_action,
+                scope,
+                ty,
+                param_len,
+                &data_out,
+            ),
             Command::ExtendedCopy { param_len } => self.extended_copy(ident, param_len, &data_out),
             Command::ReceiveCopyResults {
                 service_action,
@@ -2131,6 +2252,18 @@ fn io_error_reason(kind: IoErrorKind, state: &Pending) -> SenseReason {
     }
 }
 
+/// How the commands a task-set-clearing function cleared end when they try to start after it
+/// (see [`LogicalUnit::aborted_before_start`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct LateAbort {
+    /// The session that sent the function.
+    from: NexusId,
+    /// TAS was zero: other sessions' commands end without status.
+    silent: bool,
+    /// The unit attention those sessions then get, if the function raised none for everyone.
+    ua: Option<SenseReason>,
+}
+
 /// Which reset happened (SAM-5 §6.3), for the unit attention's ASCQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResetKind {
@@ -2349,7 +2482,7 @@ impl LogicalUnit {
             return Err(OwnershipError::NotFenced(from));
         }
         let host = Self::host_registration(&from);
-        Ok(self.abort_tasks(std::slice::from_ref(&host)))
+        Ok(self.abort_tasks(std::slice::from_ref(&host), None).0)
     }
 
     /// Handover step 3, one PR transition: `from`'s registration goes, `to`'s host-wide

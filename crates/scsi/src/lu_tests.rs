@@ -1131,3 +1131,151 @@ fn alua_standby_and_unavailable_per_port_group() {
 }
 #[path = "lu_misc_tests.rs"]
 mod misc;
+
+/// MODE SELECT(10) of the control page from `nexus` with TAS `on` (the current page, as
+/// MODE SENSE(10) gives it).
+fn set_tas(f: &mut Fixture, nexus: NexusId, on: bool) -> Completion {
+    let ms = f.run_on(nexus, &[0x5A, 0x08, 0x0A, 0, 0, 0, 0, 0, 0xFF, 0], &[]);
+    good(&ms);
+    let mut list = ms.data.to_vec();
+    list[..2].fill(0); // MODE DATA LENGTH is reserved in MODE SELECT
+    list[3] = 0;
+    if on {
+        list[8 + 5] |= 0x40;
+    } else {
+        list[8 + 5] &= !0x40;
+    }
+    let mut cdb = vec![0x55, 0x10, 0, 0, 0, 0, 0];
+    cdb.extend((list.len() as u16).to_be_bytes());
+    cdb.push(0);
+    f.run_on(nexus, &cdb, &list)
+}
+
+/// A WRITE (10) of one block by `nexus` that got its I/O (a task in the task set).
+fn start_write(f: &mut Fixture, nexus: NexusId) -> Continuation {
+    match f.lu.execute(
+        nexus,
+        &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        Bytes::from(vec![0x5Au8; BS as usize]),
+    ) {
+        Step::Io(_, cont) => cont,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// SPC-4 §6.12, §7.5.8: TAS is changeable through MODE SELECT(10); the change is the LU's,
+/// MODE SENSE shows it (changeable mask included) and the other nexus gets MODE PARAMETERS
+/// CHANGED. An empty list is no change; SP=1 and PF=0 are INVALID FIELD IN CDB.
+#[test]
+fn mode_select_10_changes_tas() {
+    let mut f = Fixture::new();
+    let mask = f.run(&[0x5A, 0x08, 0x4A, 0, 0, 0, 0, 0, 0xFF, 0], &[]);
+    assert_eq!(mask.data[8 + 5], 0x40);
+    good(&set_tas(&mut f, N, false));
+    assert!(!f.lu.mode_values().tas);
+    let cur = f.run_on(N, &[0x1A, 0x08, 0x0A, 0, 0xFF, 0], &[]);
+    assert_eq!(cur.data[4 + 5] & 0x40, 0);
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::ModeParametersChanged,
+    );
+    good(&f.run_on(OTHER, &TUR, &[]));
+    // Setting the same value again changes nothing: no unit attention.
+    good(&set_tas(&mut f, OTHER, false));
+    good(&f.run_on(N, &TUR, &[]));
+    // Parameter list length 0: GOOD, nothing changes (PF and SP aside).
+    good(&f.run(&[0x55, 0x00, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+    good(&f.run_on(OTHER, &TUR, &[]));
+    expect(
+        &f.run(&[0x55, 0x11, 0, 0, 0, 0, 0, 0, 0, 0], &[]),
+        SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 0)),
+    );
+    let ms = f.run(&[0x5A, 0x08, 0x0A, 0, 0, 0, 0, 0, 0xFF, 0], &[]);
+    let mut list = ms.data.to_vec();
+    list[..2].fill(0);
+    let c = f.run(&[0x55, 0x00, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], &list);
+    expect(&c, SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 4)));
+    assert_eq!(&c.sense[15..18], &[0x80 | 0x40 | 0x08 | 4, 0, 1]);
+    // A page length that does not match: INVALID FIELD IN PARAMETER LIST at that byte.
+    list[8 + 1] = 0x0B;
+    list.push(0);
+    let c = f.run(&[0x55, 0x10, 0, 0, 0, 0, 0, 0, list.len() as u8, 0], &list);
+    expect(
+        &c,
+        SenseReason::InvalidFieldInParameterList(FieldPointer::byte(9)),
+    );
+    assert_eq!(&c.sense[15..18], &[0x80, 0, 9]);
+}
+
+/// SAM-5 §5.6, §7.4, SPC-4 §7.5.8: with TAS=0 the tasks of other nexuses that CLEAR TASK SET
+/// or a LUN RESET abort end without status, and the nexus learns it from a unit attention
+/// (2Fh/00h after CLEAR TASK SET, the reset's 29h/03h after a LUN RESET); with TAS=1 they end
+/// TASK ABORTED and CLEAR TASK SET raises nothing. The issuer's own tasks keep TASK ABORTED
+/// (its transport drops them). A reset restores TAS=1.
+#[test]
+fn tas_zero_ends_other_nexus_tasks_without_status() {
+    let mut f = Fixture::new();
+    // TAS=1: TASK ABORTED, no unit attention.
+    let o = start_write(&mut f, OTHER);
+    let t = f.lu.clear_task_set(N).unwrap();
+    assert_eq!(
+        f.lu.resume(OTHER, o, IoResult::Done),
+        Step::Done(Completion::task_aborted())
+    );
+    assert!(f.lu.abort_drained(t));
+    good(&f.run_on(OTHER, &TUR, &[]));
+
+    good(&set_tas(&mut f, OTHER, false));
+    expect(&f.run_on(N, &TUR, &[]), SenseReason::ModeParametersChanged);
+    let o = start_write(&mut f, OTHER);
+    let n = start_write(&mut f, N);
+    let t = f.lu.clear_task_set(N).unwrap();
+    assert!(!f.lu.abort_drained(t));
+    let end = f.lu.resume(OTHER, o, IoResult::Done);
+    assert_eq!(end, Step::Done(Completion::no_status()));
+    let Step::Done(c) = end else { unreachable!() };
+    assert!(!c.has_status());
+    assert_eq!(
+        f.lu.resume(N, n, IoResult::Done),
+        Step::Done(Completion::task_aborted())
+    );
+    assert!(f.lu.abort_drained(t));
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::CommandsClearedByAnotherInitiator,
+    );
+    good(&f.run_on(OTHER, &TUR, &[]));
+    good(&f.run_on(N, &TUR, &[]));
+    // A command that arrived before the function but starts only now: the same.
+    assert_eq!(f.lu.aborted_before_start(OTHER), Completion::no_status());
+    assert_eq!(f.lu.aborted_before_start(N), Completion::task_aborted());
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::CommandsClearedByAnotherInitiator,
+    );
+
+    // LUN RESET under TAS=0: no status, the reset's unit attention only.
+    let o = start_write(&mut f, OTHER);
+    let t = f.lu.reset(N, ResetKind::LogicalUnit).unwrap();
+    assert_eq!(
+        f.lu.resume(OTHER, o, IoResult::Done),
+        Step::Done(Completion::no_status())
+    );
+    assert!(f.lu.abort_drained(t));
+    assert_eq!(f.lu.aborted_before_start(OTHER), Completion::no_status());
+    expect(
+        &f.run_on(OTHER, &TUR, &[]),
+        SenseReason::BusDeviceResetOccurred,
+    );
+    good(&f.run_on(OTHER, &TUR, &[]));
+    // The reset brought back the default TAS=1.
+    assert!(f.lu.mode_values().tas);
+    expect(&f.run_on(N, &TUR, &[]), SenseReason::BusDeviceResetOccurred);
+    let o = start_write(&mut f, OTHER);
+    let _ = f.lu.reset(N, ResetKind::TargetWarm).unwrap();
+    assert_eq!(
+        f.lu.resume(OTHER, o, IoResult::Done),
+        Step::Done(Completion::task_aborted())
+    );
+    assert_eq!(f.lu.aborted_before_start(OTHER), Completion::task_aborted());
+}

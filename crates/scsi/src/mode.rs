@@ -2,8 +2,10 @@
 //! and informational exceptions control (1Ch, SPC-4 §7.5.13) pages; MODE SENSE(6/10)
 //! (SPC-4 §6.13/§6.14) and MODE SELECT(6/10) (SPC-4 §6.11/§6.12).
 //!
-//! Changeable: WCE (caching), D_SENSE and SWP (control). Saved values are not implemented: page
-//! control 11b answers SAVING PARAMETERS NOT SUPPORTED and MODE SELECT with SP=1 is rejected.
+//! Changeable: WCE (caching), D_SENSE, SWP and TAS (control). Saved values are not implemented:
+//! page control 11b answers SAVING PARAMETERS NOT SUPPORTED and MODE SELECT with SP=1 is
+//! rejected. The values are per logical unit, shared by every I_T nexus, and kept in memory only:
+//! a restart, LOGICAL UNIT RESET or target reset brings back the defaults (SAM-5 §6.3.3).
 
 use crate::sense::{FieldPointer, SenseReason};
 use crate::vpd::put;
@@ -33,6 +35,10 @@ pub struct ModeValues {
     /// Control page SWP: software write protect (SPC-4 §7.5.8): every command that writes
     /// the medium ends in DATA PROTECT, WRITE PROTECTED, and MODE SENSE reports WP=1.
     pub swp: bool,
+    /// Control page TAS (SPC-4 §7.5.8): tasks aborted by another I_T nexus's task management
+    /// function or PREEMPT AND ABORT end with TASK ABORTED status; zero: without any status
+    /// (SAM-5 §5.6). Default one.
+    pub tas: bool,
 }
 
 /// What the block descriptor and device-specific parameter describe.
@@ -67,6 +73,7 @@ impl ModePages {
             wce: write_cache,
             d_sense: false,
             swp: false,
+            tas: true,
         };
         ModePages {
             current: v,
@@ -98,12 +105,15 @@ impl ModePages {
                 let mut p = vec![0u8; 0x0C];
                 put(&mut p, 0, &[CONTROL, 0x0A]);
                 if changeable {
-                    put(&mut p, 2, &[0x04, 0, 0x08]);
+                    put(&mut p, 2, &[0x04, 0, 0x08, 0x40]);
                 } else {
-                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); SWP; TAS=1 (tasks
-                    // aborted by another I_T nexus end with TASK ABORTED, SPC-4 §7.5.8); BUSY
+                    // D_SENSE; QUEUE ALGORITHM MODIFIER 1 (unrestricted); SWP; TAS; BUSY
                     // TIMEOUT.
-                    put(&mut p, 2, &[flag(v.d_sense, 2), 0x10, flag(v.swp, 3), 0x40]);
+                    put(
+                        &mut p,
+                        2,
+                        &[flag(v.d_sense, 2), 0x10, flag(v.swp, 3), flag(v.tas, 6)],
+                    );
                     put(&mut p, 8, &[0xFF, 0xFF]);
                 }
                 p
@@ -182,12 +192,18 @@ impl ModePages {
         Ok(out)
     }
 
-    /// MODE SELECT(6/10) with parameter list `data`: validates everything first, then applies.
+    /// MODE SELECT(6/10) (SPC-4 §6.11, §6.12) with parameter list `data`: validates everything
+    /// first, then applies. An empty list changes nothing; otherwise PF must be one (the pages
+    /// follow SPC-4, not a vendor format: INVALID FIELD IN CDB). A list that cuts a header,
+    /// block descriptor or page short is PARAMETER LIST LENGTH ERROR (SPC-4 §6.11); a wrong
+    /// page length, an unknown page or a change to a bit MODE SENSE does not report
+    /// changeable is INVALID FIELD IN PARAMETER LIST, pointing at the byte (and bit).
     /// Returns whether any current value changed (the caller raises MODE PARAMETERS CHANGED
     /// to the other nexuses).
     pub fn select(
         &mut self,
         ten: bool,
+        pf: bool,
         sp: bool,
         data: &[u8],
         block_size: u32,
@@ -197,6 +213,9 @@ impl ModePages {
         }
         if data.is_empty() {
             return Ok(false);
+        }
+        if !pf {
+            return Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 4)));
         }
         let hdr_len = if ten { 8 } else { 4 };
         let hdr = data
@@ -302,6 +321,7 @@ impl ModePages {
                 CONTROL => {
                     next.d_sense = b2 & 0x04 != 0;
                     next.swp = page.get(4).is_some_and(|b| b & 0x08 != 0);
+                    next.tas = page.get(5).is_some_and(|b| b & 0x40 != 0);
                 }
                 _ => {}
             }
@@ -428,6 +448,11 @@ mod tests {
         assert_eq!(d[4 + 20 + 2], 0x04); // D_SENSE
         assert_eq!(d[4 + 20 + 3], 0x00);
         assert_eq!(d[4 + 20 + 4], 0x08); // SWP
+        assert_eq!(d[4 + 20 + 5], 0x40); // TAS
+                                         // Nothing else of the control page is changeable.
+        let control = &d[4 + 20..4 + 32];
+        let ones: u32 = control[2..].iter().map(|b| b.count_ones()).sum();
+        assert_eq!(ones, 3);
         assert_eq!(d[4 + 32 + 2], 0x00);
     }
 
@@ -449,16 +474,19 @@ mod tests {
         d[4 + 2] &= !0x04; // WCE off
         d[4 + 20 + 2] |= 0x04; // D_SENSE on
         d[4 + 20 + 4] |= 0x08; // SWP on
-        assert_eq!(m.select(false, false, &d, 512), Ok(true));
+        assert_eq!(d[4 + 20 + 5], 0x40, "TAS=1 by default");
+        d[4 + 20 + 5] &= !0x40; // TAS off
+        assert_eq!(m.select(false, true, false, &d, 512), Ok(true));
         assert_eq!(
             m.current,
             ModeValues {
                 wce: false,
                 d_sense: true,
                 swp: true,
+                tas: false,
             }
         );
-        assert_eq!(m.select(false, false, &d, 512), Ok(false));
+        assert_eq!(m.select(false, true, false, &d, 512), Ok(false));
         let again = m
             .sense(
                 SenseRequest {
@@ -484,7 +512,7 @@ mod tests {
         p.extend(m.page_bytes(CONTROL, PC_CURRENT).unwrap());
         p[4 + 3] ^= 0x10;
         assert_eq!(
-            m.select(false, false, &p, 512),
+            m.select(false, true, false, &p, 512),
             Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
                 7, 4
             )))
@@ -493,13 +521,13 @@ mod tests {
         let mut t = vec![0, 0, 0, 0];
         t.extend(&m.page_bytes(CACHING, PC_CURRENT).unwrap()[..10]);
         assert_eq!(
-            m.select(false, false, &t, 512),
+            m.select(false, true, false, &t, 512),
             Err(SenseReason::ParameterListLengthError)
         );
         // Wrong page length.
         let mut w = vec![0, 0, 0, 0, CACHING, 0x02, 0, 0];
         assert_eq!(
-            m.select(false, false, &w, 512),
+            m.select(false, true, false, &w, 512),
             Err(SenseReason::InvalidFieldInParameterList(
                 FieldPointer::byte(5)
             ))
@@ -507,36 +535,53 @@ mod tests {
         // Unknown page, subpage format.
         w[4] = 0x19;
         assert_eq!(
-            m.select(false, false, &w, 512),
+            m.select(false, true, false, &w, 512),
             Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
                 4, 5
             )))
         );
         w[4] = 0x48;
         assert_eq!(
-            m.select(false, false, &w, 512),
+            m.select(false, true, false, &w, 512),
             Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
                 4, 6
             )))
         );
+        // PF=0 with a parameter list: vendor-specific pages are not supported; an empty list
+        // is no change whatever PF says.
+        let mut c = vec![0, 0, 0, 0];
+        c.extend(m.page_bytes(CONTROL, PC_CURRENT).unwrap());
+        assert_eq!(
+            m.select(false, false, false, &c, 512),
+            Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 4)))
+        );
+        assert_eq!(m.select(true, false, false, &[], 512), Ok(false));
+        // A non-changeable bit of byte 5 (ATO) next to TAS.
+        c[4 + 5] |= 0x80;
+        assert_eq!(
+            m.select(false, true, false, &c, 512),
+            Err(SenseReason::InvalidFieldInParameterList(FieldPointer::bit(
+                9, 7
+            )))
+        );
         // SP=1, short header, block descriptor with another block length.
         assert_eq!(
-            m.select(false, true, &[], 512),
+            m.select(false, true, true, &[], 512),
             Err(SenseReason::InvalidFieldInCdb(FieldPointer::bit(1, 0)))
         );
         assert_eq!(
-            m.select(true, false, &[0, 0, 0], 512),
+            m.select(true, true, false, &[0, 0, 0], 512),
             Err(SenseReason::ParameterListLengthError)
         );
         let bd = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0x10, 0];
         assert_eq!(
-            m.select(false, false, &bd, 512),
+            m.select(false, true, false, &bd, 512),
             Err(SenseReason::InvalidFieldInParameterList(
                 FieldPointer::byte(9)
             ))
         );
         let bd = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0x02, 0];
-        assert_eq!(m.select(false, false, &bd, 512), Ok(false));
+        assert_eq!(m.select(false, true, false, &bd, 512), Ok(false));
         assert_eq!(m.current, m.default);
     }
 }

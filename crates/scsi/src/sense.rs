@@ -99,8 +99,9 @@ pub enum SenseReason {
     ReservationsReleased,
     /// UNIT ATTENTION, REGISTRATIONS PREEMPTED (2Ah/05h): PREEMPT (SPC-4 §5.13.11.2.4).
     RegistrationsPreempted,
-    /// UNIT ATTENTION, COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h): PREEMPT AND ABORT
-    /// with TAS=0 (not raised: this LU reports TAS=1, SPC-4 §7.5.8).
+    /// UNIT ATTENTION, COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h): another I_T nexus's
+    /// CLEAR TASK SET or PREEMPT AND ABORT ended this nexus's commands without status (TAS=0,
+    /// SAM-5 §5.6, SPC-4 §7.5.8).
     CommandsClearedByAnotherInitiator,
     /// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h).
     InvalidReleaseOfPersistentReservation,

@@ -967,6 +967,17 @@ fn access_table() {
         assert_eq!(sync, uw, "{name} SYNCHRONIZE CACHE");
         let ms = f.run(C, &[0x1A, 0x08, 0x3F, 0, 255, 0], &[]).status;
         assert_eq!(ms, ur, "{name} MODE SENSE");
+        // MODE SELECT(6/10) changes the LU's mode pages: it conflicts like a write (Table 65).
+        for cdb in [
+            &[0x15u8, 0x10, 0, 0, 0, 0][..],
+            &[0x55, 0x10, 0, 0, 0, 0, 0, 0, 0, 0],
+        ] {
+            assert_eq!(
+                f.run(C, cdb, &[]).status,
+                uw,
+                "{name} MODE SELECT {cdb:02x?}"
+            );
+        }
         for cdb in [
             &[0u8, 0, 0, 0, 0, 0][..],
             &[0x12, 0, 0, 0, 96, 0],
@@ -1226,6 +1237,47 @@ fn preempt_and_abort_drains_tasks() {
     // TAS=1 reported by MODE SENSE (control page byte 5 bit 6).
     let c = f.run(B, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]);
     assert_eq!(c.data[4 + 5] & 0x40, 0x40);
+}
+
+/// PREEMPT AND ABORT under TAS=0 (SPC-4 §5.13.11.2.6, SAM-5 §5.6): the preempted nexus's
+/// tasks end without status and it gets REGISTRATIONS PREEMPTED, then COMMANDS CLEARED BY
+/// ANOTHER INITIATOR; the preemptor's own tasks are untouched.
+#[test]
+fn preempt_and_abort_with_tas_zero_ends_tasks_without_status() {
+    let mut f = F::new();
+    f.reg(A, 1);
+    f.reg(B, 2);
+    f.out(A, sa::RESERVE, 5, 1, 0, 0);
+    let ms = f.run(B, &[0x1A, 0x08, 0x0A, 0, 255, 0], &[]);
+    let mut list = ms.data.to_vec();
+    list[0] = 0;
+    list[4 + 5] &= !0x40;
+    let len = u8::try_from(list.len()).unwrap();
+    assert_eq!(f.run(B, &[0x15, 0x10, 0, 0, len, 0], &list).status, GOOD);
+    assert_eq!(f.uas(A), vec![(0x2A, 1)]);
+    let Step::Io(_, t_a) = f.lu.execute(
+        A,
+        &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        Bytes::from(vec![0u8; 512]),
+    ) else {
+        panic!()
+    };
+    let step = f.lu.execute(
+        B,
+        &[0x5F, sa::PREEMPT_AND_ABORT, 5, 0, 0, 0, 0, 0, 24, 0],
+        Bytes::from(basic(2, 1, 0)),
+    );
+    let Step::PrCommit(commit) = step else {
+        panic!("{step:?}")
+    };
+    let ticket = commit.abort.unwrap();
+    assert_eq!(
+        f.lu.resume(A, t_a, IoResult::Done),
+        Step::Done(Completion::no_status())
+    );
+    assert!(f.lu.abort_drained(ticket));
+    assert_eq!(f.uas(A), vec![(0x2A, 5), (0x2F, 0)]);
+    assert_eq!(f.uas(B), vec![]);
 }
 
 /// APTPL: the state file is written after every change while APTPL is on, removed when it is
