@@ -755,6 +755,25 @@ mod tests {
         }
     }
 
+    /// With TAS=0 a waiting command of another I_T nexus that a LUN RESET aborts ends without
+    /// status (SPC-4 §7.5.8), still without starting its I/O.
+    #[test]
+    fn a_waiting_command_aborted_under_tas_zero_ends_without_status() {
+        let mut d = Disk::ram();
+        d.lu.mode.current.tas = false;
+        let c = d.caw_read(A, 0, 0, 1);
+        let w = waits(d.start(B, &rw_cdb(WRITE16, 0, 1), &[9; 512]));
+        let ticket = d.lu.reset(A, crate::lu::ResetKind::LogicalUnit).expect("ticket");
+        assert_eq!(done(d.lu.proceed(B, w)).status, status::NO_STATUS);
+        let r = d.perform(IoOp::Read {
+            offset: 0,
+            len: 512,
+        });
+        assert_eq!(done(d.lu.resume(A, c, r)).status, status::TASK_ABORTED, "A issued it");
+        assert!(d.lu.abort_drained(ticket));
+        assert!(d.lu.tasks.is_empty());
+    }
+
     /// Task management aborts waiting commands too: they end TASK ABORTED when next handed
     /// to `proceed`, the function's ticket drains only then, and nothing of them is written.
     #[test]
