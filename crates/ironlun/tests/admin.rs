@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use ironlun_api::{Health, LuReservations, ReservationsList};
 use ironlun_cli::ctl::{Client, Reply};
-use ironlun_testkit::{admin_connect, opts, parse_http_response, session, Daemon, TARGET};
+use ironlun_testkit::{admin_connect, opts, parse_http_response, session, Binary, Daemon, TARGET};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -92,13 +92,7 @@ async fn prout(s: &ironlun_initiator::Session, sa: u8, ty: u8, key: u64, sa_key:
 }
 
 fn ctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .arg("ctl")
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl(args)
 }
 
 fn text(b: &[u8]) -> String {

@@ -14,7 +14,7 @@ use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{kind, OutAction, OutParams};
 use ironlun_initiator::{CommandResult, Session};
 use ironlun_scsi::pr::ownership::owner_key;
-use ironlun_testkit::{opts, session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
+use ironlun_testkit::{opts, session, tagged, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,16 +38,6 @@ const QD: usize = 8;
 const BLOCKS_PER_WRITE: u32 = 8;
 const WRITER_S: u64 = 0x5555_5555_0000_0005;
 const WRITER_D: u64 = 0xDDDD_DDDD_0000_000D;
-
-/// A 4 KiB block tagged (writer, sequence number), 16 bytes repeated.
-fn tagged(writer: u64, seq: u64) -> Bytes {
-    let mut v = Vec::with_capacity(4096);
-    while v.len() < 4096 {
-        v.extend_from_slice(&writer.to_be_bytes());
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    Bytes::from(v)
-}
 
 fn ua_of(r: &CommandResult) -> Option<(u8, u8)> {
     let k = r.sense_key()?;

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use ironlun_initiator::{CommandResult, Session};
-use ironlun_testkit::{session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
+use ironlun_testkit::{session, tagged, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -38,16 +38,6 @@ const SLOTS: u64 = 32;
 const BLOCKS_PER_SLOT: u32 = 8;
 /// GOOD writes the new owner completes before the next handover starts.
 const WRITES_BETWEEN: u64 = 48;
-
-/// 4 KiB tagged with (writer, sequence number), repeated.
-fn tagged(writer: u64, seq: u64) -> Bytes {
-    let mut v = Vec::with_capacity(4096);
-    while v.len() < 4096 {
-        v.extend_from_slice(&writer.to_be_bytes());
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    Bytes::from(v)
-}
 
 fn is_unit_attention(r: &CommandResult) -> bool {
     r.status == CHECK_CONDITION && r.sense_key().is_some_and(|k| k.key == 0x6)

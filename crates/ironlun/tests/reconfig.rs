@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use ironlun::config::Config;
 use ironlun_initiator::{LoginOptions, Session};
-use ironlun_testkit::{BackgroundIo, Daemon, Login, PROMPT, TARGET};
+use ironlun_testkit::{BackgroundIo, Binary, Daemon, Login, PROMPT, TARGET};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -24,13 +24,7 @@ fn config() -> String {
 }
 
 fn ctl(admin: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .args(["ctl", "--admin", admin])
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl(&[["--admin", admin].as_slice(), args].concat())
 }
 
 async fn ctl_async(admin: &str, args: &[&str]) -> Output {

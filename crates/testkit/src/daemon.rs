@@ -3,12 +3,12 @@
 //! on drop, asserting that it never died on its own and never printed "panicked".
 
 use crate::admin::{admin_connect, AdminStream};
-use crate::tools::{repo_root, run};
+use crate::tools::repo_root;
 use crate::{PROMPT, TARGET};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,6 +54,18 @@ impl Binary {
     /// A command running this executable.
     pub fn command(&self) -> Command {
         Command::new(&self.0)
+    }
+
+    /// `ironlun ctl ARGS`, with no admin address or token taken from the environment; its
+    /// output, whatever the exit status.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.command()
+            .arg("ctl")
+            .args(args)
+            .env_remove("IRONLUN_ADMIN")
+            .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
+            .output()
+            .expect("run ironlun ctl")
     }
 }
 
@@ -257,15 +269,13 @@ impl Daemon {
     /// `ironlun ctl --admin ADMIN ARGS` with this daemon's binary (no admin address or token
     /// taken from the environment); panics unless it succeeds. Its stdout and stderr.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let (ok, out) = run(self
+        let o = self
             .spec
             .bin
-            .command()
-            .args(["ctl", "--admin", &self.admin])
-            .args(args)
-            .env_remove("IRONLUN_ADMIN")
-            .env_remove("IRONLUN_ADMIN_TOKEN_FILE"));
-        assert!(ok, "ironlun ctl {args:?}:\n{out}");
+            .ctl(&[["--admin", self.admin.as_str()].as_slice(), args].concat());
+        let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "ironlun ctl {args:?}:\n{out}");
         out
     }
 

@@ -20,6 +20,16 @@ pub fn pattern(seed: u64, len: usize) -> Bytes {
     Bytes::from(v)
 }
 
+/// 4 KiB tagged with (`writer`, `seq`): the two numbers big-endian, repeated.
+pub fn tagged(writer: u64, seq: u64) -> Bytes {
+    let mut v = Vec::with_capacity(4096);
+    while v.len() < 4096 {
+        v.extend_from_slice(&writer.to_be_bytes());
+        v.extend_from_slice(&seq.to_be_bytes());
+    }
+    Bytes::from(v)
+}
+
 /// Another session doing write + read-back rounds for as long as a test runs.
 pub struct BackgroundIo {
     stop: Arc<AtomicBool>,

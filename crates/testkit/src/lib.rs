@@ -5,8 +5,9 @@
 //! - [`Binary`]: which `ironlun` executable: the one cargo built for the calling test
 //!   (`Binary::new(env!("CARGO_BIN_EXE_ironlun"))`) or the release build ([`Binary::release`]).
 //! - [`Login`]: log in with `ironlun_initiator` and clear the power-on unit attention.
-//! - [`pattern`], [`BackgroundIo`]: data to write and I/O that runs for a whole test.
+//! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
+//! - [`Binary::ctl`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Every helper panics on failure: the panic message is the test's failure report.
@@ -25,7 +26,7 @@ mod tools;
 
 pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
-pub use io::{pattern, BackgroundIo};
+pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{opts, session, Login};
 pub use tools::{
     conformance, conformance_of, conformance_paths, repo_root, require_tool, run, strip_ansi,
