@@ -143,11 +143,7 @@ async fn vpd_group(s: &Session) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_and_unavailable_group_while_other_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::builder(IRONLUN)
-        .config(&config())
-        .portals()
-        .start_in(dir.path());
+    let d = Daemon::builder(IRONLUN).config(&config()).portals().start();
     assert_eq!(d.addrs.len(), 2, "{:?}", d.addrs);
     let base = d.admin_url().to_owned();
     let p1 = Login::new("iqn.2026-11.io.ironlun:host-a")

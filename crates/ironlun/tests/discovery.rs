@@ -88,11 +88,7 @@ async fn admin(base: &str, method: &str, path: &str, body: Option<serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_targets_reports_every_portal_of_every_group_through_any_portal() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::builder(IRONLUN)
-        .config(&config())
-        .portals()
-        .start_in(dir.path());
+    let d = Daemon::builder(IRONLUN).config(&config()).portals().start();
     assert_eq!(d.addrs.len(), 3, "{:?}", d.addrs);
     let portals = vec![(d.addrs[0], 1), (d.addrs[1], 2), (d.addrs[2], 1)];
     let want = expected(&portals);
