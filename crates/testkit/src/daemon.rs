@@ -84,7 +84,8 @@ pub struct DaemonBuilder {
     files: Vec<(String, String)>,
     args: Vec<String>,
     listen_any: bool,
-    env: Vec<(String, String)>,
+    /// Variables to set (`Some`) or remove (`None`), in order.
+    env: Vec<(String, Option<String>)>,
 }
 
 impl DaemonBuilder {
@@ -114,7 +115,13 @@ impl DaemonBuilder {
 
     /// Set an environment variable of the daemon.
     pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_owned(), value.to_owned()));
+        self.env.push((key.to_owned(), Some(value.to_owned())));
+        self
+    }
+
+    /// Remove an environment variable the test process would pass on.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.env.push((key.to_owned(), None));
         self
     }
 
@@ -218,7 +225,7 @@ impl Daemon {
             files: Vec::new(),
             args: Vec::new(),
             listen_any: true,
-            env: vec![("RUST_LOG".to_owned(), "debug".to_owned())],
+            env: vec![("RUST_LOG".to_owned(), Some("debug".to_owned()))],
         }
     }
 
@@ -227,7 +234,7 @@ impl Daemon {
     pub fn release() -> DaemonBuilder {
         let log = std::env::var("IRONLUN_LOG").unwrap_or_else(|_| "info".into());
         DaemonBuilder {
-            env: vec![("IRONLUN_LOG".to_owned(), log)],
+            env: vec![("IRONLUN_LOG".to_owned(), Some(log))],
             ..Daemon::builder(Binary::release())
         }
     }
@@ -326,7 +333,12 @@ impl Daemon {
 
     /// Send SIGTERM (see [`Daemon::wait_exit`]).
     pub fn sigterm(&self) {
-        assert!(signal(self.pid(), "TERM"), "kill -TERM");
+        self.signal("TERM");
+    }
+
+    /// Send `sig` ("HUP", "TERM", ...); panics unless `kill` succeeds.
+    pub fn signal(&self, sig: &str) {
+        assert!(signal(self.pid(), sig), "kill -{sig}");
     }
 
     /// Wait for the daemon to exit (after [`Daemon::sigterm`]); its exit status.
@@ -472,13 +484,16 @@ fn launch(spec: &DaemonBuilder, dir: &Path) -> Result<Launched, Refused> {
     if spec.listen_any {
         cmd.args(LISTEN_ANY);
     }
+    // The default socket is in the data directory, not systemd's runtime directory.
+    cmd.env_remove("RUNTIME_DIRECTORY");
     for (k, v) in &spec.env {
-        cmd.env(k, v);
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
     }
     let mut child = cmd
         .args(&spec.args)
-        // The default socket is in the data directory, not systemd's runtime directory.
-        .env_remove("RUNTIME_DIRECTORY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
