@@ -470,18 +470,14 @@ async fn malformed_http_gets_4xx_and_the_daemon_keeps_serving() {
 /// Run `ironlun serve` with `config` in a temp dir; it must exit on its own.
 fn serve_fails(config: &str, extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ironlun.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .arg("serve")
-        .arg("-c")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+    match Daemon::builder(IRONLUN)
+        .config(config)
         .args(extra)
-        .output()
-        .unwrap();
-    (out.status.code(), text(&out.stderr))
+        .spawn_in(dir.path())
+    {
+        Err(refused) => (refused.status.code(), refused.stderr),
+        Ok(_) => panic!("the daemon started"),
+    }
 }
 
 #[test]
