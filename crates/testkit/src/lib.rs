@@ -10,7 +10,9 @@
 //! - [`Binary::ctl`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
-//! Every helper panics on failure: the panic message is the test's failure report.
+//! Helpers panic on failure (the panic message is the test's failure report), except those
+//! that return the outcome for the test to check: [`Login::try_connect`],
+//! [`DaemonBuilder::spawn_in`], [`Binary::ctl`].
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
