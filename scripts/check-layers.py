@@ -5,6 +5,8 @@
    `ironlun-cli` depends on `ironlun-api` and the offline libraries it drives
    (`ironlun-backstore` for `ironlun vhd`, `ironlun-coordinator` for `ironlun migrate`),
    never on the daemon (`ironlun`).
+   `ironlun-testkit` (the test harness) is a dev-dependency only, except of the test-only
+   `ironlun-initiator-tests`.
 2. Sources: no `ironlun::` path in the CLI crate; no `ironlun_cli` in the daemon's library
    (only its binary, `main.rs`, uses the CLI).
 3. Modules: the `use crate::…` / `crate::…` references between the daemon library's top-level
@@ -25,6 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMON_SRC = os.path.join(ROOT, "crates", "ironlun", "src")
 CLI_SRC = os.path.join(ROOT, "crates", "cli", "src")
 CLI_MAY_USE = {"ironlun-api", "ironlun-backstore", "ironlun-coordinator"}
+TESTKIT = "ironlun-testkit"
+# Test-only packages whose library is the harness of their own tests.
+TESTKIT_MAY_BE_USED_BY = {"ironlun-initiator-tests"}
 
 failures = []
 
@@ -35,6 +40,7 @@ def fail(msg):
 
 
 def workspace_deps():
+    """Each workspace package's normal (not dev, not build) dependencies among the workspace's."""
     out = subprocess.run(
         ["cargo", "metadata", "--format-version", "1", "--no-deps", "--offline"],
         cwd=ROOT, check=True, capture_output=True, text=True,
@@ -176,6 +182,12 @@ def main():
         fail(f"ironlun-cli depends on {sorted(cli - CLI_MAY_USE)} (allowed: {sorted(CLI_MAY_USE)})")
     else:
         print(f"ok: ironlun-cli depends on {sorted(cli)}; ironlun-api on no workspace crate")
+
+    users = sorted(p for p, d in deps.items() if TESTKIT in d and p not in TESTKIT_MAY_BE_USED_BY)
+    if users:
+        fail(f"{', '.join(users)}: uses {TESTKIT} outside [dev-dependencies]")
+    else:
+        print(f"ok: {TESTKIT} is a dev-dependency only (and of {sorted(TESTKIT_MAY_BE_USED_BY)})")
 
     for f in rust_files(CLI_SRC):
         for n, line in enumerate(open(f, encoding="utf-8"), 1):

@@ -17,7 +17,7 @@
 //! loaded, so a failing command fails the step; steps also assert with `fail "why"`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use crate::{repo_root, require_tool, run};
+use ironlun_testkit::{repo_root, require_tool, run};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

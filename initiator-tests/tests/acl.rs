@@ -2,7 +2,7 @@
 //! not see it in `iscsi-ls -s` and its login is refused with AUTHORIZATION FAILURE (0202).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{require_tool, run, Daemon};
+use ironlun_testkit::{require_tool, run, Daemon};
 use std::process::Command;
 
 const OPEN: &str = "iqn.2026-11.io.ironlun:open";
@@ -36,7 +36,7 @@ fn outsider_neither_sees_nor_logs_in_to_a_protected_target() {
     for t in ["iscsi-ls", "iscsi-inq"] {
         require_tool(t);
     }
-    let d = Daemon::start(Some(&config()));
+    let d = Daemon::release().config(&config()).start();
 
     let (ok, out) = run(Command::new("iscsi-ls")
         .args(["-s", "-i", OUTSIDER])

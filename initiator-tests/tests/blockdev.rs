@@ -8,7 +8,7 @@
 //! tool fails"). `losetup` missing fails when loop devices are offered or when `CI` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{conformance_of, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance_of, repo_root, require_tool, run, Daemon};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,7 +72,7 @@ fn start(dev: &Path) -> Daemon {
         "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"block\"\npath = \"{}\"\n",
         dev.display()
     );
-    Daemon::start(Some(&cfg))
+    Daemon::release().config(&cfg).start()
 }
 
 #[test]
@@ -153,8 +153,8 @@ fn qemu_img_convert_through_a_loop_device_lun() {
     let dev = LoopDevice::new(size);
     let d = start(&dev.dev);
     let url = format!("{}/{TARGET}/0", d.portal());
-    let src = d.dir.path().join("src.raw");
-    let back = d.dir.path().join("back.raw");
+    let src = d.dir().join("src.raw");
+    let back = d.dir().join("back.raw");
     // Deterministic pseudo-random content with a zero hole in the middle.
     let mut data = vec![0u8; usize::try_from(size).unwrap()];
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
@@ -207,7 +207,7 @@ fn daemon_refuses_non_devices_and_busy_devices() {
         .custom_flags(0o200)
         .open(&dev.dev)
         .unwrap();
-    let bin = ironlun_initiator_tests::daemon_bin();
+    let bin = ironlun_testkit::Binary::release().path().to_owned();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain.img");
     std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();

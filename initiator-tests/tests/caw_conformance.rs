@@ -6,7 +6,7 @@
 
 #![allow(clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{conformance_paths, repo_root, require_tool, Daemon};
+use ironlun_testkit::{conformance_paths, repo_root, require_tool, Daemon};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:caw";
 
@@ -35,7 +35,7 @@ physical_block_size = 4096
 #[test]
 fn libiscsi_compare_and_write_and_multipath_suites_pass_without_skips() {
     require_tool("iscsi-test-cu");
-    let d = Daemon::start_portals(CONFIG);
+    let d = Daemon::release().config(CONFIG).portals().start();
     assert_eq!(d.addrs.len(), 2, "two portals: {:?}", d.addrs);
     assert_ne!(d.addrs[0], d.addrs[1]);
     let urls: Vec<String> = d

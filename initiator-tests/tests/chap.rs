@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator::{ChapAlgorithm, ChapCredentials, Error, LoginOptions, Session};
-use ironlun_initiator_tests::{require_tool, run, Daemon};
+use ironlun_testkit::{require_tool, run, Daemon};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ fn url(d: &Daemon, creds: &str, target: &str, query: &str) -> String {
 #[test]
 fn libiscsi_one_way_and_mutual_chap() {
     require_tool("iscsi-inq");
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let inq = |u: &str| run(Command::new("iscsi-inq").arg(u));
 
     let (ok, out) = inq(&url(&d, "alice%alice-secret-1", ONE_WAY, ""));
@@ -69,7 +69,7 @@ fn libiscsi_one_way_and_mutual_chap() {
 #[test]
 fn libiscsi_discovery_needs_chap() {
     require_tool("iscsi-ls");
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let (ok, out) =
         run(Command::new("iscsi-ls").arg(format!("iscsi://disco%discovery-secret@{}", d.addr)));
     assert!(ok, "{out}");
@@ -111,7 +111,7 @@ fn perf(addr: &str, initiator: &str, secs: u32) -> u64 {
 /// bad-secret logins, one after another, spread over the run. Meanwhile `worker` logs in every
 /// 100 ms. Returns (IOPS, slowest good login).
 fn measured_run(d: &Daemon, worker: &'static str, secs: u32, storm: bool) -> (u64, Duration) {
-    let addr: std::net::SocketAddr = d.addr.parse().unwrap();
+    let addr: std::net::SocketAddr = d.addr;
     let opts = |name: &str, secret: &str| LoginOptions {
         chap: Some(ChapCredentials::new("alice", secret, ChapAlgorithm::Md5)),
         timeout: Duration::from_secs(10),
@@ -149,7 +149,7 @@ fn measured_run(d: &Daemon, worker: &'static str, secs: u32, storm: bool) -> (u6
         })
     });
     let io = std::thread::spawn({
-        let a = d.addr.clone();
+        let a = d.addr.to_string();
         let done = Arc::clone(&done);
         move || {
             let iops = perf(&a, worker, secs);
@@ -197,7 +197,7 @@ fn cpu_ticks(pid: u32) -> i64 {
 #[test]
 fn bad_secret_storm_leaves_other_sessions_alone() {
     require_tool("iscsi-perf");
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let worker = "iqn.2026-11.io.test:worker";
     let (mut quiet, mut stormy) = (0u64, 0u64);
     for storm in [false, true, false, true, false, true] {

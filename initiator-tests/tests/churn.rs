@@ -12,9 +12,9 @@
 use bytes::Bytes;
 use ironlun_initiator::login::login_request_pdu;
 use ironlun_initiator::{LoginOptions, RawConnection, Session};
-use ironlun_initiator_tests::Daemon;
 use ironlun_iscsi::pdu::{Header, LoginRequest, ScsiCommand, Stage, TaskAttr};
 use ironlun_iscsi::Pdu;
+use ironlun_testkit::Daemon;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -134,8 +134,8 @@ async fn run_cycles(addr: SocketAddr, total: u64, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_cycles_half_aborted_leak_nothing() {
-    let d = Daemon::start(Some(CONFIG));
-    let addr: SocketAddr = d.addr.parse().unwrap();
+    let d = Daemon::release().config(CONFIG).start();
+    let addr: SocketAddr = d.addr;
     let pid = d.pid();
     run_cycles(addr, 100, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -36,7 +36,7 @@
 //! beside it on the second core.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{repo_root, require_tool, run, Daemon};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -382,8 +382,9 @@ fn whole_suite(run: Run, url: &str, url2: &str, out_dir: &Path) -> (String, Vec<
 fn whole_suite_one_process_per_family() {
     require_tool("iscsi-test-cu");
     let started = std::time::Instant::now();
-    let daemon = Daemon::start_portals(
-        r#"
+    let daemon = Daemon::release()
+        .config(
+            r#"
 [timeouts]
 nop_interval = 30
 nop_timeout = 60
@@ -426,7 +427,9 @@ block_size = 512
 physical_block_size = 4096
 sanitize_rate = "32MiB"
 "#,
-    );
+        )
+        .portals()
+        .start();
     assert_eq!(daemon.addrs.len(), 2, "two portals: {:?}", daemon.addrs);
     let url = |portal: usize, target: &str, lun: u32| {
         format!("iscsi://{}/{target}/{lun}", daemon.addrs[portal])

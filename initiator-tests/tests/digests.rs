@@ -7,7 +7,7 @@
 //! §6.2.1), so the daemon here supports only CRC32C: every session then runs with it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{conformance, repo_root, require_tool, Daemon};
+use ironlun_testkit::{conformance, repo_root, require_tool, strip_ansi, Daemon};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 const CONFIG: &str = "[negotiation]\nheader_digest = [\"CRC32C\"]\n[[target]]\nname = \"iqn.2026-11.io.ironlun:lab\"\n\
@@ -16,7 +16,7 @@ const CONFIG: &str = "[negotiation]\nheader_digest = [\"CRC32C\"]\n[[target]]\nn
 #[test]
 fn libiscsi_conformance_with_header_digests() {
     require_tool("iscsi-test-cu");
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let url = format!("{}/{TARGET}/0?header_digest=crc32c", d.portal());
     let (ok, out) = conformance(&url, &repo_root().join("target/conformance-hd"));
     println!("{out}");
@@ -40,22 +40,4 @@ fn libiscsi_conformance_with_header_digests() {
         "a session ran without the header digest:\n{}",
         logins.join("\n")
     );
-}
-
-/// The log without terminal colour sequences (ESC [ ... m).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

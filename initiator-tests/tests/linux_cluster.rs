@@ -21,7 +21,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
-use ironlun_initiator_tests::Daemon;
+use ironlun_testkit::Daemon;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:cluster";
@@ -79,8 +79,8 @@ fn spec(n: u8, ports: (u16, u16)) -> (String, String, Vec<String>, String) {
 fn pacemaker_fences_a_cut_off_node_through_fence_scsi_and_moves_its_file_system() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_cluster");
-    let d = Daemon::start_portals(CONFIG);
-    let port = d.addr.rsplit(':').next().unwrap().to_string();
+    let d = Daemon::release().config(CONFIG).portals().start();
+    let port = d.addr.port().to_string();
     let link = (free_udp_port(), free_udp_port());
     let (s1, s2) = (spec(1, link), spec(2, link));
     let mut nodes: Vec<Guest> = [&s1, &s2]

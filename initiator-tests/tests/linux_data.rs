@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
-use ironlun_initiator_tests::Daemon;
+use ironlun_testkit::Daemon;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ const S: Duration = Duration::from_secs(1);
 
 /// Bytes allocated to the backstore file on the host.
 fn allocated(d: &Daemon) -> u64 {
-    std::fs::metadata(d.dir.path().join("data.img"))
+    std::fs::metadata(d.dir().join("data.img"))
         .unwrap()
         .blocks()
         * 512
@@ -46,8 +46,8 @@ fn allocated(d: &Daemon) -> u64 {
 fn fio_verify_xfs_repair_and_fstrim_holes() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_data");
-    let d = Daemon::start_portals(CONFIG);
-    let port = d.addr.rsplit(':').next().unwrap().to_string();
+    let d = Daemon::release().config(CONFIG).portals().start();
+    let port = d.addr.port().to_string();
     let mut g = Guest::boot(
         &group,
         &GuestSpec {

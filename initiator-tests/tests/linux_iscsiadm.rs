@@ -25,7 +25,7 @@
 use ironlun_initiator_tests::linux_guest::{
     artefact_dir, free_port, save_daemon_log, Guest, GuestSpec,
 };
-use ironlun_initiator_tests::Daemon;
+use ironlun_testkit::Daemon;
 use std::time::{Duration, Instant};
 
 const PLAIN: &str = "iqn.2026-11.io.ironlun:plain";
@@ -86,7 +86,10 @@ fn open_iscsi_discovery_chap_digests_recovery_logout() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_iscsiadm");
     let (p1, p2) = (free_port(), free_port());
-    let mut d = Daemon::start_portals(&config(p1, p2, false));
+    let mut d = Daemon::release()
+        .config(&config(p1, p2, false))
+        .portals()
+        .start();
     let mut g = Guest::boot(
         &group,
         &GuestSpec {

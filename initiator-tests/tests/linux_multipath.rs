@@ -34,7 +34,7 @@
 use ironlun_initiator_tests::linux_guest::{
     artefact_dir, free_port, save_daemon_log, Guest, GuestSpec,
 };
-use ironlun_initiator_tests::Daemon;
+use ironlun_testkit::Daemon;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:mpath";
@@ -90,7 +90,7 @@ fn dm_multipath_alua_path_loss_and_group_switch_under_fio() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_multipath");
     let (p1, p2) = (free_port(), free_port());
-    let d = Daemon::start_portals(&config(p1, p2));
+    let d = Daemon::release().config(&config(p1, p2)).portals().start();
     let mut g = Guest::boot(
         &group,
         &GuestSpec {

@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
-use ironlun_initiator_tests::Daemon;
+use ironlun_testkit::Daemon;
 use std::time::{Duration, Instant};
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:pr";
@@ -40,8 +40,8 @@ const S: Duration = Duration::from_secs(1);
 fn sg_persist_and_fence_scsi_through_the_kernel() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_pr");
-    let d = Daemon::start_portals(CONFIG);
-    let port = d.addr.rsplit(':').next().unwrap().to_string();
+    let d = Daemon::release().config(CONFIG).portals().start();
+    let port = d.addr.port().to_string();
     let mut g = Guest::boot(
         &group,
         &GuestSpec {

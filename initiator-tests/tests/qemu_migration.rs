@@ -20,8 +20,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use bytes::Bytes;
-use ironlun_initiator::{LoginOptions, Session};
-use ironlun_initiator_tests::{daemon_bin, repo_root, require_tool, run, Daemon};
+use ironlun_initiator::Session;
+use ironlun_testkit::{repo_root, require_tool, run, Binary, Daemon, Login};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -273,12 +273,10 @@ fn migrate(
     journal: &Path,
     hooks: &[String],
 ) -> (Option<i32>, String) {
-    let admin = d
-        .admin
-        .as_deref()
-        .expect("the daemon printed no admin line");
+    let admin = d.admin_url();
     let t = Instant::now();
-    let out = Command::new(daemon_bin())
+    let out = Binary::release()
+        .command()
         .args(["migrate", "--admin", admin, "--lun", LUN])
         .args(["--from", HOST_A, "--to", HOST_B])
         .arg("--journal")
@@ -335,23 +333,9 @@ fn ms_line<'a>(out: &'a str, prefix: &str) -> (&'a str, f64) {
     (line, ms)
 }
 
-/// `ironlun ctl --admin <d> ARGS...`; its output (it must succeed).
-fn ctl(d: &Daemon, args: &[&str]) -> String {
-    let admin = d
-        .admin
-        .as_deref()
-        .expect("the daemon printed no admin line");
-    let (ok, out) = run(Command::new(daemon_bin())
-        .args(["ctl", "--admin", admin])
-        .args(args)
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE"));
-    assert!(ok, "ironlun ctl {args:?} failed:\n{out}");
-    out
-}
-
 /// The owner of [`LUN`] as the admin API's ownership GET reports it (`ctl ownership --json`).
 fn owner(d: &Daemon) -> String {
-    let json = ctl(d, &["ownership", LUN, "--json"]);
+    let json = d.ctl(&["ownership", LUN, "--json"]);
     let at = json
         .find("\"owner\"")
         .unwrap_or_else(|| panic!("no owner in {json}"));
@@ -385,10 +369,13 @@ impl Probe {
 
     /// A session as initiator `host` with ISID qualifier `n` (distinct per session).
     fn login(&self, host: &str, n: u8) -> Session {
-        let mut o = LoginOptions::new(host, Some(TARGET.into()));
-        o.isid[5] = n;
         self.rt
-            .block_on(Session::connect(self.addr.as_str(), o))
+            .block_on(
+                Login::new(host)
+                    .target(TARGET)
+                    .isid_qualifier(n)
+                    .try_connect(self.addr.as_str()),
+            )
             .unwrap_or_else(|e| panic!("login as {host}: {e}"))
     }
 
@@ -464,19 +451,19 @@ fn live_migration_keeps_the_guest_records_contiguous() {
     require_tool("qemu-img");
     let t0 = Instant::now();
     let images = guest_images();
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let dir = tempfile::tempdir().unwrap();
-    print!("{}", ctl(&d, &["own", LUN, HOST_A]));
+    print!("{}", d.ctl(&["own", LUN, HOST_A]));
     assert_eq!(owner(&d), HOST_A);
 
-    let a = Qemu::start("a", dir.path(), &images, &d.addr, HOST_A, false);
-    let b = Qemu::start("b", dir.path(), &images, &d.addr, HOST_B, true);
+    let a = Qemu::start("a", dir.path(), &images, &d.addr.to_string(), HOST_A, false);
+    let b = Qemu::start("b", dir.path(), &images, &d.addr.to_string(), HOST_B, true);
     let (n0, boot) = a.wait_written(64, Duration::from_secs(120));
     let t_writing = t0.elapsed();
 
     // Before: host-a writes, host-b (logged in, like the waiting destination QEMU) reads only.
-    let probe = Probe::new(&d.addr);
+    let probe = Probe::new(&d.addr.to_string());
     let pa = probe.login(HOST_A, 0x11);
     let pb = probe.login(HOST_B, 0x12);
     assert_eq!(probe.write(&pa, false), GOOD, "host-a owns the LUN");
@@ -614,16 +601,16 @@ fn rollback_before_commit_leaves_the_source_running_and_writing() {
     require_tool("qemu-img");
     let t0 = Instant::now();
     let images = guest_images();
-    let d = Daemon::start(Some(CONFIG));
+    let d = Daemon::release().config(CONFIG).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("m.journal");
-    print!("{}", ctl(&d, &["own", LUN, HOST_A]));
+    print!("{}", d.ctl(&["own", LUN, HOST_A]));
 
-    let a = Qemu::start("a", dir.path(), &images, &d.addr, HOST_A, false);
-    let b = Qemu::start("b", dir.path(), &images, &d.addr, HOST_B, true);
+    let a = Qemu::start("a", dir.path(), &images, &d.addr.to_string(), HOST_A, false);
+    let b = Qemu::start("b", dir.path(), &images, &d.addr.to_string(), HOST_B, true);
     let (_, boot) = a.wait_written(32, Duration::from_secs(120));
-    let probe = Probe::new(&d.addr);
+    let probe = Probe::new(&d.addr.to_string());
     let pa = probe.login(HOST_A, 0x11);
     let pb = probe.login(HOST_B, 0x12);
 
@@ -669,7 +656,7 @@ fn rollback_before_commit_leaves_the_source_running_and_writing() {
     b.stop();
 
     // 2. precopy reaches pre-switchover (source paused), then the pause hook fails.
-    let b2 = Qemu::start("b2", dir.path(), &images, &d.addr, HOST_B, true);
+    let b2 = Qemu::start("b2", dir.path(), &images, &d.addr.to_string(), HOST_B, true);
     let env = hook_env(
         &a,
         &b2,

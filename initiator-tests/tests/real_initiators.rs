@@ -1,7 +1,7 @@
 //! Tier 6 (DESIGN.md §4): the release daemon driven by libiscsi's tools and qemu-img.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{conformance, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance, repo_root, require_tool, run, Daemon};
 use std::process::Command;
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
@@ -11,7 +11,7 @@ fn default_lun_is_reported_by_libiscsi_tools() {
     for t in ["iscsi-ls", "iscsi-inq", "iscsi-readcapacity16"] {
         require_tool(t);
     }
-    let d = Daemon::start(None);
+    let d = Daemon::release().start();
     let url = format!("{}/{TARGET}/0", d.portal());
     assert_eq!(d.urls, vec![url.clone()]);
 
@@ -58,10 +58,10 @@ fn qemu_roundtrip(block_size: u32) {
     let cfg = format!(
         "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"file\"\npath = \"lun.img\"\nsize = {size}\nblock_size = {block_size}\n"
     );
-    let d = Daemon::start(Some(&cfg));
+    let d = Daemon::release().config(&cfg).start();
     let url = format!("{}/{TARGET}/0", d.portal());
-    let src = d.dir.path().join("src.raw");
-    let back = d.dir.path().join("back.raw");
+    let src = d.dir().join("src.raw");
+    let back = d.dir().join("back.raw");
     // Deterministic pseudo-random content, with a zero hole in the middle.
     let mut data = vec![0u8; usize::try_from(size).unwrap()];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(block_size);
@@ -117,7 +117,7 @@ fn qemu_img_convert_roundtrip_4096() {
 #[test]
 fn libiscsi_conformance_required_suites() {
     require_tool("iscsi-test-cu");
-    let d = Daemon::start(None);
+    let d = Daemon::release().start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let (ok, out) = conformance(&url, &repo_root().join("target/conformance"));
     println!("{out}");

@@ -3,7 +3,7 @@
 //! `ironlun ctl lun resize` reports its new size to `iscsi-readcapacity16`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{require_tool, run, Daemon};
+use ironlun_testkit::{require_tool, run, Daemon};
 use std::process::Command;
 
 const X: &str = "iqn.2026-11.io.ironlun:reconfig";
@@ -16,7 +16,7 @@ fn lun_added_and_grown_live_is_seen_by_libiscsi() {
     let config = format!(
         "# kept across saves\n[[target]]\nname = \"{X}\"\n\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"4MiB\"\n"
     );
-    let d = Daemon::start(Some(&config));
+    let d = Daemon::release().config(&config).start();
     let ls = || {
         let (ok, out) = run(Command::new("iscsi-ls").arg("-s").arg(d.portal()));
         assert!(ok, "{out}");
@@ -45,7 +45,7 @@ fn lun_added_and_grown_live_is_seen_by_libiscsi() {
         after.contains("Lun:1"),
         "iscsi-ls does not list the new LUN:\n{after}"
     );
-    let saved = std::fs::read_to_string(d.dir.path().join("ironlun.toml")).unwrap();
+    let saved = std::fs::read_to_string(d.dir().join("ironlun.toml")).unwrap();
     assert!(saved.starts_with("# kept across saves"), "{saved}");
     assert!(
         saved.contains("id = 1") && saved.contains("lun1.img"),
@@ -64,9 +64,7 @@ fn lun_added_and_grown_live_is_seen_by_libiscsi() {
     d.ctl(&["lun", "resize", &format!("{X}/1"), "16M"]);
     assert_eq!(size(), 16 << 20);
     assert_eq!(
-        std::fs::metadata(d.dir.path().join("lun1.img"))
-            .unwrap()
-            .len(),
+        std::fs::metadata(d.dir().join("lun1.img")).unwrap().len(),
         16 << 20
     );
     d.stop();

@@ -10,8 +10,8 @@
 )]
 
 use bytes::Bytes;
-use ironlun_initiator::{LoginOptions, Session};
-use ironlun_initiator_tests::Daemon;
+use ironlun_initiator::Session;
+use ironlun_testkit::{Daemon, Login};
 use std::net::SocketAddr;
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
@@ -35,21 +35,12 @@ fn pattern(seed: u64, len: usize) -> Bytes {
 }
 
 async fn session(addr: SocketAddr, name: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(name, Some(TARGET.to_owned())))
-        .await
-        .unwrap();
     // Clear the power-on unit attention of each LUN.
-    for n in [0, 1] {
-        let mut ready = false;
-        for _ in 0..3 {
-            if s.test_unit_ready(lun(n)).await.unwrap().status == 0 {
-                ready = true;
-                break;
-            }
-        }
-        assert!(ready, "LUN {n} never became ready");
-    }
-    s
+    Login::new(name)
+        .target(TARGET)
+        .ready(&[lun(0), lun(1)], 3)
+        .connect(addr)
+        .await
 }
 
 #[test]
@@ -59,8 +50,8 @@ fn dropping_connections_with_uring_io_in_flight_is_safe() {
          [[target.lun]]\nid = 0\nbackstore = \"uring\"\npath = \"direct.img\"\nsize = \"64MiB\"\ndirect = true\nring_depth = 16\n\
          [[target.lun]]\nid = 1\nbackstore = \"uring\"\npath = \"buffered.img\"\nsize = \"64MiB\"\n"
     );
-    let d = Daemon::start(Some(&cfg));
-    let addr: SocketAddr = d.addr.parse().unwrap();
+    let d = Daemon::release().config(&cfg).start();
+    let addr: SocketAddr = d.addr;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,7 +3,7 @@
 //! `ironlun vhd check`. qemu-img and qemu-io are required (a missing tool fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{daemon_bin, require_tool, run, Daemon};
+use ironlun_testkit::{require_tool, run, Binary, Daemon};
 use std::path::Path;
 use std::process::Command;
 
@@ -60,7 +60,8 @@ fn virtual_size(img: &Path) -> u64 {
 
 /// `ironlun vhd check PATH`: (exit code, output).
 fn vhd_check(img: &Path) -> (i32, String) {
-    let o = Command::new(daemon_bin())
+    let o = Binary::release()
+        .command()
         .args(["vhd", "check"])
         .arg(img)
         .output()
@@ -121,7 +122,7 @@ fn qemu_image_written_over_iscsi(subformat: &str, force_size: bool) {
     let seed = u64::from(force_size) << 8 | subformat.len() as u64;
     std::fs::write(&src, random(size, seed, 8 * MIB..12 * MIB)).unwrap();
 
-    let d = Daemon::start(Some(&config(&img)));
+    let d = Daemon::release().config(&config(&img)).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     assert_eq!(d.urls, vec![url.clone()]);
     let out = qemu(&["info", &url], "info on the LUN");
@@ -252,13 +253,14 @@ fn differencing_child_over_qemu_parent() {
     let parent_before = std::fs::read(&parent).unwrap();
 
     let child = dir.path().join("child.vhd");
-    let (ok, out) = run(Command::new(daemon_bin())
+    let (ok, out) = run(Binary::release()
+        .command()
         .args(["vhd", "create", "--parent"])
         .arg(&parent)
         .arg(&child));
     assert!(ok, "ironlun vhd create --parent: {out}");
 
-    let d = Daemon::start(Some(&config(&child)));
+    let d = Daemon::release().config(&config(&child)).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let back = dir.path().join("back.raw");
     assert!(
@@ -304,7 +306,7 @@ fn differencing_child_over_qemu_parent() {
     );
 
     // After a restart the child still reads as parent + writes.
-    let d = Daemon::start(Some(&config(&child)));
+    let d = Daemon::release().config(&config(&child)).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let got = read_lun(&url, &back);
     if let Some(i) = first_difference(&got, &expect) {

@@ -12,7 +12,7 @@
 //! serves, and both images still open in `qemu-img info` and `qemu-img check`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_initiator_tests::{conformance_of, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance_of, repo_root, require_tool, run, Daemon};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -333,7 +333,7 @@ fn thin_provisioning_families_pass_on_dynamic_and_fixed_vhd_luns() {
         dynamic.display(),
         fixed.display()
     );
-    let d = Daemon::start(Some(&cfg));
+    let d = Daemon::release().config(&cfg).start();
     let dyn_url = format!("{}/{TARGET}/0", d.portal());
     let fixed_url = format!("{}/{TARGET}/1", d.portal());
     assert!(

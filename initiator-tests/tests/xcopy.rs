@@ -11,7 +11,7 @@
 
 use ironlun_initiator::xcopy::{parameter_list, split};
 use ironlun_initiator::{LoginOptions, Session};
-use ironlun_initiator_tests::{conformance_of, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance_of, repo_root, require_tool, run, Daemon};
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ fn config(luns: u64, size: &str) -> String {
 #[test]
 fn libiscsi_extended_copy_and_receive_copy_results_pass_without_skips() {
     require_tool("iscsi-test-cu");
-    let d = Daemon::start(Some(&config(1, "64MiB")));
+    let d = Daemon::release().config(&config(1, "64MiB")).start();
     let url = format!("{}/{TARGET}/0", d.portal());
     let (ok, out) = conformance_of(
         "ExtendedCopy ReceiveCopyResults",
@@ -64,9 +64,9 @@ fn random_bytes(len: usize) -> Vec<u8> {
 #[test]
 fn extended_copy_of_256_mib_matches_and_beats_read_and_write_through_the_initiator() {
     require_tool("qemu-img");
-    let d = Daemon::start(Some(&config(3, "256MiB")));
+    let d = Daemon::release().config(&config(3, "256MiB")).start();
     let lun_url = |n: u64| format!("{}/{TARGET}/{n}", d.portal());
-    let src = d.dir.path().join("source.raw");
+    let src = d.dir().join("source.raw");
     std::fs::File::create(&src)
         .unwrap()
         .write_all(&random_bytes(usize::try_from(SIZE).unwrap()))
@@ -91,7 +91,7 @@ fn extended_copy_of_256_mib_matches_and_beats_read_and_write_through_the_initiat
         .enable_all()
         .build()
         .unwrap();
-    let addr: std::net::SocketAddr = d.addr.parse().unwrap();
+    let addr: std::net::SocketAddr = d.addr;
     let copy_time: Duration = rt.block_on(async move {
         let s = Session::connect(
             addr,

@@ -2,13 +2,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{Daemon, PROMPT, TARGET};
 use ironlun_initiator::{discover, Error, LoginOptions, Session, TmfFunction, TmfResponse};
+use ironlun_testkit::{Daemon, Login, PROMPT, TARGET};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const PROTECTED: &str = "iqn.2026-11.io.ironlun:protected";
 const INSIDER: &str = "iqn.2026-11.io.test:insider";
@@ -49,10 +49,6 @@ backstore = "ram"
 size = "1MiB"
 "#;
 
-fn opts(initiator: &str, target: &str) -> LoginOptions {
-    LoginOptions::new(initiator, Some(target.to_owned()))
-}
-
 /// The 8-byte LUN field for a single-level peripheral LUN (SAM-5 §4.7).
 fn lun(n: u64) -> u64 {
     n << 48
@@ -68,21 +64,29 @@ fn login_status<T>(r: Result<T, Error>) -> (u8, u8) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_allowed_and_refused_by_acl() {
-    let mut d = Daemon::start_with_config(CONFIG);
-    let s = Session::connect(d.addr, opts(INSIDER, PROTECTED))
+    let mut d = Daemon::builder(IRONLUN).config(CONFIG).start();
+    let s = Login::new(INSIDER)
+        .target(PROTECTED)
+        .try_connect(d.addr)
         .await
         .expect("insider login");
     s.logout().await.unwrap();
     // Patterns, compared case-insensitively (RFC 3722).
-    let s = Session::connect(d.addr, opts("IQN.2026-11.io.test:Group-7", PROTECTED))
+    let s = Login::new("IQN.2026-11.io.test:Group-7")
+        .target(PROTECTED)
+        .try_connect(d.addr)
         .await
         .expect("pattern login");
     s.logout().await.unwrap();
     // RFC 7143 §11.13.5: 0202 AUTHORIZATION FAILURE.
-    let r = Session::connect(d.addr, opts(OUTSIDER, PROTECTED)).await;
+    let r = Login::new(OUTSIDER)
+        .target(PROTECTED)
+        .try_connect(d.addr)
+        .await;
     assert_eq!(login_status(r), (2, 2));
     // The outsider may still use the open target.
-    let s = Session::connect(d.addr, opts(OUTSIDER, TARGET))
+    let s = Login::new(OUTSIDER)
+        .try_connect(d.addr)
         .await
         .expect("outsider login to the open target");
     s.logout().await.unwrap();
@@ -108,7 +112,7 @@ async fn send_targets(addr: SocketAddr, initiator: &str, value: &str) -> Vec<Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_lists_only_allowed_targets() {
-    let d = Daemon::start_with_config(CONFIG);
+    let d = Daemon::builder(IRONLUN).config(CONFIG).start();
     let names = |t: Vec<(String, Vec<String>)>| t.into_iter().map(|(n, _)| n).collect::<Vec<_>>();
     assert_eq!(
         names(discover(d.addr, INSIDER).await.unwrap()),
@@ -140,12 +144,12 @@ async fn report_luns(s: &Session) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lun_masking_hides_luns() {
-    let d = Daemon::start_with_config(CONFIG);
-    let open = common::session(d.addr, "iqn.2026-11.io.test:unmasked").await;
+    let d = Daemon::builder(IRONLUN).config(CONFIG).start();
+    let open = ironlun_testkit::session(d.addr, "iqn.2026-11.io.test:unmasked").await;
     assert_eq!(report_luns(&open).await, vec![0, 1, 2]);
     open.logout().await.unwrap();
 
-    let s = common::session(d.addr, MASKED).await;
+    let s = ironlun_testkit::session(d.addr, MASKED).await;
     assert_eq!(report_luns(&s).await, vec![0, 2]);
     // INQUIRY to a masked LUN: peripheral qualifier 011b, device type 1Fh (SPC-4 §6.6.2).
     let r = s.inquiry(lun(1), 96).await.unwrap();
@@ -175,10 +179,10 @@ async fn lun_masking_hides_luns() {
 
 /// Retry a login until it succeeds (a session released by a dropped connection is given
 /// back when the daemon notices the close).
-async fn login_eventually(addr: SocketAddr, o: LoginOptions) -> Session {
+async fn login_eventually(addr: SocketAddr, l: Login) -> Session {
     let deadline = Instant::now() + PROMPT;
     loop {
-        match Session::connect(addr, o.clone()).await {
+        match l.clone().try_connect(addr).await {
             Ok(s) => return s,
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
@@ -191,28 +195,35 @@ async fn login_eventually(addr: SocketAddr, o: LoginOptions) -> Session {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_session_limit_refuses_and_releases() {
-    let d = Daemon::start_with_config(CONFIG);
-    let a = Session::connect(d.addr, opts("iqn.2026-11.io.test:a", TARGET))
+    let d = Daemon::builder(IRONLUN).config(CONFIG).start();
+    let a = Login::new("iqn.2026-11.io.test:a")
+        .try_connect(d.addr)
         .await
         .unwrap();
-    let b = Session::connect(d.addr, opts("iqn.2026-11.io.test:b", TARGET))
+    let b = Login::new("iqn.2026-11.io.test:b")
+        .try_connect(d.addr)
         .await
         .unwrap();
     // RFC 7143 §11.13.5: 0302 OUT OF RESOURCES.
-    let r = Session::connect(d.addr, opts("iqn.2026-11.io.test:c", TARGET)).await;
+    let r = Login::new("iqn.2026-11.io.test:c")
+        .try_connect(d.addr)
+        .await;
     assert_eq!(login_status(r), (3, 2));
     // Other targets are not affected by this target's limit.
-    let p = Session::connect(d.addr, opts(INSIDER, PROTECTED))
+    let p = Login::new(INSIDER)
+        .target(PROTECTED)
+        .try_connect(d.addr)
         .await
         .unwrap();
     // Logout gives the slot back at once.
     a.logout().await.unwrap();
-    let c = Session::connect(d.addr, opts("iqn.2026-11.io.test:c", TARGET))
+    let c = Login::new("iqn.2026-11.io.test:c")
+        .try_connect(d.addr)
         .await
         .expect("login after a logout");
     // A connection that just goes away gives it back too.
     drop(b);
-    let e = login_eventually(d.addr, opts("iqn.2026-11.io.test:e", TARGET)).await;
+    let e = login_eventually(d.addr, Login::new("iqn.2026-11.io.test:e")).await;
     for s in [c, e, p] {
         s.logout().await.unwrap();
     }
@@ -221,13 +232,15 @@ async fn target_session_limit_refuses_and_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_session_limit_counts_discovery_sessions() {
     let config = CONFIG.replace("max_sessions = 64", "max_sessions = 1");
-    let d = Daemon::start_with_config(&config);
-    let a = Session::connect(d.addr, opts(INSIDER, PROTECTED))
+    let d = Daemon::builder(IRONLUN).config(&config).start();
+    let a = Login::new(INSIDER)
+        .target(PROTECTED)
+        .try_connect(d.addr)
         .await
         .unwrap();
     let r = Session::connect(d.addr, LoginOptions::new(OUTSIDER, None)).await;
     assert_eq!(login_status(r), (3, 2));
-    let r = Session::connect(d.addr, opts(OUTSIDER, TARGET)).await;
+    let r = Login::new(OUTSIDER).try_connect(d.addr).await;
     assert_eq!(login_status(r), (3, 2));
     a.logout().await.unwrap();
     assert_eq!(discover(d.addr, OUTSIDER).await.unwrap().len(), 1);

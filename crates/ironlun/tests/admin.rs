@@ -4,16 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{admin_connect, opts, parse_http_response, session, Daemon, TARGET};
 use ironlun_api::{Health, LuReservations, ReservationsList};
 use ironlun_cli::ctl::{Client, Reply};
+use ironlun_testkit::{admin_connect, opts, parse_http_response, session, Binary, Daemon, TARGET};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TOKEN: &str = "s3cret-token-0123456789abcdef";
 
@@ -92,13 +92,7 @@ async fn prout(s: &ironlun_initiator::Session, sa: u8, ty: u8, key: u64, sa_key:
 }
 
 fn ctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .arg("ctl")
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl(args)
 }
 
 fn text(b: &[u8]) -> String {
@@ -107,7 +101,7 @@ fn text(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_empty_reservations() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let h: Health = get_json(d.admin_url(), "/v1/health").await;
     assert_eq!(h.status, "ok");
     assert_eq!(h.version, env!("CARGO_PKG_VERSION"));
@@ -139,7 +133,7 @@ async fn health_and_empty_reservations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_after_register_and_reserve() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let name_a = "iqn.2026-11.io.ironlun:admin-a";
     let name_b = "iqn.2026-11.io.ironlun:admin-b";
     let a = session(d.addr, name_a).await;
@@ -265,7 +259,7 @@ async fn reservations_after_register_and_reserve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_errors_and_exit_codes() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let url = d.admin_url().to_owned();
     let out = tokio::task::spawn_blocking(move || {
         let not_found = ctl(&["--admin", &url, "reservations", &format!("{TARGET}/9")]);
@@ -335,7 +329,10 @@ async fn token_is_enforced() {
     let config = format!(
         "[admin]\ntoken_file = \"admin.token\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
     );
-    let d = Daemon::start_with_config_files(&config, &[("admin.token", &format!("{TOKEN}\n"))]);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config)
+        .file("admin.token", &format!("{TOKEN}\n"))
+        .start();
     let base = d.admin_url().to_owned();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
@@ -404,7 +401,7 @@ async fn token_is_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_http_gets_4xx_and_the_daemon_keeps_serving() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let b = base.clone();
     let replies = tokio::task::spawn_blocking(move || {
@@ -473,18 +470,14 @@ async fn malformed_http_gets_4xx_and_the_daemon_keeps_serving() {
 /// Run `ironlun serve` with `config` in a temp dir; it must exit on its own.
 fn serve_fails(config: &str, extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ironlun.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .arg("serve")
-        .arg("-c")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+    match Daemon::builder(IRONLUN)
+        .config(config)
         .args(extra)
-        .output()
-        .unwrap();
-    (out.status.code(), text(&out.stderr))
+        .spawn_in(dir.path())
+    {
+        Err(refused) => (refused.status.code(), refused.stderr),
+        Ok(_) => panic!("the daemon started"),
+    }
 }
 
 #[test]
@@ -611,8 +604,13 @@ fn admin_off_and_a_socket_held_by_a_live_daemon() {
     let config = format!(
         "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
     );
-    let first = Daemon::spawn_ok(dir.path(), Some(&config), common::LISTEN_ANY);
-    let Err(refused) = Daemon::spawn(dir.path(), Some(&config), common::LISTEN_ANY) else {
+    let first = Daemon::builder(IRONLUN)
+        .config(&config)
+        .start_in(dir.path());
+    let Err(refused) = Daemon::builder(IRONLUN)
+        .config(&config)
+        .spawn_in(dir.path())
+    else {
         panic!("a second daemon started on a live admin socket");
     };
     assert_eq!(refused.status.code(), Some(1), "{}", refused.stderr);
@@ -627,7 +625,9 @@ fn admin_off_and_a_socket_held_by_a_live_daemon() {
         dir.path().join("admin.sock").exists(),
         "stale socket expected"
     );
-    let again = Daemon::spawn_ok(dir.path(), Some(&config), common::LISTEN_ANY);
+    let again = Daemon::builder(IRONLUN)
+        .config(&config)
+        .start_in(dir.path());
     let r = raw(&again.admin, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(r.status, 200);
     // A clean exit removes the socket.
@@ -637,7 +637,7 @@ fn admin_off_and_a_socket_held_by_a_live_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepts_a_request_sent_byte_by_byte() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let reply = tokio::task::spawn_blocking(move || {
         let mut s = admin_connect(&base);

@@ -12,15 +12,14 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{pattern, Daemon, PROMPT};
 use ironlun_cli::ctl::Client;
-use ironlun_initiator::{CommandResult, LoginOptions, Session};
+use ironlun_initiator::{CommandResult, Session};
+use ironlun_testkit::{pattern, Daemon, Login, PROMPT};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:alua";
 const GOOD: u8 = 0x00;
@@ -62,18 +61,6 @@ async fn set_state(base: &str, id: u16, state: &str) -> Value {
     .await;
     assert_eq!(s, 200, "{v}");
     v
-}
-
-async fn login(addr: SocketAddr, name: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(name, Some(TARGET.to_owned())))
-        .await
-        .expect("login");
-    for _ in 0..4 {
-        if s.test_unit_ready(0).await.expect("TUR").status == GOOD {
-            return s;
-        }
-    }
-    panic!("TEST UNIT READY never GOOD");
 }
 
 async fn run(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandResult {
@@ -156,12 +143,19 @@ async fn vpd_group(s: &Session) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_and_unavailable_group_while_other_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), &[]);
+    let d = Daemon::builder(IRONLUN).config(&config()).portals().start();
     assert_eq!(d.addrs.len(), 2, "{:?}", d.addrs);
     let base = d.admin_url().to_owned();
-    let p1 = login(d.addrs[0], "iqn.2026-11.io.ironlun:host-a").await;
-    let p2 = login(d.addrs[1], "iqn.2026-11.io.ironlun:host-a").await;
+    let p1 = Login::new("iqn.2026-11.io.ironlun:host-a")
+        .target(TARGET)
+        .ready(&[0], 4)
+        .connect(d.addrs[0])
+        .await;
+    let p2 = Login::new("iqn.2026-11.io.ironlun:host-a")
+        .target(TARGET)
+        .ready(&[0], 4)
+        .connect(d.addrs[1])
+        .await;
 
     // Both ports serve I/O; TPGS = implicit; VPD 83h names each port's group.
     let inq = p2.inquiry(0, 96).await.unwrap();

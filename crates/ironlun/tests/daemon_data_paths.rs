@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{opts, pattern, Daemon, BLOCK_SIZE, PROMPT};
 use ironlun_initiator::{LoginOptions, Residual, Session, TmfFunction, TmfResponse};
+use ironlun_testkit::{opts, pattern, Daemon, BLOCK_SIZE, PROMPT};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 async fn write_read(s: &Session, lba: u64, len: usize, seed: u64) {
     let data = pattern(seed, len);
@@ -28,7 +28,7 @@ async fn write_read(s: &Session, lba: u64, len: usize, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_data_out_mode_and_digest_combination() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let mut i = 0u64;
     for immediate_data in [false, true] {
         for initial_r2t in [false, true] {
@@ -71,8 +71,8 @@ async fn every_data_out_mode_and_digest_combination() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_commands_in_flight() {
-    let d = Daemon::start();
-    let s = common::session(d.addr, "iqn.2026-11.io.ironlun:inflight").await;
+    let d = Daemon::builder(IRONLUN).start();
+    let s = ironlun_testkit::session(d.addr, "iqn.2026-11.io.ironlun:inflight").await;
     let mut writes = Vec::new();
     for k in 0..32u64 {
         let s = s.clone();
@@ -108,7 +108,7 @@ async fn many_commands_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_task_waiting_for_data_out() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     // InitialR2T=Yes, ImmediateData=No: a write waits for an R2T-solicited Data-Out, which we
     // never send (we do not call wait()), so the task stays in the target's task set.
     let o = LoginOptions {

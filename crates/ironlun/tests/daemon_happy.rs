@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{opts, pattern, Daemon, BLOCKS, BLOCK_SIZE, TARGET};
 use ironlun_initiator::{discover, Capacity, Residual, SenseKey, Session};
+use ironlun_testkit::{opts, pattern, Daemon, BLOCKS, BLOCK_SIZE, TARGET};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let s = Session::connect(d.addr, opts("iqn.2026-11.io.ironlun:test-happy"))
         .await
         .expect("login");

@@ -4,10 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::{Bytes, BytesMut};
-use common::{opts, BackgroundIo, Daemon, PROMPT, TARGET};
 use ironlun_initiator::login::login_request_pdu;
 use ironlun_initiator::{Error, LoginOptions, Negotiated, RawConnection, Session};
 use ironlun_iscsi::bhs::encode_header;
@@ -15,7 +12,10 @@ use ironlun_iscsi::pdu::{
     Header, LoginRequest, NopOut, RejectReason, ScsiCommand, Stage, TaskAttr, RESERVED_TAG,
 };
 use ironlun_iscsi::Pdu;
+use ironlun_testkit::{opts, BackgroundIo, Daemon, PROMPT, TARGET};
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 /// How long "no answer" is awaited.
 const SILENCE: Duration = Duration::from_secs(1);
@@ -133,7 +133,7 @@ async fn login_status(
 /// keeps making progress.
 async fn still_serving(d: &mut Daemon, bg: &BackgroundIo, name: &str) {
     bg.progress(2).await;
-    let s = common::session(d.addr, name).await;
+    let s = ironlun_testkit::session(d.addr, name).await;
     assert_eq!(
         s.nop(Bytes::from_static(b"x")).await.expect("NOP"),
         Bytes::from_static(b"x")
@@ -144,7 +144,7 @@ async fn still_serving(d: &mut Daemon, bg: &BackgroundIo, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_data_segment_drops_connection() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-oversized", 0).await;
     let (mut raw, n) = raw_login(&d, "iqn.2026-11.io.ironlun:oversized").await;
     // A NOP-Out header announcing DataSegmentLength 0xFFFFFF (16 MiB - 1), and no data: the
@@ -168,7 +168,7 @@ async fn oversized_data_segment_drops_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_opcode_is_rejected_and_session_goes_on() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-opcode", 0).await;
     let (mut raw, n) = raw_login(&d, "iqn.2026-11.io.ironlun:opcode").await;
     // Opcode 0x0a is unassigned for initiators (RFC 7143 §11.2.1.2); immediate, F, ITT 0x55.
@@ -204,7 +204,7 @@ async fn unknown_opcode_is_rejected_and_session_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cmd_sn_outside_window_is_dropped() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-cmdsn", 0).await;
     let (mut raw, n) = raw_login(&d, "iqn.2026-11.io.ironlun:cmdsn").await;
     assert!(
@@ -252,7 +252,7 @@ async fn cmd_sn_outside_window_is_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_header_digest_drops_connection() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-digest", 0).await;
     let o = LoginOptions {
         header_digest: true,
@@ -288,7 +288,7 @@ async fn bad_header_digest_drops_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_errors_have_exact_status() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-login", 0).await;
 
     // No InitiatorName: 02/07 "missing parameter" (RFC 7143 §11.13.5), then the target closes.
@@ -334,7 +334,7 @@ async fn login_errors_have_exact_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_pdus_leave_daemon_healthy() {
-    let mut d = Daemon::start();
+    let mut d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:bg-trunc", 0).await;
 
     // 20 bytes of a BHS, then close.

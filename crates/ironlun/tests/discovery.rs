@@ -6,13 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{Daemon, PROMPT};
 use ironlun_cli::ctl::Client;
 use ironlun_initiator::{discover, LoginOptions, Session};
+use ironlun_testkit::{Daemon, PROMPT};
 use std::net::SocketAddr;
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:mp";
 const OTHER: &str = "iqn.2026-11.io.ironlun:mp-other";
@@ -88,8 +88,7 @@ async fn admin(base: &str, method: &str, path: &str, body: Option<serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_targets_reports_every_portal_of_every_group_through_any_portal() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), &[]);
+    let d = Daemon::builder(IRONLUN).config(&config()).portals().start();
     assert_eq!(d.addrs.len(), 3, "{:?}", d.addrs);
     let portals = vec![(d.addrs[0], 1), (d.addrs[1], 2), (d.addrs[2], 1)];
     let want = expected(&portals);

@@ -15,16 +15,16 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{opts, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use ironlun_initiator::RawConnection;
 use ironlun_iscsi::pdu::{Header, ScsiCommand, TaskAttr};
 use ironlun_iscsi::Pdu;
+use ironlun_testkit::{opts, strip_ansi, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const MIB: u64 = 1 << 20;
 /// `[limits] max_buffered` of these tests.
@@ -81,24 +81,6 @@ fn max_threads(d: &Daemon) -> u64 {
         .expect("max_threads number")
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// (VmRSS in bytes, Threads) of `pid`.
 fn status(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -149,7 +131,7 @@ struct Bystander {
 
 impl Bystander {
     async fn start(d: &Daemon) -> Bystander {
-        let s = common::session(d.addr, "iqn.2026-11.io.ironlun:bystander").await;
+        let s = ironlun_testkit::session(d.addr, "iqn.2026-11.io.ironlun:bystander").await;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -249,7 +231,7 @@ async fn flood(d: &Daemon, name: &str, f: Flood) -> RawConnection {
 
 /// Baseline (RSS, Threads, fds) of an idle daemon that served one session already.
 async fn baseline(d: &Daemon) -> (u64, u64, usize) {
-    let s = common::session(d.addr, "iqn.2026-11.io.ironlun:warmup").await;
+    let s = ironlun_testkit::session(d.addr, "iqn.2026-11.io.ironlun:warmup").await;
     for i in 0..16u64 {
         let r = s
             .read16(0, i * 2048, 2048, BLOCK_SIZE)
@@ -289,7 +271,7 @@ async fn settles(d: &Daemon, rss0: u64, fds0: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_of_unread_1mib_reads_stays_in_budget() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut d = Daemon::start_with_config(&config());
+    let mut d = Daemon::builder(IRONLUN).config(&config()).start();
     let limit = max_threads(&d);
     let (rss0, threads0, fds0) = baseline(&d).await;
     let sampler = Sampler::start(d.pid());
@@ -346,7 +328,7 @@ async fn flood_of_unread_1mib_reads_stays_in_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_of_unread_16mib_reads_stays_in_budget() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut d = Daemon::start_with_config(&config());
+    let mut d = Daemon::builder(IRONLUN).config(&config()).start();
     let limit = max_threads(&d);
     let (rss0, _, fds0) = baseline(&d).await;
     let sampler = Sampler::start(d.pid());
@@ -389,7 +371,7 @@ async fn flood_of_unread_16mib_reads_stays_in_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_asking_more_than_expected_are_charged_their_buffers() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut d = Daemon::start_with_config(&config());
+    let mut d = Daemon::builder(IRONLUN).config(&config()).start();
     let (rss0, _, fds0) = baseline(&d).await;
     let sampler = Sampler::start(d.pid());
     let f = Flood {
@@ -423,13 +405,15 @@ async fn reads_asking_more_than_expected_are_charged_their_buffers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_busy_connections_stay_under_the_thread_total() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let d = Daemon::start_with_config(&config());
+    let d = Daemon::builder(IRONLUN).config(&config()).start();
     let limit = max_threads(&d);
     assert!(limit < 32, "the test config allows {limit} threads");
     let sampler = Sampler::start(d.pid());
     let mut sessions = Vec::new();
     for i in 0..3 {
-        sessions.push(common::session(d.addr, &format!("iqn.2026-11.io.ironlun:busy{i}")).await);
+        sessions.push(
+            ironlun_testkit::session(d.addr, &format!("iqn.2026-11.io.ironlun:busy{i}")).await,
+        );
     }
     let until = Instant::now() + Duration::from_secs(3);
     let mut tasks = Vec::new();
@@ -490,7 +474,7 @@ fn metric(d: &Daemon, name: &str) -> Option<u64> {
 async fn flood_of_unfinished_writes_stays_in_budget() {
     let _one = ONE_AT_A_TIME.lock().await;
     const IMMEDIATE: u32 = 256 * 1024;
-    let mut d = Daemon::start_with_config(&config());
+    let mut d = Daemon::builder(IRONLUN).config(&config()).start();
     let limit = max_threads(&d);
     let (rss0, _, fds0) = baseline(&d).await;
     let sampler = Sampler::start(d.pid());
@@ -585,14 +569,18 @@ async fn well_behaved_writers_beyond_the_budget_all_complete() {
     const ROUNDS: u64 = 2;
     const SLOT: u64 = 4 * MIB;
     let max_buffered = 16 * MIB;
-    let d = Daemon::start_with_config(&config_with(max_buffered));
+    let d = Daemon::builder(IRONLUN)
+        .config(&config_with(max_buffered))
+        .start();
     let sampler = Sampler::start(d.pid());
-    let source = common::pattern(15, (2 * SLOT) as usize);
+    let source = ironlun_testkit::pattern(15, (2 * SLOT) as usize);
     let task_set_full = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let mut sessions = Vec::new();
     for i in 0..SESSIONS {
-        sessions.push(common::session(d.addr, &format!("iqn.2026-11.io.ironlun:writer{i}")).await);
+        sessions.push(
+            ironlun_testkit::session(d.addr, &format!("iqn.2026-11.io.ironlun:writer{i}")).await,
+        );
     }
     let mut tasks = Vec::new();
     for (si, s) in sessions.iter().enumerate() {

@@ -9,18 +9,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{opts, session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{kind, OutAction, OutParams};
 use ironlun_initiator::{CommandResult, Session};
 use ironlun_scsi::pr::ownership::owner_key;
+use ironlun_testkit::{opts, session, tagged, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const HOST_S: &str = "iqn.2026-01.test:host-s";
 const HOST_D: &str = "iqn.2026-01.test:host-d";
@@ -38,16 +38,6 @@ const QD: usize = 8;
 const BLOCKS_PER_WRITE: u32 = 8;
 const WRITER_S: u64 = 0x5555_5555_0000_0005;
 const WRITER_D: u64 = 0xDDDD_DDDD_0000_000D;
-
-/// A 4 KiB block tagged (writer, sequence number), 16 bytes repeated.
-fn tagged(writer: u64, seq: u64) -> Bytes {
-    let mut v = Vec::with_capacity(4096);
-    while v.len() < 4096 {
-        v.extend_from_slice(&writer.to_be_bytes());
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    Bytes::from(v)
-}
 
 fn ua_of(r: &CommandResult) -> Option<(u8, u8)> {
     let k = r.sense_key()?;
@@ -208,7 +198,7 @@ struct Rec {
 /// Issue 6 "standard alternative", semantics.md §3.3 steps 0-5 under QD8 load from S.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initiator_driven_handover_under_qd8_load_fences_the_source() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let (s, dst) = setup_step0(&d).await;
     let s = Arc::new(s);
 
@@ -400,7 +390,7 @@ async fn initiator_driven_handover_under_qd8_load_fences_the_source() {
 /// §5.13.11.2.4) and the reservation stays as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dst_dying_before_the_preempt_is_removed_by_the_source() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let (s, dst) = setup_step0(&d).await;
     drop(dst); // D dies: its connection is gone, its registration stays.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -431,7 +421,7 @@ async fn dst_dying_before_the_preempt_is_removed_by_the_source() {
 /// (RK=K_src, SARK=K_dst, TYPE=WE), which fences D at the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dst_dying_after_the_preempt_is_preempted_back_by_the_source() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let (s, dst) = setup_step0(&d).await;
     prout_good(
         &dst,
@@ -525,7 +515,7 @@ async fn assert_d_only_writer(d: &Daemon, s: &Session, dst: &Session) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_managed_and_initiator_driven_handovers_end_alike_with_different_pr_shapes() {
     // Target-managed.
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let lu = |rest: &str| format!("/v1/luns/{TARGET}/0/{rest}");
     let s = session(d.addr, HOST_S).await;
@@ -571,7 +561,7 @@ async fn target_managed_and_initiator_driven_handovers_end_alike_with_different_
     drop(d);
 
     // Initiator-driven.
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let (s, dst) = setup_step0(&d).await;
     prout_good(

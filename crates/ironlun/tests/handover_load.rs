@@ -9,11 +9,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use ironlun_initiator::{CommandResult, Session};
+use ironlun_testkit::{session, tagged, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -21,6 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const HOSTS: [&str; 2] = ["iqn.2026-01.test:host-a", "iqn.2026-01.test:host-b"];
 /// Writer ids in the tags, per host.
@@ -38,16 +38,6 @@ const SLOTS: u64 = 32;
 const BLOCKS_PER_SLOT: u32 = 8;
 /// GOOD writes the new owner completes before the next handover starts.
 const WRITES_BETWEEN: u64 = 48;
-
-/// 4 KiB tagged with (writer, sequence number), repeated.
-fn tagged(writer: u64, seq: u64) -> Bytes {
-    let mut v = Vec::with_capacity(4096);
-    while v.len() < 4096 {
-        v.extend_from_slice(&writer.to_be_bytes());
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    Bytes::from(v)
-}
 
 fn is_unit_attention(r: &CommandResult) -> bool {
     r.status == CHECK_CONDITION && r.sense_key().is_some_and(|k| k.key == 0x6)
@@ -198,7 +188,7 @@ async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_handovers_back_and_forth_under_qd16_load_lose_nothing() {
     let begun = Instant::now();
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let sessions = [
         Arc::new(session(d.addr, HOSTS[0]).await),

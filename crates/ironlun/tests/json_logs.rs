@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{Daemon, PROMPT};
 use ironlun_initiator::{ChapAlgorithm, ChapCredentials, LoginOptions, Session};
+use ironlun_testkit::{Daemon, PROMPT};
 use serde_json::Value;
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:logs";
 const HOST: &str = "iqn.2026-11.io.test:json-logs";
@@ -29,11 +29,10 @@ fn conn_span(v: &Value) -> Option<&Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_carry_the_session_span() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::spawn_ok(
-        dir.path(),
-        Some(&config()),
-        &["--listen", "127.0.0.1:0", "--log-format", "json"],
-    );
+    let mut d = Daemon::builder(IRONLUN)
+        .config(&config())
+        .args(&["--log-format", "json"])
+        .start_in(dir.path());
     let opts = LoginOptions {
         chap: Some(ChapCredentials::new("alice", SECRET, ChapAlgorithm::Sha256)),
         timeout: PROMPT,

@@ -5,17 +5,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{Daemon, PROMPT, TARGET};
 use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{OutAction, OutParams};
 use ironlun_initiator::{LoginOptions, Session};
+use ironlun_testkit::{session, Daemon, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const HOST_A: &str = "iqn.2026-01.test:metrics-a";
 const HOST_B: &str = "iqn.2026-01.test:metrics-b";
@@ -45,7 +45,7 @@ impl Scrape {
 /// `GET /metrics` (with `Authorization: Bearer TOKEN`) over a raw connection (the client
 /// library reads JSON only): the status line, and the head and body.
 fn get_metrics(admin: &str, token: Option<&str>) -> (String, String) {
-    let mut s = common::admin_connect(admin);
+    let mut s = ironlun_testkit::admin_connect(admin);
     s.set_read_timeout(Some(PROMPT));
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
@@ -127,15 +127,6 @@ fn cdb10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {
     c
 }
 
-/// Log in and clear the power-on unit attention.
-async fn login(addr: std::net::SocketAddr, initiator: &str) -> Session {
-    let s = Session::connect(addr, common::opts(initiator))
-        .await
-        .expect("login");
-    while s.test_unit_ready(0).await.unwrap().status != GOOD {}
-    s
-}
-
 async fn admin(base: &str, rest: &str, body: Value) -> (u16, Value) {
     let base = base.to_owned();
     let path = format!("/v1/luns/{TARGET}/0/{rest}");
@@ -160,15 +151,15 @@ fn hand(epoch: u64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_move_by_exactly_the_io_done() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let s0 = scrape(&base);
     assert_eq!(s0.content_type, "text/plain; version=0.0.4; charset=utf-8");
     assert_eq!(s0.get(&format!("ironlun_lu_queue_depth{}", lu(""))), 0.0);
     assert!(!s0.has("ironlun_session_"), "no session yet:\n{}", s0.text);
 
-    let a = login(d.addr, HOST_A).await;
-    let b = login(d.addr, HOST_B).await;
+    let a = session(d.addr, HOST_A).await;
+    let b = session(d.addr, HOST_B).await;
     // A login to a target that does not exist fails with 0203h.
     let wrong = Session::connect(
         d.addr,
@@ -504,9 +495,9 @@ async fn pending_commands_are_counted_once_at_queue_depth_eight() {
     let config = format!(
         "[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"file\"\npath = \"lun0.img\"\nsize = \"64MiB\"\n"
     );
-    let d = Daemon::start_with_config(&config);
+    let d = Daemon::builder(IRONLUN).config(&config).start();
     let base = d.admin_url().to_owned();
-    let a = std::sync::Arc::new(login(d.addr, HOST_A).await);
+    let a = std::sync::Arc::new(session(d.addr, HOST_A).await);
     let s1 = scrape(&base);
     const LEN: usize = 256 * 1024; // 512 blocks, above the inline limit
     let mut tasks = Vec::new();
@@ -596,7 +587,10 @@ fn metrics_need_the_admin_token() {
     let config = format!(
         "[admin]\ntoken_file = \"admin.token\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
     );
-    let d = Daemon::start_with_config_files(&config, &[("admin.token", &format!("{TOKEN}\n"))]);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config)
+        .file("admin.token", &format!("{TOKEN}\n"))
+        .start();
     let (head, _) = get_metrics(d.admin_url(), None);
     assert!(head.starts_with("HTTP/1.1 401 "), "{head}");
     let (head, _) = get_metrics(d.admin_url(), Some("wrong-token-0123456789abcdef"));

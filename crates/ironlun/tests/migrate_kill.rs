@@ -10,16 +10,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use ironlun_initiator::Session;
+use ironlun_testkit::{session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const A: &str = "iqn.2026-01.test:host-a";
 const B: &str = "iqn.2026-01.test:host-b";
@@ -170,7 +170,13 @@ async fn write_status(s: &Session, lba: u64) -> u8 {
     for _ in 0..8 {
         let r = tokio::time::timeout(
             PROMPT,
-            s.write16(0, lba, BLOCK_SIZE, common::pattern(lba, 512), false),
+            s.write16(
+                0,
+                lba,
+                BLOCK_SIZE,
+                ironlun_testkit::pattern(lba, 512),
+                false,
+            ),
         )
         .await
         .expect("write hung")
@@ -262,7 +268,7 @@ async fn assert_consistent(
 
 /// A daemon with host-a (the owner at epoch 1) and host-b logged in.
 async fn setup() -> (Daemon, Arc<Session>, Arc<Session>) {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = Arc::new(session(d.addr, A).await);
     let b = Arc::new(session(d.addr, B).await);
     let c = ironlun_cli::ctl::Client::new(d.admin_url(), None).unwrap();
@@ -568,7 +574,7 @@ async fn stuck_source_io_rolls_back_with_refuse_and_migrates_with_abort() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_not_logged_in_fails_prepare_and_changes_nothing() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = session(d.addr, A).await;
     let c = ironlun_cli::ctl::Client::new(d.admin_url(), None).unwrap();
     let r = c

@@ -11,14 +11,14 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{opts, BackgroundIo, Daemon, PROMPT};
 use ironlun_initiator::{Negotiated, RawConnection};
 use ironlun_iscsi::pdu::{DataOut, Header, NopOut, ScsiCommand, TaskAttr, RESERVED_TAG};
 use ironlun_iscsi::Pdu;
+use ironlun_testkit::{opts, BackgroundIo, Daemon, PROMPT};
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 /// VmRSS of `pid` in bytes.
 fn rss(pid: u32) -> u64 {
@@ -80,7 +80,7 @@ fn ping(itt: u32, cmd_sn: u32, exp_stat_sn: u32) -> Pdu {
 /// the connection; either way the daemon's RSS stays flat and a bystander is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_data_out_does_not_allocate_the_transfer() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let bg = BackgroundIo::start(d.addr, "iqn.2026-12.test:bystander", 1 << 20).await;
     bg.progress(2).await;
     let before = rss(d.pid());
@@ -199,7 +199,7 @@ async fn sparse_data_out_does_not_allocate_the_transfer() {
 /// are answered `NotUnderstood`, and the login goes on (RFC 7143 §6.2, §13.26).
 #[tokio::test]
 async fn extension_and_unknown_keys_are_not_understood() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let mut o = opts("iqn.2026-12.test:keys");
     o.extra_keys = vec![
         ("X#com.example.feature".into(), "1".into()),
@@ -241,12 +241,12 @@ block_size = 512
 physical_block_size = 4096
 thin = true
 "#;
-    let d = Daemon::start_with_config(config);
-    let s = common::session(d.addr, "iqn.2026-12.test:lbastatus").await;
+    let d = Daemon::builder(IRONLUN).config(config).start();
+    let s = ironlun_testkit::session(d.addr, "iqn.2026-12.test:lbastatus").await;
     // Map the first 256 blocks, then UNMAP single blocks and one whole physical block, as
     // libiscsi's GetLBAStatus.UnmapSingle does.
     let w = s
-        .write16(0, 0, 512, common::pattern(9, 256 * 512), false)
+        .write16(0, 0, 512, ironlun_testkit::pattern(9, 256 * 512), false)
         .await
         .expect("WRITE(16)");
     assert_eq!(w.status, 0);

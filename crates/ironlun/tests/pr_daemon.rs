@@ -5,7 +5,7 @@
 //! nexus with writes in flight (no write of the preempted nexus lands after GOOD), and ALL_TG_PT
 //! across two portal groups. CDBs and parameter lists are built by hand (SPC-4 §6.15, §6.16).
 //!
-//! Each daemon runs on a data directory the test owns (`common::Daemon::spawn`), so that a restart
+//! Each daemon runs on a data directory the test owns (`DaemonBuilder::spawn_in`), so that a restart
 //! sees what the last run left there, and serves the configured portals (no `--listen`).
 
 #![allow(
@@ -15,17 +15,17 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{Daemon, Refused, PROMPT};
 use ironlun_initiator::pr;
-use ironlun_initiator::{CommandResult, LoginOptions, SenseKey, Session};
+use ironlun_initiator::{CommandResult, SenseKey, Session};
+use ironlun_testkit::{Daemon, Login, Refused, PROMPT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:pr";
 const LUN0: u64 = 0;
@@ -90,25 +90,27 @@ fn state_file(dir: &Path, serial: &str) -> PathBuf {
 /// Start on `dir` with `config`, serving its portals; the exit status and stderr if the daemon
 /// refuses to start.
 fn try_start(dir: &Path, config: &str) -> Result<Daemon, Refused> {
-    Daemon::spawn(dir, Some(config), &[])
+    Daemon::builder(IRONLUN)
+        .config(config)
+        .portals()
+        .spawn_in(dir)
 }
 
 fn start(dir: &Path, config: &str) -> Daemon {
-    Daemon::spawn_ok(dir, Some(config), &[])
+    Daemon::builder(IRONLUN)
+        .config(config)
+        .portals()
+        .start_in(dir)
 }
 
 /// Log in as `name` with `isid` through `addr` and clear the unit attentions of a new nexus.
 async fn login(addr: SocketAddr, name: &str, isid: [u8; 6]) -> Session {
-    let mut o = LoginOptions::new(name, Some(TARGET.to_owned()));
-    o.isid = isid;
-    let s = Session::connect(addr, o).await.expect("login");
-    for _ in 0..8 {
-        let r = s.test_unit_ready(LUN0).await.expect("TUR");
-        if r.status == GOOD {
-            return s;
-        }
-    }
-    panic!("TEST UNIT READY never GOOD");
+    Login::new(name)
+        .target(TARGET)
+        .isid(isid)
+        .ready(&[LUN0], 8)
+        .connect(addr)
+        .await
 }
 
 fn is_ua(r: &CommandResult) -> bool {
@@ -319,7 +321,7 @@ async fn aptpl_state_survives_kill_9_and_goes_with_aptpl_off() {
     );
     // The restored holder is A's nexus: under WERO a stranger may not write, B (registered) may.
     let c = login(d.addrs[0], "iqn.2026-11.io.ironlun:pr-c", ISID_A).await;
-    let w = common::pattern(1, BS as usize);
+    let w = ironlun_testkit::pattern(1, BS as usize);
     let cdb = ironlun_initiator::scsi::write16_cdb(0, 1, false);
     assert_eq!(
         past_ua(&c, &cdb, w.clone(), 0).await.status,
@@ -740,7 +742,7 @@ async fn all_tg_pt_registers_the_initiator_port_on_every_portal_group() {
     let p2 = login(d.addrs[1], INIT_A, ISID_A).await;
     let stranger = login(d.addrs[1], INIT_B, ISID_B).await;
     let write = ironlun_initiator::scsi::write16_cdb(8, 1, false);
-    let data = common::pattern(8, BS as usize);
+    let data = ironlun_testkit::pattern(8, BS as usize);
 
     // ALL_TG_PT=1 through portal group 1: the nexus through portal group 2 is registered too.
     prout_good(&p1, REGISTER, 0, 0, K, ALL_TG_PT).await;

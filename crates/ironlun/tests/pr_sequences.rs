@@ -8,15 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{opts, Daemon};
 use ironlun_initiator::pr::{
     iscsi_transport_id, kind, register_and_move_params, InAction, OutAction, OutParams,
 };
-use ironlun_initiator::{CommandResult, LoginOptions, Session};
+use ironlun_initiator::{CommandResult, Session};
+use ironlun_testkit::{Daemon, Login};
 use std::net::SocketAddr;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const LUN: u64 = 0;
 const GOOD: u8 = 0x00;
@@ -66,15 +66,11 @@ impl Host {
 
 /// Log in as `h` and consume the login's unit attentions (29h/xx and any queued for it).
 async fn login(addr: SocketAddr, h: &Host) -> Session {
-    let s = Session::connect(
-        addr,
-        LoginOptions {
-            isid: h.isid,
-            ..opts(h.name)
-        },
-    )
-    .await
-    .expect("login");
+    let s = Login::new(h.name)
+        .isid(h.isid)
+        .try_connect(addr)
+        .await
+        .expect("login");
     drain_uas(&s).await;
     s
 }
@@ -163,7 +159,7 @@ async fn assert_sole_holder(s: &Session, h: &Host) {
 
 #[tokio::test]
 async fn register_and_move_hands_the_reservation_to_the_named_port() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = login(d.addr, &A).await;
     let b = login(d.addr, &B).await;
     ok(
@@ -270,7 +266,7 @@ async fn register_and_move_hands_the_reservation_to_the_named_port() {
 
 #[tokio::test]
 async fn read_full_status_lists_every_registration_with_its_transport_id() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = login(d.addr, &A).await;
     let b = login(d.addr, &B).await;
     ok(
@@ -334,7 +330,7 @@ async fn read_full_status_lists_every_registration_with_its_transport_id() {
 
 #[tokio::test]
 async fn spec_i_pt_registers_the_listed_ports_all_or_nothing() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = login(d.addr, &A).await;
     let b = login(d.addr, &B).await;
     let c2 = C.with_isid(0x2c);
@@ -425,7 +421,7 @@ async fn spec_i_pt_registers_the_listed_ports_all_or_nothing() {
 
 #[tokio::test]
 async fn prgeneration_counts_registration_changes_only() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = login(d.addr, &A).await;
     let b = login(d.addr, &B).await;
     let g0 = keys(&a).await.0;
@@ -507,7 +503,7 @@ async fn prgeneration_counts_registration_changes_only() {
 
 #[tokio::test]
 async fn unit_attentions_reach_exactly_the_parties_the_standard_names() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let a = login(d.addr, &A).await;
     let b = login(d.addr, &B).await;
     let c = login(d.addr, &C).await;
@@ -554,15 +550,11 @@ async fn unit_attentions_reach_exactly_the_parties_the_standard_names() {
         &prout(&a, OutAction::Preempt, kind::WRITE_EXCLUSIVE, 0xA, 0xC).await,
         "A PREEMPT C (away)",
     );
-    let c = Session::connect(
-        d.addr,
-        LoginOptions {
-            isid: C.isid,
-            ..opts(C.name)
-        },
-    )
-    .await
-    .unwrap();
+    let c = Login::new(C.name)
+        .isid(C.isid)
+        .try_connect(d.addr)
+        .await
+        .unwrap();
     let seen = drain_uas(&c).await;
     assert_eq!(
         seen,
@@ -601,7 +593,7 @@ async fn unit_attentions_reach_exactly_the_parties_the_standard_names() {
 /// its own stale key.
 #[tokio::test]
 async fn fence_scsi_unfence_fence_and_self_preempt() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let wero = kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
     let (k1, k2) = (0x6a8b_0001u64, 0x6a8b_0002u64);
     let n1 = login(d.addr, &A).await;
@@ -680,7 +672,7 @@ async fn fence_scsi_unfence_fence_and_self_preempt() {
 /// registers and preempts, B unregisters; Clear → Register → Reserve.
 #[tokio::test]
 async fn windows_cluster_validation_sequence() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let wero = kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
     let (ka, kb) = (0x0101_0000_4d53_4654u64, 0x0202_0000_4d53_4654u64);
     let a = login(d.addr, &A).await;
@@ -757,7 +749,7 @@ async fn windows_cluster_validation_sequence() {
 /// PREEMPT removes every registration with that key, the caller's too, so it re-registers.
 #[tokio::test]
 async fn qemu_migrate_pr_register_then_preempt_with_equal_keys() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let key = 0x5145_4d55u64;
     let wero = kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
     let src = login(d.addr, &A).await;

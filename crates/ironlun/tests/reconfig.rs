@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{BackgroundIo, Daemon, LISTEN_ANY, PROMPT, TARGET};
 use ironlun::config::Config;
 use ironlun_initiator::{LoginOptions, Session};
+use ironlun_testkit::{BackgroundIo, Binary, Daemon, Login, PROMPT, TARGET};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const X: &str = "iqn.2026-11.io.ironlun:x";
 /// LUN 1 as the 8-byte LUN field (SAM-5 §4.7, peripheral addressing).
@@ -24,13 +24,7 @@ fn config() -> String {
 }
 
 fn ctl(admin: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .args(["ctl", "--admin", admin])
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl(&[["--admin", admin].as_slice(), args].concat())
 }
 
 async fn ctl_async(admin: &str, args: &[&str]) -> Output {
@@ -73,15 +67,7 @@ fn sense(s: &[u8]) -> (u8, u8, u8) {
 }
 
 async fn session_to(addr: std::net::SocketAddr, target: &str, initiator: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(initiator, Some(target.to_owned())))
-        .await
-        .expect("login");
-    for _ in 0..3 {
-        if s.test_unit_ready(0).await.expect("TUR").status == 0 {
-            return s;
-        }
-    }
-    panic!("TEST UNIT READY never GOOD");
+    Login::new(initiator).target(target).connect(addr).await
 }
 
 fn luns_in_file(path: &Path, target: &str) -> Vec<u64> {
@@ -93,7 +79,9 @@ fn luns_in_file(path: &Path, target: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_lun_add_and_remove_live_and_saved() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config())
+        .start_in(dir.path());
     let file = dir.path().join("ironlun.toml");
     let s = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-a").await;
     assert_eq!(report_luns(&s).await.1, vec![0]);
@@ -251,7 +239,9 @@ fn has(v: &serde_json::Value, target: &str, lun: u64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_the_file_while_other_sessions_run() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let mut d = Daemon::builder(IRONLUN)
+        .config(&config())
+        .start_in(dir.path());
     let file = dir.path().join("ironlun.toml");
     let io = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:rc-io", 0).await;
     io.progress(3).await;
@@ -320,7 +310,9 @@ fn nix_kill(pid: u32, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resize_grows_and_offline_online() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config())
+        .start_in(dir.path());
     let file = dir.path().join("ironlun.toml");
     let s = session_to(d.addr, X, "iqn.2026-11.io.ironlun:rc-r").await;
     assert_eq!(s.read_capacity16(0).await.unwrap().blocks, 2048);
@@ -380,7 +372,9 @@ async fn resize_grows_and_offline_online() {
     assert!(Config::load(&file, None).unwrap().targets[1].luns[0].offline);
     assert!(saved.contains("# operator's comment"), "{saved}");
     let dir2 = tempfile::tempdir().unwrap();
-    let d2 = Daemon::spawn_ok(dir2.path(), Some(&saved), LISTEN_ANY);
+    let d2 = Daemon::builder(IRONLUN)
+        .config(&saved)
+        .start_in(dir2.path());
     let s2 = Session::connect(
         d2.addr,
         LoginOptions::new("iqn.2026-11.io.ironlun:rc-r2", Some(X.to_owned())),
@@ -418,7 +412,10 @@ async fn sighup_removes_a_portal_and_an_acl_entry() {
         "{portals}{}",
         config().replace(&format!("name = \"{X}\"\n"), &acl)
     );
-    let mut d = Daemon::spawn_ok(dir.path(), Some(&start), &[]);
+    let mut d = Daemon::builder(IRONLUN)
+        .config(&start)
+        .portals()
+        .start_in(dir.path());
     assert_eq!(d.addrs.len(), 2, "{:?}", d.addrs);
     let (keep, gone) = (d.addrs[0], d.addrs[1]);
     let file = dir.path().join("ironlun.toml");
@@ -473,7 +470,10 @@ async fn sighup_removes_a_portal_and_an_acl_entry() {
 async fn ctl_portal_and_acl() {
     let dir = tempfile::tempdir().unwrap();
     let start = format!("[[portal]]\nlisten = \"127.0.0.1:0\"\n\n{}", config());
-    let d = Daemon::spawn_ok(dir.path(), Some(&start), &[]);
+    let d = Daemon::builder(IRONLUN)
+        .config(&start)
+        .portals()
+        .start_in(dir.path());
     let file = dir.path().join("ironlun.toml");
 
     // A portal added on 127.0.0.3 accepts logins at once; removed, it stops accepting.
@@ -565,7 +565,9 @@ async fn ctl_portal_and_acl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_target_add_and_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config())
+        .start_in(dir.path());
     let file = dir.path().join("ironlun.toml");
     let io = BackgroundIo::start(d.addr, "iqn.2026-11.io.ironlun:rc-io", 0).await;
     const NEW: &str = "iqn.2026-11.io.ironlun:new";

@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::{BufRead, BufReader};
+use ironlun_testkit::{Daemon, PROMPT};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ironlun");
@@ -61,49 +61,13 @@ fn unit_passes_systemd_analyze_verify() {
     );
 }
 
-/// A daemon killed on drop, so that a failing test leaves none behind.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// The daemon with `NOTIFY_SOCKET` (and `extra` variables); returns it once its `admin` line
-/// is printed.
-fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> Guard {
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        // The admin socket in the data directory (each test has its own).
-        .env_remove("RUNTIME_DIRECTORY")
+/// The daemon with `NOTIFY_SOCKET` (and `extra` variables), once its `admin` line is printed.
+fn spawn(notify: &str, extra: &[(&str, &str)], data: &std::path::Path) -> Daemon {
+    let b = Daemon::builder(BIN)
         .env("NOTIFY_SOCKET", notify)
         .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Guard(child);
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let mut seen_listening = false;
-    loop {
-        let l = lines.next().expect("stdout ended early").unwrap();
-        seen_listening |= l.starts_with("listening ");
-        if l.starts_with("admin ") {
-            break;
-        }
-    }
-    assert!(seen_listening);
-    // Keep draining stdout so the daemon never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    child
+        .env_remove("WATCHDOG_PID");
+    extra.iter().fold(b, |b, (k, v)| b.env(k, v)).start_in(data)
 }
 
 fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
@@ -114,18 +78,6 @@ fn recv(sock: &UnixDatagram, within: Duration) -> Option<String> {
         Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
         Err(_) => None,
     }
-}
-
-fn sigterm(child: &Guard) {
-    signal(child, "-TERM");
-}
-
-fn signal(child: &Guard, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 /// Datagrams until one containing `want` (within `within`); panics if none does.
@@ -179,7 +131,7 @@ fn ready_watchdog_and_stopping_on_a_path_socket() {
     );
     // SIGHUP (ExecReload): RELOADING=1, then READY=1 when the reload is over. This daemon
     // runs on the embedded default, so the reload has no file and reports that it failed.
-    signal(&child, "-HUP");
+    child.signal("HUP");
     let got = until(&sock, "RELOADING=1", Duration::from_secs(10));
     assert!(got.last().unwrap().starts_with("RELOADING=1\n"), "{got:?}");
     let got = until(&sock, "READY=1", Duration::from_secs(10));
@@ -188,13 +140,13 @@ fn ready_watchdog_and_stopping_on_a_path_socket() {
         ready.starts_with("READY=1\nSTATUS=serving; configuration reload failed"),
         "{got:?}"
     );
-    sigterm(&child);
+    child.sigterm();
     let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
     assert!(
         got[..got.len() - 1].iter().all(|m| m == "WATCHDOG=1"),
         "{got:?}"
     );
-    let status = child.0.wait().unwrap();
+    let status = child.wait_exit(PROMPT);
     assert!(status.success(), "{status:?}");
 }
 
@@ -218,8 +170,8 @@ fn abstract_socket_and_foreign_watchdog_pid() {
         None,
         "pinged anyway"
     );
-    sigterm(&child);
+    child.sigterm();
     let got = until(&sock, "STOPPING=1", Duration::from_secs(10));
     assert_eq!(got.len(), 1, "{got:?}");
-    assert!(child.0.wait().unwrap().success());
+    assert!(child.wait_exit(PROMPT).success());
 }

@@ -8,15 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{Daemon, LISTEN_ANY, PROMPT};
 use ironlun_initiator::{
-    ChapAlgorithm, ChapCredentials, LoginOptions, SenseKey, Session, TmfFunction, TmfResponse,
+    ChapAlgorithm, ChapCredentials, SenseKey, Session, TmfFunction, TmfResponse,
 };
+use ironlun_testkit::{Daemon, Login, PROMPT};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Instant;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 /// The target that gets reset; CHAP is turned on for it while sessions run.
 const A: &str = "iqn.2026-11.io.ironlun:reset-a";
@@ -42,19 +42,20 @@ fn config(a_extra: &str) -> String {
 /// Log in to `target` as `initiator` with ISID qualifier `q` (CHAP when `chap`) and clear
 /// the power-on unit attention.
 async fn login(addr: SocketAddr, initiator: &str, target: &str, q: u8, chap: bool) -> Session {
-    let mut o = LoginOptions::new(initiator, Some(target.to_owned()));
-    o.isid[5] = q;
-    o.timeout = PROMPT;
-    if chap {
-        o.chap = Some(ChapCredentials::new(
+    let l = Login::new(initiator)
+        .target(target)
+        .isid_qualifier(q)
+        .timeout(PROMPT);
+    let l = if chap {
+        l.chap(ChapCredentials::new(
             "alice",
             "alice-secret-1",
             ChapAlgorithm::Sha256,
-        ));
-    }
-    let s = Session::connect(addr, o).await.expect("login");
-    settle(&s, 0).await;
-    s
+        ))
+    } else {
+        l
+    };
+    l.connect(addr).await
 }
 
 /// Clear the unit attentions LUN `lun` holds for `s` (power on, a new nexus).
@@ -125,7 +126,9 @@ async fn reload(d: &Daemon) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_reset_needs_chap_and_drops_every_session_of_the_target_only() {
     let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::spawn_ok(dir.path(), Some(&config("")), LISTEN_ANY);
+    let mut d = Daemon::builder(IRONLUN)
+        .config(&config(""))
+        .start_in(dir.path());
     // Two sessions to A without CHAP (A has none yet), then CHAP turned on for A: a third
     // session of host Y (another ISID) logs in with it; the first two keep running.
     let x = login(d.addr, HOST_X, A, 1, false).await;
@@ -188,9 +191,9 @@ async fn cold_reset_needs_chap_and_drops_every_session_of_the_target_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_reset_resets_every_lu_of_the_target_and_keeps_the_sessions() {
-    let mut d = Daemon::start_with_config(&config(
+    let mut d = Daemon::builder(IRONLUN).config(&config(
         "allow_target_reset = \"chap\"\nchap = { user = \"alice\", secret = \"alice-secret-1\" }\n",
-    ));
+    )).start();
     let y = login(d.addr, HOST_Y, A, 1, true).await;
     let y2 = login(d.addr, HOST_Y, A, 2, true).await;
     // Host X sees only LUN 0 of A (LUN masking).

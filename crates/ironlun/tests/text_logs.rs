@@ -5,11 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{Daemon, PROMPT};
-use ironlun_initiator::{discover, LoginOptions, Session};
+use ironlun_initiator::{discover, Session};
+use ironlun_testkit::{Daemon, Login, PROMPT};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:logs";
 const CALM: &str = "iqn.2026-11.io.test:logs-calm";
@@ -24,13 +24,13 @@ fn config() -> String {
 }
 
 async fn login(d: &Daemon, initiator: &str, digests: bool) -> Session {
-    let opts = LoginOptions {
-        header_digest: digests,
-        data_digest: digests,
-        timeout: PROMPT,
-        ..LoginOptions::new(initiator, Some(TARGET.to_owned()))
-    };
-    let s = Session::connect(d.addr, opts).await.expect("login");
+    let s = Login::new(initiator)
+        .target(TARGET)
+        .digests(digests)
+        .timeout(PROMPT)
+        .try_connect(d.addr)
+        .await
+        .expect("login");
     let _ = s.test_unit_ready(0).await.expect("TUR");
     s
 }
@@ -65,7 +65,7 @@ async fn wait_for(d: &Daemon, parts: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_are_plain_and_name_logins_logouts_and_drops() {
-    let mut d = Daemon::start_with_config(&config());
+    let mut d = Daemon::builder(IRONLUN).config(&config()).start();
 
     let calm = login(&d, CALM, false).await;
     let digests = login(&d, DIGESTS, true).await;

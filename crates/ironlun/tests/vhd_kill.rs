@@ -36,18 +36,18 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{pattern, Daemon, LISTEN_ANY, PROMPT};
 use ironlun_backstore::vhd::{check, DiskType, VhdBackend};
 use ironlun_backstore::BlockBackend;
-use ironlun_initiator::{LoginOptions, Session};
+use ironlun_initiator::Session;
+use ironlun_testkit::{pattern, Daemon, Login, PROMPT};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:vhdkill";
 const INITIATORS: [&str; 2] = [
@@ -137,18 +137,6 @@ fn config(image: &str) -> String {
          path = \"{image}\"\nsize = \"{}MiB\"\n",
         DISK >> 20
     )
-}
-
-async fn login(addr: std::net::SocketAddr, initiator: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(initiator, Some(TARGET.to_owned())))
-        .await
-        .expect("login");
-    for _ in 0..3 {
-        if s.test_unit_ready(LUN).await.expect("TUR").status == 0 {
-            return s;
-        }
-    }
-    panic!("TEST UNIT READY never GOOD");
 }
 
 /// The regions of one image, shuffled with a bias: the first region of every block (the
@@ -408,7 +396,9 @@ fn settle(regions: &mut [Region], disk: &[u8]) {
 
 /// One run: daemon on `dir`, writers, kill -9 at a random moment, check.
 async fn run_once(dir: &Path, log: Arc<Mutex<Log>>, rng: &mut Rng, run: usize) -> String {
-    let d = Daemon::spawn_ok(dir, Some(&config(IMAGE)), LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config(IMAGE))
+        .start_in(dir);
     let before = {
         let l = log.lock().unwrap();
         (l.regions.len(), l.acks, l.syncs_good, l.allocating)
@@ -416,7 +406,11 @@ async fn run_once(dir: &Path, log: Arc<Mutex<Log>>, rng: &mut Rng, run: usize) -
     let acked = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for (k, name) in INITIATORS.iter().enumerate() {
-        let s = login(d.addr, name).await;
+        let s = Login::new(name)
+            .target(TARGET)
+            .ready(&[LUN], 3)
+            .connect(d.addr)
+            .await;
         for w in 0..WRITERS_PER_SESSION {
             let seed = rng.next() ^ ((run * 16 + k * 4 + w) as u64);
             tasks.push(tokio::spawn(writer(
@@ -466,8 +460,14 @@ async fn run_once(dir: &Path, log: Arc<Mutex<Log>>, rng: &mut Rng, run: usize) -
 /// The daemon on the crashed image once more: every region reads over iSCSI as the last check
 /// settled it, a new FUA write lands, SIGTERM stops it cleanly.
 async fn restart_and_serve(dir: &Path, log: &Mutex<Log>, rng: &mut Rng) {
-    let d = Daemon::spawn_ok(dir, Some(&config(IMAGE)), LISTEN_ANY);
-    let s = login(d.addr, INITIATORS[0]).await;
+    let d = Daemon::builder(IRONLUN)
+        .config(&config(IMAGE))
+        .start_in(dir);
+    let s = Login::new(INITIATORS[0])
+        .target(TARGET)
+        .ready(&[LUN], 3)
+        .connect(d.addr)
+        .await;
     let cap = s.read_capacity16(LUN).await.expect("READ CAPACITY (16)");
     assert_eq!(cap.bytes(), Some(DISK));
     let regions: Vec<Region> = log.lock().unwrap().regions.clone();
