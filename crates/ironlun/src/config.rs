@@ -119,6 +119,7 @@ struct RawLimits {
 struct RawRuntime {
     worker_threads: Option<Spanned<usize>>,
     blocking_threads: Option<Spanned<usize>>,
+    busy_poll_us: Option<Spanned<u64>>,
 }
 
 /// `[timeouts]`, in whole seconds.
@@ -369,8 +370,9 @@ pub const MAX_BUFFERED_MAX: u64 = 1 << 40;
 /// Largest `max_sessions` (a session needs a TSIH, a 16-bit non-zero number: RFC 7143 §11.12.6).
 pub const MAX_SESSIONS_BOUND: usize = 65535;
 
-/// The `[runtime]` table: threads of the async runtimes and of their blocking pools.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `[runtime]` table: threads of the async runtimes and of their blocking pools, and the
+/// connections' busy polling.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runtime {
     /// Async worker threads of the main runtime, and as many I/O threads (connection shards,
     /// see [`crate::server`]); `None`: one per core.
@@ -380,7 +382,26 @@ pub struct Runtime {
     /// ([`crate::server::blocking_split`]); `None`: 16 per runtime, at least
     /// [`DEFAULT_BLOCKING_THREADS`] ([`crate::server::default_blocking_threads`]).
     pub blocking_threads: Option<usize>,
+    /// `busy_poll_us`: how long a connection polls its socket for the next command after a
+    /// response with nothing else in flight, before sleeping in the reactor (0: never). Costs
+    /// at most that much CPU per response, and little once an initiator is idle
+    /// (`crate::server`'s `BusyPoll`).
+    pub busy_poll: std::time::Duration,
 }
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            worker_threads: None,
+            blocking_threads: None,
+            busy_poll: DEFAULT_BUSY_POLL,
+        }
+    }
+}
+
+/// Default `[runtime] busy_poll_us`: about one loopback round trip of an initiator's next
+/// command after a response.
+pub const DEFAULT_BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Least default `[runtime] blocking_threads` (the total across all runtimes).
 pub const DEFAULT_BLOCKING_THREADS: usize = 64;
@@ -683,6 +704,12 @@ impl Config {
                     return cx.err(b.span(), "runtime.blocking_threads", "must be 1..=1024");
                 }
                 runtime.blocking_threads = Some(*b.get_ref());
+            }
+            if let Some(b) = &r.busy_poll_us {
+                if *b.get_ref() > 1000 {
+                    return cx.err(b.span(), "runtime.busy_poll_us", "must be 0..=1000");
+                }
+                runtime.busy_poll = std::time::Duration::from_micros(*b.get_ref());
             }
         }
 
@@ -1735,20 +1762,27 @@ size = "64MiB"
     fn runtime_table_is_validated() {
         let base = "[[target]]\nname = \"iqn.2026-11.x:a\"\n";
         let c = parse(&format!(
-            "[runtime]\nworker_threads = 2\nblocking_threads = 8\n{base}"
+            "[runtime]\nworker_threads = 2\nblocking_threads = 8\nbusy_poll_us = 0\n{base}"
         ))
         .unwrap();
         assert_eq!(
             c.runtime,
             Runtime {
                 worker_threads: Some(2),
-                blocking_threads: Some(8)
+                blocking_threads: Some(8),
+                busy_poll: std::time::Duration::ZERO,
             }
         );
+        assert_eq!(parse(base).unwrap().runtime.busy_poll, DEFAULT_BUSY_POLL);
         let e = parse(&format!("[runtime]\nworker_threads = 0\n{base}")).unwrap_err();
         assert_eq!(
             (e.line, e.key.as_str()),
             (Some(2), "runtime.worker_threads")
+        );
+        let e = parse(&format!("[runtime]\nbusy_poll_us = 5000\n{base}")).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(2), "runtime.busy_poll_us")
         );
     }
 

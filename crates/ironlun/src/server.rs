@@ -30,6 +30,7 @@
 //! Every thread pool is bounded by configuration ([`ThreadPlan`]): the main runtime's workers and
 //! blocking pool, and per shard one I/O thread and its blocking pool.
 
+use std::os::fd::AsRawFd;
 use crate::budget::{Account, Charge, MemoryBudget};
 use crate::config::{BackstoreKind, Config};
 use crate::logging::ConnectionEnd;
@@ -103,6 +104,8 @@ pub struct ThreadPlan {
     pub blocking_per_io_thread: usize,
     /// One driver thread per configured `uring` LUN (LUNs added later add theirs).
     pub uring_threads: usize,
+    /// `[runtime] busy_poll_us` (not a thread, but how the shards' connections wait).
+    pub busy_poll: Duration,
 }
 
 impl ThreadPlan {
@@ -124,6 +127,7 @@ impl ThreadPlan {
             blocking_main,
             blocking_per_io_thread,
             uring_threads,
+            busy_poll: cfg.runtime.busy_poll,
         }
     }
 
@@ -566,6 +570,7 @@ impl Server {
                     let live = self.live.clone();
                     let sd = shutdown.clone();
                     let account = self.budget.account();
+                    let busy = self.threads.busy_poll;
                     // initiator, target and tsih are recorded at login (`crate::logging`).
                     let span = tracing::info_span!(
                         "conn",
@@ -576,7 +581,7 @@ impl Server {
                     );
                     let serve = move |s: TcpStream| async move {
                         let _open = open;
-                        if let Err(e) = serve_connection(s, pc, reg, live, account, sd).await {
+                        if let Err(e) = serve_connection(s, pc, reg, live, account, busy, sd).await {
                             tracing::debug!(error = %e, "connection ended with error");
                         }
                     };
@@ -700,6 +705,7 @@ impl Shard {
         std::thread::Builder::new()
             .name(format!("ironlun-io-{index}"))
             .spawn(move || {
+                IO_THREAD.with(|t| t.set(true));
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .max_blocking_threads(blocking.max(1))
@@ -1213,12 +1219,112 @@ impl Commands {
     }
 }
 
+thread_local! {
+    /// This thread is an I/O thread ([`Shard`]): its tasks never move to another thread.
+    static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Connections served by this I/O thread.
+    static SHARD_CONNECTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a connection on its I/O thread while it lives there: a busy poll holds the thread,
+/// so a connection polls only while it is alone on it ([`OnShard::alone`]); with company,
+/// the others' commands would wait behind the poll.
+struct OnShard;
+
+impl OnShard {
+    fn enter() -> OnShard {
+        SHARD_CONNECTIONS.with(|c| c.set(c.get().saturating_add(1)));
+        OnShard
+    }
+
+    /// On an I/O thread with no other connection (never on the main runtime, whose tasks
+    /// move between workers).
+    fn alone(&self) -> bool {
+        IO_THREAD.with(std::cell::Cell::get) && SHARD_CONNECTIONS.with(|c| c.get() <= 1)
+    }
+}
+
+impl Drop for OnShard {
+    fn drop(&mut self) {
+        SHARD_CONNECTIONS.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+/// When a connection busy-polls its socket after a response: always while polls catch the
+/// next command, then, after [`BusyPoll::GIVE_UP`] misses in a row (an idle or slow
+/// initiator), only every [`BusyPoll::PROBE_EVERY`]-th time, so an idle session costs no CPU
+/// and a slow one at most one window per that many responses.
+#[derive(Default)]
+struct BusyPoll {
+    misses: u32,
+    skipped: u32,
+}
+
+impl BusyPoll {
+    const GIVE_UP: u32 = 8;
+    const PROBE_EVERY: u32 = 64;
+
+    fn wanted(&mut self) -> bool {
+        if self.misses < Self::GIVE_UP {
+            return true;
+        }
+        self.skipped = self.skipped.wrapping_add(1);
+        self.skipped % Self::PROBE_EVERY == 0
+    }
+
+    fn caught(&mut self, hit: bool) {
+        self.misses = if hit { 0 } else { self.misses.saturating_add(1) };
+    }
+}
+
+/// Poll the socket `fd` without blocking for up to `window`: `Some(n)` bytes appended to `buf`
+/// (0: end of stream), `None` when nothing came. Reads the descriptor directly, beside tokio:
+/// its readiness flag may stay set, which costs the next `read_buf` one `WouldBlock`.
+#[allow(unsafe_code)]
+fn poll_socket(
+    fd: std::os::fd::RawFd,
+    buf: &mut BytesMut,
+    window: Duration,
+) -> std::io::Result<Option<usize>> {
+    use bytes::BufMut;
+    let until = Instant::now() + window;
+    loop {
+        let spare = buf.chunk_mut();
+        let len = spare.len();
+        // SAFETY: `spare` is `len` writable bytes of `buf`'s allocation (possibly
+        // uninitialised); recv(2) writes at most `len` bytes there and returns how many.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                spare.as_mut_ptr().cast::<libc::c_void>(),
+                len,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.advance_mut(n) };
+            return Ok(Some(n));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
+        }
+        if Instant::now() >= until {
+            return Ok(None);
+        }
+        std::hint::spin_loop();
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     portal: Arc<PortalConfig>,
     registry: Arc<Registry>,
     live: Arc<SessionTable>,
     account: Account,
+    busy_window: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
@@ -1261,6 +1367,9 @@ async fn serve_connection(
 
     // Task management responses ready to go out (their aborted tasks have ended).
     let mut ready_tmfs: Vec<(u32, TmfFunction, TmfResponse)> = Vec::new();
+    let mut busy_poll = BusyPoll::default();
+    let fd = rd.as_ref().as_raw_fd();
+    let on_shard = OnShard::enter();
     loop {
         while let Some(ev) = conn.poll_event() {
             match ev {
@@ -1353,7 +1462,8 @@ async fn serve_connection(
         // Coalesce everything ready into one vectored write; the charges of the responses in
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
-        if !out.is_empty() {
+        let responded = !out.is_empty();
+        if responded {
             if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {
                 end = ConnectionEnd::WriteError(e);
                 break;
@@ -1379,6 +1489,36 @@ async fn serve_connection(
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
+        }
+        // A response went out and nothing else is in flight: the initiator's next command
+        // (QD1) usually follows within microseconds; catching it here spares a sleep and a
+        // wake-up in the reactor on each side.
+        if responded
+            && !paused
+            && !draining
+            && cmds.inflight == 0
+            && cmds.waiting.is_empty()
+            && !busy_window.is_zero()
+            && on_shard.alone()
+            && busy_poll.wanted()
+        {
+            match poll_socket(fd, &mut buf, busy_window) {
+                Ok(Some(0)) => {
+                    end = ConnectionEnd::Eof;
+                    break;
+                }
+                Ok(Some(_)) => {
+                    busy_poll.caught(true);
+                    cmds.pace(&mut conn);
+                    conn.receive(&mut buf, Instant::now());
+                    continue;
+                }
+                Ok(None) => busy_poll.caught(false),
+                Err(e) => {
+                    end = ConnectionEnd::ReadError(e);
+                    break;
+                }
+            }
         }
         tokio::select! {
             r = rd.read_buf(&mut buf), if !paused && (!draining || logout_deadline.is_some()) => {
