@@ -1780,10 +1780,7 @@ size = "64MiB"
             (Some(2), "runtime.worker_threads")
         );
         let e = parse(&format!("[runtime]\nbusy_poll_us = 5000\n{base}")).unwrap_err();
-        assert_eq!(
-            (e.line, e.key.as_str()),
-            (Some(2), "runtime.busy_poll_us")
-        );
+        assert_eq!((e.line, e.key.as_str()), (Some(2), "runtime.busy_poll_us"));
     }
 
     #[test]

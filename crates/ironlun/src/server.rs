@@ -30,7 +30,6 @@
 //! Every thread pool is bounded by configuration ([`ThreadPlan`]): the main runtime's workers and
 //! blocking pool, and per shard one I/O thread and its blocking pool.
 
-use std::os::fd::AsRawFd;
 use crate::budget::{Account, Charge, MemoryBudget};
 use crate::config::{BackstoreKind, Config};
 use crate::logging::ConnectionEnd;
@@ -45,6 +44,7 @@ use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -1269,11 +1269,15 @@ impl BusyPoll {
             return true;
         }
         self.skipped = self.skipped.wrapping_add(1);
-        self.skipped % Self::PROBE_EVERY == 0
+        self.skipped.is_multiple_of(Self::PROBE_EVERY)
     }
 
     fn caught(&mut self, hit: bool) {
-        self.misses = if hit { 0 } else { self.misses.saturating_add(1) };
+        self.misses = if hit {
+            0
+        } else {
+            self.misses.saturating_add(1)
+        };
     }
 }
 

@@ -763,13 +763,19 @@ mod tests {
         d.lu.mode.current.tas = false;
         let c = d.caw_read(A, 0, 0, 1);
         let w = waits(d.start(B, &rw_cdb(WRITE16, 0, 1), &[9; 512]));
-        let ticket = d.lu.reset(A, crate::lu::ResetKind::LogicalUnit).expect("ticket");
+        let ticket =
+            d.lu.reset(A, crate::lu::ResetKind::LogicalUnit)
+                .expect("ticket");
         assert_eq!(done(d.lu.proceed(B, w)).status, status::NO_STATUS);
         let r = d.perform(IoOp::Read {
             offset: 0,
             len: 512,
         });
-        assert_eq!(done(d.lu.resume(A, c, r)).status, status::TASK_ABORTED, "A issued it");
+        assert_eq!(
+            done(d.lu.resume(A, c, r)).status,
+            status::TASK_ABORTED,
+            "A issued it"
+        );
         assert!(d.lu.abort_drained(ticket));
         assert!(d.lu.tasks.is_empty());
     }

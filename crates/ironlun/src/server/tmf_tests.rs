@@ -152,6 +152,7 @@ impl Harness {
         let live: Arc<SessionTable> = Arc::default();
         let budget = MemoryBudget::new(cfg.limits.max_buffered);
         let (shutdown, sd) = watch::channel(false);
+        let cfg_busy_poll = cfg.runtime.busy_poll;
         let accept = tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
                 let conn = serve_connection(
@@ -160,6 +161,7 @@ impl Harness {
                     registry.clone(),
                     live.clone(),
                     budget.account(),
+                    cfg_busy_poll,
                     sd.clone(),
                 );
                 tokio::spawn(async move {
