@@ -893,20 +893,6 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Decode the 8-byte LUN field (SAM-5 §4.7): peripheral (00b) and flat (01b) single-level
-/// addressing. Anything else maps to `None` (no such LUN).
-pub fn decode_lun(raw: u64) -> Option<u64> {
-    let top = (raw >> 48) as u16;
-    if raw & 0x0000_ffff_ffff_ffff != 0 {
-        return None;
-    }
-    match top >> 14 {
-        0 if top >> 8 == 0 => Some(u64::from(top & 0xff)),
-        1 => Some(u64::from(top & 0x3fff)),
-        _ => None,
-    }
-}
-
 /// A session's view of its target (one I_T nexus).
 pub struct Nexus {
     pub id: NexusId,
@@ -1084,11 +1070,10 @@ impl Nexus {
         data_out: Bytes,
         arrived: Option<Instant>,
     ) -> Started {
-        const REPORT_LUNS: u8 = 0xa0;
         let view = self.view();
         use crate::metrics::Probe;
         let session = &self.metrics;
-        if cdb.first() == Some(&REPORT_LUNS) {
+        if cdb.first() == Some(&ironlun_scsi::cdb::op::REPORT_LUNS) {
             // It clears REPORTED LUNS DATA HAS CHANGED on every LU of the nexus (SPC-4 §6.33).
             for l in view.values() {
                 l.lu().report_luns_seen(self.id);
@@ -1099,7 +1084,7 @@ impl Nexus {
             probe.end(None, session, &c);
             return Started::Done(c, None);
         }
-        let Some(handle) = decode_lun(lun_raw).and_then(|l| view.get(&l)) else {
+        let Some(handle) = ironlun_scsi::lun::decode(lun_raw).and_then(|l| view.get(&l)) else {
             let probe = Probe::begin(None, session, &cdb, data_out.len());
             let c = to_wire(lu::no_such_lun(&cdb));
             probe.end(None, session, &c);
@@ -1159,7 +1144,7 @@ impl Nexus {
         arrived: Option<Instant>,
     ) -> TmfOutcome {
         let view = self.view();
-        let lun = decode_lun(lun_raw).and_then(|l| view.get(&l));
+        let lun = ironlun_scsi::lun::decode(lun_raw).and_then(|l| view.get(&l));
         let mut out = TmfOutcome::now(TmfResponse::FunctionComplete);
         match function {
             TmfFunction::AbortTaskSet
@@ -2592,16 +2577,5 @@ mod tests {
         assert!(all.iter().all(|e| e.time_unix_ms > 0 && e.lun == "t/0"));
         assert_eq!(log.since(4).len(), 1);
         assert!(log.since(5).is_empty());
-    }
-
-    #[test]
-    fn decodes_peripheral_and_flat_luns() {
-        assert_eq!(decode_lun(0), Some(0));
-        assert_eq!(decode_lun(0x0005_0000_0000_0000), Some(5));
-        assert_eq!(decode_lun(0x4105_0000_0000_0000), Some(0x105));
-        // Bus id ≠ 0, extended/logical-unit addressing, and second-level LUNs: not ours.
-        assert_eq!(decode_lun(0x0105_0000_0000_0000), None);
-        assert_eq!(decode_lun(0x8005_0000_0000_0000), None);
-        assert_eq!(decode_lun(0x0005_0001_0000_0000), None);
     }
 }

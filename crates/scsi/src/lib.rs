@@ -10,6 +10,7 @@
 pub mod alua;
 pub mod cdb;
 pub mod lu;
+pub mod lun;
 pub mod mode;
 pub mod pr;
 pub mod sanitize;

@@ -2274,8 +2274,9 @@ pub enum ResetKind {
 
 /// REPORT LUNS (SPC-4 §6.33), answered at the target level for the LUNs the nexus may see.
 /// SELECT REPORT 00h/02h list every LUN, 01h only well-known LUNs (none); others and an
-/// allocation length below 16 are INVALID FIELD IN CDB. LUNs below 256 use peripheral
-/// addressing, below 16384 flat addressing (SAM-5 §4.7); larger ones are not reported.
+/// allocation length below 16 are INVALID FIELD IN CDB. LUNs are encoded by
+/// [`crate::lun::encode`] (peripheral below 256, flat below 16384); larger ones are not
+/// reported.
 pub fn report_luns(cdb: &[u8], luns: &[u64]) -> Completion {
     match report_luns_data(cdb, luns) {
         Ok(data) => Completion::good(data),
@@ -2293,7 +2294,11 @@ fn report_luns_data(raw: &[u8], luns: &[u64]) -> Result<Bytes, SenseReason> {
     }
     let listed: Vec<u64> = match select {
         0x00 | 0x02 => {
-            let mut v: Vec<u64> = luns.iter().copied().filter(|l| *l < 16384).collect();
+            let mut v: Vec<u64> = luns
+                .iter()
+                .copied()
+                .filter_map(crate::lun::encode)
+                .collect();
             v.sort_unstable();
             v.dedup();
             v
@@ -2305,10 +2310,8 @@ fn report_luns_data(raw: &[u8], luns: &[u64]) -> Result<Bytes, SenseReason> {
     let n = u32::try_from(listed.len().saturating_mul(8)).unwrap_or(u32::MAX);
     out.extend_from_slice(&n.to_be_bytes());
     out.extend_from_slice(&[0; 4]);
-    for lun in listed {
-        let [.., hi, lo] = lun.to_be_bytes();
-        let first = if lun < 256 { 0x00 } else { 0x40 | (hi & 0x3F) };
-        out.extend_from_slice(&[first, lo, 0, 0, 0, 0, 0, 0]);
+    for field in listed {
+        out.extend_from_slice(&field.to_be_bytes());
     }
     Ok(cut(out, alloc_len))
 }
