@@ -11,15 +11,15 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::{Daemon, PROMPT};
-use ironlun_initiator::{CommandResult, LoginOptions, Session, TmfFunction, TmfResponse};
+use ironlun_initiator::{CommandResult, Session, TmfFunction, TmfResponse};
+use ironlun_testkit::{Daemon, Login, PROMPT};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:caw";
 const LUN0: u64 = 0;
@@ -48,15 +48,11 @@ fn config() -> String {
 
 /// Log in as `name` through `addr`, past the power-on unit attention.
 async fn login(addr: SocketAddr, name: &str) -> Session {
-    let s = Session::connect(addr, LoginOptions::new(name, Some(TARGET.to_owned())))
+    Login::new(name)
+        .target(TARGET)
+        .ready(&[LUN0], 8)
+        .connect(addr)
         .await
-        .expect("login");
-    for _ in 0..8 {
-        if s.test_unit_ready(LUN0).await.expect("TUR").status == GOOD {
-            return s;
-        }
-    }
-    panic!("TEST UNIT READY never GOOD");
 }
 
 /// The block holding value `v`: the 8-byte word `v` repeated, so that a block made of parts
@@ -91,8 +87,7 @@ async fn caw(s: &Session, expected: u64, new: u64) -> CommandResult {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn two_portals_race_compare_and_write_one_winner_per_round_no_torn_reads() {
-    let dir = tempfile::tempdir().expect("dir");
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), &[]);
+    let d = Daemon::builder(IRONLUN).portals().config(&config()).start();
     assert_eq!(d.addrs.len(), 2, "two portals: {:?}", d.addrs);
     let a = login(d.addrs[0], "iqn.2026-11.io.ironlun:caw-a").await;
     let b = login(d.addrs[1], "iqn.2026-11.io.ironlun:caw-b").await;
@@ -170,8 +165,7 @@ async fn two_portals_race_compare_and_write_one_winner_per_round_no_torn_reads()
 /// session's COMPARE AND WRITE, WRITE and READ complete promptly afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lun_reset_and_a_dropped_session_leave_no_range_locked() {
-    let dir = tempfile::tempdir().expect("dir");
-    let d = Daemon::spawn_ok(dir.path(), Some(&config()), &[]);
+    let d = Daemon::builder(IRONLUN).portals().config(&config()).start();
     let a = login(d.addrs[0], "iqn.2026-11.io.ironlun:caw-a").await;
     let b = login(d.addrs[1], "iqn.2026-11.io.ironlun:caw-b").await;
     b.write16(LUN0, LBA, BS, Bytes::from(block(1)), false)

@@ -13,12 +13,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{pattern, session, Daemon, TARGET};
 use ironlun_initiator::scsi::write16_cdb;
 use ironlun_initiator::{Session, TmfFunction, TmfResponse};
+use ironlun_testkit::{pattern, session, Daemon, TARGET};
 use std::sync::Arc;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const HOST_A: &str = "iqn.2026-11.io.test:tmf-a";
 const HOST_B: &str = "iqn.2026-11.io.test:tmf-b";
@@ -59,7 +59,7 @@ async fn no_aborted_write_of_another_session_lands_after_function_complete() {
     .into_iter()
     .enumerate()
     {
-        let d = Daemon::start_with_config(&config());
+        let d = Daemon::builder(IRONLUN).config(&config()).start();
         let a = session(d.addr, HOST_A).await;
         let b = Arc::new(session(d.addr, HOST_B).await);
         let data: Vec<_> = (0..WRITES)
