@@ -5,26 +5,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{admin_connect, Daemon, TARGET};
 use ironlun_cli::ctl::{Client, Reply};
+use ironlun_testkit::{admin_connect, AdminStream, Binary, Daemon, TARGET};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
+
 const TOKEN: &str = "s3cret-token-0123456789abcdef";
 
+/// `ironlun ctl --admin ADMIN ARGS`, whatever the exit status.
 fn ctl(admin: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .args(["ctl", "--admin", admin])
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl(&[&["--admin", admin], args].concat())
 }
 
 fn text(b: &[u8]) -> String {
@@ -60,7 +55,7 @@ async fn lun_paths_from_the_api_stay_in_data_dir_or_allowed_paths() {
         "[admin]\nallowed_paths = [{:?}]\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n",
         allowed.path()
     );
-    let d = Daemon::start_with_config(&config);
+    let d = Daemon::builder(IRONLUN).config(&config).start();
     let data = d.admin_socket().parent().unwrap().to_path_buf();
     std::os::unix::fs::symlink(outside.path().join("secret.img"), data.join("link.img")).unwrap();
     let admin = d.admin_url().to_owned();
@@ -137,7 +132,7 @@ async fn lun_paths_from_the_api_stay_in_data_dir_or_allowed_paths() {
 
 #[test]
 fn the_default_socket_is_owner_only() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let sock = d.admin_socket();
     let m = std::fs::symlink_metadata(&sock).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o600, "{sock:?}");
@@ -177,7 +172,7 @@ fn eacces() -> i32 {
 }
 
 /// Open `n` admin connections that each send half a request head and then hold it.
-fn slow_clients(admin: &str, n: usize) -> Vec<common::AdminStream> {
+fn slow_clients(admin: &str, n: usize) -> Vec<AdminStream> {
     (0..n)
         .map(|_| {
             let mut s = admin_connect(admin);
@@ -219,7 +214,7 @@ fn answers_under_slowloris(d: &Daemon, token: Option<&Path>) {
 
 #[test]
 fn slow_clients_on_the_socket_do_not_starve_ctl() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     answers_under_slowloris(&d, None);
 }
 
@@ -233,7 +228,9 @@ fn slow_clients_on_tcp_do_not_starve_ctl() {
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n",
         token
     );
-    let d = Daemon::spawn_ok(dir.path(), Some(&config), common::LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config)
+        .start_in(dir.path());
     assert!(d.admin.starts_with("http://127.0.0.1:"), "{}", d.admin);
     // Without the token: 401.
     let r = Client::new(&d.admin, None)

@@ -16,8 +16,9 @@ use ironlun_iscsi::pdu::{DataOut, Header, ScsiCommand, TaskAttr, RESERVED_TAG};
 use ironlun_iscsi::Pdu;
 use std::time::Duration;
 
-mod common;
-use common::{Daemon, PROMPT, TARGET};
+use ironlun_testkit::{opts, Daemon, PROMPT, TARGET};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 /// Pings after 1 s idle, 2 s to answer, 2 s to log in, discovery idle 2 s.
 const SHORT: &str = r#"
@@ -40,10 +41,6 @@ fn no_pings() -> String {
     SHORT
         .replace("nop_interval = 1", "nop_interval = 0")
         .replace("login_timeout = 2", "login_timeout = 15")
-}
-
-fn opts(initiator: &str) -> LoginOptions {
-    LoginOptions::new(initiator, Some(TARGET.to_owned()))
 }
 
 fn scsi(itt: u32, cmd_sn: u32, n: &Negotiated, cdb: [u8; 16], read: u32, write: u32) -> Pdu {
@@ -77,7 +74,7 @@ fn rw16(op: u8, blocks: u32) -> [u8; 16] {
 
 #[tokio::test]
 async fn a_new_login_with_the_same_isid_reinstates_the_session() {
-    let mut d = Daemon::start_with_config(&no_pings());
+    let mut d = Daemon::builder(IRONLUN).config(&no_pings()).start();
     let name = "iqn.2026-11.io.test:reinstate";
     let (mut first, _) = RawConnection::login(d.addr, &opts(name))
         .await
@@ -111,7 +108,7 @@ async fn a_new_login_with_the_same_isid_reinstates_the_session() {
 
 #[tokio::test]
 async fn target_pings_and_our_initiator_keeps_the_session() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:pinged"))
         .await
         .expect("login");
@@ -125,7 +122,7 @@ async fn target_pings_and_our_initiator_keeps_the_session() {
 
 #[tokio::test]
 async fn a_silent_client_gets_pinged_then_closed() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:silent"))
         .await
         .expect("login");
@@ -148,7 +145,7 @@ async fn a_silent_client_gets_pinged_then_closed() {
 
 #[tokio::test]
 async fn half_a_login_is_closed_by_the_login_timeout() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     let mut raw = RawConnection::connect(d.addr).await.unwrap();
     raw.send_bytes(&[0x43, 0x87, 0, 0, 0, 0, 0, 0x40])
         .await
@@ -164,7 +161,7 @@ async fn half_a_login_is_closed_by_the_login_timeout() {
 
 #[tokio::test]
 async fn a_one_byte_per_second_client_times_out() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     let login = ironlun_iscsi::bhs::encode_pdu_plain(&ironlun_initiator::login::login_request_pdu(
         ironlun_iscsi::pdu::LoginRequest {
             transit: true,
@@ -201,7 +198,7 @@ async fn a_one_byte_per_second_client_times_out() {
 
 #[tokio::test]
 async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     // Warm up (runtime threads, first session) before taking the baseline.
     let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:warm"))
         .await
@@ -283,7 +280,7 @@ async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
 
 #[tokio::test]
 async fn sigterm_asks_logged_in_initiators_to_log_out() {
-    let mut d = Daemon::start_with_config(SHORT);
+    let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
     let (mut raw, _) = RawConnection::login(d.addr, &opts("iqn.2026-11.io.test:shutdown"))
         .await
         .expect("login");
@@ -316,7 +313,7 @@ async fn sigterm_asks_logged_in_initiators_to_log_out() {
 
 #[tokio::test]
 async fn a_data_out_with_a_bad_data_digest_is_rejected_and_the_connection_dropped() {
-    let mut d = Daemon::start_with_config(&no_pings());
+    let mut d = Daemon::builder(IRONLUN).config(&no_pings()).start();
     let o = LoginOptions {
         header_digest: true,
         data_digest: true,
