@@ -19,7 +19,7 @@ const TOKEN: &str = "s3cret-token-0123456789abcdef";
 
 /// `ironlun ctl --admin ADMIN ARGS`, whatever the exit status.
 fn ctl(admin: &str, args: &[&str]) -> Output {
-    Binary::new(IRONLUN).ctl(&[&["--admin", admin], args].concat())
+    Binary::new(IRONLUN).ctl_at(admin, args)
 }
 
 fn text(b: &[u8]) -> String {

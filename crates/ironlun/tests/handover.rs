@@ -7,17 +7,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-mod common;
-
 use bytes::Bytes;
-use common::{session, Daemon, BLOCK_SIZE, LISTEN_ANY, PROMPT, TARGET};
 use ironlun_cli::ctl::Client;
 use ironlun_initiator::Session;
+use ironlun_testkit::{session, tagged, Binary, Daemon, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const HOST_A: &str = "iqn.2026-01.test:host-a";
 const HOST_B: &str = "iqn.2026-01.test:host-b";
@@ -88,17 +88,6 @@ async fn commit(base: &str, from: &str, to: &str, epoch: u64, extra: Value) -> (
     post(base, "handover/commit", body).await
 }
 
-/// A 4 KiB block tagged with (writer, sequence number): 8 bytes writer tag, 8 bytes sequence
-/// number, repeated.
-fn tagged(writer: u64, seq: u64) -> Bytes {
-    let mut v = Vec::with_capacity(4096);
-    while v.len() < 4096 {
-        v.extend_from_slice(&writer.to_be_bytes());
-        v.extend_from_slice(&seq.to_be_bytes());
-    }
-    Bytes::from(v)
-}
-
 const WRITER_A: u64 = 0xA0A0_A0A0_0000_000A;
 const WRITER_B: u64 = 0xB0B0_B0B0_0000_000B;
 /// 4 KiB = 8 blocks per tagged write; write `i` goes to LBA `i * 8` (each block once).
@@ -122,7 +111,7 @@ struct Record {
 /// Issue 6 acceptance 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handover_under_qd16_load_loses_nothing_and_fences_the_source() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let a = Arc::new(session(d.addr, HOST_A).await);
     let b = session(d.addr, HOST_B).await;
@@ -304,7 +293,7 @@ async fn handover_under_qd16_load_loses_nothing_and_fences_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_without_the_destination_logged_in_changes_nothing() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let a = session(d.addr, HOST_A).await;
     own(&base, HOST_A, 1).await;
@@ -355,7 +344,7 @@ const WS_BLOCKS: u32 = 0x10_0000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_source_io_is_refused_or_aborted_per_flag() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let a = Arc::new(session(d.addr, HOST_A).await);
     let _b = session(d.addr, HOST_B).await;
@@ -432,7 +421,7 @@ async fn stuck_source_io_is_refused_or_aborted_per_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_new_owner_survives_kill_9_right_after_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::spawn_ok(dir.path(), None, LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN).start_in(dir.path());
     let base = d.admin_url().to_owned();
     let a = session(d.addr, HOST_A).await;
     let b = session(d.addr, HOST_B).await;
@@ -443,7 +432,7 @@ async fn the_new_owner_survives_kill_9_right_after_commit() {
     drop((a, b));
     d.kill9();
 
-    let d = Daemon::spawn_ok(dir.path(), None, LISTEN_ANY);
+    let d = Daemon::builder(IRONLUN).start_in(dir.path());
     let base = d.admin_url().to_owned();
     let o = ownership(&base).await;
     assert_eq!(
@@ -472,7 +461,7 @@ async fn the_new_owner_survives_kill_9_right_after_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epochs_retry_stale_committed_and_aborted() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let _a = session(d.addr, HOST_A).await;
     let _b = session(d.addr, HOST_B).await;
@@ -531,7 +520,10 @@ async fn ownership_endpoints_require_the_token() {
     let config = format!(
         "[admin]\ntoken_file = \"admin.token\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = \"1MiB\"\n"
     );
-    let d = Daemon::start_with_config_files(&config, &[("admin.token", &format!("{TOKEN}\n"))]);
+    let d = Daemon::builder(IRONLUN)
+        .config(&config)
+        .file("admin.token", &format!("{TOKEN}\n"))
+        .start();
     let base = d.admin_url().to_owned();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
@@ -593,13 +585,7 @@ async fn ownership_with(base: &str, token: &std::path::Path) -> Value {
 }
 
 fn ctl(base: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .args(["ctl", "--admin", base])
-        .args(args)
-        .env_remove("IRONLUN_ADMIN")
-        .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
-        .output()
-        .expect("run ironlun ctl")
+    Binary::new(IRONLUN).ctl_at(base, args)
 }
 
 fn stdout_of(o: &std::process::Output) -> String {
@@ -614,7 +600,7 @@ fn stdout_of(o: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_own_ownership_handover_and_events() {
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let _a = session(d.addr, HOST_A).await;
     let _b = session(d.addr, HOST_B).await;
@@ -643,10 +629,7 @@ async fn ctl_own_ownership_handover_and_events() {
         "{out}"
     );
     // `ctl --json` before the subcommand: the API's JSON, as with the subcommand's own flag.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ironlun"))
-        .args(["ctl", "--admin", &base, "--json", "ownership", &lu])
-        .output()
-        .unwrap();
+    let o = ctl(&base, &["--json", "ownership", &lu]);
     let v: Value = serde_json::from_str(&stdout_of(&o)).unwrap();
     assert_eq!(v["owner"], HOST_A);
     let step = |s: &str| {
@@ -716,7 +699,7 @@ async fn ctl_own_ownership_handover_and_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pr_out_events_name_the_action_and_the_initiator() {
     use ironlun_initiator::pr::{OutAction, OutParams};
-    let d = Daemon::start();
+    let d = Daemon::builder(IRONLUN).start();
     let base = d.admin_url().to_owned();
     let a = session(d.addr, HOST_A).await;
     let b = session(d.addr, HOST_B).await;

@@ -24,7 +24,7 @@ fn config() -> String {
 }
 
 fn ctl(admin: &str, args: &[&str]) -> Output {
-    Binary::new(IRONLUN).ctl(&[["--admin", admin].as_slice(), args].concat())
+    Binary::new(IRONLUN).ctl_at(admin, args)
 }
 
 async fn ctl_async(admin: &str, args: &[&str]) -> Output {

@@ -67,6 +67,12 @@ impl Binary {
             .output()
             .expect("run ironlun ctl")
     }
+
+    /// `ironlun ctl --admin ADMIN ARGS` ([`Binary::ctl`] against the admin API at `admin`, as
+    /// [`Daemon::admin`] prints it); its output, whatever the exit status.
+    pub fn ctl_at(&self, admin: &str, args: &[&str]) -> Output {
+        self.ctl(&[["--admin", admin].as_slice(), args].concat())
+    }
 }
 
 impl From<&str> for Binary {
@@ -276,10 +282,7 @@ impl Daemon {
     /// `ironlun ctl --admin ADMIN ARGS` with this daemon's binary (no admin address or token
     /// taken from the environment); panics unless it succeeds. Its stdout and stderr.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let o = self
-            .spec
-            .bin
-            .ctl(&[["--admin", self.admin.as_str()].as_slice(), args].concat());
+        let o = self.spec.bin.ctl_at(&self.admin, args);
         let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
         out.push_str(&String::from_utf8_lossy(&o.stderr));
         assert!(o.status.success(), "ironlun ctl {args:?}:\n{out}");

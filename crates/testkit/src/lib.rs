@@ -7,12 +7,12 @@
 //! - [`Login`]: log in with `ironlun_initiator` and clear the power-on unit attention.
 //! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
-//! - [`Binary::ctl`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
+//! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Helpers panic on failure (the panic message is the test's failure report), except those
 //! that return the outcome for the test to check: [`Login::try_connect`],
-//! [`DaemonBuilder::spawn_in`], [`Binary::ctl`].
+//! [`DaemonBuilder::spawn_in`], [`Binary::ctl`], [`Binary::ctl_at`].
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
