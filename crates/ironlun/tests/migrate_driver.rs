@@ -2,14 +2,17 @@
 //! contract (ownership, prepare, commit, abort, epochs) with injectable faults.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use ironlun_testkit::{pattern, session, Daemon, Scratch, BLOCK_SIZE, PROMPT};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+const IRONLUN: &str = env!("CARGO_BIN_EXE_ironlun");
 
 const LUN: &str = "iqn.2026-11.io.ironlun:lab/0";
 const A: &str = "iqn.2026-11.io.host:a";
@@ -228,46 +231,8 @@ fn serve_one(mut s: TcpStream, t: &Mutex<Target>) {
     }
 }
 
-/// A scratch directory with a hook log.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A hook that logs `STEP EPOCH LUN FROM TO` and then runs `then`.
-    fn hook(&self, then: &str) -> String {
-        format!(
-            "echo \"$IRONLUN_STEP $IRONLUN_EPOCH $IRONLUN_LUN $IRONLUN_FROM $IRONLUN_TO\" >> '{}'; {then}",
-            self.path("hooks.log").display()
-        )
-    }
-
-    /// The steps of the hooks that ran, in order.
-    fn ran(&self) -> Vec<String> {
-        std::fs::read_to_string(self.path("hooks.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
-            .collect()
-    }
-
-    fn journal(&self) -> PathBuf {
-        self.path("m.journal")
-    }
-}
-
 fn migrate(fake: &Fake, dir: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ironlun"));
+    let mut c = Command::new(IRONLUN);
     c.current_dir(dir)
         .env_remove("IRONLUN_ADMIN")
         .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
@@ -307,7 +272,7 @@ fn run(fake: &Fake, s: &Scratch, extra: &[&str], hooks: &[String]) -> Output {
     ];
     args.extend_from_slice(extra);
     args.extend(hooks.iter().map(String::as_str));
-    migrate(fake, s.dir.path(), &args)
+    migrate(fake, s.dir(), &args)
 }
 
 #[test]
@@ -507,20 +472,11 @@ fn failing_resume_hands_the_lun_back_at_the_next_epoch() {
     );
 }
 
-/// A hook that kills the driver (`sh`'s parent) the first time it runs.
-fn kill_once(s: &Scratch) -> String {
-    let marker = s.path("killed");
-    format!(
-        "if [ ! -e '{m}' ]; then touch '{m}'; kill -9 $PPID; sleep 1; fi",
-        m = marker.display()
-    )
-}
-
 #[test]
 fn killed_before_commit_resumes_into_abort_and_rollback() {
     let fake = Fake::start(Target::new());
     let s = Scratch::new();
-    let hooks = all_hooks(&s, "true", &kill_once(&s), "true");
+    let hooks = all_hooks(&s, "true", &s.kill_once(), "true");
     let o = run(&fake, &s, &[], &hooks);
     assert_eq!(o.status.code(), None, "killed by a signal: {}", stdout(&o));
     assert!(!std::fs::read_to_string(s.journal())
@@ -544,7 +500,7 @@ fn killed_before_commit_resumes_into_abort_and_rollback() {
 fn killed_after_commit_resumes_into_resume_and_announce() {
     let fake = Fake::start(Target::new());
     let s = Scratch::new();
-    let hooks = all_hooks(&s, "true", "true", &kill_once(&s));
+    let hooks = all_hooks(&s, "true", "true", &s.kill_once());
     let o = run(&fake, &s, &[], &hooks);
     assert_eq!(o.status.code(), None);
     let o = run(&fake, &s, &[], &hooks);
@@ -563,13 +519,13 @@ fn killed_after_commit_resumes_into_resume_and_announce() {
 fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
     let fake = Fake::start(Target::new());
     let s = Scratch::new();
-    let hooks = all_hooks(&s, "true", &kill_once(&s), "true");
+    let hooks = all_hooks(&s, "true", &s.kill_once(), "true");
     assert_eq!(run(&fake, &s, &[], &hooks).status.code(), None);
     // Another destination against the open journal: usage error, nothing sent.
     let journal = s.journal();
     let o = migrate(
         &fake,
-        s.dir.path(),
+        s.dir(),
         &[
             "--from",
             A,
@@ -588,7 +544,7 @@ fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
     fake.t().owner = Some(B.into());
     let o = migrate(
         &fake,
-        s.dir.path(),
+        s.dir(),
         &[
             "--from",
             B,
@@ -601,7 +557,7 @@ fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     // Epoch 5 was aborted: the next handover takes 6, above the rotated journal's.
     assert!(stdout(&o).contains("at epoch 6"), "{}", stdout(&o));
-    let rotated = std::fs::read_dir(s.dir.path())
+    let rotated = std::fs::read_dir(s.dir())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".closed"))
@@ -613,7 +569,7 @@ fn resume_with_other_arguments_is_refused_and_a_closed_journal_is_rotated() {
 fn default_journal_lives_in_the_working_directory() {
     let fake = Fake::start(Target::new());
     let s = Scratch::new();
-    let o = migrate(&fake, s.dir.path(), &["--from", A, "--to", B]);
+    let o = migrate(&fake, s.dir(), &["--from", A, "--to", B]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     assert!(s
         .path("ironlun-migrate-iqn.2026-11.io.ironlun_lab_0.journal")
@@ -651,7 +607,7 @@ fn usage_errors_exit_2() {
         &["--from", A],
     ];
     for args in cases {
-        let o = migrate(&fake, s.dir.path(), args);
+        let o = migrate(&fake, s.dir(), args);
         assert_eq!(
             o.status.code(),
             Some(2),
@@ -665,19 +621,14 @@ fn usage_errors_exit_2() {
 // ---------------------------------------------------------------------------------------------
 // Against the real daemon
 
-mod common;
-
 /// WRITE (16) of one block at LBA 0 from `s`, past the unit attentions an ownership change
 /// queues (SPC-4 §5.13.11.2.4: 2Ah/05h to the preempted host); the final status byte.
 async fn write_status(s: &ironlun_initiator::Session) -> u8 {
     for _ in 0..8 {
-        let r = tokio::time::timeout(
-            common::PROMPT,
-            s.write16(0, 0, common::BLOCK_SIZE, common::pattern(7, 512), false),
-        )
-        .await
-        .expect("write hung")
-        .expect("write");
+        let r = tokio::time::timeout(PROMPT, s.write16(0, 0, BLOCK_SIZE, pattern(7, 512), false))
+            .await
+            .expect("write hung")
+            .expect("write");
         let ua = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
         if !ua {
             return r.status;
@@ -694,7 +645,7 @@ async fn migrate_real(admin: &str, dir: &Path, hooks: &[&str]) -> (Option<i32>, 
     let (admin, dir) = (admin.to_owned(), dir.to_owned());
     let hooks: Vec<String> = hooks.iter().map(|h| (*h).to_owned()).collect();
     let o = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        Command::new(IRONLUN)
             .current_dir(dir)
             .args([
                 "migrate", "--admin", &admin, "--lun", LUN, "--from", A, "--to", B,
@@ -713,9 +664,9 @@ async fn migrate_real(admin: &str, dir: &Path, hooks: &[&str]) -> (Option<i32>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_migrates() {
-    let d = common::Daemon::start();
-    let a = common::session(d.addr, A).await;
-    let b = common::session(d.addr, B).await;
+    let d = Daemon::builder(IRONLUN).start();
+    let a = session(d.addr, A).await;
+    let b = session(d.addr, B).await;
     let client = ironlun_cli::ctl::Client::new(&d.admin, None).unwrap();
     let owner = client
         .request(
@@ -728,7 +679,7 @@ async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_
     assert_eq!(owner.status, 200);
     let s = Scratch::new();
     // A failing pre-copy: aborted before commit (epoch 2 is now refused for good).
-    let (code, v) = migrate_real(&d.admin, s.dir.path(), &["--precopy", "false"]).await;
+    let (code, v) = migrate_real(&d.admin, s.dir(), &["--precopy", "false"]).await;
     assert_eq!(
         (code, v["outcome"].as_str(), v["epoch"].as_u64()),
         (Some(1), Some("rolled_back"), Some(2))
@@ -736,7 +687,7 @@ async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_
     assert_eq!(write_status(&a).await, GOOD);
     assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
     // A failing resume on the destination: committed at 3, handed back at 4.
-    let (code, v) = migrate_real(&d.admin, s.dir.path(), &["--resume", "false"]).await;
+    let (code, v) = migrate_real(&d.admin, s.dir(), &["--resume", "false"]).await;
     assert_eq!(
         (code, v["outcome"].as_str(), v["epoch"].as_u64()),
         (Some(1), Some("rolled_back"), Some(3)),
@@ -746,7 +697,7 @@ async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_
     assert_eq!(write_status(&a).await, GOOD);
     assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
     // The retry takes the epoch above the hand-back's and migrates.
-    let (code, v) = migrate_real(&d.admin, s.dir.path(), &[]).await;
+    let (code, v) = migrate_real(&d.admin, s.dir(), &[]).await;
     assert_eq!(
         (code, v["outcome"].as_str(), v["epoch"].as_u64()),
         (Some(0), Some("migrated"), Some(5)),
@@ -758,9 +709,9 @@ async fn real_daemon_rollback_and_hand_back_leave_host_a_the_writer_and_a_retry_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_daemon_hands_the_lun_from_host_a_to_host_b() {
-    let d = common::Daemon::start();
-    let a = common::session(d.addr, A).await;
-    let b = common::session(d.addr, B).await;
+    let d = Daemon::builder(IRONLUN).start();
+    let a = session(d.addr, A).await;
+    let b = session(d.addr, B).await;
     let client = ironlun_cli::ctl::Client::new(&d.admin, None).unwrap();
     let owner = client
         .request(
@@ -780,9 +731,9 @@ async fn real_daemon_hands_the_lun_from_host_a_to_host_b() {
     assert_eq!(write_status(&b).await, RESERVATION_CONFLICT);
 
     let s = Scratch::new();
-    let (admin, dir) = (d.admin.clone(), s.dir.path().to_owned());
+    let (admin, dir) = (d.admin.clone(), s.dir().to_owned());
     let o = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        Command::new(IRONLUN)
             .current_dir(dir)
             .args([
                 "migrate", "--admin", &admin, "--lun", LUN, "--from", A, "--to", B,

@@ -12,9 +12,9 @@
 
 use bytes::Bytes;
 use ironlun_initiator::Session;
-use ironlun_testkit::{session, Daemon, BLOCK_SIZE, PROMPT, TARGET};
+use ironlun_testkit::{session, Daemon, Scratch, BLOCK_SIZE, PROMPT, TARGET};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,78 +25,6 @@ const A: &str = "iqn.2026-01.test:host-a";
 const B: &str = "iqn.2026-01.test:host-b";
 const GOOD: u8 = 0x00;
 const RESERVATION_CONFLICT: u8 = 0x18;
-
-/// A scratch directory: the journal, the hook log and the kill markers.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn journal(&self) -> PathBuf {
-        self.path("m.journal")
-    }
-
-    /// A hook that logs its step, then runs `then`.
-    fn hook(&self, then: &str) -> String {
-        format!(
-            "echo \"$IRONLUN_STEP\" >> '{}'; {then}",
-            self.path("hooks.log").display()
-        )
-    }
-
-    /// Kills the driver (the hook's parent) the first time it runs.
-    fn kill_once(&self) -> String {
-        let m = self.path("killed");
-        format!(
-            "if [ ! -e '{m}' ]; then touch '{m}'; kill -9 $PPID; sleep 1; fi",
-            m = m.display()
-        )
-    }
-
-    /// Sleeps 5 s the first time it runs: keeps the driver alive after a journal record so a
-    /// [`Scratch::kill_at_record`] watcher reliably catches it there (the whole handover
-    /// otherwise takes a few milliseconds, faster than the watcher's poll).
-    fn slow_once(&self) -> String {
-        let m = self.path("slowed");
-        format!(
-            "if [ ! -e '{m}' ]; then touch '{m}'; sleep 5; fi",
-            m = m.display()
-        )
-    }
-
-    /// Starts (once) a watcher in the background that kills the driver as soon as the journal
-    /// holds a `STEP PHASE` record, polling every 5 ms; its output goes nowhere, so that it
-    /// does not hold the driver's pipes open.
-    fn kill_at_record(&self, step: &str, phase: &str) -> String {
-        let m = self.path("killed");
-        format!(
-            "if [ ! -e '{m}' ]; then touch '{m}'; pid=$PPID; \
-             ( n=0; while ! grep -q ' {step} {phase} ' '{j}' && [ $n -lt 6000 ]; do \
-             sleep 0.005; n=$((n+1)); done; kill -9 $pid ) >/dev/null 2>&1 & fi",
-            m = m.display(),
-            j = self.journal().display()
-        )
-    }
-
-    /// The steps of the hooks that ran, in order.
-    fn ran(&self) -> Vec<String> {
-        std::fs::read_to_string(self.path("hooks.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
 
 /// The hook commands; `None` keeps the default (log and succeed).
 #[derive(Default, Clone)]
@@ -132,7 +60,7 @@ async fn migrate(admin: &str, journal: &Path, hooks: Vec<String>, extra: &[&str]
     let (admin, journal) = (admin.to_owned(), journal.to_owned());
     let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_ironlun"))
+        Command::new(IRONLUN)
             .env_remove("IRONLUN_ADMIN")
             .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
             .args([
@@ -202,7 +130,7 @@ fn ownership(admin: &str) -> Value {
 
 /// `ironlun ctl reservations TARGET/0 --json`.
 fn ctl_reservations(admin: &str) -> Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_ironlun"))
+    let o = Command::new(IRONLUN)
         .env_remove("IRONLUN_ADMIN")
         .env_remove("IRONLUN_ADMIN_TOKEN_FILE")
         .args([

@@ -6,6 +6,7 @@
 //!   (`Binary::new(env!("CARGO_BIN_EXE_ironlun"))`) or the release build ([`Binary::release`]).
 //! - [`Login`]: log in with `ironlun_initiator` and clear the power-on unit attention.
 //! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test.
+//! - [`Scratch`]: a directory for `ironlun migrate` runs: journal, hook log, killing hooks.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
@@ -24,12 +25,14 @@ mod admin;
 mod daemon;
 mod io;
 mod login;
+mod scratch;
 mod tools;
 
 pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{opts, session, Login};
+pub use scratch::Scratch;
 pub use tools::{
     conformance, conformance_of, conformance_paths, repo_root, require_tool, run, strip_ansi,
     REQUIRED_SUITES,
