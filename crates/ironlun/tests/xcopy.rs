@@ -14,21 +14,18 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-
 use bytes::Bytes;
-use common::pattern;
 use ironlun::config::{Config, Portal};
 use ironlun::server::{Server, ThreadPlan};
 use ironlun::target::xcopy::CopyHook;
 use ironlun::target::{LunHandle, Registry};
 use ironlun_initiator::xcopy::{parameter_list, split, BlockSegment};
-use ironlun_initiator::{pr, LoginOptions, SenseKey, Session, TmfFunction, TmfResponse};
+use ironlun_initiator::{pr, SenseKey, Session, TmfFunction, TmfResponse};
+use ironlun_testkit::{clear_ua, pattern, Login, TARGET};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 const BS: u32 = 512;
 /// Blocks per LU (32 MiB).
 const BLOCKS: u64 = 64 * 1024;
@@ -113,22 +110,11 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 /// Log in as `initiator` and clear the power-on unit attention on every LU it sees.
 async fn login(d: &Daemon, initiator: &str, luns: &[u64]) -> Session {
-    let s = Session::connect(d.addr, LoginOptions::new(initiator, Some(TARGET.into())))
+    let fields: Vec<u64> = luns.iter().map(|&n| l(n)).collect();
+    Login::new(initiator)
+        .ready(&fields, 4)
+        .connect(d.addr)
         .await
-        .unwrap();
-    for &lun in luns {
-        clear_ua(&s, lun).await;
-    }
-    s
-}
-
-async fn clear_ua(s: &Session, lun: u64) {
-    for _ in 0..4 {
-        if s.test_unit_ready(l(lun)).await.unwrap().status == 0 {
-            return;
-        }
-    }
-    panic!("TEST UNIT READY on LUN {lun} never GOOD");
 }
 
 async fn write(s: &Session, lun: u64, lba: u64, data: Bytes) {
@@ -343,7 +329,7 @@ async fn lun_reset_from_another_session_aborts_the_copy() {
     assert_eq!(resp.unwrap(), TmfResponse::FunctionComplete);
     let r = cmd.wait().await.unwrap();
     assert_eq!(r.status, 0x40, "TASK ABORTED (TAS=1)");
-    clear_ua(&a, 1).await;
+    clear_ua(&a, l(1), 4).await;
     assert_eq!(copy_status(&a, 1, 4).await.map(|x| x.0), Some(0x02));
     assert_eq!(
         zero_mib(&a, BLOCKS).await,

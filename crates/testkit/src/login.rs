@@ -103,15 +103,20 @@ impl Login {
     pub async fn connect(self, addr: impl ToSocketAddrs) -> Session {
         let s = Session::connect(addr, self.opts).await.expect("login");
         for lun in self.ready_luns {
-            let mut ready = false;
-            for _ in 0..self.ready_tries {
-                if s.test_unit_ready(lun).await.expect("TUR").status == 0 {
-                    ready = true;
-                    break;
-                }
-            }
-            assert!(ready, "LUN {lun:#x}: TEST UNIT READY never GOOD");
+            clear_ua(&s, lun, self.ready_tries).await;
         }
         s
     }
+}
+
+/// TEST UNIT READY on `lun` (the 8-byte LUN field as the initiator library takes it) until
+/// GOOD, at most `tries` times: past the unit attentions queued for the nexus (power-on, a
+/// reset). Panics if it is never GOOD.
+pub async fn clear_ua(s: &Session, lun: u64, tries: u32) {
+    for _ in 0..tries {
+        if s.test_unit_ready(lun).await.expect("TUR").status == 0 {
+            return;
+        }
+    }
+    panic!("LUN {lun:#x}: TEST UNIT READY never GOOD");
 }
