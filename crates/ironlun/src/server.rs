@@ -1222,13 +1222,14 @@ impl Commands {
 thread_local! {
     /// This thread is an I/O thread ([`Shard`]): its tasks never move to another thread.
     static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Connections served by this I/O thread.
+    /// Logged-in connections served by this I/O thread.
     static SHARD_CONNECTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Counts a connection on its I/O thread while it lives there: a busy poll holds the thread,
-/// so a connection polls only while it is alone on it ([`OnShard::alone`]); with company,
-/// the others' commands would wait behind the poll.
+/// Counts a logged-in session's connection on its I/O thread while it lives there: a busy
+/// poll holds the thread, so a connection polls only while no other session shares it
+/// ([`OnShard::alone`]); with company, the others' commands would wait behind the poll.
+/// Connections still logging in (or failing to) are not counted: they are brief.
 struct OnShard;
 
 impl OnShard {
@@ -1237,8 +1238,8 @@ impl OnShard {
         OnShard
     }
 
-    /// On an I/O thread with no other connection (never on the main runtime, whose tasks
-    /// move between workers).
+    /// On an I/O thread with no other logged-in connection (never on the main runtime,
+    /// whose tasks move between workers).
     fn alone(&self) -> bool {
         IO_THREAD.with(std::cell::Cell::get) && SHARD_CONNECTIONS.with(|c| c.get() <= 1)
     }
@@ -1373,11 +1374,13 @@ async fn serve_connection(
     let mut ready_tmfs: Vec<(u32, TmfFunction, TmfResponse)> = Vec::new();
     let mut busy_poll = BusyPoll::default();
     let fd = rd.as_ref().as_raw_fd();
-    let on_shard = OnShard::enter();
+    // Counted once logged in.
+    let mut on_shard: Option<OnShard> = None;
     loop {
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::LoggedIn(info) => {
+                    on_shard.get_or_insert_with(OnShard::enter);
                     let span = tracing::Span::current();
                     span.record("initiator", info.initiator_name.as_str());
                     span.record("target", crate::logging::session_target(&info));
@@ -1503,7 +1506,7 @@ async fn serve_connection(
             && cmds.inflight == 0
             && cmds.waiting.is_empty()
             && !busy_window.is_zero()
-            && on_shard.alone()
+            && on_shard.as_ref().is_some_and(OnShard::alone)
             && busy_poll.wanted()
         {
             match poll_socket(fd, &mut buf, busy_window) {
