@@ -1454,30 +1454,12 @@ pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// A size as the config writes it: bytes, or a number with `K`/`KiB` … `T`/`TiB`.
-pub fn parse_size_text(s: &str) -> Result<u64, String> {
-    parse_size(&SizeValue::Text(s.to_string()))
-}
-
+/// A size as the config writes it: bytes, or a number with `K`/`KiB` … `T`/`TiB`
+/// ([`ironlun_api::parse_size_text`], shared with the admin API and `ironlun ctl`).
 fn parse_size(v: &SizeValue) -> Result<u64, String> {
     match v {
         SizeValue::Bytes(b) => Ok(*b),
-        SizeValue::Text(t) => {
-            let t = t.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let n: u64 = num.parse().map_err(|_| format!("cannot read size {t:?}"))?;
-            let mult: u64 = match unit.trim() {
-                "" | "B" => 1,
-                "KiB" | "K" => 1 << 10,
-                "MiB" | "M" => 1 << 20,
-                "GiB" | "G" => 1 << 30,
-                "TiB" | "T" => 1 << 40,
-                u => return Err(format!("unknown unit {u:?}; use B, KiB, MiB, GiB or TiB")),
-            };
-            n.checked_mul(mult)
-                .ok_or_else(|| format!("size {t:?} overflows"))
-        }
+        SizeValue::Text(t) => ironlun_api::parse_size_text(t),
     }
 }
 

@@ -6,6 +6,8 @@ pub mod admin;
 pub mod backend;
 pub mod budget;
 pub mod config;
+#[cfg(test)]
+mod gated;
 pub mod heap;
 pub mod logging;
 pub mod metrics;

@@ -2131,77 +2131,7 @@ mod tests {
         assert_eq!(c, lu::Completion::persist_failed(false));
     }
 
-    /// A RAM backend whose writes block while the gate is closed (an I/O still in flight).
-    struct Gated {
-        ram: ironlun_backstore::ram::RamBackend,
-        open: Mutex<bool>,
-        cv: std::sync::Condvar,
-        /// `(offset, len)` of every write, logged when it starts (before it blocks).
-        started: Mutex<Vec<(u64, usize)>>,
-    }
-
-    impl Gated {
-        fn set(&self, open: bool) {
-            *self.open.lock().unwrap() = open;
-            self.cv.notify_all();
-        }
-    }
-
-    /// Opens the gate when dropped, so a failing test does not leave a blocking-pool thread
-    /// waiting (the runtime's shutdown would wait for it forever).
-    struct GateGuard(Arc<Gated>);
-
-    impl Drop for GateGuard {
-        fn drop(&mut self) {
-            self.0.set(true);
-        }
-    }
-
-    impl std::ops::Deref for GateGuard {
-        type Target = Gated;
-        fn deref(&self) -> &Gated {
-            &self.0
-        }
-    }
-
-    impl BlockBackend for Gated {
-        fn size(&self) -> u64 {
-            self.ram.size()
-        }
-        fn read(&self, offset: u64, len: usize) -> ironlun_backstore::Result<Bytes> {
-            self.ram.read(offset, len)
-        }
-        fn write(&self, offset: u64, data: &[u8], fua: bool) -> ironlun_backstore::Result<()> {
-            self.started.lock().unwrap().push((offset, data.len()));
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.cv.wait(open).unwrap();
-            }
-            drop(open);
-            self.ram.write(offset, data, fua)
-        }
-        fn flush(&self) -> ironlun_backstore::Result<()> {
-            self.ram.flush()
-        }
-        fn write_zeroes(
-            &self,
-            offset: u64,
-            len: u64,
-            unmap: bool,
-        ) -> ironlun_backstore::Result<()> {
-            self.ram.write_zeroes(offset, len, unmap)
-        }
-        fn unmap(&self, offset: u64, len: u64) -> ironlun_backstore::Result<()> {
-            self.ram.unmap(offset, len)
-        }
-        fn extents(
-            &self,
-            offset: u64,
-            len: u64,
-        ) -> ironlun_backstore::Result<Vec<ironlun_backstore::Extent>> {
-            self.ram.extents(offset, len)
-        }
-    }
+    use crate::gated::{GateGuard, Gated};
 
     const KV: u64 = 0x76;
     const KP: u64 = 0x50;
@@ -2210,12 +2140,7 @@ mod tests {
     /// whose writes pass through `gate` (treated as a file LUN: 128 KiB writes go to the pool).
     async fn preempt_setup() -> (GateGuard, Nexus, Nexus) {
         let dir = tempfile::tempdir().unwrap();
-        let gate = Arc::new(Gated {
-            ram: ironlun_backstore::ram::RamBackend::new(1 << 20).unwrap(),
-            open: Mutex::new(true),
-            cv: std::sync::Condvar::new(),
-            started: Mutex::new(Vec::new()),
-        });
+        let gate = Arc::new(Gated::new(1 << 20));
         let mut lc = LuConfig::new(0, 512, 2048, "iqn.x:t");
         lc.ptpl_capable = true;
         let handle = Arc::new(LunHandle::new(
@@ -2392,7 +2317,7 @@ mod tests {
         gate.set(false);
         let caw = tokio::spawn(caw_block_8(&v).finish());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        assert_eq!(gate.started(), vec![(8 * 512, 512)]);
         // Elsewhere nothing waits.
         let (r, _) = tokio::time::timeout(
             Duration::from_secs(5),
@@ -2433,18 +2358,18 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!write.is_finished() && !copy.is_finished());
         assert_eq!(handle.lu().waiting_tasks(), 2);
-        assert_eq!(*gate.started.lock().unwrap(), vec![(8 * 512, 512)]);
+        assert_eq!(gate.started(), vec![(8 * 512, 512)]);
         gate.set(true);
         let (c, _) = caw.await.unwrap();
         assert_eq!(c.status, 0, "{c:?}");
         let (w, _) = write.await.unwrap();
         assert_eq!(w.status, 0, "{w:?}");
         assert_eq!(copy.await.unwrap(), Some(IoResult::Done));
-        let log = gate.started.lock().unwrap().clone();
+        let log = gate.started();
         assert_eq!(log[0], (8 * 512, 512), "{log:?}");
         assert_eq!(log.len(), 3, "{log:?}");
         // The COMPARE AND WRITE's 0xcd was overwritten by whichever came later.
-        let b8 = gate.ram.read(8 * 512, 512).unwrap();
+        let b8 = gate.read(8 * 512, 512).unwrap();
         assert!(b8.iter().all(|b| *b == 0xab) || b8.iter().all(|b| *b == 0xee));
         assert_eq!(handle.lu().waiting_tasks(), 0);
     }
@@ -2480,7 +2405,7 @@ mod tests {
         assert_eq!(response.await.unwrap(), TmfResponse::FunctionComplete);
         let (c, _) = caw.await.unwrap();
         assert_eq!(c.status, ironlun_scsi::status::TASK_ABORTED, "{c:?}");
-        let medium = gate.ram.read(0, 128 * 1024).unwrap();
+        let medium = gate.read(0, 128 * 1024).unwrap();
         assert!(
             medium.iter().all(|b| *b == 0 || *b == 0xcd),
             "the aborted write reached the medium"
@@ -2493,12 +2418,7 @@ mod tests {
         assert_eq!(ua.status, 2, "{ua:?}");
         let (w, _) = write_128k_at(&p, Some(Instant::now())).finish().await;
         assert_eq!(w.status, 0, "{w:?}");
-        assert!(gate
-            .ram
-            .read(0, 128 * 1024)
-            .unwrap()
-            .iter()
-            .all(|b| *b == 0xab));
+        assert!(gate.read(0, 128 * 1024).unwrap().iter().all(|b| *b == 0xab));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

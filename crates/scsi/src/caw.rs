@@ -43,7 +43,7 @@
 
 use bytes::Bytes;
 
-use super::{Completion, Continuation, IoOp, LogicalUnit, LuConfig, NexusId, Pending, Step, Task};
+use super::{Continuation, IoOp, LogicalUnit, LuConfig, NexusId, Pending, Step, Task};
 use crate::cdb::Extent;
 use crate::sense::{FieldPointer, SenseReason};
 
@@ -149,16 +149,9 @@ impl LogicalUnit {
             self.end_task(id);
             return self.fail(SenseReason::InternalTargetFailure);
         };
-        let aborted = self.tasks.get(&id).filter(|t| !t.aborted.is_empty());
-        if let (Some(t), false) = (aborted, cont.is_sanitize()) {
-            let end = if t.silent {
-                Completion::no_status()
-            } else {
-                Completion::task_aborted()
-            };
-            self.end_task(id);
-            self.copy_failed(&cont.state);
-            return Step::Done(end);
+        let aborted = self.tasks.get(&id).is_some_and(|t| !t.aborted.is_empty());
+        if aborted && !cont.is_sanitize() {
+            return self.end_aborted(id, &cont.state);
         }
         self.admit(*op, cont, true)
     }

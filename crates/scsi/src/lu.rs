@@ -1104,23 +1104,29 @@ impl LogicalUnit {
         None
     }
 
+    /// End an aborted task without further I/O: TASK ABORTED, or no status when another I_T
+    /// nexus aborted it while TAS was zero (SAM-5 §5.6, SPC-4 §7.5.8).
+    fn end_aborted(&mut self, task: u64, state: &Pending) -> Step {
+        let silent = self.tasks.get(&task).is_some_and(|t| t.silent);
+        self.end_task(task);
+        self.copy_failed(state);
+        Step::Done(if silent {
+            Completion::no_status()
+        } else {
+            Completion::task_aborted()
+        })
+    }
+
     /// Continue a command after its [`IoOp`].
     pub fn resume(&mut self, nexus: NexusId, cont: Continuation, result: IoResult) -> Step {
         let _ = nexus;
         let task = cont.task;
         // A sanitize is not aborted (SBC-3 §4.32); a PREEMPT AND ABORT waits for its end.
-        let aborted = self.tasks.get(&task).filter(|t| !t.aborted.is_empty());
-        if let (Some(t), false) = (aborted, cont.is_sanitize()) {
+        let aborted = self.tasks.get(&task).is_some_and(|t| !t.aborted.is_empty());
+        if aborted && !cont.is_sanitize() {
             // Aborted by PREEMPT AND ABORT (SPC-4 §5.13.11.2.6) or a task management function
-            // (SAM-5 §7): no further I/O; TASK ABORTED, or no status under TAS=0.
-            let end = if t.silent {
-                Completion::no_status()
-            } else {
-                Completion::task_aborted()
-            };
-            self.end_task(task);
-            self.copy_failed(&cont.state);
-            return Step::Done(end);
+            // (SAM-5 §7): no further I/O.
+            return self.end_aborted(task, &cont.state);
         }
         let step = match self.finish(cont.state, result) {
             Ok(step) => step,

@@ -19,8 +19,8 @@
 
 use super::*;
 use crate::config::TargetResetPolicy;
+use crate::gated::Gated;
 use crate::target::{LunHandle, TargetState};
-use ironlun_backstore::BlockBackend;
 use ironlun_initiator::scsi::write16_cdb;
 use ironlun_initiator::{CommandResult, LoginOptions, PendingCommand, Session};
 use ironlun_iscsi::acl::LunMasking;
@@ -39,79 +39,6 @@ const WRITES: usize = 3;
 /// write's response is all B waits for).
 const BLOCKS: u32 = 16;
 const BLOCK: usize = 512;
-
-/// A RAM backstore whose writes wait while the gate is closed, counting the writes that
-/// reached it and those that landed.
-struct Gated {
-    ram: ironlun_backstore::ram::RamBackend,
-    open: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
-    entered: watch::Sender<usize>,
-    landed: watch::Sender<usize>,
-}
-
-impl Gated {
-    fn new() -> Self {
-        Gated {
-            ram: ironlun_backstore::ram::RamBackend::new(1 << 20).unwrap(),
-            open: std::sync::Mutex::new(true),
-            cv: std::sync::Condvar::new(),
-            entered: watch::channel(0).0,
-            landed: watch::channel(0).0,
-        }
-    }
-
-    fn set(&self, open: bool) {
-        *self.open.lock().unwrap() = open;
-        self.cv.notify_all();
-    }
-
-    /// Wait until `n` writes have reached the backstore.
-    async fn entered(&self, n: usize) {
-        let mut rx = self.entered.subscribe();
-        rx.wait_for(|e| *e >= n).await.unwrap();
-    }
-
-    fn landed(&self) -> usize {
-        *self.landed.borrow()
-    }
-}
-
-impl BlockBackend for Gated {
-    fn size(&self) -> u64 {
-        self.ram.size()
-    }
-    fn read(&self, offset: u64, len: usize) -> ironlun_backstore::Result<Bytes> {
-        self.ram.read(offset, len)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ironlun_backstore::Result<()> {
-        self.entered.send_modify(|n| *n += 1);
-        let mut open = self.open.lock().unwrap();
-        while !*open {
-            open = self.cv.wait(open).unwrap();
-        }
-        drop(open);
-        let r = self.ram.write(offset, data, fua);
-        self.landed.send_modify(|n| *n += 1);
-        r
-    }
-    fn flush(&self) -> ironlun_backstore::Result<()> {
-        self.ram.flush()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> ironlun_backstore::Result<()> {
-        self.ram.write_zeroes(offset, len, unmap)
-    }
-    fn unmap(&self, offset: u64, len: u64) -> ironlun_backstore::Result<()> {
-        self.ram.unmap(offset, len)
-    }
-    fn extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> ironlun_backstore::Result<Vec<ironlun_backstore::Extent>> {
-        self.ram.extents(offset, len)
-    }
-}
 
 /// The daemon's connection code on a listener of the test, serving one target whose LUN 0
 /// is a [`Gated`] backstore run like a file LUN (FUA writes on the blocking pool).
@@ -132,7 +59,7 @@ impl Harness {
         );
         let cfg = Config::parse("t.toml", &text, None, Some(dir.path())).unwrap();
         let registry = Arc::new(Registry::build(&cfg).unwrap());
-        let gate = Arc::new(Gated::new());
+        let gate = Arc::new(Gated::new(1 << 20));
         let lu = LogicalUnit::new(LuConfig::new(0, 512, 2048, TARGET));
         let handle = LunHandle::for_tests(lu, gate.clone(), dir.path().join("aptpl_t"));
         let target = TargetState::new(
