@@ -1251,21 +1251,29 @@ impl Drop for OnShard {
     }
 }
 
-/// When a connection busy-polls its socket after a response: always while polls catch the
-/// next command, then, after [`BusyPoll::GIVE_UP`] misses in a row (an idle or slow
-/// initiator), only every [`BusyPoll::PROBE_EVERY`]-th time, so an idle session costs no CPU
-/// and a slow one at most one window per that many responses.
+/// When a connection busy-polls its socket after a response: while polls catch the next
+/// command, except that after [`BusyPoll::MAX_HITS`] catches in a row it sleeps in the reactor
+/// once (where shutdown, timers and session reinstatement are seen; the command already
+/// waiting wakes it at once); after [`BusyPoll::GIVE_UP`] misses in a row (an idle or slow
+/// initiator) only every [`BusyPoll::PROBE_EVERY`]-th time, so an idle session costs no CPU and
+/// a slow one at most one window per that many responses.
 #[derive(Default)]
 struct BusyPoll {
     misses: u32,
+    hits: u32,
     skipped: u32,
 }
 
 impl BusyPoll {
     const GIVE_UP: u32 = 8;
     const PROBE_EVERY: u32 = 64;
+    const MAX_HITS: u32 = 32;
 
     fn wanted(&mut self) -> bool {
+        if self.hits >= Self::MAX_HITS {
+            self.hits = 0;
+            return false;
+        }
         if self.misses < Self::GIVE_UP {
             return true;
         }
@@ -1274,11 +1282,13 @@ impl BusyPoll {
     }
 
     fn caught(&mut self, hit: bool) {
-        self.misses = if hit {
-            0
+        if hit {
+            self.misses = 0;
+            self.hits = self.hits.saturating_add(1);
         } else {
-            self.misses.saturating_add(1)
-        };
+            self.misses = self.misses.saturating_add(1);
+            self.hits = 0;
+        }
     }
 }
 
@@ -1618,6 +1628,27 @@ mod tmf_tests;
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The busy poll lets the reactor run once per 32 catches in a row, backs off after 8
+    /// misses in a row to one poll per 64 responses, and comes back on a catch.
+    #[test]
+    fn busy_poll_yields_to_the_reactor_and_backs_off() {
+        let mut b = BusyPoll::default();
+        for _ in 0..BusyPoll::MAX_HITS {
+            assert!(b.wanted());
+            b.caught(true);
+        }
+        assert!(!b.wanted(), "the reactor runs once after 32 catches");
+        assert!(b.wanted());
+        for _ in 0..BusyPoll::GIVE_UP {
+            assert!(b.wanted());
+            b.caught(false);
+        }
+        let polls = (0..128).filter(|_| b.wanted()).count();
+        assert_eq!(polls, 2, "one poll per 64 responses while it misses");
+        b.caught(true);
+        assert!(b.wanted());
+    }
     use ironlun_iscsi::pdu::TaskAttr;
 
     fn cmd(cdb: &[u8], expected_in_len: u32) -> ScsiCommandEvent {

@@ -278,6 +278,45 @@ async fn clients_vanishing_mid_login_data_out_and_data_in_free_everything() {
     d.assert_healthy();
 }
 
+/// A session that keeps a command in flight back to back (queue depth 1) is caught by the
+/// connection's busy poll after every response; the connection still lets the reactor run
+/// now and then, so SIGTERM reaches it: the daemon closes it and exits cleanly, while the
+/// initiator is still sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reaches_a_session_streaming_at_queue_depth_one() {
+    let mut d = Daemon::builder(IRONLUN).config(&no_pings()).start();
+    let s = Session::connect(d.addr, opts("iqn.2026-11.io.test:stream"))
+        .await
+        .expect("login");
+    while s.test_unit_ready(0).await.unwrap().status != 0 {}
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stream = tokio::spawn({
+        let reads = reads.clone();
+        async move {
+            // Until the daemon closes the session (a hang guard of 10^6 reads).
+            for _ in 0..1_000_000u32 {
+                match s.read16(0, 0, 8, 512).await {
+                    Ok(r) if r.status == 0 => {
+                        reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    _ => return true,
+                }
+            }
+            false
+        }
+    });
+    let mut polls = 0;
+    while reads.load(std::sync::atomic::Ordering::Relaxed) < 1000 {
+        polls += 1;
+        assert!(polls < 10_000, "the reads do not run");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    d.sigterm();
+    assert!(stream.await.unwrap(), "the session outlived SIGTERM");
+    let status = d.wait_exit(PROMPT);
+    assert!(status.success(), "{status:?}; stderr:\n{}", d.stderr());
+}
+
 #[tokio::test]
 async fn sigterm_asks_logged_in_initiators_to_log_out() {
     let mut d = Daemon::builder(IRONLUN).config(SHORT).start();
