@@ -9,8 +9,10 @@
 //! with a non-empty message and code.
 #![no_main]
 
-use ironlun::admin::{self, Token};
+use ironlun::admin::{self, Services};
 use ironlun::target::Registry;
+use ironlun_api::{percent_encode, Token};
+use std::sync::Arc;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
@@ -85,10 +87,10 @@ fn path_of(p: &PathShape) -> String {
                 out.push('/');
                 match s {
                     Segment::Known(i) => out.push_str(KNOWN[usize::from(*i) % KNOWN.len()]),
-                    Segment::Target => out.push_str(&admin::percent_encode(TARGET)),
+                    Segment::Target => out.push_str(&percent_encode(TARGET)),
                     Segment::Lun(n) => out.push_str(&(n % 4).to_string()),
                     Segment::Text(t) => out.push_str(t),
-                    Segment::Encoded(t) => out.push_str(&admin::percent_encode(t)),
+                    Segment::Encoded(t) => out.push_str(&percent_encode(t)),
                 }
             }
             if out.is_empty() {
@@ -131,8 +133,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// One registry for every input: ownership state carries over, as in a long-running daemon.
-fn registry() -> &'static Registry {
-    static REG: OnceLock<Registry> = OnceLock::new();
+fn services() -> &'static Services {
+    static REG: OnceLock<Services> = OnceLock::new();
     REG.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("ironlun-fuzz-admin-{}", std::process::id()));
         let text = format!(
@@ -140,7 +142,10 @@ fn registry() -> &'static Registry {
         );
         let cfg = ironlun::config::Config::parse("fuzz.toml", &text, None, Some(&dir))
             .expect("fuzz config");
-        Registry::build(&cfg).expect("registry")
+        Services {
+            registry: Arc::new(Registry::build(&cfg).expect("registry")),
+            live: None,
+        }
     })
 }
 
@@ -172,7 +177,7 @@ fuzz_target!(|input: Input| {
     let response = match admin::request_of(&parts) {
         Err(e) => admin::Response::from(e),
         Ok((request, _declared)) => {
-            let fut = admin::respond(&request, &body, token, registry());
+            let fut = admin::respond(&request, &body, token, services());
             runtime()
                 .block_on(async { tokio::time::timeout(Duration::from_secs(5), fut).await })
                 .expect("a request with nothing in flight answered within 5 s")
