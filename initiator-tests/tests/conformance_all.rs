@@ -500,13 +500,33 @@ sanitize_rate = "32MiB"
     }
     println!("in {:?}", started.elapsed());
     let err = daemon.stop();
-    assert!(
-        bad.is_empty(),
-        "{}\nlogs: {}\ndaemon:\n{err}",
-        bad.join("\n"),
-        {
-            let keep = logs.keep();
-            keep.display().to_string()
+    if bad.is_empty() {
+        return;
+    }
+    // The daemon's log goes to a file beside libiscsi's logs; the panic message carries only
+    // the findings, so that they end the test's output (CI shows its tail).
+    let keep = logs.keep();
+    std::fs::write(keep.join("daemon.log"), &err).unwrap();
+    // Each failing family's log, last lines (the runs' logs are `<dir>/<suite>.log`).
+    let mut tails = String::new();
+    for (dir, rows) in [(&all, &rows1), (&ro, &rows_ro), (&k4, &rows2)] {
+        for r in rows.iter().filter(|r| r.status != "ok" || r.failed > 0) {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".log") && name.contains(&format!(".{}", r.suite)) {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let from = lines.len().saturating_sub(60);
+                    tails += &format!("--- {} (last lines) ---\n{}\n", name, lines[from..].join("\n"));
+                }
+            }
         }
+    }
+    panic!(
+        "{tails}logs (libiscsi's and daemon.log): {}\n{} finding(s):\n{}",
+        keep.display(),
+        bad.len(),
+        bad.join("\n")
     );
 }
