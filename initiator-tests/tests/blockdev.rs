@@ -8,7 +8,7 @@
 //! tool fails"). `losetup` missing fails when loop devices are offered or when `CI` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_testkit::{conformance_of, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance_of, qemu_img_round_trip, repo_root, require_tool, run, Daemon};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,38 +153,7 @@ fn qemu_img_convert_through_a_loop_device_lun() {
     let dev = LoopDevice::new(size);
     let d = start(&dev.dev);
     let url = format!("{}/{TARGET}/0", d.portal());
-    let src = d.dir().join("src.raw");
-    let back = d.dir().join("back.raw");
-    // Deterministic pseudo-random content with a zero hole in the middle.
-    let mut data = vec![0u8; usize::try_from(size).unwrap()];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for (i, chunk) in data.chunks_mut(8).enumerate() {
-        if (20 << 20..24 << 20).contains(&(i * 8)) {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(&src, &data).unwrap();
-    let (ok, out) = run(Command::new("qemu-img").args(["info"]).arg(&url));
-    assert!(ok && out.contains("virtual size: 64 MiB"), "{out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&url));
-    assert!(ok, "convert into the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&url)
-        .arg(&back));
-    assert!(ok, "convert out of the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(&back));
-    assert!(ok && out.contains("Images are identical"), "compare: {out}");
+    let data = qemu_img_round_trip(&url, d.dir(), 0x2545_f491_4f6c_dd1d);
     d.stop();
     // The data is on the device itself (read past the daemon, which has exited).
     let on_device = std::fs::read(&dev.dev).unwrap();

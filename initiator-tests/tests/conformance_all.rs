@@ -511,14 +511,20 @@ sanitize_rate = "32MiB"
     let mut tails = String::new();
     for (dir, rows) in [(&all, &rows1), (&ro, &rows_ro), (&k4, &rows2)] {
         for r in rows.iter().filter(|r| r.status != "ok" || r.failed > 0) {
-            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".log") && name.contains(&format!(".{}", r.suite)) {
                     let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                     let lines: Vec<&str> = text.lines().collect();
                     let from = lines.len().saturating_sub(60);
-                    tails += &format!("--- {} (last lines) ---\n{}\n", name, lines[from..].join("\n"));
+                    tails += &format!(
+                        "--- {} (last lines) ---\n{}\n",
+                        name,
+                        lines[from..].join("\n")
+                    );
                 }
             }
         }

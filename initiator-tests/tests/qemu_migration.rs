@@ -386,24 +386,12 @@ impl Probe {
         if marker {
             block[..14].copy_from_slice(b"FENCED-MARKER\n");
         }
-        for _ in 0..8 {
-            let r = self
-                .rt
-                .block_on(async {
-                    tokio::time::timeout(
-                        Duration::from_secs(10),
-                        s.write16(0, LAST_LBA, 512, Bytes::from(block.clone()), false),
-                    )
-                    .await
-                })
-                .expect("WRITE hung")
-                .expect("WRITE");
-            let unit_attention = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
-            if !unit_attention {
-                return r.status;
-            }
-        }
-        panic!("unit attentions never end");
+        let cdb = ironlun_initiator::scsi::write16_cdb(LAST_LBA, 1, false);
+        let data = Bytes::from(block);
+        self.rt
+            .block_on(ironlun_testkit::past_ua(s, 0, &cdb, data, 0))
+            .0
+            .status
     }
 
     fn logout(&self, s: Session) {

@@ -1,7 +1,7 @@
 //! Tier 6 (DESIGN.md §4): the release daemon driven by libiscsi's tools and qemu-img.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_testkit::{conformance, repo_root, require_tool, run, Daemon};
+use ironlun_testkit::{conformance, qemu_img_round_trip, repo_root, require_tool, run, Daemon};
 use std::process::Command;
 
 const TARGET: &str = "iqn.2026-11.io.ironlun:lab";
@@ -60,41 +60,8 @@ fn qemu_roundtrip(block_size: u32) {
     );
     let d = Daemon::release().config(&cfg).start();
     let url = format!("{}/{TARGET}/0", d.portal());
+    qemu_img_round_trip(&url, d.dir(), 0x9e37_79b9_7f4a_7c15 ^ u64::from(block_size));
     let src = d.dir().join("src.raw");
-    let back = d.dir().join("back.raw");
-    // Deterministic pseudo-random content, with a zero hole in the middle.
-    let mut data = vec![0u8; usize::try_from(size).unwrap()];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(block_size);
-    for (i, chunk) in data.chunks_mut(8).enumerate() {
-        if (8 << 20..12 << 20).contains(&(i * 8)) {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(&src, &data).unwrap();
-
-    let (ok, out) = run(Command::new("qemu-img").args(["info"]).arg(&url));
-    assert!(ok, "{out}");
-    assert!(out.contains("virtual size: 64 MiB"), "{out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(&url));
-    assert!(ok, "convert into the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&url)
-        .arg(&back));
-    assert!(ok, "convert out of the LUN: {out}");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&src)
-        .arg(&back));
-    assert!(ok, "compare: {out}");
-    assert!(out.contains("Images are identical"), "{out}");
     // And straight against the LUN.
     let (ok, out) = run(Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])

@@ -14,7 +14,9 @@ use ironlun_cli::ctl::Client;
 use ironlun_initiator::pr::{kind, OutAction, OutParams};
 use ironlun_initiator::{CommandResult, Session};
 use ironlun_scsi::pr::ownership::owner_key;
-use ironlun_testkit::{opts, session, tagged, Daemon, BLOCK_SIZE, PROMPT, TARGET};
+use ironlun_testkit::{
+    opts, past_ua, session, tagged, unit_attention, Daemon, BLOCK_SIZE, PROMPT, TARGET,
+};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,6 @@ const K_SRC: u64 = 0x0000_0005_4b53_5243;
 const K_DST: u64 = 0x0000_000d_4b44_5354;
 const LUN: u64 = 0;
 const GOOD: u8 = 0x00;
-const CHECK_CONDITION: u8 = 0x02;
 const RESERVATION_CONFLICT: u8 = 0x18;
 const TASK_ABORTED: u8 = 0x40;
 /// Writers of the source (tagged SIMPLE tasks in flight at once).
@@ -39,37 +40,9 @@ const BLOCKS_PER_WRITE: u32 = 8;
 const WRITER_S: u64 = 0x5555_5555_0000_0005;
 const WRITER_D: u64 = 0xDDDD_DDDD_0000_000D;
 
-fn ua_of(r: &CommandResult) -> Option<(u8, u8)> {
-    let k = r.sense_key()?;
-    (r.status == CHECK_CONDITION && k.key == 0x06).then_some((k.asc, k.ascq))
-}
-
 /// REGISTRATIONS PREEMPTED (SPC-4 §5.13.11.2.4, 2Ah/05h).
 fn is_preempted_ua(r: &CommandResult) -> bool {
-    ua_of(r) == Some((0x2a, 0x05))
-}
-
-/// A command run again while it returns a unit attention (SAM-5 §5.14); the final result and
-/// the (ASC, ASCQ) of every unit attention passed on the way.
-async fn past_ua(
-    s: &Session,
-    cdb: &[u8],
-    data: Bytes,
-    expected_in: u32,
-) -> (CommandResult, Vec<(u8, u8)>) {
-    let mut uas = Vec::new();
-    for _ in 0..8 {
-        let r = tokio::time::timeout(PROMPT, s.command(LUN, cdb, data.clone(), expected_in))
-            .await
-            .expect("command hung")
-            .expect("command");
-        assert_eq!(r.response, 0, "{r:?}");
-        match ua_of(&r) {
-            Some(ua) => uas.push(ua),
-            None => return (r, uas),
-        }
-    }
-    panic!("unit attentions never end: {uas:?}");
+    unit_attention(r) == Some((0x2a, 0x05))
 }
 
 /// PERSISTENT RESERVE OUT (LU_SCOPE) with a basic parameter list, past unit attentions.
@@ -83,6 +56,7 @@ async fn prout(
     let len = u32::try_from(p.len()).unwrap();
     past_ua(
         s,
+        LUN,
         &ironlun_initiator::pr::out_cdb(action, ty, len),
         Bytes::from(p),
         0,
@@ -106,6 +80,7 @@ async fn write(s: &Session, lba: u64, data: Bytes) -> (CommandResult, Vec<(u8, u
     let blocks = u32::try_from(data.len()).unwrap() / BLOCK_SIZE;
     past_ua(
         s,
+        LUN,
         &ironlun_initiator::scsi::write16_cdb(lba, blocks, false),
         data,
         0,
@@ -116,6 +91,7 @@ async fn write(s: &Session, lba: u64, data: Bytes) -> (CommandResult, Vec<(u8, u
 async fn read(s: &Session, lba: u64, blocks: u32) -> Bytes {
     let (r, _) = past_ua(
         s,
+        LUN,
         &ironlun_initiator::scsi::read16_cdb(lba, blocks),
         Bytes::new(),
         blocks * BLOCK_SIZE,
@@ -130,7 +106,7 @@ async fn second_path(d: &Daemon, host: &str) -> Session {
     let mut o = opts(host);
     o.isid = [0x80, 0x49, 0x4c, 0x4e, 0x00, 0x02];
     let s = Session::connect(d.addr, o).await.expect("login");
-    let _ = past_ua(&s, &[0; 6], Bytes::new(), 0).await;
+    let _ = past_ua(&s, LUN, &[0; 6], Bytes::new(), 0).await;
     s
 }
 
@@ -364,7 +340,7 @@ async fn initiator_driven_handover_under_qd8_load_fences_the_source() {
     // S gets 2Ah/05h exactly once (on a write, or else on its next command).
     let mut uas = all.iter().filter(|r| r.preempted_ua).count();
     if uas == 0 {
-        let (_, seen) = past_ua(&s, &[0; 6], Bytes::new(), 0).await;
+        let (_, seen) = past_ua(&s, LUN, &[0; 6], Bytes::new(), 0).await;
         uas = seen.iter().filter(|u| **u == (0x2a, 0x05)).count();
     }
     assert_eq!(uas, 1, "REGISTRATIONS PREEMPTED to S");

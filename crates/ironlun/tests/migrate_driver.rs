@@ -2,7 +2,7 @@
 //! contract (ownership, prepare, commit, abort, epochs) with injectable faults.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use ironlun_testkit::{pattern, session, Daemon, Scratch, BLOCK_SIZE, PROMPT};
+use ironlun_testkit::{pattern, session, Daemon, Scratch};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -624,17 +624,11 @@ fn usage_errors_exit_2() {
 /// WRITE (16) of one block at LBA 0 from `s`, past the unit attentions an ownership change
 /// queues (SPC-4 §5.13.11.2.4: 2Ah/05h to the preempted host); the final status byte.
 async fn write_status(s: &ironlun_initiator::Session) -> u8 {
-    for _ in 0..8 {
-        let r = tokio::time::timeout(PROMPT, s.write16(0, 0, BLOCK_SIZE, pattern(7, 512), false))
-            .await
-            .expect("write hung")
-            .expect("write");
-        let ua = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
-        if !ua {
-            return r.status;
-        }
-    }
-    panic!("unit attentions never end");
+    let cdb = ironlun_initiator::scsi::write16_cdb(0, 1, false);
+    ironlun_testkit::past_ua(s, 0, &cdb, pattern(7, 512), 0)
+        .await
+        .0
+        .status
 }
 
 const GOOD: u8 = 0x00;

@@ -95,26 +95,11 @@ fn summary(o: &Output) -> Value {
 /// WRITE (16) of one block at `lba` from `s`, past unit attentions (an ownership change queues
 /// 2Ah/05h to the preempted host, SPC-4 §5.13.11.2.4); the final status byte.
 async fn write_status(s: &Session, lba: u64) -> u8 {
-    for _ in 0..8 {
-        let r = tokio::time::timeout(
-            PROMPT,
-            s.write16(
-                0,
-                lba,
-                BLOCK_SIZE,
-                ironlun_testkit::pattern(lba, 512),
-                false,
-            ),
-        )
+    let cdb = ironlun_initiator::scsi::write16_cdb(lba, 1, false);
+    ironlun_testkit::past_ua(s, 0, &cdb, ironlun_testkit::pattern(lba, 512), 0)
         .await
-        .expect("write hung")
-        .expect("write");
-        let ua = r.status == 0x02 && r.sense_key().is_some_and(|k| k.key == 0x06);
-        if !ua {
-            return r.status;
-        }
-    }
-    panic!("unit attentions never end");
+        .0
+        .status
 }
 
 fn get(admin: &str, path: &str) -> Value {

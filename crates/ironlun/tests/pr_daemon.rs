@@ -113,23 +113,10 @@ async fn login(addr: SocketAddr, name: &str, isid: [u8; 6]) -> Session {
         .await
 }
 
-fn is_ua(r: &CommandResult) -> bool {
-    r.status == CHECK_CONDITION && r.sense_key().is_some_and(|k| k.key == 0x06)
-}
-
-/// Run a command, retrying while it reports a unit attention (those are queued by the PR
-/// events of the other nexuses and are checked elsewhere).
+/// Run a command on LUN 0 past unit attentions (those are queued by the PR events of the
+/// other nexuses and are checked elsewhere).
 async fn past_ua(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandResult {
-    for _ in 0..8 {
-        let r = tokio::time::timeout(PROMPT, s.command(LUN0, cdb, data.clone(), alloc))
-            .await
-            .expect("command hung")
-            .expect("command");
-        if !is_ua(&r) {
-            return r;
-        }
-    }
-    panic!("unit attentions never end");
+    ironlun_testkit::past_ua(s, LUN0, cdb, data, alloc).await.0
 }
 
 /// PERSISTENT RESERVE OUT with a basic 24-byte parameter list (SPC-4 §6.16.1, §6.16.3);

@@ -5,7 +5,7 @@
 //! - [`Binary`]: which `ironlun` executable: the one cargo built for the calling test
 //!   (`Binary::new(env!("CARGO_BIN_EXE_ironlun"))`) or the release build ([`Binary::release`]).
 //! - [`Login`]: log in with `ironlun_initiator` and clear the power-on unit attention
-//!   ([`clear_ua`] on a session already there).
+//!   ([`clear_ua`] on a session already there); [`past_ua`]: a command past unit attentions.
 //! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test.
 //! - [`Scratch`]: a directory for `ironlun migrate` runs: journal, hook log, killing hooks.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
@@ -32,11 +32,11 @@ mod tools;
 pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use io::{pattern, tagged, BackgroundIo};
-pub use login::{clear_ua, opts, session, Login};
+pub use login::{clear_ua, opts, past_ua, session, unit_attention, Login};
 pub use scratch::Scratch;
 pub use tools::{
-    conformance, conformance_of, conformance_paths, repo_root, require_tool, run, strip_ansi,
-    REQUIRED_SUITES,
+    conformance, conformance_of, conformance_paths, image_with_hole, qemu_img_round_trip,
+    repo_root, require_tool, run, strip_ansi, REQUIRED_SUITES,
 };
 
 use std::time::Duration;

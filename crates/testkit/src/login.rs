@@ -2,8 +2,9 @@
 //! then TEST UNIT READY until GOOD (the first command of a new nexus reports the power-on
 //! unit attention).
 
-use crate::TARGET;
-use ironlun_initiator::{ChapCredentials, LoginOptions, Session};
+use crate::{PROMPT, TARGET};
+use bytes::Bytes;
+use ironlun_initiator::{ChapCredentials, CommandResult, LoginOptions, Session};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::ToSocketAddrs;
@@ -119,4 +120,35 @@ pub async fn clear_ua(s: &Session, lun: u64, tries: u32) {
         }
     }
     panic!("LUN {lun:#x}: TEST UNIT READY never GOOD");
+}
+
+/// The (ASC, ASCQ) of `r` if it is a unit attention: CHECK CONDITION, sense key 6 (SAM-5 §5.14).
+pub fn unit_attention(r: &CommandResult) -> Option<(u8, u8)> {
+    let k = r.sense_key()?;
+    (r.status == 0x02 && k.key == 0x06).then_some((k.asc, k.ascq))
+}
+
+/// `cdb` on `lun`, sent again while it returns a unit attention (those queued by other
+/// nexuses' PR, ownership or reset events; a test checks them where they matter). Returns the
+/// final result and the (ASC, ASCQ) of every unit attention passed. Panics on a transport
+/// error, a hang (hang guard [`PROMPT`]) or more than 8 unit attentions in a row.
+pub async fn past_ua(
+    s: &Session,
+    lun: u64,
+    cdb: &[u8],
+    data: Bytes,
+    expected_in: u32,
+) -> (CommandResult, Vec<(u8, u8)>) {
+    let mut uas = Vec::new();
+    for _ in 0..8 {
+        let r = tokio::time::timeout(PROMPT, s.command(lun, cdb, data.clone(), expected_in))
+            .await
+            .expect("command hung")
+            .expect("command");
+        match unit_attention(&r) {
+            Some(ua) => uas.push(ua),
+            None => return (r, uas),
+        }
+    }
+    panic!("unit attentions never end: {uas:?}");
 }
