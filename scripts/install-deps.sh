@@ -17,6 +17,10 @@
 #   prometheus        only for promtool (`promtool check metrics` in crates/ironlun/tests/metrics.rs);
 #                     installed without recommends and with service starts denied (policy-rc.d), and
 #                     its service disabled afterwards, so no prometheus server is left running
+#   etcd-server, etcd-client
+#                     etcd and etcdctl 3.4 for the cluster tests (crates/ironlun/tests/etcd.rs starts
+#                     its own three members on loopback); installed like prometheus: no service
+#                     start, and its service disabled afterwards
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -72,9 +76,11 @@ if [ -n "$qver" ] && [ "$qver" != "$sver" ]; then
     "qemu-system-x86=$qver" "qemu-system-common=$qver" "qemu-system-data=$qver" >/dev/null
 fi
 
-# prometheus, for promtool only: no service start during the install (a policy-rc.d that denies
-# starts, unless one is already in place, as in containers), and none at boot.
-if ! command -v promtool >/dev/null; then
+# Packages that ship a service the tests must not have running: no service start during the
+# install (a policy-rc.d that denies starts, unless one is already in place, as in containers),
+# and none at boot. $1: the service; the rest: the packages.
+install_quiet() {
+  local service=$1; shift
   apt_update
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
@@ -82,14 +88,20 @@ if ! command -v promtool >/dev/null; then
     $SUDO chmod 755 "$policy"
     trap '$SUDO rm -f "$policy"' EXIT
   fi
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
   if [ -d /run/systemd/system ]; then
-    $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    $SUDO systemctl disable --now "$service" >/dev/null 2>&1 || true
   fi
+}
+# prometheus, for promtool only.
+command -v promtool >/dev/null || install_quiet prometheus.service prometheus
+# etcd: the tests start their own members on loopback.
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  install_quiet etcd.service etcd-server etcd-client
 fi
 
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool etcd etcdctl; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod backend;
 pub mod budget;
 pub mod config;
+pub mod etcd;
 #[cfg(test)]
 mod gated;
 pub mod heap;

@@ -10,6 +10,7 @@
 //! - [`Scratch`]: a directory for `ironlun migrate` runs: journal, hook log, killing hooks.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
+//! - [`EtcdCluster`]: real etcd members on loopback, stopped by PID.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Helpers panic on failure (the panic message is the test's failure report), except those
@@ -24,6 +25,7 @@
 
 mod admin;
 mod daemon;
+mod etcd;
 mod io;
 mod login;
 mod scratch;
@@ -31,6 +33,7 @@ mod tools;
 
 pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
+pub use etcd::EtcdCluster;
 pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{clear_ua, opts, past_ua, session, unit_attention, Login};
 pub use scratch::Scratch;

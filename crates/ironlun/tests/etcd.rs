@@ -1,0 +1,219 @@
+//! The etcd client (`ironlun::etcd`) against a real three-member etcd 3.4 on loopback
+//! (issue 18: the cluster state's store; scale-out.md §2.1–§2.5): leases, compare-and-swap on
+//! a key's revision and its writer's lease, watches in revision order, lease expiry as a
+//! DELETE, compaction, a member lost with quorum kept, and quorum lost (calls fail, none hangs).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use ironlun::etcd::{Compare, Etcd, EtcdError, Event, Op, Watch};
+use ironlun_testkit::{EtcdCluster, PROMPT};
+use std::time::Duration;
+
+const CALL: Duration = Duration::from_secs(2);
+
+fn client(c: &EtcdCluster) -> Etcd {
+    Etcd::new(&c.endpoints(), CALL).unwrap()
+}
+
+/// Events from `w` until one at `revision` or later has been seen (hang guard [`PROMPT`]).
+async fn events_until(w: &mut Watch, revision: i64) -> Vec<Event> {
+    let mut got = Vec::new();
+    while got.last().is_none_or(|e: &Event| e.revision() < revision) {
+        let (_, batch) = tokio::time::timeout(PROMPT, w.next())
+            .await
+            .unwrap_or_else(|_| panic!("no event up to revision {revision}; got {got:?}"))
+            .expect("watch");
+        got.extend(batch);
+    }
+    got
+}
+
+/// The CAS a gateway commits a PR change with: the record's revision is still `r0` (0: no
+/// record yet) and the gateway's member key still holds its lease.
+async fn cas(e: &Etcd, r0: i64, lease: i64, value: &[u8]) -> ironlun::etcd::TxnOutcome {
+    e.txn(
+        &[
+            Compare::ModRevision(b"/t/lu/pr".to_vec(), r0),
+            Compare::Lease(b"/t/gw/a".to_vec(), lease),
+        ],
+        &[Op::Put {
+            key: b"/t/lu/pr".to_vec(),
+            value: value.to_vec(),
+            lease: 0,
+        }],
+        &[Op::Get(b"/t/lu/pr".to_vec())],
+    )
+    .await
+    .expect("txn")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_cas_watch_and_revoke() {
+    let c = EtcdCluster::start(3);
+    let e = client(&c);
+    let lease = e.grant(5).await.unwrap();
+    assert!(lease.id != 0 && lease.ttl == 5, "{lease:?}");
+    let member_rev = e.put(b"/t/gw/a", b"{}", lease.id).await.unwrap();
+
+    // First commit: the record is absent and the lease holds.
+    let first = cas(&e, 0, lease.id, b"v1").await;
+    assert!(first.succeeded, "{first:?}");
+    assert!(first.revision > member_rev);
+    // The same CAS again loses, and its else branch returns the record as it now is.
+    let again = cas(&e, 0, lease.id, b"v2").await;
+    assert!(!again.succeeded);
+    let now = again.gets[0].clone().expect("record");
+    assert_eq!(
+        (now.value.as_slice(), now.mod_revision),
+        (&b"v1"[..], first.revision)
+    );
+    // Right revision, wrong lease: loses too.
+    let other = e.grant(5).await.unwrap();
+    assert!(!cas(&e, first.revision, other.id, b"v2").await.succeeded);
+    let second = cas(&e, first.revision, lease.id, b"v2").await;
+    assert!(second.succeeded);
+
+    // A watch from the start replays the history in revision order, then goes on live.
+    let mut w = e.watch(b"/t/", 1).await.unwrap();
+    let seen = events_until(&mut w, second.revision).await;
+    let revisions: Vec<i64> = seen.iter().map(Event::revision).collect();
+    assert_eq!(
+        revisions,
+        vec![member_rev, first.revision, second.revision],
+        "{seen:?}"
+    );
+    assert!(matches!(&seen[0], Event::Put(kv) if kv.lease == lease.id && kv.key == b"/t/gw/a"));
+
+    // Prefix read at a revision.
+    let (rev, kvs) = e.get_prefix(b"/t/").await.unwrap();
+    assert!(rev >= second.revision);
+    assert_eq!(kvs.len(), 2);
+
+    // Keep-alive renews; revoke deletes the member key at once (a DELETE in the watch), and
+    // the lease is gone for keep-alive and for the CAS.
+    assert_eq!(e.keep_alive(lease.id).await.unwrap(), Some(5));
+    e.revoke(lease.id).await.unwrap();
+    let gone = events_until(&mut w, second.revision + 1).await;
+    assert!(
+        matches!(&gone[..], [Event::Delete { key, .. }] if key == b"/t/gw/a"),
+        "{gone:?}"
+    );
+    assert_eq!(e.keep_alive(lease.id).await.unwrap(), None);
+    assert!(!cas(&e, second.revision, lease.id, b"v3").await.succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lease_expires_as_a_delete() {
+    let c = EtcdCluster::start(3);
+    let e = client(&c);
+    let lease = e.grant(2).await.unwrap();
+    let put = e.put(b"/t/gw/a", b"{}", lease.id).await.unwrap();
+    let mut w = e.watch(b"/t/gw/", put + 1).await.unwrap();
+    // Nobody renews: etcd deletes the key when the lease expires (TTL plus the lessor's check).
+    let gone = events_until(&mut w, put + 1).await;
+    assert!(
+        matches!(&gone[..], [Event::Delete { key, .. }] if key == b"/t/gw/a"),
+        "{gone:?}"
+    );
+    assert_eq!(e.keep_alive(lease.id).await.unwrap(), None);
+    assert_eq!(e.get(b"/t/gw/a").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_compacted_history_is_refused() {
+    let c = EtcdCluster::start(3);
+    let e = client(&c);
+    let mut last = 0;
+    for i in 0..5u8 {
+        last = e.put(b"/t/lu/pr", &[i], 0).await.unwrap();
+    }
+    e.compact(last).await.unwrap();
+    // etcd confirms the watch, then cancels it with the compaction revision.
+    let mut w = e.watch(b"/t/", 1).await.unwrap();
+    match tokio::time::timeout(PROMPT, w.next())
+        .await
+        .expect("watch hung")
+    {
+        Err(EtcdError::Compacted(r)) => assert_eq!(r, last),
+        other => panic!("watch from compacted history: {other:?}"),
+    }
+    // From the head it works.
+    let mut w = e.watch(b"/t/", last + 1).await.unwrap();
+    let r = e.put(b"/t/lu/pr", b"x", 0).await.unwrap();
+    assert_eq!(events_until(&mut w, r).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_loss_with_quorum_kept_then_quorum_lost() {
+    let mut c = EtcdCluster::start(3);
+    let e = client(&c);
+    let lease = e.grant(5).await.unwrap();
+    e.put(b"/t/gw/a", b"{}", lease.id).await.unwrap();
+    let first = cas(&e, 0, lease.id, b"v1").await;
+    assert!(first.succeeded);
+
+    // The first endpoint's member dies: every call goes on through the others.
+    c.kill9(0);
+    let second = cas(&e, first.revision, lease.id, b"v2").await;
+    assert!(second.succeeded, "{second:?}");
+    assert_eq!(e.keep_alive(lease.id).await.unwrap(), Some(5));
+    assert_eq!(
+        e.get(b"/t/lu/pr").await.unwrap().unwrap().mod_revision,
+        second.revision
+    );
+
+    // A second member stops: no quorum. Calls fail (never GOOD from a minority, never a hang:
+    // each is bounded by the client's own deadline).
+    c.signal(1, "STOP");
+    let ka = tokio::time::timeout(PROMPT, e.keep_alive(lease.id))
+        .await
+        .expect("keep-alive hung without quorum");
+    assert!(ka.is_err(), "keep-alive without quorum: {ka:?}");
+    let read = tokio::time::timeout(PROMPT, e.get(b"/t/lu/pr"))
+        .await
+        .expect("read hung without quorum");
+    assert!(read.is_err(), "linearizable read without quorum: {read:?}");
+    let txn = tokio::time::timeout(
+        PROMPT,
+        e.txn(
+            &[Compare::ModRevision(b"/t/lu/pr".to_vec(), second.revision)],
+            &[Op::Put {
+                key: b"/t/lu/pr".to_vec(),
+                value: b"v3".to_vec(),
+                lease: 0,
+            }],
+            &[],
+        ),
+    )
+    .await
+    .expect("txn hung without quorum");
+    assert!(
+        matches!(
+            txn,
+            Err(EtcdError::Unknown(_) | EtcdError::Server { .. } | EtcdError::Unreachable(_))
+        ),
+        "txn without quorum: {txn:?}"
+    );
+
+    // Quorum back: the store answers again, and holds what was committed (v3 may or may not
+    // have been: its outcome was unknown, and a read tells).
+    c.signal(1, "CONT");
+    c.restart(0);
+    let mut tries = 0;
+    let now = loop {
+        match e.get(b"/t/lu/pr").await {
+            Ok(kv) => break kv.unwrap(),
+            Err(err) => {
+                tries += 1;
+                assert!(tries < 100, "no answer after quorum came back: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(
+        now.value == b"v2" || now.value == b"v3",
+        "{:?}",
+        String::from_utf8_lossy(&now.value)
+    );
+    assert!(now.mod_revision >= second.revision);
+}
