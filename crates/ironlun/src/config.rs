@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
+mod cluster;
+pub use cluster::Cluster;
+
 /// The embedded default target name.
 pub const DEFAULT_TARGET: &str = "iqn.2026-11.io.ironlun:lab";
 /// The iSCSI well-known port (RFC 7143 §13.4? — IANA 3260).
@@ -58,6 +61,7 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     port_group: Vec<RawPortGroup>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 /// `[[port_group]]`: an ALUA target port group (SPC-4 §5.16).
@@ -234,6 +238,8 @@ pub struct Config {
     /// `[[port_group]]`: ALUA target port groups as configured (portals listed in none join
     /// group 1 when the daemon builds its LUs, see [`ironlun_scsi::alua::PortGroups::new`]).
     pub port_groups: Vec<ironlun_scsi::alua::PortGroup>,
+    /// `[cluster]`: this daemon as a gateway of several ([`Cluster`]); `None`: one node.
+    pub cluster: Option<Cluster>,
 }
 
 /// File name of the admin API's Unix socket in its default directory ([`default_admin_socket`]).
@@ -605,6 +611,7 @@ impl Config {
             discovery_chap: None,
             admin: Admin::default(),
             port_groups: Vec::new(),
+            cluster: None,
         }
     }
 
@@ -994,6 +1001,10 @@ impl Config {
         };
         let admin = parse_admin(&cx, raw.admin.as_ref(), &base)?;
         let port_groups = parse_port_groups(&cx, &raw.port_group, &portals)?;
+        let cluster = match &raw.cluster {
+            Some(c) => Some(cluster::parse(&cx, c)?),
+            None => None,
+        };
         Ok(Config {
             portals,
             negotiation,
@@ -1005,6 +1016,7 @@ impl Config {
             discovery_chap,
             admin,
             port_groups,
+            cluster,
         })
     }
 }

@@ -306,6 +306,11 @@ impl Live {
             .or_else(|| self.source.path.is_none().then(|| running.data_dir.clone()));
         let mut cfg =
             Config::parse(&file, text, base, dd.as_deref()).map_err(|e| bad(e.to_string()))?;
+        if cfg.cluster != running.cluster {
+            return Err(bad(
+                "[cluster] cannot change while the daemon runs: restart it".to_string(),
+            ));
+        }
         if self.source.listen.is_some() {
             // `--listen` replaces the file's portals for the daemon's lifetime.
             cfg.portals = running.portals.clone();

@@ -1,12 +1,15 @@
-//! The etcd client (`ironlun::etcd`) against a real three-member etcd 3.4 on loopback
-//! (issue 18: the cluster state's store; scale-out.md §2.1–§2.5): leases, compare-and-swap on
-//! a key's revision and its writer's lease, watches in revision order, lease expiry as a
-//! DELETE, compaction, a member lost with quorum kept, and quorum lost (calls fail, none hangs).
+//! Cluster mode so far (issue 18). The etcd client (`ironlun::etcd`) against a real
+//! three-member etcd 3.4 on loopback (the cluster state's store; scale-out.md §2.1–§2.5):
+//! leases, compare-and-swap on a key's revision and its writer's lease, watches in revision
+//! order, lease expiry as a DELETE, compaction, a member lost with quorum kept, and quorum lost
+//! (calls fail, none hangs). And `[cluster]` in a config: `ironlun check` shows it, `serve`
+//! refuses it until the replicated state drives the LUs (never a node-local fail-open).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun::etcd::{Compare, Etcd, EtcdError, Event, Op, Watch};
 use ironlun_testkit::{EtcdCluster, PROMPT};
+use std::process::Command;
 use std::time::Duration;
 
 const CALL: Duration = Duration::from_secs(2);
@@ -216,4 +219,38 @@ async fn member_loss_with_quorum_kept_then_quorum_lost() {
         String::from_utf8_lossy(&now.value)
     );
     assert!(now.mod_revision >= second.revision);
+}
+
+#[test]
+fn a_cluster_config_is_checked_and_serve_refuses_it_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n\
+         [cluster]\nname = \"gw-a\"\ncluster = \"lab\"\nendpoints = [\"127.0.0.1:2379\"]\n",
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_ironlun");
+    let check = Command::new(bin)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{out}");
+    assert!(
+        out.contains("cluster lab gateway gw-a etcd 127.0.0.1:2379"),
+        "{out}"
+    );
+    let serve = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(serve.status.code(), Some(2), "{err}");
+    assert!(err.contains("cluster mode is not complete yet"), "{err}");
 }
