@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun::etcd::{Compare, Etcd, EtcdError, Event, Op, Watch};
-use ironlun_testkit::{EtcdCluster, PROMPT};
+use ironlun_testkit::{EtcdCluster, Proxy, PROMPT};
 use std::process::Command;
 use std::time::Duration;
 
@@ -155,14 +155,47 @@ async fn member_loss_with_quorum_kept_then_quorum_lost() {
     let first = cas(&e, 0, lease.id, b"v1").await;
     assert!(first.succeeded);
 
-    // The first endpoint's member dies: every call goes on through the others.
+    // The first endpoint's member dies: calls go on through the others. If it was the leader,
+    // a change sent during the election may time out with its outcome unknown; the caller
+    // reads the key to learn it (a gateway matches its op id, scale-out.md §2.2 step 2).
     c.kill9(0);
-    let second = cas(&e, first.revision, lease.id, b"v2").await;
-    assert!(second.succeeded, "{second:?}");
+    let mut tries = 0;
+    let second_revision = loop {
+        let t = e
+            .txn(
+                &[
+                    Compare::ModRevision(b"/t/lu/pr".to_vec(), first.revision),
+                    Compare::Lease(b"/t/gw/a".to_vec(), lease.id),
+                ],
+                &[Op::Put {
+                    key: b"/t/lu/pr".to_vec(),
+                    value: b"v2".to_vec(),
+                    lease: 0,
+                }],
+                &[],
+            )
+            .await;
+        tries += 1;
+        assert!(tries < 20, "no commit after the member loss: {t:?}");
+        match t {
+            Ok(t) => {
+                assert!(t.succeeded, "{t:?}");
+                break t.revision;
+            }
+            Err(EtcdError::Unknown(_) | EtcdError::Unreachable(_) | EtcdError::Server { .. }) => {
+                if let Ok(Some(kv)) = e.get(b"/t/lu/pr").await {
+                    if kv.value == b"v2" {
+                        break kv.mod_revision;
+                    }
+                }
+            }
+            Err(other) => panic!("txn: {other}"),
+        }
+    };
     assert_eq!(e.keep_alive(lease.id).await.unwrap(), Some(5));
     assert_eq!(
         e.get(b"/t/lu/pr").await.unwrap().unwrap().mod_revision,
-        second.revision
+        second_revision
     );
 
     // A second member stops: no quorum. Calls fail (never GOOD from a minority, never a hang:
@@ -179,7 +212,7 @@ async fn member_loss_with_quorum_kept_then_quorum_lost() {
     let txn = tokio::time::timeout(
         PROMPT,
         e.txn(
-            &[Compare::ModRevision(b"/t/lu/pr".to_vec(), second.revision)],
+            &[Compare::ModRevision(b"/t/lu/pr".to_vec(), second_revision)],
             &[Op::Put {
                 key: b"/t/lu/pr".to_vec(),
                 value: b"v3".to_vec(),
@@ -218,7 +251,7 @@ async fn member_loss_with_quorum_kept_then_quorum_lost() {
         "{:?}",
         String::from_utf8_lossy(&now.value)
     );
-    assert!(now.mod_revision >= second.revision);
+    assert!(now.mod_revision >= second_revision);
 }
 
 #[test]
@@ -253,4 +286,40 @@ fn a_cluster_config_is_checked_and_serve_refuses_it_for_now() {
     let err = String::from_utf8_lossy(&serve.stderr);
     assert_eq!(serve.status.code(), Some(2), "{err}");
     assert!(err.contains("cluster mode is not complete yet"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_off_gets_errors_not_hangs_and_recovers() {
+    let c = EtcdCluster::start(3);
+    let proxies: Vec<Proxy> = c
+        .endpoints()
+        .iter()
+        .map(|e| Proxy::start(e.parse().unwrap()))
+        .collect();
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let e = Etcd::new(&through, CALL).unwrap();
+    let lease = e.grant(5).await.unwrap();
+    assert_eq!(e.keep_alive(lease.id).await.unwrap(), Some(5));
+    // The link dies (every path to etcd black-holed): calls fail at their deadline.
+    for p in &proxies {
+        p.block();
+    }
+    let ka = tokio::time::timeout(PROMPT * 2, e.keep_alive(lease.id))
+        .await
+        .expect("keep-alive hung behind a dead link");
+    assert!(matches!(ka, Err(EtcdError::Unreachable(_))), "{ka:?}");
+    let put = tokio::time::timeout(PROMPT * 2, e.put(b"/t/x", b"1", 0))
+        .await
+        .expect("put hung behind a dead link");
+    assert!(matches!(put, Err(EtcdError::Unknown(_))), "{put:?}");
+    // Healed: the same client works again, and the lease (5 s) may or may not have lapsed.
+    for p in &proxies {
+        p.unblock();
+    }
+    let mut tries = 0;
+    while e.get(b"/t/x").await.is_err() {
+        tries += 1;
+        assert!(tries < 100, "no answer after the link came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

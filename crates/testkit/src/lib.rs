@@ -10,7 +10,8 @@
 //! - [`Scratch`]: a directory for `ironlun migrate` runs: journal, hook log, killing hooks.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
-//! - [`EtcdCluster`]: real etcd members on loopback, stopped by PID.
+//! - [`EtcdCluster`]: real etcd members on loopback, stopped by PID; [`Proxy`]: a TCP proxy
+//!   a test black-holes to cut one client off.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Helpers panic on failure (the panic message is the test's failure report), except those
@@ -28,6 +29,7 @@ mod daemon;
 mod etcd;
 mod io;
 mod login;
+mod proxy;
 mod scratch;
 mod tools;
 
@@ -36,6 +38,7 @@ pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use etcd::EtcdCluster;
 pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{clear_ua, opts, past_ua, session, unit_attention, Login};
+pub use proxy::Proxy;
 pub use scratch::Scratch;
 pub use tools::{
     conformance, conformance_of, conformance_paths, image_with_hole, qemu_img_round_trip,
