@@ -212,7 +212,7 @@ mod tests {
         assert!(bad(|s| s.keepalive_interval = Duration::ZERO).contains("keepalive"));
         assert!(bad(|s| s.rho_ppm = 600_000).contains("ppm"));
         assert!(
-            bad(|s| s.keepalive_interval = Duration::from_millis(4000)).contains("fence itself")
+            bad(|s| s.keepalive_interval = Duration::from_millis(4500)).contains("fence itself")
         );
         // Unchecked keeps the zero bound for negative controls: D = s + T.
         let zero = LeaseSettings {
