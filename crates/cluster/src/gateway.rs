@@ -1,0 +1,807 @@
+//! The sans-IO gateway protocol for ONE logical unit (scale-out.md §2.2–§2.5).
+//!
+//! One [`Gateway`] per (gateway process, LU); several LUs mean several instances fed by the
+//! same watch. It performs no I/O and reads no clock.
+//!
+//! # Driving contract (the shape of quinn-proto's `Connection`)
+//!
+//! - Feed inputs: [`Gateway::prout`] for each PERSISTENT RESERVE OUT, [`Gateway::handle`] for
+//!   everything the store or the host daemon reports, [`Gateway::handle_timeout`] when the
+//!   instant of [`Gateway::poll_timeout`] is reached. Every input carries the gateway's local
+//!   monotonic `now`.
+//! - After each input, drain [`Gateway::poll_request`] (send to the store) and
+//!   [`Gateway::poll_output`] (answer initiators, raise UAs, abort tasks, change the ALUA
+//!   group), then re-arm the timer from [`Gateway::poll_timeout`].
+//! - Before every backend submit call [`Gateway::may_submit`] (the self-fence check, §0.3b),
+//!   and answer commands from [`Gateway::state`] (the local replica, applied in revision order).
+//!
+//! # Decisions that differ from the brief
+//!
+//! - A gateway applies records **only from the watch**, its own included: the transaction's
+//!   answer just says at which revision to wait. Applying an own commit early would advance the
+//!   watch position past events (member puts, acks) not yet seen.
+//! - The outcome of a transaction is also decided by the watch: a record with my op id at `r`
+//!   means committed, a foreign record above my compare revision means lost. So a lost answer
+//!   needs no extra read; after [`GatewayConfig::rpc_timeout`] the same transaction (same op
+//!   id, same compare revision) is sent again, which can commit at most once.
+//! - The completion rule also waits for members deleted **before** `r` until Δ has passed
+//!   since their DELETE: such a gateway's last writes may still be in flight for up to the
+//!   in-flight budget, whether or not it was a member at `r`. The wait is measured as
+//!   `Δ(1+ρ)` on the local clock so that a fast clock cannot shorten it.
+//! - An own-lease loss ("lease not found" or the DELETE of our member key) fences for good:
+//!   rejoining needs a new lease, member key and snapshot, i.e. a new [`Gateway`].
+
+use crate::kv::{self, Change, Key, LeaseId, Value};
+use crate::lease::Timing;
+use crate::op::{Op, OpId, Record};
+use crate::{GatewayId, Revision, Time};
+use ironlun_scsi::pr::{Effects, ItNexus, OutRequest, PrContext, PrError, PrState, Registration};
+use ironlun_scsi::sense::SenseReason;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Identifies one PERSISTENT RESERVE OUT command to its answer.
+pub type Token = u64;
+
+/// Static configuration of a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This gateway.
+    pub id: GatewayId,
+    /// The relative target port identifiers (TPGTs) this gateway serves.
+    pub ports: Vec<u16>,
+    /// Every gateway's ports: `PrContext::relative_ports` must be cluster-wide (§2.2).
+    pub cluster_ports: Vec<u16>,
+    /// The lease bound (§2.4).
+    pub timing: Timing,
+    /// How long a transaction may stay unanswered before it is sent again (§2.5: 0.8 s calls).
+    pub rpc_timeout: Duration,
+    /// Lost compare-and-swap races tolerated before answering BUSY (§2.2 step 2: 16).
+    pub max_tries: u32,
+}
+
+/// How a PERSISTENT RESERVE OUT ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// GOOD status.
+    Good,
+    /// RESERVATION CONFLICT or CHECK CONDITION, as `PrState::prout` decided.
+    Failed(PrError),
+    /// CHECK CONDITION, NOT READY, 04h/0Ah (asymmetric access state transition): the gateway
+    /// is fenced; the initiator retries on another path. The op may or may not be committed.
+    NotReady,
+    /// BUSY status: too many lost races for the record.
+    Busy,
+}
+
+impl Answer {
+    /// The sense of [`Answer::NotReady`].
+    pub const NOT_READY_SENSE: SenseReason = SenseReason::AluaTransitioning;
+}
+
+/// What [`Gateway::prout`] decided without the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submit {
+    /// Answer now (error, no change, or fenced).
+    Immediate(Answer),
+    /// A [`Output::Respond`] with this token will follow.
+    Pending,
+}
+
+/// An input from the store or the host daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Watch events on the LU's and the members' keys, in revision order (duplicates of
+    /// already seen revisions are ignored).
+    Watch(Vec<kv::Event>),
+    /// The answer to [`Request::Txn`] `attempt`.
+    Txn {
+        /// The attempt answered.
+        attempt: u64,
+        /// The store's answer.
+        result: kv::TxnResult,
+    },
+    /// The answer to [`Request::KeepAlive`] sent at local `sent_at`: `ok` = TTL > 0.
+    KeepAlive {
+        /// Local instant the keepalive was sent.
+        sent_at: Time,
+        /// The lease was still alive.
+        ok: bool,
+    },
+    /// The answer to [`Request::ReadHead`]: the store's head revision (linearizable read).
+    Head(Revision),
+    /// The host daemon: every local task aborted by revisions ≤ this one has finished its
+    /// backend I/O.
+    Drained(Revision),
+}
+
+/// Something to send to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `If(mod(Pr) == expect, lease(Member(me)) == lease) Then(put Pr = record)` (§2.2 step 2).
+    Txn {
+        /// Matches the answer.
+        attempt: u64,
+        /// The compare revision `r0`.
+        expect: Revision,
+        /// This gateway's lease.
+        lease: LeaseId,
+        /// The new record.
+        record: Record,
+    },
+    /// Put `applied/<me>` = revision under the lease.
+    PutApplied(Revision),
+    /// Put `drained/<me>` = revision under the lease.
+    PutDrained(Revision),
+    /// Refresh the lease; answer with [`Event::KeepAlive`] carrying `sent_at`.
+    KeepAlive {
+        /// Local send instant (the `s` of §2.4).
+        sent_at: Time,
+    },
+    /// Read the head revision (rejoin after a fence, §2.5).
+    ReadHead,
+}
+
+/// Something for the host daemon to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Complete PERSISTENT RESERVE OUT `token`; `revision` is its commit revision if it was
+    /// committed.
+    Respond {
+        /// The command.
+        token: Token,
+        /// Its status.
+        answer: Answer,
+        /// Commit revision, for a GOOD that needed the store.
+        revision: Option<Revision>,
+    },
+    /// Queue `reason` for the I_T nexuses of `registration` on this gateway's ports (an
+    /// ALL_TG_PT registration is raised by every gateway for its own ports).
+    Ua {
+        /// The registration whose nexuses get the condition.
+        registration: Registration,
+        /// The additional sense.
+        reason: SenseReason,
+    },
+    /// Abort the local tasks of these registrations' nexuses (PREEMPT AND ABORT, §2.3), then
+    /// report [`Event::Drained`] for `revision` once their backend I/O has finished.
+    AbortTasks {
+        /// Preempted registrations with nexuses on this gateway.
+        registrations: Vec<Registration>,
+        /// The revision that aborted them.
+        revision: Revision,
+    },
+    /// Deadline passed or lease lost: stop submitting, fail queued commands with 02/04/0A,
+    /// set the port group to transitioning (§2.5).
+    Fenced,
+    /// Lease valid and replica caught up again: restore the port group.
+    Unfenced,
+    /// The lease is gone; this instance stays fenced (rejoin with a new instance).
+    LeaseLost,
+    /// Replaying the record at `revision` did not give its stored state; the stored state was
+    /// installed. The daemon drops local sessions (hosts re-read PR, §2.2 apply step 1).
+    Diverged {
+        /// The record's revision.
+        revision: Revision,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Member {
+    create: Revision,
+    applied: Revision,
+    drained: Revision,
+    /// Local instant the DELETE of the member key was seen.
+    gone_at: Option<Time>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Dry run and send the transaction.
+    Ready,
+    /// Transaction sent.
+    Txn {
+        attempt: u64,
+        expect: Revision,
+        sent_at: Time,
+    },
+    /// Lost the compare: wait until the replica reaches `until`.
+    CatchUp { until: Revision },
+    /// Committed at `revision`: the completion rule (§2.2 step 4).
+    Wait { revision: Revision },
+}
+
+#[derive(Debug, Clone)]
+struct Work {
+    token: Option<Token>,
+    op: Op,
+    id: OpId,
+    tries: u32,
+    aborts: bool,
+    record: Option<Record>,
+    phase: Phase,
+}
+
+/// One gateway's protocol state for one LU. See the module documentation for the contract.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    cfg: GatewayConfig,
+    lease: LeaseId,
+    state: PrState,
+    /// Revision of the record `state` equals (0: none yet).
+    pr_rev: Revision,
+    /// Watch position: every event up to here has been applied.
+    applied: Revision,
+    acked_applied: Revision,
+    members: BTreeMap<GatewayId, Member>,
+    deadline: Time,
+    next_keepalive: Time,
+    fenced: bool,
+    lease_lost: bool,
+    /// After a fence: unfence once the replica reaches this head revision.
+    rejoin: Option<Option<Revision>>,
+    work: VecDeque<Work>,
+    seq: u64,
+    attempts: u64,
+    pending_drains: BTreeSet<Revision>,
+    last_abort_rev: Revision,
+    drained: Revision,
+    gone_recorded: BTreeSet<GatewayId>,
+    requests: VecDeque<Request>,
+    outputs: VecDeque<Output>,
+}
+
+impl Gateway {
+    /// A gateway that joined with lease `lease`, granted by a request sent at local
+    /// `granted_at`, and member key created at `create_revision`. It starts from the empty
+    /// PR state at revision 0 and must be fed the watch from revision 1 (a later joiner would
+    /// start from a snapshot; §2.5 "Join").
+    pub fn new(
+        cfg: GatewayConfig,
+        lease: LeaseId,
+        granted_at: Time,
+        create_revision: Revision,
+    ) -> Self {
+        let deadline = cfg.timing.deadline(granted_at);
+        let next_keepalive = granted_at.saturating_add(cfg.timing.settings().keepalive_interval);
+        Self {
+            cfg,
+            lease,
+            state: PrState::new(),
+            pr_rev: 0,
+            applied: 0,
+            acked_applied: 0,
+            members: BTreeMap::new(),
+            deadline,
+            next_keepalive,
+            fenced: false,
+            lease_lost: false,
+            rejoin: None,
+            work: VecDeque::new(),
+            seq: create_revision << 32,
+            attempts: 0,
+            pending_drains: BTreeSet::new(),
+            last_abort_rev: 0,
+            drained: 0,
+            gone_recorded: BTreeSet::new(),
+            requests: VecDeque::new(),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// This gateway's id.
+    pub fn id(&self) -> GatewayId {
+        self.cfg.id
+    }
+
+    /// This gateway's lease.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
+    /// The local replica of the PR state, equal to the record at [`Gateway::pr_revision`].
+    pub fn state(&self) -> &PrState {
+        &self.state
+    }
+
+    /// Revision of the last applied record.
+    pub fn pr_revision(&self) -> Revision {
+        self.pr_rev
+    }
+
+    /// The watch position: resume a broken watch from the revision after it.
+    pub fn watch_revision(&self) -> Revision {
+        self.applied
+    }
+
+    /// The local self-fencing deadline `D` (§2.4).
+    pub fn deadline(&self) -> Time {
+        self.deadline
+    }
+
+    /// Whether the gateway is fenced (deadline passed, lease lost, or catching up).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// The self-fence check before every backend submit (§0.3b): `now < D` and not fenced.
+    pub fn may_submit(&self, now: Time) -> bool {
+        !self.fenced && now < self.deadline
+    }
+
+    fn ctx(&self) -> PrContext<'_> {
+        PrContext {
+            relative_ports: &self.cfg.cluster_ports,
+            ptpl_capable: true,
+        }
+    }
+
+    fn serves(&self, r: &Registration) -> bool {
+        r.rtpi.is_none_or(|p| self.cfg.ports.contains(&p))
+    }
+
+    /// A PERSISTENT RESERVE OUT from `it` (§2.2). Errors and no-op requests are answered from
+    /// the local replica at once (linearizable: every op that completed anywhere has been
+    /// applied here, by the completion rule); a change is committed through the store.
+    pub fn prout(&mut self, now: Time, token: Token, it: &ItNexus, req: OutRequest<'_>) -> Submit {
+        self.check_deadline(now);
+        if self.fenced {
+            return Submit::Immediate(Answer::NotReady);
+        }
+        let op = Op::prout(it, req);
+        if self.work.is_empty() {
+            let mut next = self.state.clone();
+            match op.apply(&mut next, self.ctx()) {
+                Err(e) => return Submit::Immediate(Answer::Failed(e)),
+                Ok(fx) if no_change(&self.state, &next, &fx) => {
+                    return Submit::Immediate(Answer::Good)
+                }
+                Ok(_) => {}
+            }
+        }
+        self.enqueue(Some(token), op);
+        self.step(now);
+        Submit::Pending
+    }
+
+    fn enqueue(&mut self, token: Option<Token>, op: Op) {
+        self.seq += 1;
+        let id = OpId {
+            gateway: self.cfg.id,
+            seq: self.seq,
+        };
+        self.work.push_back(Work {
+            token,
+            op,
+            id,
+            tries: 0,
+            aborts: false,
+            record: None,
+            phase: Phase::Ready,
+        });
+    }
+
+    /// An input from the store or the host daemon.
+    pub fn handle(&mut self, now: Time, event: Event) {
+        match event {
+            Event::Watch(events) => {
+                for ev in &events {
+                    self.apply_event(now, ev);
+                }
+                if self.pr_rev > self.acked_applied && !self.lease_lost {
+                    self.acked_applied = self.pr_rev;
+                    self.requests.push_back(Request::PutApplied(self.pr_rev));
+                }
+            }
+            Event::Txn { attempt, result } => self.txn_result(attempt, result),
+            Event::KeepAlive { sent_at, ok } => {
+                if !ok {
+                    self.lose_lease();
+                } else if !self.lease_lost {
+                    self.deadline = self.deadline.max(self.cfg.timing.deadline(sent_at));
+                    if self.fenced && self.rejoin.is_none() && now < self.deadline {
+                        self.rejoin = Some(None);
+                        self.requests.push_back(Request::ReadHead);
+                    }
+                }
+            }
+            Event::Head(head) => {
+                if self.rejoin == Some(None) {
+                    self.rejoin = Some(Some(head));
+                }
+            }
+            Event::Drained(rev) => {
+                while self.pending_drains.first().is_some_and(|r| *r <= rev) {
+                    self.pending_drains.pop_first();
+                }
+                self.update_drained();
+            }
+        }
+        self.check_deadline(now);
+        self.try_unfence(now);
+        self.step(now);
+    }
+
+    /// The instant [`Gateway::handle_timeout`] must be called at, if any.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        if self.lease_lost {
+            return None;
+        }
+        let mut t = self.next_keepalive;
+        if !self.fenced {
+            t = t.min(self.deadline);
+        }
+        if let Some(w) = self.work.front() {
+            match w.phase {
+                Phase::Txn { sent_at, .. } => {
+                    t = t.min(sent_at.saturating_add(self.cfg.rpc_timeout))
+                }
+                Phase::Wait { .. } => {
+                    let delta = self.cfg.timing.local_lock_delay();
+                    for at in self.members.values().filter_map(|m| m.gone_at) {
+                        let end = at.saturating_add(delta);
+                        t = t.min(end);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(t)
+    }
+
+    /// The timer fired: send due keepalives, fence at the deadline, resend an unanswered
+    /// transaction, re-check the completion rule.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.lease_lost {
+            return;
+        }
+        if now >= self.next_keepalive {
+            self.requests.push_back(Request::KeepAlive { sent_at: now });
+            self.next_keepalive = now.saturating_add(self.cfg.timing.settings().keepalive_interval);
+        }
+        self.check_deadline(now);
+        if let Some(w) = self.work.front_mut() {
+            if let Phase::Txn {
+                attempt,
+                expect,
+                sent_at,
+            } = w.phase
+            {
+                if now >= sent_at.saturating_add(self.cfg.rpc_timeout) {
+                    if let Some(record) = w.record.clone() {
+                        let _ = attempt;
+                        self.attempts += 1;
+                        let attempt = self.attempts;
+                        w.phase = Phase::Txn {
+                            attempt,
+                            expect,
+                            sent_at: now,
+                        };
+                        self.requests.push_back(Request::Txn {
+                            attempt,
+                            expect,
+                            lease: self.lease,
+                            record,
+                        });
+                    }
+                }
+            }
+        }
+        self.step(now);
+    }
+
+    /// The next request for the store.
+    pub fn poll_request(&mut self) -> Option<Request> {
+        self.requests.pop_front()
+    }
+
+    /// The next output for the host daemon.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    fn check_deadline(&mut self, now: Time) {
+        if !self.fenced && now >= self.deadline {
+            self.fence();
+        }
+    }
+
+    fn fence(&mut self) {
+        if !self.fenced {
+            self.fenced = true;
+            self.outputs.push_back(Output::Fenced);
+        }
+        self.rejoin = None;
+        for w in std::mem::take(&mut self.work) {
+            if let Some(token) = w.token {
+                self.outputs.push_back(Output::Respond {
+                    token,
+                    answer: Answer::NotReady,
+                    revision: None,
+                });
+            }
+        }
+    }
+
+    fn lose_lease(&mut self) {
+        if !self.lease_lost {
+            self.lease_lost = true;
+            self.fence();
+            self.outputs.push_back(Output::LeaseLost);
+        }
+    }
+
+    fn try_unfence(&mut self, now: Time) {
+        if let Some(Some(head)) = self.rejoin {
+            if self.applied >= head && now < self.deadline && !self.lease_lost {
+                self.rejoin = None;
+                self.fenced = false;
+                self.outputs.push_back(Output::Unfenced);
+            }
+        }
+    }
+
+    fn apply_event(&mut self, now: Time, ev: &kv::Event) {
+        if ev.revision <= self.applied {
+            return;
+        }
+        self.applied = ev.revision;
+        match (&ev.key, &ev.change) {
+            (
+                Key::Pr,
+                Change::Put {
+                    value: Value::Record(rec),
+                    ..
+                },
+            ) => self.apply_record(ev.revision, rec),
+            (
+                Key::Member(g),
+                Change::Put {
+                    create_revision, ..
+                },
+            ) => {
+                let m = self.members.entry(*g).or_default();
+                m.create = *create_revision;
+                m.gone_at = None;
+            }
+            (Key::Member(g), Change::Delete) if *g == self.cfg.id => self.lose_lease(),
+            (Key::Member(g), Change::Delete) => {
+                self.members.entry(*g).or_default().gone_at = Some(now);
+                let lowest = self
+                    .members
+                    .iter()
+                    .find(|(_, m)| m.gone_at.is_none())
+                    .map(|(id, _)| *id);
+                if lowest == Some(self.cfg.id) && !self.gone_recorded.contains(g) && !self.fenced {
+                    self.enqueue(None, Op::GatewayGone { gateway: *g });
+                }
+            }
+            (
+                Key::Applied(g),
+                Change::Put {
+                    value: Value::Revision(v),
+                    ..
+                },
+            ) => {
+                let m = self.members.entry(*g).or_default();
+                m.applied = m.applied.max(*v);
+            }
+            (
+                Key::Drained(g),
+                Change::Put {
+                    value: Value::Revision(v),
+                    ..
+                },
+            ) => {
+                let m = self.members.entry(*g).or_default();
+                m.drained = m.drained.max(*v);
+            }
+            _ => {}
+        }
+    }
+
+    /// `apply(r)` (§2.2): replay, compare, raise local UAs, abort local tasks.
+    fn apply_record(&mut self, r: Revision, rec: &Record) {
+        let mut next = self.state.clone();
+        let fx = rec.op.apply(&mut next, self.ctx());
+        let fx = match fx {
+            Ok(fx) if next == rec.state => fx,
+            _ => {
+                self.outputs.push_back(Output::Diverged { revision: r });
+                Effects::default()
+            }
+        };
+        self.state = rec.state.clone();
+        self.pr_rev = r;
+        if let Op::GatewayGone { gateway } = rec.op {
+            self.gone_recorded.insert(gateway);
+        }
+        for (registration, reason) in fx.ua {
+            if self.serves(&registration) {
+                self.outputs.push_back(Output::Ua {
+                    registration,
+                    reason,
+                });
+            }
+        }
+        if !fx.aborted.is_empty() {
+            self.last_abort_rev = r;
+            let local: Vec<Registration> = fx
+                .aborted
+                .into_iter()
+                .filter(|reg| self.serves(reg))
+                .collect();
+            if !local.is_empty() {
+                self.pending_drains.insert(r);
+                self.outputs.push_back(Output::AbortTasks {
+                    registrations: local,
+                    revision: r,
+                });
+            }
+            self.update_drained();
+        }
+        if let Some(w) = self.work.front_mut() {
+            if let Phase::Txn { expect, .. } = w.phase {
+                if rec.id == w.id {
+                    w.phase = Phase::Wait { revision: r };
+                } else if r > expect {
+                    w.phase = Phase::Ready;
+                }
+            }
+        }
+    }
+
+    fn update_drained(&mut self) {
+        let claim = match self.pending_drains.first() {
+            None => self.last_abort_rev,
+            Some(first) => first.saturating_sub(1).min(self.last_abort_rev),
+        };
+        if claim > self.drained {
+            self.drained = claim;
+            if !self.lease_lost {
+                self.requests.push_back(Request::PutDrained(claim));
+            }
+        }
+    }
+
+    fn txn_result(&mut self, attempt: u64, result: kv::TxnResult) {
+        let Some(w) = self.work.front_mut() else {
+            return;
+        };
+        let Phase::Txn {
+            attempt: current, ..
+        } = w.phase
+        else {
+            return;
+        };
+        if attempt != current {
+            return;
+        }
+        match result {
+            kv::TxnResult::Committed(revision) => w.phase = Phase::Wait { revision },
+            kv::TxnResult::Failed {
+                member_alive: false,
+                ..
+            } => self.lose_lease(),
+            kv::TxnResult::Failed { current, .. } => w.phase = Phase::CatchUp { until: current },
+        }
+    }
+
+    /// Advances the front operation as far as possible.
+    fn step(&mut self, now: Time) {
+        while let Some(w) = self.work.front() {
+            if self.fenced {
+                self.fence();
+                return;
+            }
+            match w.phase {
+                Phase::Ready => self.send_txn(now),
+                Phase::CatchUp { until } => {
+                    if self.pr_rev < until {
+                        return;
+                    }
+                    if let Some(w) = self.work.front_mut() {
+                        w.phase = Phase::Ready;
+                    }
+                }
+                Phase::Txn { .. } => return,
+                Phase::Wait { revision } => {
+                    if !self.complete(now, revision, w.aborts) {
+                        return;
+                    }
+                    if let Some(w) = self.work.pop_front() {
+                        if let Some(token) = w.token {
+                            self.outputs.push_back(Output::Respond {
+                                token,
+                                answer: Answer::Good,
+                                revision: Some(revision),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, answer: Answer) {
+        if let Some(w) = self.work.pop_front() {
+            if let Some(token) = w.token {
+                self.outputs.push_back(Output::Respond {
+                    token,
+                    answer,
+                    revision: None,
+                });
+            }
+        }
+    }
+
+    /// §2.2 steps 1–2 for the front operation.
+    fn send_txn(&mut self, now: Time) {
+        let Some(w) = self.work.front() else { return };
+        let internal = w.token.is_none();
+        if let Op::GatewayGone { gateway } = w.op {
+            if self.gone_recorded.contains(&gateway) {
+                self.finish(Answer::Good);
+                return;
+            }
+        }
+        if w.tries >= self.cfg.max_tries {
+            self.finish(Answer::Busy);
+            return;
+        }
+        let mut next = self.state.clone();
+        let fx = match w.op.apply(&mut next, self.ctx()) {
+            Err(e) => return self.finish(Answer::Failed(e)),
+            Ok(fx) => fx,
+        };
+        if !internal && no_change(&self.state, &next, &fx) {
+            return self.finish(Answer::Good);
+        }
+        self.attempts += 1;
+        let attempt = self.attempts;
+        let expect = self.pr_rev;
+        let lease = self.lease;
+        if let Some(w) = self.work.front_mut() {
+            let record = Record {
+                state: next,
+                op: w.op.clone(),
+                id: w.id,
+            };
+            w.tries += 1;
+            w.aborts = !fx.aborted.is_empty();
+            w.record = Some(record.clone());
+            w.phase = Phase::Txn {
+                attempt,
+                expect,
+                sent_at: now,
+            };
+            self.requests.push_back(Request::Txn {
+                attempt,
+                expect,
+                lease,
+                record,
+            });
+        }
+    }
+
+    /// The completion rule (§2.2 step 4) for an op committed at `r`.
+    fn complete(&self, now: Time, r: Revision, aborts: bool) -> bool {
+        if self.pr_rev < r || (aborts && self.drained < r) {
+            return false;
+        }
+        let delta = self.cfg.timing.local_lock_delay();
+        self.members
+            .iter()
+            .filter(|(id, m)| **id != self.cfg.id && m.create < r)
+            .all(|(_, m)| {
+                let acked = m.applied >= r && (!aborts || m.drained >= r);
+                let gone = m.gone_at.is_some_and(|at| now >= at.saturating_add(delta));
+                acked || gone
+            })
+    }
+}
+
+/// Whether a dry run changed nothing that anyone else must see (§2.2 step 1 "no change").
+fn no_change(before: &PrState, after: &PrState, fx: &Effects) -> bool {
+    before == after && fx.ua.is_empty() && fx.aborted.is_empty()
+}
