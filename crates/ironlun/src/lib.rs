@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod backend;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod etcd;
 #[cfg(test)]

@@ -2,15 +2,21 @@
 //! three-member etcd 3.4 on loopback (the cluster state's store; scale-out.md §2.1–§2.5):
 //! leases, compare-and-swap on a key's revision and its writer's lease, watches in revision
 //! order, lease expiry as a DELETE, compaction, a member lost with quorum kept, and quorum lost
-//! (calls fail, none hangs). And `[cluster]` in a config: `ironlun check` shows it, `serve`
+//! (calls fail, none hangs). A gateway's membership (`ironlun::cluster`): one name, one live
+//! member; cut off from etcd it fences itself before etcd expires its lease, and rejoins with
+//! a new lease once healed. And `[cluster]` in a config: `ironlun check` shows it, `serve`
 //! refuses it until the replicated state drives the LUs (never a node-local fail-open).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use ironlun::cluster::{JoinError, Membership};
+use ironlun::config::{Cluster, Config};
 use ironlun::etcd::{Compare, Etcd, EtcdError, Event, Op, Watch};
 use ironlun_testkit::{EtcdCluster, Proxy, PROMPT};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 const CALL: Duration = Duration::from_secs(2);
 
@@ -322,4 +328,118 @@ async fn a_client_cut_off_gets_errors_not_hangs_and_recovers() {
         assert!(tries < 100, "no answer after the link came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `[cluster]` for gateway `name` on `endpoints`: T = 3 s, renewals every 600 ms, m = 0.5 s.
+fn cluster_config(name: &str, endpoints: &[String]) -> Cluster {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    let text = format!(
+        "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n\
+         [cluster]\nname = \"{name}\"\ncluster = \"t\"\nendpoints = [{}]\nlease_ttl_ms = 3000\n\
+         keepalive_interval_ms = 600\nmargin_ms = 500\nlock_delay_ms = 1000\netcd_timeout_ms = 400\n",
+        list.join(", ")
+    );
+    Config::parse("t.toml", &text, None, None)
+        .unwrap()
+        .cluster
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_off_fences_itself_before_its_lease_expires_then_rejoins() {
+    let c = EtcdCluster::start(3);
+    let proxies: Vec<Proxy> = c
+        .endpoints()
+        .iter()
+        .map(|e| Proxy::start(e.parse().unwrap()))
+        .collect();
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let cfg = cluster_config("gw-a", &through);
+    let etcd = Arc::new(Etcd::new(&through, cfg.etcd_timeout).unwrap());
+    let m = Arc::new(
+        Membership::join(etcd, &cfg, b"{\"tpgts\":[1]}".to_vec())
+            .await
+            .unwrap(),
+    );
+    assert!(m.fence().may_submit(), "joined: the gate is open");
+
+    // The name is taken while gw-a lives.
+    let direct = Arc::new(Etcd::new(&c.endpoints(), CALL).unwrap());
+    match Membership::join(
+        direct.clone(),
+        &cluster_config("gw-a", &c.endpoints()),
+        b"{}".to_vec(),
+    )
+    .await
+    {
+        Err(JoinError::NameInUse(name, lease)) => {
+            assert_eq!((name.as_str(), lease), ("gw-a", m.lease()))
+        }
+        other => panic!("second gw-a: {other:?}"),
+    }
+
+    // An observer (another gateway's view) watches the member keys.
+    let (head, members) = direct.get_prefix(b"/ironlun/v1/t/gw/").await.unwrap();
+    assert_eq!(members.len(), 1);
+    let mut w = direct.watch(b"/ironlun/v1/t/gw/", head + 1).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            m.run("gw-a", async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+
+    // Cut gw-a off. etcd expires its lease; the observer sees the DELETE. By then gw-a's gate
+    // has closed, and its deadline lies before the moment the DELETE was seen.
+    let old_lease = m.lease();
+    for p in &proxies {
+        p.block();
+    }
+    let gone = events_until(&mut w, head + 1).await;
+    let seen = Instant::now();
+    assert!(
+        matches!(&gone[..], [Event::Delete { key, .. }] if key == m.key()),
+        "{gone:?}"
+    );
+    let fence = m.fence();
+    assert!(
+        !fence.may_submit(),
+        "gw-a still submits after its lease expired"
+    );
+    let deadline = fence.deadline().expect("a deadline from the last renewal");
+    assert!(
+        deadline < seen,
+        "deadline {deadline:?} not before the DELETE at {seen:?}"
+    );
+
+    // Healed: the old lease is gone, so gw-a joins again with a new one and reopens the gate.
+    for p in &proxies {
+        p.unblock();
+    }
+    let back = events_until(&mut w, head + 2).await;
+    assert!(
+        matches!(back.last(), Some(Event::Put(kv)) if kv.key == m.key() && kv.lease != old_lease),
+        "{back:?}"
+    );
+    let mut polls = 0;
+    while !fence.may_submit() {
+        polls += 1;
+        assert!(polls < 1000, "gate never reopened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(m.lease(), old_lease);
+
+    let _ = stop_tx.send(());
+    runner.await.unwrap();
+    m.leave().await.unwrap();
+    assert!(!fence.may_submit());
+    assert_eq!(
+        direct.get(m.key()).await.unwrap(),
+        None,
+        "leave removes the member key"
+    );
 }
