@@ -249,6 +249,8 @@ pub struct Gateway {
     gone_recorded: BTreeSet<GatewayId>,
     requests: VecDeque<Request>,
     outputs: VecDeque<Output>,
+    /// The latest `now` of any input (time never runs backwards on one clock).
+    last_now: Time,
 }
 
 impl Gateway {
@@ -286,6 +288,7 @@ impl Gateway {
             gone_recorded: BTreeSet::new(),
             requests: VecDeque::new(),
             outputs: VecDeque::new(),
+            last_now: granted_at,
         }
     }
 
@@ -344,6 +347,7 @@ impl Gateway {
     /// the local replica at once (linearizable: every op that completed anywhere has been
     /// applied here, by the completion rule); a change is committed through the store.
     pub fn prout(&mut self, now: Time, token: Token, it: &ItNexus, req: OutRequest<'_>) -> Submit {
+        self.last_now = self.last_now.max(now);
         self.check_deadline(now);
         if self.fenced {
             return Submit::Immediate(Answer::NotReady);
@@ -383,6 +387,7 @@ impl Gateway {
 
     /// An input from the store or the host daemon.
     pub fn handle(&mut self, now: Time, event: Event) {
+        self.last_now = self.last_now.max(now);
         match event {
             Event::Watch(events) => {
                 for ev in &events {
@@ -438,9 +443,11 @@ impl Gateway {
                 }
                 Phase::Wait { .. } => {
                     let delta = self.cfg.timing.local_lock_delay();
-                    for at in self.members.values().filter_map(|m| m.gone_at) {
-                        let end = at.saturating_add(delta);
-                        t = t.min(end);
+                    let ends = self.members.values().filter_map(|m| m.gone_at);
+                    for end in ends.map(|at| at.saturating_add(delta)) {
+                        if end > self.last_now {
+                            t = t.min(end);
+                        }
                     }
                 }
                 _ => {}
@@ -452,6 +459,7 @@ impl Gateway {
     /// The timer fired: send due keepalives, fence at the deadline, resend an unanswered
     /// transaction, re-check the completion rule.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.last_now = self.last_now.max(now);
         if self.lease_lost {
             return;
         }
@@ -469,7 +477,6 @@ impl Gateway {
             {
                 if now >= sent_at.saturating_add(self.cfg.rpc_timeout) {
                     if let Some(record) = w.record.clone() {
-                        let _ = attempt;
                         self.attempts += 1;
                         let attempt = self.attempts;
                         w.phase = Phase::Txn {
