@@ -244,7 +244,8 @@ pub struct Gateway {
     seq: u64,
     attempts: u64,
     pending_drains: BTreeSet<Revision>,
-    last_abort_rev: Revision,
+    /// Revisions whose op aborted tasks somewhere, not yet covered by `drained`.
+    abort_revs: BTreeSet<Revision>,
     drained: Revision,
     gone_recorded: BTreeSet<GatewayId>,
     requests: VecDeque<Request>,
@@ -283,7 +284,7 @@ impl Gateway {
             seq: create_revision << 32,
             attempts: 0,
             pending_drains: BTreeSet::new(),
-            last_abort_rev: 0,
+            abort_revs: BTreeSet::new(),
             drained: 0,
             gone_recorded: BTreeSet::new(),
             requests: VecDeque::new(),
@@ -470,9 +471,7 @@ impl Gateway {
         self.check_deadline(now);
         if let Some(w) = self.work.front_mut() {
             if let Phase::Txn {
-                attempt,
-                expect,
-                sent_at,
+                expect, sent_at, ..
             } = w.phase
             {
                 if now >= sent_at.saturating_add(self.cfg.rpc_timeout) {
@@ -632,7 +631,7 @@ impl Gateway {
             }
         }
         if !fx.aborted.is_empty() {
-            self.last_abort_rev = r;
+            self.abort_revs.insert(r);
             let local: Vec<Registration> = fx
                 .aborted
                 .into_iter()
@@ -659,11 +658,19 @@ impl Gateway {
     }
 
     fn update_drained(&mut self) {
-        let claim = match self.pending_drains.first() {
-            None => self.last_abort_rev,
-            Some(first) => first.saturating_sub(1).min(self.last_abort_rev),
-        };
+        // The highest aborting revision below the first one still draining.
+        let limit = self
+            .pending_drains
+            .first()
+            .map_or(Revision::MAX, |f| f.saturating_sub(1));
+        let claim = self
+            .abort_revs
+            .range(..=limit)
+            .next_back()
+            .copied()
+            .unwrap_or(0);
         if claim > self.drained {
+            self.abort_revs = self.abort_revs.split_off(&claim.saturating_add(1));
             self.drained = claim;
             if !self.lease_lost {
                 self.requests.push_back(Request::PutDrained(claim));

@@ -181,6 +181,7 @@ enum Msg {
     Land(u64),
     Drained(usize, Revision),
     Kill(usize),
+    Unstall(usize),
     Wake,
 }
 
@@ -203,6 +204,8 @@ struct Node {
     timer: Option<Time>,
     last_to_gw: Time,
     last_to_kv: Time,
+    /// Messages that reached the gateway while it was stalled, in arrival order.
+    backlog: Vec<Msg>,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +322,7 @@ impl World {
                 timer: None,
                 last_to_gw: Time::default(),
                 last_to_kv: Time::default(),
+                backlog: Vec::new(),
             });
         }
         let op = |host, service_action, ty, param, path| HostOp {
@@ -379,6 +383,10 @@ impl World {
         }
         for (g, _, end) in w.cfg.faults.partitions.clone() {
             w.push(end, Msg::Resync(g));
+        }
+        // Pushed first, so at its instant the backlog runs before anything newer.
+        for (g, _, end) in w.cfg.faults.stalls.clone() {
+            w.push(end, Msg::Unstall(g));
         }
         for (g, at) in w.cfg.faults.kills.clone() {
             w.push(at, Msg::Kill(g));
@@ -444,13 +452,9 @@ impl World {
             .any(|&(p, s, e)| p == g && s <= at && at < e)
     }
 
-    fn stalled_until(&self, g: usize, at: Time) -> Option<Time> {
-        self.cfg
-            .faults
-            .stalls
-            .iter()
-            .find(|&&(p, s, e)| p == g && s <= at && at < e)
-            .map(|&(_, _, e)| e)
+    fn stalled(&self, g: usize, at: Time) -> bool {
+        let stalls = &self.cfg.faults.stalls;
+        stalls.iter().any(|&(p, s, e)| p == g && s <= at && at < e)
     }
 
     fn delay(&mut self) -> Duration {
@@ -512,8 +516,8 @@ impl World {
             if self.nodes[g].killed {
                 return;
             }
-            if let Some(end) = self.stalled_until(g, self.now) {
-                self.push(end, msg);
+            if self.stalled(g, self.now) {
+                self.nodes[g].backlog.push(msg);
                 return;
             }
         }
@@ -528,8 +532,14 @@ impl World {
                 self.after(g);
             }
             Msg::Resync(g) => {
-                let evs = self.kv.events_since(self.nodes[g].gw.watch_revision());
-                self.send_to_gw(g, Event::Watch(evs));
+                // The gateway re-watches from its position: the catch-up comes before anything
+                // the broken stream still had queued for it.
+                if !self.link_down(g, self.now) {
+                    let evs = self.kv.events_since(self.nodes[g].gw.watch_revision());
+                    let local = self.local(g, self.now);
+                    self.nodes[g].gw.handle(local, Event::Watch(evs));
+                    self.after(g);
+                }
             }
             Msg::Timer(g) => {
                 self.nodes[g].timer = None;
@@ -552,6 +562,11 @@ impl World {
             Msg::Write => self.write(),
             Msg::Land(id) => self.land(id),
             Msg::Kill(g) => self.nodes[g].killed = true,
+            Msg::Unstall(g) => {
+                for msg in std::mem::take(&mut self.nodes[g].backlog) {
+                    self.dispatch(msg);
+                }
+            }
             Msg::Wake => {}
         }
     }
