@@ -30,7 +30,7 @@ use crate::lease::Timing;
 use crate::op::{param_list, Op, Record};
 use crate::{GatewayId, Revision, Time};
 use ironlun_scsi::pr::access::{allowed, Class, Standing};
-use ironlun_scsi::pr::{sa, InitiatorPort, ItNexus, OutRequest, PrContext, PrError, PrState};
+use ironlun_scsi::pr::{sa, InitiatorPort, ItNexus, OutRequest, PrContext, PrState};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -774,10 +774,8 @@ impl World {
         if self.ops[op].result.is_some() || self.ops[op].token != Some(token) {
             return;
         }
-        match answer {
-            Answer::NotReady | Answer::Busy => return self.retry(op),
-            Answer::Failed(PrError::Conflict) if op == 3 && self.ops[op].tries > 1 => {}
-            _ => {}
+        if matches!(answer, Answer::NotReady | Answer::Busy) {
+            return self.retry(op);
         }
         self.ops[op].result = Some(answer);
         let good = |w: &Self, i: usize| w.ops[i].result == Some(Answer::Good);

@@ -3,9 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use ironlun_cluster::gateway::Answer;
+use ironlun_cluster::kv::{Change, Key};
 use ironlun_cluster::lease::{LeaseSettings, Timing};
 use ironlun_cluster::sim::{sweep, SimConfig, World, A, B, C};
-use ironlun_cluster::Time;
+use ironlun_cluster::{GatewayId, Time};
 use ironlun_scsi::sense::SenseReason;
 use std::time::Duration;
 
@@ -69,18 +70,13 @@ fn s4_partitioned_a_delays_the_good_until_its_delete_plus_delta() {
     let good = w.preempt_good.unwrap();
     let fenced = w.fenced_at[A].unwrap();
     // A fenced before its lease could expire; C answered only after the DELETE + Δ.
+    let gone_a = |e: &ironlun_cluster::kv::Event| {
+        e.key == Key::Member(GatewayId(0)) && e.change == Change::Delete
+    };
     let delete =
         w.kv.history()
             .iter()
-            .find(|(_, e)| e.key == ironlun_cluster::kv::Key::Member(ironlun_cluster::GatewayId(0)))
-            .filter(|_| true)
-            .map(|_| ())
-            .and_then(|_| {
-                w.kv.history().iter().find(|(_, e)| {
-                    e.key == ironlun_cluster::kv::Key::Member(ironlun_cluster::GatewayId(0))
-                        && e.change == ironlun_cluster::kv::Change::Delete
-                })
-            })
+            .find(|(_, e)| gone_a(e))
             .map(|(t, _)| *t)
             .unwrap();
     assert!(fenced < delete, "fenced {fenced:?} delete {delete:?}");
