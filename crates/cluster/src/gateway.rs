@@ -244,11 +244,14 @@ pub struct Gateway {
     seq: u64,
     attempts: u64,
     pending_drains: BTreeSet<Revision>,
-    last_abort_rev: Revision,
+    /// Revisions whose op aborted tasks somewhere, not yet covered by `drained`.
+    abort_revs: BTreeSet<Revision>,
     drained: Revision,
     gone_recorded: BTreeSet<GatewayId>,
     requests: VecDeque<Request>,
     outputs: VecDeque<Output>,
+    /// The latest `now` of any input (time never runs backwards on one clock).
+    last_now: Time,
 }
 
 impl Gateway {
@@ -281,11 +284,12 @@ impl Gateway {
             seq: create_revision << 32,
             attempts: 0,
             pending_drains: BTreeSet::new(),
-            last_abort_rev: 0,
+            abort_revs: BTreeSet::new(),
             drained: 0,
             gone_recorded: BTreeSet::new(),
             requests: VecDeque::new(),
             outputs: VecDeque::new(),
+            last_now: granted_at,
         }
     }
 
@@ -344,6 +348,7 @@ impl Gateway {
     /// the local replica at once (linearizable: every op that completed anywhere has been
     /// applied here, by the completion rule); a change is committed through the store.
     pub fn prout(&mut self, now: Time, token: Token, it: &ItNexus, req: OutRequest<'_>) -> Submit {
+        self.last_now = self.last_now.max(now);
         self.check_deadline(now);
         if self.fenced {
             return Submit::Immediate(Answer::NotReady);
@@ -383,6 +388,7 @@ impl Gateway {
 
     /// An input from the store or the host daemon.
     pub fn handle(&mut self, now: Time, event: Event) {
+        self.last_now = self.last_now.max(now);
         match event {
             Event::Watch(events) => {
                 for ev in &events {
@@ -438,9 +444,11 @@ impl Gateway {
                 }
                 Phase::Wait { .. } => {
                     let delta = self.cfg.timing.local_lock_delay();
-                    for at in self.members.values().filter_map(|m| m.gone_at) {
-                        let end = at.saturating_add(delta);
-                        t = t.min(end);
+                    let ends = self.members.values().filter_map(|m| m.gone_at);
+                    for end in ends.map(|at| at.saturating_add(delta)) {
+                        if end > self.last_now {
+                            t = t.min(end);
+                        }
                     }
                 }
                 _ => {}
@@ -452,6 +460,7 @@ impl Gateway {
     /// The timer fired: send due keepalives, fence at the deadline, resend an unanswered
     /// transaction, re-check the completion rule.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.last_now = self.last_now.max(now);
         if self.lease_lost {
             return;
         }
@@ -462,14 +471,11 @@ impl Gateway {
         self.check_deadline(now);
         if let Some(w) = self.work.front_mut() {
             if let Phase::Txn {
-                attempt,
-                expect,
-                sent_at,
+                expect, sent_at, ..
             } = w.phase
             {
                 if now >= sent_at.saturating_add(self.cfg.rpc_timeout) {
                     if let Some(record) = w.record.clone() {
-                        let _ = attempt;
                         self.attempts += 1;
                         let attempt = self.attempts;
                         w.phase = Phase::Txn {
@@ -625,7 +631,7 @@ impl Gateway {
             }
         }
         if !fx.aborted.is_empty() {
-            self.last_abort_rev = r;
+            self.abort_revs.insert(r);
             let local: Vec<Registration> = fx
                 .aborted
                 .into_iter()
@@ -652,11 +658,19 @@ impl Gateway {
     }
 
     fn update_drained(&mut self) {
-        let claim = match self.pending_drains.first() {
-            None => self.last_abort_rev,
-            Some(first) => first.saturating_sub(1).min(self.last_abort_rev),
-        };
+        // The highest aborting revision below the first one still draining.
+        let limit = self
+            .pending_drains
+            .first()
+            .map_or(Revision::MAX, |f| f.saturating_sub(1));
+        let claim = self
+            .abort_revs
+            .range(..=limit)
+            .next_back()
+            .copied()
+            .unwrap_or(0);
         if claim > self.drained {
+            self.abort_revs = self.abort_revs.split_off(&claim.saturating_add(1));
             self.drained = claim;
             if !self.lease_lost {
                 self.requests.push_back(Request::PutDrained(claim));

@@ -1,0 +1,180 @@
+//! Scripted scenarios (scale-out.md §5 S1, S4, S6, a kill) and the seeded sweep with its
+//! negative control, over `ironlun_cluster::sim`.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use ironlun_cluster::gateway::Answer;
+use ironlun_cluster::kv::{Change, Key};
+use ironlun_cluster::lease::{LeaseSettings, Timing};
+use ironlun_cluster::sim::{sweep, SimConfig, World, A, B, C};
+use ironlun_cluster::{GatewayId, Time};
+use ironlun_scsi::sense::SenseReason;
+use std::time::Duration;
+
+fn ms(v: u64) -> Time {
+    Time::from_micros(v * 1000)
+}
+
+fn timing() -> Timing {
+    Timing::new(LeaseSettings::default()).unwrap()
+}
+
+fn run(seed: u64, cfg: SimConfig) -> World {
+    let mut w = World::new(seed, cfg);
+    w.run();
+    assert!(w.violations.is_empty(), "seed {seed}: {:#?}", w.violations);
+    w
+}
+
+#[test]
+fn s1_preempt_and_abort_waits_for_a_to_drain() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.write_latency_max = Duration::from_millis(400);
+    let w = run(1, cfg);
+    assert!(
+        w.answers().iter().all(|a| *a == Some(Answer::Good)),
+        "{:?}",
+        w.answers()
+    );
+    let good = w.preempt_good.unwrap();
+    // A aborted H1's writes and its drain (last aborted write landing) preceded C's GOOD.
+    let (_, rev, drained) = *w.aborts.iter().find(|(g, _, _)| *g == A).unwrap();
+    assert!(
+        drained <= good && drained > ms(2000),
+        "drained {drained:?} good {good:?}"
+    );
+    assert!(w.landed.iter().all(|(t, _)| *t <= good));
+    // 2Ah/05h for H1's ALL_TG_PT registration on every gateway, never for H2.
+    for g in [A, B, C] {
+        assert!(
+            w.uas
+                .contains(&(g, 0x1111, SenseReason::RegistrationsPreempted)),
+            "no UA on {g}"
+        );
+    }
+    assert!(w.uas.iter().all(|(_, key, _)| *key == 0x1111));
+    // Replicas agree everywhere.
+    let gen = w.gateway(A).state().generation();
+    for g in [B, C] {
+        assert_eq!(w.gateway(g).pr_revision(), rev);
+        assert_eq!(w.gateway(g).state().generation(), gen);
+    }
+    assert!(w.stats.conflicts > 0 && w.stats.landed > 10);
+}
+
+#[test]
+fn s4_partitioned_a_delays_the_good_until_its_delete_plus_delta() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.faults.partitions.push((A, ms(1500), ms(60_000)));
+    cfg.faults.skew_ppm = [-10_000, 0, 10_000];
+    let w = run(4, cfg);
+    let good = w.preempt_good.unwrap();
+    let fenced = w.fenced_at[A].unwrap();
+    // A fenced before its lease could expire; C answered only after the DELETE + Δ.
+    let gone_a = |e: &ironlun_cluster::kv::Event| {
+        e.key == Key::Member(GatewayId(0)) && e.change == Change::Delete
+    };
+    let delete =
+        w.kv.history()
+            .iter()
+            .find(|(_, e)| gone_a(e))
+            .map(|(t, _)| *t)
+            .unwrap();
+    assert!(fenced < delete, "fenced {fenced:?} delete {delete:?}");
+    assert!(
+        good.as_micros() >= delete.as_micros() + 2_000_000,
+        "good {good:?} delete {delete:?}"
+    );
+    assert!(w.landed.iter().all(|(t, _)| *t <= good));
+    assert!(w.stats.fenced_writes > 0);
+    assert!(w.gateway(A).is_fenced());
+}
+
+#[test]
+fn killed_gateway_is_waited_for_then_recorded_gone() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.faults.kills.push((B, ms(1000)));
+    let w = run(7, cfg);
+    let good = w.preempt_good.unwrap();
+    assert!(
+        good > ms(6000 + 2000),
+        "GOOD at {good:?} before B's expiry + Δ"
+    );
+    // The lowest-id survivor (A) recorded B's departure in the log.
+    let gone = w.kv.history().iter().any(|(_, e)| {
+        matches!(&e.change, ironlun_cluster::kv::Change::Put { value: ironlun_cluster::kv::Value::Record(r), .. }
+            if r.op == ironlun_cluster::op::Op::GatewayGone { gateway: ironlun_cluster::GatewayId(1) })
+    });
+    assert!(gone);
+}
+
+#[test]
+fn s6_stall_past_the_deadline_submits_nothing_after_resume() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.faults.stalls.push((A, ms(1200), ms(11_200)));
+    cfg.preempt_at = ms(3000);
+    let w = run(6, cfg);
+    // Writes issued during the stall are refused after resume: nothing lands after it
+    // except what was submitted before the stall.
+    let budget = timing().in_flight_budget();
+    assert!(w
+        .landed
+        .iter()
+        .all(|(t, _)| *t <= ms(1200).saturating_add(budget)));
+    assert!(w.stats.fenced_writes > 0);
+    assert!(w.preempt_good.is_some());
+}
+
+#[test]
+fn sweep_of_seeded_faults_finds_no_violation() {
+    let (violations, stats) = sweep(0..2000, timing());
+    println!("2000 seeds: {stats:?}");
+    assert!(
+        violations.is_empty(),
+        "{:#?}",
+        &violations[..violations.len().min(10)]
+    );
+    assert!(stats.committed_goods > 4000 && stats.fences > 0 && stats.checks > 100_000);
+}
+
+#[test]
+fn negative_control_zero_margins_are_caught() {
+    let zero = LeaseSettings {
+        rho_ppm: 0,
+        margin: Duration::ZERO,
+        lock_delay: Duration::ZERO,
+        ..LeaseSettings::default()
+    };
+    let timing = Timing::unchecked(zero);
+    let mut found = Vec::new();
+    for seed in 0..400 {
+        let mut cfg = SimConfig::random(seed, timing);
+        cfg.write_latency_max = Duration::from_millis(400);
+        cfg.faults.partitions = vec![(A, ms(1000), ms(60_000))];
+        let mut w = World::new(seed, cfg);
+        w.run();
+        found.extend(w.violations.iter().cloned());
+    }
+    println!(
+        "negative control: {} violations, first: {:?}",
+        found.len(),
+        found.first()
+    );
+    assert!(
+        found.iter().any(|v| v.contains("I3")),
+        "the checker saw no violation"
+    );
+}
+
+#[test]
+fn negative_control_latency_beyond_the_budget_is_caught() {
+    let mut found = 0;
+    for seed in 0..200 {
+        let mut cfg = SimConfig::random(seed, timing());
+        cfg.write_latency_max = Duration::from_millis(6000);
+        cfg.faults.partitions = vec![(A, ms(1000), ms(60_000))];
+        let mut w = World::new(seed, cfg);
+        w.run();
+        found += w.violations.len();
+    }
+    assert!(found > 0);
+}
