@@ -452,6 +452,26 @@ impl PrState {
         self.regs.iter().find(|r| r.matches(it))
     }
 
+    /// Give the registrations the ids `0..n` in their order (the holder reference follows)
+    /// and make the next id `n`: the form [`persist::decode`] returns, so that replicas that
+    /// exchange the state as bytes hold equal values (issue 18). Nothing a command observes
+    /// changes: ids are internal references.
+    pub fn renumber(&mut self) {
+        let mut holder = None;
+        for (i, r) in self.regs.iter_mut().enumerate() {
+            let id = i as u64;
+            if self.res.is_some_and(|res| res.holder == r.id) && holder.is_none() {
+                holder = Some(id);
+            }
+            r.id = id;
+        }
+        if let Some(res) = &mut self.res {
+            // An all-registrants reservation's holder is meaningless; keep it on a valid id.
+            res.holder = holder.unwrap_or(0);
+        }
+        self.next_id = self.regs.len() as u64;
+    }
+
     /// [`Registration::id`] of the registration covering `it`.
     pub fn registration_id(&self, it: &ItNexus) -> Option<u64> {
         self.find(it).map(|r| r.id)

@@ -62,7 +62,13 @@ pub fn encode(state: &PrState, serial: &str) -> Vec<u8> {
         ));
     }
     if let Some(res) = state.res {
-        if let Some(i) = state.regs.iter().position(|r| r.id == res.holder) {
+        // An all-registrants reservation outlives the registration that created it (SPC-4
+        // §5.13.10: every registrant holds it); its holder reference may name a registration
+        // that is gone, so any remaining registrant stands for it.
+        let holder = state.regs.iter().position(|r| r.id == res.holder);
+        let holder =
+            holder.or_else(|| (res.ty.all_registrants() && !state.regs.is_empty()).then_some(0));
+        if let Some(i) = holder {
             s.push_str(&format!("reservation {i} {}\n", res.ty.code()));
         }
     }
@@ -314,6 +320,75 @@ mod tests {
             );
         }
         assert!(decode(&vec![b'x'; MAX_FILE_LEN + 1], "s").is_err());
+    }
+
+    /// PR OUT with a basic parameter list from `it` (name, ISID byte, port).
+    fn out(s: &mut PrState, it: (&str, u8, u16), sa: u8, ty: u8, rk: u64, sark: u64) {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&rk.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        let nexus = crate::pr::ItNexus {
+            initiator: crate::pr::InitiatorPort::new(it.0, [0x40, 0, 0, 0, 0, it.1]),
+            rtpi: it.2,
+        };
+        let req = crate::pr::OutRequest {
+            service_action: sa,
+            scope: 0,
+            ty,
+            param: &p,
+        };
+        let ctx = crate::pr::PrContext {
+            relative_ports: &[1, 2],
+            ptpl_capable: true,
+        };
+        s.prout(&nexus, req, ctx).unwrap();
+    }
+
+    #[test]
+    fn an_all_registrants_reservation_outlives_its_creator_on_disk() {
+        use crate::pr::sa;
+        let mut s = PrState::default();
+        let (a, b) = (("iqn.test:a", 1, 1), ("iqn.test:b", 2, 2));
+        out(&mut s, a, sa::REGISTER, 0, 0, 0xa);
+        out(&mut s, b, sa::REGISTER, 0, 0, 0xb);
+        out(&mut s, a, sa::RESERVE, 7, 0xa, 0);
+        // A unregisters: the Write Exclusive – All Registrants reservation stays with B.
+        out(&mut s, a, sa::REGISTER, 0, 0xa, 0);
+        assert_eq!(s.regs.len(), 1);
+        assert!(s.res.is_some());
+        let back = decode(&encode(&s, "x"), "x").unwrap();
+        assert_eq!(
+            back.reservation().map(|r| r.ty),
+            Some(ReservationType::WriteExclusiveAllRegistrants),
+            "the reservation was lost on the way through the file"
+        );
+        // `renumber` gives exactly what decode returns (issue 18's replicas compare states).
+        s.renumber();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn renumber_is_the_decoded_form_after_changes() {
+        use crate::pr::sa;
+        let mut s = PrState::default();
+        let hosts = [
+            ("iqn.test:a", 1, 1),
+            ("iqn.test:b", 2, 2),
+            ("iqn.test:c", 3, 1),
+        ];
+        for (i, h) in hosts.iter().enumerate() {
+            out(&mut s, *h, sa::REGISTER, 0, 0, 0x10 + i as u64);
+        }
+        out(&mut s, hosts[1], sa::RESERVE, 1, 0x11, 0);
+        out(&mut s, hosts[0], sa::REGISTER, 0, 0x10, 0);
+        out(&mut s, hosts[0], sa::REGISTER, 0, 0, 0x20);
+        out(&mut s, hosts[2], sa::PREEMPT, 3, 0x12, 0x11);
+        let mut n = s.clone();
+        n.renumber();
+        assert_eq!(decode(&encode(&s, "x"), "x").unwrap(), n);
+        assert_eq!(decode(&encode(&n, "x"), "x").unwrap(), n);
+        // Renumbering changes no observable answer.
+        assert_eq!(n.snapshot(), s.snapshot());
     }
 
     #[test]
