@@ -5,7 +5,8 @@
 //! before any real etcd client exists (scale-out.md §0.7):
 //!
 //! - [`lease`]: the self-fencing bound `D = s + T(1−ρ) − m` and its settings (§2.4).
-//! - [`op`]: the replicated operation and the record stored at the LU key (§2.1).
+//! - [`op`]: the replicated operation and the record stored at the LU key (§2.1); [`codec`]:
+//!   that record and the acknowledgements as the bytes etcd stores.
 //! - [`kv`]: an in-memory model of the etcd features the protocol uses: revisions, leases with
 //!   expiry in virtual time, a compare-and-swap transaction and an ordered watch log.
 //! - [`gateway`]: the per-gateway state machine for one LU (§2.2, §2.3): it performs no I/O and
@@ -15,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod gateway;
 pub mod kv;
 pub mod lease;

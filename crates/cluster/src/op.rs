@@ -55,7 +55,9 @@ pub enum Op {
 
 impl Op {
     /// Applies the operation to `state`. On error `state` is unchanged (as `PrState::prout`).
-    /// `ctx.relative_ports` must be the cluster-wide port set (§2.2).
+    /// `ctx.relative_ports` must be the cluster-wide port set (§2.2). A changed state leaves
+    /// renumbered (`PrState::renumber`): the form it has after a trip through the store as
+    /// bytes ([`crate::codec`]), so replicas compare equal however they got it.
     pub fn apply(&self, state: &mut PrState, ctx: PrContext<'_>) -> Result<Effects, PrError> {
         match self {
             Op::Prout {
@@ -71,7 +73,9 @@ impl Op {
                     ty: *ty,
                     param,
                 };
-                state.prout(it, req, ctx)
+                let fx = state.prout(it, req, ctx)?;
+                state.renumber();
+                Ok(fx)
             }
             Op::GatewayGone { .. } => Ok(Effects::default()),
         }

@@ -34,6 +34,9 @@ use ironlun_scsi::pr::{sa, InitiatorPort, ItNexus, OutRequest, PrContext, PrStat
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+/// The unit serial number of the simulated LU (the codec checks it).
+const SIM_SERIAL: &str = "sim-lu-0";
+
 /// Index of gateway A (port 1).
 pub const A: usize = 0;
 /// Index of gateway B (port 2).
@@ -584,6 +587,11 @@ impl World {
                 lease,
                 record,
             } => {
+                // The record travels as the bytes etcd would store (crate::codec), so every
+                // replica and the checker see what a real store gives back.
+                let bytes = crate::codec::encode_record(&record, SIM_SERIAL);
+                let record = crate::codec::decode_record(&bytes, SIM_SERIAL)
+                    .expect("a record the codec wrote decodes");
                 let result = self.kv.txn(
                     self.now,
                     Key::Pr,

@@ -1,0 +1,334 @@
+//! The stored form of the values of scale-out.md §2.1, as bytes for etcd: the LU's
+//! [`Record`] and the `applied`/`drained` acknowledgements.
+//!
+//! A record is UTF-8 text, readable with `etcdctl get`:
+//!
+//! ```text
+//! ironlun-cluster-record 1
+//! id <gateway> <seq>
+//! op prout <rtpi> <ISID, 12 hex> <service action> <scope> <type> <parameter list, hex> <initiator name>
+//! op gone <gateway>                      (instead of the prout line)
+//! <the state in the APTPL file format of ironlun_scsi::pr::persist, with its own CRC32C>
+//! ```
+//!
+//! The state part names the LU's serial, so a record copied to another LU's key is refused.
+//! Decoding is strict and bounded: whatever is in the store, a gateway allocates at most
+//! [`MAX_RECORD`] bytes for it and accepts only what [`encode_record`] writes. A state
+//! decodes to its renumbered form (`PrState::renumber`), which is how [`Op::apply`] leaves it.
+
+use crate::op::{Op, OpId, Record};
+use crate::{GatewayId, Revision};
+use ironlun_scsi::pr::persist;
+use ironlun_scsi::pr::{InitiatorPort, ItNexus, MAX_NAME_LEN};
+use std::fmt;
+
+/// First line of a record.
+pub const MAGIC: &str = "ironlun-cluster-record 1";
+
+/// Largest record accepted: etcd's own request limit (1.5 MiB) rounded up.
+pub const MAX_RECORD: usize = 2 << 20;
+
+/// Largest PERSISTENT RESERVE OUT parameter list carried in an op (SPEC_I_PT lists; the CDB's
+/// PARAMETER LIST LENGTH is 32 bits, the daemon bounds what it receives far below this).
+pub const MAX_PARAM: usize = 256 << 10;
+
+/// Why stored bytes are not a record or an acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecError(String);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+fn bad<T>(what: impl Into<String>) -> Result<T, CodecError> {
+    Err(CodecError(what.into()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The record as stored at `P/lu/<naa>/pr` for the LU whose unit serial number is `serial`.
+pub fn encode_record(rec: &Record, serial: &str) -> Vec<u8> {
+    let mut s = format!("{MAGIC}\nid {} {}\n", rec.id.gateway.0, rec.id.seq);
+    match &rec.op {
+        Op::Prout {
+            it,
+            service_action,
+            scope,
+            ty,
+            param,
+        } => s.push_str(&format!(
+            "op prout {} {} {service_action} {scope} {ty} {} {}\n",
+            it.rtpi,
+            hex(&it.initiator.isid()),
+            if param.is_empty() {
+                "-".to_string()
+            } else {
+                hex(param)
+            },
+            it.initiator.name()
+        )),
+        Op::GatewayGone { gateway } => s.push_str(&format!("op gone {}\n", gateway.0)),
+    }
+    let mut out = s.into_bytes();
+    out.extend_from_slice(&persist::encode(&rec.state, serial));
+    out
+}
+
+/// Parse what [`encode_record`] wrote for the LU with unit serial `serial`.
+pub fn decode_record(bytes: &[u8], serial: &str) -> Result<Record, CodecError> {
+    if bytes.len() > MAX_RECORD {
+        return bad(format!(
+            "record of {} bytes, over {MAX_RECORD}",
+            bytes.len()
+        ));
+    }
+    let mut lines = bytes.splitn(4, |&b| b == b'\n');
+    let mut line = |what: &str| -> Result<&str, CodecError> {
+        lines
+            .next()
+            .and_then(|l| std::str::from_utf8(l).ok())
+            .ok_or_else(|| CodecError(format!("record: no {what} line")))
+    };
+    if line("first")? != MAGIC {
+        return bad("not an ironlun cluster record (or another version)");
+    }
+    let id = line("id")?;
+    let id = match id
+        .strip_prefix("id ")
+        .map(|r| r.split(' ').collect::<Vec<_>>())
+        .as_deref()
+    {
+        Some([g, seq]) => OpId {
+            gateway: GatewayId(g.parse().or_else(|_| bad(format!("id: gateway {g:?}")))?),
+            seq: seq.parse().or_else(|_| bad(format!("id: seq {seq:?}")))?,
+        },
+        _ => return bad(format!("id line {id:?}")),
+    };
+    let op_line = line("op")?;
+    let op = decode_op(op_line)?;
+    let rest = lines.next().unwrap_or_default();
+    let state = persist::decode(rest, serial).or_else(|e| bad(format!("state: {e}")))?;
+    Ok(Record { state, op, id })
+}
+
+fn decode_op(line: &str) -> Result<Op, CodecError> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    match fields.as_slice() {
+        ["op", "gone", g] => Ok(Op::GatewayGone {
+            gateway: GatewayId(
+                g.parse()
+                    .or_else(|_| bad(format!("op gone: gateway {g:?}")))?,
+            ),
+        }),
+        ["op", "prout", rtpi, isid, sa, scope, ty, param, name] => {
+            let num = |what: &str, v: &str| -> Result<u8, CodecError> {
+                v.parse()
+                    .or_else(|_| bad(format!("op prout: {what} {v:?}")))
+            };
+            let rtpi: u16 = rtpi
+                .parse()
+                .ok()
+                .filter(|&r| r != 0)
+                .map_or_else(|| bad(format!("op prout: rtpi {rtpi:?}")), Ok)?;
+            let isid: [u8; 6] = unhex(isid)
+                .and_then(|v| v.try_into().ok())
+                .map_or_else(|| bad(format!("op prout: ISID {isid:?}")), Ok)?;
+            if param.len() > 2 * MAX_PARAM {
+                return bad("op prout: parameter list too long");
+            }
+            let param = match *param {
+                "-" => Vec::new(),
+                p => unhex(p).map_or_else(|| bad("op prout: parameter list is not hex"), Ok)?,
+            };
+            let valid = !name.is_empty()
+                && name.len() <= MAX_NAME_LEN
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase());
+            if !valid {
+                return bad(format!("op prout: initiator name {name:?}"));
+            }
+            let (service_action, scope, ty) =
+                (num("SA", sa)?, num("scope", scope)?, num("type", ty)?);
+            if service_action > 0x1f || scope > 0x0f || ty > 0x0f {
+                return bad("op prout: CDB field out of range");
+            }
+            Ok(Op::Prout {
+                it: ItNexus {
+                    initiator: InitiatorPort::new(name, isid),
+                    rtpi,
+                },
+                service_action,
+                scope,
+                ty,
+                param,
+            })
+        }
+        _ => bad(format!("op line {:?}", line.get(..80).unwrap_or(line))),
+    }
+}
+
+/// An `applied/<gw>` or `drained/<gw>` value: the revision in decimal.
+pub fn encode_revision(r: Revision) -> Vec<u8> {
+    r.to_string().into_bytes()
+}
+
+/// Parse [`encode_revision`]'s form.
+pub fn decode_revision(bytes: &[u8]) -> Result<Revision, CodecError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .filter(|s| (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse().ok())
+        .map_or_else(|| bad("acknowledgement is not a decimal revision"), Ok)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::op::param_list;
+    use ironlun_scsi::pr::{sa, PrContext, PrState};
+
+    fn nexus(name: &str, isid_low: u8, rtpi: u16) -> ItNexus {
+        ItNexus {
+            initiator: InitiatorPort::new(name, [0x40, 0, 1, 0, 0, isid_low]),
+            rtpi,
+        }
+    }
+
+    const CTX: PrContext<'static> = PrContext {
+        relative_ports: &[1, 2, 3],
+        ptpl_capable: true,
+    };
+
+    /// A record after REGISTER ×2 and RESERVE, committed by gateway 2.
+    fn sample() -> Record {
+        let mut state = PrState::default();
+        let mut last = None;
+        for (it, sa, ty, rk, sark) in [
+            (nexus("iqn.test:h1", 1, 1), sa::REGISTER, 0, 0, 0x11),
+            (nexus("iqn.test:h2", 2, 3), sa::REGISTER, 0, 0, 0x22),
+            (nexus("iqn.test:h1", 1, 1), sa::RESERVE, 5, 0x11, 0),
+        ] {
+            let op = Op::Prout {
+                it,
+                service_action: sa,
+                scope: 0,
+                ty,
+                param: param_list(rk, sark, 0),
+            };
+            op.apply(&mut state, CTX).unwrap();
+            last = Some(op);
+        }
+        Record {
+            state,
+            op: last.unwrap(),
+            id: OpId {
+                gateway: GatewayId(2),
+                seq: 7,
+            },
+        }
+    }
+
+    #[test]
+    fn records_round_trip_exactly() {
+        let rec = sample();
+        let bytes = encode_record(&rec, "serial-1");
+        assert_eq!(decode_record(&bytes, "serial-1").unwrap(), rec);
+        let gone = Record {
+            op: Op::GatewayGone {
+                gateway: GatewayId(3),
+            },
+            ..sample()
+        };
+        assert_eq!(
+            decode_record(&encode_record(&gone, "s"), "s").unwrap(),
+            gone
+        );
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(
+            text.starts_with("ironlun-cluster-record 1\nid 2 7\nop prout 1 400001000001 1 0 5 "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn replayed_and_decoded_states_are_equal() {
+        // A replica that replays the op from the previous state holds what a joiner decodes.
+        let rec = sample();
+        let decoded = decode_record(&encode_record(&rec, "s"), "s").unwrap();
+        let mut before = PrState::default();
+        for (it, sa, sark) in [
+            (nexus("iqn.test:h1", 1, 1), sa::REGISTER, 0x11),
+            (nexus("iqn.test:h2", 2, 3), sa::REGISTER, 0x22),
+        ] {
+            let op = Op::Prout {
+                it,
+                service_action: sa,
+                scope: 0,
+                ty: 0,
+                param: param_list(0, sark, 0),
+            };
+            op.apply(&mut before, CTX).unwrap();
+        }
+        decoded.op.apply(&mut before, CTX).unwrap();
+        assert_eq!(before, decoded.state);
+    }
+
+    #[test]
+    fn refuses_what_it_did_not_write() {
+        let good = encode_record(&sample(), "s");
+        assert!(
+            decode_record(&good, "other").is_err(),
+            "another LU's record"
+        );
+        let text = String::from_utf8(good.clone()).unwrap();
+        for (from, to) in [
+            ("ironlun-cluster-record 1", "ironlun-cluster-record 2"),
+            ("id 2 7", "id x 7"),
+            ("op prout 1 ", "op prout 0 "),
+            ("op prout 1 400001000001", "op prout 1 4000"),
+            ("iqn.test:h1", "IQN.test:h1"),
+            ("op prout", "op unknown"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let bent = text.replacen(from, to, 1);
+            assert!(
+                decode_record(bent.as_bytes(), "s").is_err(),
+                "{from} -> {to}"
+            );
+        }
+        let mut flipped = good.clone();
+        let at = flipped.len() - 20;
+        flipped[at] ^= 1;
+        assert!(decode_record(&flipped, "s").is_err(), "state checksum");
+        for cut in [0, 10, 30, good.len() - 1] {
+            assert!(decode_record(&good[..cut], "s").is_err(), "cut at {cut}");
+        }
+        assert!(decode_record(&vec![b'a'; MAX_RECORD + 1], "s").is_err());
+    }
+
+    #[test]
+    fn acknowledgements_are_decimal_revisions() {
+        assert_eq!(decode_revision(&encode_revision(1234)).unwrap(), 1234);
+        for bad in [&b""[..], b"-1", b"12a", b"999999999999999999999", b" 1"] {
+            assert!(decode_revision(bad).is_err(), "{bad:?}");
+        }
+    }
+}
