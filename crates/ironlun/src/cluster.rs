@@ -15,6 +15,8 @@
 //!   new lease and member key; the gate opens only with the new lease. A cut-off gateway keeps
 //!   trying at the keep-alive interval.
 
+pub mod replica;
+
 use crate::config::Cluster;
 use crate::etcd::{Compare, Etcd, EtcdError, Op};
 use ironlun_cluster::lease::{LeaseSettings, Timing};
@@ -38,6 +40,11 @@ impl Fence {
             origin: Instant::now(),
             deadline_us: AtomicU64::new(0),
         }
+    }
+
+    /// The origin of the gate's clock (a protocol `Time` is microseconds since it).
+    pub fn origin(&self) -> Instant {
+        self.origin
     }
 
     /// Now on the gate's clock.
@@ -113,20 +120,36 @@ impl Membership {
         value: Vec<u8>,
     ) -> Result<Membership, JoinError> {
         let timing = timing(c).map_err(JoinError::Timing)?;
+        let key = format!("{}gw/{}", c.prefix(), c.name).into_bytes();
+        Ok(Membership::join_as(etcd, timing, key, value, &c.name)
+            .await?
+            .0)
+    }
+
+    /// Join with member key `key` (the protocol's `P/gw/<gw>`); also returns the revision that
+    /// created the key and the local instant the lease grant was sent (the first `s`).
+    pub async fn join_as(
+        etcd: Arc<Etcd>,
+        timing: Timing,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        name: &str,
+    ) -> Result<(Membership, i64, Time), JoinError> {
         let m = Membership {
             etcd,
             timing,
-            key: format!("{}gw/{}", c.prefix(), c.name).into_bytes(),
+            key,
             value,
             lease: AtomicI64::new(0),
             fence: Arc::new(Fence::new()),
         };
-        m.register(&c.name).await?;
-        Ok(m)
+        let (created, sent) = m.register(name).await?;
+        Ok((m, created, sent))
     }
 
-    /// Grant a lease and create the member key under it; open the fence.
-    async fn register(&self, name: &str) -> Result<(), JoinError> {
+    /// Grant a lease and create the member key under it; open the fence. Returns the revision
+    /// that created the key and when the grant was sent.
+    async fn register(&self, name: &str) -> Result<(i64, Time), JoinError> {
         let ttl = i64::try_from(self.timing.settings().ttl.as_secs()).unwrap_or(i64::MAX);
         let sent = self.fence.now();
         let lease = self.etcd.grant(ttl).await?;
@@ -150,7 +173,7 @@ impl Membership {
         self.lease.store(lease.id, Ordering::Release);
         // The grant was answered with this TTL after `sent`: the deadline counts from it.
         self.fence.extend(self.timing.deadline(sent));
-        Ok(())
+        Ok((t.revision, sent))
     }
 
     /// The gate every backend submit passes.
@@ -182,7 +205,7 @@ impl Membership {
             Ok(None) => {
                 self.fence.close();
                 tracing::warn!(gateway = name, lease, "cluster lease lost; joining again");
-                self.register(name).await
+                self.register(name).await.map(|_| ())
             }
             Err(e) => Err(e.into()),
         }

@@ -4,7 +4,11 @@
 //! order, lease expiry as a DELETE, compaction, a member lost with quorum kept, and quorum lost
 //! (calls fail, none hangs). A gateway's membership (`ironlun::cluster`): one name, one live
 //! member; cut off from etcd it fences itself before etcd expires its lease, and rejoins with
-//! a new lease once healed. And `[cluster]` in a config: `ironlun check` shows it, `serve`
+//! a new lease once healed. Three gateways replicating one LU's reservations through etcd
+//! (`ironlun::cluster::replica` driving `ironlun_cluster::gateway`): registrations through A,
+//! the reservation through B, PREEMPT AND ABORT through C answered only after A drained the
+//! aborted tasks, the same state on all three, unit attentions from every gateway for its own
+//! ports. And `[cluster]` in a config: `ironlun check` shows it, `serve`
 //! refuses it until the replicated state drives the LUs (never a node-local fail-open).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -442,4 +446,267 @@ async fn a_gateway_cut_off_fences_itself_before_its_lease_expires_then_rejoins()
         None,
         "leave removes the member key"
     );
+}
+
+mod replicas {
+    use super::*;
+    use ironlun::cluster::replica::{LuKeys, Replica};
+    use ironlun_cluster::gateway::{Answer, Gateway, GatewayConfig, Output};
+    use ironlun_cluster::kv::Key;
+    use ironlun_cluster::lease::{LeaseSettings, Timing};
+    use ironlun_cluster::op::param_list;
+    use ironlun_cluster::GatewayId;
+    use ironlun_scsi::pr::{sa, InitiatorPort, ItNexus, OutRequest};
+    use ironlun_scsi::sense::SenseReason;
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    const SERIAL: &str = "lu-0-serial";
+
+    fn timing() -> Timing {
+        Timing::new(LeaseSettings {
+            ttl: Duration::from_secs(3),
+            rho_ppm: 10_000,
+            margin: Duration::from_millis(500),
+            lock_delay: Duration::from_secs(1),
+            keepalive_interval: Duration::from_millis(600),
+        })
+        .unwrap()
+    }
+
+    /// Gateway `id` serving port `id`, joined to `endpoints`; its replica and outputs.
+    async fn gateway(
+        endpoints: &[String],
+        id: u32,
+    ) -> (Membership, Replica, UnboundedReceiver<Output>) {
+        let etcd = Arc::new(Etcd::new(endpoints, Duration::from_millis(500)).unwrap());
+        let keys = LuKeys::new("/ironlun/v1/t/", SERIAL);
+        let (m, created, sent) = Membership::join_as(
+            etcd.clone(),
+            timing(),
+            keys.key(Key::Member(GatewayId(id))),
+            b"{}".to_vec(),
+            &format!("gw{id}"),
+        )
+        .await
+        .unwrap();
+        let cfg = GatewayConfig {
+            id: GatewayId(id),
+            ports: vec![u16::try_from(id).unwrap()],
+            cluster_ports: vec![1, 2, 3],
+            timing: timing(),
+            rpc_timeout: Duration::from_millis(800),
+            max_tries: 16,
+        };
+        let gw = Gateway::new(
+            cfg,
+            u64::try_from(m.lease()).unwrap(),
+            sent,
+            u64::try_from(created).unwrap(),
+        );
+        let origin = m.fence().origin();
+        let (r, out) = Replica::spawn(gw, etcd, keys, origin);
+        (m, r, out)
+    }
+
+    fn nexus(host: &str, port: u16) -> ItNexus {
+        ItNexus {
+            initiator: InitiatorPort::new(host, [0x40, 0, 0, 0, 0, 1]),
+            rtpi: port,
+        }
+    }
+
+    async fn prout(r: &Replica, it: &ItNexus, service_action: u8, ty: u8, p: Vec<u8>) -> Answer {
+        tokio::time::timeout(
+            PROMPT * 2,
+            r.prout(
+                it,
+                OutRequest {
+                    service_action,
+                    scope: 0,
+                    ty,
+                    param: &p,
+                },
+            ),
+        )
+        .await
+        .expect("PR OUT hung")
+    }
+
+    const H1: &str = "iqn.2026-12.io.test:h1";
+    const H2: &str = "iqn.2026-12.io.test:h2";
+    const ALL_TG_PT: u8 = 0x04;
+    const WERO: u8 = 5;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_gateways_one_reservation_state() {
+        let c = EtcdCluster::start(3);
+        let e = c.endpoints();
+        let (_ma, a, mut out_a) = gateway(&e, 1).await;
+        let (_mb, b, out_b) = gateway(&e, 2).await;
+        let (_mc, cc, out_c) = gateway(&e, 3).await;
+
+        // Registrations through A (all target ports), the reservation through B.
+        assert_eq!(
+            prout(
+                &a,
+                &nexus(H1, 1),
+                sa::REGISTER,
+                0,
+                param_list(0, 0x11, ALL_TG_PT)
+            )
+            .await,
+            Answer::Good
+        );
+        assert_eq!(
+            prout(
+                &a,
+                &nexus(H2, 1),
+                sa::REGISTER,
+                0,
+                param_list(0, 0x22, ALL_TG_PT)
+            )
+            .await,
+            Answer::Good
+        );
+        assert_eq!(
+            prout(&b, &nexus(H1, 2), sa::RESERVE, WERO, param_list(0x11, 0, 0)).await,
+            Answer::Good
+        );
+        // A conflict is decided from B's replica without the store (H2 does not hold it).
+        assert!(matches!(
+            prout(&b, &nexus(H2, 2), sa::RELEASE, WERO, param_list(0x22, 0, 0)).await,
+            Answer::Good | Answer::Failed(_)
+        ));
+
+        // A stands for a gateway with H1's writes in flight: it drains the tasks the preempt
+        // aborts only after 300 ms, and notes when.
+        let drained_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let host_a = {
+            let (a, drained_at) = (a.clone(), drained_at.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Some(o) = out_a.recv().await {
+                    if let Output::AbortTasks {
+                        registrations,
+                        revision,
+                    } = &o
+                    {
+                        assert!(
+                            registrations.iter().all(|r| r.name == H1),
+                            "{registrations:?}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        *drained_at.lock().unwrap() = Some(Instant::now());
+                        a.drained(*revision).await;
+                    }
+                    seen.push(o);
+                    if seen.iter().any(|o| {
+                        matches!(
+                            o,
+                            Output::Ua {
+                                reason: SenseReason::RegistrationsPreempted,
+                                ..
+                            }
+                        )
+                    }) && drained_at.lock().unwrap().is_some()
+                    {
+                        return seen;
+                    }
+                }
+                seen
+            })
+        };
+
+        // B and C have no tasks of H1 in flight: they report the abort drained at once (every
+        // gateway serving H1's all-ports registration is asked to abort its local tasks).
+        let idle_host = |r: Replica, mut out: UnboundedReceiver<Output>| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while let Ok(Some(o)) =
+                    tokio::time::timeout(Duration::from_secs(1), out.recv()).await
+                {
+                    if let Output::AbortTasks { revision, .. } = &o {
+                        r.drained(*revision).await;
+                    }
+                    seen.push(o);
+                }
+                seen
+            })
+        };
+        let host_b = idle_host(b.clone(), out_b);
+        let host_c = idle_host(cc.clone(), out_c);
+
+        // PREEMPT AND ABORT through C: GOOD only after A's drain.
+        let sent = Instant::now();
+        let answer = prout(
+            &cc,
+            &nexus(H2, 3),
+            sa::PREEMPT_AND_ABORT,
+            WERO,
+            param_list(0x22, 0x11, 0),
+        )
+        .await;
+        let good_at = Instant::now();
+        assert_eq!(answer, Answer::Good);
+        let drained = drained_at
+            .lock()
+            .unwrap()
+            .expect("A was never asked to abort H1's tasks");
+        assert!(
+            drained > sent && drained < good_at,
+            "GOOD came before A's aborted tasks drained"
+        );
+
+        // One state everywhere.
+        let mut states = Vec::new();
+        for r in [&a, &b, &cc] {
+            let mut polls = 0;
+            let (rev, st) = loop {
+                let (rev, st) = r.state().await.unwrap();
+                if states.first().is_none_or(|(r0, _): &(u64, _)| rev >= *r0) {
+                    break (rev, st);
+                }
+                polls += 1;
+                assert!(polls < 1000, "replica behind");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            states.push((rev, st));
+        }
+        assert!(
+            states.iter().all(|s| s == &states[0]),
+            "replicas differ: {states:#?}"
+        );
+        let st = &states[0].1;
+        assert_eq!(st.registrations().len(), 1, "H1 preempted: {st:?}");
+        assert_eq!(st.registrations()[0].name, H2);
+        assert!(st.reservation().is_some());
+
+        // Unit attentions: every gateway raises REGISTRATIONS PREEMPTED for H1's registration
+        // (all target ports: its nexuses may be on any gateway); none for H2.
+        let seen_a = tokio::time::timeout(PROMPT, host_a)
+            .await
+            .expect("A's outputs")
+            .unwrap();
+        let seen_b = tokio::time::timeout(PROMPT, host_b)
+            .await
+            .expect("B's outputs")
+            .unwrap();
+        let seen_c = tokio::time::timeout(PROMPT, host_c)
+            .await
+            .expect("C's outputs")
+            .unwrap();
+        for (name, outs) in [("A", seen_a), ("B", seen_b), ("C", seen_c)] {
+            let uas: Vec<_> = outs
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Ua {
+                        registration,
+                        reason: SenseReason::RegistrationsPreempted,
+                    } => Some(registration.name.clone()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(uas, vec![H1.to_string()], "gateway {name}: {outs:?}");
+        }
+    }
 }

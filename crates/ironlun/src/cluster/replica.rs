@@ -1,0 +1,498 @@
+//! One LU's replicated reservation state on a real etcd: the driver of
+//! `ironlun_cluster::gateway::Gateway` (scale-out.md §2.2–§2.5). It carries the gateway's
+//! requests to etcd ([`crate::etcd`]), feeds it the watch, the answers and its timer, and
+//! hands its outputs to the host: PR OUT answers to their callers, unit attentions, task
+//! aborts, fencing.
+//!
+//! Keys (prefix `P` = `[cluster]`'s `/ironlun/v1/<cluster>/`; `<gw>` the numeric gateway id,
+//! `<serial>` the LU's unit serial number in hex):
+//! `P/gw/<gw>` member (under the gateway's lease), `P/lu/<serial>/pr` the record
+//! (`ironlun_cluster::codec`), `P/lu/<serial>/applied/<gw>` and `…/drained/<gw>` the
+//! acknowledgements (under the lease).
+//!
+//! Contract:
+//! - A PR OUT is answered exactly once, through the oneshot it was submitted with.
+//! - Etcd calls never block the loop: each runs as a task and reports back. A transaction that
+//!   fails or times out gets no answer; the gateway resends it after its `rpc_timeout` (its
+//!   op id makes a second commit impossible). Acknowledgement puts are retried until they
+//!   succeed or the lease is lost, always with the newest value.
+//! - The watch covers `P`; a broken watch is re-established from the next revision (the
+//!   gateway ignores events it has seen). A watch refused for compaction ends the driver
+//!   (the host must rejoin from a snapshot, §2.5).
+//! - A value that does not decode is logged and skipped; the replay check (`Output::Diverged`)
+//!   catches a state it would have changed.
+
+use crate::etcd::{self, Compare, Etcd, EtcdError, Op};
+use ironlun_cluster::codec;
+use ironlun_cluster::gateway::{Answer, Event, Gateway, Output, Request, Submit, Token};
+use ironlun_cluster::kv::{self, Change, Key, TxnResult, Value};
+use ironlun_cluster::{GatewayId, Revision, Time};
+use ironlun_scsi::pr::{ItNexus, OutRequest, PrState};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// The etcd keys of one LU in one cluster.
+#[derive(Debug, Clone)]
+pub struct LuKeys {
+    prefix: String,
+    lu: String,
+    serial: String,
+}
+
+impl LuKeys {
+    /// Keys under `prefix` (ends in `/`) for the LU with unit serial number `serial`.
+    pub fn new(prefix: &str, serial: &str) -> LuKeys {
+        let hex: String = serial.bytes().map(|b| format!("{b:02x}")).collect();
+        LuKeys {
+            prefix: prefix.to_string(),
+            lu: format!("{prefix}lu/{hex}/"),
+            serial: serial.to_string(),
+        }
+    }
+
+    /// The cluster prefix (what the watch covers).
+    pub fn prefix(&self) -> &[u8] {
+        self.prefix.as_bytes()
+    }
+
+    /// The bytes of `key`.
+    pub fn key(&self, key: Key) -> Vec<u8> {
+        match key {
+            Key::Pr => format!("{}pr", self.lu),
+            Key::Member(g) => format!("{}gw/{}", self.prefix, g.0),
+            Key::Applied(g) => format!("{}applied/{}", self.lu, g.0),
+            Key::Drained(g) => format!("{}drained/{}", self.lu, g.0),
+        }
+        .into_bytes()
+    }
+
+    /// Which key `bytes` is, if it is one of this LU's or a member key.
+    pub fn parse(&self, bytes: &[u8]) -> Option<Key> {
+        let s = std::str::from_utf8(bytes).ok()?;
+        let id = |t: &str| t.parse().ok().map(GatewayId);
+        if let Some(g) = s.strip_prefix(&format!("{}gw/", self.prefix)) {
+            return id(g).map(Key::Member);
+        }
+        let rest = s.strip_prefix(&self.lu)?;
+        if rest == "pr" {
+            return Some(Key::Pr);
+        }
+        if let Some(g) = rest.strip_prefix("applied/") {
+            return id(g).map(Key::Applied);
+        }
+        rest.strip_prefix("drained/").and_then(id).map(Key::Drained)
+    }
+
+    /// The protocol's view of a stored value of `key`.
+    fn value(&self, key: Key, bytes: &[u8]) -> Result<Value, codec::CodecError> {
+        Ok(match key {
+            Key::Pr => Value::Record(Box::new(codec::decode_record(bytes, &self.serial)?)),
+            Key::Member(_) => Value::Member,
+            Key::Applied(_) | Key::Drained(_) => Value::Revision(codec::decode_revision(bytes)?),
+        })
+    }
+
+    /// An etcd watch event as the protocol's, if it concerns this LU.
+    fn event(&self, e: &etcd::Event) -> Option<kv::Event> {
+        match e {
+            etcd::Event::Put(kv) => {
+                let key = self.parse(&kv.key)?;
+                let value = match self.value(key, &kv.value) {
+                    Ok(v) => v,
+                    Err(err) => {
+                        tracing::error!(key = %String::from_utf8_lossy(&kv.key), error = %err, "cluster: undecodable value skipped");
+                        return None;
+                    }
+                };
+                Some(kv::Event {
+                    revision: rev(kv.mod_revision),
+                    key,
+                    change: Change::Put {
+                        value,
+                        create_revision: rev(kv.create_revision),
+                    },
+                })
+            }
+            etcd::Event::Delete { key, mod_revision } => Some(kv::Event {
+                revision: rev(*mod_revision),
+                key: self.parse(key)?,
+                change: Change::Delete,
+            }),
+        }
+    }
+}
+
+fn rev(r: i64) -> Revision {
+    Revision::try_from(r).unwrap_or(0)
+}
+
+fn etcd_rev(r: Revision) -> i64 {
+    i64::try_from(r).unwrap_or(i64::MAX)
+}
+
+/// What the host asks of the driver.
+#[derive(Debug)]
+enum Cmd {
+    Prout {
+        it: ItNexus,
+        service_action: u8,
+        scope: u8,
+        ty: u8,
+        param: Vec<u8>,
+        answer: oneshot::Sender<Answer>,
+    },
+    Drained(Revision),
+    MaySubmit(oneshot::Sender<bool>),
+    State(oneshot::Sender<(Revision, PrState)>),
+}
+
+/// The host's handle on a running driver.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl Replica {
+    /// Run the driver for `gw` (joined with lease `lease`; its member key already exists) on
+    /// `etcd`. Outputs other than PR OUT answers go to the returned receiver. The driver ends
+    /// when every [`Replica`] handle is dropped, or on a fatal watch error.
+    pub fn spawn(
+        gw: Gateway,
+        etcd: Arc<Etcd>,
+        keys: LuKeys,
+        origin: Instant,
+    ) -> (Replica, mpsc::UnboundedReceiver<Output>) {
+        let (cmds_tx, cmds_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            gw,
+            etcd,
+            keys,
+            origin,
+            answers: HashMap::new(),
+            next_token: 0,
+            out: out_tx,
+        };
+        tokio::spawn(driver.run(cmds_rx));
+        (Replica { cmds: cmds_tx }, out_rx)
+    }
+
+    /// A PERSISTENT RESERVE OUT from `it`: its answer once the protocol decides it (at once
+    /// for errors and no-ops; after the commit and the completion rule otherwise).
+    pub async fn prout(&self, it: &ItNexus, req: OutRequest<'_>) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Cmd::Prout {
+            it: it.clone(),
+            service_action: req.service_action,
+            scope: req.scope,
+            ty: req.ty,
+            param: req.param.to_vec(),
+            answer: tx,
+        };
+        if self.cmds.send(cmd).await.is_err() {
+            return Answer::NotReady;
+        }
+        rx.await.unwrap_or(Answer::NotReady)
+    }
+
+    /// The host finished the backend I/O of the tasks aborted by revisions up to `r`.
+    pub async fn drained(&self, r: Revision) {
+        let _ = self.cmds.send(Cmd::Drained(r)).await;
+    }
+
+    /// The local replica: the revision of the record it equals, and the state.
+    pub async fn state(&self) -> Option<(Revision, PrState)> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::State(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The self-fence check (`Gateway::may_submit`) as the driver sees it now.
+    pub async fn may_submit(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::MaySubmit(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+/// What an etcd call reported back to the loop.
+#[derive(Debug)]
+enum Reply {
+    Gateway(Event),
+    /// An acknowledgement put of `key` ended: `Some(value)` stored, `None` failed.
+    Ack(Key, Option<Revision>),
+}
+
+/// One acknowledgement key: the newest value the gateway wants stored, the newest stored,
+/// and whether a put is in flight.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ack {
+    wanted: Revision,
+    stored: Revision,
+    in_flight: bool,
+}
+
+struct Driver {
+    gw: Gateway,
+    etcd: Arc<Etcd>,
+    keys: LuKeys,
+    origin: Instant,
+    answers: HashMap<Token, oneshot::Sender<Answer>>,
+    next_token: Token,
+    out: mpsc::UnboundedSender<Output>,
+}
+
+impl Driver {
+    fn now(&self) -> Time {
+        Time::from_micros(u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX))
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
+        let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
+        // Newest acknowledgement wanted per key, and whether a put of it is in flight.
+        let mut acks: HashMap<Key, Ack> = HashMap::new();
+        let mut next_watch: i64 = 1;
+        let mut watch: Option<etcd::Watch> = None;
+        loop {
+            self.flush(&reply_tx, &mut acks);
+            if watch.is_none() {
+                match self.etcd.watch(self.keys.prefix(), next_watch).await {
+                    Ok(w) => watch = Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster watch: cannot start; retrying");
+                        tokio::time::sleep(self.etcd.timeout()).await;
+                        self.gw.handle_timeout(self.now());
+                        continue;
+                    }
+                }
+            }
+            let timer = self.gw.poll_timeout().map(|t| {
+                let wait = t.saturating_duration_since(self.now());
+                tokio::time::Instant::now() + wait
+            });
+            let Some(w) = watch.as_mut() else { continue };
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(cmd) => self.command(cmd),
+                },
+                Some(reply) = replies.recv() => match reply {
+                    Reply::Gateway(e) => self.gw.handle(self.now(), e),
+                    Reply::Ack(key, stored) => {
+                        if let Some(a) = acks.get_mut(&key) {
+                            a.in_flight = false;
+                            a.stored = a.stored.max(stored.unwrap_or(0));
+                        }
+                    }
+                },
+                batch = w.next() => match batch {
+                    Ok((_, events)) => {
+                        if let Some(last) = events.last() {
+                            next_watch = next_watch.max(last.revision() + 1);
+                        }
+                        let mine: Vec<kv::Event> = events.iter().filter_map(|e| self.keys.event(e)).collect();
+                        if !mine.is_empty() {
+                            self.gw.handle(self.now(), Event::Watch(mine));
+                        }
+                    }
+                    Err(EtcdError::Compacted(r)) => {
+                        tracing::error!(compacted = r, "cluster watch: history compacted past this gateway; it must rejoin from a snapshot");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster watch ended; watching again");
+                        watch = None;
+                    }
+                },
+                () = async {
+                    match timer {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.gw.handle_timeout(self.now()),
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Prout {
+                it,
+                service_action,
+                scope,
+                ty,
+                param,
+                answer,
+            } => {
+                let token = self.next_token;
+                self.next_token += 1;
+                let req = OutRequest {
+                    service_action,
+                    scope,
+                    ty,
+                    param: &param,
+                };
+                match self.gw.prout(self.now(), token, &it, req) {
+                    Submit::Immediate(a) => {
+                        let _ = answer.send(a);
+                    }
+                    Submit::Pending => {
+                        self.answers.insert(token, answer);
+                    }
+                }
+            }
+            Cmd::Drained(r) => self.gw.handle(self.now(), Event::Drained(r)),
+            Cmd::MaySubmit(tx) => {
+                let _ = tx.send(self.gw.may_submit(self.now()));
+            }
+            Cmd::State(tx) => {
+                let _ = tx.send((self.gw.pr_revision(), self.gw.state().clone()));
+            }
+        }
+    }
+
+    /// Carry out every request and output the gateway has queued.
+    fn flush(&mut self, reply: &mpsc::UnboundedSender<Reply>, acks: &mut HashMap<Key, Ack>) {
+        while let Some(r) = self.gw.poll_request() {
+            self.request(r, reply, acks);
+        }
+        // An acknowledgement newer than the stored one, with no put in flight, goes out with
+        // the newest value (a failed put is retried this way).
+        for (key, a) in acks.iter_mut() {
+            if !a.in_flight && a.wanted > a.stored {
+                a.in_flight = true;
+                self.put_ack(*key, a.wanted, reply);
+            }
+        }
+        while let Some(o) = self.gw.poll_output() {
+            match o {
+                Output::Respond { token, answer, .. } => {
+                    if let Some(tx) = self.answers.remove(&token) {
+                        let _ = tx.send(answer);
+                    }
+                }
+                other => {
+                    let _ = self.out.send(other);
+                }
+            }
+        }
+    }
+
+    fn request(
+        &mut self,
+        r: Request,
+        reply: &mpsc::UnboundedSender<Reply>,
+        acks: &mut HashMap<Key, Ack>,
+    ) {
+        let me = self.gw.id();
+        let etcd = self.etcd.clone();
+        let reply = reply.clone();
+        match r {
+            Request::Txn {
+                attempt,
+                expect,
+                lease,
+                record,
+            } => {
+                let pr = self.keys.key(Key::Pr);
+                let member = self.keys.key(Key::Member(me));
+                let value = codec::encode_record(&record, &self.keys.serial);
+                let lease = i64::try_from(lease).unwrap_or(0);
+                tokio::spawn(async move {
+                    let t = etcd
+                        .txn(
+                            &[
+                                Compare::ModRevision(pr.clone(), etcd_rev(expect)),
+                                Compare::Lease(member.clone(), lease),
+                            ],
+                            &[Op::Put {
+                                key: pr.clone(),
+                                value,
+                                lease: 0,
+                            }],
+                            &[Op::Get(pr), Op::Get(member)],
+                        )
+                        .await;
+                    let result = match t {
+                        Ok(t) if t.succeeded => TxnResult::Committed(rev(t.revision)),
+                        Ok(t) => TxnResult::Failed {
+                            current: t
+                                .gets
+                                .first()
+                                .cloned()
+                                .flatten()
+                                .map_or(0, |kv| rev(kv.mod_revision)),
+                            member_alive: t
+                                .gets
+                                .get(1)
+                                .cloned()
+                                .flatten()
+                                .is_some_and(|kv| kv.lease == lease),
+                        },
+                        // No answer: the gateway resends after its rpc_timeout.
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cluster txn: no answer");
+                            return;
+                        }
+                    };
+                    let _ = reply.send(Reply::Gateway(Event::Txn { attempt, result }));
+                });
+            }
+            Request::PutApplied(r) => {
+                let a = acks.entry(Key::Applied(me)).or_default();
+                a.wanted = a.wanted.max(r);
+            }
+            Request::PutDrained(r) => {
+                let a = acks.entry(Key::Drained(me)).or_default();
+                a.wanted = a.wanted.max(r);
+            }
+            Request::KeepAlive { sent_at } => {
+                let lease = i64::try_from(self.gw.lease()).unwrap_or(0);
+                tokio::spawn(async move {
+                    let ok = match etcd.keep_alive(lease).await {
+                        Ok(ttl) => ttl.is_some(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cluster keep-alive: no answer");
+                            return;
+                        }
+                    };
+                    let _ = reply.send(Reply::Gateway(Event::KeepAlive { sent_at, ok }));
+                });
+            }
+            Request::ReadHead => {
+                let pr = self.keys.key(Key::Pr);
+                tokio::spawn(async move {
+                    if let Ok((head, _)) = etcd.get_prefix(&pr).await {
+                        let _ = reply.send(Reply::Gateway(Event::Head(rev(head))));
+                    }
+                });
+            }
+        }
+    }
+
+    fn put_ack(&self, key: Key, value: Revision, reply: &mpsc::UnboundedSender<Reply>) {
+        let etcd = self.etcd.clone();
+        let reply = reply.clone();
+        let bytes = self.keys.key(key);
+        let lease = i64::try_from(self.gw.lease()).unwrap_or(0);
+        tokio::spawn(async move {
+            match etcd
+                .put(&bytes, &codec::encode_revision(value), lease)
+                .await
+            {
+                Ok(_) => {
+                    let _ = reply.send(Reply::Ack(key, Some(value)));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster acknowledgement: put failed; retrying");
+                    tokio::time::sleep(etcd.timeout()).await;
+                    let _ = reply.send(Reply::Ack(key, None));
+                }
+            }
+        });
+    }
+}
