@@ -194,10 +194,18 @@ fn cpu_ticks(pid: u32) -> i64 {
 /// I/O leave its IOPS within 20 % and its logins under 1 s. Runs alternate quiet / storm three
 /// times (A B A B A B) and the best of each side is compared: load from other processes on a
 /// shared machine only ever lowers a run, so the best run is the least disturbed one.
+///
+/// The daemon runs with `busy_poll_us = 0`. With the poll on, the worker's connection keeps a
+/// core busy between commands, so on this 2-core machine, where the attacker's own process
+/// also runs, any third process costs the worker IOPS whatever the daemon does with the bad
+/// logins (CI 2026-12-06: quiet 98.1k vs storm 76.2k IOPS with the poll, at equal daemon CPU,
+/// 476–483 ticks per run). What this test measures is the daemon's cost of a login storm;
+/// the poll's trade-off is measured by `scripts/bench.sh`.
 #[test]
 fn bad_secret_storm_leaves_other_sessions_alone() {
     require_tool("iscsi-perf");
-    let d = Daemon::release().config(CONFIG).start();
+    let config = format!("{CONFIG}\n[runtime]\nbusy_poll_us = 0\n");
+    let d = Daemon::release().config(&config).start();
     let worker = "iqn.2026-11.io.test:worker";
     let (mut quiet, mut stormy) = (0u64, 0u64);
     for storm in [false, true, false, true, false, true] {
