@@ -469,26 +469,15 @@ impl Gateway {
             self.next_keepalive = now.saturating_add(self.cfg.timing.settings().keepalive_interval);
         }
         self.check_deadline(now);
-        if let Some(w) = self.work.front_mut() {
+        if let Some(w) = self.work.front() {
             if let Phase::Txn {
                 expect, sent_at, ..
             } = w.phase
             {
                 if now >= sent_at.saturating_add(self.cfg.rpc_timeout) {
                     if let Some(record) = w.record.clone() {
-                        self.attempts += 1;
-                        let attempt = self.attempts;
-                        w.phase = Phase::Txn {
-                            attempt,
-                            expect,
-                            sent_at: now,
-                        };
-                        self.requests.push_back(Request::Txn {
-                            attempt,
-                            expect,
-                            lease: self.lease,
-                            record,
-                        });
+                        // The same record and compare revision: it can commit at most once.
+                        self.push_txn(expect, record, now);
                     }
                 }
             }
@@ -771,10 +760,7 @@ impl Gateway {
         if !internal && no_change(&self.state, &next, &fx) {
             return self.finish(Answer::Good);
         }
-        self.attempts += 1;
-        let attempt = self.attempts;
         let expect = self.pr_rev;
-        let lease = self.lease;
         if let Some(w) = self.work.front_mut() {
             let record = Record {
                 state: next,
@@ -784,18 +770,28 @@ impl Gateway {
             w.tries += 1;
             w.aborts = !fx.aborted.is_empty();
             w.record = Some(record.clone());
+            self.push_txn(expect, record, now);
+        }
+    }
+
+    /// Send (or send again) the front operation's transaction as a new attempt, comparing
+    /// against `expect`.
+    fn push_txn(&mut self, expect: Revision, record: Record, now: Time) {
+        self.attempts += 1;
+        let attempt = self.attempts;
+        if let Some(w) = self.work.front_mut() {
             w.phase = Phase::Txn {
                 attempt,
                 expect,
                 sent_at: now,
             };
-            self.requests.push_back(Request::Txn {
-                attempt,
-                expect,
-                lease,
-                record,
-            });
         }
+        self.requests.push_back(Request::Txn {
+            attempt,
+            expect,
+            lease: self.lease,
+            record,
+        });
     }
 
     /// The completion rule (§2.2 step 4) for an op committed at `r`.

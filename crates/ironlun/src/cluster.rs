@@ -42,11 +42,6 @@ impl Fence {
         }
     }
 
-    /// The origin of the gate's clock (a protocol `Time` is microseconds since it).
-    pub fn origin(&self) -> Instant {
-        self.origin
-    }
-
     /// Now on the gate's clock.
     pub fn now(&self) -> Time {
         Time::from_micros(u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX))

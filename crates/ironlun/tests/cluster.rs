@@ -503,8 +503,7 @@ mod replicas {
             sent,
             u64::try_from(created).unwrap(),
         );
-        let origin = m.fence().origin();
-        let (r, out) = Replica::spawn(gw, etcd, keys, origin);
+        let (r, out) = Replica::spawn(gw, etcd, keys, m.fence());
         (m, r, out)
     }
 

@@ -22,6 +22,7 @@
 //! - A value that does not decode is logged and skipped; the replay check (`Output::Diverged`)
 //!   catches a state it would have changed.
 
+use super::Fence;
 use crate::etcd::{self, Compare, Etcd, EtcdError, Op};
 use ironlun_cluster::codec;
 use ironlun_cluster::gateway::{Answer, Event, Gateway, Output, Request, Submit, Token};
@@ -30,7 +31,6 @@ use ironlun_cluster::{GatewayId, Revision, Time};
 use ironlun_scsi::pr::{ItNexus, OutRequest, PrState};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 /// The etcd keys of one LU in one cluster.
@@ -156,13 +156,14 @@ pub struct Replica {
 
 impl Replica {
     /// Run the driver for `gw` (joined with lease `lease`; its member key already exists) on
-    /// `etcd`. Outputs other than PR OUT answers go to the returned receiver. The driver ends
-    /// when every [`Replica`] handle is dropped, or on a fatal watch error.
+    /// `etcd`, reading time from `clock` (the membership's gate: the instants the gateway was
+    /// created with are on it). Outputs other than PR OUT answers go to the returned receiver.
+    /// The driver ends when every [`Replica`] handle is dropped, or on a fatal watch error.
     pub fn spawn(
         gw: Gateway,
         etcd: Arc<Etcd>,
         keys: LuKeys,
-        origin: Instant,
+        clock: Arc<Fence>,
     ) -> (Replica, mpsc::UnboundedReceiver<Output>) {
         let (cmds_tx, cmds_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -170,7 +171,7 @@ impl Replica {
             gw,
             etcd,
             keys,
-            origin,
+            clock,
             answers: HashMap::new(),
             next_token: 0,
             out: out_tx,
@@ -240,7 +241,7 @@ struct Driver {
     gw: Gateway,
     etcd: Arc<Etcd>,
     keys: LuKeys,
-    origin: Instant,
+    clock: Arc<Fence>,
     answers: HashMap<Token, oneshot::Sender<Answer>>,
     next_token: Token,
     out: mpsc::UnboundedSender<Output>,
@@ -248,7 +249,7 @@ struct Driver {
 
 impl Driver {
     fn now(&self) -> Time {
-        Time::from_micros(u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX))
+        self.clock.now()
     }
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
