@@ -19,7 +19,7 @@ pub mod replica;
 
 use crate::config::Cluster;
 use crate::etcd::{Compare, Etcd, EtcdError, Op};
-use ironlun_cluster::lease::{LeaseSettings, Timing};
+use ironlun_cluster::lease::Timing;
 use ironlun_cluster::Time;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,14 +74,7 @@ impl Fence {
 
 /// The timing of `c` as the protocol crate checks it.
 pub fn timing(c: &Cluster) -> Result<Timing, String> {
-    Timing::new(LeaseSettings {
-        ttl: c.lease_ttl,
-        rho_ppm: c.clock_error_ppm,
-        margin: c.margin,
-        lock_delay: c.lock_delay,
-        keepalive_interval: c.keepalive_interval,
-    })
-    .map_err(|e| e.to_string())
+    Timing::new(c.lease_settings()).map_err(|e| e.to_string())
 }
 
 /// Why joining failed.

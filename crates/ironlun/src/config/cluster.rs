@@ -16,6 +16,7 @@
 //! ```
 
 use super::{ConfigError, Ctx};
+use ironlun_cluster::lease::{LeaseSettings, Timing};
 use serde::Deserialize;
 use std::time::Duration;
 use toml::Spanned;
@@ -60,6 +61,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The timing parameters as the protocol crate takes them (scale-out.md §2.4).
+    pub fn lease_settings(&self) -> LeaseSettings {
+        LeaseSettings {
+            ttl: self.lease_ttl,
+            rho_ppm: self.clock_error_ppm,
+            margin: self.margin,
+            lock_delay: self.lock_delay,
+            keepalive_interval: self.keepalive_interval,
+        }
+    }
+
     /// The key prefix of this cluster: `/ironlun/v1/<cluster>/`.
     pub fn prefix(&self) -> String {
         format!("/ironlun/v1/{}/", self.cluster)
@@ -169,19 +181,14 @@ pub(super) fn parse(cx: &Ctx<'_>, raw: &RawCluster) -> Result<Cluster, ConfigErr
             "must be below 500000",
         );
     }
-    let usable_us = c.lease_ttl.as_micros() * u128::from(1_000_000 - c.clock_error_ppm) / 1_000_000;
-    if (c.keepalive_interval + c.margin).as_micros() >= usable_us {
+    // The bound itself is the protocol crate's rule (one place): keepalive interval + margin
+    // below T(1−ρ).
+    if let Err(e) = Timing::new(c.lease_settings()) {
         let span = at(&raw.keepalive_interval_ms).or(at(&raw.margin_ms));
         return cx.err(
             span_or_table(span),
             "cluster.keepalive_interval_ms",
-            format!(
-                "keepalive_interval_ms {} + margin_ms {} must be below lease_ttl_ms × (1 − clock_error_ppm/10⁶) = {} ms: \
-                 a gateway whose every keep-alive succeeds would still fence itself",
-                c.keepalive_interval.as_millis(),
-                c.margin.as_millis(),
-                usable_us / 1000
-            ),
+            e.to_string(),
         );
     }
     if c.etcd_timeout >= c.keepalive_interval {
