@@ -18,7 +18,7 @@
 
 use crate::op::{Op, OpId, Record};
 use crate::{GatewayId, Revision};
-use ironlun_scsi::pr::persist;
+use ironlun_scsi::pr::persist::{self, hex, unhex};
 use ironlun_scsi::pr::{InitiatorPort, ItNexus, MAX_NAME_LEN};
 use std::fmt;
 
@@ -46,20 +46,6 @@ impl std::error::Error for CodecError {}
 
 fn bad<T>(what: impl Into<String>) -> Result<T, CodecError> {
     Err(CodecError(what.into()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The record as stored at `P/lu/<naa>/pr` for the LU whose unit serial number is `serial`.
@@ -305,6 +291,7 @@ mod tests {
             ("op prout 1 ", "op prout 0 "),
             ("op prout 1 400001000001", "op prout 1 4000"),
             ("iqn.test:h1", "IQN.test:h1"),
+            ("op prout 1 400001000001", "op prout 1 +00001000001"),
             ("op prout", "op unknown"),
         ] {
             assert!(text.contains(from), "{from}");

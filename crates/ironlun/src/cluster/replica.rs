@@ -44,7 +44,7 @@ pub struct LuKeys {
 impl LuKeys {
     /// Keys under `prefix` (ends in `/`) for the LU with unit serial number `serial`.
     pub fn new(prefix: &str, serial: &str) -> LuKeys {
-        let hex: String = serial.bytes().map(|b| format!("{b:02x}")).collect();
+        let hex = ironlun_scsi::pr::persist::hex(serial.as_bytes());
         LuKeys {
             prefix: prefix.to_string(),
             lu: format!("{prefix}lu/{hex}/"),

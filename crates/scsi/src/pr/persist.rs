@@ -31,11 +31,14 @@ pub const MAGIC: &str = "ironlun-pr-state 1";
 /// Upper bound on a state file we parse (bytes): MAX_REGISTRATIONS lines of at most ~280.
 pub const MAX_FILE_LEN: usize = 512 * 1024;
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (the file's encoding of ISIDs and the serial; also used by the
+/// cluster record, which embeds this format).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// The bytes of [`hex`]'s output; `None` for an odd length or any non-hex character.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
