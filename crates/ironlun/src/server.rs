@@ -1479,6 +1479,14 @@ async fn serve_connection(
         // Coalesce everything ready into one vectored write; the charges of the responses in
         // it are released once it is on the socket.
         conn.poll_transmit_into(&mut out);
+        // A closed session is an I_T nexus loss; its effects (an SPC-2 reservation released)
+        // take place before the last PDU (the Logout Response) reaches the initiator, whose
+        // next command on another session must see them.
+        if conn.is_closed().is_some() {
+            if let Some(n) = &nexus {
+                n.lose();
+            }
+        }
         let responded = !out.is_empty();
         if responded {
             if let Err(e) = write_all_vectored(&mut wr, &mut out, stall).await {

@@ -1247,8 +1247,12 @@ impl TmfOutcome {
     }
 }
 
-impl Drop for Nexus {
-    fn drop(&mut self) {
+impl Nexus {
+    /// The I_T nexus is gone (session closed, logged out, dropped; SAM-5 §6.3.4): leave every
+    /// LU, which releases what the nexus held there (an SPC-2 reservation, PREVENT, copy
+    /// status). Idempotent; also run on drop. Call it before the Logout Response goes out, so
+    /// that the initiator's next command on another session sees the loss.
+    pub fn lose(&self) {
         let luns = self
             .luns
             .read()
@@ -1257,6 +1261,12 @@ impl Drop for Nexus {
         for l in luns.values() {
             l.lu().remove_nexus(self.id);
         }
+    }
+}
+
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        self.lose();
     }
 }
 
