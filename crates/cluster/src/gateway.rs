@@ -155,13 +155,24 @@ pub enum Output {
         /// Commit revision, for a GOOD that needed the store.
         revision: Option<Revision>,
     },
+    /// The record at `revision` is the local replica now: install `state` in the LU before
+    /// the [`Output::Ua`] and [`Output::AbortTasks`] of the same record, which follow it.
+    State {
+        /// The record's revision.
+        revision: Revision,
+        /// The PR state after it.
+        state: PrState,
+    },
     /// Queue `reason` for the I_T nexuses of `registration` on this gateway's ports (an
-    /// ALL_TG_PT registration is raised by every gateway for its own ports).
+    /// ALL_TG_PT registration is raised by every gateway for its own ports), except the
+    /// nexus that sent the PR OUT (SPC-4 §5.13.11: "other" I_T nexuses).
     Ua {
         /// The registration whose nexuses get the condition.
         registration: Registration,
         /// The additional sense.
         reason: SenseReason,
+        /// The requesting I_T nexus, which gets no condition.
+        except: Option<ItNexus>,
     },
     /// Abort the local tasks of these registrations' nexuses (PREEMPT AND ABORT, §2.3), then
     /// report [`Event::Drained`] for `revision` once their backend I/O has finished.
@@ -170,6 +181,9 @@ pub enum Output {
         registrations: Vec<Registration>,
         /// The revision that aborted them.
         revision: Revision,
+        /// The I_T nexus that sent the PREEMPT AND ABORT (its own tasks keep their status;
+        /// others' end without one when TAS=0, SAM-5 §5.6).
+        from: Option<ItNexus>,
     },
     /// Deadline passed or lease lost: stop submitting, fail queued commands with 02/04/0A,
     /// set the port group to transitioning (§2.5).
@@ -252,6 +266,8 @@ pub struct Gateway {
     outputs: VecDeque<Output>,
     /// The latest `now` of any input (time never runs backwards on one clock).
     last_now: Time,
+    /// The revision that created our member key: member events before it are history.
+    create_revision: Revision,
 }
 
 impl Gateway {
@@ -290,6 +306,7 @@ impl Gateway {
             requests: VecDeque::new(),
             outputs: VecDeque::new(),
             last_now: granted_at,
+            create_revision,
         }
     }
 
@@ -559,7 +576,14 @@ impl Gateway {
                 m.create = *create_revision;
                 m.gone_at = None;
             }
-            (Key::Member(g), Change::Delete) if *g == self.cfg.id => self.lose_lease(),
+            // An earlier incarnation's key (replayed history from before this join) is not
+            // ours: only a DELETE after our create revision means our lease is gone.
+            (Key::Member(g), Change::Delete)
+                if *g == self.cfg.id && ev.revision > self.create_revision =>
+            {
+                self.lose_lease()
+            }
+            (Key::Member(g), Change::Delete) if *g == self.cfg.id => {}
             (Key::Member(g), Change::Delete) => {
                 self.members.entry(*g).or_default().gone_at = Some(now);
                 let lowest = self
@@ -567,7 +591,12 @@ impl Gateway {
                     .iter()
                     .find(|(_, m)| m.gone_at.is_none())
                     .map(|(id, _)| *id);
-                if lowest == Some(self.cfg.id) && !self.gone_recorded.contains(g) && !self.fenced {
+                // History replayed from before our join was someone else's to record.
+                if lowest == Some(self.cfg.id)
+                    && ev.revision > self.create_revision
+                    && !self.gone_recorded.contains(g)
+                    && !self.fenced
+                {
                     self.enqueue(None, Op::GatewayGone { gateway: *g });
                 }
             }
@@ -608,14 +637,23 @@ impl Gateway {
         };
         self.state = rec.state.clone();
         self.pr_rev = r;
-        if let Op::GatewayGone { gateway } = rec.op {
-            self.gone_recorded.insert(gateway);
-        }
+        self.outputs.push_back(Output::State {
+            revision: r,
+            state: rec.state.clone(),
+        });
+        let requester = match &rec.op {
+            Op::Prout { it, .. } => Some(it.clone()),
+            Op::GatewayGone { gateway } => {
+                self.gone_recorded.insert(*gateway);
+                None
+            }
+        };
         for (registration, reason) in fx.ua {
             if self.serves(&registration) {
                 self.outputs.push_back(Output::Ua {
                     registration,
                     reason,
+                    except: requester.clone(),
                 });
             }
         }
@@ -631,6 +669,7 @@ impl Gateway {
                 self.outputs.push_back(Output::AbortTasks {
                     registrations: local,
                     revision: r,
+                    from: requester,
                 });
             }
             self.update_drained();

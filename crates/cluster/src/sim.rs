@@ -674,13 +674,16 @@ impl World {
                 answer,
                 revision,
             } => self.respond(g, token, answer, revision),
+            Output::State { .. } => {}
             Output::Ua {
                 registration,
                 reason,
+                ..
             } => self.uas.push((g, registration.key, reason)),
             Output::AbortTasks {
                 registrations,
                 revision,
+                ..
             } => {
                 let land = self
                     .writes

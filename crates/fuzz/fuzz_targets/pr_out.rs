@@ -57,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Step::Io(..) | Step::Wait(_) => panic!("PR OUT asked for backstore I/O"),
+            Step::Replicate(_) => panic!("a local LU replicated a PR OUT"),
         }
         // READ KEYS from the same nexus, after any unit attention it has pending.
         for _ in 0..4 {

@@ -15,6 +15,7 @@
 //!   new lease and member key; the gate opens only with the new lease. A cut-off gateway keeps
 //!   trying at the keep-alive interval.
 
+pub mod lu;
 pub mod replica;
 
 use crate::config::Cluster;

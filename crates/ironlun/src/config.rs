@@ -750,6 +750,22 @@ impl Config {
                 if luns.iter().any(|o| o.id == id) {
                     return cx.err(l.id.span(), key("id"), format!("duplicate LUN {id}"));
                 }
+                // Cluster mode: every gateway reads and writes the same medium, with no page
+                // cache of one gateway between it and the others (issue 18).
+                if raw.cluster.is_some() {
+                    let shared = match l.backstore.get_ref().as_str() {
+                        "block" => true,
+                        "uring" => l.direct.as_ref().is_some_and(|d| *d.get_ref()),
+                        _ => false,
+                    };
+                    if !shared {
+                        return cx.err(
+                            l.backstore.span(),
+                            key("backstore"),
+                            "in cluster mode a LUN's medium is shared by every gateway without a page cache between them: backstore = \"uring\" with direct = true, or \"block\"",
+                        );
+                    }
+                }
                 let block_size = match &l.block_size {
                     Some(b) if *b.get_ref() == 512 || *b.get_ref() == 4096 => *b.get_ref(),
                     Some(b) => return cx.err(b.span(), key("block_size"), "must be 512 or 4096"),
@@ -1002,7 +1018,10 @@ impl Config {
         let admin = parse_admin(&cx, raw.admin.as_ref(), &base)?;
         let port_groups = parse_port_groups(&cx, &raw.port_group, &portals)?;
         let cluster = match &raw.cluster {
-            Some(c) => Some(cluster::parse(&cx, c)?),
+            Some(c) => {
+                let tpgts: Vec<u16> = portals.iter().map(|p| p.tpgt).collect();
+                Some(cluster::parse(&cx, c, &tpgts)?)
+            }
             None => None,
         };
         Ok(Config {

@@ -662,17 +662,6 @@ fn serve(
                 .unwrap_or_else(|| PathBuf::from("ironlun-data")),
         ),
     };
-    if let Some(c) = &cfg.cluster {
-        // Serving LUs with node-local reservations while other gateways serve them too would
-        // fail open (issue 18): refuse until the replicated state drives the LUs.
-        eprintln!(
-            "ironlun: [cluster] (gateway {:?}, cluster {:?}): cluster mode is not complete yet: \
-             the replicated reservation state does not drive the LUs, so serving would let \
-             gateways disagree; remove [cluster] to serve as one node",
-            c.name, c.cluster
-        );
-        return ExitCode::from(2);
-    }
     if let Some(addr) = listen {
         let tpgt = cfg.portals.first().map_or(1, |p| p.tpgt);
         cfg.portals = vec![ironlun::config::Portal { listen: addr, tpgt }];

@@ -311,6 +311,12 @@ impl Live {
                 "[cluster] cannot change while the daemon runs: restart it".to_string(),
             ));
         }
+        if running.cluster.is_some() && lu_set(&cfg) != lu_set(running) {
+            // Each LU joins its replicated state when the gateway starts (cluster::lu::attach).
+            return Err(bad(
+                "in cluster mode targets and LUNs cannot be added or removed while the daemon runs: restart the gateway".to_string(),
+            ));
+        }
         if self.source.listen.is_some() {
             // `--listen` replaces the file's portals for the daemon's lifetime.
             cfg.portals = running.portals.clone();
@@ -1159,6 +1165,18 @@ pub fn confine_lun_path(
         path.display(),
         resolved.display()
     ))
+}
+
+/// Every LU as (target, LUN, serial): what cluster mode keeps fixed while running.
+fn lu_set(cfg: &Config) -> Vec<(String, u64, String)> {
+    cfg.targets
+        .iter()
+        .flat_map(|t| {
+            t.luns
+                .iter()
+                .map(|l| (t.name.clone(), l.id, l.serial.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -80,6 +80,8 @@ pub struct Server {
     budget: Arc<MemoryBudget>,
     /// The threads the shards may use.
     threads: ThreadPlan,
+    /// Cluster mode: this gateway's membership (renewed while serving, left at the end).
+    cluster: Option<(Arc<crate::cluster::Membership>, String)>,
 }
 
 /// The daemon's threads, every pool bounded and counted together: the main runtime's
@@ -445,6 +447,15 @@ impl Server {
     pub async fn bind(cfg: &Config, threads: ThreadPlan) -> Result<Server, String> {
         crate::metrics::DAEMON.started();
         let registry = Arc::new(Registry::build(cfg)?);
+        // Cluster mode: join before any portal accepts, so no command meets an LU that is
+        // not yet under its replicated state.
+        let cluster = match &cfg.cluster {
+            Some(c) => Some((
+                crate::cluster::lu::attach(cfg, &registry).await?,
+                c.name.clone(),
+            )),
+            None => None,
+        };
         let mut bound = Vec::new();
         for p in &cfg.portals {
             let l = TcpListener::bind(p.listen)
@@ -509,6 +520,7 @@ impl Server {
             added,
             budget,
             threads,
+            cluster,
         })
     }
 
@@ -533,6 +545,15 @@ impl Server {
     /// Serve until `shutdown` flips to true; then stop accepting, let in-flight commands finish,
     /// close connections and flush every backend.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        if let Some((m, name)) = &self.cluster {
+            let (m, name, mut stop) = (m.clone(), name.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                m.run(&name, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            });
+        }
         let mut conns = JoinSet::new();
         let mut accepts = JoinSet::new();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<Accepted>();
@@ -634,6 +655,18 @@ impl Server {
         }
         let reg = self.registry.clone();
         let _ = tokio::task::spawn_blocking(move || reg.flush_all()).await;
+        if let Some((m, _)) = &self.cluster {
+            // The lease goes now rather than at expiry: the others need not wait T + Δ.
+            match tokio::time::timeout(crate::cluster::lu::LEAVE_TIMEOUT, m.leave()).await {
+                Ok(Ok(())) => tracing::info!("left the cluster"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cluster: cannot revoke the lease; it expires on its own")
+                }
+                Err(_) => {
+                    tracing::warn!("cluster: lease revocation timed out; it expires on its own")
+                }
+            }
+        }
         tracing::info!("stopped");
     }
 }

@@ -87,6 +87,9 @@ pub struct LunHandle {
     sanitize_rate: Option<u64>,
     /// Commands, latency, errors, PR and handover counts ([`crate::metrics`]).
     pub(crate) metrics: Arc<crate::metrics::LuMetrics>,
+    /// Cluster mode (issue 18): the LU's replicated reservation state and the gateway's
+    /// self-fencing gate ([`crate::cluster::lu`]); unset for one node.
+    pub(crate) cluster: std::sync::OnceLock<crate::cluster::lu::ClusterLu>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -137,7 +140,30 @@ impl LunHandle {
             aborted_epochs: Mutex::new(BTreeSet::new()),
             sanitize_rate: None,
             metrics: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether backend I/O must not be submitted now: this gateway is self-fenced
+    /// (scale-out.md §2.4). One atomic load for one node.
+    fn fenced(&self) -> bool {
+        self.cluster.get().is_some_and(|c| !c.may_submit())
+    }
+
+    /// Perform `op` on the backend, unless fenced ([`IoErrorKind::Fenced`]).
+    fn perform(&self, op: &IoOp) -> IoResult {
+        if self.fenced() {
+            return IoResult::Error(lu::IoErrorKind::Fenced);
+        }
+        backend::perform(&*self.backend, op)
+    }
+
+    /// Perform `op` on an async backend, unless fenced.
+    async fn perform_async(&self, op: IoOp) -> IoResult {
+        if self.fenced() {
+            return IoResult::Error(lu::IoErrorKind::Fenced);
+        }
+        backend::perform_async(&self.backend, op).await
     }
 
     /// A handle over `backend` run like a file LUN (FUA and large I/O on the blocking pool),
@@ -239,7 +265,7 @@ impl LunHandle {
     /// Wait until every task aborted under `ticket` has drained (SPC-4 §5.13.11.2.6: no write
     /// of a preempted nexus may land after the PREEMPT AND ABORT completes). The wake-up is
     /// registered before the check, so one that comes between the two is not lost.
-    async fn wait_drained(&self, ticket: lu::AbortTicket) {
+    pub(crate) async fn wait_drained(&self, ticket: lu::AbortTicket) {
         self.wait_until(|lu| lu.abort_drained(ticket)).await;
     }
 
@@ -409,14 +435,13 @@ impl LunHandle {
         };
         // Abandoned when dropped: after the I/O (the LU wants no result from a chunk).
         let task = Task::new(self.clone(), nexus, cont);
-        let backend = self.backend.clone();
         if self.async_io {
-            let result = backend::perform_async(&backend, op).await;
+            let result = self.perform_async(op).await;
             drop(task);
             return Some(result);
         }
         tokio::task::spawn_blocking(move || {
-            let result = backend::perform(&*backend, &op);
+            let result = task.handle.perform(&op);
             drop(task);
             result
         })
@@ -585,7 +610,15 @@ impl Registry {
                         state_file.display()
                     ));
                 }
-                let handle = open_lun(&t.name, l, &ports, &port_groups, state_file, &events)?;
+                let handle = open_lun(
+                    &t.name,
+                    l,
+                    &ports,
+                    &port_groups,
+                    state_file,
+                    &events,
+                    cfg.cluster.is_some(),
+                )?;
                 luns.insert(l.id, Arc::new(handle));
             }
             targets.push(Arc::new(
@@ -619,6 +652,7 @@ impl Registry {
             &self.port_groups(),
             state_file,
             &self.events,
+            cfg.cluster.is_some(),
         )
     }
 
@@ -727,14 +761,17 @@ fn open_lun(
     port_groups: &ironlun_scsi::alua::PortGroups,
     state_file: PathBuf,
     events: &Arc<EventLog>,
+    replicated: bool,
 ) -> Result<LunHandle, String> {
     let backend = backend::open(l)?;
     let num_blocks = backend.size() / u64::from(l.block_size);
     let mut lc = lu_config(target, l, num_blocks, ports, backend.thin_provisioning());
     lc.port_groups = port_groups.clone();
+    // Cluster mode: the state lives in etcd, always persistent (README "Cluster mode").
+    lc.replicated = replicated;
     let mut lu = LogicalUnit::new(lc);
     lu.set_offline(l.offline);
-    if restore_state(&mut lu, &state_file)? {
+    if !replicated && restore_state(&mut lu, &state_file)? {
         tracing::info!(
             target,
             lun = l.id,
@@ -762,8 +799,12 @@ fn open_lun(
 const PR_DIR: &str = "pr";
 
 /// The relative target port identifiers of every target: the sorted, distinct portal group
-/// tags of the portals (each target is served on every portal; RFC 7143 §4.4.1, SPC-4 §3.1.124).
+/// tags of the portals (each target is served on every portal; RFC 7143 §4.4.1, SPC-4 §3.1.124);
+/// in cluster mode every gateway's (scale-out.md §2.2).
 fn relative_ports(cfg: &Config) -> Vec<u16> {
+    if let Some(c) = &cfg.cluster {
+        return c.cluster_ports();
+    }
     cfg.portals
         .iter()
         .map(|p| p.tpgt)
@@ -1298,6 +1339,11 @@ enum Next {
         /// Order of the state change (see [`LunHandle::persist`]).
         seq: u64,
     },
+    /// A PERSISTENT RESERVE OUT decided through the cluster ([`Step::Replicate`]).
+    Replicate {
+        handle: Arc<LunHandle>,
+        req: lu::Replicate,
+    },
     /// An EXTENDED COPY over the LUs the nexus sees.
     Copy {
         job: Box<ironlun_scsi::xcopy::CopyJob>,
@@ -1390,7 +1436,6 @@ impl PendingCommand {
                 Next::Io(op, task) => {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
-                    let backend = handle.backend.clone();
                     // A SANITIZE runs at the LUN's pace; it is a task of its own that ends
                     // even when its session does (the LU answers NOT READY meanwhile).
                     if let Some(pause) = task
@@ -1401,13 +1446,13 @@ impl PendingCommand {
                         tokio::time::sleep(pause).await;
                     }
                     let resumed = if handle.async_io {
-                        let result = backend::perform_async(&backend, op).await;
+                        let result = handle.perform_async(op).await;
                         task.resume(result)
                     } else {
                         // The task travels with the I/O: if this future is dropped, it is
                         // abandoned only once the I/O has run (or was never started).
                         tokio::task::spawn_blocking(move || {
-                            let result = backend::perform(&*backend, &op);
+                            let result = task.handle.perform(&op);
                             task.resume(result)
                         })
                         .await
@@ -1434,6 +1479,17 @@ impl PendingCommand {
                         .resume(IoResult::Copy(outcome))
                         .unwrap_or_else(|| internal_error(&handle));
                     (handle, nexus, step)
+                }
+                Next::Replicate { handle, req } => {
+                    let origin = lu::PrOrigin {
+                        action: ironlun_scsi::pr::out_action_name(req.service_action),
+                        initiator: req.it.initiator.to_string(),
+                    };
+                    let c = crate::cluster::lu::prout(&handle, req).await;
+                    if c.status == 0 {
+                        handle.record_pr_out(true, Some(&origin));
+                    }
+                    return (to_wire(c), spdtl);
                 }
                 Next::Commit {
                     handle,
@@ -1528,7 +1584,7 @@ fn drive_inline(
             {
                 // Borrowed: no reference count touched on the inline path.
                 let task = Task::new(&**handle, nexus, cont);
-                let result = backend::perform(&*handle.backend, &op);
+                let result = handle.perform(&op);
                 match task.resume(result) {
                     Some(s) => step = s,
                     None => {
@@ -1554,6 +1610,16 @@ fn drive_inline(
                     spdtl,
                     next: Next::Wait(Task::new(handle.clone(), nexus, cont)),
                 })
+            }
+            Step::Replicate(req) => {
+                return Started::Pending(PendingCommand {
+                    probe: None,
+                    spdtl,
+                    next: Next::Replicate {
+                        handle: handle.clone(),
+                        req,
+                    },
+                });
             }
             Step::PrCommit(commit) => {
                 return Started::Pending(PendingCommand {

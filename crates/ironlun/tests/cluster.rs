@@ -265,13 +265,20 @@ async fn member_loss_with_quorum_kept_then_quorum_lost() {
 }
 
 #[test]
-fn a_cluster_config_is_checked_and_serve_refuses_it_for_now() {
+fn a_cluster_config_is_checked_and_serve_without_etcd_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
+    // Nothing listens on this port: the daemon must not serve without its cluster state.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     std::fs::write(
         &path,
-        "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n\
-         [cluster]\nname = \"gw-a\"\ncluster = \"lab\"\nendpoints = [\"127.0.0.1:2379\"]\n",
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"uring\"\npath = \"l.img\"\ndirect = true\nsize = 4096\n\
+             [cluster]\nname = \"gw-a\"\ncluster = \"lab\"\nendpoints = [\"{dead}\"]\ngateways = [{{ name = \"gw-a\", tpgts = [1] }}]\n"
+        ),
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_ironlun");
@@ -283,9 +290,10 @@ fn a_cluster_config_is_checked_and_serve_refuses_it_for_now() {
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{out}");
     assert!(
-        out.contains("cluster lab gateway gw-a etcd 127.0.0.1:2379"),
+        out.contains(&format!("cluster lab gateway gw-a etcd {dead}")),
         "{out}"
     );
+    let started = Instant::now();
     let serve = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&path)
@@ -294,8 +302,13 @@ fn a_cluster_config_is_checked_and_serve_refuses_it_for_now() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&serve.stderr);
-    assert_eq!(serve.status.code(), Some(2), "{err}");
-    assert!(err.contains("cluster mode is not complete yet"), "{err}");
+    assert!(!serve.status.success(), "{err}");
+    assert!(err.contains("cluster") && err.contains("etcd"), "{err}");
+    assert!(
+        started.elapsed() < PROMPT,
+        "did not hang: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,9 +351,10 @@ async fn a_client_cut_off_gets_errors_not_hangs_and_recovers() {
 fn cluster_config(name: &str, endpoints: &[String]) -> Cluster {
     let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
     let text = format!(
-        "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n\
+        "[[target]]\nname = \"iqn.2026-11.io.ironlun:a\"\n[[target.lun]]\nid = 0\nbackstore = \"uring\"\npath = \"l.img\"\ndirect = true\nsize = 4096\n\
          [cluster]\nname = \"{name}\"\ncluster = \"t\"\nendpoints = [{}]\nlease_ttl_ms = 3000\n\
-         keepalive_interval_ms = 600\nmargin_ms = 500\nlock_delay_ms = 1000\netcd_timeout_ms = 400\n",
+         keepalive_interval_ms = 600\nmargin_ms = 500\nlock_delay_ms = 1000\netcd_timeout_ms = 400\n\
+         gateways = [{{ name = \"{name}\", tpgts = [1] }}]\n",
         list.join(", ")
     );
     Config::parse("t.toml", &text, None, None)
@@ -588,6 +602,7 @@ mod replicas {
                     if let Output::AbortTasks {
                         registrations,
                         revision,
+                        ..
                     } = &o
                     {
                         assert!(
@@ -701,6 +716,7 @@ mod replicas {
                     Output::Ua {
                         registration,
                         reason: SenseReason::RegistrationsPreempted,
+                        ..
                     } => Some(registration.name.clone()),
                     _ => None,
                 })

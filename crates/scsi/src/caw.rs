@@ -333,6 +333,7 @@ mod tests {
                     Step::Done(c) => return c,
                     Step::PrCommit(p) => return p.completion,
                     Step::Wait(_) => panic!("waits with nothing in flight"),
+                    Step::Replicate(_) => panic!("not a replicated LU"),
                     Step::Io(op, cont) => {
                         let r = self.perform(op);
                         step = self.lu.resume(nexus, cont, r);

@@ -83,6 +83,10 @@ pub struct LuConfig {
     /// active/optimized holding `relative_ports`. Changed at run time through
     /// [`LogicalUnit::set_port_group_state`].
     pub port_groups: crate::alua::PortGroups,
+    /// The PR state is replicated across gateways (issue 18): a PERSISTENT RESERVE OUT that
+    /// passes the LU's checks comes back as [`Step::Replicate`] instead of being applied
+    /// here, and the state arrives through [`LogicalUnit::install_pr`].
+    pub replicated: bool,
 }
 
 impl LuConfig {
@@ -115,6 +119,7 @@ impl LuConfig {
             pr_persistence: crate::pr::PrPersistence::Aptpl,
             physical_block_exponent: 0,
             port_groups: crate::alua::PortGroups::new(Vec::new(), &[1]),
+            replicated: false,
         };
         config.serial = serial_from_naa(&config.naa);
         config
@@ -197,6 +202,9 @@ pub enum IoErrorKind {
     NoSpace,
     Unsupported,
     Other,
+    /// Not submitted: the gateway is self-fenced (issue 18, scale-out.md §2.4): NOT READY,
+    /// ASYMMETRIC ACCESS STATE TRANSITION, so the initiator retries on another path.
+    Fenced,
 }
 
 /// What the LU needs to finish a command after its I/O. It names the command's entry in
@@ -322,6 +330,24 @@ pub enum Step {
     /// write of a preempted nexus can land after GOOD; then (2) carry out `persist`; if that
     /// fails, report [`Completion::persist_failed`] instead of `completion`.
     PrCommit(PrCommit),
+    /// A PERSISTENT RESERVE OUT on a replicated LU ([`LuConfig::replicated`]), checked as far
+    /// as the LU can (unit attention, CDB, parameter list length, nexus identity): the daemon
+    /// decides it through the cluster and reports the answer; the state change comes back
+    /// through [`LogicalUnit::install_pr`] on every gateway.
+    Replicate(Replicate),
+}
+
+/// See [`Step::Replicate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replicate {
+    /// The requesting I_T nexus.
+    pub it: ItNexus,
+    /// SERVICE ACTION, SCOPE and TYPE from the CDB.
+    pub service_action: u8,
+    pub scope: u8,
+    pub ty: u8,
+    /// The parameter list, exactly PARAMETER LIST LENGTH bytes.
+    pub param: Bytes,
 }
 
 /// See [`Step::PrCommit`].
@@ -690,6 +716,59 @@ impl LogicalUnit {
         }
     }
 
+    /// The reservation state now.
+    pub fn pr_state(&self) -> &crate::pr::PrState {
+        &self.pr
+    }
+
+    /// Replicated PR (issue 18): the cluster's state after a committed record replaces the
+    /// local one; every command that starts from now on is checked against it.
+    pub fn install_pr(&mut self, state: crate::pr::PrState) {
+        self.pr = state;
+        self.refresh_registrations();
+    }
+
+    /// Replicated PR: queue `reason` for the local I_T nexuses of `reg` except `except` (the
+    /// nexus that sent the PR OUT), as a local PR OUT's [`crate::pr::Effects::ua`] are.
+    pub fn raise_replicated(
+        &mut self,
+        reg: &Registration,
+        reason: SenseReason,
+        except: Option<&ItNexus>,
+    ) {
+        let except = except
+            .and_then(|it| self.by_it.get(it).copied())
+            .unwrap_or(NO_IDENTITY);
+        self.notify(reg, reason, except);
+    }
+
+    /// Replicated PR: abort the tasks of `regs`' local nexuses for a PREEMPT AND ABORT sent by
+    /// `from` (here or through another gateway). Its ticket says when they have drained
+    /// ([`LogicalUnit::abort_drained`]). With TAS=0 the tasks of nexuses other than `from`
+    /// end without status and those nexuses get COMMANDS CLEARED BY ANOTHER INITIATOR.
+    pub fn abort_replicated(
+        &mut self,
+        regs: &[Registration],
+        from: Option<&ItNexus>,
+    ) -> AbortTicket {
+        // A session of the requesting nexus here, or none (`NexusId::MAX` matches no task).
+        let from_nexus = from
+            .and_then(|it| self.by_it.get(it).copied())
+            .and_then(|id| {
+                self.sessions
+                    .iter()
+                    .find(|(_, x)| **x == id)
+                    .map(|(n, _)| *n)
+            })
+            .unwrap_or(NexusId::MAX);
+        let (ticket, silenced) = self.abort_tasks(regs, Some(from_nexus));
+        for other in silenced {
+            self.ua
+                .raise(other, SenseReason::CommandsClearedByAnotherInitiator);
+        }
+        ticket
+    }
+
     /// Whether every task aborted under `ticket` has finished (resumed for the last time or
     /// been abandoned). Tasks of a preempted nexus never start another I/O once aborted.
     pub fn abort_drained(&self, ticket: AbortTicket) -> bool {
@@ -844,6 +923,15 @@ impl LogicalUnit {
             // A session the daemon never announced has no I_T nexus identity.
             return Ok(Step::Done(Completion::reservation_conflict()));
         };
+        if self.config.replicated {
+            return Ok(Step::Replicate(Replicate {
+                it,
+                service_action,
+                scope,
+                ty,
+                param: data_out.slice(..n),
+            }));
+        }
         let kept_before = self.ptpl_active();
         let aptpl_before = self.pr.aptpl();
         let req = crate::pr::OutRequest {
@@ -2243,6 +2331,7 @@ impl From<IoErrorKind> for SenseReason {
             IoErrorKind::NoSpace => SenseReason::SpaceAllocationFailed,
             IoErrorKind::Unsupported => SenseReason::InvalidOpcode,
             IoErrorKind::Other => SenseReason::InternalTargetFailure,
+            IoErrorKind::Fenced => SenseReason::AluaTransitioning,
         }
     }
 }

@@ -242,6 +242,7 @@ fn commands_during_a_sanitize_get_not_ready_with_progress() {
             }
             Step::PrCommit(_) => panic!("unexpected commit"),
             Step::Wait(_) => panic!("unexpected wait"),
+            Step::Replicate(_) => panic!("unexpected replicate"),
         }
     }
     // Afterwards: the unit attention of the reset, then GOOD.

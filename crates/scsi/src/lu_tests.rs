@@ -123,6 +123,7 @@ impl Fixture {
                 Step::Done(c) => return c,
                 Step::PrCommit(p) => return p.completion,
                 Step::Wait(_) => panic!("waits with nothing in flight"),
+                Step::Replicate(_) => panic!("not a replicated LU"),
                 Step::Io(op, cont) => {
                     let r = self.ram.perform(&op);
                     step = self.lu.resume(nexus, cont, r);

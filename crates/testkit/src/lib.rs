@@ -11,7 +11,8 @@
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`EtcdCluster`]: real etcd members on loopback, stopped by PID; [`Proxy`]: a TCP proxy
-//!   a test black-holes to cut one client off.
+//!   a test black-holes to cut one client off; [`Gateways`]: several gateways of one
+//!   cluster on loopback sharing one LUN.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Helpers panic on failure (the panic message is the test's failure report), except those
@@ -27,6 +28,7 @@
 mod admin;
 mod daemon;
 mod etcd;
+mod gateways;
 mod io;
 mod login;
 mod proxy;
@@ -36,6 +38,7 @@ mod tools;
 pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use etcd::EtcdCluster;
+pub use gateways::{gateway_name, Gateways};
 pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{clear_ua, opts, past_ua, session, unit_attention, Login};
 pub use proxy::Proxy;

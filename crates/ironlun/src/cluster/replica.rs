@@ -148,6 +148,20 @@ enum Cmd {
     State(oneshot::Sender<(Revision, PrState)>),
 }
 
+/// Where the driver hands the gateway's outputs other than PR OUT answers, in order, on its
+/// own task, before any later answer goes out: a host that installs [`Output::State`] in the
+/// LU here has it in effect before the PR OUT that committed it is answered GOOD.
+pub trait Host: Send + Sync + 'static {
+    /// One output (never [`Output::Respond`]). Must not block: no `.await`, no I/O.
+    fn output(&self, out: Output);
+}
+
+impl Host for mpsc::UnboundedSender<Output> {
+    fn output(&self, out: Output) {
+        let _ = self.send(out);
+    }
+}
+
 /// The host's handle on a running driver.
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -165,8 +179,22 @@ impl Replica {
         keys: LuKeys,
         clock: Arc<Fence>,
     ) -> (Replica, mpsc::UnboundedReceiver<Output>) {
-        let (cmds_tx, cmds_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
+        (
+            Replica::spawn_with(gw, etcd, keys, clock, Arc::new(out_tx)),
+            out_rx,
+        )
+    }
+
+    /// As [`Replica::spawn`], with the outputs handed to `host` on the driver's task.
+    pub fn spawn_with(
+        gw: Gateway,
+        etcd: Arc<Etcd>,
+        keys: LuKeys,
+        clock: Arc<Fence>,
+        host: Arc<dyn Host>,
+    ) -> Replica {
+        let (cmds_tx, cmds_rx) = mpsc::channel(64);
         let driver = Driver {
             gw,
             etcd,
@@ -174,10 +202,10 @@ impl Replica {
             clock,
             answers: HashMap::new(),
             next_token: 0,
-            out: out_tx,
+            out: host,
         };
         tokio::spawn(driver.run(cmds_rx));
-        (Replica { cmds: cmds_tx }, out_rx)
+        Replica { cmds: cmds_tx }
     }
 
     /// A PERSISTENT RESERVE OUT from `it`: its answer once the protocol decides it (at once
@@ -244,7 +272,7 @@ struct Driver {
     clock: Arc<Fence>,
     answers: HashMap<Token, oneshot::Sender<Answer>>,
     next_token: Token,
-    out: mpsc::UnboundedSender<Output>,
+    out: Arc<dyn Host>,
 }
 
 impl Driver {
@@ -356,8 +384,19 @@ impl Driver {
         }
     }
 
-    /// Carry out every request and output the gateway has queued.
+    /// Carry out every output and request the gateway has queued. Outputs go first: a record's
+    /// state and unit attentions are in the LU before `applied/<me>` says so.
     fn flush(&mut self, reply: &mpsc::UnboundedSender<Reply>, acks: &mut HashMap<Key, Ack>) {
+        while let Some(o) = self.gw.poll_output() {
+            match o {
+                Output::Respond { token, answer, .. } => {
+                    if let Some(tx) = self.answers.remove(&token) {
+                        let _ = tx.send(answer);
+                    }
+                }
+                other => self.out.output(other),
+            }
+        }
         while let Some(r) = self.gw.poll_request() {
             self.request(r, reply, acks);
         }
@@ -367,18 +406,6 @@ impl Driver {
             if !a.in_flight && a.wanted > a.stored {
                 a.in_flight = true;
                 self.put_ack(*key, a.wanted, reply);
-            }
-        }
-        while let Some(o) = self.gw.poll_output() {
-            match o {
-                Output::Respond { token, answer, .. } => {
-                    if let Some(tx) = self.answers.remove(&token) {
-                        let _ = tx.send(answer);
-                    }
-                }
-                other => {
-                    let _ = self.out.send(other);
-                }
             }
         }
     }

@@ -598,7 +598,9 @@ fn probe_write(lu: &mut LogicalUnit, n: NexusId) -> u8 {
                 Step::Done(c) => c.status,
                 other => panic!("{other:?}"),
             },
-            Step::PrCommit(_) | Step::Wait(_) => panic!("a write made a PR commit or waited"),
+            Step::PrCommit(_) | Step::Wait(_) | Step::Replicate(_) => {
+                panic!("a write made a PR commit or waited")
+            }
         };
         if s != status::CHECK_CONDITION {
             return s;

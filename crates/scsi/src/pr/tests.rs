@@ -34,6 +34,11 @@ pub(super) fn it(n: NexusId) -> ItNexus {
     }
 }
 
+thread_local! {
+    /// Build replicated LUs ([`LuConfig::replicated`]) in this thread's scenarios.
+    static REPLICATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(super) struct F {
     pub lu: LogicalUnit,
     pub last_persist: Option<Persist>,
@@ -51,8 +56,10 @@ impl F {
         Self::with(config())
     }
 
-    /// Sessions A, B, A2 and C on an LU built from `cfg`.
-    pub fn with(cfg: LuConfig) -> Self {
+    /// Sessions A, B, A2 and C on an LU built from `cfg` (replicated while
+    /// [`replicated`] runs a scenario).
+    pub fn with(mut cfg: LuConfig) -> Self {
+        cfg.replicated = REPLICATED.with(std::cell::Cell::get);
         let mut f = F {
             lu: LogicalUnit::new(cfg),
             last_persist: None,
@@ -80,6 +87,7 @@ impl F {
                     return p.completion;
                 }
                 Step::Wait(_) => panic!("waits with nothing in flight"),
+                Step::Replicate(r) => return self.replicate(&r),
                 Step::Io(op, cont) => {
                     let r = match op {
                         IoOp::Read { len, .. } => {
@@ -89,6 +97,38 @@ impl F {
                     };
                     step = self.lu.resume(n, cont, r);
                 }
+            }
+        }
+    }
+
+    /// What a cluster does with a [`Step::Replicate`] (issue 18, one gateway): decide it on
+    /// the current state, install the new state, raise the unit attentions except on the
+    /// requester, abort the preempted nexuses' tasks (here none are in flight).
+    fn replicate(&mut self, r: &crate::lu::Replicate) -> Completion {
+        let mut next = self.lu.pr_state().clone();
+        let req = crate::pr::OutRequest {
+            service_action: r.service_action,
+            scope: r.scope,
+            ty: r.ty,
+            param: &r.param,
+        };
+        let ctx = crate::pr::PrContext {
+            relative_ports: &self.lu.config().relative_ports.clone(),
+            ptpl_capable: self.lu.config().ptpl_capable,
+        };
+        match next.prout(&r.it, req, ctx) {
+            Err(crate::pr::PrError::Conflict) => Completion::reservation_conflict(),
+            Err(crate::pr::PrError::Sense(reason)) => Completion::check_condition(reason, false),
+            Ok(fx) => {
+                self.lu.install_pr(next);
+                for (reg, reason) in &fx.ua {
+                    self.lu.raise_replicated(reg, *reason, Some(&r.it));
+                }
+                if !fx.aborted.is_empty() {
+                    let t = self.lu.abort_replicated(&fx.aborted, Some(&r.it));
+                    assert!(self.lu.abort_drained(t));
+                }
+                Completion::good(Bytes::new())
             }
         }
     }
@@ -1497,4 +1537,46 @@ fn vpd_83_per_target_port() {
     let c = f.run(30, &[0x12, 1, 0x83, 1, 0, 0], &[]);
     let text = String::from_utf8_lossy(&c.data).to_string();
     assert!(text.contains("iqn.2026-01.test:disk,t,0x0002"), "{text}");
+}
+
+/// The scenarios again on a replicated LU (issue 18): a PERSISTENT RESERVE OUT leaves the LU
+/// as [`Step::Replicate`] and its state, unit attentions and aborts come back through
+/// `install_pr`, `raise_replicated` and `abort_replicated`; every rule must hold the same.
+/// Left out, with the reason: the APTPL file scenarios (`aptpl_persist_and_restore`,
+/// `persist_always_keeps_state_registered_without_aptpl`,
+/// `set_pr_persistence_writes_or_drops_the_state_file`): a replicated LU keeps its state in
+/// etcd, never in a local file; `preempt_and_abort_drains_tasks` and
+/// `preempt_and_abort_with_tas_zero_ends_tasks_without_status` drive `Step::PrCommit` by hand
+/// (the daemon's cluster test covers aborts across gateways).
+#[test]
+fn every_scenario_holds_on_a_replicated_lu() {
+    REPLICATED.with(|r| r.set(true));
+    register_table();
+    register_and_ignore_table();
+    other_isid_is_another_nexus();
+    reserve_table();
+    release_table();
+    clear_removes_everything();
+    preempt_table();
+    self_preempt_keeps_caller();
+    register_and_move_table();
+    spec_i_pt_registers_listed_ports();
+    all_tg_pt_covers_every_port();
+    rejects_bad_parameter_lists();
+    registration_cap();
+    prin_reports();
+    read_full_status_layout();
+    access_table();
+    implicit_release_by_unregister();
+    holder_key_change_is_reported();
+    spc2_reservations();
+    spc2_under_persistent_reservations();
+    unit_attentions_wait_for_logged_out_registrants();
+    request_sense_clears_reservation_ua();
+    fence_scsi_unfence_fence_and_self_preempt();
+    wsfc_validation_sequence();
+    qemu_migrate_pr_sequence();
+    rsoc_lists_reservation_commands();
+    vpd_83_per_target_port();
+    REPLICATED.with(|r| r.set(false));
 }
