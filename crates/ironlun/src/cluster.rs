@@ -15,7 +15,6 @@
 //!   new lease and member key; the gate opens only with the new lease. A cut-off gateway keeps
 //!   trying at the keep-alive interval.
 
-pub mod lu;
 pub mod replica;
 
 use crate::config::Cluster;

@@ -312,7 +312,7 @@ impl Live {
             ));
         }
         if running.cluster.is_some() && lu_set(&cfg) != lu_set(running) {
-            // Each LU joins its replicated state when the gateway starts (cluster::lu::attach).
+            // Each LU joins its replicated state when the gateway starts (target::cluster::attach).
             return Err(bad(
                 "in cluster mode targets and LUNs cannot be added or removed while the daemon runs: restart the gateway".to_string(),
             ));

@@ -451,7 +451,7 @@ impl Server {
         // not yet under its replicated state.
         let cluster = match &cfg.cluster {
             Some(c) => Some((
-                crate::cluster::lu::attach(cfg, &registry).await?,
+                crate::target::cluster::attach(cfg, &registry).await?,
                 c.name.clone(),
             )),
             None => None,
@@ -657,7 +657,7 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || reg.flush_all()).await;
         if let Some((m, _)) = &self.cluster {
             // The lease goes now rather than at expiry: the others need not wait T + Δ.
-            match tokio::time::timeout(crate::cluster::lu::LEAVE_TIMEOUT, m.leave()).await {
+            match tokio::time::timeout(crate::target::cluster::LEAVE_TIMEOUT, m.leave()).await {
                 Ok(Ok(())) => tracing::info!("left the cluster"),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cluster: cannot revoke the lease; it expires on its own")

@@ -24,6 +24,7 @@
 //! [`Step::Wait`]; it waits off the connection's task (`LunHandle::wait_turn`) until the LU
 //! says a task ended or was aborted (`LuGuard`), and is then driven on like any other.
 
+pub mod cluster;
 pub mod xcopy;
 
 use crate::backend;
@@ -88,8 +89,8 @@ pub struct LunHandle {
     /// Commands, latency, errors, PR and handover counts ([`crate::metrics`]).
     pub(crate) metrics: Arc<crate::metrics::LuMetrics>,
     /// Cluster mode (issue 18): the LU's replicated reservation state and the gateway's
-    /// self-fencing gate ([`crate::cluster::lu`]); unset for one node.
-    pub(crate) cluster: std::sync::OnceLock<crate::cluster::lu::ClusterLu>,
+    /// self-fencing gate ([`crate::target::cluster`]); unset for one node.
+    pub(crate) cluster: std::sync::OnceLock<crate::target::cluster::ClusterLu>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -1485,7 +1486,7 @@ impl PendingCommand {
                         action: ironlun_scsi::pr::out_action_name(req.service_action),
                         initiator: req.it.initiator.to_string(),
                     };
-                    let c = crate::cluster::lu::prout(&handle, req).await;
+                    let c = crate::target::cluster::prout(&handle, req).await;
                     if c.status == 0 {
                         handle.record_pr_out(true, Some(&origin));
                     }

@@ -16,11 +16,11 @@
 //! - **Fence:** [`ClusterLu::may_submit`] is the membership's gate, checked before every
 //!   backend submit (`LunHandle::perform`).
 
-use super::replica::{Host, LuKeys, Replica};
-use super::{Fence, Membership};
+use super::{LunHandle, Registry};
+use crate::cluster::replica::{Host, LuKeys, Replica};
+use crate::cluster::{Fence, Membership};
 use crate::config::Config;
 use crate::etcd::{Compare, Etcd, Op};
-use crate::target::{LunHandle, Registry};
 use bytes::Bytes;
 use ironlun_cluster::gateway::{Answer, Gateway, GatewayConfig, Output};
 use ironlun_cluster::lease::Timing;
@@ -151,7 +151,7 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
     };
     let etcd = Arc::new(Etcd::new(&c.endpoints, c.etcd_timeout).map_err(|e| e.to_string())?);
     check_layout(&etcd, &c.prefix(), &c.layout()).await?;
-    let timing: Timing = super::timing(c)?;
+    let timing: Timing = crate::cluster::timing(c)?;
     let me = c.id();
     let key = format!("{}gw/{}", c.prefix(), me.0).into_bytes();
     let value = serde_json::json!({ "name": c.name, "tpgts": c.own_ports() })
