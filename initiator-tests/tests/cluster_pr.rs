@@ -5,6 +5,8 @@
 //! read throughout. Expected: the single-node result (`pr_conformance.rs`), 0 failures and 0
 //! skips. Afterwards the state the suites left is the same through A, B and C.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use bytes::Bytes;
 use ironlun_initiator::pr;
 use ironlun_testkit::{
