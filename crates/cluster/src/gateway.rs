@@ -268,6 +268,9 @@ pub struct Gateway {
     last_now: Time,
     /// The revision that created our member key: member events before it are history.
     create_revision: Revision,
+    /// No operation completes before this instant (a join from a snapshot, see
+    /// [`Gateway::join`]).
+    hold_until: Time,
 }
 
 impl Gateway {
@@ -307,7 +310,69 @@ impl Gateway {
             outputs: VecDeque::new(),
             last_now: granted_at,
             create_revision,
+            hold_until: Time::default(),
         }
+    }
+
+    /// A gateway that joins from a snapshot of the store read at `revision` (scale-out.md
+    /// §2.5 "Join"): `snapshot` holds every live key of the LU and of the members as a PUT at
+    /// its mod revision. Feed it the watch from `revision + 1`. Its first output installs the
+    /// record's state; it acknowledges that state as applied and drained (no local task
+    /// predates the join). A member deleted just before the snapshot is no longer visible, so
+    /// no operation completes until `Δ(1+ρ)` after `granted_at`, the wait the completion rule
+    /// would have given such a gateway.
+    pub fn join(
+        cfg: GatewayConfig,
+        lease: LeaseId,
+        granted_at: Time,
+        create_revision: Revision,
+        revision: Revision,
+        snapshot: &[kv::Event],
+    ) -> Self {
+        let mut g = Self::new(cfg, lease, granted_at, create_revision);
+        for ev in snapshot {
+            let Change::Put {
+                value,
+                create_revision,
+            } = &ev.change
+            else {
+                continue;
+            };
+            match (&ev.key, value) {
+                (Key::Pr, Value::Record(rec)) => {
+                    g.state = rec.state.clone();
+                    g.pr_rev = ev.revision;
+                    if let Op::GatewayGone { gateway } = rec.op {
+                        g.gone_recorded.insert(gateway);
+                    }
+                }
+                (Key::Member(id), _) => {
+                    g.members.entry(*id).or_default().create = *create_revision;
+                }
+                (Key::Applied(id), Value::Revision(v)) => {
+                    let m = g.members.entry(*id).or_default();
+                    m.applied = m.applied.max(*v);
+                }
+                (Key::Drained(id), Value::Revision(v)) => {
+                    let m = g.members.entry(*id).or_default();
+                    m.drained = m.drained.max(*v);
+                }
+                _ => {}
+            }
+        }
+        g.applied = revision;
+        g.hold_until = granted_at.saturating_add(g.cfg.timing.local_lock_delay());
+        g.outputs.push_back(Output::State {
+            revision: g.pr_rev,
+            state: g.state.clone(),
+        });
+        if g.pr_rev > 0 {
+            g.acked_applied = g.pr_rev;
+            g.drained = g.pr_rev;
+            g.requests.push_back(Request::PutApplied(g.pr_rev));
+            g.requests.push_back(Request::PutDrained(g.pr_rev));
+        }
+        g
     }
 
     /// This gateway's id.
@@ -460,6 +525,9 @@ impl Gateway {
                     t = t.min(sent_at.saturating_add(self.cfg.rpc_timeout))
                 }
                 Phase::Wait { .. } => {
+                    if self.hold_until > self.last_now {
+                        t = t.min(self.hold_until);
+                    }
                     let delta = self.cfg.timing.local_lock_delay();
                     let ends = self.members.values().filter_map(|m| m.gone_at);
                     for end in ends.map(|at| at.saturating_add(delta)) {
@@ -835,7 +903,7 @@ impl Gateway {
 
     /// The completion rule (§2.2 step 4) for an op committed at `r`.
     fn complete(&self, now: Time, r: Revision, aborts: bool) -> bool {
-        if self.pr_rev < r || (aborts && self.drained < r) {
+        if self.pr_rev < r || (aborts && self.drained < r) || now < self.hold_until {
             return false;
         }
         let delta = self.cfg.timing.local_lock_delay();
@@ -853,4 +921,154 @@ impl Gateway {
 /// Whether a dry run changed nothing that anyone else must see (§2.2 step 1 "no change").
 fn no_change(before: &PrState, after: &PrState, fx: &Effects) -> bool {
     before == after && fx.ua.is_empty() && fx.aborted.is_empty()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseSettings;
+    use crate::op::param_list;
+    use ironlun_scsi::pr::{sa, InitiatorPort};
+
+    fn it(name: &str, rtpi: u16) -> ItNexus {
+        ItNexus {
+            initiator: InitiatorPort::new(name, [0x80, 0, 0, 0, 0, 1]),
+            rtpi,
+        }
+    }
+
+    fn cfg() -> GatewayConfig {
+        GatewayConfig {
+            id: GatewayId(1),
+            ports: vec![1],
+            cluster_ports: vec![1, 2],
+            timing: Timing::new(LeaseSettings::default()).unwrap(),
+            rpc_timeout: Duration::from_millis(800),
+            max_tries: 16,
+        }
+    }
+
+    fn put(revision: Revision, key: Key, value: Value, create_revision: Revision) -> kv::Event {
+        kv::Event {
+            revision,
+            key,
+            change: Change::Put {
+                value,
+                create_revision,
+            },
+        }
+    }
+
+    /// A gateway joining from a snapshot installs the record's state first, acknowledges it,
+    /// treats older member events as history, and completes nothing for Δ(1+ρ).
+    #[test]
+    fn join_from_a_snapshot() {
+        let h1 = it("iqn.h1", 2);
+        let op = Op::prout(
+            &h1,
+            OutRequest {
+                service_action: sa::REGISTER,
+                scope: 0,
+                ty: 0,
+                param: &param_list(0, 7, 0),
+            },
+        );
+        let mut state = PrState::new();
+        let ctx = PrContext {
+            relative_ports: &[1, 2],
+            ptpl_capable: true,
+        };
+        op.apply(&mut state, ctx).unwrap();
+        let id = OpId {
+            gateway: GatewayId(2),
+            seq: 1,
+        };
+        let record = Record {
+            state: state.clone(),
+            op,
+            id,
+        };
+        let snapshot = [
+            put(3, Key::Member(GatewayId(2)), Value::Member, 3),
+            put(5, Key::Pr, Value::Record(Box::new(record)), 4),
+            put(5, Key::Applied(GatewayId(2)), Value::Revision(5), 4),
+            put(6, Key::Member(GatewayId(1)), Value::Member, 6),
+        ];
+        let t0 = Time::from_micros(1_000_000);
+        let mut g = Gateway::join(cfg(), 9, t0, 6, 7, &snapshot);
+        assert_eq!(
+            g.poll_output(),
+            Some(Output::State {
+                revision: 5,
+                state: state.clone()
+            })
+        );
+        assert_eq!(g.poll_request(), Some(Request::PutApplied(5)));
+        assert_eq!(g.poll_request(), Some(Request::PutDrained(5)));
+        assert_eq!((g.pr_revision(), g.watch_revision()), (5, 7));
+
+        // An earlier incarnation's member key deleted at revision 2 is history.
+        g.handle(
+            t0,
+            Event::Watch(vec![kv::Event {
+                revision: 2,
+                key: Key::Member(GatewayId(1)),
+                change: Change::Delete,
+            }]),
+        );
+        assert!(!g.is_fenced());
+
+        // A change commits, is applied and acknowledged by gateway 2, yet is answered only
+        // once Δ(1+ρ) has passed since the join.
+        let h2 = it("iqn.h2", 1);
+        let req = OutRequest {
+            service_action: sa::REGISTER,
+            scope: 0,
+            ty: 0,
+            param: &param_list(0, 8, 0),
+        };
+        assert_eq!(g.prout(t0, 1, &h2, req), Submit::Pending);
+        let Some(Request::Txn {
+            attempt,
+            expect: 5,
+            record,
+            ..
+        }) = g.poll_request()
+        else {
+            panic!("no transaction");
+        };
+        g.handle(
+            t0,
+            Event::Txn {
+                attempt,
+                result: kv::TxnResult::Committed(8),
+            },
+        );
+        g.handle(
+            t0,
+            Event::Watch(vec![
+                put(8, Key::Pr, Value::Record(Box::new(record)), 4),
+                put(9, Key::Applied(GatewayId(2)), Value::Revision(8), 4),
+            ]),
+        );
+        let answered = |g: &mut Gateway| {
+            std::iter::from_fn(|| g.poll_output()).any(|o| {
+                matches!(
+                    o,
+                    Output::Respond {
+                        token: 1,
+                        answer: Answer::Good,
+                        ..
+                    }
+                )
+            })
+        };
+        assert!(!answered(&mut g), "answered before Δ(1+ρ) after the join");
+        let hold = cfg().timing.local_lock_delay();
+        let at = g.poll_timeout().unwrap();
+        assert!(at <= t0.saturating_add(hold), "no timer for the hold");
+        g.handle_timeout(t0.saturating_add(hold));
+        assert!(answered(&mut g));
+    }
 }

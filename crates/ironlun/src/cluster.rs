@@ -96,6 +96,9 @@ pub struct Membership {
     key: Vec<u8>,
     value: Vec<u8>,
     lease: AtomicI64,
+    /// The current registration: (lease, revision that created the member key, local instant
+    /// the grant was sent).
+    registration: std::sync::Mutex<(i64, i64, Time)>,
     fence: Arc<Fence>,
 }
 
@@ -129,6 +132,7 @@ impl Membership {
             key,
             value,
             lease: AtomicI64::new(0),
+            registration: std::sync::Mutex::new((0, 0, Time::default())),
             fence: Arc::new(Fence::new()),
         };
         let (created, sent) = m.register(name).await?;
@@ -159,6 +163,10 @@ impl Membership {
             return Err(JoinError::NameInUse(name.to_string(), holder));
         }
         self.lease.store(lease.id, Ordering::Release);
+        *self
+            .registration
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (lease.id, t.revision, sent);
         // The grant was answered with this TTL after `sent`: the deadline counts from it.
         self.fence.extend(self.timing.deadline(sent));
         Ok((t.revision, sent))
@@ -172,6 +180,15 @@ impl Membership {
     /// The current lease (0: none).
     pub fn lease(&self) -> i64 {
         self.lease.load(Ordering::Acquire)
+    }
+
+    /// The current registration: its lease, the revision that created the member key under
+    /// it, and the local instant its grant was sent.
+    pub fn registration(&self) -> (i64, i64, Time) {
+        *self
+            .registration
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The member key, `P/gw/<name>`.

@@ -21,7 +21,7 @@
 use bytes::Bytes;
 use ironlun_initiator::pr;
 use ironlun_initiator::{CommandResult, SenseKey, Session};
-use ironlun_testkit::{Daemon, EtcdCluster, Gateways, Login, PROMPT};
+use ironlun_testkit::{Daemon, EtcdCluster, Gateways, Login, Proxy, PROMPT};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -368,4 +368,241 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
     drop(gws);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-fencing of a gateway cut off from etcd
+
+/// T = 3 s, renewals every 500 ms, m = 0.3 s, Δ = 0.5 s, ρ = 1 %: a cut-off gateway submits
+/// nothing from `s + T(1−ρ) − m` = `s + 2.67 s` on (`s`: when its last renewal was sent).
+const FAST: &str = "lease_ttl_ms = 3000\nkeepalive_interval_ms = 500\nmargin_ms = 300\n\
+lock_delay_ms = 500\netcd_timeout_ms = 400\n";
+const BOUND: Duration = Duration::from_millis(2670);
+const KEEPALIVE: Duration = Duration::from_millis(500);
+
+/// 02/04/0A: NOT READY, ASYMMETRIC ACCESS STATE TRANSITION.
+fn transitioning(r: &CommandResult) -> bool {
+    r.status == CHECK_CONDITION
+        && r.sense_key()
+            .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x02, 0x04, 0x0a))
+}
+
+/// One QD1 write of the fencing test: 8 blocks at LBA 0 tagged with `seq`.
+#[derive(Debug)]
+struct Write {
+    seq: u32,
+    sent: Instant,
+    status: u8,
+    sense: Option<SenseKey>,
+}
+
+/// Write 8 tagged blocks at LBA 0 through `s` until `stop`, one at a time.
+fn writer(s: Session, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Write>> {
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        let mut seq = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            let sent = Instant::now();
+            let cdb = ironlun_initiator::scsi::write16_cdb(0, 8, true);
+            let data = Bytes::from(
+                (0..8u32)
+                    .flat_map(|_| {
+                        let mut b = vec![0u8; BS as usize];
+                        b[..8].copy_from_slice(MAGIC);
+                        b[10..14].copy_from_slice(&seq.to_be_bytes());
+                        b
+                    })
+                    .collect::<Vec<u8>>(),
+            );
+            let r = tokio::time::timeout(PROMPT, s.command(LUN0, &cdb, data, 0))
+                .await
+                .unwrap_or_else(|_| panic!("write {seq} hung"))
+                .unwrap_or_else(|e| panic!("write {seq}: {e}"));
+            out.push(Write {
+                seq,
+                sent,
+                status: r.status,
+                sense: r.sense_key(),
+            });
+            seq += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out
+    })
+}
+
+/// The tag of LBA 0 as read through `s`.
+async fn tag_at_0(s: &Session) -> u32 {
+    let r = past_ua(
+        s,
+        &ironlun_initiator::scsi::read16_cdb(0, 8),
+        Bytes::new(),
+        8 * BS,
+    )
+    .await;
+    assert_eq!(r.status, GOOD, "read: {:?}", r.sense_key());
+    assert_eq!(&r.data[..8], MAGIC);
+    u32::from_be_bytes([r.data[10], r.data[11], r.data[12], r.data[13]])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins() {
+    const K1: u64 = 0x1111;
+    const K2: u64 = 0x2222;
+    let mut etcd = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun0.img");
+    let spec = Gateways {
+        n: 2,
+        ..gateways(&image, "s4", FAST)
+    };
+    // A reaches etcd through proxies the test black-holes; B directly.
+    let proxies: Vec<Proxy> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| Proxy::start(e.parse().unwrap()))
+        .collect();
+    let via_proxies: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let gw_a = builder()
+        .config(&spec.config(0, &via_proxies))
+        .portals()
+        .start();
+    let gw_b = builder()
+        .config(&spec.config(1, &etcd.endpoints()))
+        .portals()
+        .start();
+    let on_a = login(gw_a.addrs[0], INIT_V, ISID_V).await;
+    let on_b = login(gw_b.addrs[0], INIT_V, ISID_V).await;
+    prout_good(&on_a, REGISTER, 0, 0, K1, ALL_TG_PT).await;
+
+    // Writes through A, then A loses etcd.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(on_a.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cut = Instant::now();
+    for p in &proxies {
+        p.block();
+    }
+    // A PR OUT through B meanwhile: committed at once, but GOOD only once A is known gone
+    // (its lease expired, plus Δ): A cannot acknowledge it.
+    let pr_b = {
+        let s = on_b.clone();
+        tokio::spawn(async move {
+            let r = prout(&s, REGISTER, 0, K1, K2, ALL_TG_PT).await;
+            (r, Instant::now())
+        })
+    };
+    tokio::time::sleep(BOUND + Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let writes = writes.await.unwrap();
+    let (r, pr_done) = tokio::time::timeout(PROMPT, pr_b)
+        .await
+        .expect("PR OUT through B hung")
+        .unwrap();
+    assert_eq!(r.status, GOOD, "PR OUT through B: {:?}", r.sense_key());
+
+    // Every GOOD write through A was sent before A's deadline; later ones were refused with
+    // 02/04/0A; none of those is on the medium.
+    let last_good = writes
+        .iter()
+        .rfind(|w| w.status == GOOD)
+        .expect("a write before the cut");
+    let refused: Vec<&Write> = writes.iter().filter(|w| w.status != GOOD).collect();
+    eprintln!(
+        "through A: {} writes, last GOOD sent {:?} after the cut (bound {BOUND:?}), {} refused, first refusal sent {:?} after the cut; PR OUT through B took {:?} from the cut",
+        writes.len(),
+        last_good.sent.saturating_duration_since(cut),
+        refused.len(),
+        refused.first().map(|w| w.sent.saturating_duration_since(cut)),
+        pr_done - cut,
+    );
+    assert!(
+        last_good.sent < cut + BOUND,
+        "a write sent {:?} after the cut was submitted: {last_good:?}",
+        last_good.sent - cut
+    );
+    assert!(
+        !refused.is_empty(),
+        "A never refused a write: it did not fence"
+    );
+    for w in &refused {
+        assert!(
+            w.status == CHECK_CONDITION
+                && w.sense
+                    .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x02, 0x04, 0x0a)),
+            "refused write not NOT READY 04/0A: {w:?}"
+        );
+        assert!(
+            w.seq > last_good.seq,
+            "a refusal before a later GOOD: {w:?}"
+        );
+    }
+    assert_eq!(
+        tag_at_0(&on_b).await,
+        last_good.seq,
+        "the medium holds a write A refused (or lost one it acknowledged)"
+    );
+    // B's GOOD waited for A's lease to expire (at the earliest T after its last renewal,
+    // sent at most one keep-alive interval before the cut) and Δ.
+    assert!(
+        pr_done - cut >= Duration::from_millis(3000 + 500) - KEEPALIVE - Duration::from_millis(100),
+        "B answered GOOD {:?} after the cut, before A could be gone",
+        pr_done - cut
+    );
+
+    // Healed: A registers a new lease, rejoins from a snapshot (it sees B's change) and
+    // serves again.
+    for p in &proxies {
+        p.unblock();
+    }
+    let healed = Instant::now();
+    let cdb = ironlun_initiator::scsi::write16_cdb(0, 8, true);
+    let data = Bytes::from(vec![0u8; 8 * BS as usize]);
+    loop {
+        let r = on_a.command(LUN0, &cdb, data.clone(), 0).await.unwrap();
+        if r.status == GOOD {
+            break;
+        }
+        assert!(
+            transitioning(&r) || r.sense_key().is_some_and(|k| k.key == 0x06),
+            "A after healing: {:?}",
+            r.sense_key()
+        );
+        assert!(healed.elapsed() < PROMPT * 2, "A did not serve again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("A serves again {:?} after healing", healed.elapsed());
+    let keys = |s: &Session| {
+        let s = s.clone();
+        async move {
+            let cdb = pr::in_cdb(pr::InAction::ReadKeys, 4096);
+            let r = past_ua(&s, &cdb, Bytes::new(), 4096).await;
+            pr::Keys::parse(&r.data).unwrap()
+        }
+    };
+    let (ka, kb) = (keys(&on_a).await, keys(&on_b).await);
+    assert_eq!(ka, kb, "A and B after the rejoin");
+    assert_eq!(ka.keys, vec![K2], "B's change seen through A");
+
+    // A follower of etcd dies (quorum kept): nothing an initiator sees changes.
+    let follower = (0..3).find(|i| !etcd.is_leader(*i)).unwrap();
+    etcd.kill9(follower);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (wa, wb) = (
+        writer(on_a.clone(), stop.clone()),
+        writer(on_b.clone(), stop.clone()),
+    );
+    prout_good(&on_a, REGISTER, 0, K2, K1, ALL_TG_PT).await;
+    prout_good(&on_b, REGISTER, 0, K1, K2, ALL_TG_PT).await;
+    tokio::time::sleep(BOUND + KEEPALIVE).await;
+    stop.store(true, Ordering::SeqCst);
+    for (gw, w) in [("A", wa.await.unwrap()), ("B", wb.await.unwrap())] {
+        assert!(!w.is_empty());
+        assert!(
+            w.iter().all(|w| w.status == GOOD),
+            "a write through {gw} failed after the member loss: {:?}",
+            w.iter().find(|w| w.status != GOOD)
+        );
+    }
+    drop((gw_a, gw_b));
 }

@@ -151,6 +151,29 @@ impl EtcdCluster {
         assert!(ok, "kill -{sig} {pid}");
     }
 
+    /// Whether member `i` is the raft leader now (`etcdctl endpoint status`: its MemberID is
+    /// the Leader it reports).
+    pub fn is_leader(&self, i: usize) -> bool {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints()[i]])
+            .args(["endpoint", "status", "-w", "fields"])
+            .output()
+            .expect("etcdctl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("\"{name}\" : ")))
+                .map(str::to_owned)
+        };
+        let (member, leader) = (field("MemberID"), field("Leader"));
+        assert!(
+            member.is_some(),
+            "etcdctl endpoint status of member {i}: {text}"
+        );
+        member == leader
+    }
+
     /// The log of member `i` so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("e{i}.log"))).unwrap_or_default()

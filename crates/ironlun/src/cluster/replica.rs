@@ -25,7 +25,9 @@
 use super::Fence;
 use crate::etcd::{self, Compare, Etcd, EtcdError, Op};
 use ironlun_cluster::codec;
-use ironlun_cluster::gateway::{Answer, Event, Gateway, Output, Request, Submit, Token};
+use ironlun_cluster::gateway::{
+    Answer, Event, Gateway, GatewayConfig, Output, Request, Submit, Token,
+};
 use ironlun_cluster::kv::{self, Change, Key, TxnResult, Value};
 use ironlun_cluster::{GatewayId, Revision, Time};
 use ironlun_scsi::pr::{ItNexus, OutRequest, PrState};
@@ -186,6 +188,37 @@ impl Replica {
         )
     }
 
+    /// Join from a snapshot (scale-out.md §2.5 "Join"): read the LU's and the members' keys at
+    /// one revision, build the gateway from them ([`Gateway::join`]) and run it from there, the
+    /// outputs handed to `host`. The gateway's registration: `cfg`, `lease` granted by a
+    /// request sent at `granted_at`, member key created at `created`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn join(
+        cfg: GatewayConfig,
+        lease: i64,
+        granted_at: Time,
+        created: i64,
+        etcd: Arc<Etcd>,
+        keys: LuKeys,
+        clock: Arc<Fence>,
+        host: Arc<dyn Host>,
+    ) -> Result<Replica, EtcdError> {
+        let (revision, kvs) = etcd.get_prefix(keys.prefix()).await?;
+        let snapshot: Vec<kv::Event> = kvs
+            .into_iter()
+            .filter_map(|kv| keys.event(&etcd::Event::Put(kv)))
+            .collect();
+        let gw = Gateway::join(
+            cfg,
+            u64::try_from(lease).unwrap_or(0),
+            granted_at,
+            rev(created),
+            rev(revision),
+            &snapshot,
+        );
+        Ok(Replica::spawn_with(gw, etcd, keys, clock, host))
+    }
+
     /// As [`Replica::spawn`], with the outputs handed to `host` on the driver's task.
     pub fn spawn_with(
         gw: Gateway,
@@ -284,7 +317,7 @@ impl Driver {
         let (reply_tx, mut replies) = mpsc::unbounded_channel::<Reply>();
         // Newest acknowledgement wanted per key, and whether a put of it is in flight.
         let mut acks: HashMap<Key, Ack> = HashMap::new();
-        let mut next_watch: i64 = 1;
+        let mut next_watch: i64 = etcd_rev(self.gw.watch_revision()).saturating_add(1);
         let mut watch: Option<etcd::Watch> = None;
         loop {
             self.flush(&reply_tx, &mut acks);

@@ -13,44 +13,69 @@
 //! - **Drain:** each abort's ticket is waited for in revision order on one task per LU; then
 //!   `drained/<me>` = r ([`Replica::drained`]), which the requesting gateway waits for before
 //!   GOOD (no write of a preempted nexus lands after it).
-//! - **Fence:** [`ClusterLu::may_submit`] is the membership's gate, checked before every
-//!   backend submit (`LunHandle::perform`).
+//! - **Fence:** [`ClusterLu::may_submit`], checked before every backend submit
+//!   (`LunHandle::perform`): the membership's deadline has not passed, and the LU's replica is
+//!   current (not fenced by its gateway protocol, which after a lapse reopens only once the
+//!   replica has caught up with the store's head).
+//! - **Rejoin:** a lost lease fences the replica for good; once the membership has registered
+//!   again, the LU joins anew from a snapshot ([`Replica::join`]) as a new generation, and the
+//!   old generation's outputs are ignored from then on.
 
 use super::{LunHandle, Registry};
 use crate::cluster::replica::{Host, LuKeys, Replica};
 use crate::cluster::{Fence, Membership};
 use crate::config::Config;
-use crate::etcd::{Compare, Etcd, Op};
+use crate::etcd::{Compare, Etcd, EtcdError, Op};
 use bytes::Bytes;
-use ironlun_cluster::gateway::{Answer, Gateway, GatewayConfig, Output};
+use ironlun_cluster::gateway::{Answer, GatewayConfig, Output};
 use ironlun_cluster::lease::Timing;
 use ironlun_cluster::Revision;
 use ironlun_scsi::lu::{self, AbortTicket, Completion};
 use ironlun_scsi::pr::{OutRequest, PrError};
 use ironlun_scsi::sense::SenseReason;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Lost compare-and-swap races tolerated before BUSY (scale-out.md §2.2 step 2).
 const MAX_TRIES: u32 = 16;
 
-/// An LU's part in the cluster: its replica and the gateway's fence.
+/// An LU's part in the cluster: its current replica and whether it may serve I/O.
 #[derive(Debug)]
 pub struct ClusterLu {
-    replica: Replica,
+    /// `None` only until the first join has read the state.
+    replica: Mutex<Option<Replica>>,
+    /// The generation whose outputs count (one per join).
+    generation: AtomicU64,
+    /// The replica is current and its gateway not fenced.
+    ready: AtomicBool,
     fence: Arc<Fence>,
 }
 
 impl ClusterLu {
-    /// The self-fence check before a backend submit.
+    /// The self-fence check before a backend submit: the membership's deadline and the
+    /// replica's readiness (two atomic loads and a clock read).
     pub fn may_submit(&self) -> bool {
-        self.fence.may_submit()
+        self.ready.load(Ordering::Acquire) && self.fence.may_submit()
     }
 
-    /// The LU's replica.
-    pub fn replica(&self) -> &Replica {
-        &self.replica
+    /// The LU's current replica.
+    pub fn replica(&self) -> Option<Replica> {
+        self.replica
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Make `replica` of `generation` the current one; the outputs of earlier generations
+    /// are ignored from now on.
+    fn replace(&self, replica: Replica, generation: u64) {
+        self.generation.store(generation, Ordering::Release);
+        *self
+            .replica
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(replica);
     }
 }
 
@@ -58,11 +83,10 @@ impl ClusterLu {
 /// in this LU before GOOD (see the module documentation).
 pub(crate) async fn prout(handle: &LunHandle, req: lu::Replicate) -> Completion {
     let d_sense = handle.lu().d_sense();
-    let Some(c) = handle.cluster.get() else {
+    let Some(replica) = handle.cluster.get().and_then(ClusterLu::replica) else {
         return Completion::check_condition(SenseReason::AluaTransitioning, d_sense);
     };
-    let answer = c
-        .replica
+    let answer = replica
         .prout(
             &req.it,
             OutRequest {
@@ -82,20 +106,96 @@ pub(crate) async fn prout(handle: &LunHandle, req: lu::Replicate) -> Completion 
     }
 }
 
-/// Carries a replica's outputs into its LU.
-struct LuHost {
+/// What an LU needs to join (again): its handle, keys, the gateway's membership and config.
+struct LuCtx {
     handle: Weak<LunHandle>,
     label: String,
+    membership: Arc<Membership>,
+    gcfg: GatewayConfig,
+    etcd: Arc<Etcd>,
+    keys: LuKeys,
     drains: mpsc::UnboundedSender<(AbortTicket, Revision)>,
+}
+
+/// Join with the membership's current registration as `generation`.
+async fn join(ctx: &Arc<LuCtx>, generation: u64) -> Result<Replica, EtcdError> {
+    let (lease, created, granted_at) = ctx.membership.registration();
+    let host = Arc::new(LuHost {
+        ctx: ctx.clone(),
+        generation,
+        installed: AtomicBool::new(false),
+    });
+    Replica::join(
+        ctx.gcfg.clone(),
+        lease,
+        granted_at,
+        created,
+        ctx.etcd.clone(),
+        ctx.keys.clone(),
+        ctx.membership.fence(),
+        host,
+    )
+    .await
+}
+
+/// After a lost lease: wait until the membership holds a new one, then join anew.
+async fn rejoin(ctx: Arc<LuCtx>, lost_lease: i64, generation: u64) {
+    let interval = ctx.gcfg.timing.settings().keepalive_interval;
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(handle) = ctx.handle.upgrade() else {
+            return;
+        };
+        let Some(c) = handle.cluster.get() else {
+            return;
+        };
+        let (lease, _, _) = ctx.membership.registration();
+        if lease == lost_lease || !ctx.membership.fence().may_submit() {
+            continue;
+        }
+        match join(&ctx, generation).await {
+            Ok(r) => {
+                c.replace(r, generation);
+                tracing::info!(lu = %ctx.label, lease, generation, "cluster: rejoined from a snapshot");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(lu = %ctx.label, error = %e, "cluster: rejoin failed; retrying");
+            }
+        }
+    }
+}
+
+/// Carries one generation's replica outputs into its LU.
+struct LuHost {
+    ctx: Arc<LuCtx>,
+    generation: u64,
+    /// The join's state is installed: later [`Output::State`]s are records, which do not
+    /// make a fenced replica current (only [`Output::Unfenced`] does).
+    installed: AtomicBool,
 }
 
 impl Host for LuHost {
     fn output(&self, out: Output) {
-        let Some(handle) = self.handle.upgrade() else {
+        let Some(handle) = self.ctx.handle.upgrade() else {
             return;
         };
+        let Some(c) = handle.cluster.get() else {
+            return;
+        };
+        if c.generation.load(Ordering::Acquire) != self.generation {
+            // A replaced generation (lease lost) may still see the watch: not ours any more.
+            return;
+        }
+        let label = &self.ctx.label;
         match out {
-            Output::State { state, .. } => handle.lu().install_pr(state),
+            Output::State { state, revision } => {
+                handle.lu().install_pr(state);
+                if !self.installed.swap(true, Ordering::AcqRel) {
+                    c.ready.store(true, Ordering::Release);
+                    tracing::info!(lu = %label, revision, generation = self.generation, "cluster: joined from a snapshot; serving");
+                }
+            }
             Output::Ua {
                 registration,
                 reason,
@@ -109,34 +209,43 @@ impl Host for LuHost {
                 from,
             } => {
                 let ticket = handle.lu().abort_replicated(&registrations, from.as_ref());
-                let _ = self.drains.send((ticket, revision));
+                let _ = self.ctx.drains.send((ticket, revision));
             }
             Output::Fenced => {
-                tracing::error!(lu = %self.label, "cluster: fenced; PR OUT answers NOT READY until the replica is current again");
+                c.ready.store(false, Ordering::Release);
+                tracing::error!(lu = %label, "cluster: fenced; no backend I/O and PR OUT answers NOT READY until the replica is current again");
             }
-            Output::Unfenced => tracing::info!(lu = %self.label, "cluster: replica current again"),
+            Output::Unfenced => {
+                c.ready.store(true, Ordering::Release);
+                tracing::info!(lu = %label, "cluster: replica current again; serving");
+            }
             Output::LeaseLost => {
-                tracing::error!(lu = %self.label, "cluster: this gateway's lease is gone; the LU stays fenced until the daemon restarts");
+                c.ready.store(false, Ordering::Release);
+                // This generation's outputs stop counting now; the next one joins anew.
+                c.generation.store(self.generation + 1, Ordering::Release);
+                let (lease, _, _) = self.ctx.membership.registration();
+                tracing::error!(lu = %label, lease, "cluster: this gateway's lease is gone; rejoining once the membership has a new one");
+                tokio::spawn(rejoin(self.ctx.clone(), lease, self.generation + 1));
             }
             Output::Diverged { revision } => {
-                tracing::error!(lu = %self.label, revision, "cluster: replaying the record did not give its stored state; the stored state was installed");
+                tracing::error!(lu = %label, revision, "cluster: replaying the record did not give its stored state; the stored state was installed");
             }
             Output::Respond { .. } => {}
         }
     }
 }
 
-/// Wait for each abort to drain, in revision order, and report it to the replica.
+/// Wait for each abort to drain, in revision order, and report it to the current replica.
 async fn drain_loop(
     handle: Weak<LunHandle>,
-    replica: Arc<OnceLock<Replica>>,
     mut drains: mpsc::UnboundedReceiver<(AbortTicket, Revision)>,
 ) {
     while let Some((ticket, revision)) = drains.recv().await {
         let Some(h) = handle.upgrade() else { return };
         h.wait_drained(ticket).await;
+        let replica = h.cluster.get().and_then(ClusterLu::replica);
         drop(h);
-        if let Some(r) = replica.get() {
+        if let Some(r) = replica {
             r.drained(revision).await;
         }
     }
@@ -157,10 +266,9 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
     let value = serde_json::json!({ "name": c.name, "tpgts": c.own_ports() })
         .to_string()
         .into_bytes();
-    let (membership, created, granted_at) =
-        Membership::join_as(etcd.clone(), timing, key, value, &c.name)
-            .await
-            .map_err(|e| format!("cluster {}: cannot join as {}: {e}", c.cluster, c.name))?;
+    let (membership, _, _) = Membership::join_as(etcd.clone(), timing, key, value, &c.name)
+        .await
+        .map_err(|e| format!("cluster {}: cannot join as {}: {e}", c.cluster, c.name))?;
     let membership = Arc::new(membership);
     let gcfg = GatewayConfig {
         id: me,
@@ -170,28 +278,36 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
         rpc_timeout: c.etcd_timeout,
         max_tries: MAX_TRIES,
     };
-    let lease = u64::try_from(membership.lease()).unwrap_or(0);
-    let created = u64::try_from(created).unwrap_or(0);
     for t in registry.targets().iter() {
         for (id, handle) in t.luns().iter() {
             let serial = handle.lu().config().serial.clone();
-            let gw = Gateway::new(gcfg.clone(), lease, granted_at, created);
-            let (drain_tx, drain_rx) = mpsc::unbounded_channel();
-            let label = format!("{}/{id}", t.name);
-            let host = Arc::new(LuHost {
+            let (drains, drain_rx) = mpsc::unbounded_channel();
+            let ctx = Arc::new(LuCtx {
                 handle: Arc::downgrade(handle),
-                label,
-                drains: drain_tx,
+                label: format!("{}/{id}", t.name),
+                membership: membership.clone(),
+                gcfg: gcfg.clone(),
+                etcd: etcd.clone(),
+                keys: LuKeys::new(&c.prefix(), &serial),
+                drains,
             });
-            let slot = Arc::new(OnceLock::new());
-            tokio::spawn(drain_loop(Arc::downgrade(handle), slot.clone(), drain_rx));
-            let keys = LuKeys::new(&c.prefix(), &serial);
-            let replica = Replica::spawn_with(gw, etcd.clone(), keys, membership.fence(), host);
-            let _ = slot.set(replica.clone());
+            tokio::spawn(drain_loop(Arc::downgrade(handle), drain_rx));
+            // In place before the first join: its first output installs the state.
             let _ = handle.cluster.set(ClusterLu {
-                replica,
+                replica: Mutex::new(None),
+                generation: AtomicU64::new(0),
+                ready: AtomicBool::new(false),
                 fence: membership.fence(),
             });
+            let replica = join(&ctx, 0).await.map_err(|e| {
+                format!(
+                    "cluster {}: {}: cannot read its state: {e}",
+                    c.cluster, ctx.label
+                )
+            })?;
+            if let Some(cl) = handle.cluster.get() {
+                cl.replace(replica, 0);
+            }
         }
     }
     tracing::info!(
