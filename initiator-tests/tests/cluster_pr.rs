@@ -1,8 +1,8 @@
 //! libiscsi's persistent-reservation suites through one gateway of three (issue 18,
 //! acceptance 1): three real etcd members and three release `ironlun serve` gateways on
 //! loopback share LUN 0's image and its reservation state; `iscsi-test-cu` runs every PR
-//! family through gateway A while B and C serve the same LUN to sessions of their own that
-//! read throughout. Expected: the single-node result (`pr_conformance.rs`), 0 failures and 0
+//! family through gateway A (active/optimized) while B and C (standby) serve the same LUN to
+//! sessions of their own that read its PR state throughout. Expected: the single-node result (`pr_conformance.rs`), 0 failures and 0
 //! skips. Afterwards the state the suites left is the same through A, B and C.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -42,7 +42,8 @@ fn libiscsi_pr_suites_pass_through_one_gateway_of_three() {
         .build()
         .unwrap();
 
-    // Readers on B and C for the whole run: those gateways serve the LU meanwhile.
+    // Sessions on B and C for the whole run, reading the PR state (B and C are standby for
+    // media access; PR commands pass there, SPC-4 §5.16.2.4.4): they serve the LU meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
@@ -51,14 +52,13 @@ fn libiscsi_pr_suites_pass_through_one_gateway_of_three() {
         readers.push(rt.spawn(async move {
             let s = Login::new(&format!("iqn.2026-11.io.ironlun:reader-{i}"))
                 .target(TARGET)
-                .ready(&[0], 8)
+                .ready(&[], 0)
                 .connect(addr)
                 .await;
-            let cdb = ironlun_initiator::scsi::read16_cdb(0, 8);
+            let cdb = pr::in_cdb(pr::InAction::ReadKeys, 4096);
             while !stop.load(Ordering::SeqCst) {
                 let (r, _) = ironlun_testkit::past_ua(&s, 0, &cdb, Bytes::new(), 4096).await;
-                // A reservation the suites hold may exclude readers: any completion counts.
-                let _ = r.status;
+                assert_eq!(r.status, 0, "READ KEYS through gateway {i}: {:?}", r.sense_key());
                 reads.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
@@ -76,7 +76,7 @@ fn libiscsi_pr_suites_pass_through_one_gateway_of_three() {
         .map(|h| rt.block_on(h).expect("reader"))
         .collect();
     let reads = reads.load(Ordering::Relaxed);
-    println!("reads through B and C meanwhile: {reads}");
+    println!("READ KEYS through B and C meanwhile: {reads}");
     assert!(ok, "PR suites through gateway A failed or skipped:\n{out}");
     assert!(out.contains("conformance: required suites clean"), "{out}");
     assert!(reads > 0, "B and C served nothing during the run");
@@ -94,7 +94,7 @@ fn libiscsi_pr_suites_pass_through_one_gateway_of_three() {
                 None => {
                     own = Login::new("iqn.2026-11.io.ironlun:reader-0")
                         .target(TARGET)
-                        .ready(&[0], 8)
+                        .ready(&[], 0)
                         .connect(g.addrs[0])
                         .await;
                     &own

@@ -13,11 +13,14 @@
 //!   [`CommitJson`], [`OwnerJson`] (semantics.md §3);
 //! - `GET /v1/events?since=SEQ` → [`EventsJson`];
 //! - `GET /v1/port-groups` → [`PortGroupsJson`]; `PUT /v1/port-groups/<id>` [`PortGroupRequest`];
+//! - `GET /v1/cluster` → [`ClusterJson`]; `PUT /v1/cluster/luns/<target>/<lun>/active`
+//!   [`ActiveRequest`] → [`ClusterLunJson`] (cluster mode; 404 on one node);
 //! - `GET /v1/targets|luns|portals|config`, and the changes of [`config`] → [`ChangeJson`].
 //!
 //! Errors are [`ErrorJson`] with a 4xx/5xx status.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod ownership;
@@ -25,6 +28,7 @@ pub mod port_groups;
 pub mod reservations;
 
 pub use auth::*;
+pub use cluster::*;
 pub use config::*;
 pub use events::*;
 pub use ownership::*;

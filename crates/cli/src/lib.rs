@@ -5,6 +5,7 @@
 //! checks that.
 
 pub mod cli_docs;
+pub mod cluster;
 pub mod ctl;
 pub mod ctl_config;
 pub mod migrate;

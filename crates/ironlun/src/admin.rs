@@ -210,6 +210,13 @@ pub enum Route {
     Events,
     PortGroups,
     PortGroup(String),
+    /// `GET /v1/cluster` (cluster mode).
+    Cluster,
+    /// `PUT /v1/cluster/luns/<t>/<l>/active` (cluster mode).
+    ClusterActive {
+        target: String,
+        lun: u64,
+    },
     /// `GET /metrics` (Prometheus text format, [`crate::metrics`]).
     Metrics,
 }
@@ -248,6 +255,11 @@ pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
         ["v1", "events"] => (Route::Events, "GET"),
         ["v1", "port-groups"] => (Route::PortGroups, "GET"),
         ["v1", "port-groups", id] => (Route::PortGroup((*id).to_string()), "PUT"),
+        ["v1", "cluster"] => (Route::Cluster, "GET"),
+        ["v1", "cluster", "luns", t, l, "active"] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::ClusterActive { target, lun }, "PUT")
+        }
         ["v1", "reservations", t, l] => {
             let (target, lun) = lu_of(t, l)?;
             (Route::Reservation { target, lun }, "GET")
@@ -507,7 +519,49 @@ pub async fn respond(
             Err(r) => r,
         },
         Route::PortGroups => port_groups::get(registry),
+        Route::PortGroup(_) if registry.cluster.get().is_some() => Response::error_code(
+            409,
+            "cluster_mode",
+            "in cluster mode the ALUA states follow the active gateway kept in etcd: use ironlun ctl cluster move",
+        ),
         Route::PortGroup(id) => port_groups::put(registry, &id, body),
+        Route::Cluster => match registry.cluster.get() {
+            None => Response::error(404, "not in cluster mode (no [cluster] in the config)"),
+            Some(c) => match c.status(registry).await {
+                Ok(j) => Response::json(200, &j),
+                Err(e) => Response::error_code(503, "etcd", &format!("etcd: {e}")),
+            },
+        },
+        Route::ClusterActive { target, lun } => {
+            let Some(c) = registry.cluster.get() else {
+                return Response::error(404, "not in cluster mode (no [cluster] in the config)");
+            };
+            let l = match find_lu(registry, &target, lun) {
+                Ok((_, l)) => l,
+                Err(r) => return r,
+            };
+            let req: ironlun_api::ActiveRequest = match parse_body(body) {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            use crate::target::cluster::MoveError;
+            match c.move_active(&l, &req.gateway).await {
+                Ok(()) => match c.status(registry).await {
+                    Ok(j) => match j.luns.into_iter().find(|x| x.target == target && x.lun == lun) {
+                        Some(x) => Response::json(200, &x),
+                        None => Response::error(404, "LU gone"),
+                    },
+                    Err(e) => Response::error_code(503, "etcd", &format!("etcd: {e}")),
+                },
+                Err(e @ MoveError::UnknownGateway(_)) => {
+                    Response::error_code(400, "unknown_gateway", &e.to_string())
+                }
+                Err(e @ (MoveError::NotLive(_) | MoveError::Raced)) => {
+                    Response::error_code(409, "conflict", &e.to_string())
+                }
+                Err(e @ MoveError::Etcd(_)) => Response::error_code(503, "etcd", &e.to_string()),
+            }
+        }
         Route::Events => match since(req.query.as_deref()) {
             Ok(since) => Response::json(
                 200,

@@ -1024,6 +1024,21 @@ impl Config {
             }
             None => None,
         };
+        // Cluster mode: one target port group per gateway, its states kept in etcd
+        // (`target::cluster::alua`).
+        let port_groups = match &cluster {
+            Some(c) => {
+                if let Some(g) = raw.port_group.first() {
+                    return cx.err(
+                        g.id.span(),
+                        "port_group[0]",
+                        "in cluster mode each gateway is one target port group (id = its position in cluster.gateways); remove [[port_group]]",
+                    );
+                }
+                c.port_groups()
+            }
+            None => port_groups,
+        };
         Ok(Config {
             portals,
             negotiation,

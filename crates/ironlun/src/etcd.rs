@@ -214,6 +214,19 @@ impl Etcd {
         Ok((ttl > 0).then_some(ttl))
     }
 
+    /// Seconds left on `lease` (LeaseTimeToLive); `None` when it is gone.
+    pub async fn time_to_live(&self, lease: i64) -> Result<Option<i64>, EtcdError> {
+        let v = self
+            .call(
+                "/v3/lease/timetolive",
+                &json!({"ID": lease.to_string()}),
+                Retry::Always,
+            )
+            .await?;
+        let ttl = opt_num(&v, "TTL")?.unwrap_or(-1);
+        Ok((ttl > 0).then_some(ttl))
+    }
+
     /// Revoke `lease`: its keys are deleted now (LeaseRevoke).
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
         self.call(

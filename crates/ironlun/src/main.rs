@@ -11,7 +11,7 @@
 //! `ironlun ctl [--admin URL] [--token-file FILE] reservations|ownership [TARGET/LUN] [--json]`,
 //! `ctl own TARGET/LUN HOST [--epoch N]`, `ctl handover prepare|commit|abort TARGET/LUN --from S
 //! --to D --epoch N [--deadline-ms N] [--on-deadline abort|refuse]`, `ctl events [--since N]`
-//! and `ctl port-group [ID STATE] [--json]` (ALUA) ask a running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
+//! `ctl port-group [ID STATE] [--json]` (ALUA) and `ctl cluster [move TARGET LUN GATEWAY]` ask a running daemon's admin API. Exit status: 0 done, 1 the daemon refused or is unreachable,
 //! 2 usage.
 //!
 //! `ironlun migrate --admin URL --lun TARGET/LUN --from HOST_S --to HOST_D [hooks…]` hands an
@@ -88,6 +88,14 @@ enum CtlCommand {
         id: Option<u16>,
         /// New access state of group ID.
         state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cluster mode: the gateways with their leases and each LU's active gateway;
+    /// `cluster move TARGET LUN GATEWAY` makes GATEWAY the active one for that LU first.
+    Cluster {
+        #[command(subcommand)]
+        command: Option<ClusterCommand>,
         #[arg(long)]
         json: bool,
     },
@@ -267,6 +275,17 @@ struct HandoverStepArgs {
     epoch: u64,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Make GATEWAY the active/optimized gateway of LUN LUN of TARGET (an etcd
+    /// compare-and-swap; every gateway follows it).
+    Move {
+        target: String,
+        lun: u64,
+        gateway: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -502,6 +521,18 @@ fn run_ctl(
         CtlCommand::Events { since, json } => ctl::events(
             &client,
             since,
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::Cluster { command, json } => ironlun_cli::cluster::ctl(
+            &client,
+            command.map(
+                |ClusterCommand::Move {
+                     target,
+                     lun,
+                     gateway,
+                 }| (target, lun, gateway),
+            ),
             json || all_json,
             &mut std::io::stdout().lock(),
         ),

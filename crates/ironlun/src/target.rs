@@ -583,6 +583,8 @@ pub struct Registry {
     port_groups: Mutex<ironlun_scsi::alua::PortGroups>,
     next_nexus: AtomicU64,
     next_tsih: AtomicU16,
+    /// Cluster mode: this gateway's place in the cluster ([`cluster::attach`]).
+    pub(crate) cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
 impl Registry {
@@ -633,6 +635,7 @@ impl Registry {
             port_groups: Mutex::new(port_groups),
             next_nexus: AtomicU64::new(1),
             next_tsih: AtomicU16::new(1),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 

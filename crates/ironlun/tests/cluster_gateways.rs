@@ -4,12 +4,16 @@
 //!
 //! - Registrations through A, the reservation through B, PREEMPT AND ABORT through C while
 //!   the victim's writes are in flight on A: GOOD only after A drained them, none of them
-//!   lands later (read back through B), the victim's nexus on B gets REGISTRATIONS
+//!   lands later (read back), the victim's nexus on B gets REGISTRATIONS
 //!   PREEMPTED from B itself, the preemptor's none, and every gateway reports the same state
 //!   (READ FULL STATUS with the relative target port of each registration).
 //! - A gateway cut off from etcd (its proxy black-holed) stops submitting writes: NOT READY,
 //!   ASYMMETRIC ACCESS STATE TRANSITION, from its deadline on, and a write it refuses is not
-//!   on the medium; the others go on. Healed, it serves again.
+//!   on the medium; another takes over as the active gateway once its lease is gone plus Δ.
+//!   Healed, it rejoins from a snapshot. An etcd follower lost: nothing visible changes.
+//! - ALUA: one active/optimized gateway per LU, the others standby (media access NOT READY
+//!   04/0B, PR commands pass), the same RTPG through every gateway; moved by
+//!   `ironlun ctl cluster move`, and by the lowest live gateway when the active one dies.
 
 #![allow(
     clippy::unwrap_used,
@@ -64,13 +68,23 @@ fn builder() -> ironlun_testkit::DaemonBuilder {
     Daemon::builder(IRONLUN).env("RUST_LOG", "info,ironlun::cluster=debug")
 }
 
+/// Log in and clear the new nexus's unit attentions (TEST UNIT READY until it reports no
+/// unit attention: GOOD, or NOT READY 04/0B through a standby gateway).
 async fn login(addr: SocketAddr, name: &str, isid: [u8; 6]) -> Session {
-    Login::new(name)
+    let s = Login::new(name)
         .target(TARGET)
         .isid(isid)
-        .ready(&[LUN0], 8)
+        .ready(&[], 0)
         .connect(addr)
-        .await
+        .await;
+    let tur = ironlun_initiator::scsi::test_unit_ready_cdb();
+    for _ in 0..8 {
+        let r = s.command(LUN0, &tur, Bytes::new(), 0).await.unwrap();
+        if ironlun_testkit::unit_attention(&r).is_none() {
+            return s;
+        }
+    }
+    panic!("unit attentions did not clear on {addr}");
 }
 
 async fn past_ua(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandResult {
@@ -250,14 +264,15 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
         r.sense_key()
     );
 
-    // At once, through C: the preemptor overwrites every block the victim writes on A.
+    // At once: the preemptor overwrites every block the victim writes, through A (the
+    // active gateway; B and C are standby).
     for w in 0..WRITERS {
         let cdb = ironlun_initiator::scsi::write16_cdb(chunk_lba(w), CHUNK_BLOCKS, true);
-        let r = past_ua(&preemptor_c, &cdb, tagged(PREEMPTOR, u32::from(w)), 0).await;
+        let r = past_ua(&preemptor_a, &cdb, tagged(PREEMPTOR, u32::from(w)), 0).await;
         assert_eq!(
             r.status,
             GOOD,
-            "preemptor write {w} via C: {:?}",
+            "preemptor write {w} via A: {:?}",
             r.sense_key()
         );
     }
@@ -311,11 +326,11 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
         "no victim write was in flight: the test proves nothing"
     );
 
-    // Read back through B: no victim write landed after the preemptor's overwrite.
+    // Read back: no victim write landed after the preemptor's overwrite.
     let reader_b = login(b, INIT_P, ISID_P).await;
     for w in 0..WRITERS {
         let r = past_ua(
-            &reader_b,
+            &preemptor_a,
             &ironlun_initiator::scsi::read16_cdb(chunk_lba(w), CHUNK_BLOCKS),
             Bytes::new(),
             CHUNK_BLOCKS * BS,
@@ -349,8 +364,8 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
         .await
         .unwrap();
     assert_eq!(
-        r.status,
-        GOOD,
+        ironlun_testkit::unit_attention(&r),
+        None,
         "preemptor's nexus on C: {:?}",
         r.sense_key()
     );
@@ -379,13 +394,6 @@ const FAST: &str = "lease_ttl_ms = 3000\nkeepalive_interval_ms = 500\nmargin_ms 
 lock_delay_ms = 500\netcd_timeout_ms = 400\n";
 const BOUND: Duration = Duration::from_millis(2670);
 const KEEPALIVE: Duration = Duration::from_millis(500);
-
-/// 02/04/0A: NOT READY, ASYMMETRIC ACCESS STATE TRANSITION.
-fn transitioning(r: &CommandResult) -> bool {
-    r.status == CHECK_CONDITION
-        && r.sense_key()
-            .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x02, 0x04, 0x0a))
-}
 
 /// One QD1 write of the fencing test: 8 blocks at LBA 0 tagged with `seq`.
 #[derive(Debug)]
@@ -521,15 +529,16 @@ async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins
         "a write sent {:?} after the cut was submitted: {last_good:?}",
         last_good.sent - cut
     );
+    let code = |w: &Write| w.sense.map(|k| (k.key, k.asc, k.ascq));
     assert!(
-        !refused.is_empty(),
-        "A never refused a write: it did not fence"
+        refused.iter().any(|w| code(w) == Some((0x02, 0x04, 0x0a))),
+        "A never refused a write with 02/04/0A: it did not fence"
     );
     for w in &refused {
+        // NOT READY 04/0A; or the unit attention of A's own group turning transitioning.
         assert!(
             w.status == CHECK_CONDITION
-                && w.sense
-                    .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x02, 0x04, 0x0a)),
+                && matches!(code(w), Some((0x02, 0x04, 0x0a) | (0x06, 0x2a, 0x06))),
             "refused write not NOT READY 04/0A: {w:?}"
         );
         assert!(
@@ -537,6 +546,8 @@ async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins
             "a refusal before a later GOOD: {w:?}"
         );
     }
+    // B took over as the active gateway once A's lease was gone (plus Δ).
+    wait_rtpg(&on_b, &[(1, STANDBY), (2, AO)], PROMPT).await;
     assert_eq!(
         tag_at_0(&on_b).await,
         last_good.seq,
@@ -550,28 +561,26 @@ async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins
         pr_done - cut
     );
 
-    // Healed: A registers a new lease, rejoins from a snapshot (it sees B's change) and
-    // serves again.
+    // Healed: A registers a new lease, rejoins from a snapshot (it sees B's change) and,
+    // made active again by ctl, serves again.
     for p in &proxies {
         p.unblock();
     }
     let healed = Instant::now();
-    let cdb = ironlun_initiator::scsi::write16_cdb(0, 8, true);
-    let data = Bytes::from(vec![0u8; 8 * BS as usize]);
     loop {
-        let r = on_a.command(LUN0, &cdb, data.clone(), 0).await.unwrap();
-        if r.status == GOOD {
+        let c = ctl_cluster(&gw_a, &[]);
+        if c.luns[0].serving {
             break;
         }
-        assert!(
-            transitioning(&r) || r.sense_key().is_some_and(|k| k.key == 0x06),
-            "A after healing: {:?}",
-            r.sense_key()
-        );
-        assert!(healed.elapsed() < PROMPT * 2, "A did not serve again");
+        assert!(healed.elapsed() < PROMPT * 2, "A did not rejoin: {c:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("A serves again {:?} after healing", healed.elapsed());
+    eprintln!("A rejoined {:?} after healing", healed.elapsed());
+    ctl_cluster(&gw_b, &["move", TARGET, "0", "gw-a"]);
+    wait_rtpg(&on_a, &[(1, AO), (2, STANDBY)], PROMPT).await;
+    let cdb = ironlun_initiator::scsi::write16_cdb(0, 8, true);
+    let r = past_ua(&on_a, &cdb, Bytes::from(vec![0u8; 8 * BS as usize]), 0).await;
+    assert_eq!(r.status, GOOD, "A after healing: {:?}", r.sense_key());
     let keys = |s: &Session| {
         let s = s.clone();
         async move {
@@ -588,21 +597,156 @@ async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins
     let follower = (0..3).find(|i| !etcd.is_leader(*i)).unwrap();
     etcd.kill9(follower);
     let stop = Arc::new(AtomicBool::new(false));
-    let (wa, wb) = (
-        writer(on_a.clone(), stop.clone()),
-        writer(on_b.clone(), stop.clone()),
-    );
+    let wa = writer(on_a.clone(), stop.clone());
     prout_good(&on_a, REGISTER, 0, K2, K1, ALL_TG_PT).await;
     prout_good(&on_b, REGISTER, 0, K1, K2, ALL_TG_PT).await;
     tokio::time::sleep(BOUND + KEEPALIVE).await;
     stop.store(true, Ordering::SeqCst);
-    for (gw, w) in [("A", wa.await.unwrap()), ("B", wb.await.unwrap())] {
-        assert!(!w.is_empty());
-        assert!(
-            w.iter().all(|w| w.status == GOOD),
-            "a write through {gw} failed after the member loss: {:?}",
-            w.iter().find(|w| w.status != GOOD)
-        );
-    }
+    let w = wa.await.unwrap();
+    assert!(!w.is_empty());
+    assert!(
+        w.iter().all(|w| w.status == GOOD),
+        "a write through A (active) failed after the member loss: {:?}",
+        w.iter().find(|w| w.status != GOOD)
+    );
     drop((gw_a, gw_b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ALUA across gateways
+
+/// REPORT TARGET PORT GROUPS through `s`: (group id, access state code) of every group.
+async fn rtpg(s: &Session) -> Vec<(u16, u8)> {
+    let cdb = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
+    let r = past_ua(s, &cdb, Bytes::new(), 4096).await;
+    assert_eq!(r.status, GOOD, "RTPG: {:?}", r.sense_key());
+    let mut out = Vec::new();
+    let mut at = 4;
+    while at + 8 <= r.data.len() {
+        let d = &r.data[at..];
+        out.push((u16::from_be_bytes([d[2], d[3]]), d[0] & 0x0f));
+        at += 8 + 4 * usize::from(d[7]);
+    }
+    out
+}
+
+const AO: u8 = 0x0;
+const STANDBY: u8 = 0x2;
+
+/// Poll RTPG through `s` until it reports `want` (hang guard `within`); how long it took.
+async fn wait_rtpg(s: &Session, want: &[(u16, u8)], within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let got = rtpg(s).await;
+        if got == want {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < within, "RTPG still {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn write_status(s: &Session) -> CommandResult {
+    let cdb = ironlun_initiator::scsi::write16_cdb(64, 8, false);
+    s.command(LUN0, &cdb, Bytes::from(vec![7u8; 8 * BS as usize]), 0)
+        .await
+        .unwrap()
+}
+
+/// The state one would see in `ironlun ctl cluster --json` through `d`.
+fn ctl_cluster(d: &Daemon, args: &[&str]) -> ironlun_api::ClusterJson {
+    let mut all = vec!["cluster", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&d.ctl(&all)).expect("ctl cluster --json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_active_gateway_per_lu_moved_by_ctl_and_on_failure() {
+    let etcd = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun0.img");
+    let spec = Gateways {
+        n: 2,
+        ..gateways(&image, "alua", FAST)
+    };
+    let mut gws = spec.start(builder, &etcd);
+    let (a, b) = (
+        login(gws[0].addrs[0], INIT_V, ISID_V).await,
+        login(gws[1].addrs[0], INIT_V, ISID_V).await,
+    );
+    // A made the key (lowest live member): A active/optimized, B standby, the same through
+    // both gateways.
+    let a_active = [(1, AO), (2, STANDBY)];
+    wait_rtpg(&a, &a_active, PROMPT).await;
+    wait_rtpg(&b, &a_active, PROMPT).await;
+    assert_eq!(write_status(&a).await.status, GOOD);
+    let r = write_status(&b).await;
+    assert!(
+        r.status == CHECK_CONDITION
+            && r.sense_key()
+                .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x02, 0x04, 0x0b)),
+        "WRITE through the standby gateway: {:?}",
+        r.sense_key()
+    );
+    // PR commands pass in standby (SPC-4 §5.16.2.4.4).
+    prout_good(&b, REGISTER, 0, 0, 0xb0b, 0).await;
+    let c = ctl_cluster(&gws[0], &[]);
+    assert_eq!(c.gateway, "gw-a");
+    assert!(
+        c.gateways.iter().all(|g| g.live && g.ttl_seconds.is_some()),
+        "{c:?}"
+    );
+    assert_eq!(c.luns[0].active.as_deref(), Some("gw-a"), "{c:?}");
+    assert!(c.luns[0].serving);
+
+    // Moved by ctl (through A's admin API) to B: both gateways follow.
+    let b_active = [(1, STANDBY), (2, AO)];
+    let c = ctl_cluster(&gws[0], &["move", TARGET, "0", "gw-b"]);
+    assert_eq!(c.luns[0].active.as_deref(), Some("gw-b"), "{c:?}");
+    wait_rtpg(&a, &b_active, PROMPT).await;
+    wait_rtpg(&b, &b_active, PROMPT).await;
+    assert_eq!(write_status(&b).await.status, GOOD);
+    let out = gws[0]
+        .binary()
+        .ctl_at(&gws[0].admin, &["cluster", "move", TARGET, "0", "gw-z"]);
+    assert!(!out.status.success(), "unknown gateway accepted");
+
+    // B dies: after its lease expires and Δ, A (the lowest live gateway) takes over.
+    let dead = gws.remove(1);
+    let killed = Instant::now();
+    dead.kill9();
+    let a_again = [(1, AO), (2, STANDBY)];
+    let took = wait_rtpg(&a, &a_again, PROMPT * 2).await;
+    eprintln!(
+        "A active {:?} after B's kill -9 (T 3 s + Δ(1+ρ) 0.505 s bound from B's last renewal)",
+        killed.elapsed()
+    );
+    assert!(
+        killed.elapsed()
+            >= Duration::from_millis(3000 + 500) - KEEPALIVE - Duration::from_millis(100),
+        "A took over {took:?} after the kill: before B's writes could have ended"
+    );
+    let c = ctl_cluster(&gws[0], &[]);
+    assert!(!c.gateways[1].live, "{c:?}");
+    assert_eq!(c.luns[0].active.as_deref(), Some("gw-a"), "{c:?}");
+    // A's nexus learned of the changes; then it writes.
+    let r = write_status(&a).await;
+    assert!(
+        r.status == GOOD
+            || r.sense_key()
+                .is_some_and(|k| (k.key, k.asc, k.ascq) == (0x06, 0x2a, 0x06)),
+        "{:?}",
+        r.sense_key()
+    );
+    assert_eq!(
+        past_ua(
+            &a,
+            &ironlun_initiator::scsi::write16_cdb(64, 8, false),
+            Bytes::from(vec![7u8; 8 * BS as usize]),
+            0
+        )
+        .await
+        .status,
+        GOOD
+    );
 }

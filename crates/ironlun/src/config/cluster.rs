@@ -121,6 +121,21 @@ impl Cluster {
         all
     }
 
+    /// One target port group per gateway: id = gateway id, its TPGTs; transitioning until
+    /// the ALUA state is read from etcd.
+    pub fn port_groups(&self) -> Vec<ironlun_scsi::alua::PortGroup> {
+        self.gateways
+            .iter()
+            .enumerate()
+            .map(|(i, g)| ironlun_scsi::alua::PortGroup {
+                id: u16::try_from(i + 1).unwrap_or(u16::MAX),
+                state: ironlun_scsi::alua::AccessState::Transitioning,
+                ports: g.tpgts.clone(),
+                changed: false,
+            })
+            .collect()
+    }
+
     /// The layout as one canonical line, stored at `P/config` by the first gateway and
     /// compared by every later one (scale-out.md §2.1): `gw-a=1;gw-b=2,3`.
     pub fn layout(&self) -> String {

@@ -21,6 +21,8 @@
 //!   again, the LU joins anew from a snapshot ([`Replica::join`]) as a new generation, and the
 //!   old generation's outputs are ignored from then on.
 
+pub mod alua;
+
 use super::{LunHandle, Registry};
 use crate::cluster::replica::{Host, LuKeys, Replica};
 use crate::cluster::{Fence, Membership};
@@ -29,14 +31,24 @@ use crate::etcd::{Compare, Etcd, EtcdError, Op};
 use bytes::Bytes;
 use ironlun_cluster::gateway::{Answer, GatewayConfig, Output};
 use ironlun_cluster::lease::Timing;
-use ironlun_cluster::Revision;
+use ironlun_cluster::{GatewayId, Revision};
 use ironlun_scsi::lu::{self, AbortTicket, Completion};
 use ironlun_scsi::pr::{OutRequest, PrError};
 use ironlun_scsi::sense::SenseReason;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// This daemon's place in its cluster, for the admin API ([`status`], [`move_active`]).
+#[derive(Debug)]
+pub struct Cluster {
+    etcd: Arc<Etcd>,
+    prefix: String,
+    me: GatewayId,
+    config: crate::config::Cluster,
+    membership: Arc<Membership>,
+}
 
 /// Lost compare-and-swap races tolerated before BUSY (scale-out.md §2.2 step 2).
 const MAX_TRIES: u32 = 16;
@@ -50,6 +62,8 @@ pub struct ClusterLu {
     generation: AtomicU64,
     /// The replica is current and its gateway not fenced.
     ready: AtomicBool,
+    /// The active gateway's id ([`alua`]); 0 until known.
+    active: AtomicU32,
     fence: Arc<Fence>,
 }
 
@@ -193,6 +207,7 @@ impl Host for LuHost {
                 handle.lu().install_pr(state);
                 if !self.installed.swap(true, Ordering::AcqRel) {
                     c.ready.store(true, Ordering::Release);
+                    alua::apply(&handle, self.ctx.gcfg.id);
                     tracing::info!(lu = %label, revision, generation = self.generation, "cluster: joined from a snapshot; serving");
                 }
             }
@@ -213,14 +228,17 @@ impl Host for LuHost {
             }
             Output::Fenced => {
                 c.ready.store(false, Ordering::Release);
+                alua::apply(&handle, self.ctx.gcfg.id);
                 tracing::error!(lu = %label, "cluster: fenced; no backend I/O and PR OUT answers NOT READY until the replica is current again");
             }
             Output::Unfenced => {
                 c.ready.store(true, Ordering::Release);
+                alua::apply(&handle, self.ctx.gcfg.id);
                 tracing::info!(lu = %label, "cluster: replica current again; serving");
             }
             Output::LeaseLost => {
                 c.ready.store(false, Ordering::Release);
+                alua::apply(&handle, self.ctx.gcfg.id);
                 // This generation's outputs stop counting now; the next one joins anew.
                 c.generation.store(self.generation + 1, Ordering::Release);
                 let (lease, _, _) = self.ctx.membership.registration();
@@ -278,9 +296,11 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
         rpc_timeout: c.etcd_timeout,
         max_tries: MAX_TRIES,
     };
+    let mut handles = Vec::new();
     for t in registry.targets().iter() {
         for (id, handle) in t.luns().iter() {
             let serial = handle.lu().config().serial.clone();
+            handles.push((handle.clone(), serial.clone()));
             let (drains, drain_rx) = mpsc::unbounded_channel();
             let ctx = Arc::new(LuCtx {
                 handle: Arc::downgrade(handle),
@@ -297,6 +317,7 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
                 replica: Mutex::new(None),
                 generation: AtomicU64::new(0),
                 ready: AtomicBool::new(false),
+                active: AtomicU32::new(0),
                 fence: membership.fence(),
             });
             let replica = join(&ctx, 0).await.map_err(|e| {
@@ -310,6 +331,16 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
             }
         }
     }
+    alua::Alua::start(etcd.clone(), c.prefix(), me, timing, &handles)
+        .await
+        .map_err(|e| format!("cluster {}: cannot read the ALUA state: {e}", c.cluster))?;
+    let _ = registry.cluster.set(Arc::new(Cluster {
+        etcd,
+        prefix: c.prefix(),
+        me,
+        config: c.clone(),
+        membership: membership.clone(),
+    }));
     tracing::info!(
         cluster = %c.cluster,
         gateway = %c.name,
@@ -357,3 +388,117 @@ async fn check_layout(etcd: &Etcd, prefix: &str, layout: &str) -> Result<(), Str
 
 /// How long a stopping gateway waits for its lease revocation.
 pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why `PUT /v1/cluster/luns/<target>/<lun>/active` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("no gateway named {0:?} in the layout")]
+    UnknownGateway(String),
+    #[error("gateway {0:?} holds no live lease: it cannot serve")]
+    NotLive(String),
+    #[error("the active gateway changed meanwhile; try again")]
+    Raced,
+    #[error("etcd: {0}")]
+    Etcd(#[from] EtcdError),
+}
+
+impl Cluster {
+    /// The configured cluster and gateway names.
+    pub fn config(&self) -> &crate::config::Cluster {
+        &self.config
+    }
+
+    fn name_of(&self, g: GatewayId) -> Option<String> {
+        let i = usize::try_from(g.0).ok()?.checked_sub(1)?;
+        self.config.gateways.get(i).map(|gw| gw.name.clone())
+    }
+
+    fn id_of(&self, name: &str) -> Option<GatewayId> {
+        let i = self.config.gateways.iter().position(|g| g.name == name)?;
+        u32::try_from(i + 1).ok().map(GatewayId)
+    }
+
+    /// Gateways with their leases as etcd sees them, and every LU's active gateway
+    /// (`GET /v1/cluster`, `ironlun ctl cluster`).
+    pub async fn status(&self, registry: &Registry) -> Result<ironlun_api::ClusterJson, EtcdError> {
+        let (_, members) = self
+            .etcd
+            .get_prefix(format!("{}gw/", self.prefix).as_bytes())
+            .await?;
+        let mut gateways = Vec::new();
+        for (i, g) in self.config.gateways.iter().enumerate() {
+            let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            let key = format!("{}gw/{id}", self.prefix).into_bytes();
+            let kv = members.iter().find(|kv| kv.key == key);
+            let ttl = match kv {
+                Some(kv) if kv.lease != 0 => self.etcd.time_to_live(kv.lease).await?,
+                _ => None,
+            };
+            gateways.push(ironlun_api::GatewayJson {
+                id,
+                name: g.name.clone(),
+                tpgts: g.tpgts.clone(),
+                live: kv.is_some(),
+                lease: kv.map(|kv| format!("{:x}", kv.lease)),
+                ttl_seconds: ttl,
+            });
+        }
+        let mut luns = Vec::new();
+        for t in registry.targets().iter() {
+            for (id, l) in t.luns().iter() {
+                let serial = l.lu().config().serial.clone();
+                let (active, _) =
+                    alua::active(&self.etcd, &alua::key(&self.prefix, &serial)).await?;
+                luns.push(ironlun_api::ClusterLunJson {
+                    target: t.name.clone(),
+                    lun: *id,
+                    serial,
+                    active: active.and_then(|g| self.name_of(g)),
+                    serving: l.cluster.get().is_some_and(ClusterLu::may_submit),
+                    generation: l.pr_snapshot().generation,
+                });
+            }
+        }
+        Ok(ironlun_api::ClusterJson {
+            cluster: self.config.cluster.clone(),
+            gateway: self.config.name.clone(),
+            gateways,
+            luns,
+        })
+    }
+
+    /// Make `gateway` the active one for `handle`'s LU (compare-and-swap on the ALUA key):
+    /// only a gateway holding a live lease. Every gateway applies the change from its watch.
+    pub async fn move_active(&self, handle: &LunHandle, gateway: &str) -> Result<(), MoveError> {
+        let to = self
+            .id_of(gateway)
+            .ok_or_else(|| MoveError::UnknownGateway(gateway.to_string()))?;
+        let member = format!("{}gw/{}", self.prefix, to.0).into_bytes();
+        if self.etcd.get(&member).await?.is_none() {
+            return Err(MoveError::NotLive(gateway.to_string()));
+        }
+        let serial = handle.lu().config().serial.clone();
+        let key = alua::key(&self.prefix, &serial);
+        let (active, revision) = alua::active(&self.etcd, &key).await?;
+        if active == Some(to) {
+            return Ok(());
+        }
+        match alua::move_to(&self.etcd, &key, revision, to).await? {
+            Some(_) => {
+                tracing::info!(lu = %handle.label(), to = gateway, "cluster ALUA: active gateway moved by the admin API");
+                Ok(())
+            }
+            None => Err(MoveError::Raced),
+        }
+    }
+
+    /// This gateway's membership.
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
+    /// This gateway's id.
+    pub fn id(&self) -> GatewayId {
+        self.me
+    }
+}
