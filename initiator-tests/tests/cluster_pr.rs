@@ -58,7 +58,12 @@ fn libiscsi_pr_suites_pass_through_one_gateway_of_three() {
             let cdb = pr::in_cdb(pr::InAction::ReadKeys, 4096);
             while !stop.load(Ordering::SeqCst) {
                 let (r, _) = ironlun_testkit::past_ua(&s, 0, &cdb, Bytes::new(), 4096).await;
-                assert_eq!(r.status, 0, "READ KEYS through gateway {i}: {:?}", r.sense_key());
+                assert_eq!(
+                    r.status,
+                    0,
+                    "READ KEYS through gateway {i}: {:?}",
+                    r.sense_key()
+                );
                 reads.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }

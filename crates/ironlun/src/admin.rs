@@ -587,6 +587,16 @@ pub async fn respond(
             }
             Err(r) => r,
         },
+        // Ownership and handover steps change the PR state outside a PR OUT: in cluster mode
+        // they would change one gateway's replica only, so they are refused until they join
+        // the replicated record (issue 18).
+        Route::Owner { .. } | Route::Handover { .. } if registry.cluster.get().is_some() => {
+            Response::error_code(
+                409,
+                "cluster_mode",
+                "target-managed ownership and handovers are not replicated across gateways yet: refused in cluster mode",
+            )
+        }
         Route::Owner { target, lun } => {
             let (l, req) = match (
                 find_lu(registry, &target, lun),
