@@ -82,7 +82,8 @@ impl AccessState {
     /// READY sense the state calls for. Active states admit everything. Standby
     /// (SPC-4 §5.16.2.4.4) admits INQUIRY, LOG SELECT/SENSE, MODE SELECT/SENSE, REPORT LUNS,
     /// RECEIVE DIAGNOSTIC RESULTS, SEND DIAGNOSTIC, REPORT/SET TARGET PORT GROUPS, REQUEST
-    /// SENSE and PERSISTENT RESERVE IN/OUT (the ones of those this LU implements); unavailable
+    /// SENSE and PERSISTENT RESERVE IN/OUT (the ones of those this LU implements), and READ
+    /// CAPACITY (10) and (16), as LIO does (SPC-4 does not list them); unavailable
     /// (§5.16.2.4.5) and transitioning (§5.16.2.6) admit INQUIRY, REPORT LUNS, REPORT/SET
     /// TARGET PORT GROUPS and REQUEST SENSE.
     pub fn check(self, cdb: &[u8]) -> Result<(), SenseReason> {
@@ -90,6 +91,9 @@ impl AccessState {
         let sa = u16::from(cdb.get(1).copied().unwrap_or(0) & 0x1F);
         let always = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
             || (opcode == op::MAINTENANCE_IN && sa == SA_REPORT_TARGET_PORT_GROUPS);
+        // READ CAPACITY (10/16) beyond SPC-4's list, as LIO admits it: Linux sizes a disk
+        // when it attaches, and a standby path attached at size 0 stays useless after it
+        // turns active (issue 18's gateway failover).
         let standby_too = matches!(
             opcode,
             op::MODE_SELECT_6
@@ -98,7 +102,9 @@ impl AccessState {
                 | op::MODE_SENSE_10
                 | op::PERSISTENT_RESERVE_IN
                 | op::PERSISTENT_RESERVE_OUT
-        );
+                | op::READ_CAPACITY_10
+        ) || (opcode == op::SERVICE_ACTION_IN_16
+            && sa == op::SA_READ_CAPACITY_16);
         match self {
             AccessState::ActiveOptimized | AccessState::ActiveNonOptimized => Ok(()),
             _ if always => Ok(()),
@@ -360,7 +366,15 @@ mod tests {
             (&[0x00, 0, 0, 0, 0, 0], [ok, ok, s, u, t]),
             (&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], [ok, ok, s, u, t]),
             (&[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], [ok, ok, s, u, t]),
-            (&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], [ok, ok, s, u, t]),
+            (&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], [ok, ok, ok, u, t]),
+            (
+                &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                [ok, ok, ok, u, t],
+            ),
+            (
+                &[0x9E, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                [ok, ok, s, u, t],
+            ),
             (&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], [ok, ok, s, u, t]),
             (&rsoc, [ok, ok, s, u, t]),
             (&[], [ok, ok, s, u, t]),
