@@ -24,6 +24,9 @@
 #                   bench-results/soak.md), FILE.json and FILE.svg; --publish copies the chart
 #                   to docs/soak.svg. Exit status 3 when not PASS. -r, -t, -q do not apply.
 #   --vhd-only      only the VHD section (no tgt, RSS, iperf3 or RAM LUN; no chart)
+#   --cluster       only the cluster-mode cost (scripts/bench/cluster.sh): three etcd members,
+#                   one node against a gateway of two: data-path IOPS ratio (goal ≥ 0.95) and
+#                   PR OUT latency through etcd; -o FILE (default bench-results/cluster.md)
 #   --publish       also copy the chart to docs/bench.svg, the one README.md shows
 #   (-q overrides -r and -t.) Default runtime: about 8-11 minutes on 2 cores (VHD section: about
 #   2.5 minutes, under 1 with -q).
@@ -38,8 +41,8 @@
 # Needs root for tgtd (scripts/install-deps.sh installs tgt, iperf3, libiscsi-bin, qemu-utils).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0; PUBLISH=0
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+REPS=3; SECS=5; OUT=bench-results/latest.md; QUICK=0; SOAK=0; VHD_ONLY=0; PUBLISH=0; CLUSTER=0
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     -r) REPS=${2:?}; shift 2 ;;
@@ -48,6 +51,7 @@ while [ $# -gt 0 ]; do
     -q) QUICK=1; shift ;;
     --soak) SOAK=${2:?}; shift 2 ;;
     --vhd-only) VHD_ONLY=1; shift ;;
+    --cluster) CLUSTER=1; shift ;;
     --publish) PUBLISH=1; shift ;;
     *) usage ;;
   esac
@@ -56,6 +60,11 @@ if [ "$SOAK" != 0 ]; then   # the soak runs on its own
   [[ $SOAK =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "bench.sh: --soak takes minutes, not '$SOAK'" >&2; exit 2; }
   [ "$VHD_ONLY" = 0 ] || { echo "bench.sh: --soak runs only the soak; drop --vhd-only" >&2; exit 2; }
   exec bash scripts/bench/soak.sh "$SOAK" "$([ -n "${OUT_SET:-}" ] && echo "$OUT" || echo bench-results/soak.md)" "$PUBLISH"
+fi
+if [ "$CLUSTER" = 1 ]; then   # the cluster cost runs on its own
+  if [ "$QUICK" = 1 ]; then REPS=1; SECS=2; fi
+  mkdir -p "$(dirname "$([ -n "${OUT_SET:-}" ] && echo "$OUT" || echo bench-results/cluster.md)")"
+  exec bash scripts/bench/cluster.sh "$REPS" "$SECS" "$([ -n "${OUT_SET:-}" ] && echo "$OUT" || echo bench-results/cluster.md)"
 fi
 Q4K=40000; Q1M=1024   # qemu-img bench request counts (4 KiB: 156 MiB; 1 MiB: the whole LUN)
 Q64K=32768            # VHD section: 64 KiB writes (2 GiB: about 1.5 s, shorter runs are mostly noise)

@@ -48,16 +48,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .command(0, &out_cdb(OutAction::Register, 0, 24), Bytes::from(p), 0)
         .await?;
     lat.sort_unstable();
-    let at = |q: f64| {
-        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+    // Nearest rank: the value at index ⌈q·len⌉ − 1 (q in percent).
+    let at = |pct: usize| {
+        let i = (lat.len() * pct).div_ceil(100).saturating_sub(1);
         lat.get(i).copied().unwrap_or(0)
     };
     println!(
         "{} {} {} {} {}",
         lat.len(),
-        at(0.5),
-        at(0.9),
-        at(0.99),
+        at(50),
+        at(90),
+        at(99),
         lat.last().copied().unwrap_or(0)
     );
     Ok(())
