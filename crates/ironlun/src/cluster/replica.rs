@@ -17,8 +17,9 @@
 //!   op id makes a second commit impossible). Acknowledgement puts are retried until they
 //!   succeed or the lease is lost, always with the newest value.
 //! - The watch covers `P`; a broken watch is re-established from the next revision (the
-//!   gateway ignores events it has seen). A watch refused for compaction ends the driver
-//!   (the host must rejoin from a snapshot, §2.5).
+//!   gateway ignores events it has seen). A watch refused for compaction ends the driver:
+//!   pending PR OUTs answer NOT READY and [`Host::stale`] tells the host to join anew from a
+//!   snapshot (§2.5).
 //! - A value that does not decode is logged and skipped; the replay check (`Output::Diverged`)
 //!   catches a state it would have changed.
 
@@ -156,6 +157,10 @@ enum Cmd {
 pub trait Host: Send + Sync + 'static {
     /// One output (never [`Output::Respond`]). Must not block: no `.await`, no I/O.
     fn output(&self, out: Output);
+
+    /// The driver ended because its watch can no longer follow the store (history compacted
+    /// past it): the replica is stale from now on and must be joined anew from a snapshot.
+    fn stale(&self) {}
 }
 
 impl Host for mpsc::UnboundedSender<Output> {
@@ -362,7 +367,11 @@ impl Driver {
                         }
                     }
                     Err(EtcdError::Compacted(r)) => {
-                        tracing::error!(compacted = r, "cluster watch: history compacted past this gateway; it must rejoin from a snapshot");
+                        tracing::warn!(compacted = r, "cluster watch: history compacted past this replica; joining again from a snapshot");
+                        for (_, tx) in self.answers.drain() {
+                            let _ = tx.send(Answer::NotReady);
+                        }
+                        self.out.stale();
                         return;
                     }
                     Err(e) => {

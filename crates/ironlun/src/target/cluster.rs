@@ -152,19 +152,28 @@ async fn join(ctx: &Arc<LuCtx>, generation: u64) -> Result<Replica, EtcdError> {
     .await
 }
 
-/// After a lost lease: wait until the membership holds a new one, then join anew.
-async fn rejoin(ctx: Arc<LuCtx>, lost_lease: i64, generation: u64) {
+/// Join anew as `generation`: after a lost lease (`lost_lease`: wait until the membership
+/// holds another one) or a stale replica (`None`: at once), retrying at the keep-alive
+/// interval until it succeeds or a later generation has taken over.
+async fn rejoin(ctx: Arc<LuCtx>, lost_lease: Option<i64>, generation: u64) {
     let interval = ctx.gcfg.timing.settings().keepalive_interval;
+    let mut first = lost_lease.is_none();
     loop {
-        tokio::time::sleep(interval).await;
+        if !first {
+            tokio::time::sleep(interval).await;
+        }
+        first = false;
         let Some(handle) = ctx.handle.upgrade() else {
             return;
         };
         let Some(c) = handle.cluster.get() else {
             return;
         };
+        if c.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         let (lease, _, _) = ctx.membership.registration();
-        if lease == lost_lease || !ctx.membership.fence().may_submit() {
+        if Some(lease) == lost_lease || !ctx.membership.fence().may_submit() {
             continue;
         }
         match join(&ctx, generation).await {
@@ -180,6 +189,22 @@ async fn rejoin(ctx: Arc<LuCtx>, lost_lease: i64, generation: u64) {
     }
 }
 
+/// Make the LU stop serving from generation `from` and join anew as the next one.
+fn renew_generation(ctx: &Arc<LuCtx>, handle: &LunHandle, from: u64, lost_lease: Option<i64>) {
+    let Some(c) = handle.cluster.get() else {
+        return;
+    };
+    c.ready.store(false, Ordering::Release);
+    alua::apply(handle, ctx.gcfg.id);
+    // This generation's outputs stop counting now; the next one joins anew.
+    if c.generation
+        .compare_exchange(from, from + 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        tokio::spawn(rejoin(ctx.clone(), lost_lease, from + 1));
+    }
+}
+
 /// Carries one generation's replica outputs into its LU.
 struct LuHost {
     ctx: Arc<LuCtx>,
@@ -190,6 +215,13 @@ struct LuHost {
 }
 
 impl Host for LuHost {
+    fn stale(&self) {
+        if let Some(handle) = self.ctx.handle.upgrade() {
+            tracing::warn!(lu = %self.ctx.label, "cluster: replica stale (history compacted); joining again from a snapshot");
+            renew_generation(&self.ctx, &handle, self.generation, None);
+        }
+    }
+
     fn output(&self, out: Output) {
         let Some(handle) = self.ctx.handle.upgrade() else {
             return;
@@ -237,13 +269,9 @@ impl Host for LuHost {
                 tracing::info!(lu = %label, "cluster: replica current again; serving");
             }
             Output::LeaseLost => {
-                c.ready.store(false, Ordering::Release);
-                alua::apply(&handle, self.ctx.gcfg.id);
-                // This generation's outputs stop counting now; the next one joins anew.
-                c.generation.store(self.generation + 1, Ordering::Release);
                 let (lease, _, _) = self.ctx.membership.registration();
                 tracing::error!(lu = %label, lease, "cluster: this gateway's lease is gone; rejoining once the membership has a new one");
-                tokio::spawn(rejoin(self.ctx.clone(), lease, self.generation + 1));
+                renew_generation(&self.ctx, &handle, self.generation, Some(lease));
             }
             Output::Diverged { revision } => {
                 tracing::error!(lu = %label, revision, "cluster: replaying the record did not give its stored state; the stored state was installed");
@@ -284,9 +312,25 @@ pub async fn attach(cfg: &Config, registry: &Registry) -> Result<Arc<Membership>
     let value = serde_json::json!({ "name": c.name, "tpgts": c.own_ports() })
         .to_string()
         .into_bytes();
-    let (membership, _, _) = Membership::join_as(etcd.clone(), timing, key, value, &c.name)
-        .await
-        .map_err(|e| format!("cluster {}: cannot join as {}: {e}", c.cluster, c.name))?;
+    // A gateway restarted right after it died finds its old member key still alive until that
+    // lease expires: it waits that long (T and etcd's lease check), no longer.
+    let started = std::time::Instant::now();
+    let patience = c.lease_ttl + Duration::from_secs(2);
+    let membership = loop {
+        match Membership::join_as(etcd.clone(), timing, key.clone(), value.clone(), &c.name).await {
+            Ok((m, _, _)) => break m,
+            Err(e @ crate::cluster::JoinError::NameInUse(..)) if started.elapsed() < patience => {
+                tracing::warn!(gateway = %c.name, error = %e, "cluster: waiting for the previous incarnation's lease to expire");
+                tokio::time::sleep(c.keepalive_interval).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cluster {}: cannot join as {}: {e}",
+                    c.cluster, c.name
+                ));
+            }
+        }
+    };
     let membership = Arc::new(membership);
     let gcfg = GatewayConfig {
         id: me,
