@@ -247,6 +247,7 @@ pub struct Gateway {
     /// Watch position: every event up to here has been applied.
     applied: Revision,
     acked_applied: Revision,
+    acked_drained: Revision,
     members: BTreeMap<GatewayId, Member>,
     deadline: Time,
     next_keepalive: Time,
@@ -293,6 +294,7 @@ impl Gateway {
             pr_rev: 0,
             applied: 0,
             acked_applied: 0,
+            acked_drained: 0,
             members: BTreeMap::new(),
             deadline,
             next_keepalive,
@@ -317,10 +319,14 @@ impl Gateway {
     /// A gateway that joins from a snapshot of the store read at `revision` (scale-out.md
     /// §2.5 "Join"): `snapshot` holds every live key of the LU and of the members as a PUT at
     /// its mod revision. Feed it the watch from `revision + 1`. Its first output installs the
-    /// record's state; it acknowledges that state as applied and drained (no local task
-    /// predates the join). A member deleted just before the snapshot is no longer visible, so
-    /// no operation completes until `Δ(1+ρ)` after `granted_at`, the wait the completion rule
-    /// would have given such a gateway.
+    /// record's state.
+    ///
+    /// For `Δ(1+ρ)` after `granted_at` it completes no operation and acknowledges nothing
+    /// (no `applied`, no `drained`). A member deleted just before the snapshot, this
+    /// gateway's own earlier incarnation included, may still have writes in flight for up to
+    /// Δ after its DELETE, and a joined member with its id resets the others' wait for it.
+    /// Withholding the acknowledgements makes every operation committed meanwhile wait at least
+    /// that long anywhere. The simulation's restarts check this (`sim.rs`, I2).
     pub fn join(
         cfg: GatewayConfig,
         lease: LeaseId,
@@ -366,12 +372,9 @@ impl Gateway {
             revision: g.pr_rev,
             state: g.state.clone(),
         });
-        if g.pr_rev > 0 {
-            g.acked_applied = g.pr_rev;
-            g.drained = g.pr_rev;
-            g.requests.push_back(Request::PutApplied(g.pr_rev));
-            g.requests.push_back(Request::PutDrained(g.pr_rev));
-        }
+        // No local task predates the join, so everything up to the record is drained here.
+        // Both acknowledgements wait until `hold_until` (see `flush_acks`).
+        g.drained = g.pr_rev;
         g
     }
 
@@ -476,10 +479,6 @@ impl Gateway {
                 for ev in &events {
                     self.apply_event(now, ev);
                 }
-                if self.pr_rev > self.acked_applied && !self.lease_lost {
-                    self.acked_applied = self.pr_rev;
-                    self.requests.push_back(Request::PutApplied(self.pr_rev));
-                }
             }
             Event::Txn { attempt, result } => self.txn_result(attempt, result),
             Event::KeepAlive { sent_at, ok } => {
@@ -505,9 +504,26 @@ impl Gateway {
                 self.update_drained();
             }
         }
+        self.flush_acks(now);
         self.check_deadline(now);
         self.try_unfence(now);
         self.step(now);
+    }
+
+    /// Acknowledge what is applied and drained, once per change and not before `hold_until`
+    /// (once per watch batch: `handle` calls it after the whole batch).
+    fn flush_acks(&mut self, now: Time) {
+        if self.lease_lost || now < self.hold_until {
+            return;
+        }
+        if self.pr_rev > self.acked_applied {
+            self.acked_applied = self.pr_rev;
+            self.requests.push_back(Request::PutApplied(self.pr_rev));
+        }
+        if self.drained > self.acked_drained {
+            self.acked_drained = self.drained;
+            self.requests.push_back(Request::PutDrained(self.drained));
+        }
     }
 
     /// The instant [`Gateway::handle_timeout`] must be called at, if any.
@@ -519,15 +535,15 @@ impl Gateway {
         if !self.fenced {
             t = t.min(self.deadline);
         }
+        if self.hold_until > self.last_now {
+            t = t.min(self.hold_until);
+        }
         if let Some(w) = self.work.front() {
             match w.phase {
                 Phase::Txn { sent_at, .. } => {
                     t = t.min(sent_at.saturating_add(self.cfg.rpc_timeout))
                 }
                 Phase::Wait { .. } => {
-                    if self.hold_until > self.last_now {
-                        t = t.min(self.hold_until);
-                    }
                     let delta = self.cfg.timing.local_lock_delay();
                     let ends = self.members.values().filter_map(|m| m.gone_at);
                     for end in ends.map(|at| at.saturating_add(delta)) {
@@ -553,6 +569,7 @@ impl Gateway {
             self.requests.push_back(Request::KeepAlive { sent_at: now });
             self.next_keepalive = now.saturating_add(self.cfg.timing.settings().keepalive_interval);
         }
+        self.flush_acks(now);
         self.check_deadline(now);
         if let Some(w) = self.work.front() {
             if let Phase::Txn {
@@ -768,9 +785,6 @@ impl Gateway {
         if claim > self.drained {
             self.abort_revs = self.abort_revs.split_off(&claim.saturating_add(1));
             self.drained = claim;
-            if !self.lease_lost {
-                self.requests.push_back(Request::PutDrained(claim));
-            }
         }
     }
 
@@ -1004,8 +1018,8 @@ mod tests {
                 state: state.clone()
             })
         );
-        assert_eq!(g.poll_request(), Some(Request::PutApplied(5)));
-        assert_eq!(g.poll_request(), Some(Request::PutDrained(5)));
+        // Nothing is acknowledged before Δ(1+ρ) has passed since the grant.
+        assert_eq!(g.poll_request(), None);
         assert_eq!((g.pr_revision(), g.watch_revision()), (5, 7));
 
         // An earlier incarnation's member key deleted at revision 2 is history.
@@ -1065,10 +1079,24 @@ mod tests {
             })
         };
         assert!(!answered(&mut g), "answered before Δ(1+ρ) after the join");
+        let acks = |g: &mut Gateway| {
+            std::iter::from_fn(|| g.poll_request())
+                .filter(|r| matches!(r, Request::PutApplied(_) | Request::PutDrained(_)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            acks(&mut g),
+            vec![],
+            "acknowledged before Δ(1+ρ) after the join"
+        );
         let hold = cfg().timing.local_lock_delay();
         let at = g.poll_timeout().unwrap();
         assert!(at <= t0.saturating_add(hold), "no timer for the hold");
         g.handle_timeout(t0.saturating_add(hold));
         assert!(answered(&mut g));
+        assert_eq!(
+            acks(&mut g),
+            vec![Request::PutApplied(8), Request::PutDrained(5)]
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! the store, which can be partitioned (messages either way are dropped; the watch resumes
 //! from the gateway's position when the link heals), its own clock running at `1 + skew` with
 //! `|skew| ≤ ρ`, and can be stalled (it processes nothing; its clock runs on) or killed (its
-//! lease then expires). Backend I/O already submitted completes even on a killed gateway.
+//! lease then expires), and a killed one restarted: a new process that joins from a snapshot
+//! once its old member key is gone and knows nothing of its old incarnation's writes. Backend
+//! I/O already submitted completes even on a killed gateway.
 //!
 //! The workload: H1 and H2 register with ALL_TG_PT through A and C, H1 takes Write Exclusive –
 //! Registrants Only through A and writes through A; H2 sends PREEMPT AND ABORT through C.
@@ -95,6 +97,10 @@ pub struct Faults {
     pub stalls: Vec<(usize, Time, Time)>,
     /// `(gateway, at)`: the gateway process dies.
     pub kills: Vec<(usize, Time)>,
+    /// `(gateway, at)`: a killed gateway starts again: once its old member key is gone (it
+    /// retries every 500 ms until then) it registers a new lease and member key and joins
+    /// from a snapshot of the store (`Gateway::join`). Messages to the dead process are lost.
+    pub restarts: Vec<(usize, Time)>,
     /// Clock rate error of each gateway, parts per million (negative: slow).
     pub skew_ppm: [i64; N],
 }
@@ -165,7 +171,11 @@ impl SimConfig {
         }
         if rng.chance(200) {
             let g = usize::try_from(rng.range(0, 2)).unwrap_or(A);
-            cfg.faults.kills.push((g, ms(rng.range(200, 10_000))));
+            let at = rng.range(200, 10_000);
+            cfg.faults.kills.push((g, ms(at)));
+            if rng.chance(600) {
+                cfg.faults.restarts.push((g, ms(at + rng.range(100, 9000))));
+            }
         }
         cfg
     }
@@ -184,6 +194,7 @@ enum Msg {
     Land(u64),
     Drained(usize, Revision),
     Kill(usize),
+    Restart(usize),
     Unstall(usize),
     Wake,
 }
@@ -209,6 +220,8 @@ struct Node {
     last_to_kv: Time,
     /// Messages that reached the gateway while it was stalled, in arrival order.
     backlog: Vec<Msg>,
+    /// Which process this is (0, then one more per restart).
+    incarnation: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +240,9 @@ struct HostOp {
 #[derive(Debug, Clone)]
 struct Write {
     gw: usize,
+    /// The gateway process that submitted it (a restart starts a new one, which does not
+    /// know the old one's writes).
+    incarnation: u64,
     nexus: ItNexus,
     land: Time,
 }
@@ -248,6 +264,8 @@ pub struct Stats {
     pub unfences: u64,
     /// Invariant checks performed.
     pub checks: u64,
+    /// Gateways started again after a kill.
+    pub restarts: u64,
 }
 
 /// The simulated cluster. See the module documentation.
@@ -287,6 +305,17 @@ pub struct World {
     max_good_rev: Revision,
 }
 
+fn gateway_config(i: usize, timing: Timing) -> GatewayConfig {
+    GatewayConfig {
+        id: GatewayId(u32::try_from(i).unwrap_or(0)),
+        ports: vec![PORTS[i]],
+        cluster_ports: PORTS.to_vec(),
+        timing,
+        rpc_timeout: Duration::from_millis(800),
+        max_tries: 16,
+    }
+}
+
 fn nexus(host: usize, g: usize) -> ItNexus {
     let name = if host == 0 {
         "iqn.2026-01.test:h1"
@@ -304,21 +333,13 @@ impl World {
     pub fn new(seed: u64, cfg: SimConfig) -> Self {
         let mut kv = Kv::new();
         let mut nodes = Vec::new();
-        for (i, port) in PORTS.iter().enumerate() {
+        for i in 0..N {
             let id = GatewayId(u32::try_from(i).unwrap_or(0));
             let lease = kv.grant(Time::default(), cfg.timing.settings().ttl);
             let rev = kv
                 .put(Time::default(), Key::Member(id), Value::Member, Some(lease))
                 .unwrap_or(0);
-            let gcfg = GatewayConfig {
-                id,
-                ports: vec![*port],
-                cluster_ports: PORTS.to_vec(),
-                timing: cfg.timing,
-                rpc_timeout: Duration::from_millis(800),
-                max_tries: 16,
-            };
-            let gw = Gateway::new(gcfg, lease, Time::default(), rev);
+            let gw = Gateway::new(gateway_config(i, cfg.timing), lease, Time::default(), rev);
             nodes.push(Node {
                 gw,
                 killed: false,
@@ -326,6 +347,7 @@ impl World {
                 last_to_gw: Time::default(),
                 last_to_kv: Time::default(),
                 backlog: Vec::new(),
+                incarnation: 0,
             });
         }
         let op = |host, service_action, ty, param, path| HostOp {
@@ -393,6 +415,9 @@ impl World {
         }
         for (g, at) in w.cfg.faults.kills.clone() {
             w.push(at, Msg::Kill(g));
+        }
+        for (g, at) in w.cfg.faults.restarts.clone() {
+            w.push(at, Msg::Restart(g));
         }
         w.push(ms(10), Msg::HostIssue(0));
         w.push(ms(10), Msg::HostIssue(1));
@@ -565,6 +590,7 @@ impl World {
             Msg::Write => self.write(),
             Msg::Land(id) => self.land(id),
             Msg::Kill(g) => self.nodes[g].killed = true,
+            Msg::Restart(g) => self.restart(g),
             Msg::Unstall(g) => {
                 for msg in std::mem::take(&mut self.nodes[g].backlog) {
                     self.dispatch(msg);
@@ -572,6 +598,73 @@ impl World {
             }
             Msg::Wake => {}
         }
+    }
+
+    /// A killed gateway starts again (see [`Faults::restarts`]).
+    fn restart(&mut self, g: usize) {
+        if !self.nodes[g].killed {
+            return;
+        }
+        let id = GatewayId(u32::try_from(g).unwrap_or(0));
+        if self.kv.get(Key::Member(id)).is_some() {
+            self.push(
+                self.now.saturating_add(Duration::from_millis(500)),
+                Msg::Restart(g),
+            );
+            return;
+        }
+        // Whatever was on its way to the dead process died with it.
+        self.queue.retain(|_, m| match m {
+            Msg::ToGw(x, _) | Msg::Timer(x) | Msg::Drained(x, _) | Msg::Resync(x) => *x != g,
+            Msg::Prout { g: x, .. } => *x != g,
+            _ => true,
+        });
+        let ttl = self.cfg.timing.settings().ttl;
+        let granted_at = self.local(g, self.now);
+        let lease = self.kv.grant(self.now, ttl);
+        let created = self
+            .kv
+            .put(self.now, Key::Member(id), Value::Member, Some(lease))
+            .unwrap_or(0);
+        let mut keys = vec![Key::Pr];
+        for h in 0..N {
+            let hid = GatewayId(u32::try_from(h).unwrap_or(0));
+            keys.extend([Key::Member(hid), Key::Applied(hid), Key::Drained(hid)]);
+        }
+        let snapshot: Vec<crate::kv::Event> = keys
+            .into_iter()
+            .filter_map(|k| {
+                self.kv.get(k).map(|kv| crate::kv::Event {
+                    revision: kv.mod_revision,
+                    key: k,
+                    change: Change::Put {
+                        value: kv.value.clone(),
+                        create_revision: kv.create_revision,
+                    },
+                })
+            })
+            .collect();
+        let head = self.kv.head();
+        let gw = Gateway::join(
+            gateway_config(g, self.cfg.timing),
+            lease,
+            granted_at,
+            created,
+            head,
+            &snapshot,
+        );
+        let incarnation = self.nodes[g].incarnation + 1;
+        self.nodes[g] = Node {
+            gw,
+            killed: false,
+            timer: None,
+            last_to_gw: self.now,
+            last_to_kv: self.now,
+            backlog: Vec::new(),
+            incarnation,
+        };
+        self.stats.restarts += 1;
+        self.after(g);
     }
 
     fn at_kv(&mut self, g: usize, req: Request) {
@@ -685,10 +778,17 @@ impl World {
                 revision,
                 ..
             } => {
+                // This process's own writes: a restarted gateway knows nothing of the ones
+                // its previous incarnation left in flight.
+                let incarnation = self.nodes[g].incarnation;
                 let land = self
                     .writes
                     .values()
-                    .filter(|w| w.gw == g && registrations.iter().any(|r| r.matches(&w.nexus)))
+                    .filter(|w| {
+                        w.gw == g
+                            && w.incarnation == incarnation
+                            && registrations.iter().any(|r| r.matches(&w.nexus))
+                    })
                     .map(|w| w.land)
                     .max()
                     .unwrap_or(self.now)
@@ -846,15 +946,27 @@ impl World {
         for h in 0..N {
             let id = GatewayId(u32::try_from(h).unwrap_or(0));
             let hist = self.kv.history();
-            let created = hist.iter().any(|(_, e)| {
-                e.key == Key::Member(id) && e.revision < r && matches!(e.change, Change::Put { .. })
-            });
-            if !created {
+            // The incarnation of `h` created last before `r` (a restart makes a new one).
+            let Some(created) = hist
+                .iter()
+                .filter(|(_, e)| {
+                    e.key == Key::Member(id)
+                        && e.revision < r
+                        && matches!(e.change, Change::Put { .. })
+                })
+                .map(|(_, e)| e.revision)
+                .last()
+            else {
                 continue;
-            }
+            };
+            // Gone: that incarnation's member key was deleted at least Δ ago. A later one,
+            // created after `r`, owes nothing for `r`; writes of an earlier one still in
+            // flight count as `undrained` below.
             let gone = hist
                 .iter()
-                .find(|(_, e)| e.key == Key::Member(id) && e.change == Change::Delete)
+                .find(|(_, e)| {
+                    e.key == Key::Member(id) && e.revision > created && e.change == Change::Delete
+                })
                 .is_some_and(|(at, _)| self.now >= at.saturating_add(delta));
             if gone {
                 continue;
@@ -918,6 +1030,7 @@ impl World {
             wid,
             Write {
                 gw: A,
+                incarnation: self.nodes[A].incarnation,
                 nexus: it,
                 land,
             },
@@ -960,6 +1073,7 @@ pub fn sweep(seeds: std::ops::Range<u64>, timing: Timing) -> (Vec<String>, Stats
         total.fences += s.fences;
         total.unfences += s.unfences;
         total.checks += s.checks;
+        total.restarts += s.restarts;
     }
     (all, total)
 }

@@ -1,5 +1,5 @@
-//! Scripted scenarios (scale-out.md §5 S1, S4, S6, a kill) and the seeded sweep with its
-//! negative control, over `ironlun_cluster::sim`.
+//! Scripted scenarios (scale-out.md §5 S1, S4, S6, a kill, a restart) and the seeded sweep
+//! with its negative controls, over `ironlun_cluster::sim`.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use ironlun_cluster::gateway::Answer;
@@ -177,4 +177,32 @@ fn negative_control_latency_beyond_the_budget_is_caught() {
         found += w.violations.len();
     }
     assert!(found > 0);
+}
+
+/// A writer gateway cut off from the store keeps writing until its deadline, dies just
+/// before it and is restarted at once: its new incarnation joins as soon as the old lease has
+/// expired. The old incarnation's last writes can land up to Δ after that expiry, so the
+/// newcomer's acknowledgements must not let a PREEMPT AND ABORT through C complete before
+/// then (`Gateway::join` withholds them for Δ(1+ρ)). I2/I3 would report such a write.
+#[test]
+fn a_restarted_gateway_does_not_shorten_the_wait_for_its_old_incarnations_writes() {
+    let mut cfg = SimConfig::quiet(timing());
+    // A: last renewal sent at 0 (the next, at 1 s, is lost), deadline 4.45 s.
+    cfg.faults.partitions.push((A, ms(999), ms(4400)));
+    cfg.faults.kills.push((A, ms(4400)));
+    cfg.faults.restarts.push((A, ms(4400)));
+    cfg.preempt_at = ms(5600);
+    cfg.end = ms(20_000);
+    let w = run(11, cfg);
+    assert_eq!(w.stats.restarts, 1, "A did not restart");
+    let good = w.preempt_good.expect("PREEMPT AND ABORT answered");
+    let last = w.landed.iter().map(|(t, _)| *t).max().unwrap();
+    assert!(
+        last > ms(5000),
+        "no write of the old A landed after its lease expired: {last:?}"
+    );
+    assert!(
+        good > last,
+        "GOOD at {good:?}, a write of A landed at {last:?}"
+    );
 }
