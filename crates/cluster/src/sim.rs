@@ -949,13 +949,13 @@ impl World {
             // The incarnation of `h` created last before `r` (a restart makes a new one).
             let Some(created) = hist
                 .iter()
-                .filter(|(_, e)| {
+                .rev()
+                .find(|(_, e)| {
                     e.key == Key::Member(id)
                         && e.revision < r
                         && matches!(e.change, Change::Put { .. })
                 })
                 .map(|(_, e)| e.revision)
-                .last()
             else {
                 continue;
             };
