@@ -14,6 +14,9 @@
 //! - ALUA: one active/optimized gateway per LU, the others standby (media access NOT READY
 //!   04/0B, PR commands pass), the same RTPG through every gateway; moved by
 //!   `ironlun ctl cluster move`, and by the lowest live gateway when the active one dies.
+//! - Restarts: a gateway restarted right after `kill -9` waits for its old lease, then joins
+//!   with the state; every gateway restarted: the state is kept. A replica whose watch falls
+//!   behind a compaction joins anew from a snapshot.
 
 #![allow(
     clippy::unwrap_used,
@@ -806,4 +809,78 @@ async fn a_killed_gateway_restarts_into_the_same_state_and_a_full_restart_keeps_
     let b = login(gws[1].addrs[0], INIT_V, ISID_V).await;
     assert_eq!(read_keys(&a).await, after, "after a full restart");
     assert_eq!(read_keys(&b).await, after, "after a full restart");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compaction
+
+/// B loses its etcd connections (its proxy is gone) while A commits a change, and the store's
+/// history is compacted past B's watch position meanwhile. When B reaches etcd again its
+/// watch is refused for compaction: its LU stops serving and joins anew from a snapshot
+/// (scale-out.md §5 S9), with A's change, and takes part again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_compaction_joins_anew_from_a_snapshot() {
+    const K1: u64 = 0xc0c1;
+    const K2: u64 = 0xc0c2;
+    let etcd = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun0.img");
+    let spec = Gateways {
+        n: 2,
+        ..gateways(&image, "compact", FAST)
+    };
+    let upstream: std::net::SocketAddr = etcd.endpoints()[0].parse().unwrap();
+    let proxy = Proxy::start(upstream);
+    let via = proxy.addr();
+    let gw_a = builder()
+        .config(&spec.config(0, &etcd.endpoints()))
+        .portals()
+        .start();
+    let gw_b = builder()
+        .config(&spec.config(1, &[via.to_string()]))
+        .portals()
+        .start();
+    let a = login(gw_a.addrs[0], INIT_V, ISID_V).await;
+    let b = login(gw_b.addrs[0], INIT_P, ISID_P).await;
+    prout_good(&a, REGISTER, 0, 0, K1, ALL_TG_PT).await;
+    assert_eq!(read_keys(&b).await.keys, vec![K1]);
+
+    // B's connections to etcd die, A changes the state (its GOOD waits for B), and the
+    // history is compacted to the head.
+    drop(proxy);
+    let change = {
+        let a = a.clone();
+        tokio::spawn(async move { prout(&a, REGISTER, 0, K1, K2, ALL_TG_PT).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = ironlun::etcd::Etcd::new(&etcd.endpoints(), Duration::from_secs(2)).unwrap();
+    let (head, _) = client.get_prefix(b"/").await.unwrap();
+    client.compact(head).await.unwrap();
+    // Back well within B's lease (T 3 s): the same address, a new proxy.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _proxy = Proxy::start_at(via, upstream);
+    let r = tokio::time::timeout(PROMPT, change)
+        .await
+        .expect("A's change hung")
+        .unwrap();
+    assert_eq!(r.status, GOOD, "A's change: {:?}", r.sense_key());
+    let t = Instant::now();
+    loop {
+        let keys = read_keys(&b).await;
+        if keys.keys == vec![K2] {
+            break;
+        }
+        assert!(t.elapsed() < PROMPT, "B never saw A's change: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = gw_b.stderr();
+    assert!(
+        log.contains("history compacted past this replica"),
+        "B did not take the compaction path:\n{log}"
+    );
+    assert!(log.contains("rejoined from a snapshot"), "{log}");
+    // B takes part again: a change through it reaches A.
+    prout_good(&b, REGISTER, 0, 0, 0x0b0b, ALL_TG_PT).await;
+    let keys = read_keys(&a).await;
+    assert!(keys.keys.contains(&0x0b0b), "{keys:?}");
 }

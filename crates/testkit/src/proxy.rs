@@ -25,7 +25,13 @@ pub struct Proxy {
 impl Proxy {
     /// Listen on 127.0.0.1 (a free port) and forward each connection to `upstream`.
     pub fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        Proxy::start_at("127.0.0.1:0".parse().expect("address"), upstream)
+    }
+
+    /// Listen on `listen` (e.g. where a dropped proxy listened, so that its clients come
+    /// back through the new one) and forward each connection to `upstream`.
+    pub fn start_at(listen: SocketAddr, upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind(listen).expect("proxy bind");
         let addr = listener.local_addr().expect("proxy addr");
         let blocked = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
