@@ -8,7 +8,7 @@
 //! `<serial>` the LU's unit serial number in hex):
 //! `P/gw/<gw>` member (under the gateway's lease), `P/lu/<serial>/pr` the record
 //! (`ironlun_cluster::codec`), `P/lu/<serial>/applied/<gw>` and `…/drained/<gw>` the
-//! acknowledgements (under the lease).
+//! acknowledgements (under the lease), `P/lu/<serial>/alua` the active gateway.
 //!
 //! Contract:
 //! - A PR OUT is answered exactly once, through the oneshot it was submitted with.
@@ -69,6 +69,11 @@ impl LuKeys {
             Key::Drained(g) => format!("{}drained/{}", self.lu, g.0),
         }
         .into_bytes()
+    }
+
+    /// `P/lu/<serial>/alua`: the LU's active gateway (`target::cluster::alua`).
+    pub fn alua(&self) -> Vec<u8> {
+        format!("{}alua", self.lu).into_bytes()
     }
 
     /// Which key `bytes` is, if it is one of this LU's or a member key.

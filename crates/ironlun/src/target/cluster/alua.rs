@@ -14,6 +14,7 @@
 //!   multipath moves away. A change raises ASYMMETRIC ACCESS STATE CHANGED on the LU.
 //! - **Watch:** one per gateway over the cluster prefix, for the ALUA keys and the members.
 
+use crate::cluster::replica::LuKeys;
 use crate::etcd::{Compare, Etcd, EtcdError, Event, Op};
 use crate::target::LunHandle;
 use ironlun_cluster::lease::Timing;
@@ -24,10 +25,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-/// The ALUA key of the LU with unit serial number `serial`.
+/// The ALUA key of the LU with unit serial number `serial` (its place among the LU's keys:
+/// [`LuKeys::alua`]).
 pub fn key(prefix: &str, serial: &str) -> Vec<u8> {
-    let hex = ironlun_scsi::pr::persist::hex(serial.as_bytes());
-    format!("{prefix}lu/{hex}/alua").into_bytes()
+    LuKeys::new(prefix, serial).alua()
 }
 
 /// The value naming `gw` active.
