@@ -29,6 +29,7 @@
 use bytes::Bytes;
 use ironlun_initiator::pr;
 use ironlun_initiator::{CommandResult, SenseKey, Session};
+use ironlun_testkit::preempt::{preempt_ua, Victims, PREEMPTOR};
 use ironlun_testkit::{Daemon, EtcdCluster, Gateways, Login, Proxy, PROMPT};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,8 +48,6 @@ const ISID_P: [u8; 6] = [0x80, 0x49, 0x4c, 0x4e, 0x00, 0x0b];
 
 const GOOD: u8 = 0x00;
 const CHECK_CONDITION: u8 = 0x02;
-const RESERVATION_CONFLICT: u8 = 0x18;
-const TASK_ABORTED: u8 = 0x40;
 
 const REGISTER: u8 = 0x00;
 const RESERVE: u8 = 0x01;
@@ -116,46 +115,12 @@ async fn prout_good(s: &Session, sa: u8, ty: u8, rk: u64, sark: u64, flags: u8) 
 // ---------------------------------------------------------------------------------------------
 // PREEMPT AND ABORT across gateways
 
-const WRITERS: u16 = 16;
-const CHUNK_BLOCKS: u32 = 128; // 64 KiB
-const PREEMPTOR: u16 = 0xffff;
-const MAGIC: &[u8; 8] = b"CLTAG\0\0\x01";
-
-fn chunk_lba(writer: u16) -> u64 {
-    u64::from(writer) * u64::from(CHUNK_BLOCKS)
-}
-
-fn tagged(writer: u16, seq: u32) -> Bytes {
-    let mut v = Vec::with_capacity((CHUNK_BLOCKS * BS) as usize);
-    for i in 0..u64::from(CHUNK_BLOCKS) {
-        let mut block = vec![writer as u8; BS as usize];
-        block[..8].copy_from_slice(MAGIC);
-        block[8..10].copy_from_slice(&writer.to_be_bytes());
-        block[10..14].copy_from_slice(&seq.to_be_bytes());
-        block[14..22].copy_from_slice(&(chunk_lba(writer) + i).to_be_bytes());
-        v.extend_from_slice(&block);
-    }
-    Bytes::from(v)
-}
-
-#[derive(Debug)]
-struct Rec {
-    writer: u16,
-    seq: u32,
-    after_good: bool,
-    sent: Instant,
-    done: Instant,
-    status: u8,
-    sense: Option<SenseKey>,
-}
-
-/// REGISTRATIONS PREEMPTED, RESERVATIONS PREEMPTED, COMMANDS CLEARED BY ANOTHER INITIATOR.
-fn preempt_ua(status: u8, sense: Option<SenseKey>) -> bool {
-    status == CHECK_CONDITION
-        && sense.is_some_and(|k| {
-            k.key == 0x06 && matches!((k.asc, k.ascq), (0x2a, 0x03) | (0x2a, 0x05) | (0x2f, 0x00))
-        })
-}
+/// Victim writers on A, each overwriting its own 64 KiB chunk.
+const VICTIMS: Victims = Victims {
+    writers: 16,
+    chunk_blocks: 128,
+    magic: b"CLTAG\0\0\x01",
+};
 
 /// Generation and (key, relative target port or ALL_TG_PT) of every registration, and the
 /// reservation's key and type, as READ FULL STATUS reports them.
@@ -209,47 +174,7 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
     }
 
     let preempted = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let s = victim_a.clone();
-        let preempted = preempted.clone();
-        writers.push(tokio::spawn(async move {
-            let mut recs = Vec::new();
-            let mut seq = 0u32;
-            let mut tries_after = 0;
-            loop {
-                let after_good = preempted.load(Ordering::SeqCst);
-                let sent = Instant::now();
-                let cdb = ironlun_initiator::scsi::write16_cdb(
-                    chunk_lba(w),
-                    CHUNK_BLOCKS,
-                    seq.is_multiple_of(2),
-                );
-                let r = tokio::time::timeout(PROMPT, s.command(LUN0, &cdb, tagged(w, seq), 0))
-                    .await
-                    .unwrap_or_else(|_| panic!("writer {w} seq {seq} hung"))
-                    .unwrap_or_else(|e| panic!("writer {w} seq {seq}: {e}"));
-                let rec = Rec {
-                    writer: w,
-                    seq,
-                    after_good,
-                    sent,
-                    done: Instant::now(),
-                    status: r.status,
-                    sense: r.sense_key(),
-                };
-                let conflict = rec.status == RESERVATION_CONFLICT;
-                recs.push(rec);
-                seq += 1;
-                if after_good {
-                    tries_after += 1;
-                    if conflict || tries_after >= 4 {
-                        return recs;
-                    }
-                }
-            }
-        }));
-    }
+    let writers = VICTIMS.spawn(&victim_a, &preempted);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let sent = Instant::now();
@@ -270,9 +195,16 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
 
     // At once: the preemptor overwrites every block the victim writes, through A (the
     // active gateway; B and C are standby).
-    for w in 0..WRITERS {
-        let cdb = ironlun_initiator::scsi::write16_cdb(chunk_lba(w), CHUNK_BLOCKS, true);
-        let r = past_ua(&preemptor_a, &cdb, tagged(PREEMPTOR, u32::from(w)), 0).await;
+    for w in 0..VICTIMS.writers {
+        let cdb =
+            ironlun_initiator::scsi::write16_cdb(VICTIMS.chunk_lba(w), VICTIMS.chunk_blocks, true);
+        let r = past_ua(
+            &preemptor_a,
+            &cdb,
+            VICTIMS.tagged(PREEMPTOR, u32::from(w)),
+            0,
+        )
+        .await;
         assert_eq!(
             r.status,
             GOOD,
@@ -292,34 +224,7 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let (mut outstanding, mut aborted) = (0, 0);
-    for r in &recs {
-        if r.sent < sent && r.done > sent {
-            outstanding += 1;
-        }
-        if r.status == TASK_ABORTED {
-            aborted += 1;
-        }
-        if r.after_good {
-            assert!(
-                r.status == RESERVATION_CONFLICT || preempt_ua(r.status, r.sense),
-                "victim command on A after GOOD on C: {r:?}"
-            );
-        } else {
-            assert!(
-                matches!(r.status, GOOD | TASK_ABORTED | RESERVATION_CONFLICT)
-                    || preempt_ua(r.status, r.sense),
-                "victim command in flight on A: {r:?}"
-            );
-        }
-    }
-    for w in 0..WRITERS {
-        let last = recs.iter().rfind(|r| r.writer == w).unwrap();
-        assert!(
-            last.after_good && last.status == RESERVATION_CONFLICT,
-            "writer {w} did not end in RESERVATION CONFLICT: {last:?}"
-        );
-    }
+    let (outstanding, aborted) = VICTIMS.check(&recs, sent);
     eprintln!(
         "victim on A: {} commands, {outstanding} outstanding at the PREEMPT AND ABORT on C, {aborted} TASK ABORTED; PREEMPT AND ABORT took {:?}",
         recs.len(),
@@ -332,25 +237,16 @@ async fn preempt_and_abort_through_c_drains_the_writes_in_flight_on_a() {
 
     // Read back: no victim write landed after the preemptor's overwrite.
     let reader_b = login(b, INIT_P, ISID_P).await;
-    for w in 0..WRITERS {
+    for w in 0..VICTIMS.writers {
         let r = past_ua(
             &preemptor_a,
-            &ironlun_initiator::scsi::read16_cdb(chunk_lba(w), CHUNK_BLOCKS),
+            &ironlun_initiator::scsi::read16_cdb(VICTIMS.chunk_lba(w), VICTIMS.chunk_blocks),
             Bytes::new(),
-            CHUNK_BLOCKS * BS,
+            VICTIMS.chunk_blocks * BS,
         )
         .await;
         assert_eq!(r.status, GOOD);
-        for (i, block) in r.data.chunks(BS as usize).enumerate() {
-            let writer = u16::from_be_bytes([block[8], block[9]]);
-            let seq = u32::from_be_bytes([block[10], block[11], block[12], block[13]]);
-            assert!(
-                &block[..8] == MAGIC && writer == PREEMPTOR,
-                "LBA {}: victim writer {writer} seq {seq} landed after the PREEMPT AND ABORT ({:?})",
-                chunk_lba(w) + i as u64,
-                recs.iter().find(|r| r.writer == writer && r.seq == seq)
-            );
-        }
+        VICTIMS.check_read_back(w, &r.data, &recs);
     }
 
     // Unit attentions: the victim's nexus on B learns of the preemption from B; the
@@ -420,7 +316,7 @@ fn writer(s: Session, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Writ
                 (0..8u32)
                     .flat_map(|_| {
                         let mut b = vec![0u8; BS as usize];
-                        b[..8].copy_from_slice(MAGIC);
+                        b[..8].copy_from_slice(VICTIMS.magic);
                         b[10..14].copy_from_slice(&seq.to_be_bytes());
                         b
                     })
@@ -453,7 +349,7 @@ async fn tag_at_0(s: &Session) -> u32 {
     )
     .await;
     assert_eq!(r.status, GOOD, "read: {:?}", r.sense_key());
-    assert_eq!(&r.data[..8], MAGIC);
+    assert_eq!(&r.data[..8], VICTIMS.magic);
     u32::from_be_bytes([r.data[10], r.data[11], r.data[12], r.data[13]])
 }
 

@@ -17,7 +17,8 @@
 
 use bytes::Bytes;
 use ironlun_initiator::pr;
-use ironlun_initiator::{CommandResult, SenseKey, Session};
+use ironlun_initiator::{CommandResult, Session};
+use ironlun_testkit::preempt::{Victims, PREEMPTOR};
 use ironlun_testkit::{Daemon, Login, Refused, PROMPT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,9 +39,7 @@ const ISID_B: [u8; 6] = [0x80, 0x49, 0x4c, 0x4e, 0x00, 0x0b];
 
 // Status bytes (SAM-5 §5.3.1).
 const GOOD: u8 = 0x00;
-const CHECK_CONDITION: u8 = 0x02;
 const RESERVATION_CONFLICT: u8 = 0x18;
-const TASK_ABORTED: u8 = 0x40;
 
 // PERSISTENT RESERVE OUT service actions (SPC-4 §6.16.2 Table 211).
 const REGISTER: u8 = 0x00;
@@ -513,52 +512,13 @@ async fn persist_reservations_always_keeps_state_registered_without_aptpl() {
 // ---------------------------------------------------------------------------------------------
 // (c) PREEMPT AND ABORT with writes in flight
 
-/// Victim writers (commands in flight at once) and the blocks each overwrites again and again.
-const WRITERS: u16 = 32;
-const CHUNK_BLOCKS: u32 = 256; // 128 KiB: above the inline limit, so on the blocking pool
-const PREEMPTOR: u16 = 0xffff;
-const MAGIC: &[u8; 8] = b"PRTAG\0\0\x01";
-
-fn chunk_lba(writer: u16) -> u64 {
-    u64::from(writer) * u64::from(CHUNK_BLOCKS)
-}
-
-/// `CHUNK_BLOCKS` blocks, each starting with MAGIC, the writer id, the sequence number and
-/// its LBA.
-fn tagged(writer: u16, seq: u32) -> Bytes {
-    let mut v = Vec::with_capacity((CHUNK_BLOCKS * BS) as usize);
-    for i in 0..u64::from(CHUNK_BLOCKS) {
-        let mut block = vec![writer as u8; BS as usize];
-        block[..8].copy_from_slice(MAGIC);
-        block[8..10].copy_from_slice(&writer.to_be_bytes());
-        block[10..14].copy_from_slice(&seq.to_be_bytes());
-        block[14..22].copy_from_slice(&(chunk_lba(writer) + i).to_be_bytes());
-        v.extend_from_slice(&block);
-    }
-    Bytes::from(v)
-}
-
-/// One victim command as the victim saw it.
-#[derive(Debug)]
-struct Rec {
-    writer: u16,
-    seq: u32,
-    /// Sent after the PREEMPT AND ABORT had returned GOOD.
-    after_good: bool,
-    sent: Instant,
-    done: Instant,
-    status: u8,
-    sense: Option<SenseKey>,
-}
-
-/// Unit attentions a preempted nexus may see first (SPC-4 §5.13.11.2.4-6): REGISTRATIONS
-/// PREEMPTED, RESERVATIONS PREEMPTED, COMMANDS CLEARED BY ANOTHER INITIATOR.
-fn preempt_ua(r: &Rec) -> bool {
-    r.status == CHECK_CONDITION
-        && r.sense.is_some_and(|k| {
-            k.key == 0x06 && matches!((k.asc, k.ascq), (0x2a, 0x03) | (0x2a, 0x05) | (0x2f, 0x00))
-        })
-}
+/// Victim writers (commands in flight at once), each overwriting its own 128 KiB chunk: above
+/// the inline limit, so on the blocking pool.
+const VICTIMS: Victims = Victims {
+    writers: 32,
+    chunk_blocks: 256,
+    magic: b"PRTAG\0\0\x01",
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
@@ -573,47 +533,7 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
     prout_good(&victim, RESERVE, WERO, KV, 0, 0).await;
 
     let preempted = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let s = victim.clone();
-        let preempted = preempted.clone();
-        writers.push(tokio::spawn(async move {
-            let mut recs = Vec::new();
-            let mut seq = 0u32;
-            let mut tries_after = 0;
-            loop {
-                let after_good = preempted.load(Ordering::SeqCst);
-                let sent = Instant::now();
-                let cdb = ironlun_initiator::scsi::write16_cdb(
-                    chunk_lba(w),
-                    CHUNK_BLOCKS,
-                    seq.is_multiple_of(2),
-                );
-                let r = tokio::time::timeout(PROMPT, s.command(LUN0, &cdb, tagged(w, seq), 0))
-                    .await
-                    .unwrap_or_else(|_| panic!("writer {w} seq {seq} hung"))
-                    .unwrap_or_else(|e| panic!("writer {w} seq {seq}: {e}"));
-                let rec = Rec {
-                    writer: w,
-                    seq,
-                    after_good,
-                    sent,
-                    done: Instant::now(),
-                    status: r.status,
-                    sense: r.sense_key(),
-                };
-                let conflict = rec.status == RESERVATION_CONFLICT;
-                recs.push(rec);
-                seq += 1;
-                if after_good {
-                    tries_after += 1;
-                    if conflict || tries_after >= 4 {
-                        return recs;
-                    }
-                }
-            }
-        }));
-    }
+    let writers = VICTIMS.spawn(&victim, &preempted);
     // Let every writer get going, so that writes are in flight (most on the blocking pool).
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -634,9 +554,10 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
     );
 
     // Straight away: the preemptor (now holder) overwrites every block the victim writes.
-    for w in 0..WRITERS {
-        let cdb = ironlun_initiator::scsi::write16_cdb(chunk_lba(w), CHUNK_BLOCKS, false);
-        let r = past_ua(&preemptor, &cdb, tagged(PREEMPTOR, u32::from(w)), 0).await;
+    for w in 0..VICTIMS.writers {
+        let cdb =
+            ironlun_initiator::scsi::write16_cdb(VICTIMS.chunk_lba(w), VICTIMS.chunk_blocks, false);
+        let r = past_ua(&preemptor, &cdb, VICTIMS.tagged(PREEMPTOR, u32::from(w)), 0).await;
         assert_eq!(r.status, GOOD, "preemptor write {w}: {:?}", r.sense_key());
     }
 
@@ -653,34 +574,7 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
 
     // Completions: in-flight ones GOOD, TASK ABORTED or RESERVATION CONFLICT (or the preempt
     // unit attention); after GOOD never GOOD, and each writer ends in RESERVATION CONFLICT.
-    let mut outstanding = 0;
-    let mut aborted = 0;
-    for r in &recs {
-        if r.sent < sent && r.done > sent {
-            outstanding += 1;
-        }
-        if r.status == TASK_ABORTED {
-            aborted += 1;
-        }
-        if r.after_good {
-            assert!(
-                r.status == RESERVATION_CONFLICT || preempt_ua(r),
-                "victim command after GOOD: {r:?}"
-            );
-        } else {
-            assert!(
-                matches!(r.status, GOOD | TASK_ABORTED | RESERVATION_CONFLICT) || preempt_ua(r),
-                "victim command in flight: {r:?}"
-            );
-        }
-    }
-    for w in 0..WRITERS {
-        let last = recs.iter().rfind(|r| r.writer == w).unwrap();
-        assert!(
-            last.after_good && last.status == RESERVATION_CONFLICT,
-            "writer {w} did not end in RESERVATION CONFLICT: {last:?}"
-        );
-    }
+    let (outstanding, aborted) = VICTIMS.check(&recs, sent);
     eprintln!(
         "victim: {} commands, {outstanding} outstanding at the PREEMPT AND ABORT, {aborted} TASK ABORTED; PREEMPT took {:?}",
         recs.len(),
@@ -692,25 +586,16 @@ async fn preempt_and_abort_leaves_no_write_of_the_preempted_nexus_behind() {
     );
 
     // No victim write landed after the preemptor's overwrite.
-    for w in 0..WRITERS {
+    for w in 0..VICTIMS.writers {
         let r = past_ua(
             &preemptor,
-            &ironlun_initiator::scsi::read16_cdb(chunk_lba(w), CHUNK_BLOCKS),
+            &ironlun_initiator::scsi::read16_cdb(VICTIMS.chunk_lba(w), VICTIMS.chunk_blocks),
             Bytes::new(),
-            CHUNK_BLOCKS * BS,
+            VICTIMS.chunk_blocks * BS,
         )
         .await;
         assert_eq!(r.status, GOOD);
-        for (i, block) in r.data.chunks(BS as usize).enumerate() {
-            let writer = u16::from_be_bytes([block[8], block[9]]);
-            let seq = be32(&block[10..]);
-            assert!(
-                &block[..8] == MAGIC && writer == PREEMPTOR,
-                "LBA {}: a write of victim writer {writer} seq {seq} landed after the PREEMPT AND ABORT ({:?})",
-                chunk_lba(w) + i as u64,
-                recs.iter().find(|r| r.writer == writer && r.seq == seq)
-            );
-        }
+        VICTIMS.check_read_back(w, &r.data, &recs);
     }
     drop(d);
 }

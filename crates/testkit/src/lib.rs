@@ -6,7 +6,8 @@
 //!   (`Binary::new(env!("CARGO_BIN_EXE_ironlun"))`) or the release build ([`Binary::release`]).
 //! - [`Login`]: log in with `ironlun_initiator` and clear the power-on unit attention
 //!   ([`clear_ua`] on a session already there); [`past_ua`]: a command past unit attentions.
-//! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test.
+//! - [`pattern`], [`tagged`], [`BackgroundIo`]: data to write, and I/O that runs for a whole test;
+//!   [`preempt::Victims`]: the victim writers of a PREEMPT AND ABORT test and their checks.
 //! - [`Scratch`]: a directory for `ironlun migrate` runs: journal, hook log, killing hooks.
 //! - [`AdminStream`], [`parse_http_response`]: hand-written admin API requests.
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
@@ -31,6 +32,7 @@ mod etcd;
 mod gateways;
 mod io;
 mod login;
+pub mod preempt;
 mod proxy;
 mod scratch;
 mod tools;
