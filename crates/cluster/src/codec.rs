@@ -8,6 +8,11 @@
 //! id <gateway> <seq>
 //! op prout <rtpi> <ISID, 12 hex> <service action> <scope> <type> <parameter list, hex> <initiator name>
 //! op gone <gateway>                      (instead of the prout line)
+//! op owner <step> <epoch> <host> [<to>]   (an ownership step: set, clear, prepare, fence,
+//!                                          commit, abort, unfence; all but set, clear and
+//!                                          fence name both hosts)
+//! handover idle | handover prepared|fenced <epoch> <from> <to>
+//! aborted - | aborted <epoch>,<epoch>,…    (aborted handover epochs, refused for good)
 //! <the state in the APTPL file format of ironlun_scsi::pr::persist, with its own CRC32C>
 //! ```
 //!
@@ -18,12 +23,14 @@
 
 use crate::op::{Op, OpId, Record};
 use crate::{GatewayId, Revision};
+use ironlun_scsi::pr::ownership::{self, Handover, OwnershipOp};
 use ironlun_scsi::pr::persist::{self, hex, unhex};
 use ironlun_scsi::pr::{InitiatorPort, ItNexus, MAX_NAME_LEN};
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// First line of a record.
-pub const MAGIC: &str = "ironlun-cluster-record 1";
+pub const MAGIC: &str = "ironlun-cluster-record 2";
 
 /// Largest record accepted: etcd's own request limit (1.5 MiB) rounded up.
 pub const MAX_RECORD: usize = 2 << 20;
@@ -70,6 +77,21 @@ pub fn encode_record(rec: &Record, serial: &str) -> Vec<u8> {
             it.initiator.name()
         )),
         Op::GatewayGone { gateway } => s.push_str(&format!("op gone {}\n", gateway.0)),
+        Op::Ownership(op) => s.push_str(&owner_line(op)),
+    }
+    s.push_str(&match rec.state.handover() {
+        Handover::Idle => "handover idle\n".to_string(),
+        Handover::Prepared { from, to, epoch } => {
+            format!("handover prepared {epoch} {from} {to}\n")
+        }
+        Handover::Fenced { from, to, epoch } => format!("handover fenced {epoch} {from} {to}\n"),
+    });
+    let aborted = rec.state.aborted_epochs();
+    if aborted.is_empty() {
+        s.push_str("aborted -\n");
+    } else {
+        let list: Vec<String> = aborted.iter().map(u64::to_string).collect();
+        s.push_str(&format!("aborted {}\n", list.join(",")));
     }
     let mut out = s.into_bytes();
     out.extend_from_slice(&persist::encode(&rec.state, serial));
@@ -84,7 +106,7 @@ pub fn decode_record(bytes: &[u8], serial: &str) -> Result<Record, CodecError> {
             bytes.len()
         ));
     }
-    let mut lines = bytes.splitn(4, |&b| b == b'\n');
+    let mut lines = bytes.splitn(6, |&b| b == b'\n');
     let mut line = |what: &str| -> Result<&str, CodecError> {
         lines
             .next()
@@ -108,14 +130,125 @@ pub fn decode_record(bytes: &[u8], serial: &str) -> Result<Record, CodecError> {
     };
     let op_line = line("op")?;
     let op = decode_op(op_line)?;
+    let handover = decode_handover(line("handover")?)?;
+    let aborted = decode_aborted(line("aborted")?)?;
     let rest = lines.next().unwrap_or_default();
-    let state = persist::decode(rest, serial).or_else(|e| bad(format!("state: {e}")))?;
+    let mut state = persist::decode(rest, serial).or_else(|e| bad(format!("state: {e}")))?;
+    state.set_handover(handover, aborted);
     Ok(Record { state, op, id })
+}
+
+fn owner_line(op: &OwnershipOp) -> String {
+    match op {
+        OwnershipOp::SetOwner { host, epoch } => format!("op owner set {epoch} {host}\n"),
+        OwnershipOp::ClearOwner { host, epoch } => format!("op owner clear {epoch} {host}\n"),
+        OwnershipOp::Prepare { from, to, epoch } => {
+            format!("op owner prepare {epoch} {from} {to}\n")
+        }
+        OwnershipOp::Fence { from, epoch } => format!("op owner fence {epoch} {from}\n"),
+        OwnershipOp::Commit { from, to, epoch } => {
+            format!("op owner commit {epoch} {from} {to}\n")
+        }
+        OwnershipOp::Abort { from, to, epoch } => format!("op owner abort {epoch} {from} {to}\n"),
+        OwnershipOp::Unfence { from, to, epoch } => {
+            format!("op owner unfence {epoch} {from} {to}\n")
+        }
+    }
+}
+
+/// A host name as [`ownership::host_name`] leaves it (already lower-cased).
+fn host(v: &str) -> Result<String, CodecError> {
+    match ownership::host_name(v) {
+        Ok(h) if h == v => Ok(h),
+        _ => bad(format!("host name {:?}", v.get(..80).unwrap_or(v))),
+    }
+}
+
+fn epoch(v: &str) -> Result<u64, CodecError> {
+    v.parse().or_else(|_| bad(format!("epoch {v:?}")))
+}
+
+fn decode_handover(line: &str) -> Result<Handover, CodecError> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    match fields.as_slice() {
+        ["handover", "idle"] => Ok(Handover::Idle),
+        ["handover", "prepared", e, from, to] => Ok(Handover::Prepared {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        }),
+        ["handover", "fenced", e, from, to] => Ok(Handover::Fenced {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        }),
+        _ => bad(format!(
+            "handover line {:?}",
+            line.get(..80).unwrap_or(line)
+        )),
+    }
+}
+
+fn decode_aborted(line: &str) -> Result<BTreeSet<u64>, CodecError> {
+    match line.strip_prefix("aborted ") {
+        Some("-") => Ok(BTreeSet::new()),
+        Some(list) => {
+            let set = list
+                .split(',')
+                .map(epoch)
+                .collect::<Result<BTreeSet<u64>, _>>()?;
+            if set.len() > ownership::MAX_ABORTED {
+                return bad("aborted: too many epochs");
+            }
+            Ok(set)
+        }
+        None => bad(format!("aborted line {:?}", line.get(..80).unwrap_or(line))),
+    }
+}
+
+fn decode_owner(fields: &[&str]) -> Result<Op, CodecError> {
+    let op = match fields {
+        ["set", e, h] => OwnershipOp::SetOwner {
+            host: host(h)?,
+            epoch: epoch(e)?,
+        },
+        ["clear", e, h] => OwnershipOp::ClearOwner {
+            host: host(h)?,
+            epoch: epoch(e)?,
+        },
+        ["prepare", e, from, to] => OwnershipOp::Prepare {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        ["fence", e, from] => OwnershipOp::Fence {
+            from: host(from)?,
+            epoch: epoch(e)?,
+        },
+        ["commit", e, from, to] => OwnershipOp::Commit {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        ["abort", e, from, to] => OwnershipOp::Abort {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        ["unfence", e, from, to] => OwnershipOp::Unfence {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        _ => return bad("op owner: unknown step or fields"),
+    };
+    Ok(Op::Ownership(op))
 }
 
 fn decode_op(line: &str) -> Result<Op, CodecError> {
     let fields: Vec<&str> = line.split(' ').collect();
     match fields.as_slice() {
+        ["op", "owner", rest @ ..] => decode_owner(rest),
         ["op", "gone", g] => Ok(Op::GatewayGone {
             gateway: GatewayId(
                 g.parse()
@@ -249,8 +382,87 @@ mod tests {
         );
         let text = String::from_utf8(bytes).unwrap();
         assert!(
-            text.starts_with("ironlun-cluster-record 1\nid 2 7\nop prout 1 400001000001 1 0 5 "),
+            text.starts_with("ironlun-cluster-record 2\nid 2 7\nop prout 1 400001000001 1 0 5 "),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn ownership_steps_and_handover_state_round_trip() {
+        let own = |h: &str| ironlun_scsi::pr::ownership::host_name(h).unwrap();
+        let (s, d) = (own("iqn.test:src"), own("iqn.test:dst"));
+        let mut state = PrState::default();
+        let steps = [
+            OwnershipOp::SetOwner {
+                host: s.clone(),
+                epoch: 1,
+            },
+            OwnershipOp::Prepare {
+                from: s.clone(),
+                to: d.clone(),
+                epoch: 2,
+            },
+            OwnershipOp::Abort {
+                from: s.clone(),
+                to: d.clone(),
+                epoch: 2,
+            },
+            OwnershipOp::Prepare {
+                from: s.clone(),
+                to: d.clone(),
+                epoch: 3,
+            },
+            OwnershipOp::Fence {
+                from: s.clone(),
+                epoch: 3,
+            },
+            OwnershipOp::Commit {
+                from: s.clone(),
+                to: d.clone(),
+                epoch: 3,
+            },
+            OwnershipOp::ClearOwner {
+                host: d.clone(),
+                epoch: 4,
+            },
+        ];
+        for (i, step) in steps.into_iter().enumerate() {
+            let op = Op::Ownership(step);
+            op.apply(&mut state, CTX).unwrap();
+            let rec = Record {
+                state: state.clone(),
+                op,
+                id: OpId {
+                    gateway: GatewayId(1),
+                    seq: i as u64,
+                },
+            };
+            let text = encode_record(&rec, "s");
+            assert_eq!(decode_record(&text, "s").unwrap(), rec, "step {i}");
+            if i == 4 {
+                let t = String::from_utf8(text).unwrap();
+                assert!(
+                    t.contains("op owner fence 3 iqn.test:src\nhandover fenced 3 iqn.test:src iqn.test:dst\naborted 2\n"),
+                    "{t}"
+                );
+                for (from, to) in [
+                    ("fence 3 iqn", "fence x iqn"),
+                    ("fenced 3 iqn.test:src", "fenced 3 IQN.test:src"),
+                    ("aborted 2", "aborted 2,,"),
+                ] {
+                    let bent = t.replacen(from, to, 1);
+                    assert!(
+                        decode_record(bent.as_bytes(), "s").is_err(),
+                        "{from} -> {to}"
+                    );
+                }
+            }
+        }
+        assert_eq!(state.owner(), None);
+        assert_eq!(state.epoch(), 4);
+        assert!(
+            state.aborted_epochs().is_empty(),
+            "epoch 4 made epoch 2 stale"
         );
     }
 
@@ -286,7 +498,9 @@ mod tests {
         );
         let text = String::from_utf8(good.clone()).unwrap();
         for (from, to) in [
-            ("ironlun-cluster-record 1", "ironlun-cluster-record 2"),
+            ("ironlun-cluster-record 2", "ironlun-cluster-record 1"),
+            ("handover idle", "handover busy"),
+            ("aborted -", "aborted x"),
             ("id 2 7", "id x 7"),
             ("op prout 1 ", "op prout 0 "),
             ("op prout 1 400001000001", "op prout 1 4000"),

@@ -33,9 +33,10 @@
 
 use crate::kv::{self, Change, Key, LeaseId, Value};
 use crate::lease::Timing;
-use crate::op::{Op, OpId, Record};
+use crate::op::{Applied, Op, OpError, OpId, Record};
 use crate::{GatewayId, Revision, Time};
-use ironlun_scsi::pr::{Effects, ItNexus, OutRequest, PrContext, PrError, PrState, Registration};
+use ironlun_scsi::pr::ownership::{OwnershipError, OwnershipOp, TaskPick};
+use ironlun_scsi::pr::{ItNexus, OutRequest, PrContext, PrError, PrState, Registration};
 use ironlun_scsi::sense::SenseReason;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -60,13 +61,15 @@ pub struct GatewayConfig {
     pub max_tries: u32,
 }
 
-/// How a PERSISTENT RESERVE OUT ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a PERSISTENT RESERVE OUT (or an ownership step) ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// GOOD status.
     Good,
     /// RESERVATION CONFLICT or CHECK CONDITION, as `PrState::prout` decided.
     Failed(PrError),
+    /// The ownership step was refused, as `PrState::ownership` decided.
+    Refused(OwnershipError),
     /// CHECK CONDITION, NOT READY, 04h/0Ah (asymmetric access state transition): the gateway
     /// is fenced; the initiator retries on another path. The op may or may not be committed.
     NotReady,
@@ -80,7 +83,7 @@ impl Answer {
 }
 
 /// What [`Gateway::prout`] decided without the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submit {
     /// Answer now (error, no change, or fenced).
     Immediate(Answer),
@@ -127,7 +130,7 @@ pub enum Request {
         /// This gateway's lease.
         lease: LeaseId,
         /// The new record.
-        record: Record,
+        record: Box<Record>,
     },
     /// Put `applied/<me>` = revision under the lease.
     PutApplied(Revision),
@@ -173,6 +176,23 @@ pub enum Output {
         reason: SenseReason,
         /// The requesting I_T nexus, which gets no condition.
         except: Option<ItNexus>,
+    },
+    /// Abort the tasks these hosts' nexuses have here (an ownership step, §2.7: set_owner
+    /// aborts every other host's, a handover commit the source's), then report
+    /// [`Event::Drained`] for `revision` once their backend I/O has finished.
+    AbortHost {
+        /// Whose tasks.
+        pick: TaskPick,
+        /// The revision that aborted them.
+        revision: Revision,
+    },
+    /// A handover fence (§2.7): report [`Event::Drained`] for `revision` once the tasks of
+    /// `host` in the task set now have finished (they are not aborted).
+    DrainHost {
+        /// The fenced host.
+        host: String,
+        /// The fence's revision.
+        revision: Revision,
     },
     /// Abort the local tasks of these registrations' nexuses (PREEMPT AND ABORT, §2.3), then
     /// report [`Event::Drained`] for `revision` once their backend I/O has finished.
@@ -438,11 +458,26 @@ impl Gateway {
         if self.fenced {
             return Submit::Immediate(Answer::NotReady);
         }
-        let op = Op::prout(it, req);
+        self.submit_op(now, token, Op::prout(it, req))
+    }
+
+    /// A target-managed ownership or handover step (§2.7), decided as a PR OUT is: refusals
+    /// and retries of the last decision from the local replica, changes through the store.
+    /// `op`'s host names must be normalized (`OwnershipOp::normalized`).
+    pub fn ownership(&mut self, now: Time, token: Token, op: OwnershipOp) -> Submit {
+        self.last_now = self.last_now.max(now);
+        self.check_deadline(now);
+        if self.fenced {
+            return Submit::Immediate(Answer::NotReady);
+        }
+        self.submit_op(now, token, Op::Ownership(op))
+    }
+
+    fn submit_op(&mut self, now: Time, token: Token, op: Op) -> Submit {
         if self.work.is_empty() {
             let mut next = self.state.clone();
             match op.apply(&mut next, self.ctx()) {
-                Err(e) => return Submit::Immediate(Answer::Failed(e)),
+                Err(e) => return Submit::Immediate(answer(e)),
                 Ok(fx) if no_change(&self.state, &next, &fx) => {
                     return Submit::Immediate(Answer::Good)
                 }
@@ -452,6 +487,13 @@ impl Gateway {
         self.enqueue(Some(token), op);
         self.step(now);
         Submit::Pending
+    }
+
+    /// Whether every gateway has drained what the revision `r` asked of it (a fence's tasks,
+    /// an abort's), or is gone and Δ has passed: [`Output::DrainHost`]'s completion, waited
+    /// for by a handover within its deadline.
+    pub fn drained_everywhere(&self, now: Time, r: Revision) -> bool {
+        self.complete(now, r, true)
     }
 
     fn enqueue(&mut self, token: Option<Token>, op: Op) {
@@ -712,12 +754,12 @@ impl Gateway {
     /// `apply(r)` (§2.2): replay, compare, raise local UAs, abort local tasks.
     fn apply_record(&mut self, r: Revision, rec: &Record) {
         let mut next = self.state.clone();
-        let fx = rec.op.apply(&mut next, self.ctx());
-        let fx = match fx {
-            Ok(fx) if next == rec.state => fx,
+        let applied = rec.op.apply(&mut next, self.ctx());
+        let Applied { fx, abort, drain } = match applied {
+            Ok(a) if next == rec.state => a,
             _ => {
                 self.outputs.push_back(Output::Diverged { revision: r });
-                Effects::default()
+                Applied::default()
             }
         };
         self.state = rec.state.clone();
@@ -732,6 +774,7 @@ impl Gateway {
                 self.gone_recorded.insert(*gateway);
                 None
             }
+            Op::Ownership(_) => None,
         };
         for (registration, reason) in fx.ua {
             if self.serves(&registration) {
@@ -756,6 +799,20 @@ impl Gateway {
                     revision: r,
                     from: requester,
                 });
+            }
+            self.update_drained();
+        }
+        // Ownership steps name hosts, which may have nexuses on any gateway: every gateway
+        // looks for their tasks.
+        if abort.is_some() || drain.is_some() {
+            self.abort_revs.insert(r);
+            self.pending_drains.insert(r);
+            if let Some(pick) = abort {
+                self.outputs
+                    .push_back(Output::AbortHost { pick, revision: r });
+            } else if let Some(host) = drain {
+                self.outputs
+                    .push_back(Output::DrainHost { host, revision: r });
             }
             self.update_drained();
         }
@@ -875,7 +932,7 @@ impl Gateway {
         }
         let mut next = self.state.clone();
         let fx = match w.op.apply(&mut next, self.ctx()) {
-            Err(e) => return self.finish(Answer::Failed(e)),
+            Err(e) => return self.finish(answer(e)),
             Ok(fx) => fx,
         };
         if !internal && no_change(&self.state, &next, &fx) {
@@ -889,7 +946,7 @@ impl Gateway {
                 id: w.id,
             };
             w.tries += 1;
-            w.aborts = !fx.aborted.is_empty();
+            w.aborts = fx.aborts();
             w.record = Some(record.clone());
             self.push_txn(expect, record, now);
         }
@@ -911,7 +968,7 @@ impl Gateway {
             attempt,
             expect,
             lease: self.lease,
-            record,
+            record: Box::new(record),
         });
     }
 
@@ -933,8 +990,17 @@ impl Gateway {
 }
 
 /// Whether a dry run changed nothing that anyone else must see (§2.2 step 1 "no change").
-fn no_change(before: &PrState, after: &PrState, fx: &Effects) -> bool {
-    before == after && fx.ua.is_empty() && fx.aborted.is_empty()
+/// A repeated fence changes nothing: its drain was asked for when it was recorded.
+fn no_change(before: &PrState, after: &PrState, a: &Applied) -> bool {
+    before == after && a.fx.ua.is_empty() && a.fx.aborted.is_empty() && a.abort.is_none()
+}
+
+/// The answer to an operation that failed.
+fn answer(e: OpError) -> Answer {
+    match e {
+        OpError::Pr(e) => Answer::Failed(e),
+        OpError::Ownership(e) => Answer::Refused(e),
+    }
 }
 
 #[cfg(test)]
@@ -1062,7 +1128,7 @@ mod tests {
         g.handle(
             t0,
             Event::Watch(vec![
-                put(8, Key::Pr, Value::Record(Box::new(record)), 4),
+                put(8, Key::Pr, Value::Record(record), 4),
                 put(9, Key::Applied(GatewayId(2)), Value::Revision(8), 4),
             ]),
         );

@@ -7,7 +7,9 @@
 //! compares the result with the stored state.
 
 use crate::GatewayId;
+use ironlun_scsi::pr::ownership::{Checks, OwnershipError, OwnershipOp, TaskPick};
 use ironlun_scsi::pr::{Effects, ItNexus, OutRequest, PrContext, PrError, PrState};
+use ironlun_scsi::sense::SenseReason;
 
 /// Identity of one operation: the issuing gateway and its sequence number.
 ///
@@ -51,6 +53,39 @@ pub enum Op {
         /// The gateway whose member key was deleted.
         gateway: GatewayId,
     },
+    /// A target-managed ownership or handover step (scale-out.md §2.7), taken through any
+    /// gateway; its host names are normalized (`OwnershipOp::normalized`).
+    Ownership(OwnershipOp),
+}
+
+/// Why an operation changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpError {
+    /// The PERSISTENT RESERVE OUT failed as `PrState::prout` decided.
+    Pr(PrError),
+    /// The ownership step was refused (`PrState::ownership`).
+    Ownership(OwnershipError),
+}
+
+/// What applying an operation did, for every gateway to carry out on its own nexuses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// A PR OUT's unit attentions and PREEMPT AND ABORT's preempted registrations; an
+    /// ownership step's removed registrations as REGISTRATIONS PREEMPTED.
+    pub fx: Effects,
+    /// An ownership step's tasks to abort (on every gateway) before it is reported.
+    pub abort: Option<TaskPick>,
+    /// A fence: the host whose tasks in the task set must finish before the commit.
+    pub drain: Option<String>,
+}
+
+impl Applied {
+    /// Whether every gateway must report `drained` for the operation's revision before it
+    /// completes (PREEMPT AND ABORT, set_owner, commit); a fence's drain is waited for
+    /// separately, within the handover's deadline.
+    pub fn aborts(&self) -> bool {
+        !self.fx.aborted.is_empty() || self.abort.is_some()
+    }
 }
 
 impl Op {
@@ -58,7 +93,7 @@ impl Op {
     /// `ctx.relative_ports` must be the cluster-wide port set (§2.2). A changed state leaves
     /// renumbered (`PrState::renumber`): the form it has after a trip through the store as
     /// bytes ([`crate::codec`]), so replicas compare equal however they got it.
-    pub fn apply(&self, state: &mut PrState, ctx: PrContext<'_>) -> Result<Effects, PrError> {
+    pub fn apply(&self, state: &mut PrState, ctx: PrContext<'_>) -> Result<Applied, OpError> {
         match self {
             Op::Prout {
                 it,
@@ -73,11 +108,36 @@ impl Op {
                     ty: *ty,
                     param,
                 };
-                let fx = state.prout(it, req, ctx)?;
+                let fx = state.prout(it, req, ctx).map_err(OpError::Pr)?;
                 state.renumber();
-                Ok(fx)
+                Ok(Applied {
+                    fx,
+                    ..Applied::default()
+                })
             }
-            Op::GatewayGone { .. } => Ok(Effects::default()),
+            Op::GatewayGone { .. } => Ok(Applied::default()),
+            Op::Ownership(op) => {
+                let own = state
+                    .ownership(op, Checks::REPLAY)
+                    .map_err(OpError::Ownership)?;
+                if own.changed {
+                    state.renumber();
+                }
+                let ua = own
+                    .removed
+                    .into_iter()
+                    .map(|r| (r, SenseReason::RegistrationsPreempted))
+                    .collect();
+                Ok(Applied {
+                    fx: Effects {
+                        ua,
+                        aborted: Vec::new(),
+                        changed: own.changed,
+                    },
+                    abort: own.abort,
+                    drain: own.drain,
+                })
+            }
         }
     }
 
@@ -146,7 +206,7 @@ mod tests {
         let gone = Op::GatewayGone {
             gateway: GatewayId(2),
         };
-        assert_eq!(gone.apply(&mut a, ctx), Ok(Effects::default()));
+        assert_eq!(gone.apply(&mut a, ctx), Ok(Applied::default()));
         assert_eq!(a, b);
     }
 }

@@ -450,7 +450,7 @@ impl World {
 
     /// H1's and H2's PR OUT answers: register H1, register H2, reserve, preempt-and-abort.
     pub fn answers(&self) -> Vec<Option<Answer>> {
-        self.ops.iter().map(|o| o.result).collect()
+        self.ops.iter().map(|o| o.result.clone()).collect()
     }
 
     fn push(&mut self, at: Time, msg: Msg) {
@@ -768,6 +768,12 @@ impl World {
                 revision,
             } => self.respond(g, token, answer, revision),
             Output::State { .. } => {}
+            // The simulated hosts send PR OUTs only; no ownership step is ever recorded.
+            Output::AbortHost { revision, .. } | Output::DrainHost { revision, .. } => {
+                self.violation(format!(
+                    "ownership output at {revision} without an ownership op"
+                ));
+            }
             Output::Ua {
                 registration,
                 reason,
@@ -862,13 +868,13 @@ impl World {
             return;
         };
         self.stats.checks += 1;
-        match (answer, revision) {
+        match (&answer, revision) {
             (Answer::Good, Some(r)) => {
                 self.stats.committed_goods += 1;
                 self.check_committed(g, op, r);
                 self.max_good_rev = self.max_good_rev.max(r);
             }
-            (Answer::Good | Answer::Failed(_), None) => {
+            (Answer::Good | Answer::Failed(_) | Answer::Refused(_), None) => {
                 let rev = self.nodes[g].gw.pr_revision();
                 if rev < self.max_good_rev {
                     self.violation(format!(
@@ -940,7 +946,7 @@ impl World {
             .records
             .get(&r)
             .and_then(|rec| rec.op.apply(&mut state, ctx).ok())
-            .map(|fx| fx.aborted)
+            .map(|a| a.fx.aborted)
             .unwrap_or_default();
         let delta = self.cfg.timing.settings().lock_delay;
         for h in 0..N {

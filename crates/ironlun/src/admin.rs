@@ -442,8 +442,9 @@ pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
             OwnershipError::AlreadyCommitted(_) => (409, "committed"),
             OwnershipError::ForeignRegistrations(_) => (409, "foreign_registrations"),
             OwnershipError::Spc2Reserved => (409, "spc2_reserved"),
+            OwnershipError::Aborted(_) => (409, "aborted"),
         },
-        OwnershipOpError::Aborted(_) => (409, "aborted"),
+        OwnershipOpError::Cluster(_) => (503, "cluster_unavailable"),
         OwnershipOpError::DrainTimeout(_) => (409, "drain_timeout"),
         OwnershipOpError::AbortTimeout(_) => (503, "abort_timeout"),
         OwnershipOpError::Flush(_) => (500, "flush_failed"),
@@ -587,16 +588,6 @@ pub async fn respond(
             }
             Err(r) => r,
         },
-        // Ownership and handover steps change the PR state outside a PR OUT: in cluster mode
-        // they would change one gateway's replica only, so they are refused until they join
-        // the replicated record (issue 18).
-        Route::Owner { .. } | Route::Handover { .. } if registry.cluster.get().is_some() => {
-            Response::error_code(
-                409,
-                "cluster_mode",
-                "target-managed ownership and handovers are not replicated across gateways yet: refused in cluster mode",
-            )
-        }
         Route::Owner { target, lun } => {
             let (l, req) = match (
                 find_lu(registry, &target, lun),
@@ -1434,7 +1425,16 @@ mod tests {
                 "foreign_registrations",
             ),
             (O::Spc2Reserved.into(), 409, "spc2_reserved"),
-            (OwnershipOpError::Aborted(3), 409, "aborted"),
+            (
+                OwnershipOpError::Ownership(OwnershipError::Aborted(3)),
+                409,
+                "aborted",
+            ),
+            (
+                OwnershipOpError::Cluster("x".into()),
+                503,
+                "cluster_unavailable",
+            ),
             (OwnershipOpError::DrainTimeout(5), 409, "drain_timeout"),
             (OwnershipOpError::AbortTimeout(30), 503, "abort_timeout"),
             (OwnershipOpError::Flush("x".into()), 500, "flush_failed"),

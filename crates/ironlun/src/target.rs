@@ -38,6 +38,7 @@ use ironlun_iscsi::pdu::{TmfFunction, TmfResponse};
 use ironlun_scsi::lu::{
     self, Continuation, IoOp, IoResult, LogicalUnit, LuConfig, NexusId, PrCommit, ResetKind, Step,
 };
+use ironlun_scsi::pr::ownership::{OwnershipError, OwnershipOp};
 use ironlun_scsi::pr::{InitiatorPort, ItNexus, Persist, PrPersistence};
 use ironlun_scsi::sense::SenseReason;
 use std::collections::{BTreeMap, BTreeSet};
@@ -80,9 +81,6 @@ pub struct LunHandle {
     /// Ownership and handover steps of the admin API run one at a time per LU (a commit's
     /// drain wait is not interleaved with an abort of the same LU); never held with `lu`.
     admin_op: tokio::sync::Mutex<()>,
-    /// Handover epochs aborted through the admin API (not persisted): a later commit or
-    /// prepare of one is refused ([`OwnershipOpError::Aborted`]).
-    aborted_epochs: Mutex<BTreeSet<u64>>,
     /// Upper bound on the bytes per second a SANITIZE writes or deallocates (the LUN's
     /// `sanitize_rate`), so that it does not starve the backstore; `None`: unpaced.
     sanitize_rate: Option<u64>,
@@ -138,7 +136,6 @@ impl LunHandle {
             label: String::new(),
             events: Arc::new(EventLog::new(EVENT_CAPACITY)),
             admin_op: tokio::sync::Mutex::new(()),
-            aborted_epochs: Mutex::new(BTreeSet::new()),
             sanitize_rate: None,
             metrics: Arc::default(),
             cluster: std::sync::OnceLock::new(),
@@ -272,7 +269,7 @@ impl LunHandle {
 
     /// Wait until `done` holds for the LU, checked under the LU lock after every resume or
     /// abandon (the same wake-up as [`LunHandle::wait_drained`]).
-    async fn wait_until(&self, done: impl Fn(&LogicalUnit) -> bool) {
+    pub(crate) async fn wait_until(&self, done: impl Fn(&LogicalUnit) -> bool) {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
@@ -1720,8 +1717,8 @@ pub struct CommitOutcome {
 pub enum OwnershipOpError {
     #[error(transparent)]
     Ownership(#[from] ironlun_scsi::pr::ownership::OwnershipError),
-    #[error("the handover with epoch {0} was aborted")]
-    Aborted(u64),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("the source's commands did not finish within {0} ms; the fence is lifted and the source keeps writing")]
     DrainTimeout(u64),
     #[error("aborted commands of the source did not finish their I/O within {0} s; the source stays fenced")]
@@ -1761,43 +1758,15 @@ impl LunHandle {
         self.events.record(&self.label, "pr_out", detail);
     }
 
-    fn is_aborted(&self, epoch: u64) -> bool {
-        self.aborted_epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&epoch)
-    }
-
     /// The lowest epoch a new handover can use: one above both the LU's epoch and every epoch
-    /// aborted on this LU since the daemon started (an aborted epoch is refused for good).
-    /// Saturates at `u64::MAX`, which no step accepts.
+    /// aborted on this LU (an aborted epoch is refused for good; `PrState::next_epoch`).
     pub fn next_epoch(&self) -> u64 {
-        let current = self.lu().pr_snapshot().epoch;
-        let aborted = self
-            .aborted_epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .last()
-            .copied()
-            .unwrap_or(0);
-        current.max(aborted).saturating_add(1)
+        self.lu().pr_state().next_epoch()
     }
 
-    /// Remember that `epoch` was aborted. Epochs at or below the LU's are stale anyway and
-    /// are dropped; at most [`EVENT_CAPACITY`] are kept (the lowest go first).
-    fn mark_aborted(&self, epoch: u64) {
-        let current = self.lu().pr_snapshot().epoch;
-        let mut set = self
-            .aborted_epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        set.retain(|e| *e > current);
-        if epoch > current {
-            set.insert(epoch);
-        }
-        while set.len() > EVENT_CAPACITY {
-            set.pop_first();
-        }
+    /// Whether the LU's PR state is replicated across gateways (cluster mode, issue 18).
+    fn replicated(&self) -> bool {
+        self.cluster.get().is_some()
     }
 
     /// Carry out an ownership step's [`PrCommit`] exactly as a PR OUT's: the persist sequence
@@ -1830,12 +1799,24 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
-        let step = {
-            let mut lu = self.lu();
-            let commit = lu.set_owner(host, epoch)?;
-            self.sequenced(Step::PrCommit(commit))
+        let r = if self.replicated() {
+            if self.pr_snapshot().spc2_holder.is_some() {
+                return Err(OwnershipError::Spc2Reserved.into());
+            }
+            let op = OwnershipOp::SetOwner {
+                host: host.to_string(),
+                epoch,
+            }
+            .normalized()?;
+            cluster::ownership(self, op).await.map(|_| ())
+        } else {
+            let step = {
+                let mut lu = self.lu();
+                let commit = lu.set_owner(host, epoch)?;
+                self.sequenced(Step::PrCommit(commit))
+            };
+            self.carry_out(step).await
         };
-        let r = self.carry_out(step).await;
         let s = self.pr_snapshot();
         self.events.record(
             &self.label,
@@ -1853,10 +1834,17 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
-        if self.is_aborted(epoch) {
-            return Err(OwnershipOpError::Aborted(epoch));
-        }
-        let s = {
+        let s = if self.replicated() {
+            // The destination's sessions may be on any gateway: not checked here.
+            let op = OwnershipOp::Prepare {
+                from: from.to_string(),
+                to: to.to_string(),
+                epoch,
+            }
+            .normalized()?;
+            cluster::ownership(self, op).await?;
+            self.pr_snapshot()
+        } else {
             let mut lu = self.lu();
             lu.handover_prepare(from, to, epoch)?;
             lu.pr_snapshot()
@@ -1879,11 +1867,20 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<(), OwnershipOpError> {
         let _op = self.admin_op.lock().await;
-        if self.is_aborted(epoch) {
+        if self.lu().pr_state().aborted_epochs().contains(&epoch) {
             return Ok(());
         }
-        self.lu().handover_abort(from, to, epoch)?;
-        self.mark_aborted(epoch);
+        if self.replicated() {
+            let op = OwnershipOp::Abort {
+                from: from.to_string(),
+                to: to.to_string(),
+                epoch,
+            }
+            .normalized()?;
+            cluster::ownership(self, op).await?;
+        } else {
+            self.lu().handover_abort(from, to, epoch)?;
+        }
         self.events.record(
             &self.label,
             "handover_abort",
@@ -1907,8 +1904,13 @@ impl LunHandle {
     ) -> Result<CommitOutcome, OwnershipOpError> {
         use ironlun_scsi::pr::ownership::{host_name, Handover};
         let _op = self.admin_op.lock().await;
-        if self.is_aborted(epoch) {
-            return Err(OwnershipOpError::Aborted(epoch));
+        if self.lu().pr_state().aborted_epochs().contains(&epoch) {
+            return Err(OwnershipError::Aborted(epoch).into());
+        }
+        if self.replicated() {
+            return self
+                .replicated_commit(from, to, epoch, deadline, on_deadline)
+                .await;
         }
         let start = std::time::Instant::now();
         let to_host = host_name(to)?;
@@ -1950,7 +1952,7 @@ impl LunHandle {
         if !in_time {
             match on_deadline {
                 OnDeadline::Refuse => {
-                    self.lu().handover_abort(from, to, epoch)?;
+                    self.lu().handover_unfence(from, to, epoch)?;
                     let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
                     self.events.record(
                         &self.label,
@@ -1972,7 +1974,7 @@ impl LunHandle {
         let drain = micros(t.elapsed());
         let t = std::time::Instant::now();
         if let Err(e) = self.flush().await {
-            self.lu().handover_abort(from, to, epoch)?;
+            self.lu().handover_unfence(from, to, epoch)?;
             return Err(OwnershipOpError::Flush(e));
         }
         let flush = micros(t.elapsed());
@@ -2002,6 +2004,125 @@ impl LunHandle {
             }),
         );
         persisted?;
+        Ok(CommitOutcome {
+            epoch,
+            generation: s.generation,
+            owner: s.owner,
+            steps,
+            aborted_tasks,
+            idempotent: false,
+        })
+    }
+
+    /// [`LunHandle::handover_commit`] on a replicated LU (scale-out.md §2.7), each step one
+    /// record through etcd: the fence (in effect on every gateway), the wait until every
+    /// gateway's tasks of `from` have finished (up to `deadline`, then `on_deadline`), the
+    /// flush of the shared backstore through this gateway, the commit (whose GOOD waits until
+    /// every gateway has applied it and drained `from`'s aborted tasks). The state is durable
+    /// in etcd; there is no state file.
+    async fn replicated_commit(
+        self: &Arc<Self>,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        deadline: std::time::Duration,
+        on_deadline: OnDeadline,
+    ) -> Result<CommitOutcome, OwnershipOpError> {
+        let start = std::time::Instant::now();
+        let (from_host, to_host) = (
+            ironlun_scsi::pr::ownership::host_name(from)?,
+            ironlun_scsi::pr::ownership::host_name(to)?,
+        );
+        let s = self.pr_snapshot();
+        let in_progress = s
+            .handover
+            .parts()
+            .is_some_and(|(_, t, e)| t == to_host && e == epoch);
+        if !in_progress && s.owner.as_deref() == Some(to_host.as_str()) && s.epoch == epoch {
+            return Ok(CommitOutcome {
+                epoch,
+                generation: s.generation,
+                owner: s.owner,
+                steps: CommitSteps {
+                    total: micros(start.elapsed()),
+                    ..CommitSteps::default()
+                },
+                aborted_tasks: 0,
+                idempotent: true,
+            });
+        }
+        let step = |op: OwnershipOp| async move { cluster::ownership(self, op).await };
+        let fenced = step(OwnershipOp::Fence {
+            from: from_host.clone(),
+            epoch,
+        })
+        .await?;
+        let fence = micros(start.elapsed());
+        let t = std::time::Instant::now();
+        let mut aborted_tasks = 0;
+        // A repeated fence (`None`) was drained or is aborted by the commit below.
+        if let Some(r) = fenced {
+            let in_time = tokio::time::timeout(deadline, cluster::fence_drained(self, r))
+                .await
+                .is_ok();
+            if !in_time {
+                match on_deadline {
+                    OnDeadline::Refuse => {
+                        step(OwnershipOp::Unfence {
+                            from: from_host.clone(),
+                            to: to_host.clone(),
+                            epoch,
+                        })
+                        .await?;
+                        let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+                        self.events.record(
+                            &self.label,
+                            "handover_abort",
+                            serde_json::json!({"from": from, "to": to, "epoch": epoch, "reason": "drain_timeout"}),
+                        );
+                        return Err(OwnershipOpError::DrainTimeout(ms));
+                    }
+                    // The commit aborts `from`'s tasks on every gateway and waits for them.
+                    OnDeadline::Abort => aborted_tasks = 1,
+                }
+            }
+        }
+        let drain = micros(t.elapsed());
+        let t = std::time::Instant::now();
+        if let Err(e) = self.flush().await {
+            step(OwnershipOp::Unfence {
+                from: from_host.clone(),
+                to: to_host.clone(),
+                epoch,
+            })
+            .await?;
+            return Err(OwnershipOpError::Flush(e));
+        }
+        let flush = micros(t.elapsed());
+        let t = std::time::Instant::now();
+        step(OwnershipOp::Commit {
+            from: from_host,
+            to: to_host,
+            epoch,
+        })
+        .await?;
+        let transfer = micros(t.elapsed());
+        let steps = CommitSteps {
+            fence,
+            drain,
+            flush,
+            transfer,
+            total: micros(start.elapsed()),
+        };
+        let s = self.pr_snapshot();
+        self.events.record(
+            &self.label,
+            "handover_commit",
+            serde_json::json!({
+                "from": from, "to": to, "epoch": epoch, "generation": s.generation,
+                "steps_us": steps, "aborted_tasks": aborted_tasks, "persisted": true,
+            }),
+        );
         Ok(CommitOutcome {
             epoch,
             generation: s.generation,

@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cdb::{self, Command, Extent};
 use crate::mode::{MediumInfo, ModePages, SenseRequest};
-use crate::pr::ownership::{self, Decision, DrainTicket, Handover, OwnershipError};
+use crate::pr::ownership::{
+    self, Checks, DrainTicket, Handover, OwnershipError, OwnershipOp, TaskPick,
+};
 use crate::pr::{access, ItNexus, Persist, PrError, PrState, Registration};
 use crate::sanitize;
 use crate::sense::{FieldPointer, SenseReason};
@@ -414,8 +416,6 @@ pub struct LogicalUnit {
     wakeup: bool,
     next_task: u64,
     next_ticket: u64,
-    /// Target-side handover of the ownership ([`crate::pr::ownership`]).
-    handover: Handover,
     /// Recent EXTENDED COPY operations for RECEIVE COPY RESULTS ([`crate::xcopy`]).
     copies: crate::xcopy::CopyTable,
     /// Counts LUN RESETs and CLEAR TASK SETs: a copy touching this LU stops when it changes.
@@ -530,7 +530,6 @@ impl LogicalUnit {
             wakeup: false,
             next_task: 0,
             next_ticket: 0,
-            handover: Handover::Idle,
             copies: crate::xcopy::CopyTable::default(),
             abort_epoch: 0,
             aborted_at: None,
@@ -647,7 +646,7 @@ impl LogicalUnit {
     /// The LU's reservation state, for `ironlun ctl reservations`.
     pub fn pr_snapshot(&self) -> crate::pr::PrSnapshot {
         let mut snap = self.pr.snapshot();
-        snap.handover = self.handover.clone();
+        snap.handover = self.pr.handover.clone();
         snap.spc2_holder = self
             .spc2
             .and_then(|id| self.identities.get(&id))
@@ -2450,80 +2449,48 @@ impl LogicalUnit {
     /// SPC-2 reservation. A retry of the same decision succeeds without change (and asks to
     /// persist the state again, in case the first write failed).
     pub fn set_owner(&mut self, host: &str, epoch: u64) -> Result<PrCommit, OwnershipError> {
-        let host = ownership::host_name(host)?;
-        if self.handover != Handover::Idle {
-            return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
-        }
-        if self.pr.decide(epoch, Some(&host))? == Decision::Retry {
-            return Ok(self.ownership_commit(None));
-        }
-        let foreign = self.pr.foreign_hosts(&host);
-        if !foreign.is_empty() {
-            return Err(OwnershipError::ForeignRegistrations(foreign));
-        }
-        if self.spc2.is_some() {
-            return Err(OwnershipError::Spc2Reserved);
-        }
-        let abort = self.abort_tasks_where(|name| name != host);
-        let removed = self.pr.install_owner(&host, epoch);
-        Ok(self.after_ownership_change(&removed, abort))
+        let op = OwnershipOp::SetOwner {
+            host: host.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, None)
     }
 
     /// End target-managed ownership of `host` at `epoch`: its registration and reservation
     /// go (2Ah/05h to its nexuses), PR OUT is accepted again, and with no reservation every
     /// host may write. A retry succeeds without change.
     pub fn clear_owner(&mut self, host: &str, epoch: u64) -> Result<PrCommit, OwnershipError> {
-        let host = ownership::host_name(host)?;
-        if self.handover != Handover::Idle {
-            return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
-        }
-        if self.pr.owner().is_some_and(|o| o != host) {
-            return Err(self.not_owner(&host));
-        }
-        match self.pr.decide(epoch, None)? {
-            Decision::Retry => return Ok(self.ownership_commit(None)),
-            Decision::Apply if self.pr.owner().is_none() => return Err(self.not_owner(&host)),
-            Decision::Apply => {}
-        }
-        let removed = self.pr.drop_owner(epoch);
-        Ok(self.after_ownership_change(&removed, None))
+        let op = OwnershipOp::ClearOwner {
+            host: host.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, None)
     }
 
     /// Handover step 1: check that `from` owns the LU, that `to` has a session on it and that
-    /// `epoch` is newer than the LU's; nothing else changes (`to` reads, `from` writes).
-    /// Repeating the prepared (or fenced) handover succeeds without change.
+    /// `epoch` is newer than the LU's (and was never aborted); nothing else changes (`to`
+    /// reads, `from` writes). Repeating the prepared (or fenced) handover succeeds without
+    /// change.
     pub fn handover_prepare(
         &mut self,
         from: &str,
         to: &str,
         epoch: u64,
     ) -> Result<(), OwnershipError> {
-        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
-        if from == to {
-            return Err(OwnershipError::SameHost);
+        let op = OwnershipOp::Prepare {
+            from: from.to_string(),
+            to: to.to_string(),
+            epoch,
         }
-        if let Some(parts) = self.handover.parts() {
-            return if parts == (from.as_str(), to.as_str(), epoch) {
-                Ok(())
-            } else {
-                Err(OwnershipError::HandoverInProgress(self.handover.clone()))
-            };
-        }
-        if self.pr.decide(epoch, Some(&to))? == Decision::Retry {
-            return Err(OwnershipError::AlreadyCommitted(epoch));
-        }
-        if self.pr.owner() != Some(from.as_str()) {
-            return Err(self.not_owner(&from));
-        }
+        .normalized()?;
+        let OwnershipOp::Prepare { to, .. } = &op else {
+            return Ok(());
+        };
         let logged_in = self
             .identities
             .values()
             .any(|x| x.sessions > 0 && x.it.initiator.name() == to);
-        if !logged_in {
-            return Err(OwnershipError::DestinationNotLoggedIn(to));
-        }
-        self.handover = Handover::Prepared { from, to, epoch };
-        Ok(())
+        self.ownership_step(op, Some(logged_in)).map(|_| ())
     }
 
     /// Handover step 2: from now on every command of `from` except classes A and R gets
@@ -2536,33 +2503,20 @@ impl LogicalUnit {
         from: &str,
         epoch: u64,
     ) -> Result<DrainTicket, OwnershipError> {
-        let from = ownership::host_name(from)?;
-        match self.handover.clone() {
-            Handover::Prepared {
-                from: f,
-                to,
-                epoch: e,
-            } if f == from && e == epoch => {
-                self.handover = Handover::Fenced {
-                    from: f,
-                    to,
-                    epoch: e,
-                };
-            }
-            Handover::Fenced {
-                from: f, epoch: e, ..
-            } if f == from && e == epoch => {}
-            Handover::Idle if epoch <= self.pr.epoch() => {
-                return Err(OwnershipError::StaleEpoch {
-                    epoch,
-                    current: self.pr.epoch(),
-                })
-            }
-            _ => return Err(OwnershipError::NotPrepared(from)),
+        let op = OwnershipOp::Fence {
+            from: from.to_string(),
+            epoch,
         }
-        Ok(DrainTicket {
-            tasks: self.host_tasks(&from),
-        })
+        .normalized()?;
+        let fx = self.pr.ownership(&op, Checks::REPLAY)?;
+        Ok(self.drain_ticket(fx.drain.as_deref()))
+    }
+
+    /// The tasks of `host` in the task set now (an empty ticket for `None`).
+    pub fn drain_ticket(&self, host: Option<&str>) -> DrainTicket {
+        DrainTicket {
+            tasks: host.map(|h| self.host_tasks(h)).unwrap_or_default(),
+        }
     }
 
     /// Whether every task named by `ticket` has finished (resumed for the last time or been
@@ -2576,7 +2530,7 @@ impl LogicalUnit {
     /// [`LogicalUnit::abort_drained`] before committing.
     pub fn handover_abort_inflight(&mut self, from: &str) -> Result<AbortTicket, OwnershipError> {
         let from = ownership::host_name(from)?;
-        if self.handover.fenced() != Some(from.as_str()) {
+        if self.pr.handover.fenced() != Some(from.as_str()) {
             return Err(OwnershipError::NotFenced(from));
         }
         let host = Self::host_registration(&from);
@@ -2588,70 +2542,94 @@ impl LogicalUnit {
     /// REGISTRATIONS PREEMPTED to `from`'s nexuses (to no one else). Tasks of `from` still
     /// running are aborted under the returned `abort` ticket, which the daemon drains before
     /// it reports the commit (SPC-4 §5.13.11.2.6). Requires the fenced handover; a retry of
-    /// a committed epoch succeeds without change, an older epoch is refused.
+    /// a committed epoch succeeds without change, an older or aborted epoch is refused.
     pub fn handover_commit(
         &mut self,
         from: &str,
         to: &str,
         epoch: u64,
     ) -> Result<PrCommit, OwnershipError> {
-        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
-        let fenced = matches!(&self.handover,
-            Handover::Fenced { from: f, to: t, epoch: e } if *f == from && *t == to && *e == epoch);
-        if !fenced {
-            if self.pr.decide(epoch, Some(&to))? == Decision::Retry {
-                return Ok(self.ownership_commit(None));
-            }
-            return Err(match self.handover.parts() {
-                Some((f, t, e)) if (f, t, e) != (from.as_str(), to.as_str(), epoch) => {
-                    OwnershipError::HandoverInProgress(self.handover.clone())
-                }
-                _ => OwnershipError::NotFenced(from),
-            });
-        }
-        if self.pr.owner() != Some(from.as_str()) {
-            // Only a restore or a forced set_owner can get here; refuse rather than guess.
-            return Err(self.not_owner(&from));
-        }
-        let abort = self.abort_tasks_where(|name| name == from);
-        let removed = self.pr.install_owner(&to, epoch);
-        self.handover = Handover::Idle;
-        Ok(self.after_ownership_change(&removed, abort))
+        let op = OwnershipOp::Commit {
+            from: from.to_string(),
+            to: to.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, None)
     }
 
-    /// Handover step 4, before commit: the fence goes and `from` stays the only writer.
-    /// Without a handover in progress it succeeds while `from` owns the LU (a repeated
-    /// abort) and is refused once `to` owns it at `epoch`.
+    /// Handover step 4, before commit: the fence goes, `from` stays the only writer, and
+    /// `epoch` is refused from now on. Succeeds again for an aborted epoch and, without a
+    /// handover in progress, while `from` owns the LU; refused once `to` owns it at `epoch`.
     pub fn handover_abort(
         &mut self,
         from: &str,
         to: &str,
         epoch: u64,
     ) -> Result<(), OwnershipError> {
-        let (from, to) = (ownership::host_name(from)?, ownership::host_name(to)?);
-        match self.handover.parts() {
-            Some(parts) if parts == (from.as_str(), to.as_str(), epoch) => {
-                self.handover = Handover::Idle;
-                Ok(())
-            }
-            Some(_) => Err(OwnershipError::HandoverInProgress(self.handover.clone())),
-            None if self.pr.owner() == Some(to.as_str()) && self.pr.epoch() == epoch => {
-                Err(OwnershipError::AlreadyCommitted(epoch))
-            }
-            None if self.pr.owner() == Some(from.as_str()) => Ok(()),
-            None => Err(self.not_owner(&from)),
+        let op = OwnershipOp::Abort {
+            from: from.to_string(),
+            to: to.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, None).map(|_| ())
+    }
+
+    /// Handover step 4 for a commit that gave up (drain deadline, failed flush): the fence
+    /// goes and `from` stays the only writer, but the epoch is not remembered as aborted (the
+    /// coordinator decides whether to abort or retry).
+    pub fn handover_unfence(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<(), OwnershipError> {
+        let op = OwnershipOp::Unfence {
+            from: from.to_string(),
+            to: to.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, None).map(|_| ())
+    }
+
+    /// Replicated ownership step (issue 18): abort the tasks `pick` names here, as a step
+    /// taken on this LU would ([`LogicalUnit::ownership_step`]); `None` when there are none.
+    pub fn abort_host_tasks(&mut self, pick: &TaskPick) -> Option<AbortTicket> {
+        match pick {
+            TaskPick::Host(h) => self.abort_tasks_where(|name| name == h),
+            TaskPick::AllBut(h) => self.abort_tasks_where(|name| name != h),
         }
+    }
+
+    /// Take one ownership step ([`PrState::ownership`]) with this LU's own checks (its SPC-2
+    /// reservation; `to_logged_in` for a prepare) and carry out its effects here: tasks
+    /// aborted, 2Ah/05h to the removed registrations' nexuses.
+    pub fn ownership_step(
+        &mut self,
+        op: OwnershipOp,
+        to_logged_in: Option<bool>,
+    ) -> Result<PrCommit, OwnershipError> {
+        let op = op.normalized()?;
+        let checks = Checks {
+            spc2_reserved: self.spc2.is_some(),
+            to_logged_in,
+        };
+        let fx = self.pr.ownership(&op, checks)?;
+        if !fx.changed {
+            return Ok(self.ownership_commit(None));
+        }
+        let abort = fx.abort.as_ref().and_then(|p| self.abort_host_tasks(p));
+        Ok(self.after_ownership_change(&fx.removed, abort))
     }
 
     /// The handover in progress.
     pub fn handover_state(&self) -> &Handover {
-        &self.handover
+        &self.pr.handover
     }
 
     /// Ownership's part of the reservation check at command start: on an owned LU every PR
     /// OUT conflicts; a fenced host's commands other than classes A and R conflict.
     fn ownership_conflicts(&self, ident: Option<u64>, raw: &[u8]) -> bool {
-        let fenced = self.handover.fenced();
+        let fenced = self.pr.handover.fenced();
         if self.pr.owner().is_none() && fenced.is_none() {
             return false;
         }
@@ -2702,13 +2680,6 @@ impl LogicalUnit {
             self.notify(r, SenseReason::RegistrationsPreempted, NO_IDENTITY);
         }
         self.ownership_commit(abort)
-    }
-
-    fn not_owner(&self, host: &str) -> OwnershipError {
-        OwnershipError::NotOwner {
-            host: host.to_string(),
-            owner: self.pr.owner().map(str::to_string),
-        }
     }
 
     /// A registration covering every nexus of `host` (for matching only).

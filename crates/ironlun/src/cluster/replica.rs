@@ -31,6 +31,7 @@ use ironlun_cluster::gateway::{
 };
 use ironlun_cluster::kv::{self, Change, Key, TxnResult, Value};
 use ironlun_cluster::{GatewayId, Revision, Time};
+use ironlun_scsi::pr::ownership::OwnershipOp;
 use ironlun_scsi::pr::{ItNexus, OutRequest, PrState};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,6 +152,11 @@ enum Cmd {
         param: Vec<u8>,
         answer: oneshot::Sender<Answer>,
     },
+    Ownership {
+        op: OwnershipOp,
+        answer: oneshot::Sender<(Answer, Option<Revision>)>,
+    },
+    WaitDrained(Revision, oneshot::Sender<()>),
     Drained(Revision),
     MaySubmit(oneshot::Sender<bool>),
     State(oneshot::Sender<(Revision, PrState)>),
@@ -244,6 +250,7 @@ impl Replica {
             keys,
             clock,
             answers: HashMap::new(),
+            drain_waiters: Vec::new(),
             next_token: 0,
             out: host,
         };
@@ -267,6 +274,31 @@ impl Replica {
             return Answer::NotReady;
         }
         rx.await.unwrap_or(Answer::NotReady)
+    }
+
+    /// An ownership or handover step (scale-out.md §2.7), decided and completed as a PR OUT
+    /// is; with the revision it was committed at, for a GOOD that needed the store.
+    pub async fn ownership(&self, op: OwnershipOp) -> (Answer, Option<Revision>) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .cmds
+            .send(Cmd::Ownership { op, answer: tx })
+            .await
+            .is_err()
+        {
+            return (Answer::NotReady, None);
+        }
+        rx.await.unwrap_or((Answer::NotReady, None))
+    }
+
+    /// Wait until every gateway has drained what revision `r` asked of it (a handover fence's
+    /// tasks), or is gone and Δ has passed (`Gateway::drained_everywhere`). Never returns
+    /// if the driver ends first: callers bound it with their deadline.
+    pub async fn drained_everywhere(&self, r: Revision) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::WaitDrained(r, tx)).await.is_err() || rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The host finished the backend I/O of the tasks aborted by revisions up to `r`.
@@ -308,12 +340,31 @@ struct Ack {
     in_flight: bool,
 }
 
+/// Who waits for an answer.
+#[derive(Debug)]
+enum Caller {
+    Prout(oneshot::Sender<Answer>),
+    /// Wants the commit revision too.
+    Ownership(oneshot::Sender<(Answer, Option<Revision>)>),
+}
+
+impl Caller {
+    fn send(self, answer: Answer, revision: Option<Revision>) {
+        let _ = match self {
+            Caller::Prout(tx) => tx.send(answer).map_err(drop),
+            Caller::Ownership(tx) => tx.send((answer, revision)).map_err(drop),
+        };
+    }
+}
+
 struct Driver {
     gw: Gateway,
     etcd: Arc<Etcd>,
     keys: LuKeys,
     clock: Arc<Fence>,
-    answers: HashMap<Token, oneshot::Sender<Answer>>,
+    answers: HashMap<Token, Caller>,
+    /// Callers of [`Replica::drained_everywhere`] and the revision each waits for.
+    drain_waiters: Vec<(Revision, oneshot::Sender<()>)>,
     next_token: Token,
     out: Arc<dyn Host>,
 }
@@ -374,7 +425,7 @@ impl Driver {
                     Err(EtcdError::Compacted(r)) => {
                         tracing::warn!(compacted = r, "cluster watch: history compacted past this replica; joining again from a snapshot");
                         for (_, tx) in self.answers.drain() {
-                            let _ = tx.send(Answer::NotReady);
+                            tx.send(Answer::NotReady, None);
                         }
                         self.out.stale();
                         return;
@@ -412,15 +463,16 @@ impl Driver {
                     ty,
                     param: &param,
                 };
-                match self.gw.prout(self.now(), token, &it, req) {
-                    Submit::Immediate(a) => {
-                        let _ = answer.send(a);
-                    }
-                    Submit::Pending => {
-                        self.answers.insert(token, answer);
-                    }
-                }
+                let submitted = self.gw.prout(self.now(), token, &it, req);
+                self.submitted(token, submitted, Caller::Prout(answer));
             }
+            Cmd::Ownership { op, answer } => {
+                let token = self.next_token;
+                self.next_token += 1;
+                let submitted = self.gw.ownership(self.now(), token, op);
+                self.submitted(token, submitted, Caller::Ownership(answer));
+            }
+            Cmd::WaitDrained(r, tx) => self.drain_waiters.push((r, tx)),
             Cmd::Drained(r) => self.gw.handle(self.now(), Event::Drained(r)),
             Cmd::MaySubmit(tx) => {
                 let _ = tx.send(self.gw.may_submit(self.now()));
@@ -431,14 +483,27 @@ impl Driver {
         }
     }
 
+    fn submitted(&mut self, token: Token, submitted: Submit, answer: Caller) {
+        match submitted {
+            Submit::Immediate(a) => answer.send(a, None),
+            Submit::Pending => {
+                self.answers.insert(token, answer);
+            }
+        }
+    }
+
     /// Carry out every output and request the gateway has queued. Outputs go first: a record's
     /// state and unit attentions are in the LU before `applied/<me>` says so.
     fn flush(&mut self, reply: &mpsc::UnboundedSender<Reply>, acks: &mut HashMap<Key, Ack>) {
         while let Some(o) = self.gw.poll_output() {
             match o {
-                Output::Respond { token, answer, .. } => {
+                Output::Respond {
+                    token,
+                    answer,
+                    revision,
+                } => {
                     if let Some(tx) = self.answers.remove(&token) {
-                        let _ = tx.send(answer);
+                        tx.send(answer, revision);
                     }
                 }
                 other => self.out.output(other),
@@ -446,6 +511,16 @@ impl Driver {
         }
         while let Some(r) = self.gw.poll_request() {
             self.request(r, reply, acks);
+        }
+        if !self.drain_waiters.is_empty() {
+            let now = self.now();
+            for (r, tx) in std::mem::take(&mut self.drain_waiters) {
+                if self.gw.drained_everywhere(now, r) {
+                    let _ = tx.send(());
+                } else if !tx.is_closed() {
+                    self.drain_waiters.push((r, tx));
+                }
+            }
         }
         // An acknowledgement newer than the stored one, with no put in flight, goes out with
         // the newest value (a failed put is retried this way).

@@ -33,6 +33,7 @@ use ironlun_cluster::gateway::{Answer, GatewayConfig, Output};
 use ironlun_cluster::lease::Timing;
 use ironlun_cluster::{GatewayId, Revision};
 use ironlun_scsi::lu::{self, AbortTicket, Completion};
+use ironlun_scsi::pr::ownership::{DrainTicket, OwnershipOp};
 use ironlun_scsi::pr::{OutRequest, PrError};
 use ironlun_scsi::sense::SenseReason;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -117,6 +118,8 @@ pub(crate) async fn prout(handle: &LunHandle, req: lu::Replicate) -> Completion 
         Answer::Failed(PrError::Sense(reason)) => Completion::check_condition(reason, d_sense),
         Answer::NotReady => Completion::check_condition(Answer::NOT_READY_SENSE, d_sense),
         Answer::Busy => Completion::busy(),
+        // Only ownership steps are refused this way.
+        Answer::Refused(_) => Completion::reservation_conflict(),
     }
 }
 
@@ -128,7 +131,16 @@ struct LuCtx {
     gcfg: GatewayConfig,
     etcd: Arc<Etcd>,
     keys: LuKeys,
-    drains: mpsc::UnboundedSender<(AbortTicket, Revision)>,
+    drains: mpsc::UnboundedSender<(Wait, Revision)>,
+}
+
+/// What a revision's drain waits for on this gateway.
+#[derive(Debug)]
+enum Wait {
+    /// Tasks aborted under this ticket (PREEMPT AND ABORT, an ownership step).
+    Aborted(AbortTicket),
+    /// A fenced host's tasks, which run to their end.
+    Tasks(DrainTicket),
 }
 
 /// Join with the membership's current registration as `generation`.
@@ -256,7 +268,18 @@ impl Host for LuHost {
                 from,
             } => {
                 let ticket = handle.lu().abort_replicated(&registrations, from.as_ref());
-                let _ = self.ctx.drains.send((ticket, revision));
+                let _ = self.ctx.drains.send((Wait::Aborted(ticket), revision));
+            }
+            Output::AbortHost { pick, revision } => {
+                let wait = match handle.lu().abort_host_tasks(&pick) {
+                    Some(ticket) => Wait::Aborted(ticket),
+                    None => Wait::Tasks(DrainTicket::default()),
+                };
+                let _ = self.ctx.drains.send((wait, revision));
+            }
+            Output::DrainHost { host, revision } => {
+                let ticket = handle.lu().drain_ticket(Some(&host));
+                let _ = self.ctx.drains.send((Wait::Tasks(ticket), revision));
             }
             Output::Fenced => {
                 c.ready.store(false, Ordering::Release);
@@ -284,11 +307,14 @@ impl Host for LuHost {
 /// Wait for each abort to drain, in revision order, and report it to the current replica.
 async fn drain_loop(
     handle: Weak<LunHandle>,
-    mut drains: mpsc::UnboundedReceiver<(AbortTicket, Revision)>,
+    mut drains: mpsc::UnboundedReceiver<(Wait, Revision)>,
 ) {
-    while let Some((ticket, revision)) = drains.recv().await {
+    while let Some((wait, revision)) = drains.recv().await {
         let Some(h) = handle.upgrade() else { return };
-        h.wait_drained(ticket).await;
+        match wait {
+            Wait::Aborted(ticket) => h.wait_drained(ticket).await,
+            Wait::Tasks(ticket) => h.wait_until(|lu| lu.drained(&ticket)).await,
+        }
         let replica = h.cluster.get().and_then(ClusterLu::replica);
         drop(h);
         if let Some(r) = replica {
@@ -544,5 +570,42 @@ impl Cluster {
     /// This gateway's id.
     pub fn id(&self) -> GatewayId {
         self.me
+    }
+}
+
+/// An ownership or handover step on a replicated LU (scale-out.md §2.7): decided by the LU's
+/// replica through etcd; on `Ok` it is in effect on every live gateway (and the tasks it
+/// aborts have drained everywhere). `Ok` carries the commit revision of a step that changed
+/// the state, `None` for a retry of the last decision.
+pub(crate) async fn ownership(
+    handle: &LunHandle,
+    op: OwnershipOp,
+) -> Result<Option<Revision>, crate::target::OwnershipOpError> {
+    use crate::target::OwnershipOpError;
+    let Some(replica) = handle.cluster.get().and_then(ClusterLu::replica) else {
+        return Err(OwnershipOpError::Cluster(
+            "this gateway has not joined the LU's replicated state yet".to_string(),
+        ));
+    };
+    match replica.ownership(op).await {
+        (Answer::Good, revision) => Ok(revision),
+        (Answer::Refused(e), _) => Err(e.into()),
+        (Answer::NotReady, _) => Err(OwnershipOpError::Cluster(
+            "this gateway is fenced (no current lease or replica); the step may or may not have been committed: read the state and retry through another gateway".to_string(),
+        )),
+        (Answer::Busy, _) => Err(OwnershipOpError::Cluster(
+            "too many concurrent changes of the LU's state; retry".to_string(),
+        )),
+        (Answer::Failed(e), _) => Err(OwnershipOpError::Cluster(format!(
+            "unexpected reservation outcome {e:?}"
+        ))),
+    }
+}
+
+/// Wait until every gateway has drained what the fence at `revision` asked of it.
+pub(crate) async fn fence_drained(handle: &LunHandle, revision: Revision) {
+    match handle.cluster.get().and_then(ClusterLu::replica) {
+        Some(r) => r.drained_everywhere(revision).await,
+        None => std::future::pending().await,
     }
 }

@@ -398,6 +398,11 @@ pub struct PrState {
     pub(crate) owner: Option<String>,
     /// Epoch of the last ownership decision.
     pub(crate) epoch: u64,
+    /// The target-side handover in progress ([`ownership::Handover`]); not in the state file.
+    pub(crate) handover: ownership::Handover,
+    /// Handover epochs above [`Self::epoch`] that were aborted and may never be prepared or
+    /// committed (at most [`ownership::MAX_ABORTED`]); not in the state file.
+    pub(crate) aborted: std::collections::BTreeSet<u64>,
 }
 
 fn be_u64(p: &[u8], at: usize) -> u64 {

@@ -130,11 +130,390 @@ pub enum OwnershipError {
     ForeignRegistrations(Vec<String>),
     #[error("an SPC-2 RESERVE(6/10) reservation is held")]
     Spc2Reserved,
+    #[error("the handover with epoch {0} was aborted")]
+    Aborted(u64),
+}
+
+/// At most this many aborted handover epochs are remembered (the lowest go first).
+pub const MAX_ABORTED: usize = 64;
+
+/// One ownership or handover decision ([`PrState::ownership`]): what the LU takes as one
+/// step and what a cluster replicates as one record (issue 18, scale-out.md §2.7). Host
+/// names are as [`host_name`] returns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnershipOp {
+    /// Make `host` the owner at `epoch`.
+    SetOwner { host: String, epoch: u64 },
+    /// End target-managed ownership of `host` at `epoch`.
+    ClearOwner { host: String, epoch: u64 },
+    /// Handover step 1.
+    Prepare {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+    /// Handover step 2: gate `from`'s commands other than classes A and R.
+    Fence { from: String, epoch: u64 },
+    /// Handover step 3: `to` owns the LU at `epoch`.
+    Commit {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+    /// Handover step 4 (before commit): the fence goes and `epoch` is refused from now on.
+    Abort {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+    /// A commit gave up (drain deadline, failed flush): the fence goes, `epoch` is not
+    /// remembered as aborted.
+    Unfence {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+}
+
+impl OwnershipOp {
+    /// The op with every host name checked and lower-cased ([`host_name`]).
+    pub fn normalized(self) -> Result<Self, OwnershipError> {
+        use OwnershipOp::*;
+        Ok(match self {
+            SetOwner { host, epoch } => SetOwner {
+                host: host_name(&host)?,
+                epoch,
+            },
+            ClearOwner { host, epoch } => ClearOwner {
+                host: host_name(&host)?,
+                epoch,
+            },
+            Prepare { from, to, epoch } => Prepare {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
+            Fence { from, epoch } => Fence {
+                from: host_name(&from)?,
+                epoch,
+            },
+            Commit { from, to, epoch } => Commit {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
+            Abort { from, to, epoch } => Abort {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
+            Unfence { from, to, epoch } => Unfence {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
+        })
+    }
+}
+
+/// What [`PrState::ownership`] cannot know from the state: facts of the LU taking the step.
+/// A replica replaying a step another gateway took passes [`Checks::REPLAY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checks {
+    /// An SPC-2 RESERVE(6/10) reservation is held (set_owner is refused).
+    pub spc2_reserved: bool,
+    /// Whether the destination of a prepare has a session on the LU; `None`: not checked.
+    pub to_logged_in: Option<bool>,
+}
+
+impl Checks {
+    /// Nothing checked beyond the state (the gateway that took the step checked its part).
+    pub const REPLAY: Checks = Checks {
+        spc2_reserved: false,
+        to_logged_in: None,
+    };
+}
+
+/// Whose tasks a step aborts (as PREEMPT AND ABORT does, SPC-4 §5.13.11.2.6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskPick {
+    /// The tasks of this host's nexuses.
+    Host(String),
+    /// The tasks of every named nexus of another host.
+    AllBut(String),
+}
+
+/// What a successful ownership step did, for the LU (or every gateway) to carry out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnershipFx {
+    /// The state changed (a retry of the last decision changes nothing).
+    pub changed: bool,
+    /// Registrations removed: REGISTRATIONS PREEMPTED (2Ah/05h) to every nexus they cover.
+    pub removed: Vec<Registration>,
+    /// Tasks to abort before the step is reported.
+    pub abort: Option<TaskPick>,
+    /// Fence: this host's tasks in the task set must finish before the commit.
+    pub drain: Option<String>,
+}
+
+impl PrState {
+    /// The handover in progress.
+    pub fn handover(&self) -> &Handover {
+        &self.handover
+    }
+
+    /// The aborted handover epochs above [`PrState::epoch`], which are refused for good.
+    pub fn aborted_epochs(&self) -> &std::collections::BTreeSet<u64> {
+        &self.aborted
+    }
+
+    /// Set the handover and the aborted epochs (a decoder of a stored form that carries
+    /// them); at most [`MAX_ABORTED`] epochs are kept, the highest.
+    pub fn set_handover(&mut self, handover: Handover, aborted: std::collections::BTreeSet<u64>) {
+        self.handover = handover;
+        self.aborted = aborted;
+        while self.aborted.len() > MAX_ABORTED {
+            self.aborted.pop_first();
+        }
+    }
+
+    /// The lowest epoch a new handover can use: above the LU's epoch and every aborted one.
+    /// Saturates at `u64::MAX`, which no step accepts.
+    pub fn next_epoch(&self) -> u64 {
+        let aborted = self.aborted.last().copied().unwrap_or(0);
+        self.epoch.max(aborted).saturating_add(1)
+    }
+
+    /// Take one ownership step (semantics.md §3.2–§3.5; the module documentation): pure and
+    /// deterministic, so every replica of a replicated LU that applies `op` to the same state
+    /// gets the same state and effects. On error the state is unchanged. `op`'s host names
+    /// must be normalized ([`OwnershipOp::normalized`]).
+    pub fn ownership(
+        &mut self,
+        op: &OwnershipOp,
+        checks: Checks,
+    ) -> Result<OwnershipFx, OwnershipError> {
+        let unchanged = OwnershipFx::default();
+        match op {
+            OwnershipOp::SetOwner { host, epoch } => {
+                if self.handover != Handover::Idle {
+                    return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
+                }
+                if self.decide(*epoch, Some(host))? == Decision::Retry {
+                    return Ok(unchanged);
+                }
+                let foreign = self.foreign_hosts(host);
+                if !foreign.is_empty() {
+                    return Err(OwnershipError::ForeignRegistrations(foreign));
+                }
+                if checks.spc2_reserved {
+                    return Err(OwnershipError::Spc2Reserved);
+                }
+                let removed = self.install_owner(host, *epoch);
+                self.forget_aborted();
+                Ok(OwnershipFx {
+                    changed: true,
+                    removed,
+                    abort: Some(TaskPick::AllBut(host.clone())),
+                    drain: None,
+                })
+            }
+            OwnershipOp::ClearOwner { host, epoch } => {
+                if self.handover != Handover::Idle {
+                    return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
+                }
+                if self.owner().is_some_and(|o| o != host) {
+                    return Err(self.not_owner(host));
+                }
+                match self.decide(*epoch, None)? {
+                    Decision::Retry => return Ok(unchanged),
+                    Decision::Apply if self.owner().is_none() => return Err(self.not_owner(host)),
+                    Decision::Apply => {}
+                }
+                let removed = self.drop_owner(*epoch);
+                self.forget_aborted();
+                Ok(OwnershipFx {
+                    changed: true,
+                    removed,
+                    ..OwnershipFx::default()
+                })
+            }
+            OwnershipOp::Prepare { from, to, epoch } => {
+                if self.aborted.contains(epoch) {
+                    return Err(OwnershipError::Aborted(*epoch));
+                }
+                if from == to {
+                    return Err(OwnershipError::SameHost);
+                }
+                if let Some(parts) = self.handover.parts() {
+                    return if parts == (from.as_str(), to.as_str(), *epoch) {
+                        Ok(unchanged)
+                    } else {
+                        Err(OwnershipError::HandoverInProgress(self.handover.clone()))
+                    };
+                }
+                if self.decide(*epoch, Some(to))? == Decision::Retry {
+                    return Err(OwnershipError::AlreadyCommitted(*epoch));
+                }
+                if self.owner() != Some(from.as_str()) {
+                    return Err(self.not_owner(from));
+                }
+                if checks.to_logged_in == Some(false) {
+                    return Err(OwnershipError::DestinationNotLoggedIn(to.clone()));
+                }
+                self.handover = Handover::Prepared {
+                    from: from.clone(),
+                    to: to.clone(),
+                    epoch: *epoch,
+                };
+                Ok(OwnershipFx {
+                    changed: true,
+                    ..OwnershipFx::default()
+                })
+            }
+            OwnershipOp::Fence { from, epoch } => {
+                if self.aborted.contains(epoch) {
+                    return Err(OwnershipError::Aborted(*epoch));
+                }
+                let changed = match self.handover.clone() {
+                    Handover::Prepared {
+                        from: f,
+                        to,
+                        epoch: e,
+                    } if f == *from && e == *epoch => {
+                        self.handover = Handover::Fenced {
+                            from: f,
+                            to,
+                            epoch: e,
+                        };
+                        true
+                    }
+                    Handover::Fenced {
+                        from: f, epoch: e, ..
+                    } if f == *from && e == *epoch => false,
+                    Handover::Idle if *epoch <= self.epoch => {
+                        return Err(OwnershipError::StaleEpoch {
+                            epoch: *epoch,
+                            current: self.epoch,
+                        })
+                    }
+                    _ => return Err(OwnershipError::NotPrepared(from.clone())),
+                };
+                Ok(OwnershipFx {
+                    changed,
+                    drain: Some(from.clone()),
+                    ..OwnershipFx::default()
+                })
+            }
+            OwnershipOp::Commit { from, to, epoch } => {
+                if self.aborted.contains(epoch) {
+                    return Err(OwnershipError::Aborted(*epoch));
+                }
+                let fenced = matches!(&self.handover,
+                    Handover::Fenced { from: f, to: t, epoch: e } if f == from && t == to && e == epoch);
+                if !fenced {
+                    if self.decide(*epoch, Some(to))? == Decision::Retry {
+                        return Ok(unchanged);
+                    }
+                    return Err(match self.handover.parts() {
+                        Some((f, t, e)) if (f, t, e) != (from.as_str(), to.as_str(), *epoch) => {
+                            OwnershipError::HandoverInProgress(self.handover.clone())
+                        }
+                        _ => OwnershipError::NotFenced(from.clone()),
+                    });
+                }
+                if self.owner() != Some(from.as_str()) {
+                    // Only a restore or a forced set_owner can get here; refuse rather than guess.
+                    return Err(self.not_owner(from));
+                }
+                let removed = self.install_owner(to, *epoch);
+                self.handover = Handover::Idle;
+                self.forget_aborted();
+                Ok(OwnershipFx {
+                    changed: true,
+                    removed,
+                    abort: Some(TaskPick::Host(from.clone())),
+                    drain: None,
+                })
+            }
+            OwnershipOp::Abort { from, to, epoch } => {
+                if self.aborted.contains(epoch) {
+                    return Ok(unchanged);
+                }
+                let before = self.handover.clone();
+                self.unfence(from, to, *epoch)?;
+                let remembered = self.remember_aborted(*epoch);
+                let changed = remembered || before != self.handover;
+                Ok(OwnershipFx {
+                    changed,
+                    ..OwnershipFx::default()
+                })
+            }
+            OwnershipOp::Unfence { from, to, epoch } => {
+                let before = self.handover.clone();
+                self.unfence(from, to, *epoch)?;
+                Ok(OwnershipFx {
+                    changed: before != self.handover,
+                    ..OwnershipFx::default()
+                })
+            }
+        }
+    }
+
+    /// Handover step 4 without remembering the epoch (a commit that gave up on its drain
+    /// deadline): the fence goes and `from` stays the only writer. Without a handover in
+    /// progress it succeeds while `from` owns the LU, and is refused once `to` owns it at
+    /// `epoch`.
+    pub(crate) fn unfence(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+    ) -> Result<(), OwnershipError> {
+        match self.handover.parts() {
+            Some(parts) if parts == (from, to, epoch) => {
+                self.handover = Handover::Idle;
+                Ok(())
+            }
+            Some(_) => Err(OwnershipError::HandoverInProgress(self.handover.clone())),
+            None if self.owner() == Some(to) && self.epoch == epoch => {
+                Err(OwnershipError::AlreadyCommitted(epoch))
+            }
+            None if self.owner() == Some(from) => Ok(()),
+            None => Err(self.not_owner(from)),
+        }
+    }
+
+    /// Remember that `epoch` was aborted (epochs at or below the LU's are stale anyway);
+    /// whether the state changed.
+    fn remember_aborted(&mut self, epoch: u64) -> bool {
+        if epoch <= self.epoch {
+            return false;
+        }
+        self.aborted.insert(epoch);
+        while self.aborted.len() > MAX_ABORTED {
+            self.aborted.pop_first();
+        }
+        true
+    }
+
+    /// Drop the aborted epochs a new decision made stale.
+    fn forget_aborted(&mut self) {
+        let epoch = self.epoch;
+        self.aborted.retain(|e| *e > epoch);
+    }
+
+    fn not_owner(&self, host: &str) -> OwnershipError {
+        OwnershipError::NotOwner {
+            host: host.to_string(),
+            owner: self.owner().map(str::to_string),
+        }
+    }
 }
 
 /// Identifies the tasks of a fenced host that were in the task set when the fence went up
 /// (see [`crate::lu::LogicalUnit::drained`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainTicket {
     pub(crate) tasks: Vec<u64>,
 }
@@ -259,6 +638,7 @@ impl PrState {
             next_id: self.next_id,
             owner: self.owner.clone(),
             epoch: self.epoch,
+            ..PrState::default()
         }
     }
 }
