@@ -882,3 +882,90 @@ async fn a_lost_etcd_quorum_fences_every_gateway_then_they_serve_again() {
     }
     assert_eq!(read_keys(&a).await.keys, vec![0xd2]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Handovers between hosts attached to different gateways (acceptance 5)
+
+/// 100 handovers of the LU between host A, logged in to gw-a only, and host B, logged in to
+/// gw-b only, by `ironlun migrate` through gw-a, gw-b and gw-c in turn, while the owner
+/// writes at QD16 (`ironlun_testkit::handover_load`). Each step is a record in etcd: the
+/// fence is in effect on every gateway and the source's tasks on its gateway have drained
+/// before the commit, which aborts what is left of them everywhere. The resume hook moves
+/// the LU's active gateway to the destination's (`ironlun ctl cluster move`), as a cluster
+/// whose hosts reach one gateway each needs. Nothing lost, nothing stray; the storage switch
+/// time (fence + drain + flush + commit through etcd) is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
+    use ironlun_testkit::handover_load::{stats, HandoverLoad};
+    const HOSTS: [&str; 2] = ["iqn.2026-12.test:host-a", "iqn.2026-12.test:host-b"];
+    const HANDOVERS: usize = 100;
+    let etcd = EtcdCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun0.img");
+    let gws = gateways(&image, "handover", "").start(builder, &etcd);
+    let admins: Vec<String> = gws.iter().map(|g| g.admin_url().to_owned()).collect();
+    let (a, b) = (gws[0].addrs[0], gws[1].addrs[0]);
+    let sessions = [
+        Arc::new(login(a, HOSTS[0], ISID_V).await),
+        Arc::new(login(b, HOSTS[1], ISID_P).await),
+    ];
+    // gw-a is the active gateway (the lowest live one made the key).
+    let c = ctl_cluster(&gws[0], &[]);
+    assert_eq!(c.luns[0].active.as_deref(), Some("gw-a"), "{c:?}");
+    // Host A owns the LU, set through gw-c.
+    let client = ironlun_cli::ctl::Client::new(&admins[2], None).unwrap();
+    let lu = format!("/v1/luns/{TARGET}/0");
+    let r = client
+        .request(
+            "POST",
+            &format!("{lu}/owner"),
+            Some(format!(r#"{{"host": "{}", "epoch": 1}}"#, HOSTS[0]).as_bytes()),
+            PROMPT,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    let hook_admins = admins.clone();
+    let mut out = HandoverLoad {
+        ironlun: IRONLUN.to_string(),
+        lun: format!("{TARGET}/0"),
+        hosts: HOSTS.map(str::to_string),
+        sessions: sessions.clone(),
+        admins: admins.clone(),
+        resume: Box::new(move |i, to| {
+            format!(
+                "{IRONLUN} ctl --admin {} cluster move {TARGET} 0 {}",
+                hook_admins[i % hook_admins.len()],
+                ironlun_testkit::gateway_name(to)
+            )
+        }),
+        not_accessible_ok: true,
+        handovers: HANDOVERS,
+    }
+    .run()
+    .await;
+
+    // Every gateway reports the final owner and epoch, and no handover in progress.
+    for (i, admin) in admins.iter().enumerate() {
+        let c = ironlun_cli::ctl::Client::new(admin, None).unwrap();
+        let o: serde_json::Value =
+            serde_json::from_slice(&c.get(&format!("{lu}/ownership")).unwrap().body).unwrap();
+        assert_eq!(
+            (o["owner"].as_str(), o["epoch"].as_u64()),
+            (Some(HOSTS[out.owner]), Some(HANDOVERS as u64 + 1)),
+            "through gateway {i}: {o}"
+        );
+        assert!(o["handover"].is_null(), "through gateway {i}: {o}");
+    }
+    let (s50, s90, smax) = stats(&mut out.switch_ms);
+    let (b50, b90, bmax) = stats(&mut out.blackout_ms);
+    println!(
+        "across gateways: storage switch median {s50:.3} ms, p90 {s90:.3} ms, max {smax:.3} ms; \
+         blackout median {b50:.3} ms, p90 {b90:.3} ms, max {bmax:.3} ms (resume hook: ironlun \
+         ctl cluster move); {}",
+        out.summary
+    );
+    for s in &sessions {
+        s.logout().await.unwrap();
+    }
+}

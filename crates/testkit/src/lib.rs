@@ -30,6 +30,7 @@ mod admin;
 mod daemon;
 mod etcd;
 mod gateways;
+pub mod handover_load;
 mod io;
 mod login;
 pub mod preempt;
