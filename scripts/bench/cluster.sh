@@ -12,12 +12,16 @@
 # - PERSISTENT RESERVE OUT latency, one REGISTER key change at a time, N_PROUT each
 #   (crates/initiator/examples/prout_latency.rs): p50, p90 and p99. Through GW-A each is one
 #   etcd transaction plus the other gateway's applied acknowledgement.
-# Handover cost through etcd is not measured: handovers are not replicated yet (README,
-# "Cluster mode"). Everything started here is stopped by PID at exit.
+# - handover cost: N_HANDOVER handovers back and forth between two hosts (both logged in by
+#   crates/initiator/examples/hold_sessions.rs, idle) by `ironlun migrate --json` with `true`
+#   hooks, through ONE, and through gw-a and gw-b in turn: the storage switch time `migrate`
+#   reports (the target's fence, drain, flush and commit; through the gateways each of fence
+#   and commit is one etcd record plus every gateway's acknowledgement).
+# Everything started here is stopped by PID at exit.
 #
 # Usage: scripts/bench/cluster.sh REPS SECONDS OUT.md
 # Env: IRONLUN_BIN, IL_PORT (3270), GW_PORT (3274), ETCD_PORT (23790: clients 23790/23792/23794,
-#      peers +1), N_PROUT (500), IRONLUN_LOG (warn).
+#      peers +1), N_PROUT (500), N_HANDOVER (50), IRONLUN_LOG (warn).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPS=${1:?REPS}; SECS=${2:?SECONDS}; OUT=${3:?OUT.md}
@@ -35,9 +39,12 @@ fi
 cargo build --release -p ironlun-initiator --example prout_latency >/dev/null 2>&1 \
   || cargo build --release -p ironlun-initiator --example prout_latency
 PROUT=${CARGO_TARGET_DIR:-target}/release/examples/prout_latency
-[ -x "$BIN" ] && [ -x "$PROUT" ] || { echo "cluster.sh: binaries missing" >&2; exit 1; }
+cargo build --release -p ironlun-initiator --example hold_sessions >/dev/null 2>&1 \
+  || cargo build --release -p ironlun-initiator --example hold_sessions
+HOLD=${CARGO_TARGET_DIR:-target}/release/examples/hold_sessions
+[ -x "$BIN" ] && [ -x "$PROUT" ] && [ -x "$HOLD" ] || { echo "cluster.sh: binaries missing" >&2; exit 1; }
 IL_PORT=${IL_PORT:-3270}; GW_PORT=${GW_PORT:-3274}; ETCD_PORT=${ETCD_PORT:-23790}
-N_PROUT=${N_PROUT:-500}
+N_PROUT=${N_PROUT:-500}; N_HANDOVER=${N_HANDOVER:-50}
 WORK=$(mktemp -d /tmp/ironlun-cluster-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -124,9 +131,41 @@ P_ONE=$("$PROUT" "127.0.0.1:$IL_PORT" "$IQN" "$N_PROUT")
 P_GW=$("$PROUT" "127.0.0.1:$GW_PORT" "$IQN" "$N_PROUT")
 log "PR OUT one node: $P_ONE; gw-a: $P_GW"
 
-python3 - "$OUT" "$REPS" "$SECS" "$COMMIT" "$N_PROUT" "$P_ONE" "$P_GW" "$(($(date +%s) - T0))" "$COUNT" <<PY
+# Handovers: two idle hosts logged in through each setup (gw-a: the active gateway).
+H1=iqn.2026-11.io.ironlun:hbench-1; H2=iqn.2026-11.io.ironlun:hbench-2
+for who in one gw; do
+  port=$([ $who = one ] && echo "$IL_PORT" || echo "$GW_PORT")
+  "$HOLD" "127.0.0.1:$port" "$IQN" "$H1" "$H2" >"$WORK/hold-$who.out" 2>&1 &
+  PIDS+=($!)
+done
+for who in one gw; do
+  for _ in $(seq 1 40); do grep -q '^ready' "$WORK/hold-$who.out" && break; sleep 0.25; done
+  grep -q '^ready' "$WORK/hold-$who.out" || { cat "$WORK/hold-$who.out" >&2; echo "cluster.sh: hold_sessions ($who) failed" >&2; exit 1; }
+done
+admin_of() { sed -n 's/^admin //p' "$WORK/$1.out"; }
+handovers() { # NAME ADMIN [ADMIN2]: owner H1, then N_HANDOVER handovers back and forth
+  local from=$H1 to=$H2 adm i
+  "$BIN" ctl --admin "$2" own "$IQN/0" "$H1" >/dev/null
+  : >"$WORK/$1.switch"
+  for i in $(seq 1 "$N_HANDOVER"); do
+    adm=$2; [ $((i % 2)) = 0 ] && [ -n "${3:-}" ] && adm=$3
+    "$BIN" migrate --admin "$adm" --lun "$IQN/0" --from "$from" --to "$to" --json \
+      --journal "$WORK/$1.journal" --precopy true --pause true --resume true --rollback true \
+      --announce true >"$WORK/$1.migrate.json" \
+      || { cat "$WORK/$1.migrate.json" >&2; echo "cluster.sh: migrate $i ($1) failed" >&2; exit 1; }
+    python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["storage_switch_ms"])' \
+      "$WORK/$1.migrate.json" >>"$WORK/$1.switch"
+    local t=$from; from=$to; to=$t
+  done
+}
+handovers one "$(admin_of one)"
+handovers gw "$(admin_of a)" "$(admin_of b)"
+H_ONE=$(tr '\n' ' ' <"$WORK/one.switch"); H_GW=$(tr '\n' ' ' <"$WORK/gw.switch")
+log "handovers done ($N_HANDOVER each)"
+
+python3 - "$OUT" "$REPS" "$SECS" "$COMMIT" "$N_PROUT" "$P_ONE" "$P_GW" "$(($(date +%s) - T0))" "$COUNT" "$H_ONE" "$H_GW" <<PY
 import statistics, sys
-out, reps, secs, commit, n, p_one, p_gw, elapsed, count = sys.argv[1:10]
+out, reps, secs, commit, n, p_one, p_gw, elapsed, count, h_one, h_gw = sys.argv[1:12]
 reps = int(reps)
 r = {$(for k in "${!R[@]}"; do printf '"%s": %s, ' "$k" "${R[$k]:-0}"; done)}
 def med(who, w):
@@ -145,6 +184,11 @@ def lat(s):
     c, p50, p90, p99, mx = s.split()
     return c, int(p50), int(p90), int(p99), int(mx)
 o, g = lat(p_one), lat(p_gw)
+def hand(s):
+    v = sorted(float(x) for x in s.split())
+    at = lambda q: v[max(0, -(-len(v) * q // 100) - 1)]
+    return len(v), at(50), at(90), v[-1]
+ho, hg = hand(h_one), hand(h_gw)
 import datetime
 text = f"""# Cluster mode cost (scripts/bench.sh --cluster)
 
@@ -162,7 +206,10 @@ all on this machine's loopback. Medians (min–max).
 | one node (state file written only with APTPL: none here) | {o[0]} | {o[1]:,} | {o[2]:,} | {o[3]:,} | {o[4]:,} |
 | gw-a (one etcd transaction, gw-b's acknowledgement) | {g[0]} | {g[1]:,} | {g[2]:,} | {g[3]:,} | {g[4]:,} |
 
-Handover cost through etcd: not measured, handovers are not replicated yet.
+| handover storage switch (`ironlun migrate`, idle hosts) | n | p50 ms | p90 ms | max ms | goal |
+| --- | --- | --- | --- | --- | --- |
+| one node | {ho[0]} | {ho[1]:.3f} | {ho[2]:.3f} | {ho[3]:.3f} | |
+| through gw-a and gw-b in turn (fence and commit: one etcd record and the acknowledgements each) | {hg[0]} | {hg[1]:.3f} | {hg[2]:.3f} | {hg[3]:.3f} | median ≤ 15 {'met' if hg[1] <= 15 else 'NOT met'} |
 """
 open(out, "w").write(text)
 print(text)

@@ -1165,4 +1165,224 @@ mod tests {
             vec![Request::PutApplied(8), Request::PutDrained(5)]
         );
     }
+
+    /// Commit `op` through the store at `r` (gateway 2, a member since revision 2, applies it
+    /// at `r + 1`) and return what the gateway output on the way.
+    fn commit_op(
+        g: &mut Gateway,
+        now: Time,
+        token: Token,
+        op: OwnershipOp,
+        r: Revision,
+    ) -> Vec<Output> {
+        assert_eq!(g.ownership(now, token, op), Submit::Pending);
+        let Some(Request::Txn {
+            attempt, record, ..
+        }) = std::iter::from_fn(|| g.poll_request()).find(|q| matches!(q, Request::Txn { .. }))
+        else {
+            panic!("no transaction");
+        };
+        g.handle(
+            now,
+            Event::Txn {
+                attempt,
+                result: kv::TxnResult::Committed(r),
+            },
+        );
+        g.handle(
+            now,
+            Event::Watch(vec![put(r, Key::Pr, Value::Record(record), 4)]),
+        );
+        std::iter::from_fn(|| g.poll_output()).collect()
+    }
+
+    fn good(outs: &[Output], token: Token) -> bool {
+        outs.iter().any(
+            |o| matches!(o, Output::Respond { token: t, answer: Answer::Good, .. } if *t == token),
+        )
+    }
+
+    /// Ownership steps through the store (scale-out.md §2.7): a fence is in the state every
+    /// gateway installs and asks each to drain the source's tasks, answered once applied
+    /// everywhere; its drain completes separately (`drained_everywhere`); the commit aborts the
+    /// source's tasks on every gateway and is answered only once every gateway drained them.
+    /// Refusals and retries are answered from the replica.
+    #[test]
+    fn ownership_steps_fence_drain_and_commit_across_gateways() {
+        let t0 = Time::from_micros(1_000_000);
+        let mut g = Gateway::new(cfg(), 9, t0, 1);
+        g.handle(
+            t0,
+            Event::Watch(vec![
+                put(1, Key::Member(GatewayId(1)), Value::Member, 1),
+                put(2, Key::Member(GatewayId(2)), Value::Member, 2),
+            ]),
+        );
+        let (s, d) = ("iqn.h:src".to_string(), "iqn.h:dst".to_string());
+        let mut r = 10;
+        let mut step = |g: &mut Gateway, token, op, acks: &[(Key, Revision)]| {
+            let outs = commit_op(g, t0, token, op, r);
+            let at = r;
+            let events = acks
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| put(at + 1 + i as u64, *k, Value::Revision(at), 4))
+                .collect();
+            r += 10;
+            (outs, at, events)
+        };
+        let (outs, _, acks) = step(
+            &mut g,
+            1,
+            OwnershipOp::SetOwner {
+                host: s.clone(),
+                epoch: 1,
+            },
+            &[
+                (Key::Applied(GatewayId(2)), 0),
+                (Key::Drained(GatewayId(2)), 0),
+            ],
+        );
+        assert!(
+            outs.iter().any(
+                |o| matches!(o, Output::AbortHost { pick: TaskPick::AllBut(h), .. } if *h == s)
+            ),
+            "{outs:?}"
+        );
+        assert!(
+            !good(&outs, 1),
+            "set_owner answered before the acknowledgements"
+        );
+        g.handle(t0, Event::Drained(10));
+        g.handle(t0, Event::Watch(acks));
+        assert!(good(
+            &std::iter::from_fn(|| g.poll_output()).collect::<Vec<_>>(),
+            1
+        ));
+        assert_eq!(g.state().owner(), Some("iqn.h:src"));
+
+        // Refused and repeated steps are answered at once from the replica.
+        assert!(matches!(
+            g.ownership(
+                t0,
+                2,
+                OwnershipOp::Commit {
+                    from: s.clone(),
+                    to: d.clone(),
+                    epoch: 2
+                }
+            ),
+            Submit::Immediate(Answer::Refused(OwnershipError::NotFenced(_)))
+        ));
+        assert_eq!(
+            g.ownership(
+                t0,
+                3,
+                OwnershipOp::SetOwner {
+                    host: s.clone(),
+                    epoch: 1
+                }
+            ),
+            Submit::Immediate(Answer::Good)
+        );
+
+        let prepare = OwnershipOp::Prepare {
+            from: s.clone(),
+            to: d.clone(),
+            epoch: 2,
+        };
+        let (outs, _, acks) = step(&mut g, 4, prepare, &[(Key::Applied(GatewayId(2)), 0)]);
+        assert!(!good(&outs, 4));
+        g.handle(t0, Event::Watch(acks));
+        assert!(good(
+            &std::iter::from_fn(|| g.poll_output()).collect::<Vec<_>>(),
+            4
+        ));
+
+        // The fence: the state every gateway installs holds it; answered once applied.
+        let fence = OwnershipOp::Fence {
+            from: s.clone(),
+            epoch: 2,
+        };
+        let (outs, rf, acks) = step(&mut g, 5, fence.clone(), &[(Key::Applied(GatewayId(2)), 0)]);
+        assert!(outs.iter().any(|o| matches!(o,
+            Output::State { state, .. } if state.handover().fenced() == Some("iqn.h:src"))));
+        assert!(outs.iter().any(
+            |o| matches!(o, Output::DrainHost { host, revision } if *host == s && *revision == rf)
+        ));
+        g.handle(t0, Event::Watch(acks));
+        assert!(good(
+            &std::iter::from_fn(|| g.poll_output()).collect::<Vec<_>>(),
+            5
+        ));
+        // Its drain: this gateway's, then gateway 2's.
+        assert!(!g.drained_everywhere(t0, rf));
+        g.handle(t0, Event::Drained(rf));
+        assert!(!g.drained_everywhere(t0, rf), "gateway 2 has not drained");
+        g.handle(
+            t0,
+            Event::Watch(vec![put(
+                rf + 5,
+                Key::Drained(GatewayId(2)),
+                Value::Revision(rf),
+                4,
+            )]),
+        );
+        assert!(g.drained_everywhere(t0, rf));
+        // A repeated fence changes nothing.
+        assert_eq!(g.ownership(t0, 6, fence), Submit::Immediate(Answer::Good));
+
+        // The commit aborts the source's tasks everywhere; answered once all drained.
+        let commit = OwnershipOp::Commit {
+            from: s.clone(),
+            to: d.clone(),
+            epoch: 2,
+        };
+        let (outs, rc, _) = step(&mut g, 7, commit, &[]);
+        assert!(
+            outs.iter().any(|o| matches!(o,
+            Output::AbortHost { pick: TaskPick::Host(h), revision } if *h == s && *revision == rc))
+        );
+        assert!(outs.iter().any(|o| matches!(o,
+            Output::Ua { registration, reason: SenseReason::RegistrationsPreempted, except: None }
+                if registration.name == "iqn.h:src")));
+        g.handle(t0, Event::Drained(rc));
+        g.handle(
+            t0,
+            Event::Watch(vec![put(
+                rc + 1,
+                Key::Applied(GatewayId(2)),
+                Value::Revision(rc),
+                4,
+            )]),
+        );
+        assert!(
+            !good(
+                &std::iter::from_fn(|| g.poll_output()).collect::<Vec<_>>(),
+                7
+            ),
+            "commit answered before gateway 2 drained the source's tasks"
+        );
+        g.handle(
+            t0,
+            Event::Watch(vec![put(
+                rc + 2,
+                Key::Drained(GatewayId(2)),
+                Value::Revision(rc),
+                4,
+            )]),
+        );
+        assert!(good(
+            &std::iter::from_fn(|| g.poll_output()).collect::<Vec<_>>(),
+            7
+        ));
+        assert_eq!(
+            (g.state().owner(), g.state().epoch()),
+            (Some("iqn.h:dst"), 2)
+        );
+        assert_eq!(
+            *g.state().handover(),
+            ironlun_scsi::pr::ownership::Handover::Idle
+        );
+    }
 }

@@ -960,9 +960,10 @@ async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
     let (s50, s90, smax) = stats(&mut out.switch_ms);
     let (b50, b90, bmax) = stats(&mut out.blackout_ms);
     println!(
-        "across gateways: storage switch median {s50:.3} ms, p90 {s90:.3} ms, max {smax:.3} ms; \
-         blackout median {b50:.3} ms, p90 {b90:.3} ms, max {bmax:.3} ms (resume hook: ironlun \
-         ctl cluster move); {}",
+        "across gateways: storage switch median {s50:.3} ms, p90 {s90:.3} ms, max {smax:.3} ms \
+         (medians: {}); blackout median {b50:.3} ms, p90 {b90:.3} ms, max {bmax:.3} ms (resume \
+         hook: ironlun ctl cluster move); {}",
+        out.step_medians(),
         out.summary
     );
     for s in &sessions {

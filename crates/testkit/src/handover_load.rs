@@ -230,6 +230,8 @@ pub struct Outcome {
     /// `storage_switch_ms` and `blackout_ms` of each handover, as `ironlun migrate` reported.
     pub switch_ms: Vec<f64>,
     pub blackout_ms: Vec<f64>,
+    /// The target's commit steps of each handover in µs: fence, drain, flush, transfer.
+    pub steps_us: Vec<[u64; 4]>,
     /// Write counts, for the report.
     pub summary: String,
 }
@@ -263,7 +265,7 @@ impl HandoverLoad {
 
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("m.journal");
-        let (mut switch, mut blackout) = (Vec::new(), Vec::new());
+        let (mut switch, mut blackout, mut steps) = (Vec::new(), Vec::new(), Vec::new());
         let mut returned = Vec::new();
         let mut owner = 0usize;
         let run = Arc::new(self);
@@ -303,6 +305,8 @@ impl HandoverLoad {
             );
             switch.push(v["storage_switch_ms"].as_f64().expect("storage_switch_ms"));
             blackout.push(v["blackout_ms"].as_f64().expect("blackout_ms"));
+            let us = |k: &str| v["commit"]["steps_us"][k].as_u64().unwrap_or(0);
+            steps.push([us("fence"), us("drain"), us("flush"), us("transfer")]);
             returned.push((owner, start, at));
             // Switch the active writer: the old one runs on until it is refused.
             *shared.hosts[owner].handed_away.lock().unwrap() = Some(at);
@@ -438,8 +442,27 @@ impl HandoverLoad {
             owner,
             switch_ms: switch,
             blackout_ms: blackout,
+            steps_us: steps,
             summary,
         }
+    }
+}
+
+impl Outcome {
+    /// The median of each commit step, as "fence F ms, drain D ms, flush L ms, transfer T ms".
+    pub fn step_medians(&self) -> String {
+        let median = |i: usize| {
+            let mut v: Vec<u64> = self.steps_us.iter().map(|s| s[i]).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        format!(
+            "fence {:.3} ms, drain {:.3} ms, flush {:.3} ms, transfer {:.3} ms",
+            median(0),
+            median(1),
+            median(2),
+            median(3)
+        )
     }
 }
 
