@@ -206,7 +206,7 @@ all on this machine's loopback. Medians (min–max).
 | one node (state file written only with APTPL: none here) | {o[0]} | {o[1]:,} | {o[2]:,} | {o[3]:,} | {o[4]:,} |
 | gw-a (one etcd transaction, gw-b's acknowledgement) | {g[0]} | {g[1]:,} | {g[2]:,} | {g[3]:,} | {g[4]:,} |
 
-| handover storage switch (`ironlun migrate`, idle hosts) | n | p50 ms | p90 ms | max ms | goal |
+| handover storage switch (ironlun migrate, idle hosts) | n | p50 ms | p90 ms | max ms | goal |
 | --- | --- | --- | --- | --- | --- |
 | one node | {ho[0]} | {ho[1]:.3f} | {ho[2]:.3f} | {ho[3]:.3f} | |
 | through gw-a and gw-b in turn (fence and commit: one etcd record and the acknowledgements each) | {hg[0]} | {hg[1]:.3f} | {hg[2]:.3f} | {hg[3]:.3f} | median ≤ 15 {'met' if hg[1] <= 15 else 'NOT met'} |
