@@ -9,8 +9,11 @@
 //! once its old member key is gone and knows nothing of its old incarnation's writes. Backend
 //! I/O already submitted completes even on a killed gateway.
 //!
-//! The workload: H1 and H2 register with ALL_TG_PT through A and C, H1 takes Write Exclusive –
-//! Registrants Only through A and writes through A; H2 sends PREEMPT AND ABORT through C.
+//! The workload ([`Workload::PreemptAndAbort`]): H1 and H2 register with ALL_TG_PT through A
+//! and C, H1 takes Write Exclusive – Registrants Only through A and writes through A; H2 sends
+//! PREEMPT AND ABORT through C. Or ([`Workload::Handover`], scale-out.md §2.7): H1 is made the
+//! owner through A and writes through A; a coordinator hands the LU to H2 through C (prepare,
+//! fence, commit, each retried on the next gateway like a PR OUT).
 //! A write is submitted only if A's replica admits it and `may_submit(now)`, and lands after a
 //! latency up to [`SimConfig::write_latency_max`]. Hosts retry NOT READY, BUSY and silence on
 //! the next gateway.
@@ -19,7 +22,8 @@
 //! - I1 every gateway's replica equals the record at its revision, and replay never diverges;
 //! - I2 a GOOD for an op committed at `r` comes only when every member at `r` has applied `r`
 //!   (and drained it if the op aborts tasks) or its member key was deleted ≥ Δ ago;
-//! - I3 no write of a preempted nexus lands after the PREEMPT AND ABORT's GOOD;
+//! - I3 no write of a preempted nexus lands after the PREEMPT AND ABORT's GOOD (of H1 after
+//!   the handover commit's GOOD); no ownership step is refused;
 //! - I4 a submit happens only before the gateway's deadline, while its lease is alive, and
 //!   with the deadline (in real time) before the store's expiry of that lease;
 //! - I5 a GOOD that needed the store names a committed record of that very op, and an
@@ -32,6 +36,7 @@ use crate::lease::Timing;
 use crate::op::{param_list, Op, Record};
 use crate::{GatewayId, Revision, Time};
 use ironlun_scsi::pr::access::{allowed, Class, Standing};
+use ironlun_scsi::pr::ownership::{OwnershipOp, TaskPick};
 use ironlun_scsi::pr::{sa, InitiatorPort, ItNexus, OutRequest, PrContext, PrState};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -105,9 +110,24 @@ pub struct Faults {
     pub skew_ppm: [i64; N],
 }
 
+/// What the hosts do (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workload {
+    /// H2 preempts H1 with PREEMPT AND ABORT through C.
+    #[default]
+    PreemptAndAbort,
+    /// The LU is handed from owner H1 to H2 through C.
+    Handover,
+}
+
 /// Everything that defines a run besides the seed.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// What the hosts do.
+    pub workload: Workload,
+    /// Negative control: gateways report an abort drained at once instead of when the
+    /// aborted writes land (the protocol must then be caught by I3).
+    pub broken_abort_drain: bool,
     /// Every gateway's lease bound.
     pub timing: Timing,
     /// Largest backend write latency.
@@ -127,6 +147,8 @@ impl SimConfig {
     pub fn quiet(timing: Timing) -> Self {
         let budget = timing.in_flight_budget();
         Self {
+            workload: Workload::PreemptAndAbort,
+            broken_abort_drain: false,
             timing,
             write_latency_max: budget.mul_f64(0.9).max(Duration::from_millis(1)),
             spike_per_mille: 0,
@@ -226,6 +248,8 @@ struct Node {
 
 #[derive(Debug, Clone)]
 struct HostOp {
+    /// An ownership step instead of a PR OUT.
+    own: Option<OwnershipOp>,
     host: usize,
     service_action: u8,
     ty: u8,
@@ -316,14 +340,17 @@ fn gateway_config(i: usize, timing: Timing) -> GatewayConfig {
     }
 }
 
-fn nexus(host: usize, g: usize) -> ItNexus {
-    let name = if host == 0 {
+fn name(host: usize) -> &'static str {
+    if host == 0 {
         "iqn.2026-01.test:h1"
     } else {
         "iqn.2026-01.test:h2"
-    };
+    }
+}
+
+fn nexus(host: usize, g: usize) -> ItNexus {
     ItNexus {
-        initiator: InitiatorPort::new(name, [0x02, 0x3d, 0, 0, 0, 1]),
+        initiator: InitiatorPort::new(name(host), [0x02, 0x3d, 0, 0, 0, 1]),
         rtpi: PORTS[g],
     }
 }
@@ -351,6 +378,7 @@ impl World {
             });
         }
         let op = |host, service_action, ty, param, path| HostOp {
+            own: None,
             host,
             service_action,
             ty,
@@ -360,24 +388,68 @@ impl World {
             tries: 0,
             result: None,
         };
-        let ops = vec![
-            op(
-                0,
-                sa::REGISTER_AND_IGNORE_EXISTING_KEY,
-                0,
-                param_list(0, KEY1, 0x04),
-                A,
-            ),
-            op(
-                1,
-                sa::REGISTER_AND_IGNORE_EXISTING_KEY,
-                0,
-                param_list(0, KEY2, 0x04),
-                C,
-            ),
-            op(0, sa::RESERVE, WERO, param_list(KEY1, 0, 0), A),
-            op(1, sa::PREEMPT_AND_ABORT, WERO, param_list(KEY2, KEY1, 0), C),
-        ];
+        let own = |host, step, path| HostOp {
+            own: Some(step),
+            ..op(host, 0, 0, Vec::new(), path)
+        };
+        let (h1, h2) = (name(0).to_string(), name(1).to_string());
+        let ops = if cfg.workload == Workload::Handover {
+            vec![
+                own(
+                    0,
+                    OwnershipOp::SetOwner {
+                        host: h1.clone(),
+                        epoch: 1,
+                    },
+                    A,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Prepare {
+                        from: h1.clone(),
+                        to: h2.clone(),
+                        epoch: 2,
+                    },
+                    C,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Fence {
+                        from: h1.clone(),
+                        epoch: 2,
+                    },
+                    C,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Commit {
+                        from: h1,
+                        to: h2,
+                        epoch: 2,
+                    },
+                    C,
+                ),
+            ]
+        } else {
+            vec![
+                op(
+                    0,
+                    sa::REGISTER_AND_IGNORE_EXISTING_KEY,
+                    0,
+                    param_list(0, KEY1, 0x04),
+                    A,
+                ),
+                op(
+                    1,
+                    sa::REGISTER_AND_IGNORE_EXISTING_KEY,
+                    0,
+                    param_list(0, KEY2, 0x04),
+                    C,
+                ),
+                op(0, sa::RESERVE, WERO, param_list(KEY1, 0, 0), A),
+                op(1, sa::PREEMPT_AND_ABORT, WERO, param_list(KEY2, KEY1, 0), C),
+            ]
+        };
         let mut w = Self {
             now: Time::default(),
             kv,
@@ -420,7 +492,9 @@ impl World {
             w.push(at, Msg::Restart(g));
         }
         w.push(ms(10), Msg::HostIssue(0));
-        w.push(ms(10), Msg::HostIssue(1));
+        if w.cfg.workload == Workload::PreemptAndAbort {
+            w.push(ms(10), Msg::HostIssue(1));
+        }
         w.broadcast();
         w
     }
@@ -613,9 +687,10 @@ impl World {
             );
             return;
         }
-        // Whatever was on its way to the dead process died with it.
+        // Whatever was on its way to the dead process died with it. The end of a partition
+        // (`Resync`) is the link's: the new process's watch resumes from its join then.
         self.queue.retain(|_, m| match m {
-            Msg::ToGw(x, _) | Msg::Timer(x) | Msg::Drained(x, _) | Msg::Resync(x) => *x != g,
+            Msg::ToGw(x, _) | Msg::Timer(x) | Msg::Drained(x, _) => *x != g,
             Msg::Prout { g: x, .. } => *x != g,
             _ => true,
         });
@@ -768,11 +843,15 @@ impl World {
                 revision,
             } => self.respond(g, token, answer, revision),
             Output::State { .. } => {}
-            // The simulated hosts send PR OUTs only; no ownership step is ever recorded.
-            Output::AbortHost { revision, .. } | Output::DrainHost { revision, .. } => {
-                self.violation(format!(
-                    "ownership output at {revision} without an ownership op"
-                ));
+            Output::AbortHost { pick, revision } => {
+                let pick = move |it: &ItNexus| match &pick {
+                    TaskPick::Host(h) => it.initiator.name() == h,
+                    TaskPick::AllBut(h) => it.initiator.name() != h,
+                };
+                self.drain_writes(g, revision, pick);
+            }
+            Output::DrainHost { host, revision } => {
+                self.drain_writes(g, revision, move |it| it.initiator.name() == host);
             }
             Output::Ua {
                 registration,
@@ -783,25 +862,9 @@ impl World {
                 registrations,
                 revision,
                 ..
-            } => {
-                // This process's own writes: a restarted gateway knows nothing of the ones
-                // its previous incarnation left in flight.
-                let incarnation = self.nodes[g].incarnation;
-                let land = self
-                    .writes
-                    .values()
-                    .filter(|w| {
-                        w.gw == g
-                            && w.incarnation == incarnation
-                            && registrations.iter().any(|r| r.matches(&w.nexus))
-                    })
-                    .map(|w| w.land)
-                    .max()
-                    .unwrap_or(self.now)
-                    .max(self.now);
-                self.aborts.push((g, revision, land));
-                self.push(land, Msg::Drained(g, revision));
-            }
+            } => self.drain_writes(g, revision, move |it| {
+                registrations.iter().any(|r| r.matches(it))
+            }),
             Output::Fenced => {
                 self.stats.fences += 1;
                 self.fenced_at[g] = Some(self.now);
@@ -812,6 +875,28 @@ impl World {
                 self.violation(format!("I1: gateway {g} diverged at {revision}"))
             }
         }
+    }
+
+    /// Gateway `g` reports `revision` drained once the writes of the nexuses `pick` names
+    /// that it has in flight have landed. Only this process's own writes: a restarted gateway
+    /// knows nothing of the ones its previous incarnation left in flight.
+    fn drain_writes(&mut self, g: usize, revision: Revision, pick: impl Fn(&ItNexus) -> bool) {
+        let incarnation = self.nodes[g].incarnation;
+        let land = self
+            .writes
+            .values()
+            .filter(|w| w.gw == g && w.incarnation == incarnation && pick(&w.nexus))
+            .map(|w| w.land)
+            .max()
+            .unwrap_or(self.now)
+            .max(self.now);
+        let at = if self.cfg.broken_abort_drain {
+            self.now
+        } else {
+            land
+        };
+        self.aborts.push((g, revision, land));
+        self.push(at, Msg::Drained(g, revision));
     }
 
     fn issue(&mut self, op: usize) {
@@ -846,6 +931,14 @@ impl World {
 
     fn prout(&mut self, g: usize, op: usize, token: Token) {
         let o = &self.ops[op];
+        if let Some(step) = o.own.clone() {
+            let local = self.local(g, self.now);
+            let submit = self.nodes[g].gw.ownership(local, token, step);
+            if let Submit::Immediate(answer) = submit {
+                self.respond(g, token, answer, None);
+            }
+            return self.after(g);
+        }
         let it = nexus(o.host, g);
         let param = o.param.clone();
         let req = OutRequest {
@@ -894,8 +987,28 @@ impl World {
         if matches!(answer, Answer::NotReady | Answer::Busy) {
             return self.retry(op);
         }
+        if let Answer::Refused(e) = &answer {
+            self.violation(format!("ownership step {op} refused on {g}: {e}"));
+        }
         self.ops[op].result = Some(answer);
         let good = |w: &Self, i: usize| w.ops[i].result == Some(Answer::Good);
+        if self.cfg.workload == Workload::Handover {
+            // Owner, then writes and prepare; fence at `preempt_at`; commit at once.
+            match op {
+                0 if good(self, 0) => {
+                    self.writing = true;
+                    self.push(self.now, Msg::Write);
+                    self.push(self.now, Msg::HostIssue(1));
+                }
+                1 if good(self, 1) => {
+                    let at = self.cfg.preempt_at.max(self.now);
+                    self.push(at, Msg::HostIssue(2));
+                }
+                2 if good(self, 2) => self.push(self.now, Msg::HostIssue(3)),
+                _ => {}
+            }
+            return;
+        }
         if op == 0 && good(self, 0) {
             self.push(self.now, Msg::HostIssue(2));
         }
@@ -913,6 +1026,7 @@ impl World {
     fn check_committed(&mut self, g: usize, op: usize, r: Revision) {
         let o = &self.ops[op];
         let matches = match self.records.get(&r).map(|rec| &rec.op) {
+            Some(Op::Ownership(step)) => o.own.as_ref() == Some(step),
             Some(Op::Prout {
                 it,
                 service_action,
@@ -942,12 +1056,19 @@ impl World {
             relative_ports: &PORTS,
             ptpl_capable: true,
         };
-        let aborted = self
+        let applied = self
             .records
             .get(&r)
             .and_then(|rec| rec.op.apply(&mut state, ctx).ok())
-            .map(|a| a.fx.aborted)
             .unwrap_or_default();
+        let aborted = |it: &ItNexus| {
+            applied.fx.aborted.iter().any(|a| a.matches(it))
+                || match &applied.abort {
+                    Some(TaskPick::Host(h)) => it.initiator.name() == h,
+                    Some(TaskPick::AllBut(h)) => it.initiator.name() != h,
+                    None => false,
+                }
+        };
         let delta = self.cfg.timing.settings().lock_delay;
         for h in 0..N {
             let id = GatewayId(u32::try_from(h).unwrap_or(0));
@@ -978,9 +1099,10 @@ impl World {
                 continue;
             }
             let applied = self.nodes[h].gw.pr_revision() >= r;
-            let busy = self.writes.values().any(|w| {
-                w.gw == h && w.land > self.now && aborted.iter().any(|a| a.matches(&w.nexus))
-            });
+            let busy = self
+                .writes
+                .values()
+                .any(|w| w.gw == h && w.land > self.now && aborted(&w.nexus));
             if !applied || busy {
                 self.violation(format!(
                     "I2: GOOD on {g} at {r} while gateway {h} applied={applied} undrained={busy}"
@@ -1005,7 +1127,8 @@ impl World {
             registered: id.is_some(),
             holder: id.is_some_and(|i| state.is_holder(i)),
         };
-        if !allowed(Class::Modify, standing) {
+        let fenced = state.handover().fenced() == Some(it.initiator.name());
+        if fenced || !allowed(Class::Modify, standing) {
             self.stats.conflicts += 1;
             return;
         }
@@ -1065,10 +1188,21 @@ impl World {
 /// Runs `seeds` random runs with `timing`; returns the violations found, each prefixed with its
 /// seed, and the summed counters.
 pub fn sweep(seeds: std::ops::Range<u64>, timing: Timing) -> (Vec<String>, Stats) {
+    sweep_with(seeds, timing, Workload::PreemptAndAbort)
+}
+
+/// [`sweep`] with `workload`.
+pub fn sweep_with(
+    seeds: std::ops::Range<u64>,
+    timing: Timing,
+    workload: Workload,
+) -> (Vec<String>, Stats) {
     let mut all = Vec::new();
     let mut total = Stats::default();
     for seed in seeds {
-        let mut w = World::new(seed, SimConfig::random(seed, timing));
+        let mut cfg = SimConfig::random(seed, timing);
+        cfg.workload = workload;
+        let mut w = World::new(seed, cfg);
         w.run();
         all.extend(w.violations.iter().map(|v| format!("seed {seed}: {v}")));
         let s = &w.stats;

@@ -5,7 +5,7 @@
 use ironlun_cluster::gateway::Answer;
 use ironlun_cluster::kv::{Change, Key};
 use ironlun_cluster::lease::{LeaseSettings, Timing};
-use ironlun_cluster::sim::{sweep, SimConfig, World, A, B, C};
+use ironlun_cluster::sim::{sweep, sweep_with, SimConfig, Workload, World, A, B, C};
 use ironlun_cluster::{GatewayId, Time};
 use ironlun_scsi::sense::SenseReason;
 use std::time::Duration;
@@ -204,5 +204,84 @@ fn a_restarted_gateway_does_not_shorten_the_wait_for_its_old_incarnations_writes
     assert!(
         good > last,
         "GOOD at {good:?}, a write of A landed at {last:?}"
+    );
+}
+
+/// A handover from owner H1 (writing through A) to H2, taken through C (scale-out.md §2.7):
+/// every step is answered GOOD; the commit's GOOD comes only after A drained H1's writes, none
+/// lands later (I3); H2 owns the LU on every replica, H1's registration got 2Ah/05h.
+#[test]
+fn handover_through_c_waits_for_a_to_drain_the_source() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.workload = Workload::Handover;
+    cfg.write_latency_max = Duration::from_millis(400);
+    let w = run(3, cfg);
+    assert!(
+        w.answers().iter().all(|a| *a == Some(Answer::Good)),
+        "{:?}",
+        w.answers()
+    );
+    let good = w.preempt_good.unwrap();
+    assert!(good > ms(2000), "commit GOOD at {good:?}");
+    assert!(w.landed.iter().all(|(t, _)| *t <= good));
+    assert!(
+        w.stats.landed > 10 && w.stats.conflicts > 0,
+        "{:?}",
+        w.stats
+    );
+    for g in [A, B, C] {
+        let s = w.gateway(g).state();
+        assert_eq!(
+            (s.owner(), s.epoch()),
+            (Some("iqn.2026-01.test:h2"), 2),
+            "gateway {g}"
+        );
+        assert!(s.handover().parts().is_none(), "gateway {g}");
+    }
+    // The fence's drain and the commit's abort, reported by every gateway.
+    assert!(w.aborts.iter().filter(|(g, _, _)| *g == A).count() >= 2);
+    assert!(w
+        .uas
+        .iter()
+        .any(|(_, _, r)| *r == SenseReason::RegistrationsPreempted));
+}
+
+#[test]
+fn handover_sweep_of_seeded_faults_finds_no_violation() {
+    let (violations, stats) = sweep_with(0..1000, timing(), Workload::Handover);
+    println!("1000 handover seeds: {stats:?}");
+    assert!(
+        violations.is_empty(),
+        "{:#?}",
+        &violations[..violations.len().min(10)]
+    );
+    assert!(
+        stats.committed_goods > 2000 && stats.landed > 10_000,
+        "{stats:?}"
+    );
+}
+
+/// Negative control: gateways that report an abort drained before the aborted writes land
+/// let the commit's GOOD come too early, and I3 sees H1's late writes.
+#[test]
+fn negative_control_an_early_drain_report_is_caught_in_a_handover() {
+    let mut found = Vec::new();
+    for seed in 0..100 {
+        let mut cfg = SimConfig::random(seed, timing());
+        cfg.workload = Workload::Handover;
+        cfg.broken_abort_drain = true;
+        cfg.write_latency_max = Duration::from_millis(400);
+        let mut w = World::new(seed, cfg);
+        w.run();
+        found.extend(w.violations.iter().cloned());
+    }
+    println!(
+        "negative control: {} violations, first: {:?}",
+        found.len(),
+        found.first()
+    );
+    assert!(
+        found.iter().any(|v| v.contains("I3")),
+        "the checker saw no violation"
     );
 }
