@@ -9,12 +9,14 @@ pub mod blockdev;
 pub mod buffers;
 pub mod file;
 pub mod ram;
+pub mod rbd;
 pub mod uring;
 pub mod vhd;
 
 pub use blockdev::{BlockDevBackend, BlockDevOptions};
 pub use file::{FileBackend, FileOptions};
 pub use ram::RamBackend;
+pub use rbd::{rbd_available, RbdBackend, RbdOptions};
 pub use uring::{io_uring_available, UringBackend, UringOptions};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -40,6 +42,16 @@ pub enum BackstoreError {
     },
     #[error("no space left for {op} at {offset}")]
     NoSpace { op: &'static str, offset: u64 },
+    /// The storage refused this client because another one took the medium over and fenced
+    /// this one off ([`BlockBackend::take_exclusive`]; RBD: blocklisted or lock lost). Nothing
+    /// this client sends reaches the medium any more.
+    #[error("{op} at {offset}: fenced by the storage, another client holds the medium ({source})")]
+    Fenced {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0} is not supported by this backstore")]
     Unsupported(&'static str),
     /// A modifying operation on a read-only backstore (SBC-3 §4.13: DATA PROTECT, WRITE PROTECTED).
@@ -124,6 +136,16 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn resize(&self, new_size: u64) -> Result<()> {
         let _ = new_size;
         Err(BackstoreError::Unsupported("resize"))
+    }
+
+    /// The storage-side fence: make this client the medium's only writer, fencing off any
+    /// previous one so that none of its later writes reaches the medium (they fail with
+    /// [`BackstoreError::Fenced`] there). Called when this daemon becomes the active gateway
+    /// for the LU (cluster mode) and when it opens the LU on one node. Blocks for network
+    /// round trips; returns once the fence is up. Idempotent. Default: `Ok(())`, no fence (a
+    /// local file or block device has none; cluster mode then relies on timing alone).
+    fn take_exclusive(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Whether the `*_async` methods complete from the backend's own thread without blocking

@@ -171,6 +171,10 @@ fn kind(op: &IoOp, e: &BackstoreError) -> IoErrorKind {
     match e {
         BackstoreError::NoSpace { .. } => IoErrorKind::NoSpace,
         BackstoreError::Unsupported(_) => IoErrorKind::Unsupported,
+        // Another gateway took the medium over (RBD: this client was blocklisted): NOT
+        // READY, ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A), never GOOD, so that the
+        // initiator retries on the gateway that holds the medium now. The write did not land.
+        BackstoreError::Fenced { .. } => IoErrorKind::Fenced,
         BackstoreError::OutOfRange { .. }
         | BackstoreError::ReadOnly { .. }
         | BackstoreError::Shrink { .. } => IoErrorKind::Other,

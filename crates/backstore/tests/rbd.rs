@@ -1,0 +1,118 @@
+//! The RBD backstore against a real one-node Ceph (`ironlun_testkit::Ceph`, started here;
+//! missing Ceph tools or libraries fail the test): the shared conformance suite on a fresh
+//! image per check, and the storage fence: a second client's `take_exclusive` breaks the
+//! first one's lock, blocklists it, and the first one's late write fails and is not on the
+//! medium.
+//!
+//! One `#[test]` runs everything, so that the cluster is stopped (by PID) when it ends.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use ironlun_backstore::conformance::{self, pattern};
+use ironlun_backstore::{rbd_available, BackstoreError, BlockBackend, RbdBackend, RbdOptions};
+use ironlun_testkit::ceph::{Ceph, POOL};
+
+fn options(ceph: &Ceph, image: &str) -> RbdOptions {
+    RbdOptions {
+        ceph_conf: Some(ceph.conf()),
+        ..RbdOptions::new(POOL, image)
+    }
+}
+
+#[test]
+fn rbd_backstore_on_a_real_cluster() {
+    assert!(
+        rbd_available(),
+        "librados.so.2/librbd.so.1 cannot be loaded: run scripts/install-deps.sh"
+    );
+    let t = Instant::now();
+    let ceph = Ceph::start();
+    eprintln!("ceph up in {:.1?}", t.elapsed());
+
+    let t = Instant::now();
+    let n = AtomicU32::new(0);
+    let make = |size: u64| {
+        let name = format!("conf{}", n.fetch_add(1, Ordering::Relaxed));
+        RbdBackend::open(RbdOptions {
+            create_size: Some(size),
+            ..options(&ceph, &name)
+        })
+        .unwrap()
+    };
+    if let Err(e) = conformance::run_all(&make) {
+        panic!("conformance:\n{e}");
+    }
+    eprintln!(
+        "conformance: {} checks on {} images in {:.1?}",
+        conformance::checks::<RbdBackend>().len(),
+        n.load(Ordering::Relaxed),
+        t.elapsed()
+    );
+
+    a_missing_image_is_refused(&ceph);
+    take_exclusive_fences_the_previous_writer(&ceph);
+}
+
+/// Without `create_size` a missing image is an error naming it; a missing pool too.
+fn a_missing_image_is_refused(ceph: &Ceph) {
+    let e = RbdBackend::open(options(ceph, "nosuch")).unwrap_err();
+    assert!(e.to_string().contains("rbd/nosuch"), "{e}");
+    let e = RbdBackend::open(RbdOptions {
+        pool: "nopool".into(),
+        ..options(ceph, "x")
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("nopool"), "{e}");
+}
+
+/// A takes the lock and writes; B takes it over (breaking A's lock: A is blocklisted); A's
+/// next write fails as `Fenced` and is not on the medium; B reads and writes; A, taking the
+/// lock back, connects anew and fences B in turn.
+fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
+    ceph.create_image("fence", 4 << 20);
+    let a = RbdBackend::open(options(ceph, "fence")).unwrap();
+    let b = RbdBackend::open(options(ceph, "fence")).unwrap();
+    a.take_exclusive().unwrap();
+    assert!(a.holds_lock().unwrap());
+    a.take_exclusive().unwrap(); // idempotent
+    a.write(0, &pattern(1, 4096), true).unwrap();
+    let (a_name, a_addr) = a.client();
+    assert!(!ceph.blocklist().contains(&a_addr), "{a_addr} blocklisted early");
+
+    let t = Instant::now();
+    b.take_exclusive().unwrap();
+    let took = t.elapsed();
+    eprintln!("B took the lock from A ({a_name} {a_addr}) in {took:.1?}");
+    assert!(b.holds_lock().unwrap());
+    let listed = ceph.blocklist();
+    assert!(
+        listed.iter().any(|l| a_addr.contains(l.as_str()) || l.contains(&a_addr)),
+        "A's address {a_addr} is not on the blocklist {listed:?}"
+    );
+
+    let late = a.write(0, &pattern(2, 4096), true);
+    assert!(
+        matches!(late, Err(BackstoreError::Fenced { .. })),
+        "A's late write: {late:?}"
+    );
+    assert_eq!(&b.read(0, 4096).unwrap()[..], &pattern(1, 4096)[..]);
+    b.write(4096, &pattern(3, 4096), true).unwrap();
+    assert!(matches!(
+        a.read(4096, 4096),
+        Err(BackstoreError::Fenced { .. })
+    ));
+
+    // A becomes the writer again: it connects anew and fences B.
+    a.take_exclusive().unwrap();
+    let (_, a_addr2) = a.client();
+    assert_ne!(a_addr, a_addr2, "A kept its fenced client");
+    assert_eq!(&a.read(4096, 4096).unwrap()[..], &pattern(3, 4096)[..]);
+    a.write(8192, &pattern(4, 4096), true).unwrap();
+    assert!(matches!(
+        b.write(8192, &pattern(5, 4096), false),
+        Err(BackstoreError::Fenced { .. })
+    ));
+    assert_eq!(&a.read(8192, 4096).unwrap()[..], &pattern(4, 4096)[..]);
+}
