@@ -147,6 +147,13 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn take_exclusive(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether the fence [`take_exclusive`](Self::take_exclusive) took is still this
+    /// client's, as last seen (no round trip): `false` before it was taken and once the
+    /// storage answered [`BackstoreError::Fenced`]. A gateway serves media access as the
+    /// active one only while this holds. Default: `true` (no fence to hold).
+    fn holds_exclusive(&self) -> bool {
+        true
+    }
 
     /// Whether the `*_async` methods complete from the backend's own thread without blocking
     /// the caller. When `true` the daemon `.await`s them on its async workers; when `false` it

@@ -32,7 +32,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::path::PathBuf;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
@@ -298,10 +298,10 @@ impl Conn {
             ioctx: ptr::null_mut(),
             image: ptr::null_mut(),
         };
-        let conf_name = o
-            .ceph_conf
-            .as_deref()
-            .map_or_else(|| "(default search)".to_owned(), |p| p.display().to_string());
+        let conf_name = o.ceph_conf.as_deref().map_or_else(
+            || "(default search)".to_owned(),
+            |p| p.display().to_string(),
+        );
         // SAFETY: every pointer passed is a NUL-terminated string that outlives the call, or
         // an out-pointer to a field of `c`; handles are used only after their call succeeded,
         // and `c`'s drop releases whatever was created if a later step fails.
@@ -309,7 +309,11 @@ impl Conn {
             let r = (api.rados_create2)(&mut c.cluster, c"ceph".as_ptr(), name.as_ptr(), 0);
             if r < 0 {
                 c.cluster = ptr::null_mut();
-                return Err(step_error("rados_create2", &format!("client.{}", o.client), r));
+                return Err(step_error(
+                    "rados_create2",
+                    &format!("client.{}", o.client),
+                    r,
+                ));
             }
             let r = (api.rados_conf_read_file)(
                 c.cluster,
@@ -396,12 +400,8 @@ impl Conn {
         // SAFETY: `owners` has room for `n` pointers, which librbd fills with strings it
         // allocates; those are copied, then released with the matching cleanup call.
         unsafe {
-            let r = (self.api.rbd_lock_get_owners)(
-                self.image,
-                &mut mode,
-                owners.as_mut_ptr(),
-                &mut n,
-            );
+            let r =
+                (self.api.rbd_lock_get_owners)(self.image, &mut mode, owners.as_mut_ptr(), &mut n);
             if r == -libc::ENOENT {
                 return Ok(Vec::new());
             }
@@ -429,7 +429,8 @@ impl Conn {
         for owner in &owners {
             let c = cstring("lock owner", owner)?;
             // SAFETY: `image` is open and `c` a NUL-terminated string outliving the call.
-            let r = unsafe { (self.api.rbd_lock_break)(self.image, LOCK_MODE_EXCLUSIVE, c.as_ptr()) };
+            let r =
+                unsafe { (self.api.rbd_lock_break)(self.image, LOCK_MODE_EXCLUSIVE, c.as_ptr()) };
             // Gone meanwhile: nothing to break.
             if r < 0 && r != -libc::ENOENT {
                 return Err(io_error("rbd lock break", 0, r.into()));
@@ -450,6 +451,8 @@ pub struct RbdBackend {
     /// The current client; replaced by a new one when a fenced client takes the lock again.
     conn: RwLock<Arc<Conn>>,
     size: AtomicU64,
+    /// The exclusive lock is ours, as last seen ([`BlockBackend::holds_exclusive`]).
+    held: AtomicBool,
     /// Serialises [`BlockBackend::take_exclusive`] (and the reconnect it may do).
     taking: Mutex<()>,
 }
@@ -473,6 +476,7 @@ impl RbdBackend {
             opts,
             conn: RwLock::new(Arc::new(conn)),
             size: AtomicU64::new(size),
+            held: AtomicBool::new(false),
             taking: Mutex::new(()),
         })
     }
@@ -497,6 +501,14 @@ impl RbdBackend {
         Arc::clone(&self.conn.read().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Note a fenced answer: the lock is no longer ours.
+    fn seen<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(BackstoreError::Fenced { .. }) = &r {
+            self.held.store(false, Ordering::Release);
+        }
+        r
+    }
+
     fn writable(&self, op: &'static str) -> Result<()> {
         if self.opts.read_only {
             return Err(BackstoreError::ReadOnly { op });
@@ -505,7 +517,12 @@ impl RbdBackend {
     }
 
     /// Run `f(offset, len)` over `offset..offset + len` in pieces of at most [`MAX_IO`].
-    fn chunked(&self, offset: u64, len: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    fn chunked(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let mut at = offset;
         let end = offset.saturating_add(len);
         while at < end {
@@ -520,7 +537,7 @@ impl RbdBackend {
         self.writable(op)?;
         check_range(offset, len, self.size())?;
         let c = self.conn();
-        self.chunked(offset, len, |at, n| {
+        let r = self.chunked(offset, len, |at, n| {
             let n = usize::try_from(n).map_err(|_| io_error(op, at, -i64::from(libc::EINVAL)))?;
             // SAFETY: `image` is open; no buffer is passed.
             let r = unsafe { (c.api.rbd_write_zeroes)(c.image, at, n, flags, 0) };
@@ -528,7 +545,8 @@ impl RbdBackend {
                 return Err(io_error(op, at, i64::try_from(r).unwrap_or(-1)));
             }
             Ok(())
-        })
+        });
+        self.seen(r)
     }
 
     /// The mapped runs `rbd_diff_iterate2` reports in `offset..end`, sorted.
@@ -578,8 +596,9 @@ impl BlockBackend for RbdBackend {
         let mut buf = vec![0u8; len];
         let c = self.conn();
         let mut done = 0usize;
-        self.chunked(offset, len64, |at, n| {
-            let n = usize::try_from(n).map_err(|_| io_error("read", at, -i64::from(libc::EINVAL)))?;
+        let r = self.chunked(offset, len64, |at, n| {
+            let n =
+                usize::try_from(n).map_err(|_| io_error("read", at, -i64::from(libc::EINVAL)))?;
             let dst = buf
                 .get_mut(done..done.saturating_add(n))
                 .ok_or_else(|| io_error("read", at, -i64::from(libc::EINVAL)))?;
@@ -593,12 +612,16 @@ impl BlockBackend for RbdBackend {
                 return Err(BackstoreError::Io {
                     op: "read",
                     offset: at,
-                    source: io::Error::new(io::ErrorKind::UnexpectedEof, format!("short read: {r} of {n} bytes")),
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read: {r} of {n} bytes"),
+                    ),
                 });
             }
             done += n;
             Ok(())
-        })?;
+        });
+        self.seen(r)?;
         Ok(Bytes::from(buf))
     }
 
@@ -609,8 +632,9 @@ impl BlockBackend for RbdBackend {
         let c = self.conn();
         let flags = if fua { OP_FLAG_FUA } else { 0 };
         let mut done = 0usize;
-        self.chunked(offset, len64, |at, n| {
-            let n = usize::try_from(n).map_err(|_| io_error("write", at, -i64::from(libc::EINVAL)))?;
+        let r = self.chunked(offset, len64, |at, n| {
+            let n =
+                usize::try_from(n).map_err(|_| io_error("write", at, -i64::from(libc::EINVAL)))?;
             let src = data
                 .get(done..done.saturating_add(n))
                 .ok_or_else(|| io_error("write", at, -i64::from(libc::EINVAL)))?;
@@ -624,12 +648,16 @@ impl BlockBackend for RbdBackend {
                 return Err(BackstoreError::Io {
                     op: "write",
                     offset: at,
-                    source: io::Error::new(io::ErrorKind::WriteZero, format!("short write: {r} of {n} bytes")),
+                    source: io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("short write: {r} of {n} bytes"),
+                    ),
                 });
             }
             done += n;
             Ok(())
-        })
+        });
+        self.seen(r)
     }
 
     fn flush(&self) -> Result<()> {
@@ -637,7 +665,7 @@ impl BlockBackend for RbdBackend {
         // SAFETY: `image` is open.
         let r = unsafe { (c.api.rbd_flush)(c.image) };
         if r < 0 {
-            return Err(io_error("flush", 0, r.into()));
+            return self.seen(Err(io_error("flush", 0, r.into())));
         }
         Ok(())
     }
@@ -665,7 +693,11 @@ impl BlockBackend for RbdBackend {
                 Some(e) if e.mapped == mapped && e.offset.saturating_add(e.len) == o => {
                     e.len = e.len.saturating_add(l);
                 }
-                _ => out.push(Extent { offset: o, len: l, mapped }),
+                _ => out.push(Extent {
+                    offset: o,
+                    len: l,
+                    mapped,
+                }),
             }
         };
         let mut at = offset;
@@ -685,6 +717,10 @@ impl BlockBackend for RbdBackend {
 
     fn thin_provisioning(&self) -> bool {
         true
+    }
+
+    fn holds_exclusive(&self) -> bool {
+        self.opts.read_only || self.held.load(Ordering::Acquire)
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
@@ -707,6 +743,7 @@ impl BlockBackend for RbdBackend {
             return Ok(());
         }
         let _one = self.taking.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = std::time::Instant::now();
         let c = self.conn();
         let mut features = 0u64;
         // SAFETY: `image` is open; `features` is a valid out-pointer.
@@ -737,8 +774,9 @@ impl BlockBackend for RbdBackend {
             }
             r => r?,
         };
+        self.held.store(true, Ordering::Release);
         if !broken.is_empty() {
-            tracing::warn!(pool = %self.opts.pool, image = %self.opts.image, owners = ?broken, "rbd: broke the exclusive lock of another client (blocklisted)");
+            tracing::warn!(pool = %self.opts.pool, image = %self.opts.image, owners = ?broken, took = ?started.elapsed(), "rbd: broke the exclusive lock of another client (blocklisted)");
         }
         Ok(())
     }

@@ -79,7 +79,10 @@ fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
     a.take_exclusive().unwrap(); // idempotent
     a.write(0, &pattern(1, 4096), true).unwrap();
     let (a_name, a_addr) = a.client();
-    assert!(!ceph.blocklist().contains(&a_addr), "{a_addr} blocklisted early");
+    assert!(
+        !ceph.blocklist().contains(&a_addr),
+        "{a_addr} blocklisted early"
+    );
 
     let t = Instant::now();
     b.take_exclusive().unwrap();
@@ -88,7 +91,9 @@ fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
     assert!(b.holds_lock().unwrap());
     let listed = ceph.blocklist();
     assert!(
-        listed.iter().any(|l| a_addr.contains(l.as_str()) || l.contains(&a_addr)),
+        listed
+            .iter()
+            .any(|l| a_addr.contains(l.as_str()) || l.contains(&a_addr)),
         "A's address {a_addr} is not on the blocklist {listed:?}"
     );
 

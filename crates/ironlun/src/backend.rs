@@ -6,7 +6,7 @@ use ironlun_backstore::uring::{UringBackend, UringOptions};
 use ironlun_backstore::vhd::{create_dynamic, CreateOptions, VhdBackend};
 use ironlun_backstore::{
     file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend,
-    BlockDevBackend, BlockDevOptions,
+    BlockDevBackend, BlockDevOptions, RbdBackend, RbdOptions,
 };
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult};
 use std::path::Path;
@@ -46,7 +46,43 @@ pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
         }
         BackstoreKind::Vhd { path } => open_vhd(lun, path),
         BackstoreKind::Block { path } => open_block(lun, path),
+        BackstoreKind::Rbd {
+            pool,
+            image,
+            ceph_conf,
+            client,
+        } => open_rbd(lun, pool, image, ceph_conf.as_deref(), client),
     }
+}
+
+/// Open an RBD image, creating it with the configured `size` when it is missing (an existing
+/// image's size must then match). Taking its exclusive lock is the caller's: at start on one
+/// node, on becoming the active gateway in cluster mode.
+fn open_rbd(
+    lun: &Lun,
+    pool: &str,
+    image: &str,
+    ceph_conf: Option<&Path>,
+    client: &str,
+) -> Result<Arc<dyn BlockBackend>, String> {
+    let opts = RbdOptions {
+        pool: pool.to_owned(),
+        image: image.to_owned(),
+        ceph_conf: ceph_conf.map(Path::to_path_buf),
+        client: client.to_owned(),
+        create_size: if lun.read_only { None } else { lun.size },
+        read_only: lun.read_only,
+    };
+    let name = format!("rbd image {pool}/{image}");
+    let b = RbdBackend::open(opts).map_err(|e| format!("{name}: {e}"))?;
+    if let Some(size) = lun.size.filter(|s| *s != b.size()) {
+        return Err(format!(
+            "{name}: the image's size is {} bytes, the config says size = {size}; \
+             drop `size` (the image decides) or resize the image",
+            b.size()
+        ));
+    }
+    check_block_multiple(lun, Path::new(&name), Arc::new(b))
 }
 
 /// Open a block device exclusively. Its size is the LUN's capacity, and the LUN's block size

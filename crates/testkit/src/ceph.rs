@@ -27,7 +27,14 @@ pub struct Ceph {
 impl Ceph {
     /// Bring the cluster up and create pool [`POOL`] (hang guard 120 s).
     pub fn start() -> Ceph {
-        for tool in ["ceph-mon", "ceph-osd", "ceph", "monmaptool", "rbd", "uuidgen"] {
+        for tool in [
+            "ceph-mon",
+            "ceph-osd",
+            "ceph",
+            "monmaptool",
+            "rbd",
+            "uuidgen",
+        ] {
             require_tool(tool);
         }
         let dir = tempfile::tempdir().expect("tempdir");
