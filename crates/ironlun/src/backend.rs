@@ -75,6 +75,8 @@ fn open_rbd(
     };
     let name = format!("rbd image {pool}/{image}");
     let b = RbdBackend::open(opts).map_err(|e| format!("{name}: {e}"))?;
+    let (id, addrs) = b.client();
+    tracing::info!(pool, image, size = b.size(), client = %id, %addrs, "rbd image open");
     if let Some(size) = lun.size.filter(|s| *s != b.size()) {
         return Err(format!(
             "{name}: the image's size is {} bytes, the config says size = {size}; \

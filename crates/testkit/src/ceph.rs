@@ -63,7 +63,7 @@ impl Ceph {
              mon allow pool size one = true\n\
              mon warn on pool no redundancy = false\n\
              run dir = {d}/run\n\
-             admin socket = {d}/run/$name.asok\n\
+             admin socket = {d}/run/$name.$pid.$cctid.asok\n\
              log file = {d}/$name.log\n\
              mon data = {d}/mon/$name\n\
              osd data = {d}/osd/ceph-$id\n\
