@@ -1,4 +1,4 @@
-//! The `BlockBackend` contract and the RAM, file and block-device backstores.
+//! The `BlockBackend` contract and the RAM, file, block-device and Ceph RBD backstores.
 //!
 //! Backends are byte-addressed. Synchronous backends run on the daemon's bounded blocking pool;
 //! asynchronous ones ([`BlockBackend::is_async`], e.g. [`UringBackend`]) complete an
