@@ -10,9 +10,13 @@
 //!   what the others wrote, and a write completes only once the OSDs have committed it (FUA
 //!   and SYNCHRONIZE CACHE hold without a cache to flush; FUA writes carry
 //!   `LIBRADOS_OP_FLAG_FADVISE_FUA` anyway).
-//! - **I/O.** Synchronous `rbd_read` / `rbd_write2` / `rbd_flush` / `rbd_write_zeroes` /
-//!   `rbd_resize`, run on the daemon's blocking pool; requests are split at [`MAX_IO`] bytes
-//!   (librbd returns byte counts as `int`). UNMAP is `rbd_write_zeroes` without the
+//! - **I/O.** Reads, writes and flushes are asynchronous ([`BlockBackend::is_async`]):
+//!   `rbd_aio_read` / `rbd_aio_write2` / `rbd_aio_flush`, completed from librbd's callback
+//!   thread into an [`IoFuture`]; each request owns its buffer (and a reference to its client)
+//!   until librbd completes it, whatever happens to the future. The rest (`rbd_write_zeroes`,
+//!   `rbd_diff_iterate2`, `rbd_resize`) and the synchronous methods are blocking librbd calls.
+//!   Requests are split at [`MAX_IO`] bytes (librbd returns byte counts as `int`); an
+//!   asynchronous one larger than that runs synchronously. UNMAP is `rbd_write_zeroes` without the
 //!   thick-provision flag, which removes whole objects and zeroes partial ones: unlike
 //!   `rbd_discard` it never skips a range below the discard granularity, so the range always
 //!   reads as zeroes. [`extents`](BlockBackend::extents) asks `rbd_diff_iterate2` from the
@@ -37,7 +41,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
 
-use crate::{check_range, check_resize, BackstoreError, BlockBackend, Extent, Result};
+use crate::{
+    check_range, check_resize, BackstoreError, BlockBackend, Extent, IoCompleter, IoFuture, Result,
+};
 
 /// Largest byte count handed to one librbd call (its results are `int` byte counts).
 pub const MAX_IO: u64 = 1 << 30;
@@ -57,6 +63,8 @@ type RadosT = *mut c_void;
 type IoctxT = *mut c_void;
 type ImageT = *mut c_void;
 type DiffCb = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+type CompletionT = *mut c_void;
+type AioCb = extern "C" fn(CompletionT, *mut c_void);
 
 /// Declares the C functions used, and loads them from the two libraries.
 macro_rules! ceph_api {
@@ -109,6 +117,12 @@ ceph_api! {
     rbd rbd_write_zeroes(ImageT, u64, usize, c_int, c_int) -> isize;
     rbd rbd_resize(ImageT, u64) -> c_int;
     rbd rbd_diff_iterate2(ImageT, *const c_char, u64, u64, u8, u8, DiffCb, *mut c_void) -> c_int;
+    rbd rbd_aio_create_completion(*mut c_void, AioCb, *mut CompletionT) -> c_int;
+    rbd rbd_aio_get_return_value(CompletionT) -> isize;
+    rbd rbd_aio_release(CompletionT) -> ();
+    rbd rbd_aio_read(ImageT, u64, usize, *mut c_char, CompletionT) -> c_int;
+    rbd rbd_aio_write2(ImageT, u64, usize, *const c_char, CompletionT, c_int) -> c_int;
+    rbd rbd_aio_flush(ImageT, CompletionT) -> c_int;
     rbd rbd_is_exclusive_lock_owner(ImageT, *mut c_int) -> c_int;
     rbd rbd_lock_acquire(ImageT, c_int) -> c_int;
     rbd rbd_lock_get_owners(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
@@ -451,8 +465,9 @@ pub struct RbdBackend {
     /// The current client; replaced by a new one when a fenced client takes the lock again.
     conn: RwLock<Arc<Conn>>,
     size: AtomicU64,
-    /// The exclusive lock is ours, as last seen ([`BlockBackend::holds_exclusive`]).
-    held: AtomicBool,
+    /// The exclusive lock is ours, as last seen ([`BlockBackend::holds_exclusive`]); shared
+    /// with the completions of asynchronous requests.
+    held: Arc<AtomicBool>,
     /// Serialises [`BlockBackend::take_exclusive`] (and the reconnect it may do).
     taking: Mutex<()>,
 }
@@ -476,7 +491,7 @@ impl RbdBackend {
             opts,
             conn: RwLock::new(Arc::new(conn)),
             size: AtomicU64::new(size),
-            held: AtomicBool::new(false),
+            held: Arc::new(AtomicBool::new(false)),
             taking: Mutex::new(()),
         })
     }
@@ -582,6 +597,140 @@ impl RbdBackend {
         }
         runs.sort_unstable();
         Ok(runs)
+    }
+}
+
+/// What an asynchronous request owns until librbd completes it: its buffer and completer.
+enum Owned {
+    /// The buffer librbd reads into.
+    Read(Vec<u8>, IoCompleter<Bytes>),
+    /// The data librbd writes from.
+    Write(Bytes, IoCompleter<()>),
+    Flush(IoCompleter<()>),
+}
+
+/// One asynchronous request, handed to librbd as its completion's argument.
+struct Aio {
+    api: &'static Api,
+    /// The client it was submitted on, kept open until it completes.
+    conn: Option<Arc<Conn>>,
+    held: Arc<AtomicBool>,
+    op: &'static str,
+    offset: u64,
+    owned: Owned,
+}
+
+impl Aio {
+    /// Complete the future with librbd's return value `r` (bytes read for a read, 0 for a
+    /// write or flush, or `-errno`).
+    fn finish(self, r: isize) {
+        let Aio {
+            held,
+            op,
+            offset,
+            owned,
+            ..
+        } = self;
+        let failed = (r < 0).then(|| {
+            let e = io_error(op, offset, i64::try_from(r).unwrap_or(-1));
+            if matches!(e, BackstoreError::Fenced { .. }) {
+                held.store(false, Ordering::Release);
+            }
+            e
+        });
+        match owned {
+            Owned::Read(buf, done) => done.complete(match failed {
+                Some(e) => Err(e),
+                None if usize::try_from(r).ok() == Some(buf.len()) => Ok(Bytes::from(buf)),
+                None => Err(BackstoreError::Io {
+                    op,
+                    offset,
+                    source: io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short read: {r} of {} bytes", buf.len()),
+                    ),
+                }),
+            }),
+            Owned::Write(_, done) | Owned::Flush(done) => done.complete(match failed {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }),
+        }
+    }
+}
+
+/// librbd's completion callback for every [`Aio`].
+extern "C" fn aio_done(c: CompletionT, arg: *mut c_void) {
+    // SAFETY: `arg` is the `Box<Aio>` that `submit` leaked for this completion alone, and
+    // librbd calls this callback exactly once per completion; nothing else frees it.
+    let mut req = unsafe { Box::from_raw(arg.cast::<Aio>()) };
+    let api = req.api;
+    // SAFETY: `c` is this request's completion, complete now; it is released once, here.
+    let r = unsafe {
+        let r = (api.rbd_aio_get_return_value)(c);
+        (api.rbd_aio_release)(c);
+        r
+    };
+    let conn = req.conn.take();
+    req.finish(r);
+    // A client replaced meanwhile whose last user this was: close it on a thread of its own
+    // (closing an image from its own callback thread would wait for that thread).
+    if let Some(last) = conn.and_then(Arc::into_inner) {
+        let _ = std::thread::Builder::new()
+            .name("rbd-close".into())
+            .spawn(move || drop(last));
+    }
+}
+
+impl RbdBackend {
+    /// Hand `owned` to librbd with `go(image, buffer pointer, completion)`; the future it
+    /// completes is the caller's.
+    fn submit(
+        &self,
+        op: &'static str,
+        offset: u64,
+        owned: Owned,
+        go: impl FnOnce(&Api, ImageT, *mut c_char, CompletionT) -> c_int,
+    ) {
+        let conn = self.conn();
+        let api = conn.api;
+        let image = conn.image;
+        let mut req = Box::new(Aio {
+            api,
+            conn: Some(conn),
+            held: Arc::clone(&self.held),
+            op,
+            offset,
+            owned,
+        });
+        // The buffer's address is stable: the Vec's or Bytes' heap block, owned by `req`
+        // until the callback runs.
+        let buf: *mut c_char = match &mut req.owned {
+            Owned::Read(v, _) => v.as_mut_ptr().cast(),
+            Owned::Write(b, _) => b.as_ptr().cast_mut().cast(),
+            Owned::Flush(_) => ptr::null_mut(),
+        };
+        let raw = Box::into_raw(req);
+        let mut c: CompletionT = ptr::null_mut();
+        // SAFETY: `raw` stays valid until `aio_done` reclaims it (or until it is reclaimed
+        // below when nothing was submitted); `aio_done` matches librbd's callback type.
+        let r = unsafe { (api.rbd_aio_create_completion)(raw.cast(), aio_done, &mut c) };
+        if r < 0 {
+            // SAFETY: no completion exists, so `raw` is still ours alone.
+            let req = unsafe { Box::from_raw(raw) };
+            req.finish(r.try_into().unwrap_or(-1));
+            return;
+        }
+        let r = go(api, image, buf, c);
+        if r < 0 {
+            // Not submitted: librbd will not call back.
+            // SAFETY: `c` was created above and never submitted; `raw` is ours alone again.
+            let req = unsafe {
+                (api.rbd_aio_release)(c);
+                Box::from_raw(raw)
+            };
+            req.finish(r.try_into().unwrap_or(-1));
+        }
     }
 }
 
@@ -717,6 +866,68 @@ impl BlockBackend for RbdBackend {
 
     fn thin_provisioning(&self) -> bool {
         true
+    }
+
+    fn is_async(&self) -> bool {
+        true
+    }
+
+    fn read_async(&self, offset: u64, len: usize) -> IoFuture<Bytes> {
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        if let Err(e) = check_range(offset, len64, self.size()) {
+            return IoFuture::ready(Err(e));
+        }
+        if len64 > MAX_IO || len == 0 {
+            return IoFuture::ready(self.read(offset, len));
+        }
+        let (fut, done) = IoFuture::pending();
+        self.submit(
+            "read",
+            offset,
+            Owned::Read(vec![0u8; len], done),
+            |api, image, buf, c| {
+                // SAFETY: `image` is open (its client is held by the request), `buf` is the
+                // request's `len`-byte buffer, alive until the completion's callback.
+                unsafe { (api.rbd_aio_read)(image, offset, len, buf, c) }
+            },
+        );
+        fut
+    }
+
+    fn write_async(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<()> {
+        if let Err(e) = self.writable("write") {
+            return IoFuture::ready(Err(e));
+        }
+        let len = data.len();
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        if let Err(e) = check_range(offset, len64, self.size()) {
+            return IoFuture::ready(Err(e));
+        }
+        if len64 > MAX_IO || len == 0 {
+            return IoFuture::ready(self.write(offset, &data, fua));
+        }
+        let flags = if fua { OP_FLAG_FUA } else { 0 };
+        let (fut, done) = IoFuture::pending();
+        self.submit(
+            "write",
+            offset,
+            Owned::Write(data, done),
+            |api, image, buf, c| {
+                // SAFETY: `image` is open (its client is held by the request); `buf` points at
+                // the request's `len` bytes, alive and unchanged until the completion's callback.
+                unsafe { (api.rbd_aio_write2)(image, offset, len, buf.cast_const(), c, flags) }
+            },
+        );
+        fut
+    }
+
+    fn flush_async(&self) -> IoFuture<()> {
+        let (fut, done) = IoFuture::pending();
+        self.submit("flush", 0, Owned::Flush(done), |api, image, _, c| {
+            // SAFETY: `image` is open (its client is held by the request).
+            unsafe { (api.rbd_aio_flush)(image, c) }
+        });
+        fut
     }
 
     fn holds_exclusive(&self) -> bool {

@@ -10,9 +10,45 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use ironlun_backstore::conformance::{self, pattern};
-use ironlun_backstore::{rbd_available, BackstoreError, BlockBackend, RbdBackend, RbdOptions};
+use ironlun_backstore::{
+    rbd_available, BackstoreError, BlockBackend, Extent, RbdBackend, RbdOptions, Result,
+};
 use ironlun_testkit::ceph::{Ceph, POOL};
+
+/// An RBD backstore whose `read`, `write` and `flush` go through `read_async`, `write_async`
+/// and `flush_async` (librbd's `rbd_aio_*`), so the conformance suite checks those.
+struct ViaAsync(RbdBackend);
+
+impl BlockBackend for ViaAsync {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.0.read_async(offset, len).wait()
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.0
+            .write_async(offset, Bytes::copy_from_slice(data), fua)
+            .wait()
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush_async().wait()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.0.write_zeroes(offset, len, unmap)
+    }
+    fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.unmap(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.0.extents(offset, len)
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.0.resize(new_size)
+    }
+}
 
 fn options(ceph: &Ceph, image: &str) -> RbdOptions {
     RbdOptions {
@@ -43,6 +79,10 @@ fn rbd_backstore_on_a_real_cluster() {
     };
     if let Err(e) = conformance::run_all(&make) {
         panic!("conformance:\n{e}");
+    }
+    // Again with reads, writes and flushes through the asynchronous methods.
+    if let Err(e) = conformance::run_all(&|size| ViaAsync(make(size))) {
+        panic!("conformance through the async methods:\n{e}");
     }
     eprintln!(
         "conformance: {} checks on {} images in {:.1?}",
@@ -97,11 +137,24 @@ fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
         "A's address {a_addr} is not on the blocklist {listed:?}"
     );
 
+    assert!(a.holds_exclusive() && b.holds_exclusive());
     let late = a.write(0, &pattern(2, 4096), true);
     assert!(
         matches!(late, Err(BackstoreError::Fenced { .. })),
         "A's late write: {late:?}"
     );
+    assert!(!a.holds_exclusive(), "A still believes it holds the lock");
+    let late = a
+        .write_async(0, Bytes::from(pattern(2, 4096)), false)
+        .wait();
+    assert!(
+        matches!(late, Err(BackstoreError::Fenced { .. })),
+        "A's late asynchronous write: {late:?}"
+    );
+    assert!(matches!(
+        a.flush_async().wait(),
+        Err(BackstoreError::Fenced { .. })
+    ));
     assert_eq!(&b.read(0, 4096).unwrap()[..], &pattern(1, 4096)[..]);
     b.write(4096, &pattern(3, 4096), true).unwrap();
     assert!(matches!(

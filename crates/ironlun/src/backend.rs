@@ -180,8 +180,8 @@ fn check_block_multiple(
     Ok(b)
 }
 
-/// Perform one operation on an async backend (io_uring): reads, writes and flushes are
-/// awaited without occupying a thread; the rest run synchronously (they are rare and short).
+/// Perform one operation on an async backend (io_uring, RBD): reads, writes and flushes are
+/// awaited without occupying a thread; the rest run synchronously on the blocking pool.
 pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResult {
     let r = match &op {
         IoOp::Read { offset, len } => match usize::try_from(*len) {
@@ -193,7 +193,14 @@ pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResul
             .await
             .map(|()| IoResult::Done),
         IoOp::Flush => backend.flush_async().await.map(|()| IoResult::Done),
-        _ => return perform(&**backend, &op),
+        // The rest are synchronous calls, rare but not always short (on RBD each is a network
+        // round trip): on the blocking pool, never on an async worker.
+        _ => {
+            let b = Arc::clone(backend);
+            return tokio::task::spawn_blocking(move || perform(&*b, &op))
+                .await
+                .unwrap_or(IoResult::Error(IoErrorKind::Other));
+        }
     };
     match r {
         Ok(v) => v,
