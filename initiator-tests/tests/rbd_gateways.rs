@@ -8,6 +8,9 @@
 //! active/optimized. B overwrites the writers' blocks. A is resumed: every write it still
 //! completes fails (never GOOD), and reading through B shows B's data everywhere, so none of
 //! A's late writes reached the medium. The lock-break time is B's own measure, from its log.
+//!
+//! Planned moves (`ironlun ctl cluster move`) take the lock each way: B's take blocklists
+//! A's client, and A, moved back, connects as a new client and fences B.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -274,4 +277,88 @@ async fn a_stalled_gateway_is_fenced_by_the_rbd_lock_when_another_takes_over() {
     );
     assert_eq!(write(&b, 0, 0xB1).await.status, 0);
     gws.remove(0).kill9();
+}
+
+fn good(r: &CommandResult) -> bool {
+    r.response == 0 && r.status == 0
+}
+
+/// `ironlun ctl cluster move` to B, then back to A: each time the old active gateway releases
+/// the lock (or, if the new one gets there first, has it broken), the new one takes it and
+/// serves, and the old one's writes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_by_ctl_hand_the_lock_over_each_way() {
+    let ceph = Ceph::start();
+    let etcd = EtcdCluster::start(3);
+    let medium = format!(
+        "backstore = \"rbd\"\nimage = \"lun0\"\nceph_conf = \"{}\"",
+        ceph.conf().display()
+    );
+    let spec = Gateways {
+        n: 2,
+        target: TARGET,
+        image: Path::new("rbd/lun0"),
+        size: "64MiB",
+        cluster: "rbdmove",
+        extra: FAST,
+    };
+    let builder = || Daemon::release().env("RUST_LOG", "info");
+    let gws = spec.start_on(builder, &etcd, &medium);
+    let (a, b) = (
+        login(gws[0].addrs[0], 1).await,
+        login(gws[1].addrs[0], 2).await,
+    );
+    let a_active = [(1, AO), (2, STANDBY)];
+    let b_active = [(1, STANDBY), (2, AO)];
+    wait_rtpg(&a, &a_active, PROMPT).await;
+    assert!(good(&write(&a, 0, 1).await));
+    let sessions = [&a, &b];
+    for (round, (to, from, want)) in [(1, 0, &b_active), (0, 1, &a_active)]
+        .into_iter()
+        .enumerate()
+    {
+        let fill = 2 + round as u8;
+        gws[0].ctl(&[
+            "cluster",
+            "move",
+            TARGET,
+            "0",
+            &ironlun_testkit::gateway_name(to),
+        ]);
+        wait_rtpg(sessions[to], want, PROMPT).await;
+        let r = ironlun_testkit::past_ua(
+            sessions[to],
+            LUN0,
+            &ironlun_initiator::scsi::write16_cdb(0, BLOCKS, true),
+            Bytes::from(vec![fill; BLOCKS as usize * BS]),
+            0,
+        )
+        .await
+        .0;
+        assert!(
+            good(&r),
+            "round {round}: WRITE through the new active gateway: {:?}",
+            r.sense_key()
+        );
+        assert!(
+            !good(&write(sessions[from], 0, 9).await),
+            "round {round}: the old active gateway wrote"
+        );
+        assert_eq!(
+            &read(sessions[to], 0).await[..],
+            &vec![fill; BLOCKS as usize * BS][..]
+        );
+    }
+    let broken = gws
+        .iter()
+        .map(|g| {
+            strip_ansi(&g.stderr())
+                .matches("broke the exclusive lock")
+                .count()
+        })
+        .sum::<usize>();
+    eprintln!(
+        "two moves: {broken} lock(s) broken, the rest released; blocklist {:?}",
+        ceph.blocklist()
+    );
 }

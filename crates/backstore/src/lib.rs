@@ -147,6 +147,13 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn take_exclusive(&self) -> Result<()> {
         Ok(())
     }
+    /// Give the fence up (this daemon is no longer the LU's active gateway): from now on
+    /// [`holds_exclusive`](Self::holds_exclusive) is `false`, and once this returns the next
+    /// holder can take the fence without fencing this client off, every write of this client
+    /// having completed. Blocks for network round trips. Default: `Ok(())`.
+    fn release_exclusive(&self) -> Result<()> {
+        Ok(())
+    }
     /// Whether the fence [`take_exclusive`](Self::take_exclusive) took is still this
     /// client's, as last seen (no round trip): `false` before it was taken and once the
     /// storage answered [`BackstoreError::Fenced`]. A gateway serves media access as the

@@ -29,6 +29,9 @@
 //!   client's I/O fails with `ESHUTDOWN` (Ceph's `EBLOCKLISTED`) or, lock lost without a
 //!   blocklist, `EROFS`: both become [`BackstoreError::Fenced`]. A fenced client that must take
 //!   the lock again (it became the active gateway again) connects anew first.
+//!   [`release_exclusive`](BlockBackend::release_exclusive) (`rbd_lock_release`, after the
+//!   writes in flight) lets a planned successor take the lock without a blocklist, when the
+//!   release comes first.
 
 #![allow(unsafe_code)]
 
@@ -125,6 +128,7 @@ ceph_api! {
     rbd rbd_aio_flush(ImageT, CompletionT) -> c_int;
     rbd rbd_is_exclusive_lock_owner(ImageT, *mut c_int) -> c_int;
     rbd rbd_lock_acquire(ImageT, c_int) -> c_int;
+    rbd rbd_lock_release(ImageT) -> c_int;
     rbd rbd_lock_get_owners(ImageT, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
     rbd rbd_lock_get_owners_cleanup(*mut *mut c_char, usize) -> ();
     rbd rbd_lock_break(ImageT, c_int, *const c_char) -> c_int;
@@ -930,6 +934,27 @@ impl BlockBackend for RbdBackend {
         fut
     }
 
+    fn release_exclusive(&self) -> Result<()> {
+        self.held.store(false, Ordering::Release);
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let _one = self.taking.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = self.conn();
+        // A fenced client holds nothing to give up.
+        match c.is_lock_owner() {
+            Ok(true) => {}
+            Ok(false) | Err(BackstoreError::Fenced { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        // SAFETY: `image` is open. librbd completes the writes in flight before it releases.
+        let r = unsafe { (c.api.rbd_lock_release)(c.image) };
+        if r < 0 && r != -libc::ESHUTDOWN {
+            return Err(io_error("rbd lock release", 0, r.into()));
+        }
+        Ok(())
+    }
+
     fn holds_exclusive(&self) -> bool {
         self.opts.read_only || self.held.load(Ordering::Acquire)
     }
@@ -987,7 +1012,7 @@ impl BlockBackend for RbdBackend {
         };
         self.held.store(true, Ordering::Release);
         if !broken.is_empty() {
-            tracing::warn!(pool = %self.opts.pool, image = %self.opts.image, owners = ?broken, took = ?started.elapsed(), "rbd: broke the exclusive lock of another client (blocklisted)");
+            tracing::warn!(pool = %self.opts.pool, image = %self.opts.image, owners = ?broken, took = ?started.elapsed(), "rbd: broke the exclusive lock of another client (librbd blocklists it unless it had released the lock meanwhile)");
         }
         Ok(())
     }

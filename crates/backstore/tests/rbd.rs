@@ -109,7 +109,8 @@ fn a_missing_image_is_refused(ceph: &Ceph) {
 
 /// A takes the lock and writes; B takes it over (breaking A's lock: A is blocklisted); A's
 /// next write fails as `Fenced` and is not on the medium; B reads and writes; A, taking the
-/// lock back, connects anew and fences B in turn.
+/// lock back, connects anew and fences B in turn; a released lock is taken without a
+/// blocklist entry.
 fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
     ceph.create_image("fence", 4 << 20);
     let a = RbdBackend::open(options(ceph, "fence")).unwrap();
@@ -173,4 +174,16 @@ fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
         Err(BackstoreError::Fenced { .. })
     ));
     assert_eq!(&a.read(8192, 4096).unwrap()[..], &pattern(4, 4096)[..]);
+
+    // A gives the lock up: B (fenced, so connecting anew) takes it without blocklisting A,
+    // and A's writes are refused (the lock is B's) rather than landing.
+    let listed = ceph.blocklist().len();
+    a.release_exclusive().unwrap();
+    assert!(!a.holds_exclusive());
+    b.take_exclusive().unwrap();
+    assert_eq!(ceph.blocklist().len(), listed, "a released lock was broken");
+    b.write(12_288, &pattern(6, 4096), true).unwrap();
+    let r = a.write(12_288, &pattern(7, 4096), true);
+    assert!(matches!(r, Err(BackstoreError::Fenced { .. })), "{r:?}");
+    assert_eq!(&b.read(12_288, 4096).unwrap()[..], &pattern(6, 4096)[..]);
 }

@@ -16,6 +16,7 @@
 //!   ([`take_exclusive`](ironlun_backstore::BlockBackend::take_exclusive): RBD's exclusive lock, breaking and blocklisting the
 //!   previous holder's) on the blocking pool, and reports its own group active/optimized only
 //!   once it holds it ([`holds_exclusive`](ironlun_backstore::BlockBackend::holds_exclusive)); until then, transitioning.
+//!   The gateway that stops being active releases it (a stalled one cannot: it is fenced).
 //! - **Watch:** one per gateway over the cluster prefix, for the ALUA keys and the members.
 
 use crate::cluster::replica::LuKeys;
@@ -129,7 +130,12 @@ fn set_active(lu: &Lu, g: GatewayId, me: GatewayId) {
             if before != g.0 {
                 tracing::info!(lu = %h.label(), active = g.0, "cluster ALUA: active gateway");
             }
-            if g == me && !h.backend.holds_exclusive() {
+            // No longer active: give the fence up for the next gateway (not reporting it held
+            // from now on). Becoming active, or active without the fence: take it. The states
+            // are set now and again once it is up.
+            if before == me.0 && g != me {
+                release_fence(Arc::clone(&h));
+            } else if g == me && (before != me.0 || !h.backend.holds_exclusive()) {
                 apply(&h, me);
                 take_fence(h, me);
                 return;
@@ -137,6 +143,15 @@ fn set_active(lu: &Lu, g: GatewayId, me: GatewayId) {
         }
         apply(&h, me);
     }
+}
+
+/// Give the LU's storage fence up on the blocking pool.
+fn release_fence(h: Arc<LunHandle>) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = h.backend.release_exclusive() {
+            tracing::warn!(lu = %h.label(), error = %e, "cluster ALUA: cannot release the storage fence; the next gateway breaks it");
+        }
+    });
 }
 
 /// Take the LU's storage fence on the blocking pool (retrying every second while this gateway
