@@ -103,6 +103,7 @@ ceph_api! {
     rados rados_create2(*mut RadosT, *const c_char, *const c_char, u64) -> c_int;
     rados rados_conf_read_file(RadosT, *const c_char) -> c_int;
     rados rados_conf_set(RadosT, *const c_char, *const c_char) -> c_int;
+    rados rados_conf_get(RadosT, *const c_char, *mut c_char, usize) -> c_int;
     rados rados_connect(RadosT) -> c_int;
     rados rados_shutdown(RadosT) -> ();
     rados rados_ioctx_create(RadosT, *const c_char, *mut IoctxT) -> c_int;
@@ -320,9 +321,10 @@ impl Conn {
             || "(default search)".to_owned(),
             |p| p.display().to_string(),
         );
-        // SAFETY: every pointer passed is a NUL-terminated string that outlives the call, or
-        // an out-pointer to a field of `c`; handles are used only after their call succeeded,
-        // and `c`'s drop releases whatever was created if a later step fails.
+        // SAFETY: every pointer passed is a NUL-terminated string that outlives the call, an
+        // out-pointer to a field of `c`, or `v` with its true length (zeroed, and NUL-terminated
+        // by rados_conf_get when it succeeds); handles are used only after their call
+        // succeeded, and `c`'s drop releases whatever was created if a later step fails.
         unsafe {
             let r = (api.rados_create2)(&mut c.cluster, c"ceph".as_ptr(), name.as_ptr(), 0);
             if r < 0 {
@@ -339,6 +341,25 @@ impl Conn {
             );
             if r < 0 {
                 return Err(step_error("reading ceph.conf", &conf_name, r));
+            }
+            // Give up connecting after 30 s, not librados' 300 s, so that a daemon whose
+            // cluster does not answer says so while starting; a value in the file is kept.
+            let mut v = [0 as c_char; 32];
+            let r = (api.rados_conf_get)(
+                c.cluster,
+                c"client_mount_timeout".as_ptr(),
+                v.as_mut_ptr(),
+                v.len(),
+            );
+            if r >= 0 && CStr::from_ptr(v.as_ptr()).to_bytes() == b"300" {
+                let r = (api.rados_conf_set)(
+                    c.cluster,
+                    c"client_mount_timeout".as_ptr(),
+                    c"30".as_ptr(),
+                );
+                if r < 0 {
+                    return Err(step_error("rados_conf_set", "client_mount_timeout = 30", r));
+                }
             }
             // Gateways never cache: every gateway sees every other's writes (README).
             let r = (api.rados_conf_set)(c.cluster, c"rbd_cache".as_ptr(), c"false".as_ptr());

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ironlun_backstore::conformance::{self, pattern};
@@ -186,4 +186,43 @@ fn take_exclusive_fences_the_previous_writer(ceph: &Ceph) {
     let r = a.write(12_288, &pattern(7, 4096), true);
     assert!(matches!(r, Err(BackstoreError::Fenced { .. })), "{r:?}");
     assert_eq!(&b.read(12_288, 4096).unwrap()[..], &pattern(6, 4096)[..]);
+}
+
+/// A cluster that does not answer is reported while opening, naming the step and the
+/// `ceph.conf`, within the file's `client_mount_timeout` (which overrides the backstore's
+/// 30 s default).
+#[test]
+fn an_unreachable_cluster_is_reported() {
+    assert!(rbd_available(), "librbd1 is not installed");
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nmon host = v2:127.0.0.1:{port}\nms bind msgr1 = false\n\
+             auth client required = none\nclient mount timeout = 2\n"
+        ),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = RbdBackend::open(RbdOptions {
+        ceph_conf: Some(conf.clone()),
+        ..RbdOptions::new("rbd", "x")
+    })
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("connecting to the cluster") && msg.contains(&conf.display().to_string()),
+        "{msg}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
 }
