@@ -21,6 +21,11 @@
 #                     etcd and etcdctl 3.4 for the cluster tests (crates/ironlun/tests/etcd.rs starts
 #                     its own three members on loopback); installed like prometheus: no service
 #                     start, and its service disabled afterwards
+#   ceph-mon, ceph-osd, ceph-common, librbd-dev
+#                     Ceph 16 for the RBD backstore's tests (crates/backstore/tests/rbd.rs and
+#                     initiator-tests/tests/rbd*.rs start their own monitor and memstore OSD on
+#                     loopback; the daemon dlopens librbd.so.1 and librados.so.2); installed like
+#                     etcd: no service start, and the ceph targets and ceph-crash disabled afterwards
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -78,7 +83,7 @@ fi
 
 # Packages that ship a service the tests must not have running: no service start during the
 # install (a policy-rc.d that denies starts, unless one is already in place, as in containers),
-# and none at boot. $1: the service; the rest: the packages.
+# and none at boot. $1: the services (space-separated); the rest: the packages.
 install_quiet() {
   local service=$1; shift
   apt_update
@@ -90,7 +95,8 @@ install_quiet() {
   fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
   if [ -d /run/systemd/system ]; then
-    $SUDO systemctl disable --now "$service" >/dev/null 2>&1 || true
+    # shellcheck disable=SC2086 # one word per service
+    $SUDO systemctl disable --now $service >/dev/null 2>&1 || true
   fi
 }
 # prometheus, for promtool only.
@@ -99,10 +105,17 @@ command -v promtool >/dev/null || install_quiet prometheus.service prometheus
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   install_quiet etcd.service etcd-server etcd-client
 fi
+# Ceph: the RBD tests start their own monitor and OSD on loopback.
+if ! command -v ceph-mon >/dev/null || ! command -v ceph-osd >/dev/null || ! command -v rbd >/dev/null \
+  || [ ! -e /usr/include/rbd/librbd.h ]; then
+  install_quiet "ceph.target ceph-mon.target ceph-osd.target ceph-crash.service" \
+    ceph-mon ceph-osd ceph-common librbd-dev
+fi
 
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool etcd etcdctl; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool etcd etcdctl ceph-mon ceph-osd ceph monmaptool rbd; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
+ldconfig -p | grep -q 'librbd\.so\.1 ' || { echo "install-deps: librbd.so.1 missing (librbd1)" >&2; exit 1; }
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
 echo "install-deps: ok (qemu $qver)"

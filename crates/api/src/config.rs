@@ -22,7 +22,8 @@ pub struct ChangeJson {
 #[serde(deny_unknown_fields)]
 pub struct LunRequest {
     pub id: u64,
-    /// `ram`, `file`, `uring`, `vhd` or `block`.
+    /// `ram`, `file`, `uring`, `vhd` or `block` (`rbd` LUNs come from the config file: the
+    /// request has no pool or image).
     pub backstore: String,
     /// Bytes or with a unit (`512M`, `10GiB`).
     #[serde(default)]

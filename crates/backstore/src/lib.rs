@@ -1,4 +1,4 @@
-//! The `BlockBackend` contract and the RAM, file and block-device backstores.
+//! The `BlockBackend` contract and the RAM, file, block-device and Ceph RBD backstores.
 //!
 //! Backends are byte-addressed. Synchronous backends run on the daemon's bounded blocking pool;
 //! asynchronous ones ([`BlockBackend::is_async`], e.g. [`UringBackend`]) complete an
@@ -9,12 +9,14 @@ pub mod blockdev;
 pub mod buffers;
 pub mod file;
 pub mod ram;
+pub mod rbd;
 pub mod uring;
 pub mod vhd;
 
 pub use blockdev::{BlockDevBackend, BlockDevOptions};
 pub use file::{FileBackend, FileOptions};
 pub use ram::RamBackend;
+pub use rbd::{rbd_available, RbdBackend, RbdOptions};
 pub use uring::{io_uring_available, UringBackend, UringOptions};
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -40,6 +42,16 @@ pub enum BackstoreError {
     },
     #[error("no space left for {op} at {offset}")]
     NoSpace { op: &'static str, offset: u64 },
+    /// The storage refused this client because another one took the medium over and fenced
+    /// this one off ([`BlockBackend::take_exclusive`]; RBD: blocklisted or lock lost). Nothing
+    /// this client sends reaches the medium any more.
+    #[error("{op} at {offset}: fenced by the storage, another client holds the medium ({source})")]
+    Fenced {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0} is not supported by this backstore")]
     Unsupported(&'static str),
     /// A modifying operation on a read-only backstore (SBC-3 §4.13: DATA PROTECT, WRITE PROTECTED).
@@ -124,6 +136,30 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn resize(&self, new_size: u64) -> Result<()> {
         let _ = new_size;
         Err(BackstoreError::Unsupported("resize"))
+    }
+
+    /// The storage-side fence: make this client the medium's only writer, fencing off any
+    /// previous one so that none of its later writes reaches the medium (they fail with
+    /// [`BackstoreError::Fenced`] there). Called when this daemon becomes the active gateway
+    /// for the LU (cluster mode) and when it opens the LU on one node. Blocks for network
+    /// round trips; returns once the fence is up. Idempotent. Default: `Ok(())`, no fence (a
+    /// local file or block device has none; cluster mode then relies on timing alone).
+    fn take_exclusive(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Give the fence up (this daemon is no longer the LU's active gateway): from now on
+    /// [`holds_exclusive`](Self::holds_exclusive) is `false`, and once this returns the next
+    /// holder can take the fence without fencing this client off, every write of this client
+    /// having completed. Blocks for network round trips. Default: `Ok(())`.
+    fn release_exclusive(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the fence [`take_exclusive`](Self::take_exclusive) took is still this
+    /// client's, as last seen (no round trip): `false` before it was taken and once the
+    /// storage answered [`BackstoreError::Fenced`]. A gateway serves media access as the
+    /// active one only while this holds. Default: `true` (no fence to hold).
+    fn holds_exclusive(&self) -> bool {
+        true
     }
 
     /// Whether the `*_async` methods complete from the backend's own thread without blocking

@@ -6,7 +6,7 @@ use ironlun_backstore::uring::{UringBackend, UringOptions};
 use ironlun_backstore::vhd::{create_dynamic, CreateOptions, VhdBackend};
 use ironlun_backstore::{
     file::FileBackend, file::FileOptions, ram::RamBackend, BackstoreError, BlockBackend,
-    BlockDevBackend, BlockDevOptions,
+    BlockDevBackend, BlockDevOptions, RbdBackend, RbdOptions,
 };
 use ironlun_scsi::lu::{IoErrorKind, IoOp, IoResult};
 use std::path::Path;
@@ -46,7 +46,45 @@ pub fn open(lun: &Lun) -> Result<Arc<dyn BlockBackend>, String> {
         }
         BackstoreKind::Vhd { path } => open_vhd(lun, path),
         BackstoreKind::Block { path } => open_block(lun, path),
+        BackstoreKind::Rbd {
+            pool,
+            image,
+            ceph_conf,
+            client,
+        } => open_rbd(lun, pool, image, ceph_conf.as_deref(), client),
     }
+}
+
+/// Open an RBD image, creating it with the configured `size` when it is missing (an existing
+/// image's size must then match). Taking its exclusive lock is the caller's: at start on one
+/// node, on becoming the active gateway in cluster mode.
+fn open_rbd(
+    lun: &Lun,
+    pool: &str,
+    image: &str,
+    ceph_conf: Option<&Path>,
+    client: &str,
+) -> Result<Arc<dyn BlockBackend>, String> {
+    let opts = RbdOptions {
+        pool: pool.to_owned(),
+        image: image.to_owned(),
+        ceph_conf: ceph_conf.map(Path::to_path_buf),
+        client: client.to_owned(),
+        create_size: if lun.read_only { None } else { lun.size },
+        read_only: lun.read_only,
+    };
+    let name = format!("rbd image {pool}/{image}");
+    let b = RbdBackend::open(opts).map_err(|e| format!("{name}: {e}"))?;
+    let (id, addrs) = b.client();
+    tracing::info!(pool, image, size = b.size(), client = %id, %addrs, "rbd image open");
+    if let Some(size) = lun.size.filter(|s| *s != b.size()) {
+        return Err(format!(
+            "{name}: the image's size is {} bytes, the config says size = {size}; \
+             drop `size` (the image decides) or resize the image",
+            b.size()
+        ));
+    }
+    check_block_multiple(lun, Path::new(&name), Arc::new(b))
 }
 
 /// Open a block device exclusively. Its size is the LUN's capacity, and the LUN's block size
@@ -142,8 +180,8 @@ fn check_block_multiple(
     Ok(b)
 }
 
-/// Perform one operation on an async backend (io_uring): reads, writes and flushes are
-/// awaited without occupying a thread; the rest run synchronously (they are rare and short).
+/// Perform one operation on an async backend (io_uring, RBD): reads, writes and flushes are
+/// awaited without occupying a thread; the rest run synchronously on the blocking pool.
 pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResult {
     let r = match &op {
         IoOp::Read { offset, len } => match usize::try_from(*len) {
@@ -155,7 +193,14 @@ pub async fn perform_async(backend: &Arc<dyn BlockBackend>, op: IoOp) -> IoResul
             .await
             .map(|()| IoResult::Done),
         IoOp::Flush => backend.flush_async().await.map(|()| IoResult::Done),
-        _ => return perform(&**backend, &op),
+        // The rest are synchronous calls, rare but not always short (on RBD each is a network
+        // round trip): on the blocking pool, never on an async worker.
+        _ => {
+            let b = Arc::clone(backend);
+            return tokio::task::spawn_blocking(move || perform(&*b, &op))
+                .await
+                .unwrap_or(IoResult::Error(IoErrorKind::Other));
+        }
     };
     match r {
         Ok(v) => v,
@@ -171,6 +216,10 @@ fn kind(op: &IoOp, e: &BackstoreError) -> IoErrorKind {
     match e {
         BackstoreError::NoSpace { .. } => IoErrorKind::NoSpace,
         BackstoreError::Unsupported(_) => IoErrorKind::Unsupported,
+        // Another gateway took the medium over (RBD: this client was blocklisted): NOT
+        // READY, ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A), never GOOD, so that the
+        // initiator retries on the gateway that holds the medium now. The write did not land.
+        BackstoreError::Fenced { .. } => IoErrorKind::Fenced,
         BackstoreError::OutOfRange { .. }
         | BackstoreError::ReadOnly { .. }
         | BackstoreError::Shrink { .. } => IoErrorKind::Other,

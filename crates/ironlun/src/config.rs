@@ -204,10 +204,23 @@ struct RawLun {
     physical_block_size: Option<Spanned<u32>>,
     direct: Option<Spanned<bool>>,
     ring_depth: Option<Spanned<u32>>,
+    pool: Option<Spanned<String>>,
+    image: Option<Spanned<String>>,
+    ceph_conf: Option<Spanned<String>>,
+    client: Option<Spanned<String>>,
     sanitize_rate: Option<Spanned<SizeValue>>,
     #[serde(default)]
     offline: bool,
     persist_reservations: Option<Spanned<String>>,
+}
+
+/// An RBD pool, image or client id as librados takes it: 1 to 255 characters, no '/' or
+/// '@' (they separate pool, image and snapshot), no whitespace or control characters.
+fn rbd_name_ok(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && !s
+            .chars()
+            .any(|c| c == '/' || c == '@' || c.is_whitespace() || c.is_control())
 }
 
 /// A size as an integer (bytes) or a string with a unit ("1GiB", "512MiB", "4096").
@@ -508,6 +521,15 @@ pub enum BackstoreKind {
     Block {
         path: PathBuf,
     },
+    /// A Ceph RBD image (`pool/image`) through librbd, as Ceph client `client.<client>` of the
+    /// cluster `ceph_conf` describes (librados' default search when `None`). `size` creates a
+    /// missing image; an existing image's size is the LUN's capacity.
+    Rbd {
+        pool: String,
+        image: String,
+        ceph_conf: Option<PathBuf>,
+        client: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -754,7 +776,7 @@ impl Config {
                 // cache of one gateway between it and the others (issue 18).
                 if raw.cluster.is_some() {
                     let shared = match l.backstore.get_ref().as_str() {
-                        "block" => true,
+                        "block" | "rbd" => true,
                         "uring" => l.direct.as_ref().is_some_and(|d| *d.get_ref()),
                         _ => false,
                     };
@@ -762,7 +784,7 @@ impl Config {
                         return cx.err(
                             l.backstore.span(),
                             key("backstore"),
-                            "in cluster mode a LUN's medium is shared by every gateway without a page cache between them: backstore = \"uring\" with direct = true, or \"block\"",
+                            "in cluster mode a LUN's medium is shared by every gateway without a page cache between them: backstore = \"uring\" with direct = true, \"block\" or \"rbd\"",
                         );
                     }
                 }
@@ -860,12 +882,55 @@ impl Config {
                         }
                         BackstoreKind::Block { path }
                     }
+                    "rbd" => {
+                        if let Some(p) = &l.path {
+                            return cx.err(
+                                p.span(),
+                                key("path"),
+                                "not used by an rbd backstore: it names its image with pool and image",
+                            );
+                        }
+                        let name = |v: &Option<Spanned<String>>, k: &str, default: Option<&str>| {
+                            match v {
+                                Some(v) if rbd_name_ok(v.get_ref()) => Ok(v.get_ref().clone()),
+                                Some(v) => cx.err(
+                                    v.span(),
+                                    key(k),
+                                    "must be 1 to 255 characters, none of them '/', '@', whitespace or control characters",
+                                ),
+                                None => match default {
+                                    Some(d) => Ok(d.to_owned()),
+                                    None => cx.err(
+                                        l.backstore.span(),
+                                        key(k),
+                                        "an rbd backstore needs the RBD image's name (image = \"lun0\")",
+                                    ),
+                                },
+                            }
+                        };
+                        let image = name(&l.image, "image", None)?;
+                        let pool = name(&l.pool, "pool", Some("rbd"))?;
+                        let client = name(&l.client, "client", Some("admin"))?;
+                        let ceph_conf = match &l.ceph_conf {
+                            Some(c) if c.get_ref().is_empty() => {
+                                return cx.err(c.span(), key("ceph_conf"), "must be a path to a ceph.conf")
+                            }
+                            Some(c) => Some(data_dir.join(c.get_ref())),
+                            None => None,
+                        };
+                        BackstoreKind::Rbd {
+                            pool,
+                            image,
+                            ceph_conf,
+                            client,
+                        }
+                    }
                     other => {
                         return cx.err(
                             l.backstore.span(),
                             key("backstore"),
                             format!(
-                            "unknown backstore {other:?}; expected \"file\", \"uring\", \"vhd\", \"block\" or \"ram\""
+                            "unknown backstore {other:?}; expected \"file\", \"uring\", \"vhd\", \"block\", \"rbd\" or \"ram\""
                         ),
                         )
                     }
@@ -881,6 +946,18 @@ impl Config {
                                 key(name),
                                 "applies only to backstore = \"uring\"",
                             );
+                        }
+                    }
+                }
+                if !matches!(backstore, BackstoreKind::Rbd { .. }) {
+                    for (name, span) in [
+                        ("pool", l.pool.as_ref().map(Spanned::span)),
+                        ("image", l.image.as_ref().map(Spanned::span)),
+                        ("ceph_conf", l.ceph_conf.as_ref().map(Spanned::span)),
+                        ("client", l.client.as_ref().map(Spanned::span)),
+                    ] {
+                        if let Some(span) = span {
+                            return cx.err(span, key(name), "applies only to backstore = \"rbd\"");
                         }
                     }
                 }
@@ -1737,6 +1814,87 @@ size = "64MiB"
         assert_eq!(e.key, "target[0].lun[0].direct");
         let e = parse(&base.replace("\"block\"", "\"blk\"")).unwrap_err();
         assert!(e.message.contains("\"block\""), "{e}");
+    }
+
+    #[test]
+    fn rbd_backstore_keys_are_validated() {
+        let base =
+            "[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\nbackstore = \"rbd\"\n";
+        let c = parse(&format!("{base}image = \"lun0\"\n")).unwrap();
+        assert_eq!(
+            c.targets[0].luns[0].backstore,
+            BackstoreKind::Rbd {
+                pool: "rbd".into(),
+                image: "lun0".into(),
+                ceph_conf: None,
+                client: "admin".into(),
+            }
+        );
+        let c = parse(&format!(
+            "{base}pool = \"p1\"\nimage = \"vm-1\"\nceph_conf = \"/etc/ceph/lab.conf\"\nclient = \"gw\"\nsize = \"1GiB\"\n"
+        ))
+        .unwrap();
+        let lun = &c.targets[0].luns[0];
+        assert_eq!(
+            lun.backstore,
+            BackstoreKind::Rbd {
+                pool: "p1".into(),
+                image: "vm-1".into(),
+                ceph_conf: Some(PathBuf::from("/etc/ceph/lab.conf")),
+                client: "gw".into(),
+            }
+        );
+        assert_eq!(lun.size, Some(1 << 30));
+        // Each bad key is named with its line.
+        let cases: [(&str, usize, &str, &str); 8] = [
+            ("", 5, "image", "image = "),
+            ("image = \"a/b\"\n", 6, "image", "'/'"),
+            ("image = \"\"\n", 6, "image", "1 to 255"),
+            ("image = \"x\"\npool = \"a b\"\n", 7, "pool", "whitespace"),
+            ("image = \"x\"\nclient = \"a@b\"\n", 7, "client", "'@'"),
+            (
+                "image = \"x\"\nceph_conf = \"\"\n",
+                7,
+                "ceph_conf",
+                "ceph.conf",
+            ),
+            (
+                "image = \"x\"\npath = \"x.img\"\n",
+                7,
+                "path",
+                "pool and image",
+            ),
+            ("image = \"x\"\ndirect = true\n", 7, "direct", "uring"),
+        ];
+        for (extra, line, k, msg) in cases {
+            let e = parse(&format!("{base}{extra}")).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (Some(line), format!("target[0].lun[0].{k}").as_str()),
+                "{extra:?}: {e}"
+            );
+            assert!(e.message.contains(msg), "{extra:?}: {e}");
+        }
+        // The rbd keys belong to rbd alone.
+        for k in ["pool", "image", "ceph_conf", "client"] {
+            let e = parse(&format!(
+                "[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\nbackstore = \"ram\"\nsize = 4096\n{k} = \"x\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                (e.line, e.key.clone()),
+                (Some(7), format!("target[0].lun[0].{k}"))
+            );
+            assert!(e.message.contains("rbd"), "{e}");
+        }
+        // An RBD image is shared storage: admitted in cluster mode.
+        let c = parse(&format!(
+            "{base}image = \"x\"\n[cluster]\nname = \"a\"\nendpoints = [\"127.0.0.1:2379\"]\ngateways = [{{ name = \"a\", tpgts = [1] }}]\n"
+        ))
+        .unwrap();
+        assert!(c.cluster.is_some());
+        let e = parse(&base.replace("\"rbd\"", "\"ceph\"")).unwrap_err();
+        assert!(e.message.contains("\"rbd\""), "{e}");
     }
 
     #[test]

@@ -211,7 +211,8 @@ enum LunCommand {
     Add {
         #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
         lun: (String, u64),
-        /// ram, file, uring, vhd or block.
+        /// ram, file, uring, vhd or block (an rbd LUN needs a pool and an image: add it to
+        /// the config file).
         #[arg(long)]
         backstore: String,
         /// Size with a unit (512M, 10G, 1GiB) or bytes.

@@ -1062,10 +1062,10 @@ pub fn acl_remove(
     Ok(())
 }
 
-/// The file or device path of a LUN's backstore (`None` for RAM).
+/// The file or device path of a LUN's backstore (`None` for RAM and RBD).
 fn lun_path(l: &config::Lun) -> Option<&Path> {
     match &l.backstore {
-        config::BackstoreKind::Ram => None,
+        config::BackstoreKind::Ram | config::BackstoreKind::Rbd { .. } => None,
         config::BackstoreKind::File { path }
         | config::BackstoreKind::Uring { path, .. }
         | config::BackstoreKind::Vhd { path }

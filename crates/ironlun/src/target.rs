@@ -765,6 +765,14 @@ fn open_lun(
     replicated: bool,
 ) -> Result<LunHandle, String> {
     let backend = backend::open(l)?;
+    // One node is the medium's only writer: take the storage fence now (RBD's exclusive
+    // lock). In cluster mode the gateway that becomes active for the LU takes it
+    // (target::cluster::alua).
+    if !replicated {
+        backend
+            .take_exclusive()
+            .map_err(|e| format!("{target} LUN {}: {e}", l.id))?;
+    }
     let num_blocks = backend.size() / u64::from(l.block_size);
     let mut lc = lu_config(target, l, num_blocks, ports, backend.thin_provisioning());
     lc.port_groups = port_groups.clone();

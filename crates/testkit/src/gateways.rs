@@ -34,6 +34,17 @@ pub struct Gateways<'a> {
 impl Gateways<'_> {
     /// The config of gateway `i`, reaching etcd at `endpoints`.
     pub fn config(&self, i: usize, endpoints: &[String]) -> String {
+        let medium = format!(
+            "backstore = \"uring\"\ndirect = true\npath = \"{}\"",
+            self.image.display()
+        );
+        self.config_on(i, endpoints, &medium)
+    }
+
+    /// [`config`](Self::config) with LUN 0's medium given by `medium`: its `backstore` line
+    /// and the keys that backstore needs (`image`, `path`, …) in place of the shared uring
+    /// file [`image`](Self::image).
+    pub fn config_on(&self, i: usize, endpoints: &[String], medium: &str) -> String {
         let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
         let layout: Vec<String> = (0..self.n)
             .map(|g| format!("{{ name = \"{}\", tpgts = [{}] }}", gateway_name(g), g + 1))
@@ -41,11 +52,10 @@ impl Gateways<'_> {
         format!(
             "[[portal]]\nlisten = \"127.0.0.1:0\"\ntpgt = {tpgt}\n\n\
              [[target]]\nname = \"{target}\"\nallow_target_reset = \"all\"\n\n\
-             [[target.lun]]\nid = 0\nbackstore = \"uring\"\ndirect = true\npath = \"{image}\"\nsize = \"{size}\"\nserial = \"{cluster}-lun0\"\n\n\
+             [[target.lun]]\nid = 0\n{medium}\nsize = \"{size}\"\nserial = \"{cluster}-lun0\"\n\n\
              [cluster]\nname = \"{name}\"\ncluster = \"{cluster}\"\nendpoints = [{endpoints}]\ngateways = [{layout}]\n{extra}\n",
             tpgt = i + 1,
             target = self.target,
-            image = self.image.display(),
             size = self.size,
             cluster = self.cluster,
             name = gateway_name(i),
@@ -63,6 +73,24 @@ impl Gateways<'_> {
             .map(|i| {
                 builder()
                     .config(&self.config(i, &etcd.endpoints()))
+                    .portals()
+                    .start()
+            })
+            .collect()
+    }
+
+    /// [`start`](Self::start) with LUN 0's medium given by `medium` (see
+    /// [`config_on`](Self::config_on)).
+    pub fn start_on(
+        &self,
+        builder: impl Fn() -> DaemonBuilder,
+        etcd: &EtcdCluster,
+        medium: &str,
+    ) -> Vec<Daemon> {
+        (0..self.n)
+            .map(|i| {
+                builder()
+                    .config(&self.config_on(i, &etcd.endpoints(), medium))
                     .portals()
                     .start()
             })

@@ -13,7 +13,8 @@
 //! - [`Binary::ctl`], [`Binary::ctl_at`], [`Daemon::ctl`]: the CLI against a daemon's admin API.
 //! - [`EtcdCluster`]: real etcd members on loopback, stopped by PID; [`Proxy`]: a TCP proxy
 //!   a test black-holes to cut one client off; [`Gateways`]: several gateways of one
-//!   cluster on loopback sharing one LUN.
+//!   cluster on loopback sharing one LUN; [`Ceph`]: a one-node Ceph (monitor and memstore
+//!   OSD) on loopback for RBD LUNs.
 //! - [`require_tool`], [`repo_root`], [`run`], [`conformance`]: real initiator tools (tier 6).
 //!
 //! Helpers panic on failure (the panic message is the test's failure report), except those
@@ -27,6 +28,7 @@
 )]
 
 mod admin;
+pub mod ceph;
 mod daemon;
 mod etcd;
 mod gateways;
@@ -39,6 +41,7 @@ mod scratch;
 mod tools;
 
 pub use admin::{admin_connect, parse_http_response, AdminStream};
+pub use ceph::Ceph;
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use etcd::EtcdCluster;
 pub use gateways::{gateway_name, Gateways};

@@ -41,6 +41,7 @@ fn backstore_name(k: &config::BackstoreKind) -> &'static str {
         config::BackstoreKind::Uring { .. } => "uring",
         config::BackstoreKind::Vhd { .. } => "vhd",
         config::BackstoreKind::Block { .. } => "block",
+        config::BackstoreKind::Rbd { .. } => "rbd",
     }
 }
 

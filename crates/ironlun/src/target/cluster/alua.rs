@@ -12,6 +12,11 @@
 //!   (SPC-4 §5.16.2.4.4: PR commands pass, media access gets NOT READY 04/0B); this
 //!   gateway's own group transitioning while its replica is not current (fenced), so
 //!   multipath moves away. A change raises ASYMMETRIC ACCESS STATE CHANGED on the LU.
+//! - **Storage fence:** a gateway that becomes active for a LU takes the backstore's fence
+//!   ([`take_exclusive`](ironlun_backstore::BlockBackend::take_exclusive): RBD's exclusive lock, breaking and blocklisting the
+//!   previous holder's) on the blocking pool, and reports its own group active/optimized only
+//!   once it holds it ([`holds_exclusive`](ironlun_backstore::BlockBackend::holds_exclusive)); until then, transitioning.
+//!   The gateway that stops being active releases it (a stalled one cannot: it is fenced).
 //! - **Watch:** one per gateway over the cluster prefix, for the ALUA keys and the members.
 
 use crate::cluster::replica::LuKeys;
@@ -77,6 +82,9 @@ pub(crate) fn apply(handle: &LunHandle, me: GatewayId) {
         } else if active == 0 {
             // Not known yet (before the first read): nothing is served.
             AccessState::Transitioning
+        } else if u32::from(id) == active && active == me.0 && !handle.backend.holds_exclusive() {
+            // Active here, but the storage fence is not ours (yet): nothing is served.
+            AccessState::Transitioning
         } else if u32::from(id) == active {
             AccessState::ActiveOptimized
         } else {
@@ -122,9 +130,54 @@ fn set_active(lu: &Lu, g: GatewayId, me: GatewayId) {
             if before != g.0 {
                 tracing::info!(lu = %h.label(), active = g.0, "cluster ALUA: active gateway");
             }
+            // No longer active: give the fence up for the next gateway (not reporting it held
+            // from now on). Becoming active, or active without the fence: take it. The states
+            // are set now and again once it is up.
+            if before == me.0 && g != me {
+                release_fence(Arc::clone(&h));
+            } else if g == me && (before != me.0 || !h.backend.holds_exclusive()) {
+                apply(&h, me);
+                take_fence(h, me);
+                return;
+            }
         }
         apply(&h, me);
     }
+}
+
+/// Give the LU's storage fence up on the blocking pool.
+fn release_fence(h: Arc<LunHandle>) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = h.backend.release_exclusive() {
+            tracing::warn!(lu = %h.label(), error = %e, "cluster ALUA: cannot release the storage fence; the next gateway breaks it");
+        }
+    });
+}
+
+/// Take the LU's storage fence on the blocking pool (retrying every second while this gateway
+/// stays active), then set the states again.
+fn take_fence(h: Arc<LunHandle>, me: GatewayId) {
+    tokio::task::spawn_blocking(move || loop {
+        let still_active = h
+            .cluster
+            .get()
+            .is_some_and(|c| c.active.load(Ordering::Acquire) == me.0);
+        if !still_active {
+            return;
+        }
+        let started = Instant::now();
+        match h.backend.take_exclusive() {
+            Ok(()) => {
+                tracing::info!(lu = %h.label(), took = ?started.elapsed(), "cluster ALUA: storage fence taken");
+                apply(&h, me);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(lu = %h.label(), error = %e, "cluster ALUA: cannot take the storage fence; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    });
 }
 
 /// One LU as the ALUA driver tracks it.
