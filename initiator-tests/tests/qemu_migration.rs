@@ -562,7 +562,7 @@ fn live_migration_keeps_the_guest_records_contiguous() {
     let first_dst = b
         .console()
         .lines()
-        .find_map(|l| last_written(l))
+        .find_map(last_written)
         .map(|(n, _)| n)
         .expect("the destination reports progress");
     assert!(
