@@ -11,6 +11,7 @@
 //! Contract:
 //! - Every call has a deadline ([`Etcd::timeout`]); none waits forever on a dead or stalled
 //!   member.
+//! - Unary calls reuse kept-alive connections (a few per endpoint); a watch has its own.
 //! - A call that fails to connect moves on to the next endpoint. Reads, lease grants,
 //!   keep-alives and revokes are also retried on the next endpoint after a timeout or a
 //!   server error; a transaction or put is not (its outcome is unknown: [`EtcdError::Unknown`];
@@ -27,6 +28,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::PoisonError;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -145,7 +147,16 @@ pub struct Etcd {
     /// The endpoint to try first (the last one that answered).
     next: AtomicUsize,
     timeout: Duration,
+    /// Kept-alive connections of finished unary calls, per endpoint (at most [`IDLE_MAX`]
+    /// each), so that a call does not pay for a new connection. Watches have their own.
+    idle: std::sync::Mutex<Vec<(String, Sender)>>,
 }
+
+/// The sending half of one HTTP/1.1 connection to an endpoint.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Idle connections kept per endpoint.
+const IDLE_MAX: usize = 8;
 
 /// Whether a failed call may go to the next endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +190,7 @@ impl Etcd {
             endpoints: list,
             next: AtomicUsize::new(0),
             timeout,
+            idle: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -350,6 +362,37 @@ impl Etcd {
         Err(EtcdError::Unreachable(errors.join("; ")))
     }
 
+    /// A connection to `endpoint` ready to send: an idle one that is still open, else a new
+    /// one.
+    async fn sender(&self, endpoint: &str) -> Result<Sender, Attempt> {
+        loop {
+            let pooled = {
+                let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                idle.iter()
+                    .rposition(|(e, _)| e == endpoint)
+                    .map(|i| idle.swap_remove(i).1)
+            };
+            let Some(mut s) = pooled else {
+                return connect(endpoint).await;
+            };
+            // A connection the server closed meanwhile is dropped; nothing was sent on it.
+            if !s.is_closed() && s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// Keep `sender` for the next call to `endpoint`, if it is open and there is room.
+    fn keep(&self, endpoint: &str, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.iter().filter(|(e, _)| e == endpoint).count() < IDLE_MAX {
+            idle.push((endpoint.to_string(), sender));
+        }
+    }
+
     /// The endpoints in the order to try them: the last one that answered first.
     fn rotation(&self) -> Vec<String> {
         let n = self.endpoints.len();
@@ -366,13 +409,16 @@ impl Etcd {
         let n = self.endpoints.len();
         for (i, endpoint) in rotation.iter().enumerate() {
             let attempt = tokio::time::timeout(self.timeout, async {
-                let resp = request(endpoint, path, body).await?;
+                let mut sender = self.sender(endpoint).await?;
+                let resp = send(&mut sender, endpoint, path, body).await?;
                 let status = resp.status().as_u16();
                 let bytes = Limited::new(resp.into_body(), MAX_MESSAGE)
                     .collect()
                     .await
                     .map_err(|e| Attempt::Lost(format!("reading the answer: {e}")))?
                     .to_bytes();
+                // The whole answer is read: the connection can carry the next call.
+                self.keep(endpoint, sender);
                 let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
                     Attempt::Answered(EtcdError::Malformed(format!(
                         "HTTP {status}: {e}: {}",
@@ -433,17 +479,24 @@ enum Attempt {
     Answered(EtcdError),
 }
 
-/// One request on a new connection to `endpoint`.
+/// One request on a new connection to `endpoint` (a watch: the connection is its own).
 async fn request(
     endpoint: &str,
     path: &str,
     body: &Value,
 ) -> Result<hyper::Response<Incoming>, Attempt> {
+    let mut sender = connect(endpoint).await?;
+    send(&mut sender, endpoint, path, body).await
+}
+
+/// A new HTTP/1.1 connection to `endpoint`; its connection task ends when the sender is
+/// dropped or the server closes it.
+async fn connect(endpoint: &str) -> Result<Sender, Attempt> {
     let stream = TcpStream::connect(endpoint)
         .await
         .map_err(|e| Attempt::Unsent(format!("connect: {e}")))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| Attempt::Unsent(format!("HTTP handshake: {e}")))?;
@@ -452,6 +505,16 @@ async fn request(
             tracing::debug!(error = %e, "etcd connection");
         }
     });
+    Ok(sender)
+}
+
+/// POST `body` to `path` on `sender`'s connection.
+async fn send(
+    sender: &mut Sender,
+    endpoint: &str,
+    path: &str,
+    body: &Value,
+) -> Result<hyper::Response<Incoming>, Attempt> {
     let req = hyper::Request::post(path)
         .header(hyper::header::HOST, endpoint)
         .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -459,10 +522,15 @@ async fn request(
         .header("grpc-metadata-hasleader", "true")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| Attempt::Unsent(format!("request: {e}")))?;
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| Attempt::Lost(format!("request: {e}")))
+    sender.send_request(req).await.map_err(|e| {
+        // Canceled: the connection closed before the request was written (a kept-alive
+        // connection to a member that went away), so it may go to the next endpoint.
+        if e.is_canceled() {
+            Attempt::Unsent(format!("connection closed before the request: {e}"))
+        } else {
+            Attempt::Lost(format!("request: {e}"))
+        }
+    })
 }
 
 /// A watch's stream of changes ([`Etcd::watch`]).
