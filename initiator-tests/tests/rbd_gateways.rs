@@ -20,7 +20,9 @@
 
 use bytes::Bytes;
 use ironlun_initiator::{CommandResult, Session};
-use ironlun_testkit::{strip_ansi, Ceph, Daemon, EtcdCluster, Gateways, Login, PROMPT};
+use ironlun_testkit::{
+    strip_ansi, wait_rtpg, Ceph, Daemon, EtcdCluster, Gateways, AO, PROMPT, STANDBY,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,53 +39,10 @@ const WRITERS: u64 = 8;
 /// Each writer's chunk: 8 blocks at LBA `w * CHUNK`.
 const CHUNK: u64 = 64;
 const BLOCKS: u32 = 8;
-const AO: u8 = 0x0;
-const STANDBY: u8 = 0x2;
 
 async fn login(addr: SocketAddr, isid: u8) -> Session {
-    let s = Login::new("iqn.2026-11.io.ironlun:host")
-        .target(TARGET)
-        .isid([0x80, 0x49, 0x4c, 0x4e, 0x00, isid])
-        .ready(&[], 0)
-        .connect(addr)
-        .await;
-    let tur = ironlun_initiator::scsi::test_unit_ready_cdb();
-    for _ in 0..8 {
-        let r = s.command(LUN0, &tur, Bytes::new(), 0).await.unwrap();
-        if ironlun_testkit::unit_attention(&r).is_none() {
-            return s;
-        }
-    }
-    panic!("unit attentions did not clear on {addr}");
-}
-
-/// Target port groups and their states, from REPORT TARGET PORT GROUPS.
-async fn rtpg(s: &Session) -> Vec<(u16, u8)> {
-    let cdb = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
-    let r = ironlun_testkit::past_ua(s, LUN0, &cdb, Bytes::new(), 4096)
-        .await
-        .0;
-    assert_eq!(r.status, 0, "RTPG: {:?}", r.sense_key());
-    let mut out = Vec::new();
-    let mut at = 4;
-    while at + 8 <= r.data.len() {
-        let d = &r.data[at..];
-        out.push((u16::from_be_bytes([d[2], d[3]]), d[0] & 0x0f));
-        at += 8 + 4 * usize::from(d[7]);
-    }
-    out
-}
-
-async fn wait_rtpg(s: &Session, want: &[(u16, u8)], within: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        let got = rtpg(s).await;
-        if got == want {
-            return t.elapsed();
-        }
-        assert!(t.elapsed() < within, "RTPG still {got:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let isid = [0x80, 0x49, 0x4c, 0x4e, 0x00, isid];
+    ironlun_testkit::login_cleared(addr, TARGET, "iqn.2026-11.io.ironlun:host", isid).await
 }
 
 async fn write(s: &Session, lba: u64, fill: u8) -> CommandResult {

@@ -1937,18 +1937,7 @@ impl LunHandle {
         };
         if let Some(step) = retry {
             self.carry_out(step).await?;
-            let s = self.pr_snapshot();
-            return Ok(CommitOutcome {
-                epoch,
-                generation: s.generation,
-                owner: s.owner,
-                steps: CommitSteps {
-                    total: micros(start.elapsed()),
-                    ..CommitSteps::default()
-                },
-                aborted_tasks: 0,
-                idempotent: true,
-            });
+            return Ok(self.retried(epoch, start));
         }
         let ticket = self.lu().handover_fence(from, epoch)?;
         let fence = micros(start.elapsed());
@@ -1961,13 +1950,7 @@ impl LunHandle {
             match on_deadline {
                 OnDeadline::Refuse => {
                     self.lu().handover_unfence(from, to, epoch)?;
-                    let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
-                    self.events.record(
-                        &self.label,
-                        "handover_abort",
-                        serde_json::json!({"from": from, "to": to, "epoch": epoch, "reason": "drain_timeout"}),
-                    );
-                    return Err(OwnershipOpError::DrainTimeout(ms));
+                    return Err(self.drain_timed_out(from, to, epoch, deadline));
                 }
                 OnDeadline::Abort => {
                     let abort = self.lu().handover_abort_inflight(from)?;
@@ -1994,32 +1977,15 @@ impl LunHandle {
             self.sequenced(Step::PrCommit(commit))
         };
         let persisted = self.carry_out(step).await;
-        let transfer = micros(t.elapsed());
         let steps = CommitSteps {
             fence,
             drain,
             flush,
-            transfer,
+            transfer: micros(t.elapsed()),
             total: micros(start.elapsed()),
         };
-        let s = self.pr_snapshot();
-        self.events.record(
-            &self.label,
-            "handover_commit",
-            serde_json::json!({
-                "from": from, "to": to, "epoch": epoch, "generation": s.generation,
-                "steps_us": steps, "aborted_tasks": aborted_tasks, "persisted": persisted.is_ok(),
-            }),
-        );
-        persisted?;
-        Ok(CommitOutcome {
-            epoch,
-            generation: s.generation,
-            owner: s.owner,
-            steps,
-            aborted_tasks,
-            idempotent: false,
-        })
+        let outcome = self.committed((from, to, epoch), steps, aborted_tasks, persisted.is_ok());
+        persisted.map(|()| outcome)
     }
 
     /// [`LunHandle::handover_commit`] on a replicated LU (scale-out.md §2.7), each step one
@@ -2047,17 +2013,7 @@ impl LunHandle {
             .parts()
             .is_some_and(|(_, t, e)| t == to_host && e == epoch);
         if !in_progress && s.owner.as_deref() == Some(to_host.as_str()) && s.epoch == epoch {
-            return Ok(CommitOutcome {
-                epoch,
-                generation: s.generation,
-                owner: s.owner,
-                steps: CommitSteps {
-                    total: micros(start.elapsed()),
-                    ..CommitSteps::default()
-                },
-                aborted_tasks: 0,
-                idempotent: true,
-            });
+            return Ok(self.retried(epoch, start));
         }
         let step = |op: OwnershipOp| async move { cluster::ownership(self, op).await };
         let fenced = step(OwnershipOp::Fence {
@@ -2082,13 +2038,7 @@ impl LunHandle {
                             epoch,
                         })
                         .await?;
-                        let ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
-                        self.events.record(
-                            &self.label,
-                            "handover_abort",
-                            serde_json::json!({"from": from, "to": to, "epoch": epoch, "reason": "drain_timeout"}),
-                        );
-                        return Err(OwnershipOpError::DrainTimeout(ms));
+                        return Err(self.drain_timed_out(from, to, epoch, deadline));
                     }
                     // The commit aborts `from`'s tasks on every gateway and waits for them.
                     OnDeadline::Abort => aborted_tasks = 1,
@@ -2114,31 +2064,74 @@ impl LunHandle {
             epoch,
         })
         .await?;
-        let transfer = micros(t.elapsed());
         let steps = CommitSteps {
             fence,
             drain,
             flush,
-            transfer,
+            transfer: micros(t.elapsed()),
             total: micros(start.elapsed()),
         };
+        Ok(self.committed((from, to, epoch), steps, aborted_tasks, true))
+    }
+
+    /// The outcome of a retried commit of `epoch` (nothing changed), timed from `start`.
+    fn retried(&self, epoch: u64, start: std::time::Instant) -> CommitOutcome {
+        let s = self.pr_snapshot();
+        CommitOutcome {
+            epoch,
+            generation: s.generation,
+            owner: s.owner,
+            steps: CommitSteps {
+                total: micros(start.elapsed()),
+                ..CommitSteps::default()
+            },
+            aborted_tasks: 0,
+            idempotent: true,
+        }
+    }
+
+    /// A commit gave up on its drain deadline (the fence is already lifted): the event and
+    /// the error.
+    fn drain_timed_out(
+        &self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        deadline: std::time::Duration,
+    ) -> OwnershipOpError {
+        self.events.record(
+            &self.label,
+            "handover_abort",
+            serde_json::json!({"from": from, "to": to, "epoch": epoch, "reason": "drain_timeout"}),
+        );
+        OwnershipOpError::DrainTimeout(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// A commit of `(from, to, epoch)` took effect: its event, and its outcome.
+    fn committed(
+        &self,
+        (from, to, epoch): (&str, &str, u64),
+        steps: CommitSteps,
+        aborted_tasks: u64,
+        persisted: bool,
+    ) -> CommitOutcome {
         let s = self.pr_snapshot();
         self.events.record(
             &self.label,
             "handover_commit",
             serde_json::json!({
                 "from": from, "to": to, "epoch": epoch, "generation": s.generation,
-                "steps_us": steps, "aborted_tasks": aborted_tasks, "persisted": true,
+                "steps_us": steps, "aborted_tasks": aborted_tasks, "persisted": persisted,
             }),
         );
-        Ok(CommitOutcome {
+        CommitOutcome {
             epoch,
             generation: s.generation,
             owner: s.owner,
             steps,
             aborted_tasks,
             idempotent: false,
-        })
+        }
     }
 
     /// Flush the backstore (data and metadata, [`BlockBackend::flush`]) off the async workers.

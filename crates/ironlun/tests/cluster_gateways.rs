@@ -30,7 +30,7 @@ use bytes::Bytes;
 use ironlun_initiator::pr;
 use ironlun_initiator::{CommandResult, SenseKey, Session};
 use ironlun_testkit::preempt::{preempt_ua, Victims, PREEMPTOR};
-use ironlun_testkit::{Daemon, EtcdCluster, Gateways, Login, Proxy, PROMPT};
+use ironlun_testkit::{wait_rtpg, Daemon, EtcdCluster, Gateways, Proxy, AO, PROMPT, STANDBY};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -71,23 +71,9 @@ fn builder() -> ironlun_testkit::DaemonBuilder {
     Daemon::builder(IRONLUN).env("RUST_LOG", "info,ironlun::cluster=debug")
 }
 
-/// Log in and clear the new nexus's unit attentions (TEST UNIT READY until it reports no
-/// unit attention: GOOD, or NOT READY 04/0B through a standby gateway).
+/// Log in to LUN 0 of the cluster's target and clear the new nexus's unit attentions.
 async fn login(addr: SocketAddr, name: &str, isid: [u8; 6]) -> Session {
-    let s = Login::new(name)
-        .target(TARGET)
-        .isid(isid)
-        .ready(&[], 0)
-        .connect(addr)
-        .await;
-    let tur = ironlun_initiator::scsi::test_unit_ready_cdb();
-    for _ in 0..8 {
-        let r = s.command(LUN0, &tur, Bytes::new(), 0).await.unwrap();
-        if ironlun_testkit::unit_attention(&r).is_none() {
-            return s;
-        }
-    }
-    panic!("unit attentions did not clear on {addr}");
+    ironlun_testkit::login_cleared(addr, TARGET, name, isid).await
 }
 
 async fn past_ua(s: &Session, cdb: &[u8], data: Bytes, alloc: u32) -> CommandResult {
@@ -514,37 +500,6 @@ async fn a_gateway_cut_off_from_etcd_stops_writing_within_its_bound_then_rejoins
 
 // ---------------------------------------------------------------------------------------------
 // ALUA across gateways
-
-/// REPORT TARGET PORT GROUPS through `s`: (group id, access state code) of every group.
-async fn rtpg(s: &Session) -> Vec<(u16, u8)> {
-    let cdb = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
-    let r = past_ua(s, &cdb, Bytes::new(), 4096).await;
-    assert_eq!(r.status, GOOD, "RTPG: {:?}", r.sense_key());
-    let mut out = Vec::new();
-    let mut at = 4;
-    while at + 8 <= r.data.len() {
-        let d = &r.data[at..];
-        out.push((u16::from_be_bytes([d[2], d[3]]), d[0] & 0x0f));
-        at += 8 + 4 * usize::from(d[7]);
-    }
-    out
-}
-
-const AO: u8 = 0x0;
-const STANDBY: u8 = 0x2;
-
-/// Poll RTPG through `s` until it reports `want` (hang guard `within`); how long it took.
-async fn wait_rtpg(s: &Session, want: &[(u16, u8)], within: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        let got = rtpg(s).await;
-        if got == want {
-            return t.elapsed();
-        }
-        assert!(t.elapsed() < within, "RTPG still {got:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn write_status(s: &Session) -> CommandResult {
     let cdb = ironlun_initiator::scsi::write16_cdb(64, 8, false);

@@ -97,3 +97,71 @@ impl Gateways<'_> {
             .collect()
     }
 }
+
+/// ALUA asymmetric access state active/optimized (SPC-4 Table 186).
+pub const AO: u8 = 0x0;
+/// ALUA asymmetric access state standby.
+pub const STANDBY: u8 = 0x2;
+
+/// Log `name` with `isid` in to LUN 0 of `target` at `addr` and clear the new nexus's unit
+/// attentions (TEST UNIT READY until it reports none: GOOD, or NOT READY 04/0B through a
+/// standby gateway). Panics if they do not clear in 8 tries.
+pub async fn login_cleared(
+    addr: std::net::SocketAddr,
+    target: &str,
+    name: &str,
+    isid: [u8; 6],
+) -> ironlun_initiator::Session {
+    let s = crate::Login::new(name)
+        .target(target)
+        .isid(isid)
+        .ready(&[], 0)
+        .connect(addr)
+        .await;
+    let tur = ironlun_initiator::scsi::test_unit_ready_cdb();
+    for _ in 0..8 {
+        let r = s
+            .command(0, &tur, bytes::Bytes::new(), 0)
+            .await
+            .expect("TEST UNIT READY");
+        if crate::unit_attention(&r).is_none() {
+            return s;
+        }
+    }
+    panic!("unit attentions did not clear on {addr}");
+}
+
+/// Target port groups of LUN 0 and their asymmetric access states, from REPORT TARGET PORT
+/// GROUPS through `s` (past unit attentions).
+pub async fn rtpg(s: &ironlun_initiator::Session) -> Vec<(u16, u8)> {
+    let cdb = [0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
+    let r = crate::past_ua(s, 0, &cdb, bytes::Bytes::new(), 4096)
+        .await
+        .0;
+    assert_eq!(r.status, 0, "RTPG: {:?}", r.sense_key());
+    let mut out = Vec::new();
+    let mut at = 4;
+    while at + 8 <= r.data.len() {
+        let d = &r.data[at..];
+        out.push((u16::from_be_bytes([d[2], d[3]]), d[0] & 0x0f));
+        at += 8 + 4 * usize::from(d[7]);
+    }
+    out
+}
+
+/// Poll [`rtpg`] through `s` until it reports `want` (hang guard `within`); how long it took.
+pub async fn wait_rtpg(
+    s: &ironlun_initiator::Session,
+    want: &[(u16, u8)],
+    within: std::time::Duration,
+) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    loop {
+        let got = rtpg(s).await;
+        if got == want {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < within, "RTPG still {got:?}, want {want:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

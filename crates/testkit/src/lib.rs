@@ -44,7 +44,7 @@ pub use admin::{admin_connect, parse_http_response, AdminStream};
 pub use ceph::Ceph;
 pub use daemon::{Binary, Daemon, DaemonBuilder, Refused, LISTEN_ANY};
 pub use etcd::EtcdCluster;
-pub use gateways::{gateway_name, Gateways};
+pub use gateways::{gateway_name, login_cleared, rtpg, wait_rtpg, Gateways, AO, STANDBY};
 pub use io::{pattern, tagged, BackgroundIo};
 pub use login::{clear_ua, opts, past_ua, session, unit_attention, Login};
 pub use proxy::Proxy;
