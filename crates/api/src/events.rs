@@ -17,7 +17,8 @@ pub struct Event {
     pub time_unix_ms: u64,
     /// `TARGET/LUN`.
     pub lun: String,
-    /// `pr_out`, `ownership`, `handover_prepare`, `handover_commit` or `handover_abort`.
+    /// `pr_out`, `ownership`, `release`, `failover`, `handover_prepare`, `handover_commit`
+    /// or `handover_abort`.
     pub kind: String,
     pub detail: serde_json::Value,
 }

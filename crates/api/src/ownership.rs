@@ -1,6 +1,7 @@
 //! Target-managed ownership and the handover of an LU's write access between hosts
-//! (semantics.md §3): `GET /v1/luns/<t>/<l>/ownership`, `POST …/owner`,
-//! `POST …/handover/{prepare,commit,abort}`.
+//! (semantics.md §3): `GET /v1/luns/<t>/<l>/ownership`, `POST …/owner`, `POST …/release`,
+//! `POST …/handover/{prepare,commit,abort}`; failover away from a failed host (issue 19):
+//! `POST …/failover`, `POST /v1/failover`.
 
 use serde::{Deserialize, Serialize};
 
@@ -138,3 +139,67 @@ pub struct CommitSteps {
 /// How long a commit waits for tasks it aborted to finish their backend I/O (an I/O cannot be
 /// recalled once submitted); past it the commit fails with the fence still up.
 pub const ABORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `POST …/release` body: end `host`'s target-managed ownership; `epoch` defaults to the
+/// LU's next one (pass it to make a retry idempotent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+}
+
+/// `POST /v1/luns/<t>/<l>/failover` body: `from` failed, `to` takes the LU. `epoch` defaults
+/// to the LU's next one (pass it to make a retry idempotent); without `force` the failover
+/// is refused while `from` still has a session on the LU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    pub from: String,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/failover` body: fail over every LU `all_of` owns to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverAllRequest {
+    pub all_of: String,
+    pub to: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// One LU's failover: the state afterwards, whether tasks of the failed host were aborted
+/// (and drained before the answer), and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverJson {
+    pub target: String,
+    pub lun: u64,
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub generation: u32,
+    /// Tasks were aborted and drained (TASK ABORTED to their nexuses).
+    pub aborted: bool,
+    /// A retry of the same decision: nothing changed.
+    pub idempotent: bool,
+    pub took_us: u64,
+}
+
+/// One LU a `POST /v1/failover` could not move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRefusedJson {
+    pub target: String,
+    pub lun: u64,
+    pub code: String,
+    pub error: String,
+}
+
+/// `POST /v1/failover` answer (200 when every LU moved, 409 otherwise, with both lists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverAllJson {
+    pub luns: Vec<FailoverJson>,
+    #[serde(default)]
+    pub refused: Vec<FailoverRefusedJson>,
+}

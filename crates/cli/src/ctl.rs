@@ -11,8 +11,8 @@ use crate::table;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use ironlun_api::{
-    CommitJson, ErrorJson, EventsJson, LuReservations, OwnerJson, OwnershipJson, ReservationsList,
-    Token,
+    CommitJson, ErrorJson, EventsJson, FailoverAllJson, FailoverJson, LuReservations, OwnerJson,
+    OwnershipJson, ReservationsList, Token,
 };
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -601,6 +601,158 @@ pub fn own(
     write_text(
         out,
         &table::render(0, &["LUN", "OWNER", "EPOCH", "GENERATION"], &[row]),
+    )
+}
+
+/// `ironlun ctl release TARGET/LUN HOST [--epoch N]`: end HOST's target-managed ownership
+/// (the daemon picks the LU's next epoch without `--epoch`).
+pub fn release(
+    client: &Client,
+    lu: &(String, u64),
+    host: &str,
+    epoch: Option<u64>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let body = serde_json::to_value(ironlun_api::ReleaseRequest {
+        host: host.to_string(),
+        epoch,
+    })
+    .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+    let r: serde_json::Value = call_json(
+        client,
+        "POST",
+        &lu_path(lu, "release"),
+        Some(&body),
+        RESPONSE_TIMEOUT,
+    )?;
+    if json {
+        return write_json(out, &r);
+    }
+    let o: OwnerJson =
+        serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
+    let row = vec![
+        format!("{}/{}", lu.0, lu.1),
+        or_dash(o.owner.as_deref()),
+        o.epoch.to_string(),
+        o.generation.to_string(),
+    ];
+    write_text(
+        out,
+        &table::render(0, &["LUN", "OWNER", "EPOCH", "GENERATION"], &[row]),
+    )
+}
+
+/// What `ironlun ctl failover` moves: one LU away from `from` (at `epoch`, default the
+/// LU's next), or every LU a host owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailoverScope {
+    Lu {
+        lu: (String, u64),
+        from: String,
+        epoch: Option<u64>,
+    },
+    AllOf(String),
+}
+
+/// How long a failover may take: its drain has no deadline of its own (as PREEMPT AND
+/// ABORT's), so the client waits longer than for other calls.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `ironlun ctl failover (TARGET/LUN --from DEAD | --all-of DEAD) --to HOST [--epoch N]
+/// [--force]`: DEAD's registrations go, its commands are aborted and drained, HOST owns the
+/// LU. Fails (non-zero exit) when any LU was refused.
+pub fn failover(
+    client: &Client,
+    scope: &FailoverScope,
+    to: &str,
+    force: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let all = match scope {
+        FailoverScope::Lu { lu, from, epoch } => {
+            let body = serde_json::to_value(ironlun_api::FailoverRequest {
+                from: from.clone(),
+                to: to.to_string(),
+                epoch: *epoch,
+                force,
+            })
+            .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+            let one: FailoverJson = call_json(
+                client,
+                "POST",
+                &lu_path(lu, "failover"),
+                Some(&body),
+                FAILOVER_TIMEOUT,
+            )?;
+            FailoverAllJson {
+                luns: vec![one],
+                refused: Vec::new(),
+            }
+        }
+        FailoverScope::AllOf(dead) => {
+            let body = serde_json::to_vec(&ironlun_api::FailoverAllRequest {
+                all_of: dead.clone(),
+                to: to.to_string(),
+                force,
+            })
+            .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+            let r = client.request("POST", "/v1/failover", Some(&body), FAILOVER_TIMEOUT)?;
+            match (r.status, serde_json::from_slice::<FailoverAllJson>(&r.body)) {
+                (200 | 409, Ok(all)) => all,
+                _ => {
+                    let msg = match serde_json::from_slice::<ErrorJson>(&r.body) {
+                        Ok(e) if !e.code.is_empty() => format!("{} [{}]", e.error, e.code),
+                        Ok(e) => e.error,
+                        Err(_) => String::from_utf8_lossy(&r.body).trim().to_string(),
+                    };
+                    return err(format!("{msg} (HTTP {})", r.status));
+                }
+            }
+        }
+    };
+    if json {
+        let v =
+            serde_json::to_value(&all).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
+        write_json(out, &v)?;
+    } else {
+        write_text(out, &render_failovers(&all.luns))?;
+    }
+    if all.refused.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = all
+        .refused
+        .iter()
+        .map(|r| format!("{}/{}: {} [{}]", r.target, r.lun, r.error, r.code))
+        .collect();
+    err(format!("refused: {}", lines.join("; ")))
+}
+
+/// The table of `ironlun ctl failover`.
+pub fn render_failovers(luns: &[FailoverJson]) -> String {
+    let rows: Vec<Vec<String>> = luns
+        .iter()
+        .map(|f| {
+            vec![
+                format!("{}/{}", f.target, f.lun),
+                or_dash(f.owner.as_deref()),
+                f.epoch.to_string(),
+                f.generation.to_string(),
+                yes_no(f.aborted),
+                if f.idempotent {
+                    "retry (no change)".to_string()
+                } else {
+                    format!("{:.3} ms", f.took_us as f64 / 1000.0)
+                },
+            ]
+        })
+        .collect();
+    table::render(
+        0,
+        &["LUN", "OWNER", "EPOCH", "GENERATION", "ABORTED", "TOOK"],
+        &rows,
     )
 }
 

@@ -153,6 +153,9 @@ fn owner_line(op: &OwnershipOp) -> String {
         OwnershipOp::Unfence { from, to, epoch } => {
             format!("op owner unfence {epoch} {from} {to}\n")
         }
+        OwnershipOp::Failover { from, to, epoch } => {
+            format!("op owner failover {epoch} {from} {to}\n")
+        }
     }
 }
 
@@ -233,6 +236,11 @@ fn decode_owner(fields: &[&str]) -> Result<Op, CodecError> {
             epoch: epoch(e)?,
         },
         ["unfence", e, from, to] => OwnershipOp::Unfence {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        ["failover", e, from, to] => OwnershipOp::Failover {
             from: host(from)?,
             to: host(to)?,
             epoch: epoch(e)?,
@@ -418,9 +426,14 @@ mod tests {
                 to: d.clone(),
                 epoch: 3,
             },
-            OwnershipOp::ClearOwner {
-                host: d.clone(),
+            OwnershipOp::Failover {
+                from: d.clone(),
+                to: s.clone(),
                 epoch: 4,
+            },
+            OwnershipOp::ClearOwner {
+                host: s.clone(),
+                epoch: 5,
             },
         ];
         for (i, step) in steps.into_iter().enumerate() {
@@ -456,7 +469,7 @@ mod tests {
             }
         }
         assert_eq!(state.owner(), None);
-        assert_eq!(state.epoch(), 4);
+        assert_eq!(state.epoch(), 5);
         assert!(
             state.aborted_epochs().is_empty(),
             "epoch 4 made epoch 2 stale"

@@ -41,9 +41,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use ironlun_api::{
-    fmt_key, percent_decode, CommitJson, ErrorJson, EventsJson, HandoverJson, HandoverRequest,
-    Health, LuReservations, OwnerJson, OwnerRequest, OwnershipJson, PrepareJson, RegistrationJson,
-    ReservationJson, ReservationsList, Token, DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS,
+    fmt_key, percent_decode, CommitJson, ErrorJson, EventsJson, FailoverAllJson,
+    FailoverAllRequest, FailoverJson, FailoverRefusedJson, FailoverRequest, HandoverJson,
+    HandoverRequest, Health, LuReservations, OwnerJson, OwnerRequest, OwnershipJson, PrepareJson,
+    RegistrationJson, ReleaseRequest, ReservationJson, ReservationsList, Token,
+    DEFAULT_DEADLINE_MS, MAX_DEADLINE_MS,
 };
 use ironlun_scsi::pr::ownership::{Handover, OwnershipError};
 use ironlun_scsi::pr::{PrSnapshot, ReservationType};
@@ -207,6 +209,18 @@ pub enum Route {
         lun: u64,
         step: HandoverStep,
     },
+    /// `POST /v1/luns/<t>/<l>/release`.
+    Release {
+        target: String,
+        lun: u64,
+    },
+    /// `POST /v1/luns/<t>/<l>/failover` (issue 19).
+    Failover {
+        target: String,
+        lun: u64,
+    },
+    /// `POST /v1/failover`: every LU a failed host owns.
+    FailoverAll,
     Events,
     PortGroups,
     PortGroup(String),
@@ -271,6 +285,15 @@ pub fn route(method: &str, path: &str) -> Result<Route, HttpError> {
         ["v1", "luns", t, l, "owner"] => {
             let (target, lun) = lu_of(t, l)?;
             (Route::Owner { target, lun }, "POST")
+        }
+        ["v1", "failover"] => (Route::FailoverAll, "POST"),
+        ["v1", "luns", t, l, "release"] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Release { target, lun }, "POST")
+        }
+        ["v1", "luns", t, l, "failover"] => {
+            let (target, lun) = lu_of(t, l)?;
+            (Route::Failover { target, lun }, "POST")
         }
         ["v1", "luns", t, l, "handover", step] => {
             let step = match *step {
@@ -443,6 +466,7 @@ pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
             OwnershipError::ForeignRegistrations(_) => (409, "foreign_registrations"),
             OwnershipError::Spc2Reserved => (409, "spc2_reserved"),
             OwnershipError::Aborted(_) => (409, "aborted"),
+            OwnershipError::SourceLoggedIn(_) => (409, "live_session"),
         },
         OwnershipOpError::Cluster(_) => (503, "cluster_unavailable"),
         OwnershipOpError::DrainTimeout(_) => (409, "drain_timeout"),
@@ -608,6 +632,45 @@ pub async fn respond(
                 Err(e) => refused(&e),
             }
         }
+        Route::Release { target, lun } => {
+            let (l, req) = match (
+                find_lu(registry, &target, lun),
+                parse_body::<ReleaseRequest>(body),
+            ) {
+                (Ok((_, l)), Ok(req)) => (l, req),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            let epoch = req.epoch.unwrap_or_else(|| l.next_epoch());
+            match l.release(&req.host, epoch).await {
+                Ok(s) => Response::json(
+                    200,
+                    &OwnerJson {
+                        owner: s.owner,
+                        epoch: s.epoch,
+                        generation: s.generation,
+                    },
+                ),
+                Err(e) => refused(&e),
+            }
+        }
+        Route::Failover { target, lun } => {
+            let (name, l, req) = match (
+                find_lu(registry, &target, lun),
+                parse_body::<FailoverRequest>(body),
+            ) {
+                (Ok((name, l)), Ok(req)) => (name, l, req),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            let epoch = req.epoch.unwrap_or_else(|| l.next_epoch());
+            match l.failover(&req.from, &req.to, epoch, req.force).await {
+                Ok(o) => Response::json(200, &failover_json(&name, lun, o)),
+                Err(e) => refused(&e),
+            }
+        }
+        Route::FailoverAll => match parse_body::<FailoverAllRequest>(body) {
+            Ok(req) => failover_all(registry, &req).await,
+            Err(r) => r,
+        },
         Route::Handover { target, lun, step } => {
             let (l, req) = match (
                 find_lu(registry, &target, lun),
@@ -619,6 +682,61 @@ pub async fn respond(
             handover(&l, step, &req).await
         }
     }
+}
+
+/// The answer for one LU's failover.
+fn failover_json(target: &str, lun: u64, o: crate::target::FailoverOutcome) -> FailoverJson {
+    FailoverJson {
+        target: target.to_string(),
+        lun,
+        owner: o.owner,
+        epoch: o.epoch,
+        generation: o.generation,
+        aborted: o.aborted,
+        idempotent: o.idempotent,
+        took_us: o.took_us,
+    }
+}
+
+/// `POST /v1/failover`: fail over every LU `all_of` owns to `to`, one after another, each at
+/// its own next epoch; 200 when all moved, 409 when any was refused (both lists given), 404
+/// when the host owns none.
+async fn failover_all(registry: &Registry, req: &FailoverAllRequest) -> Response {
+    let dead = match ironlun_scsi::pr::ownership::host_name(&req.all_of) {
+        Ok(h) => h,
+        Err(e) => return refused(&e.into()),
+    };
+    let mut owned = Vec::new();
+    for t in registry.targets().iter() {
+        for (id, l) in t.luns().iter() {
+            if l.pr_snapshot().owner.as_deref() == Some(dead.as_str()) {
+                owned.push((t.name.clone(), *id, l.clone()));
+            }
+        }
+    }
+    if owned.is_empty() {
+        return Response::error_code(404, "not_owner", &format!("{dead} owns no LU"));
+    }
+    let mut out = FailoverAllJson {
+        luns: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (target, lun, l) in owned {
+        match l.failover(&dead, &req.to, l.next_epoch(), req.force).await {
+            Ok(o) => out.luns.push(failover_json(&target, lun, o)),
+            Err(e) => {
+                let (_, code) = op_error(&e);
+                out.refused.push(FailoverRefusedJson {
+                    target,
+                    lun,
+                    code: code.to_string(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    let status = if out.refused.is_empty() { 200 } else { 409 };
+    Response::json(status, &out)
 }
 
 /// One handover step on `l`.
@@ -1244,6 +1362,25 @@ mod tests {
                 }),
             ),
             ("GET", "/v1/luns/x/0/handover/commit", Err(405)),
+            (
+                "POST",
+                "/v1/luns/x/0/failover",
+                Ok(Route::Failover {
+                    target: "x".into(),
+                    lun: 0,
+                }),
+            ),
+            (
+                "POST",
+                "/v1/luns/x/1/release",
+                Ok(Route::Release {
+                    target: "x".into(),
+                    lun: 1,
+                }),
+            ),
+            ("POST", "/v1/failover", Ok(Route::FailoverAll)),
+            ("GET", "/v1/failover", Err(405)),
+            ("GET", "/v1/luns/x/0/failover", Err(405)),
             ("POST", "/v1/luns/x/0/ownership", Err(405)),
             ("GET", "/v1/luns/x/0/owner", Err(405)),
             ("POST", "/v1/luns/x/0/handover/finish", Err(404)),

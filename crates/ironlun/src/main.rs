@@ -68,6 +68,45 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// End HOST's target-managed ownership of an LU: its registration and reservation go and
+    /// the initiators manage PR again (what a cluster resource's stop does).
+    Release {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
+        lun: (String, u64),
+        /// Initiator name of the owning host.
+        host: String,
+        /// Epoch of this decision (default: the LU's next).
+        #[arg(long)]
+        epoch: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail an LU (or every LU of a host) over from a failed host: its registrations go, its
+    /// commands are aborted and drained before the answer, HOST owns the LU.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["lun", "all_of"])))]
+    Failover {
+        #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN", requires = "from")]
+        lun: Option<(String, u64)>,
+        /// The failed host (initiator name).
+        #[arg(long, value_name = "DEAD", requires = "lun")]
+        from: Option<String>,
+        /// Every LU this failed host owns, instead of one LU.
+        #[arg(long, value_name = "DEAD", conflicts_with_all = ["lun", "from", "epoch"])]
+        all_of: Option<String>,
+        /// The host that takes the LU (initiator name).
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// Epoch of this decision (default: the LU's next); a retry with the same epoch
+        /// changes nothing.
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Fail over even though the failed host still has a session on the LU (it has been
+        /// fenced by the cluster, or is known to be gone).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Owner, epoch, PRgeneration and handover in progress per LU.
     Ownership {
         #[arg(value_parser = ctl::parse_selector, value_name = "TARGET/LUN")]
@@ -513,6 +552,46 @@ fn run_ctl(
             json || all_json,
             &mut std::io::stdout().lock(),
         ),
+        CtlCommand::Release {
+            lun,
+            host,
+            epoch,
+            json,
+        } => ctl::release(
+            &client,
+            &lun,
+            &host,
+            epoch,
+            json || all_json,
+            &mut std::io::stdout().lock(),
+        ),
+        CtlCommand::Failover {
+            lun,
+            from,
+            all_of,
+            to,
+            epoch,
+            force,
+            json,
+        } => {
+            let scope = match (lun, from, all_of) {
+                (Some(lu), Some(from), None) => ctl::FailoverScope::Lu { lu, from, epoch },
+                (None, None, Some(dead)) => ctl::FailoverScope::AllOf(dead),
+                _ => {
+                    return Err(ctl::CtlError(
+                        "give TARGET/LUN with --from DEAD, or --all-of DEAD".into(),
+                    ))
+                }
+            };
+            ctl::failover(
+                &client,
+                &scope,
+                &to,
+                force,
+                json || all_json,
+                &mut std::io::stdout().lock(),
+            )
+        }
         CtlCommand::Ownership { lun, json } => ctl::ownership(
             &client,
             lun.as_ref(),

@@ -169,6 +169,9 @@ pub const PR_OUT_ACTIONS: [&str; 8] = [
 /// Handover result label values, indexed by [`HandoverResult`].
 pub const HANDOVER_RESULTS: [&str; 3] = ["committed", "aborted", "refused"];
 
+/// Failover result label values: index 0 done, 1 refused ([`LuMetrics::failover`]).
+pub const FAILOVER_RESULTS: [&str; 2] = ["done", "refused"];
+
 /// How a handover step ended (`POST …/handover/commit` or `…/abort`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandoverResult {
@@ -232,6 +235,7 @@ pub struct LuMetrics {
     reservation_conflicts: AtomicU64,
     pr_out: [AtomicU64; 8],
     handovers: [AtomicU64; 3],
+    failovers: [AtomicU64; 2],
     switch_time: Histogram,
 }
 
@@ -254,6 +258,7 @@ impl LuMetrics {
             reservation_conflicts: AtomicU64::new(0),
             pr_out: Default::default(),
             handovers: Default::default(),
+            failovers: Default::default(),
             switch_time: Histogram::new(SWITCH_BOUNDS_NS),
         }
     }
@@ -265,6 +270,14 @@ impl LuMetrics {
         }
         if let Some(d) = switch {
             self.switch_time.observe(nanos(d));
+        }
+    }
+
+    /// Record a failover's result (issue 19): `true` when it moved the LU (an idempotent
+    /// retry is not counted), `false` when it was refused or failed.
+    pub fn failover(&self, done: bool) {
+        if let Some(c) = self.failovers.get(usize::from(!done)) {
+            c.fetch_add(1, Relaxed);
         }
     }
 
@@ -700,6 +713,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Handover steps by result (committed, aborted, refused).",
     ),
     (
+        "ironlun_lu_failovers_total",
+        "counter",
+        "Failovers of the LU away from a failed host, by result (done, refused).",
+    ),
+    (
         "ironlun_lu_handover_switch_seconds",
         "histogram",
         "Total time of committed handovers (fence, drain, flush, transfer).",
@@ -909,6 +927,16 @@ pub fn render_parts<'a>(luns: &[(&'a str, u64, &'a LuMetrics)], d: &Daemon) -> S
         for (c, r) in m.handovers.iter().zip(HANDOVER_RESULTS) {
             e.sample(
                 "ironlun_lu_handovers_total",
+                &format!("{l},result=\"{r}\""),
+                c.load(Relaxed),
+            );
+        }
+    }
+    e.family("ironlun_lu_failovers_total");
+    for (l, m) in each() {
+        for (c, r) in m.failovers.iter().zip(FAILOVER_RESULTS) {
+            e.sample(
+                "ironlun_lu_failovers_total",
                 &format!("{l},result=\"{r}\""),
                 c.load(Relaxed),
             );

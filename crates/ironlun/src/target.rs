@@ -1720,6 +1720,20 @@ pub struct CommitOutcome {
     pub idempotent: bool,
 }
 
+/// A failover ([`LunHandle::failover`]): the state afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverOutcome {
+    pub owner: Option<String>,
+    pub epoch: u64,
+    pub generation: u32,
+    /// Tasks were aborted on this node and drained before the answer (one node only: in
+    /// cluster mode every gateway aborts and drains, but does not report it here).
+    pub aborted: bool,
+    /// A retry of the same decision: nothing changed.
+    pub idempotent: bool,
+    pub took_us: u64,
+}
+
 /// Why an admin ownership or handover step failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OwnershipOpError {
@@ -1832,6 +1846,110 @@ impl LunHandle {
             serde_json::json!({"owner": s.owner, "epoch": s.epoch, "generation": s.generation, "persisted": r.is_ok()}),
         );
         r.map(|()| s)
+    }
+
+    /// End `host`'s target-managed ownership at `epoch` (`POST …/release`;
+    /// [`LogicalUnit::clear_owner`]): its registration and reservation go and PR OUT is
+    /// accepted again; durable (or in etcd) before this returns.
+    pub async fn release(
+        self: &Arc<Self>,
+        host: &str,
+        epoch: u64,
+    ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
+        let _op = self.admin_op.lock().await;
+        let r = if self.replicated() {
+            let op = OwnershipOp::ClearOwner {
+                host: host.to_string(),
+                epoch,
+            }
+            .normalized()?;
+            cluster::ownership(self, op).await.map(|_| ())
+        } else {
+            let step = {
+                let mut lu = self.lu();
+                let commit = lu.clear_owner(host, epoch)?;
+                self.sequenced(Step::PrCommit(commit))
+            };
+            self.carry_out(step).await
+        };
+        let s = self.pr_snapshot();
+        self.events.record(
+            &self.label,
+            "release",
+            serde_json::json!({"host": host, "epoch": epoch, "generation": s.generation, "persisted": r.is_ok()}),
+        );
+        r.map(|()| s)
+    }
+
+    /// Failover (issue 19, `POST …/failover`; [`LogicalUnit::failover`]): `from` failed and
+    /// `to` owns the LU at `epoch`, in one PR transition. `from`'s registrations go
+    /// (2Ah/05h to its nexuses) and its tasks are aborted; the answer comes after they have
+    /// drained (on every gateway in cluster mode) and the state is durable. Refused while
+    /// `from` has a session on the LU unless `force` (in cluster mode only this gateway's
+    /// sessions are seen). A retry of the same decision succeeds without change.
+    pub async fn failover(
+        self: &Arc<Self>,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        force: bool,
+    ) -> Result<FailoverOutcome, OwnershipOpError> {
+        let _op = self.admin_op.lock().await;
+        let start = std::time::Instant::now();
+        let before = self.pr_snapshot();
+        let mut aborted = false;
+        let r = if self.replicated() {
+            let from_n = ironlun_scsi::pr::ownership::host_name(from)?;
+            if !force && self.lu().host_logged_in(&from_n) {
+                Err(OwnershipError::SourceLoggedIn(from_n).into())
+            } else if before.spc2_holder.is_some() {
+                Err(OwnershipError::Spc2Reserved.into())
+            } else {
+                let op = OwnershipOp::Failover {
+                    from: from_n,
+                    to: to.to_string(),
+                    epoch,
+                }
+                .normalized()?;
+                cluster::ownership(self, op).await.map(|_| ())
+            }
+        } else {
+            let step = {
+                let mut lu = self.lu();
+                lu.failover(from, to, epoch, force).map(|commit| {
+                    aborted = commit.abort.is_some();
+                    self.sequenced(Step::PrCommit(commit))
+                })
+            };
+            match step {
+                Ok(step) => self.carry_out(step).await,
+                Err(e) => Err(e.into()),
+            }
+        };
+        let s = self.pr_snapshot();
+        let idempotent = r.is_ok() && s.generation == before.generation;
+        match &r {
+            Err(_) => self.metrics.failover(false),
+            Ok(()) if !idempotent => self.metrics.failover(true),
+            Ok(()) => {}
+        }
+        let took_us = micros(start.elapsed());
+        let mut detail = serde_json::json!({
+            "from": from, "to": to, "epoch": epoch, "force": force,
+            "aborted": aborted, "idempotent": idempotent, "took_us": took_us,
+        });
+        if let (Err(e), Some(m)) = (&r, detail.as_object_mut()) {
+            m.insert("refused".into(), e.to_string().into());
+        }
+        self.events.record(&self.label, "failover", detail);
+        r.map(|()| FailoverOutcome {
+            owner: s.owner,
+            epoch: s.epoch,
+            generation: s.generation,
+            aborted,
+            idempotent,
+            took_us,
+        })
     }
 
     /// Handover step 1 (`POST …/handover/prepare`; [`LogicalUnit::handover_prepare`]).
@@ -2426,6 +2544,91 @@ mod tests {
         assert_eq!(c.status, 0, "{c:?}");
         let (w, _) = write.await.unwrap();
         assert!(matches!(w.status, 0x00 | 0x40), "{w:?}");
+    }
+
+    async fn tur(n: &Nexus) -> ScsiCompletion {
+        n.execute(0, Bytes::from_static(&[0; 6]), Bytes::new())
+            .await
+            .0
+    }
+
+    /// WRITE (16) of one block at LBA 1024.
+    async fn write_one(n: &Nexus) -> ScsiCompletion {
+        let cdb = [0x8a, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 0, 0, 0, 1, 0, 0];
+        n.execute(
+            0,
+            Bytes::copy_from_slice(&cdb),
+            Bytes::from(vec![0xcd; 512]),
+        )
+        .await
+        .0
+    }
+
+    /// Issue 19 acceptance 1: a failover away from host V, whose write is in flight in the
+    /// backstore, is refused while V is logged in; forced, it answers only after that write
+    /// has ended, and none of V's writes reaches the backstore afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failover_waits_for_the_failed_hosts_write_in_flight() {
+        let (gate, v, p) = preempt_setup().await;
+        let handle = v.target.luns().get(&0).unwrap().clone();
+        // Initiator-managed PR with V's reservation and P's key: a failover from P makes
+        // V the owning host (P's key goes).
+        let o = handle
+            .failover("iqn.x:p", "iqn.x:v", 1, true)
+            .await
+            .unwrap();
+        assert_eq!(o.owner.as_deref(), Some("iqn.x:v"));
+        assert_eq!(tur(&v).await.status, 0);
+        assert_eq!(tur(&p).await.status, 2, "P's key was preempted (2Ah/05h)");
+        gate.set(false);
+        let write = tokio::spawn(write_128k(&v).finish());
+        gate.0.entered(1).await;
+        assert!(matches!(
+            handle.failover("iqn.x:v", "iqn.x:p", 2, false).await,
+            Err(OwnershipOpError::Ownership(OwnershipError::SourceLoggedIn(
+                _
+            )))
+        ));
+        let h = handle.clone();
+        let mut failover =
+            tokio::spawn(async move { h.failover("iqn.x:v", "iqn.x:p", 2, true).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut failover)
+                .await
+                .is_err(),
+            "the failover answered while the failed host's write was in flight"
+        );
+        assert_eq!(gate.0.landed(), 0);
+        gate.set(true);
+        let o = tokio::time::timeout(Duration::from_secs(5), failover)
+            .await
+            .expect("the failover never answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(gate.0.landed(), 1, "V's write ended before the answer");
+        assert_eq!((o.owner.as_deref(), o.epoch), (Some("iqn.x:p"), 2));
+        assert!(o.aborted && !o.idempotent, "{o:?}");
+        let (w, _) = write.await.unwrap();
+        assert_eq!(w.status, 0x40, "V's write ends TASK ABORTED: {w:?}");
+        // From now on V conflicts and nothing of V's reaches the backstore.
+        let started = gate.0.started().len();
+        let w = write_one(&v).await;
+        assert_eq!(w.status, 0x02, "the unit attention first: {w:?}");
+        assert_eq!(&w.sense[12..14], &[0x2a, 0x05], "{w:?}");
+        assert_eq!(write_one(&v).await.status, 0x18);
+        assert_eq!(
+            gate.0.started().len(),
+            started,
+            "a write of V reached the backstore"
+        );
+        assert_eq!(write_one(&p).await.status, 0, "the new owner writes");
+        // A retry changes nothing.
+        let again = handle
+            .failover("iqn.x:v", "iqn.x:p", 2, true)
+            .await
+            .unwrap();
+        assert!(again.idempotent && !again.aborted);
+        assert_eq!(again.generation, o.generation);
     }
 
     /// SAM-5 §7: LUN RESET, CLEAR TASK SET and TARGET WARM RESET from P abort V's write in

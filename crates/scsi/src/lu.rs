@@ -2486,11 +2486,36 @@ impl LogicalUnit {
         let OwnershipOp::Prepare { to, .. } = &op else {
             return Ok(());
         };
-        let logged_in = self
-            .identities
-            .values()
-            .any(|x| x.sessions > 0 && x.it.initiator.name() == to);
+        let logged_in = self.host_logged_in(to);
         self.ownership_step(op, Some(logged_in)).map(|_| ())
+    }
+
+    /// Whether `host` (a lower-cased initiator name) has a session on the LU now.
+    pub fn host_logged_in(&self, host: &str) -> bool {
+        self.identities
+            .values()
+            .any(|x| x.sessions > 0 && x.it.initiator.name() == host)
+    }
+
+    /// Failover (issue 19, [`OwnershipOp::Failover`]): `from` failed, `to` owns the LU at
+    /// `epoch`; `from`'s registrations go (2Ah/05h to its nexuses) and its tasks are aborted
+    /// (the commit's ticket: wait until drained before reporting). Refused while `from` has
+    /// a session on the LU unless `force`. A retry of the same decision changes nothing.
+    pub fn failover(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        force: bool,
+    ) -> Result<PrCommit, OwnershipError> {
+        let from = crate::pr::ownership::host_name(from)?;
+        let logged_in = (!force).then(|| self.host_logged_in(&from));
+        let op = OwnershipOp::Failover {
+            from,
+            to: to.to_string(),
+            epoch,
+        };
+        self.ownership_step(op, logged_in)
     }
 
     /// Handover step 2: from now on every command of `from` except classes A and R gets
@@ -2601,17 +2626,17 @@ impl LogicalUnit {
     }
 
     /// Take one ownership step ([`PrState::ownership`]) with this LU's own checks (its SPC-2
-    /// reservation; `to_logged_in` for a prepare) and carry out its effects here: tasks
+    /// reservation; `logged_in` for a prepare or a failover) and carry out its effects here: tasks
     /// aborted, 2Ah/05h to the removed registrations' nexuses.
     pub fn ownership_step(
         &mut self,
         op: OwnershipOp,
-        to_logged_in: Option<bool>,
+        logged_in: Option<bool>,
     ) -> Result<PrCommit, OwnershipError> {
         let op = op.normalized()?;
         let checks = Checks {
             spc2_reserved: self.spc2.is_some(),
-            to_logged_in,
+            logged_in,
         };
         let fx = self.pr.ownership(&op, checks)?;
         if !fx.changed {

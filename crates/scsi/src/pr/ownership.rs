@@ -132,6 +132,8 @@ pub enum OwnershipError {
     Spc2Reserved,
     #[error("the handover with epoch {0} was aborted")]
     Aborted(u64),
+    #[error("{0} still has a session on the logical unit (a failover of a live host needs force)")]
+    SourceLoggedIn(String),
 }
 
 /// At most this many aborted handover epochs are remembered (the lowest go first).
@@ -169,6 +171,14 @@ pub enum OwnershipOp {
     /// A commit gave up (drain deadline, failed flush): the fence goes, `epoch` is not
     /// remembered as aborted.
     Unfence {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
+    /// Failover (issue 19): `from` failed; every registration of its nexuses goes and its
+    /// tasks are aborted, as PREEMPT AND ABORT would (SPC-4 §5.13.11.2.6), and `to` owns the
+    /// LU at `epoch`, in one transition. A handover away from `from` is superseded.
+    Failover {
         from: String,
         to: String,
         epoch: u64,
@@ -212,6 +222,11 @@ impl OwnershipOp {
                 to: host_name(&to)?,
                 epoch,
             },
+            Failover { from, to, epoch } => Failover {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
         })
     }
 }
@@ -222,15 +237,16 @@ impl OwnershipOp {
 pub struct Checks {
     /// An SPC-2 RESERVE(6/10) reservation is held (set_owner is refused).
     pub spc2_reserved: bool,
-    /// Whether the destination of a prepare has a session on the LU; `None`: not checked.
-    pub to_logged_in: Option<bool>,
+    /// Whether the host the step checks has a session on the LU (the destination of a
+    /// prepare, the failed host of a failover); `None`: not checked (or a forced failover).
+    pub logged_in: Option<bool>,
 }
 
 impl Checks {
     /// Nothing checked beyond the state (the gateway that took the step checked its part).
     pub const REPLAY: Checks = Checks {
         spc2_reserved: false,
-        to_logged_in: None,
+        logged_in: None,
     };
 }
 
@@ -358,7 +374,7 @@ impl PrState {
                 if self.owner() != Some(from.as_str()) {
                     return Err(self.not_owner(from));
                 }
-                if checks.to_logged_in == Some(false) {
+                if checks.logged_in == Some(false) {
                     return Err(OwnershipError::DestinationNotLoggedIn(to.clone()));
                 }
                 self.handover = Handover::Prepared {
@@ -449,6 +465,7 @@ impl PrState {
                     ..OwnershipFx::default()
                 })
             }
+            OwnershipOp::Failover { from, to, epoch } => self.failover(from, to, *epoch, checks),
             OwnershipOp::Unfence { from, to, epoch } => {
                 let before = self.handover.clone();
                 self.unfence(from, to, *epoch)?;
@@ -458,6 +475,68 @@ impl PrState {
                 })
             }
         }
+    }
+
+    /// [`OwnershipOp::Failover`]. Refused for the same host, an aborted or stale epoch, a
+    /// handover in progress that is not away from `from`, an owner other than `from` and
+    /// `to`, registrations of other hosts, an SPC-2 reservation, and a `from` with a session
+    /// (`checks.logged_in`). A retry of the same decision changes nothing. On an owned LU
+    /// only `from`'s tasks are aborted; on an unowned one, every task of another host than
+    /// `to` (anyone could write there), as [`OwnershipOp::SetOwner`] does.
+    fn failover(
+        &mut self,
+        from: &str,
+        to: &str,
+        epoch: u64,
+        checks: Checks,
+    ) -> Result<OwnershipFx, OwnershipError> {
+        if from == to {
+            return Err(OwnershipError::SameHost);
+        }
+        if self.aborted.contains(&epoch) {
+            return Err(OwnershipError::Aborted(epoch));
+        }
+        if self.decide(epoch, Some(to))? == Decision::Retry {
+            return Ok(OwnershipFx::default());
+        }
+        if let Some((f, _, _)) = self.handover.parts() {
+            if f != from {
+                return Err(OwnershipError::HandoverInProgress(self.handover.clone()));
+            }
+        }
+        if let Some(o) = self.owner() {
+            if o != from && o != to {
+                return Err(self.not_owner(from));
+            }
+        }
+        let foreign: Vec<String> = self
+            .foreign_hosts(to)
+            .into_iter()
+            .filter(|h| h != from)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(OwnershipError::ForeignRegistrations(foreign));
+        }
+        if checks.spc2_reserved {
+            return Err(OwnershipError::Spc2Reserved);
+        }
+        if checks.logged_in == Some(true) {
+            return Err(OwnershipError::SourceLoggedIn(from.to_string()));
+        }
+        let abort = if self.owner().is_some() {
+            TaskPick::Host(from.to_string())
+        } else {
+            TaskPick::AllBut(to.to_string())
+        };
+        self.handover = Handover::Idle;
+        let removed = self.install_owner(to, epoch);
+        self.forget_aborted();
+        Ok(OwnershipFx {
+            changed: true,
+            removed,
+            abort: Some(abort),
+            drain: None,
+        })
     }
 
     /// Handover step 4 without remembering the epoch (a commit that gave up on its drain

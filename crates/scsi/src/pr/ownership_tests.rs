@@ -708,3 +708,107 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn failover_aborts_the_failed_owners_writes_and_makes_the_survivor_owner() {
+    let mut f = owned_by_a();
+    let w = start_write(&mut f, A);
+    assert_eq!(
+        f.lu.failover(HA, HB, 2, false).unwrap_err(),
+        OwnershipError::SourceLoggedIn(HA.into()),
+        "A still has sessions"
+    );
+    let c = commit(&mut f, |lu| lu.failover("IQN.TEST:A", HB, 2, true));
+    let t = c.abort.expect("A's write is aborted");
+    assert!(!f.lu.abort_drained(t), "not drained while A's write runs");
+    assert_eq!(finish(&mut f, A, w).status, status::TASK_ABORTED);
+    assert!(f.lu.abort_drained(t));
+    assert_eq!(f.uas(A), vec![(0x2A, 0x05)]);
+    assert_eq!(f.uas(A2), vec![(0x2A, 0x05)]);
+    assert_eq!(f.uas(B), vec![]);
+    assert_eq!(f.write(B), GOOD);
+    for n in [A, A2, C] {
+        assert_eq!(f.write(n), CONFLICT, "nexus {n}");
+    }
+    let s = f.lu.pr_snapshot();
+    assert_eq!((s.owner.as_deref(), s.epoch), (Some(HB), 2));
+    assert_eq!(f.keys().1, vec![owner_key(HB)]);
+    assert!(!written_state(&f).is_empty());
+    // The same decision again changes nothing; another one at that epoch is stale.
+    let again = commit(&mut f, |lu| lu.failover(HA, HB, 2, true));
+    assert_eq!(again.abort, None);
+    assert_eq!(f.lu.pr_snapshot().generation, s.generation);
+    assert!(matches!(
+        f.lu.failover(HA, HC, 2, true),
+        Err(OwnershipError::StaleEpoch { .. })
+    ));
+    assert_eq!(
+        f.lu.failover(HB, HB, 3, true).unwrap_err(),
+        OwnershipError::SameHost
+    );
+}
+
+#[test]
+fn failover_needs_no_force_once_the_failed_host_is_gone() {
+    let mut f = owned_by_a();
+    f.lu.remove_nexus(A);
+    assert_eq!(
+        f.lu.failover(HA, HB, 2, false).unwrap_err(),
+        OwnershipError::SourceLoggedIn(HA.into()),
+        "A2 is still logged in"
+    );
+    f.lu.remove_nexus(A2);
+    let c = commit(&mut f, |lu| lu.failover(HA, HB, 2, false));
+    assert_eq!(c.abort, None, "nothing of A's was running");
+    assert_eq!(f.lu.pr_snapshot().owner.as_deref(), Some(HB));
+    // An owner other than the failed host and the survivor is refused.
+    assert!(matches!(
+        f.lu.failover(HC, HA, 3, true),
+        Err(OwnershipError::NotOwner { .. })
+    ));
+}
+
+#[test]
+fn failover_of_an_initiator_managed_lu_removes_the_failed_hosts_keys() {
+    let mut f = F::new();
+    f.reg(A, 0xA1);
+    f.reg(A2, 0xA1);
+    f.reg(B, 0xB1);
+    let wc = start_write(&mut f, C);
+    let c = commit(&mut f, |lu| lu.failover(HA, HB, 1, true));
+    assert_eq!(f.keys().1, vec![owner_key(HB)]);
+    assert_eq!(f.uas(A), vec![(0x2A, 0x05)]);
+    let t = c
+        .abort
+        .expect("anyone could write an unowned LU: C's write is aborted");
+    assert_eq!(finish(&mut f, C, wc).status, status::TASK_ABORTED);
+    assert!(f.lu.abort_drained(t));
+    // A third host's registration is not ours to remove.
+    let mut g = F::new();
+    g.reg(A, 0xA1);
+    g.reg(C, 0xC1);
+    assert_eq!(
+        g.lu.failover(HA, HB, 1, true).unwrap_err(),
+        OwnershipError::ForeignRegistrations(vec![HC.into()])
+    );
+}
+
+#[test]
+fn failover_supersedes_a_handover_away_from_the_failed_host_only() {
+    let mut f = owned_by_a();
+    fenced_a_to_b(&mut f, 2);
+    assert!(matches!(
+        f.lu.failover(HB, HC, 3, true),
+        Err(OwnershipError::HandoverInProgress(_))
+    ));
+    commit(&mut f, |lu| lu.failover(HA, HC, 3, true));
+    let s = f.lu.pr_snapshot();
+    assert_eq!((s.owner.as_deref(), s.epoch), (Some(HC), 3));
+    assert_eq!(s.handover, Handover::Idle);
+    assert_eq!(
+        f.write(A),
+        CONFLICT,
+        "the fence is gone, and so is A's registration"
+    );
+    assert_eq!(f.write(C), GOOD);
+}
