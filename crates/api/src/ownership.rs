@@ -43,8 +43,8 @@ pub struct OwnerJson {
     pub generation: u32,
 }
 
-/// `POST …/handover/{prepare,commit,abort}` body; `deadline_ms` and `on_deadline` only for
-/// commit.
+/// `POST …/handover/{prepare,commit,abort}` body; `deadline_ms` for commit (and an armed
+/// prepare), `on_deadline` for commit, `commit_on_write` for prepare.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverRequest {
     pub from: String,
@@ -55,6 +55,10 @@ pub struct HandoverRequest {
     /// `"abort"` (the default) or `"refuse"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_deadline: Option<OnDeadline>,
+    /// Prepare only (one node): commit the handover when the destination first writes, with
+    /// `deadline_ms` as the drain deadline and the source's late tasks aborted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commit_on_write: bool,
 }
 
 /// Drain deadline of a commit without `deadline_ms`.

@@ -808,6 +808,8 @@ pub struct HandoverArgs {
     pub deadline_ms: Option<u64>,
     /// Commit only.
     pub on_deadline: Option<ironlun_api::OnDeadline>,
+    /// Prepare only: commit at the destination's first write.
+    pub commit_on_write: bool,
 }
 
 /// `ironlun ctl handover prepare|commit|abort TARGET/LUN --from S --to D --epoch N …`.
@@ -824,6 +826,7 @@ pub fn handover(
         epoch: a.epoch,
         deadline_ms: a.deadline_ms,
         on_deadline: a.on_deadline,
+        commit_on_write: a.commit_on_write,
     };
     let body =
         serde_json::to_value(&body).map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;

@@ -1091,6 +1091,7 @@ fn handover_request(from: &str, to: &str, epoch: u64) -> admin::HandoverRequest 
         epoch,
         deadline_ms: None,
         on_deadline: None,
+        commit_on_write: false,
     }
 }
 

@@ -473,6 +473,7 @@ pub fn op_error(e: &OwnershipOpError) -> (u16, &'static str) {
         OwnershipOpError::AbortTimeout(_) => (503, "abort_timeout"),
         OwnershipOpError::Flush(_) => (500, "flush_failed"),
         OwnershipOpError::Persist(_) => (500, "persist_failed"),
+        OwnershipOpError::Unsupported(_) => (400, "unsupported"),
     }
 }
 
@@ -739,11 +740,25 @@ async fn failover_all(registry: &Registry, req: &FailoverAllRequest) -> Response
     Response::json(status, &out)
 }
 
+/// The drain deadline of a prepare with `commit_on_write` (`None` without it).
+fn armed_deadline(req: &HandoverRequest) -> Option<std::time::Duration> {
+    req.commit_on_write.then(|| {
+        std::time::Duration::from_millis(
+            req.deadline_ms
+                .unwrap_or(DEFAULT_DEADLINE_MS)
+                .min(MAX_DEADLINE_MS),
+        )
+    })
+}
+
 /// One handover step on `l`.
 async fn handover(l: &Arc<LunHandle>, step: HandoverStep, req: &HandoverRequest) -> Response {
     let (from, to, epoch) = (req.from.as_str(), req.to.as_str(), req.epoch);
     match step {
-        HandoverStep::Prepare => match l.handover_prepare(from, to, epoch).await {
+        HandoverStep::Prepare => match l
+            .handover_prepare(from, to, epoch, armed_deadline(req))
+            .await
+        {
             Ok(s) => Response::json(
                 200,
                 &PrepareJson {

@@ -330,8 +330,19 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum HandoverCommand {
-    /// Check the destination is logged in; nothing changes.
-    Prepare(HandoverStepArgs),
+    /// Check the destination is logged in; nothing changes (unless --commit-on-write).
+    Prepare {
+        #[command(flatten)]
+        args: HandoverStepArgs,
+        /// Commit the handover when the destination first writes (one node): for hypervisors
+        /// with no hook between the source's pause and the destination's resume.
+        #[arg(long)]
+        commit_on_write: bool,
+        /// With --commit-on-write: how long the source's commands in flight may take at that
+        /// commit before they are aborted (default 5000).
+        #[arg(long, requires = "commit_on_write")]
+        deadline_ms: Option<u64>,
+    },
     /// Fence the source, drain or abort its commands, flush, move ownership.
     Commit {
         #[command(flatten)]
@@ -717,14 +728,18 @@ fn run_ctl(
             &mut std::io::stdout().lock(),
         ),
         CtlCommand::Handover { step } => {
-            let (name, a, deadline_ms, on_deadline) = match step {
-                HandoverCommand::Prepare(a) => ("prepare", a, None, None),
-                HandoverCommand::Abort(a) => ("abort", a, None, None),
+            let (name, a, deadline_ms, on_deadline, commit_on_write) = match step {
+                HandoverCommand::Prepare {
+                    args,
+                    commit_on_write,
+                    deadline_ms,
+                } => ("prepare", args, deadline_ms, None, commit_on_write),
+                HandoverCommand::Abort(a) => ("abort", a, None, None, false),
                 HandoverCommand::Commit {
                     args,
                     deadline_ms,
                     on_deadline,
-                } => ("commit", args, deadline_ms, on_deadline),
+                } => ("commit", args, deadline_ms, on_deadline, false),
             };
             let h = ctl::HandoverArgs {
                 lu: a.lun,
@@ -733,6 +748,7 @@ fn run_ctl(
                 epoch: a.epoch,
                 deadline_ms,
                 on_deadline,
+                commit_on_write,
             };
             ctl::handover(
                 &client,

@@ -89,6 +89,11 @@ pub struct LunHandle {
     /// Cluster mode (issue 18): the LU's replicated reservation state and the gateway's
     /// self-fencing gate ([`crate::target::cluster`]); unset for one node.
     pub(crate) cluster: std::sync::OnceLock<crate::target::cluster::ClusterLu>,
+    /// A prepared handover to commit at the destination's first write (issue 19, for
+    /// hypervisors that give no hook between the source's pause and the destination's
+    /// resume); one node only. `armed_flag` lets the command path check it with one load.
+    armed: Mutex<Option<Armed>>,
+    armed_flag: std::sync::atomic::AtomicBool,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -139,6 +144,8 @@ impl LunHandle {
             sanitize_rate: None,
             metrics: Arc::default(),
             cluster: std::sync::OnceLock::new(),
+            armed: Mutex::new(None),
+            armed_flag: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -1164,6 +1171,20 @@ impl Nexus {
         arrived: Option<Instant>,
     ) -> Started {
         let nexus = self.id;
+        if handle.awaits_handover(self.it.initiator.name(), &cdb) {
+            return Started::Pending(PendingCommand {
+                probe: None,
+                spdtl: None,
+                next: Next::Handover {
+                    handle: handle.clone(),
+                    nexus,
+                    cdb,
+                    data_out,
+                    arrived,
+                    luns: view.clone(),
+                },
+            });
+        }
         let (step, spdtl) = handle.execute_since(nexus, &cdb, data_out, arrived);
         match split_copy(step) {
             Split::Copy(job, cont) => Started::Pending(PendingCommand {
@@ -1353,6 +1374,16 @@ enum Next {
         handle: Arc<LunHandle>,
         req: lu::Replicate,
     },
+    /// A write of an armed handover's destination, not started yet: it starts once the
+    /// handover is committed ([`LunHandle::handover_prepare`] with `commit_on_write`).
+    Handover {
+        handle: Arc<LunHandle>,
+        nexus: NexusId,
+        cdb: Bytes,
+        data_out: Bytes,
+        arrived: Option<Instant>,
+        luns: LunMap,
+    },
     /// An EXTENDED COPY over the LUs the nexus sees.
     Copy {
         job: Box<ironlun_scsi::xcopy::CopyJob>,
@@ -1429,10 +1460,33 @@ impl PendingCommand {
     }
 
     async fn run(self) -> (ScsiCompletion, Option<u32>) {
-        let spdtl = self.spdtl;
+        let mut spdtl = self.spdtl;
         let mut next = self.next;
         loop {
             let (handle, nexus, step) = match next {
+                Next::Handover {
+                    handle,
+                    nexus,
+                    cdb,
+                    data_out,
+                    arrived,
+                    luns,
+                } => {
+                    handle.commit_armed().await;
+                    let (step, s) = handle.execute_since(nexus, &cdb, data_out, arrived);
+                    spdtl = s;
+                    match split_copy(step) {
+                        Split::Copy(job, cont) => {
+                            next = Next::Copy {
+                                job,
+                                task: Task::new(handle.clone(), nexus, cont),
+                                luns,
+                            };
+                            continue;
+                        }
+                        Split::Other(step) => (handle, nexus, step),
+                    }
+                }
                 Next::Wait(task) => {
                     let handle = task.handle.clone();
                     let nexus = task.nexus;
@@ -1720,6 +1774,16 @@ pub struct CommitOutcome {
     pub idempotent: bool,
 }
 
+/// A handover prepared with `commit_on_write` ([`LunHandle::handover_prepare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Armed {
+    from: String,
+    to: String,
+    epoch: u64,
+    /// The commit's drain deadline (then the source's tasks are aborted).
+    deadline: std::time::Duration,
+}
+
 /// A failover ([`LunHandle::failover`]): the state afterwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverOutcome {
@@ -1751,6 +1815,13 @@ pub enum OwnershipOpError {
     Flush(String),
     #[error("the new state is in effect but could not be written durably: {0}; retry the commit")]
     Persist(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// A std mutex's guard; a poisoned lock (a panic while held) is taken over as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn micros(d: std::time::Duration) -> u64 {
@@ -1821,6 +1892,7 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
+        self.disarm();
         let r = if self.replicated() {
             if self.pr_snapshot().spc2_holder.is_some() {
                 return Err(OwnershipError::Spc2Reserved.into());
@@ -1857,6 +1929,7 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
+        self.disarm();
         let r = if self.replicated() {
             let op = OwnershipOp::ClearOwner {
                 host: host.to_string(),
@@ -1895,6 +1968,7 @@ impl LunHandle {
         force: bool,
     ) -> Result<FailoverOutcome, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
+        self.disarm();
         let start = std::time::Instant::now();
         let before = self.pr_snapshot();
         let mut aborted = false;
@@ -1952,15 +2026,27 @@ impl LunHandle {
         })
     }
 
-    /// Handover step 1 (`POST …/handover/prepare`; [`LogicalUnit::handover_prepare`]).
+    /// Handover step 1 (`POST …/handover/prepare`; [`LogicalUnit::handover_prepare`]). With
+    /// `commit_on_write` (one node only) the handover is also armed: the first command of
+    /// `to` that needs write access ([`access::Class::Modify`]) waits while the commit runs
+    /// (fence `from`, drain up to the deadline then abort, flush, transfer), then runs as the
+    /// owner's. For hypervisors whose hooks cannot run between the source's pause and the
+    /// destination's resume (libvirt): the destination's guest writes only after the source's
+    /// has stopped, so its first write marks the switchover.
     pub async fn handover_prepare(
         &self,
         from: &str,
         to: &str,
         epoch: u64,
+        commit_on_write: Option<std::time::Duration>,
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
         let s = if self.replicated() {
+            if commit_on_write.is_some() {
+                return Err(OwnershipOpError::Unsupported(
+                    "commit_on_write is not supported in cluster mode: commit the handover explicitly",
+                ));
+            }
             // The destination's sessions may be on any gateway: not checked here.
             let op = OwnershipOp::Prepare {
                 from: from.to_string(),
@@ -1975,12 +2061,73 @@ impl LunHandle {
             lu.handover_prepare(from, to, epoch)?;
             lu.pr_snapshot()
         };
+        if let Some(deadline) = commit_on_write {
+            let (from, to) = (
+                ironlun_scsi::pr::ownership::host_name(from)?,
+                ironlun_scsi::pr::ownership::host_name(to)?,
+            );
+            *lock(&self.armed) = Some(Armed {
+                from,
+                to,
+                epoch,
+                deadline,
+            });
+            self.armed_flag.store(true, Ordering::Release);
+        }
         self.events.record(
             &self.label,
             "handover_prepare",
-            serde_json::json!({"from": from, "to": to, "epoch": epoch}),
+            serde_json::json!({"from": from, "to": to, "epoch": epoch, "commit_on_write": commit_on_write.is_some()}),
         );
         Ok(s)
+    }
+
+    /// Forget an armed handover (any step that decides the LU's ownership does).
+    fn disarm(&self) {
+        if self.armed_flag.swap(false, Ordering::AcqRel) {
+            *lock(&self.armed) = None;
+        }
+    }
+
+    /// Whether a command `cdb` of initiator `name` must wait for an armed handover's commit:
+    /// `name` is its destination and the command needs write access.
+    fn awaits_handover(&self, name: &str, cdb: &[u8]) -> bool {
+        if !self.armed_flag.load(Ordering::Acquire) {
+            return false;
+        }
+        lock(&self.armed).as_ref().is_some_and(|a| {
+            a.to.eq_ignore_ascii_case(name)
+                && ironlun_scsi::pr::access::classify(cdb)
+                    == ironlun_scsi::pr::access::Class::Modify
+        })
+    }
+
+    /// Commit the armed handover (a command of its destination waits for this). Concurrent
+    /// callers serialise on the admin lock; the later ones find the epoch committed (an
+    /// idempotent retry) or the handover disarmed. A failed commit is logged and disarms:
+    /// the command then runs against the unchanged state (RESERVATION CONFLICT).
+    async fn commit_armed(self: &Arc<Self>) {
+        let Some(a) = lock(&self.armed).clone() else {
+            return;
+        };
+        match self
+            .handover_commit(&a.from, &a.to, a.epoch, a.deadline, OnDeadline::Abort)
+            .await
+        {
+            Ok(o) => tracing::info!(
+                lu = %self.label, from = %a.from, to = %a.to, epoch = a.epoch,
+                total_us = o.steps.total, "handover committed at the destination's first write"
+            ),
+            Err(e) => tracing::warn!(
+                lu = %self.label, from = %a.from, to = %a.to, epoch = a.epoch, error = %e,
+                "the handover armed for the destination's first write failed"
+            ),
+        }
+        let mut armed = lock(&self.armed);
+        if armed.as_ref().is_some_and(|x| x.epoch == a.epoch) {
+            *armed = None;
+            self.armed_flag.store(false, Ordering::Release);
+        }
     }
 
     /// Handover step 4 (`POST …/handover/abort`; [`LogicalUnit::handover_abort`]): the fence
@@ -1993,6 +2140,7 @@ impl LunHandle {
         epoch: u64,
     ) -> Result<(), OwnershipOpError> {
         let _op = self.admin_op.lock().await;
+        self.disarm();
         if self.lu().pr_state().aborted_epochs().contains(&epoch) {
             return Ok(());
         }

@@ -756,3 +756,97 @@ async fn pr_out_events_name_the_action_and_the_initiator() {
     let last = &ev["events"].as_array().unwrap().last().unwrap()["detail"];
     assert_eq!(last["registrations"], 1, "{last}");
 }
+
+/// Issue 19 (the libvirt hook's switchover): a handover prepared with `commit_on_write`
+/// changes nothing until the destination's first write, which waits while the commit runs:
+/// the source's WRITE SAME still in flight is aborted at the deadline and ends before the
+/// destination's write does; from then on the destination owns the LU. An abort disarms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_on_write_commits_at_the_destinations_first_write() {
+    let d = Daemon::builder(IRONLUN).start();
+    let base = d.admin_url().to_owned();
+    let a = Arc::new(session(d.addr, HOST_A).await);
+    let b = session(d.addr, HOST_B).await;
+    own(&base, HOST_A, 1).await;
+    let armed = |epoch: u64| json!({"from": HOST_A, "to": HOST_B, "epoch": epoch, "commit_on_write": true, "deadline_ms": 50});
+
+    // Armed, then aborted: nothing changes, and a later write of B triggers nothing.
+    let (s, v) = post(&base, "handover/prepare", armed(2)).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(&base, "handover/abort", hand(HOST_A, HOST_B, 2)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        write(&b, 0, WRITER_B, 0).await.unwrap().status,
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(ownership(&base).await["owner"], HOST_A);
+
+    // Armed: the source keeps writing and the destination reads until its first write.
+    let (s, v) = post(&base, "handover/prepare", armed(3)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(write(&a, 8, WRITER_A, 1).await.unwrap().status, GOOD);
+    assert_eq!(b.read16(0, 0, 8, BLOCK_SIZE).await.unwrap().status, GOOD);
+    assert_eq!(ownership(&base).await["owner"], HOST_A);
+    // The source's WRITE SAME in flight at the switchover.
+    let ws = start_write_same(a.clone(), WS_BLOCKS).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !ws.is_finished(),
+        "WRITE SAME finished too fast to be in flight"
+    );
+    let t = Instant::now();
+    let w = write(&b, 16, WRITER_B, 1).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(w.status, GOOD, "the destination's first write: {w:?}");
+    let ws = tokio::time::timeout(PROMPT, ws).await.unwrap().unwrap();
+    assert_eq!(ws, TASK_ABORTED);
+    // Its I/O ended before the destination's write did: nothing of it lands afterwards.
+    let sample = || async {
+        let mut v = Vec::new();
+        for i in 0..64u64 {
+            v.push(b.read16(0, i * 8192, 1, BLOCK_SIZE).await.unwrap().data[0]);
+        }
+        v
+    };
+    let first = sample().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sample().await,
+        first,
+        "a write of the source landed after the switchover"
+    );
+    println!("the destination's first write, with the handover, took {took:?}");
+    let o = ownership(&base).await;
+    assert_eq!(
+        (o["owner"].as_str(), o["epoch"].as_u64()),
+        (Some(HOST_B), Some(3))
+    );
+    assert!(o["handover"].is_null(), "{o}");
+    // The source: 2Ah/05h, then RESERVATION CONFLICT; its acknowledged write is there.
+    assert!(is_ua_preempted(&write(&a, 24, WRITER_A, 2).await.unwrap()));
+    assert_eq!(
+        write(&a, 24, WRITER_A, 2).await.unwrap().status,
+        RESERVATION_CONFLICT
+    );
+    let r = b.read16(0, (1 << 20) + 8, 8, BLOCK_SIZE).await.unwrap();
+    assert_eq!(r.data, tagged(WRITER_A, 1));
+    let (_, ev) = call(&base, "GET", "/v1/events", None, None).await;
+    let commits = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "handover_commit")
+        .count();
+    assert_eq!(commits, 1, "{ev}");
+}
+
+/// A tagged 4 KiB write at 512 MiB + `lba` blocks.
+async fn write(
+    s: &Session,
+    lba: u64,
+    w: u64,
+    seq: u64,
+) -> ironlun_initiator::Result<ironlun_initiator::CommandResult> {
+    s.write16(0, (1 << 20) + lba, BLOCK_SIZE, tagged(w, seq), false)
+        .await
+}
