@@ -26,6 +26,9 @@
 #                     initiator-tests/tests/rbd*.rs start their own monitor and memstore OSD on
 #                     loopback; the daemon dlopens librbd.so.1 and librados.so.2); installed like
 #                     etcd: no service start, and the ceph targets and ceph-crash disabled afterwards
+#   libxml2-utils     xmllint, to check the OCF agent's meta-data (initiator-tests/tests/ocf_agent.rs)
+#   resource-agents   ocf-tester and ocf-shellfuncs for conf/pacemaker/ironlun-lun (ocf_agent.rs);
+#                     installed like etcd (its dependency cluster-glue ships logd.service)
 set -euo pipefail
 [ "$(id -u)" = 0 ] || SUDO=sudo
 SUDO=${SUDO:-}
@@ -40,6 +43,7 @@ command -v losetup >/dev/null || need+=(util-linux)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v groff >/dev/null || need+=(groff-base)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 
 updated=0
 apt_update() { if [ $updated = 0 ]; then $SUDO apt-get update -qq; updated=1; fi; }
@@ -111,11 +115,16 @@ if ! command -v ceph-mon >/dev/null || ! command -v ceph-osd >/dev/null || ! com
   install_quiet "ceph.target ceph-mon.target ceph-osd.target ceph-crash.service" \
     ceph-mon ceph-osd ceph-common librbd-dev
 fi
+# resource-agents, for ocf-tester (in /usr/sbin) and ocf-shellfuncs.
+if [ ! -x /usr/sbin/ocf-tester ] || [ ! -e /usr/lib/ocf/lib/heartbeat/ocf-shellfuncs ]; then
+  install_quiet logd.service resource-agents
+fi
 
 # Every tool the tests call must now exist: a missing one is a failure, never a skip.
-for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool etcd etcdctl ceph-mon ceph-osd ceph monmaptool rbd; do
+for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-img qemu-system-x86_64 mmdebstrap tgtd tgtadm iperf3 groff systemd-analyze promtool etcd etcdctl ceph-mon ceph-osd ceph monmaptool rbd xmllint; do
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
+[ -x /usr/sbin/ocf-tester ] || { echo "install-deps: ocf-tester missing (resource-agents)" >&2; exit 1; }
 ldconfig -p | grep -q 'librbd\.so\.1 ' || { echo "install-deps: librbd.so.1 missing (librbd1)" >&2; exit 1; }
 qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
 echo "install-deps: ok (qemu $qver)"
