@@ -1,23 +1,36 @@
-//! Tier 7, group 5 (issue 16): a two-node Pacemaker cluster fenced through ironlun.
+//! Tier 7, group 5 (issues 16 and 19): a two-node Pacemaker cluster fenced through ironlun,
+//! with the LU's write access held by the resource agent `ocf:ironlun:ironlun-lun`.
 //!
-//! Two guests, node1 and node2, each logged in to the same LU through its own initiator name
+//! Two guests, node1 and node2, each logged in to the target through its own initiator name
 //! (slirp, eth0), run Corosync 3 and Pacemaker 2.1 (no systemd: `corosync -f` and `pacemakerd`
 //! started by a step) over a link the test makes between them: QEMU UDP sockets on the host's
-//! loopback, eth1 in the guests (192.168.77.1 and .2). Settings:
+//! loopback, eth1 in the guests (192.168.77.1 and .2). The target has three LUNs: 0 the data
+//! (ext4), 1 the fence_scsi device, 2 a migratable LU. The agent (conf/pacemaker/ironlun-lun)
+//! and the daemon's binary reach the guests through their 9p share; they call the admin API
+//! on the host (TCP with a bearer token, 10.0.2.2 in the guests). Settings:
 //! `initiator-tests/guest/corosync.conf` and `initiator-tests/guest/cluster.crm` (fence_scsi
-//! with unfencing, one device per victim with a fencing delay for node2, an ext4 Filesystem
-//! resource preferring node1).
+//! with unfencing on LUN 1, one device per victim with a fencing delay for node2; the group
+//! `data` = agent on LUN 0 + Filesystem, preferring node1; `mig` = agent on LUN 2 with
+//! allow-migrate).
 //!
-//! 1. Both nodes unfence themselves (two keys registered, Write Exclusive - Registrants Only)
-//!    and the file system runs on node1, which writes a file.
-//! 2. node1's corosync link is cut (`ip link set eth1 down` in node1). node2 fences node1
-//!    with fence_scsi (PREEMPT AND ABORT of node1's key) and mounts the file system: the file
-//!    is intact and node2 writes. The failover time (cut to mounted on node2) is printed.
-//! 3. node1, which still has the file system mounted and tries to fence node2 after its delay,
-//!    is refused: a WRITE through its nexus ends RESERVATION CONFLICT, its file system writes
-//!    fail, its fence_scsi attempt fails and node2's key stays registered; the daemon shows
-//!    node2 as the only registrant and holder, and its event log node2's PREEMPT AND ABORT.
-//! 4. node2 stops the resource and `e2fsck -fn` finds the file system clean.
+//! 1. Both nodes unfence themselves (two keys on LUN 1, Write Exclusive - Registrants Only);
+//!    the preferred-owner constraint places `data` on node1: the daemon shows node1 owning
+//!    LUN 0, and node1 writes a file.
+//! 2. Live move: node1 writes numbered records to LUN 2 (O_DIRECT, each one logged once
+//!    acknowledged) while `crm resource move mig node2` runs the agent's migrate_to on node1
+//!    and migrate_from on node2 (`ironlun migrate`). node1's writes stop with an error, node2
+//!    owns LUN 2 and reads every acknowledged record back.
+//! 3. node1's corosync link is cut (`ip link set eth1 down` in node1). node2 fences node1 with
+//!    fence_scsi (PREEMPT AND ABORT of node1's key on LUN 1), the agent fails LUN 0 over to
+//!    node2 (`ironlun ctl failover --force`: node1 is still logged in) and the file system
+//!    mounts clean there: the file is intact and node2 writes. `crm_mon` shows the move; the
+//!    failover time (cut to mounted on node2) is printed.
+//! 4. node1 is refused: a WRITE through its nexus to LUN 0 ends RESERVATION CONFLICT, its file
+//!    system (if still mounted) cannot write, its fence_scsi attempt fails and node2's key
+//!    stays the only one on LUN 1; node1 does not take LUN 0 back (migration-threshold=1). The
+//!    daemon shows node2 owning LUNs 0 and 2 and node2 as the only registrant of LUN 1; its
+//!    events show node2's PREEMPT AND ABORT, the failover and the handover.
+//! 5. node2 stops the group (the agent releases LUN 0) and `e2fsck -fn` finds it clean.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use ironlun_initiator_tests::linux_guest::{artefact_dir, save_daemon_log, Guest, GuestSpec};
@@ -27,6 +40,10 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "iqn.2026-11.io.ironlun:cluster";
 
 const CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:0"
+token_file = "admin.token"
+
 [[portal]]
 listen = "127.0.0.1:0"
 tpgt = 1
@@ -39,12 +56,29 @@ id = 0
 backstore = "file"
 path = "cluster.img"
 size = "256MiB"
+
+[[target.lun]]
+id = 1
+backstore = "file"
+path = "fence.img"
+size = "16MiB"
+
+[[target.lun]]
+id = 2
+backstore = "file"
+path = "mig.img"
+size = "64MiB"
 "#;
+
+/// The admin API's bearer token (the guests' copy is `/host/admin.token`).
+const TOKEN: &str = "tier7-cluster-admin-token-0123456789";
 
 /// The guests' `/etc/corosync/corosync.conf`; README quotes it.
 const COROSYNC_CONF: &str = include_str!("../guest/corosync.conf");
 /// The Pacemaker configuration (`crm configure load update`); README quotes it.
 const CLUSTER_CRM: &str = include_str!("../guest/cluster.crm");
+/// The OCF resource agent, installed in the guests as `ocf:ironlun:ironlun-lun`.
+const AGENT: &str = include_str!("../../conf/pacemaker/ironlun-lun");
 
 const S: Duration = Duration::from_secs(1);
 
@@ -79,8 +113,39 @@ fn spec(n: u8, ports: (u16, u16)) -> (String, String, Vec<String>, String) {
 fn pacemaker_fences_a_cut_off_node_through_fence_scsi_and_moves_its_file_system() {
     let t0 = Instant::now();
     let group = artefact_dir("linux_cluster");
-    let d = Daemon::release().config(CONFIG).portals().start();
+    let d = Daemon::release()
+        .config(CONFIG)
+        .file("admin.token", TOKEN)
+        .portals()
+        .start();
     let port = d.addr.port().to_string();
+    let admin_port = d
+        .admin_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let token = d.dir().join("admin.token");
+    let ctl = |args: &[&str]| -> String {
+        let o = d.binary().ctl_at(
+            d.admin_url(),
+            &[["--token-file", token.to_str().unwrap()].as_slice(), args].concat(),
+        );
+        let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "ironlun ctl {args:?}:\n{out}");
+        out
+    };
+    // The LU's owner from `ctl ownership --json` (`"owner": "NAME"` or `null`), "-" for none.
+    let owner = |lun: u32| -> String {
+        let json = ctl(&["ownership", &format!("{TARGET}/{lun}"), "--json"]);
+        let rest = json.split("\"owner\":").nth(1).unwrap_or("").trim_start();
+        match rest.strip_prefix('"') {
+            Some(r) => r.split('"').next().unwrap_or("").to_string(),
+            None => "-".to_string(),
+        }
+    };
     let link = (free_udp_port(), free_udp_port());
     let (s1, s2) = (spec(1, link), spec(2, link));
     let mut nodes: Vec<Guest> = [&s1, &s2]
@@ -100,13 +165,26 @@ fn pacemaker_fences_a_cut_off_node_through_fence_scsi_and_moves_its_file_system(
         .collect();
     for g in &mut nodes {
         g.wait_ready(240 * S);
-        std::fs::write(g.dir.join("share/corosync.conf"), COROSYNC_CONF).unwrap();
-        std::fs::write(g.dir.join("share/cluster.crm"), CLUSTER_CRM).unwrap();
+        let share = g.dir.join("share");
+        std::fs::write(share.join("corosync.conf"), COROSYNC_CONF).unwrap();
+        std::fs::write(share.join("cluster.crm"), CLUSTER_CRM).unwrap();
+        std::fs::write(share.join("ironlun-lun"), AGENT).unwrap();
+        std::fs::write(share.join("admin.token"), TOKEN).unwrap();
+        let bin = share.join("ironlun");
+        let _ = std::fs::remove_file(&bin);
+        if std::fs::hard_link(d.binary().path(), &bin).is_err() {
+            std::fs::copy(d.binary().path(), &bin).unwrap();
+        }
     }
     let env = format!(
         "T={TARGET}; P={port}; D=/dev/disk/by-path/ip-$HOST:$P-iscsi-$T-lun-0
+F=/dev/disk/by-path/ip-$HOST:$P-iscsi-$T-lun-1; M=/dev/disk/by-path/ip-$HOST:$P-iscsi-$T-lun-2
 # located RSC NODE: crm_resource places RSC on NODE.
 located() {{ crm_resource --locate --resource $1 2>/dev/null | grep -q \"is running on: $2\"; }}
+# no_owner LUN: the daemon reports no owner for the LU.
+no_owner() {{ [ -z \"$(owner $1)\" ]; }}
+# owner LUN: the LU's owner as the daemon reports it.
+owner() {{ /host/ironlun ctl --admin http://$HOST:{admin_port} --token-file /host/admin.token ownership $T/$1 --json | grep -o '\"owner\": *\"[^\"]*\"' | cut -d'\"' -f4; }}
 "
     );
 
@@ -130,18 +208,21 @@ ip -br addr show eth1"#,
 corosync-quorumtool -s"#,
         );
     }
-    // Pacemaker and the iSCSI session on both.
+    // Pacemaker, the agent (installed as the docs say) and the iSCSI session on both.
     for g in &mut nodes {
         g.step(
-            "pacemaker-and-login",
+            "pacemaker-agent-and-login",
             120 * S,
             &format!(
                 r#"{env}chown hacluster:haclient /var/log/pacemaker /run/crm
+install -D -m 0755 /host/ironlun-lun /usr/lib/ocf/resource.d/ironlun/ironlun-lun
+mkdir -p /run/resource-agents
 setsid env PCMK_logfile=/host/pacemaker.log pacemakerd >/host/pacemakerd.out 2>&1 </dev/null &
 start_iscsid
 node_new $T $P 1
 iscsiadm -m node -T $T -p $HOST:$P --login
-wait_disk $T $P"#
+wait_disk $T $P 0; wait_disk $T $P 1; wait_disk $T $P 2
+/host/ironlun --version"#
             ),
         );
     }
@@ -153,7 +234,9 @@ wait_disk $T $P"#
         &format!(
             r#"{env}wait_for 120 sh -c "crm_mon -1 | grep -q 'Online: \[ node1 node2 \]'"
 mkfs.ext4 -q -F $D
-sed "s|@DEVICE@|$D|g" /host/cluster.crm >/tmp/cluster.crm
+sed -e "s|@DATA@|$D|g" -e "s|@FENCE@|$F|g" -e "s|@MIG@|$M|g" -e "s|@LU@|$T|g" \
+    -e "s|@ADMIN@|http://$HOST:{admin_port}|g" -e "s|@TOKEN@|/host/admin.token|g" \
+    /host/cluster.crm >/tmp/cluster.crm
 crm configure load update /tmp/cluster.crm
 crm configure show"#
         ),
@@ -164,22 +247,102 @@ crm configure show"#
         &format!(
             r#"{env}wait_for 240 located shared-fs node1
 wait_for 30 mountpoint -q /srv/shared
+wait_for 60 located mig node1
 crm_mon -1 -r
-sg_persist -n -i -k $D | tee /tmp/k
+[ "$(owner 0)" = iqn.2026-11.test:node1 ] || fail "the agent did not make node1 the owner of LUN 0"
+[ "$(owner 2)" = iqn.2026-11.test:node1 ] || fail "the agent did not make node1 the owner of LUN 2"
+sg_persist -n -i -k $F | tee /tmp/k
 [ "$(grep -c '^    0x' /tmp/k)" = 2 ] || fail "two registered keys expected after unfencing"
-sg_persist -n -i -r $D | tee /tmp/r
+sg_persist -n -i -r $F | tee /tmp/r
 grep -qi 'registrants only' /tmp/r || fail "no Write Exclusive - Registrants Only reservation"
 head -c 8M /dev/urandom >/srv/shared/data
 md5sum </srv/shared/data | tee /host/data.md5
 sync"#
         ),
     );
-    let before = d.ctl(&["reservations"]);
+    let before = ctl(&["reservations"]);
     std::fs::write(group.join("reservations-before.txt"), &before).unwrap();
     eprintln!("tier7: reservations before the cut:\n{before}");
     assert!(
         before.contains("iqn.2026-11.test:node1") && before.contains("iqn.2026-11.test:node2"),
         "both nodes should be registered:\n{before}"
+    );
+    assert_eq!(owner(0), "iqn.2026-11.test:node1");
+
+    // Live move of `mig` while node1 writes numbered records to LUN 2.
+    node1.step(
+        "writer-on-lun2",
+        60 * S,
+        &format!(
+            r#"{env}cat >/tmp/writer.sh <<'W'
+#!/bin/bash
+# Record i: 4 KiB at offset i*4 KiB, its number repeated; its number goes to /host/acked once
+# the O_DIRECT write returned. Stops at the first failing write (errno in /host/writer.err).
+i=0
+while :; do
+  yes "record $(printf %08d $i)" | head -c 4096 >/tmp/rec
+  if ! dd if=/tmp/rec of=$1 bs=4096 seek=$i count=1 oflag=direct conv=notrunc status=none 2>/host/writer.err; then
+    echo "stopped at record $i" >>/host/writer.err; exit 0
+  fi
+  echo $i >>/host/acked
+  i=$((i+1))
+done
+W
+chmod +x /tmp/writer.sh
+: >/host/acked
+setsid /tmp/writer.sh $M </dev/null >/dev/null 2>&1 &
+wait_for 30 sh -c '[ "$(wc -l </host/acked)" -ge 20 ]'
+wc -l </host/acked"#
+        ),
+    );
+    let moved = Instant::now();
+    node1.step(
+        "live-move-mig",
+        240 * S,
+        &format!(
+            r#"{env}crm resource move mig node2
+wait_for 180 located mig node2
+crm resource clear mig
+wait_for 60 sh -c 'grep -q "stopped at record" /host/writer.err'
+cat /host/writer.err
+grep -E "mig_migrate_(to|from)_0|migrate_to|migrate_from" /host/pacemaker.log | grep -i mig | tail -5 || true
+grep -q "Result of migrate_to operation for mig on node1: ok" /host/pacemaker.log || fail "no successful migrate_to of mig on node1"
+crm_mon -1 -r"#
+        ),
+    );
+    eprintln!(
+        "tier7: live move of mig: {:.1} s",
+        moved.elapsed().as_secs_f64()
+    );
+    assert_eq!(owner(2), "iqn.2026-11.test:node2");
+    let acked = std::fs::read_to_string(node1.dir.join("share/acked")).unwrap();
+    let acked: Vec<u32> = acked.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(acked.len() >= 20, "{} records acknowledged", acked.len());
+    std::fs::write(
+        node2.dir.join("share/acked"),
+        acked.iter().map(|n| format!("{n}\n")).collect::<String>(),
+    )
+    .unwrap();
+    node2.step(
+        "mig-on-node2-has-every-acknowledged-record",
+        120 * S,
+        &format!(
+            r#"{env}grep -q "Result of migrate_from operation for mig on node2: ok" /host/pacemaker.log || fail "no successful migrate_from of mig on node2"
+n=0
+while read -r i; do
+  want=$(set +o pipefail; yes "record $(printf %08d $i)" | head -c 4096 | md5sum)
+  got=$(dd if=$M bs=4096 skip=$i count=1 iflag=direct status=none | md5sum)
+  [ "$got" = "$want" ] || fail "acknowledged record $i is not on LUN 2"
+  n=$((n+1))
+done </host/acked
+echo "$n acknowledged records read back on node2"
+# node2 now writes LUN 2.
+dd if=/dev/zero of=$M bs=4096 seek=16000 count=1 oflag=direct conv=notrunc status=none"#
+        ),
+    );
+    eprintln!(
+        "tier7: {} records acknowledged on node1 before the move, all read back on node2",
+        acked.len()
     );
 
     // Cut node1's corosync link; node2 must fence node1 and take the file system.
@@ -202,12 +365,15 @@ sync"#
         "node1-fenced-node2-serves",
         120 * S,
         &format!(
-            r#"{env}crm_mon -1 -r
+            r#"{env}crm_mon -1 -r | tee /host/crm_mon.txt
+grep -q 'data-lun.*Started node2' /host/crm_mon.txt || fail "crm_mon does not show data-lun on node2"
+grep -q 'shared-fs.*Started node2' /host/crm_mon.txt || fail "crm_mon does not show shared-fs on node2"
 stonith_admin --history node1 | tee /tmp/h
 grep -q 'successful' /tmp/h || fail "no successful fencing of node1 in the history"
-sg_persist -n -i -k $D | tee /tmp/k
+[ "$(owner 0)" = iqn.2026-11.test:node2 ] || fail "the agent did not fail LUN 0 over to node2"
+sg_persist -n -i -k $F | tee /tmp/k
 [ "$(grep -c '^    0x' /tmp/k)" = 1 ] || fail "one key (node2's) expected after fencing node1"
-sg_persist -n -i -r $D | tee /tmp/r
+sg_persist -n -i -r $F | tee /tmp/r
 grep -qi 'registrants only' /tmp/r || fail "no reservation after fencing"
 [ "$(md5sum </srv/shared/data)" = "{md5}" ] || fail "node1's file differs on node2"
 head -c 4M /dev/urandom >/srv/shared/from-node2
@@ -219,35 +385,43 @@ sync"#,
         "fenced-node1-refused",
         240 * S,
         &format!(
-            r#"{env}# A WRITE of the block that is there, through node1's nexus: RESERVATION CONFLICT.
-# Its first commands may report REGISTRATIONS PREEMPTED (2Ah/05h) unless the kernel took it.
+            r#"{env}# A WRITE of the block that is there, through node1's nexus to LUN 0: RESERVATION
+# CONFLICT (node2 owns it). Its first commands may report REGISTRATIONS PREEMPTED (2Ah/05h).
 sg_turs $D || true
 sg_turs $D || true
 sg_raw -r 4096 -o /tmp/blk $D 28 00 00 00 08 00 00 00 08 00
 rc=0; sg_raw -s 4096 -i /tmp/blk $D 2a 00 00 00 08 00 00 00 08 00 >/tmp/w 2>&1 || rc=$?
 cat /tmp/w
 grep -q 'Reservation Conflict' /tmp/w || fail "node1's WRITE was not refused with RESERVATION CONFLICT"
-# Its file system (still mounted: node1 does not know it was fenced) cannot write either.
-if dd if=/dev/zero of=/srv/shared/from-node1 bs=1M count=1 conv=fsync status=none; then
-  fail "the fenced node1 wrote through its file system"
+# Its file system, if still mounted (node1 may have stopped the group after its monitor
+# found the LU gone), cannot write either.
+if mountpoint -q /srv/shared; then
+  if dd if=/dev/zero of=/srv/shared/from-node1 bs=1M count=1 conv=fsync status=none; then
+    fail "the fenced node1 wrote through its file system"
+  fi
+else
+  echo "node1 unmounted /srv/shared itself"
 fi
 dmesg | grep -i 'reservation conflict\|I/O error' | tail -5 || true
 # node1 tries to fence node2 (after node2's 20 s delay); its PREEMPT must fail.
 wait_for 180 sh -c "crm_mon -1 | grep -A3 'Failed Fencing Actions' | grep -q 'reboot of node2 by node1'"
-crm_mon -1 | sed -n '/Fencing Actions/,$p'
+crm_mon -1 -r | tee /host/crm_mon-node1.txt
 stonith_admin --history node2 2>&1 || true
-sg_persist -n -i -k $D | tee /tmp/k
-[ "$(grep -c '^    0x' /tmp/k)" = 1 ] || fail "node1's fencing attempt changed the registrations""#
+sg_persist -n -i -k $F | tee /tmp/k
+[ "$(grep -c '^    0x' /tmp/k)" = 1 ] || fail "node1's fencing attempt changed the registrations"
+[ "$(owner 0)" = iqn.2026-11.test:node2 ] || fail "node1 took LUN 0 back""#
         ),
     );
-    let after = d.ctl(&["reservations"]);
+    let after = ctl(&["reservations"]);
     std::fs::write(group.join("reservations-after.txt"), &after).unwrap();
     eprintln!("tier7: reservations after the failover:\n{after}");
     assert!(
         after.contains("iqn.2026-11.test:node2") && !after.contains("iqn.2026-11.test:node1"),
         "node2 should be the only registrant:\n{after}"
     );
-    let events = d.ctl(&["events"]);
+    assert_eq!(owner(0), "iqn.2026-11.test:node2");
+    assert_eq!(owner(2), "iqn.2026-11.test:node2");
+    let events = ctl(&["events"]);
     std::fs::write(group.join("events.txt"), &events).unwrap();
     assert!(
         events
@@ -256,12 +430,26 @@ sg_persist -n -i -k $D | tee /tmp/k
                 && l.contains("initiator=iqn.2026-11.test:node2,")),
         "the daemon's events should show node2's PREEMPT AND ABORT:\n{events}"
     );
+    let failovers: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("failover") && l.contains("/0 "))
+        .collect();
+    assert!(
+        failovers.iter().any(|l| l.contains("from=iqn.2026-11.test:node1")
+            && l.contains("to=iqn.2026-11.test:node2")),
+        "the daemon's events should show LUN 0's failover to node2:\n{events}"
+    );
+    assert!(
+        events.lines().any(|l| l.contains("handover_commit") && l.contains("/2 ")),
+        "the daemon's events should show LUN 2's handover:\n{events}"
+    );
     node2.step(
         "stop-and-fsck",
         240 * S,
         &format!(
-            r#"{env}crm_resource --resource shared-fs --meta --set-parameter target-role --parameter-value Stopped
+            r#"{env}crm_resource --resource data --meta --set-parameter target-role --parameter-value Stopped
 wait_for 120 sh -c "! mountpoint -q /srv/shared"
+wait_for 60 no_owner 0
 e2fsck -fn $D"#
         ),
     );
