@@ -435,12 +435,16 @@ sg_persist -n -i -k $F | tee /tmp/k
         .filter(|l| l.contains("failover") && l.contains("/0 "))
         .collect();
     assert!(
-        failovers.iter().any(|l| l.contains("from=iqn.2026-11.test:node1")
-            && l.contains("to=iqn.2026-11.test:node2")),
+        failovers
+            .iter()
+            .any(|l| l.contains("from=iqn.2026-11.test:node1")
+                && l.contains("to=iqn.2026-11.test:node2")),
         "the daemon's events should show LUN 0's failover to node2:\n{events}"
     );
     assert!(
-        events.lines().any(|l| l.contains("handover_commit") && l.contains("/2 ")),
+        events
+            .lines()
+            .any(|l| l.contains("handover_commit") && l.contains("/2 ")),
         "the daemon's events should show LUN 2's handover:\n{events}"
     );
     node2.step(
