@@ -921,6 +921,30 @@ async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
         out.step_medians(),
         out.summary
     );
+    // Failover (issue 19): refused through the owner's own gateway, which sees its session;
+    // forced through gw-c, every gateway reports the survivor at the next epoch.
+    let (dead, to) = (HOSTS[out.owner], HOSTS[1 - out.owner]);
+    let failover = |admin: &str, force: bool| {
+        let c = ironlun_cli::ctl::Client::new(admin, None).unwrap();
+        let body = format!(r#"{{"from": "{dead}", "to": "{to}", "force": {force}}}"#);
+        c.request("POST", &format!("{lu}/failover"), Some(body.as_bytes()), PROMPT)
+            .unwrap()
+    };
+    let r = failover(&admins[out.owner], false);
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("live_session"));
+    let r = failover(&admins[2], true);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for (i, admin) in admins.iter().enumerate() {
+        let c = ironlun_cli::ctl::Client::new(admin, None).unwrap();
+        let o: serde_json::Value =
+            serde_json::from_slice(&c.get(&format!("{lu}/ownership")).unwrap().body).unwrap();
+        assert_eq!(
+            (o["owner"].as_str(), o["epoch"].as_u64()),
+            (Some(to), Some(HANDOVERS as u64 + 2)),
+            "after the failover, through gateway {i}: {o}"
+        );
+    }
     for s in &sessions {
         s.logout().await.unwrap();
     }

@@ -547,6 +547,8 @@ enum Op {
     Commit(usize, usize, u64),
     Abort(usize, usize, u64),
     AbortInflight(usize),
+    /// Failover from `.0` to `.1` at `.2`, forced if `.3`.
+    Failover(usize, usize, u64, bool),
     StartWrite(usize, u8),
     FinishWrite(usize),
     /// A handover step from the current owner to host `.0` (biases towards real handovers):
@@ -566,8 +568,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (h.clone(), h.clone(), e.clone()).prop_map(|(a, b, e)| Op::Prepare(a, b, e)),
         1 => (h.clone(), e.clone()).prop_map(|(a, e)| Op::Fence(a, e)),
         1 => (h.clone(), h.clone(), e.clone()).prop_map(|(a, b, e)| Op::Commit(a, b, e)),
-        1 => (h.clone(), h.clone(), e).prop_map(|(a, b, e)| Op::Abort(a, b, e)),
+        1 => (h.clone(), h.clone(), e.clone()).prop_map(|(a, b, e)| Op::Abort(a, b, e)),
         1 => h.clone().prop_map(Op::AbortInflight),
+        1 => (h.clone(), h.clone(), e, any::<bool>())
+            .prop_map(|(a, b, e, f)| Op::Failover(a, b, e, f)),
         3 => (h, 0..3u8).prop_map(|(h, i)| Op::StartWrite(h, i)),
         1 => (0..8usize).prop_map(Op::FinishWrite),
         8 => (0..3usize, 0..8u64, 0..5u8).prop_map(|(b, e, k)| Op::OwnerStep(b, e, k)),
@@ -631,6 +635,7 @@ proptest! {
                 Op::Commit(a, b, e) => { let _ = lu.handover_commit(HOSTS[a], HOSTS[b], e); }
                 Op::Abort(a, b, e) => { let _ = lu.handover_abort(HOSTS[a], HOSTS[b], e); }
                 Op::AbortInflight(a) => { let _ = lu.handover_abort_inflight(HOSTS[a]); }
+                Op::Failover(a, b, e, f) => { let _ = lu.failover(HOSTS[a], HOSTS[b], e, f); }
                 Op::StartWrite(h, i) => {
                     if online.contains(&(h, i)) {
                         let n = nexus(h, i);
