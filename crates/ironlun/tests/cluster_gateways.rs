@@ -927,8 +927,13 @@ async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
     let failover = |admin: &str, force: bool| {
         let c = ironlun_cli::ctl::Client::new(admin, None).unwrap();
         let body = format!(r#"{{"from": "{dead}", "to": "{to}", "force": {force}}}"#);
-        c.request("POST", &format!("{lu}/failover"), Some(body.as_bytes()), PROMPT)
-            .unwrap()
+        c.request(
+            "POST",
+            &format!("{lu}/failover"),
+            Some(body.as_bytes()),
+            PROMPT,
+        )
+        .unwrap()
     };
     let r = failover(&admins[out.owner], false);
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
