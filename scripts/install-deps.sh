@@ -125,6 +125,6 @@ for t in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-perf qemu-i
   command -v "$t" >/dev/null || { echo "install-deps: $t still missing" >&2; exit 1; }
 done
 [ -x /usr/sbin/ocf-tester ] || { echo "install-deps: ocf-tester missing (resource-agents)" >&2; exit 1; }
-ldconfig -p | grep -q 'librbd\.so\.1 ' || { echo "install-deps: librbd.so.1 missing (librbd1)" >&2; exit 1; }
-qemu-img --help | grep -qw iscsi || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
+ldconfig -p | grep 'librbd\.so\.1 ' >/dev/null || { echo "install-deps: librbd.so.1 missing (librbd1)" >&2; exit 1; }
+qemu-img --help | grep -w iscsi >/dev/null || { echo "install-deps: qemu-img lacks the iscsi driver" >&2; exit 1; }
 echo "install-deps: ok (qemu $qver)"
