@@ -580,11 +580,23 @@ pub fn own(
         }
     };
     let body = serde_json::json!({"host": host, "epoch": epoch});
+    post_owner(client, lu, "owner", &body, json, out)
+}
+
+/// POST `body` to the LU's `rest` (`owner`, `release`) and print the [`OwnerJson`] answer.
+fn post_owner(
+    client: &Client,
+    lu: &(String, u64),
+    rest: &str,
+    body: &serde_json::Value,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
     let r: serde_json::Value = call_json(
         client,
         "POST",
-        &lu_path(lu, "owner"),
-        Some(&body),
+        &lu_path(lu, rest),
+        Some(body),
         RESPONSE_TIMEOUT,
     )?;
     if json {
@@ -619,28 +631,7 @@ pub fn release(
         epoch,
     })
     .map_err(|e| CtlError(format!("cannot encode JSON: {e}")))?;
-    let r: serde_json::Value = call_json(
-        client,
-        "POST",
-        &lu_path(lu, "release"),
-        Some(&body),
-        RESPONSE_TIMEOUT,
-    )?;
-    if json {
-        return write_json(out, &r);
-    }
-    let o: OwnerJson =
-        serde_json::from_value(r).map_err(|e| CtlError(format!("unexpected JSON: {e}")))?;
-    let row = vec![
-        format!("{}/{}", lu.0, lu.1),
-        or_dash(o.owner.as_deref()),
-        o.epoch.to_string(),
-        o.generation.to_string(),
-    ];
-    write_text(
-        out,
-        &table::render(0, &["LUN", "OWNER", "EPOCH", "GENERATION"], &[row]),
-    )
+    post_owner(client, lu, "release", &body, json, out)
 }
 
 /// What `ironlun ctl failover` moves: one LU away from `from` (at `epoch`, default the

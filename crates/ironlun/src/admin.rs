@@ -621,17 +621,7 @@ pub async fn respond(
                 (Ok((_, l)), Ok(req)) => (l, req),
                 (Err(r), _) | (_, Err(r)) => return r,
             };
-            match l.set_owner(&req.host, req.epoch).await {
-                Ok(s) => Response::json(
-                    200,
-                    &OwnerJson {
-                        owner: s.owner,
-                        epoch: s.epoch,
-                        generation: s.generation,
-                    },
-                ),
-                Err(e) => refused(&e),
-            }
+            owner_answer(l.set_owner(&req.host, req.epoch).await)
         }
         Route::Release { target, lun } => {
             let (l, req) = match (
@@ -642,17 +632,7 @@ pub async fn respond(
                 (Err(r), _) | (_, Err(r)) => return r,
             };
             let epoch = req.epoch.unwrap_or_else(|| l.next_epoch());
-            match l.release(&req.host, epoch).await {
-                Ok(s) => Response::json(
-                    200,
-                    &OwnerJson {
-                        owner: s.owner,
-                        epoch: s.epoch,
-                        generation: s.generation,
-                    },
-                ),
-                Err(e) => refused(&e),
-            }
+            owner_answer(l.release(&req.host, epoch).await)
         }
         Route::Failover { target, lun } => {
             let (name, l, req) = match (
@@ -682,6 +662,21 @@ pub async fn respond(
             };
             handover(&l, step, &req).await
         }
+    }
+}
+
+/// The answer of `POST …/owner` and `…/release`: the state afterwards, or the refusal.
+fn owner_answer(r: Result<PrSnapshot, OwnershipOpError>) -> Response {
+    match r {
+        Ok(s) => Response::json(
+            200,
+            &OwnerJson {
+                owner: s.owner,
+                epoch: s.epoch,
+                generation: s.generation,
+            },
+        ),
+        Err(e) => refused(&e),
     }
 }
 

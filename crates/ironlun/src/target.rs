@@ -1883,6 +1883,25 @@ impl LunHandle {
         }
     }
 
+    /// One ownership step that needs no drain wait of its own: in cluster mode `op` as one
+    /// record (`cluster::ownership`, which waits for every gateway), else `local` on the LU
+    /// and its commit carried out here (aborted tasks drained, state durable).
+    async fn owner_step(
+        self: &Arc<Self>,
+        op: OwnershipOp,
+        local: impl FnOnce(&mut LogicalUnit) -> Result<PrCommit, OwnershipError>,
+    ) -> Result<(), OwnershipOpError> {
+        if self.replicated() {
+            return cluster::ownership(self, op.normalized()?).await.map(|_| ());
+        }
+        let step = {
+            let mut lu = self.lu();
+            let commit = local(&mut lu)?;
+            self.sequenced(Step::PrCommit(commit))
+        };
+        self.carry_out(step).await
+    }
+
     /// Make `host` the target-managed owner at `epoch` (`POST …/owner`;
     /// [`LogicalUnit::set_owner`]): other hosts' tasks are aborted and drained and the state
     /// is durable before this returns. Returns the snapshot afterwards.
@@ -1893,24 +1912,14 @@ impl LunHandle {
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
         self.disarm();
-        let r = if self.replicated() {
-            if self.pr_snapshot().spc2_holder.is_some() {
-                return Err(OwnershipError::Spc2Reserved.into());
-            }
-            let op = OwnershipOp::SetOwner {
-                host: host.to_string(),
-                epoch,
-            }
-            .normalized()?;
-            cluster::ownership(self, op).await.map(|_| ())
-        } else {
-            let step = {
-                let mut lu = self.lu();
-                let commit = lu.set_owner(host, epoch)?;
-                self.sequenced(Step::PrCommit(commit))
-            };
-            self.carry_out(step).await
+        if self.replicated() && self.pr_snapshot().spc2_holder.is_some() {
+            return Err(OwnershipError::Spc2Reserved.into());
+        }
+        let op = OwnershipOp::SetOwner {
+            host: host.to_string(),
+            epoch,
         };
+        let r = self.owner_step(op, |lu| lu.set_owner(host, epoch)).await;
         let s = self.pr_snapshot();
         self.events.record(
             &self.label,
@@ -1930,21 +1939,11 @@ impl LunHandle {
     ) -> Result<ironlun_scsi::pr::PrSnapshot, OwnershipOpError> {
         let _op = self.admin_op.lock().await;
         self.disarm();
-        let r = if self.replicated() {
-            let op = OwnershipOp::ClearOwner {
-                host: host.to_string(),
-                epoch,
-            }
-            .normalized()?;
-            cluster::ownership(self, op).await.map(|_| ())
-        } else {
-            let step = {
-                let mut lu = self.lu();
-                let commit = lu.clear_owner(host, epoch)?;
-                self.sequenced(Step::PrCommit(commit))
-            };
-            self.carry_out(step).await
+        let op = OwnershipOp::ClearOwner {
+            host: host.to_string(),
+            epoch,
         };
+        let r = self.owner_step(op, |lu| lu.clear_owner(host, epoch)).await;
         let s = self.pr_snapshot();
         self.events.record(
             &self.label,
@@ -1972,33 +1971,24 @@ impl LunHandle {
         let start = std::time::Instant::now();
         let before = self.pr_snapshot();
         let mut aborted = false;
-        let r = if self.replicated() {
-            let from_n = ironlun_scsi::pr::ownership::host_name(from)?;
-            if !force && self.lu().host_logged_in(&from_n) {
-                Err(OwnershipError::SourceLoggedIn(from_n).into())
-            } else if before.spc2_holder.is_some() {
-                Err(OwnershipError::Spc2Reserved.into())
-            } else {
-                let op = OwnershipOp::Failover {
-                    from: from_n,
-                    to: to.to_string(),
-                    epoch,
-                }
-                .normalized()?;
-                cluster::ownership(self, op).await.map(|_| ())
-            }
+        // The LU checks these itself; a replicated step is checked here, on this gateway.
+        let from_n = ironlun_scsi::pr::ownership::host_name(from)?;
+        let r = if self.replicated() && !force && self.lu().host_logged_in(&from_n) {
+            Err(OwnershipError::SourceLoggedIn(from_n).into())
+        } else if self.replicated() && before.spc2_holder.is_some() {
+            Err(OwnershipError::Spc2Reserved.into())
         } else {
-            let step = {
-                let mut lu = self.lu();
-                lu.failover(from, to, epoch, force).map(|commit| {
-                    aborted = commit.abort.is_some();
-                    self.sequenced(Step::PrCommit(commit))
-                })
+            let op = OwnershipOp::Failover {
+                from: from_n,
+                to: to.to_string(),
+                epoch,
             };
-            match step {
-                Ok(step) => self.carry_out(step).await,
-                Err(e) => Err(e.into()),
-            }
+            self.owner_step(op, |lu| {
+                let commit = lu.failover(from, to, epoch, force)?;
+                aborted = commit.abort.is_some();
+                Ok(commit)
+            })
+            .await
         };
         let s = self.pr_snapshot();
         let idempotent = r.is_ok() && s.generation == before.generation;
