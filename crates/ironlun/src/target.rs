@@ -94,6 +94,9 @@ pub struct LunHandle {
     /// resume); one node only. `armed_flag` lets the command path check it with one load.
     armed: Mutex<Option<Armed>>,
     armed_flag: std::sync::atomic::AtomicBool,
+    /// Held while the armed handover commits: the destination's other commands waiting for
+    /// it find it disarmed afterwards, instead of each retrying the commit (and its state write).
+    armed_commit: tokio::sync::Mutex<()>,
 }
 
 /// Largest file-backend read or (non-FUA) write run inline on the calling task.
@@ -146,6 +149,7 @@ impl LunHandle {
             cluster: std::sync::OnceLock::new(),
             armed: Mutex::new(None),
             armed_flag: std::sync::atomic::AtomicBool::new(false),
+            armed_commit: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -2092,11 +2096,12 @@ impl LunHandle {
         })
     }
 
-    /// Commit the armed handover (a command of its destination waits for this). Concurrent
-    /// callers serialise on the admin lock; the later ones find the epoch committed (an
-    /// idempotent retry) or the handover disarmed. A failed commit is logged and disarms:
-    /// the command then runs against the unchanged state (RESERVATION CONFLICT).
+    /// Commit the armed handover (a command of its destination waits for this). One caller
+    /// commits; the others wait for it and then find the handover disarmed. A failed commit
+    /// is logged and disarms too: the command then runs against the unchanged state
+    /// (RESERVATION CONFLICT).
     async fn commit_armed(self: &Arc<Self>) {
+        let _one = self.armed_commit.lock().await;
         let Some(a) = lock(&self.armed).clone() else {
             return;
         };
