@@ -14,7 +14,10 @@
 //! The next block goes at `free`, the end of the last block (QEMU's `free_data_block_offset`),
 //! where the trailing footer usually sits. With `new_end = free + bitmap + block`:
 //!
-//! 1. write the footer at `new_end` (the file now ends in a footer past the new block), **sync**;
+//! 1. write the footer at `new_end` (the file now ends in a footer past the new block), **sync**.
+//!    When `new_end + 512` is below the end of the file (space leaked past `free`), this step
+//!    is skipped: a footer at `new_end` would not be the file's last 512 bytes and could
+//!    overwrite part of them, while the block ends at or before them, so they stay a footer;
 //! 2. zero `free..new_end` where it lies inside the old file (the old footer, or space leaked by
 //!    an earlier crash, must not show through unwritten sectors: QEMU ignores bitmap bits);
 //! 3. write the bitmap and the guest data into the block. Dynamic disks: the bitmap is all
@@ -899,11 +902,15 @@ impl<S: Store> VhdBackend<S> {
             })
             .ok_or(no_space)?;
         let file_len = self.store.len().map_err(bio("allocate", old_end))?;
-        // 1. A footer past the new block, durable before anything else moves.
-        self.store
-            .write_all_at(&self.footer_bytes, new_end)
-            .map_err(bio("write footer", new_end))?;
-        self.store.sync().map_err(bio("sync", new_end))?;
+        // 1. A footer past the new block, durable before anything else moves; unless the
+        //    block and that footer fit below the file's last 512 bytes (leaked space), which
+        //    then stay the trailing footer, untouched.
+        if new_end.saturating_add(FOOTER_LEN) >= file_len {
+            self.store
+                .write_all_at(&self.footer_bytes, new_end)
+                .map_err(bio("write footer", new_end))?;
+            self.store.sync().map_err(bio("sync", new_end))?;
+        }
         // 2. No stale bytes inside the new block.
         if file_len > old_end {
             let n = file_len.min(new_end) - old_end;

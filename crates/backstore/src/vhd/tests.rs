@@ -635,12 +635,60 @@ fn check_crash_states(
     assert!(states > writes.len());
 }
 
-/// `bytes` with stale bytes ("leaked by an earlier crash") and a footer copy appended.
-fn with_leaked_tail(mut bytes: Vec<u8>) -> Vec<u8> {
+/// `bytes` with 6000 stale bytes ("leaked by an earlier crash") and a footer copy appended.
+fn with_leaked_tail(bytes: Vec<u8>) -> Vec<u8> {
+    with_leaked(bytes, 6000)
+}
+
+/// `bytes` with `leak` stale bytes and a footer copy appended.
+fn with_leaked(mut bytes: Vec<u8>, leak: usize) -> Vec<u8> {
     let footer: Vec<u8> = bytes[bytes.len() - 512..].to_vec();
-    bytes.extend_from_slice(&[0xEE; 6000]);
+    bytes.extend(std::iter::repeat_n(0xEE, leak));
     bytes.extend_from_slice(&footer);
     bytes
+}
+
+/// Leaked space that ends between `new_end` and `new_end + 512` of the next allocation: a
+/// footer written at `new_end` would overwrite the start of the file's trailing footer without
+/// becoming the file's last 512 bytes (found by the `vhd_open` fuzz target, whose image then
+/// reopened from a different footer copy). Blocks of 4 KiB span 4608 bytes with their bitmap;
+/// the old trailing footer sits at `free`, so a leak of 4096 < k < 4608 bytes does it.
+#[test]
+fn allocation_past_leaked_space_keeps_the_trailing_footer() {
+    let block = 4096u32;
+    let base = image::format_dynamic(MemStore::default(), 8 * 4096, &opts(true, block)).unwrap();
+    for leak in [4200, 4500, 4097, 4607, 700, 4608, 4609] {
+        let mut bytes = with_leaked(base.store().bytes(), leak);
+        // No footer copy to fall back on: the trailing footer alone must carry the image.
+        bytes[0] ^= 0xFF;
+        let b = open_bytes(bytes).unwrap();
+        for (n, (at, byte)) in [(2 * 4096 + 10u64, 0x5Au8), (6 * 4096, 0x6B)]
+            .into_iter()
+            .enumerate()
+        {
+            b.write(at, &[byte; 100], true).unwrap();
+            let after = b.store().bytes();
+            assert!(
+                Footer::parse(&after[after.len() - 512..]).is_ok(),
+                "leak {leak}: no trailing footer after allocation {n}"
+            );
+            let again = VhdBackend::open_store(MemStore::new(after), true)
+                .unwrap_or_else(|e| panic!("leak {leak}: reopen after allocation {n}: {e}"));
+            assert_eq!(&again.read(at - 1, 3).unwrap()[..], &[0, byte, byte][..]);
+            assert_eq!(again.info().allocated_blocks, n as u32 + 1, "leak {leak}");
+        }
+    }
+    // And every crash state of the overlapping case keeps the trailing footer.
+    let writes: Vec<CrashWrite> = vec![
+        (2 * 4096 + 100, vec![0x22; 1000], false, false),
+        (5 * 4096, vec![0x44; 4096 + 512], true, false),
+    ];
+    check_crash_states(
+        &with_leaked(base.store().bytes(), 4200),
+        None,
+        u64::from(block),
+        &writes,
+    );
 }
 
 #[test]
