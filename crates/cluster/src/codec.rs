@@ -149,6 +149,9 @@ fn owner_line(op: &OwnershipOp) -> String {
         OwnershipOp::Commit { from, to, epoch } => {
             format!("op owner commit {epoch} {from} {to}\n")
         }
+        OwnershipOp::Switch { from, to, epoch } => {
+            format!("op owner switch {epoch} {from} {to}\n")
+        }
         OwnershipOp::Abort { from, to, epoch } => format!("op owner abort {epoch} {from} {to}\n"),
         OwnershipOp::Unfence { from, to, epoch } => {
             format!("op owner unfence {epoch} {from} {to}\n")
@@ -226,6 +229,11 @@ fn decode_owner(fields: &[&str]) -> Result<Op, CodecError> {
             epoch: epoch(e)?,
         },
         ["commit", e, from, to] => OwnershipOp::Commit {
+            from: host(from)?,
+            to: host(to)?,
+            epoch: epoch(e)?,
+        },
+        ["switch", e, from, to] => OwnershipOp::Switch {
             from: host(from)?,
             to: host(to)?,
             epoch: epoch(e)?,
@@ -426,14 +434,24 @@ mod tests {
                 to: d.clone(),
                 epoch: 3,
             },
-            OwnershipOp::Failover {
+            OwnershipOp::Prepare {
                 from: d.clone(),
                 to: s.clone(),
                 epoch: 4,
             },
-            OwnershipOp::ClearOwner {
-                host: s.clone(),
+            OwnershipOp::Switch {
+                from: d.clone(),
+                to: s.clone(),
+                epoch: 4,
+            },
+            OwnershipOp::Failover {
+                from: s.clone(),
+                to: d.clone(),
                 epoch: 5,
+            },
+            OwnershipOp::ClearOwner {
+                host: d.clone(),
+                epoch: 6,
             },
         ];
         for (i, step) in steps.into_iter().enumerate() {
@@ -469,7 +487,7 @@ mod tests {
             }
         }
         assert_eq!(state.owner(), None);
-        assert_eq!(state.epoch(), 5);
+        assert_eq!(state.epoch(), 6);
         assert!(
             state.aborted_epochs().is_empty(),
             "epoch 4 made epoch 2 stale"

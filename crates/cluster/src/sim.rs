@@ -13,7 +13,8 @@
 //! and C, H1 takes Write Exclusive – Registrants Only through A and writes through A; H2 sends
 //! PREEMPT AND ABORT through C. Or ([`Workload::Handover`], scale-out.md §2.7): H1 is made the
 //! owner through A and writes through A; a coordinator hands the LU to H2 through C (prepare,
-//! fence, commit, each retried on the next gateway like a PR OUT).
+//! fence, commit, each retried on the next gateway like a PR OUT); or ([`Workload::Switch`])
+//! the same with the fence and the commit as one record (prepare, switch).
 //! A write is submitted only if A's replica admits it and `may_submit(now)`, and lands after a
 //! latency up to [`SimConfig::write_latency_max`]. Hosts retry NOT READY, BUSY and silence on
 //! the next gateway.
@@ -118,6 +119,8 @@ pub enum Workload {
     PreemptAndAbort,
     /// The LU is handed from owner H1 to H2 through C.
     Handover,
+    /// As `Handover`, with the fence and the commit as one record ([`OwnershipOp::Switch`]).
+    Switch,
 }
 
 /// Everything that defines a run besides the seed.
@@ -393,7 +396,36 @@ impl World {
             ..op(host, 0, 0, Vec::new(), path)
         };
         let (h1, h2) = (name(0).to_string(), name(1).to_string());
-        let ops = if cfg.workload == Workload::Handover {
+        let ops = if cfg.workload == Workload::Switch {
+            vec![
+                own(
+                    0,
+                    OwnershipOp::SetOwner {
+                        host: h1.clone(),
+                        epoch: 1,
+                    },
+                    A,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Prepare {
+                        from: h1.clone(),
+                        to: h2.clone(),
+                        epoch: 2,
+                    },
+                    C,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Switch {
+                        from: h1,
+                        to: h2,
+                        epoch: 2,
+                    },
+                    C,
+                ),
+            ]
+        } else if cfg.workload == Workload::Handover {
             vec![
                 own(
                     0,
@@ -978,7 +1010,8 @@ impl World {
             }
             _ => {}
         }
-        if answer == Answer::Good && op == 3 && self.preempt_good.is_none() {
+        // The last op is the preemption, the commit or the switch.
+        if answer == Answer::Good && op + 1 == self.ops.len() && self.preempt_good.is_none() {
             self.preempt_good = Some(self.now);
         }
         if self.ops[op].result.is_some() || self.ops[op].token != Some(token) {
@@ -992,8 +1025,8 @@ impl World {
         }
         self.ops[op].result = Some(answer);
         let good = |w: &Self, i: usize| w.ops[i].result == Some(Answer::Good);
-        if self.cfg.workload == Workload::Handover {
-            // Owner, then writes and prepare; fence at `preempt_at`; commit at once.
+        if self.cfg.workload != Workload::PreemptAndAbort {
+            // Owner, then writes and prepare; fence (or switch) at `preempt_at`; commit at once.
             match op {
                 0 if good(self, 0) => {
                     self.writing = true;
@@ -1004,7 +1037,7 @@ impl World {
                     let at = self.cfg.preempt_at.max(self.now);
                     self.push(at, Msg::HostIssue(2));
                 }
-                2 if good(self, 2) => self.push(self.now, Msg::HostIssue(3)),
+                2 if good(self, 2) && self.ops.len() > 3 => self.push(self.now, Msg::HostIssue(3)),
                 _ => {}
             }
             return;

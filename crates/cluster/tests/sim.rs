@@ -261,6 +261,51 @@ fn handover_sweep_of_seeded_faults_finds_no_violation() {
     );
 }
 
+/// The one-record handover (prepare, then switch through C): the switch's GOOD comes only
+/// after A drained H1's writes, none lands later (I3), every replica ends with H2 as owner.
+#[test]
+fn switch_through_c_waits_for_a_to_drain_the_source() {
+    let mut cfg = SimConfig::quiet(timing());
+    cfg.workload = Workload::Switch;
+    cfg.write_latency_max = Duration::from_millis(400);
+    let w = run(3, cfg);
+    assert_eq!(w.answers().len(), 3);
+    assert!(
+        w.answers().iter().all(|a| *a == Some(Answer::Good)),
+        "{:?}",
+        w.answers()
+    );
+    let good = w.preempt_good.unwrap();
+    assert!(w.landed.iter().all(|(t, _)| *t <= good));
+    assert!(w.stats.landed > 10, "{:?}", w.stats);
+    for g in [A, B, C] {
+        let s = w.gateway(g).state();
+        assert_eq!(
+            (s.owner(), s.epoch()),
+            (Some("iqn.2026-01.test:h2"), 2),
+            "gateway {g}"
+        );
+        assert!(s.handover().parts().is_none(), "gateway {g}");
+    }
+    // The switch's abort, drained by A (where H1 writes).
+    assert!(w.aborts.iter().any(|(g, _, _)| *g == A));
+}
+
+#[test]
+fn switch_sweep_of_seeded_faults_finds_no_violation() {
+    let (violations, stats) = sweep_with(0..1000, timing(), Workload::Switch);
+    println!("1000 switch seeds: {stats:?}");
+    assert!(
+        violations.is_empty(),
+        "{:#?}",
+        &violations[..violations.len().min(10)]
+    );
+    assert!(
+        stats.committed_goods > 1500 && stats.landed > 10_000,
+        "{stats:?}"
+    );
+}
+
 /// Negative control: gateways that report an abort drained before the aborted writes land
 /// let the commit's GOOD come too early, and I3 sees H1's late writes.
 #[test]
@@ -268,7 +313,11 @@ fn negative_control_an_early_drain_report_is_caught_in_a_handover() {
     let mut found = Vec::new();
     for seed in 0..100 {
         let mut cfg = SimConfig::random(seed, timing());
-        cfg.workload = Workload::Handover;
+        cfg.workload = if seed % 2 == 0 {
+            Workload::Handover
+        } else {
+            Workload::Switch
+        };
         cfg.broken_abort_drain = true;
         cfg.write_latency_max = Duration::from_millis(400);
         let mut w = World::new(seed, cfg);

@@ -2273,7 +2273,14 @@ impl LunHandle {
             .handover
             .parts()
             .is_some_and(|(_, t, e)| t == to_host && e == epoch);
-        if !in_progress && s.owner.as_deref() == Some(to_host.as_str()) && s.epoch == epoch {
+        let retry =
+            !in_progress && s.owner.as_deref() == Some(to_host.as_str()) && s.epoch == epoch;
+        if on_deadline == OnDeadline::Abort {
+            return self
+                .replicated_switch((from, to, epoch), (from_host, to_host), retry, start)
+                .await;
+        }
+        if retry {
             return Ok(self.retried(epoch, start));
         }
         let step = |op: OwnershipOp| async move { cluster::ownership(self, op).await };
@@ -2333,6 +2340,47 @@ impl LunHandle {
             total: micros(start.elapsed()),
         };
         Ok(self.committed((from, to, epoch), steps, aborted_tasks, true))
+    }
+
+    /// [`LunHandle::replicated_commit`] with `on_deadline` abort: the fence and the commit as
+    /// one record ([`OwnershipOp::Switch`]), whose GOOD waits until every gateway has applied
+    /// it and drained `from`'s tasks it aborted; then the flush of the shared backstore. One
+    /// round through etcd instead of two; `from`'s writes still in flight end TASK ABORTED
+    /// rather than being waited for up to the deadline. A destination that writes only after
+    /// this returns (as `ironlun migrate` resumes it) never overlaps them. A `retry` of a
+    /// committed switch is recorded again (it aborts `from`'s tasks again), so its GOOD too
+    /// waits for the drain everywhere; it is reported idempotent.
+    async fn replicated_switch(
+        self: &Arc<Self>,
+        (from, to, epoch): (&str, &str, u64),
+        (from_host, to_host): (String, String),
+        retry: bool,
+        start: std::time::Instant,
+    ) -> Result<CommitOutcome, OwnershipOpError> {
+        cluster::ownership(
+            self,
+            OwnershipOp::Switch {
+                from: from_host,
+                to: to_host,
+                epoch,
+            },
+        )
+        .await?;
+        let transfer = micros(start.elapsed());
+        let t = std::time::Instant::now();
+        // The source's acknowledged writes are durable before the destination is resumed.
+        self.flush().await.map_err(OwnershipOpError::Flush)?;
+        if retry {
+            return Ok(self.retried(epoch, start));
+        }
+        let steps = CommitSteps {
+            fence: 0,
+            drain: 0,
+            flush: micros(t.elapsed()),
+            transfer,
+            total: micros(start.elapsed()),
+        };
+        Ok(self.committed((from, to, epoch), steps, 0, true))
     }
 
     /// The outcome of a retried commit of `epoch` (nothing changed), timed from `start`.

@@ -162,6 +162,16 @@ pub enum OwnershipOp {
         to: String,
         epoch: u64,
     },
+    /// Handover steps 2 and 3 as one transition, for a replicated LU whose every step is a
+    /// record in the shared store (scale-out.md §2.7): from `Prepared` (or `Fenced`) of the
+    /// same `(from, to, epoch)`, `to` owns the LU at `epoch` and `from`'s tasks are aborted, as
+    /// [`OwnershipOp::Commit`] aborts what is left of them. The caller's GOOD waits until they
+    /// have drained on every gateway, which holds writes meanwhile.
+    Switch {
+        from: String,
+        to: String,
+        epoch: u64,
+    },
     /// Handover step 4 (before commit): the fence goes and `epoch` is refused from now on.
     Abort {
         from: String,
@@ -208,6 +218,11 @@ impl OwnershipOp {
                 epoch,
             },
             Commit { from, to, epoch } => Commit {
+                from: host_name(&from)?,
+                to: host_name(&to)?,
+                epoch,
+            },
+            Switch { from, to, epoch } => Switch {
                 from: host_name(&from)?,
                 to: host_name(&to)?,
                 epoch,
@@ -421,20 +436,35 @@ impl PrState {
                     ..OwnershipFx::default()
                 })
             }
-            OwnershipOp::Commit { from, to, epoch } => {
+            OwnershipOp::Commit { from, to, epoch } | OwnershipOp::Switch { from, to, epoch } => {
                 if self.aborted.contains(epoch) {
                     return Err(OwnershipError::Aborted(*epoch));
                 }
                 let fenced = matches!(&self.handover,
                     Handover::Fenced { from: f, to: t, epoch: e } if f == from && t == to && e == epoch);
-                if !fenced {
+                let prepared = matches!(&self.handover,
+                    Handover::Prepared { from: f, to: t, epoch: e } if f == from && t == to && e == epoch);
+                let switch = matches!(op, OwnershipOp::Switch { .. });
+                if !(fenced || switch && prepared) {
                     if self.decide(*epoch, Some(to))? == Decision::Retry {
-                        return Ok(unchanged);
+                        // A retried switch aborts `from`'s tasks again: recorded once more, its
+                        // GOOD waits until every gateway has drained them (and, in revision
+                        // order, the first switch's), even one that joined since from a
+                        // snapshot and never saw the first.
+                        return Ok(if switch && self.owner() != Some(from.as_str()) {
+                            OwnershipFx {
+                                abort: Some(TaskPick::Host(from.clone())),
+                                ..unchanged
+                            }
+                        } else {
+                            unchanged
+                        });
                     }
                     return Err(match self.handover.parts() {
                         Some((f, t, e)) if (f, t, e) != (from.as_str(), to.as_str(), *epoch) => {
                             OwnershipError::HandoverInProgress(self.handover.clone())
                         }
+                        _ if switch => OwnershipError::NotPrepared(from.clone()),
                         _ => OwnershipError::NotFenced(from.clone()),
                     });
                 }

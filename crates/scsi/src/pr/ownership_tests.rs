@@ -402,6 +402,54 @@ fn commit_aborts_source_tasks_still_running() {
     assert!(f.lu.abort_drained(t));
 }
 
+/// The replicated one-record handover ([`OwnershipOp::Switch`]): from `Prepared` it makes the
+/// destination owner and aborts the source's tasks, as a commit after a fence does; it needs
+/// the handover prepared with the same arguments; a retry changes nothing.
+#[test]
+fn switch_commits_from_prepared_and_aborts_the_source_tasks() {
+    use super::ownership::{Checks, OwnershipOp, TaskPick};
+    let op = |from: &str, to: &str, epoch| OwnershipOp::Switch {
+        from: from.to_string(),
+        to: to.to_string(),
+        epoch,
+    };
+    let mut f = owned_by_a();
+    let mut idle = f.lu.pr_state().clone();
+    assert!(matches!(
+        idle.ownership(&op(HA, HB, 2), Checks::REPLAY),
+        Err(OwnershipError::NotPrepared(_))
+    ));
+    f.lu.handover_prepare(HA, HB, 2).unwrap();
+    let mut s = f.lu.pr_state().clone();
+    assert!(matches!(
+        s.clone().ownership(&op(HA, HC, 2), Checks::REPLAY),
+        Err(OwnershipError::HandoverInProgress(_))
+    ));
+    let fx = s.ownership(&op(HA, HB, 2), Checks::REPLAY).unwrap();
+    assert!(fx.changed);
+    assert_eq!(fx.abort, Some(TaskPick::Host(HA.to_string())));
+    assert_eq!(fx.removed.len(), 1, "the source's registration goes");
+    assert_eq!((s.owner(), s.epoch()), (Some(HB), 2));
+    assert_eq!(*s.handover(), Handover::Idle);
+    // A retry of the same decision changes nothing but aborts the source's tasks again (so a
+    // replicated retry waits for their drain everywhere); a stale epoch is refused.
+    let before = s.clone();
+    let again = s.ownership(&op(HA, HB, 2), Checks::REPLAY).unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.abort, Some(TaskPick::Host(HA.to_string())));
+    assert_eq!(s, before);
+    assert!(matches!(
+        s.ownership(&op(HA, HB, 1), Checks::REPLAY),
+        Err(OwnershipError::StaleEpoch { .. })
+    ));
+    // From `Fenced` too (a fence recorded before).
+    let mut g = owned_by_a();
+    fenced_a_to_b(&mut g, 2);
+    let mut s = g.lu.pr_state().clone();
+    s.ownership(&op(HA, HB, 2), Checks::REPLAY).unwrap();
+    assert_eq!(s.owner(), Some(HB));
+}
+
 #[test]
 fn commit_is_idempotent_for_its_epoch_and_refuses_stale_ones() {
     let mut f = owned_by_a();
