@@ -21,8 +21,8 @@
 //!   one of the two is a COMPARE AND WRITE, so a stream of reads cannot starve a COMPARE AND
 //!   WRITE. Waits point only at tasks in flight or at waiting tasks that came earlier, and a
 //!   COMPARE AND WRITE that holds its range never waits again, so no wait is circular.
-//! - I/O that overlaps no COMPARE AND WRITE never waits, and while none is in the task set
-//!   the check is one comparison (as for WRITE ATOMIC).
+//! - I/O that overlaps no COMPARE AND WRITE (nor an aborted task's I/O, below) never waits,
+//!   and while none is in the task set the check is one comparison (as for WRITE ATOMIC).
 //!
 //! When a task ends (resumed for the last time, abandoned) or is aborted while others wait,
 //! [`LogicalUnit::take_wakeup`] says so; the caller then hands each waiting task to
@@ -30,6 +30,14 @@
 //! when task management (LUN RESET, ABORT TASK SET, CLEAR TASK SET) or PREEMPT AND ABORT
 //! aborted it meanwhile (SAM-5 §7, SPC-4 §5.13.11.2.6). A task aborted between the read and
 //! the write resumes to TASK ABORTED without the write, as every task of the LU does.
+//!
+//! Aborted tasks (PREEMPT AND ABORT, task management, an ownership step that aborts a host's
+//! tasks, locally or replicated from another gateway) end without further I/O, but the I/O
+//! they had started is still in flight. Any I/O that overlaps such an I/O waits until the
+//! aborted task has ended ([`Step::Wait`], woken like the range lock's waiters), so an
+//! aborted write never lands after a later command's write or changes what a later read
+//! saw: a new owner's write sent before the step's GOOD reached it waits, it is not
+//! reordered. While no aborted task is in the task set the check costs one comparison.
 //!
 //! WRITE ATOMIC keeps its own rule, checked first (BUSY, [`LogicalUnit::atomic_conflict`]): it
 //! ends BUSY over any task in the task set, waiting ones included, and a command over a WRITE
@@ -117,24 +125,28 @@ impl LogicalUnit {
     /// Whether task `id` must wait before its I/O over `range` starts: another task overlaps
     /// it that is in flight or waits ahead of it (entered the task set earlier), and one of
     /// the two is a COMPARE AND WRITE. An EXTENDED COPY chunk also waits for a WRITE ATOMIC
-    /// in flight (a command would get BUSY; a copy has no one to retry).
+    /// in flight (a command would get BUSY; a copy has no one to retry). And any I/O waits
+    /// for an aborted task's I/O in flight over its range (module documentation).
     fn must_wait(&self, id: u64, range: &Ranges) -> bool {
-        // The common case, before any lookup: no COMPARE AND WRITE and no WRITE ATOMIC.
-        if self.caw_tasks == 0 && self.atomic_tasks == 0 {
+        // The common case, before any lookup: no COMPARE AND WRITE, no WRITE ATOMIC and no
+        // aborted task.
+        if self.caw_tasks == 0 && self.atomic_tasks == 0 && self.aborted_tasks == 0 {
             return false;
         }
         let Some(me) = self.tasks.get(&id) else {
             return false;
         };
         let (caw, copy) = (me.caw, me.copy);
-        if !caw && self.caw_tasks == 0 && !(copy && self.atomic_tasks > 0) {
+        let lock = caw || self.caw_tasks > 0 || (copy && self.atomic_tasks > 0);
+        let after_abort = self.aborted_tasks > 0 && me.aborted.is_empty();
+        if !lock && !after_abort {
             return false;
         }
         self.tasks.iter().any(|(&other, t)| {
             other != id
-                && (!t.waiting || other < id)
-                && (caw || t.caw || (copy && t.atomic))
                 && t.range.as_ref().is_some_and(|r| r.overlaps(range))
+                && ((lock && (!t.waiting || other < id) && (caw || t.caw || (copy && t.atomic)))
+                    || (after_abort && !t.waiting && !t.aborted.is_empty()))
         })
     }
 

@@ -410,6 +410,8 @@ pub struct LogicalUnit {
     /// How many of `tasks` are COMPARE AND WRITEs: while none is, ordinary I/O skips the
     /// range lock's overlap scan ([`caw`]).
     caw_tasks: usize,
+    /// Tasks in the task set that were aborted (their I/O may still be in flight).
+    aborted_tasks: usize,
     /// How many of `tasks` wait to start their I/O ([`Step::Wait`]).
     waiting_tasks: usize,
     /// A task ended or was aborted while others waited ([`LogicalUnit::take_wakeup`]).
@@ -526,6 +528,7 @@ impl LogicalUnit {
             tasks: HashMap::new(),
             atomic_tasks: 0,
             caw_tasks: 0,
+            aborted_tasks: 0,
             waiting_tasks: 0,
             wakeup: false,
             next_task: 0,
@@ -1039,12 +1042,14 @@ impl LogicalUnit {
         self.next_ticket = self.next_ticket.wrapping_add(1);
         let tas = self.mode.current.tas;
         let mut silenced = Vec::new();
+        let mut newly = 0;
         for task in self.tasks.values_mut() {
             let hit = task
                 .identity
                 .and_then(|id| self.identities.get(&id))
                 .is_some_and(|x| regs.iter().any(|r| r.matches(&x.it)));
             if hit {
+                newly += usize::from(task.aborted.is_empty());
                 task.aborted.push(ticket);
                 if Self::silences(tas, from, task) {
                     task.silent = true;
@@ -1052,6 +1057,7 @@ impl LogicalUnit {
                 }
             }
         }
+        self.aborted_tasks += newly;
         self.wake_waiters();
         silenced.sort_unstable();
         silenced.dedup();
@@ -1147,6 +1153,9 @@ impl LogicalUnit {
         if let Some(t) = self.tasks.remove(&task) {
             self.atomic_tasks = self.atomic_tasks.saturating_sub(usize::from(t.atomic));
             self.caw_tasks = self.caw_tasks.saturating_sub(usize::from(t.caw));
+            self.aborted_tasks = self
+                .aborted_tasks
+                .saturating_sub(usize::from(!t.aborted.is_empty()));
             self.waiting_tasks = self.waiting_tasks.saturating_sub(usize::from(t.waiting));
             self.wake_waiters();
         }
@@ -1346,13 +1355,16 @@ impl LogicalUnit {
         self.next_ticket = self.next_ticket.wrapping_add(1);
         let tas = self.mode.current.tas;
         let mut silenced = Vec::new();
+        let mut newly = 0;
         for t in self.tasks.values_mut().filter(|t| pick(t)) {
+            newly += usize::from(t.aborted.is_empty());
             t.aborted.push(ticket);
             if Self::silences(tas, from, t) {
                 t.silent = true;
                 silenced.extend(t.identity);
             }
         }
+        self.aborted_tasks += newly;
         self.wake_waiters();
         silenced.sort_unstable();
         silenced.dedup();
@@ -2749,6 +2761,7 @@ impl LogicalUnit {
         self.next_ticket = self.next_ticket.wrapping_add(1);
         for id in hit {
             if let Some(t) = self.tasks.get_mut(&id) {
+                self.aborted_tasks += usize::from(t.aborted.is_empty());
                 t.aborted.push(ticket);
             }
         }
