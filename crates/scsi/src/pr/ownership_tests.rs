@@ -473,7 +473,10 @@ fn a_write_over_an_aborted_write_in_flight_waits_for_it() {
     assert_eq!(f.lu.waiting_tasks(), 1);
     assert!(!f.lu.take_wakeup());
     assert_eq!(finish(&mut f, A, w).status, status::TASK_ABORTED);
-    assert!(f.lu.take_wakeup(), "the aborted write's end wakes the waiter");
+    assert!(
+        f.lu.take_wakeup(),
+        "the aborted write's end wakes the waiter"
+    );
     let Step::Io(_, over) = f.lu.proceed(B, over) else {
         panic!("the waiting write did not start");
     };
