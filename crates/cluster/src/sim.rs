@@ -396,73 +396,7 @@ impl World {
             ..op(host, 0, 0, Vec::new(), path)
         };
         let (h1, h2) = (name(0).to_string(), name(1).to_string());
-        let ops = if cfg.workload == Workload::Switch {
-            vec![
-                own(
-                    0,
-                    OwnershipOp::SetOwner {
-                        host: h1.clone(),
-                        epoch: 1,
-                    },
-                    A,
-                ),
-                own(
-                    1,
-                    OwnershipOp::Prepare {
-                        from: h1.clone(),
-                        to: h2.clone(),
-                        epoch: 2,
-                    },
-                    C,
-                ),
-                own(
-                    1,
-                    OwnershipOp::Switch {
-                        from: h1,
-                        to: h2,
-                        epoch: 2,
-                    },
-                    C,
-                ),
-            ]
-        } else if cfg.workload == Workload::Handover {
-            vec![
-                own(
-                    0,
-                    OwnershipOp::SetOwner {
-                        host: h1.clone(),
-                        epoch: 1,
-                    },
-                    A,
-                ),
-                own(
-                    1,
-                    OwnershipOp::Prepare {
-                        from: h1.clone(),
-                        to: h2.clone(),
-                        epoch: 2,
-                    },
-                    C,
-                ),
-                own(
-                    1,
-                    OwnershipOp::Fence {
-                        from: h1.clone(),
-                        epoch: 2,
-                    },
-                    C,
-                ),
-                own(
-                    1,
-                    OwnershipOp::Commit {
-                        from: h1,
-                        to: h2,
-                        epoch: 2,
-                    },
-                    C,
-                ),
-            ]
-        } else {
+        let ops = if cfg.workload == Workload::PreemptAndAbort {
             vec![
                 op(
                     0,
@@ -481,6 +415,42 @@ impl World {
                 op(0, sa::RESERVE, WERO, param_list(KEY1, 0, 0), A),
                 op(1, sa::PREEMPT_AND_ABORT, WERO, param_list(KEY2, KEY1, 0), C),
             ]
+        } else {
+            // Owner H1, prepared for H2; then fence and commit, or the switch.
+            let mut steps = vec![
+                own(
+                    0,
+                    OwnershipOp::SetOwner {
+                        host: h1.clone(),
+                        epoch: 1,
+                    },
+                    A,
+                ),
+                own(
+                    1,
+                    OwnershipOp::Prepare {
+                        from: h1.clone(),
+                        to: h2.clone(),
+                        epoch: 2,
+                    },
+                    C,
+                ),
+            ];
+            let (from, to, epoch) = (h1.clone(), h2.clone(), 2);
+            if cfg.workload == Workload::Switch {
+                steps.push(own(1, OwnershipOp::Switch { from, to, epoch }, C));
+            } else {
+                steps.push(own(
+                    1,
+                    OwnershipOp::Fence {
+                        from: from.clone(),
+                        epoch,
+                    },
+                    C,
+                ));
+                steps.push(own(1, OwnershipOp::Commit { from, to, epoch }, C));
+            }
+            steps
         };
         let mut w = Self {
             now: Time::default(),
