@@ -860,13 +860,16 @@ async fn a_lost_etcd_quorum_fences_every_gateway_then_they_serve_again() {
 /// destination owner and aborts the source's tasks everywhere, answered once every gateway
 /// has drained them. The resume hook moves
 /// the LU's active gateway to the destination's (`ironlun ctl cluster move`), as a cluster
-/// whose hosts reach one gateway each needs. Nothing lost, nothing stray; the storage switch
-/// time (the switch through etcd, then the flush) is reported.
+/// whose hosts reach one gateway each needs. Every fifth handover runs with `--on-deadline
+/// refuse` instead: a fence record, the drain, the flush, then a commit record. Nothing lost,
+/// nothing stray; the storage switch time of each form is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
     use ironlun_testkit::handover_load::{stats, HandoverLoad};
     const HOSTS: [&str; 2] = ["iqn.2026-12.test:host-a", "iqn.2026-12.test:host-b"];
     const HANDOVERS: usize = 100;
+    /// Every fifth handover runs with `--on-deadline refuse`: a fence record, then a commit.
+    const REFUSE_EVERY: usize = 5;
     let etcd = EtcdCluster::start(3);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("lun0.img");
@@ -909,6 +912,7 @@ async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
         }),
         not_accessible_ok: true,
         handovers: HANDOVERS,
+        refuse_every: REFUSE_EVERY,
     }
     .run()
     .await;
@@ -925,13 +929,35 @@ async fn hundred_handovers_between_hosts_on_different_gateways_lose_nothing() {
         );
         assert!(o["handover"].is_null(), "through gateway {i}: {o}");
     }
-    let (s50, s90, smax) = stats(&mut out.switch_ms);
+    // One switch record, or (refuse) a fence record and a commit record: the target's steps
+    // say which ran.
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for (k, refused) in out.refused_mode.iter().enumerate() {
+        let [fence, _, _, transfer] = out.steps_us[k];
+        if *refused {
+            assert!(
+                fence > 0 && transfer > 0,
+                "handover {k}: {:?}",
+                out.steps_us[k]
+            );
+            two.push(out.switch_ms[k]);
+        } else {
+            assert_eq!(fence, 0, "handover {k} fenced: {:?}", out.steps_us[k]);
+            one.push(out.switch_ms[k]);
+        }
+    }
+    assert_eq!(two.len(), HANDOVERS / REFUSE_EVERY);
+    let (s50, s90, smax) = stats(&mut one);
+    let (t50, t90, tmax) = stats(&mut two);
     let (b50, b90, bmax) = stats(&mut out.blackout_ms);
     println!(
-        "across gateways: storage switch median {s50:.3} ms, p90 {s90:.3} ms, max {smax:.3} ms \
-         (medians: {}); blackout median {b50:.3} ms, p90 {b90:.3} ms, max {bmax:.3} ms (resume \
-         hook: ironlun ctl cluster move); {}",
-        out.step_medians(),
+        "across gateways: storage switch (one switch record, {} handovers) median {s50:.3} ms, \
+         p90 {s90:.3} ms, max {smax:.3} ms; with --on-deadline refuse (fence and commit \
+         records, {} handovers) median {t50:.3} ms, p90 {t90:.3} ms, max {tmax:.3} ms; blackout \
+         median {b50:.3} ms, p90 {b90:.3} ms, max {bmax:.3} ms (resume hook: ironlun ctl \
+         cluster move); {}",
+        one.len(),
+        two.len(),
         out.summary
     );
     // Failover (issue 19): refused through the owner's own gateway, which sees its session;

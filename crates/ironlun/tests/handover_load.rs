@@ -49,6 +49,7 @@ async fn hundred_handovers_back_and_forth_under_qd16_load_lose_nothing() {
         resume: Box::new(|_, _| "true".to_string()),
         not_accessible_ok: false,
         handovers: HANDOVERS,
+        refuse_every: 0,
     }
     .run()
     .await;

@@ -166,6 +166,7 @@ fn migrate(
     journal: &Path,
     (from, to): (&str, &str),
     resume: &str,
+    refuse: bool,
 ) -> (Option<i32>, Value) {
     let o = Command::new(&run.ironlun)
         .env_remove("IRONLUN_ADMIN")
@@ -175,6 +176,11 @@ fn migrate(
         .arg(journal)
         .args(["--precopy", "true", "--pause", "true", "--resume", resume])
         .args(["--rollback", "true", "--announce", "true"])
+        .args(if refuse {
+            &["--on-deadline", "refuse"][..]
+        } else {
+            &[]
+        })
         .output()
         .expect("run ironlun migrate");
     let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
@@ -220,6 +226,9 @@ pub struct HandoverLoad {
     /// refusal for both hosts, retried (cluster mode); otherwise it fails the run.
     pub not_accessible_ok: bool,
     pub handovers: usize,
+    /// Every `refuse_every`-th handover (0: none) runs with `--on-deadline refuse` (in
+    /// cluster mode: a fence record and a commit record instead of one switch record).
+    pub refuse_every: usize,
 }
 
 /// What a run measured.
@@ -232,6 +241,8 @@ pub struct Outcome {
     pub blackout_ms: Vec<f64>,
     /// The target's commit steps of each handover in µs: fence, drain, flush, transfer.
     pub steps_us: Vec<[u64; 4]>,
+    /// Whether each handover ran with `--on-deadline refuse` ([`HandoverLoad::refuse_every`]).
+    pub refused_mode: Vec<bool>,
     /// Write counts, for the report.
     pub summary: String,
 }
@@ -266,6 +277,7 @@ impl HandoverLoad {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("m.journal");
         let (mut switch, mut blackout, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+        let mut refused_mode = Vec::new();
         let mut returned = Vec::new();
         let mut owner = 0usize;
         let run = Arc::new(self);
@@ -286,10 +298,12 @@ impl HandoverLoad {
 
             let start = Instant::now();
             let (r, j) = (run.clone(), journal.clone());
-            let (code, v) = tokio::task::spawn_blocking(move || {
+            let ((code, v), refuse) = tokio::task::spawn_blocking(move || {
                 let admin = &r.admins[i % r.admins.len()];
                 let hosts = (r.hosts[owner].as_str(), r.hosts[1 - owner].as_str());
-                migrate(&r, admin, &j, hosts, &(r.resume)(i, 1 - owner))
+                let refuse = r.refuse_every > 0 && i % r.refuse_every == r.refuse_every - 1;
+                let out = migrate(&r, admin, &j, hosts, &(r.resume)(i, 1 - owner), refuse);
+                (out, refuse)
             })
             .await
             .unwrap();
@@ -307,6 +321,7 @@ impl HandoverLoad {
             blackout.push(v["blackout_ms"].as_f64().expect("blackout_ms"));
             let us = |k: &str| v["commit"]["steps_us"][k].as_u64().unwrap_or(0);
             steps.push([us("fence"), us("drain"), us("flush"), us("transfer")]);
+            refused_mode.push(refuse);
             returned.push((owner, start, at));
             // Switch the active writer: the old one runs on until it is refused.
             *shared.hosts[owner].handed_away.lock().unwrap() = Some(at);
@@ -443,6 +458,7 @@ impl HandoverLoad {
             switch_ms: switch,
             blackout_ms: blackout,
             steps_us: steps,
+            refused_mode,
             summary,
         }
     }
