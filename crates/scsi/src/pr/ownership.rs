@@ -166,7 +166,8 @@ pub enum OwnershipOp {
     /// record in the shared store (scale-out.md §2.7): from `Prepared` (or `Fenced`) of the
     /// same `(from, to, epoch)`, `to` owns the LU at `epoch` and `from`'s tasks are aborted, as
     /// [`OwnershipOp::Commit`] aborts what is left of them. The caller's GOOD waits until they
-    /// have drained on every gateway, which holds writes meanwhile.
+    /// have drained on every gateway; until then, I/O overlapping theirs waits for them (the
+    /// LU's rule for aborted tasks, `caw.rs`).
     Switch {
         from: String,
         to: String,
