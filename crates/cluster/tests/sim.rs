@@ -207,6 +207,19 @@ fn a_restarted_gateway_does_not_shorten_the_wait_for_its_old_incarnations_writes
     );
 }
 
+/// Every gateway's replica: H2 owns the LU at epoch 2, no handover in progress.
+fn owned_by_h2_everywhere(w: &World) {
+    for g in [A, B, C] {
+        let s = w.gateway(g).state();
+        assert_eq!(
+            (s.owner(), s.epoch()),
+            (Some("iqn.2026-01.test:h2"), 2),
+            "gateway {g}"
+        );
+        assert!(s.handover().parts().is_none(), "gateway {g}");
+    }
+}
+
 /// A handover from owner H1 (writing through A) to H2, taken through C (scale-out.md §2.7):
 /// every step is answered GOOD; the commit's GOOD comes only after A drained H1's writes, none
 /// lands later (I3); H2 owns the LU on every replica, H1's registration got 2Ah/05h.
@@ -229,15 +242,7 @@ fn handover_through_c_waits_for_a_to_drain_the_source() {
         "{:?}",
         w.stats
     );
-    for g in [A, B, C] {
-        let s = w.gateway(g).state();
-        assert_eq!(
-            (s.owner(), s.epoch()),
-            (Some("iqn.2026-01.test:h2"), 2),
-            "gateway {g}"
-        );
-        assert!(s.handover().parts().is_none(), "gateway {g}");
-    }
+    owned_by_h2_everywhere(&w);
     // The fence's drain and the commit's abort, reported by every gateway.
     assert!(w.aborts.iter().filter(|(g, _, _)| *g == A).count() >= 2);
     assert!(w
@@ -284,15 +289,7 @@ fn switch_through_c_waits_for_a_to_drain_the_source() {
     let good = w.preempt_good.unwrap();
     assert!(w.landed.iter().all(|(t, _)| *t <= good));
     assert!(w.stats.landed > 10, "{:?}", w.stats);
-    for g in [A, B, C] {
-        let s = w.gateway(g).state();
-        assert_eq!(
-            (s.owner(), s.epoch()),
-            (Some("iqn.2026-01.test:h2"), 2),
-            "gateway {g}"
-        );
-        assert!(s.handover().parts().is_none(), "gateway {g}");
-    }
+    owned_by_h2_everywhere(&w);
     // The switch's abort, drained by A (where H1 writes).
     assert!(w.aborts.iter().any(|(g, _, _)| *g == A));
 }

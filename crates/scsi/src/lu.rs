@@ -245,6 +245,16 @@ struct Task {
     sanitize: bool,
 }
 
+impl Task {
+    /// Mark the task aborted by `ticket`; 1 when this is its first abort (for
+    /// `LogicalUnit::aborted_tasks`), else 0.
+    fn abort(&mut self, ticket: u64) -> usize {
+        let first = usize::from(self.aborted.is_empty());
+        self.aborted.push(ticket);
+        first
+    }
+}
+
 /// An I_T nexus identity the LU knows (SAM-5 §3.1.47): an initiator port on a target port.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -1049,8 +1059,7 @@ impl LogicalUnit {
                 .and_then(|id| self.identities.get(&id))
                 .is_some_and(|x| regs.iter().any(|r| r.matches(&x.it)));
             if hit {
-                newly += usize::from(task.aborted.is_empty());
-                task.aborted.push(ticket);
+                newly += task.abort(ticket);
                 if Self::silences(tas, from, task) {
                     task.silent = true;
                     silenced.extend(task.identity);
@@ -1357,8 +1366,7 @@ impl LogicalUnit {
         let mut silenced = Vec::new();
         let mut newly = 0;
         for t in self.tasks.values_mut().filter(|t| pick(t)) {
-            newly += usize::from(t.aborted.is_empty());
-            t.aborted.push(ticket);
+            newly += t.abort(ticket);
             if Self::silences(tas, from, t) {
                 t.silent = true;
                 silenced.extend(t.identity);
@@ -2761,8 +2769,7 @@ impl LogicalUnit {
         self.next_ticket = self.next_ticket.wrapping_add(1);
         for id in hit {
             if let Some(t) = self.tasks.get_mut(&id) {
-                self.aborted_tasks += usize::from(t.aborted.is_empty());
-                t.aborted.push(ticket);
+                self.aborted_tasks += t.abort(ticket);
             }
         }
         self.wake_waiters();
